@@ -1,0 +1,58 @@
+//! Runnable programs that use the sd crates. Run the tour with
+//! `cargo run -p sd-examples --example tour`.
+#![forbid(unsafe_code)]
+
+/// One crate of the workspace as the tour presents it.
+#[derive(Debug, Clone, Copy)]
+pub struct CrateStatus {
+    /// Package name.
+    pub name: &'static str,
+    /// The pattern, in a few words.
+    pub pattern: &'static str,
+    /// What a user can use today.
+    pub today: &'static str,
+}
+
+/// Every pattern crate, in the order the README lists them.
+pub const CRATES: &[CrateStatus] = &[
+    CrateStatus {
+        name: "sd-ratelimit",
+        pattern: "rate limiting: GCRA, token and leaky bucket; tower layer",
+        today: "planned (issue 4): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-cache",
+        pattern: "read-through cache without stampedes: single-flight + XFetch",
+        today: "planned (issue 5): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-hashring",
+        pattern: "consistent hashing: CRC32 vnode ring, replicas, bounded loads",
+        today: "planned (issue 3): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-lock",
+        pattern: "leases with fencing tokens: Redis, Redlock, PostgreSQL, etcd",
+        today: "planned (issue 6): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-idempotency",
+        pattern: "Idempotency-Key store and middleware",
+        today: "planned (issue 7): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-saga",
+        pattern: "saga orchestrator with a durable log and recovery",
+        today: "planned (issue 8): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-outbox",
+        pattern: "transactional outbox with a relay to Redis Streams / NATS",
+        today: "planned (issue 9): nothing usable yet",
+    },
+    CrateStatus {
+        name: "sd-pool",
+        pattern: "backpressured worker pool, per-key order, offset watermarks",
+        today: "planned (issue 10): nothing usable yet",
+    },
+];

@@ -1,0 +1,239 @@
+//! Redis: one server, N independent servers (for Redlock), and a three-master cluster.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::process::{self, Process, Spec};
+use crate::resp::{self, Reply};
+
+/// Options for a Redis server.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// Keep data on disk (append-only file, fsync on every write), so
+    /// [`Process::restart`] brings the data back. Off by default: a restart then empties
+    /// the server, as a cache node that lost its memory.
+    pub persistent: bool,
+    /// Start the server in cluster mode (used by [`RedisCluster`]).
+    cluster: bool,
+}
+
+impl RedisOptions {
+    /// Options with persistence on.
+    pub fn persistent() -> Self {
+        RedisOptions {
+            persistent: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// A `redis-server` owned by the test, on a free loopback port.
+#[derive(Debug)]
+pub struct RedisServer {
+    process: Process,
+}
+
+impl RedisServer {
+    /// Starts a Redis server with default options (no persistence).
+    pub fn start() -> Result<Self> {
+        Self::start_with(RedisOptions::default())
+    }
+
+    /// Starts a Redis server with `options`.
+    pub fn start_with(options: RedisOptions) -> Result<Self> {
+        crate::retry_on_port_clash(|| Self::spawn(&options))
+    }
+
+    /// Starts `n` independent servers (the N masters of Redlock).
+    pub fn start_many(n: usize) -> Result<Vec<Self>> {
+        (0..n).map(|_| Self::start()).collect()
+    }
+
+    fn spawn(options: &RedisOptions) -> Result<Self> {
+        let program = process::find_binary("redis-server", "redis-server", &[])?;
+        let port = process::free_port()?;
+        let dir = process::server_dir("redis")?;
+        let data = dir.join("data");
+        process::empty_dir(&data)?;
+        let mut args: Vec<OsString> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--logfile",
+            "",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        args.push("--dir".into());
+        args.push(data.clone().into());
+        let flag = |on: bool| if on { "yes" } else { "no" };
+        args.extend(["--appendonly".into(), flag(options.persistent).into()]);
+        if options.persistent {
+            args.extend(["--appendfsync".into(), "always".into()]);
+        }
+        if options.cluster {
+            let bus = process::free_port()?;
+            for arg in [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus.to_string(),
+            ] {
+                args.push(arg.into());
+            }
+        }
+        let process = Process::start(Spec {
+            kind: "redis",
+            program,
+            args,
+            run_as: None,
+            port,
+            dir,
+            data,
+            stop_signal: libc::SIGTERM,
+            ready: Arc::new(|port| Ok(ping(port))),
+            reset: Arc::new(|data| process::empty_dir(data)),
+        })?;
+        Ok(RedisServer { process })
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.process.port())
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.process.port()
+    }
+
+    /// Sends one command with the testkit's small RESP client.
+    pub fn command(&self, args: &[&str]) -> Result<Reply> {
+        resp::command(self.port(), args)
+    }
+}
+
+crate::fault_controls!(RedisServer);
+
+/// Whether a Redis server answers `PING` on `port`.
+fn ping(port: u16) -> bool {
+    matches!(resp::command(port, &["PING"]), Ok(Reply::Status(s)) if s == "PONG")
+}
+
+/// A Redis Cluster of three masters, no replicas, with all 16384 slots assigned.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-mode servers, assigns the slots, joins them and waits until
+    /// every node reports `cluster_state:ok`.
+    pub fn start() -> Result<Self> {
+        let options = RedisOptions {
+            persistent: false,
+            cluster: true,
+        };
+        let nodes = (0..3)
+            .map(|_| crate::retry_on_port_clash(|| RedisServer::spawn(&options)))
+            .collect::<Result<Vec<_>>>()?;
+        let ranges = [("0", "5460"), ("5461", "10922"), ("10923", "16383")];
+        for (node, (from, to)) in nodes.iter().zip(ranges) {
+            expect_ok(node.command(&["CLUSTER", "ADDSLOTSRANGE", from, to])?)?;
+        }
+        for node in &nodes[1..] {
+            let bus = cluster_bus_port(node)?;
+            expect_ok(nodes[0].command(&[
+                "CLUSTER",
+                "MEET",
+                "127.0.0.1",
+                &node.port().to_string(),
+                &bus.to_string(),
+            ])?)?;
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and knows all three masters.
+    pub fn wait_ok(&self, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                n.command(&["CLUSTER", "INFO"])
+                    .ok()
+                    .and_then(|r| r.as_text())
+                    .is_some_and(|info| {
+                        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                    })
+            });
+            if ok {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(Error::NotReady {
+                    server: "redis cluster",
+                    port: self.nodes[0].port(),
+                    waited_ms: started.elapsed().as_millis(),
+                    log: self.nodes[0].log_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node (the seed list for a cluster client).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes, for fault injection on one of them.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The nodes, mutable, for fault injection on one of them.
+    pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+}
+
+fn cluster_bus_port(node: &RedisServer) -> Result<u16> {
+    let reply = node.command(&["CONFIG", "GET", "cluster-port"])?;
+    let bad = |detail: String| Error::Protocol {
+        server: "redis",
+        detail,
+    };
+    match reply {
+        Reply::Array(Some(items)) if items.len() == 2 => items[1]
+            .as_text()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad(format!("cluster-port is {:?}", items[1]))),
+        other => Err(bad(format!("CONFIG GET cluster-port gave {other:?}"))),
+    }
+}
+
+fn expect_ok(reply: Reply) -> Result<()> {
+    match reply {
+        Reply::Status(s) if s == "OK" => Ok(()),
+        other => Err(Error::Protocol {
+            server: "redis",
+            detail: format!("expected OK, got {other:?}"),
+        }),
+    }
+}
