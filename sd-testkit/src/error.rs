@@ -19,7 +19,9 @@ pub enum Error {
         searched: String,
     },
     /// The server did not become ready in time.
-    #[error("{server} on port {port} was not ready after {waited_ms} ms; last lines of its log:\n{log}")]
+    #[error(
+        "{server} on port {port} was not ready after {waited_ms} ms; last lines of its log:\n{log}"
+    )]
     NotReady {
         /// Which kind of server.
         server: &'static str,

@@ -28,7 +28,10 @@ pub fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> Resul
         .map_err(io_err("reading an http response"))?;
     let bad = || Error::Protocol {
         server: "http",
-        detail: format!("malformed response {:?}", &response[..response.len().min(200)]),
+        detail: format!(
+            "malformed response {:?}",
+            &response[..response.len().min(200)]
+        ),
     };
     let status = response
         .split_whitespace()
@@ -36,7 +39,10 @@ pub fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> Resul
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
     let (head, payload) = response.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let payload = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(payload).ok_or_else(bad)?
     } else {
         payload.to_owned()

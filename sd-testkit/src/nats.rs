@@ -42,7 +42,9 @@ impl NatsServer {
             dir,
             data,
             stop_signal: libc::SIGTERM,
-            ready: Arc::new(|port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true")))),
+            ready: Arc::new(
+                |port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true"))),
+            ),
             reset: Arc::new(|data| process::empty_dir(data)),
         })?;
         Ok(NatsServer { process })

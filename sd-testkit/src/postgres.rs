@@ -33,10 +33,7 @@ impl PostgresServer {
 
     fn spawn() -> Result<Self> {
         let postgres = find_postgres()?;
-        let bin_dir = postgres
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let bin_dir = postgres.parent().map(Path::to_path_buf).unwrap_or_default();
         let extra = [bin_dir.clone()];
         let initdb = process::find_binary("initdb", "postgresql", &extra)?;
         let pg_isready = process::find_binary("pg_isready", "postgresql-client", &extra)?;
@@ -101,7 +98,10 @@ impl PostgresServer {
 
     /// The URL of database `name` on this server.
     pub fn url_for(&self, name: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{name}", self.process.port())
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{name}",
+            self.process.port()
+        )
     }
 
     /// The server's port.
@@ -198,7 +198,18 @@ pub(crate) fn with_database(url: &str, name: &str) -> String {
 pub(crate) fn psql(bin: &Path, url: &str, sql: &str) -> Result<String> {
     process::run(
         Command::new(bin)
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
             .env("PGCONNECT_TIMEOUT", "10"),
     )
 }
@@ -273,7 +284,10 @@ fn template(postgres: &Path, initdb: &Path, owner: Option<(u32, u32)>) -> Result
         .collect();
     let uid = owner.map_or(0, |(uid, _)| uid);
     let root = process::root_dir()?;
-    let template = root.join(format!("template-pg{version}u{uid}-{}", crate::CACHE_FORMAT));
+    let template = root.join(format!(
+        "template-pg{version}u{uid}-{}",
+        crate::CACHE_FORMAT
+    ));
     if template.join("PG_VERSION").exists() {
         return Ok(template);
     }
@@ -281,10 +295,16 @@ fn template(postgres: &Path, initdb: &Path, owner: Option<(u32, u32)>) -> Result
     chown(&building, owner)?;
     let data = building.join("data");
     let mut command = Command::new(initdb);
-    command
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    command.arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
     if let Some((uid, gid)) = owner {
         std::os::unix::process::CommandExt::uid(&mut command, uid);
         std::os::unix::process::CommandExt::gid(&mut command, gid);

@@ -286,7 +286,9 @@ fn signal_pid(pid: u32, signal: i32) -> Result<()> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(io_err(format!("kill({pid}, {signal})"))(io::Error::last_os_error()))
+        Err(io_err(format!("kill({pid}, {signal})"))(
+            io::Error::last_os_error(),
+        ))
     }
 }
 
@@ -302,7 +304,9 @@ fn signal_group(pid: u32, signal: i32) -> Result<()> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(io_err(format!("kill(-{pgid}, {signal})"))(io::Error::last_os_error()))
+        Err(io_err(format!("kill(-{pgid}, {signal})"))(
+            io::Error::last_os_error(),
+        ))
     }
 }
 
@@ -393,7 +397,14 @@ fn spawn(spec: &Spec) -> Result<Child> {
     // a credential change clears the parent-death signal.
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The test binary may have died between fork and prctl: then nobody would
@@ -463,7 +474,9 @@ fn sweep(root: &Path) {
         let Some(name) = name.to_str() else { continue };
         let mut parts = name.rsplitn(3, '-');
         let (_seq, pid) = (parts.next(), parts.next());
-        if parts.next().is_some_and(|kind| !kind.starts_with("template"))
+        if parts
+            .next()
+            .is_some_and(|kind| !kind.starts_with("template"))
             && let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok())
             && !is_alive(pid)
         {
@@ -502,7 +515,13 @@ pub(crate) fn find_binary(
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     dirs.extend(extra.iter().cloned());
-    for sbin in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin"] {
+    for sbin in [
+        "/usr/local/sbin",
+        "/usr/sbin",
+        "/sbin",
+        "/usr/local/bin",
+        "/usr/bin",
+    ] {
         dirs.push(PathBuf::from(sbin));
     }
     for dir in &dirs {
@@ -541,5 +560,29 @@ pub(crate) fn run(command: &mut Command) -> Result<String> {
             command: shown,
             output: text,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_its_package() {
+        let err = find_binary("sd-no-such-server", "sd-no-such-package", &[]).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, Error::MissingBinary { .. }));
+        assert!(
+            message.contains("apt-get install -y sd-no-such-package"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn proc_stat_parses_names_with_parentheses() {
+        let (state, pgrp) = proc_stat(std::process::id()).expect("own stat");
+        assert_ne!(state, 'Z');
+        assert!(pgrp > 0);
+        assert!(is_alive(std::process::id()));
     }
 }

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The one test command (README): installs the servers the tests need, then runs every
+# check, failing on the first error. Servers are started and stopped by the tests
+# themselves (sd-testkit), each on a free port; this script verifies none is left over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- 1. Servers -------------------------------------------------------------------------
+have() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  for dir in /usr/sbin /sbin /usr/local/sbin "${@:2}"; do
+    [ -x "$dir/$1" ] && return 0
+  done
+  return 1
+}
+pg_bins=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null || true)
+missing=()
+have redis-server || missing+=(redis-server)
+have redis-cli || missing+=(redis-tools)
+# shellcheck disable=SC2086
+have postgres $pg_bins || missing+=(postgresql)
+# shellcheck disable=SC2086
+have psql $pg_bins || missing+=(postgresql-client)
+have nats-server || missing+=(nats-server)
+have etcd || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    echo "error: the tests need these packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# Every server the tests start lives under this directory, so leftovers can be found.
+export SD_TESTKIT_DIR="${SD_TESTKIT_DIR:-${CARGO_TARGET_DIR:-$root/target}/sd-testkit}"
+mkdir -p "$SD_TESTKIT_DIR"
+leftovers() {
+  ps -eo pid=,args= | grep -F -- "$SD_TESTKIT_DIR" | grep -v -e grep -e 'test.sh' || true
+}
+cleanup() {
+  local pids
+  pids=$(leftovers | awk '{print $1}')
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+}
+trap cleanup EXIT
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+# --- 2. Format and lints ------------------------------------------------------------------
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets --all-features -- -D warnings"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+# --- 3. Every crate with no features and with each feature alone --------------------------
+# Features are read from each member's [features] table.
+features_of() {
+  awk '/^\[features\]/ {on=1; next} /^\[/ {on=0} on && /^[a-z0-9_-]+ *=/ {print $1}' "$1" |
+    grep -v '^default$' || true
+}
+step "feature check: each crate with no features and with each feature alone"
+for manifest in sd-*/Cargo.toml; do
+  crate=$(dirname "$manifest")
+  echo "   $crate (no features)"
+  cargo check -q -p "$crate" --lib --no-default-features
+  for feature in $(features_of "$manifest"); do
+    echo "   $crate --features $feature"
+    cargo check -q -p "$crate" --lib --no-default-features --features "$feature"
+  done
+done
+
+# --- 4. Tests, doc tests included -----------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+  step "cargo nextest run --workspace --all-features"
+  cargo nextest run --workspace --all-features --no-fail-fast --failure-output final
+  step "cargo test --workspace --all-features --doc"
+  cargo test --workspace --all-features --doc
+else
+  step "cargo test --workspace --all-features (cargo-nextest not found)"
+  cargo test --workspace --all-features --no-fail-fast
+fi
+
+# --- 5. The tour runs without any server ---------------------------------------------------
+step "cargo run -p sd-examples --example tour"
+cargo run -q -p sd-examples --example tour >/dev/null
+
+# --- 6. Nothing the tests started is still running ---------------------------------------
+step "checking that no test server is left running"
+sleep 1
+left=$(leftovers)
+if [ -n "$left" ]; then
+  echo "error: test servers are still running:" >&2
+  echo "$left" >&2
+  exit 1
+fi
+echo "all checks passed"
