@@ -11,6 +11,12 @@ fn main() {
         println!("{:width$}  {}", krate.name, krate.pattern);
         println!("{:width$}  today: {}\n", "", krate.today);
     }
-    let ready = CRATES.iter().filter(|c| !c.today.starts_with("planned")).count();
-    println!("{ready} of {} crates have a scenario to run today.", CRATES.len());
+    let ready = CRATES
+        .iter()
+        .filter(|c| !c.today.starts_with("planned"))
+        .count();
+    println!(
+        "{ready} of {} crates have a scenario to run today.",
+        CRATES.len()
+    );
 }
