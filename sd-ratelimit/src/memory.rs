@@ -1,0 +1,628 @@
+//! The in-memory backend: one process, no server, no background task.
+//!
+//! - [`DirectLimiter`]: one limit for the whole process (one key).
+//! - [`KeyedLimiter`]: one state per key (client IP, user, route), with a cap on keys
+//!   and automatic removal of keys whose state is back to full.
+//!
+//! Each key's state is one `AtomicU64`; a decision is one load and, when it admits, one
+//! compare-and-swap (retried only when another thread changed the same key meanwhile).
+//! Time comes from an injected [`Clock`], so tests never sleep.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::algorithm::{self, Decision, Limit, Params, Step};
+use crate::error::{Error, Result};
+
+/// Memory keeps time in nanoseconds.
+const TICK_NS: u64 = 1;
+
+/// A monotonic source of time for the memory backend.
+///
+/// Contract: [`Clock::now`] returns nanoseconds since an origin fixed for the clock's
+/// life and never goes backwards by more than the algorithms tolerate (a backwards
+/// reading hands out no capacity, it only delays).
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Nanoseconds since the clock's origin.
+    fn now(&self) -> u64;
+}
+
+/// The default clock: the CPU's monotonic counter (TSC where available) via `quanta`.
+#[derive(Debug, Clone)]
+pub struct MonotonicClock {
+    clock: quanta::Clock,
+    origin: u64,
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        let clock = quanta::Clock::new();
+        let origin = clock.raw();
+        MonotonicClock { clock, origin }
+    }
+}
+
+impl Clock for MonotonicClock {
+    #[inline]
+    fn now(&self) -> u64 {
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
+    }
+}
+
+/// A clock moved by hand, for tests. Clones share the same time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    /// A clock at time zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(nanos(d), Ordering::SeqCst);
+    }
+
+    /// Sets the clock to `t` since its origin (earlier values are allowed: a clock that
+    /// jumps backwards).
+    pub fn set(&self, t: Duration) {
+        self.0.store(nanos(t), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Tokio's clock, so `tokio::time::pause` drives the limiter in tests.
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin: tokio::time::Instant,
+}
+
+#[cfg(feature = "tokio")]
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Clock for TokioClock {
+    fn now(&self) -> u64 {
+        nanos(tokio::time::Instant::now().saturating_duration_since(self.origin))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Counters a user can export. Allowed requests are not counted (that would put a shared
+/// write on the hot path); count them at the call site if needed.
+#[derive(Debug, Default)]
+pub struct Stats {
+    denied: AtomicU64,
+    shadow_denied: AtomicU64,
+}
+
+impl Stats {
+    /// Requests denied.
+    pub fn denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
+    }
+
+    /// Requests that shadow mode admitted but would have denied.
+    pub fn shadow_denied(&self) -> u64 {
+        self.shadow_denied.load(Ordering::Relaxed)
+    }
+
+    /// Applies shadow mode and counts a denial.
+    pub(crate) fn record(&self, mut d: Decision, shadow: bool) -> Decision {
+        if !d.allowed {
+            if shadow {
+                self.shadow_denied.fetch_add(1, Ordering::Relaxed);
+                d.allowed = true;
+                d.retry_after = Duration::ZERO;
+            } else {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        d
+    }
+}
+
+/// What every memory limiter shares: the default limit, the clock, shadow mode, stats.
+#[derive(Debug)]
+struct Core<C> {
+    limit: ArcSwap<(Limit, Params)>,
+    clock: C,
+    shadow: bool,
+    stats: Stats,
+}
+
+impl<C: Clock> Core<C> {
+    fn new(limit: Limit, clock: C, shadow: bool) -> Result<Self> {
+        let params = limit.params(TICK_NS)?;
+        Ok(Core {
+            limit: ArcSwap::from_pointee((limit, params)),
+            clock,
+            shadow,
+            stats: Stats::default(),
+        })
+    }
+
+    fn set_limit(&self, limit: Limit) -> Result<()> {
+        let params = limit.params(TICK_NS)?;
+        self.limit.store(Arc::new((limit, params)));
+        Ok(())
+    }
+
+    fn finish(&self, step: &Step) -> Decision {
+        self.stats.record(step.decision(TICK_NS), self.shadow)
+    }
+}
+
+/// One state, updated with a compare-and-swap loop: decides on the value read and
+/// publishes the new state only if nobody changed it meanwhile.
+#[inline]
+fn apply(cell: &AtomicU64, p: &Params, now: u64, cost: u32) -> Step {
+    let mut current = cell.load(Ordering::Acquire);
+    loop {
+        let step = algorithm::decide(p, current, now, cost);
+        let Some(next) = step.state else {
+            return step;
+        };
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return step,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// The state of one key: the algorithm's word and when it is back to full (for sweeps,
+/// which must not depend on which limit the key was checked under).
+#[derive(Debug, Default)]
+struct Cell {
+    state: AtomicU64,
+    full_at: AtomicU64,
+}
+
+impl Cell {
+    #[inline]
+    fn apply(&self, p: &Params, now: u64, cost: u32) -> Step {
+        let step = apply(&self.state, p, now, cost);
+        if step.state.is_some() {
+            self.full_at
+                .fetch_max(now.saturating_add(step.reset_after), Ordering::AcqRel);
+        }
+        step
+    }
+}
+
+/// Gives back what an all-or-none check took before a later limit denied.
+fn give_back(cell: &AtomicU64, p: &Params, now: u64, cost: u32) {
+    // `fetch_update` with a closure that always returns `Some` cannot fail.
+    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+        Some(algorithm::refund(p, s, now, cost))
+    });
+}
+
+/// Options shared by both memory limiters.
+#[derive(Debug, Clone)]
+pub struct Builder<C = MonotonicClock> {
+    limit: Limit,
+    clock: C,
+    shadow: bool,
+    max_keys: usize,
+}
+
+/// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 64 MiB at most).
+pub const DEFAULT_MAX_KEYS: usize = 1 << 20;
+
+impl Builder<MonotonicClock> {
+    /// Options with `limit`, the monotonic clock, enforcement on, the default key cap.
+    pub fn new(limit: Limit) -> Self {
+        Builder {
+            limit,
+            clock: MonotonicClock::default(),
+            shadow: false,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+impl<C: Clock> Builder<C> {
+    /// Uses `clock` (a [`ManualClock`] in tests).
+    pub fn clock<C2: Clock>(self, clock: C2) -> Builder<C2> {
+        Builder {
+            limit: self.limit,
+            clock,
+            shadow: self.shadow,
+            max_keys: self.max_keys,
+        }
+    }
+
+    /// Shadow mode: decide and count, but admit everything (a dark launch). Denials
+    /// are counted in [`Stats::shadow_denied`] and change no state.
+    pub fn shadow(mut self, on: bool) -> Self {
+        self.shadow = on;
+        self
+    }
+
+    /// The most keys a [`KeyedLimiter`] tracks (default [`DEFAULT_MAX_KEYS`]).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// A limiter for the whole process.
+    pub fn direct(self) -> Result<DirectLimiter<C>> {
+        Ok(DirectLimiter {
+            core: Core::new(self.limit, self.clock, self.shadow)?,
+            state: AtomicU64::new(0),
+        })
+    }
+
+    /// A limiter per key, with the default (fast, randomly seeded) hasher.
+    pub fn keyed<K: Hash + Eq + Clone>(self) -> Result<KeyedLimiter<K, C>> {
+        self.keyed_with_hasher(foldhash::fast::RandomState::default())
+    }
+
+    /// A limiter per key with the hasher `hasher`.
+    pub fn keyed_with_hasher<K: Hash + Eq + Clone, S: BuildHasher + Clone>(
+        self,
+        hasher: S,
+    ) -> Result<KeyedLimiter<K, C, S>> {
+        if self.max_keys == 0 {
+            return Err(Error::config("max_keys", "must be at least 1"));
+        }
+        Ok(KeyedLimiter {
+            core: Core::new(self.limit, self.clock, self.shadow)?,
+            map: DashMap::with_hasher(hasher),
+            max_keys: self.max_keys,
+            len: AtomicUsize::new(0),
+            inserts_since_sweep: AtomicUsize::new(0),
+            sweeping: std::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// One limit for the whole process.
+///
+/// ```
+/// use sd_ratelimit::{Limit, Quota, memory::{Builder, ManualClock}};
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::new();
+/// let limiter = Builder::new(Limit::gcra(Quota::per_second(2)?)).clock(clock.clone()).direct()?;
+/// assert!(limiter.check()?.allowed);
+/// assert!(limiter.check()?.allowed);
+/// let denied = limiter.check()?;
+/// assert!(!denied.allowed);
+/// assert_eq!(denied.retry_after, Duration::from_millis(500));
+/// clock.advance(denied.retry_after);
+/// assert!(limiter.check()?.allowed);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct DirectLimiter<C = MonotonicClock> {
+    core: Core<C>,
+    state: AtomicU64,
+}
+
+impl<C: Clock> DirectLimiter<C> {
+    /// Decides one request of cost 1.
+    #[inline]
+    pub fn check(&self) -> Result<Decision> {
+        self.check_n(1)
+    }
+
+    /// Decides one request of cost `cost`; a cost over the capacity is
+    /// [`Error::InsufficientCapacity`].
+    #[inline]
+    pub fn check_n(&self, cost: u32) -> Result<Decision> {
+        let limit = self.core.limit.load();
+        let p = &limit.1;
+        p.check_cost(cost)?;
+        let step = apply(&self.state, p, self.core.clock.now(), cost);
+        Ok(self.core.finish(&step))
+    }
+
+    /// Replaces the limit. The state is kept, so the change hands out no fresh burst:
+    /// what was used under the old limit stays used.
+    pub fn set_limit(&self, limit: Limit) -> Result<()> {
+        self.core.set_limit(limit)
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> Limit {
+        self.core.limit.load().0
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// Waits until a request of `cost` is admitted, then returns its decision. For a
+    /// leaky queue the wait is the reserved slot (FIFO); otherwise it retries after
+    /// `retry_after`.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn until_ready(&self, cost: u32) -> Result<Decision> {
+        wait_until(|| self.check_n(cost)).await
+    }
+}
+
+#[cfg(feature = "tokio")]
+async fn wait_until(mut check: impl FnMut() -> Result<Decision>) -> Result<Decision> {
+    loop {
+        let d = check()?;
+        if d.allowed {
+            if !d.delay.is_zero() {
+                tokio::time::sleep(d.delay).await;
+            }
+            return Ok(d);
+        }
+        tokio::time::sleep(d.retry_after.max(Duration::from_nanos(1))).await;
+    }
+}
+
+/// One state per key, bounded.
+///
+/// Memory stays bounded with no housekeeping call: the map holds at most `max_keys`
+/// keys, and keys whose state is back to full (indistinguishable from a new key) are
+/// removed by a sweep that runs on insertion, amortised to O(1) per new key. When the map
+/// is full of keys that are all still limited, a new key gets
+/// [`Error::TooManyKeys`] (the caller decides: deny, or admit unlimited).
+///
+/// ```
+/// use sd_ratelimit::{Limit, Quota, memory::Builder};
+///
+/// let limiter = Builder::new(Limit::gcra(Quota::per_minute(1)?)).keyed::<String>()?;
+/// assert!(limiter.check("alice")?.allowed);
+/// assert!(!limiter.check("alice")?.allowed);
+/// assert!(limiter.check("bob")?.allowed);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct KeyedLimiter<K, C = MonotonicClock, S = foldhash::fast::RandomState> {
+    core: Core<C>,
+    map: DashMap<K, Cell, S>,
+    max_keys: usize,
+    len: AtomicUsize,
+    inserts_since_sweep: AtomicUsize,
+    sweeping: std::sync::Mutex<()>,
+}
+
+impl<K: Hash + Eq + fmt::Debug, C: fmt::Debug, S> fmt::Debug for KeyedLimiter<K, C, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedLimiter")
+            .field("limit", &self.core.limit.load().0)
+            .field("keys", &self.len.load(Ordering::Relaxed))
+            .field("max_keys", &self.max_keys)
+            .field("shadow", &self.core.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, C, S> KeyedLimiter<K, C, S>
+where
+    K: Hash + Eq + Clone,
+    C: Clock,
+    S: BuildHasher + Clone,
+{
+    /// Decides one request of cost 1 for `key` under the default limit.
+    #[inline]
+    pub fn check<Q>(&self, key: &Q) -> Result<Decision>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.check_n(key, 1)
+    }
+
+    /// Decides one request of cost `cost` for `key` under the default limit.
+    #[inline]
+    pub fn check_n<Q>(&self, key: &Q, cost: u32) -> Result<Decision>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let limit = self.core.limit.load();
+        let step = self.step(key, &limit.1, cost)?;
+        Ok(self.core.finish(&step))
+    }
+
+    /// Decides one request for `key` under `limit` instead of the default (per-key
+    /// quotas: pass the key's own limit on every call). Keys checked under different
+    /// limits must be distinct (prefix them).
+    pub fn check_with<Q>(&self, key: &Q, limit: &Limit, cost: u32) -> Result<Decision>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let params = limit.params(TICK_NS)?;
+        let step = self.step(key, &params, cost)?;
+        Ok(self.core.finish(&step))
+    }
+
+    /// Checks several limits at once (per IP and per user, say): all are consumed or
+    /// none is. Returns the tightest decision ([`Decision::combine`]).
+    ///
+    /// Limits are taken in order; when one denies, those already taken are given back.
+    /// A concurrent request may therefore see a limit briefly taken and be denied, but no
+    /// limit ever admits more than its quota.
+    pub fn check_all<Q>(&self, checks: &[(&Q, &Limit, u32)]) -> Result<Decision>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let params = checks
+            .iter()
+            .map(|(_, limit, cost)| {
+                let p = limit.params(TICK_NS)?;
+                p.check_cost(*cost)?;
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut steps = Vec::with_capacity(checks.len());
+        for (i, ((key, _, cost), p)) in checks.iter().zip(&params).enumerate() {
+            let step = self.step(*key, p, *cost)?;
+            steps.push(step);
+            if !step.allowed && !self.core.shadow {
+                // Give back what the earlier limits took, then report every limit.
+                for ((key, _, cost), p) in checks[..i].iter().zip(&params) {
+                    if let Some(cell) = self.map.get(*key) {
+                        give_back(&cell.state, p, self.core.clock.now(), *cost);
+                    }
+                }
+                for ((key, _, _), p) in checks[i + 1..].iter().zip(&params[i + 1..]) {
+                    steps.push(self.peek(*key, p));
+                }
+                break;
+            }
+        }
+        let decisions: Vec<Decision> = steps.iter().map(|s| s.decision(TICK_NS)).collect();
+        let combined =
+            Decision::combine(&decisions).ok_or(Error::config("checks", "must not be empty"))?;
+        Ok(self.core.stats.record(combined, self.core.shadow))
+    }
+
+    /// The decision a request of cost zero would get: the key's standing, unchanged.
+    fn peek<Q>(&self, key: &Q, p: &Params) -> Step
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let state = self
+            .map
+            .get(key)
+            .map_or(0, |c| c.state.load(Ordering::Acquire));
+        algorithm::decide(p, state, self.core.clock.now(), 0)
+    }
+
+    fn step<Q>(&self, key: &Q, p: &Params, cost: u32) -> Result<Step>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        p.check_cost(cost)?;
+        if let Some(cell) = self.map.get(key) {
+            // Time is read while the key's shard is held, so a sweep that removed the key
+            // as "back to full" happened at an earlier time than this decision.
+            return Ok(cell.apply(p, self.core.clock.now(), cost));
+        }
+        let fresh = algorithm::decide(p, 0, self.core.clock.now(), cost);
+        if fresh.state.is_none() || self.core.shadow && !fresh.allowed {
+            return Ok(fresh);
+        }
+        self.make_room()?;
+        match self.map.entry(key.to_owned()) {
+            Entry::Occupied(cell) => {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                Ok(cell.get().apply(p, self.core.clock.now(), cost))
+            }
+            Entry::Vacant(slot) => {
+                let cell = slot.insert(Cell::default());
+                Ok(cell.apply(p, self.core.clock.now(), cost))
+            }
+        }
+    }
+
+    /// Reserves a slot for a new key: sweeps keys back to full when due, and refuses
+    /// when the map is full of limited keys.
+    fn make_room(&self) -> Result<()> {
+        let inserts = self.inserts_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+        let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
+        // A sweep costs O(len); running one only after max(len, 1024) / 4 new keys (or
+        // at the cap, after max_keys / 8 attempts) keeps it amortised O(1) per key.
+        let due = inserts >= (len.max(4096) / 4)
+            || (len > self.max_keys && inserts >= (self.max_keys / 8).max(1));
+        if due && let Ok(_guard) = self.sweeping.try_lock() {
+            self.inserts_since_sweep.store(0, Ordering::Relaxed);
+            self.sweep();
+        }
+        if self.len.load(Ordering::Relaxed) > self.max_keys {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::TooManyKeys {
+                max_keys: self.max_keys,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every key whose state is back to full. Runs by itself as keys are added;
+    /// call it only to release memory right after a flood.
+    pub fn sweep(&self) {
+        let now = self.core.clock.now();
+        let mut removed = 0;
+        self.map.retain(|_, cell| {
+            let full = cell.full_at.load(Ordering::Acquire) <= now;
+            removed += usize::from(full);
+            !full
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        if removed > self.map.capacity() / 2 {
+            self.map.shrink_to_fit();
+        }
+    }
+
+    /// How many keys are tracked.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The most keys tracked.
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// Replaces the default limit. Keys keep their state, so the change hands out no
+    /// fresh burst (exactly so for GCRA and leaky buckets, whose state is a time).
+    pub fn set_limit(&self, limit: Limit) -> Result<()> {
+        self.core.set_limit(limit)
+    }
+
+    /// The default limit.
+    pub fn limit(&self) -> Limit {
+        self.core.limit.load().0
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// Waits until a request of `cost` for `key` is admitted. For a leaky queue the wait
+    /// is the slot reserved at the call, so waiters on one key proceed in FIFO order.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn until_ready<Q>(&self, key: &Q, cost: u32) -> Result<Decision>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        wait_until(|| self.check_n(key, cost)).await
+    }
+}
