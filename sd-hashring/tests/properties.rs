@@ -1,0 +1,227 @@
+//! Property tests: the guarantees of every placement, on random memberships and keys.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use sd_hashring::{
+    BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous,
+};
+
+fn ids(n: usize, salt: u32) -> Vec<String> {
+    (0..n).map(|i| format!("node-{salt}-{i}")).collect()
+}
+
+fn ring_of(ids: &[String], hash: HashKind) -> HashRing {
+    HashRing::builder()
+        .hash(hash)
+        .build(ids.iter().map(Node::new))
+        .expect("a valid ring")
+}
+
+fn hash_kind() -> impl Strategy<Value = HashKind> {
+    prop_oneof![Just(HashKind::Crc32), Just(HashKind::Xxh3)]
+}
+
+const KEYS: u64 = 3000;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Adding a node moves keys only to it, about 1/(n+1) of them.
+    #[test]
+    fn adding_a_node_moves_keys_only_to_it(n in 2usize..24, salt in any::<u32>(), hash in hash_kind()) {
+        let ids = ids(n, salt);
+        let old = ring_of(&ids, hash);
+        let new = old.with_changes([Change::add(Node::new("joiner"))]).unwrap();
+        let mut moved = 0;
+        for k in 0..KEYS {
+            let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+            if a != b {
+                prop_assert_eq!(b.id().as_str(), "joiner");
+                moved += 1;
+            }
+        }
+        let fraction = moved as f64 / KEYS as f64;
+        let ideal = 1.0 / (n as f64 + 1.0);
+        prop_assert!(fraction > ideal * 0.55 && fraction < ideal * 1.6,
+            "moved {fraction:.4}, ideal {ideal:.4}");
+    }
+
+    /// Removing a node moves only the keys it held.
+    #[test]
+    fn removing_a_node_moves_only_its_keys(n in 2usize..24, salt in any::<u32>(), victim in any::<prop::sample::Index>()) {
+        let ids = ids(n, salt);
+        let old = ring_of(&ids, HashKind::Crc32);
+        let gone = &ids[victim.index(n)];
+        let new = old.with_changes([Change::remove(gone.as_str())]).unwrap();
+        for k in 0..KEYS {
+            let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+            if a != b {
+                prop_assert_eq!(a.id().as_str(), gone.as_str());
+            }
+            prop_assert_ne!(b.id().as_str(), gone.as_str());
+        }
+    }
+
+    /// The same membership, inserted in any order or in several batches, gives the same ring.
+    #[test]
+    fn any_order_gives_the_same_ring(n in 1usize..16, salt in any::<u32>(), seed in any::<u64>(), hash in hash_kind()) {
+        let ids = ids(n, salt);
+        let mut shuffled = ids.clone();
+        // A deterministic shuffle from the seed.
+        let mut s = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        let a = ring_of(&ids, hash);
+        let b = ring_of(&shuffled, hash);
+        prop_assert_eq!(&a, &b);
+        let mut c = HashRing::builder().hash(hash).build([]).unwrap();
+        for id in shuffled.iter().rev() {
+            c.add(Node::new(id)).unwrap();
+        }
+        prop_assert_eq!(&a, &c);
+    }
+
+    /// Owners are distinct, the first is the owner, and there are min(n, len) of them.
+    #[test]
+    fn owners_are_distinct(n in 1usize..30, want in 0usize..40, salt in any::<u32>(), key in any::<u64>()) {
+        let ring = ring_of(&ids(n, salt), HashKind::Crc32);
+        let owners: Vec<&Node> = ring.owners(key, want).collect();
+        prop_assert_eq!(owners.len(), want.min(n));
+        let mut seen: Vec<&str> = owners.iter().map(|o| o.id().as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        prop_assert_eq!(seen.len(), owners.len());
+        if want > 0 {
+            prop_assert_eq!(owners[0], ring.node(key).unwrap());
+        }
+    }
+
+    /// Bounded mode never puts a node above its cap, for any c >= 1 and weights.
+    #[test]
+    fn bounded_mode_respects_caps(
+        weights in prop::collection::vec(1u32..4, 1..12),
+        c in 1.0f64..2.0,
+        keys in 1u64..1500,
+        salt in any::<u32>(),
+    ) {
+        let nodes = weights.iter().enumerate().map(|(i, &w)| Node::weighted(format!("n{salt}-{i}"), w));
+        let ring = HashRing::builder().vnodes(40).build(nodes).unwrap();
+        let bound = BoundedLoad::new(c).unwrap();
+        let total_weight: u64 = ring.nodes().iter().map(|n| u64::from(n.weight())).sum();
+        let mut loads = vec![0u64; ring.len()];
+        for k in 0..keys {
+            let pick = ring.node_bounded(k, &loads, &bound).unwrap();
+            loads[pick.index] += 1;
+            let placed = k + 1;
+            for (i, node) in ring.nodes().iter().enumerate() {
+                let cap = bound.cap(placed, node.weight(), total_weight);
+                prop_assert!(loads[i] <= cap, "node {i} load {} cap {cap}", loads[i]);
+            }
+        }
+    }
+
+    /// A node of weight 3 gets about three times the keys of a node of weight 1.
+    #[test]
+    fn weights_shift_load_in_proportion(n in 3usize..8, salt in any::<u32>()) {
+        let mut nodes: Vec<Node> = ids(n, salt).iter().map(Node::new).collect();
+        nodes.push(Node::weighted("heavy", 3));
+        let ring = HashRing::new(nodes).unwrap();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let keys = 20_000u64;
+        for k in 0..keys {
+            *counts.entry(ring.node(k).unwrap().id().to_string()).or_default() += 1;
+        }
+        let heavy = counts["heavy"] as f64;
+        let light = (keys as f64 - heavy) / n as f64;
+        let ratio = heavy / light;
+        prop_assert!(ratio > 2.4 && ratio < 3.7, "heavy/light = {ratio:.2}");
+    }
+
+    /// The move plan agrees with the lookups of both rings, and ranges agree with lookups.
+    #[test]
+    fn move_plan_matches_lookups(n in 1usize..12, salt in any::<u32>(), add in 0usize..3, remove in 0usize..2) {
+        let ids = ids(n, salt);
+        let old = ring_of(&ids, HashKind::Crc32);
+        let mut changes: Vec<Change> = (0..add).map(|i| Change::add(Node::new(format!("new-{i}")))).collect();
+        if remove > 0 && n > 1 {
+            changes.push(Change::remove(ids[0].as_str()));
+        }
+        let new = old.with_changes(changes).unwrap();
+        let plan = old.diff(&new).unwrap();
+        for k in 0..1000u64 {
+            let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+            match plan.destination(k) {
+                Some(m) => {
+                    prop_assert_eq!(&m.from, a.id());
+                    prop_assert_eq!(&m.to, b.id());
+                }
+                None => prop_assert_eq!(a, b),
+            }
+            let owned = new.ranges(b.id()).unwrap();
+            let pos = new.position(k);
+            prop_assert!(owned.iter().any(|r| r.contains(pos)));
+        }
+    }
+
+    /// Rendezvous: removing a node moves only its keys; weights hold.
+    #[test]
+    fn rendezvous_removal_is_minimal(n in 2usize..16, salt in any::<u32>(), weighted in any::<bool>()) {
+        let ids = ids(n, salt);
+        let nodes: Vec<Node> = ids.iter().enumerate()
+            .map(|(i, id)| Node::weighted(id, if weighted { 1 + i as u32 % 3 } else { 1 }))
+            .collect();
+        let old = Rendezvous::new(nodes.clone()).unwrap();
+        let new = Rendezvous::new(nodes[1..].to_vec()).unwrap();
+        for k in 0..KEYS {
+            let (a, b) = (old.locate_node(k).unwrap(), new.locate_node(k).unwrap());
+            if a != b {
+                prop_assert_eq!(a.id(), nodes[0].id());
+            }
+            prop_assert_eq!(old.owners(k, 1)[0], a);
+        }
+    }
+
+    /// Jump: growing by one bucket moves keys only to the new bucket.
+    #[test]
+    fn jump_growth_is_minimal(n in 1usize..40, salt in any::<u32>()) {
+        let ids = ids(n + 1, salt);
+        let old = Jump::new(ids[..n].iter().map(Node::new)).unwrap();
+        let new = Jump::new(ids.iter().map(Node::new)).unwrap();
+        for k in 0..KEYS {
+            let (a, b) = (old.locate(k).unwrap(), new.locate(k).unwrap());
+            if a != b {
+                prop_assert_eq!(b, n);
+            }
+        }
+    }
+
+    /// Maglev: every key has an owner, and the same nodes in any order give the same table.
+    #[test]
+    fn maglev_is_order_independent(n in 1usize..12, salt in any::<u32>()) {
+        let ids = ids(n, salt);
+        let a = Maglev::with_table_size(ids.iter().map(Node::new), 1031).unwrap();
+        let b = Maglev::with_table_size(ids.iter().rev().map(Node::new), 1031).unwrap();
+        prop_assert_eq!(&a, &b);
+        for k in 0..200u64 {
+            prop_assert!(a.locate(k).is_some());
+        }
+    }
+}
+
+/// Found by the property above when points were raw CRC32 of the labels: the node of
+/// weight 3 got 4.1 times the load of the others, because CRC32 is linear. Positions are
+/// now CRC32 followed by `fmix32`; this case stays as a regression test.
+#[test]
+fn weights_regression_raw_crc32_linearity() {
+    let mut nodes: Vec<Node> = ids(7, 3_853_609_231).iter().map(Node::new).collect();
+    nodes.push(Node::weighted("heavy", 3));
+    let ring = HashRing::new(nodes).unwrap();
+    let heavy = (0..20_000u64)
+        .filter(|&k| ring.node(k).unwrap().id() == "heavy")
+        .count();
+    let ratio = heavy as f64 / ((20_000 - heavy) as f64 / 7.0);
+    assert!(ratio > 2.4 && ratio < 3.7, "heavy/light = {ratio:.2}");
+}
