@@ -68,11 +68,6 @@ impl EtcdServer {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.process.port())
     }
-
-    /// The client port.
-    pub fn port(&self) -> u16 {
-        self.process.port()
-    }
 }
 
 crate::fault_controls!(EtcdServer);

@@ -73,6 +73,10 @@ macro_rules! fault_controls {
             pub fn process(&self) -> &$crate::Process {
                 &self.process
             }
+            /// The port clients connect to; it stays the same across restarts.
+            pub fn port(&self) -> u16 {
+                self.process.port()
+            }
             /// The server's process id, or `None` while it is stopped.
             pub fn pid(&self) -> Option<u32> {
                 self.process.pid()

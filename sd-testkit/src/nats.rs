@@ -45,7 +45,7 @@ impl NatsServer {
             ready: Arc::new(
                 |port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true"))),
             ),
-            reset: Arc::new(|data| process::empty_dir(data)),
+            reset: Arc::new(process::empty_dir),
         })?;
         Ok(NatsServer { process })
     }
@@ -53,11 +53,6 @@ impl NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.process.port())
-    }
-
-    /// The server's port.
-    pub fn port(&self) -> u16 {
-        self.process.port()
     }
 }
 

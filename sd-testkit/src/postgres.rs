@@ -104,11 +104,6 @@ impl PostgresServer {
         )
     }
 
-    /// The server's port.
-    pub fn port(&self) -> u16 {
-        self.process.port()
-    }
-
     /// Creates a new, empty database that is dropped with the returned handle.
     pub fn create_database(&self) -> Result<TestDatabase> {
         TestDatabase::create(&self.url(), &self.bin.psql)

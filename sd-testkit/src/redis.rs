@@ -106,7 +106,7 @@ impl RedisServer {
             data,
             stop_signal: libc::SIGTERM,
             ready: Arc::new(|port| Ok(ping(port))),
-            reset: Arc::new(|data| process::empty_dir(data)),
+            reset: Arc::new(process::empty_dir),
         })?;
         Ok(RedisServer { process })
     }
@@ -114,11 +114,6 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.process.port())
-    }
-
-    /// The server's port.
-    pub fn port(&self) -> u16 {
-        self.process.port()
     }
 
     /// Sends one command with the testkit's small RESP client.
