@@ -234,6 +234,12 @@ impl Limit {
             ));
         }
         let window_ns = duration_ns("window", window)?;
+        if window_ns % 1000 != 0 {
+            return Err(Error::config(
+                "window",
+                "must be a whole number of microseconds",
+            ));
+        }
         Ok(Limit {
             kind: Kind::SlidingWindow { limit, window_ns },
         })
@@ -308,8 +314,9 @@ impl Limit {
                 }
             }
             Kind::SlidingWindow { limit, window_ns } => Params::Window {
-                window: to_ticks(window_ns),
+                window: window_ns.div_ceil(1000),
                 limit: u64::from(limit),
+                scale: (1000 / tick_ns).max(1),
             },
         })
     }
@@ -328,7 +335,10 @@ pub(crate) enum Params {
         max_wait: Option<u64>,
     },
     /// The sliding-window counter.
-    Window { window: u64, limit: u64 },
+    ///
+    /// The window counts in whole microseconds on every backend (`window` is in µs and
+    /// `scale` ticks make one µs), so memory and Redis weigh the previous window alike.
+    Window { window: u64, limit: u64, scale: u64 },
 }
 
 /// The answer to one request.
@@ -434,7 +444,16 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
             cap,
             max_wait,
         } => virtual_decide(tick, per_tick, unit, cap, max_wait, state, now, cost),
-        Params::Window { window, limit } => window_decide(window, limit, state, now, cost),
+        Params::Window {
+            window,
+            limit,
+            scale,
+        } => {
+            let mut step = window_decide(window, limit, state, now / scale, cost);
+            step.retry_after *= scale;
+            step.reset_after *= scale;
+            step
+        }
     }
 }
 
@@ -443,8 +462,8 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
 pub(crate) fn is_full(p: &Params, state: u64, now: u64) -> bool {
     match *p {
         Params::Virtual { tick, per_tick, .. } => state <= now / tick * per_tick,
-        Params::Window { window, .. } => {
-            let (_, prev, cur) = window_view(window, state, now);
+        Params::Window { window, scale, .. } => {
+            let (_, prev, cur) = window_view(window, state, now / scale);
             prev == 0 && cur == 0
         }
     }
@@ -455,10 +474,10 @@ pub(crate) fn is_full(p: &Params, state: u64, now: u64) -> bool {
 pub(crate) fn refund(p: &Params, state: u64, now: u64, cost: u32) -> u64 {
     match *p {
         Params::Virtual { unit, .. } => state.saturating_sub(u64::from(cost) * unit),
-        Params::Window { window, .. } => {
+        Params::Window { window, scale, .. } => {
             let (idx, prev, cur) = unpack_window(state);
             // Taken in the stored window, current or just ended (or read backwards).
-            let delta = ((now / window) as u32).wrapping_sub(idx);
+            let delta = ((now / scale / window) as u32).wrapping_sub(idx);
             if delta <= 1 || delta >= 1 << 31 {
                 pack_window(idx, prev, cur.saturating_sub(u64::from(cost)))
             } else {
@@ -870,7 +889,9 @@ mod tests {
                                                 t0 in 0u64..1 << 50, evs in events(200_000_000, 31)) {
                 let w = window_ms * 1_000_000;
                 let p = Limit::sliding_window(limit, Duration::from_nanos(w)).unwrap().params(1).unwrap();
-                let log = run(&p, t0, &evs);
+                // Windows count in whole microseconds.
+                let evs: Vec<(u64, u32)> = evs.iter().map(|&(dt, c)| (dt / 1000 * 1000, c)).collect();
+                let log = run(&p, t0 / 1000 * 1000, &evs);
                 let mut admitted: Vec<(u64, u64)> = vec![];
                 for &(now, cost, step) in &log {
                     let idx = now / w;

@@ -119,6 +119,7 @@ fn nanos(d: Duration) -> u64 {
 pub struct Stats {
     denied: AtomicU64,
     shadow_denied: AtomicU64,
+    backend_errors: AtomicU64,
 }
 
 impl Stats {
@@ -130,6 +131,16 @@ impl Stats {
     /// Requests that shadow mode admitted but would have denied.
     pub fn shadow_denied(&self) -> u64 {
         self.shadow_denied.load(Ordering::Relaxed)
+    }
+
+    /// Backend failures (Redis errors and timeouts) handled by the failure policy.
+    pub fn backend_errors(&self) -> u64 {
+        self.backend_errors.load(Ordering::Relaxed)
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn record_error(&self) {
+        self.backend_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Applies shadow mode and counts a denial.
@@ -492,8 +503,8 @@ where
                         give_back(&cell.state, p, self.core.clock.now(), *cost);
                     }
                 }
-                for ((key, _, _), p) in checks[i + 1..].iter().zip(&params[i + 1..]) {
-                    steps.push(self.peek(*key, p));
+                for ((key, _, cost), p) in checks[i + 1..].iter().zip(&params[i + 1..]) {
+                    steps.push(self.peek(*key, p, *cost));
                 }
                 break;
             }
@@ -504,8 +515,8 @@ where
         Ok(self.core.stats.record(combined, self.core.shadow))
     }
 
-    /// The decision a request of cost zero would get: the key's standing, unchanged.
-    fn peek<Q>(&self, key: &Q, p: &Params) -> Step
+    /// The decision a request would get, without taking anything.
+    fn peek<Q>(&self, key: &Q, p: &Params, cost: u32) -> Step
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -514,7 +525,7 @@ where
             .map
             .get(key)
             .map_or(0, |c| c.state.load(Ordering::Acquire));
-        algorithm::decide(p, state, self.core.clock.now(), 0)
+        algorithm::decide(p, state, self.core.clock.now(), cost)
     }
 
     fn step<Q>(&self, key: &Q, p: &Params, cost: u32) -> Result<Step>

@@ -1,0 +1,393 @@
+//! The Redis backend: one limit shared by every replica of a service.
+//!
+//! - **One round trip per decision**: `EVALSHA` of one Lua script (a port of the pure
+//!   module); on `NOSCRIPT` (a restarted or failed-over server) the script is sent
+//!   with `EVAL` once, which caches it again.
+//! - **Server time**: the script reads Redis's `TIME`, so app servers whose clocks drift
+//!   still agree. Arithmetic is in integer microseconds.
+//! - **Expiring keys**: every write sets `PX` to the time the key is back to full, so
+//!   idle keys vanish and memory stays proportional to the keys being limited.
+//! - **Cluster-safe keys**: `{prefix}:{{key}}`, the key a hash tag, so the same code
+//!   runs on Redis Cluster. [`RedisLimiter::check_all`] puts several keys in one script:
+//!   on a cluster they must share a slot (give them the same `{tag}`), or Redis answers
+//!   `CROSSSLOT`.
+//! - **Failure policy**: when Redis errs or times out, [`FailurePolicy`] admits, denies,
+//!   or decides on a local memory limiter. Errors are counted and logged.
+//! - **Shadow mode**: decide, count what would be denied, admit everything.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use redis::aio::ConnectionLike;
+use tracing::Instrument as _;
+
+use crate::algorithm::{Decision, Limit, Params, Step};
+use crate::error::{Error, Result};
+use crate::memory::{self, KeyedLimiter, Stats};
+
+/// Redis keeps time in microseconds.
+const TICK_NS: u64 = 1000;
+
+/// Lua numbers are doubles: every value the script computes must stay below 2^53.
+const LUA_EXACT: u64 = 1 << 53;
+
+const SCRIPT_CODE: &str = include_str!("redis/limit.lua");
+
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(SCRIPT_CODE));
+
+/// What a decision does when Redis errs or does not answer within the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Admit (the service stays up; the limit is off while Redis is down).
+    Open,
+    /// Deny, with `retry_after` of one second.
+    Closed,
+    /// Decide on a limiter in this process, every key under the given limit (typically
+    /// the shared limit divided by the number of replicas).
+    Local(Limit),
+}
+
+/// Options of a [`RedisLimiter`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    limit: Limit,
+    prefix: String,
+    timeout: Duration,
+    policy: FailurePolicy,
+    shadow: bool,
+}
+
+impl Builder {
+    /// Options with `limit`, prefix `rl`, a 100 ms timeout, and [`FailurePolicy::Open`].
+    pub fn new(limit: Limit) -> Self {
+        Builder {
+            limit,
+            prefix: "rl".into(),
+            timeout: Duration::from_millis(100),
+            policy: FailurePolicy::Open,
+            shadow: false,
+        }
+    }
+
+    /// The key prefix (default `rl`): keys are `{prefix}:{{key}}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a decision waits for Redis before the failure policy applies.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis fails.
+    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Shadow mode: decide and count ([`Stats::shadow_denied`]) but admit everything.
+    pub fn shadow(mut self, on: bool) -> Self {
+        self.shadow = on;
+        self
+    }
+
+    /// A limiter on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
+    /// server, a `cluster_async::ClusterConnection` for a cluster.
+    pub fn build<C: ConnectionLike + Clone + Send + Sync>(
+        self,
+        conn: C,
+    ) -> Result<RedisLimiter<C>> {
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(Error::config(
+                "prefix",
+                "must not contain `{` or `}`: the key is the hash tag",
+            ));
+        }
+        let params = redis_params(&self.limit)?;
+        let local = match self.policy {
+            FailurePolicy::Local(limit) => Some(memory::Builder::new(limit).keyed::<String>()?),
+            _ => None,
+        };
+        Ok(RedisLimiter {
+            conn,
+            prefix: self.prefix,
+            limit: ArcSwap::from_pointee((self.limit, params)),
+            timeout: self.timeout,
+            policy: self.policy,
+            local,
+            shadow: self.shadow,
+            stats: Stats::default(),
+        })
+    }
+}
+
+/// The limit in microseconds, checked to stay exact in Lua.
+fn redis_params(limit: &Limit) -> Result<Params> {
+    let p = limit.params(TICK_NS)?;
+    let ok = match p {
+        Params::Virtual { cap, .. } => cap < LUA_EXACT / 4,
+        Params::Window { window, limit, .. } => window.saturating_mul(limit + 1) < LUA_EXACT,
+    };
+    if !ok {
+        return Err(Error::config(
+            "window",
+            "too long for exact arithmetic in Redis (about 70 years of burst, or limit × window over 2^53 µs); shorten it",
+        ));
+    }
+    Ok(p)
+}
+
+/// A limiter whose state lives in Redis.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use sd_ratelimit::{Limit, Quota, redis::{Builder, FailurePolicy}};
+///
+/// let client = redis::Client::open("redis://127.0.0.1/")?;
+/// let conn = client.get_connection_manager().await?;
+/// let limiter = Builder::new(Limit::gcra(Quota::per_second(10)?))
+///     .on_failure(FailurePolicy::Open)
+///     .build(conn)?;
+/// let decision = limiter.check("user:42").await?;
+/// println!("allowed: {}, remaining {}", decision.allowed, decision.remaining);
+/// # Ok(()) }
+/// ```
+pub struct RedisLimiter<C> {
+    conn: C,
+    prefix: String,
+    limit: ArcSwap<(Limit, Params)>,
+    timeout: Duration,
+    policy: FailurePolicy,
+    local: Option<KeyedLimiter<String>>,
+    shadow: bool,
+    stats: Stats,
+}
+
+impl<C> std::fmt::Debug for RedisLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.prefix)
+            .field("limit", &self.limit.load().0)
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
+    /// Decides one request of cost 1 for `key` under the default limit.
+    pub async fn check(&self, key: &str) -> Result<Decision> {
+        self.check_n(key, 1).await
+    }
+
+    /// Decides one request of cost `cost` for `key` under the default limit.
+    pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
+        let limit = self.limit.load_full();
+        self.run(&[(key, limit.0, limit.1, cost)], None).await
+    }
+
+    /// Decides one request for `key` under its own `limit` (per-key quotas, or limits
+    /// changed on the fly: the limit travels with every call).
+    pub async fn check_with(&self, key: &str, limit: &Limit, cost: u32) -> Result<Decision> {
+        let params = redis_params(limit)?;
+        self.run(&[(key, *limit, params, cost)], None).await
+    }
+
+    /// Decides several limits in one script, all consumed or none (atomic in Redis).
+    /// On a cluster the keys must share a hash slot.
+    pub async fn check_all(&self, checks: &[(&str, &Limit, u32)]) -> Result<Decision> {
+        let items = checks
+            .iter()
+            .map(|(key, limit, cost)| Ok((*key, **limit, redis_params(limit)?, *cost)))
+            .collect::<Result<Vec<_>>>()?;
+        self.run(&items, None).await
+    }
+
+    /// Decides at a given time instead of the server's `TIME`: for tests and replays.
+    /// `now` is the time since the Unix epoch.
+    pub async fn check_at(
+        &self,
+        key: &str,
+        limit: &Limit,
+        cost: u32,
+        now: Duration,
+    ) -> Result<Decision> {
+        let params = redis_params(limit)?;
+        let now_us = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        self.run(&[(key, *limit, params, cost)], Some(now_us)).await
+    }
+
+    /// Replaces the default limit. State in Redis is kept: no fresh burst.
+    pub fn set_limit(&self, limit: Limit) -> Result<()> {
+        let params = redis_params(&limit)?;
+        self.limit.store(Arc::new((limit, params)));
+        Ok(())
+    }
+
+    /// Counters: denials, shadow denials, backend errors.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The Redis key holding `key`'s state.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}:{{{key}}}", self.prefix)
+    }
+
+    async fn run(
+        &self,
+        items: &[(&str, Limit, Params, u32)],
+        now: Option<u64>,
+    ) -> Result<Decision> {
+        for (_, _, p, cost) in items {
+            p.check_cost(*cost)?;
+        }
+        let mut args = redis::Cmd::new();
+        args.arg(items.len());
+        for (key, ..) in items {
+            args.arg(self.redis_key(key));
+        }
+        args.arg(now.map(|n| n.to_string()).unwrap_or_default());
+        for (_, _, p, cost) in items {
+            args.arg(&script_args(p)[..]).arg(*cost);
+        }
+        let span = tracing::debug_span!("ratelimit.redis", keys = items.len());
+        let reply = tokio::time::timeout(self.timeout, self.eval(&args).instrument(span)).await;
+        let decision = match reply {
+            Ok(Ok(values)) => decode(&values, items.len()),
+            Ok(Err(source)) => Err(Error::Redis { source }),
+            Err(_) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+        };
+        match decision {
+            Ok(d) => Ok(self.stats.record(d, self.shadow)),
+            Err(e) => self.on_failure(e, items),
+        }
+    }
+
+    /// `EVALSHA`, or `EVAL` when the server does not know the script (it then caches it).
+    async fn eval(&self, args: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
+        let mut conn = self.conn.clone();
+        let with = |name: &str, script: &str| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(script);
+            for arg in args.args_iter() {
+                if let redis::Arg::Simple(bytes) = arg {
+                    cmd.arg(bytes);
+                }
+            }
+            cmd
+        };
+        match with("EVALSHA", SCRIPT.get_hash())
+            .query_async(&mut conn)
+            .await
+        {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                with("EVAL", SCRIPT_CODE).query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    fn on_failure(&self, error: Error, items: &[(&str, Limit, Params, u32)]) -> Result<Decision> {
+        self.stats.record_error();
+        tracing::warn!(%error, policy = ?self.policy, "rate-limit backend failed");
+        let capacity = items
+            .iter()
+            .map(|(_, l, _, _)| l.capacity())
+            .min()
+            .unwrap_or(0);
+        match (&self.policy, &self.local) {
+            (FailurePolicy::Local(limit), Some(local)) => {
+                // Every key of the call under the local limit.
+                let checks: Vec<(&str, &Limit, u32)> =
+                    items.iter().map(|(k, _, _, c)| (*k, limit, *c)).collect();
+                local
+                    .check_all(&checks)
+                    .map(|d| self.stats.record(d, self.shadow))
+            }
+            (FailurePolicy::Closed, _) => Ok(self.stats.record(
+                Decision {
+                    allowed: false,
+                    limit: capacity,
+                    remaining: 0,
+                    retry_after: Duration::from_secs(1),
+                    reset_after: Duration::from_secs(1),
+                    delay: Duration::ZERO,
+                },
+                self.shadow,
+            )),
+            _ => Ok(Decision {
+                allowed: true,
+                limit: capacity,
+                remaining: capacity,
+                retry_after: Duration::ZERO,
+                reset_after: Duration::ZERO,
+                delay: Duration::ZERO,
+            }),
+        }
+    }
+}
+
+/// The 6 numbers that describe a limit to the script (kind first).
+fn script_args(p: &Params) -> [i64; 6] {
+    let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    match *p {
+        Params::Virtual {
+            tick,
+            per_tick,
+            unit,
+            cap,
+            max_wait,
+        } => [
+            1,
+            i(tick),
+            i(per_tick),
+            i(unit),
+            i(cap),
+            max_wait.map_or(-1, i),
+        ],
+        Params::Window { window, limit, .. } => [2, i(window), i(limit), 0, 0, 0],
+    }
+}
+
+fn decode(values: &[i64], n: usize) -> Result<Decision> {
+    if values.len() != 6 * n {
+        return Err(Error::UnexpectedReply {
+            reason: "expected 6 integers per limit",
+        });
+    }
+    let steps: Vec<Decision> = values
+        .chunks_exact(6)
+        .map(|v| {
+            let u = |i: usize| u64::try_from(v[i]).unwrap_or(0);
+            Step {
+                allowed: v[0] == 1,
+                limit: u(1),
+                remaining: u(2),
+                retry_after: u(3),
+                reset_after: u(4),
+                delay: u(5),
+                state: None,
+            }
+            .decision(TICK_NS)
+        })
+        .collect();
+    Decision::combine(&steps).ok_or(Error::UnexpectedReply { reason: "no limit" })
+}
+
+/// The current time since the Unix epoch (for [`RedisLimiter::check_at`] callers).
+pub fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}

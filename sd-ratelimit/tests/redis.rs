@@ -1,0 +1,310 @@
+//! The Redis backend against real servers: identical decisions to memory on one server
+//! and on a cluster, NOSCRIPT, expiry, server time, shadow mode, and each failure
+//! policy with Redis killed or frozen mid-run.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)] // Tests may unwrap (helpers outside #[test] included).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sd_ratelimit::memory::{self, ManualClock};
+use sd_ratelimit::redis::{Builder, FailurePolicy, RedisLimiter};
+use sd_ratelimit::{Decision, Error, Limit, Quota};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn manager(url: &str) -> ConnectionManager {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(200)))
+        .set_number_of_retries(1);
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(config)
+        .await
+        .unwrap()
+}
+
+fn limits() -> Vec<Limit> {
+    let q = Quota::per_second(2).unwrap().with_burst(4).unwrap();
+    vec![
+        Limit::gcra(q),
+        // Intervals are whole microseconds: Redis counts in µs, memory in ns.
+        Limit::gcra(Quota::new(4, Duration::from_secs(3)).unwrap()),
+        Limit::token_bucket(5, 2, Duration::from_secs(1)).unwrap(),
+        Limit::leaky_queue(q.with_burst(1).unwrap(), Duration::from_millis(1500)).unwrap(),
+        Limit::sliding_window(6, Duration::from_secs(2)).unwrap(),
+    ]
+}
+
+/// A deterministic request sequence: (time step in µs, key, cost).
+fn sequence(seed: u64, len: usize) -> Vec<(u64, usize, u32)> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..len)
+        .map(|_| (next() % 700_000, (next() % 3) as usize, (next() % 4) as u32))
+        .collect()
+}
+
+/// Runs one sequence on memory (time injected) and on `redis` (time passed to the
+/// script), asserting identical decisions.
+async fn same_as_memory<C>(redis: &RedisLimiter<C>, limit: Limit, seed: u64)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
+    let clock = ManualClock::new();
+    let memory = memory::Builder::new(limit)
+        .clock(clock.clone())
+        .keyed::<String>()
+        .unwrap();
+    // An epoch that is a whole number of every tick and window, so both sides agree on
+    // window boundaries.
+    let epoch = Duration::from_secs(sd_ratelimit::redis::unix_now().as_secs() / 3600 * 3600);
+    let keys: Vec<String> = (0..3).map(|_| sd_testkit::unique_name("diff")).collect();
+    let mut t = Duration::ZERO;
+    for (i, (dt, key, cost)) in sequence(seed, 150).into_iter().enumerate() {
+        t += Duration::from_micros(dt);
+        clock.set(t);
+        let ours = memory.check_with(keys[key].as_str(), &limit, cost);
+        let theirs = redis.check_at(&keys[key], &limit, cost, epoch + t).await;
+        match (ours, theirs) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "step {i} of {limit:?} at {t:?}"),
+            (Err(Error::InsufficientCapacity { .. }), Err(Error::InsufficientCapacity { .. })) => {}
+            (a, b) => panic!("step {i} of {limit:?}: memory {a:?}, redis {b:?}"),
+        }
+    }
+}
+
+#[test]
+fn redis_and_cluster_decide_exactly_as_memory() {
+    let server =
+        sd_testkit::redis().expect("redis-server must be installed (apt-get install redis-server)");
+    let cluster = sd_testkit::RedisCluster::start().expect("redis cluster must start");
+    let rt = runtime();
+    rt.block_on(async {
+        let single = Builder::new(limits()[0])
+            .prefix(sd_testkit::unique_name("rl"))
+            .timeout(Duration::from_secs(5))
+            .build(manager(server.url()).await)
+            .unwrap();
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+        let conn = client.get_async_connection().await.unwrap();
+        let clustered = Builder::new(limits()[0])
+            .timeout(Duration::from_secs(5))
+            .build(conn)
+            .unwrap();
+        for (n, limit) in limits().into_iter().enumerate() {
+            for seed in 1..4u64 {
+                same_as_memory(&single, limit, seed * 7919 + n as u64).await;
+                same_as_memory(&clustered, limit, seed * 104_729 + n as u64).await;
+            }
+        }
+    });
+}
+
+#[test]
+fn server_time_noscript_expiry_and_all_or_none() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut conn = manager(server.url()).await;
+        let limit = Limit::gcra(Quota::per_second(10).unwrap().with_burst(2).unwrap());
+        let limiter = Builder::new(limit)
+            .prefix(sd_testkit::unique_name("rl"))
+            .timeout(Duration::from_secs(5))
+            .build(conn.clone())
+            .unwrap();
+        // Server time, burst of 2.
+        assert!(limiter.check("a").await.unwrap().allowed);
+        assert!(limiter.check("a").await.unwrap().allowed);
+        let denied = limiter.check("a").await.unwrap();
+        assert!(!denied.allowed);
+        assert!(
+            denied.retry_after > Duration::ZERO && denied.retry_after <= Duration::from_millis(100)
+        );
+        // The key expires when it is back to full (200 ms at most).
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(limiter.redis_key("a"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!((1..=200).contains(&ttl), "pttl {ttl}");
+        // The server forgets its scripts: the next call still decides (EVAL fallback).
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(limiter.check("b").await.unwrap().allowed);
+        // Too big a cost is its own answer.
+        assert!(matches!(
+            limiter.check_n("b", 3).await,
+            Err(Error::InsufficientCapacity {
+                cost: 3,
+                capacity: 2
+            })
+        ));
+        // All or none: the user limit denies, so the IP limit is not consumed.
+        let per_ip = Limit::gcra(Quota::per_second(10).unwrap());
+        let per_user = Limit::gcra(Quota::per_hour(1).unwrap());
+        let both = [("ip:1", &per_ip, 1), ("user:1", &per_user, 1)];
+        assert!(limiter.check_all(&both).await.unwrap().allowed);
+        let d = limiter.check_all(&both).await.unwrap();
+        assert!(!d.allowed);
+        assert!(d.retry_after > Duration::from_secs(3000));
+        let ip = limiter.check_with("ip:1", &per_ip, 9).await.unwrap();
+        assert!(
+            ip.allowed,
+            "the denied pair took nothing from the IP limit: {ip:?}"
+        );
+    });
+}
+
+#[test]
+fn shadow_mode_counts_without_denying() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let limiter = Builder::new(Limit::gcra(Quota::per_minute(1).unwrap()))
+            .prefix(sd_testkit::unique_name("rl"))
+            .shadow(true)
+            .timeout(Duration::from_secs(5))
+            .build(manager(server.url()).await)
+            .unwrap();
+        for _ in 0..4 {
+            assert!(limiter.check("k").await.unwrap().allowed);
+        }
+        assert_eq!(limiter.stats().shadow_denied(), 3);
+    });
+}
+
+/// Checks `n` times; returns how many were admitted.
+async fn admitted(
+    limiter: &RedisLimiter<ConnectionManager>,
+    key: &str,
+    n: usize,
+) -> (usize, Vec<Decision>) {
+    let mut out = vec![];
+    for _ in 0..n {
+        out.push(limiter.check(key).await.unwrap());
+    }
+    (out.iter().filter(|d| d.allowed).count(), out)
+}
+
+#[test]
+fn each_failure_policy_does_what_it_promises_when_redis_dies() {
+    let mut server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    let rt = runtime();
+    let limit = Limit::gcra(Quota::per_minute(3).unwrap());
+    let local = Limit::gcra(Quota::per_minute(1).unwrap());
+    let limiters = rt.block_on(async {
+        let conn = manager(&server.url()).await;
+        [
+            FailurePolicy::Open,
+            FailurePolicy::Closed,
+            FailurePolicy::Local(local),
+        ]
+        .map(|policy| {
+            Builder::new(limit)
+                .on_failure(policy)
+                .timeout(Duration::from_millis(300))
+                .build(conn.clone())
+                .unwrap()
+        })
+    });
+    let [open, closed, fallback] = &limiters;
+    rt.block_on(async {
+        // Healthy: Redis decides, 3 per minute.
+        for (i, l) in limiters.iter().enumerate() {
+            assert_eq!(admitted(l, &format!("healthy{i}"), 5).await.0, 3);
+        }
+    });
+    server.kill().unwrap();
+    rt.block_on(async {
+        assert_eq!(admitted(open, "down", 5).await.0, 5, "fail open admits");
+        let (n, closed_decisions) = admitted(closed, "down", 5).await;
+        assert_eq!(n, 0, "fail closed denies");
+        assert!(
+            closed_decisions
+                .iter()
+                .all(|d| d.retry_after == Duration::from_secs(1))
+        );
+        assert_eq!(
+            admitted(fallback, "down", 5).await.0,
+            1,
+            "local fallback: 1 per minute"
+        );
+        for l in &limiters {
+            assert!(l.stats().backend_errors() >= 5);
+        }
+    });
+    server.start_again().unwrap();
+    rt.block_on(async {
+        // Back: Redis decides again (the connection manager reconnects, the empty server
+        // gets the script by EVAL). Allow a few calls for the reconnect.
+        let mut back = false;
+        for _ in 0..50 {
+            if closed.check("after").await.unwrap().allowed {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(back, "redis came back but fail-closed still denies");
+        assert_eq!(admitted(closed, "after", 3).await.0, 2);
+    });
+    // Frozen rather than dead: the timeout applies the policy.
+    server.pause().unwrap();
+    rt.block_on(async {
+        let errors = open.stats().backend_errors();
+        assert!(open.check("frozen").await.unwrap().allowed);
+        assert!(!closed.check("frozen").await.unwrap().allowed);
+        assert!(open.stats().backend_errors() > errors);
+    });
+    server.resume().unwrap();
+}
+
+#[test]
+fn invalid_redis_config_fails_at_construction() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = manager(server.url()).await;
+        let limit = Limit::gcra(Quota::per_second(1).unwrap());
+        assert!(matches!(
+            Builder::new(limit).prefix("a{b").build(conn.clone()),
+            Err(Error::InvalidConfig {
+                field: "prefix",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Builder::new(limit)
+                .timeout(Duration::ZERO)
+                .build(conn.clone()),
+            Err(Error::InvalidConfig {
+                field: "timeout",
+                ..
+            })
+        ));
+        let huge = Limit::sliding_window(60_000, Duration::from_secs(86_400 * 30)).unwrap();
+        assert!(matches!(
+            Builder::new(huge).build(conn),
+            Err(Error::InvalidConfig {
+                field: "window",
+                ..
+            })
+        ));
+    });
+}
