@@ -19,4 +19,70 @@ fn main() {
         "{ready} of {} crates have a scenario to run today.",
         CRATES.len()
     );
+    hashring();
+}
+
+/// sd-hashring: where keys live, what moves when a node joins, replicas, bounded loads.
+fn hashring() {
+    use sd_hashring::{BoundedLoad, Change, HashRing, Node};
+
+    println!("\n== sd-hashring: 10 000 keys over three cache nodes ==");
+    let Ok(ring) = HashRing::new(["cache-a", "cache-b", "cache-c"].map(Node::new)) else {
+        return;
+    };
+    let keys: Vec<String> = (0..10_000).map(|i| format!("user:{i}")).collect();
+    let count = |ring: &HashRing, id: &str| {
+        keys.iter()
+            .filter(|k| ring.node(k).is_some_and(|n| n.id() == id))
+            .count()
+    };
+    for node in ring.nodes() {
+        println!("  {} holds {} keys", node.id(), count(&ring, node.id()));
+    }
+    let Ok(grown) = ring.with_changes([Change::add(Node::new("cache-d"))]) else {
+        return;
+    };
+    let moved = keys
+        .iter()
+        .filter(|k| ring.node(k) != grown.node(k))
+        .count();
+    let to_d = keys
+        .iter()
+        .filter(|k| {
+            ring.node(k) != grown.node(k) && grown.node(k).is_some_and(|n| n.id() == "cache-d")
+        })
+        .count();
+    println!(
+        "  cache-d joins: {moved} keys move ({:.1}%, ideal 25%), {to_d} of them to cache-d; modulo hashing would move about 75%",
+        moved as f64 / 100.0
+    );
+    if let Ok(plan) = ring.diff(&grown) {
+        println!(
+            "  the move plan lists {} hash ranges to migrate, {:.1}% of hash space",
+            plan.moves().len(),
+            plan.moved_fraction() * 100.0
+        );
+    }
+    let replicas: Vec<&str> = grown
+        .owners("user:42", 3)
+        .map(|n| n.id().as_str())
+        .collect();
+    if let Some((owner, others)) = replicas.split_first() {
+        println!(
+            "  user:42 lives on {owner} (replicas on {})",
+            others.join(", ")
+        );
+    }
+    let bound = BoundedLoad::default();
+    let mut loads = vec![0u64; grown.len()];
+    for k in &keys {
+        if let Ok(pick) = grown.node_bounded(k, &loads, &bound) {
+            loads[pick.index] += 1;
+        }
+    }
+    let max = loads.iter().max().copied().unwrap_or(0) as f64;
+    println!(
+        "  bounded loads (c = 1.25): busiest node holds {:.2}x the average",
+        max / 2500.0
+    );
 }

@@ -28,7 +28,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-hashring",
         pattern: "consistent hashing: CRC32 vnode ring, replicas, bounded loads",
-        today: "planned (issue 3): nothing usable yet",
+        today: "weighted ring, distinct replicas, move plans, bounded loads, jump/rendezvous/Maglev, ketama",
     },
     CrateStatus {
         name: "sd-lock",

@@ -1,0 +1,164 @@
+//! Where does each key live? Reads keys from stdin, one a line, and prints
+//! `key<TAB>node` for each.
+//!
+//! ```text
+//! printf 'user:1\nuser:2\n' | cargo run -p sd-examples --example ring -- \
+//!     --nodes 10.0.0.1:11211,10.0.0.2:11211:2 --mode ketama
+//! ```
+//!
+//! Flags:
+//! - `--nodes a:11211,b:11211:2`: node ids, comma-separated; a number after a second
+//!   colon is the weight (default 1).
+//! - `--mode crc32|xxh3|ketama|jump|rendezvous|maglev` (default `crc32`).
+//! - `--vnodes N`: points per unit of weight for the ring modes (default 160).
+//! - `--replicas N`: print N distinct owners per key, tab-separated (ring and
+//!   rendezvous modes).
+
+use std::error::Error;
+use std::io::{BufRead, Write};
+
+use sd_hashring::{DEFAULT_VNODES, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous};
+
+struct Args {
+    nodes: Vec<Node>,
+    mode: String,
+    vnodes: u32,
+    replicas: usize,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ring: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let args = parse_args(std::env::args().skip(1))?;
+    let placement = build(&args)?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in stdin.lock().lines() {
+        let key = line?;
+        write!(out, "{key}")?;
+        for id in owners(&placement, &args, &key) {
+            write!(out, "\t{id}")?;
+        }
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The placements this command can run, behind the crate's one trait; the ring and
+/// rendezvous keep their types for replica lookups.
+enum Built {
+    Ring(HashRing),
+    Rendezvous(Rendezvous),
+    Other(Box<dyn Placement>),
+}
+
+impl std::ops::Deref for Built {
+    type Target = dyn Placement;
+    fn deref(&self) -> &(dyn Placement + 'static) {
+        match self {
+            Built::Ring(r) => r,
+            Built::Rendezvous(r) => r,
+            Built::Other(p) => p.as_ref(),
+        }
+    }
+}
+
+fn build(args: &Args) -> Result<Built, Box<dyn Error>> {
+    let nodes = args.nodes.clone();
+    let ring = |hash| {
+        HashRing::builder()
+            .hash(hash)
+            .vnodes(args.vnodes)
+            .build(nodes.clone())
+    };
+    Ok(match args.mode.as_str() {
+        "crc32" => Built::Ring(ring(HashKind::Crc32)?),
+        "xxh3" => Built::Ring(ring(HashKind::Xxh3)?),
+        "ketama" => Built::Ring(ring(HashKind::Ketama)?),
+        "jump" => Built::Other(Box::new(Jump::new(nodes)?)),
+        "rendezvous" => Built::Rendezvous(Rendezvous::new(nodes)?),
+        "maglev" => Built::Other(Box::new(Maglev::new(nodes)?)),
+        other => {
+            return Err(format!(
+                "unknown --mode `{other}`; use crc32, xxh3, ketama, jump, rendezvous or maglev"
+            )
+            .into());
+        }
+    })
+}
+
+fn owners<'a>(placement: &'a Built, args: &Args, key: &str) -> Vec<&'a str> {
+    match placement {
+        Built::Ring(ring) if args.replicas > 1 => ring
+            .owners(key, args.replicas)
+            .map(|n| n.id().as_str())
+            .collect(),
+        Built::Rendezvous(r) if args.replicas > 1 => r
+            .owners(key, args.replicas)
+            .into_iter()
+            .map(|n| n.id().as_str())
+            .collect(),
+        _ => placement
+            .locate_bytes(key.as_bytes())
+            .and_then(|i| placement.nodes().get(i))
+            .map(|n| n.id().as_str())
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
+    let mut args = Args {
+        nodes: Vec::new(),
+        mode: "crc32".into(),
+        vnodes: DEFAULT_VNODES,
+        replicas: 1,
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--nodes" => args.nodes = parse_nodes(&value()?)?,
+            "--mode" => args.mode = value()?,
+            "--vnodes" => args.vnodes = value()?.parse().map_err(|e| format!("--vnodes: {e}"))?,
+            "--replicas" => {
+                args.replicas = value()?.parse().map_err(|e| format!("--replicas: {e}"))?
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: ring --nodes a:11211,b:11211:2 [--mode crc32|xxh3|ketama|jump|rendezvous|maglev] \
+                     [--vnodes N] [--replicas N] < keys"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown flag `{other}`; see --help").into()),
+        }
+    }
+    if args.nodes.is_empty() {
+        return Err("give the nodes with --nodes a:11211,b:11211:2".into());
+    }
+    Ok(args)
+}
+
+/// `a:11211,b:11211:2` → `a:11211` (weight 1), `b:11211` (weight 2).
+fn parse_nodes(spec: &str) -> Result<Vec<Node>, Box<dyn Error>> {
+    spec.split(',')
+        .map(|item| {
+            let item = item.trim();
+            let parts: Vec<&str> = item.split(':').collect();
+            if parts.len() == 3 {
+                let weight = parts[2]
+                    .parse()
+                    .map_err(|e| format!("weight of `{item}`: {e}"))?;
+                Ok(Node::weighted(format!("{}:{}", parts[0], parts[1]), weight))
+            } else {
+                Ok(Node::new(item))
+            }
+        })
+        .collect()
+}
