@@ -5,6 +5,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod algorithm;
+pub mod client_ip;
 mod error;
 pub mod memory;
 #[cfg(feature = "redis")]
