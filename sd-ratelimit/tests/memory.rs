@@ -254,3 +254,39 @@ proptest! {
         }
     }
 }
+
+/// Waiters on a leaky queue get their slots in call order and sleep exactly until them.
+#[cfg(feature = "tokio")]
+#[tokio::test(start_paused = true)]
+async fn until_ready_waits_in_fifo_order() {
+    use sd_ratelimit::memory::TokioClock;
+    let q = Quota::per_second(10).unwrap().with_burst(1).unwrap();
+    let limiter = Arc::new(
+        Builder::new(Limit::leaky_queue(q, Duration::from_secs(10)).unwrap())
+            .clock(TokioClock::default())
+            .keyed::<String>()
+            .unwrap(),
+    );
+    let start = tokio::time::Instant::now();
+    let order = Arc::new(std::sync::Mutex::new(vec![]));
+    let mut tasks = vec![];
+    for i in 0..5 {
+        let (limiter, order) = (limiter.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let d = limiter.until_ready("k", 1).await.unwrap();
+            order.lock().unwrap().push((i, d.delay, start.elapsed()));
+        }));
+        // Let task i reserve its slot before task i + 1 starts.
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let ids: Vec<_> = order.iter().map(|(i, _, _)| *i).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+    for (i, delay, elapsed) in order {
+        assert_eq!(delay, Duration::from_millis(100 * i as u64));
+        assert_eq!(elapsed, delay);
+    }
+}

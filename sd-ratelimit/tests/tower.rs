@@ -1,0 +1,174 @@
+//! The tower layer: 429 with Retry-After and rate-limit headers, gRPC
+//! RESOURCE_EXHAUSTED, spoofed forwarding headers, custom keys.
+#![cfg(feature = "tower")]
+#![allow(clippy::unwrap_used)] // Tests may unwrap (helpers outside #[test] included).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use sd_ratelimit::client_ip::{ClientIp, Trust};
+use sd_ratelimit::memory::{self, KeyedLimiter, ManualClock};
+use sd_ratelimit::tower::{
+    ClientIpKey, HeaderKey, HeaderStyle, KeyExtractor, PeerAddr, RateLimitLayer,
+};
+use sd_ratelimit::{Limit, Quota};
+use tower::{Layer, Service, ServiceExt};
+
+fn limiter(per_second: u32, burst: u32) -> Arc<KeyedLimiter<String, ManualClock>> {
+    let limit = Limit::gcra(
+        Quota::per_second(per_second)
+            .unwrap()
+            .with_burst(burst)
+            .unwrap(),
+    );
+    Arc::new(
+        memory::Builder::new(limit)
+            .clock(ManualClock::new())
+            .keyed()
+            .unwrap(),
+    )
+}
+
+fn app<E: KeyExtractor<String>>(
+    layer: RateLimitLayer<KeyedLimiter<String, ManualClock>, E>,
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone {
+    layer.layer(tower::service_fn(|_req: Request<String>| async {
+        Ok::<_, Infallible>(Response::new("hello".to_string()))
+    }))
+}
+
+fn request(xff: &str, peer: &str) -> Request<String> {
+    let mut req = Request::builder()
+        .uri("/")
+        .header("x-forwarded-for", xff)
+        .body(String::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
+    req
+}
+
+#[tokio::test]
+async fn denies_with_429_retry_after_and_ietf_headers() {
+    let key = ClientIpKey::new(ClientIp::x_forwarded_for(Trust::Hops(1)).unwrap());
+    let svc = app(RateLimitLayer::new(limiter(2, 2), key));
+    for remaining in [1, 0] {
+        let resp = svc
+            .clone()
+            .oneshot(request("1.1.1.1", "10.0.0.1:5000"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"default\";q=2;w=1");
+        assert_eq!(
+            resp.headers()["ratelimit"],
+            format!("\"default\";r={remaining};t=1").as_str()
+        );
+    }
+    let resp = svc
+        .clone()
+        .oneshot(request("1.1.1.1", "10.0.0.1:5000"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    // A client that rotates a spoofed left entry is still the same client.
+    let resp = svc
+        .clone()
+        .oneshot(request("9.9.9.9, 1.1.1.1", "10.0.0.1:5000"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another client is not affected.
+    let resp = svc
+        .clone()
+        .oneshot(request("2.2.2.2", "10.0.0.1:5000"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // A malformed header is a 400, not a panic and not a free pass.
+    let resp = svc
+        .clone()
+        .oneshot(request("1.1.1.1, garbage", "10.0.0.1:5000"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn trusted_proxies_ignore_headers_from_direct_clients() {
+    let trust = Trust::Proxies(vec!["10.0.0.0/8".parse().unwrap()]);
+    let key = ClientIpKey::new(ClientIp::x_forwarded_for(trust).unwrap());
+    let svc = app(RateLimitLayer::new(limiter(1, 1), key).headers(HeaderStyle::XRateLimit));
+    // A direct client rotating X-Forwarded-For is keyed by its own address.
+    let first = svc
+        .clone()
+        .oneshot(request("1.1.1.1", "8.8.8.8:1"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["x-ratelimit-limit"], "1");
+    assert_eq!(first.headers()["x-ratelimit-remaining"], "0");
+    let second = svc
+        .clone()
+        .oneshot(request("2.2.2.2", "8.8.8.8:1"))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.headers()["x-ratelimit-remaining"], "0");
+}
+
+#[tokio::test]
+async fn grpc_gets_resource_exhausted() {
+    let key = HeaderKey::new("x-api-key").unwrap();
+    let svc = app(RateLimitLayer::new(limiter(1, 1), key));
+    let grpc = || {
+        Request::builder()
+            .header("content-type", "application/grpc+proto")
+            .header("x-api-key", "k1")
+            .body(String::new())
+            .unwrap()
+    };
+    assert_eq!(
+        svc.clone().oneshot(grpc()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let resp = svc.clone().oneshot(grpc()).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "gRPC errors travel in grpc-status"
+    );
+    assert_eq!(resp.headers()["grpc-status"], "8");
+    assert_eq!(resp.headers()["grpc-message"], "rate limited");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    // No key header: INVALID_ARGUMENT.
+    let no_key = Request::builder()
+        .header("content-type", "application/grpc")
+        .body(String::new())
+        .unwrap();
+    assert_eq!(
+        svc.clone().oneshot(no_key).await.unwrap().headers()["grpc-status"],
+        "3"
+    );
+}
+
+#[tokio::test]
+async fn closures_extract_keys() {
+    let by_path = |req: &Request<String>| Ok(req.uri().path().to_owned());
+    let svc = app(RateLimitLayer::new(limiter(1, 1), by_path).headers(HeaderStyle::None));
+    let get = |p: &str| Request::builder().uri(p).body(String::new()).unwrap();
+    assert_eq!(
+        svc.clone().oneshot(get("/a")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.clone().oneshot(get("/b")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let denied = svc.clone().oneshot(get("/a")).await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(denied.headers().get("ratelimit").is_none());
+}
