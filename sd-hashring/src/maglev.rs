@@ -6,7 +6,8 @@ use crate::node::{Node, sorted_members};
 use crate::placement::Placement;
 
 /// Maglev hashing: each node fills table slots along its own permutation of a prime
-/// table, in turns, until the table is full; a key reads one slot.
+/// table, in turns, until the table is full; a key reads one slot. Keep the table size
+/// fixed across membership changes (see [`Maglev::new`]).
 ///
 /// Lookups are `O(1)` (one hash, one load), the best of the placements here, and the
 /// balance is within about 1 % when the table has more than 100 slots per node. The
@@ -26,39 +27,36 @@ const OFFSET_SEED: u64 = 0x6d61_676c_6576_6f66; // "maglevof"
 const SKIP_SEED: u64 = 0x6d61_676c_6576_736b; // "maglevsk"
 
 impl Maglev {
-    /// The smallest table [`Maglev::new`] uses: 65 537 slots, as in the paper.
-    pub const MIN_TABLE_SIZE: u32 = 65_537;
+    /// The table [`Maglev::new`] uses: 65 537 slots, as in the paper.
+    pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
     /// The largest table allowed (2^24 slots, 64 MiB).
     pub const MAX_TABLE_SIZE: u32 = 1 << 24;
 
-    /// Maglev over `nodes`, with a table of the smallest prime of at least
-    /// `max(65 537, 100 × total weight)` slots.
+    /// Maglev over `nodes` with the paper's table of [`Maglev::DEFAULT_TABLE_SIZE`]
+    /// (65 537) slots: within about 1 % balance up to 655 units of weight.
+    ///
+    /// The table size must stay the same across membership changes: keys are placed by
+    /// `hash % size`, so a new size moves nearly every key. For larger fleets pick one
+    /// size for the largest fleet you expect (a prime above 100 × total weight, such as
+    /// 655 373) and pass it to [`Maglev::with_table_size`] every time.
     ///
     /// # Errors
     /// [`Error::EmptyId`], [`Error::ZeroWeight`], [`Error::DuplicateNode`], and
-    /// [`Error::InvalidConfig`] (field `nodes`) when 100 slots per unit of weight would
-    /// pass [`Maglev::MAX_TABLE_SIZE`].
+    /// [`Error::InvalidConfig`] (field `nodes`) when the total weight exceeds the table.
     pub fn new(nodes: impl IntoIterator<Item = Node>) -> Result<Self> {
         let nodes = sorted_members(nodes)?;
-        let wanted = total_weight(&nodes)
-            .saturating_mul(100)
-            .max(u64::from(Self::MIN_TABLE_SIZE));
-        let size = Some(wanted)
-            .filter(|&w| w <= u64::from(Self::MAX_TABLE_SIZE))
-            .and_then(next_prime)
-            .filter(|&p| p <= u64::from(Self::MAX_TABLE_SIZE))
-            .ok_or_else(|| {
-                Error::config(
-                    "nodes",
-                    format!(
-                        "a total weight of {} needs over {} table slots; \
-                         use `with_table_size` or fewer, lighter nodes",
-                        total_weight(&nodes),
-                        Self::MAX_TABLE_SIZE
-                    ),
-                )
-            })?;
-        Ok(Self::populate(nodes, size as u32))
+        if total_weight(&nodes) > u64::from(Self::DEFAULT_TABLE_SIZE) {
+            return Err(Error::config(
+                "nodes",
+                format!(
+                    "a total weight of {} does not fit the default table of {} slots; \
+                     use `with_table_size` with a prime above 100 x the total weight",
+                    total_weight(&nodes),
+                    Self::DEFAULT_TABLE_SIZE
+                ),
+            ));
+        }
+        Ok(Self::populate(nodes, Self::DEFAULT_TABLE_SIZE))
     }
 
     /// Maglev over `nodes` with a table of exactly `size` slots.
@@ -165,11 +163,6 @@ fn is_prime(n: u64) -> bool {
     true
 }
 
-/// The smallest prime `>= n`, if one is found below 2^32.
-fn next_prime(n: u64) -> Option<u64> {
-    (n..u64::from(u32::MAX)).find(|&c| is_prime(c))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,8 +171,7 @@ mod tests {
     fn primes() {
         assert!(is_prime(65_537));
         assert!(!is_prime(65_535));
-        assert_eq!(next_prime(100_000), Some(100_003));
-        assert_eq!(next_prime(65_537), Some(65_537));
+        assert!(is_prime(655_373));
     }
 
     #[test]
