@@ -1,15 +1,17 @@
-//! Idempotency-Key store on memory, Redis and PostgreSQL, and middleware that executes each request once under concurrent retries.
-//!
-//! **Status: not implemented yet.** This crate holds its place in the workspace and
-//! declares its cargo features; the pattern itself lands with issue 7 of the sd tracker.
-//! Nothing here is usable today, and no API is promised until then.
-//!
-//! # Crate features
-//!
-//! None is on by default.
-//!
-//! - `redis`: the Redis backend (redis-rs, async, connection manager).
-//! - `postgres`: the PostgreSQL backend (sqlx 0.8).
-//! - `tower`: the tower / axum middleware.
+//! Idempotency-Key store on memory, Redis and PostgreSQL, and middleware that executes
+//! each request once under concurrent retries.
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+pub mod memory;
+mod run_once;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use memory::{ManualClock, MemoryStore};
+pub use run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, Outcome, RunError, RunOnce, run_once};
+pub use store::{
+    Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, run_sweeper, validate_key,
+};
