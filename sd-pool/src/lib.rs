@@ -1,13 +1,108 @@
-//! Backpressured worker pool with per-key ordering, completion watermarks for stream consumers, panic isolation and a graceful drain.
+//! Backpressured worker pool with per-key ordering, completion watermarks for stream
+//! consumers, panic isolation and a graceful drain.
 //!
-//! **Status: not implemented yet.** This crate holds its place in the workspace and
-//! declares its cargo features; the pattern itself lands with issue 10 of the sd tracker.
-//! Nothing here is usable today, and no API is promised until then.
+//! # What it is
+//!
+//! A [`Pool`] runs async jobs on tokio tasks with two explicit bounds: at most
+//! `max_concurrency` jobs run at once and at most `queue_capacity` accepted jobs wait.
+//! When both are used up, [`Pool::submit`] waits (backpressure), [`Pool::try_submit`]
+//! hands the job back, and [`Pool::submit_timeout`] does either. On top of that:
+//!
+//! - **Ordering modes** ([`Order`]): unordered; per key (serial within a key, concurrent
+//!   across keys, a bounded backlog per key); serial.
+//! - **Completion watermarks** ([`watermark`]): a job may carry `(partition, offset)`;
+//!   [`Pool::watermark`] is the highest offset at or below which every job of that
+//!   partition is done, so a consumer commits it and a crash replays instead of losing.
+//!   A partition whose finished-but-not-committable window reaches
+//!   `max_watermark_window` takes no more jobs until its head finishes.
+//! - **Panic isolation**: a panic is caught on the worker, reported to the job's
+//!   [`JobHandle`] as [`Error::Panicked`] (distinct from [`Error::Cancelled`]), counted,
+//!   passed to the `on_panic` hook, and the worker takes the next job.
+//! - **Lifecycle**: [`Pool::close`], [`Pool::drain`] (deadline; every accepted job
+//!   finishes or is handed back), [`Pool::shutdown_now`] (abort; hands back what did not
+//!   run). A job that submits into its own full pool gets [`Error::WouldDeadlock`].
+//! - **Metrics** ([`Pool::metrics`]): queued, running, completed, failed, panicked,
+//!   cancelled, time in queue, run time, peaks.
+//! - **Redis Streams consumer** (feature `redis`): a consumer group feeding the pool,
+//!   acknowledging in watermark order and reclaiming dead consumers' entries.
+//!
+//! # When to use it
+//!
+//! When work arrives faster than it can be done and memory must stay bounded: a stream
+//! consumer, a fan-out of requests, a job runner that must finish what it accepted on
+//! shutdown. When order matters per entity but not globally, use [`Order::PerKey`].
+//!
+//! When not: for CPU-bound work use rayon or `spawn_blocking` (jobs here are async and
+//! share the tokio runtime); for a few futures in one task, `buffer_unordered` is
+//! simpler; for durable jobs that must survive a process crash, use a persistent queue
+//! (the Redis consumer here gives that for streams).
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use sd_pool::{Job, Order, Pool};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::builder(4, 64).order(Order::PerKey).build()?;
+//! let mut handles = Vec::new();
+//! for (offset, user) in ["ann", "bob", "ann", "cy"].into_iter().enumerate() {
+//!     let job = Job::new(async move { format!("{user} #{offset}") })
+//!         .with_key(user)
+//!         .with_offset(0, offset as u64);
+//!     handles.push(pool.submit(job).await?);
+//! }
+//! assert_eq!(handles.remove(2).await?, "ann #2");
+//! let drained = pool.drain(Duration::from_secs(5)).await;
+//! assert!(drained.is_complete());
+//! assert_eq!(pool.watermark(0), Some(3));
+//! assert_eq!(pool.metrics().completed, 4);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - No more than `max_concurrency` jobs run at once; no more than `queue_capacity`
+//!   wait; no more than `max_key_backlog` wait behind one key; a partition's tracked
+//!   offsets stay below `max_watermark_window` plus the jobs in flight. Nothing else is
+//!   buffered.
+//! - In [`Order::PerKey`], jobs with equal keys start in submission order, each after the
+//!   previous one finished (keys are hashed to 64 bits; a collision only serialises two
+//!   keys). [`Order::Serial`] does that for all jobs.
+//! - A job accepted by `submit`/`try_submit` (an `Ok` handle) runs exactly once, unless
+//!   `drain` or `shutdown_now` hands it back unrun or `shutdown_now` aborts it. Dropping
+//!   a [`JobHandle`] does not cancel the job. `submit` is cancel-safe.
+//! - The watermark never passes an offset whose job has not finished (completed,
+//!   failed or panicked; a job handed back or aborted never counts as finished).
+//! - **Redis consumer: at least once.** An entry is acknowledged (`XACK`) only after its
+//!   job succeeded and every entry read before it has finished. If the consumer dies, its
+//!   unacknowledged entries are reclaimed by another member of the group (`XAUTOCLAIM`
+//!   after `min_idle`) and processed again, so a handler may see an entry twice and must
+//!   be idempotent (or deduplicate by entry id). An entry whose handler failed or
+//!   panicked is not acknowledged and is redelivered after `min_idle`.
+//!
+//! # Figures
+//!
+//! From `cargo bench -p sd-benches --bench pool` on a shared two-core machine; see the
+//! README section of the crate for the full table.
 //!
 //! # Crate features
 //!
 //! None is on by default.
 //!
-//! - `redis`: the Redis backend (redis-rs, async, connection manager).
+//! - `redis`: a Redis Streams consumer group on top of the pool (in progress).
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+mod pool;
+pub mod watermark;
+
+pub use crate::error::{Error, Rejected, Result};
+pub use crate::pool::{
+    Drained, IntoJob, Job, JobHandle, Metrics, Order, Outcome, OutputOf, PanicReport, Pool,
+    PoolBuilder, ReturnedJob, Shutdown,
+};

@@ -1,0 +1,690 @@
+//! The pool's behaviour: bounds, backpressure, ordering, panics, lifecycle, metrics.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use sd_pool::{Error, Job, Order, Pool};
+use tokio::sync::{Notify, Semaphore};
+
+/// Counts jobs running at once and remembers the most.
+#[derive(Default)]
+struct HighWater {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl HighWater {
+    fn enter(&self) {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(n, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let err = Pool::new(0, 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config {
+                    field: "max_concurrency",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = Pool::new(1, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config {
+                    field: "queue_capacity",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = Pool::builder(1, 1).max_key_backlog(0).build().unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Config {
+                field: "max_key_backlog",
+                ..
+            }
+        ));
+        let err = Pool::builder(1, 1)
+            .max_watermark_window(0)
+            .build()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Config {
+                field: "max_watermark_window",
+                ..
+            }
+        ));
+        let pool = Pool::new(1, 1).unwrap();
+        assert!(matches!(
+            pool.set_max_concurrency(0),
+            Err(Error::Config { .. })
+        ));
+    });
+    assert!(matches!(Pool::new(1, 1), Err(Error::NoRuntime)));
+}
+
+#[test]
+fn running_jobs_never_exceed_the_limit_under_stress() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let limit = 7;
+        let pool = Pool::new(limit, 32).unwrap();
+        let hw = Arc::new(HighWater::default());
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut producers = Vec::new();
+        for _ in 0..16 {
+            let (pool, hw, done) = (pool.clone(), hw.clone(), done.clone());
+            producers.push(tokio::spawn(async move {
+                let mut handles = Vec::new();
+                for i in 0..500 {
+                    let (hw, done) = (hw.clone(), done.clone());
+                    let h = pool
+                        .submit(async move {
+                            hw.enter();
+                            for _ in 0..(i % 4) {
+                                tokio::task::yield_now().await;
+                            }
+                            hw.leave();
+                            done.fetch_add(1, Ordering::SeqCst);
+                        })
+                        .await
+                        .unwrap();
+                    handles.push(h);
+                }
+                for h in handles {
+                    h.await.unwrap();
+                }
+            }));
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 16 * 500);
+        assert!(hw.peak() <= limit, "peak {} > {limit}", hw.peak());
+        let m = pool.metrics();
+        assert!(m.running_peak <= limit);
+        assert!(m.queued_peak <= 32);
+        assert_eq!(m.completed, 8000);
+        assert_eq!((m.queued, m.running), (0, 0));
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn submit_waits_when_full_and_try_submit_returns_the_job() {
+    let pool = Pool::new(1, 1).unwrap();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let first = pool
+        .submit(async move { g.notified().await })
+        .await
+        .unwrap();
+    tokio::task::yield_now().await;
+    let second = pool.try_submit(async {}).unwrap();
+    // Full: try_submit hands the very job back.
+    let rejected = pool.try_submit(async { 42 }).unwrap_err();
+    assert!(matches!(
+        rejected.error,
+        Error::Full {
+            bound: "queue_capacity",
+            limit: 1
+        }
+    ));
+    assert_eq!(rejected.into_job().into_future().await, 42);
+    // submit waits...
+    let waiting = pool.submit(async { 7u8 });
+    let mut waiting = std::pin::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), &mut waiting)
+            .await
+            .is_err()
+    );
+    // ... and submit_timeout gives up with the job.
+    let timed_out = pool
+        .submit_timeout(async { 9 }, Duration::from_millis(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        timed_out.error,
+        Error::Timeout {
+            bound: "queue_capacity",
+            ..
+        }
+    ));
+    gate.notify_one();
+    let third = waiting.await.unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(third.await.unwrap(), 7);
+}
+
+/// Runs `jobs` (key, duration in ms) through a per-key pool in paused time and returns
+/// the order in which each key's jobs started, plus how often each job ran.
+fn run_keyed(
+    order: Order,
+    concurrency: usize,
+    jobs: &[(u8, u8)],
+) -> (HashMap<u8, Vec<usize>>, Vec<usize>, usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = Pool::builder(concurrency, 8)
+            .order(order)
+            .max_key_backlog(3)
+            .build()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(HashMap::<u8, Vec<usize>>::new()));
+        let runs = Arc::new(Mutex::new(vec![0usize; jobs.len()]));
+        let hw = Arc::new(HighWater::default());
+        let mut handles = Vec::new();
+        for (i, &(key, ms)) in jobs.iter().enumerate() {
+            let (seen, runs, hw) = (seen.clone(), runs.clone(), hw.clone());
+            let job = Job::new(async move {
+                hw.enter();
+                seen.lock().unwrap().entry(key).or_default().push(i);
+                runs.lock().unwrap()[i] += 1;
+                tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+                hw.leave();
+            })
+            .with_key(&key);
+            handles.push(pool.submit(job).await.unwrap());
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let seen = seen.lock().unwrap().clone();
+        let runs = runs.lock().unwrap().clone();
+        (seen, runs, hw.peak())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Within a key, jobs start in submission order and one at a time; every job runs once.
+    #[test]
+    fn per_key_order_holds(jobs in proptest::collection::vec((0u8..6, 0u8..6), 1..80), concurrency in 1usize..6) {
+        let (seen, runs, peak) = run_keyed(Order::PerKey, concurrency, &jobs);
+        for (key, order) in &seen {
+            prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "key {key}: {order:?}");
+        }
+        prop_assert!(runs.iter().all(|&n| n == 1));
+        prop_assert!(peak <= concurrency);
+    }
+}
+
+#[test]
+fn per_key_runs_keys_concurrently_and_serial_runs_one() {
+    let jobs: Vec<(u8, u8)> = (0..40).map(|i| (i % 8, 3)).collect();
+    let (_, _, peak) = run_keyed(Order::PerKey, 4, &jobs);
+    assert_eq!(peak, 4);
+    let (seen, runs, peak) = run_keyed(Order::Serial, 4, &jobs);
+    assert_eq!(peak, 1);
+    assert!(runs.iter().all(|&n| n == 1));
+    // Serial keeps the global order too: key k's jobs are k, k+8, ...
+    for (k, order) in seen {
+        assert_eq!(
+            order,
+            (0..5).map(|j| usize::from(k) + 8 * j).collect::<Vec<_>>()
+        );
+    }
+    let (_, _, peak) = run_keyed(Order::Unordered, 4, &[(1, 3); 12]);
+    assert_eq!(peak, 4, "unordered ignores keys");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_key_backlog_blocks_only_that_key() {
+    let pool = Pool::builder(4, 16)
+        .order(Order::PerKey)
+        .max_key_backlog(1)
+        .build()
+        .unwrap();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let first = pool
+        .submit(Job::new(async move { g.notified().await }).with_key("a"))
+        .await
+        .unwrap();
+    let _second = pool.try_submit(Job::new(async {}).with_key("a")).unwrap();
+    let third = pool
+        .try_submit(Job::new(async {}).with_key("a"))
+        .unwrap_err();
+    assert!(matches!(
+        third.error,
+        Error::Full {
+            bound: "max_key_backlog",
+            limit: 1
+        }
+    ));
+    pool.try_submit(Job::new(async {}).with_key("b"))
+        .unwrap()
+        .await
+        .unwrap();
+    gate.notify_one();
+    first.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn panics_are_reported_and_do_not_shrink_capacity() {
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let h = hooked.clone();
+    let pool = Pool::builder(2, 200)
+        .on_panic(move |report| {
+            assert!(report.message.contains("boom"));
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 0..100u32 {
+        handles.push(
+            pool.submit(async move {
+                if i % 2 == 0 {
+                    panic!("boom {i}");
+                }
+                Ok::<u32, Infallible>(i)
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.await {
+            Err(Error::Panicked { message, .. }) => {
+                assert_eq!(i % 2, 0);
+                assert_eq!(message, format!("boom {i}"));
+            }
+            Ok(Ok(v)) => assert_eq!(v as usize, i),
+            other => panic!("job {i}: {other:?}"),
+        }
+    }
+    assert_eq!(hooked.load(Ordering::SeqCst), 50);
+    let m = pool.metrics();
+    assert_eq!((m.panicked, m.completed, m.failed), (50, 50, 0));
+    // Both workers are still there: two jobs that need each other finish.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let (b1, b2) = (barrier.clone(), barrier.clone());
+    let x = pool
+        .submit(async move {
+            b1.wait().await;
+        })
+        .await
+        .unwrap();
+    let y = pool
+        .submit(async move {
+            b2.wait().await;
+        })
+        .await
+        .unwrap();
+    x.await.unwrap();
+    y.await.unwrap();
+    // A failed output is counted, not a panic.
+    pool.submit(async { Err::<(), &str>("no") })
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(pool.metrics().failed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_submitting_into_its_own_full_pool_gets_an_error() {
+    let pool = Pool::new(1, 1).unwrap();
+    let inner = pool.clone();
+    let outer = pool
+        .submit(async move {
+            // The queue has room: fine.
+            let queued = inner.submit(async {}).await.map_err(|r| r.error)?;
+            // Now it is full and this job holds the only worker: waiting would deadlock.
+            let err = inner.submit(async {}).await.unwrap_err().error;
+            drop(queued);
+            Ok::<Error, Error>(err)
+        })
+        .await
+        .unwrap();
+    let err = outer.await.unwrap().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::WouldDeadlock {
+                bound: "queue_capacity"
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_can_change_at_run_time() {
+    let pool = Pool::new(2, 100).unwrap();
+    let hw = Arc::new(HighWater::default());
+    let gate = Arc::new(Semaphore::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..10 {
+        let (hw, gate) = (hw.clone(), gate.clone());
+        handles.push(
+            pool.submit(async move {
+                hw.enter();
+                gate.acquire().await.unwrap().forget();
+                hw.leave();
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(hw.peak(), 2);
+    pool.set_max_concurrency(5).unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(pool.metrics().running, 5);
+    assert_eq!(hw.peak(), 5);
+    pool.set_max_concurrency(1).unwrap();
+    gate.add_permits(5);
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        pool.metrics().running,
+        1,
+        "shrinking lets running jobs finish, then holds the new limit"
+    );
+    gate.add_permits(5);
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(pool.metrics().max_concurrency, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_finishes_everything_accepted() {
+    let pool = Pool::new(3, 50).unwrap();
+    let runs = Arc::new(Mutex::new(vec![0u32; 40]));
+    for i in 0..40 {
+        let runs = runs.clone();
+        pool.submit(async move {
+            tokio::time::sleep(Duration::from_millis(i as u64 % 7)).await;
+            runs.lock().unwrap()[i] += 1;
+        })
+        .await
+        .unwrap();
+    }
+    let drained = pool.drain(Duration::from_secs(3600)).await;
+    assert!(drained.is_complete());
+    assert!(runs.lock().unwrap().iter().all(|&n| n == 1));
+    assert!(matches!(
+        pool.try_submit(async {}).unwrap_err().error,
+        Error::Closed
+    ));
+}
+
+#[test]
+fn drain_under_random_cancellation_loses_nothing_and_runs_nothing_twice() {
+    for seed in 0..8u64 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pool = Pool::builder(4, 8)
+                .order(Order::PerKey)
+                .max_key_backlog(2)
+                .build()
+                .unwrap();
+            let total = 400usize;
+            let runs: Arc<Vec<AtomicUsize>> =
+                Arc::new((0..total).map(|_| AtomicUsize::new(0)).collect());
+            let accepted: Arc<Vec<AtomicUsize>> =
+                Arc::new((0..total).map(|_| AtomicUsize::new(0)).collect());
+            let mut producers = Vec::new();
+            for p in 0..4 {
+                let (pool, runs, accepted) = (pool.clone(), runs.clone(), accepted.clone());
+                producers.push(tokio::spawn(async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 31 + p as u64);
+                    for i in (p..total).step_by(4) {
+                        let runs2 = runs.clone();
+                        let work = rng.random_range(0..300u64);
+                        let job = Job::new(async move {
+                            tokio::time::sleep(Duration::from_micros(work)).await;
+                            runs2[i].fetch_add(1, Ordering::SeqCst);
+                        })
+                        .with_key(&(i % 5));
+                        // Randomly cancel the submit (drop its future) or drop the handle.
+                        let patience = Duration::from_micros(rng.random_range(0..400u64));
+                        match rng.random_range(0..3) {
+                            0 => {
+                                if let Ok(Ok(h)) =
+                                    tokio::time::timeout(patience, pool.submit(job)).await
+                                {
+                                    accepted[i].fetch_add(1, Ordering::SeqCst);
+                                    drop(h);
+                                }
+                            }
+                            1 => {
+                                if pool.submit_timeout(job, patience).await.is_ok() {
+                                    accepted[i].fetch_add(1, Ordering::SeqCst);
+                                }
+                            }
+                            _ => {
+                                if let Ok(h) = pool.submit(job).await {
+                                    accepted[i].fetch_add(1, Ordering::SeqCst);
+                                    if rng.random_bool(0.5) {
+                                        h.await.unwrap();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+            // Drain part-way through, as a shutdown signal would.
+            tokio::time::sleep(Duration::from_millis(5 + seed)).await;
+            let drained = pool.drain(Duration::from_millis(seed % 3)).await;
+            // Jobs still running at the deadline finish; returned ones run here (a
+            // producer may be awaiting one's handle).
+            let returned: Vec<_> = drained.returned.iter().map(|j| j.id()).collect();
+            for job in drained.returned {
+                job.run().await;
+            }
+            for p in producers {
+                p.await.unwrap();
+            }
+            let rest = pool.drain(Duration::from_secs(60)).await;
+            assert!(rest.is_complete());
+            let m = pool.metrics();
+            assert_eq!(m.returned as usize, returned.len());
+            for i in 0..total {
+                let (a, r) = (
+                    accepted[i].load(Ordering::SeqCst),
+                    runs[i].load(Ordering::SeqCst),
+                );
+                // Ran exactly when accepted. (A cancelled submit future that had already
+                // enqueued would show up as r = 1, a = 0: it cannot happen.)
+                assert_eq!(a, r, "seed {seed} job {i}: accepted {a}, ran {r}");
+            }
+            assert_eq!(m.cancelled, 0);
+            assert_eq!(m.completed + m.returned, m.submitted);
+        });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_now_aborts_running_and_returns_queued() {
+    let pool = Pool::new(1, 4).unwrap();
+    let running = pool.submit(std::future::pending::<()>()).await.unwrap();
+    let queued = pool.submit(async { 5 }).await.unwrap();
+    tokio::task::yield_now().await;
+    let shutdown = pool.shutdown_now();
+    assert_eq!(shutdown.aborted, 1);
+    assert_eq!(shutdown.returned.len(), 1);
+    assert!(
+        matches!(running.await, Err(Error::Cancelled { .. })),
+        "aborted, not panicked"
+    );
+    // A returned job completes its handle wherever it is run.
+    for job in shutdown.returned {
+        job.run().await;
+    }
+    assert_eq!(queued.await.unwrap(), 5);
+    let dropped = Pool::new(1, 4).unwrap();
+    let _busy = dropped.submit(std::future::pending::<()>()).await.unwrap();
+    let h = dropped.submit(async {}).await.unwrap();
+    drop(dropped.shutdown_now());
+    assert!(matches!(h.await, Err(Error::Cancelled { .. })));
+    tokio::task::yield_now().await;
+    assert_eq!(dropped.metrics().cancelled, 1);
+    assert_eq!(dropped.metrics().running, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_stays_bounded_when_the_producer_is_ten_times_faster() {
+    let (concurrency, capacity) = (4, 16);
+    let pool = Pool::new(concurrency, capacity).unwrap();
+    let mut worst = 0;
+    let mut handles = std::collections::VecDeque::new();
+    for _ in 0..2000 {
+        // Workers take 10 ms a job, 4 at once: 0.4 jobs/ms. The producer offers 4 jobs/ms.
+        tokio::time::sleep(Duration::from_micros(250)).await;
+        handles.push_back(
+            pool.submit(async { tokio::time::sleep(Duration::from_millis(10)).await })
+                .await
+                .unwrap(),
+        );
+        worst = worst.max(pool.metrics().queued);
+        while handles.len() > 64 {
+            handles.pop_front();
+        }
+    }
+    assert!(worst <= capacity);
+    assert_eq!(worst, capacity, "the producer was the faster one");
+    let m = pool.metrics();
+    assert!(m.queued_peak <= capacity && m.running_peak <= concurrency);
+    assert!(pool.drain(Duration::from_secs(3600)).await.is_complete());
+    // Time in queue is measured (paused time: deterministic, not a wall-clock assertion).
+    let m = pool.metrics();
+    assert!(m.queue_time_max >= Duration::from_millis(10), "{m:?}");
+    assert_eq!(pool.metrics().completed, 2000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn watermark_follows_out_of_order_completions_and_bounds_the_window() {
+    let pool = Pool::builder(4, 64)
+        .max_watermark_window(3)
+        .build()
+        .unwrap();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    // Offset 0 is slow; 1..=3 finish at once.
+    let head = pool
+        .submit(Job::new(async move { g.notified().await }).with_offset(0, 0))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    for o in 1..=3 {
+        rest.push(
+            pool.submit(Job::new(async {}).with_offset(0, o))
+                .await
+                .unwrap(),
+        );
+    }
+    for h in rest {
+        h.await.unwrap();
+    }
+    assert_eq!(pool.watermark(0), None, "offset 0 is not done");
+    assert_eq!(pool.watermark_window(0), 3);
+    let full = pool
+        .try_submit(Job::new(async {}).with_offset(0, 4))
+        .unwrap_err();
+    assert!(matches!(
+        full.error,
+        Error::Full {
+            bound: "max_watermark_window",
+            limit: 3
+        }
+    ));
+    // Other partitions are not held back.
+    pool.submit(Job::new(async {}).with_offset(1, 0))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(pool.watermark(1), Some(0));
+    let bad = pool
+        .try_submit(Job::new(async {}).with_offset(1, 0))
+        .unwrap_err();
+    assert!(matches!(
+        bad.error,
+        Error::OffsetNotIncreasing {
+            partition: 1,
+            offset: 0,
+            last: 0
+        }
+    ));
+    gate.notify_one();
+    head.await.unwrap();
+    assert_eq!(pool.watermark(0), Some(3));
+    pool.submit(Job::new(async {}).with_offset(0, 4))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(pool.watermarks(), vec![(0, 4), (1, 0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn watermark_never_passes_a_running_offset() {
+    let pool = Pool::new(8, 64).unwrap();
+    let violations = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    let mut rng = rand::rng();
+    for o in 0..500u64 {
+        let (p, v) = (pool.clone(), violations.clone());
+        let ms = rng.random_range(0..5u64);
+        let job = Job::new(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if p.watermark(0).is_some_and(|w| w >= o) {
+                v.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .with_offset(0, o);
+        handles.push(pool.submit(job).await.unwrap());
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+    assert_eq!(pool.watermark(0), Some(499));
+}
