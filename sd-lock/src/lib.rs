@@ -1,15 +1,197 @@
-//! Distributed leases with fencing tokens on Redis, Redlock over N masters, PostgreSQL and etcd, with a watchdog.
+//! Distributed leases with fencing tokens on memory, Redis, Redlock over N masters,
+//! PostgreSQL and etcd, with a watchdog and fenced registers for the protected resource.
 //!
-//! **Status: not implemented yet.** This crate holds its place in the workspace and
-//! declares its cargo features; the pattern itself lands with issue 6 of the sd tracker.
-//! Nothing here is usable today, and no API is promised until then.
+//! # What it is
+//!
+//! Several replicas of a service must not run the same job, charge the same card or
+//! rebuild the same cache entry at once. A [`Lock`] hands out a [`Lease`] on a resource
+//! for a TTL. A lease alone is not safe: a holder that pauses past its TTL (GC, page
+//! fault, network stall) keeps writing after another holder took over. So every lease
+//! carries a [`FencingToken`], strictly increasing per resource, and the protected
+//! storage checks it: [`fence::FencedRegister`] in memory, [`fence::redis::RedisFence`]
+//! (a Lua script) and [`fence::postgres::PostgresFence`] (a row check inside the
+//! caller's transaction) accept a write only when its token is not older than the newest
+//! they have seen.
+//!
+//! # When to use it (and when not)
+//!
+//! - **Efficiency** (avoid doing the same work twice; a rare overlap is harmless): any
+//!   backend; Redis single node is the cheapest.
+//! - **Correctness** (an overlap corrupts data): use the token in the storage you write
+//!   to, and prefer a backend whose token comes from consensus or a transaction:
+//!   PostgreSQL or etcd. No lease lock guarantees mutual exclusion by itself in an
+//!   asynchronous network (Jepsen, etcd 3.4.3); fencing turns an overlap into a rejected
+//!   write.
+//! - If the work and its state live in one PostgreSQL database, a transaction with
+//!   `SELECT .. FOR UPDATE` or the transaction-scoped advisory lock is simpler than any
+//!   lease.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use sd_lock::{Lock, Release, fence::FencedRegister, memory::MemoryLock};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let lock = MemoryLock::new();
+//! let balance = FencedRegister::new(100_u64);
+//!
+//! let lease = lock.try_acquire("account:7", Duration::from_secs(10)).await?;
+//! let old = lease.token();
+//! let value = balance.read(old)?;
+//! balance.write(old, value - 30)?;
+//! assert_eq!(lock.release(lease).await?, Release::Released);
+//!
+//! // The next holder gets a larger token; a late write with the old one is refused.
+//! let next = lock.try_acquire("account:7", Duration::from_secs(10)).await?;
+//! assert!(next.token() > old);
+//! assert_eq!(balance.read(next.token())?, 70);
+//! assert!(balance.write(old, 0).is_err());
+//! # Ok(()) }
+//! ```
+//!
+//! # Backends and what they guarantee
+//!
+//! | backend | feature | token | safe under |
+//! |---|---|---|---|
+//! | [`memory::MemoryLock`] | – | a counter in the process | one process |
+//! | [`redis::RedisLock`] | `redis` | `max(counter + 1, server µs)` in the acquire script | one Redis; tokens survive a restart via the server clock |
+//! | [`redlock::Redlock`] | `redis` | max of the quorum's per-node tokens | bounded delays and clock drift (see below) |
+//! | [`postgres::PostgresLock`] | `postgres` | the row's `epoch`, bumped in the acquiring statement | a transactional database |
+//! | [`etcd::EtcdLock`] | `etcd` | the key's create revision (cluster-wide, Raft) | consensus; fencing still needed for pauses |
+//!
+//! - **Every backend**: `release` is compare-and-delete by the holder's random value, so
+//!   nobody releases another holder's lease; `extend` succeeds only while the lease is
+//!   still ours; `try_acquire` is cancellation-safe (a cancelled call leaves no key
+//!   behind: the cleanup is spawned, never blocked on).
+//! - **Redlock** gives mutual exclusion only in a synchronous model: bounded network
+//!   delay, bounded process pauses and clock drift within 1 % of the TTL. A master that
+//!   restarts empty inside a TTL can let a second holder in. Its token is *not* a
+//!   consensus token: it is the largest of the quorum's per-node tokens, each seeded by
+//!   that node's clock in microseconds, so it increases between holders as long as the
+//!   masters' clocks agree to within the time between the two acquisitions. Use Redlock
+//!   for efficiency, and fence the writes (the antirez/Kleppmann debate: both agree the
+//!   fence is what makes it safe).
+//! - **Time**: `valid_until` is measured on the caller's monotonic clock from *before*
+//!   the first request, minus the drift margin `ttl / 100 + 2 ms`
+//!   ([`lease::validity`]). Backends expire keys on their own clocks (Redis `PX`,
+//!   PostgreSQL `clock_timestamp()`, etcd leases).
+//!
+//! # Watchdog
+//!
+//! [`Watchdog`] renews a lease every `ttl / 3` and resolves [`Watchdog::lost`] when a
+//! renewal fails for good, so the work can `select!` on it. Dropping it stops renewal and
+//! spawns the release; nothing blocks.
 //!
 //! # Crate features
 //!
 //! None is on by default.
 //!
-//! - `redis`: the Redis backend (redis-rs, async, connection manager).
-//! - `postgres`: the PostgreSQL backend (sqlx 0.8).
-//! - `etcd`: the etcd backend.
+//! - `redis`: [`redis::RedisLock`], [`redlock::Redlock`], [`fence::redis::RedisFence`]
+//!   (redis-rs, async).
+//! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8).
+//! - `etcd`: [`etcd::EtcdLock`] (etcd-client).
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+mod error;
+pub mod fence;
+pub mod lease;
+pub mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redlock;
+mod watchdog;
+
+pub use crate::error::{Error, Result};
+pub use crate::lease::{FencingToken, Lease, Release, RetryPolicy};
+pub use crate::watchdog::{Lost, Watchdog};
+
+/// A lock service: leases on named resources, each with a fencing token.
+///
+/// Contract every backend honours:
+///
+/// - `try_acquire` grants a lease only if no other valid lease exists on the resource,
+///   and the token it returns is greater than every token granted before on that
+///   resource (under the backend's stated assumptions). A cancelled call leaves no
+///   lease behind.
+/// - `extend` resets the lease's expiry to `ttl` from now if, and only if, the lease is
+///   still this holder's; otherwise [`Error::LeaseExpired`]. The token does not change.
+/// - `release` deletes the lease only if it is still this holder's (compare-and-delete),
+///   and says whether it was ([`Release::Released`]) or had already expired.
+/// - Bad input ([`Error::EmptyResource`], [`Error::TtlTooShort`],
+///   [`Error::TtlBelowDrift`], [`Error::TtlTooLong`]) fails before any round trip.
+pub trait Lock: Send + Sync {
+    /// Tries once to take the lease on `resource` for `ttl`. Contention is
+    /// [`Error::Held`] (or [`Error::NoQuorum`] for Redlock).
+    fn try_acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send + 'a;
+
+    /// Extends a lease we hold to `ttl` from now.
+    fn extend<'a>(
+        &'a self,
+        lease: &'a mut Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
+
+    /// Releases a lease (compare-and-delete).
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_;
+
+    /// How [`Lock::acquire`] waits between attempts.
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    /// Takes the lease, retrying contention with jittered exponential backoff for at most
+    /// `max_wait` (one attempt at least; never a sleep after the last attempt). Other
+    /// errors return at once. Cancellation-safe: dropping the future leaves no lease.
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
+        acquire_with_retry(self, resource, ttl, max_wait)
+    }
+}
+
+async fn acquire_with_retry<L: Lock + ?Sized>(
+    lock: &L,
+    resource: &str,
+    ttl: Duration,
+    max_wait: Duration,
+) -> Result<Lease> {
+    let start = Instant::now();
+    let policy = lock.retry_policy();
+    let mut attempts = 0u32;
+    loop {
+        attempts = attempts.saturating_add(1);
+        let last = match lock.try_acquire(resource, ttl).await {
+            Ok(lease) => return Ok(lease),
+            Err(e) if e.is_contention() => e,
+            Err(e) => return Err(e),
+        };
+        let waited = start.elapsed();
+        let Some(left) = max_wait.checked_sub(waited).filter(|d| !d.is_zero()) else {
+            tracing::debug!(resource, attempts, ?waited, "lock wait timed out");
+            return Err(Error::WaitTimeout {
+                resource: resource.to_owned(),
+                waited,
+                attempts,
+                last: Box::new(last),
+            });
+        };
+        let delay = policy.delay(attempts - 1, rand::random::<f64>()).min(left);
+        tokio::time::sleep(delay).await;
+    }
+}

@@ -1,0 +1,194 @@
+//! The behaviour suite every backend runs.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sd_lock::fence::FencedRegister;
+use sd_lock::{Error, Lock, Release};
+
+/// What the checker saw.
+#[derive(Debug)]
+pub struct Report {
+    pub sections: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub overlaps: u64,
+    pub final_value: u64,
+}
+
+/// The Jepsen `lock` workload in miniature: `tasks` tasks each run `sections` critical
+/// sections doing a read-modify-write on a fenced register (read fenced too), with a
+/// yield between read and write. Asserts no lost update, strictly increasing tokens on
+/// accepted writes, and (for a healthy lock with a generous TTL) no overlap at all.
+pub async fn mutual_exclusion<L: Lock + Clone + 'static>(
+    lock: L,
+    resource: &str,
+    tasks: usize,
+    sections: usize,
+    ttl: Duration,
+) -> Report {
+    let register = Arc::new(FencedRegister::new(0_u64));
+    let accepted_tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inside = Arc::new(AtomicU64::new(0));
+    let overlaps = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (lock, register, accepted_tokens) =
+            (lock.clone(), register.clone(), accepted_tokens.clone());
+        let (inside, overlaps, rejected) = (inside.clone(), overlaps.clone(), rejected.clone());
+        let resource = resource.to_owned();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..sections {
+                let lease = lock
+                    .acquire(&resource, ttl, Duration::from_secs(120))
+                    .await
+                    .unwrap();
+                if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                let token = lease.token();
+                match register.read(token) {
+                    Ok(v) => {
+                        tokio::task::yield_now().await;
+                        let mut log = accepted_tokens.lock().unwrap();
+                        match register.write(token, v + 1) {
+                            Ok(()) => log.push(token),
+                            Err(Error::StaleToken { .. }) => {
+                                rejected.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Err(Error::StaleToken { .. }) => {
+                        rejected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                inside.fetch_sub(1, Ordering::SeqCst);
+                let released = lock.release(lease).await.unwrap();
+                assert_eq!(
+                    released,
+                    Release::Released,
+                    "lease expired inside its section"
+                );
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let tokens = accepted_tokens.lock().unwrap().clone();
+    let final_value = register.peek();
+    let report = Report {
+        sections: (tasks * sections) as u64,
+        accepted: tokens.len() as u64,
+        rejected: rejected.load(Ordering::SeqCst),
+        overlaps: overlaps.load(Ordering::SeqCst),
+        final_value,
+    };
+    assert_eq!(
+        report.final_value, report.accepted,
+        "lost update: {report:?}"
+    );
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "accepted tokens not strictly increasing"
+    );
+    assert_eq!(report.accepted + report.rejected, report.sections);
+    assert_eq!(report.overlaps, 0, "two holders at once: {report:?}");
+    assert_eq!(
+        report.rejected, 0,
+        "a healthy lock handed out a stale token: {report:?}"
+    );
+    report
+}
+
+/// Contract checks that hold for every backend, with real time (`ttl` short enough to
+/// wait out, long enough for a round trip).
+pub async fn contract<L: Lock>(lock: &L, resource: &str, ttl: Duration) {
+    // Bad input is typed and costs no round trip.
+    assert!(matches!(
+        lock.try_acquire("", ttl).await,
+        Err(Error::EmptyResource)
+    ));
+    assert!(matches!(
+        lock.try_acquire(resource, Duration::ZERO).await,
+        Err(Error::TtlTooShort { .. })
+    ));
+    assert!(matches!(
+        lock.try_acquire(resource, sd_lock::lease::MAX_TTL * 2)
+            .await,
+        Err(Error::TtlTooLong { .. })
+    ));
+
+    let mut a = lock.try_acquire(resource, ttl).await.unwrap();
+    assert_eq!(a.resource(), resource);
+    assert!(a.is_valid());
+    assert!(matches!(
+        lock.try_acquire(resource, ttl).await,
+        Err(e) if e.is_contention()
+    ));
+    lock.extend(&mut a, ttl).await.unwrap();
+    // Wait the lease out: extend fails, release reports expired, the next holder gets a
+    // larger token.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(matches!(
+        lock.extend(&mut a, ttl).await,
+        Err(Error::LeaseExpired { .. })
+    ));
+    let b = lock.try_acquire(resource, ttl).await.unwrap();
+    assert!(b.token() > a.token(), "{} !> {}", b.token(), a.token());
+    assert_eq!(lock.release(a).await.unwrap(), Release::Expired);
+    // A stale holder cannot release the new one's lease.
+    let b2 = b.clone();
+    assert_eq!(lock.release(b).await.unwrap(), Release::Released);
+    assert_eq!(lock.release(b2).await.unwrap(), Release::Expired);
+    // Free again, at once.
+    let c = lock.try_acquire(resource, ttl).await.unwrap();
+    assert_eq!(lock.release(c).await.unwrap(), Release::Released);
+
+    // `acquire` gives up after `max_wait`, with the last error.
+    let held = lock.try_acquire(resource, ttl * 4).await.unwrap();
+    match lock.acquire(resource, ttl, Duration::from_millis(50)).await {
+        Err(Error::WaitTimeout { attempts, last, .. }) => {
+            assert!(attempts >= 1);
+            assert!(last.is_contention());
+        }
+        other => panic!("expected a wait timeout, got {other:?}"),
+    }
+    assert_eq!(lock.release(held).await.unwrap(), Release::Released);
+}
+
+/// Cancelling `acquire` at varied points leaves nothing behind: with a TTL far longer
+/// than the test, the resource is free again within moments (the spawned cleanup ran).
+pub async fn cancelled_acquire_leaves_nothing<L: Lock>(
+    lock: &L,
+    resource: &str,
+    must_cancel: bool,
+) {
+    let ttl = Duration::from_secs(60);
+    let mut cancelled = 0;
+    for i in 0..40u64 {
+        let fut = lock.acquire(resource, ttl, Duration::from_secs(5));
+        match tokio::time::timeout(Duration::from_micros(i * i * 5), fut).await {
+            Ok(lease) => {
+                let released = lock.release(lease.unwrap()).await.unwrap();
+                assert_eq!(released, Release::Released);
+            }
+            Err(_) => cancelled += 1,
+        }
+        // A leaked key would hold for 60 s; the cleanup frees it at once.
+        let lease = lock
+            .acquire(resource, ttl, Duration::from_secs(3))
+            .await
+            .expect("a cancelled acquire left its lease behind");
+        assert_eq!(lock.release(lease).await.unwrap(), Release::Released);
+    }
+    assert!(
+        !must_cancel || cancelled > 0,
+        "no acquisition was cancelled; the test proves nothing"
+    );
+}
