@@ -92,13 +92,16 @@
 //!
 //! None is on by default.
 //!
-//! - `redis`: a Redis Streams consumer group on top of the pool (in progress).
+//! - `redis`: [`redis::StreamConsumer`], a Redis Streams consumer group on top of the pool.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod pool;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod watermark;
 
 pub use crate::error::{Error, Rejected, Result};

@@ -1,0 +1,541 @@
+//! A Redis Streams consumer group feeding a [`Pool`].
+//!
+//! [`StreamConsumer::run`] reads entries with `XREADGROUP`, submits one job per entry to
+//! the pool (waiting when it is full, so reading slows down with the workers), tags each
+//! with its read sequence as the offset, and acknowledges with `XACK` only entries at or
+//! below the pool's watermark whose handler succeeded. Every `claim_every` it runs
+//! `XAUTOCLAIM` to take over entries that another consumer (or this one, after a failed
+//! handler) left pending longer than `min_idle`.
+//!
+//! **At least once**: an entry is acknowledged only after its handler returned `Ok` and
+//! every entry this consumer read before it finished. A consumer that dies leaves its
+//! unacknowledged entries pending; another consumer of the group reclaims them after
+//! `min_idle` and runs them again. So a handler can see an entry more than once (after a
+//! crash, a failed handler, or a handler running longer than `min_idle`) and must be
+//! idempotent or deduplicate by [`Entry::id`]. Pick `min_idle` above your slowest
+//! handler.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Value, cmd};
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::pool::{Job, Pool};
+
+/// Where and how a [`StreamConsumer`] reads.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    stream: String,
+    group: String,
+    consumer: String,
+    partition: u32,
+    batch: usize,
+    block: Duration,
+    min_idle: Duration,
+    claim_every: Duration,
+    key_field: Option<String>,
+    drain_timeout: Duration,
+}
+
+impl StreamConfig {
+    /// Reads `stream` as member `consumer` of `group`. Defaults: batch 100, block 100 ms,
+    /// min idle 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0.
+    pub fn new(
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        consumer: impl Into<String>,
+    ) -> Self {
+        Self {
+            stream: stream.into(),
+            group: group.into(),
+            consumer: consumer.into(),
+            partition: 0,
+            batch: 100,
+            block: Duration::from_millis(100),
+            min_idle: Duration::from_secs(30),
+            claim_every: Duration::from_secs(5),
+            key_field: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Entries per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`); 0 is read as 1.
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+
+    /// How long one `XREADGROUP` blocks. Keep it below the connection's response timeout
+    /// (500 ms by default in redis-rs).
+    pub fn block(mut self, d: Duration) -> Self {
+        self.block = d;
+        self
+    }
+
+    /// How long an entry must sit unacknowledged before `XAUTOCLAIM` takes it over.
+    /// Make it longer than the slowest handler, or live consumers steal each other's work.
+    pub fn min_idle(mut self, d: Duration) -> Self {
+        self.min_idle = d;
+        self
+    }
+
+    /// How often to look for entries to reclaim.
+    pub fn claim_every(mut self, d: Duration) -> Self {
+        self.claim_every = d;
+        self
+    }
+
+    /// The entry field whose value is the job's ordering key (with [`Order::PerKey`]).
+    ///
+    /// [`Order::PerKey`]: crate::Order::PerKey
+    pub fn key_field(mut self, field: impl Into<String>) -> Self {
+        self.key_field = Some(field.into());
+        self
+    }
+
+    /// How long `run` waits for in-flight entries after the shutdown signal.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// The pool partition this consumer's offsets are tracked under.
+    pub fn partition(mut self, p: u32) -> Self {
+        self.partition = p;
+        self
+    }
+}
+
+/// One stream entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The entry id, e.g. `1700000000000-0`.
+    pub id: String,
+    /// Field-value pairs in stream order.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// Whether this delivery came from `XAUTOCLAIM` (a redelivery).
+    pub reclaimed: bool,
+}
+
+impl Entry {
+    /// The first value of `field`.
+    pub fn get(&self, field: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The first value of `field` as UTF-8.
+    pub fn get_str(&self, field: &str) -> Option<&str> {
+        self.get(field).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+/// What [`StreamConsumer::run`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerReport {
+    /// Entries read with `XREADGROUP`.
+    pub read: u64,
+    /// Entries taken over with `XAUTOCLAIM`.
+    pub reclaimed: u64,
+    /// Entries acknowledged.
+    pub acked: u64,
+    /// Entries whose handler failed or panicked, left pending for redelivery.
+    pub left_pending: u64,
+}
+
+/// A consumer group member that feeds a [`Pool`]; see the [module docs](self).
+pub struct StreamConsumer {
+    conn: ConnectionManager,
+    pool: Pool,
+    cfg: StreamConfig,
+}
+
+impl fmt::Debug for StreamConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamConsumer")
+            .field("pool", &self.pool)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
+    move |source| Error::Redis { op, source }
+}
+
+impl StreamConsumer {
+    /// Connects to `url` and joins (creating if needed) the group; see [`new`](Self::new).
+    pub async fn connect(url: &str, pool: Pool, cfg: StreamConfig) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(redis_err("connect"))?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(redis_err("connect"))?;
+        Self::new(conn, pool, cfg).await
+    }
+
+    /// Uses `conn`, creating the stream and the group (reading from the start) if they do
+    /// not exist. The consumer owns `pool`: `run` drains it on shutdown.
+    pub async fn new(mut conn: ConnectionManager, pool: Pool, cfg: StreamConfig) -> Result<Self> {
+        let created: redis::RedisResult<Value> = cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&cfg.stream)
+            .arg(&cfg.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(source) => {
+                return Err(Error::Redis {
+                    op: "XGROUP CREATE",
+                    source,
+                });
+            }
+        }
+        Ok(Self { conn, pool, cfg })
+    }
+
+    /// The pool the entries run on.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Reads, runs and acknowledges entries until `shutdown` resolves; then stops
+    /// reading, drains the pool (up to the drain timeout) and acknowledges what finished.
+    /// Entries not finished stay pending for another consumer.
+    pub async fn run<H, Fut, E>(
+        &self,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<ConsumerReport>
+    where
+        H: Fn(Entry) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let mut run = Run {
+            conn: self.conn.clone(),
+            cfg: &self.cfg,
+            pool: &self.pool,
+            handler: Arc::new(handler),
+            next_seq: 0,
+            by_seq: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            succeeded: Arc::new(Mutex::new(HashSet::new())),
+            report: ConsumerReport::default(),
+        };
+        let mut shutdown = pin!(shutdown);
+        let mut cursor = "0-0".to_owned();
+        let mut next_claim = Instant::now();
+        loop {
+            if Instant::now() >= next_claim {
+                let (next, entries) = run.autoclaim(&cursor).await?;
+                run.report.reclaimed += entries.len() as u64;
+                if !run.submit_all(entries, shutdown.as_mut()).await {
+                    break;
+                }
+                if next == "0-0" {
+                    next_claim = Instant::now() + self.cfg.claim_every;
+                }
+                cursor = next;
+            }
+            let read = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                read = run.read() => read?,
+            };
+            run.report.read += read.len() as u64;
+            let more = run.submit_all(read, shutdown.as_mut()).await;
+            run.ack().await?;
+            if !more {
+                break;
+            }
+        }
+        let drained = self.pool.drain(self.cfg.drain_timeout).await;
+        // Entries handed back stay pending in Redis: another consumer reclaims them.
+        drop(drained);
+        run.ack().await?;
+        Ok(run.report)
+    }
+}
+
+struct Run<'a, H> {
+    conn: ConnectionManager,
+    cfg: &'a StreamConfig,
+    pool: &'a Pool,
+    handler: Arc<H>,
+    next_seq: u64,
+    /// Entries submitted and not yet acknowledged or given up, by read sequence.
+    by_seq: BTreeMap<u64, String>,
+    /// The same, by entry id, so a reclaim does not run an entry we are running.
+    in_flight: HashMap<String, u64>,
+    /// Sequences whose handler returned `Ok`.
+    succeeded: Arc<Mutex<HashSet<u64>>>,
+    report: ConsumerReport,
+}
+
+impl<H, Fut, E> Run<'_, H>
+where
+    H: Fn(Entry) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    async fn read(&mut self) -> Result<Vec<Entry>> {
+        let reply: Value = cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg("COUNT")
+            .arg(self.cfg.batch)
+            .arg("BLOCK")
+            .arg(u64::try_from(self.cfg.block.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&self.cfg.stream)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err("XREADGROUP"))?;
+        parse_read(reply)
+    }
+
+    async fn autoclaim(&mut self, cursor: &str) -> Result<(String, Vec<Entry>)> {
+        let reply: Value = cmd("XAUTOCLAIM")
+            .arg(&self.cfg.stream)
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg(u64::try_from(self.cfg.min_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(self.cfg.batch)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err("XAUTOCLAIM"))?;
+        let mut parts = match reply {
+            Value::Array(parts) => parts.into_iter(),
+            _ => return Err(reply_err("XAUTOCLAIM", "not an array")),
+        };
+        let next = parts
+            .next()
+            .and_then(|v| as_string(&v))
+            .ok_or_else(|| reply_err("XAUTOCLAIM", "no cursor"))?;
+        let mut entries = parse_entries(parts.next().unwrap_or(Value::Nil))?;
+        for e in &mut entries {
+            e.reclaimed = true;
+        }
+        entries.retain(|e| !self.in_flight.contains_key(&e.id));
+        Ok((next, entries))
+    }
+
+    /// Submits entries in order, waiting for room. Returns false when `shutdown` fired
+    /// first; entries not submitted stay pending in Redis.
+    async fn submit_all(
+        &mut self,
+        entries: Vec<Entry>,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        for entry in entries {
+            let seq = self.next_seq;
+            let id = entry.id.clone();
+            let key = self
+                .cfg
+                .key_field
+                .as_deref()
+                .and_then(|f| entry.get(f).map(<[u8]>::to_vec));
+            let (handler, succeeded) = (Arc::clone(&self.handler), Arc::clone(&self.succeeded));
+            let mut job = Job::new(async move {
+                let ok = handler(entry).await.is_ok();
+                if ok {
+                    succeeded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seq);
+                }
+                ok
+            })
+            .with_offset(self.cfg.partition, seq);
+            if let Some(key) = key {
+                job = job.with_key(&key);
+            }
+            let submitted = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return false,
+                s = self.pool.submit(job) => s,
+            };
+            match submitted {
+                Ok(_) => {
+                    self.next_seq += 1;
+                    self.by_seq.insert(seq, id.clone());
+                    self.in_flight.insert(id, seq);
+                }
+                Err(rejected) => {
+                    // Closed (or an offset error, impossible here): the entry stays
+                    // pending and is reclaimed later.
+                    tracing::warn!(entry = %id, error = %rejected, "sd-pool: entry not submitted");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Acknowledges the succeeded entries at or below the watermark and forgets the
+    /// failed ones there (they stay pending for `XAUTOCLAIM`).
+    async fn ack(&mut self) -> Result<()> {
+        let Some(mark) = self.pool.watermark(self.cfg.partition) else {
+            return Ok(());
+        };
+        let mut ids = Vec::new();
+        {
+            let mut succeeded = self.succeeded.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(entry) = self.by_seq.first_entry() {
+                if *entry.key() > mark {
+                    break;
+                }
+                let (seq, id) = entry.remove_entry();
+                self.in_flight.remove(&id);
+                if succeeded.remove(&seq) {
+                    ids.push(id);
+                } else {
+                    self.report.left_pending += 1;
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: Value = cmd("XACK")
+            .arg(&self.cfg.stream)
+            .arg(&self.cfg.group)
+            .arg(&ids)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err("XACK"))?;
+        self.report.acked += ids.len() as u64;
+        Ok(())
+    }
+}
+
+fn reply_err(op: &'static str, what: &'static str) -> Error {
+    Error::RedisReply { op, what }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn as_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// `XREADGROUP` reply: nil, or `[[stream, [entry...]]]` (RESP2) / `{stream: [entry...]}` (RESP3).
+fn parse_read(reply: Value) -> Result<Vec<Entry>> {
+    const OP: &str = "XREADGROUP";
+    let streams: Vec<Value> = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        _ => return Err(reply_err(OP, "not an array or map")),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        out.extend(parse_entries(entries)?);
+    }
+    Ok(out)
+}
+
+/// `[[id, [field, value, ...]], ...]`; entries deleted from the stream (nil) are skipped.
+fn parse_entries(v: Value) -> Result<Vec<Entry>> {
+    const OP: &str = "stream entries";
+    let items = match v {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        _ => return Err(reply_err(OP, "not an array")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(parts) = item else { continue };
+        let mut parts = parts.into_iter();
+        let id = parts
+            .next()
+            .and_then(|v| as_string(&v))
+            .ok_or_else(|| reply_err(OP, "entry without an id"))?;
+        let fields = match parts.next() {
+            Some(Value::Array(kv)) => {
+                let mut fields = Vec::with_capacity(kv.len() / 2);
+                let mut kv = kv.into_iter();
+                while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                    let k = as_string(&k).ok_or_else(|| reply_err(OP, "field name"))?;
+                    fields.push((k, as_bytes(v).unwrap_or_default()));
+                }
+                fields
+            }
+            Some(Value::Map(kv)) => kv
+                .into_iter()
+                .filter_map(|(k, v)| Some((as_string(&k)?, as_bytes(v).unwrap_or_default())))
+                .collect(),
+            // Deleted entry (Redis 6.2 XAUTOCLAIM) or no fields: nothing to run.
+            _ => continue,
+        };
+        out.push(Entry {
+            id,
+            fields,
+            reclaimed: false,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_replies_and_rejects_nonsense() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![
+                Value::Array(vec![bulk("1-0"), Value::Array(vec![bulk("k"), bulk("v")])]),
+                Value::Array(vec![bulk("2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let entries = parse_read(reply).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(entries[0].get_str("k"), Some("v"));
+        assert!(parse_read(Value::Nil).unwrap().is_empty());
+        assert!(parse_read(Value::Int(3)).is_err());
+        assert!(parse_entries(Value::Int(3)).is_err());
+        assert!(parse_entries(Value::Array(vec![Value::Array(vec![Value::Int(1)])])).is_err());
+    }
+}

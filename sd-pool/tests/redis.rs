@@ -1,0 +1,289 @@
+//! The Redis Streams consumer against a real server: at-least-once, watermark acks,
+//! redelivery of failed entries, and reclaim after a consumer dies mid-batch.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sd_pool::redis::{StreamConfig, StreamConsumer};
+use sd_pool::{Order, Pool};
+
+type Seen = Arc<Mutex<HashMap<String, Vec<u64>>>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(url: &str) -> ConnectionManager {
+    ConnectionManager::new(redis::Client::open(url).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn produce(conn: &mut ConnectionManager, stream: &str, n: u64, keys: u64) {
+    for i in 0..n {
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("key")
+            .arg(format!("k{}", i % keys))
+            .arg("n")
+            .arg(i)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+async fn pending(conn: &mut ConnectionManager, stream: &str, group: &str) -> i64 {
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    match reply {
+        redis::Value::Array(parts) => match parts.first() {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("XPENDING count: {other:?}"),
+        },
+        other => panic!("XPENDING: {other:?}"),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; fails after a generous deadline (a hang, not
+/// a timing assertion).
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn n_of(entry: &sd_pool::redis::Entry) -> u64 {
+    entry.get_str("n").unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_entry_is_processed_in_key_order_and_acked() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        produce(&mut conn, &stream, 300, 7).await;
+        let pool = Pool::builder(8, 16).order(Order::PerKey).build().unwrap();
+        let cfg = StreamConfig::new(&stream, "g", "c1")
+            .batch(50)
+            .key_field("key");
+        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            let report = consumer
+                .run(
+                    move |entry| {
+                        let s = s.clone();
+                        async move {
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                            let key = entry.get_str("key").unwrap().to_owned();
+                            s.lock().unwrap().entry(key).or_default().push(n_of(&entry));
+                            Ok::<(), std::io::Error>(())
+                        }
+                    },
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+            (report, consumer.pool().metrics())
+        });
+        let s = seen.clone();
+        eventually("all 300 processed", async || {
+            s.lock().unwrap().values().map(Vec::len).sum::<usize>() >= 300
+        })
+        .await;
+        stop_tx.send(()).unwrap();
+        let (report, metrics) = run.await.unwrap();
+        assert_eq!(report.read, 300);
+        assert_eq!(report.acked, 300);
+        assert!(metrics.queued_peak <= 16 && metrics.running_peak <= 8);
+        for (key, ns) in seen.lock().unwrap().iter() {
+            assert!(ns.windows(2).all(|w| w[0] < w[1]), "{key}: {ns:?}");
+        }
+        assert_eq!(pending(&mut conn, &stream, "g").await, 0);
+    });
+}
+
+#[test]
+fn failed_entries_stay_pending_and_are_redelivered() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        produce(&mut conn, &stream, 60, 3).await;
+        let pool = Pool::new(4, 8).unwrap();
+        let cfg = StreamConfig::new(&stream, "g", "c1")
+            .min_idle(Duration::from_millis(100))
+            .claim_every(Duration::from_millis(50));
+        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            consumer
+                .run(
+                    move |entry| {
+                        let s = s.clone();
+                        async move {
+                            let n = n_of(&entry);
+                            let first = {
+                                let mut s = s.lock().unwrap();
+                                let tries = s.entry(entry.id.clone()).or_default();
+                                tries.push(n);
+                                tries.len() == 1
+                            };
+                            // Every tenth entry fails once, every fifteenth panics once.
+                            if first && n % 10 == 3 {
+                                return Err("try again");
+                            }
+                            if first && n % 15 == 4 {
+                                panic!("boom");
+                            }
+                            Ok(())
+                        }
+                    },
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .unwrap()
+        });
+        let mut c = conn.clone();
+        let st = stream.clone();
+        let s = seen.clone();
+        eventually("all acked", async || {
+            s.lock().unwrap().len() == 60 && pending(&mut c, &st, "g").await == 0
+        })
+        .await;
+        stop_tx.send(()).unwrap();
+        let report = run.await.unwrap();
+        assert_eq!(report.read, 60);
+        // 6 failures (n % 10 == 3) and 4 panics (n % 15 == 4) were redelivered and acked.
+        assert_eq!(report.left_pending, 10);
+        assert!(report.reclaimed >= 10);
+        assert_eq!(report.acked, 60);
+        let seen = seen.lock().unwrap();
+        assert!(seen.values().all(|tries| !tries.is_empty()));
+    });
+}
+
+#[test]
+fn a_consumer_killed_mid_batch_loses_nothing() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        let total = 200u64;
+        produce(&mut conn, &stream, total, 5).await;
+        // Successful handler runs per entry, across both consumers.
+        let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+
+        // Consumer A works for a while; entries with n % 10 == 7 hang, as if A were stuck
+        // when it crashed. Then A dies: its task is aborted and its pool shut down.
+        let pool_a = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
+        let cfg_a = StreamConfig::new(&stream, "g", "a")
+            .batch(20)
+            .key_field("key");
+        let a = StreamConsumer::new(conn.clone(), pool_a.clone(), cfg_a)
+            .await
+            .unwrap();
+        let d = done.clone();
+        let task_a = tokio::spawn(async move {
+            a.run(
+                move |entry| {
+                    let d = d.clone();
+                    async move {
+                        let n = n_of(&entry);
+                        if n % 10 == 7 {
+                            std::future::pending::<()>().await;
+                        }
+                        *d.lock().unwrap().entry(n).or_default() += 1;
+                        Ok::<(), std::io::Error>(())
+                    }
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        let d = done.clone();
+        eventually("A made progress", async || d.lock().unwrap().len() >= 20).await;
+        task_a.abort();
+        assert!(task_a.await.unwrap_err().is_cancelled());
+        pool_a.shutdown_now();
+        let mut c = conn.clone();
+        let st = stream.clone();
+        assert!(
+            pending(&mut c, &st, "g").await > 0,
+            "A died holding entries"
+        );
+
+        // Consumer B reclaims A's pending entries after min_idle and reads the rest.
+        let pool_b = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
+        let cfg_b = StreamConfig::new(&stream, "g", "b")
+            .key_field("key")
+            .min_idle(Duration::from_millis(200))
+            .claim_every(Duration::from_millis(50));
+        let b = StreamConsumer::new(conn.clone(), pool_b, cfg_b)
+            .await
+            .unwrap();
+        let d = done.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task_b = tokio::spawn(async move {
+            b.run(
+                move |entry| {
+                    let d = d.clone();
+                    async move {
+                        *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
+                        Ok::<(), std::io::Error>(())
+                    }
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .unwrap()
+        });
+        let d = done.clone();
+        eventually("every entry done and acked", async || {
+            d.lock().unwrap().len() as u64 == total && pending(&mut c, &st, "g").await == 0
+        })
+        .await;
+        stop_tx.send(()).unwrap();
+        let report = task_b.await.unwrap();
+        assert!(report.reclaimed > 0, "B took over A's entries");
+        let all_done = {
+            let done = done.lock().unwrap();
+            (0..total).all(|n| done.get(&n).is_some_and(|&c| c >= 1))
+        };
+        assert!(all_done);
+        assert_eq!(pending(&mut conn, &stream, "g").await, 0);
+    });
+}
