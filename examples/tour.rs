@@ -20,6 +20,7 @@ fn main() {
         CRATES.len()
     );
     hashring();
+    ratelimit();
 }
 
 /// sd-hashring: where keys live, what moves when a node joins, replicas, bounded loads.
@@ -85,4 +86,37 @@ fn hashring() {
         "  bounded loads (c = 1.25): busiest node holds {:.2}x the average",
         max / 2500.0
     );
+}
+
+/// sd-ratelimit: a burst, a denial with its retry-after, and the next request after it.
+fn ratelimit() {
+    use sd_ratelimit::memory::{Builder, ManualClock};
+    use sd_ratelimit::{Limit, Quota};
+
+    println!("\n== sd-ratelimit: 2 per second, burst 3, on memory ==");
+    let Ok(quota) = Quota::per_second(2).and_then(|q| q.with_burst(3)) else {
+        return;
+    };
+    let clock = ManualClock::new();
+    let Ok(limiter) = Builder::new(Limit::gcra(quota))
+        .clock(clock.clone())
+        .keyed::<String>()
+    else {
+        return;
+    };
+    for i in 1..=4 {
+        if let Ok(d) = limiter.check("203.0.113.7") {
+            println!(
+                "  request {i}: allowed={} remaining={} retry_after={:?}",
+                d.allowed, d.remaining, d.retry_after
+            );
+            if !d.allowed {
+                clock.advance(d.retry_after);
+                let again = limiter.check("203.0.113.7").map(|d| d.allowed);
+                println!("  after waiting {:?}: allowed={again:?}", d.retry_after);
+            }
+        }
+    }
+    let other = limiter.check("198.51.100.1").map(|d| d.allowed);
+    println!("  another client meanwhile: allowed={other:?}");
 }

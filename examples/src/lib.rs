@@ -18,7 +18,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-ratelimit",
         pattern: "rate limiting: GCRA, token and leaky bucket; tower layer",
-        today: "planned (issue 4): nothing usable yet",
+        today: "GCRA, token/leaky bucket, sliding window on memory and Redis (cluster too); tower layer; spoof-proof client IP",
     },
     CrateStatus {
         name: "sd-cache",
@@ -53,6 +53,6 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-pool",
         pattern: "backpressured worker pool, per-key order, offset watermarks",
-        today: "planned (issue 10): nothing usable yet",
+        today: "pool with backpressure, per-key/serial order, offset watermarks, panic isolation, drain; Redis Streams consumer (at least once)",
     },
 ];

@@ -163,6 +163,7 @@ pub struct RateLimitLayer<L, E> {
     extractor: E,
     style: HeaderStyle,
     cost: u32,
+    window: Option<u64>,
 }
 
 impl<L, E: Clone> Clone for RateLimitLayer<L, E> {
@@ -172,6 +173,7 @@ impl<L, E: Clone> Clone for RateLimitLayer<L, E> {
             extractor: self.extractor.clone(),
             style: self.style,
             cost: self.cost,
+            window: self.window,
         }
     }
 }
@@ -184,7 +186,14 @@ impl<L, E> RateLimitLayer<L, E> {
             extractor,
             style: HeaderStyle::default(),
             cost: 1,
+            window: None,
         }
+    }
+
+    /// Announces `limit`'s window as `w=` in `RateLimit-Policy` (whole seconds).
+    pub fn policy(mut self, limit: &crate::Limit) -> Self {
+        self.window = Some(secs(limit.window()).max(1));
+        self
     }
 
     /// Which rate-limit headers to send.
@@ -264,6 +273,7 @@ where
                         &e.to_string(),
                         None,
                         layer.style,
+                        layer.window,
                     ));
                 }
             };
@@ -273,7 +283,7 @@ where
                         tokio::time::sleep(d.delay).await;
                     }
                     let mut resp = inner.call(req).await?;
-                    write_headers(resp.headers_mut(), &d, layer.style);
+                    write_headers(resp.headers_mut(), &d, layer.style, layer.window);
                     Ok(resp)
                 }
                 Ok(d) => Ok(reject(
@@ -282,6 +292,7 @@ where
                     "rate limited",
                     Some(&d),
                     layer.style,
+                    layer.window,
                 )),
                 Err(Error::TooManyKeys { .. }) => Ok(reject(
                     grpc,
@@ -289,6 +300,7 @@ where
                     "rate limiter full",
                     None,
                     layer.style,
+                    layer.window,
                 )),
                 Err(e) => Ok(reject(
                     grpc,
@@ -296,6 +308,7 @@ where
                     &e.to_string(),
                     None,
                     layer.style,
+                    layer.window,
                 )),
             }
         })
@@ -313,7 +326,7 @@ fn secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn write_headers(h: &mut HeaderMap, d: &crate::Decision, style: HeaderStyle) {
+fn write_headers(h: &mut HeaderMap, d: &crate::Decision, style: HeaderStyle, window: Option<u64>) {
     let mut put = |name: &'static str, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
@@ -321,11 +334,8 @@ fn write_headers(h: &mut HeaderMap, d: &crate::Decision, style: HeaderStyle) {
     };
     match style {
         HeaderStyle::Ietf => {
-            let window = secs(d.reset_after.max(Duration::from_secs(1)));
-            put(
-                "ratelimit-policy",
-                format!("\"default\";q={};w={window}", d.limit),
-            );
+            let w = window.map(|w| format!(";w={w}")).unwrap_or_default();
+            put("ratelimit-policy", format!("\"default\";q={}{w}", d.limit));
             put(
                 "ratelimit",
                 format!("\"default\";r={};t={}", d.remaining, secs(d.reset_after)),
@@ -346,6 +356,7 @@ fn reject<B: Default>(
     message: &str,
     decision: Option<&crate::Decision>,
     style: HeaderStyle,
+    window: Option<u64>,
 ) -> Response<B> {
     let mut resp = Response::new(B::default());
     let retry = decision
@@ -356,7 +367,7 @@ fn reject<B: Default>(
         h.insert(http::header::RETRY_AFTER, HeaderValue::from(r));
     }
     if let Some(d) = decision {
-        write_headers(h, d, style);
+        write_headers(h, d, style, window);
     }
     if grpc {
         let code: u16 = match status {

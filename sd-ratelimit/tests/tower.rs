@@ -53,7 +53,9 @@ fn request(xff: &str, peer: &str) -> Request<String> {
 #[tokio::test]
 async fn denies_with_429_retry_after_and_ietf_headers() {
     let key = ClientIpKey::new(ClientIp::x_forwarded_for(Trust::Hops(1)).unwrap());
-    let svc = app(RateLimitLayer::new(limiter(2, 2), key));
+    let svc =
+        app(RateLimitLayer::new(limiter(2, 2), key)
+            .policy(&Limit::gcra(Quota::per_second(2).unwrap())));
     for remaining in [1, 0] {
         let resp = svc
             .clone()
