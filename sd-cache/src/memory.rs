@@ -1,0 +1,555 @@
+//! The in-memory cache: moka for storage and eviction, single-flight and XFetch on top.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use moka::notification::RemovalCause;
+
+use crate::clock::{Clock, RandomSource, SystemClock, ThreadRandom};
+use crate::policy::Policy;
+use crate::singleflight::{Role, SingleFlight};
+use crate::stats::{CacheStats, Counters};
+use crate::{Error, Result};
+
+/// Number of write-sequence shards (a power of two).
+const SHARDS: usize = 64;
+
+/// One cached value with what XFetch needs.
+#[derive(Debug)]
+struct Entry<V> {
+    /// `None` for a cached "not found" (negative caching).
+    value: Option<V>,
+    /// How long the load that produced the value took.
+    delta: Duration,
+    /// When the value stops being fresh.
+    expiry: Duration,
+    /// Before this instant no read can refresh early (see [`crate::xfetch::refresh_window_start`]).
+    refresh_from: Duration,
+    /// Until when the value may still be served if a reload fails.
+    stale_until: Duration,
+    /// How long the engine keeps the entry after it is written.
+    retain: Duration,
+}
+
+/// Tells moka how long to keep each entry: until its stale window closes.
+struct Retention;
+
+impl<K, V> moka::Expiry<K, Arc<Entry<V>>> for Retention {
+    fn expire_after_create(&self, _: &K, value: &Arc<Entry<V>>, _: Instant) -> Option<Duration> {
+        Some(value.retain)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &K,
+        value: &Arc<Entry<V>>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.retain)
+    }
+}
+
+type Shared<V> = Result<Option<V>>;
+
+/// Builds a [`Cache`]. Every setting has a default; `build` checks them all.
+pub struct CacheBuilder<K, V> {
+    max_capacity: u64,
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    random: Arc<dyn RandomSource>,
+    _types: std::marker::PhantomData<fn(K, V)>,
+}
+
+impl<K, V> fmt::Debug for CacheBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("max_capacity", &self.max_capacity)
+            .field("policy", &self.policy)
+            .field("clock", &self.clock)
+            .field("random", &self.random)
+            .finish()
+    }
+}
+
+impl<K, V> Default for CacheBuilder<K, V> {
+    fn default() -> Self {
+        Self {
+            max_capacity: 10_000,
+            policy: Policy::default(),
+            clock: Arc::new(SystemClock::new()),
+            random: Arc::new(ThreadRandom),
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<K, V> CacheBuilder<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Most entries kept (default 10,000). The engine evicts by TinyLFU admission and LRU.
+    pub fn max_capacity(mut self, entries: u64) -> Self {
+        self.max_capacity = entries;
+        self
+    }
+
+    /// How long a loaded or inserted value stays fresh (default 60 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.policy.ttl = ttl;
+        self
+    }
+
+    /// Adds a uniform random `[0, jitter]` to each entry's TTL so keys loaded together do
+    /// not expire together (default 0; at most `ttl`).
+    pub fn ttl_jitter(mut self, jitter: Duration) -> Self {
+        self.policy.ttl_jitter = jitter;
+        self
+    }
+
+    /// How long a "not found" from an optional loader is cached (default 5 s).
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.policy.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Do not cache "not found" at all.
+    pub fn no_negative_caching(mut self) -> Self {
+        self.policy.negative_ttl = None;
+        self
+    }
+
+    /// After expiry, keep the value this long to answer reads whose reload fails
+    /// (default 0: an error is returned as soon as the value expires).
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.policy.stale_if_error = window;
+        self
+    }
+
+    /// XFetch's `beta` (default 1.0): above 1 refreshes earlier, below 1 later.
+    pub fn beta(mut self, beta: f64) -> Self {
+        self.policy.beta = beta;
+        self
+    }
+
+    /// Turns XFetch early refresh on or off (default on). Off, a hot key's expiry makes one
+    /// caller wait for the load (the others coalesce on it).
+    pub fn early_refresh(mut self, on: bool) -> Self {
+        self.policy.early_refresh = on;
+        self
+    }
+
+    /// The clock used for freshness (default [`SystemClock`]). The engine's own memory
+    /// reclamation keeps using real time.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The random source for XFetch and jitter (default [`ThreadRandom`]).
+    pub fn random(mut self, random: impl RandomSource) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+
+    /// Checks the settings and builds the cache.
+    pub fn build(self) -> Result<Cache<K, V>> {
+        if self.max_capacity == 0 {
+            return Err(Error::InvalidConfig {
+                field: "max_capacity",
+                reason: "must be at least 1 entry",
+            });
+        }
+        self.policy.validate()?;
+        let counters = Arc::new(Counters::default());
+        let evictions = Arc::clone(&counters);
+        let engine = moka::sync::Cache::builder()
+            .max_capacity(self.max_capacity)
+            .expire_after(Retention)
+            .eviction_listener(move |_, _, cause| {
+                if cause == RemovalCause::Size {
+                    Counters::bump(&evictions.evictions);
+                }
+            })
+            .build();
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                engine,
+                flights: SingleFlight::new(),
+                policy: self.policy,
+                clock: self.clock,
+                random: self.random,
+                counters,
+                write_seq: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
+                hasher: RandomState::new(),
+            }),
+        })
+    }
+}
+
+struct Inner<K, V> {
+    engine: moka::sync::Cache<K, Arc<Entry<V>>>,
+    flights: SingleFlight<K, Shared<V>>,
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    random: Arc<dyn RandomSource>,
+    counters: Arc<Counters>,
+    /// Per-shard write counters: a load stores its value only if no write or invalidation
+    /// touched its shard while it ran, so a slow load never overwrites a newer write.
+    write_seq: Box<[Mutex<u64>]>,
+    hasher: RandomState,
+}
+
+/// An in-memory read-through cache that never stampedes.
+///
+/// - concurrent misses on one key run one loader (single-flight); if the leading caller is
+///   dropped a waiter takes over with its own loader; a panicking loader fails only its
+///   caller; a loader error is shared with every waiter;
+/// - a read close to expiry may refresh the entry in the background (XFetch) while every
+///   reader keeps getting the current value;
+/// - TTL jitter, negative caching and bounded serve-stale-on-error.
+///
+/// Cloning is cheap and clones share the cache. Early refreshes are spawned on the current
+/// tokio runtime; outside one, entries simply expire and reload on the next miss.
+pub struct Cache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static, V: Send + Sync + 'static> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.inner.engine.entry_count())
+            .field("policy", &self.inner.policy)
+            .field("stats", &self.inner.counters.snapshot())
+            .finish()
+    }
+}
+
+/// What a leading load must do before calling the loader.
+enum Need<V> {
+    /// Load unless a fresh entry appeared meanwhile.
+    Fresh { want_value: bool },
+    /// Early refresh of this entry: load unless someone replaced it meanwhile.
+    Refresh(Arc<Entry<V>>),
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder with the defaults (10,000 entries, TTL 60 s, beta 1, negative TTL 5 s).
+    pub fn builder() -> CacheBuilder<K, V> {
+        CacheBuilder::default()
+    }
+
+    /// The fresh value for `key`, if any. `None` for a miss and for a cached "not found".
+    pub fn get(&self, key: &K) -> Option<V> {
+        let now = self.inner.clock.now();
+        match self.inner.engine.get(key) {
+            Some(e) if now < e.expiry => {
+                Counters::bump(&self.inner.counters.hits);
+                e.value.clone()
+            }
+            _ => {
+                Counters::bump(&self.inner.counters.misses);
+                None
+            }
+        }
+    }
+
+    /// Stores `value` for `key` (cache-aside), fresh for the TTL.
+    pub fn insert(&self, key: K, value: V) {
+        self.put(key, Some(value));
+    }
+
+    /// Caches "not found" for `key` for the negative TTL (no-op when negative caching is off).
+    pub fn insert_not_found(&self, key: K) {
+        self.put(key, None);
+    }
+
+    fn put(&self, key: K, value: Option<V>) {
+        let now = self.inner.clock.now();
+        let delta = self
+            .inner
+            .engine
+            .get(&key)
+            .map_or(Duration::ZERO, |e| e.delta);
+        let mut seq = self.lock_shard(&key);
+        *seq = seq.wrapping_add(1);
+        match self.entry(value, delta, now) {
+            Some(entry) => self.inner.engine.insert(key, entry),
+            None => self.inner.engine.invalidate(&key),
+        }
+    }
+
+    /// Removes `key`. A load that was running for it will not store its (older) result.
+    pub fn invalidate(&self, key: &K) {
+        let mut seq = self.lock_shard(key);
+        *seq = seq.wrapping_add(1);
+        self.inner.engine.invalidate(key);
+    }
+
+    /// Removes every entry. Loads running now will not store their results.
+    pub fn invalidate_all(&self) {
+        let guards: Vec<_> = self
+            .inner
+            .write_seq
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        for mut g in guards {
+            *g = g.wrapping_add(1);
+        }
+        self.inner.engine.invalidate_all();
+    }
+
+    /// Counters since the cache was built.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Entries held now (approximate: the engine applies writes lazily).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.engine.entry_count()
+    }
+
+    /// Runs the engine's pending maintenance (evictions, expirations) now.
+    pub fn run_pending_tasks(&self) {
+        self.inner.engine.run_pending_tasks();
+    }
+
+    /// The value for `key`, loading it with `loader` on a miss.
+    ///
+    /// Concurrent misses run one loader. Near expiry a read may start a background refresh
+    /// with its `loader` and still return the current value at once; that is why the loader
+    /// must be `Send + 'static`.
+    ///
+    /// # Errors
+    ///
+    /// Only when this call waited on a load of the same key that a *fallible* loader led and
+    /// that failed ([`Error::Loader`], shared), or an optional loader found nothing
+    /// ([`Error::NotFound`]).
+    pub async fn get_or_load<F, Fut>(&self, key: K, loader: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let load = move || async move { Ok(Some(loader().await)) };
+        require_value(self.resolve(key, load, true).await)
+    }
+
+    /// The value for `key`, loading it with the fallible `loader` on a miss.
+    ///
+    /// A loader error is shared with every caller coalesced on that load (one `Arc`), and is
+    /// not cached: the next call loads again. With `stale_if_error` set, a value expired less
+    /// than that long ago is returned instead of the error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Loader`] when the load failed and no stale value may be served;
+    /// [`Error::NotFound`] when this call waited on an optional loader that found nothing.
+    pub async fn try_get_or_load<E, F, Fut>(&self, key: K, loader: F) -> Result<V>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
+    {
+        let load = move || async move { loader().await.map(Some).map_err(Error::loader) };
+        require_value(self.resolve(key, load, true).await)
+    }
+
+    /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing:
+    /// `Ok(None)` is cached for the negative TTL (negative caching), so a flood of reads for
+    /// a key that does not exist reaches the loader once per negative TTL.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Loader`] when the load failed and no stale value may be served.
+    pub async fn try_get_or_load_optional<E, F, Fut>(&self, key: K, loader: F) -> Result<Option<V>>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+    {
+        let load = move || async move { loader().await.map_err(Error::loader) };
+        self.resolve(key, load, false).await
+    }
+
+    async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Shared<V>> + Send + 'static,
+    {
+        let now = self.inner.clock.now();
+        let current = self.inner.engine.get(&key);
+        if let Some(e) = &current
+            && now < e.expiry
+            && (e.value.is_some() || !want_value)
+        {
+            Counters::bump(&self.inner.counters.hits);
+            if now >= e.refresh_from {
+                self.maybe_refresh(&key, e, now, load);
+            }
+            return Ok(e.value.clone());
+        }
+        Counters::bump(&self.inner.counters.misses);
+        let stale = current.filter(|e| e.value.is_some() && now < e.stale_until);
+        let need = Need::Fresh { want_value };
+        let (result, role) = self
+            .inner
+            .flights
+            .run(&key, || self.lead(key.clone(), load, need, stale))
+            .await;
+        if role == Role::Waiter {
+            Counters::bump(&self.inner.counters.coalesced);
+        }
+        result
+    }
+
+    /// Starts a background refresh if XFetch says so and none is running.
+    fn maybe_refresh<L, Fut>(&self, key: &K, entry: &Arc<Entry<V>>, now: Duration, load: L)
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Shared<V>> + Send + 'static,
+    {
+        if self.inner.flights.is_running(key) {
+            return;
+        }
+        let u = self.inner.random.unit();
+        if !crate::xfetch::should_refresh(now, entry.expiry, entry.delta, self.inner.policy.beta, u)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let key = key.clone();
+        let entry = Arc::clone(entry);
+        runtime.spawn(async move {
+            let stale = Some(Arc::clone(&entry));
+            let need = Need::Refresh(entry);
+            let (result, _) =
+                this.inner.flights.run(&key, || this.lead(key.clone(), load, need, stale)).await;
+            if let Err(error) = result {
+                tracing::warn!(%error, "sd-cache: early refresh failed; the current value stays until it expires");
+            }
+        });
+    }
+
+    /// The leader's side of a flight: check again, load, store, and decide what to share.
+    async fn lead<L, Fut>(
+        &self,
+        key: K,
+        load: L,
+        need: Need<V>,
+        stale: Option<Arc<Entry<V>>>,
+    ) -> Shared<V>
+    where
+        L: FnOnce() -> Fut,
+        Fut: Future<Output = Shared<V>>,
+    {
+        let now = self.inner.clock.now();
+        let current = self.inner.engine.get(&key);
+        match (&need, &current) {
+            // A previous flight stored a fresh value between our miss and our lead.
+            (Need::Fresh { want_value }, Some(e))
+                if now < e.expiry && (e.value.is_some() || !want_value) =>
+            {
+                return Ok(e.value.clone());
+            }
+            // Someone refreshed or overwrote the entry since this refresh was decided.
+            (Need::Refresh(old), Some(e)) if !Arc::ptr_eq(old, e) && now < e.expiry => {
+                return Ok(e.value.clone());
+            }
+            _ => {}
+        }
+        if matches!(need, Need::Refresh(_)) {
+            Counters::bump(&self.inner.counters.early_refreshes);
+        }
+        let seq = self.read_shard(&key);
+        let result = load().await;
+        let done = self.inner.clock.now();
+        let delta = done.saturating_sub(now);
+        self.inner.counters.record_load(delta, result.is_ok());
+        match result {
+            Ok(value) => {
+                self.store_if_unchanged(key, seq, value.clone(), delta);
+                Ok(value)
+            }
+            Err(error) => match stale {
+                Some(e) if done < e.stale_until && e.value.is_some() => {
+                    if done >= e.expiry {
+                        Counters::bump(&self.inner.counters.stale_served);
+                    }
+                    tracing::warn!(%error, "sd-cache: load failed, serving the previous value");
+                    Ok(e.value.clone())
+                }
+                _ => Err(error),
+            },
+        }
+    }
+
+    fn entry(&self, value: Option<V>, delta: Duration, now: Duration) -> Option<Arc<Entry<V>>> {
+        let policy = &self.inner.policy;
+        let lifetime = policy.lifetime(value.is_none(), self.inner.random.as_ref())?;
+        let expiry = now.saturating_add(lifetime);
+        let stale_until = if value.is_some() {
+            expiry.saturating_add(policy.stale_if_error)
+        } else {
+            expiry
+        };
+        Some(Arc::new(Entry {
+            refresh_from: policy.refresh_from(expiry, delta),
+            value,
+            delta,
+            expiry,
+            stale_until,
+            retain: stale_until.saturating_sub(now),
+        }))
+    }
+
+    fn store_if_unchanged(&self, key: K, seq: u64, value: Option<V>, delta: Duration) {
+        let now = self.inner.clock.now();
+        let current = self.lock_shard(&key);
+        if *current != seq {
+            return;
+        }
+        match self.entry(value, delta, now) {
+            Some(entry) => self.inner.engine.insert(key, entry),
+            None => self.inner.engine.invalidate(&key),
+        }
+    }
+
+    fn lock_shard(&self, key: &K) -> std::sync::MutexGuard<'_, u64> {
+        let shard = (self.inner.hasher.hash_one(key) as usize) & (SHARDS - 1);
+        self.inner.write_seq[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_shard(&self, key: &K) -> u64 {
+        *self.lock_shard(key)
+    }
+}
+
+fn require_value<V>(shared: Shared<V>) -> Result<V> {
+    match shared {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(Error::NotFound),
+        Err(e) => Err(e),
+    }
+}
