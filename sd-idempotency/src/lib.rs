@@ -6,11 +6,16 @@
 
 mod error;
 pub mod memory;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod middleware;
 mod run_once;
 pub mod store;
 
 pub use error::{Error, Result};
 pub use memory::{ManualClock, MemoryStore};
+#[cfg(feature = "tower")]
+pub use middleware::IdempotencyLayer;
 pub use run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, Outcome, RunError, RunOnce, run_once};
 pub use store::{
     Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, run_sweeper, validate_key,

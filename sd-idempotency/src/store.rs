@@ -18,9 +18,9 @@
 //! [`Store::extend`] are refused with [`Error::ClaimLost`] once the lock expired, whether
 //! or not another request took the key over yet: every backend can check that in the same
 //! atomic step, and the rule does not depend on timing between two requests. An abandoned
-//! in-flight record is kept for one more `lock_ttl` after its lock expires (so a takeover
-//! bumps the epoch and a different request with the same key still gets a mismatch),
-//! then it is gone. A completed record is kept for the retention given to `complete`.
+//! in-flight record is kept for [`ABANDONED_GRACE`] (or one more `lock_ttl` when that is
+//! longer) after its lock expires, so a takeover bumps the epoch and a different request
+//! with the same key still gets a mismatch; then it is gone. A completed record is kept for the retention given to `complete`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +36,17 @@ pub const MAX_KEY_LEN: usize = 255;
 /// The longest lock or retention a store accepts (about 285 years; keeps the
 /// millisecond arithmetic exact in Lua doubles).
 pub const MAX_TTL: Duration = Duration::from_millis(1 << 53);
+
+/// How long an in-flight record outlives its expired lock (at least; `lock_ttl` when
+/// longer).
+pub const ABANDONED_GRACE: Duration = Duration::from_secs(60);
+
+const GRACE_MS: u64 = 60_000;
+
+/// When an in-flight record locked until `lock_until` may be deleted.
+pub(crate) fn in_flight_expiry(lock_until: u64, lock_ttl: u64) -> u64 {
+    lock_until + lock_ttl.max(GRACE_MS)
+}
 
 /// Checks an idempotency key: 1 to [`MAX_KEY_LEN`] printable ASCII characters
 /// (`0x20..=0x7e`), the character set of an RFC 8941 string.
@@ -443,7 +454,7 @@ pub(crate) fn decide_claim(
             lock_until: now + lock_ttl,
             lock_ttl,
         },
-        expires_at: now + 2 * lock_ttl,
+        expires_at: in_flight_expiry(now + lock_ttl, lock_ttl),
     };
     (ClaimDecision::Claimed { epoch }, Some(record))
 }
@@ -501,7 +512,7 @@ pub(crate) fn extended(record: &Record, now: u64, lock_ttl: u64) -> Record {
             lock_until: now + lock_ttl,
             lock_ttl,
         },
-        expires_at: now + 2 * lock_ttl,
+        expires_at: in_flight_expiry(now + lock_ttl, lock_ttl),
         ..record.clone()
     }
 }

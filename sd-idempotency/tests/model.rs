@@ -11,6 +11,8 @@ use sd_idempotency::{
 
 const LOCK: u64 = 30;
 const RETENTION: u64 = 50;
+/// In-flight records outlive their lock by a minute.
+const GRACE: u64 = 60_000;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -29,6 +31,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|which| Op::Release { which }),
         1 => any::<usize>().prop_map(|which| Op::Extend { which }),
         2 => (0u64..70).prop_map(|ms| Op::Advance { ms }),
+        1 => (59_950u64..60_050).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Sweep),
     ]
 }
@@ -110,7 +113,7 @@ fn run(ops: Vec<Op>) {
                             epoch,
                             holder: claims.len() - 1,
                             lock_until: now + LOCK,
-                            expires_at: now + 2 * LOCK,
+                            expires_at: now + LOCK + GRACE,
                             body: None,
                         });
                     }
@@ -149,7 +152,7 @@ fn run(ops: Vec<Op>) {
                     let now = model.now;
                     let r = model.rec.as_mut().unwrap();
                     r.lock_until = now + LOCK;
-                    r.expires_at = now + 2 * LOCK;
+                    r.expires_at = now + LOCK + GRACE;
                 }
             }
             Op::Advance { ms } => {
