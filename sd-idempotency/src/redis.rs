@@ -1,0 +1,249 @@
+//! The Redis backend: records shared by every replica of a service.
+//!
+//! - **One round trip per state change**: claim, complete, release and extend are each
+//!   one `EVALSHA` of a Lua script (on `NOSCRIPT`, after a restart or failover, the
+//!   script is sent once with `EVAL`). A replay is the claim's answer: one round trip.
+//! - **Server time**: the scripts read Redis's `TIME`, so app servers with skewed clocks
+//!   agree on lock expiry.
+//! - **Expiry by Redis**: an in-flight record expires [`ABANDONED_GRACE`] (or one
+//!   `lock_ttl`, when longer) after its lock; a completed one after its retention.
+//!   [`Store::sweep`] has nothing to do.
+//! - **Cluster-safe keys**: `{prefix}:{<sha256 of scope and key>}`; each script touches
+//!   one key, so the same code runs on Redis Cluster.
+//! - **Guarantee**: as strong as the Redis primary. A failover to a replica that missed
+//!   the claim, or a restart without persistence, forgets claims and can let a duplicate
+//!   run; use PostgreSQL when that is not acceptable.
+//!
+//! [`ABANDONED_GRACE`]: crate::store::ABANDONED_GRACE
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use tracing::Instrument as _;
+
+use crate::error::{Error, Result};
+use crate::store::{Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, new_token, ttl_ms};
+
+const PRELUDE: &str = include_str!("redis/prelude.lua");
+
+struct Script {
+    code: String,
+    hash: String,
+}
+
+impl Script {
+    fn new(body: &str) -> Self {
+        let code = format!("{PRELUDE}\n{body}");
+        let hash = redis::Script::new(&code).get_hash().to_owned();
+        Script { code, hash }
+    }
+}
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/claim.lua")));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/complete.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/release.lua")));
+static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/extend.lua")));
+
+/// Options of a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    prefix: String,
+    timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            prefix: "idem".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Builder {
+    /// The key prefix (default `idem`); keys are `{prefix}:{{digest}}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long one call waits for Redis (default 1 s) before [`Error::Timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// A store on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
+    /// server, a `cluster_async::ClusterConnection` for a cluster.
+    pub fn build<C: ConnectionLike + Clone + Send + Sync>(self, conn: C) -> Result<RedisStore<C>> {
+        if self.prefix.is_empty() {
+            return Err(Error::config("prefix", "must not be empty"));
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(Error::config(
+                "prefix",
+                "must not contain `{` or `}`: the digest is the hash tag",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        Ok(RedisStore {
+            conn,
+            prefix: self.prefix,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Records in Redis; see the [module docs](self).
+#[derive(Clone)]
+pub struct RedisStore<C> {
+    conn: C,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore<()> {
+    /// Options: prefix `idem`, 1 s timeout.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
+    /// The Redis key of `(scope, key)`.
+    pub fn redis_key(&self, scope: &str, key: &str) -> String {
+        let digest = Fingerprint::of_parts([scope, key]).to_hex();
+        format!("{}:{{{}}}", self.prefix, &digest[..40])
+    }
+
+    async fn eval(&self, script: &Script, key: &str, args: &[&[u8]]) -> Result<redis::Value> {
+        let with = |name: &str, body: &str| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(body).arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            cmd
+        };
+        let run = async {
+            let mut conn = self.conn.clone();
+            match with("EVALSHA", &script.hash).query_async(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    with("EVAL", &script.code).query_async(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        let span = tracing::debug_span!("idempotency.redis");
+        match tokio::time::timeout(self.timeout, run.instrument(span)).await {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn as_holder(&self, script: &Script, claim: &Claim, extra: &[&[u8]]) -> Result<()> {
+        let token = claim.token.to_string();
+        let epoch = claim.epoch.to_string();
+        let mut args: Vec<&[u8]> = vec![token.as_bytes(), epoch.as_bytes()];
+        args.extend_from_slice(extra);
+        let key = self.redis_key(&claim.scope, &claim.key);
+        match self.eval(script, &key, &args).await? {
+            redis::Value::Int(1) => Ok(()),
+            redis::Value::Int(0) => Err(claim.lost()),
+            other => Err(Error::corrupt(format!("unexpected script reply {other:?}"))),
+        }
+    }
+}
+
+fn decode_claim(reply: redis::Value, claim: impl FnOnce(u64) -> Claim) -> Result<ClaimOutcome> {
+    use redis::Value;
+    let items = match reply {
+        Value::Array(items) => items,
+        other => return Err(Error::corrupt(format!("unexpected claim reply {other:?}"))),
+    };
+    let tag = match items.first() {
+        Some(Value::BulkString(tag)) => tag.as_slice(),
+        Some(Value::SimpleString(tag)) => tag.as_bytes(),
+        _ => return Err(Error::corrupt("claim reply without a tag")),
+    };
+    match (tag, items.get(1)) {
+        (b"claimed", Some(Value::Int(epoch))) => Ok(ClaimOutcome::Claimed(claim(
+            u64::try_from(*epoch).map_err(|_| Error::corrupt("negative epoch"))?,
+        ))),
+        (b"inflight", Some(Value::Int(ms))) => Ok(ClaimOutcome::InFlight {
+            retry_after: Duration::from_millis(u64::try_from(*ms).unwrap_or(0)),
+        }),
+        (b"completed", Some(Value::BulkString(bytes))) => {
+            Ok(ClaimOutcome::Completed(StoredResponse::from_bytes(bytes)?))
+        }
+        (b"completed", _) => Err(Error::corrupt("completed record without a response")),
+        (b"mismatch", _) => Ok(ClaimOutcome::Mismatch),
+        _ => Err(Error::corrupt("unknown claim reply")),
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> Store for RedisStore<C> {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<ClaimOutcome> {
+        let ttl = ttl_ms("lock_ttl", lock_ttl)?.to_string();
+        let token = new_token();
+        let token_arg = token.to_string();
+        let args: [&[u8]; 3] = [fingerprint.as_bytes(), ttl.as_bytes(), token_arg.as_bytes()];
+        let reply = self
+            .eval(&CLAIM, &self.redis_key(scope, key), &args)
+            .await?;
+        decode_claim(reply, |epoch| Claim {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            epoch,
+            token,
+        })
+    }
+
+    async fn complete(
+        &self,
+        claim: &Claim,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<()> {
+        let retention = ttl_ms("retention", retention)?.to_string();
+        let bytes = response.to_bytes()?;
+        self.as_holder(&COMPLETE, claim, &[&bytes, retention.as_bytes()])
+            .await
+    }
+
+    async fn release(&self, claim: &Claim) -> Result<()> {
+        self.as_holder(&RELEASE, claim, &[]).await
+    }
+
+    async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
+        let ttl = ttl_ms("lock_ttl", lock_ttl)?.to_string();
+        self.as_holder(&EXTEND, claim, &[ttl.as_bytes()]).await
+    }
+
+    async fn sweep(&self) -> Result<u64> {
+        Ok(0)
+    }
+}
