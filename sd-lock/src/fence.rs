@@ -110,3 +110,116 @@ mod tests {
         assert_eq!(r.last_token(), Some(FencingToken(34)));
     }
 }
+
+/// The fenced register in Redis (feature `redis`).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis {
+    use std::sync::LazyLock;
+
+    use ::redis::aio::ConnectionLike;
+
+    use crate::error::{Error, Result};
+    use crate::lease::FencingToken;
+
+    static FENCE: LazyLock<::redis::Script> =
+        LazyLock::new(|| ::redis::Script::new(include_str!("redis/fence.lua")));
+
+    /// A register per resource in a Redis hash `{token, value}`, guarded by one Lua
+    /// script: an operation whose token is older than the newest seen is refused with
+    /// [`Error::StaleToken`]; reads raise the mark too.
+    ///
+    /// Put the data the lock protects in it, or copy the script's check into your own
+    /// script before its writes. Keys are `{prefix}:{{resource}}` (default prefix
+    /// `fence`).
+    ///
+    /// ```no_run
+    /// # async fn run(lease: sd_lock::Lease) -> Result<(), Box<dyn std::error::Error>> {
+    /// use sd_lock::fence::redis::RedisFence;
+    ///
+    /// let conn = redis::Client::open("redis://127.0.0.1/")?.get_connection_manager().await?;
+    /// let fence = RedisFence::new(conn);
+    /// fence.write(lease.resource(), lease.token(), b"new state").await?; // or StaleToken
+    /// # Ok(()) }
+    /// ```
+    #[derive(Debug, Clone)]
+    pub struct RedisFence<C> {
+        conn: C,
+        prefix: String,
+    }
+
+    impl<C: ConnectionLike + Clone + Send + Sync> RedisFence<C> {
+        /// A fence on `conn` with prefix `fence`.
+        pub fn new(conn: C) -> Self {
+            RedisFence {
+                conn,
+                prefix: "fence".into(),
+            }
+        }
+
+        /// The key prefix; no `{` or `}`.
+        pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
+            crate::redlock::validate_prefix(prefix)?;
+            self.prefix = prefix.into();
+            Ok(self)
+        }
+
+        /// The hash key of `resource`.
+        pub fn key(&self, resource: &str) -> String {
+            format!("{}:{{{resource}}}", self.prefix)
+        }
+
+        async fn run(
+            &self,
+            resource: &str,
+            token: FencingToken,
+            op: &str,
+            value: &[u8],
+        ) -> Result<Option<Vec<u8>>> {
+            if resource.is_empty() {
+                return Err(Error::EmptyResource);
+            }
+            let mut conn = self.conn.clone();
+            let reply: Vec<Option<Vec<u8>>> = FENCE
+                .key(self.key(resource))
+                .arg(token.0)
+                .arg(op)
+                .arg(value)
+                .invoke_async(&mut conn)
+                .await?;
+            let bad = Error::UnexpectedReply {
+                reason: "the fence script returned an unknown shape",
+            };
+            match reply.as_slice() {
+                [Some(tag), value] if tag == b"ok" => Ok(value.clone()),
+                [Some(tag), Some(newest)] if tag == b"stale" => {
+                    let current = std::str::from_utf8(newest)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or(bad)?;
+                    Err(Error::StaleToken {
+                        token,
+                        current: FencingToken(current),
+                    })
+                }
+                [Some(tag)] if tag == b"ok" => Ok(None),
+                _ => Err(bad),
+            }
+        }
+
+        /// Raises the resource's mark to `token`, or refuses a stale token.
+        pub async fn check(&self, resource: &str, token: FencingToken) -> Result<()> {
+            self.run(resource, token, "check", b"").await.map(drop)
+        }
+
+        /// Stores `value` if `token` is not stale.
+        pub async fn write(&self, resource: &str, token: FencingToken, value: &[u8]) -> Result<()> {
+            self.run(resource, token, "set", value).await.map(drop)
+        }
+
+        /// Reads the value if `token` is not stale, raising the mark to `token`.
+        pub async fn read(&self, resource: &str, token: FencingToken) -> Result<Option<Vec<u8>>> {
+            self.run(resource, token, "get", b"").await
+        }
+    }
+}

@@ -1,15 +1,59 @@
-//! Redlock over N independent Redis masters.
+//! Redlock over N independent Redis masters (feature `redis`).
+//!
+//! The algorithm of the Redis documentation, with the figures of its implementations:
+//!
+//! 1. Read the monotonic clock; send the acquire script (`SET NX PX` + fencing counter)
+//!    to every master **in parallel**, each bounded by a per-node timeout of 5 % of
+//!    the TTL (at least 1 ms), so one slow or dead master costs no more than that.
+//! 2. The lock is held when a **quorum of N/2+1** masters granted it and validity is
+//!    left: `validity = ttl - elapsed - (ttl / 100 + 2 ms)`.
+//! 3. Otherwise the attempt **releases on every master** (compare-and-delete by its
+//!    random value, so no other holder is touched) before it returns
+//!    [`Error::NoQuorum`] with the masters that failed and why ([`NodeFailure`]).
+//!
+//! # What Redlock guarantees, and what not
+//!
+//! - Mutual exclusion holds only in a *synchronous* model: bounded network delay,
+//!   bounded process pauses, and masters whose clocks run at nearly the same rate (the
+//!   1 % drift margin). A pause of the holder, a clock step on a master, or a master
+//!   that restarts **empty** within a TTL (no `appendfsync always`, no delayed restart)
+//!   can let two holders in at once. The tests show the last one.
+//! - The **fencing token** is the largest of the quorum's per-master tokens, each
+//!   `max(counter + 1, master clock in µs)`. It is not a consensus number: it increases
+//!   from one holder to the next when the masters' clocks agree to within the time
+//!   between the two acquisitions (milliseconds at least: the first lease must expire
+//!   or be released). That is the same synchronous assumption, so fence writes with it
+//!   and treat a rejected write as "the lease was lost".
+//! - Use Redlock for efficiency (rarely doing work twice) with high availability:
+//!   it keeps working with a minority of masters down. For correctness, prefer the
+//!   PostgreSQL or etcd backends, and fence either way.
 
 use std::fmt;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-/// Why one master did not grant (or release) the lock.
+use futures::future::join_all;
+use redis::aio::ConnectionLike;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::lease::{self, FencingToken, Lease, OnCancel, Release, RetryPolicy};
+
+static ACQUIRE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("redis/acquire.lua")));
+static EXTEND: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("redis/extend.lua")));
+static RELEASE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("redis/release.lua")));
+
+/// Why one master did not grant (or extend, or release) the lock.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum NodeFailure {
-    /// The master holds the resource for another holder.
+    /// The master holds the resource for another holder (or, for extend and release,
+    /// no longer holds it for us).
     Held {
-        /// The master's name (its address unless named otherwise).
+        /// The master's name.
         node: String,
     },
     /// The master did not answer within the per-node timeout.
@@ -37,6 +81,17 @@ impl NodeFailure {
             | NodeFailure::Failed { node, .. } => node,
         }
     }
+
+    /// The failure as this crate's error, for a single-node lock.
+    fn into_error(self, resource: &str) -> Error {
+        match self {
+            NodeFailure::Held { .. } => Error::Held {
+                resource: resource.to_owned(),
+            },
+            NodeFailure::TimedOut { after, .. } => Error::Timeout { after },
+            NodeFailure::Failed { source, .. } => Error::Redis { source },
+        }
+    }
 }
 
 impl fmt::Display for NodeFailure {
@@ -48,5 +103,397 @@ impl fmt::Display for NodeFailure {
             }
             NodeFailure::Failed { node, source } => write!(f, "{node}: {source}"),
         }
+    }
+}
+
+#[derive(Debug)]
+struct Node<C> {
+    name: String,
+    conn: C,
+}
+
+/// How the per-node timeout is chosen.
+#[derive(Debug, Clone, Copy)]
+enum NodeTimeout {
+    /// A fraction of the TTL (Redlock: 0.05).
+    Factor(f64),
+    /// A fixed duration.
+    Fixed(Duration),
+}
+
+/// Redlock over N independent masters. Cheap to clone; clones share the connections.
+///
+/// `C` is any redis-rs async connection: a `ConnectionManager` (reconnects by itself,
+/// recommended) or a `MultiplexedConnection`, one per master.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use sd_lock::{Lock, redlock::Redlock};
+///
+/// let mut masters = Vec::new();
+/// for url in ["redis://10.0.0.1/", "redis://10.0.0.2/", "redis://10.0.0.3/"] {
+///     masters.push((url, redis::Client::open(url)?.get_connection_manager().await?));
+/// }
+/// let lock = Redlock::new(masters)?;
+/// let lease = lock.acquire("nightly-report", Duration::from_secs(30), Duration::from_secs(5)).await?;
+/// // ... work, passing lease.token() to every write ...
+/// let _ = lock.release(lease).await?;
+/// # Ok(()) }
+/// ```
+pub struct Redlock<C> {
+    nodes: Arc<[Node<C>]>,
+    prefix: Arc<str>,
+    node_timeout: NodeTimeout,
+    retry: RetryPolicy,
+}
+
+impl<C> Clone for Redlock<C> {
+    fn clone(&self) -> Self {
+        Redlock {
+            nodes: self.nodes.clone(),
+            prefix: self.prefix.clone(),
+            node_timeout: self.node_timeout,
+            retry: self.retry,
+        }
+    }
+}
+
+impl<C> fmt::Debug for Redlock<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redlock")
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("node_timeout", &self.node_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one round over the masters returned.
+struct Round<T> {
+    ok: Vec<T>,
+    failures: Vec<NodeFailure>,
+    elapsed: Duration,
+}
+
+pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(Error::InvalidConfig {
+            field: "prefix",
+            reason: "must be non-empty and free of `{` and `}`: the resource is the hash tag",
+        });
+    }
+    Ok(())
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
+    /// Redlock over `masters` (name, connection), key prefix `lock`, per-node timeout 5 %
+    /// of the TTL. At least one master; use an odd number (3 or 5).
+    pub fn new<N: Into<String>>(masters: impl IntoIterator<Item = (N, C)>) -> Result<Self> {
+        let nodes: Arc<[Node<C>]> = masters
+            .into_iter()
+            .map(|(name, conn)| Node {
+                name: name.into(),
+                conn,
+            })
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "masters",
+                reason: "needs at least one master (use 3 or 5 for Redlock)",
+            });
+        }
+        Ok(Redlock {
+            nodes,
+            prefix: "lock".into(),
+            node_timeout: NodeTimeout::Factor(0.05),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// One master with a fixed request timeout (the single-node backend).
+    pub(crate) fn single(conn: C, timeout: Duration) -> Self {
+        Redlock {
+            nodes: Arc::new([Node {
+                name: "redis".into(),
+                conn,
+            }]),
+            prefix: "lock".into(),
+            node_timeout: NodeTimeout::Fixed(timeout),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The key prefix (default `lock`): keys are `{prefix}:{{resource}}` and
+    /// `{prefix}:{{resource}}:token`.
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
+        validate_prefix(prefix)?;
+        self.prefix = prefix.into();
+        Ok(self)
+    }
+
+    /// The per-node timeout as a fraction of the TTL (default 0.05; redsync's
+    /// `timeoutFactor`), in `(0, 0.5]`.
+    pub fn with_timeout_factor(mut self, factor: f64) -> Result<Self> {
+        if !(factor > 0.0 && factor <= 0.5) {
+            return Err(Error::InvalidConfig {
+                field: "timeout_factor",
+                reason: "must be in (0, 0.5]; 0.05 is the Redlock figure",
+            });
+        }
+        self.node_timeout = NodeTimeout::Factor(factor);
+        Ok(self)
+    }
+
+    /// A fixed per-node timeout instead of a fraction of the TTL.
+    pub fn with_node_timeout(mut self, timeout: Duration) -> Result<Self> {
+        if timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "node_timeout",
+                reason: "must be longer than zero",
+            });
+        }
+        self.node_timeout = NodeTimeout::Fixed(timeout);
+        Ok(self)
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`].
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The number of masters.
+    pub fn masters(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The quorum: N/2+1.
+    pub fn quorum(&self) -> usize {
+        self.nodes.len() / 2 + 1
+    }
+
+    /// The per-node timeout for `ttl`.
+    pub fn node_timeout(&self, ttl: Duration) -> Duration {
+        match self.node_timeout {
+            NodeTimeout::Factor(f) => ttl.mul_f64(f).max(Duration::from_millis(1)),
+            NodeTimeout::Fixed(d) => d,
+        }
+    }
+
+    /// The lease key of `resource`.
+    pub fn key(&self, resource: &str) -> String {
+        format!("{}:{{{resource}}}", self.prefix)
+    }
+
+    /// Runs `script` on every master in parallel, each within `timeout`; `granted`
+    /// turns a reply into `Some(value)` for a master that did what was asked.
+    async fn round<T, R, F>(
+        &self,
+        timeout: Duration,
+        invocation: &redis::ScriptInvocation<'_>,
+        granted: F,
+    ) -> Round<T>
+    where
+        R: redis::FromRedisValue + Send,
+        F: Fn(R) -> Option<T>,
+    {
+        let start = Instant::now();
+        let replies =
+            join_all(self.nodes.iter().map(|node| {
+                let mut conn = node.conn.clone();
+                async move {
+                    tokio::time::timeout(timeout, invocation.invoke_async::<R>(&mut conn)).await
+                }
+            }))
+            .await;
+        let elapsed = start.elapsed();
+        let mut round = Round {
+            ok: Vec::with_capacity(replies.len()),
+            failures: Vec::new(),
+            elapsed,
+        };
+        for (node, reply) in self.nodes.iter().zip(replies) {
+            let node = node.name.clone();
+            match reply {
+                Ok(Ok(r)) => match granted(r) {
+                    Some(v) => round.ok.push(v),
+                    None => round.failures.push(NodeFailure::Held { node }),
+                },
+                Ok(Err(source)) => round.failures.push(NodeFailure::Failed { node, source }),
+                Err(_) => round.failures.push(NodeFailure::TimedOut {
+                    node,
+                    after: timeout,
+                }),
+            }
+        }
+        round
+    }
+
+    /// Compare-and-delete `holder`'s key on every master; the number of deletions.
+    async fn release_all(&self, key: &str, holder: &str, timeout: Duration) -> Round<()> {
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(key).arg(holder);
+        self.round(timeout, &inv, |deleted: i64| (deleted == 1).then_some(()))
+            .await
+    }
+
+    fn no_quorum(&self, resource: &str, acquired: usize, mut failures: Vec<NodeFailure>) -> Error {
+        if self.nodes.len() == 1
+            && let Some(f) = failures.pop()
+        {
+            return f.into_error(resource);
+        }
+        Error::NoQuorum {
+            resource: resource.to_owned(),
+            acquired,
+            needed: self.quorum(),
+            failures,
+        }
+    }
+
+    /// [`crate::Lock::try_acquire`].
+    pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Lease> {
+        lease::validate(resource, ttl, Duration::from_millis(1))?;
+        let key = self.key(resource);
+        let holder = lease::new_holder();
+        let timeout = self.node_timeout(ttl);
+        let mut inv = ACQUIRE.prepare_invoke();
+        inv.key(&key)
+            .key(format!("{key}:token"))
+            .arg(&holder)
+            .arg(lease::ceil_millis(ttl));
+        // Dropped before the end (cancelled): release everywhere, in the background.
+        let cleanup = OnCancel::new({
+            let (this, key, holder) = (self.clone(), key.clone(), holder.clone());
+            move || {
+                lease::spawn_detached(async move {
+                    let _ = this.release_all(&key, &holder, timeout).await;
+                });
+            }
+        });
+        let start = Instant::now();
+        let round = self.round(timeout, &inv, |token: Option<u64>| token).await;
+        let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
+        let _enter = span.enter();
+        let result = if round.ok.len() >= self.quorum() {
+            match lease::validity(ttl, round.elapsed) {
+                Some(validity) => {
+                    cleanup.disarm();
+                    return Ok(Lease {
+                        resource: resource.to_owned(),
+                        token: FencingToken(round.ok.iter().copied().max().unwrap_or(0)),
+                        ttl,
+                        valid_until: start + round.elapsed + validity,
+                        holder,
+                        handle: 0,
+                    });
+                }
+                None => Error::ValidityExhausted {
+                    resource: resource.to_owned(),
+                    ttl,
+                    elapsed: round.elapsed,
+                },
+            }
+        } else {
+            self.no_quorum(resource, round.ok.len(), round.failures)
+        };
+        // Missed: a master that timed out may have set the key after all, so release
+        // everywhere, not only where it was granted.
+        let _ = self.release_all(&key, &holder, timeout).await;
+        cleanup.disarm();
+        tracing::debug!(error = %result, "lock not acquired");
+        Err(result)
+    }
+
+    /// [`crate::Lock::extend`]: needs a quorum within the lease's validity.
+    pub async fn extend(&self, lease: &mut Lease, ttl: Duration) -> Result<()> {
+        lease::validate_ttl(ttl, Duration::from_millis(1))?;
+        let expired = || Error::LeaseExpired {
+            resource: lease.resource.clone(),
+        };
+        if !lease.is_valid() {
+            return Err(expired());
+        }
+        let key = self.key(&lease.resource);
+        let timeout = self.node_timeout(ttl).min(lease.remaining());
+        let mut inv = EXTEND.prepare_invoke();
+        inv.key(&key)
+            .arg(&lease.holder)
+            .arg(lease::ceil_millis(ttl));
+        let start = Instant::now();
+        let round = self
+            .round(timeout, &inv, |n: i64| (n == 1).then_some(()))
+            .await;
+        let not_ours = round
+            .failures
+            .iter()
+            .filter(|f| matches!(f, NodeFailure::Held { .. }))
+            .count();
+        if round.ok.len() >= self.quorum() {
+            if let Some(validity) = lease::validity(ttl, round.elapsed) {
+                lease.valid_until = start + round.elapsed + validity;
+                lease.ttl = ttl;
+                return Ok(());
+            }
+            return Err(expired());
+        }
+        if not_ours > self.nodes.len() - self.quorum() {
+            return Err(expired());
+        }
+        Err(self.no_quorum(&lease.resource, round.ok.len(), round.failures))
+    }
+
+    /// [`crate::Lock::release`]: compare-and-delete on every master. Released when any
+    /// master still held it for us; expired when every master answered and none did.
+    pub async fn release(&self, lease: Lease) -> Result<Release> {
+        let key = self.key(&lease.resource);
+        let timeout = self.node_timeout(lease.ttl);
+        let round = self.release_all(&key, &lease.holder, timeout).await;
+        if !round.ok.is_empty() {
+            return Ok(Release::Released);
+        }
+        if round
+            .failures
+            .iter()
+            .all(|f| matches!(f, NodeFailure::Held { .. }))
+        {
+            return Ok(Release::Expired);
+        }
+        let failures = round
+            .failures
+            .into_iter()
+            .filter(|f| !matches!(f, NodeFailure::Held { .. }))
+            .collect();
+        Err(self.no_quorum(&lease.resource, 0, failures))
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> crate::Lock for Redlock<C> {
+    fn try_acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
+        Redlock::try_acquire(self, resource, ttl)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a mut Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        Redlock::extend(self, lease, ttl)
+    }
+
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
+        Redlock::release(self, lease)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 }

@@ -8,6 +8,29 @@ use std::time::Duration;
 use sd_lock::fence::FencedRegister;
 use sd_lock::{Error, Lock, Release};
 
+/// A multi-threaded runtime, built after the (blocking) testkit calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A connection manager that gives up quickly on a dead server.
+#[cfg(feature = "redis")]
+pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(300)))
+        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_number_of_retries(1);
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(config)
+        .await
+        .unwrap()
+}
+
 /// What the checker saw.
 #[derive(Debug)]
 pub struct Report {

@@ -1,0 +1,230 @@
+//! The single-node Redis backend against a real server: the shared suite, the fence
+//! script, tokens across an empty restart, and a SIGSTOPped server.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{manager, runtime};
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sd_lock::fence::redis::RedisFence;
+use sd_lock::redis::RedisLock;
+use sd_lock::{Error, FencingToken, Lock, Lost, Release, RetryPolicy, Watchdog};
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::new(Duration::from_micros(200), Duration::from_millis(3)).unwrap()
+}
+
+/// Runs `f` with a lock on a fresh server (or `SD_REDIS_URL` under a unique prefix).
+fn with_lock<F, Fut>(f: F)
+where
+    F: FnOnce(RedisLock<ConnectionManager>, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let server = sd_testkit::redis().expect("redis-server");
+    let prefix = sd_testkit::unique_name("lock");
+    runtime().block_on(async {
+        let lock = RedisLock::new(manager(server.url()).await)
+            .with_prefix(&prefix)
+            .unwrap();
+        f(lock, server.url().to_owned()).await;
+    });
+}
+
+#[test]
+fn mutual_exclusion_32_tasks_200_sections() {
+    with_lock(|lock, _| async move {
+        let lock = lock.with_retry(fast_retry());
+        let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+        assert_eq!(report.final_value, 6400);
+    });
+}
+
+#[test]
+fn contract() {
+    with_lock(|lock, url| async move {
+        common::contract(&lock, "contract", Duration::from_millis(300)).await;
+        assert!(matches!(
+            lock.try_acquire("r", Duration::from_millis(2)).await,
+            Err(Error::TtlBelowDrift { .. })
+        ));
+        assert!(matches!(
+            RedisLock::new(manager(&url).await).with_prefix("a{b"),
+            Err(Error::InvalidConfig {
+                field: "prefix",
+                ..
+            })
+        ));
+    });
+}
+
+#[test]
+fn cancelled_acquire_leaves_nothing() {
+    with_lock(|lock, _| async move {
+        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+    });
+}
+
+#[test]
+fn fence_script_refuses_older_tokens() {
+    let server = sd_testkit::redis().expect("redis-server");
+    let prefix = sd_testkit::unique_name("fence");
+    runtime().block_on(async {
+        let fence = RedisFence::new(manager(server.url()).await)
+            .with_prefix(&prefix)
+            .unwrap();
+        assert_eq!(fence.read("acct", FencingToken(33)).await.unwrap(), None);
+        fence.write("acct", FencingToken(33), b"a").await.unwrap();
+        fence.write("acct", FencingToken(33), b"b").await.unwrap();
+        fence.check("acct", FencingToken(34)).await.unwrap();
+        match fence.write("acct", FencingToken(33), b"late").await {
+            Err(Error::StaleToken { token, current }) => {
+                assert_eq!((token.0, current.0), (33, 34));
+            }
+            other => panic!("stale write accepted: {other:?}"),
+        }
+        assert_eq!(
+            fence
+                .read("acct", FencingToken(34))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"b"[..])
+        );
+        // Exact for every u64, beyond Lua's 2^53.
+        fence.check("big", FencingToken(u64::MAX)).await.unwrap();
+        assert!(matches!(
+            fence.check("big", FencingToken(u64::MAX - 1)).await,
+            Err(Error::StaleToken { .. })
+        ));
+        fence
+            .check("big2", FencingToken(9_999_999_999))
+            .await
+            .unwrap();
+        fence
+            .check("big2", FencingToken(10_000_000_000))
+            .await
+            .unwrap();
+        assert!(
+            fence
+                .check("big2", FencingToken(9_999_999_999))
+                .await
+                .is_err()
+        );
+    });
+}
+
+/// A server that restarts empty forgets the lease and the counter, but the next token
+/// still exceeds the old one (it follows the server clock), so the fence holds.
+#[test]
+fn tokens_increase_across_an_empty_restart() {
+    let mut server = sd_testkit::RedisServer::start().expect("redis-server");
+    let url = server.url();
+    let rt = runtime();
+    let (lock, first) = rt.block_on(async {
+        let lock = RedisLock::new(manager(&url).await);
+        let lease = lock
+            .try_acquire("r", Duration::from_secs(60))
+            .await
+            .unwrap();
+        (lock, lease)
+    });
+    server.restart_clean().unwrap();
+    rt.block_on(async {
+        // The connection manager reconnects; the first call may see the dropped socket.
+        let second = lock
+            .acquire("r", Duration::from_secs(60), Duration::from_secs(10))
+            .await;
+        let second = match second {
+            Ok(l) => l,
+            Err(_) => lock
+                .acquire("r", Duration::from_secs(60), Duration::from_secs(10))
+                .await
+                .unwrap(),
+        };
+        assert!(second.token() > first.token());
+        assert_eq!(lock.release(first).await.unwrap(), Release::Expired);
+    });
+}
+
+/// A real SIGSTOP of the lock server: the holder cannot renew, its watchdog reports the
+/// lease lost, the key expires, another holder takes over. The old holder's late write
+/// would overwrite the new holder's without fencing; the fence script refuses it.
+#[test]
+fn sigstopped_server_loses_the_lease_and_the_fence_refuses_the_late_write() {
+    let mut lock_server = sd_testkit::RedisServer::start().expect("redis-server");
+    let data = sd_testkit::redis().expect("redis-server");
+    let prefix = sd_testkit::unique_name("fence");
+    let lock_url = lock_server.url();
+    let rt = runtime();
+    let ttl = Duration::from_millis(600);
+    let (lock, fence, dog, a_read) = rt.block_on(async {
+        let lock = RedisLock::new(manager(&lock_url).await)
+            .with_timeout(Duration::from_millis(200))
+            .unwrap();
+        let fence = RedisFence::new(manager(data.url()).await)
+            .with_prefix(&prefix)
+            .unwrap();
+        let a = lock.try_acquire("acct", ttl).await.unwrap();
+        let a_read = fence.read("acct", a.token()).await.unwrap();
+        let dog = Watchdog::start(lock.clone(), a).unwrap();
+        (lock, fence, dog, a_read)
+    });
+    lock_server.pause().unwrap();
+    rt.block_on(async {
+        let lost = dog.lost().await;
+        assert!(matches!(lost, Lost::Unreachable { .. }), "{lost:?}");
+    });
+    // Keep it stopped past the TTL (Redis expires keys by its wall clock), then resume.
+    std::thread::sleep(ttl);
+    lock_server.resume().unwrap();
+    rt.block_on(async {
+        let a = dog.lease();
+        let b = lock
+            .acquire("acct", ttl, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(b.token() > a.token());
+        fence.write("acct", b.token(), b"b's state").await.unwrap();
+        // Without the fence, A's write (from its stale read) lands now, during B's
+        // lease, and erases B's update:
+        let mut plain = manager(data.url()).await;
+        let key = format!("{prefix}:plain");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("b's state")
+            .query_async(&mut plain)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("a's late state")
+            .query_async(&mut plain)
+            .await
+            .unwrap();
+        let v: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut plain)
+            .await
+            .unwrap();
+        assert_eq!(v, "a's late state", "unfenced storage lost B's update");
+        // With the fence, it is refused:
+        assert!(a_read.is_none());
+        match fence.write("acct", a.token(), b"a's late state").await {
+            Err(Error::StaleToken { token, current }) => {
+                assert_eq!(token, a.token());
+                assert_eq!(current, b.token());
+            }
+            other => panic!("the fence accepted a stale write: {other:?}"),
+        }
+        assert_eq!(
+            fence.read("acct", b.token()).await.unwrap().as_deref(),
+            Some(&b"b's state"[..])
+        );
+        assert_eq!(lock.release(b).await.unwrap(), Release::Released);
+        drop(dog);
+    });
+}

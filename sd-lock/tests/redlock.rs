@@ -1,0 +1,178 @@
+//! Redlock against real independent masters: the shared suite, quorum with masters
+//! killed, a master restarted empty.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{manager, runtime};
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sd_lock::redlock::{NodeFailure, Redlock};
+use sd_lock::{Error, Lock, Release, RetryPolicy};
+use sd_testkit::RedisServer;
+
+async fn redlock(servers: &[RedisServer]) -> Redlock<ConnectionManager> {
+    let mut masters = Vec::new();
+    for s in servers {
+        masters.push((s.url(), manager(&s.url()).await));
+    }
+    Redlock::new(masters).unwrap()
+}
+
+fn exists(server: &RedisServer, key: &str) -> bool {
+    matches!(
+        server.command(&["EXISTS", key]).unwrap(),
+        sd_testkit::resp::Reply::Integer(1)
+    )
+}
+
+#[test]
+fn mutual_exclusion_32_tasks_200_sections_on_3_masters() {
+    let servers = RedisServer::start_many(3).expect("redis-server");
+    runtime().block_on(async {
+        let lock = redlock(&servers).await.with_retry(
+            RetryPolicy::new(Duration::from_micros(200), Duration::from_millis(3)).unwrap(),
+        );
+        let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+        assert_eq!(report.final_value, 6400);
+    });
+}
+
+#[test]
+fn contract_on_5_masters() {
+    let servers = RedisServer::start_many(5).expect("redis-server");
+    runtime().block_on(async {
+        let lock = redlock(&servers).await;
+        assert_eq!(lock.quorum(), 3);
+        common::contract(&lock, "contract", Duration::from_millis(400)).await;
+        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+    });
+}
+
+#[test]
+fn two_masters_down_still_acquires_three_down_fails_cleanly() {
+    let mut servers = RedisServer::start_many(5).expect("redis-server");
+    let rt = runtime();
+    let lock = rt.block_on(redlock(&servers));
+    let ttl = Duration::from_secs(2);
+    servers[0].kill().unwrap();
+    servers[1].kill().unwrap();
+    rt.block_on(async {
+        let lease = lock.try_acquire("q", ttl).await.unwrap();
+        let key = lock.key("q");
+        for s in &servers[2..] {
+            assert!(exists(s, &key));
+        }
+        assert_eq!(lock.release(lease).await.unwrap(), Release::Released);
+    });
+    servers[2].kill().unwrap();
+    rt.block_on(async {
+        // Two live masters grant it, short of the quorum: the attempt must release
+        // them before it returns, and name the three that failed.
+        match lock.try_acquire("q", ttl).await {
+            Err(Error::NoQuorum {
+                acquired,
+                needed,
+                failures,
+                ..
+            }) => {
+                assert_eq!((acquired, needed), (2, 3));
+                let down: Vec<_> = failures.iter().map(NodeFailure::node).collect();
+                assert_eq!(down.len(), 3);
+                for s in &servers[..3] {
+                    assert!(down.contains(&s.url().as_str()), "{down:?}");
+                }
+                for f in &failures {
+                    assert!(
+                        matches!(f, NodeFailure::Failed { .. } | NodeFailure::TimedOut { .. }),
+                        "{f}"
+                    );
+                }
+            }
+            other => panic!("expected no quorum, got {other:?}"),
+        }
+        let key = lock.key("q");
+        for s in &servers[3..] {
+            assert!(!exists(s, &key), "partial key left on {}", s.url());
+        }
+        // `acquire` gives up within its wait with the last no-quorum report.
+        match lock.acquire("q", ttl, Duration::from_millis(300)).await {
+            Err(Error::WaitTimeout { last, .. }) => {
+                assert!(matches!(*last, Error::NoQuorum { .. }));
+            }
+            other => panic!("expected a wait timeout, got {other:?}"),
+        }
+        for s in &servers[3..] {
+            assert!(!exists(s, &key), "partial key left on {}", s.url());
+        }
+    });
+}
+
+/// The documented weakness: masters that restart empty within a TTL forget the lease.
+/// One empty restart is absorbed by the quorum; three let a second holder in while the
+/// first is still valid. The token still increases, so the fence refuses the first
+/// holder's writes.
+#[test]
+fn masters_restarted_empty() {
+    let mut servers = RedisServer::start_many(5).expect("redis-server");
+    let rt = runtime();
+    let lock = rt.block_on(redlock(&servers));
+    let ttl = Duration::from_secs(30);
+    let a = rt.block_on(lock.try_acquire("r", ttl)).unwrap();
+    servers[0].restart_clean().unwrap();
+    rt.block_on(async {
+        // 4 of 5 still hold A's key: B cannot get 3.
+        for _ in 0..3 {
+            match lock.try_acquire("r", ttl).await {
+                Err(Error::NoQuorum { acquired, .. }) => assert!(acquired <= 1),
+                other => panic!("B got the lock with one master lost: {other:?}"),
+            }
+        }
+    });
+    servers[1].restart_clean().unwrap();
+    servers[2].restart_clean().unwrap();
+    rt.block_on(async {
+        let b = lock
+            .acquire("r", ttl, Duration::from_secs(10))
+            .await
+            .expect("three empty masters grant B the lock");
+        assert!(
+            a.is_valid(),
+            "A is still within its validity: two holders at once"
+        );
+        assert!(b.token() > a.token());
+        let register = sd_lock::fence::FencedRegister::new(0);
+        register.write(b.token(), 1).unwrap();
+        assert!(matches!(
+            register.write(a.token(), 2),
+            Err(Error::StaleToken { .. })
+        ));
+        assert_eq!(lock.release(b).await.unwrap(), Release::Released);
+    });
+}
+
+#[test]
+fn bad_configuration_is_typed() {
+    let servers = RedisServer::start_many(1).expect("redis-server");
+    runtime().block_on(async {
+        let empty: Vec<(String, ConnectionManager)> = Vec::new();
+        assert!(matches!(
+            Redlock::new(empty),
+            Err(Error::InvalidConfig {
+                field: "masters",
+                ..
+            })
+        ));
+        let lock = redlock(&servers).await;
+        assert!(lock.clone().with_timeout_factor(0.0).is_err());
+        assert!(lock.clone().with_timeout_factor(f64::NAN).is_err());
+        assert!(lock.clone().with_node_timeout(Duration::ZERO).is_err());
+        assert_eq!(
+            lock.node_timeout(Duration::from_secs(10)),
+            Duration::from_millis(500)
+        );
+    });
+}
