@@ -1,0 +1,342 @@
+//! The PostgreSQL backend: durable records, and completion inside the caller's
+//! transaction.
+//!
+//! - **One statement per state change**: a claim is a single `INSERT .. ON CONFLICT DO
+//!   UPDATE .. RETURNING` that takes the key, takes an abandoned one over (epoch + 1), or
+//!   returns the row as it is (in flight, completed with its response, or another
+//!   fingerprint). Complete, release and extend are one `UPDATE`/`DELETE` guarded by
+//!   the claim's token, epoch and a live lock. A replay is the claim's answer.
+//! - **Server time**: `clock_timestamp()` of the database, read once per claim.
+//! - **Your transaction**: [`PostgresStore::complete_in`] stores the response in the
+//!   transaction that writes your business rows, so both commit or neither does; a
+//!   crash before the commit leaves the key in flight until its lock expires, and the
+//!   retry runs on a clean slate.
+//! - **Schema**: [`PostgresStore::migrate`] creates the table (name configurable,
+//!   default `idempotency_keys`) and its expiry index, idempotently and under an
+//!   advisory lock. [`Store::sweep`] deletes expired rows (run
+//!   [`run_sweeper`](crate::run_sweeper)); it never deletes a live claim.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Row as _, Transaction};
+use tracing::Instrument as _;
+
+use crate::error::{Error, Result};
+use crate::store::{
+    Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, in_flight_expiry, new_token, ttl_ms,
+};
+
+const MIGRATION: &str = include_str!("../migrations/0001_create.sql");
+
+const TAKE: &str = "(r.expires_at <= EXCLUDED.created_at OR (r.state = 'in_flight' \
+     AND r.lock_expires_at <= EXCLUDED.created_at AND r.fingerprint = EXCLUDED.fingerprint))";
+
+/// Options of a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    table: String,
+    timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            table: "idempotency_keys".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Builder {
+    /// The table (default `idempotency_keys`): a lowercase SQL identifier of at most 48
+    /// characters.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// How long one statement may take (default 2 s) before [`Error::Timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// A store on `pool`.
+    pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
+        let t = &self.table;
+        let valid = !t.is_empty()
+            && t.len() <= 48
+            && t.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(Error::config(
+                "table",
+                format!("`{t}` must be 1 to 48 of [a-z0-9_], not starting with a digit"),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        let claim_sql = claim_sql(t);
+        Ok(PostgresStore {
+            pool,
+            table: self.table,
+            timeout: self.timeout,
+            claim_sql,
+        })
+    }
+}
+
+fn claim_sql(t: &str) -> String {
+    let set =
+        |col: &str, taken: &str| format!("{col} = CASE WHEN {TAKE} THEN {taken} ELSE r.{col} END");
+    let sets = [
+        set("fingerprint", "EXCLUDED.fingerprint"),
+        set("state", "'in_flight'"),
+        set("epoch", "r.epoch + 1"),
+        set("token", "EXCLUDED.token"),
+        set("lock_expires_at", "EXCLUDED.lock_expires_at"),
+        set("expires_at", "EXCLUDED.expires_at"),
+        set("response", "NULL"),
+        set("created_at", "EXCLUDED.created_at"),
+    ]
+    .join(",\n    ");
+    format!(
+        "INSERT INTO {t} AS r (scope, key, fingerprint, state, epoch, token, lock_expires_at, expires_at, created_at)
+SELECT $1, $2, $3, 'in_flight', 1, $4,
+       c.now + make_interval(secs => $5::float8 / 1000),
+       c.now + make_interval(secs => $6::float8 / 1000),
+       c.now
+FROM (SELECT clock_timestamp() AS now) AS c
+ON CONFLICT (scope, key) DO UPDATE SET
+    {sets}
+RETURNING token, epoch, fingerprint, state, response,
+    GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lock_expires_at - clock_timestamp())) * 1000))::BIGINT AS lock_left_ms"
+    )
+}
+
+/// Records in a PostgreSQL table; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    table: String,
+    timeout: Duration,
+    claim_sql: String,
+}
+
+impl PostgresStore {
+    /// Options: table `idempotency_keys`, 2 s timeout.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table and its index if they are missing; safe to call from every
+    /// replica at start-up.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("sd-idempotency:{}", self.table))
+            .execute(&mut *tx)
+            .await?;
+        let sql = MIGRATION.replace("{table}", &self.table);
+        for statement in sql.split(';').map(str::trim).filter(|s| {
+            s.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim().starts_with("--"))
+        }) {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
+        let span = tracing::debug_span!("idempotency.postgres");
+        match tokio::time::timeout(self.timeout, f.instrument(span)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn complete_query<'q>(
+        &self,
+        sql: &'q str,
+        claim: &'q Claim,
+        response: Vec<u8>,
+        retention: u64,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .bind(token_i64(claim.token))
+            .bind(epoch_i64(claim.epoch))
+            .bind(response)
+            .bind(retention as f64)
+    }
+
+    fn complete_sql(&self) -> String {
+        format!(
+            "UPDATE {} SET state = 'completed', response = $5, lock_expires_at = NULL,
+                 expires_at = clock_timestamp() + make_interval(secs => $6::float8 / 1000)
+             WHERE {}",
+            self.table, HOLDER
+        )
+    }
+
+    /// [`Store::complete`] inside `tx`: the response commits with your own writes, or
+    /// neither does. The row stays locked until `tx` ends.
+    pub async fn complete_in(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        claim: &Claim,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<()> {
+        let retention = ttl_ms("retention", retention)?;
+        let sql = self.complete_sql();
+        let query = self.complete_query(&sql, claim, response.to_bytes()?, retention);
+        let done = self.timed(query.execute(&mut **tx)).await?;
+        held(done.rows_affected(), claim)
+    }
+}
+
+/// The guard of every holder-only statement: $1 scope, $2 key, $3 token, $4 epoch.
+const HOLDER: &str = "scope = $1 AND key = $2 AND token = $3 AND epoch = $4 \
+     AND state = 'in_flight' AND lock_expires_at > clock_timestamp()";
+
+fn held(rows: u64, claim: &Claim) -> Result<()> {
+    if rows == 1 { Ok(()) } else { Err(claim.lost()) }
+}
+
+fn token_i64(token: u64) -> i64 {
+    // Tokens are below 2^63 (see `new_token`).
+    i64::try_from(token).unwrap_or(i64::MAX)
+}
+
+fn epoch_i64(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
+
+/// Milliseconds from now until an in-flight record locked for `ttl` may be deleted.
+fn grace_ms(ttl: u64) -> u64 {
+    in_flight_expiry(ttl, ttl)
+}
+
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<ClaimOutcome> {
+        let ttl = ttl_ms("lock_ttl", lock_ttl)?;
+        let token = new_token();
+        let query = sqlx::query(&self.claim_sql)
+            .bind(scope)
+            .bind(key)
+            .bind(fingerprint.as_bytes().as_slice())
+            .bind(token_i64(token))
+            .bind(ttl as f64)
+            .bind(grace_ms(ttl) as f64)
+            .fetch_one(&self.pool);
+        let row = self.timed(query).await?;
+        let got_token: i64 = row.try_get("token")?;
+        let epoch: i64 = row.try_get("epoch")?;
+        let stored_fp: Vec<u8> = row.try_get("fingerprint")?;
+        let state: String = row.try_get("state")?;
+        if got_token == token_i64(token) {
+            return Ok(ClaimOutcome::Claimed(Claim {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                epoch: u64::try_from(epoch).map_err(|_| Error::corrupt("negative epoch"))?,
+                token,
+            }));
+        }
+        if stored_fp.as_slice() != fingerprint.as_bytes() {
+            return Ok(ClaimOutcome::Mismatch);
+        }
+        match state.as_str() {
+            "completed" => {
+                let response: Option<Vec<u8>> = row.try_get("response")?;
+                let response =
+                    response.ok_or_else(|| Error::corrupt("completed row without a response"))?;
+                Ok(ClaimOutcome::Completed(StoredResponse::from_bytes(
+                    &response,
+                )?))
+            }
+            "in_flight" => {
+                let left: Option<i64> = row.try_get("lock_left_ms")?;
+                let left = u64::try_from(left.unwrap_or(0)).unwrap_or(0);
+                Ok(ClaimOutcome::InFlight {
+                    retry_after: Duration::from_millis(left.max(1)),
+                })
+            }
+            other => Err(Error::corrupt(format!("unknown state `{other}`"))),
+        }
+    }
+
+    async fn complete(
+        &self,
+        claim: &Claim,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<()> {
+        let retention = ttl_ms("retention", retention)?;
+        let sql = self.complete_sql();
+        let query = self.complete_query(&sql, claim, response.to_bytes()?, retention);
+        let done = self.timed(query.execute(&self.pool)).await?;
+        held(done.rows_affected(), claim)
+    }
+
+    async fn release(&self, claim: &Claim) -> Result<()> {
+        let sql = format!("DELETE FROM {} WHERE {HOLDER}", self.table);
+        let query = sqlx::query(&sql)
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .bind(token_i64(claim.token))
+            .bind(epoch_i64(claim.epoch))
+            .execute(&self.pool);
+        held(self.timed(query).await?.rows_affected(), claim)
+    }
+
+    async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
+        let ttl = ttl_ms("lock_ttl", lock_ttl)?;
+        let sql = format!(
+            "UPDATE {} SET lock_expires_at = clock_timestamp() + make_interval(secs => $5::float8 / 1000),
+                 expires_at = clock_timestamp() + make_interval(secs => $6::float8 / 1000)
+             WHERE {HOLDER}",
+            self.table
+        );
+        let query = sqlx::query(&sql)
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .bind(token_i64(claim.token))
+            .bind(epoch_i64(claim.epoch))
+            .bind(ttl as f64)
+            .bind(grace_ms(ttl) as f64)
+            .execute(&self.pool);
+        held(self.timed(query).await?.rows_affected(), claim)
+    }
+
+    async fn sweep(&self) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM {} WHERE expires_at <= clock_timestamp()",
+            self.table
+        );
+        let query = sqlx::query(&sql).execute(&self.pool);
+        Ok(self.timed(query).await?.rows_affected())
+    }
+}
