@@ -284,6 +284,7 @@ impl Limit {
                 per_tick: 1,
                 unit,
                 cap: unit * u64::from(quota.burst),
+                burst: u64::from(quota.burst),
                 max_wait,
             }
         };
@@ -310,6 +311,7 @@ impl Limit {
                     per_tick: u64::from(refill_amount),
                     unit: 1,
                     cap: u64::from(capacity),
+                    burst: u64::from(capacity),
                     max_wait: None,
                 }
             }
@@ -331,6 +333,8 @@ pub(crate) enum Params {
         per_tick: u64,
         unit: u64,
         cap: u64,
+        /// `cap / unit`, the most cost units admitted at once.
+        burst: u64,
         /// `Some` for the leaky queue: the longest delay a request may be given.
         max_wait: Option<u64>,
     },
@@ -412,10 +416,64 @@ impl Step {
 }
 
 impl Params {
+    /// The parameters as seven words, for lock-free publication (see `memory`).
+    pub(crate) fn to_words(self) -> [u64; 7] {
+        match self {
+            Params::Virtual {
+                tick,
+                per_tick,
+                unit,
+                cap,
+                burst,
+                max_wait,
+            } => [
+                u64::from(max_wait.is_some()),
+                tick,
+                per_tick,
+                unit,
+                cap,
+                burst,
+                max_wait.unwrap_or(0),
+            ],
+            Params::Window {
+                window,
+                limit,
+                scale,
+            } => [2, window, limit, scale, 0, 0, 0],
+        }
+    }
+
+    /// The inverse of [`Params::to_words`].
+    #[inline]
+    pub(crate) fn from_words(w: [u64; 7]) -> Self {
+        match w[0] {
+            2 => Params::Window {
+                window: w[1],
+                limit: w[2],
+                scale: w[3],
+            },
+            queue => Params::Virtual {
+                tick: w[1],
+                per_tick: w[2],
+                unit: w[3],
+                cap: w[4],
+                burst: w[5],
+                max_wait: (queue == 1).then_some(w[6]),
+            },
+        }
+    }
+
+    /// Whether the state is the (tick) time at which the key is back to full: GCRA and
+    /// leaky buckets.
+    #[inline]
+    pub(crate) fn state_is_time(&self) -> bool {
+        matches!(self, Params::Virtual { tick: 1, .. })
+    }
+
     /// The most cost units admitted at once.
     pub(crate) fn capacity(&self) -> u64 {
         match *self {
-            Params::Virtual { unit, cap, .. } => cap / unit,
+            Params::Virtual { burst, .. } => burst,
             Params::Window { limit, .. } => limit,
         }
     }
@@ -435,6 +493,7 @@ impl Params {
 
 /// Decides one request of `cost` at `now` on `state`. The caller has checked the cost
 /// with [`Params::check_cost`]; a larger cost is simply denied here.
+#[inline]
 pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
     match *p {
         Params::Virtual {
@@ -442,8 +501,9 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
             per_tick,
             unit,
             cap,
+            burst,
             max_wait,
-        } => virtual_decide(tick, per_tick, unit, cap, max_wait, state, now, cost),
+        } => virtual_decide(tick, per_tick, unit, cap, burst, max_wait, state, now, cost),
         Params::Window {
             window,
             limit,
@@ -461,7 +521,7 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
 #[cfg(test)]
 pub(crate) fn is_full(p: &Params, state: u64, now: u64) -> bool {
     match *p {
-        Params::Virtual { tick, per_tick, .. } => state <= now / tick * per_tick,
+        Params::Virtual { tick, per_tick, .. } => state <= virtual_clock(now, tick, per_tick),
         Params::Window { window, scale, .. } => {
             let (_, prev, cur) = window_view(window, state, now / scale);
             prev == 0 && cur == 0
@@ -487,32 +547,56 @@ pub(crate) fn refund(p: &Params, state: u64, now: u64, cost: u32) -> u64 {
     }
 }
 
+/// The virtual clock `floor(now / tick) * per_tick`; GCRA (`tick == 1`, hence
+/// `per_tick == 1`) skips the division.
+#[inline]
+fn virtual_clock(now: u64, tick: u64, per_tick: u64) -> u64 {
+    if tick == 1 {
+        now
+    } else {
+        now / tick * per_tick
+    }
+}
+
 /// The first tick at which the virtual clock reaches `v`.
+#[inline]
 fn time_of(v: u64, tick: u64, per_tick: u64) -> u64 {
-    v.div_ceil(per_tick).saturating_mul(tick)
+    if tick == 1 {
+        v
+    } else {
+        v.div_ceil(per_tick).saturating_mul(tick)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
+#[inline]
 fn virtual_decide(
     tick: u64,
     per_tick: u64,
     unit: u64,
     cap: u64,
+    burst: u64,
     max_wait: Option<u64>,
     s: u64,
     now: u64,
     cost: u32,
 ) -> Step {
-    let x = now / tick * per_tick;
+    let x = virtual_clock(now, tick, per_tick);
     let base = s.max(x);
     let next = base.saturating_add(u64::from(cost) * unit);
-    let limit = cap / unit;
+    let limit = burst;
     // The first moment the request fits: x(t) >= next - cap.
     let fits_at = time_of(next.saturating_sub(cap), tick, per_tick);
     let wait = fits_at.saturating_sub(now);
     let admitted = next - x <= cap || max_wait.is_some_and(|m| wait <= m);
     let after = if admitted { next } else { base };
-    let remaining = cap.saturating_sub(after - x) / unit;
+    // A denied request of cost 1 leaves less than one unit: skip the division.
+    let remaining = match cap.saturating_sub(after - x) {
+        0 => 0,
+        room if unit == 1 => room,
+        _ if !admitted && cost <= 1 => 0,
+        room => room / unit,
+    };
     Step {
         allowed: admitted,
         limit,

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
@@ -120,10 +119,20 @@ pub struct Stats {
     denied: AtomicU64,
     shadow_denied: AtomicU64,
     backend_errors: AtomicU64,
+    count_denials: bool,
 }
 
 impl Stats {
-    /// Requests denied.
+    /// Counters; denials are counted only when `count_denials`.
+    pub(crate) fn new(count_denials: bool) -> Self {
+        Stats {
+            count_denials,
+            ..Stats::default()
+        }
+    }
+
+    /// Requests denied (always counted by Redis; by memory limiters only when built
+    /// with `count_denials(true)`, which keeps a shared write off the hot path).
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
     }
@@ -150,7 +159,7 @@ impl Stats {
                 self.shadow_denied.fetch_add(1, Ordering::Relaxed);
                 d.allowed = true;
                 d.retry_after = Duration::ZERO;
-            } else {
+            } else if self.count_denials {
                 self.denied.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -158,29 +167,83 @@ impl Stats {
     }
 }
 
+/// The default limit, readable without a lock or a write to shared memory: a sequence
+/// lock over atomic words (readers retry if a writer was active meanwhile).
+#[derive(Debug)]
+struct LimitCell {
+    version: AtomicU64,
+    words: [AtomicU64; 7],
+    limit: std::sync::Mutex<Limit>,
+}
+
+impl LimitCell {
+    fn new(limit: Limit, params: Params) -> Self {
+        LimitCell {
+            version: AtomicU64::new(0),
+            words: params.to_words().map(AtomicU64::new),
+            limit: std::sync::Mutex::new(limit),
+        }
+    }
+
+    #[inline]
+    fn params(&self) -> Params {
+        loop {
+            let before = self.version.load(Ordering::Acquire);
+            let words = [0, 1, 2, 3, 4, 5, 6].map(|i| self.words[i].load(Ordering::Relaxed));
+            std::sync::atomic::fence(Ordering::Acquire);
+            if before & 1 == 0 && self.version.load(Ordering::Relaxed) == before {
+                return Params::from_words(words);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn store(&self, limit: Limit, params: Params) {
+        let mut current = self
+            .limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = self.version.load(Ordering::Relaxed);
+        self.version.store(v + 1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        for (word, value) in self.words.iter().zip(params.to_words()) {
+            word.store(value, Ordering::Relaxed);
+        }
+        self.version.store(v + 2, Ordering::Release);
+        *current = limit;
+    }
+
+    fn limit(&self) -> Limit {
+        *self
+            .limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// What every memory limiter shares: the default limit, the clock, shadow mode, stats.
 #[derive(Debug)]
 struct Core<C> {
-    limit: ArcSwap<(Limit, Params)>,
+    limit: LimitCell,
     clock: C,
     shadow: bool,
     stats: Stats,
 }
 
 impl<C: Clock> Core<C> {
-    fn new(limit: Limit, clock: C, shadow: bool) -> Result<Self> {
+    fn new(limit: Limit, clock: C, shadow: bool, count_denials: bool) -> Result<Self> {
         let params = limit.params(TICK_NS)?;
         Ok(Core {
-            limit: ArcSwap::from_pointee((limit, params)),
+            limit: LimitCell::new(limit, params),
             clock,
             shadow,
-            stats: Stats::default(),
+            stats: Stats::new(count_denials),
         })
     }
 
     fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = limit.params(TICK_NS)?;
-        self.limit.store(Arc::new((limit, params)));
+        self.limit.store(limit, params);
         Ok(())
     }
 
@@ -206,23 +269,43 @@ fn apply(cell: &AtomicU64, p: &Params, now: u64, cost: u32) -> Step {
     }
 }
 
-/// The state of one key: the algorithm's word and when it is back to full (for sweeps,
-/// which must not depend on which limit the key was checked under).
-#[derive(Debug, Default)]
+/// The state of one key: the algorithm's word and, for sweeps (which must not depend on
+/// which limit the key was checked under), when it is back to full.
+///
+/// GCRA and leaky-bucket states are themselves the time the key is back to full, so
+/// those keys mark `full_at` with [`STATE_IS_TIME`] and the hot path writes nothing more
+/// than its compare-and-swap.
+#[derive(Debug)]
 struct Cell {
     state: AtomicU64,
     full_at: AtomicU64,
 }
 
+const STATE_IS_TIME: u64 = u64::MAX;
+
 impl Cell {
+    fn new(p: &Params) -> Self {
+        Cell {
+            state: AtomicU64::new(0),
+            full_at: AtomicU64::new(if p.state_is_time() { STATE_IS_TIME } else { 0 }),
+        }
+    }
+
     #[inline]
     fn apply(&self, p: &Params, now: u64, cost: u32) -> Step {
         let step = apply(&self.state, p, now, cost);
-        if step.state.is_some() {
+        if step.state.is_some() && !p.state_is_time() {
             self.full_at
                 .fetch_max(now.saturating_add(step.reset_after), Ordering::AcqRel);
         }
         step
+    }
+
+    fn is_full(&self, now: u64) -> bool {
+        match self.full_at.load(Ordering::Acquire) {
+            STATE_IS_TIME => self.state.load(Ordering::Acquire) <= now,
+            at => at <= now,
+        }
     }
 }
 
@@ -241,6 +324,8 @@ pub struct Builder<C = MonotonicClock> {
     clock: C,
     shadow: bool,
     max_keys: usize,
+    idle_grace: Duration,
+    count_denials: bool,
 }
 
 /// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 64 MiB at most).
@@ -254,6 +339,8 @@ impl Builder<MonotonicClock> {
             clock: MonotonicClock::default(),
             shadow: false,
             max_keys: DEFAULT_MAX_KEYS,
+            idle_grace: Duration::from_secs(1),
+            count_denials: false,
         }
     }
 }
@@ -266,6 +353,8 @@ impl<C: Clock> Builder<C> {
             clock,
             shadow: self.shadow,
             max_keys: self.max_keys,
+            idle_grace: self.idle_grace,
+            count_denials: self.count_denials,
         }
     }
 
@@ -276,16 +365,31 @@ impl<C: Clock> Builder<C> {
         self
     }
 
+    /// Counts denials in [`Stats::denied`] (off by default: a shared atomic write per
+    /// denial costs throughput under attack).
+    pub fn count_denials(mut self, on: bool) -> Self {
+        self.count_denials = on;
+        self
+    }
+
     /// The most keys a [`KeyedLimiter`] tracks (default [`DEFAULT_MAX_KEYS`]).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
     }
 
+    /// Below the key cap, keys are removed once back to full for `grace` (default 1 s),
+    /// so busy keys are not removed and re-added over and over. At the cap, every key
+    /// back to full is removed.
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.idle_grace = grace;
+        self
+    }
+
     /// A limiter for the whole process.
     pub fn direct(self) -> Result<DirectLimiter<C>> {
         Ok(DirectLimiter {
-            core: Core::new(self.limit, self.clock, self.shadow)?,
+            core: Core::new(self.limit, self.clock, self.shadow, self.count_denials)?,
             state: AtomicU64::new(0),
         })
     }
@@ -304,9 +408,10 @@ impl<C: Clock> Builder<C> {
             return Err(Error::config("max_keys", "must be at least 1"));
         }
         Ok(KeyedLimiter {
-            core: Core::new(self.limit, self.clock, self.shadow)?,
+            core: Core::new(self.limit, self.clock, self.shadow, self.count_denials)?,
             map: DashMap::with_hasher(hasher),
             max_keys: self.max_keys,
+            idle_grace: nanos(self.idle_grace),
             len: AtomicUsize::new(0),
             inserts_since_sweep: AtomicUsize::new(0),
             sweeping: std::sync::Mutex::new(()),
@@ -348,10 +453,9 @@ impl<C: Clock> DirectLimiter<C> {
     /// [`Error::InsufficientCapacity`].
     #[inline]
     pub fn check_n(&self, cost: u32) -> Result<Decision> {
-        let limit = self.core.limit.load();
-        let p = &limit.1;
+        let p = self.core.limit.params();
         p.check_cost(cost)?;
-        let step = apply(&self.state, p, self.core.clock.now(), cost);
+        let step = apply(&self.state, &p, self.core.clock.now(), cost);
         Ok(self.core.finish(&step))
     }
 
@@ -363,7 +467,7 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// The current limit.
     pub fn limit(&self) -> Limit {
-        self.core.limit.load().0
+        self.core.limit.limit()
     }
 
     /// Counters.
@@ -416,6 +520,7 @@ pub struct KeyedLimiter<K, C = MonotonicClock, S = foldhash::fast::RandomState> 
     core: Core<C>,
     map: DashMap<K, Cell, S>,
     max_keys: usize,
+    idle_grace: u64,
     len: AtomicUsize,
     inserts_since_sweep: AtomicUsize,
     sweeping: std::sync::Mutex<()>,
@@ -424,7 +529,7 @@ pub struct KeyedLimiter<K, C = MonotonicClock, S = foldhash::fast::RandomState> 
 impl<K: Hash + Eq + fmt::Debug, C: fmt::Debug, S> fmt::Debug for KeyedLimiter<K, C, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedLimiter")
-            .field("limit", &self.core.limit.load().0)
+            .field("limit", &self.core.limit.limit())
             .field("keys", &self.len.load(Ordering::Relaxed))
             .field("max_keys", &self.max_keys)
             .field("shadow", &self.core.shadow)
@@ -455,8 +560,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let limit = self.core.limit.load();
-        let step = self.step(key, &limit.1, cost)?;
+        let step = self.step(key, &self.core.limit.params(), cost)?;
         Ok(self.core.finish(&step))
     }
 
@@ -550,7 +654,7 @@ where
                 Ok(cell.get().apply(p, self.core.clock.now(), cost))
             }
             Entry::Vacant(slot) => {
-                let cell = slot.insert(Cell::default());
+                let cell = slot.insert(Cell::new(p));
                 Ok(cell.apply(p, self.core.clock.now(), cost))
             }
         }
@@ -561,13 +665,17 @@ where
     fn make_room(&self) -> Result<()> {
         let inserts = self.inserts_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
         let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
-        // A sweep costs O(len); running one only after max(len, 1024) / 4 new keys (or
-        // at the cap, after max_keys / 8 attempts) keeps it amortised O(1) per key.
-        let due = inserts >= (len.max(4096) / 4)
-            || (len > self.max_keys && inserts >= (self.max_keys / 8).max(1));
+        // A sweep costs O(len). Below the cap it runs once half the keys are new since the
+        // last sweep (and at least 4096 are), and
+        // removes keys idle for `idle_grace` (so busy keys are not removed and re-added
+        // over and over); at the cap it runs after max_keys / 8 attempts and removes every
+        // key back to full. Either way it is amortised O(1) per new key.
+        let at_cap = len > self.max_keys;
+        let due =
+            inserts >= (len / 2).max(4096) || (at_cap && inserts >= (self.max_keys / 8).max(1));
         if due && let Ok(_guard) = self.sweeping.try_lock() {
             self.inserts_since_sweep.store(0, Ordering::Relaxed);
-            self.sweep();
+            self.sweep_idle(if at_cap { 0 } else { self.idle_grace });
         }
         if self.len.load(Ordering::Relaxed) > self.max_keys {
             self.len.fetch_sub(1, Ordering::Relaxed);
@@ -581,10 +689,15 @@ where
     /// Removes every key whose state is back to full. Runs by itself as keys are added;
     /// call it only to release memory right after a flood.
     pub fn sweep(&self) {
-        let now = self.core.clock.now();
+        self.sweep_idle(0);
+    }
+
+    /// Removes keys back to full for at least `grace` nanoseconds.
+    fn sweep_idle(&self, grace: u64) {
+        let now = self.core.clock.now().saturating_sub(grace);
         let mut removed = 0;
         self.map.retain(|_, cell| {
-            let full = cell.full_at.load(Ordering::Acquire) <= now;
+            let full = cell.is_full(now);
             removed += usize::from(full);
             !full
         });
@@ -617,7 +730,7 @@ where
 
     /// The default limit.
     pub fn limit(&self) -> Limit {
-        self.core.limit.load().0
+        self.core.limit.limit()
     }
 
     /// Counters.

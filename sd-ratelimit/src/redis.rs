@@ -123,7 +123,7 @@ impl Builder {
             policy: self.policy,
             local,
             shadow: self.shadow,
-            stats: Stats::default(),
+            stats: Stats::new(true),
         })
     }
 }
@@ -348,6 +348,7 @@ fn script_args(p: &Params) -> [i64; 6] {
             unit,
             cap,
             max_wait,
+            ..
         } => [
             1,
             i(tick),
