@@ -70,6 +70,15 @@ pub enum Error {
         waited_ms: u64,
     },
 
+    /// A key the Redis tier cannot store safely.
+    #[error("invalid key `{key}`: {reason}")]
+    InvalidKey {
+        /// The key (truncated to 128 bytes).
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A non-optional read waited on a load of the same key by an optional loader that
     /// found nothing.
     #[error(
@@ -112,6 +121,16 @@ impl Error {
             source: Arc::new(e),
         }
     }
+}
+
+/// Truncates a key for error messages.
+#[cfg(feature = "redis")]
+pub(crate) fn short_key(key: &str) -> String {
+    let mut end = key.len().min(128);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    key[..end].to_owned()
 }
 
 /// `Result` with this crate's [`Error`].

@@ -46,6 +46,9 @@ pub mod clock;
 mod error;
 pub mod memory;
 mod policy;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod singleflight;
 mod stats;
 pub mod xfetch;
@@ -54,3 +57,6 @@ pub use clock::{Clock, ManualClock, RandomSource, SystemClock, TokioClock};
 pub use error::{Error, Result, SharedError};
 pub use memory::{Cache, CacheBuilder};
 pub use stats::CacheStats;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};

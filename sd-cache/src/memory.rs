@@ -10,7 +10,7 @@ use moka::notification::RemovalCause;
 
 use crate::clock::{Clock, RandomSource, SystemClock, ThreadRandom};
 use crate::policy::Policy;
-use crate::singleflight::{Role, SingleFlight};
+use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
 use crate::{Error, Result};
 
@@ -98,61 +98,12 @@ where
         self
     }
 
-    /// How long a loaded or inserted value stays fresh (default 60 s).
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.policy.ttl = ttl;
-        self
-    }
-
-    /// Adds a uniform random `[0, jitter]` to each entry's TTL so keys loaded together do
-    /// not expire together (default 0; at most `ttl`).
-    pub fn ttl_jitter(mut self, jitter: Duration) -> Self {
-        self.policy.ttl_jitter = jitter;
-        self
-    }
-
-    /// How long a "not found" from an optional loader is cached (default 5 s).
-    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.policy.negative_ttl = Some(ttl);
-        self
-    }
-
-    /// Do not cache "not found" at all.
-    pub fn no_negative_caching(mut self) -> Self {
-        self.policy.negative_ttl = None;
-        self
-    }
-
-    /// After expiry, keep the value this long to answer reads whose reload fails
-    /// (default 0: an error is returned as soon as the value expires).
-    pub fn stale_if_error(mut self, window: Duration) -> Self {
-        self.policy.stale_if_error = window;
-        self
-    }
-
-    /// XFetch's `beta` (default 1.0): above 1 refreshes earlier, below 1 later.
-    pub fn beta(mut self, beta: f64) -> Self {
-        self.policy.beta = beta;
-        self
-    }
-
-    /// Turns XFetch early refresh on or off (default on). Off, a hot key's expiry makes one
-    /// caller wait for the load (the others coalesce on it).
-    pub fn early_refresh(mut self, on: bool) -> Self {
-        self.policy.early_refresh = on;
-        self
-    }
+    crate::policy::policy_setters!();
 
     /// The clock used for freshness (default [`SystemClock`]). The engine's own memory
     /// reclamation keeps using real time.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
-        self
-    }
-
-    /// The random source for XFetch and jitter (default [`ThreadRandom`]).
-    pub fn random(mut self, random: impl RandomSource) -> Self {
-        self.random = Arc::new(random);
         self
     }
 
@@ -413,9 +364,7 @@ where
             .flights
             .run(&key, || self.lead(key.clone(), load, need, stale))
             .await;
-        if role == Role::Waiter {
-            Counters::bump(&self.inner.counters.coalesced);
-        }
+        self.inner.counters.note(role);
         result
     }
 
@@ -546,7 +495,7 @@ where
     }
 }
 
-fn require_value<V>(shared: Shared<V>) -> Result<V> {
+pub(crate) fn require_value<V>(shared: Shared<V>) -> Result<V> {
     match shared {
         Ok(Some(v)) => Ok(v),
         Ok(None) => Err(Error::NotFound),

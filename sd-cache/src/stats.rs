@@ -45,6 +45,13 @@ impl Counters {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Counts a caller that waited on another caller's load.
+    pub(crate) fn note(&self, role: crate::singleflight::Role) {
+        if role == crate::singleflight::Role::Waiter {
+            self.coalesced.fetch_add(1, Relaxed);
+        }
+    }
+
     pub(crate) fn record_load(&self, took: Duration, ok: bool) {
         self.loads.fetch_add(1, Relaxed);
         self.load_nanos

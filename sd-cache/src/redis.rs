@@ -1,0 +1,836 @@
+//! The Redis tier: one entry per key in a hash (value, delta, expiry, version), shared by
+//! every process, with one loader per key cluster-wide.
+//!
+//! - **Keys**: `{prefix}:{<key>}` holds the entry and `{prefix}:{<key>}:lock` the load
+//!   lock. Both carry the same `{hash tag}`, so the scripts run on Redis Cluster.
+//! - **Reads** are one round trip: a script returns the entry and the server's `TIME`, so
+//!   freshness and XFetch use the server's clock and app servers with skewed clocks agree.
+//! - **Misses**: in-process callers coalesce first (single-flight), then the leader takes a
+//!   short `SET NX PX` lock. The lock holder loads and writes; every other process waits
+//!   for a message on `{prefix}:events` (when [`RedisCacheBuilder::notifications`] is
+//!   given a client) and otherwise re-reads with exponential backoff (10 ms doubling to
+//!   200 ms), taking the lock itself if the holder died.
+//! - **Versions**: each write bumps the entry's version; a load writes only if the version
+//!   it saw when it took the lock still holds, so it never overwrites a newer write or an
+//!   invalidation (which leaves a tombstone with a bumped version).
+//!
+//! When Redis fails, calls return [`Error::Backend`]; with
+//! [`fallback_to_loader`](RedisCacheBuilder::fallback_to_loader), reads that have a loader
+//! run it instead (still coalesced in-process) and return its value uncached.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use redis::Script;
+use redis::aio::ConnectionLike;
+use tokio::sync::Notify;
+
+use crate::clock::{RandomSource, ThreadRandom};
+use crate::error::short_key;
+use crate::memory::require_value;
+use crate::policy::Policy;
+use crate::singleflight::SingleFlight;
+use crate::stats::{CacheStats, Counters};
+use crate::{Error, Result, SharedError};
+
+/// Turns values into bytes and back. Every process sharing a prefix must use the same codec.
+pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
+    /// Encodes `value`.
+    fn encode(&self, value: &V) -> std::result::Result<Vec<u8>, SharedError>;
+    /// Decodes bytes written by [`encode`](Self::encode).
+    fn decode(&self, bytes: &[u8]) -> std::result::Result<V, SharedError>;
+}
+
+/// JSON through `serde_json` (the default codec).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonCodec;
+
+impl<V: serde::Serialize + serde::de::DeserializeOwned> Codec<V> for JsonCodec {
+    fn encode(&self, value: &V) -> std::result::Result<Vec<u8>, SharedError> {
+        serde_json::to_vec(value).map_err(|e| Arc::new(e) as SharedError)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> std::result::Result<V, SharedError> {
+        serde_json::from_slice(bytes).map_err(|e| Arc::new(e) as SharedError)
+    }
+}
+
+struct Scripts {
+    read: Script,
+    write: Script,
+    invalidate: Script,
+    unlock: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            read: Script::new(include_str!("redis/read.lua")),
+            write: Script::new(include_str!("redis/write.lua")),
+            invalidate: Script::new(include_str!("redis/invalidate.lua")),
+            unlock: Script::new(include_str!("redis/unlock.lua")),
+        }
+    }
+}
+
+/// Builds a [`RedisCache`].
+pub struct RedisCacheBuilder<V, K = JsonCodec> {
+    prefix: String,
+    policy: Policy,
+    lock_ttl: Duration,
+    wait_timeout: Duration,
+    fallback_to_loader: bool,
+    codec: K,
+    random: Arc<dyn RandomSource>,
+    notifications: Option<redis::Client>,
+    _value: PhantomData<fn(V) -> V>,
+}
+
+impl<V, K: fmt::Debug> fmt::Debug for RedisCacheBuilder<V, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCacheBuilder")
+            .field("prefix", &self.prefix)
+            .field("policy", &self.policy)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("fallback_to_loader", &self.fallback_to_loader)
+            .field("codec", &self.codec)
+            .field("notifications", &self.notifications.is_some())
+            .finish()
+    }
+}
+
+impl<V, K> RedisCacheBuilder<V, K>
+where
+    V: Clone + Send + Sync + 'static,
+    K: Codec<V>,
+{
+    crate::policy::policy_setters!();
+
+    /// How long the cross-process load lock lives (default 5 s). Set it above the slowest
+    /// load: if a load outlives it, another process may load too (its older result is then
+    /// refused by the version check, not lost).
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    /// How long a caller waits for another process's load before giving up with
+    /// [`Error::LoadTimeout`] (default 10 s).
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// When Redis fails, run the caller's loader instead of returning [`Error::Backend`]
+    /// (default off). The value is returned but not cached.
+    pub fn fallback_to_loader(mut self, on: bool) -> Self {
+        self.fallback_to_loader = on;
+        self
+    }
+
+    /// Wake waiting processes through Redis pub/sub on this client's server instead of
+    /// polling (one extra connection per cache). Without it waiters re-read with backoff.
+    pub fn notifications(mut self, client: redis::Client) -> Self {
+        self.notifications = Some(client);
+        self
+    }
+
+    /// Replaces the codec (default [`JsonCodec`]).
+    pub fn codec<K2: Codec<V>>(self, codec: K2) -> RedisCacheBuilder<V, K2> {
+        RedisCacheBuilder {
+            prefix: self.prefix,
+            policy: self.policy,
+            lock_ttl: self.lock_ttl,
+            wait_timeout: self.wait_timeout,
+            fallback_to_loader: self.fallback_to_loader,
+            codec,
+            random: self.random,
+            notifications: self.notifications,
+            _value: PhantomData,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.policy.validate()?;
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(Error::InvalidConfig {
+                field: "prefix",
+                reason: "must be non-empty and hold no `{` or `}` (the key becomes the hash tag)",
+            });
+        }
+        if self.lock_ttl < Duration::from_millis(10) || self.lock_ttl > Duration::from_secs(3600) {
+            return Err(Error::InvalidConfig {
+                field: "lock_ttl",
+                reason: "must be between 10 ms and 1 hour; set it above the slowest load",
+            });
+        }
+        if self.wait_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "wait_timeout",
+                reason: "must be above zero; a few times the slowest load is typical",
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the settings and builds the cache on `conn` (a `ConnectionManager` or
+    /// `MultiplexedConnection` for one server, a `cluster_async::ClusterConnection` for a
+    /// cluster). With [`notifications`](Self::notifications) it also subscribes, so it must
+    /// run inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field; [`Error::Backend`] if the subscription fails.
+    pub async fn build<C>(self, conn: C) -> Result<RedisCache<V, C, K>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.validate()?;
+        let channel = format!("{}:events", self.prefix);
+        let waiters: Arc<DashMap<String, Arc<Notify>>> = Arc::new(DashMap::new());
+        let subscribed = match &self.notifications {
+            Some(client) => {
+                let mut pubsub = client
+                    .get_async_pubsub()
+                    .await
+                    .map_err(backend("subscribe"))?;
+                pubsub
+                    .subscribe(&channel)
+                    .await
+                    .map_err(backend("subscribe"))?;
+                let waiters = Arc::downgrade(&waiters);
+                tokio::spawn(async move {
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Some(waiters) = waiters.upgrade() else {
+                            break;
+                        };
+                        if let Ok(key) = msg.get_payload::<String>()
+                            && let Some(n) = waiters.get(&key)
+                        {
+                            n.notify_waiters();
+                        }
+                    }
+                    tracing::warn!(
+                        "sd-cache: the notification connection closed; waiters fall back to polling"
+                    );
+                });
+                true
+            }
+            None => false,
+        };
+        Ok(RedisCache {
+            inner: Arc::new(RedisInner {
+                conn,
+                scripts: Scripts::new(),
+                prefix: self.prefix,
+                channel,
+                policy: self.policy,
+                lock_ttl: self.lock_ttl,
+                wait_timeout: self.wait_timeout,
+                fallback_to_loader: self.fallback_to_loader,
+                codec: self.codec,
+                random: self.random,
+                flights: SingleFlight::new(),
+                counters: Counters::default(),
+                waiters,
+                subscribed,
+            }),
+        })
+    }
+}
+
+struct RedisInner<V, C, K> {
+    conn: C,
+    scripts: Scripts,
+    prefix: String,
+    channel: String,
+    policy: Policy,
+    lock_ttl: Duration,
+    wait_timeout: Duration,
+    fallback_to_loader: bool,
+    codec: K,
+    random: Arc<dyn RandomSource>,
+    flights: SingleFlight<String, Shared<V>>,
+    counters: Counters,
+    waiters: Arc<DashMap<String, Arc<Notify>>>,
+    subscribed: bool,
+}
+
+type Shared<V> = Result<Option<V>>;
+
+/// A cache shared by every process that uses the same Redis and prefix. See the
+/// [module docs](self) for the protocol. Cloning is cheap; clones share state.
+pub struct RedisCache<V, C, K = JsonCodec> {
+    inner: Arc<RedisInner<V, C, K>>,
+}
+
+impl<V, C, K> Clone for RedisCache<V, C, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<V, C, K: fmt::Debug> fmt::Debug for RedisCache<V, C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.inner.prefix)
+            .field("policy", &self.inner.policy)
+            .field("codec", &self.inner.codec)
+            .field("stats", &self.inner.counters.snapshot())
+            .finish()
+    }
+}
+
+/// Why the in-process leader stopped waiting without the lock.
+enum Next<V> {
+    /// Another process stored a fresh value.
+    Fresh(Option<V>),
+    /// An early refresh found another process refreshing.
+    Skip,
+    Failed(Error),
+}
+
+/// One entry as the read script returns it.
+struct Read<V> {
+    /// `Some(None)` for a cached "not found"; `None` for a miss (absent or expired).
+    fresh: Option<Option<V>>,
+    /// The value of an expired entry still inside its stale-on-error window.
+    stale: Option<V>,
+    delta: Duration,
+    expiry: Duration,
+    now: Duration,
+    version: String,
+    locked: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    Never,
+    IfMissing,
+    Always,
+}
+
+impl<V> RedisCache<V, (), JsonCodec>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder for keys under `prefix` (no `{` or `}`), with the defaults: TTL 60 s,
+    /// beta 1, negative TTL 5 s, lock TTL 5 s, wait timeout 10 s, JSON codec.
+    pub fn builder(prefix: impl Into<String>) -> RedisCacheBuilder<V, JsonCodec> {
+        RedisCacheBuilder {
+            prefix: prefix.into(),
+            policy: Policy::default(),
+            lock_ttl: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(10),
+            fallback_to_loader: false,
+            codec: JsonCodec,
+            random: Arc::new(ThreadRandom),
+            notifications: None,
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<V, C, K> RedisCache<V, C, K>
+where
+    V: Clone + Send + Sync + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+    K: Codec<V>,
+{
+    /// The Redis key holding `key`'s entry.
+    pub fn data_key(&self, key: &str) -> String {
+        format!("{}:{{{}}}", self.inner.prefix, key)
+    }
+
+    fn lock_key(&self, key: &str) -> String {
+        format!("{}:{{{}}}:lock", self.inner.prefix, key)
+    }
+
+    fn check_key(key: &str) -> Result<()> {
+        if key.is_empty() || key.starts_with('}') {
+            return Err(Error::InvalidKey {
+                key: short_key(key),
+                reason: "must be non-empty and must not start with `}` (it is the hash tag)",
+            });
+        }
+        Ok(())
+    }
+
+    /// Counters since the cache was built (this process only).
+    pub fn stats(&self) -> CacheStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The fresh value for `key`, if any (one round trip). `None` for a miss and for a
+    /// cached "not found".
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when Redis fails, [`Error::Codec`] when the value does not decode.
+    pub async fn get(&self, key: &str) -> Result<Option<V>> {
+        Self::check_key(key)?;
+        let read = self.read(key, Lock::Never, "").await?;
+        if let Some(v) = read.fresh {
+            Counters::bump(&self.inner.counters.hits);
+            Ok(v)
+        } else {
+            Counters::bump(&self.inner.counters.misses);
+            Ok(None)
+        }
+    }
+
+    /// Stores `value` for `key` (cache-aside), fresh for the TTL, and tells every process.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`], [`Error::Codec`].
+    pub async fn insert(&self, key: &str, value: &V) -> Result<()> {
+        Self::check_key(key)?;
+        self.write(key, Some(value), Duration::ZERO, None, "")
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes `key` for every process. A load running anywhere will not store its (older)
+    /// result.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`].
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        Self::check_key(key)?;
+        let tomb = ms(self.inner.policy.ttl.max(self.inner.lock_ttl * 2));
+        let mut conn = self.inner.conn.clone();
+        self.inner
+            .scripts
+            .invalidate
+            .key(self.data_key(key))
+            .arg(tomb)
+            .arg(&self.inner.channel)
+            .arg(key)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(backend("invalidate"))?;
+        Ok(())
+    }
+
+    /// The value for `key`, loading it with `loader` on a miss: once per key across every
+    /// process that shares the prefix. See [`crate::Cache::get_or_load`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when Redis fails (unless `fallback_to_loader`),
+    /// [`Error::LoadTimeout`], [`Error::Codec`], or a shared [`Error::Loader`] / [`Error::NotFound`]
+    /// from a fallible or optional loader of the same key in this process.
+    pub async fn get_or_load<F, Fut>(&self, key: &str, loader: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let load = move || async move { Ok(Some(loader().await)) };
+        require_value(self.resolve(key, load, true).await)
+    }
+
+    /// The value for `key`, loading it with the fallible `loader` on a miss. A loader error is
+    /// shared with every caller coalesced on it in this process, and not cached.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load), plus [`Error::Loader`].
+    pub async fn try_get_or_load<E, F, Fut>(&self, key: &str, loader: F) -> Result<V>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
+    {
+        let load = move || async move { loader().await.map(Some).map_err(Error::loader) };
+        require_value(self.resolve(key, load, true).await)
+    }
+
+    /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing;
+    /// `Ok(None)` is cached for the negative TTL.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_get_or_load`](Self::try_get_or_load).
+    pub async fn try_get_or_load_optional<E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<Option<V>>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+    {
+        let load = move || async move { loader().await.map_err(Error::loader) };
+        self.resolve(key, load, false).await
+    }
+
+    async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Shared<V>
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Shared<V>> + Send + 'static,
+    {
+        Self::check_key(key)?;
+        let read = match self.read(key, Lock::Never, "").await {
+            Ok(read) => read,
+            Err(e @ Error::Backend { .. }) if self.inner.fallback_to_loader => {
+                return self.fallback(key, load, e).await;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(value) = &read.fresh
+            && (value.is_some() || !want_value)
+        {
+            Counters::bump(&self.inner.counters.hits);
+            let value = value.clone();
+            self.maybe_refresh(key, &read, load);
+            return Ok(value);
+        }
+        Counters::bump(&self.inner.counters.misses);
+        let owned = key.to_owned();
+        let (result, role) = self
+            .inner
+            .flights
+            .run(&owned, || self.lead(owned.clone(), load, want_value, false))
+            .await;
+        self.inner.counters.note(role);
+        result
+    }
+
+    /// Runs the loader around a failed Redis, coalesced in-process, uncached.
+    async fn fallback<L, Fut>(&self, key: &str, load: L, cause: Error) -> Shared<V>
+    where
+        L: FnOnce() -> Fut,
+        Fut: Future<Output = Shared<V>>,
+    {
+        let owned = key.to_owned();
+        let (result, _) = self
+            .inner
+            .flights
+            .run(&owned, || self.fallback_load(load, cause))
+            .await;
+        result
+    }
+
+    async fn fallback_load<L, Fut>(&self, load: L, cause: Error) -> Shared<V>
+    where
+        L: FnOnce() -> Fut,
+        Fut: Future<Output = Shared<V>>,
+    {
+        tracing::warn!(error = %cause, "sd-cache: redis failed, reading through the loader");
+        let start = tokio::time::Instant::now();
+        let result = load().await;
+        self.inner
+            .counters
+            .record_load(start.elapsed(), result.is_ok());
+        result
+    }
+
+    fn maybe_refresh<L, Fut>(&self, key: &str, read: &Read<V>, load: L)
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Shared<V>> + Send + 'static,
+    {
+        if read.now < self.inner.policy.refresh_from(read.expiry, read.delta)
+            || self.inner.flights.is_running(&key.to_owned())
+        {
+            return;
+        }
+        let u = self.inner.random.unit();
+        if !crate::xfetch::should_refresh(
+            read.now,
+            read.expiry,
+            read.delta,
+            self.inner.policy.beta,
+            u,
+        ) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let key = key.to_owned();
+        runtime.spawn(async move {
+            let (result, _) =
+                this.inner.flights.run(&key, || this.lead(key.clone(), load, false, true)).await;
+            if let Err(error) = result {
+                tracing::warn!(%error, "sd-cache: early refresh failed; the current value stays until it expires");
+            }
+        });
+    }
+
+    /// The in-process leader: take the cross-process lock or wait for its holder.
+    async fn lead<L, Fut>(&self, key: String, load: L, want_value: bool, refresh: bool) -> Shared<V>
+    where
+        L: FnOnce() -> Fut,
+        Fut: Future<Output = Shared<V>>,
+    {
+        let token = format!(
+            "{:016x}",
+            (self.inner.random.unit() * u64::MAX as f64) as u64
+        );
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        let mode = if refresh {
+            Lock::Always
+        } else {
+            Lock::IfMissing
+        };
+        let notify = self.inner.subscribed.then(|| {
+            Arc::clone(
+                self.inner
+                    .waiters
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(Notify::new()))
+                    .value(),
+            )
+        });
+        let next = loop {
+            let notified = notify.as_ref().map(|n| n.notified());
+            let mut notified = notified.map(Box::pin);
+            if let Some(n) = notified.as_mut() {
+                n.as_mut().enable();
+            }
+            let read = match self.read(&key, mode, &token).await {
+                Ok(read) => read,
+                Err(e) => break Err(Next::Failed(e)),
+            };
+            if read.locked {
+                break Ok(read);
+            }
+            if refresh {
+                // Another process is refreshing: nothing to do.
+                break Err(Next::Skip);
+            }
+            if let Some(value) = &read.fresh
+                && (value.is_some() || !want_value)
+            {
+                break Err(Next::Fresh(value.clone()));
+            }
+            let waited = start.elapsed();
+            if waited >= self.inner.wait_timeout {
+                break Err(Next::Failed(Error::LoadTimeout {
+                    key: short_key(&key),
+                    waited_ms: ms(waited),
+                }));
+            }
+            let pause = backoff.min(self.inner.wait_timeout - waited);
+            match notified {
+                Some(n) => {
+                    let _ = tokio::time::timeout(pause, n).await;
+                }
+                None => tokio::time::sleep(pause).await,
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        };
+        drop(notify);
+        self.inner
+            .waiters
+            .remove_if(&key, |_, n| Arc::strong_count(n) == 1);
+        match next {
+            Ok(read) => self.load_and_store(&key, load, read, &token).await,
+            Err(Next::Fresh(value)) => Ok(value),
+            Err(Next::Skip) => Ok(None),
+            Err(Next::Failed(e @ Error::Backend { .. }))
+                if self.inner.fallback_to_loader && !refresh =>
+            {
+                self.fallback_load(load, e).await
+            }
+            Err(Next::Failed(e)) => Err(e),
+        }
+    }
+
+    /// We hold the lock: load, then write with the version we saw (or unlock on failure).
+    async fn load_and_store<L, Fut>(
+        &self,
+        key: &str,
+        load: L,
+        read: Read<V>,
+        token: &str,
+    ) -> Shared<V>
+    where
+        L: FnOnce() -> Fut,
+        Fut: Future<Output = Shared<V>>,
+    {
+        let start = tokio::time::Instant::now();
+        let result = load().await;
+        let delta = start.elapsed();
+        self.inner.counters.record_load(delta, result.is_ok());
+        if read.fresh.is_some() {
+            Counters::bump(&self.inner.counters.early_refreshes);
+        }
+        match result {
+            Ok(value) => {
+                if let Err(e) = self
+                    .write(key, value.as_ref(), delta, Some(&read.version), token)
+                    .await
+                {
+                    tracing::warn!(error = %e, "sd-cache: loaded but could not store the value");
+                }
+                Ok(value)
+            }
+            Err(error) => {
+                let mut conn = self.inner.conn.clone();
+                let unlocked = self
+                    .inner
+                    .scripts
+                    .unlock
+                    .key(self.lock_key(key))
+                    .arg(token)
+                    .arg(&self.inner.channel)
+                    .arg(key)
+                    .invoke_async::<i64>(&mut conn)
+                    .await;
+                if let Err(e) = unlocked {
+                    tracing::warn!(error = %e, "sd-cache: could not release the load lock; it expires by itself");
+                }
+                if let Some(fresh) = read.fresh {
+                    return Ok(fresh);
+                }
+                match read.stale {
+                    Some(v) => {
+                        Counters::bump(&self.inner.counters.stale_served);
+                        Ok(Some(v))
+                    }
+                    None => Err(error),
+                }
+            }
+        }
+    }
+
+    async fn read(&self, key: &str, lock: Lock, token: &str) -> Result<Read<V>> {
+        type Reply = (
+            Option<Vec<u8>>,
+            Option<u64>,
+            Option<u64>,
+            Option<u8>,
+            String,
+            u64,
+            u8,
+        );
+        let mut conn = self.inner.conn.clone();
+        let mode = match lock {
+            Lock::Never => "0",
+            Lock::IfMissing => "1",
+            Lock::Always => "2",
+        };
+        let (value, delta, expiry, negative, version, now, locked): Reply = self
+            .inner
+            .scripts
+            .read
+            .key(self.data_key(key))
+            .key(self.lock_key(key))
+            .arg(token)
+            .arg(ms(self.inner.lock_ttl))
+            .arg(mode)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend("read"))?;
+        let now = Duration::from_millis(now);
+        let expiry = expiry.map(Duration::from_millis);
+        let decoded = match (value, negative) {
+            (_, Some(1)) | (None, _) => None,
+            (Some(bytes), _) => {
+                Some(
+                    self.inner
+                        .codec
+                        .decode(&bytes)
+                        .map_err(|source| Error::Codec {
+                            direction: "decode",
+                            key: short_key(key),
+                            source,
+                        })?,
+                )
+            }
+        };
+        let is_entry = expiry.is_some();
+        let fresh_now = expiry.is_some_and(|e| now < e);
+        let (fresh, stale) = if fresh_now {
+            (Some(decoded), None)
+        } else if is_entry {
+            (None, decoded)
+        } else {
+            (None, None)
+        };
+        Ok(Read {
+            fresh,
+            stale,
+            delta: Duration::from_millis(delta.unwrap_or(0)),
+            expiry: expiry.unwrap_or_default(),
+            now,
+            version,
+            locked: locked == 1,
+        })
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Option<&V>,
+        delta: Duration,
+        expected: Option<&str>,
+        token: &str,
+    ) -> Result<i64> {
+        let Some(life) = self
+            .inner
+            .policy
+            .lifetime(value.is_none(), self.inner.random.as_ref())
+        else {
+            return Ok(-1);
+        };
+        let bytes = match value {
+            Some(v) => self.inner.codec.encode(v).map_err(|source| Error::Codec {
+                direction: "encode",
+                key: short_key(key),
+                source,
+            })?,
+            None => Vec::new(),
+        };
+        let stale = if value.is_some() {
+            self.inner.policy.stale_if_error
+        } else {
+            Duration::ZERO
+        };
+        let mut conn = self.inner.conn.clone();
+        self.inner
+            .scripts
+            .write
+            .key(self.data_key(key))
+            .key(self.lock_key(key))
+            .arg(bytes)
+            .arg(ms(delta))
+            .arg(ms(life).max(1))
+            .arg(ms(stale))
+            .arg(if value.is_some() { "0" } else { "1" })
+            .arg(expected.unwrap_or(""))
+            .arg(token)
+            .arg(&self.inner.channel)
+            .arg(key)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(backend("write"))
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn backend(operation: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
+    move |e| Error::Backend {
+        operation,
+        source: Arc::new(e),
+    }
+}

@@ -1,0 +1,421 @@
+//! The Redis tier against real servers: one loader across independent clients, versions
+//! against late loads, negative caching, early refresh on server time, a cluster, and what
+//! the cache promises while Redis is killed or frozen.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sd_cache::clock::FixedRandom;
+use sd_cache::redis::{Codec, RedisCache};
+use sd_cache::{Error, SharedError};
+use tokio::sync::Notify;
+
+#[derive(Debug, thiserror::Error)]
+#[error("database down")]
+struct DbDown;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn manager(url: &str) -> ConnectionManager {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(300)))
+        .set_response_timeout(Some(Duration::from_millis(300)))
+        .set_number_of_retries(1);
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(config)
+        .await
+        .unwrap()
+}
+
+/// An independent client ("process"): its own connections and its own in-process state.
+async fn client(url: &str, prefix: &str) -> RedisCache<String, ConnectionManager> {
+    RedisCache::builder(prefix)
+        .ttl(Duration::from_secs(30))
+        .notifications(redis::Client::open(url).unwrap())
+        .build(manager(url).await)
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until `cond` holds; the bound is a failure, not a timing assertion.
+async fn eventually(mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition never held");
+}
+
+#[test]
+fn insert_get_invalidate_round_trip_under_a_hash_tagged_prefix() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let cache = client(server.url(), &prefix).await;
+        assert_eq!(cache.data_key("user:1"), format!("{prefix}:{{user:1}}"));
+        assert_eq!(cache.get("user:1").await.unwrap(), None);
+        cache.insert("user:1", &"ada".to_owned()).await.unwrap();
+        assert_eq!(cache.get("user:1").await.unwrap().as_deref(), Some("ada"));
+        cache.invalidate("user:1").await.unwrap();
+        assert_eq!(cache.get("user:1").await.unwrap(), None);
+        assert!(matches!(cache.get("").await, Err(Error::InvalidKey { .. })));
+    });
+}
+
+/// 1,000 concurrent reads of one missing key, spread over 4 independent clients, run the
+/// loader once in total.
+#[test]
+fn a_thousand_reads_across_four_clients_run_one_loader() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(client(server.url(), &prefix).await);
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..1_000 {
+            let cache = clients[i % 4].clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("hot", move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        "value".to_owned()
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "value");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let loads: u64 = clients.iter().map(|c| c.stats().loads).sum();
+        assert_eq!(loads, 1);
+    });
+}
+
+/// A load that began before an invalidation must not store its older value.
+#[test]
+fn a_load_that_began_before_an_invalidation_is_not_stored() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let a = client(server.url(), &prefix).await;
+        let b = client(server.url(), &prefix).await;
+        let gate = Arc::new(Notify::new());
+        let started = Arc::new(Notify::new());
+        let load = {
+            let (a, gate, started) = (a.clone(), gate.clone(), started.clone());
+            tokio::spawn(async move {
+                a.get_or_load("k", move || async move {
+                    started.notify_one();
+                    gate.notified().await;
+                    "old".to_owned()
+                })
+                .await
+            })
+        };
+        started.notified().await;
+        b.invalidate("k").await.unwrap();
+        gate.notify_one();
+        assert_eq!(
+            load.await.unwrap().unwrap(),
+            "old",
+            "the caller gets what it loaded"
+        );
+        assert_eq!(b.get("k").await.unwrap(), None, "but the store was refused");
+    });
+}
+
+#[test]
+fn not_found_is_cached_for_every_client() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let a = client(server.url(), &prefix).await;
+        let b = client(server.url(), &prefix).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        for cache in [&a, &b, &a, &b] {
+            let calls = calls.clone();
+            let found = cache
+                .try_get_or_load_optional("ghost", move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Ok::<Option<String>, DbDown>(None)
+                })
+                .await
+                .unwrap();
+            assert_eq!(found, None);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[test]
+fn a_read_near_expiry_refreshes_in_the_background() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        // The smallest draw reaches 36.7 × delta before expiry: with a 100 ms load and a
+        // 2 s TTL every read is inside the window and fires.
+        let cache: RedisCache<u32, ConnectionManager> = RedisCache::builder(prefix.as_str())
+            .ttl(Duration::from_secs(2))
+            .random(FixedRandom(0.0))
+            .build(manager(server.url()).await)
+            .await
+            .unwrap();
+        let slow = |v: u32| {
+            move || async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                v
+            }
+        };
+        assert_eq!(cache.get_or_load("k", slow(1)).await.unwrap(), 1);
+        assert_eq!(
+            cache.get_or_load("k", slow(2)).await.unwrap(),
+            1,
+            "current value at once"
+        );
+        eventually(|| cache.stats().early_refreshes == 1).await;
+        let mut refreshed = None;
+        for _ in 0..100 {
+            refreshed = cache.get("k").await.unwrap();
+            if refreshed == Some(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(refreshed, Some(2));
+    });
+}
+
+#[test]
+fn an_expired_value_is_served_for_a_bounded_time_when_the_reload_fails() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let cache: RedisCache<u32, ConnectionManager> = RedisCache::builder(prefix.as_str())
+            .ttl(Duration::from_millis(100))
+            .stale_if_error(Duration::from_secs(30))
+            .early_refresh(false)
+            .build(manager(server.url()).await)
+            .await
+            .unwrap();
+        cache.insert("k", &7).await.unwrap();
+        // Let the server's clock pass the expiry (server time cannot be injected).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(cache.get("k").await.unwrap(), None);
+        let v = cache
+            .try_get_or_load("k", || async { Err::<u32, _>(DbDown) })
+            .await
+            .unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(cache.stats().stale_served, 1);
+    });
+}
+
+/// A codec other than JSON: raw UTF-8.
+#[derive(Debug)]
+struct Utf8;
+
+impl Codec<String> for Utf8 {
+    fn encode(&self, value: &String) -> Result<Vec<u8>, SharedError> {
+        Ok(value.as_bytes().to_vec())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<String, SharedError> {
+        String::from_utf8(bytes.to_vec()).map_err(|e| Arc::new(e) as SharedError)
+    }
+}
+
+#[test]
+fn a_custom_codec_round_trips_and_a_foreign_value_is_a_codec_error() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let raw = RedisCache::builder(prefix.as_str())
+            .codec(Utf8)
+            .build(manager(server.url()).await)
+            .await
+            .unwrap();
+        raw.insert("k", &"not json".to_owned()).await.unwrap();
+        assert_eq!(raw.get("k").await.unwrap().as_deref(), Some("not json"));
+        let json: RedisCache<String, _> = RedisCache::builder(prefix.as_str())
+            .build(manager(server.url()).await)
+            .await
+            .unwrap();
+        assert!(matches!(
+            json.get("k").await,
+            Err(Error::Codec {
+                direction: "decode",
+                ..
+            })
+        ));
+    });
+}
+
+/// The field an `InvalidConfig` names.
+fn field<T: std::fmt::Debug>(r: Result<T, Error>) -> &'static str {
+    match r {
+        Err(Error::InvalidConfig { field, .. }) => field,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn invalid_settings_fail_at_build_naming_the_field() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    runtime().block_on(async {
+        let conn = manager(server.url()).await;
+        let b = || RedisCache::<u32, ()>::builder("p");
+        assert_eq!(
+            field(
+                RedisCache::<u32, ()>::builder("a{b}")
+                    .build(conn.clone())
+                    .await
+            ),
+            "prefix"
+        );
+        assert_eq!(
+            field(b().lock_ttl(Duration::ZERO).build(conn.clone()).await),
+            "lock_ttl"
+        );
+        assert_eq!(
+            field(b().wait_timeout(Duration::ZERO).build(conn.clone()).await),
+            "wait_timeout"
+        );
+        assert_eq!(field(b().ttl(Duration::ZERO).build(conn).await), "ttl");
+    });
+}
+
+#[test]
+fn one_loader_on_a_cluster() {
+    let cluster = sd_testkit::RedisCluster::start().expect("redis-server must be installed");
+    let urls = cluster.urls();
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let conn = redis::cluster::ClusterClient::new(urls.clone())
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap();
+            let cache: RedisCache<u64, _> = RedisCache::builder(prefix.as_str())
+                .build(conn)
+                .await
+                .unwrap();
+            clients.push(cache);
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..100u64 {
+            let cache = clients[(i % 2) as usize].clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("k{}", i % 10);
+                cache
+                    .get_or_load(&key, move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        i % 10
+                    })
+                    .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), i as u64 % 10);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            10,
+            "one load per key across both clients"
+        );
+        clients[0].invalidate("k3").await.unwrap();
+        assert_eq!(clients[1].get("k3").await.unwrap(), None);
+    });
+}
+
+/// Redis killed: typed errors; with `fallback_to_loader` reads go to the loader; frozen:
+/// the response timeout turns into the same typed error; back up: caching resumes.
+#[test]
+fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
+    let mut server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    let url = server.url();
+    let rt = runtime();
+    let (strict, lenient) = rt.block_on(async {
+        let strict: RedisCache<u32, _> = RedisCache::builder("fault")
+            .build(manager(&url).await)
+            .await
+            .unwrap();
+        let lenient: RedisCache<u32, _> = RedisCache::builder("fault")
+            .fallback_to_loader(true)
+            .build(manager(&url).await)
+            .await
+            .unwrap();
+        strict.insert("k", &1).await.unwrap();
+        (strict, lenient)
+    });
+
+    server.kill().unwrap();
+    rt.block_on(async {
+        assert!(matches!(
+            strict.get("k").await,
+            Err(Error::Backend {
+                operation: "read",
+                ..
+            })
+        ));
+        let err = strict.get_or_load("k", || async { 2 }).await.unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{err}");
+        assert!(
+            err.to_string().contains("fallback_to_loader"),
+            "the message says what to do"
+        );
+        assert_eq!(lenient.get_or_load("k", || async { 2 }).await.unwrap(), 2);
+        assert!(matches!(
+            strict.insert("k", &3).await,
+            Err(Error::Backend { .. })
+        ));
+    });
+
+    server.start_again().unwrap();
+    rt.block_on(async {
+        let mut back = None;
+        for _ in 0..50 {
+            if let Ok(v) = strict.get_or_load("k", || async { 4 }).await {
+                back = Some(v);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            back,
+            Some(4),
+            "an empty restarted server: loaded and cached again"
+        );
+        assert_eq!(strict.get("k").await.unwrap(), Some(4));
+    });
+
+    server.pause().unwrap();
+    rt.block_on(async {
+        assert!(matches!(strict.get("k").await, Err(Error::Backend { .. })));
+        assert_eq!(lenient.get_or_load("k", || async { 5 }).await.unwrap(), 5);
+    });
+    server.resume().unwrap();
+}
