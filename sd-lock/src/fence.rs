@@ -223,3 +223,112 @@ pub mod redis {
         }
     }
 }
+
+/// The fence in PostgreSQL (feature `postgres`).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres {
+    use std::sync::Arc;
+
+    use sqlx::{PgConnection, PgPool};
+
+    use crate::error::{Error, Result};
+    use crate::lease::FencingToken;
+    use crate::postgres::{FENCE_SQL, run_migration, validate_table};
+
+    /// A fence table (default `sd_lock_fence`): the newest token each resource accepted.
+    ///
+    /// Call [`PostgresFence::check`] inside the transaction that writes the protected
+    /// rows, before the writes. It raises the resource's token or fails with
+    /// [`Error::StaleToken`]; the row stays locked until the transaction ends, so a
+    /// newer holder's transaction waits for this one and an older one is refused.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: sqlx::PgPool, lease: sd_lock::Lease) -> Result<(), Box<dyn std::error::Error>> {
+    /// use sd_lock::fence::postgres::PostgresFence;
+    ///
+    /// let fence = PostgresFence::new();
+    /// fence.migrate(&pool).await?;
+    /// let mut tx = pool.begin().await?;
+    /// fence.check(&mut tx, lease.resource(), lease.token()).await?; // StaleToken: roll back
+    /// sqlx::query("UPDATE accounts SET balance = balance - 30 WHERE id = 7").execute(&mut *tx).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    #[derive(Debug, Clone)]
+    pub struct PostgresFence {
+        table: Arc<str>,
+        check_sql: Arc<str>,
+        current_sql: Arc<str>,
+    }
+
+    impl Default for PostgresFence {
+        fn default() -> Self {
+            Self::build("sd_lock_fence")
+        }
+    }
+
+    impl PostgresFence {
+        /// A fence in table `sd_lock_fence`.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        fn build(t: &str) -> Self {
+            PostgresFence {
+                table: t.into(),
+                check_sql: format!(
+                    "INSERT INTO {t} AS f (resource, token) VALUES ($1, $2) \
+                     ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token \
+                     WHERE f.token <= EXCLUDED.token RETURNING token"
+                )
+                .into(),
+                current_sql: format!("SELECT token FROM {t} WHERE resource = $1").into(),
+            }
+        }
+
+        /// Another table name: `name` or `schema.name`.
+        pub fn with_table(table: &str) -> Result<Self> {
+            validate_table(table)?;
+            Ok(Self::build(table))
+        }
+
+        /// Creates the fence table if it does not exist.
+        pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
+            run_migration(pool, FENCE_SQL, &self.table).await
+        }
+
+        /// Admits `token` for `resource` in the caller's transaction, or refuses a stale
+        /// one. Tokens above `i64::MAX` are refused as invalid.
+        pub async fn check(
+            &self,
+            conn: &mut PgConnection,
+            resource: &str,
+            token: FencingToken,
+        ) -> Result<()> {
+            if resource.is_empty() {
+                return Err(Error::EmptyResource);
+            }
+            let t = i64::try_from(token.0).map_err(|_| Error::InvalidConfig {
+                field: "token",
+                reason: "above i64::MAX, which a PostgreSQL bigint cannot hold",
+            })?;
+            let accepted: Option<i64> = sqlx::query_scalar(&self.check_sql)
+                .bind(resource)
+                .bind(t)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if accepted.is_some() {
+                return Ok(());
+            }
+            let current: i64 = sqlx::query_scalar(&self.current_sql)
+                .bind(resource)
+                .fetch_one(&mut *conn)
+                .await?;
+            Err(Error::StaleToken {
+                token,
+                current: FencingToken(u64::try_from(current).unwrap_or(0)),
+            })
+        }
+    }
+}

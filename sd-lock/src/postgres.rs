@@ -1,0 +1,439 @@
+//! The PostgreSQL backend (feature `postgres`): a leases table whose `epoch` is the
+//! fencing token, and advisory locks for callers that want them.
+//!
+//! - **Leases**: one row per resource. Acquire is one statement,
+//!   `INSERT .. ON CONFLICT DO UPDATE .. WHERE the lease is free or expired RETURNING
+//!   epoch`, which bumps `epoch` in the same row write that grants the lease: the token
+//!   comes from the database's own transaction order, so it is strictly increasing per
+//!   resource with no clock assumption. Expiry uses the server's `clock_timestamp()`.
+//!   Release and extend compare the holder's random value. Rows stay after release so
+//!   the epoch keeps growing.
+//! - **Advisory locks**: [`PostgresLock::try_lock_xact`] (transaction-scoped, the
+//!   default: freed at commit or rollback, works behind transaction-mode poolers) and
+//!   [`PostgresLock::try_lock_session`] (session-scoped, on a dedicated connection,
+//!   freed by [`SessionLock::release`] or when the connection drops). Both bump the same
+//!   `epoch` for a fencing token. A dropped connection frees a session lock silently:
+//!   fence the writes.
+//! - Schema: [`PostgresLock::migrate`] creates the table (default `sd_lock_leases`;
+//!   name configurable, optionally schema-qualified) idempotently, also when replicas
+//!   run it at once.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
+
+const LEASES_SQL: &str = include_str!("../migrations/0001_leases.sql");
+pub(crate) const FENCE_SQL: &str = include_str!("../migrations/0002_fence.sql");
+
+/// Checks a table name: `name` or `schema.name`, each an unquoted identifier of at most
+/// 63 bytes (`[A-Za-z_][A-Za-z0-9_]*`).
+pub(crate) fn validate_table(table: &str) -> Result<()> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ident(p)) {
+        return Err(Error::InvalidConfig {
+            field: "table",
+            reason: "must be `name` or `schema.name`, letters, digits and `_`, at most 63 bytes each",
+        });
+    }
+    Ok(())
+}
+
+/// Runs one migration file with `{table}` replaced; safe to run again and concurrently.
+pub(crate) async fn run_migration(pool: &PgPool, sql: &str, table: &str) -> Result<()> {
+    let sql = sql.replace("{table}", table);
+    sqlx::raw_sql(&sql).execute(pool).await?;
+    Ok(())
+}
+
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(lease::ceil_millis(ttl)).unwrap_or(i64::MAX)
+}
+
+fn token(epoch: i64) -> Result<FencingToken> {
+    u64::try_from(epoch)
+        .map(FencingToken)
+        .map_err(|_| Error::UnexpectedReply {
+            reason: "negative epoch in the leases table",
+        })
+}
+
+struct Sql {
+    acquire: String,
+    extend: String,
+    release: String,
+    bump: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Self {
+        let expiry = "clock_timestamp() + make_interval(secs => $3::float8 / 1000.0)";
+        Sql {
+            acquire: format!(
+                "INSERT INTO {t} AS l (resource, holder, epoch, expires_at) VALUES ($1, $2, 1, {expiry}) \
+                 ON CONFLICT (resource) DO UPDATE \
+                 SET holder = EXCLUDED.holder, epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at \
+                 WHERE l.holder IS NULL OR l.expires_at <= clock_timestamp() \
+                 RETURNING epoch"
+            ),
+            extend: format!(
+                "UPDATE {t} SET expires_at = {expiry} \
+                 WHERE resource = $1 AND holder = $2 AND expires_at > clock_timestamp() RETURNING epoch"
+            ),
+            release: format!(
+                "WITH old AS (SELECT resource, expires_at FROM {t} WHERE resource = $1 AND holder = $2 FOR UPDATE) \
+                 UPDATE {t} AS l SET holder = NULL, expires_at = NULL FROM old \
+                 WHERE l.resource = old.resource RETURNING old.expires_at > clock_timestamp()"
+            ),
+            bump: format!(
+                "INSERT INTO {t} AS l (resource, epoch) VALUES ($1, 1) \
+                 ON CONFLICT (resource) DO UPDATE SET epoch = l.epoch + 1 RETURNING epoch"
+            ),
+        }
+    }
+}
+
+/// Leases in a PostgreSQL table. Cheap to clone.
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use sd_lock::{Lock, postgres::PostgresLock};
+///
+/// let lock = PostgresLock::new(pool).with_table("jobs.leases")?;
+/// lock.migrate().await?;
+/// let lease = lock.try_acquire("invoice:9", Duration::from_secs(30)).await?;
+/// // ... pass lease.token() to the fenced writes ...
+/// let _ = lock.release(lease).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresLock {
+    pool: PgPool,
+    table: Arc<str>,
+    sql: Arc<Sql>,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for PostgresLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLock")
+            .field("table", &self.table)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLock {
+    /// Leases in table `sd_lock_leases` on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        PostgresLock {
+            pool,
+            table: "sd_lock_leases".into(),
+            sql: Arc::new(Sql::new("sd_lock_leases")),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Another table name: `name` or `schema.name`.
+    pub fn with_table(mut self, table: &str) -> Result<Self> {
+        validate_table(table)?;
+        self.table = table.into();
+        self.sql = Arc::new(Sql::new(table));
+        Ok(self)
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`].
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Creates the leases table if it does not exist.
+    pub async fn migrate(&self) -> Result<()> {
+        run_migration(&self.pool, LEASES_SQL, &self.table).await
+    }
+
+    /// [`crate::Lock::try_acquire`].
+    ///
+    /// The statement runs in a task of its own: if this future is dropped, the task
+    /// still finishes, and a lease it got is released right after. (Releasing from the
+    /// dropped future instead could overtake the statement still in flight.)
+    pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Lease> {
+        lease::validate(resource, ttl, Duration::from_millis(1))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (this, owned) = (self.clone(), resource.to_owned());
+        let task = runtime.spawn(async move {
+            let lease = this.acquire_once(&owned, ttl).await?;
+            Ok(Armed {
+                lock: this,
+                lease: Some(lease),
+            })
+        });
+        match task.await {
+            Ok(Ok(mut armed)) => armed.lease.take().ok_or(Error::UnexpectedReply {
+                reason: "the acquire task returned no lease",
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::UnexpectedReply {
+                reason: "the acquire task was cancelled or panicked",
+            }),
+        }
+    }
+
+    async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Lease> {
+        let holder = lease::new_holder();
+        let start = Instant::now();
+        let epoch: Option<i64> = sqlx::query_scalar(&self.sql.acquire)
+            .bind(resource)
+            .bind(&holder)
+            .bind(millis(ttl))
+            .fetch_optional(&self.pool)
+            .await?;
+        let elapsed = start.elapsed();
+        let Some(epoch) = epoch else {
+            return Err(Error::Held {
+                resource: resource.to_owned(),
+            });
+        };
+        let Some(validity) = lease::validity(ttl, elapsed) else {
+            let _ = self.release_holder(resource, &holder).await;
+            return Err(Error::ValidityExhausted {
+                resource: resource.to_owned(),
+                ttl,
+                elapsed,
+            });
+        };
+        Ok(Lease {
+            resource: resource.to_owned(),
+            token: token(epoch)?,
+            ttl,
+            valid_until: start + elapsed + validity,
+            holder,
+            handle: 0,
+        })
+    }
+
+    async fn release_holder(&self, resource: &str, holder: &str) -> Result<Release> {
+        let live: Option<Option<bool>> = sqlx::query_scalar(&self.sql.release)
+            .bind(resource)
+            .bind(holder)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match live {
+            Some(Some(true)) => Release::Released,
+            _ => Release::Expired,
+        })
+    }
+
+    /// [`crate::Lock::extend`].
+    pub async fn extend(&self, lease: &mut Lease, ttl: Duration) -> Result<()> {
+        lease::validate_ttl(ttl, Duration::from_millis(1))?;
+        let start = Instant::now();
+        let epoch: Option<i64> = sqlx::query_scalar(&self.sql.extend)
+            .bind(&lease.resource)
+            .bind(&lease.holder)
+            .bind(millis(ttl))
+            .fetch_optional(&self.pool)
+            .await?;
+        let elapsed = start.elapsed();
+        match (epoch, lease::validity(ttl, elapsed)) {
+            (Some(_), Some(validity)) => {
+                lease.valid_until = start + elapsed + validity;
+                lease.ttl = ttl;
+                Ok(())
+            }
+            _ => Err(Error::LeaseExpired {
+                resource: lease.resource.clone(),
+            }),
+        }
+    }
+
+    /// [`crate::Lock::release`].
+    pub async fn release(&self, lease: Lease) -> Result<Release> {
+        self.release_holder(&lease.resource, &lease.holder).await
+    }
+
+    /// Takes the transaction-scoped advisory lock on `resource` inside the caller's
+    /// transaction (`&mut *tx`), and returns a fresh fencing token from the leases
+    /// table. The lock is freed when the transaction ends; [`Error::Held`] when another
+    /// transaction has it. Keys are `hashtextextended(resource, 0)`: distinct names can
+    /// collide (rarely), which only makes them share a lock.
+    pub async fn try_lock_xact(
+        &self,
+        conn: &mut PgConnection,
+        resource: &str,
+    ) -> Result<FencingToken> {
+        lease::validate(resource, Duration::from_secs(1), Duration::ZERO)?;
+        let got: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(resource)
+                .fetch_one(&mut *conn)
+                .await?;
+        if !got {
+            return Err(Error::Held {
+                resource: resource.to_owned(),
+            });
+        }
+        let epoch: i64 = sqlx::query_scalar(&self.sql.bump)
+            .bind(resource)
+            .fetch_one(&mut *conn)
+            .await?;
+        token(epoch)
+    }
+
+    /// Takes the session-scoped advisory lock on `resource` on a dedicated pooled
+    /// connection, with a fencing token. Hold the [`SessionLock`] as long as the work
+    /// runs; [`Error::Held`] when another session has it.
+    pub async fn try_lock_session(&self, resource: &str) -> Result<SessionLock> {
+        lease::validate(resource, Duration::from_secs(1), Duration::ZERO)?;
+        let mut conn = self.pool.acquire().await?;
+        // The connection closes if this future is dropped half-way (the lock with it).
+        conn.close_on_drop();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(resource)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !got {
+            return Err(Error::Held {
+                resource: resource.to_owned(),
+            });
+        }
+        let epoch: i64 = sqlx::query_scalar(&self.sql.bump)
+            .bind(resource)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(SessionLock {
+            conn: Some(conn),
+            resource: resource.to_owned(),
+            token: token(epoch)?,
+        })
+    }
+}
+
+/// A granted lease nobody has taken yet: released in the background if dropped.
+struct Armed {
+    lock: PostgresLock,
+    lease: Option<Lease>,
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let lock = self.lock.clone();
+            lease::spawn_detached(async move {
+                let _ = lock.release_holder(&lease.resource, &lease.holder).await;
+            });
+        }
+    }
+}
+
+/// A session-scoped advisory lock on its own connection.
+///
+/// Dropping it without [`SessionLock::release`] closes the connection (in the
+/// background), which frees the lock: a pooled connection never goes back to the pool
+/// still holding it.
+pub struct SessionLock {
+    conn: Option<PoolConnection<Postgres>>,
+    resource: String,
+    token: FencingToken,
+}
+
+impl fmt::Debug for SessionLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionLock")
+            .field("resource", &self.resource)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionLock {
+    /// The resource.
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    /// The fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The backend process id of the holding connection (to watch or terminate it).
+    pub async fn backend_pid(&mut self) -> Result<i32> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Error::LeaseExpired {
+                resource: self.resource.clone(),
+            });
+        };
+        Ok(sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **conn)
+            .await?)
+    }
+
+    /// Unlocks. [`Release::Expired`] when the session no longer held it (the connection
+    /// dropped in between).
+    pub async fn release(mut self) -> Result<Release> {
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(Release::Expired);
+        };
+        let unlocked: Result<bool, sqlx::Error> =
+            sqlx::query_scalar("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                .bind(&self.resource)
+                .fetch_one(&mut *conn)
+                .await;
+        match unlocked {
+            // The connection still closes on drop: a session that held a lock is not
+            // handed to another user of the pool.
+            Ok(true) => Ok(Release::Released),
+            Ok(false) => Ok(Release::Expired),
+            // The session is gone, and its locks with it.
+            Err(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => Ok(Release::Expired),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("57P01") => {
+                Ok(Release::Expired)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl crate::Lock for PostgresLock {
+    fn try_acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
+        PostgresLock::try_acquire(self, resource, ttl)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a mut Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        PostgresLock::extend(self, lease, ttl)
+    }
+
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
+        PostgresLock::release(self, lease)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+}
