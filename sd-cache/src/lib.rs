@@ -51,12 +51,14 @@ mod policy;
 pub mod redis;
 pub mod singleflight;
 mod stats;
+pub mod write;
 pub mod xfetch;
 
 pub use clock::{Clock, ManualClock, RandomSource, SystemClock, TokioClock};
 pub use error::{Error, Result, SharedError};
 pub use memory::{Cache, CacheBuilder};
 pub use stats::CacheStats;
+pub use write::{CacheTier, DeadLetter, Store, WriteBehind, WriteOp, WriteThrough};
 
 #[cfg(feature = "redis")]
 pub use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};

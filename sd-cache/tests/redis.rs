@@ -419,3 +419,60 @@ fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
     });
     server.resume().unwrap();
 }
+
+/// A store that records what it was given.
+#[derive(Default)]
+struct Rows(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl sd_cache::Store<String, u32> for Rows {
+    type Error = DbDown;
+
+    async fn write(&self, key: &String, op: &sd_cache::WriteOp<u32>) -> Result<(), DbDown> {
+        let mut rows = self.0.lock().unwrap();
+        match op {
+            sd_cache::WriteOp::Put(v) => rows.insert(key.clone(), *v),
+            sd_cache::WriteOp::Delete => rows.remove(key),
+        };
+        Ok(())
+    }
+}
+
+#[test]
+fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let tier = |url: String, prefix: String| async move {
+            RedisCache::<u32, ()>::builder(prefix)
+                .build(manager(&url).await)
+                .await
+                .unwrap()
+        };
+        let through = sd_cache::WriteThrough::new(
+            tier(server.url().into(), prefix.clone()).await,
+            Rows::default(),
+        );
+        through.write("a".to_owned(), 1).await.unwrap();
+        let other = tier(server.url().into(), prefix.clone()).await;
+        assert_eq!(
+            other.get("a").await.unwrap(),
+            Some(1),
+            "another client reads the write"
+        );
+
+        let behind = sd_cache::WriteBehind::builder()
+            .build(
+                tier(server.url().into(), prefix.clone()).await,
+                Rows::default(),
+            )
+            .unwrap();
+        behind.write("b".to_owned(), 2).await.unwrap();
+        assert_eq!(
+            other.get("b").await.unwrap(),
+            Some(2),
+            "cached before it is stored"
+        );
+        let stats = behind.shutdown().await.unwrap();
+        assert_eq!(stats.written, 1);
+    });
+}
