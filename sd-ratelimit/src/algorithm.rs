@@ -6,7 +6,7 @@
 //!
 //! Time is an integer count of *ticks* since an origin: nanoseconds in memory,
 //! microseconds in Redis (Lua numbers are doubles, exact only below 2^53).
-//! [`Limit::params`] turns a limit into tick units once; [`decide`] is then
+//! `Limit::params` turns a limit into tick units once; `decide` is then
 //! pure integer arithmetic, the same in Rust and in the Lua port.
 //!
 //! # GCRA, token bucket and leaky bucket share one kernel

@@ -250,8 +250,8 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
         for (_, _, p, cost) in items {
             p.check_cost(*cost)?;
         }
-        let mut args = redis::Cmd::new();
-        args.arg(items.len());
+        let mut args = redis::cmd("EVALSHA");
+        args.arg(SCRIPT.get_hash()).arg(items.len());
         for (key, ..) in items {
             args.arg(self.redis_key(key));
         }
@@ -274,25 +274,21 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
         }
     }
 
-    /// `EVALSHA`, or `EVAL` when the server does not know the script (it then caches it).
-    async fn eval(&self, args: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
+    /// `evalsha` (`EVALSHA sha n keys.. args..`), or the same as `EVAL` when the server
+    /// does not know the script (which also caches it there).
+    async fn eval(&self, evalsha: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
         let mut conn = self.conn.clone();
-        let with = |name: &str, script: &str| {
-            let mut cmd = redis::cmd(name);
-            cmd.arg(script);
-            for arg in args.args_iter() {
-                if let redis::Arg::Simple(bytes) = arg {
-                    cmd.arg(bytes);
-                }
-            }
-            cmd
-        };
-        match with("EVALSHA", SCRIPT.get_hash())
-            .query_async(&mut conn)
-            .await
-        {
+        match evalsha.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                with("EVAL", SCRIPT_CODE).query_async(&mut conn).await
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(SCRIPT_CODE);
+                // Skip the command name and the SHA.
+                for arg in evalsha.args_iter().skip(2) {
+                    if let redis::Arg::Simple(bytes) = arg {
+                        eval.arg(bytes);
+                    }
+                }
+                eval.query_async(&mut conn).await
             }
             other => other,
         }
