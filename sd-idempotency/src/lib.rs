@@ -1,5 +1,85 @@
 //! Idempotency-Key store on memory, Redis and PostgreSQL, and middleware that executes
 //! each request once under concurrent retries.
+//!
+//! A client that retries a `POST /payments` after a timeout must not be charged twice.
+//! It sends an `Idempotency-Key`; the server runs the request once, answers concurrent
+//! duplicates with 409, a reused key with another body with 422, and replays the stored
+//! response, byte for byte, to every later retry.
+//!
+//! # When to use it (and when not)
+//!
+//! Use it for non-idempotent operations with side effects outside one database
+//! transaction: charging a card, sending mail, calling a partner API, publishing a
+//! message ([`run_once`](crate::run_once())). When the request only writes to your own
+//! PostgreSQL database, one transaction with a unique constraint on the key is simpler;
+//! [`postgres::PostgresStore::complete_in`] is the middle ground, storing the response in
+//! that transaction.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use sd_idempotency::{ClaimOutcome, Fingerprint, MemoryStore, Store, StoredResponse};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+//! let store = MemoryStore::new();
+//! let fp = Fingerprint::of(r#"{"amount":1000,"currency":"EUR"}"#);
+//! let lock = Duration::from_secs(30);
+//!
+//! let ClaimOutcome::Claimed(claim) = store.claim("alice", "key-1", &fp, lock).await? else {
+//!     panic!("the first request claims the key");
+//! };
+//! // A concurrent duplicate is told to come back later.
+//! assert!(matches!(store.claim("alice", "key-1", &fp, lock).await?, ClaimOutcome::InFlight { .. }));
+//! // The same key with another body is refused.
+//! let other = Fingerprint::of(r#"{"amount":9999,"currency":"EUR"}"#);
+//! assert_eq!(store.claim("alice", "key-1", &other, lock).await?, ClaimOutcome::Mismatch);
+//!
+//! let response = StoredResponse::new(201, r#"{"id":"pay_1"}"#);
+//! store.complete(&claim, &response, Duration::from_secs(24 * 3600)).await?;
+//! // Every retry gets the stored response.
+//! assert_eq!(store.claim("alice", "key-1", &fp, lock).await?, ClaimOutcome::Completed(response));
+//! # Ok::<(), sd_idempotency::Error>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! With axum (feature `tower`):
+//!
+//! ```ignore
+//! let layer = IdempotencyLayer::builder(store)
+//!     .principal(|parts| parts.headers.get("x-api-key")?.to_str().ok().map(str::to_owned))
+//!     .build()?;
+//! let app = Router::new().route("/payments", post(create_payment)).layer(layer);
+//! ```
+//!
+//! # Guarantees per backend
+//!
+//! Every backend honours the [`Store`] contract: claim, complete, release and extend are
+//! each one atomic step; a claim holds while its lock lives; a takeover of an abandoned
+//! key bumps the epoch and the old holder's `complete` is refused ([`Error::ClaimLost`]).
+//!
+//! | backend | claim | complete | replay | survives | limits |
+//! |---|---|---|---|---|---|
+//! | [`MemoryStore`] | a shard lock | a shard lock | 0 round trips | nothing | one process |
+//! | [`redis::RedisStore`] | 1 `EVALSHA` | 1 `EVALSHA` | 1 round trip | app restarts | a failover or unpersisted restart can forget claims |
+//! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
+//!
+//! The middleware fails closed: when the store errs or times out it answers 503 and the
+//! handler does not run ([`middleware::OnStoreFailure`]).
+//!
+//! # Figures
+//!
+//! Round trips to the store per request: first run 2 (claim, complete), replay 1,
+//! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs.
+//!
+//! # Crate features
+//!
+//! None is on by default.
+//!
+//! - `redis`: the Redis backend ([`redis::RedisStore`]).
+//! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
+//! - `tower`: the tower / axum middleware ([`middleware::IdempotencyLayer`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
