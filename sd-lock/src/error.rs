@@ -172,6 +172,16 @@ pub enum Error {
         source: sqlx::Error,
     },
 
+    /// etcd failed.
+    #[cfg(feature = "etcd")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+    #[error("etcd failed; check the cluster and the connection")]
+    Etcd {
+        /// The client error.
+        #[from]
+        source: etcd_client::Error,
+    },
+
     /// A backend answered something this version does not understand.
     #[error("unexpected reply from the lock backend: {reason}; check the server version")]
     UnexpectedReply {

@@ -266,6 +266,56 @@ where
     }
 }
 
+/// A granted lease nobody has taken yet: released in the background if dropped.
+#[allow(dead_code)] // used by the network backends
+struct Armed<L: crate::Lock + Clone + 'static> {
+    lock: L,
+    lease: Option<Lease>,
+}
+
+impl<L: crate::Lock + Clone + 'static> Drop for Armed<L> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let lock = self.lock.clone();
+            spawn_detached(async move {
+                let _ = lock.release(lease).await;
+            });
+        }
+    }
+}
+
+/// Runs one acquisition in a task of its own and waits for it. If the caller's future
+/// is dropped, the task still finishes and a lease it got is released right after, so a
+/// cancelled acquire leaves nothing behind. (Releasing from the dropped future instead
+/// could overtake a request still in flight.)
+#[allow(dead_code)] // used by the network backends
+pub(crate) async fn acquire_in_task<L, F, Fut>(lock: &L, acquire: F) -> Result<Lease>
+where
+    L: crate::Lock + Clone + 'static,
+    F: FnOnce(L) -> Fut,
+    Fut: std::future::Future<Output = Result<Lease>> + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    let this = lock.clone();
+    let attempt = acquire(lock.clone());
+    let task = runtime.spawn(async move {
+        let lease = attempt.await?;
+        Ok(Armed {
+            lock: this,
+            lease: Some(lease),
+        })
+    });
+    match task.await {
+        Ok(Ok(mut armed)) => armed.lease.take().ok_or(Error::UnexpectedReply {
+            reason: "the acquire task returned no lease",
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::UnexpectedReply {
+            reason: "the acquire task was cancelled or panicked",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod error;
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub mod etcd;
 pub mod fence;
 pub mod lease;
 pub mod memory;

@@ -176,24 +176,11 @@ impl PostgresLock {
     /// dropped future instead could overtake the statement still in flight.)
     pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Lease> {
         lease::validate(resource, ttl, Duration::from_millis(1))?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let (this, owned) = (self.clone(), resource.to_owned());
-        let task = runtime.spawn(async move {
-            let lease = this.acquire_once(&owned, ttl).await?;
-            Ok(Armed {
-                lock: this,
-                lease: Some(lease),
-            })
-        });
-        match task.await {
-            Ok(Ok(mut armed)) => armed.lease.take().ok_or(Error::UnexpectedReply {
-                reason: "the acquire task returned no lease",
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::UnexpectedReply {
-                reason: "the acquire task was cancelled or panicked",
-            }),
-        }
+        let owned = resource.to_owned();
+        lease::acquire_in_task(self, move |this| async move {
+            this.acquire_once(&owned, ttl).await
+        })
+        .await
     }
 
     async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Lease> {
@@ -323,23 +310,6 @@ impl PostgresLock {
             resource: resource.to_owned(),
             token: token(epoch)?,
         })
-    }
-}
-
-/// A granted lease nobody has taken yet: released in the background if dropped.
-struct Armed {
-    lock: PostgresLock,
-    lease: Option<Lease>,
-}
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            let lock = self.lock.clone();
-            lease::spawn_detached(async move {
-                let _ = lock.release_holder(&lease.resource, &lease.holder).await;
-            });
-        }
     }
 }
 
