@@ -115,14 +115,15 @@ fn store_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> Error {
 
 /// Write-through: the store first, then the cache. Writes to one key are serialised so the
 /// cache ends with the value of the last successful store write.
-pub struct WriteThrough<T, S> {
+pub struct WriteThrough<K, V, T, S> {
     cache: T,
     store: S,
     locks: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
+    _types: std::marker::PhantomData<fn(K, V)>,
 }
 
-impl<T: fmt::Debug, S> fmt::Debug for WriteThrough<T, S> {
+impl<K, V, T: fmt::Debug, S> fmt::Debug for WriteThrough<K, V, T, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WriteThrough")
             .field("cache", &self.cache)
@@ -130,7 +131,13 @@ impl<T: fmt::Debug, S> fmt::Debug for WriteThrough<T, S> {
     }
 }
 
-impl<T, S> WriteThrough<T, S> {
+impl<K, V, T, S> WriteThrough<K, V, T, S>
+where
+    K: Hash + Send + Sync,
+    V: Send + Sync,
+    T: CacheTier<K, V>,
+    S: Store<K, V>,
+{
     /// Puts `store` behind `cache`.
     pub fn new(cache: T, store: S) -> Self {
         Self {
@@ -138,6 +145,7 @@ impl<T, S> WriteThrough<T, S> {
             store,
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
+            _types: std::marker::PhantomData,
         }
     }
 
@@ -150,9 +158,7 @@ impl<T, S> WriteThrough<T, S> {
     pub fn store(&self) -> &S {
         &self.store
     }
-}
 
-impl<T, S> WriteThrough<T, S> {
     /// Writes `value` to the store, then to the cache. When the store fails, the key is
     /// removed from the cache (the store's state is unknown) and the error returned.
     ///
@@ -160,13 +166,7 @@ impl<T, S> WriteThrough<T, S> {
     ///
     /// [`Error::Store`] from the store; a cache error (Redis tier) after a successful store
     /// write, in which case the key was also removed from the cache when possible.
-    pub async fn write<K, V>(&self, key: K, value: V) -> Result<()>
-    where
-        K: Hash + Send + Sync,
-        V: Send + Sync,
-        T: CacheTier<K, V>,
-        S: Store<K, V>,
-    {
+    pub async fn write(&self, key: K, value: V) -> Result<()> {
         let _serial = self.lock(&key).await;
         let op = WriteOp::Put(value);
         let stored = self.store.write(&key, &op).await;
@@ -192,13 +192,7 @@ impl<T, S> WriteThrough<T, S> {
     /// # Errors
     ///
     /// [`Error::Store`], or the cache's error.
-    pub async fn delete<K, V>(&self, key: K) -> Result<()>
-    where
-        K: Hash + Send + Sync,
-        V: Send + Sync,
-        T: CacheTier<K, V>,
-        S: Store<K, V>,
-    {
+    pub async fn delete(&self, key: K) -> Result<()> {
         let _serial = self.lock(&key).await;
         let stored = self.store.write(&key, &WriteOp::Delete).await;
         let removed = self.cache.remove(&key).await;
@@ -206,7 +200,7 @@ impl<T, S> WriteThrough<T, S> {
         removed
     }
 
-    async fn lock<K: Hash>(&self, key: &K) -> tokio::sync::MutexGuard<'_, ()> {
+    async fn lock(&self, key: &K) -> tokio::sync::MutexGuard<'_, ()> {
         let shard = (self.hasher.hash_one(key) as usize) % self.locks.len();
         self.locks[shard].lock().await
     }

@@ -26,10 +26,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A connection with generous timeouts: two busy cores serve 1,000 tasks here.
 async fn manager(url: &str) -> ConnectionManager {
+    manager_with_timeout(url, Duration::from_secs(5)).await
+}
+
+async fn manager_with_timeout(url: &str, timeout: Duration) -> ConnectionManager {
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(300)))
-        .set_response_timeout(Some(Duration::from_millis(300)))
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
     redis::Client::open(url)
         .unwrap()
@@ -360,12 +365,12 @@ fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
     let rt = runtime();
     let (strict, lenient) = rt.block_on(async {
         let strict: RedisCache<u32, _> = RedisCache::builder("fault")
-            .build(manager(&url).await)
+            .build(manager_with_timeout(&url, Duration::from_millis(300)).await)
             .await
             .unwrap();
         let lenient: RedisCache<u32, _> = RedisCache::builder("fault")
             .fallback_to_loader(true)
-            .build(manager(&url).await)
+            .build(manager_with_timeout(&url, Duration::from_millis(300)).await)
             .await
             .unwrap();
         strict.insert("k", &1).await.unwrap();
@@ -444,7 +449,7 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
     runtime().block_on(async {
         let tier = |url: String, prefix: String| async move {
             RedisCache::<u32, ()>::builder(prefix)
-                .build(manager(&url).await)
+                .build(manager_with_timeout(&url, Duration::from_millis(300)).await)
                 .await
                 .unwrap()
         };

@@ -223,7 +223,7 @@ async fn write_through_stores_first_and_a_failed_store_leaves_no_new_value() {
     ok.write(1, 10).await.unwrap();
     assert_eq!(ok.cache().get(&1), Some(10));
     assert_eq!(ok.store().row(1), Some(10));
-    ok.delete::<u32, u64>(1).await.unwrap();
+    ok.delete(1).await.unwrap();
     assert_eq!((ok.cache().get(&1), ok.store().row(1)), (None, None));
 
     let failing = WriteThrough::new(cache(), Table::failing(usize::MAX));
