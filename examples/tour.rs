@@ -21,6 +21,7 @@ fn main() {
     );
     hashring();
     ratelimit();
+    idempotency();
 }
 
 /// sd-hashring: where keys live, what moves when a node joins, replicas, bounded loads.
@@ -119,4 +120,75 @@ fn ratelimit() {
     }
     let other = limiter.check("198.51.100.1").map(|d| d.allowed);
     println!("  another client meanwhile: allowed={other:?}");
+}
+
+/// sd-idempotency: one payment sent 20 times with one key, 5 ms apart, while the charge
+/// takes 40 ms: it is charged once; the other sends hear that it is running or get its
+/// result; the key reused for another amount is refused.
+fn idempotency() {
+    use std::collections::BTreeSet;
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use sd_idempotency::{Error, Fingerprint, MemoryStore, RunError, run_once};
+
+    println!("\n== sd-idempotency: one payment sent 20 times with one key, on memory ==");
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        let store = MemoryStore::new();
+        let charges = Arc::new(AtomicU32::new(0));
+        let eur_10 = Fingerprint::of(r#"{"amount":1000,"currency":"EUR"}"#);
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (store, charges) = (store.clone(), charges.clone());
+            sends.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(5 * i)).await;
+                let charge = async {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok::<_, Infallible>(format!("pay_{n}"))
+                };
+                run_once(&store, "alice", "key-1", &eur_10, charge).await
+            });
+        }
+        let (mut executed, mut replayed, mut in_flight) = (0, 0, 0);
+        let mut ids = BTreeSet::new();
+        while let Some(Ok(answer)) = sends.join_next().await {
+            match answer {
+                Ok(outcome) => {
+                    if outcome.is_replay() {
+                        replayed += 1;
+                    } else {
+                        executed += 1;
+                    }
+                    ids.insert(outcome.into_inner());
+                }
+                Err(RunError::Idempotency(Error::InFlight { .. })) => in_flight += 1,
+                Err(e) => println!("  unexpected: {e}"),
+            }
+        }
+        let charged = charges.load(Ordering::SeqCst);
+        println!("  charged {charged} time(s): {executed} send ran the charge,");
+        println!("  {in_flight} arrived while it ran and were told to retry later,");
+        println!("  {replayed} arrived after and got the stored result; payment ids seen: {ids:?}");
+
+        let eur_9999 = Fingerprint::of(r#"{"amount":999900,"currency":"EUR"}"#);
+        let ran = Arc::new(AtomicU32::new(0));
+        let work = async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(String::new())
+        };
+        match run_once(&store, "alice", "key-1", &eur_9999, work).await {
+            Err(e) => println!("  key-1 again for 9999 EUR: refused ({e})"),
+            Ok(_) => println!("  key-1 again for 9999 EUR: accepted (unexpected)"),
+        }
+        println!("  its work ran {} time(s)", ran.load(Ordering::SeqCst));
+    });
 }

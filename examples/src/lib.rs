@@ -38,7 +38,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-idempotency",
         pattern: "Idempotency-Key store and middleware",
-        today: "store (memory, Redis, PostgreSQL) with takeover epochs, run_once, tower/axum middleware per the IETF draft",
+        today: "store (memory, Redis, PostgreSQL) with takeover epochs, run_once (tonic example), tower/axum middleware per the IETF draft",
     },
     CrateStatus {
         name: "sd-saga",
