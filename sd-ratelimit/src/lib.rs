@@ -71,7 +71,17 @@
 //! From `cargo bench -p sd-benches --bench ratelimit` (criterion, one run, both crates
 //! side by side, on a shared two-core VM; read the ratios, not the absolute values):
 //!
-//! FIGURES
+//! | bench | sd-ratelimit | peer, same run | ratio |
+//! |---|---|---|---|
+//! | memory, one limiter (`check`) | 54.4 ns | governor direct 20.0 ns | 0.37× |
+//! | memory, 10,000 keys, 1 thread | 92.0 ns | governor keyed (DashMap) 97.6 ns | 1.06× |
+//! | memory, 10,000 keys, 2 threads | 69.3 ns | governor keyed (DashMap) 93.2 ns | 1.34× |
+//! | Redis, 64 callers, one connection | 26.4 k/s | raw `SET` 141.9 k/s; `EVALSHA` of `return 1` 85.3 k/s | 0.19×; 0.31× |
+//!
+//! The single-limiter gap is the price of a full [`Decision`] (remaining, retry and
+//! reset times) and of a limit that can change at runtime; governor's `check` returns
+//! only "yes" or "not until". The Redis figure is server-bound: the script makes three
+//! calls (`TIME`, `GET`, `SET .. PX`), each costing about what a whole `SET` does.
 //!
 //! # Crate features
 //!

@@ -225,6 +225,20 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
         self.run(&[(key, *limit, params, cost)], Some(now_us)).await
     }
 
+    /// Waits until a request of `cost` for `key` is admitted. With a leaky queue the slot
+    /// is reserved in Redis at the call, so waiters across all replicas proceed in the
+    /// order their calls reached Redis; otherwise it retries after `retry_after`.
+    pub async fn until_ready(&self, key: &str, cost: u32) -> Result<Decision> {
+        loop {
+            let d = self.check_n(key, cost).await?;
+            if d.allowed {
+                tokio::time::sleep(d.delay).await;
+                return Ok(d);
+            }
+            tokio::time::sleep(d.retry_after.max(Duration::from_micros(1))).await;
+        }
+    }
+
     /// Replaces the default limit. State in Redis is kept: no fresh burst.
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = redis_params(&limit)?;

@@ -172,6 +172,37 @@ fn server_time_noscript_expiry_and_all_or_none() {
 }
 
 #[test]
+fn leaky_queue_in_redis_reserves_slots_in_order() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let q = Quota::per_second(20).unwrap().with_burst(1).unwrap();
+        let limiter = Builder::new(Limit::leaky_queue(q, Duration::from_secs(1)).unwrap())
+            .prefix(sd_testkit::unique_name("rl"))
+            .timeout(Duration::from_secs(5))
+            .build(manager(server.url()).await)
+            .unwrap();
+        // Slots 50 ms apart, reserved at the call, in call order (server time, so allow
+        // the microseconds that pass between calls).
+        for i in 0..4 {
+            let d = limiter.until_ready("q", 1).await.unwrap();
+            assert!(d.allowed);
+            if i > 0 {
+                assert!(d.delay <= Duration::from_millis(50), "{d:?}");
+            }
+        }
+        // Twenty more would need a wait over max_delay: denied, not queued forever.
+        let mut denied = 0;
+        for _ in 0..40 {
+            if !limiter.check("q").await.unwrap().allowed {
+                denied += 1;
+            }
+        }
+        assert!(denied > 0);
+    });
+}
+
+#[test]
 fn shadow_mode_counts_without_denying() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
     let rt = runtime();
