@@ -53,6 +53,10 @@
 //! let app = Router::new().route("/payments", post(create_payment)).layer(layer);
 //! ```
 //!
+//! With tonic, or any handler that is not HTTP, [`run_once`](crate::run_once()) takes the
+//! scope, key and fingerprint you read from the message: `examples/idempotent_grpc.rs`
+//! reads them from gRPC metadata and maps each outcome to a status code.
+//!
 //! # Guarantees per backend
 //!
 //! Every backend honours the [`Store`] contract: claim, complete, release and extend are
@@ -80,6 +84,24 @@
 //! - `redis`: the Redis backend ([`redis::RedisStore`]).
 //! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
 //! - `tower`: the tower / axum middleware ([`middleware::IdempotencyLayer`]).
+// Without its feature an item is not there to link to: its links lead to the list above.
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "",
+    doc = "[`redis::RedisStore`]: #crate-features"
+)]
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "",
+    doc = "[`postgres::PostgresStore`]: #crate-features",
+    doc = "[`postgres::PostgresStore::complete_in`]: #crate-features"
+)]
+#![cfg_attr(
+    not(feature = "tower"),
+    doc = "",
+    doc = "[`middleware::IdempotencyLayer`]: #crate-features",
+    doc = "[`middleware::OnStoreFailure`]: #crate-features"
+)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
