@@ -110,3 +110,62 @@ fn store_down_is_503_and_nothing_runs() {
         assert!(!payments.crash_next.load(Ordering::SeqCst));
     });
 }
+
+/// Script calls (EVALSHA and EVAL) the server has received so far: each is one round
+/// trip from the store. (`total_commands_processed` would also count the commands a
+/// script runs inside the server.)
+fn script_calls(server: &sd_testkit::RedisServer) -> u64 {
+    let info = server
+        .command(&["INFO", "commandstats"])
+        .unwrap()
+        .as_text()
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .map(|l| {
+            let calls = l.split("calls=").nth(1).unwrap();
+            calls[..calls.find(',').unwrap()].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
+    let server = sd_testkit::RedisServer::start().expect("a redis server");
+    let runtime = runtime();
+    runtime.block_on(async {
+        let store = store(&server.url()).await;
+        let payments = suite::http::Payments::default();
+        let port = suite::http::serve(
+            store,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            payments.clone(),
+        )
+        .await;
+        let body = r#"{"amount":1,"currency":"EUR"}"#;
+        // Warm up: the first EVALSHA of each script meets NOSCRIPT and is sent again with
+        // its source; that happens once per server, not per request.
+        for _ in 0..2 {
+            suite::http::send(port, "alice", Some(b"warm"), body)
+                .await
+                .unwrap();
+        }
+
+        let before = script_calls(&server);
+        let first = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        let after_first = script_calls(&server);
+        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        let after_replay = script_calls(&server);
+
+        assert_eq!(first.status, 201);
+        assert_eq!(replay.body, first.body, "the replay is byte-identical");
+        assert_eq!(after_first - before, 2, "a first run: claim + complete");
+        assert_eq!(after_replay - after_first, 1, "a replay: one claim");
+        assert_eq!(payments.count(), 2, "warm-up and k1 each ran once");
+    });
+}
