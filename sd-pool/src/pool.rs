@@ -7,13 +7,14 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
@@ -197,7 +198,15 @@ impl<F: Future> IntoJob for Job<F> {
 #[derive(Debug)]
 pub struct JobHandle<T> {
     id: u64,
-    rx: oneshot::Receiver<Result<T>>,
+    rx: oneshot::Receiver<Delivery<T>>,
+}
+
+/// What a job sends to its handle. The handle knows the job's id, so the job need not:
+/// the run future is built before the id is assigned, outside the pool's lock.
+#[derive(Debug)]
+enum Delivery<T> {
+    Output(T),
+    Panicked(String),
 }
 
 impl<T> JobHandle<T> {
@@ -211,9 +220,11 @@ impl<T> Future for JobHandle<T> {
     type Output = Result<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let id = self.id;
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::Cancelled { id })))
+        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
+            Ok(Delivery::Output(out)) => Ok(out),
+            Ok(Delivery::Panicked(message)) => Err(Error::Panicked { id, message }),
+            Err(_) => Err(Error::Cancelled { id }),
+        })
     }
 }
 
@@ -237,7 +248,7 @@ type PanicHook = Arc<dyn Fn(&PanicReport) + Send + Sync>;
 /// it makes the handle resolve to [`Error::Cancelled`].
 pub struct ReturnedJob {
     meta: Meta,
-    run: BoxFuture<'static, Finished>,
+    run: Run,
 }
 
 impl ReturnedJob {
@@ -255,7 +266,8 @@ impl ReturnedJob {
     }
     /// Runs the job here, catching a panic, and delivers its result to its handle.
     pub async fn run(self) {
-        let _ = self.run.await;
+        let mut run = self.run;
+        while run.next().await.is_some() {}
     }
 }
 
@@ -295,6 +307,11 @@ pub struct Shutdown {
 }
 
 /// Counters and gauges of a pool, taken at one instant.
+///
+/// A job's counters are booked before its handle resolves, so after awaiting a handle
+/// the metrics (and the watermark) include that job. Times come from one clock reading
+/// per transition: when a job is accepted into the queue and when it ends; a worker's
+/// next job starts at the instant its previous one ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Metrics {
@@ -414,6 +431,7 @@ impl PoolBuilder {
                     max_key_backlog
                 },
                 on_panic: self.on_panic,
+                shutting_down: AtomicBool::new(false),
                 state: Mutex::new(State {
                     limit: max_concurrency,
                     running: 0,
@@ -423,10 +441,10 @@ impl PoolBuilder {
                     watermarks: Watermarks::new(max_window),
                     closed: false,
                     shut: false,
-                    waiters: 0,
+                    room_wanted: false,
                     next_job: 0,
-                    next_worker: 0,
-                    workers: HashMap::new(),
+                    workers: Vec::new(),
+                    free_workers: Vec::new(),
                     metrics: Metrics::default(),
                 }),
                 room: Notify::new(),
@@ -465,6 +483,9 @@ struct Shared {
     queue_capacity: usize,
     max_key_backlog: usize,
     on_panic: Option<PanicHook>,
+    /// Set by `shutdown_now` (under the lock, beside `State::shut`), so a worker spawned
+    /// just before it does not start its job.
+    shutting_down: AtomicBool,
     state: Mutex<State>,
     /// Producers waiting for room.
     room: Notify,
@@ -484,10 +505,16 @@ struct State {
     watermarks: Watermarks,
     closed: bool,
     shut: bool,
-    waiters: usize,
+    /// A submitter is waiting for room and has not been woken since it began to wait.
+    /// Whoever frees room clears it and wakes every waiter (`notify_waiters`), so a steady
+    /// stream of completions wakes a waiting producer once, not once per completion.
+    room_wanted: bool,
     next_job: u64,
-    next_worker: u64,
-    workers: HashMap<u64, AbortHandle>,
+    /// The abort handles of running workers, indexed by worker slot (a slab: the worker
+    /// keeps its index, and freed indices are reused; the generation tells a reused slot
+    /// from the one a late registration was meant for).
+    workers: Vec<WorkerSlot>,
+    free_workers: Vec<usize>,
     metrics: Metrics,
 }
 
@@ -495,6 +522,35 @@ impl State {
     fn queued(&self) -> usize {
         self.ready.len() + self.backlog
     }
+
+    /// Takes a worker slot for a job about to be spawned.
+    fn reserve_worker(&mut self) -> Launch {
+        let wid = match self.free_workers.pop() {
+            Some(wid) => wid,
+            None => {
+                self.workers.push(WorkerSlot::default());
+                self.workers.len() - 1
+            }
+        };
+        self.metrics.running_peak = self.metrics.running_peak.max(self.running);
+        Launch {
+            wid,
+            generation: self.workers[wid].generation,
+        }
+    }
+}
+
+#[derive(Default)]
+struct WorkerSlot {
+    generation: u64,
+    abort: Option<AbortHandle>,
+}
+
+/// A worker slot reserved under the lock; the task is spawned after the lock is released.
+#[derive(Clone, Copy)]
+struct Launch {
+    wid: usize,
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -507,8 +563,20 @@ struct Meta {
 
 struct Queued {
     meta: Meta,
-    run: BoxFuture<'static, Finished>,
+    run: Run,
 }
+
+/// A job's run: the first item says how it ended; polling again delivers the output to
+/// its handle. Delivery comes after the pool booked the job, so when a handle resolves,
+/// the metrics and the watermark already count it.
+type Run = BoxStream<'static, Finished>;
+
+enum Step<F: Future> {
+    Run(F, oneshot::Sender<Delivery<F::Output>>),
+    Deliver(Delivery<F::Output>, oneshot::Sender<Delivery<F::Output>>),
+}
+
+type Channel<T> = (oneshot::Sender<Delivery<T>>, oneshot::Receiver<Delivery<T>>);
 
 enum Finished {
     Done { failed: bool },
@@ -605,9 +673,15 @@ impl Pool {
         OutputOf<J>: Outcome + Send + 'static,
     {
         let job = job.into_job();
+        let channel = oneshot::channel();
         let mut st = lock(&self.shared.state);
         match self.shared.check(&st, &job) {
-            Ok(slot) => Ok(self.shared.insert(&mut st, job, slot)),
+            Ok(slot) => {
+                let (handle, launch) = self.shared.insert(&mut st, job, slot, channel);
+                drop(st);
+                self.shared.launch(launch);
+                Ok(handle)
+            }
             Err(Blocked::Closed) => Err(Rejected {
                 error: Error::Closed,
                 job,
@@ -630,13 +704,19 @@ impl Pool {
         F::Output: Outcome + Send + 'static,
     {
         let shared = &self.shared;
-        let mut waiting: Option<WaitGuard<'_>> = None;
+        // Built once, outside the lock; only the job's own future is boxed under it.
+        let channel = oneshot::channel();
         loop {
             let mut notified = pin!(shared.room.notified());
             {
                 let mut st = lock(&shared.state);
                 let (bound, limit) = match shared.check(&st, &job) {
-                    Ok(slot) => return Ok(shared.insert(&mut st, job, slot)),
+                    Ok(slot) => {
+                        let (handle, launch) = shared.insert(&mut st, job, slot, channel);
+                        drop(st);
+                        shared.launch(launch);
+                        return Ok(handle);
+                    }
                     Err(Blocked::Closed) => {
                         return Err(Rejected {
                             error: Error::Closed,
@@ -664,10 +744,9 @@ impl Pool {
                     });
                 }
                 let _ = limit;
-                if waiting.is_none() {
-                    st.waiters += 1;
-                    waiting = Some(WaitGuard(shared));
-                }
+                // Registered under the lock, so whoever frees room next sees the flag
+                // and its `notify_waiters` comes after this registration.
+                st.room_wanted = true;
                 notified.as_mut().enable();
             }
             match deadline {
@@ -697,7 +776,7 @@ impl Pool {
             st.running += 1;
             self.shared.spawn_worker(&mut st, job);
         }
-        let notify = st.waiters > 0;
+        let notify = std::mem::take(&mut st.room_wanted);
         drop(st);
         if notify {
             self.shared.room.notify_waiters();
@@ -753,9 +832,12 @@ impl Pool {
         let mut st = lock(&self.shared.state);
         st.closed = true;
         st.shut = true;
+        self.shared
+            .shutting_down
+            .store(true, AtomicOrdering::Release);
         let returned = take_queued(&mut st);
         let aborted = st.running;
-        for worker in st.workers.values() {
+        for worker in st.workers.iter().filter_map(|w| w.abort.as_ref()) {
             worker.abort();
         }
         drop(st);
@@ -798,14 +880,6 @@ impl Pool {
 
 /// The output type of a job.
 pub type OutputOf<J> = <<J as IntoJob>::Future as Future>::Output;
-
-struct WaitGuard<'a>(&'a Shared);
-
-impl Drop for WaitGuard<'_> {
-    fn drop(&mut self) {
-        lock(&self.0.state).waiters -= 1;
-    }
-}
 
 /// Takes every queued job out, in submission order, releasing the keys they held.
 fn take_queued(st: &mut State) -> Vec<ReturnedJob> {
@@ -882,7 +956,13 @@ impl Shared {
     }
 
     /// Accepts a job that [`check`](Self::check) found room for.
-    fn insert<F>(self: &Arc<Self>, st: &mut State, job: Job<F>, slot: Slot) -> JobHandle<F::Output>
+    fn insert<F>(
+        self: &Arc<Self>,
+        st: &mut State,
+        job: Job<F>,
+        slot: Slot,
+        (tx, rx): Channel<F::Output>,
+    ) -> (JobHandle<F::Output>, Option<(Launch, Queued)>)
     where
         F: Future + Send + 'static,
         F::Output: Outcome + Send + 'static,
@@ -894,25 +974,36 @@ impl Shared {
             // `check` verified the offset increases, so this cannot fail.
             let _ = st.watermarks.track(partition, offset);
         }
-        let (tx, rx) = oneshot::channel();
         let future = job.future;
-        let run: BoxFuture<'static, Finished> = Box::pin(async move {
-            match AssertUnwindSafe(future).catch_unwind().await {
-                Ok(out) => {
-                    let failed = out.is_failure();
-                    let _ = tx.send(Ok(out));
-                    Finished::Done { failed }
+        // Two steps in one allocation: run the job (yielding how it ended, while its
+        // output waits inside), then, once the pool has booked it, deliver the output.
+        let run: Run = futures::stream::unfold(Step::Run(future, tx), |step| async move {
+            match step {
+                Step::Run(future, tx) => {
+                    let (finished, delivery) = match AssertUnwindSafe(future).catch_unwind().await {
+                        Ok(out) => (
+                            Finished::Done {
+                                failed: out.is_failure(),
+                            },
+                            Delivery::Output(out),
+                        ),
+                        Err(payload) => {
+                            let message = panic_message(&*payload);
+                            (
+                                Finished::Panicked(message.clone()),
+                                Delivery::Panicked(message),
+                            )
+                        }
+                    };
+                    Some((finished, Step::Deliver(delivery, tx)))
                 }
-                Err(payload) => {
-                    let message = panic_message(&*payload);
-                    let _ = tx.send(Err(Error::Panicked {
-                        id,
-                        message: message.clone(),
-                    }));
-                    Finished::Panicked(message)
+                Step::Deliver(delivery, tx) => {
+                    let _ = tx.send(delivery);
+                    None
                 }
             }
-        });
+        })
+        .boxed();
         let queued = Queued {
             meta: Meta {
                 id,
@@ -923,13 +1014,14 @@ impl Shared {
             run,
         };
         st.metrics.submitted += 1;
+        let mut launch = None;
         match slot {
             Slot::RunNow => {
                 if let Some(key) = key {
                     st.keys.insert(key, VecDeque::new());
                 }
                 st.running += 1;
-                self.spawn_worker(st, queued);
+                launch = Some((st.reserve_worker(), queued));
             }
             Slot::Ready => {
                 if let Some(key) = key {
@@ -945,30 +1037,57 @@ impl Shared {
             }
         }
         st.metrics.queued_peak = st.metrics.queued_peak.max(st.queued());
-        JobHandle { id, rx }
+        (JobHandle { id, rx }, launch)
     }
 
+    /// Spawns the worker of a job that [`insert`](Self::insert) started, outside the
+    /// lock (spawning allocates and may wake a runtime thread), then files its abort
+    /// handle. If `shutdown_now` came in between, the worker is aborted here; if the
+    /// worker already finished, its slot moved to a new generation and nothing is filed.
+    fn launch(self: &Arc<Self>, launch: Option<(Launch, Queued)>) {
+        let Some((launch, job)) = launch else { return };
+        let abort = self.spawn_task(launch.wid, job);
+        let mut st = lock(&self.state);
+        let shut = st.shut;
+        match st.workers.get_mut(launch.wid) {
+            Some(slot) if slot.generation == launch.generation => {
+                if shut {
+                    abort.abort();
+                } else {
+                    slot.abort = Some(abort);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Spawns a worker and files its abort handle, under the lock (used when raising the
+    /// concurrency limit starts several queued jobs at once).
     fn spawn_worker(self: &Arc<Self>, st: &mut State, job: Queued) {
-        let wid = st.next_worker;
-        st.next_worker += 1;
-        st.metrics.running_peak = st.metrics.running_peak.max(st.running);
+        let launch = st.reserve_worker();
+        let abort = self.spawn_task(launch.wid, job);
+        st.workers[launch.wid].abort = Some(abort);
+    }
+
+    fn spawn_task(self: &Arc<Self>, wid: usize, job: Queued) -> AbortHandle {
         let task = CURRENT_POOL.scope(self.id, worker(Arc::clone(self), wid, job));
-        let handle = self.handle.spawn(task);
-        st.workers.insert(wid, handle.abort_handle());
+        self.handle.spawn(task).abort_handle()
     }
 
     /// Books a finished job and picks the worker's next one, if it should go on.
+    /// `started` is when the job started and `now` when it finished: the worker reads
+    /// the clock once per job, and `now` is the next job's start.
     fn finish(
         &self,
-        wid: u64,
+        wid: usize,
         meta: Meta,
         finished: &Finished,
         started: Instant,
+        now: Instant,
     ) -> Option<Queued> {
-        let now = Instant::now();
-        let mut st = lock(&self.state);
         let run_time = now.saturating_duration_since(started);
         let queue_time = started.saturating_duration_since(meta.enqueued);
+        let mut st = lock(&self.state);
         let m = &mut st.metrics;
         m.queue_time_total += queue_time;
         m.queue_time_max = m.queue_time_max.max(queue_time);
@@ -992,9 +1111,9 @@ impl Shared {
         };
         if next.is_none() {
             st.running -= 1;
-            st.workers.remove(&wid);
+            free_worker(&mut st, wid);
         }
-        let notify_room = st.waiters > 0;
+        let notify_room = std::mem::take(&mut st.room_wanted);
         let notify_idle = st.closed && st.running == 0 && st.queued() == 0;
         drop(st);
         if notify_room {
@@ -1022,6 +1141,15 @@ impl Shared {
     }
 }
 
+/// Gives a worker's slot back to the slab.
+fn free_worker(st: &mut State, wid: usize) {
+    if let Some(slot) = st.workers.get_mut(wid) {
+        slot.abort = None;
+        slot.generation += 1;
+        st.free_workers.push(wid);
+    }
+}
+
 /// Lets the next job of the finished job's key become ready.
 fn release(st: &mut State, meta: &Meta) {
     let Some(key) = meta.key else { return };
@@ -1043,7 +1171,7 @@ fn release(st: &mut State, meta: &Meta) {
 /// Books a worker that was aborted (by `shutdown_now`) in the middle of a job.
 struct WorkerGuard {
     shared: Arc<Shared>,
-    wid: u64,
+    wid: usize,
     current: Option<Meta>,
 }
 
@@ -1056,9 +1184,9 @@ impl Drop for WorkerGuard {
         st.metrics.cancelled += 1;
         release(&mut st, &meta);
         st.running -= 1;
-        st.workers.remove(&self.wid);
+        free_worker(&mut st, self.wid);
         let idle = st.running == 0 && st.queued() == 0;
-        let room = st.waiters > 0;
+        let room = std::mem::take(&mut st.room_wanted);
         drop(st);
         if idle {
             self.shared.idle.notify_waiters();
@@ -1072,25 +1200,46 @@ impl Drop for WorkerGuard {
 /// A worker: runs `first`, then queued jobs while there are any and the limit allows.
 /// The guard is built before the task starts, so an abort before the first poll still
 /// books the job as cancelled and the worker as gone.
-fn worker(shared: Arc<Shared>, wid: u64, first: Queued) -> impl Future<Output = ()> + Send {
+fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output = ()> + Send {
     let mut guard = WorkerGuard {
         shared,
         wid,
         current: Some(first.meta),
     };
     async move {
+        if guard.shared.shutting_down.load(AtomicOrdering::Acquire) {
+            // `shutdown_now` ran between the spawn and the first poll: the guard books
+            // the job as cancelled, as an abort would.
+            return;
+        }
         let mut job = first;
+        let mut started = Instant::now();
         loop {
-            let started = Instant::now();
             let meta = job.meta;
             guard.current = Some(meta);
-            let finished = job.run.await;
+            // A run always yields once before it ends; the fallback is never taken.
+            let finished =
+                job.run.next().await.unwrap_or_else(|| {
+                    Finished::Panicked("the job ended without a result".to_owned())
+                });
             guard.current = None;
+            let now = Instant::now();
             if let Finished::Panicked(message) = &finished {
                 guard.shared.report_panic(&meta, message.clone());
             }
-            match guard.shared.finish(wid, meta, &finished, started) {
-                Some(next) => job = next,
+            let next = guard.shared.finish(wid, meta, &finished, started, now);
+            // Synchronous (no await inside), so no abort can fall between booking and
+            // delivery.
+            let _ = job.run.next().await;
+            match next {
+                Some(next) => {
+                    job = next;
+                    // The panic hook ran after `now`; do not bill it to the next job.
+                    started = match finished {
+                        Finished::Done { .. } => now,
+                        Finished::Panicked(_) => Instant::now(),
+                    };
+                }
                 None => return,
             }
         }
