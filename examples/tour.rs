@@ -22,6 +22,7 @@ fn main() {
     hashring();
     ratelimit();
     idempotency();
+    lock();
     pool();
 }
 
@@ -191,6 +192,45 @@ fn idempotency() {
             Ok(_) => println!("  key-1 again for 9999 EUR: accepted (unexpected)"),
         }
         println!("  its work ran {} time(s)", ran.load(Ordering::SeqCst));
+    });
+}
+
+/// sd-lock: two holders of one lease, their fencing tokens, a stale write refused.
+fn lock() {
+    use std::time::Duration;
+
+    use sd_lock::fence::FencedRegister;
+    use sd_lock::memory::MemoryLock;
+    use sd_lock::{Error, Lock};
+
+    println!("\n== sd-lock: a holder paused past its lease, on memory ==");
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        let lock = MemoryLock::new();
+        let register = FencedRegister::new(0_u32);
+        let ttl = Duration::from_millis(30);
+        let Ok(a) = lock.try_acquire("nightly-job", ttl).await else {
+            return;
+        };
+        println!("A takes the lease: token {}", a.token());
+        tokio::time::sleep(ttl * 2).await;
+        let Ok(b) = lock.try_acquire("nightly-job", ttl).await else {
+            return;
+        };
+        println!("A pauses past its ttl; B takes over: token {}", b.token());
+        let _ = register.write(b.token(), 2);
+        match register.write(a.token(), 1) {
+            Err(Error::StaleToken { token, current }) => {
+                println!("A's late write (token {token}) is refused: the register saw {current}")
+            }
+            other => println!("unexpected: {other:?}"),
+        }
+        println!("register holds B's value: {}", register.peek());
     });
 }
 

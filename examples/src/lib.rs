@@ -33,7 +33,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-lock",
         pattern: "leases with fencing tokens: Redis, Redlock, PostgreSQL, etcd",
-        today: "planned (issue 6): nothing usable yet",
+        today: "leases + fencing tokens on memory, Redis, Redlock, PostgreSQL (table + advisory), etcd; watchdog; Redis/Postgres fences",
     },
     CrateStatus {
         name: "sd-idempotency",
