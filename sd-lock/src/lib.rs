@@ -84,6 +84,22 @@
 //! renewal fails for good, so the work can `select!` on it. Dropping it stops renewal and
 //! spawns the release; nothing blocks.
 //!
+//! # Figures
+//!
+//! `cargo bench -p sd-benches --bench lock`, acquire + release on one resource, median,
+//! loopback servers on a shared two-core machine (noisy), beside `rslock` 0.10 on the
+//! same servers:
+//!
+//! | backend | 1 task | 8 tasks contending | rslock, 1 task | rslock, 8 tasks |
+//! |---|---|---|---|---|
+//! | memory | 0.49 µs | 0.54 µs | | |
+//! | Redis, one node | 148 µs | 202 µs | 115 µs | 284 µs |
+//! | Redlock, 3 masters | 470 µs | 563 µs | 384 µs | 513 µs |
+//! | Redlock, 5 masters | 699 µs | 967 µs | 657 µs | 853 µs |
+//!
+//! Each sd acquire also issues the fencing token (a counter and the server clock)
+//! that rslock does not have. Redlock is not yet at its goal of 1.5× the single node.
+//!
 //! # Crate features
 //!
 //! None is on by default.
