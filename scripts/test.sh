@@ -26,6 +26,8 @@ have postgres $pg_bins || missing+=(postgresql)
 have psql $pg_bins || missing+=(postgresql-client)
 have nats-server || missing+=(nats-server)
 have etcd || missing+=(etcd-server)
+# etcd-client (sd-lock's `etcd` feature) generates its gRPC code with protoc at build time.
+have protoc || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     step "installing ${missing[*]}"
