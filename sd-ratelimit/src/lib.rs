@@ -78,6 +78,11 @@
 //! | memory, 10,000 keys, 2 threads | 69.3 ns | governor keyed (DashMap) 93.2 ns | 1.34× |
 //! | Redis, 64 callers, one connection | 26.4 k/s | raw `SET` 141.9 k/s; `EVALSHA` of `return 1` 85.3 k/s | 0.19×; 0.31× |
 //!
+//! The machine was shared with other builds (load average 3–9 on two cores): in two
+//! later runs the single limiter measured 30 ns against 20 ns (0.67×), one thread on
+//! keys 64 ns against 75 ns (1.17×), and two threads on keys 129–141 ns against
+//! 70–90 ns (0.54–0.64×). Re-measure on a quiet machine before quoting a ratio.
+//!
 //! The single-limiter gap is the price of a full [`Decision`] (remaining, retry and
 //! reset times) and of a limit that can change at runtime; governor's `check` returns
 //! only "yes" or "not until". The Redis figure is server-bound: the script makes three
