@@ -85,18 +85,26 @@
 //!
 //! # Figures
 //!
-//! From `cargo bench -p sd-benches --bench pool`, one run on a shared two-core machine
-//! (tokio, 2 workers):
+//! From `cargo bench -p sd-benches --bench pool` on a shared, noisy two-core machine
+//! (tokio, 2 workers); each sd figure beside the peer's from the same run.
 //!
 //! | case | sd-pool | peer |
 //! | --- | --- | --- |
-//! | 100,000 tiny jobs, 64 at once | 369 ms | `spawn` + `Semaphore` 169 ms (2.2×); `buffer_unordered` 9 ms (one task, no spawn) |
-//! | 1,000 jobs of 0-5 ms, 100 at once, unordered | 41.4 ms | `spawn` + `Semaphore` 41.8 ms |
-//! | same, per key: 1000 / 100 / 20 / 10 / 1 keys | 40.9 / 49.5 / 207 / 396 / 3680 ms | |
-//! | same, serial | 3712 ms | |
+//! | 100,000 tiny jobs, 64 at once (3 runs) | 126 / 147 / 105 ms | `spawn` + `Semaphore` 267 / 245 / 124 ms (0.47× / 0.60× / 0.84×); `buffer_unordered` 9.5 ms (one task, no spawn) |
+//! | Parallel Consumer: 10,000 jobs of 0-5 ms, 100 at once, unordered | 387 ms | `spawn` + `Semaphore` 371 ms |
+//! | same, per key: 1000 / 100 / 20 / 10 keys | 385 / 423 / 1891 / 3986 ms | floors 249 / 303 / 1301 / 2601 ms |
+//! | first 1,000 of those jobs: 1 key / serial | 3781 / 3624 ms | floor 2472 ms |
 //!
-//! With 20 keys each key runs 50 jobs back to back, so ~185 ms is the floor: per key
-//! approaches unordered once keys outnumber the concurrency, as in Parallel Consumer.
+//! The tiny-job ratio swings with the machine's load (0.45× to 1.6× across runs before
+//! the per-job path was trimmed, 0.45× to 1.15× after); in steady state a worker takes
+//! the next queued job without a spawn, which is why it can beat one task per job.
+//!
+//! Per key cannot beat its floor: with k keys at most min(k, 100) jobs run at once and
+//! the busiest key runs its jobs back to back (the floors above are that key's total
+//! work; tokio rounds each sleep up to the next millisecond, ~0.5 ms a job more). So
+//! with 20 keys at concurrency 100 per key is at least 5.2× unordered (measured 4.9×
+//! of sd unordered); it comes within 1.2× of unordered once keys reach the concurrency
+//! (100 keys: 1.09×, 1000 keys: 1.00×), as in Parallel Consumer.
 //!
 //! # Crate features
 //!
