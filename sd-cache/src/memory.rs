@@ -3,8 +3,9 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moka::notification::RemovalCause;
 
@@ -17,9 +18,11 @@ use crate::{Error, Result};
 /// Number of write-sequence shards (a power of two).
 const SHARDS: usize = 64;
 
-/// One cached value with what XFetch needs.
-#[derive(Debug)]
+/// One cached value with what XFetch needs. Stored by value: wrap large values in `Arc`.
+#[derive(Debug, Clone)]
 struct Entry<V> {
+    /// Identity of this write, so an early refresh can tell whether it was overtaken.
+    id: u64,
     /// `None` for a cached "not found" (negative caching).
     value: Option<V>,
     /// How long the load that produced the value took.
@@ -30,27 +33,6 @@ struct Entry<V> {
     refresh_from: Duration,
     /// Until when the value may still be served if a reload fails.
     stale_until: Duration,
-    /// How long the engine keeps the entry after it is written.
-    retain: Duration,
-}
-
-/// Tells moka how long to keep each entry: until its stale window closes.
-struct Retention;
-
-impl<K, V> moka::Expiry<K, Arc<Entry<V>>> for Retention {
-    fn expire_after_create(&self, _: &K, value: &Arc<Entry<V>>, _: Instant) -> Option<Duration> {
-        Some(value.retain)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &K,
-        value: &Arc<Entry<V>>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.retain)
-    }
 }
 
 type Shared<V> = Result<Option<V>>;
@@ -120,7 +102,7 @@ where
         let evictions = Arc::clone(&counters);
         let engine = moka::sync::Cache::builder()
             .max_capacity(self.max_capacity)
-            .expire_after(Retention)
+            .time_to_live(self.policy.max_retention())
             .eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
                     Counters::bump(&evictions.evictions);
@@ -136,6 +118,7 @@ where
                 random: self.random,
                 counters,
                 write_seq: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
+                next_id: AtomicU64::new(0),
                 hasher: RandomState::new(),
             }),
         })
@@ -143,7 +126,7 @@ where
 }
 
 struct Inner<K, V> {
-    engine: moka::sync::Cache<K, Arc<Entry<V>>>,
+    engine: moka::sync::Cache<K, Entry<V>>,
     flights: SingleFlight<K, Shared<V>>,
     policy: Policy,
     clock: Arc<dyn Clock>,
@@ -152,6 +135,7 @@ struct Inner<K, V> {
     /// Per-shard write counters: a load stores its value only if no write or invalidation
     /// touched its shard while it ran, so a slow load never overwrites a newer write.
     write_seq: Box<[Mutex<u64>]>,
+    next_id: AtomicU64,
     hasher: RandomState,
 }
 
@@ -189,11 +173,11 @@ impl<K: Hash + Eq + Send + Sync + 'static, V: Send + Sync + 'static> fmt::Debug 
 }
 
 /// What a leading load must do before calling the loader.
-enum Need<V> {
+enum Need {
     /// Load unless a fresh entry appeared meanwhile.
     Fresh { want_value: bool },
     /// Early refresh of this entry: load unless someone replaced it meanwhile.
-    Refresh(Arc<Entry<V>>),
+    Refresh { id: u64 },
 }
 
 impl<K, V> Cache<K, V>
@@ -212,7 +196,7 @@ where
         match self.inner.engine.get(key) {
             Some(e) if now < e.expiry => {
                 Counters::bump(&self.inner.counters.hits);
-                e.value.clone()
+                e.value
             }
             _ => {
                 Counters::bump(&self.inner.counters.misses);
@@ -346,7 +330,7 @@ where
     {
         let now = self.inner.clock.now();
         let current = self.inner.engine.get(&key);
-        if let Some(e) = &current
+        if let Some(e) = current.as_ref()
             && now < e.expiry
             && (e.value.is_some() || !want_value)
         {
@@ -354,7 +338,7 @@ where
             if now >= e.refresh_from {
                 self.maybe_refresh(&key, e, now, load);
             }
-            return Ok(e.value.clone());
+            return Ok(current.and_then(|e| e.value));
         }
         Counters::bump(&self.inner.counters.misses);
         let stale = current.filter(|e| e.value.is_some() && now < e.stale_until);
@@ -369,7 +353,7 @@ where
     }
 
     /// Starts a background refresh if XFetch says so and none is running.
-    fn maybe_refresh<L, Fut>(&self, key: &K, entry: &Arc<Entry<V>>, now: Duration, load: L)
+    fn maybe_refresh<L, Fut>(&self, key: &K, entry: &Entry<V>, now: Duration, load: L)
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
@@ -387,10 +371,9 @@ where
         };
         let this = self.clone();
         let key = key.clone();
-        let entry = Arc::clone(entry);
+        let stale = Some(entry.clone());
+        let need = Need::Refresh { id: entry.id };
         runtime.spawn(async move {
-            let stale = Some(Arc::clone(&entry));
-            let need = Need::Refresh(entry);
             let (result, _) =
                 this.inner.flights.run(&key, || this.lead(key.clone(), load, need, stale)).await;
             if let Err(error) = result {
@@ -404,8 +387,8 @@ where
         &self,
         key: K,
         load: L,
-        need: Need<V>,
-        stale: Option<Arc<Entry<V>>>,
+        need: Need,
+        stale: Option<Entry<V>>,
     ) -> Shared<V>
     where
         L: FnOnce() -> Fut,
@@ -421,12 +404,12 @@ where
                 return Ok(e.value.clone());
             }
             // Someone refreshed or overwrote the entry since this refresh was decided.
-            (Need::Refresh(old), Some(e)) if !Arc::ptr_eq(old, e) && now < e.expiry => {
+            (Need::Refresh { id }, Some(e)) if *id != e.id && now < e.expiry => {
                 return Ok(e.value.clone());
             }
             _ => {}
         }
-        if matches!(need, Need::Refresh(_)) {
+        if matches!(need, Need::Refresh { .. }) {
             Counters::bump(&self.inner.counters.early_refreshes);
         }
         let seq = self.read_shard(&key);
@@ -452,7 +435,7 @@ where
         }
     }
 
-    fn entry(&self, value: Option<V>, delta: Duration, now: Duration) -> Option<Arc<Entry<V>>> {
+    fn entry(&self, value: Option<V>, delta: Duration, now: Duration) -> Option<Entry<V>> {
         let policy = &self.inner.policy;
         let lifetime = policy.lifetime(value.is_none(), self.inner.random.as_ref())?;
         let expiry = now.saturating_add(lifetime);
@@ -461,14 +444,14 @@ where
         } else {
             expiry
         };
-        Some(Arc::new(Entry {
+        Some(Entry {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             refresh_from: policy.refresh_from(expiry, delta),
             value,
             delta,
             expiry,
             stale_until,
-            retain: stale_until.saturating_sub(now),
-        }))
+        })
     }
 
     fn store_if_unchanged(&self, key: K, seq: u64, value: Option<V>, delta: Duration) {

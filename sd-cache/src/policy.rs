@@ -74,6 +74,12 @@ impl Policy {
         Some(self.ttl + self.ttl_jitter.mul_f64(random.unit().clamp(0.0, 1.0)))
     }
 
+    /// The longest any entry must be kept: its freshness plus its stale-on-error window.
+    pub(crate) fn max_retention(&self) -> Duration {
+        let fresh = (self.ttl + self.ttl_jitter).max(self.negative_ttl.unwrap_or_default());
+        fresh.saturating_add(self.stale_if_error)
+    }
+
     /// When reads may start refreshing an entry early (never, with early refresh off).
     pub(crate) fn refresh_from(&self, expiry: Duration, delta: Duration) -> Duration {
         if self.early_refresh {
