@@ -1,0 +1,164 @@
+//! sd-cache beside moka (memory) and beside raw `GET` (Redis).
+//!
+//! `cargo bench -p sd-benches --bench cache`
+//!
+//! - `cache/hit`: 10,000 preloaded `u64` keys read in a fixed shuffled order: sd `get` and
+//!   `get_or_load` vs moka `get` and `get_with` on the bare engine with the same capacity
+//!   and TTL.
+//! - `cache/stampede` (printed before the groups): 1,000 tasks read one hot key across its
+//!   expiry behind a 50 ms loader: loader calls and p50/p99 read latency, naive cache-aside
+//!   on moka vs sd (the scenario of `examples/stampede.rs`).
+//! - `cache/redis`: one hit read, sd `RedisCache::get` (one EVALSHA) vs raw `GET` of the
+//!   same payload on the same server and connection.
+#![allow(clippy::unwrap_used, missing_docs)] // A bench binary: failures should stop it.
+
+#[path = "../../examples/stampede/scenario.rs"]
+#[allow(dead_code)]
+mod scenario;
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::FutureExt;
+use sd_cache::{Cache, RedisCache};
+
+const KEYS: u64 = 10_000;
+
+/// A fixed pseudo-random order over the keys (xorshift), the same for every contender.
+fn order() -> Vec<u64> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..KEYS * 4)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % KEYS
+        })
+        .collect()
+}
+
+fn hit(c: &mut Criterion) {
+    let keys = order();
+    let ttl = Duration::from_secs(600);
+    let sd: Cache<u64, u64> = Cache::builder()
+        .max_capacity(100_000)
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let moka: moka::sync::Cache<u64, u64> = moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_live(ttl)
+        .build();
+    for k in 0..KEYS {
+        sd.insert(k, k);
+        moka.insert(k, k);
+    }
+    sd.run_pending_tasks();
+    moka.run_pending_tasks();
+
+    let mut g = c.benchmark_group("cache/hit");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("get/sd", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(sd.get(&keys[i]))
+        })
+    });
+    g.bench_function("get/moka", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(moka.get(&keys[i]))
+        })
+    });
+    // A hit never awaits, so the future is ready on first poll.
+    g.bench_function("get_or_load/sd", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let k = keys[i];
+            black_box(sd.get_or_load(k, move || async move { k }).now_or_never())
+        })
+    });
+    g.bench_function("get_with/moka", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let k = keys[i];
+            black_box(moka.get_with(k, || k))
+        })
+    });
+    g.finish();
+}
+
+fn stampede(_: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = scenario::Scenario::default();
+    println!(
+        "cache/stampede: {} readers, loader {:?}, ttl {:?}, {:?} of reads",
+        s.readers, s.load_time, s.ttl, s.run_for
+    );
+    rt.block_on(async {
+        scenario::row(
+            "  naive cache-aside (moka)",
+            &scenario::naive_memory(s).await,
+        );
+        scenario::row("  sd-cache", &scenario::sd_memory(s).await);
+    });
+}
+
+fn redis(c: &mut Criterion) {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = sd_testkit::unique_name("bench-cache");
+    let (sd, mut conn, raw_key) = rt.block_on(async {
+        let conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let sd: RedisCache<String, _> = RedisCache::builder(prefix.as_str())
+            .ttl(Duration::from_secs(600))
+            .build(conn.clone())
+            .await
+            .unwrap();
+        let payload = "x".repeat(100);
+        sd.insert("k", &payload).await.unwrap();
+        let raw_key = format!("{prefix}:raw");
+        let mut c2 = conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(&raw_key)
+            .arg(serde_json::to_string(&payload).unwrap())
+            .query_async(&mut c2)
+            .await
+            .unwrap();
+        (sd, conn, raw_key)
+    });
+    let mut g = c.benchmark_group("cache/redis");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("get/sd", |b| {
+        b.iter(|| rt.block_on(async { black_box(sd.get("k").await.unwrap()) }))
+    });
+    g.bench_function("GET/raw", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg(&raw_key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v)
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stampede, hit, redis);
+criterion_main!(benches);

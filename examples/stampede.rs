@@ -1,0 +1,145 @@
+//! A hot key behind a slow loader (50 ms) expires while 1,000 tasks read it: loader calls
+//! and read latency for naive cache-aside and for sd-cache, on memory and, with
+//! `--redis URL`, across 4 independent clients of one Redis.
+//!
+//! ```text
+//! cargo run --release -p sd-examples --example stampede --features cache
+//! cargo run --release -p sd-examples --example stampede --features cache -- --redis redis://127.0.0.1:6379
+//! ```
+
+#[path = "stampede/scenario.rs"]
+mod scenario;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use scenario::{Outcome, Scenario, drive, row};
+use sd_cache::RedisCache;
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let redis_url = args
+        .iter()
+        .position(|a| a == "--redis")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let s = Scenario::default();
+        println!(
+            "{} readers, loader {:?}, ttl {:?}, reading for {:?}\n",
+            s.readers, s.load_time, s.ttl, s.run_for
+        );
+        println!("memory");
+        row(
+            "  naive cache-aside (moka)",
+            &scenario::naive_memory(s).await,
+        );
+        row("  sd-cache", &scenario::sd_memory(s).await);
+        if let Some(url) = redis_url {
+            println!("\nredis at {url}, 4 clients");
+            row(
+                "  naive cache-aside (GET/SET)",
+                &naive_redis(&url, s).await?,
+            );
+            row("  sd-cache", &sd_redis(&url, s).await?);
+        }
+        Ok(())
+    })
+}
+
+async fn connections(url: &str, n: usize) -> Result<Vec<ConnectionManager>, Error> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(redis::Client::open(url)?.get_connection_manager().await?);
+    }
+    Ok(out)
+}
+
+fn prefix() -> String {
+    format!("stampede-{}", std::process::id())
+}
+
+async fn slow_load(calls: &AtomicUsize, took: Duration) -> u64 {
+    calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(took).await;
+    7
+}
+
+async fn naive_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
+    let conns = Arc::new(connections(url, 4).await?);
+    let key = format!("{}:naive", prefix());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let ttl_ms = s.ttl.as_millis() as u64;
+    let read = {
+        let (conns, calls, key) = (conns.clone(), calls.clone(), key.clone());
+        move || {
+            let mut conn = conns[next.fetch_add(1, Ordering::Relaxed) % 4].clone();
+            let (calls, key) = (calls.clone(), key.clone());
+            async move {
+                let hit: Option<u64> = conn.get(&key).await.unwrap_or(None);
+                if hit.is_none() {
+                    let v = slow_load(&calls, s.load_time).await;
+                    let _: redis::RedisResult<()> = conn.pset_ex(&key, v, ttl_ms).await;
+                }
+            }
+        }
+    };
+    read().await;
+    let (reads, p50, p99, max) = drive(s, read).await;
+    let _: redis::RedisResult<()> = conns[0].clone().del(&key).await;
+    Ok(Outcome {
+        loader_calls: calls.load(Ordering::SeqCst),
+        reads,
+        p50,
+        p99,
+        max,
+    })
+}
+
+async fn sd_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
+    let mut clients = Vec::new();
+    for conn in connections(url, 4).await? {
+        let cache: RedisCache<u64, _> = RedisCache::builder(prefix())
+            .ttl(s.ttl)
+            .notifications(redis::Client::open(url)?)
+            .build(conn)
+            .await?;
+        clients.push(cache);
+    }
+    let clients = Arc::new(clients);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let read = {
+        let (clients, calls) = (clients.clone(), calls.clone());
+        move || {
+            let cache = clients[next.fetch_add(1, Ordering::Relaxed) % 4].clone();
+            let calls = calls.clone();
+            async move {
+                let _ = cache
+                    .get_or_load("hot", move || async move {
+                        slow_load(&calls, s.load_time).await
+                    })
+                    .await;
+            }
+        }
+    };
+    read().await;
+    let (reads, p50, p99, max) = drive(s, read).await;
+    let _ = clients[0].invalidate("hot").await;
+    Ok(Outcome {
+        loader_calls: calls.load(Ordering::SeqCst),
+        reads,
+        p50,
+        p99,
+        max,
+    })
+}
