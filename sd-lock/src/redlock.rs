@@ -3,10 +3,14 @@
 //! The algorithm of the Redis documentation, with the figures of its implementations:
 //!
 //! 1. Read the monotonic clock; send the acquire script (`SET NX PX` + fencing counter)
-//!    to every master **in parallel**, each bounded by a per-node timeout of 5 % of
-//!    the TTL (at least 1 ms), so one slow or dead master costs no more than that.
-//! 2. The lock is held when a **quorum of N/2+1** masters granted it and validity is
-//!    left: `validity = ttl - elapsed - (ttl / 100 + 2 ms)`.
+//!    to every master **in parallel** (one `EVALSHA` per master, all written before
+//!    any reply is awaited, over the masters' multiplexed connections, no task per
+//!    master), bounded by a per-node timeout of 5 % of the TTL (at least 1 ms), so one
+//!    slow or dead master costs no more than that.
+//! 2. The lock is held as soon as a **quorum of N/2+1** masters granted it and validity
+//!    is left: `validity = ttl - elapsed - (ttl / 100 + 2 ms)`. The attempt does not
+//!    wait for the slower masters; their keys (if the command ran) carry the same
+//!    random value, so `extend` and `release` treat them as ours.
 //! 3. Otherwise the attempt **releases on every master** (compare-and-delete by its
 //!    random value, so no other holder is touched) before it returns
 //!    [`Error::NoQuorum`] with the masters that failed and why ([`NodeFailure`]).
@@ -29,22 +33,78 @@
 //!   PostgreSQL or etcd backends, and fence either way.
 
 use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::sync::{Arc, LazyLock};
+use std::task::Poll;
 use std::time::Duration;
 
-use futures::future::join_all;
 use redis::aio::ConnectionLike;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, OnCancel, Release, RetryPolicy};
 
-static ACQUIRE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("redis/acquire.lua")));
-static EXTEND: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("redis/extend.lua")));
-static RELEASE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("redis/release.lua")));
+static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/acquire.lua")));
+static EXTEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/extend.lua")));
+static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/release.lua")));
+
+/// A Lua script: its source and its SHA1.
+struct Lua {
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        Lua {
+            source,
+            sha: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// An `EVALSHA` of this script with `keys` keys; the caller appends keys and args.
+    fn call(&'static self, keys: usize) -> Call {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(keys);
+        Call { lua: self, cmd }
+    }
+}
+
+/// One script call, built once and sent as is to every master: `EVALSHA`, one round
+/// trip; after a `NOSCRIPT` reply (a master restarted or flushed) once more as `EVAL`,
+/// which also caches the script there.
+struct Call {
+    lua: &'static Lua,
+    cmd: redis::Cmd,
+}
+
+impl Call {
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    async fn query<R: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> redis::RedisResult<R> {
+        match self.cmd.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(self.lua.source);
+                // Skip `EVALSHA` and the hash; keep the key count, keys and args.
+                for arg in self.cmd.args_iter().skip(2) {
+                    if let redis::Arg::Simple(bytes) = arg {
+                        eval.arg(bytes);
+                    }
+                }
+                eval.query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
 
 /// Why one master did not grant (or extend, or release) the lock.
 #[derive(Debug)]
@@ -289,56 +349,99 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         format!("{}:{{{resource}}}", self.prefix)
     }
 
-    /// Runs `script` on every master in parallel, each within `timeout`; `granted`
-    /// turns a reply into `Some(value)` for a master that did what was asked.
+    /// Sends `call` to every master at once (each connection is multiplexed: no task per
+    /// master) and collects the replies as they come, all under one deadline `timeout`
+    /// from now: a master still silent then is [`NodeFailure::TimedOut`]. `granted` turns
+    /// a reply into `Some(value)` for a master that did what was asked. With
+    /// `stop_at_quorum`, the round ends as soon as a quorum granted: the replies still
+    /// in flight are dropped (the commands may still run; every later command on the
+    /// same connection runs after them).
     async fn round<T, R, F>(
         &self,
         timeout: Duration,
-        invocation: &redis::ScriptInvocation<'_>,
+        call: &Call,
         granted: F,
+        stop_at_quorum: bool,
     ) -> Round<T>
     where
-        R: redis::FromRedisValue + Send,
+        R: redis::FromRedisValue,
         F: Fn(R) -> Option<T>,
     {
         let start = Instant::now();
-        let replies =
-            join_all(self.nodes.iter().map(|node| {
-                let mut conn = node.conn.clone();
-                async move {
-                    tokio::time::timeout(timeout, invocation.invoke_async::<R>(&mut conn)).await
-                }
-            }))
-            .await;
-        let elapsed = start.elapsed();
-        let mut round = Round {
-            ok: Vec::with_capacity(replies.len()),
-            failures: Vec::new(),
-            elapsed,
+        let quorum = if stop_at_quorum {
+            self.quorum()
+        } else {
+            usize::MAX
         };
-        for (node, reply) in self.nodes.iter().zip(replies) {
-            let node = node.name.clone();
-            match reply {
-                Ok(Ok(r)) => match granted(r) {
-                    Some(v) => round.ok.push(v),
-                    None => round.failures.push(NodeFailure::Held { node }),
-                },
-                Ok(Err(source)) => round.failures.push(NodeFailure::Failed { node, source }),
-                Err(_) => round.failures.push(NodeFailure::TimedOut {
-                    node,
-                    after: timeout,
-                }),
+        let mut calls: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let mut conn = node.conn.clone();
+                Some(Box::pin(async move { call.query::<R>(&mut conn).await }))
+            })
+            .collect();
+        let mut deadline = pin!(tokio::time::sleep(timeout));
+        let mut round = Round {
+            ok: Vec::with_capacity(calls.len()),
+            failures: Vec::new(),
+            elapsed: Duration::ZERO,
+        };
+        let mut left = calls.len();
+        poll_fn(|cx| {
+            for (node, slot) in self.nodes.iter().zip(calls.iter_mut()) {
+                let Some(fut) = slot else { continue };
+                let Poll::Ready(reply) = fut.as_mut().poll(cx) else {
+                    continue;
+                };
+                *slot = None;
+                left -= 1;
+                match reply {
+                    Ok(r) => match granted(r) {
+                        Some(v) => round.ok.push(v),
+                        None => round.failures.push(NodeFailure::Held {
+                            node: node.name.clone(),
+                        }),
+                    },
+                    Err(source) => round.failures.push(NodeFailure::Failed {
+                        node: node.name.clone(),
+                        source,
+                    }),
+                }
             }
-        }
+            if left == 0 || round.ok.len() >= quorum {
+                return Poll::Ready(());
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                for (node, slot) in self.nodes.iter().zip(calls.iter_mut()) {
+                    if slot.take().is_some() {
+                        round.failures.push(NodeFailure::TimedOut {
+                            node: node.name.clone(),
+                            after: timeout,
+                        });
+                    }
+                }
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
+        round.elapsed = start.elapsed();
         round
     }
 
-    /// Compare-and-delete `holder`'s key on every master; the number of deletions.
+    /// Compare-and-delete `holder`'s key on every master, waiting for every answer (or
+    /// the deadline); the number of deletions.
     async fn release_all(&self, key: &str, holder: &str, timeout: Duration) -> Round<()> {
-        let mut inv = RELEASE.prepare_invoke();
-        inv.key(key).arg(holder);
-        self.round(timeout, &inv, |deleted: i64| (deleted == 1).then_some(()))
-            .await
+        let mut call = RELEASE.call(1);
+        call.arg(key).arg(holder);
+        self.round(
+            timeout,
+            &call,
+            |deleted: i64| (deleted == 1).then_some(()),
+            false,
+        )
+        .await
     }
 
     fn no_quorum(&self, resource: &str, acquired: usize, mut failures: Vec<NodeFailure>) -> Error {
@@ -361,22 +464,24 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         let key = self.key(resource);
         let holder = lease::new_holder();
         let timeout = self.node_timeout(ttl);
-        let mut inv = ACQUIRE.prepare_invoke();
-        inv.key(&key)
-            .key(format!("{key}:token"))
+        let mut call = ACQUIRE.call(2);
+        call.arg(&key)
+            .arg(format!("{key}:token"))
             .arg(&holder)
             .arg(lease::ceil_millis(ttl));
         // Dropped before the end (cancelled): release everywhere, in the background.
-        let cleanup = OnCancel::new({
+        // (Owned copies are made only then.)
+        let cleanup = OnCancel::new(|| {
             let (this, key, holder) = (self.clone(), key.clone(), holder.clone());
-            move || {
-                lease::spawn_detached(async move {
-                    let _ = this.release_all(&key, &holder, timeout).await;
-                });
-            }
+            lease::spawn_detached(async move {
+                let _ = this.release_all(&key, &holder, timeout).await;
+            });
         });
         let start = Instant::now();
-        let round = self.round(timeout, &inv, |token: Option<u64>| token).await;
+        // Granted as soon as a quorum says so: a slow master costs no time.
+        let round = self
+            .round(timeout, &call, |token: Option<u64>| token, true)
+            .await;
         let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
         let _enter = span.enter();
         let result = if round.ok.len() >= self.quorum() {
@@ -420,13 +525,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         }
         let key = self.key(&lease.resource);
         let timeout = self.node_timeout(ttl).min(lease.remaining());
-        let mut inv = EXTEND.prepare_invoke();
-        inv.key(&key)
+        let mut call = EXTEND.call(1);
+        call.arg(&key)
             .arg(&lease.holder)
             .arg(lease::ceil_millis(ttl));
         let start = Instant::now();
         let round = self
-            .round(timeout, &inv, |n: i64| (n == 1).then_some(()))
+            .round(timeout, &call, |n: i64| (n == 1).then_some(()), false)
             .await;
         let not_ours = round
             .failures
