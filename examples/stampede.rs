@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
-use scenario::{Outcome, Scenario, drive, row};
+use scenario::{Outcome, Scenario, measure, row};
 use sd_cache::RedisCache;
 
 type Error = Box<dyn std::error::Error>;
@@ -93,16 +93,9 @@ async fn naive_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
             }
         }
     };
-    read().await;
-    let (reads, p50, p99, max) = drive(s, read).await;
+    let outcome = measure(s, &calls, read).await;
     let _: redis::RedisResult<()> = conns[0].clone().del(&key).await;
-    Ok(Outcome {
-        loader_calls: calls.load(Ordering::SeqCst),
-        reads,
-        p50,
-        p99,
-        max,
-    })
+    Ok(outcome)
 }
 
 async fn sd_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
@@ -132,14 +125,7 @@ async fn sd_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
             }
         }
     };
-    read().await;
-    let (reads, p50, p99, max) = drive(s, read).await;
+    let outcome = measure(s, &calls, read).await;
     let _ = clients[0].invalidate("hot").await;
-    Ok(Outcome {
-        loader_calls: calls.load(Ordering::SeqCst),
-        reads,
-        p50,
-        p99,
-        max,
-    })
+    Ok(outcome)
 }

@@ -97,6 +97,23 @@ where
     )
 }
 
+/// Warms the key with one read, then drives the readers and counts the loader calls.
+pub(crate) async fn measure<R, Fut>(s: Scenario, calls: &AtomicUsize, read: R) -> Outcome
+where
+    R: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    read().await;
+    let (reads, p50, p99, max) = drive(s, read).await;
+    Outcome {
+        loader_calls: calls.load(Ordering::SeqCst),
+        reads,
+        p50,
+        p99,
+        max,
+    }
+}
+
 /// Naive cache-aside on moka: get, and on a miss load and insert.
 pub(crate) async fn naive_memory(s: Scenario) -> Outcome {
     let cache: moka::sync::Cache<&'static str, u64> = moka::sync::Cache::builder()
@@ -114,15 +131,7 @@ pub(crate) async fn naive_memory(s: Scenario) -> Outcome {
             }
         }
     };
-    read().await; // warm
-    let (reads, p50, p99, max) = drive(s, read).await;
-    Outcome {
-        loader_calls: calls.load(Ordering::SeqCst),
-        reads,
-        p50,
-        p99,
-        max,
-    }
+    measure(s, &calls, read).await
 }
 
 /// sd-cache: single-flight and XFetch early refresh.
@@ -145,15 +154,7 @@ pub(crate) async fn sd_memory(s: Scenario) -> Outcome {
                 .await;
         }
     };
-    read().await; // warm
-    let (reads, p50, p99, max) = drive(s, read).await;
-    Outcome {
-        loader_calls: calls.load(Ordering::SeqCst),
-        reads,
-        p50,
-        p99,
-        max,
-    }
+    measure(s, &calls, read).await
 }
 
 /// Prints one row.
