@@ -383,13 +383,7 @@ where
     }
 
     /// The leader's side of a flight: check again, load, store, and decide what to share.
-    async fn lead<L, Fut>(
-        &self,
-        key: K,
-        load: L,
-        need: Need,
-        stale: Option<Entry<V>>,
-    ) -> Shared<V>
+    async fn lead<L, Fut>(&self, key: K, load: L, need: Need, stale: Option<Entry<V>>) -> Shared<V>
     where
         L: FnOnce() -> Fut,
         Fut: Future<Output = Shared<V>>,
