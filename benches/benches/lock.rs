@@ -1,6 +1,8 @@
 //! sd-lock: acquire + release, uncontended and with 8 contending tasks, on Redis single
 //! node and Redlock over 3 and 5 masters beside `rslock` on the same servers; memory,
-//! PostgreSQL and etcd alone.
+//! PostgreSQL and etcd alone. `sd/*` runs on `ConnectionManager`s (what the docs
+//! recommend), `sd-mux/*` on plain `MultiplexedConnection`s, the connection type rslock
+//! uses inside: the same servers, TTL, retry delay cap and work per iteration.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -118,6 +120,20 @@ async fn managers(urls: &[String]) -> Vec<(String, redis::aio::ConnectionManager
     out
 }
 
+/// Plain multiplexed connections: the connection type rslock uses inside.
+async fn multiplexed(urls: &[String]) -> Vec<(String, redis::aio::MultiplexedConnection)> {
+    let mut out = Vec::new();
+    for url in urls {
+        let conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        out.push((url.clone(), conn));
+    }
+    out
+}
+
 fn locks(c: &mut Criterion) {
     let servers = sd_testkit::RedisServer::start_many(5).expect("redis-server");
     let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
@@ -135,6 +151,9 @@ fn locks(c: &mut Criterion) {
     let single = rt.block_on(managers(&urls[..1])).remove(0).1;
     let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
     bench_sd(c, &rt, "sd/redis", redis);
+    let single = rt.block_on(multiplexed(&urls[..1])).remove(0).1;
+    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+    bench_sd(c, &rt, "sd-mux/redis", redis);
     let mut peer = rslock::LockManager::new(urls[..1].to_vec());
     peer.set_retry(u32::MAX, Duration::from_millis(2));
     bench_rslock(c, &rt, "rslock/redis", peer);
@@ -145,6 +164,11 @@ fn locks(c: &mut Criterion) {
             .unwrap()
             .with_retry(retry());
         bench_sd(c, &rt, &format!("sd/redlock{n}"), redlock);
+        let masters = rt.block_on(multiplexed(&urls[..n]));
+        let redlock = sd_lock::redlock::Redlock::new(masters)
+            .unwrap()
+            .with_retry(retry());
+        bench_sd(c, &rt, &format!("sd-mux/redlock{n}"), redlock);
         let mut peer = rslock::LockManager::new(urls[..n].to_vec());
         peer.set_retry(u32::MAX, Duration::from_millis(2));
         bench_rslock(c, &rt, &format!("rslock/redlock{n}"), peer);
