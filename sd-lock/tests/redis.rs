@@ -46,7 +46,7 @@ fn mutual_exclusion_32_tasks_200_sections() {
 #[test]
 fn contract() {
     with_lock(|lock, url| async move {
-        common::contract(&lock, "contract", Duration::from_millis(300)).await;
+        common::contract(&lock, "contract", Duration::from_secs(2)).await;
         assert!(matches!(
             lock.try_acquire("r", Duration::from_millis(2)).await,
             Err(Error::TtlBelowDrift { .. })

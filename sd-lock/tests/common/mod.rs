@@ -200,13 +200,29 @@ pub async fn cancelled_acquire_leaves_nothing<L: Lock>(
     let ttl = Duration::from_secs(60);
     let mut cancelled = 0;
     for i in 0..40u64 {
-        let fut = lock.acquire(resource, ttl, Duration::from_secs(5));
-        match tokio::time::timeout(Duration::from_micros(i * i * 5), fut).await {
-            Ok(lease) => {
+        let outcome = {
+            let mut fut = std::pin::pin!(lock.acquire(resource, ttl, Duration::from_secs(5)));
+            // The first poll sends the request. Half the time the future is dropped right
+            // after it, mid-flight, whatever the machine's load; the other half it gets a
+            // growing time budget, so cancellation also lands at later points.
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+            match first {
+                std::task::Poll::Ready(lease) => Some(lease),
+                std::task::Poll::Pending if i % 2 == 0 => None,
+                std::task::Poll::Pending => {
+                    tokio::time::timeout(Duration::from_micros(i * i * 5), fut.as_mut())
+                        .await
+                        .ok()
+                }
+            }
+        };
+        match outcome {
+            Some(lease) => {
                 let released = lock.release(lease.unwrap()).await.unwrap();
                 assert_eq!(released, Release::Released);
             }
-            Err(_) => cancelled += 1,
+            None => cancelled += 1,
         }
         // A leaked key would hold for 60 s; the cleanup frees it at once.
         let lease = lock
