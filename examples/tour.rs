@@ -16,11 +16,12 @@ fn main() {
         .filter(|c| !c.today.starts_with("planned"))
         .count();
     println!(
-        "{ready} of {} crates have a scenario to run today.",
+        "{ready} of {} crates are usable today; the scenarios below run them on memory.",
         CRATES.len()
     );
     hashring();
     ratelimit();
+    cache();
     idempotency();
     lock();
     pool();
@@ -307,5 +308,72 @@ fn pool() {
             "  drained: {drained}; {} completed, at most {} at once, {:?} total time in queue",
             m.completed, m.running_peak, m.queue_time_total
         );
+    });
+}
+
+/// sd-cache: 200 requests miss one hot key at once; how many reach the database?
+fn cache() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    println!("\n== sd-cache: 200 requests miss one hot key at once, on memory ==");
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        // The "database": a 20 ms query that counts how often it runs.
+        let queries = Arc::new(AtomicU32::new(0));
+        let query = |queries: Arc<AtomicU32>| async move {
+            queries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            "espresso machine, 249 EUR".to_owned()
+        };
+
+        // Cache-aside written by hand: look, miss, query, store.
+        let naive: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (naive, queries) = (naive.clone(), queries.clone());
+            tasks.spawn(async move {
+                let hit = naive.lock().ok().and_then(|m| m.get("product:7").cloned());
+                if hit.is_none() {
+                    let value = query(queries).await;
+                    if let Ok(mut m) = naive.lock() {
+                        m.insert("product:7".to_owned(), value);
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let naive_queries = queries.swap(0, Ordering::Relaxed);
+
+        let Ok(cache) = sd_cache::Cache::<String, String>::builder()
+            .ttl(Duration::from_secs(60))
+            .build()
+        else {
+            return;
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (cache, queries) = (cache.clone(), queries.clone());
+            tasks.spawn(async move {
+                cache
+                    .get_or_load("product:7".to_owned(), move || query(queries))
+                    .await
+                    .is_ok()
+            });
+        }
+        let mut served = 0;
+        while let Some(done) = tasks.join_next().await {
+            served += usize::from(done.unwrap_or(false));
+        }
+        let sd_queries = queries.load(Ordering::Relaxed);
+        println!("  hand-written cache-aside: {naive_queries} database queries for 200 requests");
+        println!("  sd-cache get_or_load: {sd_queries} query, {served} requests served its result");
     });
 }
