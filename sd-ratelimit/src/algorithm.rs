@@ -977,7 +977,7 @@ mod tests {
                 let evs: Vec<(u64, u32)> = evs.iter().map(|&(dt, c)| (dt / 1000 * 1000, c)).collect();
                 let log = run(&p, t0 / 1000 * 1000, &evs);
                 let mut admitted: Vec<(u64, u64)> = vec![];
-                for &(now, cost, step) in &log {
+                for (i, &(now, cost, step)) in log.iter().enumerate() {
                     let idx = now / w;
                     let count = |i: u64| admitted.iter().filter(|(t, _)| t / w == i).map(|(_, c)| c).sum::<u64>();
                     let (prev, cur) = (if idx > 0 { count(idx - 1) } else { 0 }, count(idx));
@@ -988,8 +988,10 @@ mod tests {
                     if step.allowed {
                         admitted.push((now, u64::from(cost)));
                     } else {
-                        // At retry_after it fits, one tick earlier it does not.
-                        let s = run_state(&p, &log, now);
+                        // At retry_after it fits, one tick earlier it does not. The state
+                        // is the one this step saw: only the steps before it, not later
+                        // steps that share its timestamp.
+                        let s = run_state(&p, &log[..i], now);
                         prop_assert!(decide(&p, s, now + step.retry_after, cost).allowed);
                         prop_assert!(!decide(&p, s, now + step.retry_after - 1, cost).allowed);
                     }
