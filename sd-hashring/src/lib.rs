@@ -81,15 +81,18 @@
 //!
 //! # Figures
 //!
-//! Lookup time per key, criterion, one run on a shared 2-core machine (other builds
-//! running, so read ratios rather than absolute figures). The `hashring` crate (0.3.6)
-//! is given sd's exact vnode labels as entries, so both rings hold the same points:
+//! Lookup time per key, criterion, on a quiet 2-core machine (`cargo bench -p sd-benches
+//! --bench hashring`). The `hashring` crate (0.3.6) is given sd's exact vnode labels as
+//! entries, so both rings hold the same points:
 //!
 //! | nodes × 160 vnodes | sd ring, CRC32 | sd ring, XXH3 | `hashring` crate | ratio (CRC32 / XXH3) |
 //! |---|---|---|---|---|
-//! | 10 | 34 ns | 19 ns | 65 ns | 1.9× / 3.4× |
-//! | 100 | 49 ns | 30 ns | 133 ns | 2.7× / 4.5× |
-//! | 1000 | 80 ns | 65 ns | 319 ns | 4.0× / 4.9× |
+//! | 10 | 30 ns | 22 ns | 69 ns | 2.3× / 3.2× |
+//! | 100 | 52 ns | 32 ns | 120 ns | 2.3× / 3.7× |
+//! | 1000 | 73 ns | 48 ns | 369 ns | 5.0× / 7.7× |
+//!
+//! (An earlier run on the same machine, loaded by other builds, gave 1.9× / 2.7× / 4.0×
+//! for CRC32: the ratio moves with load; the ordering does not.)
 //!
 //! Other placements at 10 / 100 / 1000 nodes: jump 30 / 54 / 76 ns, Maglev 9.5 / 12 /
 //! 16 ns, rendezvous 106 ns / 0.75 µs / 6.9 µs. `owners(key, 3)`: 68 / 82 / 155 ns
