@@ -77,38 +77,13 @@ pub fn default_store_policy(status: StatusCode) -> bool {
 #[derive(Clone)]
 pub struct Builder<S> {
     store: S,
-    methods: Vec<Method>,
-    paths: Vec<String>,
-    require_key: bool,
-    principal: Option<Principal>,
-    fields: Option<Vec<String>>,
-    lock_ttl: Duration,
-    retention: Duration,
-    timeout: Duration,
-    max_request_bytes: usize,
-    max_response_bytes: usize,
-    replay_headers: Vec<HeaderName>,
-    policy: Policy,
-    on_failure: OnStoreFailure,
-    max_retry_after: Duration,
+    config: Config,
 }
 
 impl<S> fmt::Debug for Builder<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("methods", &self.methods)
-            .field("paths", &self.paths)
-            .field("require_key", &self.require_key)
-            .field("principal", &self.principal.is_some())
-            .field("fields", &self.fields)
-            .field("lock_ttl", &self.lock_ttl)
-            .field("retention", &self.retention)
-            .field("timeout", &self.timeout)
-            .field("max_request_bytes", &self.max_request_bytes)
-            .field("max_response_bytes", &self.max_response_bytes)
-            .field("replay_headers", &self.replay_headers)
-            .field("on_failure", &self.on_failure)
-            .field("max_retry_after", &self.max_retry_after)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
@@ -116,20 +91,20 @@ impl<S> fmt::Debug for Builder<S> {
 impl<S: Store> Builder<S> {
     /// Methods covered (default POST and PATCH).
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.methods = methods.into_iter().collect();
+        self.config.methods = methods.into_iter().collect();
         self
     }
 
     /// Path prefixes covered (default: every path). Each must start with `/`.
     pub fn paths<P: Into<String>>(mut self, prefixes: impl IntoIterator<Item = P>) -> Self {
-        self.paths = prefixes.into_iter().map(Into::into).collect();
+        self.config.paths = prefixes.into_iter().map(Into::into).collect();
         self
     }
 
     /// Whether a covered request without a key is refused with 400 (default true). When
     /// false it runs without protection.
     pub fn require_key(mut self, required: bool) -> Self {
-        self.require_key = required;
+        self.config.require_key = required;
         self
     }
 
@@ -140,7 +115,7 @@ impl<S: Store> Builder<S> {
         mut self,
         extract: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        self.principal = Some(Arc::new(extract));
+        self.config.principal = Some(Arc::new(extract));
         self
     }
 
@@ -151,7 +126,7 @@ impl<S: Store> Builder<S> {
         mut self,
         pointers: impl IntoIterator<Item = P>,
     ) -> Self {
-        self.fields = Some(pointers.into_iter().map(Into::into).collect());
+        self.config.fields = Some(pointers.into_iter().map(Into::into).collect());
         self
     }
 
@@ -159,37 +134,37 @@ impl<S: Store> Builder<S> {
     /// it every third while the handler runs, so this is how fast a crashed holder's key
     /// is freed.
     pub fn lock_ttl(mut self, lock_ttl: Duration) -> Self {
-        self.lock_ttl = lock_ttl;
+        self.config.lock_ttl = lock_ttl;
         self
     }
 
     /// How long a completed response is replayed (default 24 h).
     pub fn retention(mut self, retention: Duration) -> Self {
-        self.retention = retention;
+        self.config.retention = retention;
         self
     }
 
     /// How long one store call may take before it counts as a failure (default 2 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.config.timeout = timeout;
         self
     }
 
     /// The largest request body read (default 1 MiB); larger ones get 413.
     pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.max_request_bytes = limit;
+        self.config.max_request_bytes = limit;
         self
     }
 
     /// The largest stored response (default 1 MiB).
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.max_response_bytes = limit;
+        self.config.max_response_bytes = limit;
         self
     }
 
     /// Response headers stored and replayed (default `content-type` and `location`).
     pub fn replay_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.replay_headers = names.into_iter().collect();
+        self.config.replay_headers = names.into_iter().collect();
         self
     }
 
@@ -199,51 +174,51 @@ impl<S: Store> Builder<S> {
         mut self,
         policy: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
     ) -> Self {
-        self.policy = Arc::new(policy);
+        self.config.policy = Arc::new(policy);
         self
     }
 
     /// What to do when the store fails (default [`OnStoreFailure::FailClosed`]).
     pub fn on_store_failure(mut self, mode: OnStoreFailure) -> Self {
-        self.on_failure = mode;
+        self.config.on_failure = mode;
         self
     }
 
     /// The largest `Retry-After` sent with a 409 (default 1 s; at least 1 s is sent).
     pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
+        self.config.max_retry_after = max;
         self
     }
 
     /// Checks the options.
     pub fn build(self) -> Result<IdempotencyLayer<S>> {
-        ttl_ms("lock_ttl", self.lock_ttl)?;
-        if self.lock_ttl < Duration::from_millis(3) {
+        ttl_ms("lock_ttl", self.config.lock_ttl)?;
+        if self.config.lock_ttl < Duration::from_millis(3) {
             return Err(Error::config("lock_ttl", "must be at least 3 ms"));
         }
-        ttl_ms("retention", self.retention)?;
-        if self.timeout.is_zero() {
+        ttl_ms("retention", self.config.retention)?;
+        if self.config.timeout.is_zero() {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
-        if self.methods.is_empty() {
+        if self.config.methods.is_empty() {
             return Err(Error::config("methods", "name at least one method"));
         }
-        if self.max_request_bytes == 0 {
+        if self.config.max_request_bytes == 0 {
             return Err(Error::config("max_request_bytes", "must be above zero"));
         }
-        if self.max_response_bytes < 256 {
+        if self.config.max_response_bytes < 256 {
             return Err(Error::config(
                 "max_response_bytes",
                 "must be at least 256 bytes (a stored problem must fit)",
             ));
         }
-        if let Some(bad) = self.paths.iter().find(|p| !p.starts_with('/')) {
+        if let Some(bad) = self.config.paths.iter().find(|p| !p.starts_with('/')) {
             return Err(Error::config(
                 "paths",
                 format!("prefix `{bad}` must start with `/`"),
             ));
         }
-        let fields = self.fields.iter().flatten();
+        let fields = self.config.fields.iter().flatten();
         if let Some(bad) = fields
             .into_iter()
             .find(|p| !p.is_empty() && !p.starts_with('/'))
@@ -253,45 +228,14 @@ impl<S: Store> Builder<S> {
                 format!("`{bad}` is not a JSON pointer; write `/{bad}`"),
             ));
         }
-        let Builder {
-            store,
-            methods,
-            paths,
-            require_key,
-            principal,
-            fields,
-            lock_ttl,
-            retention,
-            timeout,
-            max_request_bytes,
-            max_response_bytes,
-            replay_headers,
-            policy,
-            on_failure,
-            max_retry_after,
-        } = self;
         Ok(IdempotencyLayer {
-            store,
-            config: Arc::new(Config {
-                methods,
-                paths,
-                require_key,
-                principal,
-                fields,
-                lock_ttl,
-                retention,
-                timeout,
-                max_request_bytes,
-                max_response_bytes,
-                replay_headers,
-                policy,
-                on_failure,
-                max_retry_after,
-            }),
+            store: self.store,
+            config: Arc::new(self.config),
         })
     }
 }
 
+#[derive(Clone)]
 struct Config {
     methods: Vec<Method>,
     paths: Vec<String>,
@@ -307,6 +251,26 @@ struct Config {
     policy: Policy,
     on_failure: OnStoreFailure,
     max_retry_after: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("methods", &self.methods)
+            .field("paths", &self.paths)
+            .field("require_key", &self.require_key)
+            .field("principal", &self.principal.is_some())
+            .field("fields", &self.fields)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("retention", &self.retention)
+            .field("timeout", &self.timeout)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("replay_headers", &self.replay_headers)
+            .field("on_failure", &self.on_failure)
+            .field("max_retry_after", &self.max_retry_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -379,20 +343,22 @@ impl<S: Store> IdempotencyLayer<S> {
     pub fn builder(store: S) -> Builder<S> {
         Builder {
             store,
-            methods: vec![Method::POST, Method::PATCH],
-            paths: Vec::new(),
-            require_key: true,
-            principal: None,
-            fields: None,
-            lock_ttl: DEFAULT_LOCK_TTL,
-            retention: DEFAULT_RETENTION,
-            timeout: Duration::from_secs(2),
-            max_request_bytes: 1 << 20,
-            max_response_bytes: 1 << 20,
-            replay_headers: vec![CONTENT_TYPE, http::header::LOCATION],
-            policy: Arc::new(default_store_policy),
-            on_failure: OnStoreFailure::FailClosed,
-            max_retry_after: Duration::from_secs(1),
+            config: Config {
+                methods: vec![Method::POST, Method::PATCH],
+                paths: Vec::new(),
+                require_key: true,
+                principal: None,
+                fields: None,
+                lock_ttl: DEFAULT_LOCK_TTL,
+                retention: DEFAULT_RETENTION,
+                timeout: Duration::from_secs(2),
+                max_request_bytes: 1 << 20,
+                max_response_bytes: 1 << 20,
+                replay_headers: vec![CONTENT_TYPE, http::header::LOCATION],
+                policy: Arc::new(default_store_policy),
+                on_failure: OnStoreFailure::FailClosed,
+                max_retry_after: Duration::from_secs(1),
+            },
         }
     }
 }
