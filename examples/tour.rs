@@ -138,10 +138,7 @@ fn idempotency() {
     use sd_idempotency::{Error, Fingerprint, MemoryStore, RunError, run_once};
 
     println!("\n== sd-idempotency: one payment sent 20 times with one key, on memory ==");
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
+    let Some(runtime) = runtime() else {
         return;
     };
     runtime.block_on(async {
@@ -205,10 +202,7 @@ fn lock() {
     use sd_lock::{Error, Lock};
 
     println!("\n== sd-lock: a holder paused past its lease, on memory ==");
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
+    let Some(runtime) = runtime() else {
         return;
     };
     runtime.block_on(async {
@@ -243,10 +237,7 @@ fn pool() {
     use sd_pool::{Job, Order, Pool};
 
     println!("\n== sd-pool: 2 workers, a queue of 4, per-key order, on tokio ==");
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
+    let Some(runtime) = runtime() else {
         return;
     };
     runtime.block_on(async {
@@ -319,10 +310,7 @@ fn cache() {
     use std::time::Duration;
 
     println!("\n== sd-cache: 200 requests miss one hot key at once, on memory ==");
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
+    let Some(runtime) = runtime() else {
         return;
     };
     runtime.block_on(async {
@@ -376,4 +364,19 @@ fn cache() {
         println!("  hand-written cache-aside: {naive_queries} database queries for 200 requests");
         println!("  sd-cache get_or_load: {sd_queries} query, {served} requests served its result");
     });
+}
+
+/// A single-threaded tokio runtime with timers, for the scenarios that need one; `None`
+/// (with the reason printed) when it cannot be built, so the tour goes on without them.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(e) => {
+            println!("  (skipped: no tokio runtime: {e})");
+            None
+        }
+    }
 }
