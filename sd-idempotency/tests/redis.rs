@@ -49,20 +49,26 @@ fn harness() -> (
 
 behaviour_suite!(harness());
 
+/// The payments service over HTTP on loopback, its store on the Redis at `url`
+/// (lock TTL 30 s, retention 60 s): its port and its payment log.
+async fn serve_payments(url: &str) -> (u16, suite::http::Payments) {
+    let payments = suite::http::Payments::default();
+    let port = suite::http::serve(
+        store(url).await,
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        payments.clone(),
+    )
+    .await;
+    (port, payments)
+}
+
 #[test]
 fn store_down_is_503_and_nothing_runs() {
     let mut server = sd_testkit::RedisServer::start().expect("a redis server");
     let runtime = runtime();
     runtime.block_on(async {
-        let store = store(&server.url()).await;
-        let payments = suite::http::Payments::default();
-        let port = suite::http::serve(
-            store,
-            Duration::from_secs(30),
-            Duration::from_secs(60),
-            payments.clone(),
-        )
-        .await;
+        let (port, payments) = serve_payments(&server.url()).await;
         let ok = suite::http::send(
             port,
             "alice",
@@ -134,15 +140,7 @@ fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
     let server = sd_testkit::RedisServer::start().expect("a redis server");
     let runtime = runtime();
     runtime.block_on(async {
-        let store = store(&server.url()).await;
-        let payments = suite::http::Payments::default();
-        let port = suite::http::serve(
-            store,
-            Duration::from_secs(30),
-            Duration::from_secs(60),
-            payments.clone(),
-        )
-        .await;
+        let (port, payments) = serve_payments(&server.url()).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
         // Warm up: the first EVALSHA of each script meets NOSCRIPT and is sent again with
         // its source; that happens once per server, not per request.
