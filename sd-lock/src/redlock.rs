@@ -352,27 +352,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     /// Sends `call` to every master at once (each connection is multiplexed: no task per
     /// master) and collects the replies as they come, all under one deadline `timeout`
     /// from now: a master still silent then is [`NodeFailure::TimedOut`]. `granted` turns
-    /// a reply into `Some(value)` for a master that did what was asked. With
-    /// `stop_at_quorum`, the round ends as soon as a quorum granted: the replies still
-    /// in flight are dropped (the commands may still run; every later command on the
-    /// same connection runs after them).
-    async fn round<T, R, F>(
-        &self,
-        timeout: Duration,
-        call: &Call,
-        granted: F,
-        stop_at_quorum: bool,
-    ) -> Round<T>
+    /// a reply into `Some(value)` for a master that did what was asked.
+    async fn round<T, R, F>(&self, timeout: Duration, call: &Call, granted: F) -> Round<T>
     where
         R: redis::FromRedisValue,
         F: Fn(R) -> Option<T>,
     {
         let start = Instant::now();
-        let quorum = if stop_at_quorum {
-            self.quorum()
-        } else {
-            usize::MAX
-        };
         let mut calls: Vec<_> = self
             .nodes
             .iter()
@@ -409,7 +395,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
                     }),
                 }
             }
-            if left == 0 || round.ok.len() >= quorum {
+            if left == 0 {
                 return Poll::Ready(());
             }
             if deadline.as_mut().poll(cx).is_ready() {
@@ -435,13 +421,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     async fn release_all(&self, key: &str, holder: &str, timeout: Duration) -> Round<()> {
         let mut call = RELEASE.call(1);
         call.arg(key).arg(holder);
-        self.round(
-            timeout,
-            &call,
-            |deleted: i64| (deleted == 1).then_some(()),
-            false,
-        )
-        .await
+        self.round(timeout, &call, |deleted: i64| (deleted == 1).then_some(()))
+            .await
     }
 
     fn no_quorum(&self, resource: &str, acquired: usize, mut failures: Vec<NodeFailure>) -> Error {
@@ -478,10 +459,10 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             });
         });
         let start = Instant::now();
-        // Granted as soon as a quorum says so: a slow master costs no time.
-        let round = self
-            .round(timeout, &call, |token: Option<u64>| token, true)
-            .await;
+        // Every master is waited for (up to the deadline), not just a quorum: a lease set
+        // on every reachable master survives one of them restarting empty, and requests
+        // dropped before they were sent would never reach the others.
+        let round = self.round(timeout, &call, |token: Option<u64>| token).await;
         let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
         let _enter = span.enter();
         let result = if round.ok.len() >= self.quorum() {
@@ -531,7 +512,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             .arg(lease::ceil_millis(ttl));
         let start = Instant::now();
         let round = self
-            .round(timeout, &call, |n: i64| (n == 1).then_some(()), false)
+            .round(timeout, &call, |n: i64| (n == 1).then_some(()))
             .await;
         let not_ours = round
             .failures
