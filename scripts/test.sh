@@ -41,8 +41,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# Every server the tests start lives under this directory, so leftovers can be found.
-export SD_TESTKIT_DIR="${SD_TESTKIT_DIR:-${CARGO_TARGET_DIR:-$root/target}/sd-testkit}"
+# Every server the tests start lives under this directory, so leftovers can be found. It
+# is under /tmp, not the target dir: run as root, PostgreSQL runs as the `postgres` user,
+# which cannot enter a target dir under /root (CI keeps its target dir in $HOME/.cache).
+export SD_TESTKIT_DIR="${SD_TESTKIT_DIR:-${TMPDIR:-/tmp}/sd-testkit-$(id -u)}"
 mkdir -p "$SD_TESTKIT_DIR"
 leftovers() {
   ps -eo pid=,args= | grep -F -- "$SD_TESTKIT_DIR" | grep -v -e grep -e 'test.sh' || true

@@ -75,6 +75,21 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A server that runs as another user (PostgreSQL under root runs as `postgres`)
+    /// cannot reach its directory because a parent directory is closed to other users.
+    #[error(
+        "{server} runs as the `{user}` user, which cannot enter {dir} (a parent directory \
+         is not searchable by other users, as /root usually is); set SD_TESTKIT_DIR to a \
+         directory under /tmp"
+    )]
+    Unreachable {
+        /// Which kind of server.
+        server: &'static str,
+        /// The user it runs as.
+        user: &'static str,
+        /// The directory it cannot reach.
+        dir: PathBuf,
+    },
     /// An environment variable holds something unusable.
     #[error("environment variable {var} is set but {reason}")]
     Env {

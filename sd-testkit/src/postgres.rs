@@ -39,6 +39,16 @@ impl PostgresServer {
         let pg_isready = process::find_binary("pg_isready", "postgresql-client", &extra)?;
         let psql = process::find_binary("psql", "postgresql-client", &extra)?;
         let run_as = postgres_user()?;
+        if run_as.is_some() {
+            let root = process::root_dir()?;
+            if !process::searchable_by_others(&root) {
+                return Err(Error::Unreachable {
+                    server: "postgres",
+                    user: "postgres",
+                    dir: root,
+                });
+            }
+        }
 
         let template = template(&postgres, &initdb, run_as)?;
         let port = process::free_port()?;

@@ -464,6 +464,13 @@ pub(crate) fn root_dir() -> Result<PathBuf> {
     Ok(root)
 }
 
+/// Whether a user other than the owner can enter `dir`: every ancestor must be
+/// searchable (`o+x`). A server run as `postgres` under root needs this.
+pub(crate) fn searchable_by_others(dir: &Path) -> bool {
+    dir.ancestors()
+        .all(|p| fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
 /// Removes directories left by test binaries that died (their pid is in the name).
 fn sweep(root: &Path) {
     let Ok(entries) = fs::read_dir(root) else {
@@ -566,6 +573,18 @@ pub(crate) fn run(command: &mut Command) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_parent_makes_a_directory_unreachable_for_others() {
+        let parent = std::env::temp_dir().join(format!("sd-closed-{}", std::process::id()));
+        let child = parent.join("inner");
+        fs::create_dir_all(&child).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(searchable_by_others(&child));
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!searchable_by_others(&child));
+        fs::remove_dir_all(&parent).unwrap();
+    }
 
     #[test]
     fn a_missing_binary_names_its_package() {
