@@ -28,6 +28,9 @@ have nats-server || missing+=(nats-server)
 have etcd || missing+=(etcd-server)
 # etcd-client (sd-lock's `etcd` feature) generates its gRPC code with protoc at build time.
 have protoc || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler)
+# ...and its .proto files import google/protobuf/*.proto, which protoc alone lacks.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || [ -n "${PROTOC_INCLUDE:-}" ] ||
+  missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     step "installing ${missing[*]}"
