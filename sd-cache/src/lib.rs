@@ -127,6 +127,9 @@ mod policy;
 pub mod redis;
 pub mod singleflight;
 mod stats;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod two_tier;
 pub mod write;
 pub mod xfetch;
 
@@ -138,3 +141,5 @@ pub use write::{CacheTier, DeadLetter, Store, WriteBehind, WriteOp, WriteThrough
 
 #[cfg(feature = "redis")]
 pub use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};
+#[cfg(feature = "redis")]
+pub use crate::two_tier::{TwoTier, TwoTierBuilder};

@@ -230,14 +230,17 @@ where
         }
     }
 
-    /// Removes `key`. A load that was running for it will not store its (older) result.
+    /// Removes `key`. A load that was running for it will not store its (older) result, and
+    /// calls that start from now on do not wait for that load: they load anew.
     pub fn invalidate(&self, key: &K) {
         let mut seq = self.lock_shard(key);
         *seq = seq.wrapping_add(1);
         self.inner.engine.invalidate(key);
+        self.inner.flights.forget(key);
     }
 
-    /// Removes every entry. Loads running now will not store their results.
+    /// Removes every entry. Loads running now will not store their results, and calls that
+    /// start from now on do not wait for them.
     pub fn invalidate_all(&self) {
         let guards: Vec<_> = self
             .inner
@@ -249,6 +252,7 @@ where
             *g = g.wrapping_add(1);
         }
         self.inner.engine.invalidate_all();
+        self.inner.flights.forget_all();
     }
 
     /// Counters since the cache was built.
@@ -323,7 +327,7 @@ where
         self.resolve(key, load, false).await
     }
 
-    async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>
+    pub(crate) async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
@@ -352,7 +356,12 @@ where
         result
     }
 
-    /// Starts a background refresh if XFetch says so and none is running.
+    /// Starts a background refresh if XFetch says so and no load of `key` is running.
+    ///
+    /// At most one early refresh per key is in flight: the flight is claimed synchronously,
+    /// before the task is spawned, so the readers that fire together on a hot key start one
+    /// task between them; and a refresh whose entry was replaced meanwhile (by another
+    /// refresh or a write) does not load (see [`Self::lead`]).
     fn maybe_refresh<L, Fut>(&self, key: &K, entry: &Entry<V>, now: Duration, load: L)
     where
         L: FnOnce() -> Fut + Send + 'static,
@@ -369,13 +378,19 @@ where
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Some(claim) = self.inner.flights.claim(key) else {
+            return;
+        };
         let this = self.clone();
         let key = key.clone();
         let stale = Some(entry.clone());
         let need = Need::Refresh { id: entry.id };
         runtime.spawn(async move {
-            let (result, _) =
-                this.inner.flights.run(&key, || this.lead(key.clone(), load, need, stale)).await;
+            let result = this
+                .inner
+                .flights
+                .run_claimed(claim, || this.lead(key.clone(), load, need, stale))
+                .await;
             if let Err(error) = result {
                 tracing::warn!(%error, "sd-cache: early refresh failed; the current value stays until it expires");
             }
@@ -448,6 +463,50 @@ where
         })
     }
 
+    /// The write mark of `key`'s shard: pass it to [`Self::insert_if_unchanged`] to store a
+    /// value read elsewhere only if no write or invalidation of the shard happened since.
+    #[cfg(feature = "redis")]
+    pub(crate) fn write_mark<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.read_shard(key)
+    }
+
+    /// A fresh hit that needs no early refresh, by a borrowed key (no allocation); `None`
+    /// otherwise, counting nothing (the caller goes on to [`Self::resolve`]).
+    #[cfg(feature = "redis")]
+    pub(crate) fn peek<Q>(&self, key: &Q, want_value: bool) -> Option<Option<V>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.inner.clock.now();
+        let e = self.inner.engine.get(key)?;
+        if now < e.expiry && now < e.refresh_from && (e.value.is_some() || !want_value) {
+            Counters::bump(&self.inner.counters.hits);
+            Some(e.value)
+        } else {
+            None
+        }
+    }
+
+    /// [`Self::invalidate`] by a borrowed key.
+    #[cfg(feature = "redis")]
+    pub(crate) fn invalidate_borrowed<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut seq = self.lock_shard(key);
+        *seq = seq.wrapping_add(1);
+        self.inner.engine.invalidate(key);
+        self.inner.flights.forget_borrowed(key);
+    }
+
+    /// Stores `value` unless the shard was written or invalidated since `mark`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn insert_if_unchanged(&self, key: K, mark: u64, value: V) {
+        self.store_if_unchanged(key, mark, Some(value), Duration::ZERO);
+    }
+
     fn store_if_unchanged(&self, key: K, seq: u64, value: Option<V>, delta: Duration) {
         let now = self.inner.clock.now();
         let current = self.lock_shard(&key);
@@ -460,14 +519,14 @@ where
         }
     }
 
-    fn lock_shard(&self, key: &K) -> std::sync::MutexGuard<'_, u64> {
+    fn lock_shard<Q: Hash + ?Sized>(&self, key: &Q) -> std::sync::MutexGuard<'_, u64> {
         let shard = (self.inner.hasher.hash_one(key) as usize) & (SHARDS - 1);
         self.inner.write_seq[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn read_shard(&self, key: &K) -> u64 {
+    fn read_shard<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         *self.lock_shard(key)
     }
 }

@@ -225,7 +225,36 @@ where
             }
             None => false,
         };
-        Ok(RedisCache {
+        Ok(self.assemble(conn, channel, waiters, subscribed))
+    }
+
+    /// Builds a cache whose waiters are woken by the caller (the two-tier cache's own
+    /// subscriber calls [`RedisCache::wake`]); `notifications` is ignored.
+    pub(crate) fn build_woken_externally<C>(self, conn: C) -> Result<RedisCache<V, C, K>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.validate()?;
+        let channel = format!("{}:events", self.prefix);
+        Ok(self.assemble(conn, channel, Arc::new(DashMap::new()), true))
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn assemble<C>(
+        self,
+        conn: C,
+        channel: String,
+        waiters: Arc<DashMap<String, Arc<Notify>>>,
+        subscribed: bool,
+    ) -> RedisCache<V, C, K> {
+        RedisCache {
             inner: Arc::new(RedisInner {
                 conn,
                 scripts: Scripts::new(),
@@ -242,7 +271,7 @@ where
                 waiters,
                 subscribed,
             }),
-        })
+        }
     }
 }
 
@@ -313,10 +342,11 @@ struct Read<V> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Lock {
+enum Lock<'a> {
     Never,
     IfMissing,
-    Always,
+    /// An early refresh of the entry with this version: lock only if it is still in place.
+    Refresh(&'a str),
 }
 
 impl<V> RedisCache<V, (), JsonCodec>
@@ -420,7 +450,44 @@ where
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(backend("invalidate"))?;
+        self.forget(key);
         Ok(())
+    }
+
+    /// Detaches this process's running load of `key`, so calls that start from now on do
+    /// not receive its (older) result.
+    pub(crate) fn forget(&self, key: &str) {
+        self.inner.flights.forget(&key.to_owned());
+    }
+
+    /// Detaches every running load in this process.
+    pub(crate) fn forget_all(&self) {
+        self.inner.flights.forget_all();
+    }
+
+    /// Wakes this process's callers waiting for another process's load of `key`.
+    pub(crate) fn wake(&self, key: &str) {
+        if let Some(n) = self.inner.waiters.get(key) {
+            n.notify_waiters();
+        }
+    }
+
+    /// The channel every write and invalidation of this prefix is published on.
+    pub(crate) fn events_channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// Loader calls made around a failed Redis so far.
+    pub(crate) fn fallback_count(&self) -> u64 {
+        self.inner
+            .counters
+            .fallbacks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The connection commands go through.
+    pub(crate) fn connection(&self) -> C {
+        self.inner.conn.clone()
     }
 
     /// The value for `key`, loading it with `loader` on a miss: once per key across every
@@ -476,7 +543,7 @@ where
         self.resolve(key, load, false).await
     }
 
-    async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Shared<V>
+    pub(crate) async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Shared<V>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
@@ -502,7 +569,7 @@ where
         let (result, role) = self
             .inner
             .flights
-            .run(&owned, || self.lead(owned.clone(), load, want_value, false))
+            .run(&owned, || self.lead(owned.clone(), load, want_value, None))
             .await;
         self.inner.counters.note(role);
         result
@@ -529,6 +596,7 @@ where
         Fut: Future<Output = Shared<V>>,
     {
         tracing::warn!(error = %cause, "sd-cache: redis failed, reading through the loader");
+        Counters::bump(&self.inner.counters.fallbacks);
         let start = tokio::time::Instant::now();
         let result = load().await;
         self.inner
@@ -537,14 +605,15 @@ where
         result
     }
 
+    /// Starts a background refresh if XFetch says so: at most one per key in this process
+    /// (the flight is claimed before the task is spawned), and across processes only while
+    /// the entry this read saw is still in place (the lock is taken against its version).
     fn maybe_refresh<L, Fut>(&self, key: &str, read: &Read<V>, load: L)
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
     {
-        if read.now < self.inner.policy.refresh_from(read.expiry, read.delta)
-            || self.inner.flights.is_running(&key.to_owned())
-        {
+        if read.now < self.inner.policy.refresh_from(read.expiry, read.delta) {
             return;
         }
         let u = self.inner.random.unit();
@@ -560,19 +629,33 @@ where
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let this = self.clone();
         let key = key.to_owned();
+        let Some(claim) = self.inner.flights.claim(&key) else {
+            return;
+        };
+        let this = self.clone();
+        let seen = read.version.clone();
         runtime.spawn(async move {
-            let (result, _) =
-                this.inner.flights.run(&key, || this.lead(key.clone(), load, false, true)).await;
+            let result = this
+                .inner
+                .flights
+                .run_claimed(claim, || this.lead(key.clone(), load, false, Some(seen)))
+                .await;
             if let Err(error) = result {
                 tracing::warn!(%error, "sd-cache: early refresh failed; the current value stays until it expires");
             }
         });
     }
 
-    /// The in-process leader: take the cross-process lock or wait for its holder.
-    async fn lead<L, Fut>(&self, key: String, load: L, want_value: bool, refresh: bool) -> Shared<V>
+    /// The in-process leader: take the cross-process lock or wait for its holder. `refresh`
+    /// is the version an early refresh was decided on.
+    async fn lead<L, Fut>(
+        &self,
+        key: String,
+        load: L,
+        want_value: bool,
+        refresh: Option<String>,
+    ) -> Shared<V>
     where
         L: FnOnce() -> Fut,
         Fut: Future<Output = Shared<V>>,
@@ -583,10 +666,9 @@ where
         );
         let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(10);
-        let mode = if refresh {
-            Lock::Always
-        } else {
-            Lock::IfMissing
+        let mode = match &refresh {
+            Some(version) => Lock::Refresh(version),
+            None => Lock::IfMissing,
         };
         let notify = self.inner.subscribed.then(|| {
             Arc::clone(
@@ -610,8 +692,8 @@ where
             if read.locked {
                 break Ok(read);
             }
-            if refresh {
-                // Another process is refreshing: nothing to do.
+            if refresh.is_some() {
+                // Another process is refreshing, or already replaced the entry.
                 break Err(Next::Skip);
             }
             if let Some(value) = &read.fresh
@@ -644,7 +726,7 @@ where
             Err(Next::Fresh(value)) => Ok(value),
             Err(Next::Skip) => Ok(None),
             Err(Next::Failed(e @ Error::Backend { .. }))
-                if self.inner.fallback_to_loader && !refresh =>
+                if self.inner.fallback_to_loader && refresh.is_none() =>
             {
                 self.fallback_load(load, e).await
             }
@@ -710,7 +792,7 @@ where
         }
     }
 
-    async fn read(&self, key: &str, lock: Lock, token: &str) -> Result<Read<V>> {
+    async fn read(&self, key: &str, lock: Lock<'_>, token: &str) -> Result<Read<V>> {
         type Reply = (
             Option<Vec<u8>>,
             Option<u64>,
@@ -721,10 +803,10 @@ where
             u8,
         );
         let mut conn = self.inner.conn.clone();
-        let mode = match lock {
-            Lock::Never => "0",
-            Lock::IfMissing => "1",
-            Lock::Always => "2",
+        let (mode, seen) = match lock {
+            Lock::Never => ("0", ""),
+            Lock::IfMissing => ("1", ""),
+            Lock::Refresh(version) => ("2", version),
         };
         let (value, delta, expiry, negative, version, now, locked): Reply = self
             .inner
@@ -735,6 +817,7 @@ where
             .arg(token)
             .arg(ms(self.inner.lock_ttl))
             .arg(mode)
+            .arg(seen)
             .invoke_async(&mut conn)
             .await
             .map_err(backend("read"))?;

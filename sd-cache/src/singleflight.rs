@@ -39,7 +39,7 @@ type Flight<T> = Arc<watch::Sender<State<T>>>;
 
 /// Deduplicates concurrent work per key.
 pub struct SingleFlight<K, T> {
-    flights: DashMap<K, Flight<T>>,
+    flights: Arc<DashMap<K, Flight<T>>>,
 }
 
 impl<K: Hash + Eq, T> fmt::Debug for SingleFlight<K, T> {
@@ -53,7 +53,7 @@ impl<K: Hash + Eq, T> fmt::Debug for SingleFlight<K, T> {
 impl<K: Hash + Eq, T> Default for SingleFlight<K, T> {
     fn default() -> Self {
         Self {
-            flights: DashMap::new(),
+            flights: Arc::new(DashMap::new()),
         }
     }
 }
@@ -81,6 +81,66 @@ where
     /// Whether no flight is running.
     pub fn is_empty(&self) -> bool {
         self.flights.is_empty()
+    }
+
+    /// Detaches the flight running for `key`, if any: its callers still get its result, but
+    /// later calls start a new flight instead of joining it (Go's `Forget`). Call it when
+    /// the key was written or invalidated, so no call that starts afterwards receives a
+    /// result loaded before.
+    pub fn forget(&self, key: &K) {
+        self.flights.remove(key);
+    }
+
+    pub(crate) fn forget_borrowed<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.flights.remove(key);
+    }
+
+    /// Detaches every running flight (see [`forget`](Self::forget)).
+    pub fn forget_all(&self) {
+        self.flights.clear();
+    }
+
+    /// Claims the lead for `key` now, synchronously, if no flight is running: the returned
+    /// [`Claim`] holds the flight (later calls wait on it) until it is passed to
+    /// [`run_claimed`](Self::run_claimed) or dropped. `None` when a flight is running.
+    ///
+    /// This is how a background task is started at most once per key: claim first, then
+    /// spawn the work with the claim.
+    pub fn claim(&self, key: &K) -> Option<Claim<K, T>> {
+        match self.flights.entry(key.clone()) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(v) => {
+                let (tx, _) = watch::channel(State::Running);
+                let tx = Arc::new(tx);
+                v.insert(Arc::clone(&tx));
+                Some(Claim {
+                    flights: Arc::clone(&self.flights),
+                    key: key.clone(),
+                    tx,
+                    finished: false,
+                })
+            }
+        }
+    }
+
+    /// Runs `work` as the leader of a flight claimed with [`claim`](Self::claim), and
+    /// shares its result with the calls that waited on it.
+    pub async fn run_claimed<F, Fut>(&self, mut claim: Claim<K, T>, work: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let value = work().await;
+        claim.finished = true;
+        claim
+            .flights
+            .remove_if(&claim.key, |_, f| Arc::ptr_eq(f, &claim.tx));
+        claim.tx.send_replace(State::Done(value.clone()));
+        value
     }
 
     /// Runs `work` for `key` unless a flight for `key` is already running, in which case it
@@ -129,6 +189,31 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+/// A flight claimed by [`SingleFlight::claim`] and not yet run. Dropping it abandons the
+/// flight (one waiter takes over).
+pub struct Claim<K: Hash + Eq, T> {
+    flights: Arc<DashMap<K, Flight<T>>>,
+    key: K,
+    tx: Flight<T>,
+    finished: bool,
+}
+
+impl<K: Hash + Eq, T> fmt::Debug for Claim<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim").finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq, T> Drop for Claim<K, T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.flights
+                .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.tx));
+            self.tx.send_replace(State::Abandoned);
         }
     }
 }
@@ -228,6 +313,46 @@ mod tests {
         leader.abort();
         let (v, role) = waiter.await.unwrap();
         assert_eq!((v, role), ("waiter", Role::Leader));
+        assert!(sf.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_is_exclusive_and_shares_its_result() {
+        let sf = Arc::new(SingleFlight::<u32, u8>::new());
+        let claim = sf.claim(&1).unwrap();
+        assert!(sf.claim(&1).is_none(), "one claim per key");
+        let waiter = {
+            let sf = sf.clone();
+            tokio::spawn(async move { sf.run(&1, || async { 2 }).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(sf.run_claimed(claim, || async { 9 }).await, 9);
+        assert_eq!(waiter.await.unwrap(), (9, Role::Waiter));
+        assert!(sf.is_empty());
+        drop(sf.claim(&1).unwrap());
+        assert!(sf.claim(&1).is_some(), "a dropped claim frees the key");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_flight_is_not_joined_by_later_calls() {
+        let sf = Arc::new(SingleFlight::<u32, &'static str>::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let old = {
+            let (sf, gate) = (sf.clone(), gate.clone());
+            tokio::spawn(async move {
+                sf.run(&1, || async move {
+                    gate.notified().await;
+                    "old"
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        sf.forget(&1);
+        let (v, role) = sf.run(&1, || async { "new" }).await;
+        assert_eq!((v, role), ("new", Role::Leader));
+        gate.notify_one();
+        assert_eq!(old.await.unwrap(), ("old", Role::Leader));
         assert!(sf.is_empty());
     }
 

@@ -25,6 +25,8 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Reads answered with an expired value because the load failed (serve-stale-on-error).
     pub stale_served: u64,
+    /// Reads the loader answered around a failed Redis (`fallback_to_loader`).
+    pub fallback_loads: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,7 @@ pub(crate) struct Counters {
     pub(crate) coalesced: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) stale_served: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
 }
 
 impl Counters {
@@ -72,6 +75,7 @@ impl Counters {
             coalesced_waiters: self.coalesced.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
+            fallback_loads: self.fallbacks.load(Relaxed),
         }
     }
 }
