@@ -1,0 +1,550 @@
+//! Saga definitions: steps over typed data, their kinds, and the checks made when a saga
+//! is built.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+
+/// A boxed `Send` future, as steps return them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+type Action<D> = Arc<dyn Fn(StepContext, D) -> BoxFuture<Result<D, StepError>> + Send + Sync>;
+type Compensation<D> =
+    Arc<dyn Fn(StepContext, D) -> BoxFuture<Result<(), StepError>> + Send + Sync>;
+
+/// Which way a step call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// The step's action.
+    Forward,
+    /// The step's compensation (its logical undo).
+    Compensate,
+}
+
+impl Direction {
+    /// `forward` or `compensate`, as written in the log and in idempotency keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Compensate => "compensate",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "forward" => Some(Direction::Forward),
+            "compensate" => Some(Direction::Compensate),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The three kinds of step (microservices.io's saga classes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// Before the pivot; undone by its compensation when a later step fails.
+    Compensatable,
+    /// The point of no return: once it succeeds the saga only goes forward. If it fails,
+    /// the steps before it are compensated; it is never compensated itself.
+    Pivot,
+    /// After the pivot; retried until it succeeds, never compensated. If it still fails
+    /// when its policy runs out, the saga is left [`Stuck`](crate::SagaState::Stuck).
+    Retriable,
+}
+
+/// What one call of a step's action or compensation knows: which saga, which step, which
+/// attempt, and the idempotency key the participant dedupes by.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub(crate) saga_id: Arc<str>,
+    pub(crate) step: usize,
+    pub(crate) step_name: Arc<str>,
+    pub(crate) direction: Direction,
+    pub(crate) attempt: u32,
+}
+
+impl StepContext {
+    /// The saga's id.
+    pub fn saga_id(&self) -> &str {
+        &self.saga_id
+    }
+
+    /// The step's index in the definition, from 0.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The step's name.
+    pub fn step_name(&self) -> &str {
+        &self.step_name
+    }
+
+    /// Forward (the action) or compensate.
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// The attempt, from 1; it restarts at 1 when another orchestrator recovers the saga.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// `{saga id}/{step index}/{direction}`: the same for every attempt of this call, on
+    /// every orchestrator, so a participant that stores the keys it has served runs each
+    /// effect once. Parse it from the right: the id may contain `/`.
+    pub fn idempotency_key(&self) -> String {
+        idempotency_key(&self.saga_id, self.step, self.direction)
+    }
+}
+
+/// The idempotency key of (saga id, step index, direction); see
+/// [`StepContext::idempotency_key`].
+pub fn idempotency_key(saga_id: &str, step: usize, direction: Direction) -> String {
+    format!("{saga_id}/{step}/{}", direction.as_str())
+}
+
+/// A step's failure: retryable (the default for transient faults) or not (a business
+/// refusal, which is final at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    message: String,
+    retryable: bool,
+    timed_out: bool,
+}
+
+impl StepError {
+    /// A transient failure: the step is tried again under its policy.
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        StepError {
+            message: message.to_string(),
+            retryable: true,
+            timed_out: false,
+        }
+    }
+
+    /// A final failure: no retry. Before the pivot the saga compensates at once; after it
+    /// the saga is left stuck.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        StepError {
+            message: message.to_string(),
+            retryable: false,
+            timed_out: false,
+        }
+    }
+
+    pub(crate) fn timed_out(after: Duration) -> Self {
+        StepError {
+            message: format!("attempt timed out after {after:?}"),
+            retryable: true,
+            timed_out: true,
+        }
+    }
+
+    /// True for a transient failure.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// True when the attempt ran out of its timeout: its effect may still land.
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// One step of a saga; make one with [`Step::compensatable`], [`Step::pivot`] or
+/// [`Step::retriable`].
+pub struct Step<D> {
+    name: String,
+    kind: StepKind,
+    action: Action<D>,
+    compensation: Option<Compensation<D>>,
+    retry: Option<RetryPolicy>,
+    compensation_retry: Option<RetryPolicy>,
+    timeout: Option<Duration>,
+}
+
+impl<D> fmt::Debug for Step<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("retry", &self.retry)
+            .field("compensation_retry", &self.compensation_retry)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn boxed_action<D, A, F>(action: A) -> Action<D>
+where
+    A: Fn(StepContext, D) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<D, StepError>> + Send + 'static,
+{
+    Arc::new(move |ctx, data| Box::pin(action(ctx, data)))
+}
+
+impl<D: Send + 'static> Step<D> {
+    fn new(name: impl Into<String>, kind: StepKind, action: Action<D>) -> Self {
+        Step {
+            name: name.into(),
+            kind,
+            action,
+            compensation: None,
+            retry: None,
+            compensation_retry: None,
+            timeout: None,
+        }
+    }
+
+    /// A step before the pivot: `action` returns the saga data for the next steps (with,
+    /// say, the reservation id it got); `compensation` undoes it when a later step fails
+    /// and gets the data as this step left it.
+    pub fn compensatable<A, F, C, G>(name: impl Into<String>, action: A, compensation: C) -> Self
+    where
+        A: Fn(StepContext, D) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<D, StepError>> + Send + 'static,
+        C: Fn(StepContext, D) -> G + Send + Sync + 'static,
+        G: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        let mut step = Step::new(name, StepKind::Compensatable, boxed_action(action));
+        step.compensation = Some(Arc::new(move |ctx, data| Box::pin(compensation(ctx, data))));
+        step
+    }
+
+    /// The pivot: the point of no return.
+    pub fn pivot<A, F>(name: impl Into<String>, action: A) -> Self
+    where
+        A: Fn(StepContext, D) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<D, StepError>> + Send + 'static,
+    {
+        Step::new(name, StepKind::Pivot, boxed_action(action))
+    }
+
+    /// A step after the pivot, retried until it succeeds (default policy
+    /// [`RetryPolicy::persistent`]).
+    pub fn retriable<A, F>(name: impl Into<String>, action: A) -> Self
+    where
+        A: Fn(StepContext, D) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<D, StepError>> + Send + 'static,
+    {
+        Step::new(name, StepKind::Retriable, boxed_action(action))
+    }
+
+    /// The retry policy of the action (default: the saga's, else [`RetryPolicy::default`]
+    /// for compensatable and pivot steps and [`RetryPolicy::persistent`] for retriable ones).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// The retry policy of the compensation (default: the saga's, else
+    /// [`RetryPolicy::persistent`]).
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = Some(policy);
+        self
+    }
+
+    /// How long one attempt may run (default: the saga's, else 30 s). An attempt that runs
+    /// out counts as a retryable failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A step with every default resolved.
+pub(crate) struct StepDef<D> {
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: StepKind,
+    pub(crate) action: Action<D>,
+    pub(crate) compensation: Option<Compensation<D>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) compensation_retry: RetryPolicy,
+    pub(crate) timeout: Duration,
+}
+
+/// A checked saga definition: its name (the saga type in the log) and its steps.
+/// Cheap to clone.
+pub struct Saga<D> {
+    pub(crate) name: Arc<str>,
+    pub(crate) steps: Arc<[StepDef<D>]>,
+}
+
+impl<D> Clone for Saga<D> {
+    fn clone(&self) -> Self {
+        Saga {
+            name: self.name.clone(),
+            steps: self.steps.clone(),
+        }
+    }
+}
+
+impl<D> fmt::Debug for Saga<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let steps: Vec<_> = self
+            .steps
+            .iter()
+            .map(|s| (s.name.as_ref(), s.kind))
+            .collect();
+        f.debug_struct("Saga")
+            .field("name", &self.name)
+            .field("steps", &steps)
+            .finish()
+    }
+}
+
+impl<D: Send + 'static> Saga<D> {
+    /// A builder for the saga named `name` (the saga type in the log; one orchestrator
+    /// per name).
+    pub fn builder(name: impl Into<String>) -> SagaBuilder<D> {
+        SagaBuilder {
+            name: name.into(),
+            steps: Vec::new(),
+            retry: None,
+            compensation_retry: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The saga's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The steps' names and kinds, in order.
+    pub fn steps(&self) -> impl Iterator<Item = (&str, StepKind)> {
+        self.steps.iter().map(|s| (s.name.as_ref(), s.kind))
+    }
+}
+
+/// Builds a [`Saga`]; [`build`](Self::build) rejects a definition that breaks the pivot
+/// rules.
+pub struct SagaBuilder<D> {
+    name: String,
+    steps: Vec<Step<D>>,
+    retry: Option<RetryPolicy>,
+    compensation_retry: Option<RetryPolicy>,
+    timeout: Duration,
+}
+
+impl<D> fmt::Debug for SagaBuilder<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaBuilder")
+            .field("name", &self.name)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Send + 'static> SagaBuilder<D> {
+    /// Appends a step.
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// The retry policy of every forward step that sets none.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// The retry policy of every compensation that sets none.
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = Some(policy);
+        self
+    }
+
+    /// The per-attempt timeout of every step that sets none (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The saga, or the first problem: no steps, an empty or repeated step name, a second
+    /// pivot, a compensatable step after the pivot, a retriable step before it, a zero
+    /// timeout.
+    pub fn build(self) -> Result<Saga<D>> {
+        let saga = self.name;
+        if saga.is_empty() || saga.len() > 100 {
+            return Err(Error::config("name", "the saga name must be 1 to 100 bytes"));
+        }
+        if self.steps.is_empty() {
+            return Err(Error::NoSteps { saga });
+        }
+        let mut names = HashSet::new();
+        let mut pivot: Option<String> = None;
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for step in self.steps {
+            if step.name.is_empty() {
+                return Err(Error::StepConfig {
+                    step: step.name,
+                    field: "name",
+                    reason: "must not be empty".into(),
+                });
+            }
+            if !names.insert(step.name.clone()) {
+                return Err(Error::DuplicateStep {
+                    saga,
+                    step: step.name,
+                });
+            }
+            match (step.kind, &pivot) {
+                (StepKind::Compensatable, Some(p)) => {
+                    return Err(Error::CompensatableAfterPivot {
+                        saga,
+                        step: step.name,
+                        pivot: p.clone(),
+                    });
+                }
+                (StepKind::Retriable, None) => {
+                    return Err(Error::RetriableBeforePivot {
+                        saga,
+                        step: step.name,
+                    });
+                }
+                (StepKind::Pivot, Some(first)) => {
+                    return Err(Error::SecondPivot {
+                        saga,
+                        step: step.name,
+                        first: first.clone(),
+                    });
+                }
+                (StepKind::Pivot, None) => pivot = Some(step.name.clone()),
+                _ => {}
+            }
+            let timeout = step.timeout.unwrap_or(self.timeout);
+            if timeout.is_zero() {
+                return Err(Error::StepConfig {
+                    step: step.name,
+                    field: "timeout",
+                    reason: "must be above zero".into(),
+                });
+            }
+            let default_retry = match step.kind {
+                StepKind::Retriable => RetryPolicy::persistent(),
+                _ => RetryPolicy::default(),
+            };
+            steps.push(StepDef {
+                name: step.name.into(),
+                kind: step.kind,
+                action: step.action,
+                compensation: step.compensation,
+                retry: step.retry.or(self.retry).unwrap_or(default_retry),
+                compensation_retry: step
+                    .compensation_retry
+                    .or(self.compensation_retry)
+                    .unwrap_or_else(RetryPolicy::persistent),
+                timeout,
+            });
+        }
+        Ok(Saga {
+            name: saga.into(),
+            steps: steps.into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ok(_: StepContext, d: u32) -> BoxFuture<Result<u32, StepError>> {
+        Box::pin(async move { Ok(d) })
+    }
+    fn undo(_: StepContext, _: u32) -> BoxFuture<Result<(), StepError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn c(name: &str) -> Step<u32> {
+        Step::compensatable(name, ok, undo)
+    }
+
+    #[test]
+    fn the_pivot_rules_are_checked_when_built() {
+        let err = Saga::<u32>::builder("s").build().unwrap_err();
+        assert!(matches!(err, Error::NoSteps { saga } if saga == "s"));
+        let err = Saga::builder("s")
+            .step(c("a"))
+            .step(Step::pivot("p", ok))
+            .step(c("b"))
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::CompensatableAfterPivot { step, pivot, .. } if step == "b" && pivot == "p"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`b` comes after the pivot `p`"));
+        let err = Saga::builder("s")
+            .step(c("a"))
+            .step(Step::retriable("r", ok))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::RetriableBeforePivot { step, .. } if step == "r"));
+        let err = Saga::builder("s")
+            .step(Step::pivot("p", ok))
+            .step(Step::pivot("q", ok))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::SecondPivot { step, first, .. } if step == "q" && first == "p"));
+        let err = Saga::builder("s")
+            .step(c("a"))
+            .step(c("a"))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateStep { step, .. } if step == "a"));
+        let err = Saga::builder("s")
+            .step(c("a").timeout(Duration::ZERO))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::StepConfig { field: "timeout", step, .. } if step == "a"));
+        let saga = Saga::builder("s")
+            .step(c("a"))
+            .step(Step::pivot("p", ok))
+            .step(Step::retriable("r", ok))
+            .build()
+            .unwrap();
+        let kinds: Vec<_> = saga.steps().map(|(_, k)| k).collect();
+        assert_eq!(
+            kinds,
+            [StepKind::Compensatable, StepKind::Pivot, StepKind::Retriable]
+        );
+    }
+
+    #[test]
+    fn keys_differ_by_step_and_direction() {
+        assert_eq!(
+            idempotency_key("order-1", 2, Direction::Compensate),
+            "order-1/2/compensate"
+        );
+        assert_ne!(
+            idempotency_key("a", 1, Direction::Forward),
+            idempotency_key("a", 1, Direction::Compensate)
+        );
+    }
+}

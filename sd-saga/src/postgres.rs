@@ -1,0 +1,524 @@
+//! The PostgreSQL log: saga instances and their step events in two tables.
+//!
+//! - **Two statements per step on the happy path.** The intent and the outcome of a step
+//!   are each one statement: a data-modifying CTE that updates the instance (guarded by
+//!   its version and epoch) and appends the event in the same implicit transaction. The
+//!   first step's intent is written by the statement that creates the saga, and the last
+//!   step's outcome marks it completed, so an N-step saga that succeeds costs exactly 2N
+//!   statements (2N commits). [`PostgresStore::write_statements`] counts them.
+//! - **Fencing**: every write carries `WHERE version = $v AND epoch = $e`; a claim bumps
+//!   both, so a stale owner's write matches no row and is refused with
+//!   [`Error::Fenced`]. Claims of expired leases use `FOR UPDATE SKIP LOCKED`, so two
+//!   recovering orchestrators never claim the same saga.
+//! - **Server time**: leases expire by the database's `clock_timestamp()`, so skewed
+//!   application clocks agree.
+//! - **Schema**: [`PostgresStore::migrate`] creates the schema (default `public`), the
+//!   instance table (default `sagas`) and the events table (`{table}_events`), idempotently
+//!   and under an advisory lock; the SQL ships in `migrations/`. Nothing is ever deleted:
+//!   prune finished sagas (and their events) yourself when you no longer need them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row as _};
+use tracing::Instrument as _;
+
+use crate::definition::Direction;
+use crate::error::{Error, Result};
+use crate::memory::check_stuck;
+use crate::store::{
+    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
+    Write,
+};
+
+const MIGRATION: &str = include_str!("../migrations/0001_create.sql");
+
+const COLUMNS: &str = "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason";
+
+/// Options of a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    schema: String,
+    table: String,
+    timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            schema: "public".into(),
+            table: "sagas".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn check_identifier(field: &'static str, name: &str, max: usize) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= max
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::config(
+            field,
+            format!("`{name}` must be 1 to {max} of [a-z0-9_], not starting with a digit"),
+        ))
+    }
+}
+
+impl Builder {
+    /// The schema (default `public`), created by `migrate` if missing: a lowercase SQL
+    /// identifier of at most 63 characters.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The instance table (default `sagas`; the events go to `{table}_events`): a
+    /// lowercase SQL identifier of at most 40 characters.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// How long one statement may take (default 5 s) before [`Error::Timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// A store on `pool`, or [`Error::Config`] naming the field out of range.
+    pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
+        check_identifier("schema", &self.schema, 63)?;
+        check_identifier("table", &self.table, 40)?;
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be above zero"));
+        }
+        let table = format!("{}.{}", self.schema, self.table);
+        let events = format!("{}.{}_events", self.schema, self.table);
+        let sql = Sql::new(&table, &events);
+        Ok(PostgresStore {
+            pool,
+            schema: self.schema,
+            name: self.table,
+            table,
+            events,
+            timeout: self.timeout,
+            sql: Arc::new(sql),
+            writes: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+/// Every statement, built once per store.
+#[derive(Debug)]
+struct Sql {
+    create: String,
+    write: String,
+    renew: String,
+    claim_expired: String,
+    claim_stuck: String,
+    load: String,
+    events: String,
+    stats: String,
+}
+
+/// `$n` seconds from now, with `$n` in milliseconds.
+fn from_now(param: &str) -> String {
+    format!("clock_timestamp() + make_interval(secs => {param}::float8 / 1000)")
+}
+
+impl Sql {
+    fn new(t: &str, e: &str) -> Self {
+        let lease_1 = from_now("$5");
+        let create = format!(
+            "WITH s AS (
+                INSERT INTO {t} (id, saga_type, state, step, compensating, data, version, owner, epoch, lease_until)
+                VALUES ($1, $2, 'running', 0, false, $3::jsonb, 1, $4, 1, {lease_1})
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id, version, epoch)
+             INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt)
+             SELECT id, version, epoch, 0, 'forward', 'intent', 1 FROM s
+             RETURNING version"
+        );
+        // $1 id, $2 version, $3 epoch, $4 state, $5 step, $6 compensating, $7 data,
+        // $8 reason, $9 keep the lease, $10 lease ms, $11.. the event.
+        let lease_10 = from_now("$10");
+        let write = format!(
+            "WITH s AS (
+                UPDATE {t} SET state = $4, step = $5, compensating = $6,
+                    data = COALESCE($7::jsonb, data), reason = $8, version = version + 1,
+                    owner = CASE WHEN $9 THEN owner END,
+                    lease_until = CASE WHEN $9 THEN {lease_10} END,
+                    updated_at = clock_timestamp()
+                WHERE id = $1 AND version = $2 AND epoch = $3
+                RETURNING id, version, epoch)
+             INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt, error)
+             SELECT id, version, epoch, $11, $12, $13, $14, $15 FROM s
+             RETURNING version"
+        );
+        let lease_4 = from_now("$4");
+        let renew = format!(
+            "UPDATE {t} SET lease_until = {lease_4}
+             WHERE id = $1 AND epoch = $2 AND owner = $3 AND state IN ('running', 'compensating')"
+        );
+        let claim_expired = format!(
+            "UPDATE {t} AS s SET owner = $2, epoch = s.epoch + 1, version = s.version + 1,
+                 lease_until = {lease_4}, updated_at = clock_timestamp()
+             FROM (SELECT id FROM {t}
+                   WHERE saga_type = $1 AND state IN ('running', 'compensating')
+                     AND lease_until <= clock_timestamp()
+                   ORDER BY lease_until LIMIT $3
+                   FOR UPDATE SKIP LOCKED) AS c
+             WHERE s.id = c.id
+             RETURNING s.id, s.saga_type, s.state, s.step, s.compensating, s.data::text AS data,
+                 s.version, s.owner, s.epoch, s.reason"
+        );
+        let claim_stuck = format!(
+            "WITH s AS (
+                UPDATE {t} SET owner = $3, epoch = epoch + 1, version = version + 1,
+                    state = CASE WHEN compensating THEN 'compensating' ELSE 'running' END,
+                    lease_until = {lease_4}, updated_at = clock_timestamp()
+                WHERE id = $1 AND saga_type = $2 AND state = 'stuck'
+                RETURNING {COLUMNS}),
+             ev AS (
+                INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt)
+                SELECT id, version, epoch, step,
+                    CASE WHEN compensating THEN 'compensate' ELSE 'forward' END, 'resumed', 0
+                FROM s)
+             SELECT * FROM s"
+        );
+        let load = format!("SELECT {COLUMNS} FROM {t} WHERE id = $1");
+        let events = format!(
+            "SELECT version, epoch, step, direction, kind, attempt, error FROM {e}
+             WHERE saga_id = $1 ORDER BY version"
+        );
+        let stats = format!(
+            "SELECT state, count(*)::bigint AS n,
+                 (EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)) * 1000)::float8 AS age_ms
+             FROM {t} WHERE saga_type = $1 GROUP BY state"
+        );
+        Sql {
+            create,
+            write,
+            renew,
+            claim_expired,
+            claim_stuck,
+            load,
+            events,
+            stats,
+        }
+    }
+}
+
+/// The log in two PostgreSQL tables; see the [module docs](self). Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: String,
+    name: String,
+    table: String,
+    events: String,
+    timeout: Duration,
+    sql: Arc<Sql>,
+    writes: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.table)
+            .field("events", &self.events)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn to_u64(field: &str, n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|_| Error::corrupt(format!("negative {field}")))
+}
+
+fn to_u32(field: &str, n: i32) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::corrupt(format!("negative {field}")))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn record(row: &PgRow) -> Result<SagaRecord> {
+    let state: String = row.try_get("state")?;
+    Ok(SagaRecord {
+        id: row.try_get("id")?,
+        saga_type: row.try_get("saga_type")?,
+        state: SagaState::parse(&state)?,
+        step: to_u32("step", row.try_get("step")?)?,
+        compensating: row.try_get("compensating")?,
+        data: row.try_get("data")?,
+        version: to_u64("version", row.try_get("version")?)?,
+        owner: row.try_get("owner")?,
+        epoch: to_u64("epoch", row.try_get("epoch")?)?,
+        reason: row.try_get("reason")?,
+    })
+}
+
+impl PostgresStore {
+    /// Options: schema `public`, table `sagas`, 5 s timeout.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema-qualified instance table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The schema-qualified events table.
+    pub fn events_table(&self) -> &str {
+        &self.events
+    }
+
+    /// How many write statements this store (and its clones) has sent: create, intent,
+    /// outcome, renew and claim statements, each one implicit transaction.
+    pub fn write_statements(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Creates the schema, the tables and their indexes if they are missing; safe to call
+    /// from every replica at start-up.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("sd-saga:{}", self.table))
+            .execute(&mut *tx)
+            .await?;
+        let sql = MIGRATION
+            .replace("{schema}", &self.schema)
+            .replace("{table}", &self.table)
+            .replace("{events}", &self.events)
+            .replace("{name}", &self.name);
+        for statement in sql.split(';').map(str::trim).filter(|s| {
+            s.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim().starts_with("--"))
+        }) {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
+        let span = tracing::debug_span!("saga.postgres");
+        match tokio::time::timeout(self.timeout, f.instrument(span)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The refusal of a write that matched no row: fenced, or the saga is gone.
+    async fn refused(&self, lease: &Lease) -> Error {
+        match self.load(&lease.id).await {
+            Ok(None) => Error::NotFound {
+                id: lease.id.clone(),
+            },
+            _ => lease.fenced(),
+        }
+    }
+}
+
+impl SagaStore for PostgresStore {
+    async fn create(&self, saga: &NewSaga<'_>) -> Result<Lease> {
+        self.wrote();
+        let query = sqlx::query(&self.sql.create)
+            .bind(saga.id)
+            .bind(saga.saga_type)
+            .bind(saga.data)
+            .bind(saga.owner)
+            .bind(ms(saga.lease_ttl))
+            .fetch_optional(&self.pool);
+        match self.timed(query).await? {
+            Some(_) => Ok(Lease {
+                id: saga.id.to_owned(),
+                owner: saga.owner.to_owned(),
+                epoch: 1,
+                version: 1,
+            }),
+            None => Err(Error::AlreadyExists {
+                id: saga.id.to_owned(),
+            }),
+        }
+    }
+
+    async fn write(&self, lease: &Lease, write: &Write<'_>) -> Result<Lease> {
+        self.wrote();
+        let e = &write.event;
+        let query = sqlx::query(&self.sql.write)
+            .bind(&lease.id)
+            .bind(to_i64(lease.version))
+            .bind(to_i64(lease.epoch))
+            .bind(write.state.as_str())
+            .bind(to_i32(write.step))
+            .bind(write.compensating)
+            .bind(write.data)
+            .bind(write.reason)
+            .bind(write.state.is_live())
+            .bind(ms(write.lease_ttl))
+            .bind(to_i32(e.step))
+            .bind(e.direction.as_str())
+            .bind(e.kind.as_str())
+            .bind(to_i32(e.attempt))
+            .bind(e.error.as_deref())
+            .fetch_optional(&self.pool);
+        match self.timed(query).await? {
+            Some(row) => Ok(Lease {
+                version: to_u64("version", row.try_get("version")?)?,
+                ..lease.clone()
+            }),
+            None => Err(self.refused(lease).await),
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<()> {
+        self.wrote();
+        let query = sqlx::query(&self.sql.renew)
+            .bind(&lease.id)
+            .bind(to_i64(lease.epoch))
+            .bind(&lease.owner)
+            .bind(ms(ttl))
+            .execute(&self.pool);
+        if self.timed(query).await?.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(self.refused(lease).await)
+        }
+    }
+
+    async fn claim_expired(
+        &self,
+        saga_type: &str,
+        owner: &str,
+        ttl: Duration,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>> {
+        self.wrote();
+        let query = sqlx::query(&self.sql.claim_expired)
+            .bind(saga_type)
+            .bind(owner)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(ms(ttl))
+            .fetch_all(&self.pool);
+        self.timed(query).await?.iter().map(record).collect()
+    }
+
+    async fn claim_stuck(
+        &self,
+        saga_type: &str,
+        id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<SagaRecord> {
+        self.wrote();
+        let query = sqlx::query(&self.sql.claim_stuck)
+            .bind(id)
+            .bind(saga_type)
+            .bind(owner)
+            .bind(ms(ttl))
+            .fetch_optional(&self.pool);
+        if let Some(row) = self.timed(query).await? {
+            return record(&row);
+        }
+        match self.load(id).await? {
+            None => Err(Error::NotFound { id: id.to_owned() }),
+            Some(r) => {
+                check_stuck(&r, saga_type)?;
+                // Stuck a moment ago, claimed by someone else since.
+                Err(Error::NotStuck {
+                    id: id.to_owned(),
+                    state: r.state,
+                })
+            }
+        }
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<SagaRecord>> {
+        let query = sqlx::query(&self.sql.load)
+            .bind(id)
+            .fetch_optional(&self.pool);
+        self.timed(query).await?.as_ref().map(record).transpose()
+    }
+
+    async fn events(&self, id: &str) -> Result<Vec<StoredEvent>> {
+        let query = sqlx::query(&self.sql.events).bind(id).fetch_all(&self.pool);
+        let rows = self.timed(query).await?;
+        rows.iter()
+            .map(|row| {
+                let direction: String = row.try_get("direction")?;
+                let kind: String = row.try_get("kind")?;
+                Ok(StoredEvent {
+                    version: to_u64("version", row.try_get("version")?)?,
+                    epoch: to_u64("epoch", row.try_get("epoch")?)?,
+                    event: Event {
+                        step: to_u32("step", row.try_get("step")?)?,
+                        direction: Direction::parse(&direction).ok_or_else(|| {
+                            Error::corrupt(format!("unknown direction `{direction}`"))
+                        })?,
+                        kind: EventKind::parse(&kind)?,
+                        attempt: to_u32("attempt", row.try_get("attempt")?)?,
+                        error: row.try_get("error")?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self, saga_type: &str) -> Result<StoreStats> {
+        let query = sqlx::query(&self.sql.stats)
+            .bind(saga_type)
+            .fetch_all(&self.pool);
+        let rows = self.timed(query).await?;
+        let mut stats = StoreStats {
+            by_state: SagaState::ALL.into_iter().map(|s| (s, 0)).collect(),
+            oldest_unfinished_age: None,
+        };
+        for row in &rows {
+            let state = SagaState::parse(&row.try_get::<String, _>("state")?)?;
+            let n = to_u64("count", row.try_get("n")?)?;
+            if let Some(slot) = stats.by_state.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 = n;
+            }
+            if !state.is_final() {
+                let age_ms: f64 = row.try_get("age_ms")?;
+                let age = Duration::from_secs_f64(age_ms.max(0.0) / 1000.0);
+                stats.oldest_unfinished_age =
+                    Some(stats.oldest_unfinished_age.map_or(age, |o| o.max(age)));
+            }
+        }
+        Ok(stats)
+    }
+}
