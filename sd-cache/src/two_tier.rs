@@ -345,7 +345,9 @@ where
             inner.lapse();
         }
         if let Ok(Some(v)) = &read {
-            inner.local.insert_if_unchanged(key.to_owned(), mark, v.clone());
+            inner
+                .local
+                .insert_if_unchanged(key.to_owned(), mark, v.clone());
         }
         read
     }
@@ -472,7 +474,12 @@ where
 
     /// Reads through the Redis tier; a Redis failure (or a read answered around one) stops
     /// the memory tier from serving until the lease is renewed, and that renewal resyncs.
-    async fn remote_resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
+    async fn remote_resolve<L, Fut>(
+        &self,
+        key: &str,
+        load: L,
+        want_value: bool,
+    ) -> Result<Option<V>>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>>> + Send + 'static,

@@ -442,3 +442,83 @@ async fn an_infallible_read_waiting_on_a_failed_load_gets_the_shared_error() {
     assert!(matches!(plain, Err(Error::Loader { .. })));
     assert!(failing.await.unwrap().is_err());
 }
+
+/// A hot key read by 1,000 concurrent tasks inside its refresh window, with an injected
+/// clock and a draw that always fires (the worst case for XFetch): one early refresh per
+/// expiry, however many readers fire together, and none once the refreshed entry is in
+/// place. Readers never wait for the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_most_one_early_refresh_per_expiry_under_many_readers() {
+    let clock = ManualClock::new();
+    let cache: Cache<u32, u64> = Cache::builder()
+        .ttl(Duration::from_secs(10))
+        .clock(clock.clone())
+        .random(FixedRandom(0.0))
+        .build()
+        .unwrap();
+    let calls = counter();
+    let load_time = Duration::from_millis(100);
+    let c2 = clock.clone();
+    cache
+        .get_or_load(1, move || async move {
+            c2.advance(load_time);
+            0
+        })
+        .await
+        .unwrap();
+    // Loaded at 0.1 s (the load "took" 100 ms): expires at 10.1 s; with u -> 0 every read in
+    // the last 36.7 x 100 ms fires.
+    let mut expiry = Duration::from_millis(10_100);
+    for cycle in 1..=3u64 {
+        clock.set(expiry - Duration::from_secs(1));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let readers: Vec<_> = (0..1_000)
+            .map(|_| {
+                let (cache, calls, gate, clock) =
+                    (cache.clone(), calls.clone(), gate.clone(), clock.clone());
+                tokio::spawn(async move {
+                    for _ in 0..5 {
+                        let (calls, gate, clock) = (calls.clone(), gate.clone(), clock.clone());
+                        let v = cache
+                            .get_or_load(1, move || async move {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                gate.acquire().await.unwrap().forget();
+                                clock.advance(load_time);
+                                cycle
+                            })
+                            .await
+                            .unwrap();
+                        assert_eq!(v, cycle - 1, "the current value, at once");
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.await.unwrap();
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst) as u64,
+            cycle,
+            "one refresh in flight for 5,000 firing reads"
+        );
+        gate.add_permits(1_000);
+        while cache.get(&1) != Some(cycle) {
+            tokio::task::yield_now().await;
+        }
+        // The refreshed entry is in place (expires 10 s after now): reads at the same
+        // instant are outside its window and start nothing.
+        for _ in 0..1_000 {
+            let v = cache
+                .get_or_load(1, move || async move { u64::MAX })
+                .await
+                .unwrap();
+            assert_eq!(v, cycle);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst) as u64, cycle);
+        expiry = expiry - Duration::from_secs(1) + load_time + Duration::from_secs(10);
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.early_refreshes, 3);
+    assert_eq!(stats.loads, 4, "the first load and one per expiry");
+}

@@ -481,3 +481,89 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
         assert_eq!(stats.written, 1);
     });
 }
+
+/// A hot entry whose refresh window covers its whole life, read by 200 tasks over 4
+/// independent clients while the refresh is held: one refresh across all of them, and
+/// reads decided on the old entry after the new one is in place do not load again (the
+/// lock is taken against the version the refresh was decided on).
+#[test]
+fn at_most_one_early_refresh_per_expiry_across_clients() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let cache: RedisCache<u64, ConnectionManager> = RedisCache::builder(prefix.as_str())
+                .ttl(Duration::from_secs(60))
+                .random(FixedRandom(0.0))
+                .notifications(redis::Client::open(server.url()).unwrap())
+                .build(manager(server.url()).await)
+                .await
+                .unwrap();
+            clients.push(cache);
+        }
+        // An entry written as if its load took 100 s: every read is inside its window.
+        let mut admin = manager(server.url()).await;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
+        let now = secs * 1000 + micros / 1000;
+        let _: i64 = redis::cmd("HSET")
+            .arg(clients[0].data_key("hot"))
+            .arg(&["v", "0", "d", "100000", "n", "0", "ver", "1"])
+            .arg("e")
+            .arg(now + 60_000)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for i in 0..200 {
+            let (cache, calls, gate, stop) = (
+                clients[i % 4].clone(),
+                calls.clone(),
+                gate.clone(),
+                stop.clone(),
+            );
+            readers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let (calls, gate) = (calls.clone(), gate.clone());
+                    cache
+                        .get_or_load("hot", move || async move {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            gate.acquire().await.unwrap().forget();
+                            1
+                        })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        eventually(|| calls.load(Ordering::SeqCst) == 1).await;
+        // Readers keep reading (and firing) across the moment the refreshed entry lands:
+        // refreshes decided on the old entry must find it replaced and not load again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.add_permits(10_000);
+        for c in &clients {
+            let mut refreshed = None;
+            for _ in 0..200 {
+                refreshed = c.get("hot").await.unwrap();
+                if refreshed == Some(1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(refreshed, Some(1));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        for r in readers {
+            r.await.unwrap();
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one refresh across 4 clients"
+        );
+    });
+}
