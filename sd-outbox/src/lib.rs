@@ -1,15 +1,24 @@
-//! Transactional outbox on PostgreSQL with a relay to Redis Streams and NATS JetStream, ordered and parallel, losing nothing.
-//!
-//! **Status: not implemented yet.** This crate holds its place in the workspace and
-//! declares its cargo features; the pattern itself lands with issue 9 of the sd tracker.
-//! Nothing here is usable today, and no API is promised until then.
-//!
-//! # Crate features
-//!
-//! None is on by default.
-//!
-//! - `postgres`: the PostgreSQL backend (sqlx 0.8).
-//! - `redis`: the Redis backend (redis-rs, async, connection manager).
-//! - `nats`: the NATS JetStream sink.
+//! Transactional outbox on PostgreSQL with a relay to Redis Streams and NATS JetStream,
+//! ordered and parallel, losing nothing.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backoff;
+mod error;
+mod message;
+mod publisher;
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+
+pub use crate::backoff::Backoff;
+pub use crate::error::{Error, Result};
+pub use crate::message::{Event, Headers, MAX_FIELD_LEN, Message, Payload, new_id};
+pub use crate::publisher::{MemoryPublisher, Publisher};

@@ -1,0 +1,50 @@
+-- The outbox. `{table}` is replaced by the configured table name.
+-- The first five columns are Debezium's Outbox Event Router defaults, so a CDC
+-- connector can read this table instead of the relay without touching producers.
+CREATE TABLE IF NOT EXISTS {table} (
+    id              UUID        PRIMARY KEY,
+    aggregatetype   TEXT        NOT NULL,
+    aggregateid     TEXT        NOT NULL,
+    type            TEXT        NOT NULL,
+    payload         JSONB,
+    -- What the relay needs.
+    payload_bytes   BYTEA,
+    headers         JSONB       NOT NULL DEFAULT '{}'::jsonb,
+    seq             BIGINT      GENERATED ALWAYS AS IDENTITY,
+    txid            XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    lane            SMALLINT    GENERATED ALWAYS AS
+                        ((hashtextextended(aggregatetype || chr(31) || aggregateid, 0) & 63)::smallint) STORED,
+    status          TEXT        NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'published', 'dead')),
+    attempts        INTEGER     NOT NULL DEFAULT 0,
+    next_attempt_at TIMESTAMPTZ,
+    last_error      TEXT,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    published_at    TIMESTAMPTZ,
+    CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
+);
+-- Ordered mode reads pending rows in transaction order.
+CREATE INDEX IF NOT EXISTS {table}_ordered_idx ON {table} (txid, seq) WHERE status = 'pending';
+-- Parallel mode reads pending rows per lane in insertion order.
+CREATE INDEX IF NOT EXISTS {table}_lane_idx ON {table} (lane, seq) WHERE status = 'pending';
+-- Aggregates whose head waits for a retry (a tiny index: only rows that failed).
+CREATE INDEX IF NOT EXISTS {table}_retry_idx ON {table} (aggregatetype, aggregateid, seq)
+    WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
+-- The retention sweep and dead-letter listing.
+CREATE INDEX IF NOT EXISTS {table}_published_idx ON {table} (published_at) WHERE status = 'published';
+CREATE INDEX IF NOT EXISTS {table}_dead_idx ON {table} (seq) WHERE status = 'dead';
+
+-- Parallel relays claim lanes (hash of the aggregate, 64 of them) with
+-- FOR UPDATE SKIP LOCKED: all events of one aggregate go through one relay at a time.
+CREATE TABLE IF NOT EXISTS {table}_lanes (lane SMALLINT PRIMARY KEY);
+INSERT INTO {table}_lanes SELECT generate_series(0, 63) ON CONFLICT DO NOTHING;
+
+-- A wake-up for the relays at commit; the payload is empty (NOTIFY folds duplicates).
+CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{table}', '');
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER {table}_notify AFTER INSERT ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();

@@ -1,0 +1,332 @@
+//! The outbox table on PostgreSQL: [`Outbox::enqueue`] in the caller's transaction,
+//! dead letters, retention, and the [`Relay`] that publishes rows.
+//!
+//! - **Schema**: [`Outbox::migrate`] creates the table (default `outbox`), its indexes,
+//!   a `{table}_lanes` table of 64 rows for parallel relays and a statement trigger
+//!   that sends `NOTIFY {table}` at commit. It is idempotent and runs under an advisory
+//!   lock, so every replica may call it at start-up. The SQL is in
+//!   `migrations/0001_outbox.sql` for teams that run their own migration tool.
+//! - **Columns**: `id uuid, aggregatetype, aggregateid, type, payload jsonb` as
+//!   Debezium's Outbox Event Router expects, plus `payload_bytes` (byte payloads),
+//!   `headers jsonb`, `seq` (insertion order), `txid xid8` (the writing transaction),
+//!   `lane` (hash of the aggregate), `status` (`pending`, `published`, `dead`),
+//!   `attempts`, `next_attempt_at`, `last_error`, `created_at`, `published_at`.
+//! - **Enqueue** is one `INSERT` on the caller's transaction: the event exists if and
+//!   only if the business rows commit.
+
+mod inbox;
+mod relay;
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Row as _, Transaction};
+use uuid::Uuid;
+
+pub use self::inbox::{Inbox, InboxBuilder};
+pub use self::relay::{Metrics, Mode, Relay, RelayBuilder, RelayHandle};
+use crate::error::{Error, Result};
+use crate::message::{Event, Headers, Message, Payload, new_id};
+
+const MIGRATION: &str = include_str!("../migrations/0001_outbox.sql");
+
+/// The number of lanes parallel relays share (rows of `{table}_lanes`).
+pub const LANES: i16 = 64;
+
+/// Checks a table name: 1 to 48 of `[a-z0-9_]`, not starting with a digit.
+pub(crate) fn check_table(field: &'static str, t: &str) -> Result<()> {
+    let valid = !t.is_empty()
+        && t.len() <= 48
+        && t.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && t.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::config(
+            field,
+            format!("`{t}` must be 1 to 48 of [a-z0-9_], not starting with a digit"),
+        ))
+    }
+}
+
+/// Applies a migration file with `{table}` replaced, under an advisory lock.
+pub(crate) async fn apply(pool: &PgPool, sql: &str, table: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("sd-outbox:{table}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(&sql.replace("{table}", table))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Options of an [`Outbox`].
+#[derive(Debug, Clone)]
+pub struct OutboxBuilder {
+    table: String,
+}
+
+impl Default for OutboxBuilder {
+    fn default() -> Self {
+        OutboxBuilder {
+            table: "outbox".into(),
+        }
+    }
+}
+
+impl OutboxBuilder {
+    /// The table (default `outbox`): a lowercase SQL identifier of at most 48
+    /// characters. It is also the NOTIFY channel.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// An outbox on `pool`; fails with [`Error::Config`] naming `table` when the name
+    /// is not acceptable.
+    pub fn build(self, pool: PgPool) -> Result<Outbox> {
+        check_table("table", &self.table)?;
+        let insert = format!(
+            "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, payload_bytes, headers) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            self.table
+        );
+        Ok(Outbox {
+            pool,
+            table: self.table,
+            insert,
+        })
+    }
+}
+
+/// The outbox table; cheap to clone. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pool: PgPool,
+    table: String,
+    insert: String,
+}
+
+/// Counts read from the table; see [`Outbox::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Rows waiting to be published (retries included).
+    pub backlog: u64,
+    /// Dead-lettered rows.
+    pub dead: u64,
+    /// Published rows not yet swept.
+    pub published: u64,
+    /// Age of the oldest pending row (relay lag), or `None` when nothing waits.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+/// A dead-lettered event: kept in the table with why it died, until
+/// [`Outbox::redrive`] sends it back to the relay or [`Outbox::purge_dead`] deletes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The event (its `attempts` count the failures).
+    pub event: Event,
+    /// The last publish error.
+    pub last_error: Option<String>,
+}
+
+impl Outbox {
+    /// Options: table `outbox`.
+    pub fn builder() -> OutboxBuilder {
+        OutboxBuilder::default()
+    }
+
+    /// An outbox on `pool` with the default table `outbox`.
+    pub fn new(pool: PgPool) -> Result<Outbox> {
+        Self::builder().build(pool)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table name (also the NOTIFY channel).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table, its indexes, the lanes and the notify trigger if missing.
+    pub async fn migrate(&self) -> Result<()> {
+        apply(&self.pool, MIGRATION, &self.table).await
+    }
+
+    /// Writes `message` in `tx`, the caller's transaction: it is published if and only
+    /// if `tx` commits. Returns the event id (the dedupe key consumers see).
+    pub async fn enqueue(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: Message,
+    ) -> Result<Uuid> {
+        message.validate()?;
+        let id = new_id();
+        let (json, bytes) = match message.payload {
+            Payload::Json(value) => (Some(value), None),
+            Payload::Bytes(bytes) => (None, Some(bytes)),
+        };
+        let headers = serde_json::Value::Object(
+            message
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
+        );
+        sqlx::query(&self.insert)
+            .bind(id)
+            .bind(message.aggregate_type)
+            .bind(message.aggregate_id)
+            .bind(message.event_type)
+            .bind(json)
+            .bind(bytes)
+            .bind(headers)
+            .execute(&mut **tx)
+            .await?;
+        Ok(id)
+    }
+
+    /// Backlog, dead letters, retained published rows and the age of the oldest
+    /// pending row, in one query.
+    pub async fn stats(&self) -> Result<Stats> {
+        let row = sqlx::query(&format!(
+            "SELECT count(*) FILTER (WHERE status = 'pending') AS backlog,
+                    count(*) FILTER (WHERE status = 'dead') AS dead,
+                    count(*) FILTER (WHERE status = 'published') AS published,
+                    (EXTRACT(EPOCH FROM (clock_timestamp() - min(created_at) FILTER (WHERE status = 'pending'))) * 1000)::float8 AS age_ms
+             FROM {}",
+            self.table
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        let count = |name: &str| -> Result<u64> {
+            Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or(0))
+        };
+        let age: Option<f64> = row.try_get("age_ms")?;
+        Ok(Stats {
+            backlog: count("backlog")?,
+            dead: count("dead")?,
+            published: count("published")?,
+            oldest_pending_age: age.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
+        })
+    }
+
+    /// Up to `limit` dead-lettered events, oldest first.
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS}, last_error FROM {} WHERE status = 'dead' ORDER BY seq LIMIT $1",
+            self.table
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    event: event_from_row(row)?,
+                    last_error: row.try_get("last_error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends the dead-lettered event `id` back to the relay with a fresh attempt count.
+    /// Returns false when no dead letter has that id. It is published after the events
+    /// now pending in its lane or transaction order, so it may arrive after later
+    /// events of its aggregate.
+    pub async fn redrive(&self, id: Uuid) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = NULL
+             WHERE id = $1 AND status = 'dead'",
+            self.table
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// [`Self::redrive`] for every dead letter; returns how many.
+    pub async fn redrive_all(&self) -> Result<u64> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = NULL
+             WHERE status = 'dead'",
+            self.table
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes the dead letter `id` for good; returns false when there was none.
+    pub async fn purge_dead(&self, id: Uuid) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM {} WHERE id = $1 AND status = 'dead'",
+            self.table
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes published rows older than `older_than`, in chunks of 10,000; returns
+    /// how many. Pending and dead rows are never touched.
+    pub async fn sweep(&self, older_than: Duration) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = 'published'
+                 AND published_at < now() - make_interval(secs => $1) LIMIT 10000)",
+            t = self.table
+        );
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(&sql)
+                .bind(older_than.as_secs_f64())
+                .execute(&self.pool)
+                .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The columns [`event_from_row`] reads.
+pub(crate) const EVENT_COLUMNS: &str =
+    "id, aggregatetype, aggregateid, type, payload, payload_bytes, headers, attempts";
+
+pub(crate) fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<Event> {
+    let json: Option<serde_json::Value> = row.try_get("payload")?;
+    let bytes: Option<Vec<u8>> = row.try_get("payload_bytes")?;
+    let payload = match (json, bytes) {
+        (Some(value), _) => Payload::Json(value),
+        (None, Some(bytes)) => Payload::Bytes(bytes),
+        (None, None) => Payload::Json(serde_json::Value::Null),
+    };
+    let headers = match row.try_get::<serde_json::Value, _>("headers")? {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => Headers::new(),
+    };
+    Ok(Event {
+        id: row.try_get("id")?,
+        aggregate_type: row.try_get("aggregatetype")?,
+        aggregate_id: row.try_get("aggregateid")?,
+        event_type: row.try_get("type")?,
+        payload,
+        headers,
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+    })
+}

@@ -1,0 +1,114 @@
+//! The consumer side: an inbox that records `(consumer, message id)` in the handler's
+//! own transaction, so a redelivered event has no second effect.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+const MIGRATION: &str = include_str!("../../migrations/0002_inbox.sql");
+
+/// Options of an [`Inbox`].
+#[derive(Debug, Clone)]
+pub struct InboxBuilder {
+    table: String,
+}
+
+impl Default for InboxBuilder {
+    fn default() -> Self {
+        InboxBuilder {
+            table: "outbox_inbox".into(),
+        }
+    }
+}
+
+impl InboxBuilder {
+    /// The table (default `outbox_inbox`): a lowercase SQL identifier of at most 48
+    /// characters.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// An inbox on `pool`; fails with [`Error::Config`] naming `table` when the name
+    /// is not acceptable.
+    pub fn build(self, pool: PgPool) -> Result<Inbox> {
+        super::check_table("table", &self.table)?;
+        let insert = format!(
+            "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            self.table
+        );
+        Ok(Inbox {
+            pool,
+            table: self.table,
+            insert,
+        })
+    }
+}
+
+/// Records which messages each consumer has handled.
+///
+/// Call [`Inbox::receive`] first thing in the transaction that applies a message's
+/// effects: it returns `true` once per `(consumer, message id)`; on a redelivery it
+/// returns `false` and the handler commits (or rolls back) without doing anything. If
+/// the handler's transaction rolls back, the record goes with it and the redelivery
+/// runs the handler again. A concurrent second delivery waits on the first one's row
+/// lock and then sees `false`.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    pool: PgPool,
+    table: String,
+    insert: String,
+}
+
+impl Inbox {
+    /// Options: table `outbox_inbox`.
+    pub fn builder() -> InboxBuilder {
+        InboxBuilder::default()
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table if it is missing.
+    pub async fn migrate(&self) -> Result<()> {
+        super::apply(&self.pool, MIGRATION, &self.table).await
+    }
+
+    /// Records that `consumer` handles `message_id` in `tx`; `true` the first time,
+    /// `false` for a message this consumer already handled (in a committed
+    /// transaction).
+    pub async fn receive(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<bool> {
+        if consumer.is_empty() || consumer.len() > 255 {
+            return Err(Error::invalid("consumer", "must be 1 to 255 bytes"));
+        }
+        let done = sqlx::query(&self.insert)
+            .bind(consumer)
+            .bind(message_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes records older than `older_than` (the dedupe window: redeliveries older
+    /// than that are no longer recognised); returns how many.
+    pub async fn sweep(&self, older_than: Duration) -> Result<u64> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM {} WHERE received_at < now() - make_interval(secs => $1)",
+            self.table
+        ))
+        .bind(older_than.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,853 @@
+//! The relay: reads pending rows and publishes them, in ordered or parallel mode.
+//!
+//! # How rows are found: by status, never by an id watermark
+//!
+//! A relay never remembers "the last id it saw". Every batch reads rows whose `status`
+//! is still `pending`, so a row whose transaction commits after a row with a higher id
+//! (the sequence-gap trap of relays that poll `WHERE id > $last`) is simply found by
+//! the next batch. A row leaves `pending` only when the sink has acknowledged it
+//! (`published`) or its attempt cap is reached (`dead`).
+//!
+//! # Ordered mode
+//!
+//! One relay of a group is active: it holds a session advisory lock on its own
+//! connection and runs every batch on that connection, so a relay whose connection
+//! died cannot keep publishing without the lock. Standbys try the lock every
+//! `standby_interval` and take over when the active relay's connection closes (its
+//! process died, it was shut down, the database restarted). The active relay reads
+//! only rows written by transactions that can no longer be running
+//! (`txid < pg_snapshot_xmin(pg_current_snapshot())`, as watermill-sql does) in
+//! `(txid, seq)` order, so events leave in the order of their transactions and, within
+//! one transaction, in insertion order. A failing event blocks everything behind it
+//! until it is published or dead-lettered.
+//!
+//! # Parallel mode
+//!
+//! Every aggregate hashes to one of 64 lanes (the generated `lane` column). A relay
+//! claims some free lanes with `SELECT .. FROM {table}_lanes .. FOR UPDATE SKIP LOCKED`
+//! in a transaction, publishes the pending rows of those lanes in `seq` order and marks
+//! them in the same transaction. Since a lane is held by one relay at a time, two
+//! events of one aggregate are never in flight together and each aggregate's events
+//! leave in `seq` order. A failing event holds back the later events of its own
+//! aggregate only (until it is published or dead-lettered); other aggregates go on.
+//!
+//! # Wake-ups, retries, retention
+//!
+//! A statement trigger sends `NOTIFY {table}` at commit; each relay listens on its own
+//! connection and starts a batch at once. A fallback poll (`poll_interval`, 1 s) covers
+//! lost notifications, and a full batch is followed by the next at once. A failed
+//! publish increments `attempts`, stores `last_error` and sets `next_attempt_at` by
+//! exponential backoff with jitter; at `max_attempts` the row becomes `dead` (see
+//! [`Outbox::dead_letters`] and [`Outbox::redrive`]). The relay deletes published rows
+//! older than `retention` every `sweep_interval`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::Row as _;
+use sqlx::postgres::{PgConnection, PgListener};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+use super::{EVENT_COLUMNS, LANES, Outbox, check_table, event_from_row};
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::message::Event;
+use crate::publisher::Publisher;
+
+/// How relays share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// One active relay per group, transaction order kept; the others stand by.
+    Ordered,
+    /// Every relay works, on disjoint lanes of aggregates; order kept per aggregate.
+    #[default]
+    Parallel,
+}
+
+/// Options of a [`Relay`].
+#[derive(Debug, Clone)]
+pub struct RelayBuilder<P> {
+    outbox: Outbox,
+    publisher: P,
+    mode: Mode,
+    batch_size: u32,
+    poll_interval: Duration,
+    listen: bool,
+    channel: Option<String>,
+    max_attempts: u32,
+    backoff: Backoff,
+    retention: Option<Duration>,
+    sweep_interval: Duration,
+    lanes_per_claim: u32,
+    standby_interval: Duration,
+    group: String,
+    timeout: Duration,
+}
+
+impl<P: Publisher> RelayBuilder<P> {
+    /// [`Mode::Parallel`] (default) or [`Mode::Ordered`].
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Rows per batch, 1 to 10,000 (default 100). Larger batches publish faster; on a
+    /// crash, up to one batch is published again.
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// The fallback poll when no notification arrives (default 1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Whether to LISTEN for the commit notifications (default true); without them the
+    /// relay only polls.
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// The NOTIFY channel (default: the table name, which is what the trigger sends).
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = Some(channel.into());
+        self
+    }
+
+    /// Publish attempts before a row is dead-lettered, at least 1 (default 10).
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Delays between attempts, and after database errors (default 100 ms doubling to
+    /// 30 s, jittered).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { initial, max };
+        self
+    }
+
+    /// How long published rows are kept before the sweep deletes them (default 24 h);
+    /// `None` keeps them until [`Outbox::sweep`] is called.
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How often the relay sweeps (default 60 s).
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Parallel mode: lanes one relay claims per batch, 1 to 64 (default 16). Lower
+    /// spreads the work over more relays; higher fills batches from more aggregates.
+    pub fn lanes_per_claim(mut self, lanes: u32) -> Self {
+        self.lanes_per_claim = lanes;
+        self
+    }
+
+    /// Ordered mode: how often a standby tries to become active (default 1 s).
+    pub fn standby_interval(mut self, interval: Duration) -> Self {
+        self.standby_interval = interval;
+        self
+    }
+
+    /// Ordered mode: relays of the same group share one active slot (default
+    /// `default`); 1 to 64 characters.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// How long one batch may take, database and sink together (default 60 s) before
+    /// it is abandoned (and its rows published again later).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The relay; fails with [`Error::Config`] naming the first field out of range.
+    pub fn build(self) -> Result<Relay<P>> {
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(Error::config("batch_size", "must be 1 to 10,000"));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::config("poll_interval", "must be longer than zero"));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::config("max_attempts", "must be at least 1"));
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return Err(Error::config(
+                "backoff",
+                "initial must be longer than zero and max at least initial",
+            ));
+        }
+        if self.retention.is_some_and(|r| r.is_zero()) {
+            return Err(Error::config(
+                "retention",
+                "must be longer than zero; use None to keep published rows",
+            ));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(Error::config("sweep_interval", "must be longer than zero"));
+        }
+        if !(1..=LANES as u32).contains(&self.lanes_per_claim) {
+            return Err(Error::config("lanes_per_claim", "must be 1 to 64"));
+        }
+        if self.standby_interval.is_zero() {
+            return Err(Error::config(
+                "standby_interval",
+                "must be longer than zero",
+            ));
+        }
+        if self.group.is_empty() || self.group.len() > 64 {
+            return Err(Error::config("group", "must be 1 to 64 bytes"));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        let channel = match self.channel {
+            Some(channel) => {
+                check_table("channel", &channel)?;
+                channel
+            }
+            None => self.outbox.table.clone(),
+        };
+        let t = &self.outbox.table;
+        let sql = Sql {
+            claim_lanes: format!(
+                "SELECT l.lane FROM {t}_lanes l
+                 WHERE EXISTS (SELECT 1 FROM {t} o WHERE o.lane = l.lane AND o.status = 'pending')
+                 ORDER BY (l.lane + $1) % {LANES}
+                 LIMIT $2 FOR UPDATE OF l SKIP LOCKED"
+            ),
+            fetch_lanes: format!(
+                "SELECT {EVENT_COLUMNS} FROM {t} o
+                 WHERE o.lane = ANY($1) AND o.status = 'pending'
+                   AND NOT EXISTS (SELECT 1 FROM {t} b
+                       WHERE b.status = 'pending' AND b.next_attempt_at IS NOT NULL
+                         AND b.next_attempt_at > now()
+                         AND b.aggregatetype = o.aggregatetype AND b.aggregateid = o.aggregateid
+                         AND b.seq <= o.seq)
+                 ORDER BY o.seq LIMIT $2"
+            ),
+            fetch_ordered: format!(
+                "SELECT {EVENT_COLUMNS},
+                     GREATEST(0, EXTRACT(EPOCH FROM (next_attempt_at - clock_timestamp())) * 1000)::float8 AS wait_ms
+                 FROM {t}
+                 WHERE status = 'pending' AND txid < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY txid, seq LIMIT $1"
+            ),
+            beyond_horizon: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending'
+                     AND txid >= pg_snapshot_xmin(pg_current_snapshot()))"
+            ),
+            mark_published: format!(
+                "UPDATE {t} SET status = 'published', published_at = now(), next_attempt_at = NULL
+                 WHERE id = ANY($1) AND status = 'pending'"
+            ),
+            mark_failed: format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = $2,
+                     status = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END,
+                     next_attempt_at = now() + make_interval(secs => $4)
+                 WHERE id = $1 AND status = 'pending'
+                 RETURNING status"
+            ),
+        };
+        Ok(Relay {
+            inner: Arc::new(Inner {
+                lock_key: format!("sd-outbox:{t}:ordered:{}", self.group),
+                outbox: self.outbox,
+                publisher: self.publisher,
+                mode: self.mode,
+                batch_size: self.batch_size,
+                poll_interval: self.poll_interval,
+                listen: self.listen,
+                channel,
+                max_attempts: self.max_attempts,
+                backoff: self.backoff,
+                retention: self.retention,
+                sweep_interval: self.sweep_interval,
+                lanes_per_claim: self.lanes_per_claim,
+                standby_interval: self.standby_interval,
+                timeout: self.timeout,
+                sql,
+                counters: Arc::new(Counters::default()),
+            }),
+        })
+    }
+}
+
+struct Sql {
+    claim_lanes: String,
+    fetch_lanes: String,
+    fetch_ordered: String,
+    beyond_horizon: String,
+    mark_published: String,
+    mark_failed: String,
+}
+
+struct Inner<P> {
+    outbox: Outbox,
+    publisher: P,
+    mode: Mode,
+    batch_size: u32,
+    poll_interval: Duration,
+    listen: bool,
+    channel: String,
+    max_attempts: u32,
+    backoff: Backoff,
+    retention: Option<Duration>,
+    sweep_interval: Duration,
+    lanes_per_claim: u32,
+    standby_interval: Duration,
+    timeout: Duration,
+    lock_key: String,
+    sql: Sql,
+    counters: Arc<Counters>,
+}
+
+/// Publishes the outbox's rows through a [`Publisher`]; see the [module docs](self).
+pub struct Relay<P> {
+    inner: Arc<Inner<P>>,
+}
+
+impl<P> std::fmt::Debug for Relay<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("table", &self.inner.outbox.table)
+            .field("mode", &self.inner.mode)
+            .field("batch_size", &self.inner.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    failures: AtomicU64,
+    dead_lettered: AtomicU64,
+    database_errors: AtomicU64,
+    batches: AtomicU64,
+    active: AtomicBool,
+    window: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// The window over which [`Metrics::publish_rate`] is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Counters {
+    fn published(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = n as u64;
+        self.published.fetch_add(n, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        window.push_back((now, n));
+        while window
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            window.pop_front();
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        let now = Instant::now();
+        let window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let total: u64 = window
+            .iter()
+            .filter(|(at, _)| now.duration_since(*at) <= RATE_WINDOW)
+            .map(|(_, n)| n)
+            .sum();
+        total as f64 / RATE_WINDOW.as_secs_f64()
+    }
+}
+
+/// A snapshot of a relay and its table.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Metrics {
+    /// Rows waiting to be published (the whole table, not only this relay's share).
+    pub backlog: u64,
+    /// Dead-lettered rows in the table.
+    pub dead: u64,
+    /// Age of the oldest pending row, or `None` when nothing waits.
+    pub oldest_unpublished_age: Option<Duration>,
+    /// Events this relay published (acknowledged by the sink).
+    pub published: u64,
+    /// Events per second this relay published over the last 10 s.
+    pub publish_rate: f64,
+    /// Failed publish attempts of this relay.
+    pub failures: u64,
+    /// Rows this relay dead-lettered.
+    pub dead_lettered: u64,
+    /// Database errors this relay met (it reconnects and goes on).
+    pub database_errors: u64,
+    /// Batches this relay ran.
+    pub batches: u64,
+    /// Ordered mode: whether this relay is the active one; parallel mode: running.
+    pub active: bool,
+}
+
+/// A running relay: metrics, shutdown. Dropping it aborts the relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    task: Option<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+    counters: Arc<Counters>,
+    outbox: Outbox,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters")
+            .field("published", &self.published)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// Events published by this relay so far.
+    pub fn published(&self) -> u64 {
+        self.counters.published.load(Ordering::Relaxed)
+    }
+
+    /// Ordered mode: whether this relay is the active one; parallel mode: running.
+    pub fn is_active(&self) -> bool {
+        self.counters.active.load(Ordering::Relaxed)
+    }
+
+    /// The relay's counters and the table's backlog, dead letters and lag.
+    pub async fn metrics(&self) -> Result<Metrics> {
+        let stats = self.outbox.stats().await?;
+        let c = &self.counters;
+        Ok(Metrics {
+            backlog: stats.backlog,
+            dead: stats.dead,
+            oldest_unpublished_age: stats.oldest_pending_age,
+            published: c.published.load(Ordering::Relaxed),
+            publish_rate: c.rate(),
+            failures: c.failures.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            database_errors: c.database_errors.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            active: self.is_active(),
+        })
+    }
+
+    /// Asks the relay to stop after its current batch and waits for it.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Kills the relay where it stands, as a crash would: a batch in flight is neither
+    /// marked nor committed, so its rows are published again by the next relay.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What a batch found.
+struct Batch {
+    /// Rows read.
+    fetched: usize,
+    /// When to look again at the latest, if sooner than the poll interval.
+    again_in: Option<Duration>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Options for a relay of `outbox` publishing to `publisher`: parallel mode, batch
+    /// 100, poll 1 s, LISTEN on, 10 attempts, backoff 100 ms to 30 s, retention 24 h.
+    pub fn builder(outbox: Outbox, publisher: P) -> RelayBuilder<P> {
+        RelayBuilder {
+            outbox,
+            publisher,
+            mode: Mode::default(),
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            listen: true,
+            channel: None,
+            max_attempts: 10,
+            backoff: Backoff::default(),
+            retention: Some(Duration::from_secs(24 * 3600)),
+            sweep_interval: Duration::from_secs(60),
+            lanes_per_claim: 16,
+            standby_interval: Duration::from_secs(1),
+            group: "default".into(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Starts the relay on the current tokio runtime.
+    pub fn spawn(self) -> RelayHandle {
+        let (tx, rx) = watch::channel(false);
+        let counters = self.inner.counters.clone();
+        let outbox = self.inner.outbox.clone();
+        let span = tracing::info_span!("outbox.relay", table = %outbox.table);
+        let task = tokio::spawn(self.run(rx).instrument(span));
+        RelayHandle {
+            task: Some(task),
+            shutdown: tx,
+            counters,
+            outbox,
+        }
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let inner = self.inner;
+        let wake = Arc::new(Notify::new());
+        let _listener = AbortOnDrop(inner.listen.then(|| {
+            tokio::spawn(listen(
+                inner.outbox.pool.clone(),
+                inner.channel.clone(),
+                wake.clone(),
+            ))
+        }));
+        let mut sweeper = Sweeper {
+            last: Instant::now(),
+        };
+        match inner.mode {
+            Mode::Parallel => {
+                inner.counters.active.store(true, Ordering::Relaxed);
+                inner.parallel(&wake, &mut shutdown, &mut sweeper).await;
+            }
+            Mode::Ordered => inner.ordered(&wake, &mut shutdown, &mut sweeper).await,
+        }
+        inner.counters.active.store(false, Ordering::Relaxed);
+    }
+}
+
+struct Sweeper {
+    last: Instant,
+}
+
+/// True once shutdown was asked for (or nobody can ask any more).
+fn stopping(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
+/// Waits for a notification, `wait`, or shutdown, whichever comes first.
+async fn idle(wake: &Notify, wait: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = wake.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Forwards commit notifications to `wake`, reconnecting as needed. A (re)connect wakes
+/// the relay too, since notifications sent meanwhile are lost.
+async fn listen(pool: sqlx::PgPool, channel: String, wake: Arc<Notify>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::debug!(error = %e, "outbox listener cannot connect");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            tracing::debug!(error = %e, "outbox LISTEN failed");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        wake.notify_one();
+        loop {
+            match listener.recv().await {
+                Ok(_) => wake.notify_one(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "outbox listener lost its connection");
+                    wake.notify_one();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl<P: Publisher> Inner<P> {
+    async fn parallel(
+        &self,
+        wake: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+        sweeper: &mut Sweeper,
+    ) {
+        let mut errors = 0u32;
+        let mut offset: i16 = rand::random_range(0..LANES);
+        while !stopping(shutdown) {
+            self.maybe_sweep(sweeper).await;
+            offset = (offset + 17) % LANES;
+            match self.bounded(self.parallel_batch(offset)).await {
+                Ok(batch) => {
+                    errors = 0;
+                    self.after(batch, wake, shutdown).await;
+                }
+                Err(e) => {
+                    errors = errors.saturating_add(1);
+                    self.database_error(&e, errors, shutdown).await;
+                }
+            }
+        }
+    }
+
+    async fn ordered(
+        &self,
+        wake: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+        sweeper: &mut Sweeper,
+    ) {
+        let mut errors = 0u32;
+        while !stopping(shutdown) {
+            let mut conn = match self.bounded(self.try_lead()).await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => {
+                    errors = 0;
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.standby_interval) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    errors = errors.saturating_add(1);
+                    self.database_error(&e, errors, shutdown).await;
+                    continue;
+                }
+            };
+            tracing::info!("outbox relay is the active ordered relay");
+            self.counters.active.store(true, Ordering::Relaxed);
+            errors = 0;
+            while !stopping(shutdown) {
+                self.maybe_sweep(sweeper).await;
+                match self.bounded(self.ordered_batch(&mut conn)).await {
+                    Ok(batch) => self.after(batch, wake, shutdown).await,
+                    Err(e) => {
+                        // The lock lives on this connection: give it up with it.
+                        self.counters.active.store(false, Ordering::Relaxed);
+                        errors = errors.saturating_add(1);
+                        self.database_error(&e, errors, shutdown).await;
+                        break;
+                    }
+                }
+            }
+            self.counters.active.store(false, Ordering::Relaxed);
+            // Closing the connection releases the advisory lock.
+            drop(conn);
+        }
+    }
+
+    async fn bounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                backend: "outbox relay batch",
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn database_error(&self, e: &Error, errors: u32, shutdown: &mut watch::Receiver<bool>) {
+        self.counters
+            .database_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let delay = self
+            .backoff
+            .delay_random(errors)
+            .min(self.poll_interval.max(self.backoff.initial));
+        tracing::warn!(error = %e, ?delay, "outbox relay batch failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    async fn after(&self, batch: Batch, wake: &Notify, shutdown: &mut watch::Receiver<bool>) {
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        if batch.fetched >= self.batch_size as usize && batch.again_in.is_none() {
+            return;
+        }
+        let wait = batch
+            .again_in
+            .map_or(self.poll_interval, |d| d.min(self.poll_interval));
+        idle(wake, wait, shutdown).await;
+    }
+
+    async fn maybe_sweep(&self, sweeper: &mut Sweeper) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        if sweeper.last.elapsed() < self.sweep_interval {
+            return;
+        }
+        sweeper.last = Instant::now();
+        match self.outbox.sweep(retention).await {
+            Ok(n) if n > 0 => tracing::debug!(deleted = n, "outbox swept"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
+        }
+    }
+
+    /// Opens a connection of its own and takes the group's advisory lock on it.
+    async fn try_lead(&self) -> Result<Option<PgConnection>> {
+        let mut conn = self.outbox.pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(&self.lock_key)
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(got.then_some(conn))
+    }
+
+    async fn ordered_batch(&self, conn: &mut PgConnection) -> Result<Batch> {
+        let rows = sqlx::query(&self.sql.fetch_ordered)
+            .bind(i64::from(self.batch_size))
+            .fetch_all(&mut *conn)
+            .await?;
+        let fetched = rows.len();
+        let mut events = Vec::with_capacity(fetched);
+        let mut again_in = None;
+        for row in &rows {
+            let wait_ms: Option<f64> = row.try_get("wait_ms")?;
+            if let Some(ms) = wait_ms.filter(|ms| *ms > 0.0) {
+                // Strict order: nothing passes a row that waits for its retry.
+                again_in = Some(Duration::from_secs_f64(ms / 1000.0));
+                break;
+            }
+            events.push(event_from_row(row)?);
+        }
+        if let Some(retry) = self.publish(&events, &mut *conn).await? {
+            again_in = Some(again_in.map_or(retry, |a: Duration| a.min(retry)));
+        }
+        if fetched < self.batch_size as usize && again_in.is_none() {
+            // Rows of transactions still running (ours or anyone's with an older
+            // xid) wait for the horizon; look again soon rather than at the next poll.
+            let waiting: bool = sqlx::query_scalar(&self.sql.beyond_horizon)
+                .fetch_one(&mut *conn)
+                .await?;
+            if waiting {
+                again_in = Some(Duration::from_millis(5));
+            }
+        }
+        Ok(Batch { fetched, again_in })
+    }
+
+    async fn parallel_batch(&self, offset: i16) -> Result<Batch> {
+        let mut tx = self.outbox.pool.begin().await?;
+        let lanes: Vec<i16> = sqlx::query_scalar(&self.sql.claim_lanes)
+            .bind(offset)
+            .bind(i64::from(self.lanes_per_claim))
+            .fetch_all(&mut *tx)
+            .await?;
+        if lanes.is_empty() {
+            tx.rollback().await?;
+            return Ok(Batch {
+                fetched: 0,
+                again_in: None,
+            });
+        }
+        let rows = sqlx::query(&self.sql.fetch_lanes)
+            .bind(&lanes)
+            .bind(i64::from(self.batch_size))
+            .fetch_all(&mut *tx)
+            .await?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let again_in = self.publish(&events, &mut tx).await?;
+        tx.commit().await?;
+        // A batch from only some lanes may leave work in others: go again at once.
+        let fetched = if lanes.len() as u32 == self.lanes_per_claim && !events.is_empty() {
+            self.batch_size as usize
+        } else {
+            events.len()
+        };
+        Ok(Batch { fetched, again_in })
+    }
+
+    /// Publishes `events`, marks the acknowledged ones and records a failure on the
+    /// first one that was not; returns the retry delay after a failure.
+    async fn publish(&self, events: &[Event], conn: &mut PgConnection) -> Result<Option<Duration>> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let (published, failure) = match self.publisher.publish(events).await {
+            Ok(()) => (events.len(), None),
+            Err(Error::Publish { published, reason }) => {
+                (published.min(events.len()), Some(reason))
+            }
+            Err(other) => (0, Some(other.to_string())),
+        };
+        if published > 0 {
+            let ids: Vec<uuid::Uuid> = events[..published].iter().map(|e| e.id).collect();
+            sqlx::query(&self.sql.mark_published)
+                .bind(&ids)
+                .execute(&mut *conn)
+                .await?;
+            self.counters.published(published);
+        }
+        let Some(reason) = failure else {
+            return Ok(None);
+        };
+        let Some(failed) = events.get(published) else {
+            return Ok(None);
+        };
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        let attempt = failed.attempts.saturating_add(1);
+        let delay = self.backoff.delay_random(attempt);
+        let status: Option<String> = sqlx::query_scalar(&self.sql.mark_failed)
+            .bind(failed.id)
+            .bind(&reason)
+            .bind(i64::from(self.max_attempts))
+            .bind(delay.as_secs_f64())
+            .fetch_optional(&mut *conn)
+            .await?;
+        if status.as_deref() == Some("dead") {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(id = %failed.id, attempts = attempt, error = %reason, "outbox event dead-lettered");
+            Ok(Some(Duration::ZERO))
+        } else {
+            tracing::debug!(id = %failed.id, attempts = attempt, error = %reason, ?delay, "outbox publish failed");
+            Ok(Some(delay))
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use sd_outbox::postgres::{Inbox, Outbox};
+use sd_outbox::{Event, Message};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub async fn pool(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(20)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// A migrated outbox (migrated twice: it must be idempotent) on `url`.
+pub async fn outbox(url: &str) -> Outbox {
+    let outbox = Outbox::builder()
+        .table("events_outbox")
+        .build(pool(url).await)
+        .unwrap();
+    outbox.migrate().await.unwrap();
+    outbox.migrate().await.unwrap();
+    for table in [
+        "CREATE TABLE IF NOT EXISTS orders (id UUID PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS effects (n BIGSERIAL, message_id UUID)",
+    ] {
+        sqlx::query(table).execute(outbox.pool()).await.unwrap();
+    }
+    outbox
+}
+
+/// Runs `test` on a migrated outbox in a fresh database.
+pub fn with_outbox<F, Fut>(test: F)
+where
+    F: FnOnce(Outbox) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let db = sd_testkit::database()
+        .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
+    runtime().block_on(async { test(outbox(db.url()).await).await });
+}
+
+/// Enqueues `message` in a transaction of its own that also writes a business row.
+pub async fn write(outbox: &Outbox, message: Message) -> Uuid {
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let id = outbox.enqueue(&mut tx, message).await.unwrap();
+    sqlx::query("INSERT INTO orders (id) VALUES ($1)")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+pub fn order_event(aggregate: &str, n: usize) -> Message {
+    Message::json(
+        "order",
+        aggregate,
+        "order_changed",
+        serde_json::json!({ "n": n }),
+    )
+}
+
+pub fn n_of(event: &Event) -> usize {
+    match &event.payload {
+        sd_outbox::Payload::Json(v) => v["n"].as_u64().unwrap() as usize,
+        sd_outbox::Payload::Bytes(_) => panic!("json expected"),
+    }
+}
+
+/// Polls `check` until it returns true; panics after `limit` (a hang guard only).
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts every aggregate's events arrived in order, without gaps once deduplicated.
+pub fn assert_order_per_aggregate(events: &[(String, usize, Uuid)], per_aggregate: usize) {
+    let mut seen = HashSet::new();
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    for (aggregate, n, id) in events {
+        if !seen.insert(*id) {
+            continue; // a redelivery: the inbox's business
+        }
+        let expected = next.entry(aggregate.as_str()).or_insert(0);
+        assert_eq!(*n, *expected, "aggregate {aggregate} out of order");
+        *expected += 1;
+    }
+    for (aggregate, count) in next {
+        assert_eq!(count, per_aggregate, "aggregate {aggregate} lost events");
+    }
+}
+
+/// Applies `event` once per consumer through the inbox; true when it had an effect.
+pub async fn consume(inbox: &Inbox, pool: &PgPool, id: Uuid) -> bool {
+    let mut tx = pool.begin().await.unwrap();
+    let first = inbox.receive(&mut tx, "billing", id).await.unwrap();
+    if first {
+        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    first
+}

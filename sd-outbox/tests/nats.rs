@@ -1,0 +1,2 @@
+//! The relay to NATS JetStream.
+#![allow(clippy::unwrap_used)]

@@ -1,0 +1,283 @@
+//! The relay to Redis Streams on real PostgreSQL and Redis: entries per aggregate
+//! type, a crash between publish and mark absorbed by the inbox, and a Redis that is
+//! frozen for a while.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::future::Future;
+use std::time::Duration;
+
+use common::*;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sd_outbox::postgres::{Inbox, Mode, Relay};
+use sd_outbox::redis::RedisStreamsPublisher;
+use sd_outbox::{Error, Event, Message, Publisher};
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn redis(url: &str) -> ConnectionManager {
+    let client = redis::Client::open(url).unwrap();
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(300)))
+        .set_response_timeout(Some(Duration::from_millis(300)));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap()
+}
+
+/// One stream entry: (outbox id, aggregate id, the payload's `n`, event type).
+type Entry = (Uuid, String, usize, String);
+
+async fn entries(conn: &mut ConnectionManager, stream: &str) -> Vec<Entry> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let field = |name: &str| -> String { entry.get(name).unwrap() };
+            let payload: serde_json::Value = serde_json::from_str(&field("payload")).unwrap();
+            (
+                field("id").parse().unwrap(),
+                field("aggregateid"),
+                payload["n"].as_u64().unwrap_or(0) as usize,
+                field("type"),
+            )
+        })
+        .collect()
+}
+
+fn redis_url() -> sd_testkit::Redis {
+    sd_testkit::redis().expect("a redis server (install redis-server or set SD_REDIS_URL)")
+}
+
+#[test]
+fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
+    let server = redis_url();
+    with_outbox(|outbox| async move {
+        let mut conn = redis(server.url()).await;
+        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
+        let publisher = RedisStreamsPublisher::builder(conn.clone())
+            .prefix(prefix.clone())
+            .max_len(Some(10_000))
+            .build()
+            .unwrap();
+        let relay = Relay::builder(outbox.clone(), publisher)
+            .build()
+            .unwrap()
+            .spawn();
+        let order = write(&outbox, order_event("o-1", 0).header("trace", "t1")).await;
+        let invoice = write(
+            &outbox,
+            Message::bytes("invoice", "i-1", "issued", b"raw".to_vec()),
+        )
+        .await;
+        eventually("both streams", LIMIT, || {
+            let mut conn = conn.clone();
+            let prefix = prefix.clone();
+            async move {
+                entries(&mut conn, &format!("{prefix}order")).await.len() == 1
+                    && redis::cmd("XLEN")
+                        .arg(format!("{prefix}invoice"))
+                        .query_async::<u64>(&mut conn)
+                        .await
+                        .unwrap()
+                        == 1
+            }
+        })
+        .await;
+        let got = entries(&mut conn, &format!("{prefix}order")).await;
+        assert_eq!(
+            got,
+            vec![(order, "o-1".to_owned(), 0, "order_changed".to_owned())]
+        );
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{prefix}invoice"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let entry = &reply.ids[0];
+        assert_eq!(entry.get::<String>("id").unwrap(), invoice.to_string());
+        assert_eq!(entry.get::<Vec<u8>>("payload").unwrap(), b"raw");
+        assert_eq!(entry.get::<String>("payload_kind").unwrap(), "bytes");
+        assert_eq!(entry.get::<String>("headers").unwrap(), "{}");
+        relay.shutdown().await;
+    });
+}
+
+/// Publishes to Redis, then hangs: the relay is aborted before it marks the rows.
+#[derive(Clone)]
+struct PublishThenHang(RedisStreamsPublisher);
+
+impl Publisher for PublishThenHang {
+    fn publish(&self, events: &[Event]) -> impl Future<Output = sd_outbox::Result<()>> + Send {
+        let publish = self.0.publish(events);
+        async move {
+            publish.await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
+    let server = redis_url();
+    with_outbox(|outbox| async move {
+        let inbox = Inbox::builder().build(outbox.pool().clone()).unwrap();
+        inbox.migrate().await.unwrap();
+        let mut conn = redis(server.url()).await;
+        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
+        let stream = format!("{prefix}order");
+        let publisher = RedisStreamsPublisher::builder(conn.clone())
+            .prefix(prefix.clone())
+            .build()
+            .unwrap();
+        let ids: Vec<Uuid> = {
+            let mut v = Vec::new();
+            for n in 0..3 {
+                v.push(write(&outbox, order_event("o-crash", n)).await);
+            }
+            v
+        };
+        let crashing = Relay::builder(outbox.clone(), PublishThenHang(publisher.clone()))
+            .mode(Mode::Ordered)
+            .build()
+            .unwrap()
+            .spawn();
+        eventually("the first XADDs", LIMIT, || {
+            let mut conn = conn.clone();
+            let stream = stream.clone();
+            async move { entries(&mut conn, &stream).await.len() == 3 }
+        })
+        .await;
+        crashing.abort().await;
+        assert_eq!(outbox.stats().await.unwrap().backlog, 3);
+        let relay = Relay::builder(outbox.clone(), publisher)
+            .mode(Mode::Ordered)
+            .build()
+            .unwrap()
+            .spawn();
+        eventually("the redelivery", LIMIT, || async {
+            outbox.stats().await.unwrap().backlog == 0
+        })
+        .await;
+        let got = entries(&mut conn, &stream).await;
+        let delivered: Vec<Uuid> = got.iter().map(|e| e.0).collect();
+        let twice: Vec<Uuid> = ids.iter().chain(ids.iter()).copied().collect();
+        assert_eq!(delivered, twice, "the same ids again, in order");
+        // The consumer reads the stream and applies each entry through the inbox.
+        let mut effects = 0;
+        for id in delivered {
+            if consume(&inbox, outbox.pool(), id).await {
+                effects += 1;
+            }
+        }
+        assert_eq!(effects, 3);
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+        assert_eq!(rows, 3);
+        relay.shutdown().await;
+    });
+}
+
+#[test]
+fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
+    let mut server = sd_testkit::RedisServer::start().expect("a redis server");
+    with_outbox(|outbox| async move {
+        let mut conn = redis(&server.url()).await;
+        let publisher = RedisStreamsPublisher::builder(conn.clone())
+            .build()
+            .unwrap();
+        let relays: Vec<_> = (0..2)
+            .map(|_| {
+                Relay::builder(outbox.clone(), publisher.clone())
+                    .poll_interval(Duration::from_millis(100))
+                    .backoff(Duration::from_millis(50), Duration::from_millis(400))
+                    .max_attempts(10_000)
+                    .build()
+                    .unwrap()
+                    .spawn()
+            })
+            .collect();
+        for n in 0..100 {
+            write(&outbox, order_event(&format!("a{}", n % 5), n / 5)).await;
+        }
+        eventually("the first hundred", LIMIT, || {
+            let mut conn = conn.clone();
+            async move { entries(&mut conn, "outbox:order").await.len() >= 100 }
+        })
+        .await;
+        server.pause().unwrap();
+        for n in 100..400 {
+            write(&outbox, order_event(&format!("a{}", n % 5), n / 5)).await;
+        }
+        eventually("failures while frozen", LIMIT, || async {
+            let mut failures = 0;
+            for relay in &relays {
+                failures += relay.metrics().await.unwrap().failures;
+            }
+            failures > 0
+        })
+        .await;
+        let stats = outbox.stats().await.unwrap();
+        assert!(stats.backlog >= 250, "the backlog grows: {stats:?}");
+        assert!(stats.oldest_pending_age.is_some());
+        server.resume().unwrap();
+        eventually("the drain", LIMIT, || async {
+            outbox.stats().await.unwrap().backlog == 0
+        })
+        .await;
+        let got: Vec<_> = entries(&mut conn, "outbox:order")
+            .await
+            .into_iter()
+            .map(|(id, aggregate, n, _)| (aggregate, n, id))
+            .collect();
+        assert_order_per_aggregate(&got, 80);
+        assert_eq!(outbox.stats().await.unwrap().dead, 0);
+        for relay in relays {
+            relay.shutdown().await;
+        }
+    });
+}
+
+#[test]
+fn bad_redis_sink_configuration_is_refused() {
+    let server = redis_url();
+    runtime().block_on(async {
+        let conn = redis(server.url()).await;
+        let err = RedisStreamsPublisher::builder(conn.clone())
+            .prefix("p".repeat(129))
+            .build()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Config {
+                field: "prefix",
+                ..
+            }
+        ));
+        let err = RedisStreamsPublisher::builder(conn)
+            .max_len(Some(0))
+            .build()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Config {
+                field: "max_len",
+                ..
+            }
+        ));
+    });
+}
