@@ -223,7 +223,8 @@ impl<D: Send + 'static> Step<D> {
 
     /// A step before the pivot: `action` returns the saga data for the next steps (with,
     /// say, the reservation id it got); `compensation` undoes it when a later step fails
-    /// and gets the data as this step left it.
+    /// and gets the data as the last completed step left it (this step's own additions
+    /// included).
     pub fn compensatable<A, F, C, G>(name: impl Into<String>, action: A, compensation: C) -> Self
     where
         A: Fn(StepContext, D) -> F + Send + Sync + 'static,
@@ -392,7 +393,10 @@ impl<D: Send + 'static> SagaBuilder<D> {
     pub fn build(self) -> Result<Saga<D>> {
         let saga = self.name;
         if saga.is_empty() || saga.len() > 100 {
-            return Err(Error::config("name", "the saga name must be 1 to 100 bytes"));
+            return Err(Error::config(
+                "name",
+                "the saga name must be 1 to 100 bytes",
+            ));
         }
         if self.steps.is_empty() {
             return Err(Error::NoSteps { saga });
@@ -511,7 +515,9 @@ mod tests {
             .step(Step::pivot("q", ok))
             .build()
             .unwrap_err();
-        assert!(matches!(err, Error::SecondPivot { step, first, .. } if step == "q" && first == "p"));
+        assert!(
+            matches!(err, Error::SecondPivot { step, first, .. } if step == "q" && first == "p")
+        );
         let err = Saga::builder("s")
             .step(c("a"))
             .step(c("a"))
@@ -532,7 +538,11 @@ mod tests {
         let kinds: Vec<_> = saga.steps().map(|(_, k)| k).collect();
         assert_eq!(
             kinds,
-            [StepKind::Compensatable, StepKind::Pivot, StepKind::Retriable]
+            [
+                StepKind::Compensatable,
+                StepKind::Pivot,
+                StepKind::Retriable
+            ]
         );
     }
 

@@ -60,9 +60,7 @@ pub enum Error {
         step: String,
     },
     /// A second pivot: a saga has one point of no return.
-    #[error(
-        "saga `{saga}`: step `{step}` is a second pivot after `{first}`; make it retriable"
-    )]
+    #[error("saga `{saga}`: step `{step}` is a second pivot after `{first}`; make it retriable")]
     SecondPivot {
         /// The saga's name.
         saga: String,
@@ -98,7 +96,9 @@ pub enum Error {
         id: String,
     },
     /// The saga belongs to another saga definition than this orchestrator's.
-    #[error("saga `{id}` is a `{found}` saga, not `{expected}`; resume it with its own orchestrator")]
+    #[error(
+        "saga `{id}` is a `{found}` saga, not `{expected}`; resume it with its own orchestrator"
+    )]
     WrongType {
         /// The saga id.
         id: String,
@@ -108,7 +108,9 @@ pub enum Error {
         found: String,
     },
     /// `resume` was called on a saga that is not stuck.
-    #[error("saga `{id}` is `{state}`, not stuck; only stuck sagas are resumed (`recover` continues abandoned ones)")]
+    #[error(
+        "saga `{id}` is `{state}`, not stuck; only stuck sagas are resumed (`recover` continues abandoned ones)"
+    )]
     NotStuck {
         /// The saga id.
         id: String,

@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::definition::Direction;
 use crate::error::{Error, Result};
 use crate::store::{
     Clock, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats,
     StoredEvent, SystemClock, Write,
 };
-use crate::definition::Direction;
 
 #[derive(Debug)]
 struct Entry {
@@ -203,7 +203,9 @@ impl SagaStore for MemoryStore {
     ) -> Result<SagaRecord> {
         let now = self.clock.now();
         let mut sagas = self.lock();
-        let entry = sagas.get_mut(id).ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+        let entry = sagas
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
         check_stuck(&entry.record, saga_type)?;
         Self::claim(entry, owner, now + ttl);
         let r = &mut entry.record;

@@ -36,7 +36,8 @@ use crate::store::{
 
 const MIGRATION: &str = include_str!("../migrations/0001_create.sql");
 
-const COLUMNS: &str = "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason";
+const COLUMNS: &str =
+    "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason";
 
 /// Options of a [`PostgresStore`].
 #[derive(Debug, Clone)]

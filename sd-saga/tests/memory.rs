@@ -1,0 +1,148 @@
+//! The behaviour suite on the memory log, and the property test: random failures at
+//! random steps, with a crash at a random write, keep the saga invariant.
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod suite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use sd_saga::{Direction, ManualClock, MemoryStore, SagaState};
+use suite::{Fault, Faulty, Ledger, Shape, expected, fast, orchestrator, saga};
+
+async fn memory() -> (MemoryStore, ()) {
+    (MemoryStore::new(), ())
+}
+
+saga_suite!(memory);
+
+/// One step's faults: transient forward failures, a permanent refusal, transient
+/// compensation failures.
+#[derive(Debug, Clone, Copy)]
+struct Faults {
+    forward: u32,
+    refuse: bool,
+    compensate: u32,
+}
+
+fn faults() -> impl Strategy<Value = Faults> {
+    (0u32..5, prop::bool::weighted(0.15), 0u32..5).prop_map(|(forward, refuse, compensate)| {
+        Faults {
+            forward,
+            refuse,
+            compensate,
+        }
+    })
+}
+
+const KINDS: &str = "CCCPRR";
+
+fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ledger = Arc::new(Ledger::default());
+        let shape = Shape {
+            kinds: KINDS,
+            forward: fast(3),
+            retriable: fast(6),
+            compensation: fast(6),
+            ..Shape::default()
+        };
+        let def = saga(&ledger, &shape);
+        let id = "p";
+        for (step, f) in plan.iter().enumerate() {
+            let retriable = KINDS.as_bytes()[step] == b'R';
+            if f.refuse && !retriable {
+                ledger.fault_for(id, step, Direction::Forward, Fault::Permanent);
+            } else if f.forward > 0 {
+                ledger.fault_for(id, step, Direction::Forward, Fault::Transient(f.forward));
+            }
+            if f.compensate > 0 {
+                ledger.fault_for(
+                    id,
+                    step,
+                    Direction::Compensate,
+                    Fault::Transient(f.compensate),
+                );
+            }
+        }
+        let clock = ManualClock::new();
+        let store = MemoryStore::with_clock(clock.clone());
+        match crash {
+            None => {
+                orchestrator(&def, store.clone(), "a")
+                    .run(id, vec![])
+                    .await
+                    .unwrap();
+            }
+            Some((n, after)) => {
+                let faulty = Faulty::crash_at(store.clone(), n, after);
+                let orch = orchestrator(&def, faulty.clone(), "a");
+                tokio::select! {
+                    _ = orch.run(id, vec![]) => {}
+                    () = faulty.crashed() => {}
+                }
+                drop(orch);
+                clock.advance(Duration::from_secs(5));
+                let rescuer = orchestrator(&def, store.clone(), "b");
+                rescuer.recover().await.unwrap();
+            }
+        }
+        // The first step before or at the pivot that gives up decides the outcome.
+        let gives_up = plan[..4].iter().position(|f| f.refuse || f.forward >= 3);
+        let record = orchestrator(&def, store, "c").get(id).await.unwrap();
+        let Some(record) = record else {
+            // Only a crash before the saga was created leaves no saga, and no effect.
+            prop_assert_eq!(crash, Some((1, false)));
+            prop_assert!(ledger.effects(id).is_empty());
+            return Ok(());
+        };
+        let effects = ledger.effects(id);
+        let forward = effects
+            .iter()
+            .filter(|(_, d)| *d == Direction::Forward)
+            .count();
+        match record.state {
+            SagaState::Completed => prop_assert_eq!(&effects, &expected(KINDS.len(), 0)),
+            SagaState::Compensated => {
+                // Only steps before the pivot are undone, all of them, in reverse.
+                prop_assert!(forward <= 3);
+                prop_assert_eq!(&effects, &expected(forward, forward));
+            }
+            other => prop_assert!(false, "saga left {}", other),
+        }
+        if crash.is_none() {
+            // Without a crash the retry budgets are exact, so the outcome is predictable.
+            // (A recovered step starts a fresh budget, so after a crash it may succeed.)
+            let want = gives_up.map_or(expected(KINDS.len(), 0), |k| expected(k, k));
+            prop_assert_eq!(effects, want);
+        }
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Invariant: all forward effects, or exactly the compensations of the completed
+    /// compensatable steps in reverse; past the pivot, all forward. Each effect once.
+    #[test]
+    fn random_failures_at_random_steps(plan in prop::collection::vec(faults(), KINDS.len())) {
+        run_case(&plan, None)?;
+    }
+
+    /// The same, with the orchestrator dropped at a random write and a new one recovering.
+    #[test]
+    fn random_failures_and_a_crash(
+        plan in prop::collection::vec(faults(), KINDS.len()),
+        n in 1usize..30,
+        after in any::<bool>(),
+    ) {
+        run_case(&plan, Some((n, after)))?;
+    }
+}
