@@ -3,7 +3,8 @@
 //! `cargo bench -p sd-benches --bench ratelimit`
 //!
 //! - `memory/direct`: one limiter for the process, sd `DirectLimiter` vs governor's
-//!   direct limiter, same quota, each with its default clock.
+//!   direct limiter, same quota, each with its default clock. `sd` is `check()` (a full
+//!   `Decision`), `sd-allow` is `allow()` (admitted or not, as governor's `check()`).
 //! - `memory/keyed/{1,2} threads`: 10,000 `u64` keys round-robin, sd `KeyedLimiter`
 //!   vs governor's default keyed limiter (DashMap).
 //! - `redis/64 callers`: 64 tasks on one multiplexed connection, sd decisions (one
@@ -56,6 +57,7 @@ fn memory(c: &mut Criterion) {
     g.bench_function("direct/sd", |b| {
         b.iter(|| black_box(sd.check().unwrap().allowed))
     });
+    g.bench_function("direct/sd-allow", |b| b.iter(|| black_box(sd.allow())));
     let gov = governor::RateLimiter::direct(theirs);
     g.bench_function("direct/governor", |b| {
         b.iter(|| black_box(gov.check().is_ok()))

@@ -198,6 +198,26 @@ impl LimitCell {
         }
     }
 
+    /// `(unit, cap, burst)` when the limit is GCRA or a leaky meter (the hot path reads
+    /// four words, not seven, and skips the general kernel); `None` otherwise.
+    #[inline]
+    fn gcra(&self) -> Option<(u64, u64, u64)> {
+        loop {
+            let before = self.version.load(Ordering::Acquire);
+            // Words: [queue-or-window, tick, per_tick, unit, cap, burst, max_wait].
+            let kind = self.words[0].load(Ordering::Relaxed);
+            let tick = self.words[1].load(Ordering::Relaxed);
+            let unit = self.words[3].load(Ordering::Relaxed);
+            let cap = self.words[4].load(Ordering::Relaxed);
+            let burst = self.words[5].load(Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Acquire);
+            if before & 1 == 0 && self.version.load(Ordering::Relaxed) == before {
+                return (kind == 0 && tick == 1).then_some((unit, cap, burst));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     fn store(&self, limit: Limit, params: Params) {
         let mut current = self
             .limit
@@ -227,6 +247,8 @@ struct Core<C> {
     limit: LimitCell,
     clock: C,
     shadow: bool,
+    /// Neither shadow mode nor denial counting: a denial needs no bookkeeping.
+    plain: bool,
     stats: Stats,
 }
 
@@ -237,6 +259,7 @@ impl<C: Clock> Core<C> {
             limit: LimitCell::new(limit, params),
             clock,
             shadow,
+            plain: !shadow && !count_denials,
             stats: Stats::new(count_denials),
         })
     }
@@ -249,6 +272,42 @@ impl<C: Clock> Core<C> {
 
     fn finish(&self, step: &Step) -> Decision {
         self.stats.record(step.decision(TICK_NS), self.shadow)
+    }
+}
+
+/// GCRA's admit-or-deny on one state, nothing else: the state is the time the key is
+/// back to full; a request fits when, after it, that time is at most `cap` ahead.
+///
+/// Relaxed ordering suffices: the decision reads and writes only this one word, and
+/// compare-and-swap on one word is totally ordered whatever the ordering argument.
+#[inline]
+fn gcra_take(cell: &AtomicU64, unit: u64, cap: u64, now: u64) -> bool {
+    let mut s = cell.load(Ordering::Relaxed);
+    loop {
+        let next = s.max(now).saturating_add(unit);
+        if next - now > cap {
+            return false;
+        }
+        match cell.compare_exchange_weak(s, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(actual) => s = actual,
+        }
+    }
+}
+
+/// [`apply`] for GCRA and the leaky meter, through the kernel's GCRA fast path.
+#[inline]
+fn gcra_apply(cell: &AtomicU64, unit: u64, cap: u64, burst: u64, now: u64, cost: u32) -> Step {
+    let mut current = cell.load(Ordering::Relaxed);
+    loop {
+        let step = algorithm::gcra_decide(unit, cap, burst, current, now, cost);
+        let Some(next) = step.state else {
+            return step;
+        };
+        match cell.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return step,
+            Err(actual) => current = actual,
+        }
     }
 }
 
@@ -449,10 +508,30 @@ impl<C: Clock> DirectLimiter<C> {
         self.check_n(1)
     }
 
+    /// Decides one request of cost 1 and answers only whether it is admitted: the
+    /// leanest check (for GCRA and the leaky meter: no [`Decision`] is built). Use
+    /// [`Self::check`] for the wait, the remaining capacity and the reset time.
+    #[inline]
+    pub fn allow(&self) -> bool {
+        if self.core.plain
+            && let Some((unit, cap, _)) = self.core.limit.gcra()
+        {
+            return gcra_take(&self.state, unit, cap, self.core.clock.now());
+        }
+        self.check().is_ok_and(|d| d.allowed)
+    }
+
     /// Decides one request of cost `cost`; a cost over the capacity is
     /// [`Error::InsufficientCapacity`].
     #[inline]
     pub fn check_n(&self, cost: u32) -> Result<Decision> {
+        if let Some((unit, cap, burst)) = self.core.limit.gcra()
+            && u64::from(cost) <= burst
+        {
+            let now = self.core.clock.now();
+            let step = gcra_apply(&self.state, unit, cap, burst, now, cost);
+            return Ok(self.core.finish(&step));
+        }
         let p = self.core.limit.params();
         p.check_cost(cost)?;
         let step = apply(&self.state, &p, self.core.clock.now(), cost);
