@@ -111,24 +111,6 @@ fn payloads_and_headers_round_trip() {
     });
 }
 
-/// Publishes to memory, then never returns: the relay "crashes" (is aborted) between
-/// the broker's acknowledgement and marking the rows.
-#[derive(Clone)]
-struct PublishThenHang {
-    memory: MemoryPublisher,
-}
-
-impl Publisher for PublishThenHang {
-    fn publish(&self, events: &[Event]) -> impl Future<Output = sd_outbox::Result<()>> + Send {
-        let published = self.memory.publish(events);
-        async move {
-            published.await?;
-            std::future::pending::<()>().await;
-            Ok(())
-        }
-    }
-}
-
 #[test]
 fn crash_after_publish_before_mark_republishes_and_the_inbox_absorbs_it() {
     with_outbox(|outbox| async move {
@@ -138,16 +120,11 @@ fn crash_after_publish_before_mark_republishes_and_the_inbox_absorbs_it() {
         for mode in [Mode::Parallel, Mode::Ordered] {
             let memory = MemoryPublisher::new();
             let id = write(&outbox, order_event("o-crash", 0)).await;
-            let crashing = Relay::builder(
-                outbox.clone(),
-                PublishThenHang {
-                    memory: memory.clone(),
-                },
-            )
-            .mode(mode)
-            .build()
-            .unwrap()
-            .spawn();
+            let crashing = Relay::builder(outbox.clone(), PublishThenHang(memory.clone()))
+                .mode(mode)
+                .build()
+                .unwrap()
+                .spawn();
             eventually("the first publish", LIMIT, || async { memory.len() == 1 }).await;
             crashing.abort().await;
             assert_eq!(outbox.stats().await.unwrap().backlog, 1, "not marked");

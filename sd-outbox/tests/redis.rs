@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::future::Future;
 use std::time::Duration;
 
 use common::*;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_outbox::postgres::{Inbox, Mode, Relay};
 use sd_outbox::redis::RedisStreamsPublisher;
-use sd_outbox::{Error, Event, Message, Publisher};
+use sd_outbox::{Error, Message};
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -114,21 +113,6 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
     });
 }
 
-/// Publishes to Redis, then hangs: the relay is aborted before it marks the rows.
-#[derive(Clone)]
-struct PublishThenHang(RedisStreamsPublisher);
-
-impl Publisher for PublishThenHang {
-    fn publish(&self, events: &[Event]) -> impl Future<Output = sd_outbox::Result<()>> + Send {
-        let publish = self.0.publish(events);
-        async move {
-            publish.await?;
-            std::future::pending::<()>().await;
-            Ok(())
-        }
-    }
-}
-
 #[test]
 fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
     let server = redis_url();
@@ -200,37 +184,16 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .build()
             .unwrap();
-        let relays: Vec<_> = (0..2)
-            .map(|_| {
-                Relay::builder(outbox.clone(), publisher.clone())
-                    .poll_interval(Duration::from_millis(100))
-                    .backoff(Duration::from_millis(50), Duration::from_millis(400))
-                    .max_attempts(10_000)
-                    .build()
-                    .unwrap()
-                    .spawn()
-            })
-            .collect();
-        for n in 0..100 {
-            write(&outbox, order_event(&format!("a{}", n % 5), n / 5)).await;
-        }
+        let relays = outage_relays(&outbox, &publisher);
+        write_round_robin(&outbox, 0..100).await;
         eventually("the first hundred", LIMIT, || {
             let mut conn = conn.clone();
             async move { entries(&mut conn, "outbox:order").await.len() >= 100 }
         })
         .await;
         server.pause().unwrap();
-        for n in 100..400 {
-            write(&outbox, order_event(&format!("a{}", n % 5), n / 5)).await;
-        }
-        eventually("failures while frozen", LIMIT, || async {
-            let mut failures = 0;
-            for relay in &relays {
-                failures += relay.metrics().await.unwrap().failures;
-            }
-            failures > 0
-        })
-        .await;
+        write_round_robin(&outbox, 100..400).await;
+        failures_seen(&relays).await;
         let stats = outbox.stats().await.unwrap();
         assert!(stats.backlog >= 250, "the backlog grows: {stats:?}");
         assert!(stats.oldest_pending_age.is_some());

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use sd_outbox::postgres::{Inbox, Outbox};
-use sd_outbox::{Event, Message};
+use sd_outbox::postgres::{Inbox, Outbox, Relay, RelayHandle};
+use sd_outbox::{Event, Message, Publisher};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -128,4 +128,54 @@ pub async fn consume(inbox: &Inbox, pool: &PgPool, id: Uuid) -> bool {
     }
     tx.commit().await.unwrap();
     first
+}
+
+/// Publishes through the inner sink (acknowledged), then never returns: the relay is
+/// aborted between the broker's acknowledgement and marking the rows, as in a crash.
+#[derive(Clone)]
+pub struct PublishThenHang<P>(pub P);
+
+impl<P: Publisher + Clone> Publisher for PublishThenHang<P> {
+    fn publish(&self, events: &[Event]) -> impl Future<Output = sd_outbox::Result<()>> + Send {
+        let publish = self.0.publish(events);
+        async move {
+            publish.await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    }
+}
+
+/// Two parallel relays that retry quickly and never give up: for broker outages.
+pub fn outage_relays<P: Publisher + Clone>(outbox: &Outbox, publisher: &P) -> Vec<RelayHandle> {
+    (0..2)
+        .map(|_| {
+            Relay::builder(outbox.clone(), publisher.clone())
+                .poll_interval(Duration::from_millis(100))
+                .backoff(Duration::from_millis(50), Duration::from_millis(400))
+                .max_attempts(10_000)
+                .build()
+                .unwrap()
+                .spawn()
+        })
+        .collect()
+}
+
+/// Writes events `range` round-robin over five aggregates `a0`..`a4`.
+pub async fn write_round_robin(outbox: &Outbox, range: std::ops::Range<usize>) {
+    for n in range {
+        write(outbox, order_event(&format!("a{}", n % 5), n / 5)).await;
+    }
+}
+
+/// Waits until the relays have met publish failures.
+pub async fn failures_seen(relays: &[RelayHandle]) {
+    eventually("publish failures", Duration::from_secs(60), || async {
+        let mut failures = 0;
+        for relay in relays {
+            failures += relay.metrics().await.unwrap().failures;
+        }
+        failures > 0
+    })
+    .await;
 }
