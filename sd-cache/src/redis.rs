@@ -270,6 +270,7 @@ where
                 counters: Counters::default(),
                 waiters,
                 subscribed,
+                server_clock: ServerClock::new(),
             }),
         }
     }
@@ -290,9 +291,59 @@ struct RedisInner<V, C, K> {
     counters: Counters,
     waiters: Arc<DashMap<String, Arc<Notify>>>,
     subscribed: bool,
+    server_clock: ServerClock,
 }
 
 type Shared<V> = Result<Option<V>>;
+
+/// An entry's fields as `HMGET` returns them: value, delta ms, expiry ms, negative, version.
+type Fields = (
+    Option<Vec<u8>>,
+    Option<u64>,
+    Option<u64>,
+    Option<u8>,
+    Option<String>,
+);
+
+/// The Redis server's clock as this process estimates it from `TIME` replies.
+#[derive(Debug)]
+struct ServerClock {
+    origin: std::time::Instant,
+    /// Server µs minus local µs, taken as an upper bound (see [`RedisCache::read_plain`]).
+    offset_us: std::sync::atomic::AtomicI64,
+    /// Local µs of the last sync; `u64::MAX` before the first.
+    synced_at_us: std::sync::atomic::AtomicU64,
+}
+
+impl ServerClock {
+    fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            offset_us: std::sync::atomic::AtomicI64::new(0),
+            synced_at_us: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn local_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The server said `server_us` in reply to a request sent at local `sent_us`: at any
+    /// later local instant `t`, the server's clock reads at most `server_us + (t - sent_us)`.
+    fn sync(&self, sent_us: u64, server_us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let offset = i64::try_from(server_us).unwrap_or(i64::MAX)
+            - i64::try_from(sent_us).unwrap_or(i64::MAX);
+        self.offset_us.store(offset, Relaxed);
+        self.synced_at_us.store(sent_us, Relaxed);
+    }
+
+    fn server_ms(&self) -> u64 {
+        let us = i64::try_from(self.local_us()).unwrap_or(i64::MAX)
+            + self.offset_us.load(std::sync::atomic::Ordering::Relaxed);
+        u64::try_from(us.max(0)).unwrap_or(0) / 1_000
+    }
+}
 
 /// A cache shared by every process that uses the same Redis and prefix. See the
 /// [module docs](self) for the protocol. Cloning is cheap; clones share state.
@@ -804,7 +855,7 @@ where
         );
         let mut conn = self.inner.conn.clone();
         let (mode, seen) = match lock {
-            Lock::Never => ("0", ""),
+            Lock::Never => return self.read_plain(key).await,
             Lock::IfMissing => ("1", ""),
             Lock::Refresh(version) => ("2", version),
         };
@@ -821,6 +872,49 @@ where
             .invoke_async(&mut conn)
             .await
             .map_err(backend("read"))?;
+        self.decode_read(
+            key,
+            (value, delta, expiry, negative, Some(version)),
+            now,
+            locked == 1,
+        )
+    }
+
+    /// A read that takes no lock: a plain `HMGET` (no script), judged against the server's
+    /// clock as estimated from the last `TIME` (re-read, in the same round trip, at most a
+    /// second ago). The estimate is an upper bound of the server's time, late by at most
+    /// the round trip of that `TIME`, so an entry is never taken as fresh after its expiry,
+    /// only up to one round trip early as expired.
+    async fn read_plain(&self, key: &str) -> Result<Read<V>> {
+        let mut conn = self.inner.conn.clone();
+        let clock = &self.inner.server_clock;
+        let sent = clock.local_us();
+        let synced = clock
+            .synced_at_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        let resync = synced == u64::MAX || sent.saturating_sub(synced) > 1_000_000;
+        if resync {
+            pipe.cmd("TIME");
+        }
+        pipe.cmd("HMGET")
+            .arg(self.data_key(key))
+            .arg(&["v", "d", "e", "n", "ver"]);
+        let entry: Fields = if resync {
+            let ((secs, micros), entry): ((u64, u64), Fields) =
+                pipe.query_async(&mut conn).await.map_err(backend("read"))?;
+            clock.sync(sent, secs.saturating_mul(1_000_000).saturating_add(micros));
+            entry
+        } else {
+            let (entry,): (Fields,) = pipe.query_async(&mut conn).await.map_err(backend("read"))?;
+            entry
+        };
+        self.decode_read(key, entry, clock.server_ms(), false)
+    }
+
+    fn decode_read(&self, key: &str, fields: Fields, now: u64, locked: bool) -> Result<Read<V>> {
+        let (value, delta, expiry, negative, version) = fields;
+        let version = version.unwrap_or_else(|| "0".to_owned());
         let now = Duration::from_millis(now);
         let expiry = expiry.map(Duration::from_millis);
         let decoded = match (value, negative) {
@@ -854,7 +948,7 @@ where
             expiry: expiry.unwrap_or_default(),
             now,
             version,
-            locked: locked == 1,
+            locked,
         })
     }
 
