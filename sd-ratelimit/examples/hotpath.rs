@@ -6,7 +6,8 @@
 //! valgrind --tool=callgrind target/release/examples/hotpath sd-direct 100000 admit
 //! ```
 //!
-//! Cases: `sd-direct`, `sd-allow`, `gov-direct`, `sd-keyed`, `gov-keyed`; quotas:
+//! Cases: `sd-direct`, `sd-allow`, `gov-direct`, `sd-keyed`, `sd-keyed-allow`,
+//! `gov-keyed`; quotas:
 //! `bench` (the criterion bench's 1,000,000/s, burst 1000), `admit` (10^9/s: every
 //! check admits, one compare-and-swap each) and `deny` (1 per hour: every check after
 //! the first is denied). Count only the measured loop (setup, including the clock's
@@ -67,6 +68,13 @@ fn main() {
                 black_box(l.check(&k).unwrap());
             }
             measure(n, |i| l.check(&(i * 7 % KEYS)).unwrap().allowed)
+        }
+        "sd-keyed-allow" => {
+            let l = Builder::new(ours).keyed::<u64>().unwrap();
+            for k in 0..KEYS {
+                black_box(l.check(&k).unwrap());
+            }
+            measure(n, |i| l.allow(&(i * 7 % KEYS)))
         }
         "gov-keyed" => {
             let l = governor::RateLimiter::keyed(theirs);

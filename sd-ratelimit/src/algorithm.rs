@@ -401,6 +401,7 @@ pub(crate) struct Step {
 
 impl Step {
     /// Converts tick counts to durations.
+    #[inline]
     pub(crate) fn decision(&self, tick_ns: u64) -> Decision {
         let d = |t: u64| Duration::from_nanos(t.saturating_mul(tick_ns));
         let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);

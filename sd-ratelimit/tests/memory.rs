@@ -38,18 +38,36 @@ fn sixty_four_threads_on_one_key_admit_exactly_the_burst() {
                 .keyed::<String>()
                 .unwrap(),
         );
-        let direct = Arc::new(Builder::new(algorithm).clock(clock).direct().unwrap());
+        let direct = Arc::new(
+            Builder::new(algorithm)
+                .clock(clock.clone())
+                .direct()
+                .unwrap(),
+        );
+        // The lean `allow()` paths, on limiters of their own.
+        let keyed_allow = Arc::new(
+            Builder::new(algorithm)
+                .clock(clock.clone())
+                .keyed::<String>()
+                .unwrap(),
+        );
+        let direct_allow = Arc::new(Builder::new(algorithm).clock(clock).direct().unwrap());
         let admitted = Arc::new(AtomicU32::new(0));
         let threads: Vec<_> = (0..64)
             .map(|_| {
                 let (keyed, direct, admitted) = (keyed.clone(), direct.clone(), admitted.clone());
+                let (keyed_allow, direct_allow) = (keyed_allow.clone(), direct_allow.clone());
                 std::thread::spawn(move || {
                     for _ in 0..50 {
-                        if keyed.check("hot").unwrap().allowed {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if direct.check().unwrap().allowed {
-                            admitted.fetch_add(1, Ordering::Relaxed);
+                        for allowed in [
+                            keyed.check("hot").unwrap().allowed,
+                            direct.check().unwrap().allowed,
+                            keyed_allow.allow("hot"),
+                            direct_allow.allow(),
+                        ] {
+                            if allowed {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 })
@@ -58,7 +76,7 @@ fn sixty_four_threads_on_one_key_admit_exactly_the_burst() {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(admitted.load(Ordering::Relaxed), 200, "{algorithm:?}");
+        assert_eq!(admitted.load(Ordering::Relaxed), 400, "{algorithm:?}");
         assert_eq!(keyed.stats().denied(), 64 * 50 - 100);
     }
 }
@@ -206,6 +224,16 @@ fn shadow_mode_counts_but_admits() {
     }
     assert_eq!(limiter.stats().shadow_denied(), 3);
     assert_eq!(limiter.stats().denied(), 0);
+    // `allow()` takes the same bookkeeping path.
+    assert!(limiter.allow("k"));
+    assert_eq!(limiter.stats().shadow_denied(), 4);
+    let direct = Builder::new(gcra(1, 1))
+        .clock(ManualClock::new())
+        .shadow(true)
+        .direct()
+        .unwrap();
+    assert!(direct.allow() && direct.allow());
+    assert_eq!(direct.stats().shadow_denied(), 1);
 }
 
 #[test]
