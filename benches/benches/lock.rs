@@ -3,9 +3,19 @@
 //! PostgreSQL and etcd alone. `sd/*` runs on `ConnectionManager`s (what the docs
 //! recommend), `sd-mux/*` on plain `MultiplexedConnection`s, the connection type rslock
 //! uses inside: the same servers, TTL, retry delay cap and work per iteration.
+//!
+//! On loopback a "round trip" is mostly the system calls and wake-ups of one request on
+//! one connection, so talking to N masters costs about N times one (even answered in
+//! parallel), which hides what parallel fan-out buys. The `rtt500us/*` benches put a
+//! proxy that delays every byte by 250 µs each way in front of each master, as a network
+//! between hosts in one region would: there one round trip dominates, as it does in
+//! production, and the fan-out shows.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, mpsc};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -107,6 +117,55 @@ fn bench_rslock(c: &mut Criterion, rt: &Runtime, name: &str, lock: rslock::LockM
     group.finish();
 }
 
+/// A TCP proxy in front of `upstream` that delivers every chunk `one_way` after it
+/// arrived, in both directions (plain threads, so the bench's runtime is not involved).
+fn delay_proxy(upstream: SocketAddr, one_way: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(upstream) else {
+                return;
+            };
+            for stream in [&client, &server] {
+                stream.set_nodelay(true).unwrap();
+            }
+            pump(
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                one_way,
+            );
+            pump(server, client, one_way);
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to`, each chunk held until `one_way` after it was read.
+fn pump(mut from: TcpStream, mut to: TcpStream, one_way: Duration) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if tx
+                .send((Instant::now() + one_way, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    thread::spawn(move || {
+        for (due, bytes) in rx {
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&bytes).is_err() {
+                return;
+            }
+        }
+    });
+}
+
 async fn managers(urls: &[String]) -> Vec<(String, redis::aio::ConnectionManager)> {
     let mut out = Vec::new();
     for url in urls {
@@ -173,6 +232,50 @@ fn locks(c: &mut Criterion) {
         peer.set_retry(u32::MAX, Duration::from_millis(2));
         bench_rslock(c, &rt, &format!("rslock/redlock{n}"), peer);
     }
+
+    // A network between hosts: 250 µs each way in front of every master.
+    let far: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            let upstream: SocketAddr = format!("127.0.0.1:{}", s.port()).parse().unwrap();
+            format!(
+                "redis://{}",
+                delay_proxy(upstream, Duration::from_micros(250))
+            )
+        })
+        .collect();
+    let single = rt.block_on(managers(&far[..1])).remove(0).1;
+    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+    bench_sd(c, &rt, "rtt500us/sd/redis", redis);
+    let mut peer = rslock::LockManager::new(far[..1].to_vec());
+    peer.set_retry(u32::MAX, Duration::from_millis(2));
+    bench_rslock(c, &rt, "rtt500us/rslock/redis", peer);
+    for n in [3usize, 5] {
+        let masters = rt.block_on(managers(&far[..n]));
+        let redlock = sd_lock::redlock::Redlock::new(masters)
+            .unwrap()
+            .with_retry(retry());
+        bench_sd(c, &rt, &format!("rtt500us/sd/redlock{n}"), redlock);
+        let masters = rt.block_on(multiplexed(&far[..n]));
+        let redlock = sd_lock::redlock::Redlock::new(masters)
+            .unwrap()
+            .with_retry(retry());
+        bench_sd(c, &rt, &format!("rtt500us/sd-mux/redlock{n}"), redlock);
+        let mut peer = rslock::LockManager::new(far[..n].to_vec());
+        peer.set_retry(u32::MAX, Duration::from_millis(2));
+        bench_rslock(c, &rt, &format!("rtt500us/rslock/redlock{n}"), peer);
+    }
+
+    // Redlock over three logical databases of ONE server: the same client fan-out and
+    // quorum work as `sd/redlock3`, but one server process answers all three requests in
+    // one wake-up. Beside `sd/redis` it shows what the fan-out itself costs, apart from
+    // scheduling three server processes on this machine's cores.
+    let one_server: Vec<String> = (0..3).map(|db| format!("{}/{db}", urls[0])).collect();
+    let masters = rt.block_on(managers(&one_server));
+    let redlock = sd_lock::redlock::Redlock::new(masters)
+        .unwrap()
+        .with_retry(retry());
+    bench_sd(c, &rt, "sd/redlock3-one-server", redlock);
 
     let pg = rt.block_on(async {
         let pool = sqlx::postgres::PgPoolOptions::new()
