@@ -231,15 +231,21 @@ impl<P: Publisher> RelayBuilder<P> {
                  ORDER BY (l.lane + $1) % {LANES}
                  LIMIT $2 FOR UPDATE OF l SKIP LOCKED"
             ),
+            // Lane by lane, each lane's pending rows in `seq` order, cut at the batch
+            // size: for every lane (so every aggregate) a prefix of its pending rows,
+            // read through the (lane, seq) index without sorting the backlog.
             fetch_lanes: format!(
-                "SELECT {EVENT_COLUMNS} FROM {t} o
-                 WHERE o.lane = ANY($1) AND o.status = 'pending'
-                   AND NOT EXISTS (SELECT 1 FROM {t} b
-                       WHERE b.status = 'pending' AND b.next_attempt_at IS NOT NULL
-                         AND b.next_attempt_at > now()
-                         AND b.aggregatetype = o.aggregatetype AND b.aggregateid = o.aggregateid
-                         AND b.seq <= o.seq)
-                 ORDER BY o.seq LIMIT $2"
+                "SELECT x.* FROM unnest($1::int2[]) AS l(lane)
+                 CROSS JOIN LATERAL (
+                     SELECT {EVENT_COLUMNS}, seq FROM {t} o
+                     WHERE o.lane = l.lane AND o.status = 'pending'
+                       AND NOT EXISTS (SELECT 1 FROM {t} b
+                           WHERE b.status = 'pending' AND b.next_attempt_at IS NOT NULL
+                             AND b.next_attempt_at > now()
+                             AND b.aggregatetype = o.aggregatetype AND b.aggregateid = o.aggregateid
+                             AND b.seq <= o.seq)
+                     ORDER BY o.seq LIMIT $2) AS x
+                 LIMIT $2"
             ),
             fetch_ordered: format!(
                 "SELECT {EVENT_COLUMNS},
@@ -637,8 +643,10 @@ impl<P: Publisher> Inner<P> {
         sweeper: &mut Sweeper,
     ) {
         let mut errors = 0u32;
+        // A standby keeps its connection between attempts at the lock.
+        let mut standby = None;
         while !stopping(shutdown) {
-            let mut conn = match self.bounded(self.try_lead()).await {
+            let mut conn = match self.bounded(self.try_lead(&mut standby)).await {
                 Ok(Some(conn)) => conn,
                 Ok(None) => {
                     errors = 0;
@@ -657,9 +665,13 @@ impl<P: Publisher> Inner<P> {
             tracing::info!("outbox relay is the active ordered relay");
             self.counters.active.store(true, Ordering::Relaxed);
             errors = 0;
+            let mut horizon_waits = 0;
             while !stopping(shutdown) {
                 self.maybe_sweep(sweeper).await;
-                match self.bounded(self.ordered_batch(&mut conn)).await {
+                match self
+                    .bounded(self.ordered_batch(&mut conn, &mut horizon_waits))
+                    .await
+                {
                     Ok(batch) => self.after(batch, wake, shutdown).await,
                     Err(e) => {
                         // The lock lives on this connection: give it up with it.
@@ -728,16 +740,30 @@ impl<P: Publisher> Inner<P> {
     }
 
     /// Opens a connection of its own and takes the group's advisory lock on it.
-    async fn try_lead(&self) -> Result<Option<PgConnection>> {
-        let mut conn = self.outbox.pool.acquire().await?.detach();
+    /// Tries the group's advisory lock on the standby connection (opened on first use,
+    /// kept across attempts); the connection is returned once it holds the lock.
+    async fn try_lead(&self, standby: &mut Option<PgConnection>) -> Result<Option<PgConnection>> {
+        let mut conn = match standby.take() {
+            Some(conn) => conn,
+            None => self.outbox.pool.acquire().await?.detach(),
+        };
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
             .bind(&self.lock_key)
             .fetch_one(&mut conn)
             .await?;
-        Ok(got.then_some(conn))
+        if got {
+            Ok(Some(conn))
+        } else {
+            *standby = Some(conn);
+            Ok(None)
+        }
     }
 
-    async fn ordered_batch(&self, conn: &mut PgConnection) -> Result<Batch> {
+    async fn ordered_batch(
+        &self,
+        conn: &mut PgConnection,
+        horizon_waits: &mut u32,
+    ) -> Result<Batch> {
         let rows = sqlx::query(&self.sql.fetch_ordered)
             .bind(i64::from(self.batch_size))
             .fetch_all(&mut *conn)
@@ -764,7 +790,12 @@ impl<P: Publisher> Inner<P> {
                 .fetch_one(&mut *conn)
                 .await?;
             if waiting {
-                again_in = Some(Duration::from_millis(5));
+                // 5 ms, doubling while the same old transaction stays open.
+                let delay = Duration::from_millis(5) * (1u32 << (*horizon_waits).min(8));
+                *horizon_waits = horizon_waits.saturating_add(1);
+                again_in = Some(delay.min(self.poll_interval));
+            } else {
+                *horizon_waits = 0;
             }
         }
         Ok(Batch { fetched, again_in })
@@ -789,10 +820,13 @@ impl<P: Publisher> Inner<P> {
             .bind(i64::from(self.batch_size))
             .fetch_all(&mut *tx)
             .await?;
-        let events = rows
+        let mut rows = rows
             .iter()
-            .map(event_from_row)
+            .map(|row| Ok((row.try_get::<i64, _>("seq")?, event_from_row(row)?)))
             .collect::<Result<Vec<_>>>()?;
+        // Insertion order across the lanes; within an aggregate it is the row order.
+        rows.sort_unstable_by_key(|(seq, _)| *seq);
+        let events: Vec<Event> = rows.into_iter().map(|(_, event)| event).collect();
         let again_in = self.publish(&events, &mut tx).await?;
         tx.commit().await?;
         // A batch from only some lanes may leave work in others: go again at once.
