@@ -43,7 +43,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-saga",
         pattern: "saga orchestrator with a durable log and recovery",
-        today: "planned (issue 8): nothing usable yet",
+        today: "compensatable/pivot/retriable steps, retries with backoff, reverse compensation, Stuck + resume; memory and PostgreSQL logs (2 writes/step), leases + fencing, recover(); gRPC order example",
     },
     CrateStatus {
         name: "sd-outbox",

@@ -1,6 +1,143 @@
 //! Saga orchestrator with a durable log, retries, pivot semantics and crash recovery.
+//!
+//! An order spans services that each own their data: reserve stock, charge the card,
+//! book shipping. Two-phase commit blocks; a saga runs each local step in turn and, when
+//! one fails, runs the compensations of the completed steps in reverse. This crate drives
+//! such sagas from your process, records every step in a log (memory or PostgreSQL), and
+//! lets another orchestrator finish the sagas of one that crashed.
+//!
+//! # When to use it (and when not)
+//!
+//! Use it when a business operation calls several services that cannot share a
+//! transaction and a half-done operation must be undone or finished, even across a crash
+//! of the caller. Each step is an async function in your code (a gRPC or HTTP call, a
+//! local transaction). When every write lands in one database, use one transaction
+//! instead. When you need timers, signals, child workflows or histories replayed
+//! deterministically, use a workflow engine (Temporal, Restate); this crate is the
+//! smaller thing: a state machine over a log table.
+//!
+//! # Example
+//!
+//! ```
+//! use sd_saga::{MemoryStore, Orchestrator, RetryPolicy, Saga, SagaOutcome, SagaState, Step, StepError};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! // The saga data: whatever the steps need and record, serialized into the log.
+//! type Order = Vec<String>;
+//! let quick = RetryPolicy::builder().initial_interval(std::time::Duration::from_millis(1)).build()?;
+//! let saga = Saga::<Order>::builder("order")
+//!     .retry(quick)
+//!     .compensation_retry(quick)
+//!     .step(Step::compensatable(
+//!         "reserve_stock",
+//!         |ctx, mut order: Order| async move {
+//!             // Call the inventory service with ctx.idempotency_key() here.
+//!             order.push(format!("reserved with key {}", ctx.idempotency_key()));
+//!             Ok(order)
+//!         },
+//!         |_ctx, _order| async { Ok(()) }, // release the stock
+//!     ))
+//!     .step(Step::pivot("charge_card", |_ctx, _order| async {
+//!         Err::<Order, _>(StepError::permanent("card declined"))
+//!     }))
+//!     .step(Step::retriable("book_shipment", |_ctx, order| async { Ok(order) }))
+//!     .build()?;
+//! let orchestrator = Orchestrator::builder(saga, MemoryStore::new()).build()?;
+//!
+//! let outcome = orchestrator.run("order-1", Vec::new()).await?;
+//! assert_eq!(
+//!     outcome,
+//!     SagaOutcome::Compensated { reason: "step `charge_card` failed: card declined".into() }
+//! );
+//! let record = orchestrator.get("order-1").await?.expect("logged");
+//! assert_eq!(record.state, SagaState::Compensated);
+//! assert_eq!(record.data, r#"["reserved with key order-1/0/forward"]"#);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A complete program, an order saga over three gRPC services with `--fail SERVICE` and
+//! `--postgres URL`, is `examples/order_saga.rs`.
+//!
+//! # Steps
+//!
+//! - [`Step::compensatable`]: before the pivot, with a compensation (its logical undo:
+//!   release, refund, cancel).
+//! - [`Step::pivot`]: the point of no return (at most one). If it fails, the steps before
+//!   it are compensated; once it succeeds, the saga only goes forward.
+//! - [`Step::retriable`]: after the pivot; retried until it succeeds, never compensated.
+//!
+//! [`SagaBuilder::build`] rejects, with an [`Error`] naming the step: no steps, a
+//! compensatable step after the pivot, a retriable step before it, a second pivot, a
+//! repeated step name, a zero timeout.
+//!
+//! Each attempt runs under the step's timeout (default 30 s) and failed attempts are
+//! retried under its [`RetryPolicy`]: exponential backoff with jitter, Temporal's
+//! defaults (1 s, ×2, capped at 100×), 3 attempts for forward steps before the pivot and
+//! 10 for retriable steps and compensations. A [`StepError::permanent`] is not retried.
+//!
+//! # Guarantees
+//!
+//! - **Steps run at least once, not exactly once.** A step's action (or compensation)
+//!   runs again after a failed attempt, and after a crash: if the orchestrator dies
+//!   between the participant's effect and the log's outcome record, the saga's next owner
+//!   runs the step again. So **participants must dedupe**: every call carries
+//!   [`StepContext::idempotency_key`], `{saga id}/{step}/{direction}`, the same on every
+//!   attempt and every orchestrator; a participant that stores the keys it served (in the
+//!   transaction of its effect, or with `sd-idempotency`) makes each effect happen once.
+//! - **Order.** Forward steps run one at a time in definition order. When a step before
+//!   or at the pivot gives up, exactly the completed steps are compensated, in exact
+//!   reverse order, one at a time. A failed step is not compensated (it did not happen),
+//!   except when its last attempt timed out: its effect may still land, so its own
+//!   compensation runs first. A participant asked to compensate a key it never served
+//!   should record that and refuse a late forward call with that key.
+//! - **Past the pivot, only forward.** Retriable steps are never compensated.
+//! - **Stuck.** A compensation (or a retriable step) that still fails when its policy
+//!   runs out, or fails with a permanent error, leaves the saga [`SagaState::Stuck`]:
+//!   nobody drives it, the reason is stored ([`SagaRecord::reason`]) and counted in
+//!   [`Metrics`]; someone fixes the cause and calls [`Orchestrator::resume`], which tries
+//!   the failed call again with a fresh retry budget and finishes the saga.
+//! - **One owner at a time.** A saga is leased to one orchestrator (`lease_ttl`, default
+//!   30 s, renewed by every write and every third of the TTL while a step runs). Every
+//!   write is conditional on the saga's version and fencing epoch; [`Orchestrator::recover`]
+//!   claims sagas whose lease expired, bumping the epoch, so a stalled owner that wakes up
+//!   has its next write refused ([`Error::Fenced`]) and stops. Its step may still have
+//!   called its participant meanwhile: the key dedupes that too.
+//! - **Intent, then outcome.** The log records the intent of every attempt before it
+//!   runs and its outcome after; the step and the data in the instance row say where a
+//!   recovered saga resumes. Retry budgets restart when a saga is recovered or resumed.
+//!
+//! | log | survives | writes per step (happy path) | leases by | limits |
+//! |---|---|---|---|---|
+//! | [`MemoryStore`] | nothing (one process) | 2 map updates under one mutex | its [`Clock`] | sagas stay in memory |
+//! | [`postgres::PostgresStore`] | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows are never pruned by the crate |
+//!
+//! # Figures
+//!
+//! `benches/benches/saga.rs`, a 5-step saga, two loaded cores (noisy; ratios from one
+//! run): with no-op participants a plain sequence of the 5 calls runs 5.4 M steps/s, the
+//! memory log 0.42 M steps/s (13× the cost; about 2.4 µs per step) and the PostgreSQL log
+//! 1,115 steps/s (about 0.9 ms per step: its two statements). With participants that each
+//! INSERT one row in PostgreSQL, the plain sequence runs 3,725 steps/s, the memory log
+//! 3,186 (1.17×) and the PostgreSQL log 705 (5.3×). Over 200 sagas the PostgreSQL log
+//! wrote exactly 2.000 statements per step, which the server's transaction ids confirm.
+//!
+//! # Metrics
+//!
+//! [`Orchestrator::metrics`] returns a [`Metrics`] snapshot to export: sagas of the type
+//! by state and the age of the oldest unfinished one (from the log, one query), plus this
+//! orchestrator's counters (started, completed, compensated, stuck, recovered, attempts,
+//! failures, compensations run, fenced writes) and a step-latency histogram.
+//!
+//! # Crate features
+//!
+//! None is on by default.
+//!
+//! - `postgres`: the PostgreSQL log ([`postgres::PostgresStore`], sqlx 0.8).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod definition;
 mod error;
