@@ -32,6 +32,7 @@ macro_rules! saga_suite {
             timed_out_step_is_retried_then_compensated_itself,
             crash_at_every_boundary_then_recover_finishes_every_saga,
             stale_owner_is_fenced_and_exactly_one_progresses,
+            heartbeats_keep_a_long_step_owned,
             concurrent_recovers_claim_each_saga_once,
             thousand_sagas_concurrently,
             ids_are_checked_and_unique
@@ -756,6 +757,37 @@ pub async fn stale_owner_is_fenced_and_exactly_one_progresses<S: SagaStore + Clo
     let events = b.events("race").await.unwrap();
     let first_b = events.iter().position(|e| e.epoch == 2).unwrap();
     assert!(events[first_b..].iter().all(|e| e.epoch == 2), "{events:?}");
+}
+
+pub async fn heartbeats_keep_a_long_step_owned<S: SagaStore + Clone>(store: S) {
+    let ledger = Arc::new(Ledger::default());
+    // A step of three lease lengths: only the heartbeats keep it owned. (A generous lease,
+    // so a loaded machine does not miss one by a whole lease.)
+    let lease = Duration::from_secs(1);
+    ledger.delay(1, lease * 3);
+    let entered = ledger.entered(1);
+    let def = saga(&ledger, &Shape::default());
+    let build = |owner: &str| {
+        Orchestrator::builder(def.clone(), store.clone())
+            .owner(owner)
+            .lease_ttl(lease)
+            .build()
+            .unwrap()
+    };
+    let a = build("a");
+    let b = build("b");
+    let run_a = tokio::spawn(async move { a.run("long", vec![]).await });
+    entered.notified().await;
+    let mut claimed = 0;
+    while !run_a.is_finished() {
+        claimed += b.recover().await.unwrap().claimed;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(claimed, 0, "nobody claims a saga whose owner is alive");
+    let outcome = run_a.await.unwrap().unwrap();
+    assert_eq!(outcome.state(), SagaState::Completed);
+    assert_eq!(ledger.calls("long", 1, Direction::Forward), 1);
+    assert_eq!(ledger.effects("long"), expected(5, 0));
 }
 
 pub async fn concurrent_recovers_claim_each_saga_once<S: SagaStore + Clone>(store: S) {
