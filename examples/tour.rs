@@ -1,10 +1,43 @@
 //! The tour: what each sd crate does, run on in-memory backends, no server needed.
 //!
 //! `cargo run -p sd-examples --example tour`
+//!
+//! `-- --redis URL --postgres URL` runs the same scenarios on the real backends (either
+//! flag alone too): rate limiting, the cache and idempotency on Redis; idempotency, the
+//! lock and the saga log on PostgreSQL; the lock on Redis. The outbox writes in a
+//! PostgreSQL transaction, so its scenario runs only with `--postgres`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sd_examples::CRATES;
 
+/// The servers given on the command line; none means memory everywhere.
+#[derive(Debug, Default)]
+struct Backends {
+    redis: Option<redis::aio::ConnectionManager>,
+    postgres: Option<sqlx::PgPool>,
+    /// Names this run's keys and tables, so runs on one server do not meet.
+    run: String,
+}
+
 fn main() {
+    let (redis_url, postgres_url) = match args() {
+        Ok(urls) => urls,
+        Err(e) => {
+            eprintln!("{e}\nusage: tour [--redis URL] [--postgres URL]");
+            std::process::exit(2);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return;
+    };
+    let backends = match runtime.block_on(connect(redis_url, postgres_url)) {
+        Ok(backends) => backends,
+        Err(e) => {
+            eprintln!("cannot reach a backend: {e}");
+            std::process::exit(1);
+        }
+    };
     println!("sd: system-design patterns for Rust services\n");
     let width = CRATES.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for krate in CRATES {
@@ -20,11 +53,60 @@ fn main() {
         CRATES.len()
     );
     hashring();
-    ratelimit();
-    cache();
-    idempotency();
-    lock();
+    runtime.block_on(async {
+        ratelimit(&backends).await;
+        cache(&backends).await;
+        idempotency(&backends).await;
+        lock(&backends).await;
+    });
     pool();
+    runtime.block_on(async {
+        saga(&backends).await;
+        outbox(&backends).await;
+    });
+}
+
+/// `--redis URL` and `--postgres URL`, each at most once.
+fn args() -> Result<(Option<String>, Option<String>), String> {
+    let (mut redis, mut postgres) = (None, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--redis" => &mut redis,
+            "--postgres" => &mut postgres,
+            other => return Err(format!("unknown flag {other}")),
+        };
+        let value = it.next().ok_or(format!("{flag} needs a URL"))?;
+        if slot.replace(value).is_some() {
+            return Err(format!("{flag} given twice"));
+        }
+    }
+    Ok((redis, postgres))
+}
+
+async fn connect(
+    redis_url: Option<String>,
+    postgres_url: Option<String>,
+) -> Result<Backends, Box<dyn std::error::Error>> {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let mut backends = Backends {
+        run: format!("tour{:x}", nanos & 0xff_ffff_ffff),
+        ..Backends::default()
+    };
+    if let Some(url) = redis_url {
+        let client = redis::Client::open(url)?;
+        backends.redis = Some(redis::aio::ConnectionManager::new(client).await?);
+    }
+    if let Some(url) = postgres_url {
+        backends.postgres = Some(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&url)
+                .await?,
+        );
+    }
+    Ok(backends)
 }
 
 /// sd-hashring: where keys live, what moves when a node joins, replicas, bounded loads.
@@ -93,140 +175,214 @@ fn hashring() {
 }
 
 /// sd-ratelimit: a burst, a denial with its retry-after, and the next request after it.
-fn ratelimit() {
+async fn ratelimit(backends: &Backends) {
     use sd_ratelimit::memory::{Builder, ManualClock};
     use sd_ratelimit::{Limit, Quota};
 
-    println!("\n== sd-ratelimit: 2 per second, burst 3, on memory ==");
     let Ok(quota) = Quota::per_second(2).and_then(|q| q.with_burst(3)) else {
         return;
     };
-    let clock = ManualClock::new();
-    let Ok(limiter) = Builder::new(Limit::gcra(quota))
-        .clock(clock.clone())
-        .keyed::<String>()
-    else {
+    let limit = Limit::gcra(quota);
+    if let Some(conn) = &backends.redis {
+        println!("\n== sd-ratelimit: 2 per second, burst 3, on Redis ==");
+        let built = sd_ratelimit::redis::Builder::new(limit)
+            .prefix(format!("{}:rl", backends.run))
+            .build(conn.clone());
+        match built {
+            Ok(limiter) => ratelimit_run(&limiter, None).await,
+            Err(e) => println!("  failed: {e}"),
+        }
         return;
-    };
+    }
+    println!("\n== sd-ratelimit: 2 per second, burst 3, on memory ==");
+    let clock = ManualClock::new();
+    if let Ok(limiter) = Builder::new(limit).clock(clock.clone()).keyed::<String>() {
+        ratelimit_run(&limiter, Some(&clock)).await;
+    }
+}
+
+/// Four requests from one client (waiting out the denial: on the manual clock of the
+/// memory limiter, or for real on Redis), then one from another client.
+async fn ratelimit_run(
+    limiter: &impl sd_ratelimit::RateLimiter,
+    clock: Option<&sd_ratelimit::memory::ManualClock>,
+) {
     for i in 1..=4 {
-        if let Ok(d) = limiter.check("203.0.113.7") {
-            println!(
-                "  request {i}: allowed={} remaining={} retry_after={:?}",
-                d.allowed, d.remaining, d.retry_after
-            );
-            if !d.allowed {
-                clock.advance(d.retry_after);
-                let again = limiter.check("203.0.113.7").map(|d| d.allowed);
-                println!("  after waiting {:?}: allowed={again:?}", d.retry_after);
+        match limiter.check_key("203.0.113.7", 1).await {
+            Ok(d) => {
+                println!(
+                    "  request {i}: allowed={} remaining={} retry_after={:?}",
+                    d.allowed, d.remaining, d.retry_after
+                );
+                if !d.allowed {
+                    match clock {
+                        Some(clock) => clock.advance(d.retry_after),
+                        None => tokio::time::sleep(d.retry_after).await,
+                    }
+                    let again = limiter.check_key("203.0.113.7", 1).await.map(|d| d.allowed);
+                    println!("  after waiting {:?}: allowed={again:?}", d.retry_after);
+                }
             }
+            Err(e) => println!("  request {i}: failed: {e}"),
         }
     }
-    let other = limiter.check("198.51.100.1").map(|d| d.allowed);
+    let other = limiter
+        .check_key("198.51.100.1", 1)
+        .await
+        .map(|d| d.allowed);
     println!("  another client meanwhile: allowed={other:?}");
 }
 
 /// sd-idempotency: one payment sent 20 times with one key, 5 ms apart, while the charge
 /// takes 40 ms: it is charged once; the other sends hear that it is running or get its
 /// result; the key reused for another amount is refused.
-fn idempotency() {
+async fn idempotency(backends: &Backends) {
+    use sd_idempotency::{MemoryStore, postgres::PostgresStore, redis::RedisStore};
+
+    let scope = format!("alice-{}", backends.run);
+    if backends.redis.is_none() && backends.postgres.is_none() {
+        println!("\n== sd-idempotency: one payment sent 20 times with one key, on memory ==");
+        idempotency_run(MemoryStore::new(), &scope).await;
+    }
+    if let Some(conn) = &backends.redis {
+        println!("\n== sd-idempotency: one payment sent 20 times with one key, on Redis ==");
+        match RedisStore::builder()
+            .prefix(format!("{}:idem", backends.run))
+            .build(conn.clone())
+        {
+            Ok(store) => idempotency_run(store, &scope).await,
+            Err(e) => println!("  failed: {e}"),
+        }
+    }
+    if let Some(pool) = &backends.postgres {
+        println!("\n== sd-idempotency: one payment sent 20 times with one key, on PostgreSQL ==");
+        let store = PostgresStore::builder()
+            .table("tour_idempotency")
+            .build(pool.clone());
+        match store {
+            Ok(store) => match store.migrate().await {
+                Ok(()) => idempotency_run(store, &scope).await,
+                Err(e) => println!("  failed: {e}"),
+            },
+            Err(e) => println!("  failed: {e}"),
+        }
+    }
+}
+
+async fn idempotency_run<S>(store: S, scope: &str)
+where
+    S: sd_idempotency::Store + Clone + 'static,
+{
     use std::collections::BTreeSet;
     use std::convert::Infallible;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::Duration;
 
-    use sd_idempotency::{Error, Fingerprint, MemoryStore, RunError, run_once};
+    use sd_idempotency::{Error, Fingerprint, RunError, run_once};
 
-    println!("\n== sd-idempotency: one payment sent 20 times with one key, on memory ==");
-    let Some(runtime) = runtime() else {
-        return;
-    };
-    runtime.block_on(async {
-        let store = MemoryStore::new();
-        let charges = Arc::new(AtomicU32::new(0));
-        let eur_10 = Fingerprint::of(r#"{"amount":1000,"currency":"EUR"}"#);
-        let mut sends = tokio::task::JoinSet::new();
-        for i in 0..20 {
-            let (store, charges) = (store.clone(), charges.clone());
-            sends.spawn(async move {
-                tokio::time::sleep(Duration::from_millis(5 * i)).await;
-                let charge = async {
-                    tokio::time::sleep(Duration::from_millis(40)).await;
-                    let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
-                    Ok::<_, Infallible>(format!("pay_{n}"))
-                };
-                run_once(&store, "alice", "key-1", &eur_10, charge).await
-            });
-        }
-        let (mut executed, mut replayed, mut in_flight) = (0, 0, 0);
-        let mut ids = BTreeSet::new();
-        while let Some(Ok(answer)) = sends.join_next().await {
-            match answer {
-                Ok(outcome) => {
-                    if outcome.is_replay() {
-                        replayed += 1;
-                    } else {
-                        executed += 1;
-                    }
-                    ids.insert(outcome.into_inner());
+    let charges = Arc::new(AtomicU32::new(0));
+    let eur_10 = Fingerprint::of(r#"{"amount":1000,"currency":"EUR"}"#);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (store, charges, scope) = (store.clone(), charges.clone(), scope.to_owned());
+        sends.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5 * i)).await;
+            let charge = async {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok::<_, Infallible>(format!("pay_{n}"))
+            };
+            run_once(&store, &scope, "key-1", &eur_10, charge).await
+        });
+    }
+    let (mut executed, mut replayed, mut in_flight) = (0, 0, 0);
+    let mut ids = BTreeSet::new();
+    while let Some(Ok(answer)) = sends.join_next().await {
+        match answer {
+            Ok(outcome) => {
+                if outcome.is_replay() {
+                    replayed += 1;
+                } else {
+                    executed += 1;
                 }
-                Err(RunError::Idempotency(Error::InFlight { .. })) => in_flight += 1,
-                Err(e) => println!("  unexpected: {e}"),
+                ids.insert(outcome.into_inner());
             }
+            Err(RunError::Idempotency(Error::InFlight { .. })) => in_flight += 1,
+            Err(e) => println!("  unexpected: {e}"),
         }
-        let charged = charges.load(Ordering::SeqCst);
-        println!("  charged {charged} time(s): {executed} send ran the charge,");
-        println!("  {in_flight} arrived while it ran and were told to retry later,");
-        println!("  {replayed} arrived after and got the stored result; payment ids seen: {ids:?}");
+    }
+    let charged = charges.load(Ordering::SeqCst);
+    println!("  charged {charged} time(s): {executed} send ran the charge,");
+    println!("  {in_flight} arrived while it ran and were told to retry later,");
+    println!("  {replayed} arrived after and got the stored result; payment ids seen: {ids:?}");
 
-        let eur_9999 = Fingerprint::of(r#"{"amount":999900,"currency":"EUR"}"#);
-        let ran = Arc::new(AtomicU32::new(0));
-        let work = async {
-            ran.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Infallible>(String::new())
-        };
-        match run_once(&store, "alice", "key-1", &eur_9999, work).await {
-            Err(e) => println!("  key-1 again for 9999 EUR: refused ({e})"),
-            Ok(_) => println!("  key-1 again for 9999 EUR: accepted (unexpected)"),
-        }
-        println!("  its work ran {} time(s)", ran.load(Ordering::SeqCst));
-    });
+    let eur_9999 = Fingerprint::of(r#"{"amount":999900,"currency":"EUR"}"#);
+    let ran = Arc::new(AtomicU32::new(0));
+    let work = async {
+        ran.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Infallible>(String::new())
+    };
+    match run_once(&store, scope, "key-1", &eur_9999, work).await {
+        Err(e) => println!("  key-1 again for 9999 EUR: refused ({e})"),
+        Ok(_) => println!("  key-1 again for 9999 EUR: accepted (unexpected)"),
+    }
+    println!("  its work ran {} time(s)", ran.load(Ordering::SeqCst));
 }
 
 /// sd-lock: two holders of one lease, their fencing tokens, a stale write refused.
-fn lock() {
-    use std::time::Duration;
-
-    use sd_lock::fence::FencedRegister;
+async fn lock(backends: &Backends) {
     use sd_lock::memory::MemoryLock;
-    use sd_lock::{Error, Lock};
+    use sd_lock::postgres::PostgresLock;
+    use sd_lock::redis::RedisLock;
 
-    println!("\n== sd-lock: a holder paused past its lease, on memory ==");
-    let Some(runtime) = runtime() else {
-        return;
-    };
-    runtime.block_on(async {
-        let lock = MemoryLock::new();
-        let register = FencedRegister::new(0_u32);
-        let ttl = Duration::from_millis(30);
-        let Ok(a) = lock.try_acquire("nightly-job", ttl).await else {
-            return;
-        };
-        println!("A takes the lease: token {}", a.token());
-        tokio::time::sleep(ttl * 2).await;
-        let Ok(b) = lock.try_acquire("nightly-job", ttl).await else {
-            return;
-        };
-        println!("A pauses past its ttl; B takes over: token {}", b.token());
-        let _ = register.write(b.token(), 2);
-        match register.write(a.token(), 1) {
-            Err(Error::StaleToken { token, current }) => {
-                println!("A's late write (token {token}) is refused: the register saw {current}")
-            }
-            other => println!("unexpected: {other:?}"),
+    let resource = format!("nightly-job-{}", backends.run);
+    if backends.redis.is_none() && backends.postgres.is_none() {
+        println!("\n== sd-lock: a holder paused past its lease, on memory ==");
+        lock_run(&MemoryLock::new(), &resource).await;
+    }
+    if let Some(conn) = &backends.redis {
+        println!("\n== sd-lock: a holder paused past its lease, on Redis ==");
+        match RedisLock::new(conn.clone()).with_prefix("tour-lock") {
+            Ok(lock) => lock_run(&lock, &resource).await,
+            Err(e) => println!("  failed: {e}"),
         }
-        println!("register holds B's value: {}", register.peek());
-    });
+    }
+    if let Some(pool) = &backends.postgres {
+        println!("\n== sd-lock: a holder paused past its lease, on PostgreSQL ==");
+        let lock = PostgresLock::new(pool.clone());
+        match lock.migrate().await {
+            Ok(()) => lock_run(&lock, &resource).await,
+            Err(e) => println!("  failed: {e}"),
+        }
+    }
+}
+
+async fn lock_run(lock: &impl sd_lock::Lock, resource: &str) {
+    use sd_lock::Error;
+    use sd_lock::fence::FencedRegister;
+
+    let register = FencedRegister::new(0_u32);
+    let ttl = Duration::from_millis(100);
+    let a = match lock.try_acquire(resource, ttl).await {
+        Ok(a) => a,
+        Err(e) => return println!("  failed: {e}"),
+    };
+    println!("  A takes the lease: token {}", a.token());
+    tokio::time::sleep(ttl * 2).await;
+    let b = match lock.try_acquire(resource, ttl).await {
+        Ok(b) => b,
+        Err(e) => return println!("  failed: {e}"),
+    };
+    println!("  A pauses past its ttl; B takes over: token {}", b.token());
+    let _ = register.write(b.token(), 2);
+    match register.write(a.token(), 1) {
+        Err(Error::StaleToken { token, current }) => {
+            println!("  A's late write (token {token}) is refused: the register saw {current}")
+        }
+        other => println!("  unexpected: {other:?}"),
+    }
+    println!("  register holds B's value: {}", register.peek());
+    let _ = lock.release(b).await;
 }
 
 /// sd-pool: per-key order, a full queue pushing back on a fast producer, the watermark.
@@ -303,74 +459,316 @@ fn pool() {
 }
 
 /// sd-cache: 200 requests miss one hot key at once; how many reach the database?
-fn cache() {
+async fn cache(backends: &Backends) {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
 
-    println!("\n== sd-cache: 200 requests miss one hot key at once, on memory ==");
-    let Some(runtime) = runtime() else {
-        return;
+    let on = if backends.redis.is_some() {
+        "Redis"
+    } else {
+        "memory"
     };
-    runtime.block_on(async {
-        // The "database": a 20 ms query that counts how often it runs.
-        let queries = Arc::new(AtomicU32::new(0));
-        let query = |queries: Arc<AtomicU32>| async move {
-            queries.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            "espresso machine, 249 EUR".to_owned()
-        };
+    println!("\n== sd-cache: 200 requests miss one hot key at once, on {on} ==");
+    // The "database": a 20 ms query that counts how often it runs.
+    let queries = Arc::new(AtomicU32::new(0));
+    let query = |queries: Arc<AtomicU32>| async move {
+        queries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        "espresso machine, 249 EUR".to_owned()
+    };
 
-        // Cache-aside written by hand: look, miss, query, store.
-        let naive: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..200 {
-            let (naive, queries) = (naive.clone(), queries.clone());
-            tasks.spawn(async move {
-                let hit = naive.lock().ok().and_then(|m| m.get("product:7").cloned());
-                if hit.is_none() {
-                    let value = query(queries).await;
-                    if let Ok(mut m) = naive.lock() {
-                        m.insert("product:7".to_owned(), value);
-                    }
+    // Cache-aside written by hand: look, miss, query, store.
+    let naive: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    herd(|| {
+        let (naive, queries) = (naive.clone(), queries.clone());
+        async move {
+            let hit = naive.lock().ok().and_then(|m| m.get("product:7").cloned());
+            if hit.is_none() {
+                let value = query(queries).await;
+                if let Ok(mut m) = naive.lock() {
+                    m.insert("product:7".to_owned(), value);
                 }
-            });
+            }
+            true
         }
-        while tasks.join_next().await.is_some() {}
-        let naive_queries = queries.swap(0, Ordering::Relaxed);
+    })
+    .await;
+    let naive_queries = queries.swap(0, Ordering::Relaxed);
 
+    let served = if let Some(conn) = &backends.redis {
+        let built =
+            sd_cache::redis::RedisCache::<String, ()>::builder(format!("{}:cache", backends.run))
+                .ttl(Duration::from_secs(60))
+                .build(conn.clone())
+                .await;
+        let cache = match built {
+            Ok(cache) => cache,
+            Err(e) => return println!("  failed: {e}"),
+        };
+        herd(|| {
+            let (cache, queries) = (cache.clone(), queries.clone());
+            async move {
+                let loader = move || query(queries);
+                cache.get_or_load("product:7", loader).await.is_ok()
+            }
+        })
+        .await
+    } else {
         let Ok(cache) = sd_cache::Cache::<String, String>::builder()
             .ttl(Duration::from_secs(60))
             .build()
         else {
             return;
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..200 {
+        herd(|| {
             let (cache, queries) = (cache.clone(), queries.clone());
-            tasks.spawn(async move {
+            async move {
+                let loader = move || query(queries);
                 cache
-                    .get_or_load("product:7".to_owned(), move || query(queries))
+                    .get_or_load("product:7".to_owned(), loader)
                     .await
                     .is_ok()
-            });
-        }
-        let mut served = 0;
-        while let Some(done) = tasks.join_next().await {
-            served += usize::from(done.unwrap_or(false));
-        }
-        let sd_queries = queries.load(Ordering::Relaxed);
-        println!("  hand-written cache-aside: {naive_queries} database queries for 200 requests");
-        println!("  sd-cache get_or_load: {sd_queries} query, {served} requests served its result");
-    });
+            }
+        })
+        .await
+    };
+    let sd_queries = queries.load(Ordering::Relaxed);
+    println!("  hand-written cache-aside: {naive_queries} database queries for 200 requests");
+    println!("  sd-cache get_or_load: {sd_queries} query, {served} requests served its result");
 }
 
-/// A single-threaded tokio runtime with timers, for the scenarios that need one; `None`
-/// (with the reason printed) when it cannot be built, so the tour goes on without them.
+/// Runs 200 copies of `request` at once; how many answered `true`.
+async fn herd<F, Fut>(request: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        tasks.spawn(request());
+    }
+    let mut served = 0;
+    while let Some(done) = tasks.join_next().await {
+        served += usize::from(done.unwrap_or(false));
+    }
+    served
+}
+
+/// The saga data: the order, and whether the warehouse will refuse it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Trip {
+    order: String,
+    refuse: bool,
+}
+
+/// sd-saga: a four-step order whose last step fails: the three done before it are undone,
+/// last first; the same saga with no failure completes.
+async fn saga(backends: &Backends) {
+    use sd_saga::MemoryStore;
+    use sd_saga::postgres::PostgresStore;
+
+    match &backends.postgres {
+        Some(pool) => {
+            println!("\n== sd-saga: an order whose last step fails, log on PostgreSQL ==");
+            let store = PostgresStore::builder()
+                .table("tour_sagas")
+                .build(pool.clone());
+            match store {
+                Ok(store) => match store.migrate().await {
+                    Ok(()) => saga_run(store, &backends.run).await,
+                    Err(e) => println!("  failed: {e}"),
+                },
+                Err(e) => println!("  failed: {e}"),
+            }
+        }
+        None => {
+            println!("\n== sd-saga: an order whose last step fails, log on memory ==");
+            saga_run(MemoryStore::new(), &backends.run).await;
+        }
+    }
+}
+
+async fn saga_run(store: impl sd_saga::SagaStore, run: &str) {
+    use std::sync::{Arc, Mutex};
+
+    use sd_saga::{Orchestrator, Saga, SagaOutcome, Step, StepError};
+
+    type Ledger = Arc<Mutex<Vec<String>>>;
+    let ledger: Ledger = Arc::default();
+    let note = |ledger: &Ledger, line: String| {
+        if let Ok(mut l) = ledger.lock() {
+            l.push(line);
+        }
+    };
+    // A compensatable step: `does` forward, `undoes` when a later step fails.
+    let step = |name: &'static str, does: &'static str, undoes: &'static str| {
+        let (fwd, back) = (ledger.clone(), ledger.clone());
+        Step::compensatable(
+            name,
+            move |_, trip: Trip| {
+                note(&fwd, format!("{does} ({})", trip.order));
+                std::future::ready(Ok::<_, StepError>(trip))
+            },
+            move |_, trip: Trip| {
+                note(&back, format!("{undoes} ({})", trip.order));
+                std::future::ready(Ok(()))
+            },
+        )
+    };
+    let confirm_ledger = ledger.clone();
+    let built = Saga::builder("tour-order")
+        .step(step("reserve_stock", "stock reserved", "stock released"))
+        .step(step("charge_card", "card charged", "card refunded"))
+        .step(step("book_courier", "courier booked", "courier cancelled"))
+        .step(Step::pivot("confirm", move |_, trip: Trip| {
+            let result = if trip.refuse {
+                note(
+                    &confirm_ledger,
+                    format!("warehouse refuses ({})", trip.order),
+                );
+                Err(StepError::permanent("the warehouse refuses the order"))
+            } else {
+                note(&confirm_ledger, format!("order confirmed ({})", trip.order));
+                Ok(trip)
+            };
+            std::future::ready(result)
+        }))
+        .build()
+        .and_then(|saga| Orchestrator::builder(saga, store).build());
+    let orchestrator = match built {
+        Ok(o) => o,
+        Err(e) => return println!("  failed: {e}"),
+    };
+    for (order, refuse) in [("order-1", false), ("order-2", true)] {
+        let trip = Trip {
+            order: order.to_owned(),
+            refuse,
+        };
+        let id = format!("{order}-{run}");
+        match orchestrator.run(id.clone(), trip).await {
+            Ok(SagaOutcome::Completed(_)) => println!("  {order}: completed"),
+            Ok(SagaOutcome::Compensated { reason }) => {
+                println!("  {order}: compensated ({reason})")
+            }
+            Ok(other) => println!("  {order}: {other:?}"),
+            Err(e) => println!("  {order}: failed: {e}"),
+        }
+        let logged = orchestrator.events(&id).await.map(|e| e.len()).unwrap_or(0);
+        let lines = ledger
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        println!("    what happened, in order: {}", lines.join(" -> "));
+        println!(
+            "    {logged} events in the saga log (an intent before and an outcome after each call)"
+        );
+    }
+    let m = orchestrator.local_metrics();
+    println!(
+        "  compensations run: {} (in reverse: the courier first, the stock last)",
+        m.compensations_run
+    );
+}
+
+/// sd-outbox: events written in the transaction of the order they belong to, relayed in
+/// order per order; a rolled-back transaction publishes nothing. Needs PostgreSQL.
+async fn outbox(backends: &Backends) {
+    let Some(pool) = &backends.postgres else {
+        println!("\n== sd-outbox: skipped, it needs PostgreSQL ==");
+        println!("  the outbox writes each event in your sqlx transaction, so this scenario runs");
+        println!("  only on PostgreSQL: run the tour with --postgres URL to see it");
+        return;
+    };
+    println!(
+        "\n== sd-outbox: 9 events of 3 orders in 9 transactions and 1 rolled back, on PostgreSQL =="
+    );
+    if let Err(e) = outbox_run(pool, &backends.run).await {
+        println!("  failed: {e}");
+    }
+}
+
+async fn outbox_run(pool: &sqlx::PgPool, run: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use sd_outbox::postgres::{Outbox, Relay};
+    use sd_outbox::{MemoryPublisher, Message, Payload};
+
+    let outbox = Outbox::builder().table("tour_outbox").build(pool.clone())?;
+    outbox.migrate().await?;
+    let orders = ["order-1", "order-2", "order-3"].map(|o| format!("{o}-{run}"));
+    for step in ["created", "paid", "shipped"] {
+        for order in &orders {
+            let mut tx = pool.begin().await?;
+            let message = Message::new("order", order, step, Payload::Json(serde_json::json!({})));
+            outbox.enqueue(&mut tx, message).await?;
+            tx.commit().await?;
+        }
+    }
+    let ghost = format!("order-4-{run}");
+    let mut tx = pool.begin().await?;
+    outbox
+        .enqueue(
+            &mut tx,
+            Message::new(
+                "order",
+                &ghost,
+                "created",
+                Payload::Json(serde_json::json!({})),
+            ),
+        )
+        .await?;
+    tx.rollback().await?;
+
+    let sink = MemoryPublisher::new();
+    let relay = Relay::builder(outbox, sink.clone())
+        .poll_interval(Duration::from_millis(50))
+        .build()?
+        .spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let ours = |sink: &MemoryPublisher| {
+        sink.events()
+            .into_iter()
+            .filter(|e| e.aggregate_id.ends_with(run))
+            .collect::<Vec<_>>()
+    };
+    while ours(&sink).len() < 9 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await;
+    let events = ours(&sink);
+    println!(
+        "  relayed {} events to the memory sink; per order, in the order received:",
+        events.len()
+    );
+    for order in orders.iter().chain([&ghost]) {
+        let types: Vec<&str> = events
+            .iter()
+            .filter(|e| &e.aggregate_id == order)
+            .map(|e| e.event_type.as_str())
+            .collect();
+        let name = order.trim_end_matches(run).trim_end_matches('-');
+        let note = if order == &ghost {
+            " (its transaction rolled back)"
+        } else {
+            ""
+        };
+        println!(
+            "    {name}: {}{note}",
+            if types.is_empty() {
+                "nothing".to_owned()
+            } else {
+                types.join(" -> ")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// A single-threaded tokio runtime with timers and I/O, for the scenarios that need one;
+/// `None` (with the reason printed) when it cannot be built, so the tour goes on without
+/// them.
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .build()
     {
         Ok(runtime) => Some(runtime),
