@@ -21,6 +21,7 @@ struct Entry {
     record: SagaRecord,
     lease_until: Option<Duration>,
     created_at: Duration,
+    updated_at: Duration,
     events: Vec<StoredEvent>,
 }
 
@@ -49,6 +50,18 @@ impl MemoryStore {
             sagas: Arc::new(Mutex::new(HashMap::new())),
             clock: Arc::new(clock),
         }
+    }
+
+    /// Deletes Completed and Compensated sagas (and their events) last written at least
+    /// `older_than` ago; returns how many. Stuck and live sagas are kept.
+    pub fn prune_finished(&self, older_than: Duration) -> usize {
+        let now = self.clock.now();
+        let mut sagas = self.lock();
+        let before = sagas.len();
+        sagas.retain(|_, e| {
+            !(e.record.state.is_final() && now.saturating_sub(e.updated_at) >= older_than)
+        });
+        before - sagas.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -99,6 +112,7 @@ impl SagaStore for MemoryStore {
             record,
             lease_until: Some(now + saga.lease_ttl),
             created_at: now,
+            updated_at: now,
             events: Vec::new(),
         };
         Self::push(
@@ -133,6 +147,7 @@ impl SagaStore for MemoryStore {
         }
         r.reason = write.reason.map(str::to_owned);
         r.version += 1;
+        entry.updated_at = now;
         if write.state.is_live() {
             entry.lease_until = Some(now + write.lease_ttl);
         } else {

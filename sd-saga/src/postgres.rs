@@ -14,8 +14,10 @@
 //!   application clocks agree.
 //! - **Schema**: [`PostgresStore::migrate`] creates the schema (default `public`), the
 //!   instance table (default `sagas`) and the events table (`{table}_events`), idempotently
-//!   and under an advisory lock; the SQL ships in `migrations/`. Nothing is ever deleted:
-//!   prune finished sagas (and their events) yourself when you no longer need them.
+//!   and under an advisory lock; the SQL ships in `migrations/`. Nothing is deleted by
+//!   itself: call [`PostgresStore::prune_finished`] from a periodic job.
+//! - **Metrics** count every saga of the type in one `GROUP BY` query: prune finished
+//!   sagas so that stays cheap, and call it at a scrape interval rather than per request.
 
 use std::fmt;
 use std::sync::Arc;
@@ -129,6 +131,7 @@ struct Sql {
     load: String,
     events: String,
     stats: String,
+    prune: String,
 }
 
 /// `$n` seconds from now, with `$n` in milliseconds.
@@ -206,7 +209,17 @@ impl Sql {
                  (EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)) * 1000)::float8 AS age_ms
              FROM {t} WHERE saga_type = $1 GROUP BY state"
         );
+        let prune = format!(
+            "WITH gone AS (
+                DELETE FROM {t}
+                WHERE state IN ('completed', 'compensated')
+                  AND updated_at <= clock_timestamp() - make_interval(secs => $1::float8 / 1000)
+                RETURNING id),
+             events AS (DELETE FROM {e} WHERE saga_id IN (SELECT id FROM gone))
+             SELECT count(*)::bigint FROM gone"
+        );
         Sql {
+            prune,
             create,
             write,
             renew,
@@ -326,6 +339,16 @@ impl PostgresStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Deletes Completed and Compensated sagas (and their events) last written at least
+    /// `older_than` ago, in one statement; returns how many. Stuck and live sagas are
+    /// kept. Run it from a periodic job; the crate deletes nothing by itself.
+    pub async fn prune_finished(&self, older_than: Duration) -> Result<u64> {
+        let query = sqlx::query_scalar::<_, i64>(&self.sql.prune)
+            .bind(ms(older_than))
+            .fetch_one(&self.pool);
+        to_u64("count", self.timed(query).await?)
     }
 
     async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {

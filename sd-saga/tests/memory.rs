@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use sd_saga::{Direction, ManualClock, MemoryStore, SagaState};
+use sd_saga::{Direction, ManualClock, MemoryStore, SagaState, SagaStore};
 use suite::{Fault, Faulty, Ledger, Shape, expected, fast, orchestrator, saga};
 
 async fn memory() -> (MemoryStore, ()) {
@@ -145,4 +145,34 @@ proptest! {
     ) {
         run_case(&plan, Some((n, after)))?;
     }
+}
+
+#[tokio::test]
+async fn prune_deletes_only_finished_sagas_older_than_asked() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::with_clock(clock.clone());
+    let ledger = Arc::new(Ledger::default());
+    ledger.fault(4, Direction::Forward, Some(Fault::Always));
+    let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
+    ledger.fault_for("done", 1, Direction::Forward, Fault::Permanent);
+    assert_eq!(
+        orch.run("done", vec![]).await.unwrap().state(),
+        SagaState::Compensated
+    );
+    assert_eq!(
+        orch.run("stuck", vec![]).await.unwrap().state(),
+        SagaState::Stuck
+    );
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(store.prune_finished(Duration::from_secs(60)), 0);
+    assert_eq!(store.prune_finished(Duration::from_secs(5)), 1);
+    assert!(store.load("done").await.unwrap().is_none());
+    assert!(store.events("done").await.unwrap().is_empty());
+    assert_eq!(
+        store.load("stuck").await.unwrap().unwrap().state,
+        SagaState::Stuck
+    );
+    let m = orch.metrics().await.unwrap();
+    assert_eq!(m.count(SagaState::Stuck), 1);
+    assert_eq!(m.oldest_unfinished_age, Some(Duration::from_secs(10)));
 }

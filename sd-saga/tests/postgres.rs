@@ -64,6 +64,46 @@ async fn happy_path_costs_two_statements_per_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_only_finished_sagas_and_their_events() {
+    let (store, db) = postgres().await;
+    let ledger = Arc::new(Ledger::default());
+    ledger.fault(4, sd_saga::Direction::Forward, Some(suite::Fault::Always));
+    let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
+    ledger.fault_for(
+        "done",
+        1,
+        sd_saga::Direction::Forward,
+        suite::Fault::Permanent,
+    );
+    assert_eq!(
+        orch.run("done", vec![]).await.unwrap().state(),
+        SagaState::Compensated
+    );
+    assert_eq!(
+        orch.run("stuck", vec![]).await.unwrap().state(),
+        SagaState::Stuck
+    );
+    assert_eq!(
+        store
+            .prune_finished(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.prune_finished(Duration::ZERO).await.unwrap(), 1);
+    assert!(orch.get("done").await.unwrap().is_none());
+    assert!(orch.events("done").await.unwrap().is_empty());
+    assert_eq!(
+        orch.get("stuck").await.unwrap().unwrap().state,
+        SagaState::Stuck
+    );
+    let left = db
+        .psql("SELECT count(DISTINCT saga_id) FROM saga_log.order_sagas_events")
+        .unwrap();
+    assert_eq!(left.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_names_and_timeouts_fail_at_construction() {
     let pool = PgPoolOptions::new()
         .connect_lazy("postgres://nobody@127.0.0.1:1/none")
