@@ -110,8 +110,12 @@
 //!
 //! | log | survives | writes per step (happy path) | leases by | limits |
 //! |---|---|---|---|---|
-//! | [`MemoryStore`] | nothing (one process) | 2 map updates under one mutex | its [`Clock`] | sagas stay in memory |
-//! | [`postgres::PostgresStore`] | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows are never pruned by the crate |
+//! | [`MemoryStore`] | nothing (one process) | 2 map updates under one mutex | its [`Clock`] | sagas stay in memory until [`MemoryStore::prune_finished`] |
+//! | [`postgres::PostgresStore`] | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows stay until [`postgres::PostgresStore::prune_finished`] |
+//!
+//! Saga ids are unique per log (across saga types); starting an id twice is
+//! [`Error::AlreadyExists`], so a retried request that starts "order-1" again does not
+//! start a second saga.
 //!
 //! # Figures
 //!
