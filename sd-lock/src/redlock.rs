@@ -7,10 +7,12 @@
 //!    any reply is awaited, over the masters' multiplexed connections, no task per
 //!    master), bounded by a per-node timeout of 5 % of the TTL (at least 1 ms), so one
 //!    slow or dead master costs no more than that.
-//! 2. The lock is held as soon as a **quorum of N/2+1** masters granted it and validity
-//!    is left: `validity = ttl - elapsed - (ttl / 100 + 2 ms)`. The attempt does not
-//!    wait for the slower masters; their keys (if the command ran) carry the same
-//!    random value, so `extend` and `release` treat them as ours.
+//! 2. The attempt waits for **every** master's answer (or the per-node deadline), not
+//!    only the first quorum: requests whose futures are dropped are never sent, so
+//!    stopping at the quorum would leave the lease on exactly N/2+1 masters, and one of
+//!    them restarting empty would let a second holder in. The lock is held when a
+//!    **quorum of N/2+1** masters granted it and validity is left:
+//!    `validity = ttl - elapsed - (ttl / 100 + 2 ms)`.
 //! 3. Otherwise the attempt **releases on every master** (compare-and-delete by its
 //!    random value, so no other holder is touched) before it returns
 //!    [`Error::NoQuorum`] with the masters that failed and why ([`NodeFailure`]).
