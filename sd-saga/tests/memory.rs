@@ -10,34 +10,16 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use sd_saga::{Direction, ManualClock, MemoryStore, SagaState, SagaStore};
-use suite::{Fault, Faulty, Ledger, Shape, expected, fast, orchestrator, saga};
+use suite::{
+    Fault, Faults, Faulty, KINDS, Ledger, Shape, apply, expected, faults, orchestrator,
+    random_shape, saga,
+};
 
 async fn memory() -> (MemoryStore, ()) {
     (MemoryStore::new(), ())
 }
 
 saga_suite!(memory);
-
-/// One step's faults: transient forward failures, a permanent refusal, transient
-/// compensation failures.
-#[derive(Debug, Clone, Copy)]
-struct Faults {
-    forward: u32,
-    refuse: bool,
-    compensate: u32,
-}
-
-fn faults() -> impl Strategy<Value = Faults> {
-    (0u32..5, prop::bool::weighted(0.15), 0u32..5).prop_map(|(forward, refuse, compensate)| {
-        Faults {
-            forward,
-            refuse,
-            compensate,
-        }
-    })
-}
-
-const KINDS: &str = "CCCPRR";
 
 fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -46,31 +28,9 @@ fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCas
         .unwrap();
     rt.block_on(async {
         let ledger = Arc::new(Ledger::default());
-        let shape = Shape {
-            kinds: KINDS,
-            forward: fast(3),
-            retriable: fast(6),
-            compensation: fast(6),
-            ..Shape::default()
-        };
-        let def = saga(&ledger, &shape);
+        let def = saga(&ledger, &random_shape());
         let id = "p";
-        for (step, f) in plan.iter().enumerate() {
-            let retriable = KINDS.as_bytes()[step] == b'R';
-            if f.refuse && !retriable {
-                ledger.fault_for(id, step, Direction::Forward, Fault::Permanent);
-            } else if f.forward > 0 {
-                ledger.fault_for(id, step, Direction::Forward, Fault::Transient(f.forward));
-            }
-            if f.compensate > 0 {
-                ledger.fault_for(
-                    id,
-                    step,
-                    Direction::Compensate,
-                    Fault::Transient(f.compensate),
-                );
-            }
-        }
+        apply(&ledger, id, plan);
         let clock = ManualClock::new();
         let store = MemoryStore::with_clock(clock.clone());
         match crash {

@@ -43,6 +43,56 @@ async fn postgres() -> (PostgresStore, TestDatabase) {
 
 saga_suite!(postgres);
 
+/// Differential: the same random plans on the memory and the PostgreSQL logs give the
+/// same outcome, the same effects and the same event log.
+#[test]
+fn memory_and_postgres_record_the_same_events() {
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = sd_testkit::database().expect("a postgres server");
+    let pg = rt.block_on(store_on(db.url(), Duration::from_secs(30)));
+    let seq = std::sync::atomic::AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config::with_cases(32));
+    let plans = proptest::collection::vec(suite::faults(), suite::KINDS.len());
+    runner
+        .run(&plans, |plan| {
+            let id = format!(
+                "d-{}",
+                seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            rt.block_on(async {
+                let mut seen = Vec::new();
+                for memory in [true, false] {
+                    let ledger = Arc::new(Ledger::default());
+                    suite::apply(&ledger, &id, &plan);
+                    let def = saga(&ledger, &suite::random_shape());
+                    let (outcome, events) = if memory {
+                        let orch = orchestrator(&def, sd_saga::MemoryStore::new(), "m");
+                        (
+                            orch.run(id.clone(), vec![]).await.unwrap(),
+                            orch.events(&id).await.unwrap(),
+                        )
+                    } else {
+                        let orch = orchestrator(&def, pg.clone(), "p");
+                        (
+                            orch.run(id.clone(), vec![]).await.unwrap(),
+                            orch.events(&id).await.unwrap(),
+                        )
+                    };
+                    let events: Vec<_> = events.into_iter().map(|e| (e.version, e.event)).collect();
+                    seen.push((outcome, events, ledger.effects(&id)));
+                }
+                proptest::prop_assert_eq!(&seen[0], &seen[1]);
+                Ok(())
+            })
+        })
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_costs_two_statements_per_step() {
     let (store, db) = postgres().await;

@@ -252,6 +252,61 @@ pub fn saga(ledger: &Arc<Ledger>, shape: &Shape) -> Saga<Data> {
     builder.build().unwrap()
 }
 
+/// One step's faults in a random plan: transient forward failures, a permanent refusal,
+/// transient compensation failures.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    pub forward: u32,
+    pub refuse: bool,
+    pub compensate: u32,
+}
+
+pub fn faults() -> impl proptest::strategy::Strategy<Value = Faults> {
+    use proptest::prelude::*;
+    (0u32..5, prop::bool::weighted(0.15), 0u32..5).prop_map(|(forward, refuse, compensate)| {
+        Faults {
+            forward,
+            refuse,
+            compensate,
+        }
+    })
+}
+
+/// The saga of the random plans: 3 compensatable steps, the pivot, 2 retriable steps.
+pub const KINDS: &str = "CCCPRR";
+
+/// 3 forward attempts before the pivot, 6 after it and for compensations (so the at
+/// most 4 transient failures of a plan give up only before the pivot).
+pub fn random_shape() -> Shape {
+    Shape {
+        kinds: KINDS,
+        forward: fast(3),
+        retriable: fast(6),
+        compensation: fast(6),
+        ..Shape::default()
+    }
+}
+
+/// Installs a random plan's faults for saga `id`.
+pub fn apply(ledger: &Ledger, id: &str, plan: &[Faults]) {
+    for (step, f) in plan.iter().enumerate() {
+        let retriable = KINDS.as_bytes()[step] == b'R';
+        if f.refuse && !retriable {
+            ledger.fault_for(id, step, Direction::Forward, Fault::Permanent);
+        } else if f.forward > 0 {
+            ledger.fault_for(id, step, Direction::Forward, Fault::Transient(f.forward));
+        }
+        if f.compensate > 0 {
+            ledger.fault_for(
+                id,
+                step,
+                Direction::Compensate,
+                Fault::Transient(f.compensate),
+            );
+        }
+    }
+}
+
 pub const LEASE: Duration = Duration::from_millis(300);
 
 pub fn orchestrator<S: SagaStore>(
