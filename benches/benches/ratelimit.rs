@@ -8,7 +8,8 @@
 //! - `memory/keyed/{1,2} threads`: 10,000 `u64` keys round-robin, sd `KeyedLimiter`
 //!   vs governor's default keyed limiter (DashMap).
 //! - `redis/64 callers`: 64 tasks on one multiplexed connection, sd decisions (one
-//!   EVALSHA each) vs raw `SET` and `EVALSHA` of `return 1` on the same server.
+//!   EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
+//!   each) vs raw `SET` and `EVALSHA` of `return 1` on the same server.
 #![allow(clippy::unwrap_used, missing_docs)] // A bench binary: failures should stop it.
 
 use std::hint::black_box;
@@ -88,6 +89,8 @@ fn memory(c: &mut Criterion) {
     g.finish();
 }
 
+const CALLERS: u64 = 64;
+
 fn redis(c: &mut Criterion) {
     let server =
         sd_testkit::redis().expect("redis-server must be installed (apt-get install redis-server)");
@@ -109,19 +112,22 @@ fn redis(c: &mut Criterion) {
             .with_burst(1000)
             .unwrap(),
     );
-    let sd = Arc::new(
-        sd_ratelimit::redis::Builder::new(limit)
-            .prefix(sd_testkit::unique_name("bench"))
-            .timeout(Duration::from_secs(5))
-            .build(conn.clone())
-            .unwrap(),
-    );
+    let build = |batch| {
+        Arc::new(
+            sd_ratelimit::redis::Builder::new(limit)
+                .prefix(sd_testkit::unique_name("bench"))
+                .timeout(Duration::from_secs(5))
+                .batch(batch)
+                .build(conn.clone())
+                .unwrap(),
+        )
+    };
+    let (sd, batched) = (build(1), build(CALLERS as usize));
     let trivial = redis::Script::new("return 1");
     let sha = rt
         .block_on(trivial.prepare_invoke().load_async(&mut conn.clone()))
         .unwrap();
 
-    const CALLERS: u64 = 64;
     let mut g = c.benchmark_group("ratelimit/redis-64-callers");
     g.throughput(Throughput::Elements(1));
     g.sample_size(20);
@@ -148,21 +154,22 @@ fn redis(c: &mut Criterion) {
                 start.elapsed()
             })
         };
-    g.bench_function("sd-check", |b| {
-        let sd = sd.clone();
-        b.iter_custom(|iters| {
-            let sd = sd.clone();
-            run(
-                iters,
-                Arc::new(move |i| {
-                    let sd = sd.clone();
-                    Box::pin(async move {
-                        black_box(sd.check(&(i % KEYS).to_string()).await.unwrap());
-                    })
-                }),
-            )
-        })
-    });
+    for (name, sd) in [("sd-check", &sd), ("sd-check-batched", &batched)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let sd = sd.clone();
+                run(
+                    iters,
+                    Arc::new(move |i| {
+                        let sd = sd.clone();
+                        Box::pin(async move {
+                            black_box(sd.check(&(i % KEYS).to_string()).await.unwrap());
+                        })
+                    }),
+                )
+            })
+        });
+    }
     g.bench_function("raw-set", |b| {
         b.iter_custom(|iters| {
             let conn = conn.clone();

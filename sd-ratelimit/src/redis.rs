@@ -15,11 +15,12 @@
 //!   or decides on a local memory limiter. Errors are counted and logged.
 //! - **Shadow mode**: decide, count what would be denied, admit everything.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use redis::aio::ConnectionLike;
+use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
 use crate::algorithm::{Decision, Limit, Params, Step};
@@ -57,6 +58,7 @@ pub struct Builder {
     timeout: Duration,
     policy: FailurePolicy,
     shadow: bool,
+    batch: usize,
 }
 
 impl Builder {
@@ -68,6 +70,7 @@ impl Builder {
             timeout: Duration::from_millis(100),
             policy: FailurePolicy::Open,
             shadow: false,
+            batch: 1,
         }
     }
 
@@ -95,6 +98,25 @@ impl Builder {
         self
     }
 
+    /// Batches concurrent decisions: up to `max` single-limit decisions waiting at the
+    /// same moment go to Redis in one `EVALSHA` (each still decided on its own: an
+    /// admitted one is consumed whatever the others get). Default 1 (off).
+    ///
+    /// Nothing waits to fill a batch: a decision is sent at once when fewer than
+    /// [`MAX_BATCHES_IN_FLIGHT`] batches are in flight, and otherwise joins the next
+    /// batch, which leaves as soon as one of those returns. Each decision still costs
+    /// one round trip; under load Redis runs one script for many decisions, which is
+    /// where the throughput comes from. Multi-limit checks ([`RedisLimiter::check_all`])
+    /// and [`RedisLimiter::check_at`] are never batched.
+    ///
+    /// For one server (or a proxy in front of a cluster). On Redis Cluster a batch whose
+    /// keys span slots is answered `CROSSSLOT` and is then re-sent one decision per
+    /// command, correct but slower: leave batching off there.
+    pub fn batch(mut self, max: usize) -> Self {
+        self.batch = max;
+        self
+    }
+
     /// A limiter on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(
@@ -110,13 +132,19 @@ impl Builder {
                 "must not contain `{` or `}`: the key is the hash tag",
             ));
         }
+        if self.batch == 0 {
+            return Err(Error::config(
+                "batch",
+                "must be at least 1 (1 turns batching off)",
+            ));
+        }
         let params = redis_params(&self.limit)?;
         let local = match self.policy {
             FailurePolicy::Local(limit) => Some(memory::Builder::new(limit).keyed::<String>()?),
             _ => None,
         };
         Ok(RedisLimiter {
-            conn,
+            conn: conn.clone(),
             prefix: self.prefix,
             limit: ArcSwap::from_pointee((self.limit, params)),
             timeout: self.timeout,
@@ -124,6 +152,14 @@ impl Builder {
             local,
             shadow: self.shadow,
             stats: Stats::new(true),
+            batcher: (self.batch > 1).then(|| {
+                Arc::new(Batcher {
+                    conn,
+                    timeout: self.timeout,
+                    max: self.batch,
+                    state: Mutex::new(BatchState::default()),
+                })
+            }),
         })
     }
 }
@@ -168,6 +204,7 @@ pub struct RedisLimiter<C> {
     local: Option<KeyedLimiter<String>>,
     shadow: bool,
     stats: Stats,
+    batcher: Option<Arc<Batcher<C>>>,
 }
 
 impl<C> std::fmt::Debug for RedisLimiter<C> {
@@ -178,11 +215,12 @@ impl<C> std::fmt::Debug for RedisLimiter<C> {
             .field("timeout", &self.timeout)
             .field("policy", &self.policy)
             .field("shadow", &self.shadow)
+            .field("batch", &self.batcher.as_ref().map_or(1, |b| b.max))
             .finish_non_exhaustive()
     }
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     /// Decides one request of cost 1 for `key` under the default limit.
     pub async fn check(&self, key: &str) -> Result<Decision> {
         self.check_n(key, 1).await
@@ -264,47 +302,39 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
         for (_, _, p, cost) in items {
             p.check_cost(*cost)?;
         }
-        let mut args = redis::cmd("EVALSHA");
-        args.arg(SCRIPT.get_hash()).arg(items.len());
-        for (key, ..) in items {
-            args.arg(self.redis_key(key));
-        }
-        args.arg(now.map(|n| n.to_string()).unwrap_or_default());
-        for (_, _, p, cost) in items {
-            args.arg(&script_args(p)[..]).arg(*cost);
-        }
-        let span = tracing::debug_span!("ratelimit.redis", keys = items.len());
-        let reply = tokio::time::timeout(self.timeout, self.eval(&args).instrument(span)).await;
-        let decision = match reply {
-            Ok(Ok(values)) => decode(&values, items.len()),
-            Ok(Err(source)) => Err(Error::Redis { source }),
-            Err(_) => Err(Error::Timeout {
-                after: self.timeout,
-            }),
+        let reply = match (&self.batcher, items, now) {
+            (Some(batcher), [(key, _, p, cost)], None) => {
+                batcher
+                    .decide(self.redis_key(key), script_args(p), *cost)
+                    .await
+            }
+            _ => {
+                let mut args = redis::cmd("EVALSHA");
+                args.arg(SCRIPT.get_hash()).arg(items.len());
+                for (key, ..) in items {
+                    args.arg(self.redis_key(key));
+                }
+                args.arg(now.map(|n| n.to_string()).unwrap_or_default())
+                    .arg("all");
+                for (_, _, p, cost) in items {
+                    args.arg(&script_args(p)[..]).arg(*cost);
+                }
+                let span = tracing::debug_span!("ratelimit.redis", keys = items.len());
+                match tokio::time::timeout(self.timeout, eval(&self.conn, &args).instrument(span))
+                    .await
+                {
+                    Ok(Ok(values)) => Ok(values),
+                    Ok(Err(source)) => Err(Error::Redis { source }),
+                    Err(_) => Err(Error::Timeout {
+                        after: self.timeout,
+                    }),
+                }
+            }
         };
+        let decision = reply.and_then(|values| decode(&values, items.len()));
         match decision {
             Ok(d) => Ok(self.stats.record(d, self.shadow)),
             Err(e) => self.on_failure(e, items),
-        }
-    }
-
-    /// `evalsha` (`EVALSHA sha n keys.. args..`), or the same as `EVAL` when the server
-    /// does not know the script (which also caches it there).
-    async fn eval(&self, evalsha: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
-        let mut conn = self.conn.clone();
-        match evalsha.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(SCRIPT_CODE);
-                // Skip the command name and the SHA.
-                for arg in evalsha.args_iter().skip(2) {
-                    if let redis::Arg::Simple(bytes) = arg {
-                        eval.arg(bytes);
-                    }
-                }
-                eval.query_async(&mut conn).await
-            }
-            other => other,
         }
     }
 
@@ -345,6 +375,191 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisLimiter<C> {
                 delay: Duration::ZERO,
             }),
         }
+    }
+}
+
+/// `evalsha` (`EVALSHA sha n keys.. args..`), or the same as `EVAL` when the server
+/// does not know the script (which also caches it there).
+async fn eval<C: ConnectionLike + Clone>(
+    conn: &C,
+    evalsha: &redis::Cmd,
+) -> redis::RedisResult<Vec<i64>> {
+    let mut conn = conn.clone();
+    match evalsha.query_async(&mut conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(SCRIPT_CODE);
+            // Skip the command name and the SHA.
+            for arg in evalsha.args_iter().skip(2) {
+                if let redis::Arg::Simple(bytes) = arg {
+                    eval.arg(bytes);
+                }
+            }
+            eval.query_async(&mut conn).await
+        }
+        other => other,
+    }
+}
+
+/// How many batches may be on the wire at once (see [`Builder::batch`]).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// One decision waiting for a batch.
+struct Pending {
+    key: String,
+    args: [i64; 6],
+    cost: u32,
+    reply: oneshot::Sender<Result<Vec<i64>>>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    queue: Vec<Pending>,
+    in_flight: usize,
+}
+
+/// Groups concurrent single-limit decisions into one `EVALSHA` (mode `each`).
+///
+/// The queue and the count of batches in flight share one lock, so a decision queued
+/// while every slot is busy is always picked up by the batch that frees a slot.
+struct Batcher<C> {
+    conn: C,
+    timeout: Duration,
+    max: usize,
+    state: Mutex<BatchState>,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
+    /// Queues one decision and waits for its six numbers.
+    async fn decide(self: &Arc<Self>, key: String, args: [i64; 6], cost: u32) -> Result<Vec<i64>> {
+        let (reply, answer) = oneshot::channel();
+        self.lock().queue.push(Pending {
+            key,
+            args,
+            cost,
+            reply,
+        });
+        self.start();
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(values)) => values,
+            // The batch task ended without answering (its runtime shut down).
+            Ok(Err(_)) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+            Err(_) => Err(Error::Timeout {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends the queued decisions if a slot is free.
+    fn start(self: &Arc<Self>) {
+        let batch: Vec<Pending> = {
+            let mut state = self.lock();
+            if state.in_flight >= MAX_BATCHES_IN_FLIGHT || state.queue.is_empty() {
+                return;
+            }
+            state.in_flight += 1;
+            let n = state.queue.len().min(self.max);
+            state.queue.drain(..n).collect()
+        };
+        let this = Arc::clone(self);
+        // A task of its own, so a caller that gives up does not cancel the others.
+        tokio::spawn(async move {
+            this.send(batch).await;
+            this.lock().in_flight -= 1;
+            this.start();
+        });
+    }
+
+    async fn send(&self, batch: Vec<Pending>) {
+        let span = tracing::debug_span!("ratelimit.redis.batch", decisions = batch.len());
+        let reply = tokio::time::timeout(self.timeout, eval(&self.conn, &each_cmd(&batch)))
+            .instrument(span)
+            .await;
+        match reply {
+            Ok(Ok(values)) if values.len() == 6 * batch.len() => {
+                for (p, v) in batch.into_iter().zip(values.chunks_exact(6)) {
+                    let _ = p.reply.send(Ok(v.to_vec()));
+                }
+            }
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot) =>
+            {
+                // Keys on several cluster slots: one command per decision.
+                for p in batch {
+                    let one = std::slice::from_ref(&p);
+                    let reply =
+                        tokio::time::timeout(self.timeout, eval(&self.conn, &each_cmd(one))).await;
+                    let _ = p.reply.send(batch_reply(reply, self.timeout));
+                }
+            }
+            reply => {
+                let error = match batch_reply(reply, self.timeout) {
+                    Ok(_) => Error::UnexpectedReply {
+                        reason: "expected 6 integers per decision",
+                    },
+                    Err(e) => e,
+                };
+                for p in batch {
+                    let _ = p.reply.send(Err(copy_error(&error)));
+                }
+            }
+        }
+    }
+}
+
+/// The same failure for every decision of a failed batch (a Redis error keeps its kind
+/// and text; the client error itself cannot be cloned).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::Timeout { after } => Error::Timeout { after: *after },
+        Error::UnexpectedReply { reason } => Error::UnexpectedReply { reason },
+        Error::Redis { source } => Error::Redis {
+            source: redis::RedisError::from((
+                source.kind(),
+                "the batch this decision was in failed",
+                source.to_string(),
+            )),
+        },
+        other => Error::Redis {
+            source: redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the batch this decision was in failed",
+                other.to_string(),
+            )),
+        },
+    }
+}
+
+/// `EVALSHA` deciding each pending decision on its own (mode `each`).
+fn each_cmd(batch: &[Pending]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SCRIPT.get_hash()).arg(batch.len());
+    for p in batch {
+        cmd.arg(&p.key);
+    }
+    cmd.arg("").arg("each");
+    for p in batch {
+        cmd.arg(&p.args[..]).arg(p.cost);
+    }
+    cmd
+}
+
+fn batch_reply(
+    reply: std::result::Result<redis::RedisResult<Vec<i64>>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<Vec<i64>> {
+    match reply {
+        Ok(Ok(values)) => Ok(values),
+        Ok(Err(source)) => Err(Error::Redis { source }),
+        Err(_) => Err(Error::Timeout { after: timeout }),
     }
 }
 

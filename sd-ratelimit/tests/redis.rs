@@ -61,7 +61,7 @@ fn sequence(seed: u64, len: usize) -> Vec<(u64, usize, u32)> {
 /// script), asserting identical decisions.
 async fn same_as_memory<C>(redis: &RedisLimiter<C>, limit: Limit, seed: u64)
 where
-    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
     let clock = ManualClock::new();
     let memory = memory::Builder::new(limit)
@@ -235,6 +235,15 @@ async fn admitted(
 
 #[test]
 fn each_failure_policy_does_what_it_promises_when_redis_dies() {
+    failure_policies(1);
+}
+
+#[test]
+fn each_failure_policy_does_what_it_promises_when_redis_dies_batched() {
+    failure_policies(16);
+}
+
+fn failure_policies(batch: usize) {
     let mut server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
     let rt = runtime();
     let limit = Limit::gcra(Quota::per_minute(3).unwrap());
@@ -249,6 +258,7 @@ fn each_failure_policy_does_what_it_promises_when_redis_dies() {
         .map(|policy| {
             Builder::new(limit)
                 .on_failure(policy)
+                .batch(batch)
                 .timeout(Duration::from_millis(300))
                 .build(conn.clone())
                 .unwrap()
@@ -306,6 +316,68 @@ fn each_failure_policy_does_what_it_promises_when_redis_dies() {
     server.resume().unwrap();
 }
 
+/// 64 tasks on one key through the batcher: exactly the burst is admitted, every
+/// decision matches what one-at-a-time GCRA allows, and decisions did share scripts.
+#[test]
+fn batched_decisions_are_exact_under_contention() {
+    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = manager(&server.url()).await;
+        let limiter = std::sync::Arc::new(
+            Builder::new(Limit::gcra(Quota::per_hour(100).unwrap()))
+                .batch(32)
+                .timeout(Duration::from_secs(10))
+                .on_failure(FailurePolicy::Closed)
+                .build(conn.clone())
+                .unwrap(),
+        );
+        let mut admin = conn.clone();
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|t| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    let mut hot = 0;
+                    for i in 0..20 {
+                        if limiter.check("hot").await.unwrap().allowed {
+                            hot += 1;
+                        }
+                        // Other keys in the same batches, each under its own burst.
+                        let own = limiter.check(&format!("own{t}")).await.unwrap();
+                        assert!(own.allowed, "task {t} check {i}: {own:?}");
+                        assert_eq!(own.remaining, 100 - 1 - i);
+                    }
+                    hot
+                })
+            })
+            .collect();
+        let mut hot = 0;
+        for t in tasks {
+            hot += t.await.unwrap();
+        }
+        assert_eq!(hot, 100, "one key admits exactly its burst");
+        assert_eq!(limiter.stats().backend_errors(), 0);
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let calls: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(calls < 64 * 40, "{calls} scripts for {} decisions", 64 * 40);
+    });
+}
+
 #[test]
 fn invalid_redis_config_fails_at_construction() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
@@ -313,6 +385,10 @@ fn invalid_redis_config_fails_at_construction() {
     rt.block_on(async {
         let conn = manager(server.url()).await;
         let limit = Limit::gcra(Quota::per_second(1).unwrap());
+        assert!(matches!(
+            Builder::new(limit).batch(0).build(conn.clone()),
+            Err(Error::InvalidConfig { field: "batch", .. })
+        ));
         assert!(matches!(
             Builder::new(limit).prefix("a{b").build(conn.clone()),
             Err(Error::InvalidConfig {

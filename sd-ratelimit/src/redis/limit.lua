@@ -5,13 +5,15 @@
 -- KEYS[i]: the state of limit i.
 -- ARGV[1]: now in microseconds, or '' to read the server's TIME (the default: app
 --          servers with skewed clocks then agree).
--- ARGV[2 + 7(i-1) ..]: kind, p1, p2, p3, p4, p5, cost for limit i:
+-- ARGV[2]: 'all' (the limits are one request: all are consumed or none is) or 'each'
+--          (a batch of independent requests: each admitted one is consumed).
+-- ARGV[3 + 7(i-1) ..]: kind, p1, p2, p3, p4, p5, cost for limit i:
 --   kind 1, virtual scheduling (GCRA, token bucket, leaky bucket):
 --     tick, per_tick, unit, cap, max_wait (-1 when not a queue)
 --   kind 2, sliding window: window, limit, 0, 0, 0
 -- Returns 6 integers per limit: allowed (0/1), limit, remaining, retry_after,
--- reset_after, delay (microseconds). State is written only when every limit admits;
--- each written key expires when it is back to full.
+-- reset_after, delay (microseconds). In 'all' mode state is written only when every
+-- limit admits; each written key expires when it is back to full.
 
 if redis.replicate_commands then
   pcall(redis.replicate_commands)
@@ -46,15 +48,37 @@ local function time_of(v, tick, per_tick)
 end
 
 local out, writes, all = {}, {}, true
+local each = ARGV[2] == 'each'
 for i = 1, #KEYS do
-  local o = 1 + (i - 1) * 7
+  local o = 2 + (i - 1) * 7
   local kind = tonumber(ARGV[o + 1])
   local cost = tonumber(ARGV[o + 7])
   local raw = redis.call('GET', KEYS[i])
   local allowed, limit, remaining, retry, reset, delay, state
-  if kind == 1 then
-    local tick, per_tick = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
-    local unit, cap, max_wait = tonumber(ARGV[o + 4]), tonumber(ARGV[o + 5]), tonumber(ARGV[o + 6])
+  local tick, max_wait = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 6])
+  if kind == 1 and tick == 1 and max_wait < 0 then
+    -- GCRA and the leaky meter (tick 1, no queue): the same answers with the fewest
+    -- operations, as `gcra_decide` in src/algorithm.rs.
+    local unit, cap = tonumber(ARGV[o + 4]), tonumber(ARGV[o + 5])
+    local s = tonumber(raw) or 0
+    local base = s > now and s or now
+    local nxt = base + cost * unit
+    local used = nxt - now
+    limit = cap / unit
+    delay = 0
+    if used <= cap then
+      allowed, retry, reset = true, 0, used
+      remaining = idiv(cap - used, unit)
+      if cost > 0 then
+        state = string.format('%d', nxt)
+      end
+    else
+      allowed, retry, reset = false, used - cap, base - now
+      remaining = idiv(math.max(cap - (base - now), 0), unit)
+    end
+  elseif kind == 1 then
+    local per_tick = tonumber(ARGV[o + 3])
+    local unit, cap = tonumber(ARGV[o + 4]), tonumber(ARGV[o + 5])
     local s = tonumber(raw) or 0
     local x = idiv(now, tick) * per_tick
     local base = math.max(s, x)
@@ -125,7 +149,13 @@ for i = 1, #KEYS do
   end
   all = all and allowed
   if state then
-    writes[#writes + 1] = { KEYS[i], state, math.max(math.ceil(reset / 1000), 1) }
+    local px = math.max(math.ceil(reset / 1000), 1)
+    if each then
+      -- Written at once: a later decision of the batch on the same key must see it.
+      redis.call('SET', KEYS[i], state, 'PX', px)
+    else
+      writes[#writes + 1] = { KEYS[i], state, px }
+    end
   end
   local n = #out
   out[n + 1] = allowed and 1 or 0
