@@ -8,8 +8,11 @@
 //! - `cache/stampede` (printed before the groups): 1,000 tasks read one hot key across its
 //!   expiry behind a 50 ms loader: loader calls and p50/p99 read latency, naive cache-aside
 //!   on moka vs sd (the scenario of `examples/stampede.rs`).
-//! - `cache/redis`: one hit read, sd `RedisCache::get` (one EVALSHA) vs raw `GET` of the
-//!   same payload on the same server and connection.
+//! - `cache/redis`: one hit read, sd `RedisCache::get` (one `HMGET` round trip) vs raw
+//!   `GET` of the same payload on the same server and connection.
+//! - `cache/two-tier`: a hit in the memory tier of a two-tier cache (`TwoTier::get` and
+//!   `get_or_load` on 10,000 preloaded `String` keys) vs moka `get` / `get_with` on the
+//!   bare engine with the same keys, and vs a raw Redis `GET` (what the memory tier saves).
 #![allow(clippy::unwrap_used, missing_docs)] // A bench binary: failures should stop it.
 
 #[path = "../../examples/stampede/scenario.rs"]
@@ -21,7 +24,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::FutureExt;
-use sd_cache::{Cache, RedisCache};
+use sd_cache::{Cache, RedisCache, TwoTier};
 
 const KEYS: u64 = 10_000;
 
@@ -160,5 +163,112 @@ fn redis(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stampede, hit, redis);
+fn two_tier(c: &mut Criterion) {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    // Worker threads keep the heartbeat and the subscription going while the hit loop runs.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = sd_testkit::unique_name("bench-two-tier");
+    let names: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    let keys = order();
+    let ttl = Duration::from_secs(600);
+    let moka: moka::sync::Cache<String, u64> = moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_live(ttl)
+        .build();
+    let (sd, mut conn) = rt.block_on(async {
+        let conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let sd: TwoTier<u64, _> = TwoTier::builder(RedisCache::builder(prefix.as_str()).ttl(ttl))
+            .local_capacity(100_000)
+            .local_ttl(ttl)
+            .build(conn.clone(), redis::Client::open(server.url()).unwrap())
+            .await
+            .unwrap();
+        while !sd.is_serving_local() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (k, name) in names.iter().enumerate() {
+            sd.insert(name, &(k as u64)).await.unwrap();
+            // The first read fills the memory tier.
+            sd.get(name).await.unwrap();
+        }
+        (sd, conn)
+    });
+    for (k, name) in names.iter().enumerate() {
+        moka.insert(name.clone(), k as u64);
+    }
+    moka.run_pending_tasks();
+    let before = sd.stats().hits;
+    // Were a read to miss the memory tier, its Redis read needs the runtime.
+    let _enter = rt.enter();
+
+    let mut g = c.benchmark_group("cache/two-tier");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("get/sd-two-tier", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            // A memory hit never awaits, so the future is ready on first poll.
+            black_box(sd.get(&names[keys[i] as usize]).now_or_never())
+        })
+    });
+    g.bench_function("get/moka", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(moka.get(names[keys[i] as usize].as_str()))
+        })
+    });
+    g.bench_function("get_or_load/sd-two-tier", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let k = keys[i];
+            black_box(
+                sd.get_or_load(&names[k as usize], move || async move { k })
+                    .now_or_never(),
+            )
+        })
+    });
+    g.bench_function("get_with/moka", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let k = keys[i];
+            // By reference, so moka allocates a key only on a miss, as sd does.
+            black_box(
+                moka.entry_by_ref(names[k as usize].as_str())
+                    .or_insert_with(|| k)
+                    .into_value(),
+            )
+        })
+    });
+    g.bench_function("GET/raw-redis", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            rt.block_on(async {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg(&names[keys[i] as usize])
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v)
+            })
+        })
+    });
+    g.finish();
+    let stats = sd.stats();
+    println!(
+        "cache/two-tier: memory-tier hits {} of the sd reads, misses {}, instance still serving locally: {}",
+        stats.hits - before,
+        stats.misses,
+        sd.is_serving_local()
+    );
+}
+
+criterion_group!(benches, stampede, hit, redis, two_tier);
 criterion_main!(benches);

@@ -52,14 +52,17 @@
 //!   for acknowledgements: about one more round trip while every instance is healthy, up to
 //!   `lease` when one is not. Keep `lease` short (default 2 s).
 //! - Every writer of a prefix served by two-tier caches must write through a [`TwoTier`]: a
-//!   plain [`RedisCache`] write is seen by the memory tiers (they drop their copy on its
-//!   Redis notification) but is not acknowledged, so the guarantee does not cover it.
+//!   plain [`RedisCache`] write or invalidation is not announced, so memory tiers keep their
+//!   copy until `local_ttl`. Loads and early refreshes do not drop memory copies either (a
+//!   refresh that found a newer value in the store reaches memory tiers within `local_ttl`,
+//!   as with any TTL cache).
 //! - The registry and channels are plain keys and channels: this runs on one Redis server
 //!   (or a primary with replicas), not on Redis Cluster.
 //! - If the announcement fails after the value was written (Redis lost between the two
 //!   round trips), the write returns [`Error::Backend`] with operation `announce`: the value
-//!   is in Redis and every subscribed instance got the write's own notification, but the
-//!   drop was not confirmed.
+//!   is in Redis, but other memory tiers were not told. If Redis is down for them too, their
+//!   leases lapse and they resync; otherwise they may keep the old copy up to `local_ttl`.
+//!   Retry the write (it is idempotent) to restore the guarantee.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -570,10 +573,10 @@ where
     /// Handles one message, in the order the server published them.
     fn on_message(&self, channel: &str, payload: &str) {
         if channel == self.events {
-            // A write, load or invalidation of `payload` in some process: wake our waiters and
-            // drop the memory copy now (the writer's announcement, if any, confirms it).
+            // A write, load or invalidation of `payload` in some process: wake our waiters.
+            // The memory copy is dropped by the writer's announcement (a load does not make
+            // the memory copy wrong; see the module docs for plain Redis writers).
             self.remote.wake(payload);
-            self.local.invalidate_borrowed(payload);
         } else if channel == self.ack_channel {
             if let Some((seq, id)) = payload.split_once('|')
                 && let Ok(seq) = seq.parse::<u64>()
@@ -588,12 +591,12 @@ where
         } else if channel == self.channel {
             let mut parts = payload.splitn(4, '|');
             match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                (Some("i"), Some(writer), Some(seq), Some(key)) => {
+                // Our own writes dropped our copy before they were announced; dropping it
+                // again here would only throw away a newer value read since.
+                (Some("i"), Some(writer), Some(seq), Some(key)) if writer != self.id => {
                     self.local.invalidate_borrowed(key);
                     self.remote.forget(key);
-                    if writer != self.id {
-                        self.acknowledge(writer, seq);
-                    }
+                    self.acknowledge(writer, seq);
                 }
                 (Some("p"), Some(id), Some(seq), None) if id == self.id => {
                     if let Ok(seq) = seq.parse::<u64>() {
