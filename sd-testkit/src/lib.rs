@@ -59,7 +59,7 @@ pub use crate::error::{Error, Result};
 pub use crate::etcd::EtcdServer;
 pub use crate::nats::{NatsServer, info as nats_info};
 pub use crate::postgres::{PostgresServer, TestDatabase};
-pub use crate::process::{Process, is_alive, is_stopped, live_group_members};
+pub use crate::process::{Process, descendants, is_alive, is_stopped, live_group_members};
 pub use crate::redis::{RedisCluster, RedisOptions, RedisServer};
 
 /// Bumped when the layout of cached templates changes.

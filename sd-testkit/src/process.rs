@@ -126,7 +126,7 @@ impl Process {
                 reason: "the server is already paused",
             });
         }
-        signal_group(pid, libc::SIGSTOP)?;
+        signal_tree(pid, libc::SIGSTOP)?;
         self.paused = true;
         Ok(())
     }
@@ -140,7 +140,7 @@ impl Process {
                 reason: "the server is not paused",
             });
         }
-        signal_group(pid, libc::SIGCONT)?;
+        signal_tree(pid, libc::SIGCONT)?;
         self.paused = false;
         Ok(())
     }
@@ -231,8 +231,10 @@ impl Process {
             return Ok(());
         };
         let pid = child.id();
+        // Collected now: once the leader is gone its children belong to init.
+        let tree = descendants(pid);
         if self.paused {
-            let _ = signal_group(pid, libc::SIGCONT);
+            let _ = signal_tree(pid, libc::SIGCONT);
             self.paused = false;
         }
         let mut exited = false;
@@ -248,14 +250,20 @@ impl Process {
         }
         if !exited {
             let _ = signal_group(pid, libc::SIGKILL);
+            for &p in &tree {
+                let _ = signal_pid(p, libc::SIGKILL);
+            }
             child
                 .wait()
                 .map_err(io_err(format!("waiting for {} to exit", self.spec.kind)))?;
         }
         // Whatever the leader forked dies with it: kill stragglers and wait for them.
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while !live_group_members(pid).is_empty() {
+        while !live_group_members(pid).is_empty() || tree.iter().any(|&p| is_alive(p)) {
             let _ = signal_group(pid, libc::SIGKILL);
+            for &p in tree.iter().filter(|&&p| is_alive(p)) {
+                let _ = signal_pid(p, libc::SIGKILL);
+            }
             if Instant::now() > deadline {
                 return Err(Error::State {
                     action: "stop",
@@ -335,14 +343,55 @@ pub fn is_stopped(pid: u32) -> bool {
 
 /// (state, process group) of `pid`, from /proc/PID/stat.
 fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    proc_stat_full(pid).map(|(state, _, pgrp)| (state, pgrp))
+}
+
+/// (state, parent pid, process group) of `pid`, from /proc/PID/stat.
+fn proc_stat_full(pid: u32) -> Option<(char, u32, u32)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
+    Some((state, ppid, pgrp))
+}
+
+/// Pids of every live process descended from `pid` (children, their children, ...),
+/// whatever their process group: PostgreSQL's backends call `setsid`, so signalling the
+/// postmaster's group alone would leave open connections answering during a pause.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let (state, ppid, _) = proc_stat_full(p)?;
+            (state != 'Z' && state != 'X').then_some((p, ppid))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, _) in parents.iter().filter(|(_, ppid)| *ppid == parent) {
+            found.push(child);
+            frontier.push(child);
+        }
+    }
+    found
+}
+
+/// Sends `signal` to the server's process group and to every descendant outside it.
+fn signal_tree(pid: u32, signal: i32) -> Result<()> {
+    let tree = descendants(pid);
+    signal_group(pid, signal)?;
+    for child in tree {
+        // A child may have exited in between: nothing to signal then.
+        let _ = signal_pid(child, signal);
+    }
+    Ok(())
 }
 
 type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);

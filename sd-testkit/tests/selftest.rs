@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use sd_testkit::resp::Reply;
 use sd_testkit::{
-    EtcdServer, NatsServer, PostgresServer, RedisCluster, RedisOptions, RedisServer, is_alive,
-    is_stopped, live_group_members,
+    EtcdServer, NatsServer, PostgresServer, RedisCluster, RedisOptions, RedisServer, descendants,
+    is_alive, is_stopped, live_group_members,
 };
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -179,18 +179,37 @@ fn postgres_answers_pauses_restarts_and_leaves_nothing() {
     assert_eq!(db.psql("SELECT v FROM t").unwrap().trim(), "7");
 
     let pid = pg.pid().unwrap();
+    // A session open across the pause: its backend is a descendant in its own session.
+    let mut session = Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p"])
+        .arg(pg.port().to_string())
+        .args(["-U", "postgres", "-d", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the session's backend runs", || descendants(pid).len() >= 6);
     pg.pause().unwrap();
-    eventually("the server is stopped", || is_stopped(pid));
+    eventually("the server and every backend are stopped", || {
+        is_stopped(pid) && descendants(pid).into_iter().all(is_stopped)
+    });
     // A startup packet gets no answer from a frozen postmaster.
     assert!(hangs(pg.port(), &[0, 0, 0, 8, 4, 210, 22, 47]));
     pg.resume().unwrap();
+    assert!(descendants(pid).into_iter().all(|p| !is_stopped(p)));
     assert_eq!(db.psql("SELECT v FROM t").unwrap().trim(), "7");
 
+    let tree = descendants(pid);
+    assert!(!tree.is_empty(), "postgres runs background processes");
     pg.kill().unwrap();
     assert!(
-        live_group_members(pid).is_empty(),
+        live_group_members(pid).is_empty() && !tree.iter().any(|&p| is_alive(p)),
         "kill reaches the backends too"
     );
+    drop(session.stdin.take());
+    let _ = session.kill();
+    let _ = session.wait();
     assert!(db.psql("SELECT 1").is_err());
     pg.start_again().unwrap();
     assert_eq!(
