@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! cargo run -p sd-examples --features ratelimit-server --example ratelimit_server -- \
-//!     --addr 127.0.0.1:3000 --rate 5/s --burst 10 [--redis redis://127.0.0.1/] [--trusted-hops 1]
+//!     --addr 127.0.0.1:3000 --rate 5/s --burst 10 [--redis redis://127.0.0.1/] \
+//!     [--trusted-hops 1 | --proxy-protocol]
 //! curl -i http://127.0.0.1:3000/    # 200 with RateLimit headers, then 429 + Retry-After
 //! ```
 //!
 //! `--trusted-hops N`: N proxies in front append to `X-Forwarded-For`; the client is the
-//! N-th address from the right. Without it the TCP peer is the client and forwarding
-//! headers are ignored (a client can write whatever it likes there).
+//! N-th address from the right. `--proxy-protocol`: the load balancer in front sends a
+//! PROXY v1/v2 header on every connection (HAProxy `send-proxy`, AWS NLB proxy
+//! protocol); the client is the header's source, and connections without a valid header
+//! are dropped. Without either, the TCP peer is the client and forwarding headers are
+//! ignored (a client can write whatever it likes there).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,9 +20,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::extract::connect_info::Connected;
 use axum::routing::get;
+use axum::serve::{IncomingStream, Listener};
 use redis::aio::ConnectionManager;
-use sd_ratelimit::client_ip::{ClientIp, Trust};
+use sd_ratelimit::client_ip::{ClientIp, ProxyListener, Trust};
 use sd_ratelimit::memory::KeyedLimiter;
 use sd_ratelimit::redis::{FailurePolicy, RedisLimiter};
 use sd_ratelimit::tower::{ClientIpKey, RateLimitLayer};
@@ -46,6 +52,45 @@ struct Args {
     quota: Quota,
     redis: Option<String>,
     trusted_hops: usize,
+    proxy_protocol: bool,
+}
+
+/// A listener configured for the PROXY protocol, served by axum.
+struct Proxied(ProxyListener);
+
+impl Listener for Proxied {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok(conn) => return conn,
+                // Out of file descriptors and the like: wait, as axum does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// The client's address: the TCP peer, or the PROXY header's source.
+#[derive(Debug, Clone, Copy)]
+struct Client(SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Client {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Client(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, Proxied>> for Client {
+    fn connect_info(stream: IncomingStream<'_, Proxied>) -> Self {
+        Client(*stream.remote_addr())
+    }
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -54,6 +99,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
     let mut burst = None;
     let mut redis = None;
     let mut trusted_hops = 0;
+    let mut proxy_protocol = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -73,8 +119,14 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--burst" => burst = Some(value()?.parse()?),
             "--redis" => redis = Some(value()?),
             "--trusted-hops" => trusted_hops = value()?.parse()?,
+            "--proxy-protocol" => proxy_protocol = true,
             other => return Err(format!("unknown flag {other}").into()),
         }
+    }
+    if proxy_protocol && trusted_hops > 0 {
+        return Err(
+            "--proxy-protocol and --trusted-hops name the client two ways; pick one".into(),
+        );
     }
     let quota = Quota::new(count, period)?;
     let quota = quota.with_burst(burst.unwrap_or(quota.burst()))?;
@@ -83,6 +135,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         quota,
         redis,
         trusted_hops,
+        proxy_protocol,
     })
 }
 
@@ -108,7 +161,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         n => ClientIp::x_forwarded_for(Trust::Hops(n))?,
     };
     let peer = |e: &axum::http::Extensions| -> Option<IpAddr> {
-        e.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+        e.get::<ConnectInfo<Client>>().map(|c| c.0.0.ip())
     };
     let key = ClientIpKey::new(client_ip).peer_from(peer);
     let app = Router::new()
@@ -123,13 +176,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.quota.burst(),
         args.redis.as_deref().unwrap_or("memory"),
     );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async {
+    let make = app.into_make_service_with_connect_info::<Client>();
+    let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    };
+    if args.proxy_protocol {
+        let listener = Proxied(ProxyListener::new(listener, Duration::from_secs(5))?);
+        axum::serve(listener, make)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+    } else {
+        axum::serve(listener, make)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+    }
     Ok(())
 }
