@@ -174,16 +174,6 @@ async fn invalid_names_and_timeouts_fail_at_construction() {
     assert_eq!(ok.events_table(), "ops.sagas_events");
 }
 
-/// Sends `signal` to the postmaster's children (the backends and auxiliary processes).
-fn signal_children(server: &sd_testkit::PostgresServer, signal: &str) {
-    let pid = server.pid().unwrap().to_string();
-    let status = std::process::Command::new("pkill")
-        .args([signal, "-P", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success(), "pkill {signal} -P {pid}");
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Outage {
     /// Clean shutdown, then start again.
@@ -226,12 +216,8 @@ async fn outage_mid_flight(outage: Outage) {
         match outage {
             Outage::Stop => server.stop().unwrap(),
             Outage::Kill => server.kill().unwrap(),
-            Outage::Pause => {
-                server.pause().unwrap();
-                // PostgreSQL backends run in process groups of their own (setsid), so
-                // the group SIGSTOP above freezes only the postmaster: stop them too.
-                signal_children(&server, "-STOP");
-            }
+            // The testkit stops the backends too (they run in sessions of their own).
+            Outage::Pause => server.pause().unwrap(),
         }
         server
     })
@@ -251,10 +237,7 @@ async fn outage_mid_flight(outage: Outage) {
     server = tokio::task::spawn_blocking(move || {
         match outage {
             Outage::Stop | Outage::Kill => server.start_again().unwrap(),
-            Outage::Pause => {
-                signal_children(&server, "-CONT");
-                server.resume().unwrap();
-            }
+            Outage::Pause => server.resume().unwrap(),
         }
         server
     })
