@@ -59,6 +59,7 @@ pub struct Builder {
     policy: FailurePolicy,
     shadow: bool,
     batch: usize,
+    deny_cache: usize,
 }
 
 impl Builder {
@@ -71,6 +72,7 @@ impl Builder {
             policy: FailurePolicy::Open,
             shadow: false,
             batch: 1,
+            deny_cache: 0,
         }
     }
 
@@ -117,6 +119,28 @@ impl Builder {
         self
     }
 
+    /// Remembers up to `max_keys` keys that Redis denied, and answers them locally
+    /// (no round trip) until they could be admitted. Default 0 (off).
+    ///
+    /// Exactly: when Redis denies a request of cost `c` on key `k` under the default
+    /// limit with `retry_after = R`, and the request was sent at local time `t`, then a
+    /// request on `k` of cost at least `c` before `t + R` is denied locally, with
+    /// `retry_after` the time left. Such an answer is one Redis would have given too:
+    /// Redis decided at or after `t`, a denial writes nothing, and other callers only
+    /// consume more, so nothing can be admitted on `k` for that cost before `t + R`.
+    /// Exceptions, all on the side of denying a little longer, by at most `R`: the key
+    /// deleted or Redis restarted empty meanwhile. [`RedisLimiter::set_limit`] empties
+    /// the cache; `check_with`, `check_all` and `check_at` never use it. Local denials
+    /// count in [`Stats::denied`] (or [`Stats::shadow_denied`] in shadow mode).
+    ///
+    /// This is Envoy's "local cache of keys over the limit": under attack, abusive keys
+    /// stop costing Redis anything. When full, expired entries are swept out (amortised
+    /// over insertions); if all are live, new denials are not cached.
+    pub fn deny_cache(mut self, max_keys: usize) -> Self {
+        self.deny_cache = max_keys;
+        self
+    }
+
     /// A limiter on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(
@@ -152,6 +176,11 @@ impl Builder {
             local,
             shadow: self.shadow,
             stats: Stats::new(true),
+            denied: (self.deny_cache > 0).then(|| DenyCache {
+                entries: dashmap::DashMap::default(),
+                max_keys: self.deny_cache,
+                refused: std::sync::atomic::AtomicUsize::new(0),
+            }),
             batcher: (self.batch > 1).then(|| {
                 Arc::new(Batcher {
                     conn,
@@ -204,6 +233,7 @@ pub struct RedisLimiter<C> {
     local: Option<KeyedLimiter<String>>,
     shadow: bool,
     stats: Stats,
+    denied: Option<DenyCache>,
     batcher: Option<Arc<Batcher<C>>>,
 }
 
@@ -228,15 +258,19 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
 
     /// Decides one request of cost `cost` for `key` under the default limit.
     pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
+        if let Some(d) = self.denied.as_ref().and_then(|c| c.get(key, cost)) {
+            return Ok(self.stats.record(d, self.shadow));
+        }
         let limit = self.limit.load_full();
-        self.run(&[(key, limit.0, limit.1, cost)], None).await
+        self.run(&[(key, limit.0, limit.1, cost)], None, self.denied.as_ref())
+            .await
     }
 
     /// Decides one request for `key` under its own `limit` (per-key quotas, or limits
     /// changed on the fly: the limit travels with every call).
     pub async fn check_with(&self, key: &str, limit: &Limit, cost: u32) -> Result<Decision> {
         let params = redis_params(limit)?;
-        self.run(&[(key, *limit, params, cost)], None).await
+        self.run(&[(key, *limit, params, cost)], None, None).await
     }
 
     /// Decides several limits in one script, all consumed or none (atomic in Redis).
@@ -246,7 +280,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
             .iter()
             .map(|(key, limit, cost)| Ok((*key, **limit, redis_params(limit)?, *cost)))
             .collect::<Result<Vec<_>>>()?;
-        self.run(&items, None).await
+        self.run(&items, None, None).await
     }
 
     /// Decides at a given time instead of the server's `TIME`: for tests and replays.
@@ -260,7 +294,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     ) -> Result<Decision> {
         let params = redis_params(limit)?;
         let now_us = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
-        self.run(&[(key, *limit, params, cost)], Some(now_us)).await
+        self.run(&[(key, *limit, params, cost)], Some(now_us), None)
+            .await
     }
 
     /// Waits until a request of `cost` for `key` is admitted. With a leaky queue the slot
@@ -281,6 +316,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = redis_params(&limit)?;
         self.limit.store(Arc::new((limit, params)));
+        if let Some(cache) = &self.denied {
+            cache.entries.clear();
+        }
         Ok(())
     }
 
@@ -294,11 +332,14 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
         format!("{}:{{{key}}}", self.prefix)
     }
 
+    /// Decides `items` in Redis; a denial of a single item is remembered in `cache`.
     async fn run(
         &self,
         items: &[(&str, Limit, Params, u32)],
         now: Option<u64>,
+        cache: Option<&DenyCache>,
     ) -> Result<Decision> {
+        let sent = tokio::time::Instant::now();
         for (_, _, p, cost) in items {
             p.check_cost(*cost)?;
         }
@@ -333,7 +374,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
         };
         let decision = reply.and_then(|values| decode(&values, items.len()));
         match decision {
-            Ok(d) => Ok(self.stats.record(d, self.shadow)),
+            Ok(d) => {
+                if let (Some(cache), [(key, _, _, cost)], false) = (cache, items, d.allowed) {
+                    cache.insert(key, *cost, sent, d);
+                }
+                Ok(self.stats.record(d, self.shadow))
+            }
             Err(e) => self.on_failure(e, items),
         }
     }
@@ -398,6 +444,54 @@ async fn eval<C: ConnectionLike + Clone>(
             eval.query_async(&mut conn).await
         }
         other => other,
+    }
+}
+
+/// Keys Redis denied, answered locally until they could be admitted (see
+/// [`Builder::deny_cache`]).
+struct DenyCache {
+    /// Key → (denied until, for costs of at least, the denial).
+    entries: dashmap::DashMap<String, (tokio::time::Instant, u32, Decision)>,
+    max_keys: usize,
+    /// Denials not cached since the last sweep, which runs once per `max_keys / 8`.
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl DenyCache {
+    /// The denial for a request of `cost` on `key`, if one still holds.
+    fn get(&self, key: &str, cost: u32) -> Option<Decision> {
+        let entry = self.entries.get(key)?;
+        let (until, min_cost, d) = *entry;
+        let now = tokio::time::Instant::now();
+        if cost < min_cost || now >= until {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(until.checked_sub(d.retry_after)?);
+        Some(Decision {
+            retry_after: until - now,
+            reset_after: d.reset_after.saturating_sub(elapsed),
+            ..d
+        })
+    }
+
+    fn insert(&self, key: &str, cost: u32, sent: tokio::time::Instant, d: Decision) {
+        if d.retry_after.is_zero() {
+            return;
+        }
+        if self.entries.len() >= self.max_keys && !self.entries.contains_key(key) {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.refused.fetch_add(1, Relaxed) + 1 < (self.max_keys / 8).max(1) {
+                return;
+            }
+            self.refused.store(0, Relaxed);
+            let now = tokio::time::Instant::now();
+            self.entries.retain(|_, (until, ..)| *until > now);
+            if self.entries.len() >= self.max_keys {
+                return;
+            }
+        }
+        self.entries
+            .insert(key.to_owned(), (sent + d.retry_after, cost, d));
     }
 }
 

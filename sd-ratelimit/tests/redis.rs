@@ -378,6 +378,68 @@ fn batched_decisions_are_exact_under_contention() {
     });
 }
 
+/// Keys Redis denied are answered locally until they could be admitted: no script runs,
+/// the wait shrinks as time passes, other keys and lower costs still go to Redis, and a
+/// new limit empties the cache.
+#[test]
+fn deny_cache_answers_denied_keys_without_a_round_trip() {
+    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = manager(&server.url()).await;
+        let limiter = Builder::new(Limit::gcra(
+            Quota::per_minute(2).unwrap().with_burst(3).unwrap(),
+        ))
+        .deny_cache(100)
+        .timeout(Duration::from_secs(10))
+        .build(conn.clone())
+        .unwrap();
+        let mut admin = conn.clone();
+        let scripts = |info: String| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|l| l.split(',').next())
+                .map_or(0, |n| n.parse().unwrap())
+        };
+        assert!(limiter.check_n("k", 2).await.unwrap().allowed);
+        let first = limiter.check_n("k", 2).await.unwrap();
+        assert!(!first.allowed, "Redis denies: one left, two asked");
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            let d = limiter.check_n("k", 2).await.unwrap();
+            assert!(!d.allowed);
+            assert!(d.retry_after <= first.retry_after && !d.retry_after.is_zero());
+            assert_eq!(d.limit, first.limit);
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(scripts(info), 0, "denials answered locally");
+        assert_eq!(limiter.stats().denied(), 11);
+        // A lower cost is not covered by the cached denial: Redis admits it.
+        assert!(limiter.check("k").await.unwrap().allowed);
+        // A new limit empties the cache: Redis decides again (room for 90 s of use).
+        limiter
+            .set_limit(Limit::gcra(
+                Quota::per_minute(100).unwrap().with_burst(1000).unwrap(),
+            ))
+            .unwrap();
+        assert!(limiter.check_n("k", 2).await.unwrap().allowed);
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(scripts(info), 2);
+    });
+}
+
 #[test]
 fn invalid_redis_config_fails_at_construction() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
