@@ -815,6 +815,11 @@ impl<P: Publisher> Inner<P> {
                 again_in: None,
             });
         }
+        // A statement of its own, after the lanes are locked: under READ COMMITTED it
+        // takes a new snapshot, which sees the marks of the relay that held these lanes
+        // before. Folding the claim and the read into one statement reads with the
+        // snapshot from before that relay committed and publishes its rows again (the
+        // three-relay test catches it as duplicates).
         let rows = sqlx::query(&self.sql.fetch_lanes)
             .bind(&lanes)
             .bind(i64::from(self.batch_size))
