@@ -1,0 +1,61 @@
+//! The checkout example, run on memory and on Redis (two servers, sharded) + PostgreSQL
+//! started by the testkit; its summary must show every promise kept.
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+#[path = "../checkout/app/mod.rs"]
+mod app;
+
+use app::{Config, Summary};
+
+/// The promises of the checkout, checked on the summary of one run.
+fn assert_kept(summary: &Summary) {
+    println!("{summary}");
+    assert!(summary.problems.is_empty(), "{:#?}", summary.problems);
+    let config = Config::memory();
+    assert_eq!(
+        summary.orders,
+        config.load.clients * config.load.orders_per_client,
+        "every order answered"
+    );
+    // No oversold stock: per SKU, held by placed orders + left = what there was.
+    assert!(summary.stock_ok(), "{:?}", summary.stock);
+    // Declined cards and missing stock end in compensated sagas, and only those.
+    assert!(summary.placed > 0);
+    assert!(summary.declined > 0 && summary.compensated > 0);
+    assert_eq!(summary.placed + summary.failed, summary.orders);
+    assert_eq!(summary.compensated as usize, summary.failed);
+    // Every OrderPlaced relayed once and handled once by each consumer.
+    assert_eq!(summary.events_relayed, summary.placed);
+    assert!(summary.deliveries.values().all(|n| *n == summary.placed));
+    // Every duplicate send got the stored answer (each key ran once).
+    assert!(summary.duplicates_sent > 0);
+    assert_eq!(summary.duplicates_absorbed, summary.duplicates_sent);
+    // The cache answered most reads.
+    assert!(summary.cache_hits > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkout_on_memory() {
+    let summary = app::run(&Config::memory()).await.unwrap();
+    assert_kept(&summary);
+    assert!(summary.shard_keys.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkout_on_redis_and_postgres() {
+    let redis = sd_testkit::RedisServer::start_many(2).expect("redis-server");
+    let db = sd_testkit::database().expect("postgres");
+    let mut config = Config::memory();
+    config.redis = redis.iter().map(|r| r.url()).collect();
+    config.postgres = Some(db.url().to_owned());
+    let summary = app::run(&config).await.unwrap();
+    assert_kept(&summary);
+    // sd-hashring put cache and lease keys on both servers.
+    assert_eq!(summary.shard_keys.len(), 2);
+    assert!(
+        summary.shard_keys.iter().all(|n| *n > 0),
+        "{:?}",
+        summary.shard_keys
+    );
+}
