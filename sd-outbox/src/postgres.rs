@@ -15,7 +15,7 @@
 //!   only if the business rows commit.
 
 mod inbox;
-mod relay;
+pub mod relay;
 
 use std::time::Duration;
 

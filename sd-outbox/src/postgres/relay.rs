@@ -323,7 +323,7 @@ struct Inner<P> {
     counters: Arc<Counters>,
 }
 
-/// Publishes the outbox's rows through a [`Publisher`]; see the [module docs](self).
+/// Publishes the outbox's rows through a [`Publisher`]; see the [module docs](crate::postgres::relay).
 pub struct Relay<P> {
     inner: Arc<Inner<P>>,
 }
