@@ -7,6 +7,7 @@
 //! lock and the saga log on PostgreSQL; the lock on Redis. The outbox writes in a
 //! PostgreSQL transaction, so its scenario runs only with `--postgres`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sd_examples::CRATES;
@@ -28,14 +29,25 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let failures = run(redis_url, postgres_url);
+    if failures > 0 {
+        eprintln!("\n{failures} scenario check(s) failed (marked !! above)");
+        std::process::exit(1);
+    }
+}
+
+/// Runs every scenario (on memory, or on the servers given) and returns how many of the
+/// facts the scenarios state did not hold (each is printed, marked `!!`).
+pub(crate) fn run(redis_url: Option<String>, postgres_url: Option<String>) -> usize {
+    FAILURES.store(0, Ordering::SeqCst);
     let Some(runtime) = runtime() else {
-        return;
+        return 1;
     };
     let backends = match runtime.block_on(connect(redis_url, postgres_url)) {
         Ok(backends) => backends,
         Err(e) => {
-            eprintln!("cannot reach a backend: {e}");
-            std::process::exit(1);
+            fail(format!("cannot reach a backend: {e}"));
+            return FAILURES.load(Ordering::SeqCst);
         }
     };
     println!("sd: system-design patterns for Rust services\n");
@@ -64,6 +76,23 @@ fn main() {
         saga(&backends).await;
         outbox(&backends).await;
     });
+    FAILURES.load(Ordering::SeqCst)
+}
+
+/// Facts the scenarios state that did not hold in this run.
+static FAILURES: AtomicUsize = AtomicUsize::new(0);
+
+/// Prints `what` went wrong, and counts it.
+fn fail(what: String) {
+    FAILURES.fetch_add(1, Ordering::SeqCst);
+    println!("  !! {what}");
+}
+
+/// Counts a failure unless `fact` holds.
+fn expect(fact: bool, what: &str) {
+    if !fact {
+        fail(format!("expected {what}"));
+    }
 }
 
 /// `--redis URL` and `--postgres URL`, each at most once.
@@ -143,6 +172,10 @@ fn hashring() {
         "  cache-d joins: {moved} keys move ({:.1}%, ideal 25%), {to_d} of them to cache-d; modulo hashing would move about 75%",
         moved as f64 / 100.0
     );
+    expect(
+        (1500..=3500).contains(&moved) && to_d == moved,
+        "about a quarter of the keys to move, all to cache-d",
+    );
     if let Ok(plan) = ring.diff(&grown) {
         println!(
             "  the move plan lists {} hash ranges to migrate, {:.1}% of hash space",
@@ -190,7 +223,7 @@ async fn ratelimit(backends: &Backends) {
             .build(conn.clone());
         match built {
             Ok(limiter) => ratelimit_run(&limiter, None).await,
-            Err(e) => println!("  failed: {e}"),
+            Err(e) => fail(format!("failed: {e}")),
         }
         return;
     }
@@ -221,9 +254,17 @@ async fn ratelimit_run(
                     }
                     let again = limiter.check_key("203.0.113.7", 1).await.map(|d| d.allowed);
                     println!("  after waiting {:?}: allowed={again:?}", d.retry_after);
+                    expect(
+                        matches!(again, Ok(true)),
+                        "a request after the retry-after to pass",
+                    );
                 }
+                expect(
+                    d.allowed == (i <= 3),
+                    "the burst of 3 to pass and the 4th to wait",
+                );
             }
-            Err(e) => println!("  request {i}: failed: {e}"),
+            Err(e) => fail(format!("request {i} failed: {e}")),
         }
     }
     let other = limiter
@@ -231,6 +272,10 @@ async fn ratelimit_run(
         .await
         .map(|d| d.allowed);
     println!("  another client meanwhile: allowed={other:?}");
+    expect(
+        matches!(other, Ok(true)),
+        "another client to have its own limit",
+    );
 }
 
 /// sd-idempotency: one payment sent 20 times with one key, 5 ms apart, while the charge
@@ -251,7 +296,7 @@ async fn idempotency(backends: &Backends) {
             .build(conn.clone())
         {
             Ok(store) => idempotency_run(store, &scope).await,
-            Err(e) => println!("  failed: {e}"),
+            Err(e) => fail(format!("failed: {e}")),
         }
     }
     if let Some(pool) = &backends.postgres {
@@ -262,9 +307,9 @@ async fn idempotency(backends: &Backends) {
         match store {
             Ok(store) => match store.migrate().await {
                 Ok(()) => idempotency_run(store, &scope).await,
-                Err(e) => println!("  failed: {e}"),
+                Err(e) => fail(format!("failed: {e}")),
             },
-            Err(e) => println!("  failed: {e}"),
+            Err(e) => fail(format!("failed: {e}")),
         }
     }
 }
@@ -308,7 +353,7 @@ where
                 ids.insert(outcome.into_inner());
             }
             Err(RunError::Idempotency(Error::InFlight { .. })) => in_flight += 1,
-            Err(e) => println!("  unexpected: {e}"),
+            Err(e) => fail(format!("unexpected: {e}")),
         }
     }
     let charged = charges.load(Ordering::SeqCst);
@@ -324,9 +369,17 @@ where
     };
     match run_once(&store, scope, "key-1", &eur_9999, work).await {
         Err(e) => println!("  key-1 again for 9999 EUR: refused ({e})"),
-        Ok(_) => println!("  key-1 again for 9999 EUR: accepted (unexpected)"),
+        Ok(_) => fail("key-1 again for 9999 EUR: accepted".into()),
     }
     println!("  its work ran {} time(s)", ran.load(Ordering::SeqCst));
+    expect(
+        charged == 1 && executed == 1 && in_flight + replayed == 19 && ids.len() == 1,
+        "one charge for 20 sends, every other send told to wait or replayed",
+    );
+    expect(
+        ran.load(Ordering::SeqCst) == 0,
+        "the reused key's work not to run",
+    );
 }
 
 /// sd-lock: two holders of one lease, their fencing tokens, a stale write refused.
@@ -344,7 +397,7 @@ async fn lock(backends: &Backends) {
         println!("\n== sd-lock: a holder paused past its lease, on Redis ==");
         match RedisLock::new(conn.clone()).with_prefix("tour-lock") {
             Ok(lock) => lock_run(&lock, &resource).await,
-            Err(e) => println!("  failed: {e}"),
+            Err(e) => fail(format!("failed: {e}")),
         }
     }
     if let Some(pool) = &backends.postgres {
@@ -352,7 +405,7 @@ async fn lock(backends: &Backends) {
         let lock = PostgresLock::new(pool.clone());
         match lock.migrate().await {
             Ok(()) => lock_run(&lock, &resource).await,
-            Err(e) => println!("  failed: {e}"),
+            Err(e) => fail(format!("failed: {e}")),
         }
     }
 }
@@ -365,13 +418,13 @@ async fn lock_run(lock: &impl sd_lock::Lock, resource: &str) {
     let ttl = Duration::from_millis(100);
     let a = match lock.try_acquire(resource, ttl).await {
         Ok(a) => a,
-        Err(e) => return println!("  failed: {e}"),
+        Err(e) => return fail(format!("failed: {e}")),
     };
     println!("  A takes the lease: token {}", a.token());
     tokio::time::sleep(ttl * 2).await;
     let b = match lock.try_acquire(resource, ttl).await {
         Ok(b) => b,
-        Err(e) => return println!("  failed: {e}"),
+        Err(e) => return fail(format!("failed: {e}")),
     };
     println!("  A pauses past its ttl; B takes over: token {}", b.token());
     let _ = register.write(b.token(), 2);
@@ -379,9 +432,10 @@ async fn lock_run(lock: &impl sd_lock::Lock, resource: &str) {
         Err(Error::StaleToken { token, current }) => {
             println!("  A's late write (token {token}) is refused: the register saw {current}")
         }
-        other => println!("  unexpected: {other:?}"),
+        other => fail(format!("unexpected: {other:?}")),
     }
     println!("  register holds B's value: {}", register.peek());
+    expect(register.peek() == 2, "the register to keep B's write");
     let _ = lock.release(b).await;
 }
 
@@ -439,6 +493,10 @@ fn pool() {
         let ann: Vec<&String> = order.iter().filter(|j| j.starts_with("ann")).collect();
         println!("  finish order: {}", order.join(" "));
         println!("  ann's jobs, in submission order although others overtook them: {ann:?}");
+        expect(
+            ann == ["ann#0", "ann#3", "ann#6", "ann#9"] && queued_max <= 4,
+            "ann's jobs in order and at most 4 queued",
+        );
         println!(
             "  backpressure: the queue held at most {queued_max} jobs (its capacity is 4); {pushed_back} of 12 submissions found it full and waited"
         );
@@ -451,6 +509,7 @@ fn pool() {
             marks.join(" -> ")
         );
         let m = pool.metrics();
+        expect(drained && m.completed == 12, "the drain to finish all 12 jobs");
         println!(
             "  drained: {drained}; {} completed, at most {} at once, {:?} total time in queue",
             m.completed, m.running_peak, m.queue_time_total
@@ -504,7 +563,7 @@ async fn cache(backends: &Backends) {
                 .await;
         let cache = match built {
             Ok(cache) => cache,
-            Err(e) => return println!("  failed: {e}"),
+            Err(e) => return fail(format!("failed: {e}")),
         };
         herd(|| {
             let (cache, queries) = (cache.clone(), queries.clone());
@@ -536,6 +595,10 @@ async fn cache(backends: &Backends) {
     let sd_queries = queries.load(Ordering::Relaxed);
     println!("  hand-written cache-aside: {naive_queries} database queries for 200 requests");
     println!("  sd-cache get_or_load: {sd_queries} query, {served} requests served its result");
+    expect(
+        sd_queries == 1 && served == 200,
+        "one query for 200 concurrent misses",
+    );
 }
 
 /// Runs 200 copies of `request` at once; how many answered `true`.
@@ -577,9 +640,9 @@ async fn saga(backends: &Backends) {
             match store {
                 Ok(store) => match store.migrate().await {
                     Ok(()) => saga_run(store, &backends.run).await,
-                    Err(e) => println!("  failed: {e}"),
+                    Err(e) => fail(format!("failed: {e}")),
                 },
-                Err(e) => println!("  failed: {e}"),
+                Err(e) => fail(format!("failed: {e}")),
             }
         }
         None => {
@@ -638,7 +701,7 @@ async fn saga_run(store: impl sd_saga::SagaStore, run: &str) {
         .and_then(|saga| Orchestrator::builder(saga, store).build());
     let orchestrator = match built {
         Ok(o) => o,
-        Err(e) => return println!("  failed: {e}"),
+        Err(e) => return fail(format!("failed: {e}")),
     };
     for (order, refuse) in [("order-1", false), ("order-2", true)] {
         let trip = Trip {
@@ -651,8 +714,8 @@ async fn saga_run(store: impl sd_saga::SagaStore, run: &str) {
             Ok(SagaOutcome::Compensated { reason }) => {
                 println!("  {order}: compensated ({reason})")
             }
-            Ok(other) => println!("  {order}: {other:?}"),
-            Err(e) => println!("  {order}: failed: {e}"),
+            Ok(other) => fail(format!("{order}: {other:?}")),
+            Err(e) => fail(format!("{order}: failed: {e}")),
         }
         let logged = orchestrator.events(&id).await.map(|e| e.len()).unwrap_or(0);
         let lines = ledger
@@ -660,11 +723,26 @@ async fn saga_run(store: impl sd_saga::SagaStore, run: &str) {
             .map(|mut l| std::mem::take(&mut *l))
             .unwrap_or_default();
         println!("    what happened, in order: {}", lines.join(" -> "));
+        let undone: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.split(" (").next())
+            .skip(4)
+            .collect();
+        let expected: &[&str] = if refuse {
+            &["courier cancelled", "card refunded", "stock released"]
+        } else {
+            &[]
+        };
+        expect(
+            undone == expected,
+            "compensations in reverse, and only for order-2",
+        );
         println!(
             "    {logged} events in the saga log (an intent before and an outcome after each call)"
         );
     }
     let m = orchestrator.local_metrics();
+    expect(m.compensations_run == 3, "3 compensations run");
     println!(
         "  compensations run: {} (in reverse: the courier first, the stock last)",
         m.compensations_run
@@ -684,7 +762,7 @@ async fn outbox(backends: &Backends) {
         "\n== sd-outbox: 9 events of 3 orders in 9 transactions and 1 rolled back, on PostgreSQL =="
     );
     if let Err(e) = outbox_run(pool, &backends.run).await {
-        println!("  failed: {e}");
+        fail(format!("failed: {e}"));
     }
 }
 
@@ -746,6 +824,15 @@ async fn outbox_run(pool: &sqlx::PgPool, run: &str) -> Result<(), Box<dyn std::e
             .map(|e| e.event_type.as_str())
             .collect();
         let name = order.trim_end_matches(run).trim_end_matches('-');
+        let want: &[&str] = if order == &ghost {
+            &[]
+        } else {
+            &["created", "paid", "shipped"]
+        };
+        expect(
+            types == want,
+            "each order's events once, in order; none rolled back",
+        );
         let note = if order == &ghost {
             " (its transaction rolled back)"
         } else {
