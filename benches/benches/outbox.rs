@@ -104,6 +104,31 @@ async fn naive_relay(pool: &PgPool, table: &str, redis: &mut ConnectionManager, 
     }
 }
 
+/// Runs `drain` `iters` times, each on a fresh backlog of `EVENTS` rows; the sum of
+/// the times it reports.
+fn drains<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    outbox: &Outbox,
+    redis: &ConnectionManager,
+    iters: u64,
+    mut drain: F,
+) -> Duration
+where
+    F: FnMut(ConnectionManager) -> Fut,
+    Fut: Future<Output = Duration>,
+{
+    rt.block_on(async {
+        let mut redis = redis.clone();
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            reset(outbox, &mut redis).await;
+            preload(outbox).await;
+            total += drain(redis.clone()).await;
+        }
+        total
+    })
+}
+
 fn throughput(
     c: &mut Criterion,
     rt: &tokio::runtime::Runtime,
@@ -128,30 +153,24 @@ fn throughput(
             );
             g.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let mut redis = redis.clone();
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            reset(outbox, &mut redis).await;
-                            preload(outbox).await;
-                            let start = Instant::now();
-                            let handles: Vec<_> = (0..relays)
-                                .map(|_| {
-                                    Relay::builder(outbox.clone(), publisher.clone())
-                                        .mode(mode)
-                                        .batch_size(batch)
-                                        .build()
-                                        .unwrap()
-                                        .spawn()
-                                })
-                                .collect();
-                            drained(outbox).await;
-                            total += start.elapsed();
-                            for h in handles {
-                                h.shutdown().await;
-                            }
+                    drains(rt, outbox, redis, iters, |_| async {
+                        let start = Instant::now();
+                        let handles: Vec<_> = (0..relays)
+                            .map(|_| {
+                                Relay::builder(outbox.clone(), publisher.clone())
+                                    .mode(mode)
+                                    .batch_size(batch)
+                                    .build()
+                                    .unwrap()
+                                    .spawn()
+                            })
+                            .collect();
+                        drained(outbox).await;
+                        let took = start.elapsed();
+                        for h in handles {
+                            h.shutdown().await;
                         }
-                        total
+                        took
                     })
                 })
             });
@@ -159,18 +178,10 @@ fn throughput(
         let id = BenchmarkId::new("naive_poll/1_reader", format!("batch_{batch}"));
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut redis = redis.clone();
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        reset(outbox, &mut redis).await;
-                        preload(outbox).await;
-                        let start = Instant::now();
-                        naive_relay(outbox.pool(), outbox.table(), &mut redis, i64::from(batch))
-                            .await;
-                        total += start.elapsed();
-                    }
-                    total
+                drains(rt, outbox, redis, iters, |mut redis| async move {
+                    let start = Instant::now();
+                    naive_relay(outbox.pool(), outbox.table(), &mut redis, i64::from(batch)).await;
+                    start.elapsed()
                 })
             })
         });
