@@ -472,13 +472,13 @@ where
 
     /// A fresh hit that needs no early refresh, by a borrowed key (no allocation); `None`
     /// otherwise, counting nothing (the caller goes on to [`Self::resolve`]).
+    /// `now` must come from this cache's clock.
     #[cfg(feature = "redis")]
-    pub(crate) fn peek<Q>(&self, key: &Q, want_value: bool) -> Option<Option<V>>
+    pub(crate) fn peek_at<Q>(&self, key: &Q, want_value: bool, now: Duration) -> Option<Option<V>>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let now = self.inner.clock.now();
         let e = self.inner.engine.get(key)?;
         if now < e.expiry && now < e.refresh_from && (e.value.is_some() || !want_value) {
             Counters::bump(&self.inner.counters.hits);

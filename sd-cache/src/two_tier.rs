@@ -160,7 +160,9 @@ where
         self.validate()?;
         let policy = self.remote.policy().clone();
         let prefix = self.remote.prefix().to_owned();
+        let clock = SystemClock::new();
         let mut local = Cache::builder()
+            .clock(clock.clone())
             .max_capacity(self.local_capacity)
             .ttl(self.local_ttl)
             .beta(policy.beta)
@@ -190,7 +192,7 @@ where
             ack_channel: channels[1].clone(),
             id,
             lease: self.lease,
-            clock: SystemClock::new(),
+            clock,
             serving_until: AtomicU64::new(0),
             pings: Mutex::new(BTreeMap::new()),
             next_seq: AtomicU64::new(1),
@@ -336,12 +338,15 @@ where
     ///
     /// As [`RedisCache::get`].
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
-        let inner = &self.inner;
-        if inner.serving()
-            && let Some(v) = inner.local.peek(key, false)
-        {
+        if let Some(v) = self.inner.hit(key, false) {
             return Ok(v);
         }
+        // Boxed, so the future of a memory hit stays small.
+        Box::pin(self.get_from_redis(key)).await
+    }
+
+    async fn get_from_redis(&self, key: &str) -> Result<Option<V>> {
+        let inner = &self.inner;
         let mark = inner.local.write_mark(key);
         let read = inner.remote.get(key).await;
         if let Err(Error::Backend { .. }) = &read {
@@ -433,12 +438,21 @@ where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>>> + Send + 'static,
     {
+        if let Some(v) = self.inner.hit(key, want_value) {
+            return Ok(v);
+        }
+        // Boxed, so the future of a memory hit stays small.
+        Box::pin(self.resolve_slow(key, load, want_value)).await
+    }
+
+    async fn resolve_slow<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>>> + Send + 'static,
+    {
         let inner = &self.inner;
         if !inner.serving() {
             return inner.remote_resolve(key, load, want_value).await;
-        }
-        if let Some(v) = inner.local.peek(key, want_value) {
-            return Ok(v);
         }
         // The memory tier's own single-flight, XFetch and "no store after an invalidation"
         // apply; its loader is the Redis tier.
@@ -460,6 +474,15 @@ where
 {
     fn serving(&self) -> bool {
         saturating_nanos(self.clock.now()) < self.serving_until.load(Ordering::Acquire)
+    }
+
+    /// A memory hit needing no refresh, while the lease is live: one clock read for both.
+    fn hit(&self, key: &str, want_value: bool) -> Option<Option<V>> {
+        let now = self.clock.now();
+        if saturating_nanos(now) >= self.serving_until.load(Ordering::Acquire) {
+            return None;
+        }
+        self.local.peek_at(key, want_value, now)
     }
 
     /// Stops serving from memory until a heartbeat comes back (which then resyncs).
