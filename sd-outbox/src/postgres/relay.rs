@@ -21,6 +21,12 @@
 //! one transaction, in insertion order. A failing event blocks everything behind it
 //! until it is published or dead-lettered.
 //!
+//! A relay whose batch stalls (a hung sink) gives the slot up when the batch
+//! `timeout` (60 s) fires, since that drops the connection. A relay process that is
+//! frozen as a whole (SIGSTOP, a VM pause) keeps its TCP connection and so the slot
+//! until PostgreSQL drops the connection (set `tcp_keepalives_idle` and friends, or
+//! `idle_session_timeout`, if that matters to you).
+//!
 //! # Parallel mode
 //!
 //! Every aggregate hashes to one of 64 lanes (the generated `lane` column). A relay
@@ -30,6 +36,13 @@
 //! events of one aggregate are never in flight together and each aggregate's events
 //! leave in `seq` order. A failing event holds back the later events of its own
 //! aggregate only (until it is published or dead-lettered); other aggregates go on.
+//!
+//! # Connections
+//!
+//! A parallel relay uses one pooled connection per batch (a transaction that holds its
+//! lanes) and one for LISTEN. An ordered relay keeps one connection of its own, active
+//! or standby, plus one for LISTEN and pooled ones for sweeps and metrics. Size the
+//! pool for the relays you run beside the service's own work.
 //!
 //! # Wake-ups, retries, retention
 //!
