@@ -23,7 +23,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-cache",
         pattern: "read-through cache without stampedes: single-flight + XFetch",
-        today: "memory (moka) and Redis tiers: single-flight, XFetch early refresh, one loader across processes, negative caching, stale-on-error; write-through, write-behind",
+        today: "memory (moka), Redis and two-tier (acknowledged invalidation) caches: single-flight, XFetch once per expiry, one loader across processes, negative caching, stale-on-error; write-through, write-behind",
     },
     CrateStatus {
         name: "sd-hashring",
