@@ -14,6 +14,9 @@ use redis::aio::ConnectionManager;
 use sd_cache::{Cache, Error, RedisCache, TwoTier};
 use tokio::sync::Notify;
 
+mod common;
+use common::runtime;
+
 #[derive(Debug, thiserror::Error)]
 #[error("database down")]
 struct DbDown;
@@ -60,53 +63,37 @@ impl Backend for Cache<String, u64> {
     }
 }
 
-impl Backend for RedisCache<u64, ConnectionManager> {
-    async fn get(&self, key: &str) -> Option<u64> {
-        RedisCache::get(self, key).await.unwrap()
-    }
-    async fn insert(&self, key: &str, value: u64) {
-        RedisCache::insert(self, key, &value).await.unwrap();
-    }
-    async fn invalidate(&self, key: &str) {
-        RedisCache::invalidate(self, key).await.unwrap();
-    }
-    fn load<F, Fut>(
-        &self,
-        key: &str,
-        loader: F,
-    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Loaded> + Send + 'static,
-    {
-        let (this, key) = (self.clone(), key.to_owned());
-        async move { this.try_get_or_load_optional(&key, loader).await }
-    }
+/// The Redis and two-tier caches share one async, `&str`-keyed API.
+macro_rules! redis_backend {
+    ($ty:ty) => {
+        impl Backend for $ty {
+            async fn get(&self, key: &str) -> Option<u64> {
+                <$ty>::get(self, key).await.unwrap()
+            }
+            async fn insert(&self, key: &str, value: u64) {
+                <$ty>::insert(self, key, &value).await.unwrap();
+            }
+            async fn invalidate(&self, key: &str) {
+                <$ty>::invalidate(self, key).await.unwrap();
+            }
+            fn load<F, Fut>(
+                &self,
+                key: &str,
+                loader: F,
+            ) -> impl Future<Output = Result<Option<u64>, Error>> + Send
+            where
+                F: FnOnce() -> Fut + Send + 'static,
+                Fut: Future<Output = Loaded> + Send + 'static,
+            {
+                let (this, key) = (self.clone(), key.to_owned());
+                async move { this.try_get_or_load_optional(&key, loader).await }
+            }
+        }
+    };
 }
 
-impl Backend for TwoTier<u64, ConnectionManager> {
-    async fn get(&self, key: &str) -> Option<u64> {
-        TwoTier::get(self, key).await.unwrap()
-    }
-    async fn insert(&self, key: &str, value: u64) {
-        TwoTier::insert(self, key, &value).await.unwrap();
-    }
-    async fn invalidate(&self, key: &str) {
-        TwoTier::invalidate(self, key).await.unwrap();
-    }
-    fn load<F, Fut>(
-        &self,
-        key: &str,
-        loader: F,
-    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Loaded> + Send + 'static,
-    {
-        let (this, key) = (self.clone(), key.to_owned());
-        async move { this.try_get_or_load_optional(&key, loader).await }
-    }
-}
+redis_backend!(RedisCache<u64, ConnectionManager>);
+redis_backend!(TwoTier<u64, ConnectionManager>);
 
 /// A loader that counts its calls, waits `wait`, then returns `result`.
 fn counted(
@@ -220,14 +207,6 @@ async fn contract<B: Backend>(cache: B) {
         "the caller gets what it loaded"
     );
     assert_eq!(cache.get("late").await, None, "but it was not stored");
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

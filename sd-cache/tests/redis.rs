@@ -8,39 +8,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sd_cache::clock::FixedRandom;
 use sd_cache::redis::{Codec, RedisCache};
 use sd_cache::{Error, SharedError};
 use tokio::sync::Notify;
 
+mod common;
+use common::{manager_with_timeout, runtime};
+
 #[derive(Debug, thiserror::Error)]
 #[error("database down")]
 struct DbDown;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A connection with generous timeouts: two busy cores serve 1,000 tasks here.
 async fn manager(url: &str) -> ConnectionManager {
     manager_with_timeout(url, Duration::from_secs(5)).await
-}
-
-async fn manager_with_timeout(url: &str, timeout: Duration) -> ConnectionManager {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
 }
 
 /// An independent client ("process"): its own connections and its own in-process state.

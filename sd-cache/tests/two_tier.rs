@@ -10,30 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sd_cache::{Error, RedisCache, TwoTier};
 
+mod common;
+use common::{manager_with_timeout, runtime};
+
 type Tier = TwoTier<u64, ConnectionManager>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn manager(url: &str, timeout: Duration) -> ConnectionManager {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
-}
 
 /// An independent instance ("process"): its own command connection, subscription and lease.
 async fn instance(url: &str, prefix: &str, fallback: bool) -> Tier {
@@ -45,7 +28,7 @@ async fn instance(url: &str, prefix: &str, fallback: bool) -> Tier {
     .local_ttl(Duration::from_secs(10))
     .lease(Duration::from_millis(600))
     .build(
-        manager(url, Duration::from_secs(2)).await,
+        manager_with_timeout(url, Duration::from_secs(2)).await,
         redis::Client::open(url).unwrap(),
     )
     .await
@@ -187,7 +170,7 @@ fn dropped_subscriptions_resync_and_no_stale_read_gets_through() {
         }
         let url = server.url().to_owned();
         check_no_stale_reads(instances.clone(), 120, || async move {
-            let mut admin = manager(&url, Duration::from_secs(2)).await;
+            let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_millis(80)).await;
                 let _: i64 = redis::cmd("CLIENT")
@@ -220,7 +203,7 @@ fn a_write_waits_out_an_instance_that_never_acknowledges() {
     runtime().block_on(async {
         let a = instance(server.url(), &prefix, false).await;
         let b = instance(server.url(), &prefix, false).await;
-        let mut admin = manager(server.url(), Duration::from_secs(2)).await;
+        let mut admin = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
         let now: (u64, u64) = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
         let now_ms = now.0 * 1000 + now.1 / 1000;
         let _: i64 = redis::cmd("HSET")
@@ -313,7 +296,7 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
 fn invalid_settings_fail_at_build_naming_the_field() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
     runtime().block_on(async {
-        let conn = manager(server.url(), Duration::from_secs(2)).await;
+        let conn = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
         let client = redis::Client::open(server.url()).unwrap();
         let b =
             || TwoTier::builder(RedisCache::<u64, ()>::builder("p").ttl(Duration::from_secs(10)));
