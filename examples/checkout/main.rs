@@ -33,7 +33,8 @@
 //!
 //! The load: 8 clients send 25 orders each at once; every 4th is sent twice with the same
 //! key, 3 per client again at the end; every 7th card is declined; every 5th charge
-//! attempt times out once. The run fails (exit 1) if a promise broke: stock oversold, an
+//! attempt times out once; the first 3 publishes of the relay lose their acknowledgement
+//! (the consumers got the events; the relay sends them again). The run fails (exit 1) if a promise broke: stock oversold, an
 //! order charged twice or not refunded, an event lost or handled twice.
 
 mod app;

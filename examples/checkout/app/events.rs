@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sd_outbox::postgres::{Inbox, Outbox, Relay, RelayHandle};
@@ -285,10 +285,13 @@ struct FanoutInner {
     /// Times each (consumer, order) was handled.
     handled: Mutex<BTreeMap<(&'static str, String), u32>>,
     redeliveries: AtomicU64,
+    lost_acks: AtomicU32,
 }
 
 impl Fanout {
-    pub(crate) fn new(dedupe: Dedupe) -> Result<Self, sd_pool::Error> {
+    /// The first `lost_acks` batches are delivered but reported failed, as when the
+    /// broker's acknowledgement is lost: the relay sends them again.
+    pub(crate) fn new(dedupe: Dedupe, lost_acks: u32) -> Result<Self, sd_pool::Error> {
         let pool = Pool::builder(8, 256).order(Order::PerKey).build()?;
         Ok(Fanout(Arc::new(FanoutInner {
             log: MemoryPublisher::new(),
@@ -296,6 +299,7 @@ impl Fanout {
             dedupe,
             handled: Mutex::default(),
             redeliveries: AtomicU64::new(0),
+            lost_acks: AtomicU32::new(lost_acks),
         })))
     }
 
@@ -357,7 +361,13 @@ impl Publisher for Fanout {
                     first_failed = Some((index, e));
                 }
             }
+            let lose = || {
+                let left = &inner.lost_acks;
+                left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            };
             match first_failed {
+                None if lose() => Err(sd_outbox::Error::publish(0, "ack lost (injected)")),
                 None => Ok(()),
                 Some((index, reason)) => Err(sd_outbox::Error::publish(index, reason)),
             }

@@ -44,6 +44,9 @@ pub(crate) struct Config {
     /// the idempotency keys when no Redis is given). `None`: memory.
     pub(crate) postgres: Option<String>,
     pub(crate) load: Load,
+    /// Publishes whose acknowledgement is lost (the events reached the consumers, the
+    /// relay sends them again).
+    pub(crate) lost_acks: u32,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
                 late_retries: 3,
                 progress: false,
             },
+            lost_acks: 3,
         }
     }
 }
@@ -203,7 +207,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
             Dedupe::Memory(Mutex::default()),
         ),
     };
-    let fanout = Fanout::new(dedupe)?;
+    let fanout = Fanout::new(dedupe, config.lost_acks)?;
     let relaying = orders.relay(fanout.clone())?;
     let steps = Arc::new(Steps {
         channel,
