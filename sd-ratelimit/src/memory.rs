@@ -6,6 +6,8 @@
 //!
 //! Each key's state is one `AtomicU64`; a decision is one load and, when it admits, one
 //! compare-and-swap (retried only when another thread changed the same key meanwhile).
+//! `check` returns a full [`Decision`]; `allow` answers only admitted or not, the
+//! cheapest call (GCRA and the leaky meter skip building a decision).
 //! Time comes from an injected [`Clock`], so tests never sleep.
 
 use std::borrow::Borrow;

@@ -14,6 +14,10 @@
 //! - **Failure policy**: when Redis errs or times out, [`FailurePolicy`] admits, denies,
 //!   or decides on a local memory limiter. Errors are counted and logged.
 //! - **Shadow mode**: decide, count what would be denied, admit everything.
+//! - **Batching** (opt-in, [`Builder::batch`]): concurrent decisions share one `EVALSHA`,
+//!   each still one round trip and decided on its own; nothing waits to fill a batch.
+//! - **Deny cache** (opt-in, [`Builder::deny_cache`]): a key Redis denied is answered
+//!   locally until it could be admitted, with exactly stated semantics.
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
