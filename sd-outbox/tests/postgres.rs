@@ -242,31 +242,7 @@ fn three_parallel_relays_lose_nothing_and_keep_order_per_aggregate() {
                     .spawn()
             })
             .collect();
-        // Ten writers, five aggregates each, five events per transaction, all while the
-        // relays run.
-        let writers: Vec<_> = (0..10)
-            .map(|w| {
-                let outbox = outbox.clone();
-                tokio::spawn(async move {
-                    for n in (0..PER_AGGREGATE).step_by(5) {
-                        for a in 0..AGGREGATES / 10 {
-                            let aggregate = format!("agg-{}", w * (AGGREGATES / 10) + a);
-                            let mut tx = outbox.pool().begin().await.unwrap();
-                            for k in n..n + 5 {
-                                outbox
-                                    .enqueue(&mut tx, order_event(&aggregate, k))
-                                    .await
-                                    .unwrap();
-                            }
-                            tx.commit().await.unwrap();
-                        }
-                    }
-                })
-            })
-            .collect();
-        for writer in writers {
-            writer.await.unwrap();
-        }
+        write_concurrently(&outbox, AGGREGATES, PER_AGGREGATE).await;
         let total = AGGREGATES * PER_AGGREGATE;
         eventually("all events", Duration::from_secs(120), || async {
             memory.len() >= total && drained(&outbox).await

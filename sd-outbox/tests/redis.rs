@@ -30,17 +30,24 @@ async fn redis(url: &str) -> ConnectionManager {
 type Entry = (Uuid, String, usize, String);
 
 async fn entries(conn: &mut ConnectionManager, stream: &str) -> Vec<Entry> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(conn)
-        .await
-        .unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|entry| {
+    // Pages of 500, so a reply stays well within the connection's response timeout.
+    let mut out = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(500)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let Some(last) = reply.ids.last() else {
+            return out;
+        };
+        start = format!("({}", last.id);
+        out.extend(reply.ids.iter().map(|entry| {
             let field = |name: &str| -> String { entry.get(name).unwrap() };
             let payload: serde_json::Value = serde_json::from_str(&field("payload")).unwrap();
             (
@@ -49,8 +56,8 @@ async fn entries(conn: &mut ConnectionManager, stream: &str) -> Vec<Entry> {
                 payload["n"].as_u64().unwrap_or(0) as usize,
                 field("type"),
             )
-        })
-        .collect()
+        }));
+    }
 }
 
 fn redis_url() -> sd_testkit::Redis {
@@ -210,6 +217,45 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
         assert_order_per_aggregate(&got, 80);
         assert_eq!(outbox.stats().await.unwrap().dead, 0);
         for relay in relays {
+            relay.shutdown().await;
+        }
+    });
+}
+
+#[test]
+fn three_parallel_relays_to_redis_lose_nothing_and_keep_order_per_aggregate() {
+    let server = redis_url();
+    with_outbox(|outbox| async move {
+        let mut conn = redis(server.url()).await;
+        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
+        let stream = format!("{prefix}order");
+        let publisher = RedisStreamsPublisher::builder(conn.clone())
+            .prefix(prefix)
+            .build()
+            .unwrap();
+        let relays: Vec<_> = (0..3)
+            .map(|_| {
+                Relay::builder(outbox.clone(), publisher.clone())
+                    .lanes_per_claim(8)
+                    .build()
+                    .unwrap()
+                    .spawn()
+            })
+            .collect();
+        write_concurrently(&outbox, 50, 200).await;
+        eventually("the drain", Duration::from_secs(120), || async {
+            outbox.stats().await.unwrap().backlog == 0
+        })
+        .await;
+        let got: Vec<_> = entries(&mut conn, &stream)
+            .await
+            .into_iter()
+            .map(|(id, aggregate, n, _)| (aggregate, n, id))
+            .collect();
+        assert_eq!(got.len(), 10_000, "no duplicates without faults");
+        assert_order_per_aggregate(&got, 200);
+        for relay in relays {
+            assert_eq!(relay.metrics().await.unwrap().failures, 0);
             relay.shutdown().await;
         }
     });

@@ -179,3 +179,31 @@ pub async fn failures_seen(relays: &[RelayHandle]) {
     })
     .await;
 }
+
+/// Ten writers, `aggregates / 10` aggregates each, five events per transaction:
+/// `per_aggregate` events (`n` = 0, 1, ...) for each of `agg-0` .. `agg-{aggregates-1}`.
+pub async fn write_concurrently(outbox: &Outbox, aggregates: usize, per_aggregate: usize) {
+    let writers: Vec<_> = (0..10)
+        .map(|w| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                for n in (0..per_aggregate).step_by(5) {
+                    for a in 0..aggregates / 10 {
+                        let aggregate = format!("agg-{}", w * (aggregates / 10) + a);
+                        let mut tx = outbox.pool().begin().await.unwrap();
+                        for k in n..(n + 5).min(per_aggregate) {
+                            outbox
+                                .enqueue(&mut tx, order_event(&aggregate, k))
+                                .await
+                                .unwrap();
+                        }
+                        tx.commit().await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
