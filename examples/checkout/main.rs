@@ -34,7 +34,9 @@
 //! The load: 8 clients send 25 orders each at once; every 4th is sent twice with the same
 //! key, 3 per client again at the end; every 7th card is declined; every 5th charge
 //! attempt times out once; the first 3 publishes of the relay lose their acknowledgement
-//! (the consumers got the events; the relay sends them again). The run fails (exit 1) if a promise broke: stock oversold, an
+//! (the consumers got the events; the relay sends them again); the first stock
+//! reservation stalls while holding its lease until another order has taken the SKU
+//! with a newer token, so the inventory refuses the stale one and the saga retries. The run fails (exit 1) if a promise broke: stock oversold, an
 //! order charged twice or not refunded, an event lost or handled twice.
 
 mod app;

@@ -20,6 +20,8 @@ fn assert_kept(summary: &Summary) {
     );
     // No oversold stock: per SKU, held by placed orders + left = what there was.
     assert!(summary.stock_ok(), "{:?}", summary.stock);
+    // The reservation that stalled past its lease was refused by its stale token.
+    assert!(summary.stale_tokens >= 1);
     // Declined cards and missing stock end in compensated sagas, and only those.
     assert!(summary.placed > 0);
     assert!(summary.declined > 0 && summary.compensated > 0);

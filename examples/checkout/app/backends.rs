@@ -184,7 +184,7 @@ pub(crate) enum Locks {
 }
 
 /// How long a stock lease lasts, and how long a caller waits for one.
-const LEASE_TTL: Duration = Duration::from_secs(5);
+const LEASE_TTL: Duration = Duration::from_secs(1);
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 
 impl Locks {

@@ -11,6 +11,7 @@ mod participants;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,8 @@ pub(crate) struct Config {
     /// Publishes whose acknowledgement is lost (the events reached the consumers, the
     /// relay sends them again).
     pub(crate) lost_acks: u32,
+    /// The first stock reservation stalls past its lease (its token then goes stale).
+    pub(crate) stall: bool,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
                 progress: false,
             },
             lost_acks: 3,
+            stall: true,
         }
     }
 }
@@ -213,6 +217,8 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         channel,
         locks,
         orders,
+        stall_once: AtomicBool::new(config.stall),
+        inventory: inventory.clone(),
     });
     let definition = order::saga(steps.clone())?;
     let owner = format!("checkout-{run}");

@@ -2,7 +2,7 @@
 //! cache, and the order as a saga (reserve stock under a fenced lease, charge, confirm).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost::Message as _;
@@ -22,6 +22,7 @@ use super::grpc::{
     Ack, CHARGE, ChargeRequest, OrderReply, PlaceOrder, REFUND, RELEASE, RESERVE, Rpc,
     StockRequest, metadata, unary,
 };
+use super::participants::Inventory;
 
 /// What the saga steps reach: the participants, the stock leases, the order table.
 #[derive(Debug)]
@@ -29,6 +30,10 @@ pub(crate) struct Steps {
     pub(crate) channel: Channel,
     pub(crate) locks: Locks,
     pub(crate) orders: Orders,
+    /// Fault injection: the first reservation stalls holding its lease (see [`stock`]).
+    pub(crate) stall_once: AtomicBool,
+    /// Read by the stall only, to know when another holder has written.
+    pub(crate) inventory: Arc<Inventory>,
 }
 
 /// Transient statuses are retried; a refusal is final.
@@ -54,6 +59,19 @@ async fn stock(
         .acquire(&format!("stock:{}", o.sku))
         .await
         .map_err(|e| StepError::retryable(format!("stock lease: {e}")))?;
+    if path == RESERVE && s.stall_once.swap(false, Ordering::SeqCst) {
+        // A process pause (GC, a swapped-out page, a VM migration) while holding the
+        // lease: it outlives the lease, another order takes the SKU and reserves with a
+        // newer token. The inventory then refuses this holder's stale token (ABORTED),
+        // and the saga retries the step under a new lease. (The stall ends once the
+        // inventory has seen a newer token, or after 10 s.)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while s.inventory.last_token(&o.sku) <= Some(lease.token())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let request = StockRequest {
         order_id: o.order_id.clone(),
         sku: o.sku.clone(),

@@ -55,6 +55,11 @@ impl Inventory {
         &self.initial
     }
 
+    /// The newest fencing token the stock of `sku` has seen.
+    pub(crate) fn last_token(&self, sku: &str) -> Option<FencingToken> {
+        self.stock.get(sku).and_then(FencedRegister::last_token)
+    }
+
     /// Each SKU's stock now.
     pub(crate) fn snapshot(&self) -> BTreeMap<String, Stock> {
         self.stock
