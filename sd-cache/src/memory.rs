@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use moka::notification::RemovalCause;
 
-use crate::clock::{Clock, RandomSource, SystemClock, ThreadRandom};
+use crate::clock::{Clock, RandomSource, SystemClock, ThreadRandom, saturating_nanos};
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
@@ -25,14 +25,33 @@ struct Entry<V> {
     id: u64,
     /// `None` for a cached "not found" (negative caching).
     value: Option<V>,
-    /// How long the load that produced the value took.
-    delta: Duration,
-    /// When the value stops being fresh.
-    expiry: Duration,
+    /// How long the load that produced the value took (ns; times are kept as `u64`
+    /// nanoseconds so an entry, cloned out on every hit, stays small).
+    delta: u64,
+    /// When the value stops being fresh (ns on the cache's clock).
+    expiry: u64,
     /// Before this instant no read can refresh early (see [`crate::xfetch::refresh_window_start`]).
-    refresh_from: Duration,
+    refresh_from: u64,
     /// Until when the value may still be served if a reload fails.
-    stale_until: Duration,
+    stale_until: u64,
+}
+
+impl<V> Entry<V> {
+    fn delta(&self) -> Duration {
+        Duration::from_nanos(self.delta)
+    }
+
+    fn expiry(&self) -> Duration {
+        Duration::from_nanos(self.expiry)
+    }
+
+    fn refresh_from(&self) -> Duration {
+        Duration::from_nanos(self.refresh_from)
+    }
+
+    fn stale_until(&self) -> Duration {
+        Duration::from_nanos(self.stale_until)
+    }
 }
 
 type Shared<V> = Result<Option<V>>;
@@ -194,7 +213,7 @@ where
     pub fn get(&self, key: &K) -> Option<V> {
         let now = self.inner.clock.now();
         match self.inner.engine.get(key) {
-            Some(e) if now < e.expiry => {
+            Some(e) if now < e.expiry() => {
                 Counters::bump(&self.inner.counters.hits);
                 e.value
             }
@@ -221,7 +240,7 @@ where
             .inner
             .engine
             .get(&key)
-            .map_or(Duration::ZERO, |e| e.delta);
+            .map_or(Duration::ZERO, |e| e.delta());
         let mut seq = self.lock_shard(&key);
         *seq = seq.wrapping_add(1);
         match self.entry(value, delta, now) {
@@ -335,17 +354,17 @@ where
         let now = self.inner.clock.now();
         let current = self.inner.engine.get(&key);
         if let Some(e) = current.as_ref()
-            && now < e.expiry
+            && now < e.expiry()
             && (e.value.is_some() || !want_value)
         {
             Counters::bump(&self.inner.counters.hits);
-            if now >= e.refresh_from {
+            if now >= e.refresh_from() {
                 self.maybe_refresh(&key, e, now, load);
             }
             return Ok(current.and_then(|e| e.value));
         }
         Counters::bump(&self.inner.counters.misses);
-        let stale = current.filter(|e| e.value.is_some() && now < e.stale_until);
+        let stale = current.filter(|e| e.value.is_some() && now < e.stale_until());
         let need = Need::Fresh { want_value };
         let (result, role) = self
             .inner
@@ -371,8 +390,13 @@ where
             return;
         }
         let u = self.inner.random.unit();
-        if !crate::xfetch::should_refresh(now, entry.expiry, entry.delta, self.inner.policy.beta, u)
-        {
+        if !crate::xfetch::should_refresh(
+            now,
+            entry.expiry(),
+            entry.delta(),
+            self.inner.policy.beta,
+            u,
+        ) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -408,12 +432,12 @@ where
         match (&need, &current) {
             // A previous flight stored a fresh value between our miss and our lead.
             (Need::Fresh { want_value }, Some(e))
-                if now < e.expiry && (e.value.is_some() || !want_value) =>
+                if now < e.expiry() && (e.value.is_some() || !want_value) =>
             {
                 return Ok(e.value.clone());
             }
             // Someone refreshed or overwrote the entry since this refresh was decided.
-            (Need::Refresh { id }, Some(e)) if *id != e.id && now < e.expiry => {
+            (Need::Refresh { id }, Some(e)) if *id != e.id && now < e.expiry() => {
                 return Ok(e.value.clone());
             }
             _ => {}
@@ -432,8 +456,8 @@ where
                 Ok(value)
             }
             Err(error) => match stale {
-                Some(e) if done < e.stale_until && e.value.is_some() => {
-                    if done >= e.expiry {
+                Some(e) if done < e.stale_until() && e.value.is_some() => {
+                    if done >= e.expiry() {
                         Counters::bump(&self.inner.counters.stale_served);
                     }
                     tracing::warn!(%error, "sd-cache: load failed, serving the previous value");
@@ -455,11 +479,11 @@ where
         };
         Some(Entry {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            refresh_from: policy.refresh_from(expiry, delta),
+            refresh_from: saturating_nanos(policy.refresh_from(expiry, delta)),
             value,
-            delta,
-            expiry,
-            stale_until,
+            delta: saturating_nanos(delta),
+            expiry: saturating_nanos(expiry),
+            stale_until: saturating_nanos(stale_until),
         })
     }
 
@@ -480,7 +504,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let e = self.inner.engine.get(key)?;
-        if now < e.expiry && now < e.refresh_from && (e.value.is_some() || !want_value) {
+        if now < e.expiry() && now < e.refresh_from() && (e.value.is_some() || !want_value) {
             Counters::bump(&self.inner.counters.hits);
             Some(e.value)
         } else {
