@@ -238,11 +238,13 @@ impl<P: Publisher> RelayBuilder<P> {
         };
         let t = &self.outbox.table;
         let sql = Sql {
+            // Sent with BEGIN in one simple-query round trip; `{{offset}}` and
+            // `{{lanes}}` become integer literals per batch.
             claim_lanes: format!(
-                "SELECT l.lane FROM {t}_lanes l
+                "BEGIN; SELECT l.lane FROM {t}_lanes l
                  WHERE EXISTS (SELECT 1 FROM {t} o WHERE o.lane = l.lane AND o.status = 'pending')
-                 ORDER BY (l.lane + $1) % {LANES}
-                 LIMIT $2 FOR UPDATE OF l SKIP LOCKED"
+                 ORDER BY (l.lane + {{offset}}) % {LANES}
+                 LIMIT {{lanes}} FOR UPDATE OF l SKIP LOCKED"
             ),
             // Lane by lane, each lane's pending rows in `seq` order, cut at the batch
             // size: for every lane (so every aggregate) a prefix of its pending rows,
@@ -793,7 +795,7 @@ impl<P: Publisher> Inner<P> {
             }
             events.push(event_from_row(row)?);
         }
-        if let Some(retry) = self.publish(&events, &mut *conn).await? {
+        if let Some(retry) = self.publish(&events, Marks::Conn(&mut *conn)).await? {
             again_in = Some(again_in.map_or(retry, |a: Duration| a.min(retry)));
         }
         if fetched < self.batch_size as usize && again_in.is_none() {
@@ -815,14 +817,18 @@ impl<P: Publisher> Inner<P> {
     }
 
     async fn parallel_batch(&self, offset: i16) -> Result<Batch> {
-        let mut tx = self.outbox.pool.begin().await?;
-        let lanes: Vec<i16> = sqlx::query_scalar(&self.sql.claim_lanes)
-            .bind(offset)
-            .bind(i64::from(self.lanes_per_claim))
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut tx = HandTx {
+            conn: self.outbox.pool.acquire().await?,
+            open: true,
+        };
+        let claim = self
+            .sql
+            .claim_lanes
+            .replace("{offset}", &offset.to_string())
+            .replace("{lanes}", &self.lanes_per_claim.to_string());
+        let lanes = claim_lanes(&mut tx.conn, claim).await?;
         if lanes.is_empty() {
-            tx.rollback().await?;
+            tx.finish(None).await?;
             return Ok(Batch {
                 fetched: 0,
                 again_in: None,
@@ -836,7 +842,7 @@ impl<P: Publisher> Inner<P> {
         let rows = sqlx::query(&self.sql.fetch_lanes)
             .bind(&lanes)
             .bind(i64::from(self.batch_size))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *tx.conn)
             .await?;
         let mut rows = rows
             .iter()
@@ -845,8 +851,7 @@ impl<P: Publisher> Inner<P> {
         // Insertion order across the lanes; within an aggregate it is the row order.
         rows.sort_unstable_by_key(|(seq, _)| *seq);
         let events: Vec<Event> = rows.into_iter().map(|(_, event)| event).collect();
-        let again_in = self.publish(&events, &mut tx).await?;
-        tx.commit().await?;
+        let again_in = self.publish(&events, Marks::Tx(&mut tx)).await?;
         // A batch from only some lanes may leave work in others: go again at once.
         let fetched = if lanes.len() as u32 == self.lanes_per_claim && !events.is_empty() {
             self.batch_size as usize
@@ -857,10 +862,11 @@ impl<P: Publisher> Inner<P> {
     }
 
     /// Publishes `events`, marks the acknowledged ones and records a failure on the
-    /// first one that was not; returns the retry delay after a failure.
-    async fn publish(&self, events: &[Event], conn: &mut PgConnection) -> Result<Option<Duration>> {
+    /// first one that was not (committing `tx` if it is a [`HandTx`]); returns the retry
+    /// delay after a failure.
+    async fn publish(&self, events: &[Event], mut tx: Marks<'_>) -> Result<Option<Duration>> {
         if events.is_empty() {
-            return Ok(None);
+            return tx.done(None).await.map(|()| None);
         }
         let (published, failure) = match self.publisher.publish(events).await {
             Ok(()) => (events.len(), None),
@@ -869,18 +875,23 @@ impl<P: Publisher> Inner<P> {
             }
             Err(other) => (0, Some(other.to_string())),
         };
+        let ids: Vec<uuid::Uuid> = events[..published].iter().map(|e| e.id).collect();
+        let Some(reason) = failure else {
+            // The common case: mark (and commit) in one round trip.
+            tx.done(Some((&self.sql.mark_published, &ids))).await?;
+            self.counters.published(published);
+            return Ok(None);
+        };
+        let conn = tx.conn();
         if published > 0 {
-            let ids: Vec<uuid::Uuid> = events[..published].iter().map(|e| e.id).collect();
             sqlx::query(&self.sql.mark_published)
                 .bind(&ids)
                 .execute(&mut *conn)
                 .await?;
-            self.counters.published(published);
         }
-        let Some(reason) = failure else {
-            return Ok(None);
-        };
         let Some(failed) = events.get(published) else {
+            tx.done(None).await?;
+            self.counters.published(published);
             return Ok(None);
         };
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -893,6 +904,8 @@ impl<P: Publisher> Inner<P> {
             .bind(delay.as_secs_f64())
             .fetch_optional(&mut *conn)
             .await?;
+        tx.done(None).await?;
+        self.counters.published(published);
         if status.as_deref() == Some("dead") {
             self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(id = %failed.id, attempts = attempt, error = %reason, "outbox event dead-lettered");
@@ -902,4 +915,98 @@ impl<P: Publisher> Inner<P> {
             Ok(Some(delay))
         }
     }
+}
+
+/// Where [`Inner::publish`] writes its marks: the ordered relay's own connection
+/// (autocommit) or a parallel batch's transaction.
+enum Marks<'a> {
+    Conn(&'a mut PgConnection),
+    Tx(&'a mut HandTx),
+}
+
+impl Marks<'_> {
+    /// The connection to run statements on.
+    fn conn(&mut self) -> &mut PgConnection {
+        match self {
+            Marks::Conn(conn) => conn,
+            Marks::Tx(tx) => &mut tx.conn,
+        }
+    }
+
+    /// Ends the batch: runs the published mark over `ids` (if any) and commits when
+    /// there is a transaction, in one round trip where it can.
+    async fn done(&mut self, mark: Option<(&str, &[uuid::Uuid])>) -> Result<()> {
+        match self {
+            Marks::Conn(conn) => {
+                if let Some((sql, ids)) = mark {
+                    sqlx::query(sql).bind(ids).execute(&mut **conn).await?;
+                }
+                Ok(())
+            }
+            Marks::Tx(tx) => tx.finish(mark).await,
+        }
+    }
+}
+
+/// A pooled connection in a transaction begun by hand (`BEGIN` travels with the lane
+/// claim). Dropped while still open (an error, a timeout, an abort), the connection is
+/// closed rather than returned to the pool mid-transaction; the server rolls back.
+struct HandTx {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    open: bool,
+}
+
+impl HandTx {
+    /// Commits, with the published mark in the same round trip when there is one.
+    async fn finish(&mut self, mark: Option<(&str, &[uuid::Uuid])>) -> Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        match mark {
+            Some((sql, ids)) if !ids.is_empty() => {
+                // Ids are UUIDs we read ourselves: their text form is safe as a literal.
+                let list: Vec<String> = ids.iter().map(uuid::Uuid::to_string).collect();
+                let sql = sql.replace("$1", &format!("'{{{}}}'::uuid[]", list.join(",")));
+                raw_execute(&mut self.conn, format!("{sql}; COMMIT")).await?;
+            }
+            _ => {
+                raw_execute(&mut self.conn, "COMMIT".to_owned()).await?;
+            }
+        }
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for HandTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+// A query string without arguments goes over the simple-query protocol, which takes
+// several statements at once (`raw_sql` futures would trip the higher-ranked `Send`
+// check of the spawned relay).
+
+/// Runs `BEGIN` and the lane claim in one simple-query round trip.
+fn claim_lanes(conn: &mut PgConnection, sql: String) -> BoxFuture<'_, Result<Vec<i16>>> {
+    Box::pin(async move {
+        let rows = sqlx::Executor::fetch_all(conn, sql.as_str()).await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get::<i16, _>(0))
+            .collect::<Result<Vec<_>, _>>()?)
+    })
+}
+
+/// Runs statements without parameters in one simple-query round trip.
+fn raw_execute(conn: &mut PgConnection, sql: String) -> BoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        sqlx::Executor::execute(conn, sql.as_str()).await?;
+        Ok(())
+    })
 }
