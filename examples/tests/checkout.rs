@@ -64,3 +64,25 @@ async fn checkout_on_redis_and_postgres() {
         summary.shard_keys
     );
 }
+
+/// One of the two Redis servers (cache and lease shards) frozen with SIGSTOP for a second
+/// mid-burst: calls to it wait or fail and are retried, and no promise breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkout_with_a_redis_server_paused() {
+    let mut redis = sd_testkit::RedisServer::start_many(2).expect("redis-server");
+    let db = sd_testkit::database().expect("postgres");
+    let mut config = Config::memory();
+    config.redis = redis.iter().map(|r| r.url()).collect();
+    config.postgres = Some(db.url().to_owned());
+    // Fault injection timing only; nothing below depends on it.
+    let fault = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        redis[1].pause().unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        redis[1].resume().unwrap();
+        redis
+    });
+    let summary = app::run(&config).await.unwrap();
+    let _servers = fault.await.unwrap();
+    assert_kept(&summary);
+}
