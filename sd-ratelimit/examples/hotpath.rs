@@ -6,7 +6,7 @@
 //! valgrind --tool=callgrind target/release/examples/hotpath sd-direct 100000 admit
 //! ```
 //!
-//! Cases: `sd-direct`, `sd-allow`, `gov-direct`, `sd-keyed`, `sd-keyed-allow`,
+//! Cases: `sd-direct` (reads `allowed`), `sd-direct-full` (reads every field), `sd-allow`, `gov-direct`, `sd-keyed`, `sd-keyed-allow`,
 //! `gov-keyed`; quotas:
 //! `bench` (the criterion bench's 1,000,000/s, burst 1000), `admit` (10^9/s: every
 //! check admits, one compare-and-swap each) and `deny` (1 per hour: every check after
@@ -53,6 +53,15 @@ fn main() {
         "sd-direct" => {
             let l = Builder::new(ours).direct().unwrap();
             measure(n, |_| l.check().unwrap().allowed)
+        }
+        "sd-direct-full" => {
+            // Every field of the decision read, so none is optimised away.
+            let l = Builder::new(ours).direct().unwrap();
+            measure(n, |_| {
+                let d = l.check().unwrap();
+                black_box((d.remaining, d.limit, d.retry_after, d.reset_after, d.delay));
+                d.allowed
+            })
         }
         "sd-allow" => {
             let l = Builder::new(ours).direct().unwrap();

@@ -202,7 +202,7 @@ impl LimitCell {
 
     /// `(unit, cap, burst)` when the limit is GCRA or a leaky meter (the hot path reads
     /// four words, not seven, and skips the general kernel); `None` otherwise.
-    #[inline]
+    #[inline(always)]
     fn gcra(&self) -> Option<(u64, u64, u64)> {
         loop {
             let before = self.version.load(Ordering::Acquire);
@@ -272,7 +272,7 @@ impl<C: Clock> Core<C> {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     fn finish(&self, step: &Step) -> Decision {
         let d = step.decision(TICK_NS);
         if self.plain || d.allowed {
@@ -303,7 +303,7 @@ fn gcra_take(cell: &AtomicU64, unit: u64, cap: u64, now: u64) -> bool {
 }
 
 /// [`apply`] for GCRA and the leaky meter, through the kernel's GCRA fast path.
-#[inline]
+#[inline(always)]
 fn gcra_apply(cell: &AtomicU64, unit: u64, cap: u64, burst: u64, now: u64, cost: u32) -> Step {
     let mut current = cell.load(Ordering::Relaxed);
     loop {
@@ -519,7 +519,7 @@ pub struct DirectLimiter<C = MonotonicClock> {
 
 impl<C: Clock> DirectLimiter<C> {
     /// Decides one request of cost 1.
-    #[inline]
+    #[inline(always)]
     pub fn check(&self) -> Result<Decision> {
         if let Some((unit, cap, burst)) = self.core.limit.gcra() {
             let step = gcra_apply(&self.state, unit, cap, burst, self.core.clock.now(), 1);
@@ -543,7 +543,10 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// Decides one request of cost `cost`; a cost over the capacity is
     /// [`Error::InsufficientCapacity`].
-    #[inline]
+    ///
+    /// Always inlined (the GCRA path is short; the rest is out of line), so fields of
+    /// the [`Decision`] a caller never reads are not computed.
+    #[inline(always)]
     pub fn check_n(&self, cost: u32) -> Result<Decision> {
         if let Some((unit, cap, burst)) = self.core.limit.gcra()
             && u64::from(cost) <= burst
@@ -552,6 +555,12 @@ impl<C: Clock> DirectLimiter<C> {
             let step = gcra_apply(&self.state, unit, cap, burst, now, cost);
             return Ok(self.core.finish(&step));
         }
+        self.check_general(cost)
+    }
+
+    /// Every algorithm through the general kernel.
+    #[inline(never)]
+    fn check_general(&self, cost: u32) -> Result<Decision> {
         let p = self.core.limit.params();
         p.check_cost(cost)?;
         let step = apply(&self.state, &p, self.core.clock.now(), cost);
@@ -643,7 +652,7 @@ where
     S: BuildHasher + Clone,
 {
     /// Decides one request of cost 1 for `key` under the default limit.
-    #[inline]
+    #[inline(always)]
     pub fn check<Q>(&self, key: &Q) -> Result<Decision>
     where
         K: Borrow<Q>,
@@ -673,7 +682,7 @@ where
     }
 
     /// Decides one request of cost `cost` for `key` under the default limit.
-    #[inline]
+    #[inline(always)]
     pub fn check_n<Q>(&self, key: &Q, cost: u32) -> Result<Decision>
     where
         K: Borrow<Q>,
