@@ -7,7 +7,7 @@
 //! lock and the saga log on PostgreSQL; the lock on Redis. The outbox writes in a
 //! PostgreSQL transaction, so its scenario runs only with `--postgres`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sd_examples::CRATES;
@@ -39,7 +39,7 @@ fn main() {
 /// Runs every scenario (on memory, or on the servers given) and returns how many of the
 /// facts the scenarios state did not hold (each is printed, marked `!!`).
 pub(crate) fn run(redis_url: Option<String>, postgres_url: Option<String>) -> usize {
-    FAILURES.store(0, Ordering::SeqCst);
+    FAILURES.set(0);
     let Some(runtime) = runtime() else {
         return 1;
     };
@@ -47,7 +47,7 @@ pub(crate) fn run(redis_url: Option<String>, postgres_url: Option<String>) -> us
         Ok(backends) => backends,
         Err(e) => {
             fail(format!("cannot reach a backend: {e}"));
-            return FAILURES.load(Ordering::SeqCst);
+            return FAILURES.get();
         }
     };
     println!("sd: system-design patterns for Rust services\n");
@@ -76,15 +76,18 @@ pub(crate) fn run(redis_url: Option<String>, postgres_url: Option<String>) -> us
         saga(&backends).await;
         outbox(&backends).await;
     });
-    FAILURES.load(Ordering::SeqCst)
+    FAILURES.get()
 }
 
-/// Facts the scenarios state that did not hold in this run.
-static FAILURES: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    // Facts the scenarios state that did not hold in this run. Per thread: every scenario runs on the calling thread (current-thread runtimes), and
+    // two tests running the tour at once must not count each other's failures.
+    static FAILURES: Cell<usize> = const { Cell::new(0) };
+}
 
 /// Prints `what` went wrong, and counts it.
 fn fail(what: String) {
-    FAILURES.fetch_add(1, Ordering::SeqCst);
+    FAILURES.set(FAILURES.get() + 1);
     println!("  !! {what}");
 }
 
