@@ -1,6 +1,7 @@
 //! A hot key behind a slow loader (50 ms) expires while 1,000 tasks read it: loader calls
 //! and read latency for naive cache-aside and for sd-cache, on memory and, with
-//! `--redis URL`, across 4 independent clients of one Redis.
+//! `--redis URL`, across 4 independent clients of one Redis (the Redis tier, and the
+//! two-tier cache: memory in front of that Redis).
 //!
 //! ```text
 //! cargo run --release -p sd-examples --example stampede --features cache
@@ -17,7 +18,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use scenario::{Outcome, Scenario, measure, row};
-use sd_cache::RedisCache;
+use sd_cache::{RedisCache, TwoTier};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -50,6 +51,7 @@ fn main() -> Result<(), Error> {
                 &naive_redis(&url, s).await?,
             );
             row("  sd-cache", &sd_redis(&url, s).await?);
+            row("  sd-cache two-tier", &sd_two_tier(&url, s).await?);
         }
         Ok(())
     })
@@ -106,6 +108,42 @@ async fn sd_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
             .notifications(redis::Client::open(url)?)
             .build(conn)
             .await?;
+        clients.push(cache);
+    }
+    let clients = Arc::new(clients);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let read = {
+        let (clients, calls) = (clients.clone(), calls.clone());
+        move || {
+            let cache = clients[next.fetch_add(1, Ordering::Relaxed) % 4].clone();
+            let calls = calls.clone();
+            async move {
+                let _ = cache
+                    .get_or_load("hot", move || async move {
+                        slow_load(&calls, s.load_time).await
+                    })
+                    .await;
+            }
+        }
+    };
+    let outcome = measure(s, &calls, read).await;
+    let _ = clients[0].invalidate("hot").await;
+    Ok(outcome)
+}
+
+async fn sd_two_tier(url: &str, s: Scenario) -> Result<Outcome, Error> {
+    let prefix = format!("{}-two-tier", prefix());
+    let mut clients = Vec::new();
+    for conn in connections(url, 4).await? {
+        let cache: TwoTier<u64, _> =
+            TwoTier::builder(RedisCache::builder(prefix.as_str()).ttl(s.ttl))
+                .local_ttl(s.ttl)
+                .build(conn, redis::Client::open(url)?)
+                .await?;
+        while !cache.is_serving_local() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         clients.push(cache);
     }
     let clients = Arc::new(clients);
