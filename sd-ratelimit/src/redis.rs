@@ -560,6 +560,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
     fn start(self: &Arc<Self>) {
         let batch: Vec<Pending> = {
             let mut state = self.lock();
+            // A caller that gave up (timed out or dropped) is not decided: its request
+            // would take capacity nobody uses.
+            state.queue.retain(|p| !p.reply.is_closed());
             if state.in_flight >= MAX_BATCHES_IN_FLIGHT || state.queue.is_empty() {
                 return;
             }
