@@ -182,6 +182,11 @@ where
         ];
         let subscription = subscribe(&pubsub, &channels).await?;
         let (closed_tx, closed_rx) = watch::channel(());
+        let leave = Leave::new(
+            remote.connection(),
+            format!("{prefix}:two-tier:instances"),
+            id.clone(),
+        );
         let inner = Arc::new(Inner {
             local,
             remote,
@@ -198,6 +203,7 @@ where
             next_seq: AtomicU64::new(1),
             acks: DashMap::new(),
             resyncs: AtomicU64::new(0),
+            _leave: leave,
             heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
             announce: Script::new(include_str!("redis/announce.lua")),
             _closed: closed_tx,
@@ -236,6 +242,7 @@ struct Inner<V, C, K> {
     resyncs: AtomicU64,
     heartbeat: Script,
     announce: Script,
+    _leave: Leave,
     /// Dropped with the cache: tells the background tasks to stop.
     _closed: watch::Sender<()>,
 }
@@ -666,6 +673,40 @@ where
         let until = sent + self.lease - self.lease / 10;
         self.serving_until
             .fetch_max(saturating_nanos(until), Ordering::AcqRel);
+    }
+}
+
+/// Leaves the registry when the instance is dropped, so writers stop waiting for it at
+/// once instead of until its lease lapses (best effort: needs a runtime; the lease bounds
+/// the wait otherwise).
+struct Leave(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl Leave {
+    fn new<C: ConnectionLike + Clone + Send + Sync + 'static>(
+        mut conn: C,
+        registry: String,
+        id: String,
+    ) -> Self {
+        Leave(Some(Box::new(move || {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(async move {
+                let _: redis::RedisResult<i64> = redis::cmd("HDEL")
+                    .arg(registry)
+                    .arg(id)
+                    .query_async(&mut conn)
+                    .await;
+            });
+        })))
+    }
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Some(leave) = self.0.take() {
+            leave();
+        }
     }
 }
 

@@ -312,3 +312,41 @@ fn invalid_settings_fail_at_build_naming_the_field() {
         }
     });
 }
+
+/// A dropped instance leaves the registry, so writers stop waiting for it.
+#[test]
+fn a_dropped_instance_leaves_the_registry() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("two-tier");
+    runtime().block_on(async {
+        let a = instance(server.url(), &prefix, false).await;
+        let b = instance(server.url(), &prefix, false).await;
+        let id = b.instance_id().to_owned();
+        let mut admin = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
+        let registry = format!("{prefix}:two-tier:instances");
+        let registered = |admin: &mut ConnectionManager| {
+            let mut admin = admin.clone();
+            let (registry, id) = (registry.clone(), id.clone());
+            async move {
+                redis::cmd("HEXISTS")
+                    .arg(registry)
+                    .arg(id)
+                    .query_async::<bool>(&mut admin)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(registered(&mut admin).await);
+        drop(b);
+        let mut left = false;
+        for _ in 0..500 {
+            if !registered(&mut admin).await {
+                left = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(left, "the registry still holds the dropped instance");
+        a.insert("k", &1).await.unwrap();
+    });
+}
