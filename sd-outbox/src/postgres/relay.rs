@@ -239,10 +239,13 @@ impl<P: Publisher> RelayBuilder<P> {
         let t = &self.outbox.table;
         let sql = Sql {
             // Sent with BEGIN in one simple-query round trip; `{{offset}}` and
-            // `{{lanes}}` become integer literals per batch.
+            // `{{lanes}}` become integer literals per batch. One index probe per lane
+            // (LATERAL .. LIMIT 1): written as EXISTS, the planner hashes every pending
+            // row instead, which costs milliseconds per batch on a large backlog.
             claim_lanes: format!(
                 "BEGIN; SELECT l.lane FROM {t}_lanes l
-                 WHERE EXISTS (SELECT 1 FROM {t} o WHERE o.lane = l.lane AND o.status = 'pending')
+                 CROSS JOIN LATERAL (SELECT 1 FROM {t} o
+                     WHERE o.lane = l.lane AND o.status = 'pending' LIMIT 1) AS p
                  ORDER BY (l.lane + {{offset}}) % {LANES}
                  LIMIT {{lanes}} FOR UPDATE OF l SKIP LOCKED"
             ),
