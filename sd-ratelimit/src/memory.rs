@@ -174,14 +174,33 @@ impl Stats {
 #[derive(Debug)]
 struct LimitCell {
     version: AtomicU64,
+    /// `(unit, cap, burst)` of a GCRA or leaky-meter limit, zeros for any other (a unit
+    /// is never zero): what the hot path reads.
+    gcra: [AtomicU64; 3],
     words: [AtomicU64; 7],
     limit: std::sync::Mutex<Limit>,
+}
+
+/// The hot path's words for `params` (see [`LimitCell::gcra`]).
+fn gcra_words(params: Params) -> [u64; 3] {
+    match params {
+        Params::Virtual {
+            tick: 1,
+            unit,
+            cap,
+            burst,
+            max_wait: None,
+            ..
+        } => [unit, cap, burst],
+        _ => [0; 3],
+    }
 }
 
 impl LimitCell {
     fn new(limit: Limit, params: Params) -> Self {
         LimitCell {
             version: AtomicU64::new(0),
+            gcra: gcra_words(params).map(AtomicU64::new),
             words: params.to_words().map(AtomicU64::new),
             limit: std::sync::Mutex::new(limit),
         }
@@ -201,20 +220,15 @@ impl LimitCell {
     }
 
     /// `(unit, cap, burst)` when the limit is GCRA or a leaky meter (the hot path reads
-    /// four words, not seven, and skips the general kernel); `None` otherwise.
+    /// three words, not seven, and skips the general kernel); `None` otherwise.
     #[inline(always)]
     fn gcra(&self) -> Option<(u64, u64, u64)> {
         loop {
             let before = self.version.load(Ordering::Acquire);
-            // Words: [queue-or-window, tick, per_tick, unit, cap, burst, max_wait].
-            let kind = self.words[0].load(Ordering::Relaxed);
-            let tick = self.words[1].load(Ordering::Relaxed);
-            let unit = self.words[3].load(Ordering::Relaxed);
-            let cap = self.words[4].load(Ordering::Relaxed);
-            let burst = self.words[5].load(Ordering::Relaxed);
+            let [unit, cap, burst] = [0, 1, 2].map(|i| self.gcra[i].load(Ordering::Relaxed));
             std::sync::atomic::fence(Ordering::Acquire);
             if before & 1 == 0 && self.version.load(Ordering::Relaxed) == before {
-                return (kind == 0 && tick == 1).then_some((unit, cap, burst));
+                return (unit != 0).then_some((unit, cap, burst));
             }
             std::hint::spin_loop();
         }
@@ -229,6 +243,9 @@ impl LimitCell {
         self.version.store(v + 1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
         for (word, value) in self.words.iter().zip(params.to_words()) {
+            word.store(value, Ordering::Relaxed);
+        }
+        for (word, value) in self.gcra.iter().zip(gcra_words(params)) {
             word.store(value, Ordering::Relaxed);
         }
         self.version.store(v + 2, Ordering::Release);

@@ -194,6 +194,34 @@ fn changing_the_quota_at_runtime_hands_out_no_fresh_burst() {
     assert_eq!(d.retry_after, Duration::from_millis(800));
 }
 
+/// Switching a direct limiter between GCRA (the fast path) and another algorithm takes
+/// effect on the next check, for `check` and `allow` alike.
+#[test]
+fn switching_algorithms_at_runtime_leaves_the_fast_path() {
+    let clock = ManualClock::new();
+    let limiter = Builder::new(gcra(1, 1))
+        .clock(clock.clone())
+        .direct()
+        .unwrap();
+    assert!(limiter.allow());
+    assert!(!limiter.check().unwrap().allowed);
+    // A sliding window of 3 per hour decides from now on (the GCRA word is not a window
+    // count, so the first window's answer is not asserted; two windows later it is).
+    limiter
+        .set_limit(Limit::sliding_window(3, Duration::from_secs(3600)).unwrap())
+        .unwrap();
+    let d = limiter.check().unwrap();
+    assert_eq!(d.limit, 3, "decided by the sliding window: {d:?}");
+    clock.advance(Duration::from_secs(7200));
+    assert!(limiter.allow());
+    assert_eq!(limiter.check().unwrap().remaining, 1);
+    assert!(limiter.allow());
+    assert!(!limiter.allow() && !limiter.check().unwrap().allowed);
+    // Back to GCRA, burst 5: the fast path again.
+    limiter.set_limit(gcra(1, 5)).unwrap();
+    assert_eq!(limiter.check().unwrap().limit, 5);
+}
+
 #[test]
 fn cost_over_capacity_is_distinct_from_try_later() {
     let limiter = Builder::new(gcra(10, 5)).direct().unwrap();
