@@ -464,6 +464,23 @@ impl Params {
         }
     }
 
+    /// `(unit, cap, burst)` for GCRA and the leaky meter (tick 1, no queue), which take
+    /// the fast path [`gcra_decide`].
+    #[inline]
+    pub(crate) fn gcra(&self) -> Option<(u64, u64, u64)> {
+        match *self {
+            Params::Virtual {
+                tick: 1,
+                unit,
+                cap,
+                burst,
+                max_wait: None,
+                ..
+            } => Some((unit, cap, burst)),
+            _ => None,
+        }
+    }
+
     /// Whether the state is the (tick) time at which the key is back to full: GCRA and
     /// leaky buckets.
     #[inline]
@@ -496,15 +513,10 @@ impl Params {
 /// with [`Params::check_cost`]; a larger cost is simply denied here.
 #[inline]
 pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
+    if let Some((unit, cap, burst)) = p.gcra() {
+        return gcra_decide(unit, cap, burst, state, now, cost);
+    }
     match *p {
-        Params::Virtual {
-            tick: 1,
-            unit,
-            cap,
-            burst,
-            max_wait: None,
-            ..
-        } => gcra_decide(unit, cap, burst, state, now, cost),
         Params::Virtual {
             tick,
             per_tick,

@@ -183,17 +183,9 @@ struct LimitCell {
 
 /// The hot path's words for `params` (see [`LimitCell::gcra`]).
 fn gcra_words(params: Params) -> [u64; 3] {
-    match params {
-        Params::Virtual {
-            tick: 1,
-            unit,
-            cap,
-            burst,
-            max_wait: None,
-            ..
-        } => [unit, cap, burst],
-        _ => [0; 3],
-    }
+    params
+        .gcra()
+        .map_or([0; 3], |(unit, cap, burst)| [unit, cap, burst])
 }
 
 impl LimitCell {
