@@ -196,12 +196,14 @@ impl Outbox {
     /// pending row, in one query.
     pub async fn stats(&self) -> Result<Stats> {
         let row = sqlx::query(&format!(
-            "SELECT count(*) FILTER (WHERE status = 'pending') AS backlog,
-                    count(*) FILTER (WHERE status = 'dead') AS dead,
-                    count(*) FILTER (WHERE status = 'published') AS published,
-                    (EXTRACT(EPOCH FROM (clock_timestamp() - min(created_at) FILTER (WHERE status = 'pending'))) * 1000)::float8 AS age_ms
-             FROM {}",
-            self.table
+            // One subquery per status, so each reads only its own partial index (or the
+            // pending rows) rather than the whole table with its retained rows.
+            "SELECT (SELECT count(*) FROM {t} WHERE status = 'pending') AS backlog,
+                    (SELECT count(*) FROM {t} WHERE status = 'dead') AS dead,
+                    (SELECT count(*) FROM {t} WHERE status = 'published') AS published,
+                    (SELECT (EXTRACT(EPOCH FROM (clock_timestamp() - min(created_at))) * 1000)::float8
+                     FROM {t} WHERE status = 'pending') AS age_ms",
+            t = self.table
         ))
         .fetch_one(&self.pool)
         .await?;
