@@ -91,6 +91,8 @@ where
         self.flights.remove(key);
     }
 
+    /// [`forget`](Self::forget) by a borrowed key.
+    #[cfg(feature = "redis")]
     pub(crate) fn forget_borrowed<Q>(&self, key: &Q)
     where
         K: std::borrow::Borrow<Q>,
