@@ -350,3 +350,50 @@ fn a_dropped_instance_leaves_the_registry() {
         a.insert("k", &1).await.unwrap();
     });
 }
+
+/// A store that records what it was given.
+#[derive(Default)]
+struct Rows(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("never fails")]
+struct Never;
+
+impl sd_cache::Store<String, u64> for Rows {
+    type Error = Never;
+
+    async fn write(&self, key: &String, op: &sd_cache::WriteOp<u64>) -> Result<(), Never> {
+        let mut rows = self.0.lock().unwrap();
+        match op {
+            sd_cache::WriteOp::Put(v) => rows.insert(key.clone(), *v),
+            sd_cache::WriteOp::Delete => rows.remove(key),
+        };
+        Ok(())
+    }
+}
+
+/// Write-through over the two-tier cache: once `write` returns, another instance that held
+/// the old value in memory reads the new one.
+#[test]
+fn write_through_over_two_tier_is_read_fresh_by_another_instance() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("two-tier");
+    runtime().block_on(async {
+        let a = instance(server.url(), &prefix, false).await;
+        let b = instance(server.url(), &prefix, false).await;
+        for i in [&a, &b] {
+            let i = i.clone();
+            eventually(move || i.is_serving_local()).await;
+        }
+        let through = sd_cache::WriteThrough::new(a.clone(), Rows::default());
+        through.write("k".to_owned(), 1).await.unwrap();
+        assert_eq!(b.get("k").await.unwrap(), Some(1));
+        let hits = b.stats().hits;
+        assert_eq!(b.get("k").await.unwrap(), Some(1));
+        assert_eq!(b.stats().hits, hits + 1, "b holds it in memory");
+        through.write("k".to_owned(), 2).await.unwrap();
+        assert_eq!(b.get("k").await.unwrap(), Some(2), "not the copy b held");
+        through.delete("k".to_owned()).await.unwrap();
+        assert_eq!(b.get("k").await.unwrap(), None);
+    });
+}
