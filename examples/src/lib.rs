@@ -18,7 +18,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-ratelimit",
         pattern: "rate limiting: GCRA, token and leaky bucket; tower layer",
-        today: "GCRA, token/leaky bucket, sliding window on memory and Redis (cluster too); tower layer; spoof-proof client IP, PROXY listener; keyed 1.6-1.8x governor, Redis batching and deny cache",
+        today: "GCRA, token/leaky bucket, sliding window on memory and Redis (cluster too); tower layer; spoof-proof client IP, PROXY listener; keyed 1.4-1.5x governor, Redis batching and deny cache",
     },
     CrateStatus {
         name: "sd-cache",
