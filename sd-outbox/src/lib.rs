@@ -129,35 +129,33 @@
 //! # Figures
 //!
 //! From `benches/benches/outbox.rs` (`cargo bench -p sd-benches --bench outbox`), one
-//! run on a loaded two-core VM shared with other builds and benches, PostgreSQL 15
-//! (`fsync=off`, `synchronous_commit=off`) and Redis on loopback; noisy, treat as rough.
+//! run on a two-core VM shared with other builds and benches (load average near 7),
+//! PostgreSQL 15 (`fsync=off`, `synchronous_commit=off`) and Redis on loopback; noisy,
+//! treat as rough.
 //!
 //! | relay to Redis Streams, 10,000 events | batch 100 | batch 1000 |
 //! |---|---|---|
-//! | parallel, 1 relay | 9,800/s | 38,100/s |
-//! | parallel, 3 relays | 15,400/s | 38,700/s |
-//! | ordered, 1 active relay | 19,100/s | 38,900/s |
-//! | naive single poller (baseline) | 22,600/s | 59,000/s |
+//! | parallel, 1 relay | 15,300/s (0.72×) | 43,700/s (0.86×) |
+//! | parallel, 3 relays | 21,000/s (0.99×) | 51,900/s (1.02×) |
+//! | ordered, 1 active relay | 29,100/s (1.38×) | 40,400/s (0.80×) |
+//! | naive single poller (baseline) | 21,200/s | 50,700/s |
 //!
 //! The baseline is the Eventuate-style loop (`SELECT .. WHERE status = 'pending' ORDER
-//! BY seq LIMIT n`, pipelined `XADD`, `UPDATE`): three round trips a batch, no claiming,
-//! so it is only correct with one reader and has no retries or dead letters. A parallel
-//! batch takes five (`BEGIN`, claim lanes, read, mark, `COMMIT`); the read must be a
-//! statement of its own after the claim (see the relay docs), which is why one parallel
-//! relay at batch 100 sits at about 0.45× the baseline and just under the 10,000/s goal
-//! in this run; ordered mode (three round trips) reaches 0.85×. At batch 1000 all modes
-//! reach about 0.65×.
+//! BY seq LIMIT n`, pipelined `XADD`, `UPDATE`): no claiming, so it is only correct
+//! with one reader, and it has no retries, dead letters or ordering guards. A parallel
+//! batch also takes three database round trips (`BEGIN` with the lane claim, the read,
+//! the mark with `COMMIT`) and pays for the lane locks; the ordered relay reads through
+//! its `(txid, seq)` index.
 //!
 //! Enqueue in its own transaction (`BEGIN`, `INSERT`, `COMMIT`) against the same row
 //! into a plain table with only a primary key: medians of 2,000 interleaved pairs
-//! 509 µs against 396 µs, **+113 µs** (another run +108 µs; the goal of +100 µs is
-//! not met here). The extra work is the two partial indexes the relays read, the
-//! generated lane and the NOTIFY at commit; pgbench on the server alone measured
-//! about +40 to +50 µs.
+//! 369 µs against 300 µs, **+70 µs** (earlier runs on a busier machine: +69, +108 and
+//! +113 µs, so the +100 µs goal holds only some of the time here). The extra work is
+//! the two partial indexes the relays read, the generated lane and the NOTIFY at commit.
 //!
-//! Commit to publish (the Redis acknowledgement) with notifications: **p50 0.83 ms,
-//! p99 8.6 ms** over 1,771 events (another run: p50 0.47 ms, p99 4.5 ms); with LISTEN off
-//! and a 100 ms poll, p50 102.6 ms.
+//! Commit to publish (the Redis acknowledgement) with notifications: **p50 0.77 ms,
+//! p99 11.9 ms** over 1,771 events (another run: p50 0.47 ms, p99 4.5 ms); with LISTEN
+//! off and a 100 ms poll, p50 102 ms.
 //!
 //! # Crate features
 //!
