@@ -267,6 +267,7 @@ where
                 codec: self.codec,
                 random: self.random,
                 flights: SingleFlight::new(),
+                refreshes: SingleFlight::new(),
                 counters: Counters::default(),
                 waiters,
                 subscribed,
@@ -287,7 +288,11 @@ struct RedisInner<V, C, K> {
     fallback_to_loader: bool,
     codec: K,
     random: Arc<dyn RandomSource>,
+    /// Loads after a miss; callers join them for the value.
     flights: SingleFlight<String, Shared<V>>,
+    /// Early refreshes, kept apart from `flights`: a refresh that finds another process
+    /// refreshing answers "skipped", which a miss joining it would take for "not found".
+    refreshes: SingleFlight<String, Shared<V>>,
     counters: Counters,
     waiters: Arc<DashMap<String, Arc<Notify>>>,
     subscribed: bool,
@@ -508,12 +513,15 @@ where
     /// Detaches this process's running load of `key`, so calls that start from now on do
     /// not receive its (older) result.
     pub(crate) fn forget(&self, key: &str) {
-        self.inner.flights.forget(&key.to_owned());
+        let key = key.to_owned();
+        self.inner.flights.forget(&key);
+        self.inner.refreshes.forget(&key);
     }
 
     /// Detaches every running load in this process.
     pub(crate) fn forget_all(&self) {
         self.inner.flights.forget_all();
+        self.inner.refreshes.forget_all();
     }
 
     /// Wakes this process's callers waiting for another process's load of `key`.
@@ -681,7 +689,7 @@ where
             return;
         };
         let key = key.to_owned();
-        let Some(claim) = self.inner.flights.claim(&key) else {
+        let Some(claim) = self.inner.refreshes.claim(&key) else {
             return;
         };
         let this = self.clone();
@@ -689,7 +697,7 @@ where
         runtime.spawn(async move {
             let result = this
                 .inner
-                .flights
+                .refreshes
                 .run_claimed(claim, || this.lead(key.clone(), load, false, Some(seen)))
                 .await;
             if let Err(error) = result {

@@ -550,3 +550,68 @@ fn at_most_one_early_refresh_per_expiry_across_clients() {
         );
     });
 }
+
+/// A miss must never join an early refresh in flight: a refresh that finds the entry
+/// gone (or another process refreshing) answers "skipped", and a miss that joined it was
+/// answered "not found" for a key its loader knows. The refresh here is spawned by a hit,
+/// the entry is deleted behind it, and a miss follows at once on the same connection;
+/// on a current-thread runtime the miss's read is answered before the refresh's.
+#[test]
+fn a_miss_never_receives_a_skipped_early_refresh() {
+    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("cache");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cache: RedisCache<u64, ConnectionManager> = RedisCache::builder(prefix.as_str())
+            .ttl(Duration::from_secs(60))
+            .random(FixedRandom(0.0))
+            .build(manager(&server.url()).await)
+            .await
+            .unwrap();
+        let mut admin = manager(&server.url()).await;
+        let loads = Arc::new(AtomicUsize::new(0));
+        for round in 0..50u64 {
+            // An entry written as if its load took 100 s: a hit always fires a refresh.
+            let (secs, micros): (u64, u64) =
+                redis::cmd("TIME").query_async(&mut admin).await.unwrap();
+            let now = secs * 1000 + micros / 1000;
+            let _: i64 = redis::cmd("HSET")
+                .arg(cache.data_key("hot"))
+                .arg(&["v", "0", "d", "100000", "n", "0"])
+                .arg("ver")
+                .arg(round + 1)
+                .arg("e")
+                .arg(now + 60_000)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            let counted = loads.clone();
+            let hit = cache
+                .get_or_load("hot", move || async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    7
+                })
+                .await
+                .unwrap();
+            assert_eq!(hit, 0, "round {round}: the entry was read");
+            // Deleted without yielding, so the spawned refresh has not run yet.
+            server.command(&["DEL", &cache.data_key("hot")]).unwrap();
+            let counted = loads.clone();
+            let missed = cache
+                .get_or_load("hot", move || async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    7
+                })
+                .await;
+            assert_eq!(
+                missed.unwrap(),
+                7,
+                "round {round}: a miss is answered by its loader, not by a skipped refresh"
+            );
+        }
+        assert!(loads.load(Ordering::SeqCst) >= 50, "every miss loaded");
+    });
+}
