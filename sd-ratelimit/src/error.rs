@@ -29,6 +29,16 @@ pub enum Error {
         capacity: u32,
     },
 
+    /// One key given twice to the Redis limiter's `check_all`: its script reads every
+    /// state before it writes any, so the second limit would not see the first's cost.
+    #[error(
+        "key {key:?} appears twice in one check_all; give each limit its own key (a prefix per limit)"
+    )]
+    DuplicateKey {
+        /// The repeated key.
+        key: String,
+    },
+
     /// The memory limiter holds `max_keys` keys and none of them is back to full.
     #[error(
         "the limiter already tracks {max_keys} keys and none is idle; deny the request or raise `max_keys`"

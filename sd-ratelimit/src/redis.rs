@@ -278,8 +278,17 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     }
 
     /// Decides several limits in one script, all consumed or none (atomic in Redis).
-    /// On a cluster the keys must share a hash slot.
+    /// On a cluster the keys must share a hash slot. Each limit needs its own key: a key
+    /// given twice is refused with [`Error::DuplicateKey`], since the script reads every
+    /// state before it writes.
     pub async fn check_all(&self, checks: &[(&str, &Limit, u32)]) -> Result<Decision> {
+        for (i, (key, _, _)) in checks.iter().enumerate() {
+            if checks[..i].iter().any(|(earlier, _, _)| earlier == key) {
+                return Err(Error::DuplicateKey {
+                    key: (*key).to_owned(),
+                });
+            }
+        }
         let items = checks
             .iter()
             .map(|(key, limit, cost)| Ok((*key, **limit, redis_params(limit)?, *cost)))

@@ -168,6 +168,14 @@ fn server_time_noscript_expiry_and_all_or_none() {
             ip.allowed,
             "the denied pair took nothing from the IP limit: {ip:?}"
         );
+        // One key twice would be decided from one read: refused, and nothing consumed.
+        let twice = [("ip:2", &per_ip, 1), ("ip:2", &per_user, 1)];
+        assert!(matches!(
+            limiter.check_all(&twice).await,
+            Err(Error::DuplicateKey { key }) if key == "ip:2"
+        ));
+        let fresh = limiter.check_with("ip:2", &per_ip, 10).await.unwrap();
+        assert!(fresh.allowed, "the refused call took nothing: {fresh:?}");
     });
 }
 
