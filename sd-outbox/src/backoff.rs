@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::error::{Error, Result};
+
 /// Exponential backoff: `initial × 2^(attempt-1)`, capped at `max`, then scaled by a
 /// jitter factor in `[0.5, 1.0]` so relays that failed together do not retry together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,32 @@ impl Backoff {
     pub fn delay_random(&self, attempt: u32) -> Duration {
         self.delay(attempt, rand::random::<f64>())
     }
+}
+
+/// Checks the options every relay shares, in this order: `batch_size` (1 to 10,000),
+/// `poll_interval`, `max_attempts`, `backoff`; the error names the first field at fault.
+pub(crate) fn check_relay_options(
+    batch_size: usize,
+    poll_interval: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+) -> Result<()> {
+    if !(1..=10_000).contains(&batch_size) {
+        return Err(Error::config("batch_size", "must be 1 to 10,000"));
+    }
+    if poll_interval.is_zero() {
+        return Err(Error::config("poll_interval", "must be longer than zero"));
+    }
+    if max_attempts == 0 {
+        return Err(Error::config("max_attempts", "must be at least 1"));
+    }
+    if backoff.initial.is_zero() || backoff.max < backoff.initial {
+        return Err(Error::config(
+            "backoff",
+            "initial must be longer than zero and max at least initial",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

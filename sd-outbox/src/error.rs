@@ -59,10 +59,6 @@ pub enum Error {
 }
 
 impl Error {
-    #[cfg_attr(
-        not(any(feature = "postgres", feature = "redis", feature = "nats")),
-        allow(dead_code)
-    )]
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Error::Config {
             field,

@@ -172,6 +172,8 @@ mod error;
 mod message;
 mod publisher;
 
+pub mod memory;
+
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;

@@ -67,7 +67,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
 use super::{EVENT_COLUMNS, LANES, Outbox, check_table, event_from_row};
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, check_relay_options};
 use crate::error::{Error, Result};
 use crate::message::Event;
 use crate::publisher::Publisher;
@@ -190,21 +190,12 @@ impl<P: Publisher> RelayBuilder<P> {
 
     /// The relay; fails with [`Error::Config`] naming the first field out of range.
     pub fn build(self) -> Result<Relay<P>> {
-        if !(1..=10_000).contains(&self.batch_size) {
-            return Err(Error::config("batch_size", "must be 1 to 10,000"));
-        }
-        if self.poll_interval.is_zero() {
-            return Err(Error::config("poll_interval", "must be longer than zero"));
-        }
-        if self.max_attempts == 0 {
-            return Err(Error::config("max_attempts", "must be at least 1"));
-        }
-        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
-            return Err(Error::config(
-                "backoff",
-                "initial must be longer than zero and max at least initial",
-            ));
-        }
+        check_relay_options(
+            self.batch_size as usize,
+            self.poll_interval,
+            self.max_attempts,
+            self.backoff,
+        )?;
         if self.retention.is_some_and(|r| r.is_zero()) {
             return Err(Error::config(
                 "retention",
