@@ -48,7 +48,7 @@ pub const CRATES: &[CrateStatus] = &[
     CrateStatus {
         name: "sd-outbox",
         pattern: "transactional outbox with a relay to Redis Streams / NATS",
-        today: "enqueue in your sqlx transaction; ordered (one active relay) and parallel (per-aggregate order) relays to Redis Streams / NATS JetStream, at least once, dead letters, inbox",
+        today: "enqueue in your sqlx transaction (or a MemoryOutbox unit of work in process); ordered (one active relay) and parallel (per-aggregate order) relays to Redis Streams / NATS JetStream, at least once, dead letters, inbox",
     },
     CrateStatus {
         name: "sd-pool",

@@ -7,6 +7,11 @@
 //! data ([`postgres::Outbox::enqueue`]); a [`postgres::Relay`] publishes committed rows
 //! afterwards through a [`Publisher`], at least once, in order per aggregate.
 //!
+//! Without a database, [`memory::MemoryOutbox`] (no feature) offers the same shape in
+//! process: a unit of work whose events become visible at commit and never after a
+//! rollback, and a [`memory::MemoryRelay`] with the same publishing, ordering and
+//! dead-letter rules (see [In memory](#in-memory)).
+//!
 //! Use it when a database write and a message must both happen or neither. Do not use
 //! it for fire-and-forget notifications that may be lost (publish directly), or when
 //! you already run Kafka Connect with Debezium (point its Outbox Event Router at the
@@ -103,6 +108,35 @@
 //! - **Retention.** Published rows are swept after `retention` (24 h by default);
 //!   pending and dead rows never are.
 //!
+//! # In memory
+//!
+//! [`memory::MemoryOutbox`] needs no feature and no server. [`begin`] opens a
+//! [`MemoryTx`]; [`enqueue`] validates and stages a message inside it; [`commit`] makes
+//! every staged event visible at once, while dropping the transaction (or
+//! [`rollback`]) discards them: a rolled-back event is never seen by any relay.
+//! [`commit_with`] runs your in-memory business write under the outbox lock and commits
+//! the events only if it returned `Ok`. A [`memory::MemoryRelay`] (one batch with
+//! `run_once`, until idle with `drain`, or in the background with `spawn`; several may
+//! share one outbox) publishes through any [`Publisher`] at least once, in commit order
+//! per aggregate, retrying with [`Backoff`] and dead-lettering after `max_attempts`
+//! ([`dead_letters`], [`redrive`]).
+//!
+//! It is **process-local and lost on restart**: pending events and dead letters die
+//! with the process, and two processes do not share it. Use it for tests, demos and
+//! single-process services whose business data is in memory too (the in-memory stores
+//! of the other sd crates); in one process there is no crash window between the data
+//! and the event, since both are lost together. With data in PostgreSQL, use
+//! [`postgres::Outbox`].
+//!
+//! [`begin`]: memory::MemoryOutbox::begin
+//! [`MemoryTx`]: memory::MemoryTx
+//! [`enqueue`]: memory::MemoryTx::enqueue
+//! [`commit`]: memory::MemoryTx::commit
+//! [`rollback`]: memory::MemoryTx::rollback
+//! [`commit_with`]: memory::MemoryTx::commit_with
+//! [`dead_letters`]: memory::MemoryOutbox::dead_letters
+//! [`redrive`]: memory::MemoryOutbox::redrive
+//!
 //! # Moving to Debezium
 //!
 //! The table carries the Outbox Event Router's default columns (`id uuid`,
@@ -119,6 +153,8 @@
 //!
 //! | part | what it does |
 //! |---|---|
+//! | [`memory::MemoryOutbox`] | in-process unit of work (commit / rollback), dead letters, redrive; no feature |
+//! | [`memory::MemoryRelay`] | publishes a memory outbox: per-aggregate order, retries, dead letters |
 //! | [`postgres::Outbox`] | the table, `enqueue`, stats, dead letters, redrive, sweep |
 //! | [`postgres::Relay`] | ordered or parallel relay, LISTEN/NOTIFY + poll, retries, metrics |
 //! | [`postgres::Inbox`] | consumer-side dedupe in the handler's transaction |
