@@ -422,7 +422,12 @@ impl<P: Publisher> MemoryRelay<P> {
     /// report says what happened.
     pub async fn run_once(&self) -> Result<BatchReport> {
         let inner = &self.inner;
-        let (events, keys, retry_in) = inner.claim();
+        let Claimed {
+            seqs,
+            events,
+            keys,
+            retry_in,
+        } = inner.claim();
         let mut report = BatchReport {
             retry_in,
             ..BatchReport::default()
@@ -444,17 +449,15 @@ impl<P: Publisher> MemoryRelay<P> {
             Err(other) => (0, Some(other.to_string())),
         };
         let mut state = inner.outbox.lock();
-        let sent: HashSet<Uuid> = events[..published].iter().map(|e| e.id).collect();
-        state.pending.retain(|_, p| !sent.contains(&p.event.id));
+        for seq in &seqs[..published] {
+            state.pending.remove(seq);
+        }
         report.published = published;
         if let (Some(reason), Some(failed)) = (failure, events.get(published)) {
             report.failed = true;
             inner.failures.fetch_add(1, Ordering::Relaxed);
-            let seq = state
-                .pending
-                .iter()
-                .find(|(_, p)| p.event.id == failed.id)
-                .map(|(seq, _)| *seq);
+            // Only this batch holds the aggregate, so the entry is still there.
+            let seq = seqs.get(published).copied();
             if let Some(seq) = seq {
                 let attempts = failed.attempts.saturating_add(1);
                 if attempts >= inner.settings.max_attempts {
@@ -533,7 +536,7 @@ impl<P: Publisher> MemoryRelay<P> {
 impl<P> RelayInner<P> {
     /// Picks the due events of unclaimed aggregates, in commit order, and claims their
     /// aggregates; also returns when the earliest held-back retry is due.
-    fn claim(&self) -> (Vec<Event>, Vec<(String, String)>, Option<Duration>) {
+    fn claim(&self) -> Claimed {
         let now = Instant::now();
         let mut state = self.outbox.lock();
         let mut blocked: HashSet<(&str, &str)> = state
@@ -541,10 +544,11 @@ impl<P> RelayInner<P> {
             .iter()
             .map(|(t, i)| (t.as_str(), i.as_str()))
             .collect();
+        let mut seqs = Vec::new();
         let mut taken = Vec::new();
         let mut keys: HashSet<(String, String)> = HashSet::new();
         let mut retry_in: Option<Duration> = None;
-        for p in state.pending.values() {
+        for (seq, p) in &state.pending {
             if taken.len() >= self.settings.batch_size {
                 break;
             }
@@ -562,11 +566,17 @@ impl<P> RelayInner<P> {
                 continue;
             }
             keys.insert((key.0.to_owned(), key.1.to_owned()));
+            seqs.push(*seq);
             taken.push(p.event.clone());
         }
         drop(blocked);
         state.in_flight.extend(keys.iter().cloned());
-        (taken, keys.into_iter().collect(), retry_in)
+        Claimed {
+            seqs,
+            events: taken,
+            keys: keys.into_iter().collect(),
+            retry_in,
+        }
     }
 }
 
@@ -599,6 +609,15 @@ impl<P> Drop for MemoryRelayHandle<P> {
             task.abort();
         }
     }
+}
+
+/// What [`RelayInner::claim`] picked: commit positions and events, in commit order,
+/// the aggregates now held, and when the earliest held-back retry is due.
+struct Claimed {
+    seqs: Vec<u64>,
+    events: Vec<Event>,
+    keys: Vec<(String, String)>,
+    retry_in: Option<Duration>,
 }
 
 /// Releases claimed aggregates when dropped.
