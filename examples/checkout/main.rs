@@ -27,9 +27,9 @@
 //! With `--redis URL` (repeatable) the rate limits and idempotency keys live on the first
 //! server and sd-hashring shards the cache and lease keys over all of them; with
 //! `--postgres URL` the saga log, the orders with their outbox (sd-outbox's relay) and
-//! the consumers' inbox live in PostgreSQL. Nothing given: all on memory (sd-outbox has
-//! no memory outbox table, so a lock stands in for the transaction there; see
-//! `app/events.rs`).
+//! the consumers' inbox live in PostgreSQL. Nothing given: all on memory (the order row
+//! and its event committed together through sd-outbox's `MemoryOutbox`, published by its
+//! `MemoryRelay`; see `app/events.rs`).
 //!
 //! The load: 8 clients send 25 orders each at once; every 4th is sent twice with the same
 //! key, 3 per client again at the end; every 7th card is declined; every 5th charge

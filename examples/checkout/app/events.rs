@@ -1,11 +1,15 @@
 //! The order table with its outbox, the relay, and the consumers of `OrderPlaced`.
 //!
 //! On PostgreSQL the order row and its `OrderPlaced` event commit in one transaction
-//! (`sd_outbox::postgres::Outbox::enqueue`) and sd-outbox's relay publishes them. sd-outbox
-//! has no in-memory outbox table, so on memory a mutex stands in for the transaction
-//! (the row and the event are written under one lock) and a small loop below plays the
-//! relay, with the same contract: publish in order, drop from the outbox only what the
-//! publisher acknowledged.
+//! (`sd_outbox::postgres::Outbox::enqueue`) and sd-outbox's `Relay` publishes them. On
+//! memory the event goes through sd-outbox's in-memory outbox: it is staged in a
+//! `MemoryTx` and `commit_with` stores the order row under the outbox lock, appending
+//! the event only if the row was written (a retried step writes neither), so no relay
+//! sees an event before its row; a `MemoryRelay` publishes it. Both relays publish to the
+//! same [`Fanout`], at least once, in order per order, retrying a failed publish with
+//! backoff and dead-lettering after 10 attempts. The memory outbox lives in the process:
+//! pending events are lost on restart, which is fine for a run that keeps its orders in
+//! memory too.
 //!
 //! The publisher hands every event to each consumer as an sd-pool job keyed by order id
 //! (so one order's events are handled in order) and acknowledges the batch once every
@@ -13,19 +17,18 @@
 //! id: in an `Inbox` row written in its handler's transaction on PostgreSQL, in a set on
 //! memory.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use sd_outbox::memory::{MemoryOutbox, MemoryRelay, MemoryRelayHandle};
 use sd_outbox::postgres::{Inbox, Outbox, Relay, RelayHandle};
 use sd_outbox::{Event, MemoryPublisher, Message, Publisher};
 use sd_pool::{Job, Order, Pool};
 use sqlx::PgPool;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use super::participants::lock;
 
@@ -64,18 +67,15 @@ pub(crate) enum Orders {
     Postgres { pool: PgPool, outbox: Outbox },
 }
 
-/// On memory: the rows and the pending events behind one lock.
+/// On memory: the rows, and sd-outbox's in-memory outbox for their events.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryOrders {
-    state: Mutex<MemoryState>,
-    wake: Notify,
+    rows: Mutex<BTreeMap<String, OrderData>>,
+    outbox: MemoryOutbox,
 }
 
-#[derive(Debug, Default)]
-struct MemoryState {
-    orders: BTreeMap<String, OrderData>,
-    pending: VecDeque<Event>,
-}
+/// The order was stored before (a retried step): its event is not committed again.
+struct AlreadyPlaced;
 
 const ORDERS_TABLE: &str = "CREATE TABLE IF NOT EXISTS checkout_orders (
     id text PRIMARY KEY, client text NOT NULL, sku text NOT NULL, quantity integer NOT NULL,
@@ -99,13 +99,21 @@ impl Orders {
     pub(crate) async fn place(&self, order: &OrderData) -> Result<(), String> {
         match self {
             Orders::Memory(m) => {
-                let mut state = lock(&m.state);
-                if !state.orders.contains_key(&order.order_id) {
-                    state.orders.insert(order.order_id.clone(), order.clone());
-                    state.pending.push_back(Event::from_message(order.event()));
-                    m.wake.notify_one();
+                let mut tx = m.outbox.begin();
+                tx.enqueue(order.event()).map_err(|e| e.to_string())?;
+                // The row is written under the outbox lock; the event is appended only if
+                // it was.
+                let written = tx.commit_with(|| {
+                    let mut rows = lock(&m.rows);
+                    if rows.contains_key(&order.order_id) {
+                        return Err(AlreadyPlaced);
+                    }
+                    rows.insert(order.order_id.clone(), order.clone());
+                    Ok(())
+                });
+                match written {
+                    Ok(((), _)) | Err(AlreadyPlaced) => Ok(()),
                 }
-                Ok(())
             }
             Orders::Postgres { pool, outbox } => {
                 let text = |e: &dyn std::fmt::Display| e.to_string();
@@ -136,8 +144,7 @@ impl Orders {
     /// The ids of the stored orders that start with `prefix`.
     pub(crate) async fn ids(&self, prefix: &str) -> Result<Vec<String>, String> {
         match self {
-            Orders::Memory(m) => Ok(lock(&m.state)
-                .orders
+            Orders::Memory(m) => Ok(lock(&m.rows)
                 .keys()
                 .filter(|id| id.starts_with(prefix))
                 .cloned()
@@ -156,8 +163,11 @@ impl Orders {
     pub(crate) fn relay(&self, publisher: Fanout) -> Result<Relaying, String> {
         match self {
             Orders::Memory(m) => {
-                let m = m.clone();
-                Ok(Relaying::Memory(tokio::spawn(memory_relay(m, publisher))))
+                let relay = MemoryRelay::builder(m.outbox.clone(), publisher)
+                    .poll_interval(Duration::from_millis(100))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Ok(Relaying::Memory(relay.spawn()))
             }
             Orders::Postgres { outbox, .. } => {
                 let relay = Relay::builder(outbox.clone(), publisher)
@@ -173,48 +183,15 @@ impl Orders {
 /// A running relay; stopped by [`Relaying::stop`] (or aborted when dropped).
 #[derive(Debug)]
 pub(crate) enum Relaying {
-    Memory(JoinHandle<()>),
+    Memory(MemoryRelayHandle<Fanout>),
     Postgres(RelayHandle),
 }
 
 impl Relaying {
     pub(crate) async fn stop(self) {
         match self {
-            Relaying::Memory(task) => {
-                task.abort();
-                let _ = task.await;
-            }
+            Relaying::Memory(handle) => handle.shutdown().await,
             Relaying::Postgres(handle) => handle.shutdown().await,
-        }
-    }
-}
-
-/// The memory relay: publishes pending events in order, removes what was acknowledged.
-async fn memory_relay(orders: Arc<MemoryOrders>, publisher: Fanout) {
-    loop {
-        let batch: Vec<Event> = lock(&orders.state)
-            .pending
-            .iter()
-            .take(100)
-            .cloned()
-            .collect();
-        if batch.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_millis(50), orders.wake.notified()).await;
-            continue;
-        }
-        let acknowledged = match publisher.publish(&batch).await {
-            Ok(()) => batch.len(),
-            Err(sd_outbox::Error::Publish { published, .. }) => published,
-            Err(_) => 0,
-        };
-        {
-            let mut state = lock(&orders.state);
-            for _ in 0..acknowledged {
-                state.pending.pop_front();
-            }
-        }
-        if acknowledged < batch.len() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
