@@ -110,7 +110,15 @@
 //!   requests go to every master at once, and the attempt waits for every master (or
 //!   the per-node deadline) so the lease is set wherever it can be; one deadline timer
 //!   per round, one command built per round. (These figures were taken while the
-//!   attempt still returned at the first quorum.)
+//!   attempt still returned at the first quorum. In the 2026-11-27 run of
+//!   `scripts/bench.sh`, with the attempt waiting for every master: Redlock 3 at 1.00×
+//!   rslock's time, Redlock 5 at 1.17×; see `benches/RESULTS.md`.)
+//! - **With a network round trip** (`rtt500us/*`: a proxy delays every byte 250 µs each
+//!   way in front of each master, as between hosts in one region): Redlock 3 takes
+//!   1.1–1.2× the single-node time and Redlock 5 1.25–1.3× (goal 1.5×: met there), level
+//!   with rslock (0.93–1.07× across two runs). On loopback a round trip is mostly the
+//!   system calls of one connection, so N masters cost about N of them even when one
+//!   server answers all N (Redlock 3 over three databases of one server: 2–3× one node).
 //! - **Redlock against one node**: 2.1–2.8× the single-node time with 3 masters,
 //!   3.2–3.9× with 5, so the goal of 1.5× is **not met** here (rslock: 2.7–3.0× and
 //!   4.0–4.4×). On two cores the N servers, their N client connections and the caller
