@@ -88,8 +88,6 @@ pub(crate) struct Catalogue {
     prices: Arc<BTreeMap<String, u64>>,
     /// Queries that reached the catalogue "database".
     pub(crate) queries: Arc<AtomicU64>,
-    /// Reads of a known SKU the Redis tier answered "not found" (see [`Catalogue::get`]).
-    pub(crate) phantom_misses: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -112,24 +110,11 @@ impl Catalogue {
             cache,
             prices: Arc::new(prices),
             queries: Arc::default(),
-            phantom_misses: AtomicU64::new(0),
         })
     }
 
     /// The product, through the cache; `None` for an unknown SKU (cached briefly too).
     pub(crate) async fn get(&self, sku: &str) -> Result<Option<Product>, Status> {
-        let found = self.read(sku).await?;
-        if found.is_some() || matches!(self.cache, CatalogueCache::Memory(_)) {
-            return Ok(found);
-        }
-        // Work-around, sd-cache Redis tier: a miss that joins an XFetch early refresh of
-        // the same key, which then finds the entry already gone (expired meanwhile), is
-        // answered `None` ("not found") instead of a load. Counted, and read once more.
-        self.phantom_misses.fetch_add(1, Ordering::Relaxed);
-        self.read(sku).await
-    }
-
-    async fn read(&self, sku: &str) -> Result<Option<Product>, Status> {
         let (prices, queries, sku_owned) =
             (self.prices.clone(), self.queries.clone(), sku.to_owned());
         // The "database": a 5 ms query.

@@ -480,7 +480,6 @@ impl Checkout {
             cache_loads: cache.loads,
             early_refreshes: cache.early_refreshes,
             catalogue_queries: load(&self.service.catalogue.queries),
-            phantom_misses: load(&self.service.catalogue.phantom_misses),
             stock,
             stale_tokens: load(&self.inventory.stale_tokens),
             shard_keys,
@@ -520,8 +519,6 @@ pub(crate) struct Summary {
     pub(crate) cache_loads: u64,
     pub(crate) early_refreshes: u64,
     pub(crate) catalogue_queries: u64,
-    /// Known products the Redis cache answered "not found" (an sd-cache bug, read again).
-    pub(crate) phantom_misses: u64,
     /// (sku, at start, held by placed orders, left).
     pub(crate) stock: Vec<(String, u32, u32, u32)>,
     pub(crate) stale_tokens: u64,
@@ -631,16 +628,6 @@ impl fmt::Display for Summary {
                 self.catalogue_queries
             ),
         )?;
-        if self.phantom_misses > 0 {
-            row(
-                f,
-                "cache: known, not found",
-                format!(
-                    "{} reads of a known product answered \"not found\" by the Redis tier, read again (sd-cache bug)",
-                    self.phantom_misses
-                ),
-            )?;
-        }
         let stock: Vec<String> = self
             .stock
             .iter()
