@@ -9,7 +9,7 @@
 //! - **Columns**: `id uuid, aggregatetype, aggregateid, type, payload jsonb` as
 //!   Debezium's Outbox Event Router expects, plus `payload_bytes` (byte payloads),
 //!   `headers jsonb`, `seq` (insertion order), `txid xid8` (the writing transaction),
-//!   `lane` (hash of the aggregate), `status` (`pending`, `published`, `dead`),
+//!   `status` (`pending`, `published`, `dead`),
 //!   `attempts`, `next_attempt_at`, `last_error`, `created_at`, `published_at`.
 //! - **Enqueue** is one `INSERT` on the caller's transaction: the event exists if and
 //!   only if the business rows commit.
@@ -31,6 +31,12 @@ const MIGRATION: &str = include_str!("../migrations/0001_outbox.sql");
 
 /// The number of lanes parallel relays share (rows of `{table}_lanes`).
 pub const LANES: i16 = 64;
+
+/// The lane of a row aliased `o`: a hash of its aggregate type and id, 0 to 63. The
+/// pending rows' lane index is on this expression (written without the alias), so a
+/// producer that inserts rows with plain SQL needs no lane of its own.
+pub(crate) const LANE: &str =
+    "((hashtextextended(o.aggregatetype || chr(31) || o.aggregateid, 0) & 63)::smallint)";
 
 /// Checks a table name: 1 to 48 of `[a-z0-9_]`, not starting with a digit.
 pub(crate) fn check_table(field: &'static str, t: &str) -> Result<()> {

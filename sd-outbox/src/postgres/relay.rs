@@ -29,7 +29,8 @@
 //!
 //! # Parallel mode
 //!
-//! Every aggregate hashes to one of 64 lanes (the generated `lane` column). A relay
+//! Every aggregate hashes to one of 64 lanes (a hash of its type and id, the expression
+//! of the pending rows' lane index). A relay
 //! claims some free lanes with `SELECT .. FROM {table}_lanes .. FOR UPDATE SKIP LOCKED`
 //! in a transaction, publishes the pending rows of those lanes in `seq` order and marks
 //! them in the same transaction. Since a lane is held by one relay at a time, two
@@ -66,7 +67,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
-use super::{EVENT_COLUMNS, LANES, Outbox, check_table, event_from_row};
+use super::{EVENT_COLUMNS, LANE, LANES, Outbox, check_table, event_from_row};
 use crate::backoff::{Backoff, check_relay_options};
 use crate::error::{Error, Result};
 use crate::message::Event;
@@ -236,7 +237,7 @@ impl<P: Publisher> RelayBuilder<P> {
             claim_lanes: format!(
                 "BEGIN; SELECT l.lane FROM {t}_lanes l
                  CROSS JOIN LATERAL (SELECT 1 FROM {t} o
-                     WHERE o.lane = l.lane AND o.status = 'pending' LIMIT 1) AS p
+                     WHERE {LANE} = l.lane AND o.status = 'pending' LIMIT 1) AS p
                  ORDER BY (l.lane + {{offset}}) % {LANES}
                  LIMIT {{lanes}} FOR UPDATE OF l SKIP LOCKED"
             ),
@@ -247,7 +248,7 @@ impl<P: Publisher> RelayBuilder<P> {
                 "SELECT x.* FROM unnest($1::int2[]) AS l(lane)
                  CROSS JOIN LATERAL (
                      SELECT {EVENT_COLUMNS}, seq FROM {t} o
-                     WHERE o.lane = l.lane AND o.status = 'pending'
+                     WHERE {LANE} = l.lane AND o.status = 'pending'
                        AND NOT EXISTS (SELECT 1 FROM {t} b
                            WHERE b.status = 'pending' AND b.next_attempt_at IS NOT NULL
                              AND b.next_attempt_at > now()
