@@ -60,6 +60,7 @@ impl EtcdServer {
                 std::fs::remove_dir(data)
                     .map_err(crate::error::io_err(format!("removing {}", data.display())))
             }),
+            refuse_clean_restart: None,
         })?;
         Ok(EtcdServer { process })
     }

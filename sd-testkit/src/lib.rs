@@ -27,7 +27,8 @@
 //! Every server type has `pause` (SIGSTOP to its process group), `resume` (SIGCONT),
 //! `stop` (clean shutdown), `kill` (SIGKILL to the group, as a crash), `start_again` (same
 //! port, same data), `restart` (stop then start) and `restart_clean` (kill, wipe the data,
-//! start empty on the same port).
+//! start empty on the same port; refused for a [`RedisCluster`] node, which could not
+//! rejoin its cluster).
 //!
 //! ```no_run
 //! let mut redis = sd_testkit::RedisServer::start()?;

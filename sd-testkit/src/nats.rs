@@ -46,6 +46,7 @@ impl NatsServer {
                 |port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true"))),
             ),
             reset: Arc::new(process::empty_dir),
+            refuse_clean_restart: None,
         })?;
         Ok(NatsServer { process })
     }

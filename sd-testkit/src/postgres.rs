@@ -94,6 +94,7 @@ impl PostgresServer {
                     .is_ok_and(|s| s.success()))
             }),
             reset: Arc::new(move |data| copy_template(&reset_template, data)),
+            refuse_clean_restart: None,
         })?;
         Ok(PostgresServer {
             process,

@@ -41,6 +41,9 @@ pub(crate) struct Spec {
     pub(crate) ready: ReadyFn,
     /// Puts the data directory back to its state before the first start.
     pub(crate) reset: ResetFn,
+    /// Why [`Process::restart_clean`] is refused for this server, if it is: a Redis
+    /// Cluster node that lost its `nodes.conf` cannot rejoin its cluster.
+    pub(crate) refuse_clean_restart: Option<&'static str>,
 }
 
 /// One running (or stopped, or paused) server process, with fault controls.
@@ -181,7 +184,16 @@ impl Process {
 
     /// Kills the server (if it runs), throws its data away and starts it again, empty, on
     /// the same port: a machine replaced after a disk loss.
+    ///
+    /// Refused with [`Error::State`] (and the server left as it is) for a server that
+    /// could not come back from it, such as a Redis Cluster node.
     pub fn restart_clean(&mut self) -> Result<()> {
+        if let Some(reason) = self.spec.refuse_clean_restart {
+            return Err(Error::State {
+                action: "restart clean",
+                reason,
+            });
+        }
         if self.child.is_some() {
             self.shut_down(false)?;
         }

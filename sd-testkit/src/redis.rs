@@ -107,6 +107,11 @@ impl RedisServer {
             stop_signal: libc::SIGTERM,
             ready: Arc::new(|port| Ok(ping(port))),
             reset: Arc::new(process::empty_dir),
+            refuse_clean_restart: options.cluster.then_some(
+                "a cluster node that loses its nodes.conf comes back as a new node without \
+                 slots that does not know its cluster; use kill or stop, then start_again \
+                 (or restart), which keep nodes.conf, or start a new RedisCluster",
+            ),
         })?;
         Ok(RedisServer { process })
     }
@@ -130,6 +135,12 @@ fn ping(port: u16) -> bool {
 }
 
 /// A Redis Cluster of three masters, no replicas, with all 16384 slots assigned.
+///
+/// Fault controls work on single nodes through [`RedisCluster::nodes_mut`]. A node keeps
+/// its cluster configuration (`nodes.conf`, in its data directory) across `stop`/`kill`
+/// and `start_again` or `restart`, so it rejoins with its slots; its keys are gone, as
+/// persistence is off. `restart_clean` on a node is refused with [`Error::State`]: a node
+/// without its `nodes.conf` is a stranger to the cluster and its slots stay unserved.
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -165,7 +176,9 @@ impl RedisCluster {
         Ok(cluster)
     }
 
-    /// Waits until every running node reports `cluster_state:ok` and knows all three masters.
+    /// Waits until every node answers, reports `cluster_state:ok` and knows all three
+    /// masters. A node that is stopped, killed or paused cannot answer, so this times
+    /// out ([`Error::NotReady`]) until it runs again.
     pub fn wait_ok(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         loop {

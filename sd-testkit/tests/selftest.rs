@@ -80,6 +80,17 @@ fn redis_answers_pauses_restarts_and_leaves_nothing() {
         Reply::Bulk(None),
         "without persistence a restarted redis is empty"
     );
+    let pid = redis.pid().unwrap();
+    redis.stop().unwrap();
+    assert!(!is_alive(pid), "stop waits for the server to exit");
+    assert!(redis.pid().is_none() && redis.stop().is_err());
+    redis.start_again().unwrap();
+    redis.restart().unwrap();
+    assert_eq!(redis.port(), port);
+    assert_eq!(
+        redis.command(&["PING"]).unwrap(),
+        Reply::Status("PONG".into())
+    );
 
     let dir = redis.process().dir().to_path_buf();
     let pid = redis.pid().unwrap();
@@ -95,6 +106,12 @@ fn redis_answers_pauses_restarts_and_leaves_nothing() {
 fn persistent_redis_keeps_data_across_restart_and_clean_restart_wipes_it() {
     let mut redis = RedisServer::start_with(RedisOptions::persistent()).expect("start redis");
     redis.command(&["SET", "durable", "yes"]).unwrap();
+    redis.stop().unwrap();
+    redis.start_again().unwrap();
+    assert_eq!(
+        text(redis.command(&["GET", "durable"]).unwrap()).as_deref(),
+        Some("yes")
+    );
     redis.kill().unwrap();
     redis.start_again().unwrap();
     assert_eq!(
@@ -127,17 +144,27 @@ fn independent_redis_servers_do_not_share_data() {
     );
 }
 
-/// Sends a command to the cluster, following one MOVED redirection.
-fn cluster_command(cluster: &RedisCluster, args: &[&str]) -> (u16, Reply) {
-    let first = cluster.nodes()[0].port();
-    match sd_testkit::resp::command(first, args).unwrap() {
-        Reply::Error(e) if e.starts_with("MOVED") => {
+/// Sends a command to the cluster node on `via`, following one MOVED redirection, and
+/// returns the port that answered and its reply. An error reply (CLUSTERDOWN, ...) or a
+/// node that cannot be reached is an `Err`.
+fn cluster_try(via: u16, args: &[&str]) -> Result<(u16, Reply), String> {
+    let answer = |port: u16| match sd_testkit::resp::command(port, args) {
+        Ok(Reply::Error(e)) => Err(e),
+        Ok(reply) => Ok((port, reply)),
+        Err(e) => Err(e.to_string()),
+    };
+    match answer(via) {
+        Err(e) if e.starts_with("MOVED") => {
             let target = e.split_whitespace().nth(2).unwrap();
-            let port: u16 = target.rsplit(':').next().unwrap().parse().unwrap();
-            (port, sd_testkit::resp::command(port, args).unwrap())
+            answer(target.rsplit(':').next().unwrap().parse().unwrap())
         }
-        reply => (first, reply),
+        other => other,
     }
+}
+
+/// Sends a command to the cluster through its first node, following one MOVED redirection.
+fn cluster_command(cluster: &RedisCluster, args: &[&str]) -> (u16, Reply) {
+    cluster_try(cluster.nodes()[0].port(), args).unwrap()
 }
 
 #[test]
@@ -167,6 +194,81 @@ fn redis_cluster_is_ok_and_routes_keys_to_all_three_masters() {
     assert_eq!(pids.len(), 3);
     drop(cluster);
     assert!(pids.iter().all(|&p| !is_alive(p)));
+}
+
+#[test]
+fn a_redis_cluster_node_killed_paused_or_restarted_rejoins_with_its_slots() {
+    let mut cluster = RedisCluster::start().expect("start redis cluster");
+    let victim = cluster.nodes()[1].port();
+    let other = cluster.nodes()[0].port();
+    // A key whose slot the victim serves.
+    let key = (0..)
+        .map(|i| format!("victim-key-{i}"))
+        .find(|k| cluster_command(&cluster, &["SET", k, "1"]).0 == victim)
+        .unwrap();
+
+    cluster.nodes_mut()[1].kill().unwrap();
+    let err = cluster_try(other, &["GET", &key]).unwrap_err();
+    assert!(!err.is_empty(), "a key on a killed node's slots fails");
+    assert!(cluster.wait_ok(Duration::from_millis(200)).is_err());
+    cluster.nodes_mut()[1].start_again().unwrap();
+    assert_eq!(cluster.nodes()[1].port(), victim);
+    cluster.wait_ok(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        cluster_try(other, &["SET", &key, "after-kill"]).unwrap(),
+        (victim, Reply::Status("OK".into())),
+        "the node serves its slots again"
+    );
+    assert_eq!(
+        text(cluster_try(other, &["GET", &key]).unwrap().1).as_deref(),
+        Some("after-kill")
+    );
+
+    let pid = cluster.nodes()[1].pid().unwrap();
+    cluster.nodes_mut()[1].pause().unwrap();
+    eventually("the paused node is stopped", || is_stopped(pid));
+    let get = format!("GET {key}\r\n");
+    assert!(
+        hangs(victim, get.as_bytes()),
+        "a paused node does not answer"
+    );
+    cluster.nodes_mut()[1].resume().unwrap();
+    assert!(!is_stopped(pid));
+    cluster.wait_ok(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        text(cluster_try(other, &["GET", &key]).unwrap().1).as_deref(),
+        Some("after-kill")
+    );
+
+    cluster.nodes_mut()[1].stop().unwrap();
+    assert!(!is_alive(pid));
+    cluster.nodes_mut()[1].start_again().unwrap();
+    cluster.nodes_mut()[1].restart().unwrap();
+    cluster.wait_ok(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        cluster_try(other, &["SET", &key, "after-restart"]).unwrap(),
+        (victim, Reply::Status("OK".into()))
+    );
+
+    // A clean restart would lose nodes.conf and leave the slots unserved: refused, and
+    // the node keeps running.
+    let pid = cluster.nodes()[1].pid().unwrap();
+    let err = cluster.nodes_mut()[1].restart_clean().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            sd_testkit::Error::State {
+                action: "restart clean",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cluster.nodes()[1].pid(), Some(pid));
+    assert_eq!(
+        text(cluster_try(other, &["GET", &key]).unwrap().1).as_deref(),
+        Some("after-restart")
+    );
 }
 
 #[test]
@@ -218,6 +320,11 @@ fn postgres_answers_pauses_restarts_and_leaves_nothing() {
         "committed rows survive a crash and restart"
     );
     pg.restart().unwrap();
+    assert_eq!(db.psql("SELECT v FROM t").unwrap().trim(), "7");
+    let pid = pg.pid().unwrap();
+    pg.stop().unwrap();
+    assert!(!is_alive(pid) && db.psql("SELECT 1").is_err());
+    pg.start_again().unwrap();
     assert_eq!(db.psql("SELECT v FROM t").unwrap().trim(), "7");
 
     pg.restart_clean().unwrap();
@@ -293,6 +400,42 @@ fn nats_pub_sub(port: u16, payload: &str) {
     assert_eq!(line, format!("{payload}\r\n"));
 }
 
+/// Sends a request on a new connection and returns the reply's payload.
+fn nats_request(port: u16, subject: &str, payload: &str) -> String {
+    let (mut conn, mut reader) = nats_client(port);
+    let request = format!(
+        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.sd 1\r\nPUB {subject} _INBOX.sd {}\r\n{payload}\r\n",
+        payload.len()
+    );
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("MSG ") {
+            break;
+        }
+        if line == "PING\r\n" {
+            conn.write_all(b"PONG\r\n").unwrap();
+        }
+    }
+    let size: usize = line.trim_end().rsplit(' ').next().unwrap().parse().unwrap();
+    let mut body = vec![0; size + 2];
+    reader.read_exact(&mut body).unwrap();
+    body.truncate(size);
+    String::from_utf8(body).unwrap()
+}
+
+/// The JetStream API's answer to fetching message `seq` of `stream`.
+fn jetstream_message(port: u16, stream: &str, seq: u64) -> String {
+    nats_request(
+        port,
+        &format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        &format!(r#"{{"seq":{seq}}}"#),
+    )
+}
+
 #[test]
 fn nats_with_jetstream_publishes_pauses_restarts_and_leaves_nothing() {
     let mut nats = NatsServer::start().expect("start nats-server");
@@ -307,12 +450,44 @@ fn nats_with_jetstream_publishes_pauses_restarts_and_leaves_nothing() {
     nats.resume().unwrap();
     nats_pub_sub(nats.port(), "again");
 
+    // A JetStream stream on disk, with one message.
+    let port = nats.port();
+    let created = nats_request(
+        port,
+        "$JS.API.STREAM.CREATE.SDTEST",
+        r#"{"name":"SDTEST","subjects":["sdtest.>"],"storage":"file"}"#,
+    );
+    assert!(!created.contains("\"error\""), "{created}");
+    let ack = nats_request(port, "sdtest.one", "kept");
+    assert!(ack.contains(r#""seq":1"#), "{ack}");
+    let kept = base64(b"kept");
+    assert!(jetstream_message(port, "SDTEST", 1).contains(&kept));
+
+    nats.stop().unwrap();
+    assert!(!is_alive(pid) && nats.pid().is_none());
+    nats.start_again().unwrap();
+    let after = jetstream_message(port, "SDTEST", 1);
+    assert!(
+        after.contains(&kept),
+        "stop and start keep the stream: {after}"
+    );
+    nats.restart().unwrap();
+    let after = jetstream_message(port, "SDTEST", 1);
+    assert!(after.contains(&kept), "a restart keeps the stream: {after}");
+
+    let pid = nats.pid().unwrap();
     nats.kill().unwrap();
     assert!(!is_alive(pid));
     nats.start_again().unwrap();
-    nats_pub_sub(nats.port(), "after-restart");
+    assert_eq!(nats.port(), port);
+    nats_pub_sub(port, "after-restart");
     nats.restart_clean().unwrap();
-    nats_pub_sub(nats.port(), "clean");
+    let info = nats_request(port, "$JS.API.STREAM.INFO.SDTEST", "");
+    assert!(
+        info.contains("stream not found"),
+        "a clean restart has no stream: {info}"
+    );
+    nats_pub_sub(port, "clean");
 
     let pid = nats.pid().unwrap();
     drop(nats);
@@ -382,6 +557,15 @@ fn etcd_puts_gets_pauses_restarts_and_leaves_nothing() {
         etcd_get(etcd.port(), "sd/key").contains(&base64(b"value-1")),
         "etcd keeps its data across a crash"
     );
+    let pid = etcd.pid().unwrap();
+    etcd.stop().unwrap();
+    assert!(!is_alive(pid) && etcd.pid().is_none());
+    etcd.start_again().unwrap();
+    etcd.restart().unwrap();
+    assert!(
+        etcd_get(etcd.port(), "sd/key").contains(&base64(b"value-1")),
+        "etcd keeps its data across stop and restart"
+    );
     etcd.restart_clean().unwrap();
     assert!(!etcd_get(etcd.port(), "sd/key").contains(&base64(b"value-1")));
 
@@ -393,30 +577,119 @@ fn etcd_puts_gets_pauses_restarts_and_leaves_nothing() {
 #[test]
 fn servers_die_with_a_test_binary_killed_by_sigkill() {
     let mut holder = Command::new(env!("CARGO_BIN_EXE_sd-testkit-hold"))
-        .args(["redis", "postgres"])
+        .args(["redis", "postgres", "nats", "etcd", "cluster"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
-    let mut pids = Vec::new();
+    // (kind, server pid, every process it forked)
+    let mut servers: Vec<(String, u32, Vec<u32>)> = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line == "ready" {
             break;
         }
-        let pid: u32 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(is_alive(pid));
-        pids.push(pid);
+        let mut fields = line.split_whitespace();
+        let kind = fields.next().unwrap().to_owned();
+        let pids: Vec<u32> = fields.map(|p| p.parse().unwrap()).collect();
+        assert!(pids.iter().all(|&p| is_alive(p)), "{line}");
+        servers.push((kind, pids[0], pids[1..].to_vec()));
     }
-    assert_eq!(pids.len(), 2, "the holder started redis and postgres");
+    let kinds: Vec<&str> = servers.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "redis", "postgres", "nats", "etcd", "cluster", "cluster", "cluster"
+        ]
+    );
+    // PostgreSQL's background processes call setsid: they are outside the postmaster's
+    // process group, so only the descendants list finds them.
+    let (_, postmaster, children) = &mut servers[1];
+    eventually("postgres has started its background processes", || {
+        for p in descendants(*postmaster) {
+            if !children.contains(&p) {
+                children.push(p);
+            }
+        }
+        children.len() >= 4
+    });
+    assert!(
+        children
+            .iter()
+            .any(|&p| !live_group_members(*postmaster).contains(&p)),
+        "some postgres children live outside the postmaster's group"
+    );
     holder.kill().unwrap(); // SIGKILL: no destructor, no atexit runs in the holder
     holder.wait().unwrap();
-    for pid in pids {
-        eventually(&format!("server {pid} and its children are gone"), || {
-            live_group_members(pid).is_empty()
+    for (kind, pid, children) in &servers {
+        eventually(&format!("{kind} {pid} and its children are gone"), || {
+            live_group_members(*pid).is_empty() && !children.iter().any(|&p| is_alive(p))
         });
     }
+}
+
+#[test]
+fn sd_urls_from_the_environment_are_used_instead_of_starting_servers() {
+    let redis = RedisServer::start().expect("start redis");
+    let nats = NatsServer::start().expect("start nats-server");
+    let etcd = EtcdServer::start().expect("start etcd");
+    let pg = PostgresServer::start().expect("start postgres");
+    let probe = |vars: [(&str, String); 4]| {
+        // A directory of its own: a server started by the probe would appear in it.
+        let dir = std::env::temp_dir().join(sd_testkit::unique_name("sd-env-probe"));
+        let output = Command::new(env!("CARGO_BIN_EXE_sd-testkit-env"))
+            .envs(vars)
+            .env("SD_TESTKIT_DIR", &dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert!(!dir.exists(), "the probe started a server in {dir:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+
+    let given = probe([
+        ("SD_REDIS_URL", redis.url()),
+        ("SD_NATS_URL", nats.url()),
+        ("SD_ETCD_URL", etcd.url()),
+        ("SD_DATABASE_URL", pg.url()),
+    ]);
+    let lines: Vec<&str> = given.lines().collect();
+    assert_eq!(lines[0], format!("redis env {}", redis.url()));
+    assert_eq!(lines[1], format!("nats env {}", nats.url()));
+    assert_eq!(lines[2], format!("etcd env {}", etcd.url()));
+    let db: Vec<&str> = lines[3].split(' ').collect();
+    assert_eq!(db[0], "database", "{given}");
+    assert!(db[1].starts_with("sd_test_"), "a fresh database: {given}");
+    assert_eq!(db[2], pg.url_for(db[1]), "on the given server");
+    let listed = pg
+        .psql(&format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+            db[1]
+        ))
+        .unwrap();
+    assert_eq!(
+        listed.trim(),
+        "0",
+        "the probe's database is dropped with it"
+    );
+
+    let empty = probe([
+        ("SD_REDIS_URL", String::new()),
+        ("SD_NATS_URL", " ".into()),
+        ("SD_ETCD_URL", String::new()),
+        ("SD_DATABASE_URL", String::new()),
+    ]);
+    assert_eq!(
+        empty.lines().collect::<Vec<_>>(),
+        [
+            "redis error SD_REDIS_URL",
+            "nats error SD_NATS_URL",
+            "etcd error SD_ETCD_URL",
+            "database error SD_DATABASE_URL"
+        ]
+    );
 }
 
 #[test]
