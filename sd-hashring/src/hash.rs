@@ -61,7 +61,7 @@ impl HashKind {
     /// The position of a key whose bytes are `bytes`.
     pub fn position(self, bytes: &[u8]) -> u64 {
         match self {
-            HashKind::Crc32 => u64::from(fmix32(crc32fast::hash(bytes))),
+            HashKind::Crc32 => u64::from(fmix32(crc32(bytes))),
             HashKind::Xxh3 => xxh3(bytes),
             #[cfg(feature = "ketama")]
             HashKind::Ketama => {
@@ -83,6 +83,107 @@ impl fmt::Display for HashKind {
             HashKind::Ketama => "ketama",
         })
     }
+}
+
+/// Keys shorter than this are hashed with [`crc32_short`]; longer ones with
+/// `crc32fast`, whose carry-less-multiply folding wins once there are a few blocks.
+const SHORT_KEY: usize = 64;
+
+/// CRC-32 (IEEE) of `bytes`: the value of `crc32fast::hash` and zlib's `crc32`.
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+    if bytes.len() < SHORT_KEY {
+        crc32_short(bytes)
+    } else {
+        crc32fast::hash(bytes)
+    }
+}
+
+/// Slicing-by-16 tables for CRC-32 (IEEE, reflected polynomial `0xEDB88320`):
+/// `TABLES[0]` is the classic byte table, `TABLES[k][b]` is `b` followed by `k` zero
+/// bytes.
+static TABLES: [[u32; 256]; 16] = crc32_tables();
+
+const fn crc32_tables() -> [[u32; 256]; 16] {
+    let mut tables = [[0u32; 256]; 16];
+    let mut b = 0;
+    while b < 256 {
+        let mut crc = b as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        tables[0][b] = crc;
+        b += 1;
+    }
+    let mut k = 1;
+    while k < 16 {
+        let mut b = 0;
+        while b < 256 {
+            let prev = tables[k - 1][b];
+            tables[k][b] = (prev >> 8) ^ tables[0][(prev & 0xFF) as usize];
+            b += 1;
+        }
+        k += 1;
+    }
+    tables
+}
+
+/// CRC-32 (IEEE) by slicing-by-16 tables, with no set-up or CPU-feature dispatch: for
+/// short keys (a typical cache key is 10–40 bytes) this is about half the instructions
+/// of `crc32fast::hash`, whose per-call dispatch and 128-bit reduction dominate there.
+pub(crate) fn crc32_short(bytes: &[u8]) -> u32 {
+    let t = &TABLES;
+    let mut crc = !0u32;
+    let mut blocks = bytes.chunks_exact(16);
+    for block in &mut blocks {
+        let w = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) ^ crc;
+        crc = t[15][(w & 0xFF) as usize]
+            ^ t[14][((w >> 8) & 0xFF) as usize]
+            ^ t[13][((w >> 16) & 0xFF) as usize]
+            ^ t[12][(w >> 24) as usize]
+            ^ t[11][usize::from(block[4])]
+            ^ t[10][usize::from(block[5])]
+            ^ t[9][usize::from(block[6])]
+            ^ t[8][usize::from(block[7])]
+            ^ t[7][usize::from(block[8])]
+            ^ t[6][usize::from(block[9])]
+            ^ t[5][usize::from(block[10])]
+            ^ t[4][usize::from(block[11])]
+            ^ t[3][usize::from(block[12])]
+            ^ t[2][usize::from(block[13])]
+            ^ t[1][usize::from(block[14])]
+            ^ t[0][usize::from(block[15])];
+    }
+    let mut rest = blocks.remainder();
+    if rest.len() >= 8 {
+        let w = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) ^ crc;
+        crc = t[7][(w & 0xFF) as usize]
+            ^ t[6][((w >> 8) & 0xFF) as usize]
+            ^ t[5][((w >> 16) & 0xFF) as usize]
+            ^ t[4][(w >> 24) as usize]
+            ^ t[3][usize::from(rest[4])]
+            ^ t[2][usize::from(rest[5])]
+            ^ t[1][usize::from(rest[6])]
+            ^ t[0][usize::from(rest[7])];
+        rest = &rest[8..];
+    }
+    if rest.len() >= 4 {
+        let w = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) ^ crc;
+        crc = t[3][(w & 0xFF) as usize]
+            ^ t[2][((w >> 8) & 0xFF) as usize]
+            ^ t[1][((w >> 16) & 0xFF) as usize]
+            ^ t[0][(w >> 24) as usize];
+        rest = &rest[4..];
+    }
+    for &byte in rest {
+        crc = (crc >> 8) ^ t[0][((crc ^ u32::from(byte)) & 0xFF) as usize];
+    }
+    !crc
 }
 
 /// MurmurHash3's 32-bit finalizer: a bijection on `u32` that spreads every input bit
@@ -177,6 +278,34 @@ mod tests {
         assert_eq!(HashKind::Crc32.position(b"a-0"), 1_671_536_082);
         assert_eq!(HashKind::Crc32.position(b""), 0);
         assert_eq!(fmix32(1), 1_364_076_727);
+    }
+
+    #[test]
+    fn short_crc32_matches_crc32fast_at_every_length() {
+        let bytes: Vec<u8> = (0..200u32)
+            .map(|i| (i.wrapping_mul(151) ^ 0x5a) as u8)
+            .collect();
+        for len in 0..bytes.len() {
+            assert_eq!(
+                crc32_short(&bytes[..len]),
+                crc32fast::hash(&bytes[..len]),
+                "{len}"
+            );
+            assert_eq!(
+                crc32(&bytes[..len]),
+                crc32fast::hash(&bytes[..len]),
+                "{len}"
+            );
+        }
+        assert_eq!(crc32_short(b"123456789"), 0xCBF4_3926);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn short_crc32_matches_crc32fast(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..160)) {
+            proptest::prop_assert_eq!(crc32_short(&bytes), crc32fast::hash(&bytes));
+            proptest::prop_assert_eq!(crc32(&bytes), crc32fast::hash(&bytes));
+        }
     }
 
     #[test]
