@@ -7,6 +7,13 @@
 //! `XAUTOCLAIM` to take over entries that another consumer (or this one, after a failed
 //! handler) left pending longer than `min_idle`.
 //!
+//! **Retrying `run`**: when a Redis command fails (the server restarted, a response
+//! timed out), `run` returns the error and leaves the pool running. Call it again, after
+//! a back-off: it carries on from where the failed call stopped (read sequence, entries in
+//! flight, acknowledgements still owed), so `loop { consumer.run(..) }` survives a Redis
+//! outage. Entries whose `XREADGROUP` reply was lost to the fault are pending in the group
+//! and reclaimed after `min_idle`.
+//!
 //! **At least once**: an entry is acknowledged only after its handler returned `Ok` and
 //! every entry this consumer read before it finished. A consumer that dies leaves its
 //! unacknowledged entries pending; another consumer of the group reclaims them after
@@ -47,6 +54,9 @@ pub struct StreamConfig {
 impl StreamConfig {
     /// Reads `stream` as member `consumer` of `group`. Defaults: batch 100, block 100 ms,
     /// min idle 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0.
+    ///
+    /// The values are checked when the consumer is built ([`StreamConsumer::new`],
+    /// [`StreamConsumer::connect`]) or by [`validate`](Self::validate).
     pub fn new(
         stream: impl Into<String>,
         group: impl Into<String>,
@@ -66,27 +76,29 @@ impl StreamConfig {
         }
     }
 
-    /// Entries per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`); 0 is read as 1.
+    /// Entries per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`); at least 1.
     pub fn batch(mut self, n: usize) -> Self {
-        self.batch = n.max(1);
+        self.batch = n;
         self
     }
 
-    /// How long one `XREADGROUP` blocks. Keep it below the connection's response timeout
-    /// (500 ms by default in redis-rs).
+    /// How long one `XREADGROUP` blocks; at least 1 ms (`BLOCK 0` would block forever),
+    /// and below the connection's response timeout (500 ms by default in redis-rs, which
+    /// [`StreamConsumer::connect`] checks), or every idle read fails.
     pub fn block(mut self, d: Duration) -> Self {
         self.block = d;
         self
     }
 
-    /// How long an entry must sit unacknowledged before `XAUTOCLAIM` takes it over.
-    /// Make it longer than the slowest handler, or live consumers steal each other's work.
+    /// How long an entry must sit unacknowledged before `XAUTOCLAIM` takes it over; at
+    /// least 1 ms. Make it longer than the slowest handler, or live consumers steal each
+    /// other's work.
     pub fn min_idle(mut self, d: Duration) -> Self {
         self.min_idle = d;
         self
     }
 
-    /// How often to look for entries to reclaim.
+    /// How often to look for entries to reclaim; at least 1 ms.
     pub fn claim_every(mut self, d: Duration) -> Self {
         self.claim_every = d;
         self
@@ -110,6 +122,42 @@ impl StreamConfig {
     pub fn partition(mut self, p: u32) -> Self {
         self.partition = p;
         self
+    }
+
+    /// Checks the values: [`Error::Config`] names the first field out of range.
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |field, reason| Err(Error::Config { field, reason });
+        if self.batch == 0 {
+            return refuse("batch", "must be at least 1 entry");
+        }
+        if self.block.as_millis() == 0 {
+            return refuse(
+                "block",
+                "must be at least 1 ms (Redis reads BLOCK 0 as \"wait forever\")",
+            );
+        }
+        if self.min_idle.as_millis() == 0 {
+            return refuse(
+                "min_idle",
+                "must be at least 1 ms, and above the slowest handler, or consumers steal entries still running",
+            );
+        }
+        if self.claim_every.as_millis() == 0 {
+            return refuse("claim_every", "must be at least 1 ms");
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate), and `block` below the connection's response timeout.
+    fn validate_for(&self, response_timeout: Option<Duration>) -> Result<()> {
+        self.validate()?;
+        match response_timeout {
+            Some(timeout) if self.block >= timeout => Err(Error::Config {
+                field: "block",
+                reason: "must be below the connection's response timeout (500 ms by default), or every idle read times out; lower `block`, or pass a connection with a longer timeout to `StreamConsumer::new`",
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -158,6 +206,24 @@ pub struct StreamConsumer {
     conn: ConnectionManager,
     pool: Pool,
     cfg: StreamConfig,
+    /// What `run` keeps between calls, so that a retried `run` continues the sequence the
+    /// pool tracks and acknowledges what earlier calls read. Calls to `run` take turns.
+    state: tokio::sync::Mutex<RunState>,
+}
+
+/// The part of a consumer's progress that outlives one call to `run`.
+#[derive(Debug, Default)]
+struct RunState {
+    /// The next read sequence (the pool offset of the next entry submitted).
+    next_seq: u64,
+    /// Entries submitted and not yet acknowledged or given up, by read sequence.
+    by_seq: BTreeMap<u64, String>,
+    /// The same, by entry id, so a reclaim does not run an entry we are running.
+    in_flight: HashMap<String, u64>,
+    /// Sequences whose handler returned `Ok`.
+    succeeded: Arc<Mutex<HashSet<u64>>>,
+    /// Entries at or below the watermark whose `XACK` has not succeeded yet.
+    to_ack: Vec<String>,
 }
 
 impl fmt::Debug for StreamConsumer {
@@ -174,8 +240,11 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
 }
 
 impl StreamConsumer {
-    /// Connects to `url` and joins (creating if needed) the group; see [`new`](Self::new).
+    /// Connects to `url` (redis-rs' default timeouts) and joins (creating if needed) the
+    /// group; see [`new`](Self::new). Also refuses a `block` at or above the connection's
+    /// response timeout.
     pub async fn connect(url: &str, pool: Pool, cfg: StreamConfig) -> Result<Self> {
+        cfg.validate_for(redis::aio::ConnectionManagerConfig::new().response_timeout())?;
         let client = redis::Client::open(url).map_err(redis_err("connect"))?;
         let conn = ConnectionManager::new(client)
             .await
@@ -184,8 +253,10 @@ impl StreamConsumer {
     }
 
     /// Uses `conn`, creating the stream and the group (reading from the start) if they do
-    /// not exist. The consumer owns `pool`: `run` drains it on shutdown.
+    /// not exist. The consumer owns `pool`: `run` drains it on shutdown. Refuses a config
+    /// that [`StreamConfig::validate`] refuses.
     pub async fn new(mut conn: ConnectionManager, pool: Pool, cfg: StreamConfig) -> Result<Self> {
+        cfg.validate()?;
         let created: redis::RedisResult<Value> = cmd("XGROUP")
             .arg("CREATE")
             .arg(&cfg.stream)
@@ -204,7 +275,12 @@ impl StreamConsumer {
                 });
             }
         }
-        Ok(Self { conn, pool, cfg })
+        Ok(Self {
+            conn,
+            pool,
+            cfg,
+            state: tokio::sync::Mutex::default(),
+        })
     }
 
     /// The pool the entries run on.
@@ -215,6 +291,11 @@ impl StreamConsumer {
     /// Reads, runs and acknowledges entries until `shutdown` resolves; then stops
     /// reading, drains the pool (up to the drain timeout) and acknowledges what finished.
     /// Entries not finished stay pending for another consumer.
+    ///
+    /// A Redis error ends the call with [`Error::Redis`] and leaves the pool running;
+    /// call `run` again to carry on (see the [module docs](self)). If the pool refuses an
+    /// entry (closed by someone else), `run` drains, acknowledges what finished and
+    /// returns that error; it returns `Ok` only after `shutdown`.
     pub async fn run<H, Fut, E>(
         &self,
         handler: H,
@@ -230,44 +311,19 @@ impl StreamConsumer {
             cfg: &self.cfg,
             pool: &self.pool,
             handler: Arc::new(handler),
-            next_seq: 0,
-            by_seq: BTreeMap::new(),
-            in_flight: HashMap::new(),
-            succeeded: Arc::new(Mutex::new(HashSet::new())),
+            state: self.state.lock().await,
             report: ConsumerReport::default(),
         };
         let mut shutdown = pin!(shutdown);
-        let mut cursor = "0-0".to_owned();
-        let mut next_claim = Instant::now();
-        loop {
-            if Instant::now() >= next_claim {
-                let (next, entries) = run.autoclaim(&cursor).await?;
-                run.report.reclaimed += entries.len() as u64;
-                if !run.submit_all(entries, shutdown.as_mut()).await {
-                    break;
-                }
-                if next == "0-0" {
-                    next_claim = Instant::now() + self.cfg.claim_every;
-                }
-                cursor = next;
-            }
-            let read = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break,
-                read = run.read() => read?,
-            };
-            run.report.read += read.len() as u64;
-            let more = run.submit_all(read, shutdown.as_mut()).await;
-            run.ack().await?;
-            if !more {
-                break;
-            }
-        }
+        let refused = run.read_loop(shutdown.as_mut()).await?;
         let drained = self.pool.drain(self.cfg.drain_timeout).await;
         // Entries handed back stay pending in Redis: another consumer reclaims them.
         drop(drained);
         run.ack().await?;
-        Ok(run.report)
+        match refused {
+            Some(error) => Err(error),
+            None => Ok(run.report),
+        }
     }
 }
 
@@ -276,13 +332,7 @@ struct Run<'a, H> {
     cfg: &'a StreamConfig,
     pool: &'a Pool,
     handler: Arc<H>,
-    next_seq: u64,
-    /// Entries submitted and not yet acknowledged or given up, by read sequence.
-    by_seq: BTreeMap<u64, String>,
-    /// The same, by entry id, so a reclaim does not run an entry we are running.
-    in_flight: HashMap<String, u64>,
-    /// Sequences whose handler returned `Ok`.
-    succeeded: Arc<Mutex<HashSet<u64>>>,
+    state: tokio::sync::MutexGuard<'a, RunState>,
     report: ConsumerReport,
 }
 
@@ -292,6 +342,44 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Send + 'static,
 {
+    /// Claims, reads, submits and acknowledges until `shutdown` fires (`Ok(None)`) or the
+    /// pool refuses an entry (`Ok(Some(error))`). A Redis error is returned as is.
+    async fn read_loop(
+        &mut self,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Option<Error>> {
+        let mut cursor = "0-0".to_owned();
+        let mut next_claim = Instant::now();
+        loop {
+            if Instant::now() >= next_claim {
+                let (next, entries) = self.autoclaim(&cursor).await?;
+                self.report.reclaimed += entries.len() as u64;
+                match self.submit_all(entries, shutdown.as_mut()).await {
+                    Submitted::All => {}
+                    Submitted::Shutdown => return Ok(None),
+                    Submitted::Refused(error) => return Ok(Some(error)),
+                }
+                if next == "0-0" {
+                    next_claim = Instant::now() + self.cfg.claim_every;
+                }
+                cursor = next;
+            }
+            let read = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return Ok(None),
+                read = self.read() => read?,
+            };
+            self.report.read += read.len() as u64;
+            let submitted = self.submit_all(read, shutdown.as_mut()).await;
+            self.ack().await?;
+            match submitted {
+                Submitted::All => {}
+                Submitted::Shutdown => return Ok(None),
+                Submitted::Refused(error) => return Ok(Some(error)),
+            }
+        }
+    }
+
     async fn read(&mut self) -> Result<Vec<Entry>> {
         let reply: Value = cmd("XREADGROUP")
             .arg("GROUP")
@@ -334,26 +422,27 @@ where
         for e in &mut entries {
             e.reclaimed = true;
         }
-        entries.retain(|e| !self.in_flight.contains_key(&e.id));
+        entries.retain(|e| !self.state.in_flight.contains_key(&e.id));
         Ok((next, entries))
     }
 
-    /// Submits entries in order, waiting for room. Returns false when `shutdown` fired
-    /// first; entries not submitted stay pending in Redis.
+    /// Submits entries in order, waiting for room, until `shutdown` fires or the pool
+    /// refuses one; entries not submitted stay pending in Redis.
     async fn submit_all(
         &mut self,
         entries: Vec<Entry>,
         mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> bool {
+    ) -> Submitted {
         for entry in entries {
-            let seq = self.next_seq;
+            let seq = self.state.next_seq;
             let id = entry.id.clone();
             let key = self
                 .cfg
                 .key_field
                 .as_deref()
                 .and_then(|f| entry.get(f).map(<[u8]>::to_vec));
-            let (handler, succeeded) = (Arc::clone(&self.handler), Arc::clone(&self.succeeded));
+            let (handler, succeeded) =
+                (Arc::clone(&self.handler), Arc::clone(&self.state.succeeded));
             let mut job = Job::new(async move {
                 let ok = handler(entry).await.is_ok();
                 if ok {
@@ -370,61 +459,71 @@ where
             }
             let submitted = tokio::select! {
                 biased;
-                () = shutdown.as_mut() => return false,
+                () = shutdown.as_mut() => return Submitted::Shutdown,
                 s = self.pool.submit(job) => s,
             };
             match submitted {
                 Ok(_) => {
-                    self.next_seq += 1;
-                    self.by_seq.insert(seq, id.clone());
-                    self.in_flight.insert(id, seq);
+                    let state = &mut *self.state;
+                    state.next_seq += 1;
+                    state.by_seq.insert(seq, id.clone());
+                    state.in_flight.insert(id, seq);
                 }
                 Err(rejected) => {
-                    // Closed (or an offset error, impossible here): the entry stays
-                    // pending and is reclaimed later.
+                    // Closed, or an offset error (another user of the partition): the
+                    // entry stays pending and is reclaimed later.
                     tracing::warn!(entry = %id, error = %rejected, "sd-pool: entry not submitted");
-                    return false;
+                    return Submitted::Refused(rejected.error);
                 }
             }
         }
-        true
+        Submitted::All
     }
 
     /// Acknowledges the succeeded entries at or below the watermark and forgets the
-    /// failed ones there (they stay pending for `XAUTOCLAIM`).
+    /// failed ones there (they stay pending for `XAUTOCLAIM`). Ids whose `XACK` fails
+    /// are kept and sent again by the next call (of this run or the next).
     async fn ack(&mut self) -> Result<()> {
-        let Some(mark) = self.pool.watermark(self.cfg.partition) else {
-            return Ok(());
-        };
-        let mut ids = Vec::new();
-        {
-            let mut succeeded = self.succeeded.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some(entry) = self.by_seq.first_entry() {
+        if let Some(mark) = self.pool.watermark(self.cfg.partition) {
+            let state = &mut *self.state;
+            let mut succeeded = state.succeeded.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(entry) = state.by_seq.first_entry() {
                 if *entry.key() > mark {
                     break;
                 }
                 let (seq, id) = entry.remove_entry();
-                self.in_flight.remove(&id);
+                state.in_flight.remove(&id);
                 if succeeded.remove(&seq) {
-                    ids.push(id);
+                    state.to_ack.push(id);
                 } else {
                     self.report.left_pending += 1;
                 }
             }
         }
-        if ids.is_empty() {
+        if self.state.to_ack.is_empty() {
             return Ok(());
         }
         let _: Value = cmd("XACK")
             .arg(&self.cfg.stream)
             .arg(&self.cfg.group)
-            .arg(&ids)
+            .arg(&self.state.to_ack)
             .query_async(&mut self.conn)
             .await
             .map_err(redis_err("XACK"))?;
-        self.report.acked += ids.len() as u64;
+        self.report.acked += self.state.to_ack.len() as u64;
+        self.state.to_ack.clear();
         Ok(())
     }
+}
+
+/// How [`Run::submit_all`] ended.
+enum Submitted {
+    /// Every entry is in the pool.
+    All,
+    /// The shutdown signal fired.
+    Shutdown,
+    /// The pool refused an entry.
+    Refused(Error),
 }
 
 fn reply_err(op: &'static str, what: &'static str) -> Error {

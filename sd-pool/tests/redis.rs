@@ -1,15 +1,17 @@
 //! The Redis Streams consumer against a real server: at-least-once, watermark acks,
-//! redelivery of failed entries, and reclaim after a consumer dies mid-batch.
+//! redelivery of failed entries, reclaim after a consumer dies mid-batch, and a consumer
+//! whose `run` is retried after the server restarted or stalled.
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sd_pool::redis::{StreamConfig, StreamConsumer};
-use sd_pool::{Order, Pool};
+use sd_pool::redis::{Entry, StreamConfig, StreamConsumer};
+use sd_pool::{Error, Order, Pool};
+use sd_testkit::{RedisOptions, RedisServer};
 
 type Seen = Arc<Mutex<HashMap<String, Vec<u64>>>>;
 
@@ -27,9 +29,11 @@ async fn connect(url: &str) -> ConnectionManager {
         .unwrap()
 }
 
-async fn produce(conn: &mut ConnectionManager, stream: &str, n: u64, keys: u64) {
+/// Adds `n` entries (`key` = `k{i % keys}`, `n` = i) and returns their ids.
+async fn produce(conn: &mut ConnectionManager, stream: &str, n: u64, keys: u64) -> Vec<String> {
+    let mut ids = Vec::new();
     for i in 0..n {
-        let _: String = redis::cmd("XADD")
+        let id: String = redis::cmd("XADD")
             .arg(stream)
             .arg("*")
             .arg("key")
@@ -39,7 +43,23 @@ async fn produce(conn: &mut ConnectionManager, stream: &str, n: u64, keys: u64) 
             .query_async(conn)
             .await
             .unwrap();
+        ids.push(id);
     }
+    ids
+}
+
+/// The ids of the group's pending entries.
+async fn pending_ids(conn: &mut ConnectionManager, stream: &str, group: &str) -> HashSet<String> {
+    let reply: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply.into_iter().map(|(id, ..)| id).collect()
 }
 
 async fn pending(conn: &mut ConnectionManager, stream: &str, group: &str) -> i64 {
@@ -71,7 +91,7 @@ async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     }
 }
 
-fn n_of(entry: &sd_pool::redis::Entry) -> u64 {
+fn n_of(entry: &Entry) -> u64 {
     entry.get_str("n").unwrap().parse().unwrap()
 }
 
@@ -285,5 +305,233 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
         };
         assert!(all_done);
         assert_eq!(pending(&mut conn, &stream, "g").await, 0);
+    });
+}
+
+#[test]
+fn acks_follow_the_watermark_while_an_entry_is_held() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        let ids = produce(&mut conn, &stream, 20, 20).await;
+        let pool = Pool::new(4, 32).unwrap();
+        let consumer = StreamConsumer::new(
+            conn.clone(),
+            pool.clone(),
+            StreamConfig::new(&stream, "g", "c1"),
+        )
+        .await
+        .unwrap();
+        let held = 5u64;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let done: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let (g, d) = (gate.clone(), done.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            consumer
+                .run(
+                    move |entry| {
+                        let (g, d) = (g.clone(), d.clone());
+                        async move {
+                            let n = n_of(&entry);
+                            if n == held {
+                                g.notified().await;
+                            }
+                            d.lock().unwrap().insert(n);
+                            Ok::<(), std::io::Error>(())
+                        }
+                    },
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .unwrap()
+        });
+        // Everything but the held entry finishes, and the entries before it are acked.
+        let (d, mut c, st) = (done.clone(), conn.clone(), stream.clone());
+        eventually(
+            "all but the held entry done, those before it acked",
+            async || d.lock().unwrap().len() == 19 && pending(&mut c, &st, "g").await <= 15,
+        )
+        .await;
+        assert_eq!(pool.watermark(0), Some(held - 1));
+        // While entry 5 is held, it and every later entry stay pending, though all of the
+        // later ones finished.
+        let expected: HashSet<String> = ids[held as usize..].iter().cloned().collect();
+        assert_eq!(pending_ids(&mut conn, &stream, "g").await, expected);
+        gate.notify_one();
+        let (mut c, st) = (conn.clone(), stream.clone());
+        eventually("all acked after the release", async || {
+            pending(&mut c, &st, "g").await == 0
+        })
+        .await;
+        stop_tx.send(()).unwrap();
+        let report = run.await.unwrap();
+        assert_eq!(
+            (report.read, report.acked, report.left_pending),
+            (20, 20, 0)
+        );
+    });
+}
+
+/// Runs a consumer whose `run` is retried on error, as a service would
+/// (`loop { consumer.run(..) }`), while `fault` hits the server mid-run. Every entry must
+/// end up processed and acknowledged, and no `run` may return `Ok` before shutdown.
+fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
+    let mut server = RedisServer::start_with(RedisOptions::persistent()).expect("redis-server");
+    let url = server.url();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        let total = 400u64;
+        produce(&mut conn, &stream, total, 7).await;
+        let pool = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
+        // A short min_idle: an entry whose XREADGROUP reply was lost to the fault is
+        // reclaimed by this same consumer.
+        let cfg = StreamConfig::new(&stream, "g", "c1")
+            .batch(20)
+            .key_field("key")
+            .min_idle(Duration::from_secs(2))
+            .claim_every(Duration::from_millis(100));
+        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+        let d = done.clone();
+        let handler = move |entry: Entry| {
+            let d = d.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let runner = tokio::spawn(async move {
+            let mut errors = Vec::new();
+            loop {
+                let mut stop = stop_rx.clone();
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                match consumer.run(handler.clone(), shutdown).await {
+                    Ok(report) => {
+                        assert!(
+                            *stop_rx.borrow(),
+                            "run returned Ok before shutdown after {errors:?}: {report:?}"
+                        );
+                        return errors;
+                    }
+                    Err(e) => {
+                        assert!(matches!(e, Error::Redis { .. }), "{e}");
+                        errors.push(e.to_string());
+                        // Back off before retrying, as a service would.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        let d = done.clone();
+        eventually("a quarter processed", async || {
+            d.lock().unwrap().len() >= 100
+        })
+        .await;
+        let server = tokio::task::spawn_blocking(move || {
+            fault(&mut server);
+            server
+        })
+        .await
+        .unwrap();
+        // A fresh connection: the old one may still report the fault once.
+        let mut c = connect(&url).await;
+        let st = stream.clone();
+        let d = done.clone();
+        eventually(
+            "every entry processed and acked (or the runner gave up)",
+            async || {
+                runner.is_finished()
+                    || (d.lock().unwrap().len() as u64 == total
+                        && pending(&mut c, &st, "g").await == 0)
+            },
+        )
+        .await;
+        // The runner may be gone (it panicked): its panic is the failure to report.
+        let _ = stop_tx.send(true);
+        let errors = runner.await.unwrap();
+        assert!(!errors.is_empty(), "the fault reached the consumer");
+        let missing: Vec<u64> = {
+            let done = done.lock().unwrap();
+            (0..total).filter(|n| !done.contains_key(n)).collect()
+        };
+        assert!(missing.is_empty(), "never processed: {missing:?}");
+        assert_eq!(pending(&mut c, &stream, "g").await, 0);
+        drop(server);
+    });
+}
+
+#[test]
+fn consumer_survives_a_redis_restart() {
+    consumer_survives(|server| server.restart().expect("restart redis"));
+}
+
+#[test]
+fn consumer_survives_a_paused_redis() {
+    consumer_survives(|server| {
+        server.pause().expect("SIGSTOP redis");
+        // Longer than the client's 500 ms response timeout: the commands in flight fail.
+        std::thread::sleep(Duration::from_millis(1500));
+        server.resume().expect("SIGCONT redis");
+    });
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    runtime().block_on(async move {
+        let conn = connect(&url).await;
+        let base = || StreamConfig::new(sd_testkit::unique_name("pool"), "g", "c1");
+        let cases = [
+            (base().batch(0), "batch"),
+            // BLOCK 0 would block forever; under 1 ms rounds down to it.
+            (base().block(Duration::ZERO), "block"),
+            (base().block(Duration::from_micros(900)), "block"),
+            (base().min_idle(Duration::ZERO), "min_idle"),
+            (base().claim_every(Duration::ZERO), "claim_every"),
+        ];
+        for (cfg, field) in cases {
+            let err = cfg.validate().unwrap_err();
+            assert!(
+                matches!(err, Error::Config { field: f, .. } if f == field),
+                "{field}: {err}"
+            );
+            let pool = Pool::new(1, 1).unwrap();
+            let err = StreamConsumer::new(conn.clone(), pool, cfg.clone())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::Config { field: f, .. } if f == field),
+                "{field}: {err}"
+            );
+            let pool = Pool::new(1, 1).unwrap();
+            let err = StreamConsumer::connect(&url, pool, cfg).await.unwrap_err();
+            assert!(
+                matches!(err, Error::Config { field: f, .. } if f == field),
+                "{field}: {err}"
+            );
+        }
+        // `connect` knows its connection's response timeout (redis-rs' 500 ms): a read
+        // blocking that long would time out every time it finds nothing.
+        let pool = Pool::new(1, 1).unwrap();
+        let err = StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(500)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config { field: "block", .. }), "{err}");
+        assert!(err.to_string().contains("response timeout"), "{err}");
+        let pool = Pool::new(1, 1).unwrap();
+        StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(400)))
+            .await
+            .unwrap();
     });
 }
