@@ -418,6 +418,7 @@ impl PoolBuilder {
             self.max_key_backlog.unwrap_or(queue_capacity),
         )?;
         let max_window = nonzero("max_watermark_window", self.max_watermark_window)?;
+        let watermarks = Watermarks::new(max_window)?;
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         Ok(Pool {
             shared: Arc::new(Shared {
@@ -438,7 +439,7 @@ impl PoolBuilder {
                     ready: VecDeque::new(),
                     keys: HashMap::new(),
                     backlog: 0,
-                    watermarks: Watermarks::new(max_window),
+                    watermarks,
                     closed: false,
                     shut: false,
                     room_wanted: false,

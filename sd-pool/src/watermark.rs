@@ -18,7 +18,7 @@
 //! ```
 //! use sd_pool::watermark::Watermarks;
 //!
-//! let mut w = Watermarks::new(16);
+//! let mut w = Watermarks::new(16)?;
 //! for offset in [10, 11, 12] {
 //!     w.track(0, offset)?;
 //! }
@@ -56,12 +56,19 @@ struct Partition {
 
 impl Watermarks {
     /// An empty tracker whose partitions take no more work once `max_window` completed
-    /// offsets wait behind an unfinished one. A `max_window` of 0 is read as 1.
-    pub fn new(max_window: usize) -> Self {
-        Self {
-            partitions: HashMap::new(),
-            max_window: max_window.max(1),
+    /// offsets wait behind an unfinished one. A `max_window` of 0 is refused with
+    /// [`Error::Config`] naming `max_window`.
+    pub fn new(max_window: usize) -> Result<Self> {
+        if max_window == 0 {
+            return Err(Error::Config {
+                field: "max_window",
+                reason: "must be at least 1 (a partition with no window could never take a job)",
+            });
         }
+        Ok(Self {
+            partitions: HashMap::new(),
+            max_window,
+        })
     }
 
     /// The bound on the window given at construction.
@@ -165,8 +172,20 @@ mod tests {
     use std::collections::BTreeSet;
 
     #[test]
+    fn a_zero_window_is_refused_by_name() {
+        assert!(matches!(
+            Watermarks::new(0),
+            Err(Error::Config {
+                field: "max_window",
+                ..
+            })
+        ));
+        assert_eq!(Watermarks::new(1).unwrap().max_window(), 1);
+    }
+
+    #[test]
     fn refuses_offsets_that_do_not_increase() {
-        let mut w = Watermarks::new(4);
+        let mut w = Watermarks::new(4).unwrap();
         w.track(1, 5).unwrap();
         assert!(matches!(
             w.track(1, 5),
@@ -183,7 +202,7 @@ mod tests {
 
     #[test]
     fn unknown_and_repeated_completions_change_nothing() {
-        let mut w = Watermarks::new(4);
+        let mut w = Watermarks::new(4).unwrap();
         assert_eq!(w.complete(0, 3), None);
         w.track(0, 3).unwrap();
         w.track(0, 7).unwrap();
@@ -200,7 +219,7 @@ mod tests {
 
     #[test]
     fn window_closes_the_partition_and_reopens_it() {
-        let mut w = Watermarks::new(2);
+        let mut w = Watermarks::new(2).unwrap();
         for o in 0..4 {
             w.track(0, o).unwrap();
         }
@@ -238,7 +257,7 @@ mod tests {
             max_window in 1usize..8,
             in_flight in 1usize..8,
         ) {
-            let mut w = Watermarks::new(max_window);
+            let mut w = Watermarks::new(max_window).unwrap();
             // Model: per partition, every tracked offset and the set of unfinished ones.
             let mut tracked: [Vec<u64>; 3] = Default::default();
             let mut unfinished: [BTreeSet<u64>; 3] = Default::default();

@@ -245,6 +245,91 @@ proptest! {
     }
 }
 
+/// Runs `jobs` (key, work) through a pool of `order` on a multi-thread runtime, counting
+/// per key the jobs inside their bodies at once; returns the most seen for any key, the
+/// start order per key, and how often each job ran. Work is real: `work % 4` yields and
+/// `work` microseconds of sleep, so jobs of different keys interleave on both threads.
+fn run_keyed_in_flight(
+    order: Order,
+    concurrency: usize,
+    jobs: &[(u8, u16)],
+) -> (usize, HashMap<u8, Vec<usize>>, Vec<usize>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = Pool::builder(concurrency, 8)
+            .order(order)
+            .max_key_backlog(4)
+            .build()
+            .unwrap();
+        let in_flight: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..=u8::MAX).map(|_| AtomicUsize::new(0)).collect());
+        let worst = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(HashMap::<u8, Vec<usize>>::new()));
+        let runs: Arc<Vec<AtomicUsize>> =
+            Arc::new(jobs.iter().map(|_| AtomicUsize::new(0)).collect());
+        let mut handles = Vec::new();
+        for (i, &(key, work)) in jobs.iter().enumerate() {
+            let (in_flight, worst, seen, runs) =
+                (in_flight.clone(), worst.clone(), seen.clone(), runs.clone());
+            let job = Job::new(async move {
+                let k = usize::from(key);
+                let now = in_flight[k].fetch_add(1, Ordering::SeqCst) + 1;
+                worst.fetch_max(now, Ordering::SeqCst);
+                seen.lock().unwrap().entry(key).or_default().push(i);
+                runs[i].fetch_add(1, Ordering::SeqCst);
+                for _ in 0..work % 4 {
+                    tokio::task::yield_now().await;
+                }
+                tokio::time::sleep(Duration::from_micros(u64::from(work))).await;
+                in_flight[k].fetch_sub(1, Ordering::SeqCst);
+            })
+            .with_key(&key);
+            handles.push(pool.submit(job).await.unwrap());
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let seen = seen.lock().unwrap().clone();
+        let runs = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        (worst.load(Ordering::SeqCst), seen, runs)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// On two threads, with random keys and durations, a key never has two jobs running
+    /// at once, its jobs start in submission order, and every job runs once.
+    #[test]
+    fn per_key_runs_one_job_of_a_key_at_a_time(
+        jobs in proptest::collection::vec((0u8..8, 0u16..400), 1..120),
+        concurrency in 1usize..8,
+    ) {
+        let (worst, seen, runs) = run_keyed_in_flight(Order::PerKey, concurrency, &jobs);
+        prop_assert!(worst <= 1, "{worst} jobs of one key ran at once");
+        for (key, order) in &seen {
+            prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "key {key}: {order:?}");
+        }
+        prop_assert!(runs.iter().all(|&n| n == 1));
+    }
+}
+
+/// The in-flight counter above is not vacuous: a pool that ignores keys (unordered) runs
+/// jobs of one key at once, and the counter sees it.
+#[test]
+fn the_per_key_counter_catches_a_pool_that_ignores_keys() {
+    // Eight jobs of one key, 20 ms each, four workers: ignoring the key, four overlap.
+    let jobs = [(3u8, 20_000u16); 8];
+    let (worst, _, _) = run_keyed_in_flight(Order::Unordered, 4, &jobs);
+    assert!(worst > 1, "unordered ran one job of the key at a time");
+    let (worst, _, _) = run_keyed_in_flight(Order::PerKey, 4, &jobs);
+    assert_eq!(worst, 1);
+}
+
 #[test]
 fn per_key_runs_keys_concurrently_and_serial_runs_one() {
     let jobs: Vec<(u8, u8)> = (0..40).map(|i| (i % 8, 3)).collect();
@@ -448,6 +533,86 @@ async fn drain_finishes_everything_accepted() {
         pool.try_submit(async {}).unwrap_err().error,
         Error::Closed
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_at_its_deadline_returns_the_queued_jobs_in_order() {
+    let pool = Pool::new(1, 8).unwrap();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let running = pool
+        .submit(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            g.notified().await;
+        })
+        .await
+        .unwrap();
+    let mut queued = Vec::new();
+    for i in 0..3u32 {
+        queued.push(pool.submit(async move { i }).await.unwrap());
+    }
+    tokio::task::yield_now().await;
+    let drained = pool.drain(Duration::from_secs(1)).await;
+    assert!(!drained.is_complete());
+    assert_eq!(drained.still_running, 1);
+    let ids: Vec<u64> = drained.returned.iter().map(|j| j.id()).collect();
+    assert_eq!(ids, queued.iter().map(|h| h.id()).collect::<Vec<_>>());
+    let m = pool.metrics();
+    assert_eq!((m.running, m.queued), (1, 0));
+    assert_eq!((m.submitted, m.returned, m.completed), (4, 3, 0));
+    // The running job goes on past the deadline and completes; it ran for 10 s + 1 s
+    // of paused time (deterministic, not a wall-clock measurement).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    gate.notify_one();
+    running.await.unwrap();
+    let m = pool.metrics();
+    assert_eq!((m.running, m.completed), (0, 1));
+    assert!(m.run_time_max >= Duration::from_secs(11), "{m:?}");
+    assert_eq!(m.run_time_total, m.run_time_max, "one job ran");
+    // A returned job completes its handle where it is run.
+    for job in drained.returned {
+        job.run().await;
+    }
+    for (i, h) in queued.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), i as u32);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_wakes_waiting_submitters_with_closed() {
+    let pool = Pool::new(1, 1).unwrap();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let running = pool
+        .submit(async move { g.notified().await })
+        .await
+        .unwrap();
+    tokio::task::yield_now().await;
+    let queued = pool.submit(async { 1 }).await.unwrap();
+    // Full: two submitters wait for room.
+    let waiters: Vec<_> = (2..4u32)
+        .map(|value| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.submit(async move { value }).await.map(drop) })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    assert!(waiters.iter().all(|w| !w.is_finished()));
+    pool.close();
+    for (waiter, value) in waiters.into_iter().zip(2..) {
+        let rejected = waiter.await.unwrap().unwrap_err();
+        assert!(
+            matches!(rejected.error, Error::Closed),
+            "{}",
+            rejected.error
+        );
+        assert_eq!(rejected.into_job().into_future().await, value);
+    }
+    // Accepted jobs still run.
+    gate.notify_one();
+    running.await.unwrap();
+    assert_eq!(queued.await.unwrap(), 1);
+    assert_eq!(pool.metrics().submitted, 2);
 }
 
 #[test]
