@@ -57,7 +57,7 @@
 //! |---|---|---|---|
 //! | [`memory::MemoryLock`] | – | a counter in the process | one process |
 //! | [`redis::RedisLock`] | `redis` | `max(counter + 1, server µs)` in the acquire script | one Redis; tokens survive a restart via the server clock |
-//! | [`redlock::Redlock`] | `redis` | max of the quorum's per-node tokens | bounded delays and clock drift (see below) |
+//! | [`redlock::Redlock`] | `redis` | max of the quorum's per-node grant times (`TIME`, µs) | bounded delays and clock drift (see below) |
 //! | [`postgres::PostgresLock`] | `postgres` | the row's `epoch`, bumped in the acquiring statement | a transactional database |
 //! | [`etcd::EtcdLock`] | `etcd` | the key's create revision (cluster-wide, Raft) | consensus; fencing still needed for pauses |
 //!
