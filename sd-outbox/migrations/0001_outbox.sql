@@ -1,6 +1,18 @@
--- The outbox. `{table}` is replaced by the configured table name.
--- The first five columns are Debezium's Outbox Event Router defaults, so a CDC
--- connector can read this table instead of the relay without touching producers.
+-- `{table}` is replaced by the configured table name.
+
+-- The relay's states of a row. An enum rather than TEXT with a CHECK: PostgreSQL
+-- prepares every CHECK expression for each INSERT statement, and that IN list alone
+-- cost an insert a third of a bare INSERT's work.
+DO $$
+BEGIN
+    IF to_regtype('{table}_status') IS NULL THEN
+        CREATE TYPE {table}_status AS ENUM ('pending', 'published', 'dead');
+    END IF;
+END
+$$;
+
+-- The outbox. The first five columns are Debezium's Outbox Event Router defaults, so a
+-- CDC connector can read this table instead of the relay without touching producers.
 CREATE TABLE IF NOT EXISTS {table} (
     id              UUID        PRIMARY KEY,
     aggregatetype   TEXT        NOT NULL,
@@ -12,8 +24,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     headers         JSONB       NOT NULL DEFAULT '{}'::jsonb,
     seq             BIGINT      GENERATED ALWAYS AS IDENTITY,
     txid            XID8        NOT NULL DEFAULT pg_current_xact_id(),
-    status          TEXT        NOT NULL DEFAULT 'pending'
-                        CHECK (status IN ('pending', 'published', 'dead')),
+    status          {table}_status NOT NULL DEFAULT 'pending',
     attempts        INTEGER     NOT NULL DEFAULT 0,
     next_attempt_at TIMESTAMPTZ,
     last_error      TEXT,

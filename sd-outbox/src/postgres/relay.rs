@@ -274,10 +274,10 @@ impl<P: Publisher> RelayBuilder<P> {
             ),
             mark_failed: format!(
                 "UPDATE {t} SET attempts = attempts + 1, last_error = $2,
-                     status = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END,
+                     status = (CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END)::{t}_status,
                      next_attempt_at = now() + make_interval(secs => $4)
                  WHERE id = $1 AND status = 'pending'
-                 RETURNING status"
+                 RETURNING status::text"
             ),
         };
         Ok(Relay {
