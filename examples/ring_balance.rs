@@ -3,13 +3,19 @@
 //! For 10, 100 and 1000 nodes, prints per placement: the relative standard deviation
 //! of load, peak/mean load, and the fraction of keys moved when one node is added and
 //! when one is removed (the ideal is 1/(n+1) and 1/n). Then bounded-load placement's
-//! max/avg at c = 1.25.
+//! max/avg at c = 1.25. Last, the figure the crate promises: peak/mean of the exact
+//! shares of hash space at 10 nodes × 160 vnodes, for each of a fixed set of
+//! memberships (the ones `sd-hashring/tests/balance.rs` checks), with their mean.
 //!
 //! `cargo run --release -p sd-examples --example ring_balance`
 
 use sd_hashring::{
     BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous,
 };
+
+/// The memberships and the exact peak/mean computation of sd-hashring's balance test.
+#[path = "../sd-hashring/tests/common/memberships.rs"]
+mod memberships;
 
 fn nodes(n: usize) -> Vec<Node> {
     (0..n)
@@ -173,6 +179,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             skipped as f64 * 100.0 / placed as f64,
         );
         println!();
+    }
+    println!("peak/mean of exact shares, 10 nodes x 160 vnodes:");
+    for hash in [HashKind::Crc32, HashKind::Xxh3] {
+        let all = memberships::memberships();
+        let mut ratios = Vec::new();
+        for (name, ids) in &all {
+            let ring = HashRing::builder()
+                .hash(hash)
+                .build(ids.iter().map(Node::new))?;
+            let ratio = memberships::peak_over_mean(&ring);
+            println!("  {hash:<6} {name:<50} {ratio:.3}");
+            ratios.push(ratio);
+        }
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        let worst = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "  {hash:<6} mean over {} memberships {mean:.3}, worst {worst:.3}",
+            ratios.len()
+        );
     }
     Ok(())
 }
