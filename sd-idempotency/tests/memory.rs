@@ -7,7 +7,8 @@ mod suite;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sd_idempotency::{ManualClock, MemoryStore};
+use sd_idempotency::memory::Clock as _;
+use sd_idempotency::{Error, ManualClock, MemoryStore, RunOnce};
 use suite::Harness;
 
 fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
@@ -20,7 +21,9 @@ fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
     let store = MemoryStore::with_clock(clock.clone());
     let harness = Harness {
         store,
-        lock_ttl: Duration::from_secs(30),
+        // Short, because the heartbeat runs on real time (every third of it); the store's
+        // time moves only with `pass`.
+        lock_ttl: Duration::from_millis(300),
         retention: Duration::from_secs(3600),
         pass: Arc::new(move |d| {
             clock.advance(d);
@@ -32,3 +35,50 @@ fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
 }
 
 behaviour_suite!(harness());
+
+#[test]
+fn run_once_config_errors_name_the_field() {
+    let runner = RunOnce::new(MemoryStore::new());
+    let err = runner.clone().lock_ttl(Duration::ZERO).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Config {
+            field: "lock_ttl",
+            ..
+        }
+    ));
+    let err = runner.retention(Duration::ZERO).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Config {
+            field: "retention",
+            ..
+        }
+    ));
+}
+
+/// The model over 512 sequences on the manual clock, where every time is exact (the
+/// abandoned-record grace included).
+#[test]
+fn memory_store_follows_the_model() {
+    let (runtime, _) = harness();
+    suite::model::check(&runtime, 512, suite::model::ops(80, 70, true), || {
+        let clock = ManualClock::new();
+        clock.advance(Duration::from_secs(1));
+        let store = MemoryStore::with_clock(clock.clone());
+        let now = clock.clone();
+        let backend = suite::model::Backend {
+            lock: Duration::from_millis(30),
+            retention: Duration::from_millis(50),
+            expiry_forgets: false,
+            sweep_counts: true,
+            slack: 0,
+            now: Arc::new(move || now.now_ms()),
+            pass: Arc::new(move |d| {
+                clock.advance(d);
+                Box::pin(std::future::ready(()))
+            }),
+        };
+        (store, backend)
+    });
+}

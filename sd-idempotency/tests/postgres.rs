@@ -130,14 +130,7 @@ fn store_down_is_503_and_nothing_runs() {
     let runtime = runtime();
     runtime.block_on(async {
         let store = store(db.url()).await;
-        let payments = suite::http::Payments::default();
-        let port = suite::http::serve(
-            store,
-            Duration::from_secs(30),
-            Duration::from_secs(60),
-            payments.clone(),
-        )
-        .await;
+        let (port, payments) = suite::http::serve_payments(store).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
         assert_eq!(
             suite::http::send(port, "alice", Some(b"k1"), body)
@@ -156,6 +149,199 @@ fn store_down_is_503_and_nothing_runs() {
             Some("application/problem+json")
         );
         assert_eq!(payments.count(), 1, "the handler did not run");
+    });
+    drop(db);
+}
+
+/// The model over 24 sequences in real time (100 ms locks), each on a table of its own
+/// so that `sweep` counts only its records.
+#[test]
+fn postgres_store_follows_the_model() {
+    let (runtime, h) = harness();
+    let tables = std::sync::atomic::AtomicUsize::new(0);
+    suite::model::check(&runtime, 24, suite::model::ops(40, 150, false), || {
+        let n = tables.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let store = PostgresStore::builder()
+            .table(format!("model_{n}"))
+            .build(h.store.pool().clone())
+            .unwrap();
+        runtime.block_on(store.migrate()).unwrap();
+        let backend = suite::model::Backend {
+            lock: Duration::from_millis(100),
+            retention: Duration::from_millis(150),
+            expiry_forgets: false,
+            sweep_counts: true,
+            slack: 2,
+            now: Arc::new(suite::model::wall_clock),
+            pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
+        };
+        (store, backend)
+    });
+}
+
+/// Runs `test` with a store on a server of its own, and its pause and resume.
+fn on_a_pausable_server<F: Future<Output = ()>>(
+    test: impl FnOnce(PostgresStore, Box<dyn FnOnce()>, Box<dyn FnOnce()>) -> F,
+) {
+    let server = Arc::new(std::sync::Mutex::new(
+        sd_testkit::PostgresServer::start().expect("postgres"),
+    ));
+    let db = server
+        .lock()
+        .unwrap()
+        .create_database()
+        .expect("a database");
+    let runtime = runtime();
+    let store = runtime.block_on(store(db.url()));
+    runtime.block_on(test(
+        store,
+        Box::new({
+            let server = server.clone();
+            move || server.lock().unwrap().pause().unwrap()
+        }),
+        Box::new({
+            let server = server.clone();
+            move || server.lock().unwrap().resume().unwrap()
+        }),
+    ));
+    drop(db);
+}
+
+#[test]
+fn store_paused_is_503_and_fail_open_runs() {
+    on_a_pausable_server(suite::http::http_store_paused);
+}
+
+#[test]
+fn run_once_on_a_paused_store_does_not_run() {
+    on_a_pausable_server(suite::run_once_store_paused);
+}
+
+#[test]
+fn requests_recover_after_a_restart() {
+    let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
+    let db = server.create_database().expect("a database");
+    let runtime = runtime();
+    runtime.block_on(async {
+        let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
+        let body = r#"{"amount":1,"currency":"EUR"}"#;
+        let before = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        assert_eq!(before.status, 201);
+        // Every pooled connection dies with the server; the pool replaces them.
+        server.restart().unwrap();
+        let after = suite::http::send(port, "alice", Some(b"k2"), body)
+            .await
+            .unwrap();
+        assert_eq!(
+            after.status,
+            201,
+            "{:?}",
+            String::from_utf8_lossy(&after.body)
+        );
+        // The record written before the restart is still there: a replay.
+        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+        assert_eq!(replay.body, before.body);
+        assert_eq!(payments.count(), 2);
+    });
+    drop(db);
+}
+
+/// The statements the database executed since the last call (pg_stat_statements), each
+/// with its count; the counting queries themselves are left out.
+async fn statements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
+    use sqlx::Row as _;
+    let rows = sqlx::query(
+        "SELECT query, calls FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND query NOT LIKE '%pg_stat_statements%'
+         ORDER BY query",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(pool)
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let query: String = r.get("query");
+            (
+                query
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                r.get("calls"),
+            )
+        })
+        .collect()
+}
+
+fn total(statements: &[(String, i64)]) -> i64 {
+    statements.iter().map(|(_, n)| n).sum()
+}
+
+#[test]
+fn a_first_run_is_two_statements_and_a_replay_is_one() {
+    let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
+    server
+        .psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .unwrap();
+    server.restart().unwrap();
+    let db = server.create_database().expect("a database");
+    db.psql("CREATE EXTENSION pg_stat_statements").unwrap();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let counter = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(db.url())
+            .await
+            .unwrap();
+        let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
+        let body = r#"{"amount":1,"currency":"EUR"}"#;
+        suite::http::send(port, "alice", Some(b"warm"), body)
+            .await
+            .unwrap();
+        statements(&counter).await;
+
+        let first = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        let first_statements = statements(&counter).await;
+        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
+            .await
+            .unwrap();
+        let replay_statements = statements(&counter).await;
+
+        assert_eq!(first.status, 201);
+        assert_eq!(replay.body, first.body, "the replay is byte-identical");
+        assert_eq!(
+            total(&first_statements),
+            2,
+            "a first run: claim + complete: {first_statements:?}"
+        );
+        assert!(
+            first_statements
+                .iter()
+                .any(|(q, _)| q.starts_with("INSERT INTO"))
+        );
+        assert!(
+            first_statements
+                .iter()
+                .any(|(q, _)| q.starts_with("UPDATE"))
+        );
+        assert_eq!(
+            total(&replay_statements),
+            1,
+            "a replay: one claim: {replay_statements:?}"
+        );
+        assert_eq!(payments.count(), 2, "warm-up and k1 each ran once");
     });
     drop(db);
 }

@@ -52,15 +52,7 @@ behaviour_suite!(harness());
 /// The payments service over HTTP on loopback, its store on the Redis at `url`
 /// (lock TTL 30 s, retention 60 s): its port and its payment log.
 async fn serve_payments(url: &str) -> (u16, suite::http::Payments) {
-    let payments = suite::http::Payments::default();
-    let port = suite::http::serve(
-        store(url).await,
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        payments.clone(),
-    )
-    .await;
-    (port, payments)
+    suite::http::serve_payments(store(url).await).await
 }
 
 #[test]
@@ -117,22 +109,98 @@ fn store_down_is_503_and_nothing_runs() {
     });
 }
 
-/// Script calls (EVALSHA and EVAL) the server has received so far: each is one round
-/// trip from the store. (`total_commands_processed` would also count the commands a
-/// script runs inside the server.)
-fn script_calls(server: &sd_testkit::RedisServer) -> u64 {
-    let info = server
-        .command(&["INFO", "commandstats"])
-        .unwrap()
-        .as_text()
-        .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .map(|l| {
-            let calls = l.split("calls=").nth(1).unwrap();
-            calls[..calls.find(',').unwrap()].parse::<u64>().unwrap()
-        })
-        .sum()
+/// The model over 24 sequences in real time (100 ms locks): Redis forgets an expired
+/// record at once, and has nothing to sweep.
+#[test]
+fn redis_store_follows_the_model() {
+    let (runtime, h) = harness();
+    suite::model::check(&runtime, 24, suite::model::ops(40, 150, false), || {
+        let backend = suite::model::Backend {
+            lock: Duration::from_millis(100),
+            retention: Duration::from_millis(150),
+            expiry_forgets: true,
+            sweep_counts: false,
+            slack: 2,
+            now: Arc::new(suite::model::wall_clock),
+            pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
+        };
+        (h.store.clone(), backend)
+    });
+}
+
+/// Runs `test` with a store on a server of its own, and its pause and resume.
+fn on_a_pausable_server<F: Future<Output = ()>>(
+    test: impl FnOnce(RedisStore<ConnectionManager>, Box<dyn FnOnce()>, Box<dyn FnOnce()>) -> F,
+) {
+    let server = Arc::new(std::sync::Mutex::new(
+        sd_testkit::RedisServer::start().expect("a redis server"),
+    ));
+    let url = server.lock().unwrap().url();
+    let runtime = runtime();
+    let store = runtime.block_on(store(&url));
+    runtime.block_on(test(
+        store,
+        Box::new({
+            let server = server.clone();
+            move || server.lock().unwrap().pause().unwrap()
+        }),
+        Box::new({
+            let server = server.clone();
+            move || server.lock().unwrap().resume().unwrap()
+        }),
+    ));
+}
+
+#[test]
+fn store_paused_is_503_and_fail_open_runs() {
+    on_a_pausable_server(suite::http::http_store_paused);
+}
+
+#[test]
+fn run_once_on_a_paused_store_does_not_run() {
+    on_a_pausable_server(suite::run_once_store_paused);
+}
+
+/// Every command clients send to one server, as MONITOR reports them (the commands a
+/// script runs inside the server are tagged `lua` and left out).
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+    port: u16,
+}
+
+impl Monitor {
+    async fn start(port: u16) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Monitor { lines, port }
+    }
+
+    /// The names of the commands clients sent since the last call: sends a marker and
+    /// reads up to it (MONITOR reports commands in the order the server ran them).
+    async fn commands(&mut self) -> Vec<String> {
+        let marker = sd_testkit::unique_name("marker");
+        sd_testkit::resp::command(self.port, &["ECHO", marker.as_str()]).unwrap();
+        let mut out = Vec::new();
+        loop {
+            let line = self.lines.next_line().await.unwrap().expect("monitor open");
+            if line.contains(&marker) {
+                return out;
+            }
+            let Some((source, command)) = line.split_once("] ") else {
+                continue;
+            };
+            if source.ends_with(" lua") {
+                continue;
+            }
+            let name = command.split('"').nth(1).unwrap_or_default();
+            out.push(name.to_ascii_uppercase());
+        }
+    }
 }
 
 #[test]
@@ -141,6 +209,7 @@ fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
     let runtime = runtime();
     runtime.block_on(async {
         let (port, payments) = serve_payments(&server.url()).await;
+        let mut monitor = Monitor::start(server.port()).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
         // Warm up: the first EVALSHA of each script meets NOSCRIPT and is sent again with
         // its source; that happens once per server, not per request.
@@ -149,21 +218,26 @@ fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
                 .await
                 .unwrap();
         }
+        let warm = monitor.commands().await;
+        assert!(warm.contains(&"EVAL".to_owned()), "{warm:?}");
 
-        let before = script_calls(&server);
         let first = suite::http::send(port, "alice", Some(b"k1"), body)
             .await
             .unwrap();
-        let after_first = script_calls(&server);
+        let first_commands = monitor.commands().await;
         let replay = suite::http::send(port, "alice", Some(b"k1"), body)
             .await
             .unwrap();
-        let after_replay = script_calls(&server);
+        let replay_commands = monitor.commands().await;
 
         assert_eq!(first.status, 201);
         assert_eq!(replay.body, first.body, "the replay is byte-identical");
-        assert_eq!(after_first - before, 2, "a first run: claim + complete");
-        assert_eq!(after_replay - after_first, 1, "a replay: one claim");
+        assert_eq!(
+            first_commands,
+            ["EVALSHA", "EVALSHA"],
+            "a first run: claim + complete, and no other command"
+        );
+        assert_eq!(replay_commands, ["EVALSHA"], "a replay: one claim");
         assert_eq!(payments.count(), 2, "warm-up and k1 each ran once");
     });
 }

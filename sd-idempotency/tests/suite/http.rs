@@ -1,6 +1,6 @@
 //! The middleware over real HTTP on loopback: an axum payments app, a raw HTTP/1.1
-#![allow(unreachable_pub)]
 //! client, and the cases of the issue.
+#![allow(unreachable_pub)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,25 +8,133 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::routing::post;
+use axum::routing::{patch, post};
+use sd_idempotency::middleware::{Builder, OnStoreFailure};
 use sd_idempotency::{IdempotencyLayer, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc, watch};
 
-use super::Harness;
+use super::{Harness, Observed, Pass};
 
-/// The payments the app created, and a switch that makes the next one crash.
+/// Arrivals in a handler that waits for the test's go-ahead: `entered` counts them, each
+/// takes one permit of `go` to carry on.
+#[derive(Clone)]
+pub struct Hold {
+    pub entered: Arc<watch::Sender<usize>>,
+    pub go: Arc<Semaphore>,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Hold {
+            entered: Arc::new(watch::channel(0).0),
+            go: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl Hold {
+    async fn wait(&self) {
+        self.entered.send_modify(|n| *n += 1);
+        self.go.acquire().await.unwrap().forget();
+    }
+
+    /// Waits until `n` arrivals are held (a minute at most, then the test fails).
+    pub async fn entered(&self, n: usize) {
+        let mut rx = self.entered.subscribe();
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|e| *e >= n))
+            .await
+            .expect("the handler was never entered")
+            .unwrap();
+    }
+}
+
+/// Work that outlives its lock three times: six times over, it lets half a lock TTL pass
+/// and waits for the heartbeat's next renewal, then reports the step on `steps` and waits
+/// for the test's go-ahead. Only the first run is long; later runs return at once.
+#[derive(Clone)]
+pub struct LongWork {
+    pass: Pass,
+    lock_ttl: Duration,
+    extends: watch::Receiver<u64>,
+    steps: mpsc::UnboundedSender<usize>,
+    go: Arc<Semaphore>,
+    pub runs: Arc<AtomicUsize>,
+    /// Renewals that did not come within two lock TTLs.
+    pub missed: Arc<AtomicUsize>,
+}
+
+/// The test's side of a [`LongWork`]: its steps, and the go-ahead after each.
+pub struct LongWorkSteps {
+    pub steps: mpsc::UnboundedReceiver<usize>,
+    pub go: Arc<Semaphore>,
+}
+
+/// How many steps a [`LongWork`] takes (each half a lock TTL).
+pub const LONG_STEPS: usize = 6;
+
+impl LongWork {
+    pub fn new<S>(h: &Harness<S>, observed: &Observed<S>) -> (Self, LongWorkSteps) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let go = Arc::new(Semaphore::new(0));
+        let work = LongWork {
+            pass: h.pass.clone(),
+            lock_ttl: h.lock_ttl,
+            extends: observed.extends(),
+            steps: tx,
+            go: go.clone(),
+            runs: Arc::default(),
+            missed: Arc::default(),
+        };
+        (work, LongWorkSteps { steps: rx, go })
+    }
+
+    /// Runs the work; returns which run this was (1 for the first).
+    pub async fn run(&self) -> usize {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if run > 1 {
+            return run;
+        }
+        let mut extends = self.extends.clone();
+        for step in 1..=LONG_STEPS {
+            (self.pass)(self.lock_ttl / 2).await;
+            let seen = *extends.borrow_and_update();
+            let renewed = tokio::time::timeout(self.lock_ttl * 2, extends.wait_for(|n| *n > seen))
+                .await
+                .is_ok();
+            if !renewed {
+                self.missed.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = self.steps.send(step);
+            self.go.acquire().await.unwrap().forget();
+        }
+        run
+    }
+}
+
+/// The payments the app created, what the other routes ran, and switches for the tests.
 #[derive(Clone, Default)]
 pub struct Payments {
     pub created: Arc<Mutex<Vec<String>>>,
     pub crash_next: Arc<AtomicBool>,
     seq: Arc<AtomicUsize>,
+    /// Runs of the routes other than `POST /payments`.
+    pub runs: Arc<AtomicUsize>,
+    /// When set, `POST /payments` waits here before creating the payment.
+    pub hold: Option<Hold>,
+    /// When set, `POST /slow` runs it.
+    pub long: Option<LongWork>,
 }
 
 impl Payments {
     pub fn count(&self) -> usize {
         self.created.lock().unwrap().len()
+    }
+
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
     }
 }
 
@@ -38,8 +146,9 @@ async fn create(
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return (StatusCode::BAD_REQUEST, HeaderMap::new(), "bad json".into());
     };
-    // Widen the race window so concurrent duplicates overlap.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Some(hold) = &p.hold {
+        hold.wait().await;
+    }
     if p.crash_next.swap(false, Ordering::SeqCst) {
         panic!("the handler crashed after the claim");
     }
@@ -59,6 +168,45 @@ async fn create(
     (StatusCode::CREATED, out, body.to_string())
 }
 
+async fn list(State(p): State<Payments>) -> String {
+    p.runs.fetch_add(1, Ordering::SeqCst);
+    serde_json::json!(*p.created.lock().unwrap()).to_string()
+}
+
+async fn update(State(p): State<Payments>, Path(id): Path<String>) -> String {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("patched {id}, run {n}")
+}
+
+/// Answers the status in the path; the body names the run.
+async fn outcome(State(p): State<Payments>, Path(status): Path<u16>) -> (StatusCode, String) {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let status = StatusCode::from_u16(status).unwrap();
+    (status, format!("outcome {}, run {n}", status.as_u16()))
+}
+
+/// A 201 with a body of `size` bytes that starts with the run number.
+async fn big(State(p): State<Payments>, Path(size): Path<usize>) -> (StatusCode, String) {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut body = format!("run {n} ");
+    body.extend(std::iter::repeat_n('x', size.saturating_sub(body.len())));
+    (StatusCode::CREATED, body)
+}
+
+async fn unprotected(State(p): State<Payments>) -> String {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("unprotected, run {n}")
+}
+
+async fn slow(State(p): State<Payments>) -> (StatusCode, String) {
+    let long = p.long.as_ref().expect("a LongWork for POST /slow");
+    let run = long.run().await;
+    (StatusCode::CREATED, format!("slow, run {run}"))
+}
+
+/// The paths the layer covers in [`serve_with`] (`/unprotected` is left out).
+pub const COVERED: [&str; 4] = ["/payments", "/outcome", "/big", "/slow"];
+
 /// Serves the app with the layer on `store`; returns the port.
 pub async fn serve<S: Store + Clone + 'static>(
     store: S,
@@ -66,7 +214,33 @@ pub async fn serve<S: Store + Clone + 'static>(
     retention: Duration,
     payments: Payments,
 ) -> u16 {
-    let layer = IdempotencyLayer::builder(store)
+    serve_with(store, payments, |b| {
+        b.lock_ttl(lock_ttl).retention(retention)
+    })
+    .await
+}
+
+/// The app on `store` with a 30 s lock and 60 s retention: its port and its payment log.
+pub async fn serve_payments<S: Store + Clone + 'static>(store: S) -> (u16, Payments) {
+    let payments = Payments::default();
+    let port = serve(
+        store,
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        payments.clone(),
+    )
+    .await;
+    (port, payments)
+}
+
+/// Serves the app with the layer on `store`: callers by `X-Api-Key`, the [`COVERED`]
+/// paths, 60 s lock and retention, then `configure`; returns the port.
+pub async fn serve_with<S: Store + Clone + 'static>(
+    store: S,
+    payments: Payments,
+    configure: impl FnOnce(Builder<S>) -> Builder<S>,
+) -> u16 {
+    let builder = IdempotencyLayer::builder(store)
         .principal(|parts| {
             parts
                 .headers
@@ -74,12 +248,17 @@ pub async fn serve<S: Store + Clone + 'static>(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         })
-        .lock_ttl(lock_ttl)
-        .retention(retention)
-        .build()
-        .unwrap();
+        .paths(COVERED)
+        .lock_ttl(Duration::from_secs(60))
+        .retention(Duration::from_secs(60));
+    let layer = configure(builder).build().unwrap();
     let app = Router::new()
-        .route("/payments", post(create))
+        .route("/payments", post(create).get(list))
+        .route("/payments/{id}", patch(update).delete(update))
+        .route("/outcome/{status}", post(outcome))
+        .route("/big/{size}", post(big))
+        .route("/slow", post(slow))
+        .route("/unprotected", post(unprotected))
         .layer(layer)
         .with_state(payments);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -105,10 +284,29 @@ impl Reply {
     }
 }
 
-/// One request over a fresh connection; `None` when the server dropped it.
+/// `POST /payments` over a fresh connection; `None` when the server dropped it.
 pub async fn send(port: u16, caller: &str, key: Option<&[u8]>, body: &str) -> Option<Reply> {
+    request(port, "POST", "/payments", caller, key, body).await
+}
+
+/// A request from caller `alice` that gets an answer.
+pub async fn alice(port: u16, method: &str, path: &str, key: Option<&[u8]>, body: &str) -> Reply {
+    request(port, method, path, "alice", key, body)
+        .await
+        .expect("an answer")
+}
+
+/// One request over a fresh connection; `None` when the server dropped it.
+pub async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    caller: &str,
+    key: Option<&[u8]>,
+    body: &str,
+) -> Option<Reply> {
     let mut head = format!(
-        "POST /payments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Api-Key: {caller}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Api-Key: {caller}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     )
     .into_bytes();
@@ -155,7 +353,12 @@ fn key() -> String {
 }
 
 pub async fn http_concurrent_duplicates_run_once<S: Store + Clone + 'static>(h: &Harness<S>) {
-    let payments = Payments::default();
+    // The handler holds until the test lets it go, so every duplicate overlaps it.
+    let hold = Hold::default();
+    let payments = Payments {
+        hold: Some(hold.clone()),
+        ..Payments::default()
+    };
     let port = serve(
         h.store.clone(),
         Duration::from_secs(60),
@@ -164,64 +367,395 @@ pub async fn http_concurrent_duplicates_run_once<S: Store + Clone + 'static>(h: 
     )
     .await;
     let key = key();
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let key = key.clone();
-            tokio::spawn(async move {
-                send(port, "alice", Some(key.as_bytes()), PAY)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let key = key.clone();
+        tasks.spawn(async move {
+            send(port, "alice", Some(key.as_bytes()), PAY)
+                .await
+                .unwrap()
+        });
+    }
+    hold.entered(1).await;
+    // While the first request is held, the other 99 all meet its claim.
     let mut replies = Vec::new();
-    for t in tasks {
-        replies.push(t.await.unwrap());
+    for _ in 0..99 {
+        replies.push(tasks.join_next().await.unwrap().unwrap());
+    }
+    for r in &replies {
+        assert_eq!(
+            r.status,
+            409,
+            "a duplicate of a running request: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.header("retry-after")
+                .is_some_and(|s| s.parse::<u64>().unwrap() >= 1)
+        );
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    assert_eq!(
+        payments.count(),
+        0,
+        "the held request has not created it yet"
+    );
+    hold.go.add_permits(1);
+    let first = tasks.join_next().await.unwrap().unwrap();
+    assert_eq!(first.status, 201);
+    assert_eq!(first.header("idempotency-replayed"), None);
+    assert_eq!(first.header("x-not-replayed"), Some("1"));
+    assert_eq!(
+        *hold.entered.borrow(),
+        1,
+        "only one request reached the handler"
+    );
+
+    // After completion, 100 concurrent retries are byte-identical replays that carry
+    // only the chosen headers.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let key = key.clone();
+        tasks.spawn(async move {
+            send(port, "alice", Some(key.as_bytes()), PAY)
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status, 201);
+        assert_eq!(r.body, first.body, "replays are byte-identical");
+        assert_eq!(r.header("idempotency-replayed"), Some("true"));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("location"), first.header("location"));
+        assert_eq!(r.header("x-not-replayed"), None);
     }
     assert_eq!(
         payments.count(),
         1,
-        "one payment for 100 identical requests"
+        "one payment for 200 identical requests"
     );
-    let created: Vec<_> = replies.iter().filter(|r| r.status == 201).collect();
-    let first = created
-        .iter()
-        .find(|r| r.header("idempotency-replayed").is_none())
-        .expect("the request that ran");
-    assert_eq!(
-        created
-            .iter()
-            .filter(|r| r.header("idempotency-replayed").is_none())
-            .count(),
-        1
-    );
-    for r in &replies {
-        match r.status {
-            201 => {
-                assert_eq!(r.body, first.body, "replays are byte-identical");
-                assert_eq!(r.header("content-type"), Some("application/json"));
-                assert_eq!(r.header("location"), first.header("location"));
-            }
-            409 => {
-                assert!(r.header("retry-after").is_some());
-                assert_eq!(r.header("content-type"), Some("application/problem+json"));
-            }
-            other => panic!(
-                "unexpected status {other}: {:?}",
-                String::from_utf8_lossy(&r.body)
-            ),
+    assert_eq!(*hold.entered.borrow(), 1);
+}
+
+/// A handler that runs three lock TTLs: the heartbeat keeps its claim, so duplicates sent
+/// after one, two and three TTLs get 409 with `Retry-After`, the handler runs once, and
+/// its response is stored.
+pub async fn http_long_handler_keeps_its_lock<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let observed = Observed::new(h.store.clone());
+    let (long, mut steps) = LongWork::new(h, &observed);
+    let payments = Payments {
+        long: Some(long.clone()),
+        ..Payments::default()
+    };
+    let port = serve_with(observed.clone(), payments, |b| b.lock_ttl(h.lock_ttl)).await;
+    let key = key();
+    let first = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            request(port, "POST", "/slow", "alice", Some(key.as_bytes()), "{}").await
+        })
+    };
+    for _ in 0..LONG_STEPS {
+        let step = steps.steps.recv().await.unwrap();
+        if step % 2 == 0 {
+            // `step / 2` lock TTLs have passed since the claim.
+            let dup = alice(port, "POST", "/slow", Some(key.as_bytes()), "{}").await;
+            assert_eq!(
+                dup.status,
+                409,
+                "after {} lock TTLs the claim still holds: {:?}",
+                step / 2,
+                String::from_utf8_lossy(&dup.body)
+            );
+            assert!(dup.header("retry-after").is_some());
         }
+        steps.go.add_permits(1);
     }
-    // After completion every retry is a replay that carries only the chosen headers.
-    let again = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
-    assert_eq!(again.status, 201);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status, 201);
+    assert_eq!(first.body, b"slow, run 1");
+    assert_eq!(
+        long.missed.load(Ordering::SeqCst),
+        0,
+        "a renewal every half TTL"
+    );
+    assert!(*observed.extends().borrow() >= LONG_STEPS as u64);
+    let replay = alice(port, "POST", "/slow", Some(key.as_bytes()), "{}").await;
+    assert_eq!(
+        replay.header("idempotency-replayed"),
+        Some("true"),
+        "it completed"
+    );
+    assert_eq!(replay.body, first.body);
+    assert_eq!(long.runs.load(Ordering::SeqCst), 1);
+}
+
+/// 5xx, 408, 409 and 429 are not stored: the key is released and a retry runs again.
+/// Other statuses (201, 402) are stored and replayed.
+pub async fn http_retryable_outcomes_are_not_stored<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let payments = Payments::default();
+    let port = serve_with(h.store.clone(), payments.clone(), |b| b).await;
+    for status in [500u16, 502, 503, 408, 409, 429] {
+        let key = key();
+        let path = format!("/outcome/{status}");
+        let before = payments.runs();
+        for attempt in 1..=2 {
+            let r = alice(port, "POST", &path, Some(key.as_bytes()), "{}").await;
+            assert_eq!(r.status, status);
+            assert_eq!(
+                r.header("idempotency-replayed"),
+                None,
+                "{status} is not stored"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&r.body),
+                format!("outcome {status}, run {}", before + attempt)
+            );
+        }
+        assert_eq!(payments.runs(), before + 2, "{status}: the retry ran");
+    }
+    for status in [201u16, 402] {
+        let key = key();
+        let path = format!("/outcome/{status}");
+        let first = alice(port, "POST", &path, Some(key.as_bytes()), "{}").await;
+        let before = payments.runs();
+        let again = alice(port, "POST", &path, Some(key.as_bytes()), "{}").await;
+        assert_eq!((first.status, again.status), (status, status));
+        assert_eq!(
+            again.header("idempotency-replayed"),
+            Some("true"),
+            "{status} is stored"
+        );
+        assert_eq!(again.body, first.body);
+        assert_eq!(payments.runs(), before, "{status}: the retry did not run");
+    }
+}
+
+/// A response over `max_response_bytes` reaches the first caller whole; a 500 problem is
+/// stored in its place, so a retry does not run the handler again. One under the cap is
+/// replayed byte for byte.
+pub async fn http_oversized_response_is_not_replayed<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let payments = Payments::default();
+    let port = serve_with(h.store.clone(), payments.clone(), |b| {
+        b.max_response_bytes(4096)
+    })
+    .await;
+    let key = key();
+    let first = alice(port, "POST", "/big/5000", Some(key.as_bytes()), "{}").await;
+    assert_eq!(first.status, 201);
+    assert_eq!(
+        first.body.len(),
+        5000,
+        "the first caller gets the whole body"
+    );
+    let retry = alice(port, "POST", "/big/5000", Some(key.as_bytes()), "{}").await;
+    assert_eq!(retry.status, 500);
+    assert_eq!(retry.header("idempotency-replayed"), Some("true"));
+    assert_eq!(
+        retry.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    assert_eq!(problem["status"], 500);
+    assert_eq!(payments.runs(), 1, "the handler ran once");
+
+    let key = self::key();
+    let small = alice(port, "POST", "/big/3000", Some(key.as_bytes()), "{}").await;
+    let replay = alice(port, "POST", "/big/3000", Some(key.as_bytes()), "{}").await;
+    assert_eq!((small.status, replay.status), (201, 201));
+    assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+    assert_eq!(replay.body, small.body);
+    assert_eq!(payments.runs(), 2);
+}
+
+/// Only the configured methods (POST, PATCH) on the configured paths need a key: GET and
+/// DELETE pass through, and so does a path outside the configured prefixes.
+pub async fn http_methods_and_routes<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let payments = Payments::default();
+    let port = serve_with(h.store.clone(), payments.clone(), |b| b).await;
+    // GET passes through, with or without a key, and is never replayed.
+    for key in [
+        None,
+        Some(b"get-key".as_slice()),
+        Some(b"get-key".as_slice()),
+    ] {
+        let r = alice(port, "GET", "/payments", key, "").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("idempotency-replayed"), None);
+    }
+    assert_eq!(payments.runs(), 3);
+    // DELETE is not a configured method either.
+    let r = alice(port, "DELETE", "/payments/p1", None, "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(payments.runs(), 4);
+    // PATCH is covered: no key is 400, a key runs once and replays.
+    let r = alice(port, "PATCH", "/payments/p1", None, "{}").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(payments.runs(), 4, "refused before the handler");
+    let key = key();
+    let first = alice(port, "PATCH", "/payments/p1", Some(key.as_bytes()), "{}").await;
+    let again = alice(port, "PATCH", "/payments/p1", Some(key.as_bytes()), "{}").await;
+    assert_eq!((first.status, again.status), (200, 200));
+    assert_eq!(first.body, b"patched p1, run 5");
     assert_eq!(again.body, first.body);
     assert_eq!(again.header("idempotency-replayed"), Some("true"));
-    assert_eq!(again.header("x-not-replayed"), None);
-    assert_eq!(first.header("x-not-replayed"), Some("1"));
+    assert_eq!(payments.runs(), 5);
+    // A path outside the configured prefixes needs no key and is not deduplicated.
+    let r = alice(port, "POST", "/unprotected", None, "{}").await;
+    assert_eq!(r.status, 200);
+    for _ in 0..2 {
+        let r = alice(port, "POST", "/unprotected", Some(b"u"), "{}").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("idempotency-replayed"), None);
+    }
+    assert_eq!(payments.runs(), 8);
+    // A POST on a configured path without a key is refused.
+    let r = alice(port, "POST", "/outcome/201", None, "{}").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(payments.runs(), 8);
+}
+
+/// A key is bound to its method and path (and query): the same key and body on another
+/// method, path or query is 422 and does not run.
+pub async fn http_key_is_bound_to_method_and_path<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let payments = Payments::default();
+    let port = serve_with(h.store.clone(), payments.clone(), |b| b).await;
+    let key = key();
+    let first = send(port, "alice", Some(key.as_bytes()), PAY)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 201);
+    for (method, path) in [
+        ("PATCH", "/payments/p1"),
+        ("POST", "/outcome/201"),
+        ("POST", "/payments?currency=USD"),
+    ] {
+        let r = request(port, method, path, "alice", Some(key.as_bytes()), PAY)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 422, "{method} {path}");
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    assert_eq!(payments.runs(), 0);
     assert_eq!(payments.count(), 1);
+    let replay = send(port, "alice", Some(key.as_bytes()), PAY)
+        .await
+        .unwrap();
+    assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+}
+
+/// With `fingerprint_fields`, a retry that reorders, reformats or adds fields replays; a
+/// changed chosen field is 422. Over the whole body, a reordered retry is 422.
+pub async fn http_fingerprint_over_chosen_fields<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let payments = Payments::default();
+    let port = serve_with(h.store.clone(), payments.clone(), |b| {
+        b.fingerprint_fields(["/amount", "/currency"])
+    })
+    .await;
+    let key = key();
+    let first = send(port, "alice", Some(key.as_bytes()), PAY)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 201);
+    for same in [
+        r#"{"currency":"EUR","amount":1000}"#,
+        r#"{ "amount" : 1000 , "currency" : "EUR" }"#,
+        r#"{"amount":1000,"currency":"EUR","note":"retried by the client"}"#,
+    ] {
+        let r = send(port, "alice", Some(key.as_bytes()), same)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{same}");
+        assert_eq!(r.header("idempotency-replayed"), Some("true"), "{same}");
+        assert_eq!(r.body, first.body);
+    }
+    for changed in [
+        r#"{"amount":999,"currency":"EUR"}"#,
+        r#"{"amount":1000,"currency":"USD"}"#,
+        r#"{"amount":1000}"#,
+    ] {
+        let r = send(port, "alice", Some(key.as_bytes()), changed)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 422, "{changed}");
+    }
+    assert_eq!(payments.count(), 1);
+
+    // The default fingerprint is the whole body: a reordered retry is another request.
+    let whole = serve_with(h.store.clone(), payments.clone(), |b| b).await;
+    let key = self::key();
+    assert_eq!(
+        send(whole, "alice", Some(key.as_bytes()), PAY)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    let reordered = send(
+        whole,
+        "alice",
+        Some(key.as_bytes()),
+        r#"{"currency":"EUR","amount":1000}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reordered.status, 422);
+    assert_eq!(payments.count(), 2);
+}
+
+/// The store frozen (`pause`): a fail-closed app answers 503 while it is still frozen
+/// and does not run the handler; a fail-open app runs it. Once resumed, requests run.
+pub async fn http_store_paused<S: Store + Clone + 'static>(
+    store: S,
+    pause: impl FnOnce(),
+    resume: impl FnOnce(),
+) {
+    let payments = Payments::default();
+    let timeout = Duration::from_millis(500);
+    let closed = serve_with(store.clone(), payments.clone(), |b| b.timeout(timeout)).await;
+    let open = serve_with(store.clone(), payments.clone(), |b| {
+        b.timeout(timeout)
+            .on_store_failure(OnStoreFailure::FailOpen)
+    })
+    .await;
+    assert_eq!(
+        send(closed, "alice", Some(b"before"), PAY)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    pause();
+    // A guard, not a timing assertion: a request that never answers fails the test.
+    let guard = Duration::from_secs(30);
+    let down = tokio::time::timeout(guard, send(closed, "alice", Some(b"during"), PAY))
+        .await
+        .expect("an answer while the store is frozen")
+        .unwrap();
+    assert_eq!(down.status, 503);
+    assert_eq!(
+        down.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(payments.count(), 1, "fail closed: the handler did not run");
+    let open_reply = tokio::time::timeout(guard, send(open, "alice", Some(b"open"), PAY))
+        .await
+        .expect("an answer while the store is frozen")
+        .unwrap();
+    assert_eq!(open_reply.status, 201, "fail open: the handler ran");
+    assert_eq!(open_reply.header("idempotency-replayed"), None);
+    assert_eq!(payments.count(), 2);
+    resume();
+    // Back: requests run again. (The claim sent while the store was frozen may have been
+    // applied when it woke, so a retry of that key can get 409 until its lock expires.)
+    let after = send(closed, "alice", Some(b"after"), PAY).await.unwrap();
+    assert_eq!(after.status, 201);
+    let replay = send(closed, "alice", Some(b"after"), PAY).await.unwrap();
+    assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+    assert_eq!(payments.count(), 3);
 }
 
 pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h: &Harness<S>) {

@@ -3,13 +3,19 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod http;
+pub mod model;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sd_idempotency::{Claim, ClaimOutcome, Error, Fingerprint, Store, StoredResponse};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sd_idempotency::{
+    Claim, ClaimOutcome, Error, Fingerprint, Outcome, RunError, RunOnce, Store, StoredResponse,
+};
+use tokio::sync::watch;
 
 /// Lets time pass for the store: a manual clock moves, or the test sleeps (real servers
 /// read their own clocks).
@@ -33,6 +39,65 @@ impl<S> Harness<S> {
     }
 }
 
+/// The store under test, counting the lock renewals it accepted so a test can await the
+/// next one. Every call goes to the real store.
+#[derive(Clone)]
+pub struct Observed<S> {
+    inner: S,
+    extends: Arc<watch::Sender<u64>>,
+}
+
+impl<S> Observed<S> {
+    pub fn new(inner: S) -> Self {
+        Observed {
+            inner,
+            extends: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// The count of accepted renewals.
+    pub fn extends(&self) -> watch::Receiver<u64> {
+        self.extends.subscribe()
+    }
+}
+
+impl<S: Store> Store for Observed<S> {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<ClaimOutcome, Error> {
+        self.inner.claim(scope, key, fingerprint, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        claim: &Claim,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), Error> {
+        self.inner.complete(claim, response, retention).await
+    }
+
+    async fn release(&self, claim: &Claim) -> Result<(), Error> {
+        self.inner.release(claim).await
+    }
+
+    async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<(), Error> {
+        let done = self.inner.extend(claim, lock_ttl).await;
+        if done.is_ok() {
+            self.extends.send_modify(|n| *n += 1);
+        }
+        done
+    }
+
+    async fn sweep(&self) -> Result<u64, Error> {
+        self.inner.sweep().await
+    }
+}
+
 /// Generates one `#[test]` per suite case; `$make` returns `(Runtime, Harness<S>)`.
 #[macro_export]
 macro_rules! behaviour_suite {
@@ -52,7 +117,17 @@ macro_rules! behaviour_suite {
             http_other_caller_is_independent,
             http_crash_after_claim_then_retry_after_ttl,
             http_retention_runs_again,
-            http_bad_keys_are_400
+            http_bad_keys_are_400,
+            http_long_handler_keeps_its_lock,
+            http_retryable_outcomes_are_not_stored,
+            http_oversized_response_is_not_replayed,
+            http_methods_and_routes,
+            http_key_is_bound_to_method_and_path,
+            http_fingerprint_over_chosen_fields,
+            run_once_runs_once_and_replays,
+            run_once_failed_work_releases_the_key,
+            run_once_duplicate_in_flight,
+            run_once_long_work_keeps_its_lock
         );
     };
     (@cases $make:expr; $($name:ident),*) => {
@@ -300,6 +375,193 @@ pub async fn bad_ttls_are_config_errors<S: Store>(h: &Harness<S>) {
 
 pub use http::{
     http_bad_keys_are_400, http_concurrent_duplicates_run_once,
-    http_crash_after_claim_then_retry_after_ttl, http_mismatch_is_422_and_does_not_run,
-    http_other_caller_is_independent, http_retention_runs_again,
+    http_crash_after_claim_then_retry_after_ttl, http_fingerprint_over_chosen_fields,
+    http_key_is_bound_to_method_and_path, http_long_handler_keeps_its_lock,
+    http_methods_and_routes, http_mismatch_is_422_and_does_not_run,
+    http_other_caller_is_independent, http_oversized_response_is_not_replayed,
+    http_retention_runs_again, http_retryable_outcomes_are_not_stored,
 };
+
+type Work = Result<String, std::io::Error>;
+
+pub async fn run_once_runs_once_and_replays<S: Store + Clone>(h: &Harness<S>) {
+    let scope = scope();
+    let runner = RunOnce::new(h.store.clone());
+    let runs = AtomicUsize::new(0);
+    let fp = fp("order 42");
+    let work = || async {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        Work::Ok(format!("shipped #{n}"))
+    };
+    let first = runner.run(&scope, "msg-1", &fp, work()).await.unwrap();
+    assert_eq!(first, Outcome::Executed("shipped #1".to_owned()));
+    let second = runner.run(&scope, "msg-1", &fp, work()).await.unwrap();
+    assert_eq!(second, Outcome::Replayed("shipped #1".to_owned()));
+    let other = runner
+        .run(&scope, "msg-1", &self::fp("order 43"), work())
+        .await;
+    assert!(
+        matches!(other, Err(RunError::Idempotency(Error::Mismatch { .. }))),
+        "{other:?}"
+    );
+    let bad = runner.run(&scope, "", &fp, work()).await;
+    assert!(
+        matches!(bad, Err(RunError::Idempotency(Error::InvalidKey { .. }))),
+        "{bad:?}"
+    );
+    // Another scope runs its own.
+    let elsewhere = runner
+        .run(&format!("{scope}-b"), "msg-1", &fp, work())
+        .await
+        .unwrap();
+    assert_eq!(elsewhere, Outcome::Executed("shipped #2".to_owned()));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+pub async fn run_once_failed_work_releases_the_key<S: Store + Clone>(h: &Harness<S>) {
+    let scope = scope();
+    let runner = RunOnce::new(h.store.clone());
+    let fp = fp("x");
+    let failed = runner
+        .run(&scope, "k", &fp, async {
+            Err::<u32, _>("downstream timed out")
+        })
+        .await;
+    assert!(
+        matches!(failed, Err(RunError::Work("downstream timed out"))),
+        "{failed:?}"
+    );
+    let ok = runner
+        .run(&scope, "k", &fp, async { Ok::<_, &str>(7u32) })
+        .await
+        .unwrap();
+    assert_eq!(ok, Outcome::Executed(7));
+    let replay = runner
+        .run(&scope, "k", &fp, async { Ok::<_, &str>(8u32) })
+        .await
+        .unwrap();
+    assert_eq!(replay, Outcome::Replayed(7));
+}
+
+pub async fn run_once_duplicate_in_flight<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let scope = scope();
+    let runner = RunOnce::new(h.store.clone());
+    let fp = fp("x");
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (finish, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow = {
+        let (runner, scope) = (runner.clone(), scope.clone());
+        tokio::spawn(async move {
+            runner
+                .run(&scope, "k", &fp, async {
+                    started_tx.send(()).unwrap();
+                    finish_rx.await.unwrap();
+                    Ok::<_, std::io::Error>(1u8)
+                })
+                .await
+                .unwrap()
+        })
+    };
+    started.await.unwrap();
+    let ran = AtomicUsize::new(0);
+    let duplicate = runner
+        .run(&scope, "k", &fp, async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(2u8)
+        })
+        .await;
+    assert!(
+        matches!(duplicate, Err(RunError::Idempotency(Error::InFlight { retry_after }))
+            if retry_after > Duration::ZERO),
+        "{duplicate:?}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    finish.send(()).unwrap();
+    assert_eq!(slow.await.unwrap(), Outcome::Executed(1));
+    let replay = runner
+        .run(&scope, "k", &fp, async { Ok::<_, std::io::Error>(3u8) })
+        .await
+        .unwrap();
+    assert_eq!(replay, Outcome::Replayed(1));
+}
+
+/// Work that runs three lock TTLs keeps its claim through the heartbeat: duplicates after
+/// one, two and three TTLs are in flight, the work runs once and its result is stored.
+pub async fn run_once_long_work_keeps_its_lock<S: Store + Clone + 'static>(h: &Harness<S>) {
+    let scope = scope();
+    let observed = Observed::new(h.store.clone());
+    let runner = RunOnce::new(observed.clone()).lock_ttl(h.lock_ttl).unwrap();
+    let (long, mut steps) = http::LongWork::new(h, &observed);
+    let first = {
+        let (runner, scope, long) = (runner.clone(), scope.clone(), long.clone());
+        tokio::spawn(async move {
+            runner
+                .run(&scope, "k", &fp("long"), async move {
+                    Ok::<_, std::io::Error>(long.run().await)
+                })
+                .await
+                .unwrap()
+        })
+    };
+    for _ in 0..http::LONG_STEPS {
+        let step = steps.steps.recv().await.unwrap();
+        if step % 2 == 0 {
+            let long = long.clone();
+            let dup = runner
+                .run(&scope, "k", &fp("long"), async move {
+                    Ok::<_, std::io::Error>(long.run().await)
+                })
+                .await;
+            assert!(
+                matches!(dup, Err(RunError::Idempotency(Error::InFlight { .. }))),
+                "after {} lock TTLs the claim still holds: {dup:?}",
+                step / 2
+            );
+        }
+        steps.go.add_permits(1);
+    }
+    assert_eq!(first.await.unwrap(), Outcome::Executed(1));
+    assert_eq!(
+        long.missed.load(Ordering::SeqCst),
+        0,
+        "a renewal every half TTL"
+    );
+    let replay = runner
+        .run(&scope, "k", &fp("long"), async {
+            Ok::<_, std::io::Error>(99)
+        })
+        .await
+        .unwrap();
+    assert_eq!(replay, Outcome::Replayed(1), "its result was stored");
+    assert_eq!(long.runs.load(Ordering::SeqCst), 1);
+}
+
+/// `run_once` on a frozen store: the store's timeout answers, the work does not run.
+pub async fn run_once_store_paused<S: Store + Clone>(
+    store: S,
+    pause: impl FnOnce(),
+    resume: impl FnOnce(),
+) {
+    let runner = RunOnce::new(store);
+    let scope = scope();
+    let ran = AtomicUsize::new(0);
+    let work = || async {
+        ran.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(1u8)
+    };
+    assert!(runner.run(&scope, "before", &fp("a"), work()).await.is_ok());
+    pause();
+    let guard = Duration::from_secs(30);
+    let down = tokio::time::timeout(guard, runner.run(&scope, "during", &fp("a"), work()))
+        .await
+        .expect("an answer while the store is frozen");
+    assert!(
+        matches!(&down, Err(RunError::Idempotency(e)) if e.is_store_failure()),
+        "{down:?}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "the work did not run");
+    resume();
+    let after = runner.run(&scope, "after", &fp("a"), work()).await.unwrap();
+    assert_eq!(after, Outcome::Executed(1));
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+}
