@@ -76,6 +76,11 @@
 //!
 //! Round trips to the store per request: first run 2 (claim, complete), replay 1,
 //! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs.
+//! The Redis and PostgreSQL tests count them on the server.
+//!
+//! A first run through the middleware, handler included (`benches/RESULTS.md`, one
+//! criterion run on 2 cores, servers on loopback), beside a 488.7 ns bare handler:
+//! memory 2.5 µs, Redis 273.8 µs, PostgreSQL 588.4 µs.
 //!
 //! # Crate features
 //!
