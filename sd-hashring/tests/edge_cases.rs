@@ -188,9 +188,12 @@ fn bounded_mode_reports_bad_loads_and_full_rings() {
         })
     );
     // Loads far above any cap (reported by another process, say): a typed error.
-    assert!(
-        ring.node_bounded("k", &[u64::MAX, u64::MAX], &bound)
-            .is_err()
+    assert_eq!(
+        ring.node_bounded("k", &[u64::MAX, u64::MAX], &bound),
+        Err(Error::AllNodesFull {
+            nodes: 2,
+            total_load: u64::MAX
+        })
     );
     // All full except one: the walk finds it.
     let pick = ring.node_bounded("k", &[100, 0], &bound).unwrap();
@@ -219,4 +222,61 @@ fn positions_past_the_hash_range_wrap() {
     let first = ring.points().next().unwrap().1;
     assert_eq!(ring.node_at(u64::MAX), Some(first));
     assert_eq!(ring.node_at(1 << 40), Some(first));
+}
+
+/// Two ids whose CRC32 labels collide, found offline by brute force over
+/// `host-{12 hex digits}` ids. CRC32 is linear, so a colliding pair collides at
+/// several vnodes at once (`b-99 = a-122`, `b-98 = a-123`, ...).
+const COLLIDING: (&str, &str) = ("host-0e661cf1c565", "host-bf85e7b97856");
+
+#[test]
+fn colliding_points_resolve_by_id_in_any_order() {
+    let (a, b) = COLLIDING;
+    let shared = HashKind::Crc32.position(format!("{a}-122").as_bytes());
+    assert_eq!(
+        shared,
+        HashKind::Crc32.position(format!("{b}-99").as_bytes())
+    );
+    let collisions: Vec<u64> = (0..160)
+        .map(|i| HashKind::Crc32.position(format!("{a}-{i}").as_bytes()))
+        .filter(|p| (0..160).any(|j| HashKind::Crc32.position(format!("{b}-{j}").as_bytes()) == *p))
+        .collect();
+    assert!(collisions.len() >= 8, "{collisions:?}");
+
+    let built = HashRing::new([Node::new(a), Node::new(b), Node::new("c")]).unwrap();
+    let mut forward = HashRing::default();
+    for id in [a, b, "c"] {
+        forward.add(Node::new(id)).unwrap();
+    }
+    let mut reversed = HashRing::default();
+    for id in ["c", b, a] {
+        reversed.add(Node::new(id)).unwrap();
+    }
+    assert_eq!(forward, built);
+    assert_eq!(reversed, built);
+    assert_eq!(built.point_count(), 3 * 160, "both colliding points stay");
+
+    for &p in &collisions {
+        let at: Vec<&str> = built
+            .points()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, n)| n.id().as_str())
+            .collect();
+        assert_eq!(at, [a, b], "both points, the smaller id first");
+        // The smaller id owns the arc ending at the shared position.
+        assert_eq!(built.node_at(p).unwrap().id(), a);
+    }
+    // Removing either node leaves the other's point, which then owns the arc.
+    for (gone, kept) in [(a, b), (b, a)] {
+        let mut ring = built.clone();
+        ring.remove(gone).unwrap();
+        assert_eq!(ring.point_count(), 2 * 160);
+        for &p in &collisions {
+            assert_eq!(ring.node_at(p).unwrap().id(), kept, "{gone} removed");
+        }
+        assert_eq!(
+            ring,
+            HashRing::new([Node::new(kept), Node::new("c")]).unwrap()
+        );
+    }
 }
