@@ -345,6 +345,41 @@ pub(crate) enum Params {
     Window { window: u64, limit: u64, scale: u64 },
 }
 
+impl Params {
+    /// Whether a state written under `self` means the same under `other`, so a limit can
+    /// change without misreading what is stored: the virtual-scheduling state is a point
+    /// on a clock whose scale is `(tick, per_tick)` (any GCRA, leaky bucket or leaky
+    /// queue share one; a token bucket's depends on its refill), the sliding window's is
+    /// a window index and two counts for one window length.
+    pub(crate) fn same_state(&self, other: &Params) -> bool {
+        match (self, other) {
+            (
+                Params::Virtual { tick, per_tick, .. },
+                Params::Virtual {
+                    tick: t,
+                    per_tick: p,
+                    ..
+                },
+            ) => tick == t && per_tick == p,
+            (
+                Params::Window { window, scale, .. },
+                Params::Window {
+                    window: w,
+                    scale: s,
+                    ..
+                },
+            ) => window == w && scale == s,
+            _ => false,
+        }
+    }
+}
+
+/// Why [`Params::same_state`] refused a new limit.
+pub(crate) const OTHER_STATE: &str = "stores its state differently from the current limit \
+    (another algorithm, a token bucket with another refill, or a sliding window of another \
+    length), so existing state would be misread: build a new limiter (on Redis, with a new \
+    prefix) instead";
+
 /// The answer to one request.
 ///
 /// A cost larger than the limit's capacity is not a decision: it is

@@ -277,6 +277,9 @@ impl<C: Clock> Core<C> {
 
     fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = limit.params(TICK_NS)?;
+        if !self.limit.params().same_state(&params) {
+            return Err(Error::config("limit", crate::algorithm::OTHER_STATE));
+        }
         self.limit.store(limit, params);
         Ok(())
     }
@@ -578,6 +581,12 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// Replaces the limit. The state is kept, so the change hands out no fresh burst:
     /// what was used under the old limit stays used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
+    /// differently (another algorithm, a token bucket with another refill, a sliding
+    /// window of another length): the kept state would be misread.
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         self.core.set_limit(limit)
     }
@@ -870,6 +879,12 @@ where
 
     /// Replaces the default limit. Keys keep their state, so the change hands out no
     /// fresh burst (exactly so for GCRA and leaky buckets, whose state is a time).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
+    /// differently (another algorithm, a token bucket with another refill, a sliding
+    /// window of another length): the kept state would be misread.
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         self.core.set_limit(limit)
     }

@@ -271,7 +271,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     }
 
     /// Decides one request for `key` under its own `limit` (per-key quotas, or limits
-    /// changed on the fly: the limit travels with every call).
+    /// changed on the fly: the limit travels with every call). A key's limits must store
+    /// their state alike (see [`Self::set_limit`]): the script cannot tell a GCRA time
+    /// from a window count.
     pub async fn check_with(&self, key: &str, limit: &Limit, cost: u32) -> Result<Decision> {
         let params = redis_params(limit)?;
         self.run(&[(key, *limit, params, cost)], None, None).await
@@ -326,8 +328,19 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     }
 
     /// Replaces the default limit. State in Redis is kept: no fresh burst.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
+    /// differently (another algorithm, a token bucket with another refill, a sliding
+    /// window of another length): the state in Redis would be misread. Every replica
+    /// sharing a prefix must use limits that store their state alike; give a new
+    /// algorithm a new [`Builder::prefix`].
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = redis_params(&limit)?;
+        if !self.limit.load().1.same_state(&params) {
+            return Err(Error::config("limit", crate::algorithm::OTHER_STATE));
+        }
         self.limit.store(Arc::new((limit, params)));
         if let Some(cache) = &self.denied {
             cache.entries.clear();

@@ -194,8 +194,9 @@ fn changing_the_quota_at_runtime_hands_out_no_fresh_burst() {
     assert_eq!(d.retry_after, Duration::from_millis(800));
 }
 
-/// Switching a direct limiter between GCRA (the fast path) and another algorithm takes
-/// effect on the next check, for `check` and `allow` alike.
+/// Switching a direct limiter between GCRA (the fast path) and a leaky queue (the
+/// general kernel, same state: a time) takes effect on the next check, for `check` and
+/// `allow` alike, and keeps what was used.
 #[test]
 fn switching_algorithms_at_runtime_leaves_the_fast_path() {
     let clock = ManualClock::new();
@@ -205,21 +206,76 @@ fn switching_algorithms_at_runtime_leaves_the_fast_path() {
         .unwrap();
     assert!(limiter.allow());
     assert!(!limiter.check().unwrap().allowed);
-    // A sliding window of 3 per hour decides from now on (the GCRA word is not a window
-    // count, so the first window's answer is not asserted; two windows later it is).
+    // A leaky queue of 1 per second that may delay up to 3 s decides from now on: the
+    // slot used under GCRA stays used, so the next request waits 1 s, then 2 s, ...
     limiter
-        .set_limit(Limit::sliding_window(3, Duration::from_secs(3600)).unwrap())
+        .set_limit(
+            Limit::leaky_queue(Quota::per_second(1).unwrap(), Duration::from_secs(3)).unwrap(),
+        )
         .unwrap();
     let d = limiter.check().unwrap();
-    assert_eq!(d.limit, 3, "decided by the sliding window: {d:?}");
-    clock.advance(Duration::from_secs(7200));
-    assert!(limiter.allow());
-    assert_eq!(limiter.check().unwrap().remaining, 1);
-    assert!(limiter.allow());
+    assert!(d.allowed, "queued by the leaky queue: {d:?}");
+    assert_eq!(d.delay, Duration::from_secs(1));
+    assert_eq!(limiter.check().unwrap().delay, Duration::from_secs(2));
+    assert_eq!(limiter.check().unwrap().delay, Duration::from_secs(3));
     assert!(!limiter.allow() && !limiter.check().unwrap().allowed);
-    // Back to GCRA, burst 5: the fast path again.
+    // Back to GCRA, burst 5: the fast path again, still owing the queued slots.
     limiter.set_limit(gcra(1, 5)).unwrap();
-    assert_eq!(limiter.check().unwrap().limit, 5);
+    let d = limiter.check().unwrap();
+    assert_eq!(d.limit, 5);
+    assert!(d.allowed, "3 s owed, 4 s of burst left: {d:?}");
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(limiter.check().unwrap().remaining, 4);
+}
+
+/// A limit whose state means something else (another algorithm family, another token
+/// refill, another window) is refused with a typed error, and the old limit stays: the
+/// kept state is never misread.
+#[test]
+fn a_limit_that_would_misread_the_state_is_refused() {
+    let window = || Limit::sliding_window(3, Duration::from_secs(3600)).unwrap();
+    let direct = Builder::new(gcra(1, 1)).direct().unwrap();
+    assert!(direct.allow());
+    assert!(matches!(
+        direct.set_limit(window()),
+        Err(Error::InvalidConfig { field: "limit", .. })
+    ));
+    assert_eq!(direct.limit(), gcra(1, 1));
+    assert!(!direct.allow(), "still the GCRA limit, its burst used");
+
+    let keyed = Builder::new(window()).keyed::<String>().unwrap();
+    for _ in 0..3 {
+        assert!(keyed.check("k").unwrap().allowed);
+    }
+    for other in [
+        gcra(1, 5),
+        Limit::sliding_window(3, Duration::from_secs(60)).unwrap(),
+        Limit::token_bucket(10, 1, Duration::from_secs(1)).unwrap(),
+    ] {
+        assert!(matches!(
+            keyed.set_limit(other),
+            Err(Error::InvalidConfig { field: "limit", .. })
+        ));
+    }
+    assert!(
+        !keyed.check("k").unwrap().allowed,
+        "the window still counts 3"
+    );
+    // Same state, another count: accepted, and the 3 already counted stay counted.
+    keyed
+        .set_limit(Limit::sliding_window(4, Duration::from_secs(3600)).unwrap())
+        .unwrap();
+    assert!(keyed.check("k").unwrap().allowed);
+    assert!(!keyed.check("k").unwrap().allowed);
+
+    let bucket = |refill| Limit::token_bucket(10, refill, Duration::from_secs(1)).unwrap();
+    let tb = Builder::new(bucket(1)).direct().unwrap();
+    tb.set_limit(Limit::token_bucket(20, 1, Duration::from_secs(1)).unwrap())
+        .unwrap();
+    assert!(matches!(
+        tb.set_limit(bucket(2)),
+        Err(Error::InvalidConfig { field: "limit", .. })
+    ));
 }
 
 #[test]

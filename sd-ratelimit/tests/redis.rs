@@ -485,3 +485,36 @@ fn invalid_redis_config_fails_at_construction() {
         ));
     });
 }
+
+/// A new limit whose state would be read differently from what Redis holds (another
+/// algorithm, another window) is refused with a typed error; the old limit stays.
+#[test]
+fn a_limit_that_would_misread_the_state_in_redis_is_refused() {
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = manager(server.url()).await;
+        let window = Limit::sliding_window(2, Duration::from_secs(3600)).unwrap();
+        let limiter = Builder::new(window).build(conn).unwrap();
+        assert!(limiter.check("k").await.unwrap().allowed);
+        assert!(limiter.check("k").await.unwrap().allowed);
+        for other in [
+            Limit::gcra(Quota::per_second(1).unwrap()),
+            Limit::sliding_window(2, Duration::from_secs(60)).unwrap(),
+        ] {
+            assert!(matches!(
+                limiter.set_limit(other),
+                Err(Error::InvalidConfig { field: "limit", .. })
+            ));
+        }
+        assert!(
+            !limiter.check("k").await.unwrap().allowed,
+            "still the window"
+        );
+        limiter
+            .set_limit(Limit::sliding_window(3, Duration::from_secs(3600)).unwrap())
+            .unwrap();
+        assert!(limiter.check("k").await.unwrap().allowed);
+        assert!(!limiter.check("k").await.unwrap().allowed);
+    });
+}
