@@ -74,6 +74,38 @@ fn app<S: Store + Clone + 'static>(store: S) -> Result<Router, sd_idempotency::E
         .with_state(Payments::default()))
 }
 
+/// The app on the store the flags name: Redis, PostgreSQL (migrated, swept every
+/// minute), or memory when neither is given.
+pub(crate) async fn router(
+    redis_url: Option<String>,
+    postgres_url: Option<String>,
+) -> Result<(Router, &'static str), Box<dyn std::error::Error>> {
+    Ok(match (redis_url, postgres_url) {
+        (Some(_), Some(_)) => return Err("give --redis or --postgres, not both".into()),
+        (Some(url), None) => {
+            let conn = redis::aio::ConnectionManager::new(redis::Client::open(url)?).await?;
+            (app(RedisStore::builder().build(conn)?)?, "redis")
+        }
+        (None, Some(url)) => {
+            let store = PostgresStore::builder().build(sqlx::PgPool::connect(&url).await?)?;
+            store.migrate().await?;
+            tokio::spawn(sd_idempotency::run_sweeper(
+                store.clone(),
+                std::time::Duration::from_secs(60),
+            ));
+            (app(store)?, "postgres")
+        }
+        (None, None) => {
+            let store = MemoryStore::new();
+            tokio::spawn(sd_idempotency::run_sweeper(
+                store.clone(),
+                std::time::Duration::from_secs(60),
+            ));
+            (app(store)?, "memory")
+        }
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut addr = "127.0.0.1:3000".to_owned();
@@ -92,33 +124,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let router = match (redis_url, postgres_url) {
-        (Some(_), Some(_)) => return Err("give --redis or --postgres, not both".into()),
-        (Some(url), None) => {
-            let conn = redis::aio::ConnectionManager::new(redis::Client::open(url)?).await?;
-            println!("store: redis");
-            app(RedisStore::builder().build(conn)?)?
-        }
-        (None, Some(url)) => {
-            let store = PostgresStore::builder().build(sqlx::PgPool::connect(&url).await?)?;
-            store.migrate().await?;
-            tokio::spawn(sd_idempotency::run_sweeper(
-                store.clone(),
-                std::time::Duration::from_secs(60),
-            ));
-            println!("store: postgres");
-            app(store)?
-        }
-        (None, None) => {
-            let store = MemoryStore::new();
-            tokio::spawn(sd_idempotency::run_sweeper(
-                store.clone(),
-                std::time::Duration::from_secs(60),
-            ));
-            println!("store: memory");
-            app(store)?
-        }
-    };
+    let (router, store) = router(redis_url, postgres_url).await?;
+    println!("store: {store}");
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{addr}");
     axum::serve(listener, router)
