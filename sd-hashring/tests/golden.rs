@@ -7,7 +7,7 @@
 //! facts published by others. If one of these fails, keys would land on other nodes
 //! after an upgrade: that is a breaking change, never a test to update lightly.
 
-use sd_hashring::{HashKind, HashRing, Node};
+use sd_hashring::{HashKind, HashRing, Maglev, Node, Placement, Rendezvous, RingKey, jump_hash};
 
 fn redis3() -> HashRing {
     HashRing::new([
@@ -103,6 +103,70 @@ fn xxh3_ring_is_pinned() {
 }
 
 const XXH3_PINNED: &str = "cbacbcbbbacaacab";
+
+/// The golden values Guava checks `Hashing.consistentHash` against "to see that
+/// implementations across languages are equivalent" (HashingTest,
+/// `testConsistentHash_linearCongruentialGeneratorCompatibility`); Guava implements the
+/// Lamping–Veach algorithm with the paper's generator.
+#[test]
+fn jump_hash_matches_guava_golden_values() {
+    let golden100 = [
+        0, 55, 62, 8, 45, 59, 86, 97, 82, 59, 73, 37, 17, 56, 86, 21, 90, 37, 38, 83,
+    ];
+    for (key, want) in golden100.into_iter().enumerate() {
+        assert_eq!(jump_hash(key as u64, 100), Some(want), "key {key}");
+    }
+    assert_eq!(jump_hash(10_863_919_174_838_991, 11), Some(6));
+    assert_eq!(jump_hash(2_016_238_256_797_177_309, 11), Some(3));
+    assert_eq!(jump_hash(1_673_758_223_894_951_030, 11), Some(5));
+    assert_eq!(jump_hash(2, 100_001), Some(80_343));
+    assert_eq!(jump_hash(2201, 100_001), Some(22_152));
+    assert_eq!(jump_hash(2202, 100_001), Some(15_018));
+    assert_eq!(jump_hash(42, 1), Some(0));
+    assert_eq!(jump_hash(42, 0), None);
+}
+
+/// Owners of keys `0..16u32` among `a`, `b` (weight 2) and `c`, one letter per key.
+fn pinned(p: &dyn Placement) -> String {
+    (0..16u32)
+        .map(|k| {
+            let i = k.with_key_bytes(|b| p.locate_bytes(b)).expect("a member");
+            p.nodes()[i].id().as_str().to_owned()
+        })
+        .collect()
+}
+
+fn abc() -> [Node; 3] {
+    [Node::new("a"), Node::weighted("b", 2), Node::new("c")]
+}
+
+/// Rendezvous and Maglev have no independent reference (their hashes are this crate's
+/// choice): these vectors pin this crate's own output, so a change of scoring, seeds
+/// or table filling shows up as a failed test, not as keys silently moving.
+#[test]
+fn rendezvous_is_pinned() {
+    let r = Rendezvous::new(abc()).unwrap();
+    assert_eq!(pinned(&r), RENDEZVOUS_PINNED);
+    let top: Vec<&str> = r
+        .owners("user:42", 3)
+        .iter()
+        .map(|n| n.id().as_str())
+        .collect();
+    assert_eq!(top, RENDEZVOUS_TOP3);
+}
+
+#[test]
+fn maglev_is_pinned() {
+    let m = Maglev::with_table_size(abc(), 13).unwrap();
+    assert_eq!(pinned(&m), MAGLEV_PINNED_13);
+    let m = Maglev::new(abc()).unwrap();
+    assert_eq!(pinned(&m), MAGLEV_PINNED_DEFAULT);
+}
+
+const RENDEZVOUS_PINNED: &str = "aabbbacbcbcaccbb";
+const RENDEZVOUS_TOP3: [&str; 3] = ["c", "a", "b"];
+const MAGLEV_PINNED_13: &str = "cabababcbcaaabca";
+const MAGLEV_PINNED_DEFAULT: &str = "cbbaacabacbbbaab";
 
 #[cfg(feature = "ketama")]
 mod ketama {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use sd_hashring::{
-    BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous,
+    BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous, RingKey,
 };
 
 fn ids(n: usize, salt: u32) -> Vec<String> {
@@ -138,6 +138,25 @@ proptest! {
         let light = (keys as f64 - heavy) / n as f64;
         let ratio = heavy / light;
         prop_assert!(ratio > 2.4 && ratio < 3.7, "heavy/light = {ratio:.2}");
+    }
+
+    /// Rendezvous and Maglev: a node of weight 3 gets three times the keys of a node of
+    /// weight 1. Both split load by weight exactly up to sampling noise (Maglev up to
+    /// its table's rounding too), so the band is tighter than the ring's.
+    #[test]
+    fn rendezvous_and_maglev_weights_shift_load_in_proportion(n in 3usize..8, salt in any::<u32>()) {
+        let mut nodes: Vec<Node> = ids(n, salt).iter().map(Node::new).collect();
+        nodes.push(Node::weighted("heavy", 3));
+        let rendezvous = Rendezvous::new(nodes.clone()).unwrap();
+        let maglev = Maglev::new(nodes).unwrap();
+        for (name, p) in [("rendezvous", &rendezvous as &dyn Placement), ("maglev", &maglev)] {
+            let keys = 20_000u64;
+            let heavy = (0..keys)
+                .filter(|k| k.with_key_bytes(|b| p.locate_bytes(b)).map(|i| p.nodes()[i].id().as_str()) == Some("heavy"))
+                .count() as f64;
+            let ratio = heavy / ((keys as f64 - heavy) / n as f64);
+            prop_assert!(ratio > 2.7 && ratio < 3.3, "{name}: heavy/light = {ratio:.2}");
+        }
     }
 
     /// The move plan agrees with the lookups of both rings, and ranges agree with lookups.
