@@ -16,6 +16,24 @@ have() {
   done
   return 1
 }
+# Runs "$@" with a /usr/sbin/policy-rc.d that forbids starting services, then puts back
+# whatever was there before (also when "$@" fails).
+without_service_starts() {
+  local policy=/usr/sbin/policy-rc.d saved="" rc=0
+  if [ -e "$policy" ]; then
+    saved=$(mktemp)
+    cp -p "$policy" "$saved"
+  fi
+  printf '#!/bin/sh\n# scripts/test.sh: start no service while it installs packages\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  "$@" || rc=$?
+  if [ -n "$saved" ]; then
+    mv -f "$saved" "$policy"
+  else
+    rm -f "$policy"
+  fi
+  return "$rc"
+}
 pg_bins=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null || true)
 missing=()
 have redis-server || missing+=(redis-server)
@@ -36,7 +54,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Installing redis-server, postgresql, nats-server or etcd-server starts them as system
+    # services; the tests start their own, so forbid that while installing: invoke-rc.d
+    # starts nothing when /usr/sbin/policy-rc.d exits 101. One already there is kept aside
+    # and put back afterwards.
+    without_service_starts apt-get install -y -q --no-install-recommends "${missing[@]}"
   else
     echo "error: the tests need these packages: ${missing[*]}" >&2
     echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
@@ -49,13 +71,31 @@ fi
 # which cannot enter a target dir under /root (CI keeps its target dir in $HOME/.cache).
 export SD_TESTKIT_DIR="${SD_TESTKIT_DIR:-${TMPDIR:-/tmp}/sd-testkit-$(id -u)}"
 mkdir -p "$SD_TESTKIT_DIR"
+# A server is found by its working directory, not its command line: Redis rewrites its
+# title to `redis-server 127.0.0.1:PORT` and PostgreSQL's children show
+# `postgres: checkpointer`, but every server runs in (Redis and PostgreSQL chdir into
+# their data directory below) its own directory under $SD_TESTKIT_DIR, and so does every
+# process it forks. A directory removed under a running server still matches: the link
+# reads `DIR (deleted)`. Prints `pid command line` per process.
 leftovers() {
-  ps -eo pid=,args= | grep -F -- "$SD_TESTKIT_DIR" | grep -v -e grep -e 'test.sh' || true
+  local root proc pid cwd
+  root=$(readlink -f "$SD_TESTKIT_DIR")
+  for proc in /proc/[0-9]*; do
+    pid=${proc#/proc/}
+    [ "$pid" = "$$" ] && continue
+    cwd=$(readlink "$proc/cwd" 2>/dev/null) || continue
+    case "$cwd" in
+      "$root" | "$root"/* | "$root (deleted)")
+        printf '%s %s\n' "$pid" "$(tr -s '\0 ' ' ' <"$proc/cmdline" 2>/dev/null)"
+        ;;
+    esac
+  done
 }
 cleanup() {
   local pids
   pids=$(leftovers | awk '{print $1}')
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+  # shellcheck disable=SC2086
+  if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 
@@ -84,6 +124,14 @@ for manifest in sd-*/Cargo.toml; do
     echo "   $crate --features $feature"
     cargo check -q -p "$crate" --lib --no-default-features --features "$feature"
   done
+done
+# sd-examples has no library: its examples are what the features gate (required-features),
+# so check them, with no features (the ungated ones) and with each feature alone.
+echo "   sd-examples (no features)"
+cargo check -q -p sd-examples --examples --no-default-features
+for feature in $(features_of examples/Cargo.toml); do
+  echo "   sd-examples --features $feature"
+  cargo check -q -p sd-examples --examples --no-default-features --features "$feature"
 done
 
 # --- 4. Tests, doc tests included -----------------------------------------------------------
