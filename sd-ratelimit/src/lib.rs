@@ -119,8 +119,10 @@
 //! | `EVALSHA` of `return 1` | 10.5 k |
 //! | `GET` + `SET .. PX`, plain commands | 13.6 k |
 //! | smallest GCRA script (`GET`, arithmetic, `SET .. PX`, caller's clock) | 55.5 k |
-//! | this crate's script, one decision (server clock, every algorithm) | 90 k |
-//! | this crate's script, batch of 64, per decision | 47 k |
+//! | this crate's GCRA / leaky-meter script, one decision (server clock) | 74 k |
+//! | the same, batch of 64 (one `MGET`), per decision | 37 k |
+//! | this crate's general script (every algorithm), one decision | 90 k |
+//! | the same, batch of 64, per decision | 47 k |
 //!
 //! Each `redis.call` from Lua costs the server about 15–20 k instructions (it builds a
 //! client, runs the command, then parses the reply back into Lua), so any script that
