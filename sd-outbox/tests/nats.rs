@@ -15,7 +15,6 @@ use sd_outbox::{Error, Message};
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
-const STREAM: &str = "OUTBOX";
 
 async fn jetstream(url: &str) -> Context {
     let client = async_nats::ConnectOptions::new()
@@ -28,22 +27,39 @@ async fn jetstream(url: &str) -> Context {
     context
 }
 
-/// A JetStream context and a publisher to the stream `OUTBOX` (2 minute dedupe window).
-async fn sink(url: &str) -> (Context, JetStreamPublisher) {
+/// The stream one test publishes to, on a server that tests may share (`SD_NATS_URL`):
+/// its name and subject prefix are the test's own.
+struct Sink {
+    context: Context,
+    publisher: JetStreamPublisher,
+    stream: String,
+    prefix: String,
+}
+
+/// A publisher to a new stream of this test (2 minute dedupe window).
+async fn sink(url: &str) -> Sink {
     let context = jetstream(url).await;
+    let stream = sd_testkit::unique_name("OUTBOX");
+    let prefix = sd_testkit::unique_name("outbox");
     let publisher = JetStreamPublisher::builder(context.clone())
+        .prefix(&prefix)
         .build()
         .unwrap();
     publisher
-        .ensure_stream(STREAM, Duration::from_secs(120))
+        .ensure_stream(&stream, Duration::from_secs(120))
         .await
         .unwrap();
-    (context, publisher)
+    Sink {
+        context,
+        publisher,
+        stream,
+        prefix,
+    }
 }
 
 /// Every message of the stream: (Nats-Msg-Id, aggregate id, payload `n`, subject).
-async fn messages(context: &Context) -> Vec<(Uuid, String, usize, String)> {
-    let mut stream = context.get_stream(STREAM).await.unwrap();
+async fn messages(sink: &Sink) -> Vec<(Uuid, String, usize, String)> {
+    let mut stream = sink.context.get_stream(&sink.stream).await.unwrap();
     let state = stream.info().await.unwrap().state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
@@ -63,8 +79,8 @@ async fn messages(context: &Context) -> Vec<(Uuid, String, usize, String)> {
     out
 }
 
-async fn count(context: &Context) -> u64 {
-    let mut stream = context.get_stream(STREAM).await.unwrap();
+async fn count(sink: &Sink) -> u64 {
+    let mut stream = sink.context.get_stream(&sink.stream).await.unwrap();
     stream.info().await.unwrap().state.messages
 }
 
@@ -73,7 +89,8 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
     let server =
         sd_testkit::nats().expect("a nats server (install nats-server or set SD_NATS_URL)");
     with_outbox(|outbox| async move {
-        let (context, publisher) = sink(server.url()).await;
+        let sink = sink(server.url()).await;
+        let publisher = &sink.publisher;
         let inbox = Inbox::builder().build(outbox.pool().clone()).unwrap();
         inbox.migrate().await.unwrap();
         let mut ids = Vec::new();
@@ -86,7 +103,7 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
             .unwrap()
             .spawn();
         eventually("the first publish", LIMIT, || async {
-            count(&context).await == 5
+            count(&sink).await == 5
         })
         .await;
         crashing.abort().await;
@@ -100,10 +117,11 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
-        let got = messages(&context).await;
+        let got = messages(&sink).await;
         let got_ids: Vec<Uuid> = got.iter().map(|m| m.0).collect();
         assert_eq!(got_ids, ids, "the broker kept one copy of each, in order");
-        assert!(got.iter().all(|m| m.3 == "outbox.order" && m.1 == "o-1"));
+        let subject = format!("{}.order", sink.prefix);
+        assert!(got.iter().all(|m| m.3 == subject && m.1 == "o-1"));
         // A consumer that saw both copies (a stream without dedupe) is still safe.
         let mut effects = 0;
         for id in ids.iter().chain(ids.iter()) {
@@ -118,11 +136,11 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
 fn nats_killed_for_a_while_the_backlog_grows_then_drains() {
     let mut server = sd_testkit::NatsServer::start().expect("a nats server");
     with_outbox(|outbox| async move {
-        let (context, publisher) = sink(&server.url()).await;
-        let relays = outage_relays(&outbox, &publisher);
+        let sink = sink(&server.url()).await;
+        let relays = outage_relays(&outbox, &sink.publisher);
         write_round_robin(&outbox, 0..50).await;
         eventually("the first fifty", LIMIT, || async {
-            count(&context).await == 50
+            count(&sink).await == 50
         })
         .await;
         server.kill().unwrap();
@@ -135,7 +153,7 @@ fn nats_killed_for_a_while_the_backlog_grows_then_drains() {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
-        let got: Vec<_> = messages(&context)
+        let got: Vec<_> = messages(&sink)
             .await
             .into_iter()
             .map(|(id, aggregate, n, _)| (aggregate, n, id))
@@ -152,8 +170,8 @@ fn nats_killed_for_a_while_the_backlog_grows_then_drains() {
 fn an_aggregate_type_that_is_no_subject_token_is_dead_lettered() {
     let server = sd_testkit::nats().expect("a nats server");
     with_outbox(|outbox| async move {
-        let (context, publisher) = sink(server.url()).await;
-        let relay = Relay::builder(outbox.clone(), publisher)
+        let sink = sink(server.url()).await;
+        let relay = Relay::builder(outbox.clone(), sink.publisher.clone())
             .max_attempts(2)
             .backoff(Duration::from_millis(10), Duration::from_millis(20))
             .poll_interval(Duration::from_millis(50))
@@ -171,10 +189,10 @@ fn an_aggregate_type_that_is_no_subject_token_is_dead_lettered() {
         })
         .await;
         eventually("the good event", LIMIT, || async {
-            count(&context).await == 1
+            count(&sink).await == 1
         })
         .await;
-        assert_eq!(messages(&context).await[0].0, good);
+        assert_eq!(messages(&sink).await[0].0, good);
         let dead = outbox.dead_letters(5).await.unwrap();
         assert_eq!(dead[0].event.id, bad);
         assert!(dead[0].last_error.as_deref().unwrap().contains("subject"));
