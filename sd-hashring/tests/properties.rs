@@ -41,10 +41,87 @@ proptest! {
                 moved += 1;
             }
         }
-        let fraction = moved as f64 / KEYS as f64;
+        // The exact moved share of hash space is the joiner's share: 1/(n+1) with
+        // 1/sqrt(160) = 7.9 % relative deviation, so within 35 % (4.4 deviations).
+        let exact = old.diff(&new).unwrap().moved_fraction();
         let ideal = 1.0 / (n as f64 + 1.0);
-        prop_assert!(fraction > ideal * 0.55 && fraction < ideal * 1.6,
-            "moved {fraction:.4}, ideal {ideal:.4}");
+        prop_assert!(exact > ideal * 0.65 && exact < ideal * 1.35,
+            "moved {exact:.4} of hash space, ideal {ideal:.4}");
+        // The sampled keys agree with it within 5 binomial deviations.
+        let fraction = moved as f64 / KEYS as f64;
+        let sd = (exact * (1.0 - exact) / KEYS as f64).sqrt();
+        prop_assert!((fraction - exact).abs() < 5.0 * sd,
+            "moved {fraction:.4} of the keys, {exact:.4} of hash space");
+    }
+
+    /// `owners` yields the distinct nodes met walking the points clockwise from the key.
+    #[test]
+    fn owners_follow_a_naive_walk_of_the_points(n in 1usize..20, want in 0usize..24, salt in any::<u32>(), key in any::<u64>()) {
+        let ring = ring_of(&ids(n, salt), HashKind::Crc32);
+        let points: Vec<(u64, &Node)> = ring.points().collect();
+        let pos = ring.position(key);
+        let start = points.iter().position(|(p, _)| *p >= pos).unwrap_or(0);
+        let mut walk: Vec<&Node> = Vec::new();
+        for i in 0..points.len() {
+            let node = points[(start + i) % points.len()].1;
+            if walk.len() < want && !walk.contains(&node) {
+                walk.push(node);
+            }
+        }
+        let owners: Vec<&Node> = ring.owners(key, want).collect();
+        prop_assert_eq!(owners, walk);
+    }
+
+    /// The ranges of all nodes partition the hash space, each owned as lookups say.
+    #[test]
+    fn ranges_partition_the_space(n in 1usize..12, salt in any::<u32>(), hash in hash_kind()) {
+        let ring = ring_of(&ids(n, salt), hash);
+        let mut all: Vec<(u64, u64, &str)> = Vec::new();
+        for node in ring.nodes() {
+            for r in ring.ranges(node.id()).unwrap() {
+                prop_assert_eq!(ring.node_at(r.start()).unwrap(), node);
+                prop_assert_eq!(ring.node_at(r.end()).unwrap(), node);
+                all.push((r.start(), r.end(), node.id().as_str()));
+            }
+        }
+        all.sort_unstable();
+        prop_assert_eq!(all[0].0, 0);
+        prop_assert_eq!(all.last().unwrap().1, hash.max_position());
+        for w in all.windows(2) {
+            prop_assert_eq!(w[0].1 + 1, w[1].0, "gap or overlap between {:?} and {:?}", w[0], w[1]);
+        }
+    }
+
+    /// Raising one node's weight moves keys only to it; lowering it moves only its keys;
+    /// the plan agrees with lookups either way.
+    #[test]
+    fn diff_after_a_weight_change(n in 2usize..10, salt in any::<u32>(), weight in 2u32..5) {
+        let ids = ids(n, salt);
+        let base = ring_of(&ids, HashKind::Crc32);
+        let heavy = base.with_changes([Change::set_weight(ids[0].as_str(), weight)]).unwrap();
+        for (old, new, up) in [(&base, &heavy, true), (&heavy, &base, false)] {
+            let plan = old.diff(new).unwrap();
+            prop_assert!(!plan.is_empty());
+            for m in plan.moves() {
+                let node = if up { &m.to } else { &m.from };
+                prop_assert_eq!(node.as_str(), ids[0].as_str());
+            }
+            for k in 0..1000u64 {
+                let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+                match plan.destination(k) {
+                    Some(m) => {
+                        prop_assert_eq!(&m.from, a.id());
+                        prop_assert_eq!(&m.to, b.id());
+                        prop_assert_ne!(a.id(), b.id());
+                    }
+                    None => prop_assert_eq!(a.id(), b.id()),
+                }
+            }
+        }
+        // The node's share grows from about 1/n to about w/(n-1+w).
+        let moved = base.diff(&heavy).unwrap().moved_fraction();
+        let ideal = weight as f64 / (n as f64 - 1.0 + weight as f64) - 1.0 / n as f64;
+        prop_assert!(moved > ideal * 0.5 && moved < ideal * 1.5, "moved {moved:.4}, ideal {ideal:.4}");
     }
 
     /// Removing a node moves only the keys it held.
