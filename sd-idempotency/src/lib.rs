@@ -70,7 +70,10 @@
 //! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
 //!
 //! The middleware fails closed: when the store errs or times out it answers 503 and the
-//! handler does not run ([`middleware::OnStoreFailure`]).
+//! handler does not run ([`middleware::OnStoreFailure`]). A claim that timed out may
+//! still land when a frozen store wakes: a retry with the same key then gets 409 with
+//! `Retry-After` until `lock_ttl` has passed, and runs after that (the tests pause Redis
+//! and PostgreSQL to check the 503; nothing runs twice either way).
 //!
 //! # Figures
 //!
