@@ -3,16 +3,23 @@
 //! - `pool/overhead`: 100,000 tiny jobs, at most 64 at once (per-job overhead).
 //! - `pool/parallel_consumer`: Confluent Parallel Consumer's experiment, as PC ran it:
 //!   10,000 jobs of 0-5 ms random work (real sleeps), concurrency 100; unordered (sd and
-//!   spawn + `Semaphore`) and per key with 1000/100/20/10 keys.
+//!   spawn + `Semaphore`) and per key with 1000/100/20/10 keys, the 1000/100/20 cases
+//!   beside `ideal_per_key`: one task per key running that key's jobs in order (the
+//!   partition is known up front), each job under a `Semaphore(100)` permit. That is the
+//!   best schedule per-key order allows, without a queue bound or a streaming producer.
 //! - `pool/parallel_consumer_1k`: per key with 1 key and serial, on the first 1,000 of
-//!   those jobs: at 10,000 they run ~30 s an iteration, 10 iterations at least. Multiply
-//!   by 10 to compare.
+//!   those jobs. Not 10,000: one key runs every job back to back, ~28 s an iteration at
+//!   10,000, and criterion takes at least 10 iterations, so the two cases alone would
+//!   take ~10 minutes. Multiply by 10 to compare.
 //!
 //! Per key cannot beat its arithmetic floor: with k keys at most min(k, 100) jobs run at
 //! once, and the busiest key runs its jobs back to back. The bench prints, for each
 //! case, that floor (the busiest key's total work) beside the unordered floor (total
-//! work / 100). tokio's timer rounds each sleep up to the next millisecond, so measured
-//! times sit ~0.5 ms a job above these floors.
+//! work / 100). With 20 keys the busiest key holds ~1250 ms of serial work against
+//! ~250 ms for unordered, so per key over 20 keys is ~5× unordered by arithmetic, not
+//! 1.2×; compare it with `ideal_per_key` instead. tokio's timer fires on millisecond
+//! ticks, so each job of a key's serial chain costs ~1 ms more than its sleep, and
+//! measured times sit above these floors by about that much a job.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -129,6 +136,32 @@ async fn semaphore_pc(jobs: &[(usize, u64)]) {
     ));
 }
 
+/// The ideal per-key schedule: the jobs split by key up front, one task per key running
+/// its jobs in order, each job holding one of `PC_CONCURRENCY` permits while it runs.
+async fn ideal_per_key_pc(keys: usize, jobs: &[(usize, u64)]) {
+    let mut by_key = vec![Vec::new(); keys];
+    for &(i, us) in jobs {
+        by_key[i % keys].push(us);
+    }
+    let sem = Arc::new(Semaphore::new(PC_CONCURRENCY));
+    let tasks: Vec<_> = by_key
+        .into_iter()
+        .map(|work| {
+            let sem = Arc::clone(&sem);
+            tokio::spawn(async move {
+                for us in work {
+                    let permit = sem.acquire().await.expect("open semaphore");
+                    tokio::time::sleep(Duration::from_micros(us)).await;
+                    drop(permit);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("ideal per-key task");
+    }
+}
+
 /// Prints the floor no scheduler can beat: total work / concurrency for unordered, the
 /// busiest key's total work (or that, if higher) for per key.
 fn print_floor(jobs: &[(usize, u64)], keys: usize) {
@@ -170,6 +203,11 @@ fn parallel_consumer(c: &mut Criterion) {
         g.bench_function(format!("sd_pool_per_key_{keys}"), |b| {
             b.iter(|| rt.block_on(sd_pool_pc(Order::PerKey, keys, &jobs)))
         });
+        if keys >= 20 {
+            g.bench_function(format!("ideal_per_key_{keys}"), |b| {
+                b.iter(|| rt.block_on(ideal_per_key_pc(keys, &jobs)))
+            });
+        }
     }
     g.finish();
 
