@@ -19,8 +19,8 @@ use std::io::{BufRead, Write};
 
 use sd_hashring::{DEFAULT_VNODES, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous};
 
-struct Args {
-    nodes: Vec<Node>,
+pub(crate) struct Args {
+    pub(crate) nodes: Vec<Node>,
     mode: String,
     vnodes: u32,
     replicas: usize,
@@ -36,12 +36,29 @@ fn main() {
 fn run() -> Result<(), Box<dyn Error>> {
     let args = parse_args(std::env::args().skip(1))?;
     let placement = build(&args)?;
-    let stdin = std::io::stdin();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for line in stdin.lock().lines() {
-        let key = line?;
-        write!(out, "{key}")?;
-        for id in owners(&placement, &args, &key) {
+    let out = std::io::BufWriter::new(std::io::stdout().lock());
+    map_keys(&placement, &args, std::io::stdin().lock(), out)
+}
+
+/// Writes `key<TAB>node` for each line of `input`. Keys are bytes, split on `\n` (a
+/// trailing `\r` is dropped), so keys that are not UTF-8 are placed as they are and
+/// echoed unchanged.
+pub(crate) fn map_keys(
+    placement: &Built,
+    args: &Args,
+    mut input: impl BufRead,
+    mut out: impl Write,
+) -> Result<(), Box<dyn Error>> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let mut key = line.strip_suffix(b"\n").unwrap_or(&line);
+        key = key.strip_suffix(b"\r").unwrap_or(key);
+        out.write_all(key)?;
+        for id in owners(placement, args, key) {
             write!(out, "\t{id}")?;
         }
         writeln!(out)?;
@@ -52,7 +69,7 @@ fn run() -> Result<(), Box<dyn Error>> {
 
 /// The placements this command can run, behind the crate's one trait; the ring and
 /// rendezvous keep their types for replica lookups.
-enum Built {
+pub(crate) enum Built {
     Ring(HashRing),
     Rendezvous(Rendezvous),
     Other(Box<dyn Placement>),
@@ -69,7 +86,7 @@ impl std::ops::Deref for Built {
     }
 }
 
-fn build(args: &Args) -> Result<Built, Box<dyn Error>> {
+pub(crate) fn build(args: &Args) -> Result<Built, Box<dyn Error>> {
     let nodes = args.nodes.clone();
     let ring = |hash| {
         HashRing::builder()
@@ -93,7 +110,7 @@ fn build(args: &Args) -> Result<Built, Box<dyn Error>> {
     })
 }
 
-fn owners<'a>(placement: &'a Built, args: &Args, key: &str) -> Vec<&'a str> {
+fn owners<'a>(placement: &'a Built, args: &Args, key: &[u8]) -> Vec<&'a str> {
     match placement {
         Built::Ring(ring) if args.replicas > 1 => ring
             .owners(key, args.replicas)
@@ -105,7 +122,7 @@ fn owners<'a>(placement: &'a Built, args: &Args, key: &str) -> Vec<&'a str> {
             .map(|n| n.id().as_str())
             .collect(),
         _ => placement
-            .locate_bytes(key.as_bytes())
+            .locate_bytes(key)
             .and_then(|i| placement.nodes().get(i))
             .map(|n| n.id().as_str())
             .into_iter()
@@ -113,7 +130,7 @@ fn owners<'a>(placement: &'a Built, args: &Args, key: &str) -> Vec<&'a str> {
     }
 }
 
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
+pub(crate) fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
     let mut args = Args {
         nodes: Vec::new(),
         mode: "crc32".into(),
@@ -145,19 +162,34 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Erro
     Ok(args)
 }
 
-/// `a:11211,b:11211:2` → `a:11211` (weight 1), `b:11211` (weight 2).
-fn parse_nodes(spec: &str) -> Result<Vec<Node>, Box<dyn Error>> {
+/// `a:11211,b:11211:2` → `a:11211` (weight 1), `b:11211` (weight 2). A number after a
+/// second colon outside brackets is the weight, so `[fd00::1]:6379:3` is the IPv6
+/// node `[fd00::1]:6379` of weight 3 and `[fd00::1]:6379` has weight 1.
+pub(crate) fn parse_nodes(spec: &str) -> Result<Vec<Node>, Box<dyn Error>> {
     spec.split(',')
         .map(|item| {
             let item = item.trim();
-            let parts: Vec<&str> = item.split(':').collect();
-            if parts.len() == 3 {
-                let weight = parts[2]
-                    .parse()
-                    .map_err(|e| format!("weight of `{item}`: {e}"))?;
-                Ok(Node::weighted(format!("{}:{}", parts[0], parts[1]), weight))
-            } else {
-                Ok(Node::new(item))
+            let mut depth = 0i32;
+            let colons: Vec<usize> = item
+                .char_indices()
+                .filter(|&(_, c)| {
+                    match c {
+                        '[' => depth += 1,
+                        ']' => depth -= 1,
+                        _ => {}
+                    }
+                    c == ':' && depth == 0
+                })
+                .map(|(i, _)| i)
+                .collect();
+            match colons[..] {
+                [_, second] => {
+                    let weight = item[second + 1..]
+                        .parse()
+                        .map_err(|e| format!("weight of `{item}`: {e}"))?;
+                    Ok(Node::weighted(&item[..second], weight))
+                }
+                _ => Ok(Node::new(item)),
             }
         })
         .collect()
