@@ -307,6 +307,58 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Arbitrary byte keys and arbitrary (possibly empty, duplicate, weight-0) ids:
+    /// construction either succeeds or returns a typed error, and lookups, owners,
+    /// bounded lookups, ranges and diffs on what was built never panic and stay
+    /// consistent with each other.
+    #[test]
+    fn arbitrary_keys_and_ids_never_panic(
+        members in prop::collection::vec((".{0,12}", prop_oneof![9 => 1u32..4, 1 => Just(0u32)]), 0..8),
+        keys in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..20),
+        loads in prop::collection::vec(any::<u64>(), 0..8),
+        want in 0usize..10,
+        vnodes in 1u32..200,
+        hash in hash_kind(),
+    ) {
+        let nodes = members.iter().map(|(id, w)| Node::weighted(id.as_str(), *w));
+        let Ok(ring) = HashRing::builder().hash(hash).vnodes(vnodes).build(nodes) else {
+            return Ok(());
+        };
+        let empty = HashRing::builder().hash(hash).vnodes(vnodes).build([]).unwrap();
+        let plan = empty.diff(&ring).unwrap();
+        prop_assert!(plan.is_empty(), "an empty ring owns nothing, so nothing moves");
+        let back = ring.diff(&empty);
+        prop_assert_eq!(back.is_err(), !ring.is_empty());
+        for key in &keys {
+            let owner = ring.node(key.as_slice());
+            prop_assert_eq!(owner.is_some(), !ring.is_empty());
+            let owners: Vec<&Node> = ring.owners(key.as_slice(), want).collect();
+            prop_assert_eq!(owners.len(), want.min(ring.len()));
+            prop_assert_eq!(owners.first().copied(), if want > 0 { owner } else { None });
+            let bounded = ring.node_bounded(key.as_slice(), &loads, &BoundedLoad::default());
+            if let Ok(pick) = bounded {
+                prop_assert_eq!(loads.len(), ring.len());
+                prop_assert!(loads[pick.index] < pick.cap);
+            }
+            if let Some(node) = owner {
+                let pos = ring.position(key.as_slice());
+                prop_assert!(ring.ranges(node.id()).unwrap().iter().any(|r| r.contains(pos)));
+            }
+        }
+        if let Some(first) = ring.nodes().first() {
+            let smaller = ring.with_changes([Change::remove(first.id().clone())]).unwrap();
+            let plan = ring.diff(&smaller);
+            prop_assert_eq!(plan.is_ok(), !smaller.is_empty());
+            if let Ok(plan) = plan {
+                prop_assert!(plan.moves().iter().all(|m| &m.from == first.id()));
+            }
+        }
+    }
+}
+
 /// Found by the property above when points were raw CRC32 of the labels: the node of
 /// weight 3 got 4.1 times the load of the others, because CRC32 is linear. Positions are
 /// now CRC32 followed by `fmix32`; this case stays as a regression test.
