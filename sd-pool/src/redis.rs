@@ -12,7 +12,10 @@
 //! a back-off: it carries on from where the failed call stopped (read sequence, entries in
 //! flight, acknowledgements still owed), so `loop { consumer.run(..) }` survives a Redis
 //! outage. Entries whose `XREADGROUP` reply was lost to the fault are pending in the group
-//! and reclaimed after `min_idle`.
+//! and reclaimed after `min_idle`. Each `run` first creates the stream and the group if
+//! they are missing, so after a Redis that restarted empty (no persistence) the consumer
+//! rejoins and carries on with what is produced from then on; what the lost stream held
+//! is gone with it.
 //!
 //! **At least once**: an entry is acknowledged only after its handler returned `Ok` and
 //! every entry this consumer read before it finished. A consumer that dies leaves its
@@ -257,24 +260,7 @@ impl StreamConsumer {
     /// that [`StreamConfig::validate`] refuses.
     pub async fn new(mut conn: ConnectionManager, pool: Pool, cfg: StreamConfig) -> Result<Self> {
         cfg.validate()?;
-        let created: redis::RedisResult<Value> = cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&cfg.stream)
-            .arg(&cfg.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(_) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(source) => {
-                return Err(Error::Redis {
-                    op: "XGROUP CREATE",
-                    source,
-                });
-            }
-        }
+        join_group(&mut conn, &cfg).await?;
         Ok(Self {
             conn,
             pool,
@@ -306,8 +292,12 @@ impl StreamConsumer {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Send + 'static,
     {
+        // Again on every run: a Redis that restarted empty lost the stream and the group,
+        // and reading would fail with NOGROUP until they exist.
+        let mut conn = self.conn.clone();
+        join_group(&mut conn, &self.cfg).await?;
         let mut run = Run {
-            conn: self.conn.clone(),
+            conn,
             cfg: &self.cfg,
             pool: &self.pool,
             handler: Arc::new(handler),
@@ -324,6 +314,26 @@ impl StreamConsumer {
             Some(error) => Err(error),
             None => Ok(run.report),
         }
+    }
+}
+
+/// Creates the stream and the group (reading from the start) unless the group exists.
+async fn join_group(conn: &mut ConnectionManager, cfg: &StreamConfig) -> Result<()> {
+    let created: redis::RedisResult<Value> = cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(source) => Err(Error::Redis {
+            op: "XGROUP CREATE",
+            source,
+        }),
     }
 }
 

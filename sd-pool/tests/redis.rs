@@ -485,6 +485,91 @@ fn consumer_survives_a_paused_redis() {
     });
 }
 
+/// Redis restarted empty (no persistence): the stream and the group are gone. A retried
+/// `run` creates them again and processes what is produced after the restart.
+#[test]
+fn consumer_rejoins_after_redis_restarts_empty() {
+    let mut server = RedisServer::start().expect("redis-server");
+    let url = server.url();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        produce(&mut conn, &stream, 50, 5).await;
+        let pool = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
+        let cfg = StreamConfig::new(&stream, "g", "c1")
+            .batch(20)
+            .key_field("key")
+            .claim_every(Duration::from_millis(100));
+        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+        let d = done.clone();
+        let handler = move |entry: Entry| {
+            let d = d.clone();
+            async move {
+                *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let runner = tokio::spawn(async move {
+            let mut errors = Vec::new();
+            loop {
+                let mut stop = stop_rx.clone();
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                match consumer.run(handler.clone(), shutdown).await {
+                    Ok(_) => return errors,
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        let d = done.clone();
+        eventually("the first 50 processed", async || {
+            d.lock().unwrap().len() == 50
+        })
+        .await;
+        let server = tokio::task::spawn_blocking(move || {
+            server.restart_clean().expect("restart redis empty");
+            server
+        })
+        .await
+        .unwrap();
+        let mut c = connect(&url).await;
+        for i in 0..50u64 {
+            let _: String = redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("key")
+                .arg(format!("k{}", i % 5))
+                .arg("n")
+                .arg(1000 + i)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let (st, d) = (stream.clone(), done.clone());
+        eventually(
+            "the 50 produced after the restart processed and acked",
+            async || {
+                runner.is_finished()
+                    || ((1000..1050).all(|n| d.lock().unwrap().contains_key(&n))
+                        && pending(&mut c, &st, "g").await == 0)
+            },
+        )
+        .await;
+        let _ = stop_tx.send(true);
+        let errors = runner.await.unwrap();
+        assert!(!errors.is_empty(), "the restart reached the consumer");
+        let done = done.lock().unwrap();
+        assert!((1000..1050).all(|n| done.contains_key(&n)), "{done:?}");
+        drop(server);
+    });
+}
+
 #[test]
 fn config_errors_name_the_field() {
     let server = sd_testkit::redis().expect("redis-server for the test");
