@@ -9,7 +9,7 @@
 //! - **Columns**: `id uuid, aggregatetype, aggregateid, type, payload jsonb` as
 //!   Debezium's Outbox Event Router expects, plus `payload_bytes` (byte payloads),
 //!   `headers jsonb`, `seq` (insertion order), `txid xid8` (the writing transaction),
-//!   `status` (`pending`, `published`, `dead`),
+//!   `status` (the enum `{table}_status`: `pending`, `published`, `dead`),
 //!   `attempts`, `next_attempt_at`, `last_error`, `created_at`, `published_at`.
 //! - **Enqueue** is one `INSERT` on the caller's transaction: the event exists if and
 //!   only if the business rows commit.
