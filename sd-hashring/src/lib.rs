@@ -13,7 +13,7 @@
 //! - **[`HashRing`]** is the default: any membership, weights, replicas
 //!   ([`HashRing::owners`]), bounded loads ([`HashRing::node_bounded`]) and move plans
 //!   ([`diff`], [`ranges`]). Lookups are `O(1)` on average (a bucket index over a sorted
-//!   vector, then a binary search of a few points), allocation-free.
+//!   vector, then a scan of the two or so points in the bucket), allocation-free.
 //! - **[`Jump`]** for numbered storage shards `0..n` that only grow or shrink at the end:
 //!   no memory, perfect balance.
 //! - **[`Rendezvous`]** for tens of nodes when you want top-k replicas by score and
@@ -81,26 +81,34 @@
 //!
 //! # Figures
 //!
-//! Lookup time per key, criterion, on a quiet 2-core machine (`cargo bench -p sd-benches
-//! --bench hashring`). The `hashring` crate (0.3.6) is given sd's exact vnode labels as
-//! entries, so both rings hold the same points:
+//! Lookup time per key (`user:{i}:session`, 14–17 bytes), one criterion run on the
+//! shared 2-core machine, load average 1.2–2.5, 2026-11-28 (`cargo bench -p sd-benches
+//! --bench hashring -- --warm-up-time 1 --measurement-time 3`). The `hashring` crate
+//! (0.3.6) is given sd's exact vnode labels as entries, so both rings hold the same
+//! points:
 //!
 //! | nodes × 160 vnodes | sd ring, CRC32 | sd ring, XXH3 | `hashring` crate | ratio (CRC32 / XXH3) |
 //! |---|---|---|---|---|
-//! | 10 | 30 ns | 22 ns | 69 ns | 2.3× / 3.2× |
-//! | 100 | 52 ns | 32 ns | 120 ns | 2.3× / 3.7× |
-//! | 1000 | 73 ns | 48 ns | 369 ns | 5.0× / 7.7× |
+//! | 10 | 19.0 ns | 15.8 ns | 62.2 ns | 3.3× / 3.9× |
+//! | 100 | 34.6 ns | 25.9 ns | 151 ns | 4.4× / 5.8× |
+//! | 1000 | 49.9 ns | 31.7 ns | 257 ns | 5.1× / 8.1× |
 //!
-//! (An earlier run on the same machine, loaded by other builds, gave 1.9× / 2.7× / 4.0×
-//! for CRC32: the ratio moves with load; the ordering does not.)
+//! A repeat of the CRC32 pair a minute later: 18.8 / 57.5, 31.5 / 108 and 42.7 / 226 ns
+//! (3.1× / 3.4× / 5.3×). Wall-clock ratios move with the machine's load (an earlier,
+//! quieter run, before keys shorter than 64 bytes got their own CRC32, measured 21.8
+//! against 35.3 ns at 10 nodes); instruction counts do not. Callgrind, on one driver
+//! loop over the same keys for both: about 183 instructions per CRC32 lookup at 10, 100
+//! or 1000 nodes (hashing the key is 87 of them; 231 in all with `crc32fast` for short
+//! keys and a binary search), against 355 / 388 / 432 for the peer.
 //!
-//! Other placements at 10 / 100 / 1000 nodes: jump 30 / 54 / 76 ns, Maglev 9.5 / 12 /
-//! 16 ns, rendezvous 106 ns / 0.75 µs / 6.9 µs. `owners(key, 3)`: 68 / 82 / 155 ns
-//! (the `hashring` crate's `get_with_replicas(key, 2)` clones its ring: 89 µs / 0.94 ms
-//! / 44 ms, and may repeat a node). Building a ring: 0.11 / 1.2 / 15 ms (peer 0.23 /
-//! 3.0 / 59 ms); adding one node to a built ring reuses the other points: 0.02 / 0.21 /
-//! 2.0 ms. A counting-allocator test checks that lookups, `owners(.., 3)` and bounded
-//! lookups allocate nothing.
+//! Same run, other placements at 10 / 100 / 1000 nodes: jump 32 / 54 / 71 ns, Maglev
+//! 16 / 11 / 13 ns, rendezvous 100 ns / 0.51 µs / 5.3 µs. `owners(key, 3)`: 78 / 88 /
+//! 116 ns (the `hashring` crate's `get_with_replicas(key, 2)` clones its ring: 124 µs /
+//! 1.2 ms / 47 ms, and may repeat a node). Building a ring, inputs cloned outside the
+//! timing for both: 0.086 / 0.93 / 10.2 ms (peer 0.094 / 1.1 / 17.3 ms); adding one
+//! node to a built ring reuses the other points: 0.026 / 0.16 / 2.2 ms. A
+//! counting-allocator test checks that lookups, `owners(.., 3)` and bounded lookups
+//! allocate nothing.
 //!
 //! Balance at 10 nodes × 160 vnodes, from the exact shares of hash space (no key
 //! sampling) over twelve fixed memberships of addresses, host names and pool names
@@ -109,9 +117,9 @@
 //! worst 1.15. That is what a uniform hash gives (relative std-dev 1/√160 ≈ 7.9 %);
 //! the test asserts the average stays at or below 1.15. With 100 000 sampled keys
 //! (`ring_balance`), relative std-dev of load and peak/mean at 10 / 100 / 1000 nodes
-//! are 8.5 % 1.16 / 7.6 % 1.20 / 8.4 % 1.30 for the CRC32 ring over the bench's ids.
-//! Jump, rendezvous and Maglev stay within 1–3 %. Adding or
-//! removing one node moves 1/(n+1) or 1/n of the keys (within sampling noise) for the
+//! are 8.5 % 1.16 / 7.6 % 1.20 / 8.4 % 1.30 for the CRC32 ring over the bench's ids
+//! (exact shares: 9.2 % 1.17 / 7.0 % 1.16 / 7.9 % 1.25). Jump, rendezvous and Maglev
+//! stay within 1–3.3 %. Adding or removing one node moves 1/(n+1) or 1/n of the keys (within sampling noise) for the
 //! ring, jump and rendezvous; Maglev moves 0.44 % instead of 0.10 % at 1000 nodes.
 //! Bounded loads at c = 1.25 keep max/avg at 1.24 / 1.25 / 1.25, sending 1.7–2.9 % of
 //! keys past their natural owner.

@@ -118,7 +118,7 @@ impl Change {
 /// `"{id}-0"`, `"{id}-1"`, ... A key belongs to the node of the first point at or after
 /// the key's position, wrapping past the top. Points live in one sorted vector, with a
 /// small bucket index over their top bits, so a lookup hashes the key once, reads one
-/// bucket and binary-searches the few points in it, and never allocates.
+/// bucket and scans the two or so points in it, and never allocates.
 ///
 /// The ring is an immutable value: membership changes build a new ring (once per batch)
 /// and leave the old one intact, which is what [`diff`](crate::diff) and
