@@ -27,7 +27,8 @@ pub enum HashKind {
     /// resolved deterministically, so nothing breaks, but the colliding vnode loses its
     /// arc; use [`HashKind::Xxh3`] for rings that large. Those counts are for a random
     /// hash; CRC32 is linear, so collisions cluster: ids that differ in a few decimal
-    /// digits rarely collide at all (none among 640 000 labels `node-{n}-{i}`), while a
+    /// digits rarely collide at all (no two of the ids `node-0` .. `node-3999` do, over
+    /// 160 vnodes each), while a
     /// pair whose labels collide once may collide at several vnodes (`tests/edge_cases.rs`
     /// pins two 17-character ids that collide at eight).
     #[default]
