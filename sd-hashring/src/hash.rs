@@ -28,9 +28,8 @@ pub enum HashKind {
     /// arc; use [`HashKind::Xxh3`] for rings that large. Those counts are for a random
     /// hash; CRC32 is linear, so collisions cluster: ids that differ in a few decimal
     /// digits rarely collide at all (no two of the ids `node-0` .. `node-3999` do, over
-    /// 160 vnodes each), while a
-    /// pair whose labels collide once may collide at several vnodes (`tests/edge_cases.rs`
-    /// pins two 17-character ids that collide at eight).
+    /// 160 vnodes each), while a pair whose labels collide once may collide at several
+    /// vnodes (`tests/edge_cases.rs` pins two 17-character ids that collide at eight).
     #[default]
     Crc32,
     /// XXH3-64 (seed 0) of the label and of the key: positions are 64-bit, so point
