@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use sd_hashring::{
-    BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, Node, Placement, Rendezvous, RingKey,
+    BoundedLoad, Change, HashKind, HashRing, Jump, Maglev, MovePlan, Node, Placement, Rendezvous,
+    RingKey,
 };
 
 fn ids(n: usize, salt: u32) -> Vec<String> {
@@ -20,6 +21,27 @@ fn ring_of(ids: &[String], hash: HashKind) -> HashRing {
 
 fn hash_kind() -> impl Strategy<Value = HashKind> {
     prop_oneof![Just(HashKind::Crc32), Just(HashKind::Xxh3)]
+}
+
+/// Every key the plan moves changes owner from `from` to `to`, and every key it does not
+/// move keeps its owner.
+fn plan_agrees_with_lookups(
+    old: &HashRing,
+    new: &HashRing,
+    plan: &MovePlan,
+) -> Result<(), TestCaseError> {
+    for k in 0..1000u64 {
+        let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+        match plan.destination(k) {
+            Some(m) => {
+                prop_assert_eq!(&m.from, a.id());
+                prop_assert_eq!(&m.to, b.id());
+                prop_assert_ne!(a.id(), b.id());
+            }
+            None => prop_assert_eq!(a.id(), b.id()),
+        }
+    }
+    Ok(())
 }
 
 const KEYS: u64 = 3000;
@@ -106,17 +128,7 @@ proptest! {
                 let node = if up { &m.to } else { &m.from };
                 prop_assert_eq!(node.as_str(), ids[0].as_str());
             }
-            for k in 0..1000u64 {
-                let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
-                match plan.destination(k) {
-                    Some(m) => {
-                        prop_assert_eq!(&m.from, a.id());
-                        prop_assert_eq!(&m.to, b.id());
-                        prop_assert_ne!(a.id(), b.id());
-                    }
-                    None => prop_assert_eq!(a.id(), b.id()),
-                }
-            }
+            plan_agrees_with_lookups(old, new, &plan)?;
         }
         // The node's share grows from about 1/n to about w/(n-1+w).
         let moved = base.diff(&heavy).unwrap().moved_fraction();
@@ -247,15 +259,9 @@ proptest! {
         }
         let new = old.with_changes(changes).unwrap();
         let plan = old.diff(&new).unwrap();
+        plan_agrees_with_lookups(&old, &new, &plan)?;
         for k in 0..1000u64 {
-            let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
-            match plan.destination(k) {
-                Some(m) => {
-                    prop_assert_eq!(&m.from, a.id());
-                    prop_assert_eq!(&m.to, b.id());
-                }
-                None => prop_assert_eq!(a, b),
-            }
+            let b = new.node(k).unwrap();
             let owned = new.ranges(b.id()).unwrap();
             let pos = new.position(k);
             prop_assert!(owned.iter().any(|r| r.contains(pos)));
