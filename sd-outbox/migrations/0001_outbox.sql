@@ -29,8 +29,11 @@ CREATE TABLE IF NOT EXISTS {table} (
     next_attempt_at TIMESTAMPTZ,
     last_error      TEXT,
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
-    published_at    TIMESTAMPTZ,
-    CHECK ((payload IS NULL) <> (payload_bytes IS NULL))
+    published_at    TIMESTAMPTZ
+    -- No CHECK that exactly one payload is set: PostgreSQL prepares every CHECK for each
+    -- INSERT statement (a tenth of an enqueue's server work). `enqueue` always sets one;
+    -- a row written with plain SQL and neither is published with a JSON null payload
+    -- (Debezium's tombstone), and with both, the JSON one wins.
 );
 -- Ordered mode reads pending rows in transaction order.
 CREATE INDEX IF NOT EXISTS {table}_ordered_idx ON {table} (txid, seq) WHERE status = 'pending';
