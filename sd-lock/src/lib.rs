@@ -86,51 +86,43 @@
 //!
 //! # Figures
 //!
-//! `cargo bench -p sd-benches --bench lock -- --warm-up-time 1 --measurement-time 5`,
-//! acquire + release on one resource, median of two runs each (run 1 / run 2), loopback
-//! servers on a shared, loaded two-core machine (noisy: the same figure moves by 20 %
-//! between runs), TTL 10 s, beside `rslock` 0.10 on the same servers in the same run.
+//! The run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28, two-core AMD EPYC
+//! VM otherwise idle; timings there swing by a fifth between runs): acquire + release
+//! on one resource, TTL 10 s, beside `rslock` 0.10 on the same servers in the same run.
 //! `sd` uses `ConnectionManager`s; "mux" rows use plain `MultiplexedConnection`s, the
 //! connection type rslock uses inside.
 //!
 //! | backend | 1 task | 8 tasks contending | rslock, 1 task | rslock, 8 tasks |
 //! |---|---|---|---|---|
-//! | memory | 0.5 / 0.7 µs | 0.6 / 0.6 µs | | |
-//! | Redis, one node | 147 / 152 µs | 190 / 204 µs | 128 / 138 µs | 176 / 242 µs |
-//! | Redis, one node, mux | 153 / 146 µs | 235 / 270 µs | | |
-//! | Redlock, 3 masters | 316 / 420 µs | 581 / 555 µs | 384 / 380 µs | 514 / 508 µs |
-//! | Redlock, 3 masters, mux | 415 / 346 µs | 627 / 454 µs | | |
-//! | Redlock, 5 masters | 470 / 587 µs | 715 / 726 µs | 560 / 549 µs | 709 / 866 µs |
-//! | Redlock, 5 masters, mux | 544 / 571 µs | 635 / 774 µs | | |
-//! | PostgreSQL | 0.85 / 1.02 ms | 1.07 / 1.17 ms | | |
-//! | etcd | 5.91 / 7.83 ms | 8.15 / 10.74 ms | | |
+//! | memory | 0.45 µs | 0.59 µs | | |
+//! | Redis, one node | 135 µs | 175 µs | 149 µs | 151 µs |
+//! | Redis, one node, mux | 95 µs | 166 µs | | |
+//! | Redlock, 3 masters | 289 µs | 463 µs | 266 µs | 446 µs |
+//! | Redlock, 3 masters, mux | 270 µs | 457 µs | | |
+//! | Redlock, 5 masters | 487 µs | 706 µs | 426 µs | 779 µs |
+//! | Redlock, 5 masters, mux | 559 µs | 743 µs | | |
+//! | PostgreSQL | 0.50 ms | 0.65 ms | | |
+//! | etcd | 3.6 ms | 3.3 ms | | |
 //!
-//! - **Redlock against rslock**: 0.82 / 1.11 of rslock's time with 3 masters, 0.84 /
-//!   1.07 with 5 (one task): level with it within the noise, not reliably faster. The
-//!   requests go to every master at once, and the attempt waits for every master (or
-//!   the per-node deadline) so the lease is set wherever it can be; one deadline timer
-//!   per round, one command built per round. (These figures were taken while the
-//!   attempt still returned at the first quorum. In the 2026-11-27 run of
-//!   `scripts/bench.sh`, with the attempt waiting for every master: Redlock 3 at 1.00×
-//!   rslock's time, Redlock 5 at 1.17×; see `benches/RESULTS.md`.)
+//! - **Redlock against rslock**: 0.90× rslock's speed with 3 masters and 0.87× with 5
+//!   on loopback, 1.03× and 0.89× behind a 0.5 ms round trip: level within the noise,
+//!   not faster. Since this run a grant costs each master a `MULTI`/`SET NX PX`/`TIME`/
+//!   `EXEC` (19 k server instructions) instead of a script (60 k) against rslock's bare
+//!   `SET` (10 k), so what is left is client work and the release script both share.
+//!   The requests go to every master at once, and the attempt waits for every master
+//!   (or the per-node deadline) so the lease is set wherever it can be.
 //! - **With a network round trip** (`rtt500us/*`: a proxy delays every byte 250 µs each
 //!   way in front of each master, as between hosts in one region): Redlock 3 takes
-//!   1.1–1.2× the single-node time and Redlock 5 1.25–1.3× (goal 1.5×: met there), level
-//!   with rslock (0.93–1.07× across two runs). On loopback a round trip is mostly the
-//!   system calls of one connection, so N masters cost about N of them even when one
-//!   server answers all N (Redlock 3 over three databases of one server: 2–3× one node).
-//! - **Redlock against one node**: 2.1–2.8× the single-node time with 3 masters,
-//!   3.2–3.9× with 5, so the goal of 1.5× is **not met** here (rslock: 2.7–3.0× and
-//!   4.0–4.4×). On two cores the N servers, their N client connections and the caller
-//!   share two CPUs, so the round trips are not really concurrent: a round costs about
-//!   N times the CPU of one. The figure needs a machine with a core per master, or
-//!   masters on other hosts, to show one round trip.
-//! - **One node against rslock**: about 1.1–1.2× rslock, the cost of the fencing token:
-//!   the acquire script (`SET NX PX`, `TIME`, `GET` and `SET` of the counter) takes the
-//!   server 10–25 µs more than rslock's bare `SET` (redis-benchmark, Redis 7.0), and
+//!   1.15× the single-node time and Redlock 5 1.35× (goal 1.5×: met there). On loopback
+//!   a round trip is mostly the system calls of one connection, so N masters cost about
+//!   N of them even when one server answers all N (Redlock 3 over three databases of
+//!   one server: 1.6× one node; over three servers 2.1×): on two cores the N servers,
+//!   their connections and the caller share two CPUs, so the round trips are not
+//!   concurrent there.
+//! - **One node against rslock**: 0.98× (1 task) and 0.81× (8 tasks) of rslock's speed.
+//!   The single-node acquire keeps its script (`SET NX PX`, `TIME`, `GET` and `SET` of
+//!   the counter), which makes tokens increase even if the server's clock steps back;
 //!   rslock hands out no token.
-//! - PostgreSQL and etcd were 1.12 / 0.93 ms and 5.07 / 6.21 ms in an earlier, less
-//!   loaded run.
 //!
 //! # Crate features
 //!
