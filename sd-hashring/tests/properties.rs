@@ -31,7 +31,10 @@ fn plan_agrees_with_lookups(
     plan: &MovePlan,
 ) -> Result<(), TestCaseError> {
     for k in 0..1000u64 {
-        let (a, b) = (old.node(k).unwrap(), new.node(k).unwrap());
+        let (a, b) = (
+            old.node(k).expect("a non-empty ring"),
+            new.node(k).expect("a non-empty ring"),
+        );
         match plan.destination(k) {
             Some(m) => {
                 prop_assert_eq!(&m.from, a.id());
