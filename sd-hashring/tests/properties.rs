@@ -215,7 +215,11 @@ proptest! {
         }
     }
 
-    /// A node of weight 3 gets about three times the keys of a node of weight 1.
+    /// A node of weight 3 gets about three times the keys of a node of weight 1. Each
+    /// node's share wanders by about 1/sqrt(points) (8 % at 160 vnodes, 4.6 % for the
+    /// heavy node's 480), so with 3 light nodes heavy/light has a spread of about 0.2:
+    /// the band is about 5 spreads wide each side (a 2.4-3.7 band failed once in CI at
+    /// 3.74), and still fails a ring that ignores weights (1) or doubles them (6).
     #[test]
     fn weights_shift_load_in_proportion(n in 3usize..8, salt in any::<u32>()) {
         let mut nodes: Vec<Node> = ids(n, salt).iter().map(Node::new).collect();
@@ -229,7 +233,7 @@ proptest! {
         let heavy = counts["heavy"] as f64;
         let light = (keys as f64 - heavy) / n as f64;
         let ratio = heavy / light;
-        prop_assert!(ratio > 2.4 && ratio < 3.7, "heavy/light = {ratio:.2}");
+        prop_assert!(ratio > 2.0 && ratio < 4.2, "heavy/light = {ratio:.2}");
     }
 
     /// Rendezvous and Maglev: a node of weight 3 gets three times the keys of a node of
