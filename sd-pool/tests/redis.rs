@@ -377,6 +377,61 @@ fn acks_follow_the_watermark_while_an_entry_is_held() {
     });
 }
 
+/// What a retrying runner handled: how many times each entry's `n` was run.
+type Handled = Arc<Mutex<HashMap<u64, u32>>>;
+
+/// Runs `consumer` as a service would: every handled entry (after `delay`) is counted in
+/// the returned map, and `run` is called again after each Redis error, until `true` is
+/// sent. The runner returns the errors it retried after; `run` must not return `Ok`
+/// before the stop.
+fn spawn_retrying(
+    consumer: StreamConsumer,
+    delay: Duration,
+) -> (
+    Handled,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    let done = Handled::default();
+    let d = done.clone();
+    let handler = move |entry: Entry| {
+        let d = d.clone();
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
+            Ok::<(), std::io::Error>(())
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(async move {
+        let mut errors = Vec::new();
+        loop {
+            let mut stop = stop_rx.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            match consumer.run(handler.clone(), shutdown).await {
+                Ok(report) => {
+                    assert!(
+                        *stop_rx.borrow(),
+                        "run returned Ok before shutdown after {errors:?}: {report:?}"
+                    );
+                    return errors;
+                }
+                Err(e) => {
+                    assert!(matches!(e, Error::Redis { .. }), "{e}");
+                    errors.push(e.to_string());
+                    // Back off before retrying, as a service would.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    (done, stop_tx, runner)
+}
+
 /// Runs a consumer whose `run` is retried on error, as a service would
 /// (`loop { consumer.run(..) }`), while `fault` hits the server mid-run. Every entry must
 /// end up processed and acknowledged, and no `run` may return `Ok` before shutdown.
@@ -397,41 +452,7 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
             .min_idle(Duration::from_secs(2))
             .claim_every(Duration::from_millis(100));
         let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
-        let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
-        let d = done.clone();
-        let handler = move |entry: Entry| {
-            let d = d.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
-                Ok::<(), std::io::Error>(())
-            }
-        };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let runner = tokio::spawn(async move {
-            let mut errors = Vec::new();
-            loop {
-                let mut stop = stop_rx.clone();
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                match consumer.run(handler.clone(), shutdown).await {
-                    Ok(report) => {
-                        assert!(
-                            *stop_rx.borrow(),
-                            "run returned Ok before shutdown after {errors:?}: {report:?}"
-                        );
-                        return errors;
-                    }
-                    Err(e) => {
-                        assert!(matches!(e, Error::Redis { .. }), "{e}");
-                        errors.push(e.to_string());
-                        // Back off before retrying, as a service would.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
+        let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::from_millis(1));
         let d = done.clone();
         eventually("a quarter processed", async || {
             d.lock().unwrap().len() >= 100
@@ -501,32 +522,7 @@ fn consumer_rejoins_after_redis_restarts_empty() {
             .key_field("key")
             .claim_every(Duration::from_millis(100));
         let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
-        let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
-        let d = done.clone();
-        let handler = move |entry: Entry| {
-            let d = d.clone();
-            async move {
-                *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
-                Ok::<(), std::io::Error>(())
-            }
-        };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let runner = tokio::spawn(async move {
-            let mut errors = Vec::new();
-            loop {
-                let mut stop = stop_rx.clone();
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                match consumer.run(handler.clone(), shutdown).await {
-                    Ok(_) => return errors,
-                    Err(e) => {
-                        errors.push(e.to_string());
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
+        let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::ZERO);
         let d = done.clone();
         eventually("the first 50 processed", async || {
             d.lock().unwrap().len() == 50
