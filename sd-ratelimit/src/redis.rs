@@ -21,7 +21,7 @@
 //! - **Deny cache** (opt-in, [`Builder::deny_cache`]): a key Redis denied is answered
 //!   locally until it could be admitted, with exactly stated semantics.
 
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -39,39 +39,41 @@ const TICK_NS: u64 = 1000;
 /// Lua numbers are doubles: every value the script computes must stay below 2^53.
 const LUA_EXACT: u64 = 1 << 53;
 
-/// A Lua script: its source (sent as `EVAL` after `NOSCRIPT`) and its SHA1.
+/// A Lua script: its source (`prelude.lua` and the script's own file; sent as `EVAL`
+/// after `NOSCRIPT`) and its SHA1, computed once.
 struct Lua {
     code: &'static str,
-    sha: LazyLock<String>,
+    sha: OnceLock<String>,
 }
 
 impl Lua {
     /// `EVALSHA sha keys`; the caller appends keys and args.
     fn call(&self, keys: usize) -> (redis::Cmd, &'static str) {
+        let sha = self
+            .sha
+            .get_or_init(|| redis::Script::new(self.code).get_hash().to_owned());
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.sha.as_str()).arg(keys);
+        cmd.arg(sha.as_str()).arg(keys);
         (cmd, self.code)
     }
 }
 
 /// Every algorithm, several limits at once (mode `all`) or a batch (mode `each`).
 static SCRIPT: Lua = Lua {
-    code: include_str!("redis/limit.lua"),
-    sha: LazyLock::new(|| {
-        redis::Script::new(include_str!("redis/limit.lua"))
-            .get_hash()
-            .to_owned()
-    }),
+    code: concat!(
+        include_str!("redis/prelude.lua"),
+        include_str!("redis/limit.lua")
+    ),
+    sha: OnceLock::new(),
 };
 
 /// GCRA and the leaky meter only, one decision or a batch: about 20 % less server work.
 static GCRA: Lua = Lua {
-    code: include_str!("redis/gcra.lua"),
-    sha: LazyLock::new(|| {
-        redis::Script::new(include_str!("redis/gcra.lua"))
-            .get_hash()
-            .to_owned()
-    }),
+    code: concat!(
+        include_str!("redis/prelude.lua"),
+        include_str!("redis/gcra.lua")
+    ),
+    sha: OnceLock::new(),
 };
 
 /// Whether `args` ([`script_args`]) describe a limit `gcra.lua` decides: virtual
@@ -418,8 +420,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
                 let now = now.map(|n| n.to_string()).unwrap_or_default();
                 let (args, code) = match items {
                     [(key, _, p, cost)] if gcra_only(&script_args(p)) => {
-                        let (mut args, code) = GCRA.call(1);
+                        // Only unit and cap: gcra.lua knows the kind.
                         let a = script_args(p);
+                        let (mut args, code) = GCRA.call(1);
                         args.arg(self.redis_key(key))
                             .arg(now)
                             .arg(a[3])

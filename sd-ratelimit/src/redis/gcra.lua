@@ -12,24 +12,7 @@
 -- retry_after, reset_after, delay (microseconds). Each written key expires when it is
 -- back to full.
 
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
-
--- floor(a / b), exact for non-negative integers below 2^53.
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then
-    q = q - 1
-  elseif (q + 1) * b <= a then
-    q = q + 1
-  end
-  return q
-end
+-- `now` and `idiv` come from prelude.lua.
 
 local states
 if #KEYS == 1 then

@@ -15,28 +15,7 @@
 -- reset_after, delay (microseconds). In 'all' mode state is written only when every
 -- limit admits; each written key expires when it is back to full.
 
-if redis.replicate_commands then
-  pcall(redis.replicate_commands)
-end
-
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
-
--- floor(a / b), exact for non-negative integers below 2^53.
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then
-    q = q - 1
-  elseif (q + 1) * b <= a then
-    q = q + 1
-  end
-  return q
-end
+-- `now` and `idiv` come from prelude.lua.
 
 -- The first time at which the virtual clock floor(t / tick) * per_tick reaches v.
 local function time_of(v, tick, per_tick)
