@@ -2,8 +2,8 @@
 //!
 //! The algorithm of the Redis documentation, with the figures of its implementations:
 //!
-//! 1. Read the monotonic clock; send the acquire (`MULTI`, `SET NX PX`, `TIME`, `EXEC`:
-//!    one write and one reply, no script) to every master **in parallel** (all written
+//! 1. Read the monotonic clock; send the acquire (`SET NX PX` then `TIME`, pipelined:
+//!    one write, no script, no transaction) to every master **in parallel** (all written
 //!    before any reply is awaited, over the masters' multiplexed connections, no task
 //!    per master), bounded by a per-node timeout of 5 % of the TTL (at least 1 ms), so
 //!    one slow or dead master costs no more than that.
@@ -25,11 +25,12 @@
 //!   that restarts **empty** within a TTL (no `appendfsync always`, no delayed restart)
 //!   can let two holders in at once. The tests show the last one.
 //! - The **fencing token** is the largest of the quorum's per-master tokens, each the
-//!   master's clock in µs (`TIME`) when it granted the lease: nothing is stored for it,
-//!   so a master that restarts empty still hands out larger tokens, and a grant costs
-//!   the master about a third of the script with a stored counter it replaces
-//!   (callgrind on redis-server 7.0: 19k instructions against 60k; a bare `SET NX PX`,
-//!   all rslock sends, is 10k). It is not a consensus number: it increases
+//!   master's clock in µs (`TIME`) just after it granted the lease: nothing is stored
+//!   for it, so a master that restarts empty still hands out larger tokens, and a grant
+//!   costs the master a fifth of a script with a stored counter (callgrind on
+//!   redis-server 7.0, per grant: 12.9k instructions; the same in `MULTI`/`EXEC` 18.5k;
+//!   a counter script 60k; a bare `SET NX PX`, all rslock sends, 9.6k). It is not a
+//!   consensus number: it increases
 //!   from one holder to the next when the masters' clocks agree to within the time
 //!   between the two acquisitions (milliseconds at least: the first lease must expire
 //!   or be released). That is the same synchronous assumption, so fence writes with it
@@ -51,6 +52,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, OnCancel, Release, RetryPolicy};
 
+static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/acquire.lua")));
 static EXTEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/extend.lua")));
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/release.lua")));
 
@@ -92,11 +94,11 @@ impl Script {
 
 /// One request, built once and sent as is to every master in one round trip: a script
 /// call (`EVALSHA`; after a `NOSCRIPT` reply, from a master that restarted or was
-/// flushed, once more as `EVAL`, which also caches the script there), or a
-/// `MULTI` .. `EXEC` transaction.
+/// flushed, once more as `EVAL`, which also caches the script there), or a pipeline of
+/// plain commands.
 enum Call {
     Script(Script),
-    Transaction(redis::Pipeline),
+    Pipeline(redis::Pipeline),
 }
 
 impl From<Script> for Call {
@@ -106,19 +108,22 @@ impl From<Script> for Call {
 }
 
 impl Call {
-    /// `SET key holder NX PX ttl` and `TIME` in one transaction: the reply is the
-    /// master's clock when it granted the lease, or nil with the time when it did not.
+    /// `SET key holder NX PX ttl` then `TIME`, pipelined in one write (no `MULTI`): the
+    /// reply is the master's clock just after it granted the lease, or nil with the time
+    /// when it did not. No transaction is needed for the token to order holders: a later
+    /// holder's `SET` succeeds only once this key is gone, and it cannot be gone before
+    /// this `TIME` runs unless the whole TTL passed in between, which makes this
+    /// attempt's elapsed time exceed the TTL and the attempt fail.
     fn acquire(key: &str, holder: &str, ttl_ms: u64) -> Call {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
+        pipe.cmd("SET")
             .arg(key)
             .arg(holder)
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms)
             .cmd("TIME");
-        Call::Transaction(pipe)
+        Call::Pipeline(pipe)
     }
 
     async fn query<R: redis::FromRedisValue>(
@@ -127,7 +132,7 @@ impl Call {
     ) -> redis::RedisResult<R> {
         let (lua, cmd) = match self {
             Call::Script(Script { lua, cmd }) => (lua, cmd),
-            Call::Transaction(pipe) => return pipe.query_async(conn).await,
+            Call::Pipeline(pipe) => return pipe.query_async(conn).await,
         };
         match cmd.query_async(conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
@@ -246,6 +251,17 @@ pub struct Redlock<C> {
     prefix: Arc<str>,
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
+    tokens: Tokens,
+}
+
+/// Where a master's fencing token comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tokens {
+    /// The master's clock just after the grant (`SET NX PX` + `TIME`; Redlock).
+    Clock,
+    /// `max(stored counter + 1, clock)` in the acquire script (the single-node backend):
+    /// strictly increasing while the counter lives, even if the clock steps back.
+    Counter,
 }
 
 impl<C> Clone for Redlock<C> {
@@ -255,6 +271,7 @@ impl<C> Clone for Redlock<C> {
             prefix: self.prefix.clone(),
             node_timeout: self.node_timeout,
             retry: self.retry,
+            tokens: self.tokens,
         }
     }
 }
@@ -311,6 +328,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             prefix: "lock".into(),
             node_timeout: NodeTimeout::Factor(0.05),
             retry: RetryPolicy::default(),
+            tokens: Tokens::Clock,
         })
     }
 
@@ -324,11 +342,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             prefix: "lock".into(),
             node_timeout: NodeTimeout::Fixed(timeout),
             retry: RetryPolicy::default(),
+            tokens: Tokens::Counter,
         }
     }
 
-    /// The key prefix (default `lock`): keys are `{prefix}:{{resource}}` and
-    /// `{prefix}:{{resource}}:token`.
+    /// The key prefix (default `lock`): the lease key is `{prefix}:{{resource}}` (the
+    /// single-node backend adds its counter, `{prefix}:{{resource}}:token`).
     pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
         validate_prefix(prefix)?;
         self.prefix = prefix.into();
@@ -487,7 +506,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         let key = self.key(resource);
         let holder = lease::new_holder();
         let timeout = self.node_timeout(ttl);
-        let call = Call::acquire(&key, &holder, lease::ceil_millis(ttl));
+        let ttl_ms = lease::ceil_millis(ttl);
         // Dropped before the end (cancelled): release everywhere, in the background.
         // (Owned copies are made only then.)
         let cleanup = OnCancel::new(|| {
@@ -500,15 +519,29 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         // Every master is waited for (up to the deadline), not just a quorum: a lease set
         // on every reachable master survives one of them restarting empty, and requests
         // dropped before they were sent would never reach the others.
-        let round = self
-            .round(
-                timeout,
-                &call,
-                |(granted, (secs, micros)): (Option<redis::Value>, (u64, u64))| {
-                    granted.map(|_| secs.saturating_mul(1_000_000).saturating_add(micros))
-                },
-            )
-            .await;
+        let round = match self.tokens {
+            Tokens::Clock => {
+                let call = Call::acquire(&key, &holder, ttl_ms);
+                self.round(
+                    timeout,
+                    &call,
+                    |(granted, (secs, micros)): (Option<redis::Value>, (u64, u64))| {
+                        granted.map(|_| secs.saturating_mul(1_000_000).saturating_add(micros))
+                    },
+                )
+                .await
+            }
+            Tokens::Counter => {
+                let mut script = ACQUIRE.call(2);
+                script
+                    .arg(&key)
+                    .arg(format!("{key}:token"))
+                    .arg(&holder)
+                    .arg(ttl_ms);
+                self.round(timeout, &script.into(), |token: Option<u64>| token)
+                    .await
+            }
+        };
         let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
         let _enter = span.enter();
         let result = if round.ok.len() >= self.quorum() {

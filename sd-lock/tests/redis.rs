@@ -117,6 +117,42 @@ fn fence_script_refuses_older_tokens() {
     });
 }
 
+/// The single-node token comes from a counter stored beside the lease: a counter ahead
+/// of the server clock (as after the clock steps back) still gives the next holder the
+/// counter plus one, never a smaller clock reading.
+#[test]
+fn tokens_follow_the_counter_when_the_clock_is_behind() {
+    with_lock(|lock, url| async move {
+        let first = lock
+            .try_acquire("ctr", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let counter = format!("{}:token", lock.key("ctr"));
+        let mut conn = manager(&url).await;
+        let stored: u64 = redis::cmd("GET")
+            .arg(&counter)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stored, first.token().0);
+        // An hour ahead of the clock: as if the server's clock had stepped back an hour.
+        let ahead = first.token().0 + 3_600_000_000;
+        let _: () = redis::cmd("SET")
+            .arg(&counter)
+            .arg(ahead)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(lock.release(first).await.unwrap(), Release::Released);
+        let second = lock
+            .try_acquire("ctr", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(second.token().0, ahead + 1);
+        assert_eq!(lock.release(second).await.unwrap(), Release::Released);
+    });
+}
+
 /// A server that restarts empty forgets the lease and the counter, but the next token
 /// still exceeds the old one (it follows the server clock), so the fence holds.
 #[test]
