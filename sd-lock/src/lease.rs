@@ -174,7 +174,10 @@ pub(crate) fn new_holder() -> String {
 }
 
 /// How `acquire` waits between attempts: exponential backoff with full jitter, from
-/// `base` doubling up to `max`, never past the caller's `max_wait`.
+/// `base` doubling up to `max`, never past the caller's `max_wait`. Tokio's timer
+/// counts whole milliseconds, so a drawn delay under 1 ms is a 1 ms sleep with
+/// probability `delay / 1 ms` and an immediate retry otherwise: the same mean, where
+/// rounding each one up would make it 1 to 2 ms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// The first delay's upper bound.

@@ -241,6 +241,60 @@ async fn acquire_with_retry<L: Lock + ?Sized>(
             });
         };
         let delay = policy.delay(attempts - 1, rand::random::<f64>()).min(left);
+        sleep_about(delay, rand::random::<f64>()).await;
+    }
+}
+
+/// Sleeps about `delay` on average. Tokio's timer counts whole milliseconds, so a sleep
+/// of 300 µs lasts one to two: a delay under 1 ms becomes a 1 ms sleep with probability
+/// `delay / 1 ms` (`unit` is the draw, in `[0, 1)`) and an immediate retry otherwise,
+/// which keeps short backoffs short on average instead of rounding every one up.
+async fn sleep_about(delay: Duration, unit: f64) {
+    const TICK: Duration = Duration::from_millis(1);
+    if delay >= TICK {
         tokio::time::sleep(delay).await;
+    } else if unit < delay.as_secs_f64() / TICK.as_secs_f64() {
+        tokio::time::sleep(TICK).await;
+    } else {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `sleep_about(delay, unit)` on paused time and returns how long it slept.
+    fn slept(delay: Duration, unit: f64) -> Duration {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let start = tokio::time::Instant::now();
+                sleep_about(delay, unit).await;
+                start.elapsed()
+            })
+    }
+
+    #[test]
+    fn short_delays_keep_their_mean() {
+        let tick = Duration::from_millis(1);
+        // 300 µs: a 1 ms sleep for draws below 0.3, none above.
+        assert_eq!(slept(Duration::from_micros(300), 0.29), tick);
+        assert_eq!(slept(Duration::from_micros(300), 0.31), Duration::ZERO);
+        assert_eq!(slept(Duration::ZERO, 0.0), Duration::ZERO);
+        // Over a grid of draws the mean is the delay.
+        let n = 1000;
+        let total: Duration = (0..n)
+            .map(|i| slept(Duration::from_micros(300), f64::from(i) / f64::from(n)))
+            .sum();
+        assert_eq!(total / n, Duration::from_micros(300));
+        // From 1 ms up, the delay itself.
+        assert_eq!(
+            slept(Duration::from_millis(7), 0.99),
+            Duration::from_millis(7)
+        );
     }
 }

@@ -15,7 +15,10 @@
 //!    `validity = ttl - elapsed - (ttl / 100 + 2 ms)`.
 //! 3. Otherwise the attempt **releases on every master** (compare-and-delete by its
 //!    random value, so no other holder is touched) before it returns
-//!    [`Error::NoQuorum`] with the masters that failed and why ([`NodeFailure`]).
+//!    [`Error::NoQuorum`] with the masters that failed and why ([`NodeFailure`]). The
+//!    one exception: when every master answered that another holder has the key, none
+//!    set ours and the release round trip is skipped (rslock sends it anyway), so a
+//!    contended waiter retries sooner.
 //!
 //! # What Redlock guarantees, and what not
 //!
@@ -544,6 +547,14 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         };
         let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
         let _enter = span.enter();
+        // Every master answered that another holder has the key: none set ours, so
+        // there is nothing to release (the usual miss under contention, which then
+        // retries a round trip sooner).
+        let nothing_set = round.ok.is_empty()
+            && round
+                .failures
+                .iter()
+                .all(|f| matches!(f, NodeFailure::Held { .. }));
         let result = if round.ok.len() >= self.quorum() {
             match lease::validity(ttl, round.elapsed) {
                 Some(validity) => {
@@ -568,7 +579,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         };
         // Missed: a master that timed out may have set the key after all, so release
         // everywhere, not only where it was granted.
-        let _ = self.release_all(&key, &holder, timeout).await;
+        if !nothing_set {
+            let _ = self.release_all(&key, &holder, timeout).await;
+        }
         cleanup.disarm();
         tracing::debug!(error = %result, "lock not acquired");
         Err(result)

@@ -112,6 +112,76 @@ fn two_masters_down_still_acquires_three_down_fails_cleanly() {
     });
 }
 
+/// Script calls (`EVALSHA` and `EVAL`) a server has run so far.
+fn script_calls(server: &RedisServer) -> u64 {
+    let info = server
+        .command(&["INFO", "commandstats"])
+        .unwrap()
+        .as_text()
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// A miss where every master answered "held by another" set nothing, so it sends no
+/// release; a miss with some grants releases them, leaving the other holder's keys.
+#[test]
+fn a_miss_releases_only_what_it_may_have_set() {
+    let servers = RedisServer::start_many(3).expect("redis-server");
+    runtime().block_on(async {
+        let lock = redlock(&servers).await;
+        let ttl = Duration::from_secs(5);
+        let held = lock.try_acquire("busy", ttl).await.unwrap();
+        let before: Vec<u64> = servers.iter().map(script_calls).collect();
+        match lock.try_acquire("busy", ttl).await {
+            Err(Error::NoQuorum {
+                acquired: 0,
+                failures,
+                ..
+            }) => assert!(
+                failures
+                    .iter()
+                    .all(|f| matches!(f, NodeFailure::Held { .. }))
+            ),
+            other => panic!("expected a miss on every master, got {other:?}"),
+        }
+        let after: Vec<u64> = servers.iter().map(script_calls).collect();
+        assert_eq!(
+            before, after,
+            "a release was sent for a miss that set nothing"
+        );
+
+        // Another holder on two masters only: ours is granted on the third, short of
+        // the quorum, and must be released there.
+        let key = lock.key("split");
+        for s in &servers[..2] {
+            s.command(&["SET", &key, "someone-else", "PX", "5000"])
+                .unwrap();
+        }
+        assert!(matches!(
+            lock.try_acquire("split", ttl).await,
+            Err(Error::NoQuorum { acquired: 1, .. })
+        ));
+        assert!(
+            !exists(&servers[2], &key),
+            "the lone grant was not released"
+        );
+        for s in &servers[..2] {
+            assert!(exists(s, &key), "another holder's key was touched");
+        }
+        assert_eq!(lock.release(held).await.unwrap(), Release::Released);
+    });
+}
+
 /// The documented weakness: masters that restart empty within a TTL forget the lease.
 /// One empty restart is absorbed by the quorum; three let a second holder in while the
 /// first is still valid. The token still increases, so the fence refuses the first
