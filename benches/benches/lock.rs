@@ -66,6 +66,47 @@ fn bench_rslock(c: &mut Criterion, rt: &Runtime, name: &str, lock: rslock::LockM
     });
 }
 
+/// Uncontended cycles of sd and rslock in alternating blocks of 20, 100 rounds, printed
+/// as medians of the per-cycle block means: both sides see the same machine load, which
+/// criterion's runs minutes apart do not (on this two-core VM they swing by a third).
+fn paired<L: Lock + Clone + Send + Sync + 'static>(
+    rt: &Runtime,
+    name: &str,
+    sd: &L,
+    peer: &rslock::LockManager,
+) {
+    let (sd, peer) = (sd.clone(), peer.clone());
+    // On a worker thread, as the criterion cycles run (`block_on` polls on this thread,
+    // and every reply would then cross threads to wake it).
+    let (mut ours, mut theirs) = rt
+        .block_on(rt.spawn(async move {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..100 {
+                let start = Instant::now();
+                for _ in 0..20 {
+                    sd_cycle(&sd, "paired").await;
+                }
+                ours.push(start.elapsed() / 20);
+                let start = Instant::now();
+                for _ in 0..20 {
+                    rslock_cycle(&peer, "paired-rslock").await;
+                }
+                theirs.push(start.elapsed() / 20);
+            }
+            (ours, theirs)
+        }))
+        .unwrap();
+    ours.sort();
+    theirs.sort();
+    eprintln!(
+        "lock/paired/{name}: medians over 100 rounds of 20 + 20 uncontended cycles: \
+         sd {:?}, rslock {:?}, {:.2}x",
+        ours[50],
+        theirs[50],
+        theirs[50].as_secs_f64() / ours[50].as_secs_f64()
+    );
+}
+
 /// Runs `cycle` (one acquire + release) from 1 and from 8 tasks at once on one shared
 /// `lock` (an `Arc` clone per cycle, the same for every lock measured), and reports the
 /// mean time of one cycle.
@@ -200,6 +241,12 @@ fn locks(c: &mut Criterion) {
 
     let single = rt.block_on(managers(&urls[..1])).remove(0).1;
     let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+    paired(
+        &rt,
+        "redis",
+        &redis,
+        &rslock::LockManager::new(urls[..1].to_vec()),
+    );
     bench_sd(c, &rt, "sd/redis", redis);
     let single = rt.block_on(multiplexed(&urls[..1])).remove(0).1;
     let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
@@ -213,6 +260,12 @@ fn locks(c: &mut Criterion) {
         let redlock = sd_lock::redlock::Redlock::new(masters)
             .unwrap()
             .with_retry(retry());
+        paired(
+            &rt,
+            &format!("redlock{n}"),
+            &redlock,
+            &rslock::LockManager::new(urls[..n].to_vec()),
+        );
         bench_sd(c, &rt, &format!("sd/redlock{n}"), redlock);
         let masters = rt.block_on(multiplexed(&urls[..n]));
         let redlock = sd_lock::redlock::Redlock::new(masters)
@@ -237,6 +290,12 @@ fn locks(c: &mut Criterion) {
         .collect();
     let single = rt.block_on(managers(&far[..1])).remove(0).1;
     let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+    paired(
+        &rt,
+        "rtt500us/redis",
+        &redis,
+        &rslock::LockManager::new(far[..1].to_vec()),
+    );
     bench_sd(c, &rt, "rtt500us/sd/redis", redis);
     let mut peer = rslock::LockManager::new(far[..1].to_vec());
     peer.set_retry(u32::MAX, Duration::from_millis(2));
@@ -246,6 +305,12 @@ fn locks(c: &mut Criterion) {
         let redlock = sd_lock::redlock::Redlock::new(masters)
             .unwrap()
             .with_retry(retry());
+        paired(
+            &rt,
+            &format!("rtt500us/redlock{n}"),
+            &redlock,
+            &rslock::LockManager::new(far[..n].to_vec()),
+        );
         bench_sd(c, &rt, &format!("rtt500us/sd/redlock{n}"), redlock);
         let masters = rt.block_on(multiplexed(&far[..n]));
         let redlock = sd_lock::redlock::Redlock::new(masters)
