@@ -86,43 +86,53 @@
 //!
 //! # Figures
 //!
-//! The run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28, two-core AMD EPYC
-//! VM otherwise idle; timings there swing by a fifth between runs): acquire + release
-//! on one resource, TTL 10 s, beside `rslock` 0.10 on the same servers in the same run.
-//! `sd` uses `ConnectionManager`s; "mux" rows use plain `MultiplexedConnection`s, the
-//! connection type rslock uses inside.
+//! The run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28 04:03 UTC, a
+//! two-core Intel Xeon VM otherwise idle; its criterion figures swing by a third from
+//! one run to the next): acquire + release on one resource, TTL 10 s, beside `rslock`
+//! 0.10 on the same servers in the same run; criterion's mean estimates from the run's
+//! log (RESULTS.md lists medians, a few percent apart). `sd` uses `ConnectionManager`s; "mux" rows
+//! use plain `MultiplexedConnection`s, the connection type rslock uses inside. Both
+//! sides wait at most 1 ms between contended attempts.
 //!
 //! | backend | 1 task | 8 tasks contending | rslock, 1 task | rslock, 8 tasks |
 //! |---|---|---|---|---|
-//! | memory | 0.45 µs | 0.59 µs | | |
-//! | Redis, one node | 135 µs | 175 µs | 149 µs | 151 µs |
-//! | Redis, one node, mux | 95 µs | 166 µs | | |
-//! | Redlock, 3 masters | 289 µs | 463 µs | 266 µs | 446 µs |
-//! | Redlock, 3 masters, mux | 270 µs | 457 µs | | |
-//! | Redlock, 5 masters | 487 µs | 706 µs | 426 µs | 779 µs |
-//! | Redlock, 5 masters, mux | 559 µs | 743 µs | | |
-//! | PostgreSQL | 0.50 ms | 0.65 ms | | |
-//! | etcd | 3.6 ms | 3.3 ms | | |
+//! | memory | 0.66 µs | 0.59 µs | | |
+//! | Redis, one node | 72 µs | 112 µs | 88 µs | 104 µs |
+//! | Redis, one node, mux | 95 µs | 115 µs | | |
+//! | Redlock, 3 masters | 144 µs | 209 µs | 188 µs | 207 µs |
+//! | Redlock, 3 masters, mux | 179 µs | 199 µs | | |
+//! | Redlock, 5 masters | 286 µs | 324 µs | 256 µs | 366 µs |
+//! | Redlock, 5 masters, mux | 213 µs | 347 µs | | |
+//! | 0.5 ms round trip: Redis, one node | 1.57 ms | 1.68 ms | 1.57 ms | 1.70 ms |
+//! | 0.5 ms round trip: Redlock, 3 masters | 1.63 ms | 1.65 ms | 1.73 ms | 1.77 ms |
+//! | 0.5 ms round trip: Redlock, 5 masters | 1.77 ms | 1.78 ms | 1.78 ms | 1.84 ms |
+//! | PostgreSQL | 0.24 ms | 0.30 ms | | |
+//! | etcd | 1.7 ms | 1.8 ms | | |
 //!
-//! - **Redlock against rslock**: 0.90× rslock's speed with 3 masters and 0.87× with 5
-//!   on loopback, 1.03× and 0.89× behind a 0.5 ms round trip: level within the noise,
-//!   not faster. Since this run a grant costs each master a `MULTI`/`SET NX PX`/`TIME`/
-//!   `EXEC` (19 k server instructions) instead of a script (60 k) against rslock's bare
-//!   `SET` (10 k), so what is left is client work and the release script both share.
-//!   The requests go to every master at once, and the attempt waits for every master
-//!   (or the per-node deadline) so the lease is set wherever it can be.
+//! - **Redlock against rslock, uncontended: level.** Criterion's rows above, taken
+//!   minutes apart, say 1.31× and 0.90× rslock's speed (3 and 5 masters) on loopback;
+//!   the same bench also runs the two in alternating blocks of 20 cycles (100 rounds,
+//!   medians), which cancels the machine's drift: **1.00× and 1.01×** on loopback,
+//!   **1.00× and 0.99×** behind a 0.5 ms round trip. Callgrind explains the tie: per
+//!   cycle over 3 masters the sd client runs 110 k instructions against rslock's 120 k,
+//!   and each master runs 3.3 k more for sd, the `TIME` that gives the fencing token
+//!   (a grant is `SET NX PX` + `TIME`, 12.9 k, against rslock's bare `SET NX PX`,
+//!   9.6 k). rslock hands out no token.
+//! - **Contended (8 tasks)**: 1.0× / 1.13× rslock's speed on loopback and 1.07× /
+//!   1.04× behind the round trip. A miss that every master refused sends no release
+//!   (rslock sends one), and a backoff under tokio's 1 ms timer tick is kept short on
+//!   average instead of rounded up to a tick.
 //! - **With a network round trip** (`rtt500us/*`: a proxy delays every byte 250 µs each
 //!   way in front of each master, as between hosts in one region): Redlock 3 takes
-//!   1.15× the single-node time and Redlock 5 1.35× (goal 1.5×: met there). On loopback
-//!   a round trip is mostly the system calls of one connection, so N masters cost about
-//!   N of them even when one server answers all N (Redlock 3 over three databases of
-//!   one server: 1.6× one node; over three servers 2.1×): on two cores the N servers,
-//!   their connections and the caller share two CPUs, so the round trips are not
-//!   concurrent there.
-//! - **One node against rslock**: 0.98× (1 task) and 0.81× (8 tasks) of rslock's speed.
-//!   The single-node acquire keeps its script (`SET NX PX`, `TIME`, `GET` and `SET` of
-//!   the counter), which makes tokens increase even if the server's clock steps back;
-//!   rslock hands out no token.
+//!   1.04× the single-node time and Redlock 5 1.13× (goal 1.5×: met). On loopback a
+//!   round trip is mostly the system calls of one connection, so N masters cost about N
+//!   of them even when one server answers all N (Redlock 3 over three databases of one
+//!   server: 1.7× one node; over three servers 2.0×): on two cores the N servers, their
+//!   connections and the caller share two CPUs, so the round trips are not concurrent.
+//! - **One node against rslock**: 0.85× in the alternating blocks (criterion: 1.22× at
+//!   1 task, 0.93× at 8). The single-node acquire keeps its script (`SET NX PX`, `TIME`,
+//!   `GET` and `SET` of the counter, about 60 k server instructions), which makes tokens
+//!   increase even if the server's clock steps back; rslock hands out no token.
 //!
 //! # Crate features
 //!

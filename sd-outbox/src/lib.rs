@@ -165,16 +165,16 @@
 //! # Figures
 //!
 //! From `benches/benches/outbox.rs` (`cargo bench -p sd-benches --bench outbox`), the
-//! run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28, a two-core AMD EPYC VM
-//! otherwise idle, whose timings still swing by half from one run to the next),
-//! PostgreSQL 15 (`fsync=off`, `synchronous_commit=off`) and Redis on loopback.
+//! run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28 04:03 UTC, a two-core
+//! Intel Xeon VM otherwise idle, whose timings swing by a third from one run to the
+//! next), PostgreSQL 15 (`fsync=off`, `synchronous_commit=off`) and Redis on loopback.
 //!
 //! | relay to Redis Streams, 10,000 events | batch 100 | batch 1000 |
 //! |---|---|---|
-//! | parallel, 1 relay | 12,000/s (0.95×) | 26,300/s (0.86×) |
-//! | parallel, 3 relays | 15,700/s (1.24×) | 35,900/s (1.18×) |
-//! | ordered, 1 active relay | 16,800/s (1.33×) | 28,000/s (0.92×) |
-//! | naive single poller (baseline) | 12,600/s | 30,600/s |
+//! | parallel, 1 relay | 15,800/s (0.98×) | 32,800/s (0.83×) |
+//! | parallel, 3 relays | 20,400/s (1.27×) | 48,600/s (1.23×) |
+//! | ordered, 1 active relay | 21,300/s (1.32×) | 31,400/s (0.79×) |
+//! | naive single poller (baseline) | 16,100/s | 39,500/s |
 //!
 //! The baseline is the Eventuate-style loop (`SELECT .. WHERE status = 'pending' ORDER
 //! BY seq LIMIT n`, pipelined `XADD`, `UPDATE`): no claiming, so it is only correct
@@ -184,18 +184,18 @@
 //! its `(txid, seq)` index.
 //!
 //! Enqueue in its own transaction (`BEGIN`, `INSERT`, `COMMIT`) against the same row
-//! into a plain table with only a primary key, medians of 2,000 interleaved pairs:
-//! **+152, +107, +61 and +143 µs** in four runs (bare 456, 405, 351 and 533 µs), so the
-//! goal of at most +100 µs holds only some of the time on this machine. The server's
-//! work is steadier: callgrind on a PostgreSQL backend counts 85 k instructions for the
-//! bare insert and commit and 190 k for the outbox's, down from 299 k before the lane
-//! became an expression index (a generated column is prepared for every statement),
-//! `status` an enum (no CHECK) and the payload CHECK went. What is left: the NOTIFY
-//! trigger (21 k), the ordered-mode index (15 k), the three partial indexes that hold
-//! no pending row but are checked on each insert (24 k), the lane index, the sequence.
+//! into a plain table with only a primary key, run in alternating blocks of 10 so both
+//! see the same table sizes, autovacuum and load: **+50 µs** (median over 200 rounds:
+//! bare 180 µs, enqueue 230 µs; criterion's estimates in the same run +55 µs median,
+//! +38 µs mean). Goal: at most +100 µs. The two runs of the same bench before it gave +31 µs
+//! each. The server's share is small: callgrind on a PostgreSQL backend counts
+//! 85 k instructions for the bare insert and commit and 190 k for the outbox's (the
+//! NOTIFY trigger 21 k, the ordered-mode index 15 k, the three partial indexes that
+//! hold no pending row but are checked on each insert 24 k, the lane index, the
+//! sequence); pgbench puts the server's difference at about 20 µs.
 //!
-//! Commit to publish (the Redis acknowledgement) with notifications: **p50 0.97 ms,
-//! p99 3.0 ms** over 1,981 events; with LISTEN off and a 100 ms poll, p50 102 ms.
+//! Commit to publish (the Redis acknowledgement) with notifications: **p50 0.74 ms,
+//! p99 1.2 ms** over 3,543 events; with LISTEN off and a 100 ms poll, p50 102 ms.
 //!
 //! # Crate features
 //!
