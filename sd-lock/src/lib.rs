@@ -90,9 +90,9 @@
 //! two-core Intel Xeon VM otherwise idle; its criterion figures swing by a third from
 //! one run to the next): acquire + release on one resource, TTL 10 s, beside `rslock`
 //! 0.10 on the same servers in the same run; criterion's mean estimates from the run's
-//! log (RESULTS.md lists medians, a few percent apart). `sd` uses `ConnectionManager`s; "mux" rows
-//! use plain `MultiplexedConnection`s, the connection type rslock uses inside. Both
-//! sides wait at most 1 ms between contended attempts.
+//! log (RESULTS.md lists medians, a few percent apart). `sd` uses `ConnectionManager`s;
+//! "mux" rows use plain `MultiplexedConnection`s, the connection type rslock uses
+//! inside. Both sides wait at most 1 ms between contended attempts.
 //!
 //! | backend | 1 task | 8 tasks contending | rslock, 1 task | rslock, 8 tasks |
 //! |---|---|---|---|---|

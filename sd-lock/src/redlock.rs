@@ -33,11 +33,11 @@
 //!   costs the master a fifth of a script with a stored counter (callgrind on
 //!   redis-server 7.0, per grant: 12.9k instructions; the same in `MULTI`/`EXEC` 18.5k;
 //!   a counter script 60k; a bare `SET NX PX`, all rslock sends, 9.6k). It is not a
-//!   consensus number: it increases
-//!   from one holder to the next when the masters' clocks agree to within the time
-//!   between the two acquisitions (milliseconds at least: the first lease must expire
-//!   or be released). That is the same synchronous assumption, so fence writes with it
-//!   and treat a rejected write as "the lease was lost".
+//!   consensus number: it increases from one holder to the next when the masters'
+//!   clocks agree to within the time between the two acquisitions (milliseconds at
+//!   least: the first lease must expire or be released). That is the same synchronous
+//!   assumption, so fence writes with it and treat a rejected write as "the lease was
+//!   lost".
 //! - Use Redlock for efficiency (rarely doing work twice) with high availability:
 //!   it keeps working with a minority of masters down. For correctness, prefer the
 //!   PostgreSQL or etcd backends, and fence either way.
