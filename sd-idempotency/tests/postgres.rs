@@ -181,29 +181,18 @@ fn postgres_store_follows_the_model() {
 
 /// Runs `test` with a store on a server of its own, and its pause and resume.
 fn on_a_pausable_server<F: Future<Output = ()>>(
-    test: impl FnOnce(PostgresStore, Box<dyn FnOnce()>, Box<dyn FnOnce()>) -> F,
+    test: impl FnOnce(PostgresStore, suite::Fault, suite::Fault) -> F,
 ) {
-    let server = Arc::new(std::sync::Mutex::new(
-        sd_testkit::PostgresServer::start().expect("postgres"),
-    ));
-    let db = server
-        .lock()
-        .unwrap()
-        .create_database()
-        .expect("a database");
+    let server = sd_testkit::PostgresServer::start().expect("postgres");
+    let db = server.create_database().expect("a database");
     let runtime = runtime();
     let store = runtime.block_on(store(db.url()));
-    runtime.block_on(test(
-        store,
-        Box::new({
-            let server = server.clone();
-            move || server.lock().unwrap().pause().unwrap()
-        }),
-        Box::new({
-            let server = server.clone();
-            move || server.lock().unwrap().resume().unwrap()
-        }),
-    ));
+    let (_server, pause, resume) = suite::pause_controls(
+        server,
+        sd_testkit::PostgresServer::pause,
+        sd_testkit::PostgresServer::resume,
+    );
+    runtime.block_on(test(store, pause, resume));
     drop(db);
 }
 

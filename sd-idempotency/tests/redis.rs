@@ -130,25 +130,18 @@ fn redis_store_follows_the_model() {
 
 /// Runs `test` with a store on a server of its own, and its pause and resume.
 fn on_a_pausable_server<F: Future<Output = ()>>(
-    test: impl FnOnce(RedisStore<ConnectionManager>, Box<dyn FnOnce()>, Box<dyn FnOnce()>) -> F,
+    test: impl FnOnce(RedisStore<ConnectionManager>, suite::Fault, suite::Fault) -> F,
 ) {
-    let server = Arc::new(std::sync::Mutex::new(
-        sd_testkit::RedisServer::start().expect("a redis server"),
-    ));
-    let url = server.lock().unwrap().url();
+    let server = sd_testkit::RedisServer::start().expect("a redis server");
+    let url = server.url();
     let runtime = runtime();
     let store = runtime.block_on(store(&url));
-    runtime.block_on(test(
-        store,
-        Box::new({
-            let server = server.clone();
-            move || server.lock().unwrap().pause().unwrap()
-        }),
-        Box::new({
-            let server = server.clone();
-            move || server.lock().unwrap().resume().unwrap()
-        }),
-    ));
+    let (_server, pause, resume) = suite::pause_controls(
+        server,
+        sd_testkit::RedisServer::pause,
+        sd_testkit::RedisServer::resume,
+    );
+    runtime.block_on(test(store, pause, resume));
 }
 
 #[test]

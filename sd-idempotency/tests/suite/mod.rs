@@ -17,6 +17,29 @@ use sd_idempotency::{
 };
 use tokio::sync::watch;
 
+/// A test server shared by the test and its pause and resume closures.
+pub type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// A fault to inject (pause or resume the store's server), called once.
+pub type Fault = Box<dyn FnOnce()>;
+
+/// Pause and resume for the fault tests (`http_store_paused`, `run_once_store_paused`):
+/// two closures over one test server, `pause` and `resume` being its methods. Keep the
+/// returned server until the test ends: the closures alone do not keep it running.
+pub fn pause_controls<T: 'static>(
+    server: T,
+    pause: fn(&mut T) -> sd_testkit::Result<()>,
+    resume: fn(&mut T) -> sd_testkit::Result<()>,
+) -> (Shared<T>, Fault, Fault) {
+    let server = Arc::new(std::sync::Mutex::new(server));
+    let (a, b) = (server.clone(), server.clone());
+    (
+        server,
+        Box::new(move || pause(&mut a.lock().unwrap()).unwrap()),
+        Box::new(move || resume(&mut b.lock().unwrap()).unwrap()),
+    )
+}
+
 /// Lets time pass for the store: a manual clock moves, or the test sleeps (real servers
 /// read their own clocks).
 pub type Pass = Arc<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
