@@ -364,10 +364,8 @@ where
             if Instant::now() >= next_claim {
                 let (next, entries) = self.autoclaim(&cursor).await?;
                 self.report.reclaimed += entries.len() as u64;
-                match self.submit_all(entries, shutdown.as_mut()).await {
-                    Submitted::All => {}
-                    Submitted::Shutdown => return Ok(None),
-                    Submitted::Refused(error) => return Ok(Some(error)),
+                if let Some(end) = self.submit_all(entries, shutdown.as_mut()).await.end() {
+                    return Ok(end);
                 }
                 if next == "0-0" {
                     next_claim = Instant::now() + self.cfg.claim_every;
@@ -382,10 +380,8 @@ where
             self.report.read += read.len() as u64;
             let submitted = self.submit_all(read, shutdown.as_mut()).await;
             self.ack().await?;
-            match submitted {
-                Submitted::All => {}
-                Submitted::Shutdown => return Ok(None),
-                Submitted::Refused(error) => return Ok(Some(error)),
+            if let Some(end) = submitted.end() {
+                return Ok(end);
             }
         }
     }
@@ -534,6 +530,18 @@ enum Submitted {
     Shutdown,
     /// The pool refused an entry.
     Refused(Error),
+}
+
+impl Submitted {
+    /// `None` to read on; otherwise how [`Run::read_loop`] ends (`Some(None)` for the
+    /// shutdown, `Some(Some(error))` for a refusal).
+    fn end(self) -> Option<Option<Error>> {
+        match self {
+            Submitted::All => None,
+            Submitted::Shutdown => Some(None),
+            Submitted::Refused(error) => Some(Some(error)),
+        }
+    }
 }
 
 fn reply_err(op: &'static str, what: &'static str) -> Error {
