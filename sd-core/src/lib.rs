@@ -1,0 +1,57 @@
+//! The mechanics every sd pattern crate shares, kept once so they cannot drift apart.
+//!
+//! sd's pattern crates (`sd-ratelimit`, `sd-cache`, `sd-lock`, ...) never depend on one
+//! another; what several of them need lives here, as `tower-layer` holds what every
+//! tower middleware needs and `sqlx-core` what every sqlx driver needs. This crate knows
+//! no pattern. Most users never name it: each pattern crate re-exports the few types its
+//! users write (a [`RetryPolicy`], a [`ManualClock`] in tests).
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`clock`] | one [`Clock`] trait; [`MonotonicClock`], [`SystemClock`] (wall time), [`TokioClock`], [`ManualClock`] |
+//! | [`retry`] | [`RetryPolicy`]: exponential backoff with jitter and a bound on attempts |
+//! | [`deadline`] | [`timeout`](deadline::timeout) with a span, and [`Deadline`] for work in several steps |
+//! | [`name`] | the one rule for table names ([`TableName`]) and Redis key prefixes ([`KeyPrefix`]) |
+//! | [`error`] | [`ConfigError`] (the field and the reason), [`Elapsed`], [`BoxError`] |
+//! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT` (feature `redis`) |
+//! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |
+//!
+//! ```
+//! use std::time::Duration;
+//! use sd_core::{Clock, ManualClock, RetryPolicy};
+//!
+//! let clock = ManualClock::new();
+//! clock.advance(Duration::from_secs(3));
+//! assert_eq!(clock.now(), Duration::from_secs(3));
+//!
+//! let policy = RetryPolicy::builder()
+//!     .initial_interval(Duration::from_millis(10))
+//!     .jitter(0.0)
+//!     .build()?;
+//! assert_eq!(policy.delay(3, 0.0), Duration::from_millis(40));
+//! # Ok::<(), sd_core::ConfigError>(())
+//! ```
+//!
+//! # Features
+//! - `redis`: [`redis::Script`] (redis-rs 1.x, any `ConnectionLike`).
+//! - `postgres`: [`migrate::Migrator`] (sqlx 0.8).
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod clock;
+pub mod deadline;
+pub mod error;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod migrate;
+pub mod name;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+pub mod retry;
+
+pub use clock::{Clock, ManualClock, MonotonicClock, SystemClock, TokioClock};
+pub use deadline::Deadline;
+pub use error::{BoxError, ConfigError, Elapsed};
+pub use name::{KeyPrefix, TableName};
+pub use retry::{RetryPolicy, RetryPolicyBuilder};
