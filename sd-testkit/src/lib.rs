@@ -51,6 +51,7 @@ mod postgres;
 mod process;
 mod redis;
 pub mod resp;
+mod wait;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,9 @@ pub use crate::nats::{NatsServer, info as nats_info};
 pub use crate::postgres::{PostgresServer, TestDatabase};
 pub use crate::process::{Process, descendants, is_alive, is_stopped, live_group_members};
 pub use crate::redis::{RedisCluster, RedisOptions, RedisServer};
+pub use crate::wait::{
+    HANG_GUARD, eventually, eventually_blocking, retry_until_ok, runtime, runtime_with,
+};
 
 /// Bumped when the layout of cached templates changes.
 const CACHE_FORMAT: u32 = 1;

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sd_testkit::resp::Reply;
 use sd_testkit::{
@@ -13,13 +13,7 @@ use sd_testkit::{
     is_alive, is_stopped, live_group_members,
 };
 
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use sd_testkit::eventually_blocking as eventually;
 
 /// True when a connection to `port` gets no answer to `request` within 300 ms.
 fn hangs(port: u16, request: &[u8]) -> bool {
