@@ -134,6 +134,16 @@ for feature in $(features_of examples/Cargo.toml); do
   cargo check -q -p sd-examples --examples --no-default-features --features "$feature"
 done
 
+# --- 3b. Docs build without warnings, with every feature and with none ------------------------
+# (a link to an item behind a feature that is off is a warning, so both ends are checked)
+step "cargo doc per crate, RUSTDOCFLAGS=-D warnings"
+for manifest in sd-*/Cargo.toml; do
+  crate=$(dirname "$manifest")
+  echo "   $crate"
+  RUSTDOCFLAGS="-D warnings" cargo doc -q -p "$crate" --no-deps --all-features
+  RUSTDOCFLAGS="-D warnings" cargo doc -q -p "$crate" --no-deps --no-default-features
+done
+
 # --- 4. Tests, doc tests included -----------------------------------------------------------
 if cargo nextest --version >/dev/null 2>&1; then
   step "cargo nextest run --workspace --all-features"
