@@ -60,6 +60,7 @@ impl BoundedLoad {
 
 /// Where bounded-load placement put a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BoundedPick<'a> {
     /// The node chosen.
     pub node: &'a Node,

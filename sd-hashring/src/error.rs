@@ -1,5 +1,7 @@
 //! The one error type of the crate.
 
+use std::borrow::Cow;
+
 use crate::hash::HashKind;
 
 /// Everything that can go wrong in `sd-hashring`.
@@ -17,7 +19,7 @@ pub enum Error {
         /// The builder method or argument at fault, such as `vnodes` or `c`.
         field: &'static str,
         /// What is wrong and what to use instead.
-        reason: String,
+        reason: Cow<'static, str>,
     },
     /// A node was given weight 0.
     #[error("node `{id}` has weight 0; give it a weight of at least 1, or remove it")]
@@ -86,7 +88,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
         Error::InvalidConfig {
             field,
             reason: reason.into(),

@@ -79,50 +79,19 @@
 //! - **Readers never wait.** [`SharedRing`] publishes each new ring with one atomic swap
 //!   (`arc-swap`); writers apply a batch of [`Change`]s with one rebuild.
 //!
-//! # Figures
+//! # How it compares
 //!
-//! Lookup time per key (`user:{i}:session`, 14–17 bytes), one criterion run on the
-//! shared 2-core machine, load average 1.2–2.5, 2026-11-28 (`cargo bench -p sd-benches
-//! --bench hashring -- --warm-up-time 1 --measurement-time 3`). The `hashring` crate
-//! (0.3.6) is given sd's exact vnode labels as entries, so both rings hold the same
-//! points:
-//!
-//! | nodes × 160 vnodes | sd ring, CRC32 | sd ring, XXH3 | `hashring` crate | ratio (CRC32 / XXH3) |
-//! |---|---|---|---|---|
-//! | 10 | 19.0 ns | 15.8 ns | 62.2 ns | 3.3× / 3.9× |
-//! | 100 | 34.6 ns | 25.9 ns | 151 ns | 4.4× / 5.8× |
-//! | 1000 | 49.9 ns | 31.7 ns | 257 ns | 5.1× / 8.1× |
-//!
-//! A repeat of the CRC32 pair a minute later: 18.8 / 57.5, 31.5 / 108 and 42.7 / 226 ns
-//! (3.1× / 3.4× / 5.3×). Wall-clock ratios move with the machine's load (an earlier,
-//! quieter run, before keys shorter than 64 bytes got their own CRC32, measured 21.8
-//! against 35.3 ns at 10 nodes); instruction counts do not. Callgrind, on one driver
-//! loop over the same keys for both: about 183 instructions per CRC32 lookup at 10, 100
-//! or 1000 nodes (hashing the key is 87 of them; 231 in all with `crc32fast` for short
-//! keys and a binary search), against 355 / 388 / 432 for the peer.
-//!
-//! Same run, other placements at 10 / 100 / 1000 nodes: jump 32 / 54 / 71 ns, Maglev
-//! 16 / 11 / 13 ns, rendezvous 100 ns / 0.51 µs / 5.3 µs. `owners(key, 3)`: 78 / 88 /
-//! 116 ns (the `hashring` crate's `get_with_replicas(key, 2)` clones its ring: 124 µs /
-//! 1.2 ms / 47 ms, and may repeat a node). Building a ring, inputs cloned outside the
-//! timing for both: 0.086 / 0.93 / 10.2 ms (peer 0.094 / 1.1 / 17.3 ms); adding one
-//! node to a built ring reuses the other points: 0.026 / 0.16 / 2.2 ms. A
-//! counting-allocator test checks that lookups, `owners(.., 3)` and bounded lookups
-//! allocate nothing.
-//!
-//! Balance at 10 nodes × 160 vnodes, from the exact shares of hash space (no key
-//! sampling) over twelve fixed memberships of addresses, host names and pool names
-//! (`tests/balance.rs`, also printed by the `ring_balance` example): peak/mean 1.12 on
-//! average, worst 1.20 (`10.0.0.{1..10}:11211`), 1.17 for the bench's ids; XXH3 1.12,
-//! worst 1.15. That is what a uniform hash gives (relative std-dev 1/√160 ≈ 7.9 %);
-//! the test asserts the average stays at or below 1.15. With 100 000 sampled keys
-//! (`ring_balance`), relative std-dev of load and peak/mean at 10 / 100 / 1000 nodes
-//! are 8.5 % 1.16 / 7.6 % 1.20 / 8.4 % 1.30 for the CRC32 ring over the bench's ids
-//! (exact shares: 9.2 % 1.17 / 7.0 % 1.16 / 7.9 % 1.25). Jump, rendezvous and Maglev
-//! stay within 1–3.3 %. Adding or removing one node moves 1/(n+1) or 1/n of the keys (within sampling noise) for the
-//! ring, jump and rendezvous; Maglev moves 0.44 % instead of 0.10 % at 1000 nodes.
-//! Bounded loads at c = 1.25 keep max/avg at 1.24 / 1.25 / 1.25, sending 1.7–2.9 % of
-//! keys past their natural owner.
+//! Against the `hashring` crate given the same vnode labels (so both rings hold the same
+//! points), lookups here are several times faster and the gap widens with the number of
+//! nodes: a bucket index finds the point instead of a binary search, and short keys are
+//! hashed without `crc32fast`'s per-call set-up. `owners(key, n)` walks the ring instead
+//! of cloning it, and lookups, `owners` and bounded lookups allocate nothing (a
+//! counting-allocator test checks it). Balance is what a uniform hash gives at 160 vnodes
+//! (`tests/balance.rs` asserts it from the exact shares of hash space; the `ring_balance`
+//! example prints it); jump, rendezvous and Maglev balance more evenly, and Maglev moves
+//! a few more keys than the minimum on a change. The measured figures, with the peers'
+//! from the same run, are in
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!

@@ -45,6 +45,7 @@ impl KeyRange {
 
 /// One range of positions whose keys change owner.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Move {
     /// Positions that move.
     pub range: KeyRange,

@@ -42,6 +42,7 @@ pub struct SharedRing {
 
 /// The rings before and after an update, from [`SharedRing::update`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Swap {
     /// The ring that was current before the update.
     pub old: Arc<HashRing>,
