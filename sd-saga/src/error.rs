@@ -1,6 +1,9 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::time::Duration;
+
+use sd_core::{BoxError, ConfigError, Elapsed};
 
 /// What went wrong; every message says what to do about it.
 ///
@@ -13,11 +16,11 @@ use std::time::Duration;
 pub enum Error {
     /// A configuration value is out of range; raised at construction.
     #[error("invalid `{field}`: {reason}")]
-    Config {
+    InvalidConfig {
         /// The builder field at fault.
         field: &'static str,
         /// Why it is refused and what would be accepted.
-        reason: String,
+        reason: Cow<'static, str>,
     },
     /// A step's configuration is out of range; raised when the saga is built.
     #[error("invalid `{field}` of step `{step}`: {reason}")]
@@ -27,7 +30,7 @@ pub enum Error {
         /// The field at fault.
         field: &'static str,
         /// Why it is refused.
-        reason: String,
+        reason: Cow<'static, str>,
     },
     /// The saga definition has no steps.
     #[error("saga `{saga}` has no steps; add at least one with `step(..)`")]
@@ -148,20 +151,21 @@ pub enum Error {
         /// The timeout that elapsed.
         after: Duration,
     },
-    /// PostgreSQL failed.
-    #[cfg(feature = "postgres")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    #[error("postgres failed: {source}; check the server is reachable and `migrate()` ran")]
-    Postgres {
-        /// The client error.
-        #[from]
-        source: sqlx::Error,
+    /// The log's backend (PostgreSQL, or another [`SagaStore`](crate::SagaStore)) failed.
+    #[error(
+        "the saga log's {backend} failed: {source}; check the server is reachable and `migrate()` ran"
+    )]
+    Backend {
+        /// Which backend: `"postgres"`, ...
+        backend: &'static str,
+        /// The client's error.
+        source: BoxError,
     },
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::Config {
+    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Error::InvalidConfig {
             field,
             reason: reason.into(),
         }
@@ -173,15 +177,53 @@ impl Error {
         }
     }
 
-    /// True when the log itself failed (down, timed out, unreadable): the saga is left as
-    /// it was and `recover` continues it once its lease expires.
-    pub fn is_store_failure(&self) -> bool {
-        match self {
-            Error::Timeout { .. } | Error::Corrupt { .. } => true,
-            #[cfg(feature = "postgres")]
-            Error::Postgres { .. } => true,
-            _ => false,
+    /// A failure of the log's `backend` (for [`SagaStore`](crate::SagaStore)
+    /// implementations).
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend {
+            backend,
+            source: source.into(),
         }
+    }
+
+    /// True when the log itself failed (down, timed out, unreadable): the saga is left
+    /// where it was, and `recover` continues it once its lease expires.
+    pub fn is_store_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Corrupt { .. } | Error::Backend { .. }
+        )
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<Elapsed> for Error {
+    fn from(e: Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::backend("postgres", e)
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+impl From<sd_core::migrate::MigrateError> for Error {
+    fn from(e: sd_core::migrate::MigrateError) -> Self {
+        Error::backend("postgres", e)
     }
 }
 

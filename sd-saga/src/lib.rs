@@ -151,7 +151,6 @@ mod orchestrator;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
-mod retry;
 mod store;
 
 pub use crate::definition::{
@@ -162,8 +161,9 @@ pub use crate::error::{Error, Result};
 pub use crate::memory::MemoryStore;
 pub use crate::metrics::{LATENCY_BUCKETS, Latency, LocalMetrics, Metrics};
 pub use crate::orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, SagaOutcome};
-pub use crate::retry::{RetryPolicy, RetryPolicyBuilder};
 pub use crate::store::{
-    Clock, Event, EventKind, Lease, ManualClock, NewSaga, SagaRecord, SagaState, SagaStore,
-    StoreStats, StoredEvent, SystemClock, Write,
+    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
+    Write,
 };
+/// Retry policies and clocks are sd-core's, the same in every sd crate.
+pub use sd_core::{Clock, ManualClock, RetryPolicy, RetryPolicyBuilder, SystemClock};

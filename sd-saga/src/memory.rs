@@ -12,9 +12,10 @@ use std::time::Duration;
 use crate::definition::Direction;
 use crate::error::{Error, Result};
 use crate::store::{
-    Clock, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats,
-    StoredEvent, SystemClock, Write,
+    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
+    Write,
 };
+use sd_core::{Clock, SystemClock};
 
 #[derive(Debug)]
 struct Entry {
@@ -39,7 +40,7 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty log on the system clock.
+    /// An empty log on the wall clock ([`SystemClock`]).
     pub fn new() -> Self {
         MemoryStore::with_clock(SystemClock)
     }

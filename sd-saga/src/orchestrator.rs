@@ -15,10 +15,10 @@ use tokio::time::Instant;
 use crate::definition::{BoxFuture, Direction, Saga, StepContext, StepDef, StepError, StepKind};
 use crate::error::{Error, Result};
 use crate::metrics::{Counters, LocalMetrics, Metrics, bump};
-use crate::retry::RetryPolicy;
 use crate::store::{
     Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent, Write,
 };
+use sd_core::RetryPolicy;
 
 /// How a saga ended (for this call).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +110,7 @@ where
         self
     }
 
-    /// The orchestrator, or [`Error::Config`] naming the field out of range.
+    /// The orchestrator, or [`Error::InvalidConfig`] naming the field out of range.
     pub fn build(self) -> Result<Orchestrator<D, S>> {
         let owner = self.owner.unwrap_or_else(|| {
             format!(

@@ -13,8 +13,11 @@
 //! - **Server time**: leases expire by the database's `clock_timestamp()`, so skewed
 //!   application clocks agree.
 //! - **Schema**: [`PostgresStore::migrate`] creates the schema (default `public`), the
-//!   instance table (default `sagas`) and the events table (`{table}_events`), idempotently
-//!   and under an advisory lock; the SQL ships in `migrations/`. Nothing is deleted by
+//!   instance table (default `sagas`) and the events table (`{table}_events`) through
+//!   sd-core's [`Migrator`]: idempotently, under an advisory lock, recorded in the
+//!   `sd_migrations` ledger. The SQL ships in `migrations/`, written for the default
+//!   names so it applies with `psql` as it stands; [`PostgresStore::migrator`] renders
+//!   it with your names for your own migration tool. Nothing is deleted by
 //!   itself: call [`PostgresStore::prune_finished`] from a periodic job.
 //! - **Metrics** count every saga of the type in one `GROUP BY` query: prune finished
 //!   sagas so that stays cheap, and call it at a scrape interval rather than per request.
@@ -24,9 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use sd_core::TableName;
+use sd_core::deadline::timeout;
+use sd_core::migrate::{Migration, Migrator};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
-use tracing::Instrument as _;
 
 use crate::definition::Direction;
 use crate::error::{Error, Result};
@@ -36,10 +41,23 @@ use crate::store::{
     Write,
 };
 
-const MIGRATION: &str = include_str!("../migrations/0001_create.sql");
+/// The shipped migrations, written for the default names (schema `public`, tables
+/// `sagas` and `sagas_events`).
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create",
+    sql: include_str!("../migrations/0001_create.sql"),
+}];
 
 const COLUMNS: &str =
     "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason";
+
+/// The suffix of the events table's name.
+const EVENTS_SUFFIX: &str = "_events";
+
+/// The longest instance table name: its events table and index names stay within
+/// sd-core's [`TableName`] rule (48 bytes a part).
+const MAX_TABLE: usize = 40;
 
 /// Options of a [`PostgresStore`].
 #[derive(Debug, Clone)]
@@ -59,33 +77,17 @@ impl Default for Builder {
     }
 }
 
-fn check_identifier(field: &'static str, name: &str, max: usize) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= max
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::config(
-            field,
-            format!("`{name}` must be 1 to {max} of [a-z0-9_], not starting with a digit"),
-        ))
-    }
-}
-
 impl Builder {
-    /// The schema (default `public`), created by `migrate` if missing: a lowercase SQL
-    /// identifier of at most 63 characters.
+    /// The schema (default `public`), created by `migrate` if missing: 1 to 48 of
+    /// `[a-z0-9_]` (sd-core's [`TableName`] rule).
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
     }
 
-    /// The instance table (default `sagas`; the events go to `{table}_events`): a
-    /// lowercase SQL identifier of at most 40 characters.
+    /// The instance table (default `sagas`; the events go to `{table}_events`): 1 to 40
+    /// of `[a-z0-9_]`, not starting with a digit, so that the events table's name stays
+    /// within sd-core's [`TableName`] rule.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -97,24 +99,53 @@ impl Builder {
         self
     }
 
-    /// A store on `pool`, or [`Error::Config`] naming the field out of range.
+    /// A store on `pool`, or [`Error::InvalidConfig`] naming the field out of range.
     pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
-        check_identifier("schema", &self.schema, 63)?;
-        check_identifier("table", &self.table, 40)?;
+        let schema = TableName::parse("schema", &self.schema)?;
+        if schema.schema().is_some() {
+            return Err(Error::config(
+                "schema",
+                format!(
+                    "`{}` must be one name of [a-z0-9_], without a `.`",
+                    self.schema
+                ),
+            ));
+        }
+        let events_name = format!("{}{EVENTS_SUFFIX}", self.table);
+        let (name, events) = match (
+            TableName::parse("table", &self.table),
+            TableName::parse("table", &events_name),
+        ) {
+            (Ok(name), Ok(events)) if name.schema().is_none() && self.table.len() <= MAX_TABLE => {
+                (name, events)
+            }
+            _ => {
+                return Err(Error::config(
+                    "table",
+                    format!(
+                        "`{}` must be 1 to {} of [a-z0-9_], not starting with a digit (set the schema with `schema`)",
+                        self.table, MAX_TABLE
+                    ),
+                ));
+            }
+        };
         if self.timeout.is_zero() {
             return Err(Error::config("timeout", "must be above zero"));
         }
-        let table = format!("{}.{}", self.schema, self.table);
-        let events = format!("{}.{}_events", self.schema, self.table);
-        let sql = Sql::new(&table, &events);
+        let table = format!("{schema}.{name}");
+        let events_table = format!("{schema}.{events}");
+        let sql = Sql::new(&table, &events_table);
+        let migrator = Migrator::new("sd-saga", MIGRATIONS)
+            .name("public", &schema)
+            .name("sagas", &name)
+            .name("sagas_events", &events);
         Ok(PostgresStore {
             pool,
-            schema: self.schema,
-            name: self.table,
             table,
-            events,
+            events: events_table,
             timeout: self.timeout,
             sql: Arc::new(sql),
+            migrator: Arc::new(migrator),
             writes: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -236,12 +267,11 @@ impl Sql {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    schema: String,
-    name: String,
     table: String,
     events: String,
     timeout: Duration,
     sql: Arc<Sql>,
+    migrator: Arc<Migrator>,
     writes: Arc<AtomicU64>,
 }
 
@@ -319,26 +349,17 @@ impl PostgresStore {
     }
 
     /// Creates the schema, the tables and their indexes if they are missing; safe to call
-    /// from every replica at start-up.
+    /// from every replica at start-up. The shipped [`MIGRATIONS`] are applied by sd-core's
+    /// [`Migrator`] (one transaction under an advisory lock, recorded in `sd_migrations`).
     pub async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("sd-saga:{}", self.table))
-            .execute(&mut *tx)
-            .await?;
-        let sql = MIGRATION
-            .replace("{schema}", &self.schema)
-            .replace("{table}", &self.table)
-            .replace("{events}", &self.events)
-            .replace("{name}", &self.name);
-        for statement in sql.split(';').map(str::trim).filter(|s| {
-            s.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim().starts_with("--"))
-        }) {
-            sqlx::query(statement).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        self.migrator.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// The migrator with this store's names, for teams that apply the SQL with their own
+    /// tool ([`Migrator::render`]).
+    pub fn migrator(&self) -> &Migrator {
+        &self.migrator
     }
 
     /// Deletes Completed and Compensated sagas (and their events) last written at least
@@ -353,12 +374,7 @@ impl PostgresStore {
 
     async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
         let span = tracing::debug_span!("saga.postgres");
-        match tokio::time::timeout(self.timeout, f.instrument(span)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Error::Timeout {
-                after: self.timeout,
-            }),
-        }
+        Ok(timeout(self.timeout, span, f).await??)
     }
 
     fn wrote(&self) {

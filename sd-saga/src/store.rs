@@ -1,9 +1,7 @@
 //! The durable log behind the orchestrator: the [`SagaStore`] contract and its records.
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::definition::Direction;
 use crate::error::{Error, Result};
@@ -260,7 +258,7 @@ pub struct StoreStats {
 ///   compensating, as the flag says), with a new owner and epoch, and appends a
 ///   [`EventKind::Resumed`] event.
 ///
-/// Lease times are the store's clock: the memory store's [`Clock`], PostgreSQL's
+/// Lease times are the store's clock: the memory store's [`Clock`](crate::Clock), PostgreSQL's
 /// `clock_timestamp()`.
 pub trait SagaStore: Send + Sync + 'static {
     /// Creates a saga; see the contract.
@@ -299,50 +297,4 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Counts per state and the oldest unfinished saga of `saga_type`.
     fn stats(&self, saga_type: &str) -> impl Future<Output = Result<StoreStats>> + Send;
-}
-
-/// Wall-clock time for the memory store's leases and ages; inject a [`ManualClock`] in
-/// tests.
-pub trait Clock: fmt::Debug + Send + Sync + 'static {
-    /// Time since the Unix epoch.
-    fn now(&self) -> Duration;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-    }
-}
-
-/// A clock that moves only when told to.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock {
-    ms: Arc<AtomicU64>,
-}
-
-impl ManualClock {
-    /// A clock at 1,000 s after the epoch.
-    pub fn new() -> Self {
-        ManualClock {
-            ms: Arc::new(AtomicU64::new(1_000_000)),
-        }
-    }
-
-    /// Moves the clock forward.
-    pub fn advance(&self, by: Duration) {
-        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.ms.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Duration {
-        Duration::from_millis(self.ms.load(Ordering::SeqCst))
-    }
 }

@@ -31,7 +31,7 @@ fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCas
         let def = saga(&ledger, &random_shape());
         let id = "p";
         apply(&ledger, id, plan);
-        let clock = ManualClock::new();
+        let clock = ManualClock::starting_at(Duration::from_secs(1_000));
         let store = MemoryStore::with_clock(clock.clone());
         match crash {
             None => {
@@ -109,7 +109,7 @@ proptest! {
 
 #[tokio::test]
 async fn prune_deletes_only_finished_sagas_older_than_asked() {
-    let clock = ManualClock::new();
+    let clock = ManualClock::starting_at(Duration::from_secs(1_000));
     let store = MemoryStore::with_clock(clock.clone());
     let ledger = Arc::new(Ledger::default());
     ledger.fault(4, Direction::Forward, Some(Fault::Always));

@@ -159,7 +159,7 @@ async fn invalid_names_and_timeouts_fail_at_construction() {
         .connect_lazy("postgres://nobody@127.0.0.1:1/none")
         .unwrap();
     let field = |b: sd_saga::postgres::Builder| match b.build(pool.clone()) {
-        Err(Error::Config { field, .. }) => field,
+        Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("{other:?}"),
     };
     let b = PostgresStore::builder;

@@ -947,7 +947,7 @@ pub async fn ids_are_checked_and_unique<S: SagaStore + Clone>(store: S) {
         .build();
     assert!(matches!(
         bad,
-        Err(Error::Config {
+        Err(Error::InvalidConfig {
             field: "lease_ttl",
             ..
         })
