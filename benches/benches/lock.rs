@@ -37,7 +37,13 @@ fn runtime() -> Runtime {
 /// 1 ms, mean 0.5 ms), sd's backoff with full jitter from 100 µs grows to at most 1 ms
 /// (mean 0.5 ms once grown).
 fn retry() -> RetryPolicy {
-    RetryPolicy::new(Duration::from_micros(100), Duration::from_millis(1)).unwrap()
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_micros(100))
+        .max_interval(Duration::from_millis(1))
+        .jitter(1.0)
+        .unlimited_attempts()
+        .build()
+        .unwrap()
 }
 
 async fn sd_cycle<L: Lock>(lock: &L, resource: &str) {

@@ -1,7 +1,6 @@
--- sd-lock: the fence table. `{table}` is replaced by the configured name.
--- The newest fencing token each protected resource has accepted.
-SELECT pg_advisory_xact_lock(hashtextextended('sd-lock migrate {table}', 0));
-CREATE TABLE IF NOT EXISTS {table} (
+-- sd-lock: the fence table (default name `sd_lock_fence`; `Migrator::name` puts in a
+-- configured one). The newest fencing token each protected resource has accepted.
+CREATE TABLE IF NOT EXISTS sd_lock_fence (
     resource text PRIMARY KEY,
     token    bigint NOT NULL
 );

@@ -1,6 +1,9 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::time::Duration;
+
+use sd_core::{BoxError, ConfigError, Elapsed};
 
 use crate::lease::FencingToken;
 
@@ -56,10 +59,10 @@ pub enum Error {
     /// A setting is invalid. Raised at construction.
     #[error("invalid `{field}`: {reason}")]
     InvalidConfig {
-        /// The field or argument that is wrong.
+        /// The field or argument that is wrong (the builder setter's name).
         field: &'static str,
         /// Why, and what to do instead.
-        reason: &'static str,
+        reason: Cow<'static, str>,
     },
 
     /// Another holder has the lease. Retry later, or call `acquire` with a wait.
@@ -152,34 +155,16 @@ pub enum Error {
     #[error("no tokio runtime is running; call this from within a tokio runtime")]
     NoRuntime,
 
-    /// Redis failed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error("redis failed; check the server and the connection")]
-    Redis {
+    /// The backend (Redis, PostgreSQL or etcd) failed; the source is the client's error.
+    #[error(
+        "the {backend} lock backend failed; check the server and the connection (postgres: that `migrate()` ran)"
+    )]
+    Backend {
+        /// `"redis"`, `"postgres"` or `"etcd"`.
+        backend: &'static str,
         /// The client error.
-        #[from]
-        source: redis::RedisError,
-    },
-
-    /// PostgreSQL failed.
-    #[cfg(feature = "postgres")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    #[error("postgres failed; check the server and that `migrate()` ran")]
-    Postgres {
-        /// The client error.
-        #[from]
-        source: sqlx::Error,
-    },
-
-    /// etcd failed.
-    #[cfg(feature = "etcd")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
-    #[error("etcd failed; check the cluster and the connection")]
-    Etcd {
-        /// The client error.
-        #[from]
-        source: etcd_client::Error,
+        #[source]
+        source: BoxError,
     },
 
     /// A backend answered something this version does not understand.
@@ -188,6 +173,61 @@ pub enum Error {
         /// What was wrong.
         reason: &'static str,
     },
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<Elapsed> for Error {
+    fn from(e: Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<sd_core::migrate::MigrateError> for Error {
+    fn from(e: sd_core::migrate::MigrateError) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl From<etcd_client::Error> for Error {
+    fn from(e: etcd_client::Error) -> Self {
+        Error::Backend {
+            backend: "etcd",
+            source: Box::new(e),
+        }
+    }
 }
 
 /// `Result` with this crate's [`Error`].

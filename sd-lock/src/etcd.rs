@@ -69,7 +69,7 @@ impl EtcdLock {
         EtcdLock {
             client,
             prefix: "sd-lock/".into(),
-            retry: RetryPolicy::default(),
+            retry: lease::default_retry(),
         }
     }
 

@@ -115,15 +115,14 @@ mod tests {
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
-    use std::sync::LazyLock;
-
     use ::redis::aio::ConnectionLike;
+    use sd_core::KeyPrefix;
+    use sd_core::redis::Script;
 
     use crate::error::{Error, Result};
     use crate::lease::FencingToken;
 
-    static FENCE: LazyLock<::redis::Script> =
-        LazyLock::new(|| ::redis::Script::new(include_str!("redis/fence.lua")));
+    static FENCE: Script = Script::new(include_str!("redis/fence.lua"));
 
     /// A register per resource in a Redis hash `{token, value}`, guarded by one Lua
     /// script: an operation whose token is older than the newest seen is refused with
@@ -145,7 +144,7 @@ pub mod redis {
     #[derive(Debug, Clone)]
     pub struct RedisFence<C> {
         conn: C,
-        prefix: String,
+        prefix: KeyPrefix,
     }
 
     impl<C: ConnectionLike + Clone + Send + Sync> RedisFence<C> {
@@ -153,20 +152,19 @@ pub mod redis {
         pub fn new(conn: C) -> Self {
             RedisFence {
                 conn,
-                prefix: "fence".into(),
+                prefix: KeyPrefix::parse("prefix", "fence").expect("`fence` is a valid prefix"),
             }
         }
 
         /// The key prefix; no `{` or `}`.
         pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
-            crate::redlock::validate_prefix(prefix)?;
-            self.prefix = prefix.into();
+            self.prefix = KeyPrefix::parse("prefix", prefix)?;
             Ok(self)
         }
 
         /// The hash key of `resource`.
         pub fn key(&self, resource: &str) -> String {
-            format!("{}:{{{resource}}}", self.prefix)
+            self.prefix.tagged(resource)
         }
 
         async fn run(
@@ -181,11 +179,12 @@ pub mod redis {
             }
             let mut conn = self.conn.clone();
             let reply: Vec<Option<Vec<u8>>> = FENCE
-                .key(self.key(resource))
+                .call(1)
+                .arg(self.key(resource))
                 .arg(token.0)
                 .arg(op)
                 .arg(value)
-                .invoke_async(&mut conn)
+                .invoke(&mut conn)
                 .await?;
             let bad = Error::UnexpectedReply {
                 reason: "the fence script returned an unknown shape",
@@ -234,7 +233,17 @@ pub mod postgres {
 
     use crate::error::{Error, Result};
     use crate::lease::FencingToken;
-    use crate::postgres::{FENCE_SQL, run_migration, validate_table};
+    use sd_core::TableName;
+    use sd_core::migrate::{Migration, Migrator};
+
+    const DEFAULT_TABLE: &str = "sd_lock_fence";
+
+    /// The fence table's migration, written for the default name `sd_lock_fence`.
+    pub static MIGRATIONS: &[Migration] = &[Migration {
+        version: 2,
+        name: "fence",
+        sql: include_str!("../migrations/0002_fence.sql"),
+    }];
 
     /// A fence table (default `sd_lock_fence`): the newest token each resource accepted.
     ///
@@ -257,14 +266,16 @@ pub mod postgres {
     /// ```
     #[derive(Debug, Clone)]
     pub struct PostgresFence {
-        table: Arc<str>,
+        table: TableName,
         check_sql: Arc<str>,
         current_sql: Arc<str>,
     }
 
     impl Default for PostgresFence {
         fn default() -> Self {
-            Self::build("sd_lock_fence")
+            Self::build(
+                TableName::parse("table", DEFAULT_TABLE).expect("the default table name is valid"),
+            )
         }
     }
 
@@ -274,9 +285,8 @@ pub mod postgres {
             Self::default()
         }
 
-        fn build(t: &str) -> Self {
+        fn build(t: TableName) -> Self {
             PostgresFence {
-                table: t.into(),
                 check_sql: format!(
                     "INSERT INTO {t} AS f (resource, token) VALUES ($1, $2) \
                      ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token \
@@ -284,18 +294,26 @@ pub mod postgres {
                 )
                 .into(),
                 current_sql: format!("SELECT token FROM {t} WHERE resource = $1").into(),
+                table: t,
             }
         }
 
         /// Another table name: `name` or `schema.name`.
         pub fn with_table(table: &str) -> Result<Self> {
-            validate_table(table)?;
-            Ok(Self::build(table))
+            Ok(Self::build(TableName::parse("table", table)?))
         }
 
-        /// Creates the fence table if it does not exist.
+        /// The fence table's migration with the configured name put in, for teams whose
+        /// DDL goes through their own tool.
+        pub fn migrator(&self) -> Migrator {
+            Migrator::new("sd-lock", MIGRATIONS).name(DEFAULT_TABLE, &self.table)
+        }
+
+        /// Creates the fence table if it does not exist (through [`Migrator`], recorded in
+        /// `sd_migrations`); safe to run from every replica at once.
         pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
-            run_migration(pool, FENCE_SQL, &self.table).await
+            self.migrator().run(pool).await?;
+            Ok(())
         }
 
         /// Admits `token` for `resource` in the caller's transaction, or refuses a stale
@@ -311,7 +329,7 @@ pub mod postgres {
             }
             let t = i64::try_from(token.0).map_err(|_| Error::InvalidConfig {
                 field: "token",
-                reason: "above i64::MAX, which a PostgreSQL bigint cannot hold",
+                reason: "above i64::MAX, which a PostgreSQL bigint cannot hold".into(),
             })?;
             let accepted: Option<i64> = sqlx::query_scalar(&self.check_sql)
                 .bind(resource)

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use sd_core::RetryPolicy;
+
 use crate::error::{Error, Result};
 
 /// The longest TTL accepted: 2^31 ms, about 24.8 days (exact in Lua doubles, Redis `PX`,
@@ -173,62 +175,21 @@ pub(crate) fn new_holder() -> String {
     format!("{v:032x}")
 }
 
-/// How `acquire` waits between attempts: exponential backoff with full jitter, from
-/// `base` doubling up to `max`, never past the caller's `max_wait`. Tokio's timer
-/// counts whole milliseconds, so a drawn delay under 1 ms is a 1 ms sleep with
-/// probability `delay / 1 ms` and an immediate retry otherwise: the same mean, where
-/// rounding each one up would make it 1 to 2 ms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// The first delay's upper bound.
-    pub base: Duration,
-    /// The largest delay.
-    pub max: Duration,
-}
-
-impl Default for RetryPolicy {
-    /// 5 ms doubling to 200 ms (redsync waits 50–250 ms; rslock 0–200 ms).
-    fn default() -> Self {
-        RetryPolicy {
-            base: Duration::from_millis(5),
-            max: Duration::from_millis(200),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// A policy from `base` doubling to `max`.
-    pub fn new(base: Duration, max: Duration) -> Result<Self> {
-        if base.is_zero() {
-            return Err(Error::InvalidConfig {
-                field: "base",
-                reason: "must be longer than zero",
-            });
-        }
-        if max < base {
-            return Err(Error::InvalidConfig {
-                field: "max",
-                reason: "must be at least `base`",
-            });
-        }
-        Ok(RetryPolicy { base, max })
-    }
-
-    /// The upper bound of the delay before attempt `attempt + 1` (attempt counts from 0).
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max)
-    }
-
-    /// The jittered delay: `ceiling(attempt) × unit`, `unit` in `[0, 1]` (clamped).
-    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let unit = if unit.is_finite() {
-            unit.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.ceiling(attempt).mul_f64(unit)
-    }
+/// The retry policy [`crate::Lock::acquire`] uses unless a backend is given another:
+/// full jitter (a uniform draw below the ceiling) under a ceiling of 5 ms doubling to
+/// 200 ms (redsync waits 50–250 ms; rslock 0–200 ms), attempts unlimited within the
+/// caller's `max_wait`. Tokio's timer counts whole milliseconds, so a drawn delay under
+/// 1 ms is a 1 ms sleep with probability `delay / 1 ms` and an immediate retry
+/// otherwise: the same mean, where rounding each one up would make it 1 to 2 ms.
+pub fn default_retry() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(5))
+        .max_interval(Duration::from_millis(200))
+        .jitter(1.0)
+        .unlimited_attempts()
+        .build()
+        // The values above are within every bound `build` checks.
+        .unwrap_or_default()
 }
 
 /// Runs `f` when dropped unless disarmed: the cleanup of a cancelled acquisition.
@@ -405,11 +366,15 @@ mod tests {
         }
 
         #[test]
-        fn backoff_is_bounded(base in 1u64..10_000, extra in 0u64..1_000_000, attempt in any::<u32>(), unit in any::<f64>()) {
-            let p = RetryPolicy::new(Duration::from_micros(base), Duration::from_micros(base + extra)).unwrap();
+        fn default_backoff_doubles_from_5ms_to_200ms_with_full_jitter(attempt in 1u32..200, unit in 0.0f64..1.0) {
+            let p = default_retry();
+            let ceiling = Duration::from_millis(5)
+                .saturating_mul(1u32.checked_shl((attempt - 1).min(31)).unwrap_or(u32::MAX))
+                .min(Duration::from_millis(200));
             let d = p.delay(attempt, unit);
-            prop_assert!(d <= p.max);
-            prop_assert!(p.ceiling(attempt) >= p.ceiling(attempt.saturating_sub(1)));
+            prop_assert!(d <= ceiling);
+            prop_assert!((p.delay(attempt, 0.0).as_secs_f64() - ceiling.as_secs_f64()).abs() < 1e-9);
+            prop_assert!(p.allows_retry_after(attempt));
         }
     }
 }

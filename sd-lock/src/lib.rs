@@ -170,8 +170,9 @@ pub mod redlock;
 mod watchdog;
 
 pub use crate::error::{Error, Result};
-pub use crate::lease::{FencingToken, Lease, Release, RetryPolicy};
+pub use crate::lease::{FencingToken, Lease, Release};
 pub use crate::watchdog::{Lost, Watchdog};
+pub use sd_core::RetryPolicy;
 
 /// A lock service: leases on named resources, each with a fencing token.
 ///
@@ -208,12 +209,12 @@ pub trait Lock: Send + Sync {
 
     /// How [`Lock::acquire`] waits between attempts.
     fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
+        lease::default_retry()
     }
 
-    /// Takes the lease, retrying contention with jittered exponential backoff for at most
-    /// `max_wait` (one attempt at least; never a sleep after the last attempt). Other
-    /// errors return at once. Cancellation-safe: dropping the future leaves no lease.
+    /// Takes the lease, retrying contention as [`Lock::retry_policy`] says (by default
+    /// [`lease::default_retry`]) for at most `max_wait` (one attempt at least; never a
+    /// sleep after the last attempt). Other errors return at once. Cancellation-safe: dropping the future leaves no lease.
     fn acquire<'a>(
         &'a self,
         resource: &'a str,
@@ -241,7 +242,10 @@ async fn acquire_with_retry<L: Lock + ?Sized>(
             Err(e) => return Err(e),
         };
         let waited = start.elapsed();
-        let Some(left) = max_wait.checked_sub(waited).filter(|d| !d.is_zero()) else {
+        let left = max_wait
+            .checked_sub(waited)
+            .filter(|d| !d.is_zero() && policy.allows_retry_after(attempts));
+        let Some(left) = left else {
             tracing::debug!(resource, attempts, ?waited, "lock wait timed out");
             return Err(Error::WaitTimeout {
                 resource: resource.to_owned(),
@@ -250,7 +254,7 @@ async fn acquire_with_retry<L: Lock + ?Sized>(
                 last: Box::new(last),
             });
         };
-        let delay = policy.delay(attempts - 1, rand::random::<f64>()).min(left);
+        let delay = policy.random_delay(attempts).min(left);
         sleep_about(delay, rand::random::<f64>()).await;
     }
 }

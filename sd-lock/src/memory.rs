@@ -34,10 +34,19 @@ struct State {
 }
 
 /// Leases in this process. Cheap to clone; clones share the leases.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryLock {
     state: Arc<Mutex<State>>,
     retry: RetryPolicy,
+}
+
+impl Default for MemoryLock {
+    fn default() -> Self {
+        MemoryLock {
+            state: Arc::default(),
+            retry: lease::default_retry(),
+        }
+    }
 }
 
 impl MemoryLock {

@@ -15,8 +15,9 @@
 //!   `epoch` for a fencing token. A dropped connection frees a session lock silently:
 //!   fence the writes.
 //! - Schema: [`PostgresLock::migrate`] creates the table (default `sd_lock_leases`;
-//!   name configurable, optionally schema-qualified) idempotently, also when replicas
-//!   run it at once.
+//!   name configurable, optionally schema-qualified) through sd-core's `Migrator`:
+//!   versioned, recorded in `sd_migrations`, safe when replicas run it at once.
+//!   `migrations/0001_leases.sql` applies with `psql` as it stands.
 
 use std::fmt;
 use std::future::Future;
@@ -27,39 +28,20 @@ use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::time::Instant;
 
+use sd_core::TableName;
+use sd_core::migrate::{Migration, Migrator};
+
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
 
-const LEASES_SQL: &str = include_str!("../migrations/0001_leases.sql");
-pub(crate) const FENCE_SQL: &str = include_str!("../migrations/0002_fence.sql");
+/// The leases table's migration, written for the default name `sd_lock_leases`.
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "leases",
+    sql: include_str!("../migrations/0001_leases.sql"),
+}];
 
-/// Checks a table name: `name` or `schema.name`, each an unquoted identifier of at most
-/// 63 bytes (`[A-Za-z_][A-Za-z0-9_]*`).
-pub(crate) fn validate_table(table: &str) -> Result<()> {
-    let ident = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    let parts: Vec<&str> = table.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|p| ident(p)) {
-        return Err(Error::InvalidConfig {
-            field: "table",
-            reason: "must be `name` or `schema.name`, letters, digits and `_`, at most 63 bytes each",
-        });
-    }
-    Ok(())
-}
-
-/// Runs one migration file with `{table}` replaced; safe to run again and concurrently.
-pub(crate) async fn run_migration(pool: &PgPool, sql: &str, table: &str) -> Result<()> {
-    let sql = sql.replace("{table}", table);
-    sqlx::raw_sql(&sql).execute(pool).await?;
-    Ok(())
-}
+const DEFAULT_TABLE: &str = "sd_lock_leases";
 
 fn millis(ttl: Duration) -> i64 {
     i64::try_from(lease::ceil_millis(ttl)).unwrap_or(i64::MAX)
@@ -125,7 +107,7 @@ impl Sql {
 #[derive(Clone)]
 pub struct PostgresLock {
     pool: PgPool,
-    table: Arc<str>,
+    table: TableName,
     sql: Arc<Sql>,
     retry: RetryPolicy,
 }
@@ -144,17 +126,17 @@ impl PostgresLock {
     pub fn new(pool: PgPool) -> Self {
         PostgresLock {
             pool,
-            table: "sd_lock_leases".into(),
-            sql: Arc::new(Sql::new("sd_lock_leases")),
-            retry: RetryPolicy::default(),
+            table: TableName::parse("table", DEFAULT_TABLE)
+                .expect("the default table name is valid"),
+            sql: Arc::new(Sql::new(DEFAULT_TABLE)),
+            retry: lease::default_retry(),
         }
     }
 
     /// Another table name: `name` or `schema.name`.
     pub fn with_table(mut self, table: &str) -> Result<Self> {
-        validate_table(table)?;
-        self.table = table.into();
-        self.sql = Arc::new(Sql::new(table));
+        self.table = TableName::parse("table", table)?;
+        self.sql = Arc::new(Sql::new(&self.table.to_string()));
         Ok(self)
     }
 
@@ -164,9 +146,17 @@ impl PostgresLock {
         self
     }
 
-    /// Creates the leases table if it does not exist.
+    /// The leases table's migration with the configured name put in, for teams whose
+    /// DDL goes through their own tool ([`Migrator::render`]).
+    pub fn migrator(&self) -> Migrator {
+        Migrator::new("sd-lock", MIGRATIONS).name(DEFAULT_TABLE, &self.table)
+    }
+
+    /// Creates the leases table if it does not exist (through [`Migrator`], recorded in
+    /// `sd_migrations`); safe to run from every replica at once.
     pub async fn migrate(&self) -> Result<()> {
-        run_migration(&self.pool, LEASES_SQL, &self.table).await
+        self.migrator().run(&self.pool).await?;
+        Ok(())
     }
 
     /// [`crate::Lock::try_acquire`].

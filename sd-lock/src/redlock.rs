@@ -45,67 +45,33 @@
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
+use sd_core::KeyPrefix;
+use sd_core::redis::{Script, ScriptCall};
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, OnCancel, Release, RetryPolicy};
 
-static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/acquire.lua")));
-static EXTEND: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/extend.lua")));
-static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("redis/release.lua")));
-
-/// A Lua script: its source and its SHA1.
-struct Lua {
-    source: &'static str,
-    sha: String,
-}
-
-impl Lua {
-    fn new(source: &'static str) -> Self {
-        Lua {
-            source,
-            sha: redis::Script::new(source).get_hash().to_owned(),
-        }
-    }
-
-    /// An `EVALSHA` of this script with `keys` keys; the caller appends keys and args.
-    fn call(&'static self, keys: usize) -> Script {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha).arg(keys);
-        Script { lua: self, cmd }
-    }
-}
-
-/// A script call under construction: `EVALSHA sha keys ..`, the caller appends keys
-/// and args.
-struct Script {
-    lua: &'static Lua,
-    cmd: redis::Cmd,
-}
-
-impl Script {
-    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        self.cmd.arg(arg);
-        self
-    }
-}
+static ACQUIRE: Script = Script::new(include_str!("redis/acquire.lua"));
+static EXTEND: Script = Script::new(include_str!("redis/extend.lua"));
+static RELEASE: Script = Script::new(include_str!("redis/release.lua"));
 
 /// One request, built once and sent as is to every master in one round trip: a script
 /// call (`EVALSHA`; after a `NOSCRIPT` reply, from a master that restarted or was
 /// flushed, once more as `EVAL`, which also caches the script there), or a pipeline of
 /// plain commands.
 enum Call {
-    Script(Script),
+    Script(ScriptCall<'static>),
     Pipeline(redis::Pipeline),
 }
 
-impl From<Script> for Call {
-    fn from(script: Script) -> Self {
+impl From<ScriptCall<'static>> for Call {
+    fn from(script: ScriptCall<'static>) -> Self {
         Call::Script(script)
     }
 }
@@ -133,23 +99,9 @@ impl Call {
         &self,
         conn: &mut impl ConnectionLike,
     ) -> redis::RedisResult<R> {
-        let (lua, cmd) = match self {
-            Call::Script(Script { lua, cmd }) => (lua, cmd),
-            Call::Pipeline(pipe) => return pipe.query_async(conn).await,
-        };
-        match cmd.query_async(conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(lua.source);
-                // Skip `EVALSHA` and the hash; keep the key count, keys and args.
-                for arg in cmd.args_iter().skip(2) {
-                    if let redis::Arg::Simple(bytes) = arg {
-                        eval.arg(bytes);
-                    }
-                }
-                eval.query_async(conn).await
-            }
-            other => other,
+        match self {
+            Call::Script(script) => script.invoke(conn).await,
+            Call::Pipeline(pipe) => pipe.query_async(conn).await,
         }
     }
 }
@@ -197,7 +149,7 @@ impl NodeFailure {
                 resource: resource.to_owned(),
             },
             NodeFailure::TimedOut { after, .. } => Error::Timeout { after },
-            NodeFailure::Failed { source, .. } => Error::Redis { source },
+            NodeFailure::Failed { source, .. } => Error::from(source),
         }
     }
 }
@@ -251,7 +203,7 @@ enum NodeTimeout {
 /// ```
 pub struct Redlock<C> {
     nodes: Arc<[Node<C>]>,
-    prefix: Arc<str>,
+    prefix: KeyPrefix,
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
     tokens: Tokens,
@@ -292,21 +244,16 @@ impl<C> fmt::Debug for Redlock<C> {
     }
 }
 
+/// The default key prefix, `lock`.
+fn default_prefix() -> KeyPrefix {
+    KeyPrefix::parse("prefix", "lock").expect("`lock` is a valid prefix")
+}
+
 /// What one round over the masters returned.
 struct Round<T> {
     ok: Vec<T>,
     failures: Vec<NodeFailure>,
     elapsed: Duration,
-}
-
-pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
-    if prefix.is_empty() || prefix.contains(['{', '}']) {
-        return Err(Error::InvalidConfig {
-            field: "prefix",
-            reason: "must be non-empty and free of `{` and `}`: the resource is the hash tag",
-        });
-    }
-    Ok(())
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
@@ -323,14 +270,14 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         if nodes.is_empty() {
             return Err(Error::InvalidConfig {
                 field: "masters",
-                reason: "needs at least one master (use 3 or 5 for Redlock)",
+                reason: "needs at least one master (use 3 or 5 for Redlock)".into(),
             });
         }
         Ok(Redlock {
             nodes,
-            prefix: "lock".into(),
+            prefix: default_prefix(),
             node_timeout: NodeTimeout::Factor(0.05),
-            retry: RetryPolicy::default(),
+            retry: lease::default_retry(),
             tokens: Tokens::Clock,
         })
     }
@@ -342,9 +289,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
                 name: "redis".into(),
                 conn,
             }]),
-            prefix: "lock".into(),
+            prefix: default_prefix(),
             node_timeout: NodeTimeout::Fixed(timeout),
-            retry: RetryPolicy::default(),
+            retry: lease::default_retry(),
             tokens: Tokens::Counter,
         }
     }
@@ -352,8 +299,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     /// The key prefix (default `lock`): the lease key is `{prefix}:{{resource}}` (the
     /// single-node backend adds its counter, `{prefix}:{{resource}}:token`).
     pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
-        validate_prefix(prefix)?;
-        self.prefix = prefix.into();
+        self.prefix = KeyPrefix::parse("prefix", prefix)?;
         Ok(self)
     }
 
@@ -363,7 +309,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         if !(factor > 0.0 && factor <= 0.5) {
             return Err(Error::InvalidConfig {
                 field: "timeout_factor",
-                reason: "must be in (0, 0.5]; 0.05 is the Redlock figure",
+                reason: "must be in (0, 0.5]; 0.05 is the Redlock figure".into(),
             });
         }
         self.node_timeout = NodeTimeout::Factor(factor);
@@ -375,7 +321,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         if timeout.is_zero() {
             return Err(Error::InvalidConfig {
                 field: "node_timeout",
-                reason: "must be longer than zero",
+                reason: "must be longer than zero".into(),
             });
         }
         self.node_timeout = NodeTimeout::Fixed(timeout);
@@ -408,7 +354,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
 
     /// The lease key of `resource`.
     pub fn key(&self, resource: &str) -> String {
-        format!("{}:{{{resource}}}", self.prefix)
+        self.prefix.tagged(resource)
     }
 
     /// Sends `call` to every master at once (each connection is multiplexed: no task per

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::runtime;
 use sd_lock::etcd::EtcdLock;
-use sd_lock::{Error, Lock, Release, RetryPolicy};
+use sd_lock::{Error, Lock, Release};
 
 /// Runs `f` with a lock on a fresh server (or `SD_ETCD_URL` under a unique prefix).
 fn with_lock<F, Fut>(f: F)
@@ -32,9 +32,10 @@ where
 #[test]
 fn mutual_exclusion_32_tasks_50_sections() {
     with_lock(|lock| async move {
-        let lock = lock.with_retry(
-            RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(10)).unwrap(),
-        );
+        let lock = lock.with_retry(common::backoff(
+            Duration::from_millis(1),
+            Duration::from_millis(10),
+        ));
         let report = common::mutual_exclusion(lock, "job", 32, 50, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 1600);
     });

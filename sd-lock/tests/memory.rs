@@ -11,7 +11,7 @@ use sd_lock::memory::MemoryLock;
 use sd_lock::{Error, Lock, Lost, Release, RetryPolicy, Watchdog};
 
 fn fast_retry() -> RetryPolicy {
-    RetryPolicy::new(Duration::from_micros(100), Duration::from_millis(2)).unwrap()
+    common::backoff(Duration::from_micros(100), Duration::from_millis(2))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -48,36 +48,30 @@ async fn cancelled_acquire_leaves_nothing() {
 }
 
 /// A holder paused past its TTL (GC, page fault): tokio's clock is paused and advanced,
-/// so nothing sleeps for real. Without fencing its late write would silently overwrite
-/// the new holder's; the fenced register refuses it.
+/// so nothing sleeps for real. What the fenced store promises: the late write of the
+/// old holder is refused by the store itself, and the stored value stays the new
+/// holder's (a store that ignored the token would keep A's stale `0 + 1`).
 #[tokio::test(start_paused = true)]
 async fn paused_holder_is_fenced_off() {
     let lock = MemoryLock::new();
     let ttl = Duration::from_millis(100);
     let fenced = FencedRegister::new(0_u64);
-    // The same storage without the token check: it takes any write.
-    let mut unfenced = 0_u64;
 
     let a = lock.try_acquire("account", ttl).await.unwrap();
     let a_read = fenced.read(a.token()).unwrap();
-    let a_unfenced_read = unfenced;
 
     // A pauses past its TTL.
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(!a.is_valid());
 
-    // B takes over and writes.
+    // B takes over, reads what A left and writes.
     let b = lock.try_acquire("account", ttl).await.unwrap();
     assert!(b.token() > a.token());
     let b_read = fenced.read(b.token()).unwrap();
     fenced.write(b.token(), b_read + 10).unwrap();
-    unfenced += 10;
-    assert_eq!(unfenced, 10);
 
-    // A wakes up, still believes its read, writes back. The unfenced write overlaps B's
-    // critical section and loses B's update; the fenced one is refused.
-    unfenced = a_unfenced_read + 1;
-    assert_eq!(unfenced, 1, "unfenced storage lost B's update");
+    // A wakes up, still believes its read and writes back over B's update: refused by
+    // the store, which names both tokens.
     match fenced.write(a.token(), a_read + 1) {
         Err(Error::StaleToken { token, current }) => {
             assert_eq!(token, a.token());
@@ -85,7 +79,14 @@ async fn paused_holder_is_fenced_off() {
         }
         other => panic!("stale write accepted: {other:?}"),
     }
+    assert!(matches!(
+        fenced.update(a.token(), |v| *v = 0),
+        Err(Error::StaleToken { .. })
+    ));
+    // The stored value is B's, and B still reads and writes it.
     assert_eq!(fenced.peek(), 10);
+    assert_eq!(fenced.last_token(), Some(b.token()));
+    assert_eq!(fenced.read(b.token()).unwrap(), 10);
     assert_eq!(lock.release(a).await.unwrap(), Release::Expired);
     assert_eq!(lock.release(b).await.unwrap(), Release::Released);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::runtime;
 use sd_lock::fence::postgres::PostgresFence;
 use sd_lock::postgres::PostgresLock;
-use sd_lock::{Error, FencingToken, Release, RetryPolicy};
+use sd_lock::{Error, FencingToken, Release};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -40,9 +40,10 @@ where
 #[test]
 fn mutual_exclusion_32_tasks_200_sections() {
     with_lock(|lock, _| async move {
-        let lock = lock.with_retry(
-            RetryPolicy::new(Duration::from_micros(500), Duration::from_millis(5)).unwrap(),
-        );
+        let lock = lock.with_retry(common::backoff(
+            Duration::from_micros(500),
+            Duration::from_millis(5),
+        ));
         let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 6400);
     });

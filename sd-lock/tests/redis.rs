@@ -15,7 +15,7 @@ use sd_lock::redis::RedisLock;
 use sd_lock::{Error, FencingToken, Lock, Lost, Release, RetryPolicy, Watchdog};
 
 fn fast_retry() -> RetryPolicy {
-    RetryPolicy::new(Duration::from_micros(200), Duration::from_millis(3)).unwrap()
+    common::backoff(Duration::from_micros(200), Duration::from_millis(3))
 }
 
 /// Runs `f` with a lock on a fresh server (or `SD_REDIS_URL` under a unique prefix).

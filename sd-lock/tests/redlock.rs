@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use sd_lock::redlock::{NodeFailure, Redlock};
-use sd_lock::{Error, Lock, Release, RetryPolicy};
+use sd_lock::{Error, Lock, Release};
 use sd_testkit::RedisServer;
 
 async fn redlock(servers: &[RedisServer]) -> Redlock<ConnectionManager> {
@@ -33,9 +33,10 @@ fn exists(server: &RedisServer, key: &str) -> bool {
 fn mutual_exclusion_32_tasks_200_sections_on_3_masters() {
     let servers = RedisServer::start_many(3).expect("redis-server");
     runtime().block_on(async {
-        let lock = redlock(&servers).await.with_retry(
-            RetryPolicy::new(Duration::from_micros(200), Duration::from_millis(3)).unwrap(),
-        );
+        let lock = redlock(&servers).await.with_retry(common::backoff(
+            Duration::from_micros(200),
+            Duration::from_millis(3),
+        ));
         let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 6400);
     });

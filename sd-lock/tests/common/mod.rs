@@ -236,3 +236,16 @@ pub async fn cancelled_acquire_leaves_nothing<L: Lock>(
         "no acquisition was cancelled; the test proves nothing"
     );
 }
+
+/// A fast retry policy for tests: full jitter below `initial` doubling to `max`,
+/// unlimited attempts (the shape of the lock's default, shorter).
+#[allow(dead_code)]
+pub fn backoff(initial: Duration, max: Duration) -> sd_lock::RetryPolicy {
+    sd_lock::RetryPolicy::builder()
+        .initial_interval(initial)
+        .max_interval(max)
+        .jitter(1.0)
+        .unlimited_attempts()
+        .build()
+        .unwrap()
+}
