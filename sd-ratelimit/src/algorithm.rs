@@ -385,6 +385,7 @@ pub(crate) const OTHER_STATE: &str = "stores its state differently from the curr
 /// A cost larger than the limit's capacity is not a decision: it is
 /// [`Error::InsufficientCapacity`] ("can never fit"), distinct from "try later".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Decision {
     /// Whether the request is admitted (possibly after [`Self::delay`]).
     pub allowed: bool,

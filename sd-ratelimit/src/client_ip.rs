@@ -479,6 +479,7 @@ fn forwarded_fors(value: &str, out: &mut Vec<Result<Node>>) -> Result<()> {
 
 /// A parsed PROXY protocol header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ProxyHeader {
     /// 1 (text) or 2 (binary).
     pub version: u8,

@@ -1,6 +1,9 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::time::Duration;
+
+use sd_core::{BoxError, ConfigError, Elapsed};
 
 /// Everything that can go wrong in sd-ratelimit.
 ///
@@ -15,7 +18,7 @@ pub enum Error {
         /// The field or argument that is wrong (`count`, `period`, `burst`, ...).
         field: &'static str,
         /// Why, and what to do instead.
-        reason: &'static str,
+        reason: Cow<'static, str>,
     },
 
     /// The request costs more than the limit can ever hold: waiting will not help.
@@ -106,17 +109,19 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// Redis answered with an error or the connection failed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error("redis failed; the failure policy decides (see `FailurePolicy`)")]
-    Redis {
+    /// The backend (Redis) answered with an error or the connection failed. Redis
+    /// limiters hand this to their failure policy; it reaches the caller only when no
+    /// policy applies (a batch's own failure, say).
+    #[error("{backend} failed; check the server, or let the failure policy decide (see `FailurePolicy`)")]
+    Backend {
+        /// Which backend: `"redis"`.
+        backend: &'static str,
         /// The client error.
         #[source]
-        source: redis::RedisError,
+        source: BoxError,
     },
 
-    /// Redis did not answer within the configured timeout.
+    /// The backend did not answer within the configured timeout.
     #[error("the backend did not answer within {after:?}; raise `timeout` or check the server")]
     Timeout {
         /// The timeout that elapsed.
@@ -136,6 +141,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) const fn config(field: &'static str, reason: &'static str) -> Self {
-        Error::InvalidConfig { field, reason }
+        Error::InvalidConfig {
+            field,
+            reason: Cow::Borrowed(reason),
+        }
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<Elapsed> for Error {
+    fn from(e: Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+impl From<redis::RedisError> for Error {
+    fn from(source: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            source: Box::new(source),
+        }
     }
 }

@@ -47,13 +47,13 @@
 //!
 //! | | [`memory`] | `redis` (feature `redis`) |
 //! |---|---|---|
-//! | atomicity | one compare-and-swap per decision, lock-free per key | one `EVALSHA` per decision, atomic in Redis (with [`batch`](crate::redis::Builder::batch), concurrent decisions share one, each still atomic) |
-//! | time | injected [`memory::Clock`] (monotonic by default) | the Redis server's `TIME` (app clocks may drift) |
+//! | atomicity | one compare-and-swap per decision, lock-free per key | one `EVALSHA` per decision, atomic in Redis (with `redis::Builder::batch`, concurrent decisions share one, each still atomic) |
+//! | time | injected [`Clock`] ([`MonotonicClock`] by default) | the Redis server's `TIME` (app clocks may drift) |
 //! | memory | at most `max_keys` keys; keys back to full removed automatically | keys expire when back to full |
 //! | several limits | all or none (taken in order, given back on denial) | all or none (one script) |
 //! | quota change | keeps state: no fresh burst | limit travels with each call: no fresh burst |
-//! | failure | none | [`FailurePolicy`](crate::redis::FailurePolicy): open, closed, or a local limiter |
-//! | fast paths | `allow()`: admitted or not, no [`Decision`] built | [`deny_cache`](crate::redis::Builder::deny_cache): keys Redis denied answered locally until they could be admitted |
+//! | failure | none | `redis::FailurePolicy`: open, closed, or a local limiter |
+//! | fast paths | `allow()`: admitted or not, no [`Decision`] built | `redis::Builder::deny_cache`: keys Redis denied answered locally until they could be admitted |
 //!
 //! Both backends make identical decisions for the same requests at the same times (a
 //! differential test runs memory, Redis and Redis Cluster side by side), and GCRA on
@@ -69,67 +69,17 @@
 //! header and hands on the client's address).
 //! Malformed or hostile input is a typed error, never a panic.
 //!
-//! # Figures
+//! # How it compares
 //!
-//! From `cargo bench -p sd-benches --bench ratelimit` (criterion, `--warm-up-time 1
-//! --measurement-time 3`), three whole runs in a row, both crates in every run, on a
-//! two-core VM shared with other builds (load average 4.6–8.5 throughout): the median
-//! of the three runs, the ratio of the medians (peer time / our time, or our
-//! throughput / peer throughput; above 1 is faster) and, in brackets, the three per-run
-//! ratios. Read the ratios, not the absolute values: at this load they move by ±30 %.
-//!
-//! | bench | sd-ratelimit | peer, same runs | ratio [per run] |
-//! |---|---|---|---|
-//! | memory, one limiter, `check()` | 21.0 ns | governor direct 23.3 ns | 1.11× [1.25, 1.11, 1.09] |
-//! | memory, one limiter, `allow()` | 20.0 ns | governor direct 23.3 ns | 1.16× [1.44, 1.16, 0.96] |
-//! | memory, 10,000 keys, 1 thread, `check()` | 82.4 ns | governor keyed (DashMap) 117.0 ns | 1.42× [1.65, 1.42, 1.56] |
-//! | memory, 10,000 keys, 2 threads, `check()` | 69.9 ns | governor keyed (DashMap) 106.3 ns | 1.52× [1.98, 1.70, 1.17] |
-//! | Redis, 64 callers, one connection | 58.2 k/s | raw `SET` 269 k/s; `EVALSHA` of `return 1` 279 k/s | 0.22×; 0.21× |
-//! | Redis, same, [`batch(64)`](crate::redis::Builder::batch) | 113 k/s | same | 0.42×; 0.41× [0.25, 0.48, 0.42 against `SET`] |
-//!
-//! The benches read only `allowed`, as governor's bench reads only `is_ok()`; both
-//! checks are inlined, so fields nobody reads are not computed. Instruction counts per
-//! decision (`valgrind --tool=callgrind` on `examples/hotpath.rs`; they repeat exactly
-//! under load; quota `admit` makes every check admit, `deny` every check deny):
-//!
-//! | path | admit | deny | governor, admit / deny |
-//! |---|---|---|---|
-//! | one limiter, `check()`, reading `allowed` | 70 | 70 | 57 / 51 |
-//! | one limiter, `check()`, reading every field | 113 | 108 | 57 / 51 |
-//! | one limiter, `allow()` | 65 | 63 | 57 / 51 |
-//! | 10,000 keys, `check()` | 161 | 161 | 317 / 318 |
-//! | 10,000 keys, `allow()` | 159 | 157 | 317 / 318 |
-//!
-//! So on one limiter we still run about 8–19 instructions more than governor (the
-//! runtime-changeable limit is read through a sequence lock, and `check` keeps the
-//! general kernel reachable), yet measured no slower in every run above; with the
-//! noise at this load, call it parity. Both use
-//! the same clock (quanta's TSC counter, about 25 instructions of each count). Keyed
-//! checks are faster from foldhash against SipHash, the GCRA path skipping the general
-//! kernel, and 32 map shards per core (two threads rarely write the same shard's reader
-//! count).
-//!
-//! Redis is server-bound, and the floor is Redis's scripting, not the script.
-//! Instructions per operation in redis-server 7.0 (`valgrind --tool=callgrind` on the
-//! server, 20,000 pipelined operations, the same on every run):
-//!
-//! | operation | instructions |
-//! |---|---|
-//! | `SET k v PX` | 9.7 k |
-//! | `EVALSHA` of `return 1` | 10.5 k |
-//! | `GET` + `SET .. PX`, plain commands | 13.6 k |
-//! | smallest GCRA script (`GET`, arithmetic, `SET .. PX`, caller's clock) | 55.5 k |
-//! | this crate's GCRA / leaky-meter script, one decision (server clock) | 74 k |
-//! | the same, batch of 64 (one `MGET`), per decision | 37 k |
-//! | this crate's general script (every algorithm), one decision | 90 k |
-//! | the same, batch of 64, per decision | 47 k |
-//!
-//! Each `redis.call` from Lua costs the server about 15–20 k instructions (it builds a
-//! client, runs the command, then parses the reply back into Lua), so any script that
-//! reads and writes a key costs at least 5.7 times a raw `SET`. Against raw commands
-//! the 0.8× goal would need a native Redis module, which managed Redis services do not
-//! load; it is not met. Batching spreads the script's fixed cost and the client's
-//! per-command work over many decisions; it does not remove the per-key calls.
+//! On memory, a decision is one load and one compare-and-swap on the key's own word: a
+//! single limiter checks about as fast as `governor`'s direct limiter, and keyed checks
+//! are faster than `governor`'s keyed (DashMap) limiter, from a cheaper hasher, the GCRA
+//! path skipping the general kernel, and more map shards per core. On Redis the cost is
+//! the server's Lua scripting, not the script: every `redis.call` from Lua costs the
+//! server several times a plain command, so one decision costs a few raw `SET`s, and
+//! `redis::Builder::batch` spreads a script's fixed cost over many
+//! decisions. The measured figures, with the peers' from the same run, are in
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!
@@ -138,8 +88,8 @@
 //! - `redis`: the Redis backend (redis-rs, async; single server or cluster). Implies `tokio`.
 //! - `tower`: the tower / axum / tonic middleware. Implies `tokio` (to wait out a leaky
 //!   queue's delay).
-//! - `tokio`: `until_ready` on the memory limiters, [`memory::TokioClock`], reading a
-//!   PROXY header from a tokio stream, and `client_ip::ProxyListener`.
+//! - `tokio`: `until_ready` on the memory limiters, reading a PROXY header from a tokio
+//!   stream, and `client_ip::ProxyListener`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -158,6 +108,8 @@ pub mod tower;
 
 pub use crate::algorithm::{Decision, Limit, MAX_SLIDING_WINDOW_LIMIT, Quota};
 pub use crate::error::{Error, Result};
+#[doc(no_inline)]
+pub use sd_core::{Clock, ManualClock, MonotonicClock, SystemClock, TokioClock};
 
 /// A backend the tower layer (or any async caller) can ask: memory or Redis.
 ///
@@ -175,7 +127,7 @@ pub trait RateLimiter: Send + Sync + 'static {
 
 impl<C, S> RateLimiter for memory::KeyedLimiter<String, C, S>
 where
-    C: memory::Clock,
+    C: Clock,
     S: std::hash::BuildHasher + Clone + Send + Sync + 'static,
 {
     fn check_key<'a>(

@@ -8,12 +8,12 @@
 //! compare-and-swap (retried only when another thread changed the same key meanwhile).
 //! `check` returns a full [`Decision`]; `allow` answers only admitted or not, the
 //! cheapest call (GCRA and the leaky meter skip building a decision).
-//! Time comes from an injected [`Clock`], so tests never sleep.
+//! Time comes from an injected [`Clock`] (sd-core's: a [`MonotonicClock`] by default, a
+//! [`ManualClock`] in tests), so tests never sleep.
 
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -26,92 +26,21 @@ use crate::error::{Error, Result};
 /// Memory keeps time in nanoseconds.
 const TICK_NS: u64 = 1;
 
-/// A monotonic source of time for the memory backend.
-///
-/// Contract: [`Clock::now`] returns nanoseconds since an origin fixed for the clock's
-/// life and never goes backwards by more than the algorithms tolerate (a backwards
-/// reading hands out no capacity, it only delays).
-pub trait Clock: Send + Sync + fmt::Debug + 'static {
-    /// Nanoseconds since the clock's origin.
-    fn now(&self) -> u64;
+#[doc(no_inline)]
+pub use sd_core::{Clock, ManualClock, MonotonicClock, TokioClock};
+
+/// A clock's reading in nanoseconds, the memory backend's ticks (saturating after 584
+/// years).
+#[inline(always)]
+fn now_ns<C: Clock>(clock: &C) -> u64 {
+    nanos(clock.now())
 }
 
-/// The default clock: the CPU's monotonic counter (TSC where available) via `quanta`.
-#[derive(Debug, Clone)]
-pub struct MonotonicClock {
-    clock: quanta::Clock,
-    origin: u64,
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        let clock = quanta::Clock::new();
-        let origin = clock.raw();
-        MonotonicClock { clock, origin }
-    }
-}
-
-impl Clock for MonotonicClock {
-    #[inline]
-    fn now(&self) -> u64 {
-        self.clock.delta_as_nanos(self.origin, self.clock.raw())
-    }
-}
-
-/// A clock moved by hand, for tests. Clones share the same time.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicU64>);
-
-impl ManualClock {
-    /// A clock at time zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Moves the clock forward by `d`.
-    pub fn advance(&self, d: Duration) {
-        self.0.fetch_add(nanos(d), Ordering::SeqCst);
-    }
-
-    /// Sets the clock to `t` since its origin (earlier values are allowed: a clock that
-    /// jumps backwards).
-    pub fn set(&self, t: Duration) {
-        self.0.store(nanos(t), Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Tokio's clock, so `tokio::time::pause` drives the limiter in tests.
-#[cfg(feature = "tokio")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-#[derive(Debug, Clone, Copy)]
-pub struct TokioClock {
-    origin: tokio::time::Instant,
-}
-
-#[cfg(feature = "tokio")]
-impl Default for TokioClock {
-    fn default() -> Self {
-        TokioClock {
-            origin: tokio::time::Instant::now(),
-        }
-    }
-}
-
-#[cfg(feature = "tokio")]
-impl Clock for TokioClock {
-    fn now(&self) -> u64 {
-        nanos(tokio::time::Instant::now().saturating_duration_since(self.origin))
-    }
-}
-
+#[inline(always)]
 fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 /// Counters a user can export. Allowed requests are not counted (that would put a shared
@@ -414,7 +343,7 @@ impl Builder<MonotonicClock> {
     pub fn new(limit: Limit) -> Self {
         Builder {
             limit,
-            clock: MonotonicClock::default(),
+            clock: MonotonicClock::new(),
             shadow: false,
             max_keys: DEFAULT_MAX_KEYS,
             idle_grace: Duration::from_secs(1),
@@ -534,7 +463,7 @@ impl<C: Clock> DirectLimiter<C> {
     #[inline(always)]
     pub fn check(&self) -> Result<Decision> {
         if let Some((unit, cap, burst)) = self.core.limit.gcra() {
-            let step = gcra_apply(&self.state, unit, cap, burst, self.core.clock.now(), 1);
+            let step = gcra_apply(&self.state, unit, cap, burst, now_ns(&self.core.clock), 1);
             return Ok(self.core.finish(&step));
         }
         self.check_n(1)
@@ -548,7 +477,7 @@ impl<C: Clock> DirectLimiter<C> {
         if self.core.plain
             && let Some((unit, cap, _)) = self.core.limit.gcra()
         {
-            return gcra_take(&self.state, unit, cap, self.core.clock.now());
+            return gcra_take(&self.state, unit, cap, now_ns(&self.core.clock));
         }
         self.check().is_ok_and(|d| d.allowed)
     }
@@ -563,7 +492,7 @@ impl<C: Clock> DirectLimiter<C> {
         if let Some((unit, cap, burst)) = self.core.limit.gcra()
             && u64::from(cost) <= burst
         {
-            let now = self.core.clock.now();
+            let now = now_ns(&self.core.clock);
             let step = gcra_apply(&self.state, unit, cap, burst, now, cost);
             return Ok(self.core.finish(&step));
         }
@@ -575,7 +504,7 @@ impl<C: Clock> DirectLimiter<C> {
     fn check_general(&self, cost: u32) -> Result<Decision> {
         let p = self.core.limit.params();
         p.check_cost(cost)?;
-        let step = apply(&self.state, &p, self.core.clock.now(), cost);
+        let step = apply(&self.state, &p, now_ns(&self.core.clock), cost);
         Ok(self.core.finish(&step))
     }
 
@@ -694,7 +623,7 @@ where
             && let Some(cell) = self.map.get(key)
         {
             // Time is read while the key's shard is held (see `step`).
-            return gcra_take(&cell.state, unit, cap, self.core.clock.now());
+            return gcra_take(&cell.state, unit, cap, now_ns(&self.core.clock));
         }
         self.check(key).is_ok_and(|d| d.allowed)
     }
@@ -711,7 +640,7 @@ where
             && let Some(cell) = self.map.get(key)
         {
             // Time is read while the key's shard is held (see `step`).
-            let now = self.core.clock.now();
+            let now = now_ns(&self.core.clock);
             let step = gcra_apply(&cell.state, unit, cap, burst, now, cost);
             return Ok(self.core.finish(&step));
         }
@@ -759,7 +688,7 @@ where
                 // Give back what the earlier limits took, then report every limit.
                 for ((key, _, cost), p) in checks[..i].iter().zip(&params) {
                     if let Some(cell) = self.map.get(*key) {
-                        give_back(&cell.state, p, self.core.clock.now(), *cost);
+                        give_back(&cell.state, p, now_ns(&self.core.clock), *cost);
                     }
                 }
                 for ((key, _, cost), p) in checks[i + 1..].iter().zip(&params[i + 1..]) {
@@ -784,7 +713,7 @@ where
             .map
             .get(key)
             .map_or(0, |c| c.state.load(Ordering::Acquire));
-        algorithm::decide(p, state, self.core.clock.now(), cost)
+        algorithm::decide(p, state, now_ns(&self.core.clock), cost)
     }
 
     fn step<Q>(&self, key: &Q, p: &Params, cost: u32) -> Result<Step>
@@ -796,9 +725,9 @@ where
         if let Some(cell) = self.map.get(key) {
             // Time is read while the key's shard is held, so a sweep that removed the key
             // as "back to full" happened at an earlier time than this decision.
-            return Ok(cell.apply(p, self.core.clock.now(), cost));
+            return Ok(cell.apply(p, now_ns(&self.core.clock), cost));
         }
-        let fresh = algorithm::decide(p, 0, self.core.clock.now(), cost);
+        let fresh = algorithm::decide(p, 0, now_ns(&self.core.clock), cost);
         if fresh.state.is_none() || self.core.shadow && !fresh.allowed {
             return Ok(fresh);
         }
@@ -806,11 +735,11 @@ where
         match self.map.entry(key.to_owned()) {
             Entry::Occupied(cell) => {
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                Ok(cell.get().apply(p, self.core.clock.now(), cost))
+                Ok(cell.get().apply(p, now_ns(&self.core.clock), cost))
             }
             Entry::Vacant(slot) => {
                 let cell = slot.insert(Cell::new(p));
-                Ok(cell.apply(p, self.core.clock.now(), cost))
+                Ok(cell.apply(p, now_ns(&self.core.clock), cost))
             }
         }
     }
@@ -849,7 +778,7 @@ where
 
     /// Removes keys back to full for at least `grace` nanoseconds.
     fn sweep_idle(&self, grace: u64) {
-        let now = self.core.clock.now().saturating_sub(grace);
+        let now = now_ns(&self.core.clock).saturating_sub(grace);
         let mut removed = 0;
         self.map.retain(|_, cell| {
             let full = cell.is_full(now);

@@ -1,8 +1,8 @@
 //! The Redis backend: one limit shared by every replica of a service.
 //!
 //! - **One round trip per decision**: `EVALSHA` of one Lua script (a port of the pure
-//!   module: `gcra.lua` for GCRA and leaky buckets without a queue, about 20 % less
-//!   server work, `limit.lua` for the rest and for [`RedisLimiter::check_all`]); on
+//!   module: `gcra.lua` for GCRA and leaky buckets without a queue, with less server
+//!   work, `limit.lua` for the rest and for [`RedisLimiter::check_all`]); on
 //!   `NOSCRIPT` (a restarted or failed-over server) the script is sent with `EVAL`
 //!   once, which caches it again.
 //! - **Server time**: the script reads Redis's `TIME`, so app servers whose clocks drift
@@ -21,13 +21,15 @@
 //! - **Deny cache** (opt-in, [`Builder::deny_cache`]): a key Redis denied is answered
 //!   locally until it could be admitted, with exactly stated semantics.
 
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::aio::ConnectionLike;
+use sd_core::KeyPrefix;
+use sd_core::deadline::timeout;
+use sd_core::redis::{Script, ScriptCall};
 use tokio::sync::oneshot;
-use tracing::Instrument as _;
 
 use crate::algorithm::{Decision, Limit, Params, Step};
 use crate::error::{Error, Result};
@@ -39,42 +41,19 @@ const TICK_NS: u64 = 1000;
 /// Lua numbers are doubles: every value the script computes must stay below 2^53.
 const LUA_EXACT: u64 = 1 << 53;
 
-/// A Lua script: its source (`prelude.lua` and the script's own file; sent as `EVAL`
-/// after `NOSCRIPT`) and its SHA1, computed once.
-struct Lua {
-    code: &'static str,
-    sha: OnceLock<String>,
-}
+/// Every algorithm, several limits at once (mode `all`) or a batch (mode `each`):
+/// `prelude.lua` then `limit.lua`.
+static SCRIPT: Script = Script::new(concat!(
+    include_str!("redis/prelude.lua"),
+    include_str!("redis/limit.lua")
+));
 
-impl Lua {
-    /// `EVALSHA sha keys`; the caller appends keys and args.
-    fn call(&self, keys: usize) -> (redis::Cmd, &'static str) {
-        let sha = self
-            .sha
-            .get_or_init(|| redis::Script::new(self.code).get_hash().to_owned());
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(sha.as_str()).arg(keys);
-        (cmd, self.code)
-    }
-}
-
-/// Every algorithm, several limits at once (mode `all`) or a batch (mode `each`).
-static SCRIPT: Lua = Lua {
-    code: concat!(
-        include_str!("redis/prelude.lua"),
-        include_str!("redis/limit.lua")
-    ),
-    sha: OnceLock::new(),
-};
-
-/// GCRA and the leaky meter only, one decision or a batch: about 20 % less server work.
-static GCRA: Lua = Lua {
-    code: concat!(
-        include_str!("redis/prelude.lua"),
-        include_str!("redis/gcra.lua")
-    ),
-    sha: OnceLock::new(),
-};
+/// GCRA and the leaky meter only, one decision or a batch, with less server work:
+/// `prelude.lua` then `gcra.lua`.
+static GCRA: Script = Script::new(concat!(
+    include_str!("redis/prelude.lua"),
+    include_str!("redis/gcra.lua")
+));
 
 /// Whether `args` ([`script_args`]) describe a limit `gcra.lua` decides: virtual
 /// scheduling with tick 1 and no queue.
@@ -121,7 +100,9 @@ impl Builder {
         }
     }
 
-    /// The key prefix (default `rl`): keys are `{prefix}:{{key}}`.
+    /// The key prefix (default `rl`): keys are `{prefix}:{{key}}`. Checked by
+    /// [`build`](Self::build) with sd-core's one rule ([`KeyPrefix`]): 1 to 64 printable
+    /// bytes, no `{`, `}`, spaces or trailing `:` (sd adds the colon).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -195,12 +176,7 @@ impl Builder {
         if self.timeout.is_zero() {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
-        if self.prefix.contains(['{', '}']) {
-            return Err(Error::config(
-                "prefix",
-                "must not contain `{` or `}`: the key is the hash tag",
-            ));
-        }
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         if self.batch == 0 {
             return Err(Error::config(
                 "batch",
@@ -214,7 +190,7 @@ impl Builder {
         };
         Ok(RedisLimiter {
             conn: conn.clone(),
-            prefix: self.prefix,
+            prefix,
             limit: ArcSwap::from_pointee((self.limit, params)),
             timeout: self.timeout,
             policy: self.policy,
@@ -271,7 +247,7 @@ fn redis_params(limit: &Limit) -> Result<Params> {
 /// ```
 pub struct RedisLimiter<C> {
     conn: C,
-    prefix: String,
+    prefix: KeyPrefix,
     limit: ArcSwap<(Limit, Params)>,
     timeout: Duration,
     policy: FailurePolicy,
@@ -340,7 +316,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     }
 
     /// Decides at a given time instead of the server's `TIME`: for tests and replays.
-    /// `now` is the time since the Unix epoch.
+    /// `now` is the time since the Unix epoch (`SystemClock.now()`, with
+    /// [`SystemClock`](crate::SystemClock) and [`Clock`](crate::Clock) in scope).
     pub async fn check_at(
         &self,
         key: &str,
@@ -396,7 +373,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
 
     /// The Redis key holding `key`'s state.
     pub fn redis_key(&self, key: &str) -> String {
-        format!("{}:{{{key}}}", self.prefix)
+        self.prefix.tagged(key)
     }
 
     /// Decides `items` in Redis; a denial of a single item is remembered in `cache`.
@@ -418,43 +395,33 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
             }
             _ => {
                 let now = now.map(|n| n.to_string()).unwrap_or_default();
-                let (args, code) = match items {
+                let call = match items {
                     [(key, _, p, cost)] if gcra_only(&script_args(p)) => {
                         // Only unit and cap: gcra.lua knows the kind.
                         let a = script_args(p);
-                        let (mut args, code) = GCRA.call(1);
-                        args.arg(self.redis_key(key))
+                        let mut call = GCRA.call(1);
+                        call.arg(self.redis_key(key))
                             .arg(now)
                             .arg(a[3])
                             .arg(a[4])
                             .arg(*cost);
-                        (args, code)
+                        call
                     }
                     _ => {
-                        let (mut args, code) = SCRIPT.call(items.len());
+                        let mut call = SCRIPT.call(items.len());
                         for (key, ..) in items {
-                            args.arg(self.redis_key(key));
+                            call.arg(self.redis_key(key));
                         }
-                        args.arg(now).arg("all");
+                        call.arg(now).arg("all");
                         for (_, _, p, cost) in items {
-                            args.arg(&script_args(p)[..]).arg(*cost);
+                            call.arg(&script_args(p)[..]).arg(*cost);
                         }
-                        (args, code)
+                        call
                     }
                 };
                 let span = tracing::debug_span!("ratelimit.redis", keys = items.len());
-                match tokio::time::timeout(
-                    self.timeout,
-                    eval(&self.conn, &args, code).instrument(span),
-                )
-                .await
-                {
-                    Ok(Ok(values)) => Ok(values),
-                    Ok(Err(source)) => Err(Error::Redis { source }),
-                    Err(_) => Err(Error::Timeout {
-                        after: self.timeout,
-                    }),
-                }
+                let reply = timeout(self.timeout, span, invoke(&self.conn, &call)).await;
+                batch_reply(reply)
             }
         };
         let decision = reply.and_then(|values| decode(&values, items.len()));
@@ -509,28 +476,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     }
 }
 
-/// `evalsha` (`EVALSHA sha n keys.. args..`), or the same as `EVAL` when the server
-/// does not know the script (which also caches it there).
-async fn eval<C: ConnectionLike + Clone>(
+/// Runs `call` on a clone of `conn` (`EVALSHA`, then `EVAL` once on `NOSCRIPT`).
+async fn invoke<C: ConnectionLike + Clone>(
     conn: &C,
-    evalsha: &redis::Cmd,
-    code: &str,
+    call: &ScriptCall<'_>,
 ) -> redis::RedisResult<Vec<i64>> {
-    let mut conn = conn.clone();
-    match evalsha.query_async(&mut conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            let mut eval = redis::cmd("EVAL");
-            eval.arg(code);
-            // Skip the command name and the SHA.
-            for arg in evalsha.args_iter().skip(2) {
-                if let redis::Arg::Simple(bytes) = arg {
-                    eval.arg(bytes);
-                }
-            }
-            eval.query_async(&mut conn).await
-        }
-        other => other,
-    }
+    call.invoke(&mut conn.clone()).await
 }
 
 /// Keys Redis denied, answered locally until they could be admitted (see
@@ -620,15 +571,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
             reply,
         });
         self.start();
-        match tokio::time::timeout(self.timeout, answer).await {
+        match timeout(self.timeout, tracing::Span::none(), answer).await {
             Ok(Ok(values)) => values,
             // The batch task ended without answering (its runtime shut down).
             Ok(Err(_)) => Err(Error::Timeout {
                 after: self.timeout,
             }),
-            Err(_) => Err(Error::Timeout {
-                after: self.timeout,
-            }),
+            Err(elapsed) => Err(elapsed.into()),
         }
     }
 
@@ -663,10 +612,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
 
     async fn send(&self, batch: Vec<Pending>) {
         let span = tracing::debug_span!("ratelimit.redis.batch", decisions = batch.len());
-        let (cmd, code) = each_cmd(&batch);
-        let reply = tokio::time::timeout(self.timeout, eval(&self.conn, &cmd, code))
-            .instrument(span)
-            .await;
+        let call = each_call(&batch);
+        let reply = timeout(self.timeout, span, invoke(&self.conn, &call)).await;
         match reply {
             Ok(Ok(values)) if values.len() == 6 * batch.len() => {
                 for (p, v) in batch.into_iter().zip(values.chunks_exact(6)) {
@@ -679,14 +626,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
                 // Keys on several cluster slots: one command per decision.
                 for p in batch {
                     let one = std::slice::from_ref(&p);
-                    let (cmd, code) = each_cmd(one);
+                    let call = each_call(one);
                     let reply =
-                        tokio::time::timeout(self.timeout, eval(&self.conn, &cmd, code)).await;
-                    let _ = p.reply.send(batch_reply(reply, self.timeout));
+                        timeout(self.timeout, tracing::Span::none(), invoke(&self.conn, &call))
+                            .await;
+                    let _ = p.reply.send(batch_reply(reply));
                 }
             }
             reply => {
-                let error = match batch_reply(reply, self.timeout) {
+                let error = match batch_reply(reply) {
                     Ok(_) => Error::UnexpectedReply {
                         reason: "expected 6 integers per decision",
                     },
@@ -706,28 +654,33 @@ fn copy_error(e: &Error) -> Error {
     match e {
         Error::Timeout { after } => Error::Timeout { after: *after },
         Error::UnexpectedReply { reason } => Error::UnexpectedReply { reason },
-        Error::Redis { source } => Error::Redis {
-            source: redis::RedisError::from((
-                source.kind(),
-                "the batch this decision was in failed",
-                source.to_string(),
-            )),
-        },
-        other => Error::Redis {
-            source: redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "the batch this decision was in failed",
-                other.to_string(),
-            )),
-        },
+        Error::Backend { backend, source } => {
+            let kind = source
+                .downcast_ref::<redis::RedisError>()
+                .map_or(redis::ErrorKind::Client, redis::RedisError::kind);
+            Error::Backend {
+                backend,
+                source: Box::new(redis::RedisError::from((
+                    kind,
+                    "the batch this decision was in failed",
+                    source.to_string(),
+                ))),
+            }
+        }
+        other => redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "the batch this decision was in failed",
+            other.to_string(),
+        ))
+        .into(),
     }
 }
 
-/// `EVALSHA` deciding each pending decision on its own (`gcra.lua` when it can decide
-/// them all, else `limit.lua` in mode `each`), and the script's source.
-fn each_cmd(batch: &[Pending]) -> (redis::Cmd, &'static str) {
+/// The call deciding each pending decision on its own (`gcra.lua` when it can decide
+/// them all, else `limit.lua` in mode `each`).
+fn each_call(batch: &[Pending]) -> ScriptCall<'static> {
     let gcra = batch.iter().all(|p| gcra_only(&p.args));
-    let (mut cmd, code) = if gcra { &GCRA } else { &SCRIPT }.call(batch.len());
+    let mut cmd = if gcra { &GCRA } else { &SCRIPT }.call(batch.len());
     for p in batch {
         cmd.arg(&p.key);
     }
@@ -743,18 +696,14 @@ fn each_cmd(batch: &[Pending]) -> (redis::Cmd, &'static str) {
         }
         cmd.arg(p.cost);
     }
-    (cmd, code)
+    cmd
 }
 
+/// A script's reply, or the Redis error or the time limit that passed instead.
 fn batch_reply(
-    reply: std::result::Result<redis::RedisResult<Vec<i64>>, tokio::time::error::Elapsed>,
-    timeout: Duration,
+    reply: std::result::Result<redis::RedisResult<Vec<i64>>, sd_core::Elapsed>,
 ) -> Result<Vec<i64>> {
-    match reply {
-        Ok(Ok(values)) => Ok(values),
-        Ok(Err(source)) => Err(Error::Redis { source }),
-        Err(_) => Err(Error::Timeout { after: timeout }),
-    }
+    Ok(reply??)
 }
 
 /// The 6 numbers that describe a limit to the script (kind first).
@@ -803,11 +752,4 @@ fn decode(values: &[i64], n: usize) -> Result<Decision> {
         })
         .collect();
     Decision::combine(&steps).ok_or(Error::UnexpectedReply { reason: "no limit" })
-}
-
-/// The current time since the Unix epoch (for [`RedisLimiter::check_at`] callers).
-pub fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
 }

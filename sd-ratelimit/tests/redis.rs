@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_ratelimit::memory::{self, ManualClock};
 use sd_ratelimit::redis::{Builder, FailurePolicy, RedisLimiter};
-use sd_ratelimit::{Decision, Error, Limit, Quota};
+use sd_ratelimit::{Clock as _, Decision, Error, Limit, Quota};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -70,7 +70,7 @@ where
         .unwrap();
     // An epoch that is a whole number of every tick and window, so both sides agree on
     // window boundaries.
-    let epoch = Duration::from_secs(sd_ratelimit::redis::unix_now().as_secs() / 3600 * 3600);
+    let epoch = Duration::from_secs(sd_ratelimit::SystemClock.now().as_secs() / 3600 * 3600);
     let keys: Vec<String> = (0..3).map(|_| sd_testkit::unique_name("diff")).collect();
     let mut t = Duration::ZERO;
     for (i, (dt, key, cost)) in sequence(seed, 150).into_iter().enumerate() {
