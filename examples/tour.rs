@@ -560,7 +560,7 @@ async fn cache(backends: &Backends) {
 
     let served = if let Some(conn) = &backends.redis {
         let built =
-            sd_cache::redis::RedisCache::<String, ()>::builder(format!("{}:cache", backends.run))
+            sd_cache::redis::RedisCache::<String>::builder(format!("{}:cache", backends.run))
                 .ttl(Duration::from_secs(60))
                 .build(conn.clone())
                 .await;

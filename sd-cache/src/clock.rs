@@ -1,101 +1,14 @@
 //! Injected time and randomness, so tests drive the cache without sleeping.
+//!
+//! The clocks are sd-core's, re-exported: the memory tier reads a [`MonotonicClock`] by
+//! default; tests pass a [`ManualClock`] or a [`TokioClock`] (which follows
+//! `tokio::time::pause`).
 
 use std::fmt::Debug;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A monotonic clock. `now` is the time since an arbitrary origin fixed when the clock was
-/// created; only differences matter.
-pub trait Clock: Send + Sync + Debug + 'static {
-    /// The current time since the clock's origin.
-    fn now(&self) -> Duration;
-}
-
-/// The default clock: `quanta` (TSC where available), a few nanoseconds a read.
-#[derive(Debug, Clone)]
-pub struct SystemClock {
-    clock: quanta::Clock,
-    origin: quanta::Instant,
-}
-
-impl SystemClock {
-    /// A clock whose origin is now.
-    pub fn new() -> Self {
-        let clock = quanta::Clock::new();
-        let origin = clock.now();
-        Self { clock, origin }
-    }
-}
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for SystemClock {
-    #[inline]
-    fn now(&self) -> Duration {
-        self.clock.now().saturating_duration_since(self.origin)
-    }
-}
-
-/// A clock that follows tokio's time, so `tokio::time::pause()` and `advance()` drive it.
-#[derive(Debug, Clone)]
-pub struct TokioClock {
-    origin: tokio::time::Instant,
-}
-
-impl TokioClock {
-    /// A clock whose origin is tokio's now.
-    pub fn new() -> Self {
-        Self {
-            origin: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl Default for TokioClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for TokioClock {
-    fn now(&self) -> Duration {
-        tokio::time::Instant::now().saturating_duration_since(self.origin)
-    }
-}
-
-/// A clock that moves only when told to. Clones share the same time.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock {
-    nanos: Arc<AtomicU64>,
-}
-
-impl ManualClock {
-    /// A clock at time zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Moves the clock forward by `by`.
-    pub fn advance(&self, by: Duration) {
-        self.nanos.fetch_add(saturating_nanos(by), Ordering::SeqCst);
-    }
-
-    /// Sets the clock to `to` (it may move backwards: a test of clock jumps).
-    pub fn set(&self, to: Duration) {
-        self.nanos.store(saturating_nanos(to), Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Duration {
-        Duration::from_nanos(self.nanos.load(Ordering::SeqCst))
-    }
-}
+pub use sd_core::clock::{Clock, ManualClock, MonotonicClock, TokioClock};
 
 pub(crate) fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -168,13 +81,5 @@ mod tests {
             let u = r.unit();
             assert!(u > 0.0 && u <= 1.0, "{u}");
         }
-    }
-
-    #[test]
-    fn manual_clock_moves_only_when_told() {
-        let c = ManualClock::new();
-        assert_eq!(c.now(), Duration::ZERO);
-        c.advance(Duration::from_millis(5));
-        assert_eq!(c.clone().now(), Duration::from_millis(5));
     }
 }

@@ -1,6 +1,8 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A loader's error, shared by reference between every caller that waited on the load.
 ///
@@ -22,7 +24,7 @@ pub enum Error {
         /// The builder field that is wrong (`ttl`, `beta`, `batch_size`, ...).
         field: &'static str,
         /// Why, and what to do instead.
-        reason: &'static str,
+        reason: Cow<'static, str>,
     },
 
     /// The loader returned an error. Every caller coalesced on that load receives the same
@@ -35,15 +37,26 @@ pub enum Error {
         source: SharedError,
     },
 
-    /// The Redis backend failed (connection refused or lost, timeout, script error).
+    /// The backend failed (connection refused or lost, timeout, script error). The source
+    /// is shared (an `Arc`, not a `Box`) because one failure is handed to every coalesced
+    /// caller and the error is `Clone`.
     #[error(
-        "redis {operation} failed: {source}; check the server, or configure `fallback_to_loader` to read around it"
+        "{backend} {operation} failed: {source}; check the server, or configure `fallback_to_loader` to read around it"
     )]
     Backend {
+        /// The backend: `"redis"`.
+        backend: &'static str,
         /// What the cache was doing (`read`, `write`, `lock`, `invalidate`, ...).
         operation: &'static str,
         /// The client's error.
         source: SharedError,
+    },
+
+    /// A call did not finish within its time limit.
+    #[error("no answer within {after:?}; raise the time limit or check the backend")]
+    Timeout {
+        /// The limit that passed.
+        after: Duration,
     },
 
     /// A value or envelope could not be encoded or decoded by the codec.
@@ -116,8 +129,35 @@ impl Error {
         }
     }
 
-    pub(crate) fn loader<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+    pub(crate) fn loader<E: Into<sd_core::BoxError>>(e: E) -> Self {
         Error::Loader {
+            source: Arc::from(e.into()),
+        }
+    }
+}
+
+impl From<sd_core::ConfigError> for Error {
+    fn from(e: sd_core::ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<sd_core::Elapsed> for Error {
+    fn from(e: sd_core::Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<redis::RedisError> for Error {
+    /// A Redis failure whose operation is not known (`operation` is `"command"`).
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            operation: "command",
             source: Arc::new(e),
         }
     }

@@ -189,9 +189,10 @@ pub mod two_tier;
 pub mod write;
 pub mod xfetch;
 
-pub use clock::{Clock, ManualClock, RandomSource, SystemClock, TokioClock};
+pub use clock::{Clock, ManualClock, MonotonicClock, RandomSource, TokioClock};
 pub use error::{Error, Result, SharedError};
 pub use memory::{Cache, CacheBuilder};
+pub use sd_core::RetryPolicy;
 pub use stats::CacheStats;
 pub use write::{CacheTier, DeadLetter, Store, WriteBehind, WriteOp, WriteThrough};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use moka::notification::RemovalCause;
 
-use crate::clock::{Clock, RandomSource, SystemClock, ThreadRandom, saturating_nanos};
+use crate::clock::{Clock, MonotonicClock, RandomSource, ThreadRandom, saturating_nanos};
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
@@ -81,7 +81,7 @@ impl<K, V> Default for CacheBuilder<K, V> {
         Self {
             max_capacity: 10_000,
             policy: Policy::default(),
-            clock: Arc::new(SystemClock::new()),
+            clock: Arc::new(MonotonicClock::new()),
             random: Arc::new(ThreadRandom),
             _types: std::marker::PhantomData,
         }
@@ -101,7 +101,7 @@ where
 
     crate::policy::policy_setters!();
 
-    /// The clock used for freshness (default [`SystemClock`]). The engine's own memory
+    /// The clock used for freshness (default [`MonotonicClock`]). The engine's own memory
     /// reclamation keeps using real time.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -113,7 +113,7 @@ where
         if self.max_capacity == 0 {
             return Err(Error::InvalidConfig {
                 field: "max_capacity",
-                reason: "must be at least 1 entry",
+                reason: "must be at least 1 entry".into(),
             });
         }
         self.policy.validate()?;
@@ -321,7 +321,7 @@ where
     /// [`Error::NotFound`] when this call waited on an optional loader that found nothing.
     pub async fn try_get_or_load<E, F, Fut>(&self, key: K, loader: F) -> Result<V>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
     {
@@ -338,7 +338,7 @@ where
     /// [`Error::Loader`] when the load failed and no stale value may be served.
     pub async fn try_get_or_load_optional<E, F, Fut>(&self, key: K, loader: F) -> Result<Option<V>>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
     {

@@ -36,13 +36,13 @@ impl Policy {
         if self.ttl.is_zero() || self.ttl > MAX_TTL {
             return Err(Error::InvalidConfig {
                 field: "ttl",
-                reason: "must be above zero and at most 100 years",
+                reason: "must be above zero and at most 100 years".into(),
             });
         }
         if self.ttl_jitter > self.ttl {
             return Err(Error::InvalidConfig {
                 field: "ttl_jitter",
-                reason: "must not exceed `ttl`; a jitter of 5-20% of the ttl is typical",
+                reason: "must not exceed `ttl`; a jitter of 5-20% of the ttl is typical".into(),
             });
         }
         if let Some(n) = self.negative_ttl
@@ -50,13 +50,13 @@ impl Policy {
         {
             return Err(Error::InvalidConfig {
                 field: "negative_ttl",
-                reason: "must be above zero and at most 100 years; use `no_negative_caching()` to turn it off",
+                reason: "must be above zero and at most 100 years; use `no_negative_caching()` to turn it off".into(),
             });
         }
         if self.stale_if_error > MAX_TTL {
             return Err(Error::InvalidConfig {
                 field: "stale_if_error",
-                reason: "must be at most 100 years",
+                reason: "must be at most 100 years".into(),
             });
         }
         xfetch::check_beta(self.beta)

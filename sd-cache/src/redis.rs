@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::StreamExt;
-use redis::Script;
 use redis::aio::ConnectionLike;
+use sd_core::KeyPrefix;
+use sd_core::redis::Script;
 use tokio::sync::Notify;
 
 use crate::clock::{RandomSource, ThreadRandom};
@@ -60,23 +61,12 @@ impl<V: serde::Serialize + serde::de::DeserializeOwned> Codec<V> for JsonCodec {
     }
 }
 
-struct Scripts {
-    read: Script,
-    write: Script,
-    invalidate: Script,
-    unlock: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            read: Script::new(include_str!("redis/read.lua")),
-            write: Script::new(include_str!("redis/write.lua")),
-            invalidate: Script::new(include_str!("redis/invalidate.lua")),
-            unlock: Script::new(include_str!("redis/unlock.lua")),
-        }
-    }
-}
+/// Reads an entry with the server's `TIME` and takes the load lock (a miss's leader, an
+/// early refresh). Plain reads are an `HMGET`, not this script.
+static READ_AND_LOCK: Script = Script::new(include_str!("redis/read.lua"));
+static WRITE: Script = Script::new(include_str!("redis/write.lua"));
+static INVALIDATE: Script = Script::new(include_str!("redis/invalidate.lua"));
+static UNLOCK: Script = Script::new(include_str!("redis/unlock.lua"));
 
 /// Builds a [`RedisCache`].
 pub struct RedisCacheBuilder<V, K = JsonCodec> {
@@ -156,27 +146,23 @@ where
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every setting; the prefix comes back checked.
+    fn validate(&self) -> Result<KeyPrefix> {
         self.policy.validate()?;
-        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
-            return Err(Error::InvalidConfig {
-                field: "prefix",
-                reason: "must be non-empty and hold no `{` or `}` (the key becomes the hash tag)",
-            });
-        }
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         if self.lock_ttl < Duration::from_millis(10) || self.lock_ttl > Duration::from_secs(3600) {
             return Err(Error::InvalidConfig {
                 field: "lock_ttl",
-                reason: "must be between 10 ms and 1 hour; set it above the slowest load",
+                reason: "must be between 10 ms and 1 hour; set it above the slowest load".into(),
             });
         }
         if self.wait_timeout.is_zero() {
             return Err(Error::InvalidConfig {
                 field: "wait_timeout",
-                reason: "must be above zero; a few times the slowest load is typical",
+                reason: "must be above zero; a few times the slowest load is typical".into(),
             });
         }
-        Ok(())
+        Ok(prefix)
     }
 
     /// Checks the settings and builds the cache on `conn` (a `ConnectionManager` or
@@ -191,8 +177,8 @@ where
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        self.validate()?;
-        let channel = format!("{}:events", self.prefix);
+        let prefix = self.validate()?;
+        let channel = prefix.key("events");
         let waiters: Arc<DashMap<String, Arc<Notify>>> = Arc::new(DashMap::new());
         let subscribed = match &self.notifications {
             Some(client) => {
@@ -225,7 +211,7 @@ where
             }
             None => false,
         };
-        Ok(self.assemble(conn, channel, waiters, subscribed))
+        Ok(self.assemble(conn, prefix, channel, waiters, subscribed))
     }
 
     /// Builds a cache whose waiters are woken by the caller (the two-tier cache's own
@@ -234,13 +220,9 @@ where
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        self.validate()?;
-        let channel = format!("{}:events", self.prefix);
-        Ok(self.assemble(conn, channel, Arc::new(DashMap::new()), true))
-    }
-
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
+        let prefix = self.validate()?;
+        let channel = prefix.key("events");
+        Ok(self.assemble(conn, prefix, channel, Arc::new(DashMap::new()), true))
     }
 
     pub(crate) fn policy(&self) -> &Policy {
@@ -250,6 +232,7 @@ where
     fn assemble<C>(
         self,
         conn: C,
+        prefix: KeyPrefix,
         channel: String,
         waiters: Arc<DashMap<String, Arc<Notify>>>,
         subscribed: bool,
@@ -257,8 +240,7 @@ where
         RedisCache {
             inner: Arc::new(RedisInner {
                 conn,
-                scripts: Scripts::new(),
-                prefix: self.prefix,
+                prefix,
                 channel,
                 policy: self.policy,
                 lock_ttl: self.lock_ttl,
@@ -279,8 +261,7 @@ where
 
 struct RedisInner<V, C, K> {
     conn: C,
-    scripts: Scripts,
-    prefix: String,
+    prefix: KeyPrefix,
     channel: String,
     policy: Policy,
     lock_ttl: Duration,
@@ -352,7 +333,28 @@ impl ServerClock {
 
 /// A cache shared by every process that uses the same Redis and prefix. See the
 /// [module docs](self) for the protocol. Cloning is cheap; clones share state.
-pub struct RedisCache<V, C, K = JsonCodec> {
+///
+/// `C` is the connection: any redis-rs `ConnectionLike + Clone` (a `ConnectionManager`, a
+/// cluster connection); it defaults to a `MultiplexedConnection`, so `RedisCache<V>` names
+/// the common case and `RedisCache::<V>::builder(..)` starts one.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use sd_cache::RedisCache;
+///
+/// let client = redis::Client::open("redis://127.0.0.1/")?;
+/// let conn = client.get_multiplexed_async_connection().await?;
+/// let cache: RedisCache<String> = RedisCache::builder("users")
+///     .ttl(Duration::from_secs(60))
+///     .build(conn)
+///     .await?;
+/// let name = cache.get_or_load("42", || async { "ada".to_owned() }).await?;
+/// assert_eq!(name, "ada");
+/// # Ok(())
+/// # }
+/// ```
+pub struct RedisCache<V, C = redis::aio::MultiplexedConnection, K = JsonCodec> {
     inner: Arc<RedisInner<V, C, K>>,
 }
 
@@ -405,7 +407,7 @@ enum Lock<'a> {
     Refresh(&'a str),
 }
 
-impl<V> RedisCache<V, (), JsonCodec>
+impl<V> RedisCache<V>
 where
     V: Clone + Send + Sync + 'static,
 {
@@ -434,11 +436,18 @@ where
 {
     /// The Redis key holding `key`'s entry.
     pub fn data_key(&self, key: &str) -> String {
-        format!("{}:{{{}}}", self.inner.prefix, key)
+        self.inner.prefix.tagged(key)
     }
 
     fn lock_key(&self, key: &str) -> String {
-        format!("{}:{{{}}}:lock", self.inner.prefix, key)
+        let mut lock = self.inner.prefix.tagged(key);
+        lock.push_str(":lock");
+        lock
+    }
+
+    /// The checked key prefix.
+    pub(crate) fn key_prefix(&self) -> &KeyPrefix {
+        &self.inner.prefix
     }
 
     fn check_key(key: &str) -> Result<()> {
@@ -496,14 +505,13 @@ where
         Self::check_key(key)?;
         let tomb = ms(self.inner.policy.ttl.max(self.inner.lock_ttl * 2));
         let mut conn = self.inner.conn.clone();
-        self.inner
-            .scripts
-            .invalidate
-            .key(self.data_key(key))
+        INVALIDATE
+            .call(1)
+            .arg(self.data_key(key))
             .arg(tomb)
             .arg(&self.inner.channel)
             .arg(key)
-            .invoke_async::<i64>(&mut conn)
+            .invoke::<i64>(&mut conn)
             .await
             .map_err(backend("invalidate"))?;
         self.forget(key);
@@ -574,7 +582,7 @@ where
     /// As [`get_or_load`](Self::get_or_load), plus [`Error::Loader`].
     pub async fn try_get_or_load<E, F, Fut>(&self, key: &str, loader: F) -> Result<V>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
     {
@@ -594,7 +602,7 @@ where
         loader: F,
     ) -> Result<Option<V>>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
     {
@@ -824,15 +832,13 @@ where
             }
             Err(error) => {
                 let mut conn = self.inner.conn.clone();
-                let unlocked = self
-                    .inner
-                    .scripts
-                    .unlock
-                    .key(self.lock_key(key))
+                let unlocked = UNLOCK
+                    .call(1)
+                    .arg(self.lock_key(key))
                     .arg(token)
                     .arg(&self.inner.channel)
                     .arg(key)
-                    .invoke_async::<i64>(&mut conn)
+                    .invoke::<i64>(&mut conn)
                     .await;
                 if let Err(e) = unlocked {
                     tracing::warn!(error = %e, "sd-cache: could not release the load lock; it expires by itself");
@@ -867,17 +873,15 @@ where
             Lock::IfMissing => ("1", ""),
             Lock::Refresh(version) => ("2", version),
         };
-        let (value, delta, expiry, negative, version, now, locked): Reply = self
-            .inner
-            .scripts
-            .read
-            .key(self.data_key(key))
-            .key(self.lock_key(key))
+        let (value, delta, expiry, negative, version, now, locked): Reply = READ_AND_LOCK
+            .call(2)
+            .arg(self.data_key(key))
+            .arg(self.lock_key(key))
             .arg(token)
             .arg(ms(self.inner.lock_ttl))
             .arg(mode)
             .arg(seen)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await
             .map_err(backend("read"))?;
         self.decode_read(
@@ -989,11 +993,10 @@ where
             Duration::ZERO
         };
         let mut conn = self.inner.conn.clone();
-        self.inner
-            .scripts
-            .write
-            .key(self.data_key(key))
-            .key(self.lock_key(key))
+        WRITE
+            .call(2)
+            .arg(self.data_key(key))
+            .arg(self.lock_key(key))
             .arg(bytes)
             .arg(ms(delta))
             .arg(ms(life).max(1))
@@ -1003,7 +1006,7 @@ where
             .arg(token)
             .arg(&self.inner.channel)
             .arg(key)
-            .invoke_async::<i64>(&mut conn)
+            .invoke::<i64>(&mut conn)
             .await
             .map_err(backend("write"))
     }
@@ -1015,6 +1018,7 @@ fn ms(d: Duration) -> u64 {
 
 fn backend(operation: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |e| Error::Backend {
+        backend: "redis",
         operation,
         source: Arc::new(e),
     }

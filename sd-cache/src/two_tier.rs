@@ -73,15 +73,20 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::StreamExt;
-use redis::Script;
 use redis::aio::ConnectionLike;
+use sd_core::redis::Script;
 use tokio::sync::{Notify, watch};
 
-use crate::clock::{Clock, SystemClock, saturating_nanos};
+use crate::clock::{Clock, MonotonicClock, saturating_nanos};
 use crate::memory::{Cache, require_value};
 use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};
 use crate::stats::CacheStats;
 use crate::{Error, Result};
+
+/// Renews an instance's lease and pings it through the invalidation channel.
+static HEARTBEAT: Script = Script::new(include_str!("redis/heartbeat.lua"));
+/// Publishes an invalidation and reads the registry of live instances.
+static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
 
 /// Builds a [`TwoTier`] from a [`RedisCacheBuilder`] (whose settings apply to the Redis
 /// tier) and the memory tier's settings.
@@ -133,13 +138,13 @@ where
         if self.lease < Duration::from_millis(100) || self.lease > Duration::from_secs(60) {
             return Err(Error::InvalidConfig {
                 field: "lease",
-                reason: "must be between 100 ms and 60 s; it bounds how long a write waits for an unresponsive instance",
+                reason: "must be between 100 ms and 60 s; it bounds how long a write waits for an unresponsive instance".into(),
             });
         }
         if self.local_ttl.is_zero() || self.local_ttl > self.remote.policy().ttl {
             return Err(Error::InvalidConfig {
                 field: "local_ttl",
-                reason: "must be above zero and at most the Redis tier's `ttl`",
+                reason: "must be above zero and at most the Redis tier's `ttl`".into(),
             });
         }
         Ok(())
@@ -159,8 +164,7 @@ where
     {
         self.validate()?;
         let policy = self.remote.policy().clone();
-        let prefix = self.remote.prefix().to_owned();
-        let clock = SystemClock::new();
+        let clock = MonotonicClock::new();
         let mut local = Cache::builder()
             .clock(clock.clone())
             .max_capacity(self.local_capacity)
@@ -173,27 +177,28 @@ where
         };
         let local = local.build()?;
         let remote = self.remote.build_woken_externally(conn)?;
+        let prefix = remote.key_prefix().clone();
         let id = format!("{:016x}", rand::random::<u64>());
-        let channel = format!("{prefix}:two-tier");
+        let channel = prefix.key("two-tier");
         let channels = [
             channel.clone(),
-            format!("{prefix}:two-tier:ack:{id}"),
+            prefix.key(&format!("two-tier:ack:{id}")),
             remote.events_channel().to_owned(),
         ];
         let subscription = subscribe(&pubsub, &channels).await?;
         let (closed_tx, closed_rx) = watch::channel(());
         let leave = Leave::new(
             remote.connection(),
-            format!("{prefix}:two-tier:instances"),
+            prefix.key("two-tier:instances"),
             id.clone(),
         );
         let inner = Arc::new(Inner {
             local,
             remote,
-            registry: format!("{prefix}:two-tier:instances"),
+            registry: prefix.key("two-tier:instances"),
             channel,
             events: channels[2].clone(),
-            ack_prefix: format!("{prefix}:two-tier:ack:"),
+            ack_prefix: prefix.key("two-tier:ack:"),
             ack_channel: channels[1].clone(),
             id,
             lease: self.lease,
@@ -204,8 +209,6 @@ where
             acks: DashMap::new(),
             resyncs: AtomicU64::new(0),
             _leave: leave,
-            heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
-            announce: Script::new(include_str!("redis/announce.lua")),
             _closed: closed_tx,
         });
         inner.heartbeat().await?;
@@ -231,7 +234,7 @@ struct Inner<V, C, K> {
     ack_channel: String,
     id: String,
     lease: Duration,
-    clock: SystemClock,
+    clock: MonotonicClock,
     /// Until when (nanoseconds on `clock`) the memory tier may answer reads; 0 = not now.
     serving_until: AtomicU64,
     /// Pings sent and not yet received: sequence number -> when sent.
@@ -240,8 +243,6 @@ struct Inner<V, C, K> {
     /// Acknowledgements received for this instance's writes in progress.
     acks: DashMap<u64, Arc<AckWait>>,
     resyncs: AtomicU64,
-    heartbeat: Script,
-    announce: Script,
     _leave: Leave,
     /// Dropped with the cache: tells the background tasks to stop.
     _closed: watch::Sender<()>,
@@ -257,7 +258,7 @@ struct AckWait {
 /// read stale from another instance's memory tier. See the [module docs](self).
 ///
 /// Cloning is cheap; clones share the instance (one subscription, one lease).
-pub struct TwoTier<V, C, K = JsonCodec> {
+pub struct TwoTier<V, C = redis::aio::MultiplexedConnection, K = JsonCodec> {
     inner: Arc<Inner<V, C, K>>,
 }
 
@@ -284,7 +285,7 @@ where
     }
 }
 
-impl<V> TwoTier<V, (), JsonCodec>
+impl<V> TwoTier<V>
 where
     V: Clone + Send + Sync + 'static,
 {
@@ -412,7 +413,7 @@ where
     /// As [`RedisCache::try_get_or_load`].
     pub async fn try_get_or_load<E, F, Fut>(&self, key: &str, loader: F) -> Result<V>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
     {
@@ -432,7 +433,7 @@ where
         loader: F,
     ) -> Result<Option<V>>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: Into<sd_core::BoxError>,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
     {
@@ -546,12 +547,12 @@ where
         };
         let message = format!("i|{}|{seq}|{key}", self.id);
         let mut conn = self.remote.connection();
-        let (now, registry): (u64, Vec<(String, u64)>) = self
-            .announce
-            .key(&self.registry)
+        let (now, registry): (u64, Vec<(String, u64)>) = ANNOUNCE
+            .call(1)
+            .arg(&self.registry)
             .arg(&self.channel)
             .arg(message)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await
             .map_err(|e| {
                 self.lapse();
@@ -588,13 +589,14 @@ where
             .unwrap_or_else(PoisonError::into_inner)
             .insert(seq, sent);
         let mut conn = self.remote.connection();
-        self.heartbeat
-            .key(&self.registry)
+        HEARTBEAT
+            .call(1)
+            .arg(&self.registry)
             .arg(&self.id)
             .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX))
             .arg(&self.channel)
             .arg(format!("p|{}|{seq}", self.id))
-            .invoke_async::<u64>(&mut conn)
+            .invoke::<u64>(&mut conn)
             .await
             .map(|_| ())
             .map_err(|e| backend("heartbeat", e))
@@ -820,6 +822,7 @@ where
 
 fn backend(operation: &'static str, e: redis::RedisError) -> Error {
     Error::Backend {
+        backend: "redis",
         operation,
         source: Arc::new(e),
     }

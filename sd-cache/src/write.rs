@@ -26,7 +26,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::memory::Cache;
-use crate::{Error, Result, SharedError};
+use crate::{Error, Result, RetryPolicy, SharedError};
+
+/// 4 attempts, 100 ms doubling to at most 10 s, no jitter.
+fn default_retry() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(100))
+        .max_interval(Duration::from_secs(10))
+        .max_attempts(4)
+        .jitter(0.0)
+        .build()
+        .unwrap_or_default()
+}
 
 /// One write to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,9 +277,7 @@ pub struct WriteBehindBuilder<K, V> {
     capacity: usize,
     batch_size: usize,
     interval: Duration,
-    max_retries: u32,
-    backoff: Duration,
-    max_backoff: Duration,
+    retry: RetryPolicy,
     dead_letter: Option<DeadLetterHook<K, V>>,
 }
 
@@ -278,9 +287,7 @@ impl<K, V> fmt::Debug for WriteBehindBuilder<K, V> {
             .field("capacity", &self.capacity)
             .field("batch_size", &self.batch_size)
             .field("interval", &self.interval)
-            .field("max_retries", &self.max_retries)
-            .field("backoff", &self.backoff)
-            .field("max_backoff", &self.max_backoff)
+            .field("retry", &self.retry)
             .field("dead_letter", &self.dead_letter.is_some())
             .finish()
     }
@@ -314,16 +321,10 @@ where
         self
     }
 
-    /// Retries of a failing batch before it is dead-lettered (default 3).
-    pub fn max_retries(mut self, retries: u32) -> Self {
-        self.max_retries = retries;
-        self
-    }
-
-    /// First retry delay, doubled each retry up to `max_backoff` (defaults 100 ms and 10 s).
-    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.backoff = first;
-        self.max_backoff = max;
+    /// How a failing batch is retried before it is dead-lettered (default: 4 attempts,
+    /// waiting 100 ms doubling to at most 10 s, no jitter).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
     }
 
@@ -335,7 +336,12 @@ where
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |field, reason| Err(Error::InvalidConfig { field, reason });
+        let bad = |field: &'static str, reason: &'static str| {
+            Err(Error::InvalidConfig {
+                field,
+                reason: reason.into(),
+            })
+        };
         if self.capacity == 0 {
             return bad("capacity", "must be at least 1 write");
         }
@@ -347,12 +353,6 @@ where
         }
         if self.interval.is_zero() {
             return bad("interval", "must be above zero; 1 s is the usual choice");
-        }
-        if self.backoff.is_zero() || self.max_backoff < self.backoff {
-            return bad(
-                "backoff",
-                "the first delay must be above zero and at most the maximum",
-            );
         }
         Ok(())
     }
@@ -382,9 +382,7 @@ where
             seq: 0,
             batch_size: self.batch_size,
             interval: self.interval,
-            max_retries: self.max_retries,
-            backoff: self.backoff,
-            max_backoff: self.max_backoff,
+            retry: self.retry,
             dead_letter: self.dead_letter,
             counters: Arc::clone(&counters),
         };
@@ -427,15 +425,13 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// A builder with the defaults: capacity 10,000, batch 50 keys, interval 1 s, 3 retries
-    /// from 100 ms doubling to 10 s.
+    /// (4 attempts) from 100 ms doubling to 10 s.
     pub fn builder() -> WriteBehindBuilder<K, V> {
         WriteBehindBuilder {
             capacity: 10_000,
             batch_size: 50,
             interval: Duration::from_secs(1),
-            max_retries: 3,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
+            retry: default_retry(),
             dead_letter: None,
         }
     }
@@ -542,9 +538,7 @@ struct Worker<K, V, S> {
     seq: u64,
     batch_size: usize,
     interval: Duration,
-    max_retries: u32,
-    backoff: Duration,
-    max_backoff: Duration,
+    retry: RetryPolicy,
     dead_letter: Option<DeadLetterHook<K, V>>,
     counters: Arc<WriteCounters>,
 }
@@ -612,7 +606,6 @@ where
     }
 
     async fn flush_batch(&self, batch: Vec<(K, WriteOp<V>)>) {
-        let mut delay = self.backoff;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -622,11 +615,10 @@ where
                     self.counters.written.fetch_add(batch.len() as u64, Relaxed);
                     return;
                 }
-                Err(e) if attempts <= self.max_retries => {
+                Err(e) if self.retry.allows_retry_after(attempts) => {
                     tracing::warn!(error = %e, attempts, "sd-cache: write-behind batch failed; retrying");
                     self.counters.retries.fetch_add(1, Relaxed);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.max_backoff);
+                    tokio::time::sleep(self.retry.random_delay(attempts)).await;
                 }
                 Err(e) => {
                     self.counters

@@ -83,7 +83,8 @@ pub(crate) fn check_beta(beta: f64) -> crate::Result<()> {
     } else {
         Err(crate::Error::InvalidConfig {
             field: "beta",
-            reason: "must be finite, above 0 and at most 1000; use 1.0 (the paper's default)",
+            reason: "must be finite, above 0 and at most 1000; use 1.0 (the paper's default)"
+                .into(),
         })
     }
 }

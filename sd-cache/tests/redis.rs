@@ -270,13 +270,9 @@ fn invalid_settings_fail_at_build_naming_the_field() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
     runtime().block_on(async {
         let conn = manager(server.url()).await;
-        let b = || RedisCache::<u32, ()>::builder("p");
+        let b = || RedisCache::<u32>::builder("p");
         assert_eq!(
-            field(
-                RedisCache::<u32, ()>::builder("a{b}")
-                    .build(conn.clone())
-                    .await
-            ),
+            field(RedisCache::<u32>::builder("a{b}").build(conn.clone()).await),
             "prefix"
         );
         assert_eq!(
@@ -431,7 +427,7 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
     let prefix = sd_testkit::unique_name("cache");
     runtime().block_on(async {
         let tier = |url: String, prefix: String| async move {
-            RedisCache::<u32, ()>::builder(prefix)
+            RedisCache::<u32>::builder(prefix)
                 .build(manager_with_timeout(&url, Duration::from_millis(300)).await)
                 .await
                 .unwrap()

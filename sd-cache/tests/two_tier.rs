@@ -298,8 +298,7 @@ fn invalid_settings_fail_at_build_naming_the_field() {
     runtime().block_on(async {
         let conn = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
         let client = redis::Client::open(server.url()).unwrap();
-        let b =
-            || TwoTier::builder(RedisCache::<u64, ()>::builder("p").ttl(Duration::from_secs(10)));
+        let b = || TwoTier::builder(RedisCache::<u64>::builder("p").ttl(Duration::from_secs(10)));
         for (builder, field) in [
             (b().lease(Duration::from_millis(5)), "lease"),
             (b().local_ttl(Duration::ZERO), "local_ttl"),

@@ -116,7 +116,14 @@ async fn a_store_that_always_fails_sends_every_write_to_the_dead_letter_hook() {
     let letters: Arc<Mutex<Vec<DeadLetter<u32, u64>>>> = Arc::default();
     let sink = letters.clone();
     let wb = WriteBehind::builder()
-        .max_retries(2)
+        .retry(
+            sd_cache::RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(100))
+                .max_attempts(3)
+                .jitter(0.0)
+                .build()
+                .unwrap(),
+        )
         .dead_letter(move |letter| sink.lock().unwrap().push(letter))
         .build(cache(), table.clone())
         .unwrap();

@@ -1,5 +1,6 @@
 //! The one error type of the crate.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -9,13 +10,13 @@ use crate::pool::Job;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A configuration value is out of range; the pool was not built.
-    #[error("`{field}` {reason}")]
-    Config {
+    /// A configuration value is out of range; the pool (or consumer) was not built.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidConfig {
         /// The builder field at fault.
         field: &'static str,
         /// Why the value was refused and what to use instead.
-        reason: &'static str,
+        reason: Cow<'static, str>,
     },
     /// The pool was built outside a tokio runtime.
     #[error("no tokio runtime is running; build the pool from inside a tokio runtime")]
@@ -36,15 +37,15 @@ pub enum Error {
         /// Its value.
         limit: usize,
     },
-    /// `submit_timeout` found no room in time.
-    #[error(
-        "no room in the pool within {waited:?} (`{bound}` reached); raise the timeout or `{bound}`"
-    )]
+    /// A call did not finish within its time limit: `submit_timeout` found no room in
+    /// time (`bound` names the bound still reached).
+    #[error("{}", timeout_message(*after, *bound))]
     Timeout {
-        /// How long it waited.
-        waited: Duration,
-        /// The bound that was still reached when the time ran out.
-        bound: &'static str,
+        /// The limit that passed.
+        after: Duration,
+        /// For `submit_timeout`, the builder field whose bound was still reached when the
+        /// time ran out; `None` for other time limits.
+        bound: Option<&'static str>,
     },
     /// A job submitted into its own pool while it was full; waiting could deadlock, since
     /// the room it waits for may need the submitting job to finish.
@@ -84,31 +85,79 @@ pub enum Error {
         /// The job's id.
         id: u64,
     },
-    /// A Redis command failed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    /// A backend command failed, or answered with a reply this crate does not
+    /// understand ([`UnexpectedReply`] as the source).
     #[error(
-        "redis {op} failed: {source}; check that the server is up and the stream and group exist"
+        "{backend} {operation} failed: {source}; check that the server is up and the stream and group exist"
     )]
-    Redis {
+    Backend {
+        /// The backend: `"redis"`.
+        backend: &'static str,
         /// The command, e.g. `XREADGROUP`.
-        op: &'static str,
+        operation: &'static str,
         /// The client's error.
         #[source]
-        source: redis::RedisError,
+        source: sd_core::BoxError,
     },
-    /// Redis answered with a reply this crate does not understand.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error(
-        "redis {op} returned an unexpected reply ({what}); check the server version (Redis 7 or newer)"
-    )]
-    RedisReply {
-        /// The command.
-        op: &'static str,
-        /// What was wrong with the reply.
-        what: &'static str,
-    },
+}
+
+fn timeout_message(after: Duration, bound: Option<&'static str>) -> String {
+    match bound {
+        Some(bound) => format!(
+            "no room in the pool within {after:?} (`{bound}` reached); raise the timeout or `{bound}`"
+        ),
+        None => format!("no answer within {after:?}; raise the time limit"),
+    }
+}
+
+/// The source of an [`Error::Backend`] whose server answered with a reply this crate
+/// does not understand.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected reply ({what}); check the server version (Redis 7 or newer)")]
+#[non_exhaustive]
+pub struct UnexpectedReply {
+    /// What was wrong with the reply.
+    pub what: &'static str,
+}
+
+impl From<sd_core::ConfigError> for Error {
+    fn from(e: sd_core::ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<sd_core::Elapsed> for Error {
+    fn from(e: sd_core::Elapsed) -> Self {
+        Error::Timeout {
+            after: e.after,
+            bound: None,
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<redis::RedisError> for Error {
+    /// A Redis failure whose command is not known (`operation` is `"command"`).
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            operation: "command",
+            source: Box::new(e),
+        }
+    }
+}
+
+impl Error {
+    /// An [`Error::InvalidConfig`] for `field`.
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Error::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// The crate's result type.

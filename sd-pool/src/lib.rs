@@ -141,7 +141,7 @@ mod pool;
 pub mod redis;
 pub mod watermark;
 
-pub use crate::error::{Error, Rejected, Result};
+pub use crate::error::{Error, Rejected, Result, UnexpectedReply};
 pub use crate::pool::{
     Drained, IntoJob, Job, JobHandle, Metrics, Order, Outcome, OutputOf, PanicReport, Pool,
     PoolBuilder, ReturnedJob, Shutdown,

@@ -403,10 +403,7 @@ impl PoolBuilder {
     pub fn build(self) -> Result<Pool> {
         let nonzero = |field, v: usize| {
             if v == 0 {
-                Err(Error::Config {
-                    field,
-                    reason: "must be at least 1",
-                })
+                Err(Error::invalid(field, "must be at least 1"))
             } else {
                 Ok(v)
             }
@@ -616,7 +613,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 impl Pool {
     /// A builder with the two bounds every pool needs: how many jobs run at once and
-    /// how many accepted jobs may wait. Both must be at least 1 ([`Error::Config`]).
+    /// how many accepted jobs may wait. Both must be at least 1 ([`Error::InvalidConfig`]).
     pub fn builder(max_concurrency: usize, queue_capacity: usize) -> PoolBuilder {
         PoolBuilder {
             max_concurrency,
@@ -740,7 +737,10 @@ impl Pool {
                     && Instant::now() >= at
                 {
                     return Err(Rejected {
-                        error: Error::Timeout { waited, bound },
+                        error: Error::Timeout {
+                            after: waited,
+                            bound: Some(bound),
+                        },
                         job,
                     });
                 }
@@ -763,10 +763,7 @@ impl Pool {
     /// lowering it lets running jobs finish and starts no more until below the limit.
     pub fn set_max_concurrency(&self, max_concurrency: usize) -> Result<()> {
         if max_concurrency == 0 {
-            return Err(Error::Config {
-                field: "max_concurrency",
-                reason: "must be at least 1",
-            });
+            return Err(Error::invalid("max_concurrency", "must be at least 1"));
         }
         let mut st = lock(&self.shared.state);
         st.limit = max_concurrency;

@@ -36,7 +36,7 @@ use redis::aio::ConnectionManager;
 use redis::{Value, cmd};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnexpectedReply};
 use crate::pool::{Job, Pool};
 
 /// Where and how a [`StreamConsumer`] reads.
@@ -127,9 +127,9 @@ impl StreamConfig {
         self
     }
 
-    /// Checks the values: [`Error::Config`] names the first field out of range.
+    /// Checks the values: [`Error::InvalidConfig`] names the first field out of range.
     pub fn validate(&self) -> Result<()> {
-        let refuse = |field, reason| Err(Error::Config { field, reason });
+        let refuse = |field, reason: &'static str| Err(Error::invalid(field, reason));
         if self.batch == 0 {
             return refuse("batch", "must be at least 1 entry");
         }
@@ -155,10 +155,10 @@ impl StreamConfig {
     fn validate_for(&self, response_timeout: Option<Duration>) -> Result<()> {
         self.validate()?;
         match response_timeout {
-            Some(timeout) if self.block >= timeout => Err(Error::Config {
-                field: "block",
-                reason: "must be below the connection's response timeout (500 ms by default), or every idle read times out; lower `block`, or pass a connection with a longer timeout to `StreamConsumer::new`",
-            }),
+            Some(timeout) if self.block >= timeout => Err(Error::invalid(
+                "block",
+                "must be below the connection's response timeout (500 ms by default), or every idle read times out; lower `block`, or pass a connection with a longer timeout to `StreamConsumer::new`",
+            )),
             _ => Ok(()),
         }
     }
@@ -239,7 +239,11 @@ impl fmt::Debug for StreamConsumer {
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
-    move |source| Error::Redis { op, source }
+    move |source| Error::Backend {
+        backend: "redis",
+        operation: op,
+        source: Box::new(source),
+    }
 }
 
 impl StreamConsumer {
@@ -278,7 +282,7 @@ impl StreamConsumer {
     /// reading, drains the pool (up to the drain timeout) and acknowledges what finished.
     /// Entries not finished stay pending for another consumer.
     ///
-    /// A Redis error ends the call with [`Error::Redis`] and leaves the pool running;
+    /// A Redis error ends the call with [`Error::Backend`] and leaves the pool running;
     /// call `run` again to carry on (see the [module docs](self)). If the pool refuses an
     /// entry (closed by someone else), `run` drains, acknowledges what finished and
     /// returns that error; it returns `Ok` only after `shutdown`.
@@ -330,10 +334,7 @@ async fn join_group(conn: &mut ConnectionManager, cfg: &StreamConfig) -> Result<
     match created {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(source) => Err(Error::Redis {
-            op: "XGROUP CREATE",
-            source,
-        }),
+        Err(source) => Err(redis_err("XGROUP CREATE")(source)),
     }
 }
 
@@ -545,7 +546,11 @@ impl Submitted {
 }
 
 fn reply_err(op: &'static str, what: &'static str) -> Error {
-    Error::RedisReply { op, what }
+    Error::Backend {
+        backend: "redis",
+        operation: op,
+        source: Box::new(UnexpectedReply { what }),
+    }
 }
 
 fn as_string(v: &Value) -> Option<String> {

@@ -57,13 +57,13 @@ struct Partition {
 impl Watermarks {
     /// An empty tracker whose partitions take no more work once `max_window` completed
     /// offsets wait behind an unfinished one. A `max_window` of 0 is refused with
-    /// [`Error::Config`] naming `max_window`.
+    /// [`Error::InvalidConfig`] naming `max_window`.
     pub fn new(max_window: usize) -> Result<Self> {
         if max_window == 0 {
-            return Err(Error::Config {
-                field: "max_window",
-                reason: "must be at least 1 (a partition with no window could never take a job)",
-            });
+            return Err(Error::invalid(
+                "max_window",
+                "must be at least 1 (a partition with no window could never take a job)",
+            ));
         }
         Ok(Self {
             partitions: HashMap::new(),
@@ -175,7 +175,7 @@ mod tests {
     fn a_zero_window_is_refused_by_name() {
         assert!(matches!(
             Watermarks::new(0),
-            Err(Error::Config {
+            Err(Error::InvalidConfig {
                 field: "max_window",
                 ..
             })

@@ -43,7 +43,7 @@ fn config_errors_name_the_field() {
         assert!(
             matches!(
                 err,
-                Error::Config {
+                Error::InvalidConfig {
                     field: "max_concurrency",
                     ..
                 }
@@ -54,7 +54,7 @@ fn config_errors_name_the_field() {
         assert!(
             matches!(
                 err,
-                Error::Config {
+                Error::InvalidConfig {
                     field: "queue_capacity",
                     ..
                 }
@@ -64,7 +64,7 @@ fn config_errors_name_the_field() {
         let err = Pool::builder(1, 1).max_key_backlog(0).build().unwrap_err();
         assert!(matches!(
             err,
-            Error::Config {
+            Error::InvalidConfig {
                 field: "max_key_backlog",
                 ..
             }
@@ -75,7 +75,7 @@ fn config_errors_name_the_field() {
             .unwrap_err();
         assert!(matches!(
             err,
-            Error::Config {
+            Error::InvalidConfig {
                 field: "max_watermark_window",
                 ..
             }
@@ -83,7 +83,7 @@ fn config_errors_name_the_field() {
         let pool = Pool::new(1, 1).unwrap();
         assert!(matches!(
             pool.set_max_concurrency(0),
-            Err(Error::Config { .. })
+            Err(Error::InvalidConfig { .. })
         ));
     });
     assert!(matches!(Pool::new(1, 1), Err(Error::NoRuntime)));
@@ -176,7 +176,7 @@ async fn submit_waits_when_full_and_try_submit_returns_the_job() {
     assert!(matches!(
         timed_out.error,
         Error::Timeout {
-            bound: "queue_capacity",
+            bound: Some("queue_capacity"),
             ..
         }
     ));

@@ -421,7 +421,7 @@ fn spawn_retrying(
                     return errors;
                 }
                 Err(e) => {
-                    assert!(matches!(e, Error::Redis { .. }), "{e}");
+                    assert!(matches!(e, Error::Backend { .. }), "{e}");
                     errors.push(e.to_string());
                     // Back off before retrying, as a service would.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -584,7 +584,7 @@ fn config_errors_name_the_field() {
         for (cfg, field) in cases {
             let err = cfg.validate().unwrap_err();
             assert!(
-                matches!(err, Error::Config { field: f, .. } if f == field),
+                matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
                 "{field}: {err}"
             );
             let pool = Pool::new(1, 1).unwrap();
@@ -592,13 +592,13 @@ fn config_errors_name_the_field() {
                 .await
                 .unwrap_err();
             assert!(
-                matches!(err, Error::Config { field: f, .. } if f == field),
+                matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
                 "{field}: {err}"
             );
             let pool = Pool::new(1, 1).unwrap();
             let err = StreamConsumer::connect(&url, pool, cfg).await.unwrap_err();
             assert!(
-                matches!(err, Error::Config { field: f, .. } if f == field),
+                matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
                 "{field}: {err}"
             );
         }
@@ -608,7 +608,10 @@ fn config_errors_name_the_field() {
         let err = StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(500)))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Config { field: "block", .. }), "{err}");
+        assert!(
+            matches!(err, Error::InvalidConfig { field: "block", .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("response timeout"), "{err}");
         let pool = Pool::new(1, 1).unwrap();
         StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(400)))

@@ -167,7 +167,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
     } else {
         let mut caches = Vec::new();
         for c in &conns {
-            let cache = RedisCache::<Product, ()>::builder(format!("{run}:catalogue"))
+            let cache = RedisCache::<Product>::builder(format!("{run}:catalogue"))
                 .ttl(CACHE_TTL)
                 .build(c.clone())
                 .await?;
