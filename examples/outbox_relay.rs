@@ -108,7 +108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let conn =
                 redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?).await?;
             let publisher = RedisStreamsPublisher::builder(conn.clone())
-                .prefix(format!("example-outbox-{run}:"))
+                .prefix(format!("example-outbox-{run}"))
                 .build()?;
             (
                 spawn(&outbox, &publisher, &args),

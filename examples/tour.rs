@@ -885,7 +885,13 @@ async fn outbox_memory_dead_letter(order: &str) -> Result<(), Box<dyn std::error
     let id = outbox.transaction(|tx| tx.enqueue(order_event(order, "refunded")))?;
     let failing = MemoryRelay::builder(outbox.clone(), Refusing)
         .max_attempts(3)
-        .backoff(Duration::from_millis(1), Duration::from_millis(4))
+        .retry(
+            sd_outbox::RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(1))
+                .max_interval(Duration::from_millis(4))
+                .jitter(0.5)
+                .build()?,
+        )
         .build()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while outbox.dead_letters().is_empty() && tokio::time::Instant::now() < deadline {

@@ -305,7 +305,7 @@ async fn sd_enqueue(outbox: &Outbox, m: Message) {
 /// Publishes to Redis and then reports when each event was acknowledged.
 #[derive(Clone)]
 struct Timed {
-    inner: RedisStreamsPublisher,
+    inner: RedisStreamsPublisher<ConnectionManager>,
     acked: tokio::sync::mpsc::UnboundedSender<(u128, Instant)>,
 }
 

@@ -1,6 +1,9 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::time::Duration;
+
+use sd_core::{BoxError, ConfigError, Elapsed};
 
 /// What went wrong; every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -8,11 +11,11 @@ use std::time::Duration;
 pub enum Error {
     /// A configuration value is out of range; raised at construction.
     #[error("invalid `{field}`: {reason}")]
-    Config {
+    InvalidConfig {
         /// The builder field (or argument) at fault.
         field: &'static str,
         /// Why it is refused and what would be accepted.
-        reason: String,
+        reason: Cow<'static, str>,
     },
     /// A message cannot be enqueued as it is.
     #[error("invalid message `{field}`: {reason}")]
@@ -30,37 +33,28 @@ pub enum Error {
         /// What the sink reported.
         reason: String,
     },
-    /// A backend did not answer within the configured timeout.
-    #[error("the {backend} did not answer within {after:?}; check it is up or raise `timeout`")]
+    /// A backend (or a relay batch, database and sink together) did not answer within
+    /// the configured timeout.
+    #[error("no answer within {after:?}; check the backend is up or raise `timeout`")]
     Timeout {
-        /// Which backend.
-        backend: &'static str,
         /// The timeout that elapsed.
         after: Duration,
     },
-    /// PostgreSQL failed.
-    #[cfg(feature = "postgres")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    #[error("postgres failed: {source}; check the server is reachable and `migrate()` ran")]
-    Postgres {
-        /// The client error.
-        #[from]
-        source: sqlx::Error,
-    },
-    /// Redis failed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error("redis failed: {source}; check the server is reachable")]
-    Redis {
-        /// The client error.
-        #[from]
-        source: redis::RedisError,
+    /// A backend failed: PostgreSQL, Redis or NATS.
+    #[error(
+        "{backend} failed: {source}; check the server is reachable (and, for postgres, that `migrate()` ran)"
+    )]
+    Backend {
+        /// Which backend: `"postgres"`, `"redis"` or `"nats"`.
+        backend: &'static str,
+        /// The client's error.
+        source: BoxError,
     },
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::Config {
+    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Error::InvalidConfig {
             field,
             reason: reason.into(),
         }
@@ -81,6 +75,54 @@ impl Error {
         Error::Publish {
             published,
             reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<Elapsed> for Error {
+    fn from(e: Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+impl From<sd_core::migrate::MigrateError> for Error {
+    fn from(e: sd_core::migrate::MigrateError) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            source: Box::new(e),
         }
     }
 }

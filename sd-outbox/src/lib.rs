@@ -118,7 +118,7 @@
 //! the events only if it returned `Ok`. A [`memory::MemoryRelay`] (one batch with
 //! `run_once`, until idle with `drain`, or in the background with `spawn`; several may
 //! share one outbox) publishes through any [`Publisher`] at least once, in commit order
-//! per aggregate, retrying with [`Backoff`] and dead-lettering after `max_attempts`
+//! per aggregate, retrying under a [`RetryPolicy`] and dead-lettering after `max_attempts`
 //! ([`dead_letters`], [`redrive`]).
 //!
 //! It is **process-local and lost on restart**: pending events and dead letters die
@@ -159,58 +159,36 @@
 //! | [`postgres::Relay`] | ordered or parallel relay, LISTEN/NOTIFY + poll, retries, metrics |
 //! | [`postgres::Inbox`] | consumer-side dedupe in the handler's transaction |
 //! | [`MemoryPublisher`] | keeps events in memory (tests, demos) |
-//! | [`redis::RedisStreamsPublisher`] | pipelined `XADD` to `outbox:{aggregatetype}`, id in the entry |
+//! | [`redis::RedisStreamsPublisher`] | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
 //! | [`nats::JetStreamPublisher`] | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
 //!
-//! # Figures
+//! # How it compares
 //!
-//! From `benches/benches/outbox.rs` (`cargo bench -p sd-benches --bench outbox`), the
-//! run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28 04:03 UTC, a two-core
-//! Intel Xeon VM otherwise idle, whose timings swing by a third from one run to the
-//! next), PostgreSQL 15 (`fsync=off`, `synchronous_commit=off`) and Redis on loopback.
-//!
-//! | relay to Redis Streams, 10,000 events | batch 100 | batch 1000 |
-//! |---|---|---|
-//! | parallel, 1 relay | 15,800/s (0.98×) | 32,800/s (0.83×) |
-//! | parallel, 3 relays | 20,400/s (1.27×) | 48,600/s (1.23×) |
-//! | ordered, 1 active relay | 21,300/s (1.32×) | 31,400/s (0.79×) |
-//! | naive single poller (baseline) | 16,100/s | 39,500/s |
-//!
-//! The baseline is the Eventuate-style loop (`SELECT .. WHERE status = 'pending' ORDER
-//! BY seq LIMIT n`, pipelined `XADD`, `UPDATE`): no claiming, so it is only correct
-//! with one reader, and it has no retries, dead letters or ordering guards. A parallel
-//! batch also takes three database round trips (`BEGIN` with the lane claim, the read,
-//! the mark with `COMMIT`) and pays for the lane locks; the ordered relay reads through
-//! its `(txid, seq)` index.
-//!
-//! Enqueue in its own transaction (`BEGIN`, `INSERT`, `COMMIT`) against the same row
-//! into a plain table with only a primary key, run in alternating blocks of 10 so both
-//! see the same table sizes, autovacuum and load: **+50 µs** (median over 200 rounds:
-//! bare 180 µs, enqueue 230 µs; criterion's estimates in the same run +55 µs median,
-//! +38 µs mean). Goal: at most +100 µs. The two runs of the same bench before it gave +31 µs
-//! each. The server's share is small: callgrind on a PostgreSQL backend counts
-//! 85 k instructions for the bare insert and commit and 190 k for the outbox's (the
-//! NOTIFY trigger 21 k, the ordered-mode index 15 k, the three partial indexes that
-//! hold no pending row but are checked on each insert 24 k, the lane index, the
-//! sequence); pgbench puts the server's difference at about 20 µs.
-//!
-//! Commit to publish (the Redis acknowledgement) with notifications: **p50 0.74 ms,
-//! p99 1.2 ms** over 3,543 events; with LISTEN off and a 100 ms poll, p50 102 ms.
+//! `benches/benches/outbox.rs` runs the relays beside the naive single poller (the
+//! Eventuate-style `SELECT .. WHERE status = 'pending' ORDER BY seq LIMIT n`, pipelined
+//! `XADD`, `UPDATE`), which is only correct with one reader and has no retries, dead
+//! letters or ordering guards. One parallel relay keeps pace with it, several relays or
+//! the ordered relay pass it at the default batch size, and `enqueue` costs a little
+//! more than a bare `INSERT` of the same row in its own transaction (the notify
+//! trigger and the relays' indexes). With notifications on, an event reaches the sink
+//! about a millisecond after its commit; with polling only, after the poll interval.
+//! The measured figures are in
+//! [benches/RESULTS.md](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!
 //! None is on by default.
 //!
 //! - `postgres`: the outbox table, enqueue, the relay and the inbox (sqlx 0.8).
-//! - `redis`: the Redis Streams sink (redis-rs, async, connection manager).
+//! - `redis`: the Redis Streams sink (redis-rs, async, any `ConnectionLike`).
 //! - `nats`: the NATS JetStream sink (async-nats 0.50, JetStream only).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod backoff;
 mod error;
 mod message;
 mod publisher;
+mod retry;
 
 pub mod memory;
 
@@ -224,7 +202,8 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-pub use crate::backoff::Backoff;
 pub use crate::error::{Error, Result};
 pub use crate::message::{Event, Headers, MAX_FIELD_LEN, Message, Payload, new_id};
 pub use crate::publisher::{MemoryPublisher, Publisher};
+/// Retry policies are sd-core's, the same in every sd crate.
+pub use sd_core::{RetryPolicy, RetryPolicyBuilder};

@@ -33,7 +33,7 @@
 //!   at most one batch at a time; an event waiting for its retry holds back the later
 //!   events of its aggregate only. No order across aggregates (a batch sends them in
 //!   commit order, but relays overlap).
-//! - **Failures.** A failed publish retries with the crate's [`Backoff`]
+//! - **Failures.** A failed publish retries under the relay's [`RetryPolicy`]
 //!   (exponential, jittered); after `max_attempts` failures the event is
 //!   **dead-lettered**: kept with its attempts and last error, listed by
 //!   [`MemoryOutbox::dead_letters`], sent again by [`MemoryOutbox::redrive`] (it then
@@ -75,10 +75,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::backoff::{Backoff, check_relay_options};
 use crate::error::{Error, Result};
 use crate::message::{Event, Message};
 use crate::publisher::Publisher;
+use crate::retry::{attempts_limit, check_relay_options, default_retry};
+use sd_core::RetryPolicy;
 
 /// A process-local outbox; clones share it. See the [module docs](self) for what it
 /// promises and what it does not.
@@ -299,7 +300,7 @@ pub struct MemoryRelayBuilder<P> {
 struct Settings {
     batch_size: usize,
     max_attempts: u32,
-    backoff: Backoff,
+    retry: RetryPolicy,
     poll_interval: Duration,
 }
 
@@ -310,15 +311,17 @@ impl<P: Publisher> MemoryRelayBuilder<P> {
         self
     }
 
-    /// Publish attempts before an event is dead-lettered, at least 1 (default 10).
+    /// Publish attempts before an event is dead-lettered, at least 1 (default 10; a
+    /// [`retry`](Self::retry) policy with a lower `max_attempts` dead-letters sooner).
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.settings.max_attempts = max_attempts;
         self
     }
 
-    /// Delays between attempts (default 100 ms doubling to 30 s, jittered).
-    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.settings.backoff = Backoff { initial, max };
+    /// The waits between attempts (default: 100 ms doubling to 30 s, each wait a random
+    /// point in the upper half of its window, `RetryPolicy` jitter 0.5).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.settings.retry = policy;
         self
     }
 
@@ -329,10 +332,10 @@ impl<P: Publisher> MemoryRelayBuilder<P> {
         self
     }
 
-    /// The relay; fails with [`Error::Config`] naming the first field out of range.
+    /// The relay; fails with [`Error::InvalidConfig`] naming the first field out of range.
     pub fn build(self) -> Result<MemoryRelay<P>> {
         let s = self.settings;
-        check_relay_options(s.batch_size, s.poll_interval, s.max_attempts, s.backoff)?;
+        check_relay_options(s.batch_size, s.poll_interval, s.max_attempts)?;
         Ok(MemoryRelay {
             inner: Arc::new(RelayInner {
                 outbox: self.outbox,
@@ -387,7 +390,7 @@ pub struct BatchReport {
 
 impl<P: Publisher> MemoryRelay<P> {
     /// Options for a relay of `outbox` publishing to `publisher`: batch 100, 10
-    /// attempts, backoff 100 ms to 30 s, poll 1 s.
+    /// attempts, retries 100 ms doubling to 30 s, poll 1 s.
     pub fn builder(outbox: MemoryOutbox, publisher: P) -> MemoryRelayBuilder<P> {
         MemoryRelayBuilder {
             outbox,
@@ -395,7 +398,7 @@ impl<P: Publisher> MemoryRelay<P> {
             settings: Settings {
                 batch_size: 100,
                 max_attempts: 10,
-                backoff: Backoff::default(),
+                retry: default_retry(),
                 poll_interval: Duration::from_secs(1),
             },
         }
@@ -460,7 +463,7 @@ impl<P: Publisher> MemoryRelay<P> {
             let seq = seqs.get(published).copied();
             if let Some(seq) = seq {
                 let attempts = failed.attempts.saturating_add(1);
-                if attempts >= inner.settings.max_attempts {
+                if attempts >= attempts_limit(inner.settings.max_attempts, &inner.settings.retry) {
                     if let Some(mut p) = state.pending.remove(&seq) {
                         p.event.attempts = attempts;
                         tracing::warn!(id = %failed.id, attempts, error = %reason, "outbox event dead-lettered");
@@ -472,7 +475,7 @@ impl<P: Publisher> MemoryRelay<P> {
                         inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if let Some(p) = state.pending.get_mut(&seq) {
-                    let delay = inner.settings.backoff.delay_random(attempts);
+                    let delay = inner.settings.retry.random_delay(attempts);
                     tracing::debug!(id = %failed.id, attempts, error = %reason, ?delay, "outbox publish failed");
                     p.event.attempts = attempts;
                     p.not_before = Some(Instant::now() + delay);

@@ -40,7 +40,7 @@ impl JetStreamBuilder {
         self
     }
 
-    /// The publisher; fails with [`Error::Config`] naming `prefix`.
+    /// The publisher; fails with [`Error::InvalidConfig`] naming `prefix`.
     pub fn build(self) -> Result<JetStreamPublisher> {
         if !self.prefix.split('.').all(valid_token) {
             return Err(Error::config(

@@ -3,9 +3,11 @@
 //!
 //! - **Schema**: [`Outbox::migrate`] creates the table (default `outbox`), its indexes,
 //!   a `{table}_lanes` table of 64 rows for parallel relays and a statement trigger
-//!   that sends `NOTIFY {table}` at commit. It is idempotent and runs under an advisory
-//!   lock, so every replica may call it at start-up. The SQL is in
-//!   `migrations/0001_outbox.sql` for teams that run their own migration tool.
+//!   that sends `NOTIFY {table}` at commit. It runs sd-core's [`Migrator`]: idempotent,
+//!   under an advisory lock, recorded in `sd_migrations`, so every replica may call it at
+//!   start-up. The SQL is in `migrations/0001_outbox.sql`, written for the default name
+//!   (it applies with `psql` as it stands); [`Outbox::migrator`] renders it for your
+//!   own migration tool.
 //! - **Columns**: `id uuid, aggregatetype, aggregateid, type, payload jsonb` as
 //!   Debezium's Outbox Event Router expects, plus `payload_bytes` (byte payloads),
 //!   `headers jsonb`, `seq` (insertion order), `txid xid8` (the writing transaction),
@@ -17,17 +19,25 @@
 mod inbox;
 pub mod relay;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use sd_core::TableName;
+use sd_core::migrate::{Migration, Migrator};
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
 use uuid::Uuid;
 
-pub use self::inbox::{Inbox, InboxBuilder};
+pub use self::inbox::{INBOX_MIGRATIONS, Inbox, InboxBuilder};
 pub use self::relay::{Metrics, Mode, Relay, RelayBuilder, RelayHandle};
 use crate::error::{Error, Result};
 use crate::message::{Event, Headers, Message, Payload, new_id};
 
-const MIGRATION: &str = include_str!("../migrations/0001_outbox.sql");
+/// The outbox table's shipped migration, written for the default name `outbox`.
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "outbox",
+    sql: include_str!("../migrations/0001_outbox.sql"),
+}];
 
 /// The number of lanes parallel relays share (rows of `{table}_lanes`).
 pub const LANES: i16 = 64;
@@ -38,35 +48,19 @@ pub const LANES: i16 = 64;
 pub(crate) const LANE: &str =
     "((hashtextextended(o.aggregatetype || chr(31) || o.aggregateid, 0) & 63)::smallint)";
 
-/// Checks a table name: 1 to 48 of `[a-z0-9_]`, not starting with a digit.
-pub(crate) fn check_table(field: &'static str, t: &str) -> Result<()> {
-    let valid = !t.is_empty()
-        && t.len() <= 48
-        && t.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && t.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::config(
+/// Checks a one-part table name (sd-core's [`TableName`] rule, without a schema).
+pub(crate) fn one_part(field: &'static str, value: &str) -> Result<TableName> {
+    let table = TableName::parse(field, value)?;
+    if table.schema().is_some() {
+        return Err(Error::config(
             field,
-            format!("`{t}` must be 1 to 48 of [a-z0-9_], not starting with a digit"),
-        ))
+            format!(
+                "`{value}` must be a name without a schema (its lanes, type and trigger are \
+                 named after it); put the schema first in the connection's `search_path`"
+            ),
+        ));
     }
-}
-
-/// Applies a migration file with `{table}` replaced, under an advisory lock.
-pub(crate) async fn apply(pool: &PgPool, sql: &str, table: &str) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("sd-outbox:{table}"))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::raw_sql(&sql.replace("{table}", table))
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(table)
 }
 
 /// Options of an [`Outbox`].
@@ -84,17 +78,18 @@ impl Default for OutboxBuilder {
 }
 
 impl OutboxBuilder {
-    /// The table (default `outbox`): a lowercase SQL identifier of at most 48
-    /// characters. It is also the NOTIFY channel.
+    /// The table (default `outbox`): 1 to 48 of `[a-z0-9_]`, not starting with a digit
+    /// (sd-core's [`TableName`] rule), without a schema. It is also the NOTIFY channel.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
     }
 
-    /// An outbox on `pool`; fails with [`Error::Config`] naming `table` when the name
+    /// An outbox on `pool`; fails with [`Error::InvalidConfig`] naming `table` when the name
     /// is not acceptable.
     pub fn build(self, pool: PgPool) -> Result<Outbox> {
-        check_table("table", &self.table)?;
+        let name = one_part("table", &self.table)?;
+        let migrator = Migrator::new("sd-outbox", MIGRATIONS).name("outbox", &name);
         let insert = format!(
             "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, payload_bytes, headers) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -104,6 +99,7 @@ impl OutboxBuilder {
             pool,
             table: self.table,
             insert,
+            migrator: Arc::new(migrator),
         })
     }
 }
@@ -114,6 +110,7 @@ pub struct Outbox {
     pool: PgPool,
     table: String,
     insert: String,
+    migrator: Arc<Migrator>,
 }
 
 /// Counts read from the table; see [`Outbox::stats`].
@@ -160,9 +157,18 @@ impl Outbox {
         &self.table
     }
 
-    /// Creates the table, its indexes, the lanes and the notify trigger if missing.
+    /// Creates the table, its indexes, the lanes and the notify trigger if missing,
+    /// through sd-core's [`Migrator`] (one transaction under an advisory lock, recorded in
+    /// `sd_migrations`); safe to call from every replica at start-up.
     pub async fn migrate(&self) -> Result<()> {
-        apply(&self.pool, MIGRATION, &self.table).await
+        self.migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The migrator with this outbox's table name, for teams that apply the SQL with
+    /// their own tool ([`Migrator::render`]).
+    pub fn migrator(&self) -> &Migrator {
+        &self.migrator
     }
 
     /// Writes `message` in `tx`, the caller's transaction: it is published if and only

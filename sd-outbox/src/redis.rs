@@ -3,14 +3,16 @@
 //!
 //! Each entry has the fields `id` (the outbox id, the consumer's dedupe key),
 //! `aggregatetype`, `aggregateid`, `type`, `payload_kind` (`json` or `bytes`),
-//! `payload` and `headers` (a JSON object). The stream key is the prefix (default
-//! `outbox:`) followed by the aggregate type. Redis does not deduplicate: an event
+//! `payload` and `headers` (a JSON object). The stream key is `{prefix}:{aggregate
+//! type}` (prefix `outbox` by default, so `outbox:order`): the colon is sd's, as in
+//! every sd crate, so a prefix must not end with one. Redis does not deduplicate: an event
 //! published again after a lost acknowledgement or a relay crash is a second entry
 //! with the same `id`, which the consumer's inbox absorbs.
 
 use std::future::Future;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
+use sd_core::KeyPrefix;
 
 use crate::error::{Error, Result};
 use crate::message::Event;
@@ -18,14 +20,16 @@ use crate::publisher::Publisher;
 
 /// Options of a [`RedisStreamsPublisher`].
 #[derive(Debug, Clone)]
-pub struct RedisStreamsBuilder {
-    conn: ConnectionManager,
+pub struct RedisStreamsBuilder<C> {
+    conn: C,
     prefix: String,
     max_len: Option<usize>,
 }
 
-impl RedisStreamsBuilder {
-    /// The stream key prefix (default `outbox:`), at most 128 bytes.
+impl<C> RedisStreamsBuilder<C> {
+    /// The stream key prefix (default `outbox`): streams are `{prefix}:{aggregate type}`,
+    /// the colon added by sd. sd-core's [`KeyPrefix`] rule: 1 to 64 bytes of printable
+    /// ASCII without spaces, `{`, `}` or a trailing `:`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -37,31 +41,30 @@ impl RedisStreamsBuilder {
         self
     }
 
-    /// The publisher; fails with [`Error::Config`] naming `prefix` or `max_len`.
-    pub fn build(self) -> Result<RedisStreamsPublisher> {
-        if self.prefix.len() > 128 {
-            return Err(Error::config("prefix", "must be at most 128 bytes"));
-        }
+    /// The publisher; fails with [`Error::InvalidConfig`] naming `prefix` or `max_len`.
+    pub fn build(self) -> Result<RedisStreamsPublisher<C>> {
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         if self.max_len == Some(0) {
             return Err(Error::config("max_len", "must be at least 1, or None"));
         }
         Ok(RedisStreamsPublisher {
             conn: self.conn,
-            prefix: self.prefix,
+            prefix,
             max_len: self.max_len,
         })
     }
 }
 
-/// Publishes to Redis Streams; see the [module docs](self).
+/// Publishes to Redis Streams over any redis-rs connection (a `MultiplexedConnection`,
+/// a `ConnectionManager`, a cluster connection); see the [module docs](self).
 #[derive(Clone)]
-pub struct RedisStreamsPublisher {
-    conn: ConnectionManager,
-    prefix: String,
+pub struct RedisStreamsPublisher<C> {
+    conn: C,
+    prefix: KeyPrefix,
     max_len: Option<usize>,
 }
 
-impl std::fmt::Debug for RedisStreamsPublisher {
+impl<C> std::fmt::Debug for RedisStreamsPublisher<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStreamsPublisher")
             .field("prefix", &self.prefix)
@@ -70,24 +73,27 @@ impl std::fmt::Debug for RedisStreamsPublisher {
     }
 }
 
-impl RedisStreamsPublisher {
+impl<C> RedisStreamsPublisher<C> {
     /// Options on `conn` (set its response timeout: a paused server otherwise stalls
     /// the relay until the batch timeout).
-    pub fn builder(conn: ConnectionManager) -> RedisStreamsBuilder {
+    pub fn builder(conn: C) -> RedisStreamsBuilder<C> {
         RedisStreamsBuilder {
             conn,
-            prefix: "outbox:".into(),
+            prefix: "outbox".into(),
             max_len: None,
         }
     }
 
-    /// The stream an aggregate type goes to.
+    /// The stream an aggregate type goes to: `{prefix}:{aggregate type}`.
     pub fn stream(&self, aggregate_type: &str) -> String {
-        format!("{}{aggregate_type}", self.prefix)
+        self.prefix.key(aggregate_type)
     }
 }
 
-impl Publisher for RedisStreamsPublisher {
+impl<C> Publisher for RedisStreamsPublisher<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         let mut pipe = redis::pipe();
         for event in events {

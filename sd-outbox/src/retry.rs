@@ -1,55 +1,40 @@
-//! Retry delays: exponential with a cap and jitter, pure so it can be tested.
+//! The relays' retry policy ([`sd_core::RetryPolicy`]) and the options every relay shares.
 
 use std::time::Duration;
 
+use sd_core::RetryPolicy;
+
 use crate::error::{Error, Result};
 
-/// Exponential backoff: `initial × 2^(attempt-1)`, capped at `max`, then scaled by a
-/// jitter factor in `[0.5, 1.0]` so relays that failed together do not retry together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The delay after the first failure (before jitter).
-    pub initial: Duration,
-    /// The longest delay (before jitter).
-    pub max: Duration,
+/// The relays' default policy: 100 ms doubling to 30 s, each wait a random point in the
+/// upper half of its window (jitter 0.5), no bound of its own on attempts (the relay's
+/// `max_attempts` dead-letters).
+pub(crate) fn default_retry() -> RetryPolicy {
+    // Every field is in range, so `build` cannot refuse; the fallback is never taken.
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(100))
+        .multiplier(2.0)
+        .max_interval(Duration::from_secs(30))
+        .jitter(0.5)
+        .unlimited_attempts()
+        .build()
+        .unwrap_or_default()
 }
 
-impl Default for Backoff {
-    /// 100 ms doubling up to 30 s.
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before retrying after `attempt` failures (`attempt` >= 1), with
-    /// `jitter` in `[0, 1]` picking a point in the upper half of the window.
-    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = attempt.saturating_sub(1).min(32);
-        let base = self
-            .initial
-            .checked_mul(1u32 << exp.min(31))
-            .unwrap_or(self.max)
-            .min(self.max);
-        base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-    }
-
-    /// [`Self::delay`] with a random jitter.
-    pub fn delay_random(&self, attempt: u32) -> Duration {
-        self.delay(attempt, rand::random::<f64>())
-    }
+/// Failed attempts after which an event is dead-lettered: the relay's `max_attempts`,
+/// or the policy's own bound if that is lower.
+pub(crate) fn attempts_limit(max_attempts: u32, retry: &RetryPolicy) -> u32 {
+    retry
+        .max_attempts()
+        .map_or(max_attempts, |n| n.get().min(max_attempts))
 }
 
 /// Checks the options every relay shares, in this order: `batch_size` (1 to 10,000),
-/// `poll_interval`, `max_attempts`, `backoff`; the error names the first field at fault.
+/// `poll_interval`, `max_attempts`; the error names the first field at fault.
 pub(crate) fn check_relay_options(
     batch_size: usize,
     poll_interval: Duration,
     max_attempts: u32,
-    backoff: Backoff,
 ) -> Result<()> {
     if !(1..=10_000).contains(&batch_size) {
         return Err(Error::config("batch_size", "must be 1 to 10,000"));
@@ -59,12 +44,6 @@ pub(crate) fn check_relay_options(
     }
     if max_attempts == 0 {
         return Err(Error::config("max_attempts", "must be at least 1"));
-    }
-    if backoff.initial.is_zero() || backoff.max < backoff.initial {
-        return Err(Error::config(
-            "backoff",
-            "initial must be longer than zero and max at least initial",
-        ));
     }
     Ok(())
 }
@@ -76,32 +55,29 @@ mod tests {
 
     proptest! {
         #[test]
-        fn delay_stays_in_its_window(
-            initial_ms in 1u64..10_000,
-            max_ms in 1u64..600_000,
+        fn delay_stays_in_the_upper_half_of_its_window(
             attempt in 1u32..200,
-            jitter in 0.0f64..=1.0,
+            unit in 0.0f64..1.0,
         ) {
-            let b = Backoff { initial: Duration::from_millis(initial_ms), max: Duration::from_millis(max_ms.max(initial_ms)) };
-            let d = b.delay(attempt, jitter);
-            prop_assert!(d <= b.max);
-            prop_assert!(d >= b.initial.min(b.max) / 2);
-            // Never shorter than half the previous attempt's longest delay: it grows.
-            let prev_max = b.delay(attempt.saturating_sub(1).max(1), 1.0);
-            prop_assert!(d * 2 >= prev_max.min(b.max) || attempt == 1);
+            let p = default_retry();
+            let d = p.delay(attempt, unit);
+            let full = p.delay(attempt, 0.0);
+            prop_assert!(d <= full && full <= Duration::from_secs(30));
+            prop_assert!(d.as_secs_f64() >= full.as_secs_f64() / 2.0 - 1e-9);
+            prop_assert!(d >= Duration::from_millis(50));
         }
     }
 
     #[test]
-    fn doubles_then_caps() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        };
-        assert_eq!(b.delay(1, 1.0), Duration::from_millis(100));
-        assert_eq!(b.delay(2, 1.0), Duration::from_millis(200));
-        assert_eq!(b.delay(4, 1.0), Duration::from_millis(800));
-        assert_eq!(b.delay(5, 1.0), Duration::from_secs(1));
-        assert_eq!(b.delay(500, 0.0), Duration::from_millis(500));
+    fn doubles_from_100_ms_then_caps_at_30_s_without_a_bound() {
+        let p = default_retry();
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(100));
+        assert_eq!(p.delay(2, 0.0), Duration::from_millis(200));
+        assert_eq!(p.delay(4, 0.0), Duration::from_millis(800));
+        assert_eq!(p.delay(500, 0.0), Duration::from_secs(30));
+        assert_eq!(p.delay(500, 1.0), Duration::from_secs(15));
+        assert!(p.allows_retry_after(u32::MAX - 1));
+        assert_eq!(attempts_limit(10, &p), 10);
+        assert_eq!(attempts_limit(10, &RetryPolicy::default()), 3);
     }
 }

@@ -2,6 +2,9 @@
 //! producers and relays, retries, dead letters, redrive, invalid input.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/waits.rs"]
+mod waits;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -10,6 +13,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sd_outbox::memory::{MemoryOutbox, MemoryRelay};
 use sd_outbox::{Error, Event, MemoryPublisher, Message, Publisher, Result};
+use waits::waits;
 
 fn msg(aggregate: &str, n: u64) -> Message {
     Message::json("order", aggregate, "step", serde_json::json!({ "n": n }))
@@ -52,7 +56,7 @@ impl Publisher for Faulty {
 fn quick<P: Publisher>(outbox: &MemoryOutbox, p: P, attempts: u32) -> MemoryRelay<P> {
     MemoryRelay::builder(outbox.clone(), p)
         .max_attempts(attempts)
-        .backoff(Duration::from_millis(1), Duration::from_millis(4))
+        .retry(waits(Duration::from_millis(1), Duration::from_millis(4)))
         .poll_interval(Duration::from_millis(20))
         .batch_size(7)
         .build()
@@ -255,7 +259,7 @@ async fn a_failing_event_holds_back_its_aggregate_only() {
     let relay = MemoryRelay::builder(outbox.clone(), faulty.clone())
         .max_attempts(10)
         // Long enough that the retry is not due during this test.
-        .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+        .retry(waits(Duration::from_secs(3600), Duration::from_secs(3600)))
         .build()
         .unwrap();
     outbox
@@ -338,16 +342,12 @@ fn invalid_messages_and_options_are_refused() {
 
     let sink = MemoryPublisher::new();
     let field = |b: sd_outbox::memory::MemoryRelayBuilder<MemoryPublisher>| match b.build() {
-        Err(Error::Config { field, .. }) => field,
+        Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("expected a config error, got {:?}", other.map(|_| ())),
     };
     let b = || MemoryRelay::builder(outbox.clone(), sink.clone());
     assert_eq!(field(b().batch_size(0)), "batch_size");
     assert_eq!(field(b().max_attempts(0)), "max_attempts");
-    assert_eq!(
-        field(b().backoff(Duration::ZERO, Duration::from_secs(1))),
-        "backoff"
-    );
     assert_eq!(field(b().poll_interval(Duration::ZERO)), "poll_interval");
 }
 
@@ -366,7 +366,7 @@ proptest! {
             let faulty = Faulty::default();
             let relay = MemoryRelay::builder(outbox.clone(), faulty.clone())
                 .max_attempts(u32::MAX)
-                .backoff(Duration::from_micros(1), Duration::from_micros(1))
+                .retry(waits(Duration::from_micros(1), Duration::from_micros(1)))
                 .batch_size(3)
                 .build()
                 .unwrap();

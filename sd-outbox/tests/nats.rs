@@ -173,7 +173,7 @@ fn an_aggregate_type_that_is_no_subject_token_is_dead_lettered() {
         let sink = sink(server.url()).await;
         let relay = Relay::builder(outbox.clone(), sink.publisher.clone())
             .max_attempts(2)
-            .backoff(Duration::from_millis(10), Duration::from_millis(20))
+            .retry(waits(Duration::from_millis(10), Duration::from_millis(20)))
             .poll_interval(Duration::from_millis(50))
             .build()
             .unwrap()
@@ -213,7 +213,7 @@ fn bad_nats_sink_configuration_is_refused() {
             assert!(
                 matches!(
                     err,
-                    Error::Config {
+                    Error::InvalidConfig {
                         field: "prefix",
                         ..
                     }

@@ -69,7 +69,7 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
     let server = redis_url();
     with_outbox(|outbox| async move {
         let mut conn = redis(server.url()).await;
-        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
+        let prefix = sd_testkit::unique_name("outbox");
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix.clone())
             .max_len(Some(10_000))
@@ -89,9 +89,9 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
             let mut conn = conn.clone();
             let prefix = prefix.clone();
             async move {
-                entries(&mut conn, &format!("{prefix}order")).await.len() == 1
+                entries(&mut conn, &format!("{prefix}:order")).await.len() == 1
                     && redis::cmd("XLEN")
-                        .arg(format!("{prefix}invoice"))
+                        .arg(format!("{prefix}:invoice"))
                         .query_async::<u64>(&mut conn)
                         .await
                         .unwrap()
@@ -99,13 +99,13 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
             }
         })
         .await;
-        let got = entries(&mut conn, &format!("{prefix}order")).await;
+        let got = entries(&mut conn, &format!("{prefix}:order")).await;
         assert_eq!(
             got,
             vec![(order, "o-1".to_owned(), 0, "order_changed".to_owned())]
         );
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(format!("{prefix}invoice"))
+            .arg(format!("{prefix}:invoice"))
             .arg("-")
             .arg("+")
             .query_async(&mut conn)
@@ -127,8 +127,8 @@ fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
         let inbox = Inbox::builder().build(outbox.pool().clone()).unwrap();
         inbox.migrate().await.unwrap();
         let mut conn = redis(server.url()).await;
-        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
-        let stream = format!("{prefix}order");
+        let prefix = sd_testkit::unique_name("outbox");
+        let stream = format!("{prefix}:order");
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix.clone())
             .build()
@@ -227,8 +227,8 @@ fn three_parallel_relays_to_redis_lose_nothing_and_keep_order_per_aggregate() {
     let server = redis_url();
     with_outbox(|outbox| async move {
         let mut conn = redis(server.url()).await;
-        let prefix = format!("{}:", sd_testkit::unique_name("outbox"));
-        let stream = format!("{prefix}order");
+        let prefix = sd_testkit::unique_name("outbox");
+        let stream = format!("{prefix}:order");
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix)
             .build()
@@ -272,18 +272,34 @@ fn bad_redis_sink_configuration_is_refused() {
             .unwrap_err();
         assert!(matches!(
             err,
-            Error::Config {
+            Error::InvalidConfig {
                 field: "prefix",
                 ..
             }
         ));
+        // One rule for prefixes: sd adds the colon, so a prefix may not end with one.
+        let err = RedisStreamsPublisher::builder(conn.clone())
+            .prefix("outbox:")
+            .build()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::InvalidConfig {
+                field: "prefix",
+                ..
+            }
+        ));
+        let default = RedisStreamsPublisher::builder(conn.clone())
+            .build()
+            .unwrap();
+        assert_eq!(default.stream("order"), "outbox:order");
         let err = RedisStreamsPublisher::builder(conn)
             .max_len(Some(0))
             .build()
             .unwrap_err();
         assert!(matches!(
             err,
-            Error::Config {
+            Error::InvalidConfig {
                 field: "max_len",
                 ..
             }

@@ -1,14 +1,22 @@
 //! The consumer side: an inbox that records `(consumer, message id)` in the handler's
 //! own transaction, so a redelivered event has no second effect.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use sd_core::TableName;
+use sd_core::migrate::{Migration, Migrator};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-const MIGRATION: &str = include_str!("../../migrations/0002_inbox.sql");
+/// The inbox table's shipped migration, written for the default name `outbox_inbox`.
+pub static INBOX_MIGRATIONS: &[Migration] = &[Migration {
+    version: 2,
+    name: "inbox",
+    sql: include_str!("../../migrations/0002_inbox.sql"),
+}];
 
 /// Options of an [`Inbox`].
 #[derive(Debug, Clone)]
@@ -25,17 +33,19 @@ impl Default for InboxBuilder {
 }
 
 impl InboxBuilder {
-    /// The table (default `outbox_inbox`): a lowercase SQL identifier of at most 48
-    /// characters.
+    /// The table (default `outbox_inbox`): `table` or `schema.table`, each part 1 to 48
+    /// of `[a-z0-9_]` (sd-core's [`TableName`] rule).
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
     }
 
-    /// An inbox on `pool`; fails with [`Error::Config`] naming `table` when the name
+    /// An inbox on `pool`; fails with [`Error::InvalidConfig`] naming `table` when the name
     /// is not acceptable.
     pub fn build(self, pool: PgPool) -> Result<Inbox> {
-        super::check_table("table", &self.table)?;
+        let name = TableName::parse("table", &self.table)?;
+        let migrator =
+            Migrator::new("sd-outbox-inbox", INBOX_MIGRATIONS).name("outbox_inbox", &name);
         let insert = format!(
             "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             self.table
@@ -44,6 +54,7 @@ impl InboxBuilder {
             pool,
             table: self.table,
             insert,
+            migrator: Arc::new(migrator),
         })
     }
 }
@@ -61,6 +72,7 @@ pub struct Inbox {
     pool: PgPool,
     table: String,
     insert: String,
+    migrator: Arc<Migrator>,
 }
 
 impl Inbox {
@@ -74,9 +86,17 @@ impl Inbox {
         &self.table
     }
 
-    /// Creates the table if it is missing.
+    /// Creates the table if it is missing, through sd-core's [`Migrator`] (one
+    /// transaction under an advisory lock, recorded in `sd_migrations`).
     pub async fn migrate(&self) -> Result<()> {
-        super::apply(&self.pool, MIGRATION, &self.table).await
+        self.migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The migrator with this inbox's table name, for teams that apply the SQL with
+    /// their own tool ([`Migrator::render`]).
+    pub fn migrator(&self) -> &Migrator {
+        &self.migrator
     }
 
     /// Records that `consumer` handles `message_id` in `tx`; `true` the first time,

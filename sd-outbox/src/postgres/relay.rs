@@ -61,17 +61,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sd_core::deadline::timeout;
 use sqlx::Row as _;
 use sqlx::postgres::{PgConnection, PgListener};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
-use super::{EVENT_COLUMNS, LANE, LANES, Outbox, check_table, event_from_row};
-use crate::backoff::{Backoff, check_relay_options};
+use super::{EVENT_COLUMNS, LANE, LANES, Outbox, event_from_row, one_part};
 use crate::error::{Error, Result};
 use crate::message::Event;
 use crate::publisher::Publisher;
+use crate::retry::{attempts_limit, check_relay_options, default_retry};
+use sd_core::RetryPolicy;
 
 /// How relays share the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,7 +96,7 @@ pub struct RelayBuilder<P> {
     listen: bool,
     channel: Option<String>,
     max_attempts: u32,
-    backoff: Backoff,
+    retry: RetryPolicy,
     retention: Option<Duration>,
     sweep_interval: Duration,
     lanes_per_claim: u32,
@@ -136,16 +138,18 @@ impl<P: Publisher> RelayBuilder<P> {
         self
     }
 
-    /// Publish attempts before a row is dead-lettered, at least 1 (default 10).
+    /// Publish attempts before a row is dead-lettered, at least 1 (default 10; a
+    /// [`retry`](Self::retry) policy with a lower `max_attempts` dead-letters sooner).
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = max_attempts;
         self
     }
 
-    /// Delays between attempts, and after database errors (default 100 ms doubling to
-    /// 30 s, jittered).
-    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Backoff { initial, max };
+    /// The waits between attempts, and after database errors (default: 100 ms doubling
+    /// to 30 s, each wait a random point in the upper half of its window,
+    /// `RetryPolicy` jitter 0.5).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
     }
 
@@ -189,13 +193,12 @@ impl<P: Publisher> RelayBuilder<P> {
         self
     }
 
-    /// The relay; fails with [`Error::Config`] naming the first field out of range.
+    /// The relay; fails with [`Error::InvalidConfig`] naming the first field out of range.
     pub fn build(self) -> Result<Relay<P>> {
         check_relay_options(
             self.batch_size as usize,
             self.poll_interval,
             self.max_attempts,
-            self.backoff,
         )?;
         if self.retention.is_some_and(|r| r.is_zero()) {
             return Err(Error::config(
@@ -223,7 +226,7 @@ impl<P: Publisher> RelayBuilder<P> {
         }
         let channel = match self.channel {
             Some(channel) => {
-                check_table("channel", &channel)?;
+                one_part("channel", &channel)?;
                 channel
             }
             None => self.outbox.table.clone(),
@@ -290,8 +293,8 @@ impl<P: Publisher> RelayBuilder<P> {
                 poll_interval: self.poll_interval,
                 listen: self.listen,
                 channel,
-                max_attempts: self.max_attempts,
-                backoff: self.backoff,
+                max_attempts: attempts_limit(self.max_attempts, &self.retry),
+                retry: self.retry,
                 retention: self.retention,
                 sweep_interval: self.sweep_interval,
                 lanes_per_claim: self.lanes_per_claim,
@@ -322,7 +325,7 @@ struct Inner<P> {
     listen: bool,
     channel: String,
     max_attempts: u32,
-    backoff: Backoff,
+    retry: RetryPolicy,
     retention: Option<Duration>,
     sweep_interval: Duration,
     lanes_per_claim: u32,
@@ -510,7 +513,7 @@ struct Batch {
 
 impl<P: Publisher> Relay<P> {
     /// Options for a relay of `outbox` publishing to `publisher`: parallel mode, batch
-    /// 100, poll 1 s, LISTEN on, 10 attempts, backoff 100 ms to 30 s, retention 24 h.
+    /// 100, poll 1 s, LISTEN on, 10 attempts, retries 100 ms doubling to 30 s, retention 24 h.
     pub fn builder(outbox: Outbox, publisher: P) -> RelayBuilder<P> {
         RelayBuilder {
             outbox,
@@ -521,7 +524,7 @@ impl<P: Publisher> Relay<P> {
             listen: true,
             channel: None,
             max_attempts: 10,
-            backoff: Backoff::default(),
+            retry: default_retry(),
             retention: Some(Duration::from_secs(24 * 3600)),
             sweep_interval: Duration::from_secs(60),
             lanes_per_claim: 16,
@@ -699,13 +702,7 @@ impl<P: Publisher> Inner<P> {
     }
 
     async fn bounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                backend: "outbox relay batch",
-                after: self.timeout,
-            }),
-        }
+        timeout(self.timeout, tracing::debug_span!("outbox.relay.batch"), f).await?
     }
 
     async fn database_error(&self, e: &Error, errors: u32, shutdown: &mut watch::Receiver<bool>) {
@@ -713,9 +710,9 @@ impl<P: Publisher> Inner<P> {
             .database_errors
             .fetch_add(1, Ordering::Relaxed);
         let delay = self
-            .backoff
-            .delay_random(errors)
-            .min(self.poll_interval.max(self.backoff.initial));
+            .retry
+            .random_delay(errors)
+            .min(self.poll_interval.max(self.retry.initial_interval()));
         tracing::warn!(error = %e, ?delay, "outbox relay batch failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -891,7 +888,7 @@ impl<P: Publisher> Inner<P> {
         };
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let attempt = failed.attempts.saturating_add(1);
-        let delay = self.backoff.delay_random(attempt);
+        let delay = self.retry.random_delay(attempt);
         let status: Option<String> = sqlx::query_scalar(&self.sql.mark_failed)
             .bind(failed.id)
             .bind(&reason)

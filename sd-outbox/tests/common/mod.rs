@@ -11,6 +11,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+mod waits;
+pub use waits::waits;
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -152,7 +155,7 @@ pub fn outage_relays<P: Publisher + Clone>(outbox: &Outbox, publisher: &P) -> Ve
         .map(|_| {
             Relay::builder(outbox.clone(), publisher.clone())
                 .poll_interval(Duration::from_millis(100))
-                .backoff(Duration::from_millis(50), Duration::from_millis(400))
+                .retry(waits(Duration::from_millis(50), Duration::from_millis(400)))
                 .max_attempts(10_000)
                 .build()
                 .unwrap()
