@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sd_pool::redis::{Entry, StreamConfig, StreamConsumer};
+use sd_pool::redis::{Entry, StreamConsumer};
 use sd_pool::{Order, Pool};
 use tokio::time::Instant;
 
@@ -176,13 +176,18 @@ pub(crate) async fn run(args: &Args) -> Result<Summary, BoxError> {
     let client = redis::Client::open(args.redis.as_str())?;
     let conn = redis::aio::ConnectionManager::new(client).await?;
     let capacity = 4 * args.workers.max(1);
-    let pool = Pool::builder(args.workers, capacity)
+    let pool = Pool::builder()
+        .workers(args.workers)
+        .queue(capacity)
         .order(Order::PerKey)
         .build()?;
-    let cfg = StreamConfig::new(&stream, "workers", "worker-1")
+    let cfg = StreamConsumer::builder()
+        .stream(&stream)
+        .group("workers")
+        .consumer("worker-1")
         .batch(50)
         .key_field("key");
-    let consumer = StreamConsumer::new(conn.clone(), pool.clone(), cfg).await?;
+    let consumer = cfg.build(conn.clone(), pool.clone()).await?;
     let started = Instant::now();
 
     // The producer: pipelines of 100 XADDs, far faster than the workers.

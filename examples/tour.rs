@@ -454,7 +454,7 @@ fn pool() {
         return;
     };
     runtime.block_on(async {
-        let Ok(pool) = Pool::builder(2, 4).order(Order::PerKey).build() else {
+        let Ok(pool) = Pool::builder().workers(2).queue(4).order(Order::PerKey).build() else {
             return;
         };
         let finished = Arc::new(Mutex::new(Vec::new()));

@@ -46,7 +46,11 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn sd_pool_tiny() {
-    let pool = Pool::new(TINY_CONCURRENCY, 1024).expect("pool");
+    let pool = Pool::builder()
+        .workers(TINY_CONCURRENCY)
+        .queue(1024)
+        .build()
+        .expect("pool");
     for i in 0..TINY_JOBS {
         let _ = pool
             .submit(async move {
@@ -106,7 +110,9 @@ fn pc_jobs() -> Vec<(usize, u64)> {
 }
 
 async fn sd_pool_pc(order: Order, keys: usize, jobs: &[(usize, u64)]) {
-    let pool = Pool::builder(PC_CONCURRENCY, 1024)
+    let pool = Pool::builder()
+        .workers(PC_CONCURRENCY)
+        .queue(1024)
         .order(order)
         .build()
         .expect("pool");

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 /// How a call took part in its flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Role {
     /// This call ran its own loader.
     Leader,

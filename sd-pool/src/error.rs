@@ -31,7 +31,7 @@ pub enum Error {
         "the pool is full: `{bound}` ({limit}) is reached; retry later, use `submit`, which waits, or raise `{bound}`"
     )]
     Full {
-        /// The builder field whose bound is reached: `queue_capacity`, `max_key_backlog` or
+        /// The builder field whose bound is reached: `queue`, `max_key_backlog` or
         /// `max_watermark_window`.
         bound: &'static str,
         /// Its value.

@@ -4,7 +4,7 @@
 //! # What it is
 //!
 //! A [`Pool`] runs async jobs on tokio tasks with two explicit bounds: at most
-//! `max_concurrency` jobs run at once and at most `queue_capacity` accepted jobs wait.
+//! `workers` jobs run at once and at most `queue` accepted jobs wait.
 //! When both are used up, [`Pool::submit`] waits (backpressure), [`Pool::try_submit`]
 //! hands the job back, and [`Pool::submit_timeout`] does either. On top of that:
 //!
@@ -45,7 +45,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = Pool::builder(4, 64).order(Order::PerKey).build()?;
+//! let pool = Pool::builder().workers(4).queue(64).order(Order::PerKey).build()?;
 //! let mut handles = Vec::new();
 //! for (offset, user) in ["ann", "bob", "ann", "cy"].into_iter().enumerate() {
 //!     let job = Job::new(async move { format!("{user} #{offset}") })
@@ -64,7 +64,7 @@
 //!
 //! # Guarantees
 //!
-//! - No more than `max_concurrency` jobs run at once; no more than `queue_capacity`
+//! - No more than `workers` jobs run at once; no more than `queue`
 //!   wait; no more than `max_key_backlog` wait behind one key; a partition's tracked
 //!   offsets stay below `max_watermark_window` plus the jobs in flight. Nothing else is
 //!   buffered.

@@ -230,6 +230,7 @@ impl<T> Future for JobHandle<T> {
 
 /// What a panic hook is told.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PanicReport {
     /// The job's id.
     pub id: u64,
@@ -281,6 +282,7 @@ impl fmt::Debug for ReturnedJob {
 
 /// The outcome of [`Pool::drain`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Drained {
     /// Accepted jobs that had not started by the deadline, in submission order.
     pub returned: Vec<ReturnedJob>,
@@ -298,6 +300,7 @@ impl Drained {
 
 /// The outcome of [`Pool::shutdown_now`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Shutdown {
     /// Accepted jobs that had not started, in submission order.
     pub returned: Vec<ReturnedJob>,
@@ -320,7 +323,7 @@ pub struct Metrics {
     /// Jobs running now.
     pub running: usize,
     /// The concurrency limit now.
-    pub max_concurrency: usize,
+    pub workers: usize,
     /// The most jobs ever running at once.
     pub running_peak: usize,
     /// The most jobs ever queued at once.
@@ -347,11 +350,11 @@ pub struct Metrics {
     pub run_time_max: Duration,
 }
 
-/// Builds a [`Pool`]; see [`Pool::builder`].
+/// Builds a [`Pool`]; see [`Pool::builder`]. `workers` and `queue` must be set.
 #[derive(Clone)]
 pub struct PoolBuilder {
-    max_concurrency: usize,
-    queue_capacity: usize,
+    workers: usize,
+    queue: usize,
     order: Order,
     max_key_backlog: Option<usize>,
     max_watermark_window: usize,
@@ -361,8 +364,8 @@ pub struct PoolBuilder {
 impl fmt::Debug for PoolBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolBuilder")
-            .field("max_concurrency", &self.max_concurrency)
-            .field("queue_capacity", &self.queue_capacity)
+            .field("workers", &self.workers)
+            .field("queue", &self.queue)
             .field("order", &self.order)
             .field("max_key_backlog", &self.max_key_backlog)
             .field("max_watermark_window", &self.max_watermark_window)
@@ -372,6 +375,19 @@ impl fmt::Debug for PoolBuilder {
 }
 
 impl PoolBuilder {
+    /// How many jobs run at once (required; at least 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// How many accepted jobs may wait for a worker (required; at least 1). Past it,
+    /// `submit` waits and `try_submit` hands the job back.
+    pub fn queue(mut self, n: usize) -> Self {
+        self.queue = n;
+        self
+    }
+
     /// The ordering mode; [`Order::Unordered`] by default.
     pub fn order(mut self, order: Order) -> Self {
         self.order = order;
@@ -379,7 +395,7 @@ impl PoolBuilder {
     }
 
     /// In [`Order::PerKey`], how many jobs may wait behind one key's running job;
-    /// `queue_capacity` by default. A key at its bound makes `submit` wait and
+    /// `queue` by default. A key at its bound makes `submit` wait and
     /// `try_submit` refuse, for that key only.
     pub fn max_key_backlog(mut self, n: usize) -> Self {
         self.max_key_backlog = Some(n);
@@ -400,16 +416,24 @@ impl PoolBuilder {
     }
 
     /// Builds the pool on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the first field out of range (`workers` and `queue`
+    /// unset count as 0); [`Error::NoRuntime`] outside a tokio runtime.
     pub fn build(self) -> Result<Pool> {
         let nonzero = |field, v: usize| {
             if v == 0 {
-                Err(Error::invalid(field, "must be at least 1"))
+                Err(Error::invalid(
+                    field,
+                    format!("must be at least 1; set it with `.{field}(n)`"),
+                ))
             } else {
                 Ok(v)
             }
         };
-        let max_concurrency = nonzero("max_concurrency", self.max_concurrency)?;
-        let queue_capacity = nonzero("queue_capacity", self.queue_capacity)?;
+        let max_concurrency = nonzero("workers", self.workers)?;
+        let queue_capacity = nonzero("queue", self.queue)?;
         let max_key_backlog = nonzero(
             "max_key_backlog",
             self.max_key_backlog.unwrap_or(queue_capacity),
@@ -454,8 +478,8 @@ impl PoolBuilder {
 
 /// A bounded worker pool. Cheap to clone; clones share the pool.
 ///
-/// Jobs are futures run on tokio tasks the pool spawns (at most `max_concurrency` at
-/// once). Up to `queue_capacity` accepted jobs wait their turn; past that, `submit`
+/// Jobs are futures run on tokio tasks the pool spawns (at most `workers` at
+/// once). Up to `queue` accepted jobs wait their turn; past that, `submit`
 /// waits, `try_submit` hands the job back and `submit_timeout` does either. Dropping every
 /// `Pool` handle does not stop accepted jobs: they still run.
 #[derive(Clone)]
@@ -468,7 +492,7 @@ impl fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("id", &self.shared.id)
             .field("order", &self.shared.order)
-            .field("queue_capacity", &self.shared.queue_capacity)
+            .field("queue", &self.shared.queue_capacity)
             .field("metrics", &self.metrics())
             .finish()
     }
@@ -612,22 +636,27 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Pool {
-    /// A builder with the two bounds every pool needs: how many jobs run at once and
-    /// how many accepted jobs may wait. Both must be at least 1 ([`Error::InvalidConfig`]).
-    pub fn builder(max_concurrency: usize, queue_capacity: usize) -> PoolBuilder {
+    /// A builder; set the two bounds every pool needs, how many jobs run at once
+    /// ([`workers`](PoolBuilder::workers)) and how many accepted jobs may wait
+    /// ([`queue`](PoolBuilder::queue)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), sd_pool::Error> {
+    /// let pool = sd_pool::Pool::builder().workers(4).queue(64).build()?;
+    /// assert_eq!(pool.metrics().workers, 4);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> PoolBuilder {
         PoolBuilder {
-            max_concurrency,
-            queue_capacity,
+            workers: 0,
+            queue: 0,
             order: Order::Unordered,
             max_key_backlog: None,
             max_watermark_window: 1024,
             on_panic: None,
         }
-    }
-
-    /// An unordered pool with default settings.
-    pub fn new(max_concurrency: usize, queue_capacity: usize) -> Result<Self> {
-        Self::builder(max_concurrency, queue_capacity).build()
     }
 
     /// Submits a job, waiting while the pool is full (backpressure).
@@ -761,12 +790,12 @@ impl Pool {
 
     /// Changes the concurrency limit at run time. Raising it starts queued jobs at once;
     /// lowering it lets running jobs finish and starts no more until below the limit.
-    pub fn set_max_concurrency(&self, max_concurrency: usize) -> Result<()> {
-        if max_concurrency == 0 {
-            return Err(Error::invalid("max_concurrency", "must be at least 1"));
+    pub fn set_workers(&self, workers: usize) -> Result<()> {
+        if workers == 0 {
+            return Err(Error::invalid("workers", "must be at least 1"));
         }
         let mut st = lock(&self.shared.state);
-        st.limit = max_concurrency;
+        st.limit = workers;
         while st.running < st.limit && !st.shut {
             let Some(job) = st.ready.pop_front() else {
                 break;
@@ -850,7 +879,7 @@ impl Pool {
         let mut m = st.metrics.clone();
         m.queued = st.queued();
         m.running = st.running;
-        m.max_concurrency = st.limit;
+        m.workers = st.limit;
         m
     }
 
@@ -940,14 +969,14 @@ impl Shared {
                 return Err(Blocked::Bound("max_key_backlog", self.max_key_backlog));
             }
             if st.queued() >= self.queue_capacity {
-                return Err(Blocked::Bound("queue_capacity", self.queue_capacity));
+                return Err(Blocked::Bound("queue", self.queue_capacity));
             }
             return Ok(Slot::Backlog);
         }
         if st.running < st.limit && st.ready.is_empty() {
             Ok(Slot::RunNow)
         } else if st.queued() >= self.queue_capacity {
-            Err(Blocked::Bound("queue_capacity", self.queue_capacity))
+            Err(Blocked::Bound("queue", self.queue_capacity))
         } else {
             Ok(Slot::Ready)
         }

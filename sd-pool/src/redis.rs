@@ -32,16 +32,16 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Value, cmd};
 use tokio::time::Instant;
 
 use crate::error::{Error, Result, UnexpectedReply};
 use crate::pool::{Job, Pool};
 
-/// Where and how a [`StreamConsumer`] reads.
+/// Where and how a [`StreamConsumer`] reads: what its builder collected.
 #[derive(Debug, Clone)]
-pub struct StreamConfig {
+struct Settings {
     stream: String,
     group: String,
     consumer: String,
@@ -54,42 +54,45 @@ pub struct StreamConfig {
     drain_timeout: Duration,
 }
 
-impl StreamConfig {
-    /// Reads `stream` as member `consumer` of `group`. Defaults: batch 100, block 100 ms,
-    /// min idle 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0.
-    ///
-    /// The values are checked when the consumer is built ([`StreamConsumer::new`],
-    /// [`StreamConsumer::connect`]) or by [`validate`](Self::validate).
-    pub fn new(
-        stream: impl Into<String>,
-        group: impl Into<String>,
-        consumer: impl Into<String>,
-    ) -> Self {
-        Self {
-            stream: stream.into(),
-            group: group.into(),
-            consumer: consumer.into(),
-            partition: 0,
-            batch: 100,
-            block: Duration::from_millis(100),
-            min_idle: Duration::from_secs(30),
-            claim_every: Duration::from_secs(5),
-            key_field: None,
-            drain_timeout: Duration::from_secs(30),
-        }
+/// Builds a [`StreamConsumer`]; see [`StreamConsumer::builder`]. `stream`, `group` and
+/// `consumer` must be set; the rest have defaults: batch 100, block 100 ms, min idle
+/// 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0.
+#[derive(Debug, Clone)]
+pub struct StreamConsumerBuilder {
+    settings: Settings,
+}
+
+impl StreamConsumerBuilder {
+    /// The stream to read (required). It is created, with the group, if missing.
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.settings.stream = stream.into();
+        self
+    }
+
+    /// The consumer group (required). It reads from the start of the stream when it is
+    /// created.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.settings.group = group.into();
+        self
+    }
+
+    /// This consumer's name in the group (required); unique per live consumer.
+    pub fn consumer(mut self, consumer: impl Into<String>) -> Self {
+        self.settings.consumer = consumer.into();
+        self
     }
 
     /// Entries per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`); at least 1.
     pub fn batch(mut self, n: usize) -> Self {
-        self.batch = n;
+        self.settings.batch = n;
         self
     }
 
     /// How long one `XREADGROUP` blocks; at least 1 ms (`BLOCK 0` would block forever),
     /// and below the connection's response timeout (500 ms by default in redis-rs, which
-    /// [`StreamConsumer::connect`] checks), or every idle read fails.
+    /// [`connect`](Self::connect) checks), or every idle read fails.
     pub fn block(mut self, d: Duration) -> Self {
-        self.block = d;
+        self.settings.block = d;
         self
     }
 
@@ -97,13 +100,13 @@ impl StreamConfig {
     /// least 1 ms. Make it longer than the slowest handler, or live consumers steal each
     /// other's work.
     pub fn min_idle(mut self, d: Duration) -> Self {
-        self.min_idle = d;
+        self.settings.min_idle = d;
         self
     }
 
     /// How often to look for entries to reclaim; at least 1 ms.
     pub fn claim_every(mut self, d: Duration) -> Self {
-        self.claim_every = d;
+        self.settings.claim_every = d;
         self
     }
 
@@ -111,61 +114,115 @@ impl StreamConfig {
     ///
     /// [`Order::PerKey`]: crate::Order::PerKey
     pub fn key_field(mut self, field: impl Into<String>) -> Self {
-        self.key_field = Some(field.into());
+        self.settings.key_field = Some(field.into());
         self
     }
 
     /// How long `run` waits for in-flight entries after the shutdown signal.
     pub fn drain_timeout(mut self, d: Duration) -> Self {
-        self.drain_timeout = d;
+        self.settings.drain_timeout = d;
         self
     }
 
     /// The pool partition this consumer's offsets are tracked under.
     pub fn partition(mut self, p: u32) -> Self {
-        self.partition = p;
+        self.settings.partition = p;
         self
     }
 
     /// Checks the values: [`Error::InvalidConfig`] names the first field out of range.
-    pub fn validate(&self) -> Result<()> {
+    fn check(&self, response_timeout: Option<Duration>) -> Result<()> {
+        let cfg = &self.settings;
         let refuse = |field, reason: &'static str| Err(Error::invalid(field, reason));
-        if self.batch == 0 {
+        for (field, value) in [
+            ("stream", &cfg.stream),
+            ("group", &cfg.group),
+            ("consumer", &cfg.consumer),
+        ] {
+            if value.is_empty() {
+                return Err(Error::invalid(
+                    field,
+                    format!("must be set; name it with `.{field}(..)`"),
+                ));
+            }
+        }
+        if cfg.batch == 0 {
             return refuse("batch", "must be at least 1 entry");
         }
-        if self.block.as_millis() == 0 {
+        if cfg.block.as_millis() == 0 {
             return refuse(
                 "block",
                 "must be at least 1 ms (Redis reads BLOCK 0 as \"wait forever\")",
             );
         }
-        if self.min_idle.as_millis() == 0 {
+        if cfg.min_idle.as_millis() == 0 {
             return refuse(
                 "min_idle",
                 "must be at least 1 ms, and above the slowest handler, or consumers steal entries still running",
             );
         }
-        if self.claim_every.as_millis() == 0 {
+        if cfg.claim_every.as_millis() == 0 {
             return refuse("claim_every", "must be at least 1 ms");
         }
-        Ok(())
-    }
-
-    /// [`validate`](Self::validate), and `block` below the connection's response timeout.
-    fn validate_for(&self, response_timeout: Option<Duration>) -> Result<()> {
-        self.validate()?;
         match response_timeout {
-            Some(timeout) if self.block >= timeout => Err(Error::invalid(
+            Some(timeout) if cfg.block >= timeout => refuse(
                 "block",
-                "must be below the connection's response timeout (500 ms by default), or every idle read times out; lower `block`, or pass a connection with a longer timeout to `StreamConsumer::new`",
-            )),
+                "must be below the connection's response timeout (500 ms by default), or every idle read times out; lower `block`, or pass a connection with a longer timeout to `build`",
+            ),
             _ => Ok(()),
         }
+    }
+
+    /// Checks the settings, then creates the stream and the group (reading from the
+    /// start) on `conn` if they do not exist. The consumer owns `pool`: `run` drains it
+    /// on shutdown.
+    ///
+    /// `conn` is any redis-rs connection (`ConnectionLike + Clone`): a
+    /// `MultiplexedConnection`, a `ConnectionManager`, a cluster connection. `XREADGROUP`
+    /// blocks on it for up to [`block`](Self::block), and a multiplexed connection answers
+    /// in order, so commands that other code sends on the same connection wait behind
+    /// that read: give the consumer a connection of its own (for instance
+    /// `client.get_multiplexed_async_connection()`), whose response timeout is above
+    /// `block`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field; [`Error::Backend`] if the group cannot be
+    /// created.
+    pub async fn build<C>(self, mut conn: C, pool: Pool) -> Result<StreamConsumer<C>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.check(None)?;
+        join_group(&mut conn, &self.settings).await?;
+        Ok(StreamConsumer {
+            conn,
+            pool,
+            cfg: self.settings,
+            state: tokio::sync::Mutex::default(),
+        })
+    }
+
+    /// Connects to `url` with a `ConnectionManager` of its own (redis-rs' default
+    /// timeouts), then as [`build`](Self::build). Also refuses a `block` at or above that
+    /// connection's response timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), and [`Error::Backend`] if the connection fails.
+    pub async fn connect(self, url: &str, pool: Pool) -> Result<StreamConsumer<ConnectionManager>> {
+        self.check(redis::aio::ConnectionManagerConfig::new().response_timeout())?;
+        let client = redis::Client::open(url).map_err(redis_err("connect"))?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(redis_err("connect"))?;
+        self.build(conn, pool).await
     }
 }
 
 /// One stream entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Entry {
     /// The entry id, e.g. `1700000000000-0`.
     pub id: String,
@@ -204,11 +261,13 @@ pub struct ConsumerReport {
     pub left_pending: u64,
 }
 
-/// A consumer group member that feeds a [`Pool`]; see the [module docs](self).
-pub struct StreamConsumer {
-    conn: ConnectionManager,
+/// A consumer group member that feeds a [`Pool`]; see the [module docs](self). Made by
+/// [`StreamConsumer::builder`]; `C` is the connection (any redis-rs `ConnectionLike`,
+/// by default a `ConnectionManager`).
+pub struct StreamConsumer<C = ConnectionManager> {
+    conn: C,
     pool: Pool,
-    cfg: StreamConfig,
+    cfg: Settings,
     /// What `run` keeps between calls, so that a retried `run` continues the sequence the
     /// pool tracks and acknowledges what earlier calls read. Calls to `run` take turns.
     state: tokio::sync::Mutex<RunState>,
@@ -229,7 +288,7 @@ struct RunState {
     to_ack: Vec<String>,
 }
 
-impl fmt::Debug for StreamConsumer {
+impl<C> fmt::Debug for StreamConsumer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StreamConsumer")
             .field("pool", &self.pool)
@@ -247,32 +306,46 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
 }
 
 impl StreamConsumer {
-    /// Connects to `url` (redis-rs' default timeouts) and joins (creating if needed) the
-    /// group; see [`new`](Self::new). Also refuses a `block` at or above the connection's
-    /// response timeout.
-    pub async fn connect(url: &str, pool: Pool, cfg: StreamConfig) -> Result<Self> {
-        cfg.validate_for(redis::aio::ConnectionManagerConfig::new().response_timeout())?;
-        let client = redis::Client::open(url).map_err(redis_err("connect"))?;
-        let conn = ConnectionManager::new(client)
-            .await
-            .map_err(redis_err("connect"))?;
-        Self::new(conn, pool, cfg).await
+    /// A builder; set at least the stream, the group and this consumer's name.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sd_pool::{Pool, redis::StreamConsumer};
+    ///
+    /// let client = redis::Client::open("redis://127.0.0.1/")?;
+    /// let pool = Pool::builder().workers(8).queue(64).build()?;
+    /// let consumer = StreamConsumer::builder()
+    ///     .stream("orders")
+    ///     .group("billing")
+    ///     .consumer("worker-1")
+    ///     .build(client.get_multiplexed_async_connection().await?, pool)
+    ///     .await?;
+    /// # drop(consumer);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> StreamConsumerBuilder {
+        StreamConsumerBuilder {
+            settings: Settings {
+                stream: String::new(),
+                group: String::new(),
+                consumer: String::new(),
+                partition: 0,
+                batch: 100,
+                block: Duration::from_millis(100),
+                min_idle: Duration::from_secs(30),
+                claim_every: Duration::from_secs(5),
+                key_field: None,
+                drain_timeout: Duration::from_secs(30),
+            },
+        }
     }
+}
 
-    /// Uses `conn`, creating the stream and the group (reading from the start) if they do
-    /// not exist. The consumer owns `pool`: `run` drains it on shutdown. Refuses a config
-    /// that [`StreamConfig::validate`] refuses.
-    pub async fn new(mut conn: ConnectionManager, pool: Pool, cfg: StreamConfig) -> Result<Self> {
-        cfg.validate()?;
-        join_group(&mut conn, &cfg).await?;
-        Ok(Self {
-            conn,
-            pool,
-            cfg,
-            state: tokio::sync::Mutex::default(),
-        })
-    }
-
+impl<C> StreamConsumer<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     /// The pool the entries run on.
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -322,7 +395,7 @@ impl StreamConsumer {
 }
 
 /// Creates the stream and the group (reading from the start) unless the group exists.
-async fn join_group(conn: &mut ConnectionManager, cfg: &StreamConfig) -> Result<()> {
+async fn join_group(conn: &mut impl ConnectionLike, cfg: &Settings) -> Result<()> {
     let created: redis::RedisResult<Value> = cmd("XGROUP")
         .arg("CREATE")
         .arg(&cfg.stream)
@@ -338,17 +411,18 @@ async fn join_group(conn: &mut ConnectionManager, cfg: &StreamConfig) -> Result<
     }
 }
 
-struct Run<'a, H> {
-    conn: ConnectionManager,
-    cfg: &'a StreamConfig,
+struct Run<'a, H, C> {
+    conn: C,
+    cfg: &'a Settings,
     pool: &'a Pool,
     handler: Arc<H>,
     state: tokio::sync::MutexGuard<'a, RunState>,
     report: ConsumerReport,
 }
 
-impl<H, Fut, E> Run<'_, H>
+impl<H, Fut, E, C> Run<'_, H, C>
 where
+    C: ConnectionLike + Send,
     H: Fn(Entry) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Send + 'static,

@@ -39,29 +39,28 @@ fn config_errors_name_the_field() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let err = Pool::new(0, 1).unwrap_err();
+        let err = Pool::builder().workers(0).queue(1).build().unwrap_err();
         assert!(
             matches!(
                 err,
                 Error::InvalidConfig {
-                    field: "max_concurrency",
+                    field: "workers",
                     ..
                 }
             ),
             "{err}"
         );
-        let err = Pool::new(1, 0).unwrap_err();
+        let err = Pool::builder().workers(1).queue(0).build().unwrap_err();
         assert!(
-            matches!(
-                err,
-                Error::InvalidConfig {
-                    field: "queue_capacity",
-                    ..
-                }
-            ),
+            matches!(err, Error::InvalidConfig { field: "queue", .. }),
             "{err}"
         );
-        let err = Pool::builder(1, 1).max_key_backlog(0).build().unwrap_err();
+        let err = Pool::builder()
+            .workers(1)
+            .queue(1)
+            .max_key_backlog(0)
+            .build()
+            .unwrap_err();
         assert!(matches!(
             err,
             Error::InvalidConfig {
@@ -69,7 +68,9 @@ fn config_errors_name_the_field() {
                 ..
             }
         ));
-        let err = Pool::builder(1, 1)
+        let err = Pool::builder()
+            .workers(1)
+            .queue(1)
             .max_watermark_window(0)
             .build()
             .unwrap_err();
@@ -80,13 +81,16 @@ fn config_errors_name_the_field() {
                 ..
             }
         ));
-        let pool = Pool::new(1, 1).unwrap();
+        let pool = Pool::builder().workers(1).queue(1).build().unwrap();
         assert!(matches!(
-            pool.set_max_concurrency(0),
+            pool.set_workers(0),
             Err(Error::InvalidConfig { .. })
         ));
     });
-    assert!(matches!(Pool::new(1, 1), Err(Error::NoRuntime)));
+    assert!(matches!(
+        Pool::builder().workers(1).queue(1).build(),
+        Err(Error::NoRuntime)
+    ));
 }
 
 #[test]
@@ -98,7 +102,7 @@ fn running_jobs_never_exceed_the_limit_under_stress() {
         .unwrap();
     rt.block_on(async {
         let limit = 7;
-        let pool = Pool::new(limit, 32).unwrap();
+        let pool = Pool::builder().workers(limit).queue(32).build().unwrap();
         let hw = Arc::new(HighWater::default());
         let done = Arc::new(AtomicUsize::new(0));
         let mut producers = Vec::new();
@@ -141,7 +145,7 @@ fn running_jobs_never_exceed_the_limit_under_stress() {
 
 #[tokio::test(start_paused = true)]
 async fn submit_waits_when_full_and_try_submit_returns_the_job() {
-    let pool = Pool::new(1, 1).unwrap();
+    let pool = Pool::builder().workers(1).queue(1).build().unwrap();
     let gate = Arc::new(Notify::new());
     let g = gate.clone();
     let first = pool
@@ -155,7 +159,7 @@ async fn submit_waits_when_full_and_try_submit_returns_the_job() {
     assert!(matches!(
         rejected.error,
         Error::Full {
-            bound: "queue_capacity",
+            bound: "queue",
             limit: 1
         }
     ));
@@ -176,7 +180,7 @@ async fn submit_waits_when_full_and_try_submit_returns_the_job() {
     assert!(matches!(
         timed_out.error,
         Error::Timeout {
-            bound: Some("queue_capacity"),
+            bound: Some("queue"),
             ..
         }
     ));
@@ -200,7 +204,9 @@ fn run_keyed(
         .build()
         .unwrap();
     rt.block_on(async {
-        let pool = Pool::builder(concurrency, 8)
+        let pool = Pool::builder()
+            .workers(concurrency)
+            .queue(8)
             .order(order)
             .max_key_backlog(3)
             .build()
@@ -260,7 +266,9 @@ fn run_keyed_in_flight(
         .build()
         .unwrap();
     rt.block_on(async {
-        let pool = Pool::builder(concurrency, 8)
+        let pool = Pool::builder()
+            .workers(concurrency)
+            .queue(8)
             .order(order)
             .max_key_backlog(4)
             .build()
@@ -351,7 +359,9 @@ fn per_key_runs_keys_concurrently_and_serial_runs_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_full_key_backlog_blocks_only_that_key() {
-    let pool = Pool::builder(4, 16)
+    let pool = Pool::builder()
+        .workers(4)
+        .queue(16)
         .order(Order::PerKey)
         .max_key_backlog(1)
         .build()
@@ -385,7 +395,9 @@ async fn a_full_key_backlog_blocks_only_that_key() {
 async fn panics_are_reported_and_do_not_shrink_capacity() {
     let hooked = Arc::new(AtomicUsize::new(0));
     let h = hooked.clone();
-    let pool = Pool::builder(2, 200)
+    let pool = Pool::builder()
+        .workers(2)
+        .queue(200)
         .on_panic(move |report| {
             assert!(report.message.contains("boom"));
             h.fetch_add(1, Ordering::SeqCst);
@@ -447,7 +459,7 @@ async fn panics_are_reported_and_do_not_shrink_capacity() {
 
 #[tokio::test(start_paused = true)]
 async fn a_job_submitting_into_its_own_full_pool_gets_an_error() {
-    let pool = Pool::new(1, 1).unwrap();
+    let pool = Pool::builder().workers(1).queue(1).build().unwrap();
     let inner = pool.clone();
     let outer = pool
         .submit(async move {
@@ -462,19 +474,14 @@ async fn a_job_submitting_into_its_own_full_pool_gets_an_error() {
         .unwrap();
     let err = outer.await.unwrap().unwrap();
     assert!(
-        matches!(
-            err,
-            Error::WouldDeadlock {
-                bound: "queue_capacity"
-            }
-        ),
+        matches!(err, Error::WouldDeadlock { bound: "queue" }),
         "{err}"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn concurrency_can_change_at_run_time() {
-    let pool = Pool::new(2, 100).unwrap();
+    let pool = Pool::builder().workers(2).queue(100).build().unwrap();
     let hw = Arc::new(HighWater::default());
     let gate = Arc::new(Semaphore::new(0));
     let mut handles = Vec::new();
@@ -492,11 +499,11 @@ async fn concurrency_can_change_at_run_time() {
     }
     tokio::task::yield_now().await;
     assert_eq!(hw.peak(), 2);
-    pool.set_max_concurrency(5).unwrap();
+    pool.set_workers(5).unwrap();
     tokio::task::yield_now().await;
     assert_eq!(pool.metrics().running, 5);
     assert_eq!(hw.peak(), 5);
-    pool.set_max_concurrency(1).unwrap();
+    pool.set_workers(1).unwrap();
     gate.add_permits(5);
     for _ in 0..20 {
         tokio::task::yield_now().await;
@@ -510,12 +517,12 @@ async fn concurrency_can_change_at_run_time() {
     for h in handles {
         h.await.unwrap();
     }
-    assert_eq!(pool.metrics().max_concurrency, 1);
+    assert_eq!(pool.metrics().workers, 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn drain_finishes_everything_accepted() {
-    let pool = Pool::new(3, 50).unwrap();
+    let pool = Pool::builder().workers(3).queue(50).build().unwrap();
     let runs = Arc::new(Mutex::new(vec![0u32; 40]));
     for i in 0..40 {
         let runs = runs.clone();
@@ -537,7 +544,7 @@ async fn drain_finishes_everything_accepted() {
 
 #[tokio::test(start_paused = true)]
 async fn drain_at_its_deadline_returns_the_queued_jobs_in_order() {
-    let pool = Pool::new(1, 8).unwrap();
+    let pool = Pool::builder().workers(1).queue(8).build().unwrap();
     let gate = Arc::new(Notify::new());
     let g = gate.clone();
     let running = pool
@@ -580,7 +587,7 @@ async fn drain_at_its_deadline_returns_the_queued_jobs_in_order() {
 
 #[tokio::test(start_paused = true)]
 async fn close_wakes_waiting_submitters_with_closed() {
-    let pool = Pool::new(1, 1).unwrap();
+    let pool = Pool::builder().workers(1).queue(1).build().unwrap();
     let gate = Arc::new(Notify::new());
     let g = gate.clone();
     let running = pool
@@ -624,7 +631,9 @@ fn drain_under_random_cancellation_loses_nothing_and_runs_nothing_twice() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let pool = Pool::builder(4, 8)
+            let pool = Pool::builder()
+                .workers(4)
+                .queue(8)
                 .order(Order::PerKey)
                 .max_key_backlog(2)
                 .build()
@@ -708,7 +717,7 @@ fn drain_under_random_cancellation_loses_nothing_and_runs_nothing_twice() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_now_aborts_running_and_returns_queued() {
-    let pool = Pool::new(1, 4).unwrap();
+    let pool = Pool::builder().workers(1).queue(4).build().unwrap();
     let running = pool.submit(std::future::pending::<()>()).await.unwrap();
     let queued = pool.submit(async { 5 }).await.unwrap();
     tokio::task::yield_now().await;
@@ -724,7 +733,7 @@ async fn shutdown_now_aborts_running_and_returns_queued() {
         job.run().await;
     }
     assert_eq!(queued.await.unwrap(), 5);
-    let dropped = Pool::new(1, 4).unwrap();
+    let dropped = Pool::builder().workers(1).queue(4).build().unwrap();
     let _busy = dropped.submit(std::future::pending::<()>()).await.unwrap();
     let h = dropped.submit(async {}).await.unwrap();
     drop(dropped.shutdown_now());
@@ -737,7 +746,11 @@ async fn shutdown_now_aborts_running_and_returns_queued() {
 #[tokio::test(start_paused = true)]
 async fn memory_stays_bounded_when_the_producer_is_ten_times_faster() {
     let (concurrency, capacity) = (4, 16);
-    let pool = Pool::new(concurrency, capacity).unwrap();
+    let pool = Pool::builder()
+        .workers(concurrency)
+        .queue(capacity)
+        .build()
+        .unwrap();
     let mut worst = 0;
     let mut handles = std::collections::VecDeque::new();
     for _ in 0..2000 {
@@ -766,7 +779,9 @@ async fn memory_stays_bounded_when_the_producer_is_ten_times_faster() {
 
 #[tokio::test(start_paused = true)]
 async fn watermark_follows_out_of_order_completions_and_bounds_the_window() {
-    let pool = Pool::builder(4, 64)
+    let pool = Pool::builder()
+        .workers(4)
+        .queue(64)
         .max_watermark_window(3)
         .build()
         .unwrap();
@@ -831,7 +846,7 @@ async fn watermark_follows_out_of_order_completions_and_bounds_the_window() {
 
 #[tokio::test(start_paused = true)]
 async fn watermark_never_passes_a_running_offset() {
-    let pool = Pool::new(8, 64).unwrap();
+    let pool = Pool::builder().workers(8).queue(64).build().unwrap();
     let violations = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::new();
     let mut rng = rand::rng();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sd_pool::redis::{Entry, StreamConfig, StreamConsumer};
+use sd_pool::redis::{Entry, StreamConsumer};
 use sd_pool::{Error, Order, Pool};
 use sd_testkit::{RedisOptions, RedisServer};
 
@@ -103,11 +103,19 @@ fn every_entry_is_processed_in_key_order_and_acked() {
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
         produce(&mut conn, &stream, 300, 7).await;
-        let pool = Pool::builder(8, 16).order(Order::PerKey).build().unwrap();
-        let cfg = StreamConfig::new(&stream, "g", "c1")
+        let pool = Pool::builder()
+            .workers(8)
+            .queue(16)
+            .order(Order::PerKey)
+            .build()
+            .unwrap();
+        let cfg = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
             .batch(50)
             .key_field("key");
-        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let seen: Seen = Arc::default();
         let s = seen.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -156,11 +164,14 @@ fn failed_entries_stay_pending_and_are_redelivered() {
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
         produce(&mut conn, &stream, 60, 3).await;
-        let pool = Pool::new(4, 8).unwrap();
-        let cfg = StreamConfig::new(&stream, "g", "c1")
+        let pool = Pool::builder().workers(4).queue(8).build().unwrap();
+        let cfg = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
             .min_idle(Duration::from_millis(100))
             .claim_every(Duration::from_millis(50));
-        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let seen: Seen = Arc::default();
         let s = seen.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -227,13 +238,19 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
 
         // Consumer A works for a while; entries with n % 10 == 7 hang, as if A were stuck
         // when it crashed. Then A dies: its task is aborted and its pool shut down.
-        let pool_a = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
-        let cfg_a = StreamConfig::new(&stream, "g", "a")
+        let pool_a = Pool::builder()
+            .workers(4)
+            .queue(16)
+            .order(Order::PerKey)
+            .build()
+            .unwrap();
+        let cfg_a = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("a")
             .batch(20)
             .key_field("key");
-        let a = StreamConsumer::new(conn.clone(), pool_a.clone(), cfg_a)
-            .await
-            .unwrap();
+        let a = cfg_a.build(conn.clone(), pool_a.clone()).await.unwrap();
         let d = done.clone();
         let task_a = tokio::spawn(async move {
             a.run(
@@ -265,14 +282,20 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
         );
 
         // Consumer B reclaims A's pending entries after min_idle and reads the rest.
-        let pool_b = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
-        let cfg_b = StreamConfig::new(&stream, "g", "b")
+        let pool_b = Pool::builder()
+            .workers(4)
+            .queue(16)
+            .order(Order::PerKey)
+            .build()
+            .unwrap();
+        let cfg_b = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("b")
             .key_field("key")
             .min_idle(Duration::from_millis(200))
             .claim_every(Duration::from_millis(50));
-        let b = StreamConsumer::new(conn.clone(), pool_b, cfg_b)
-            .await
-            .unwrap();
+        let b = cfg_b.build(conn.clone(), pool_b).await.unwrap();
         let d = done.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task_b = tokio::spawn(async move {
@@ -316,14 +339,14 @@ fn acks_follow_the_watermark_while_an_entry_is_held() {
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
         let ids = produce(&mut conn, &stream, 20, 20).await;
-        let pool = Pool::new(4, 32).unwrap();
-        let consumer = StreamConsumer::new(
-            conn.clone(),
-            pool.clone(),
-            StreamConfig::new(&stream, "g", "c1"),
-        )
-        .await
-        .unwrap();
+        let pool = Pool::builder().workers(4).queue(32).build().unwrap();
+        let consumer = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
+            .build(conn.clone(), pool.clone())
+            .await
+            .unwrap();
         let held = 5u64;
         let gate = Arc::new(tokio::sync::Notify::new());
         let done: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -443,15 +466,23 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
         let mut conn = connect(&url).await;
         let total = 400u64;
         produce(&mut conn, &stream, total, 7).await;
-        let pool = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
+        let pool = Pool::builder()
+            .workers(4)
+            .queue(16)
+            .order(Order::PerKey)
+            .build()
+            .unwrap();
         // A short min_idle: an entry whose XREADGROUP reply was lost to the fault is
         // reclaimed by this same consumer.
-        let cfg = StreamConfig::new(&stream, "g", "c1")
+        let cfg = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
             .batch(20)
             .key_field("key")
             .min_idle(Duration::from_secs(2))
             .claim_every(Duration::from_millis(100));
-        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::from_millis(1));
         let d = done.clone();
         eventually("a quarter processed", async || {
@@ -516,12 +547,20 @@ fn consumer_rejoins_after_redis_restarts_empty() {
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
         produce(&mut conn, &stream, 50, 5).await;
-        let pool = Pool::builder(4, 16).order(Order::PerKey).build().unwrap();
-        let cfg = StreamConfig::new(&stream, "g", "c1")
+        let pool = Pool::builder()
+            .workers(4)
+            .queue(16)
+            .order(Order::PerKey)
+            .build()
+            .unwrap();
+        let cfg = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
             .batch(20)
             .key_field("key")
             .claim_every(Duration::from_millis(100));
-        let consumer = StreamConsumer::new(conn.clone(), pool, cfg).await.unwrap();
+        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::ZERO);
         let d = done.clone();
         eventually("the first 50 processed", async || {
@@ -572,7 +611,12 @@ fn config_errors_name_the_field() {
     let url = server.url().to_owned();
     runtime().block_on(async move {
         let conn = connect(&url).await;
-        let base = || StreamConfig::new(sd_testkit::unique_name("pool"), "g", "c1");
+        let base = || {
+            StreamConsumer::builder()
+                .stream(sd_testkit::unique_name("pool"))
+                .group("g")
+                .consumer("c1")
+        };
         let cases = [
             (base().batch(0), "batch"),
             // BLOCK 0 would block forever; under 1 ms rounds down to it.
@@ -580,23 +624,22 @@ fn config_errors_name_the_field() {
             (base().block(Duration::from_micros(900)), "block"),
             (base().min_idle(Duration::ZERO), "min_idle"),
             (base().claim_every(Duration::ZERO), "claim_every"),
+            (base().stream(""), "stream"),
+            (
+                StreamConsumer::builder().stream("s").consumer("c1"),
+                "group",
+            ),
+            (StreamConsumer::builder().stream("s").group("g"), "consumer"),
         ];
         for (cfg, field) in cases {
-            let err = cfg.validate().unwrap_err();
+            let pool = Pool::builder().workers(1).queue(1).build().unwrap();
+            let err = cfg.clone().build(conn.clone(), pool).await.unwrap_err();
             assert!(
                 matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
                 "{field}: {err}"
             );
-            let pool = Pool::new(1, 1).unwrap();
-            let err = StreamConsumer::new(conn.clone(), pool, cfg.clone())
-                .await
-                .unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
-                "{field}: {err}"
-            );
-            let pool = Pool::new(1, 1).unwrap();
-            let err = StreamConsumer::connect(&url, pool, cfg).await.unwrap_err();
+            let pool = Pool::builder().workers(1).queue(1).build().unwrap();
+            let err = cfg.connect(&url, pool).await.unwrap_err();
             assert!(
                 matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
                 "{field}: {err}"
@@ -604,8 +647,10 @@ fn config_errors_name_the_field() {
         }
         // `connect` knows its connection's response timeout (redis-rs' 500 ms): a read
         // blocking that long would time out every time it finds nothing.
-        let pool = Pool::new(1, 1).unwrap();
-        let err = StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(500)))
+        let pool = Pool::builder().workers(1).queue(1).build().unwrap();
+        let err = base()
+            .block(Duration::from_millis(500))
+            .connect(&url, pool)
             .await
             .unwrap_err();
         assert!(
@@ -613,8 +658,10 @@ fn config_errors_name_the_field() {
             "{err}"
         );
         assert!(err.to_string().contains("response timeout"), "{err}");
-        let pool = Pool::new(1, 1).unwrap();
-        StreamConsumer::connect(&url, pool, base().block(Duration::from_millis(400)))
+        let pool = Pool::builder().workers(1).queue(1).build().unwrap();
+        base()
+            .block(Duration::from_millis(400))
+            .connect(&url, pool)
             .await
             .unwrap();
     });

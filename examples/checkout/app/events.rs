@@ -269,7 +269,11 @@ impl Fanout {
     /// The first `lost_acks` batches are delivered but reported failed, as when the
     /// broker's acknowledgement is lost: the relay sends them again.
     pub(crate) fn new(dedupe: Dedupe, lost_acks: u32) -> Result<Self, sd_pool::Error> {
-        let pool = Pool::builder(8, 256).order(Order::PerKey).build()?;
+        let pool = Pool::builder()
+            .workers(8)
+            .queue(256)
+            .order(Order::PerKey)
+            .build()?;
         Ok(Fanout(Arc::new(FanoutInner {
             log: MemoryPublisher::new(),
             pool,
