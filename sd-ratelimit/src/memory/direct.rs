@@ -1,0 +1,108 @@
+//! [`DirectLimiter`]: one limit for the whole process.
+
+use super::*;
+
+/// One limit for the whole process.
+///
+/// ```
+/// use sd_ratelimit::{Limit, Quota, memory::{Builder, ManualClock}};
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::new();
+/// let limiter = Builder::new(Limit::gcra(Quota::per_second(2)?)).clock(clock.clone()).direct()?;
+/// assert!(limiter.check()?.allowed);
+/// assert!(limiter.check()?.allowed);
+/// let denied = limiter.check()?;
+/// assert!(!denied.allowed);
+/// assert_eq!(denied.retry_after, Duration::from_millis(500));
+/// clock.advance(denied.retry_after);
+/// assert!(limiter.check()?.allowed);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct DirectLimiter<C = MonotonicClock> {
+    pub(super) core: Core<C>,
+    pub(super) state: AtomicU64,
+}
+
+impl<C: Clock> DirectLimiter<C> {
+    /// Decides one request of cost 1.
+    #[inline(always)]
+    pub fn check(&self) -> Result<Decision> {
+        if let Some((unit, cap, burst)) = self.core.limit.gcra() {
+            let step = gcra_apply(&self.state, unit, cap, burst, now_ns(&self.core.clock), 1);
+            return Ok(self.core.finish(&step));
+        }
+        self.check_n(1)
+    }
+
+    /// Decides one request of cost 1 and answers only whether it is admitted: the
+    /// leanest check (for GCRA and the leaky meter: no [`Decision`] is built). Use
+    /// [`Self::check`] for the wait, the remaining capacity and the reset time.
+    #[inline]
+    pub fn allow(&self) -> bool {
+        if self.core.plain
+            && let Some((unit, cap, _)) = self.core.limit.gcra()
+        {
+            return gcra_take(&self.state, unit, cap, now_ns(&self.core.clock));
+        }
+        self.check().is_ok_and(|d| d.allowed)
+    }
+
+    /// Decides one request of cost `cost`; a cost over the capacity is
+    /// [`Error::InsufficientCapacity`].
+    ///
+    /// Always inlined (the GCRA path is short; the rest is out of line), so fields of
+    /// the [`Decision`] a caller never reads are not computed.
+    #[inline(always)]
+    pub fn check_n(&self, cost: u32) -> Result<Decision> {
+        if let Some((unit, cap, burst)) = self.core.limit.gcra()
+            && u64::from(cost) <= burst
+        {
+            let now = now_ns(&self.core.clock);
+            let step = gcra_apply(&self.state, unit, cap, burst, now, cost);
+            return Ok(self.core.finish(&step));
+        }
+        self.check_general(cost)
+    }
+
+    /// Every algorithm through the general kernel.
+    #[inline(never)]
+    fn check_general(&self, cost: u32) -> Result<Decision> {
+        let p = self.core.limit.params();
+        p.check_cost(cost)?;
+        let step = apply(&self.state, &p, now_ns(&self.core.clock), cost);
+        Ok(self.core.finish(&step))
+    }
+
+    /// Replaces the limit. The state is kept, so the change hands out no fresh burst:
+    /// what was used under the old limit stays used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
+    /// differently (another algorithm, a token bucket with another refill, a sliding
+    /// window of another length): the kept state would be misread.
+    pub fn set_limit(&self, limit: Limit) -> Result<()> {
+        self.core.set_limit(limit)
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> Limit {
+        self.core.limit.limit()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// Waits until a request of `cost` is admitted, then returns its decision. For a
+    /// leaky queue the wait is the reserved slot (FIFO); otherwise it retries after
+    /// `retry_after`.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn until_ready(&self, cost: u32) -> Result<Decision> {
+        wait_until(|| self.check_n(cost)).await
+    }
+}
