@@ -214,13 +214,25 @@ fn failed_entries_stay_pending_and_are_redelivered() {
         .await;
         stop_tx.send(()).unwrap();
         let report = run.await.unwrap();
+        // Every entry was handled; the 6 that failed (n % 10 == 3) and the 4 that
+        // panicked (n % 15 == 4) on their first try were redelivered and run exactly once
+        // more (their second try succeeds); the other 50 ran once.
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 60, "every entry is handled");
+        for (id, tries) in seen.iter() {
+            let n = tries[0];
+            assert!(tries.iter().all(|&t| t == n), "{id}: {tries:?}");
+            let expected = if n % 10 == 3 || n % 15 == 4 { 2 } else { 1 };
+            assert_eq!(
+                tries.len(),
+                expected,
+                "entry {id} (n = {n}) tries: {tries:?}"
+            );
+        }
         assert_eq!(report.read, 60);
-        // 6 failures (n % 10 == 3) and 4 panics (n % 15 == 4) were redelivered and acked.
         assert_eq!(report.left_pending, 10);
         assert!(report.reclaimed >= 10);
         assert_eq!(report.acked, 60);
-        let seen = seen.lock().unwrap();
-        assert!(seen.values().all(|tries| !tries.is_empty()));
     });
 }
 
