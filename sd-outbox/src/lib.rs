@@ -4,7 +4,7 @@
 //! A service that writes to its database and then publishes an event loses the event
 //! when it crashes between the two, and publishes a lie when the write rolls back. With
 //! the outbox, the event is a row written **in the same transaction** as the business
-//! data ([`postgres::Outbox::enqueue`]); a [`postgres::Relay`] publishes committed rows
+//! data (`postgres::Outbox::enqueue`); a `postgres::Relay` publishes committed rows
 //! afterwards through a [`Publisher`], at least once, in order per aggregate.
 //!
 //! Without a database, [`memory::MemoryOutbox`] (no feature) offers the same shape in
@@ -75,7 +75,7 @@
 //!   between the acknowledgement and the mark leaves the row pending, and it is
 //!   published again **with the same id**. JetStream drops that copy itself
 //!   (`Nats-Msg-Id` = outbox id, within the stream's duplicate window); Redis Streams
-//!   keeps both, so consumers dedupe with [`postgres::Inbox`] (or their own
+//!   keeps both, so consumers dedupe with `postgres::Inbox` (or their own
 //!   `(consumer, message id)` key) in the transaction of their handler.
 //! - **Nothing skipped.** Relays find rows by `status = 'pending'`, never by an id
 //!   watermark, so a row whose transaction commits after one with a higher id (the
@@ -99,7 +99,7 @@
 //!   (`next_attempt_at`), holding back the later events of the same aggregate (parallel)
 //!   or everything (ordered). After `max_attempts` the row is **dead-lettered**: status
 //!   `dead`, kept with `attempts` and `last_error`, listed by
-//!   [`postgres::Outbox::dead_letters`], re-sent by [`postgres::Outbox::redrive`]; later
+//!   `postgres::Outbox::dead_letters`, re-sent by `postgres::Outbox::redrive`; later
 //!   events of its aggregate then go on without it, so a redriven event arrives after
 //!   them.
 //! - **Wake-ups.** A statement trigger sends `NOTIFY` at commit; each relay `LISTEN`s and
@@ -126,7 +126,7 @@
 //! single-process services whose business data is in memory too (the in-memory stores
 //! of the other sd crates); in one process there is no crash window between the data
 //! and the event, since both are lost together. With data in PostgreSQL, use
-//! [`postgres::Outbox`].
+//! `postgres::Outbox`.
 //!
 //! [`begin`]: memory::MemoryOutbox::begin
 //! [`MemoryTx`]: memory::MemoryTx
@@ -155,12 +155,12 @@
 //! |---|---|
 //! | [`memory::MemoryOutbox`] | in-process unit of work (commit / rollback), dead letters, redrive; no feature |
 //! | [`memory::MemoryRelay`] | publishes a memory outbox: per-aggregate order, retries, dead letters |
-//! | [`postgres::Outbox`] | the table, `enqueue`, stats, dead letters, redrive, sweep |
-//! | [`postgres::Relay`] | ordered or parallel relay, LISTEN/NOTIFY + poll, retries, metrics |
-//! | [`postgres::Inbox`] | consumer-side dedupe in the handler's transaction |
+//! | `postgres::Outbox` | the table, `enqueue`, stats, dead letters, redrive, sweep |
+//! | `postgres::Relay` | ordered or parallel relay, LISTEN/NOTIFY + poll, retries, metrics |
+//! | `postgres::Inbox` | consumer-side dedupe in the handler's transaction |
 //! | [`MemoryPublisher`] | keeps events in memory (tests, demos) |
-//! | [`redis::RedisStreamsPublisher`] | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
-//! | [`nats::JetStreamPublisher`] | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
+//! | `redis::RedisStreamsPublisher` | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
+//! | `nats::JetStreamPublisher` | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
 //!
 //! # How it compares
 //!

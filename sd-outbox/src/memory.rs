@@ -114,6 +114,7 @@ struct Pending {
 
 /// An event that reached the attempt cap.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The event (its `attempts` count the failures).
     pub event: Event,
@@ -377,6 +378,7 @@ struct RelayInner<P> {
 
 /// What one [`MemoryRelay::run_once`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct BatchReport {
     /// Events the publisher acknowledged.
     pub published: usize,

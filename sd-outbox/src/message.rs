@@ -157,6 +157,7 @@ impl Message {
 /// A message as it comes out of the outbox: with its id, the end-to-end dedupe key
 /// that every sink sends and every inbox records.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Event {
     /// The outbox id (a UUIDv7, so ids sort by creation time).
     pub id: Uuid,

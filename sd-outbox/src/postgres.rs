@@ -115,6 +115,7 @@ pub struct Outbox {
 
 /// Counts read from the table; see [`Outbox::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Stats {
     /// Rows waiting to be published (retries included).
     pub backlog: u64,
@@ -129,6 +130,7 @@ pub struct Stats {
 /// A dead-lettered event: kept in the table with why it died, until
 /// [`Outbox::redrive`] sends it back to the relay or [`Outbox::purge_dead`] deletes it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The event (its `attempts` count the failures).
     pub event: Event,

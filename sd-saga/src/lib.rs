@@ -111,21 +111,20 @@
 //! | log | survives | writes per step (happy path) | leases by | limits |
 //! |---|---|---|---|---|
 //! | [`MemoryStore`] | nothing (one process) | 2 map updates under one mutex | its [`Clock`] | sagas stay in memory until [`MemoryStore::prune_finished`] |
-//! | [`postgres::PostgresStore`] | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows stay until [`postgres::PostgresStore::prune_finished`] |
+//! | `postgres::PostgresStore` | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows stay until `postgres::PostgresStore::prune_finished` |
 //!
 //! Saga ids are unique per log (across saga types); starting an id twice is
 //! [`Error::AlreadyExists`], so a retried request that starts "order-1" again does not
 //! start a second saga.
 //!
-//! # Figures
+//! # How it compares
 //!
-//! `benches/benches/saga.rs`, a 5-step saga, two loaded cores (noisy; ratios from one
-//! run): with no-op participants a plain sequence of the 5 calls runs 5.4 M steps/s, the
-//! memory log 0.42 M steps/s (13× the cost; about 2.4 µs per step) and the PostgreSQL log
-//! 1,115 steps/s (about 0.9 ms per step: its two statements). With participants that each
-//! INSERT one row in PostgreSQL, the plain sequence runs 3,725 steps/s, the memory log
-//! 3,186 (1.17×) and the PostgreSQL log 705 (5.3×). Over 200 sagas the PostgreSQL log
-//! wrote exactly 2.000 statements per step, which the server's transaction ids confirm.
+//! The memory log adds a few microseconds of bookkeeping per step, next to nothing once
+//! the participants do real work; the PostgreSQL log costs its two statements per step,
+//! which is what durability and crash recovery take. Against a workflow engine it is
+//! the smaller thing: no timers, signals or replayed histories, only a state machine
+//! over a log table. The measured figures, beside a plain sequence of the same calls,
+//! are in [benches/RESULTS.md](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Metrics
 //!
@@ -138,7 +137,7 @@
 //!
 //! None is on by default.
 //!
-//! - `postgres`: the PostgreSQL log ([`postgres::PostgresStore`], sqlx 0.8).
+//! - `postgres`: the PostgreSQL log (`postgres::PostgresStore`, sqlx 0.8).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

@@ -22,6 +22,7 @@ use sd_core::RetryPolicy;
 
 /// How a saga ended (for this call).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SagaOutcome<D> {
     /// Every step succeeded; the data as the last step left it.
     Completed(D),

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 
 /// Where a saga is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum SagaState {
     /// Going forward; `step` is the step running or next.
     Running,
@@ -133,6 +134,7 @@ impl Lease {
 
 /// What a log event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EventKind {
     /// An attempt is about to run (written before the participant is called).
     Intent,

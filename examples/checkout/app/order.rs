@@ -302,6 +302,12 @@ impl OrderService {
                     "order {order_id} is stuck: {reason}"
                 )));
             }
+            other => {
+                return Err(Status::internal(format!(
+                    "order {order_id} ended {}",
+                    other.state()
+                )));
+            }
         };
         Ok(OrderReply {
             order_id,

@@ -397,6 +397,7 @@ impl Counters {
 
 /// A snapshot of a relay and its table.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
 pub struct Metrics {
     /// Rows waiting to be published (the whole table, not only this relay's share).
     pub backlog: u64,
