@@ -1,5 +1,6 @@
--- One row per (scope, key). `{table}` is replaced by the configured table name.
-CREATE TABLE IF NOT EXISTS {table} (
+-- sd-idempotency: one row per (scope, key), in the default table `idempotency_keys`
+-- (`Migrator::name` puts in a configured name; the index follows it).
+CREATE TABLE IF NOT EXISTS idempotency_keys (
     scope           TEXT        NOT NULL,
     key             TEXT        NOT NULL,
     fingerprint     BYTEA       NOT NULL,
@@ -12,4 +13,4 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (scope, key)
 );
-CREATE INDEX IF NOT EXISTS {table}_expires_idx ON {table} (expires_at);
+CREATE INDEX IF NOT EXISTS idempotency_keys_expires_idx ON idempotency_keys (expires_at);

@@ -1,18 +1,21 @@
 //! The crate's one error type.
 
+use std::borrow::Cow;
 use std::time::Duration;
+
+use sd_core::{BoxError, ConfigError, Elapsed};
 
 /// What went wrong; every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A configuration value is out of range; raised at construction.
+    /// A configuration value is out of range; raised by `build()`.
     #[error("invalid `{field}`: {reason}")]
-    Config {
-        /// The builder field (or argument) at fault.
+    InvalidConfig {
+        /// The builder setter (or argument) at fault.
         field: &'static str,
         /// Why it is refused and what would be accepted.
-        reason: String,
+        reason: Cow<'static, str>,
     },
     /// An idempotency key the caller sent is not acceptable.
     #[error("invalid idempotency key: {reason}; send 1 to 255 printable ascii characters")]
@@ -74,29 +77,23 @@ pub enum Error {
         /// The timeout that elapsed.
         after: Duration,
     },
-    /// Redis failed.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error("redis failed: {source}; check the server is reachable")]
-    Redis {
+    /// The store's backend (Redis or PostgreSQL) failed; the source is the client's
+    /// error.
+    #[error(
+        "the idempotency store's {backend} failed: {source}; check the server is reachable (postgres: and that `migrate()` ran)"
+    )]
+    Backend {
+        /// `"redis"` or `"postgres"`.
+        backend: &'static str,
         /// The client error.
-        #[from]
-        source: redis::RedisError,
-    },
-    /// PostgreSQL failed.
-    #[cfg(feature = "postgres")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    #[error("postgres failed: {source}; check the server is reachable and `migrate()` ran")]
-    Postgres {
-        /// The client error.
-        #[from]
-        source: sqlx::Error,
+        #[source]
+        source: BoxError,
     },
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::Config {
+    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Error::InvalidConfig {
             field,
             reason: reason.into(),
         }
@@ -108,16 +105,59 @@ impl Error {
         }
     }
 
-    /// True when the store itself failed (down, timed out, unreadable) rather than the
-    /// request or the claim: what the middleware answers with 503.
+    /// True when the store itself failed rather than the request or the claim: what
+    /// the middleware answers with 503 (and [`run_once`](crate::run_once()) returns
+    /// without running the work). A store that is down or slow (`Backend`, `Timeout`)
+    /// and a record it cannot read back (`Corrupt`) count; a lost claim, a key in
+    /// flight or a mismatch are answers about the request.
     pub fn is_store_failure(&self) -> bool {
-        match self {
-            Error::Timeout { .. } | Error::Corrupt { .. } => true,
-            #[cfg(feature = "redis")]
-            Error::Redis { .. } => true,
-            #[cfg(feature = "postgres")]
-            Error::Postgres { .. } => true,
-            _ => false,
+        let unreadable = matches!(self, Error::Corrupt { .. });
+        let unreachable = matches!(self, Error::Backend { .. } | Error::Timeout { .. });
+        unreadable || unreachable
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<Elapsed> for Error {
+    fn from(e: Elapsed) -> Self {
+        Error::Timeout { after: e.after }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend {
+            backend: "redis",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<sd_core::migrate::MigrateError> for Error {
+    fn from(e: sd_core::migrate::MigrateError) -> Self {
+        Error::Backend {
+            backend: "postgres",
+            source: Box::new(e),
         }
     }
 }

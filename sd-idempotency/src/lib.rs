@@ -129,10 +129,11 @@ mod run_once;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use memory::{ManualClock, MemoryStore};
+pub use memory::MemoryStore;
 #[cfg(feature = "tower")]
 pub use middleware::IdempotencyLayer;
 pub use run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, Outcome, RunError, RunOnce, run_once};
+pub use sd_core::{Clock, ManualClock, SystemClock};
 pub use store::{
     Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, run_sweeper, validate_key,
 };

@@ -7,11 +7,11 @@
 
 use std::future::{Future, ready};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use sd_core::{Clock, SystemClock};
 
 use crate::error::Result;
 use crate::store::{
@@ -19,45 +19,9 @@ use crate::store::{
     extended, holds, new_token, ttl_ms,
 };
 
-/// A source of wall-clock time in milliseconds.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since an arbitrary, fixed origin.
-    fn now_ms(&self) -> u64;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
-/// A clock that moves only when told to; clones share the time. For tests.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicU64>);
-
-impl ManualClock {
-    /// A clock at 0 ms.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Moves the time forward.
-    pub fn advance(&self, by: Duration) {
-        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
+/// Milliseconds on `clock` (wall time for [`SystemClock`]).
+fn now_ms(clock: &impl Clock) -> u64 {
+    u64::try_from(clock.now().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Records in this process's memory. Clones share the records.
@@ -74,14 +38,14 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store on the system clock.
+    /// An empty store on the wall clock ([`SystemClock`]).
     pub fn new() -> Self {
         Self::with_clock(SystemClock)
     }
 }
 
 impl<C: Clock> MemoryStore<C> {
-    /// An empty store on `clock` (a [`ManualClock`] in tests).
+    /// An empty store on `clock` (a [`ManualClock`](sd_core::ManualClock) in tests).
     pub fn with_clock(clock: C) -> Self {
         MemoryStore {
             records: Arc::new(DashMap::new()),
@@ -108,7 +72,7 @@ impl<C: Clock> MemoryStore<C> {
     ) -> Result<ClaimOutcome> {
         let lock_ttl = ttl_ms("lock_ttl", lock_ttl)?;
         let token = new_token();
-        let now = self.clock.now_ms();
+        let now = now_ms(&self.clock);
         let decision = match self.records.entry((scope.to_owned(), key.to_owned())) {
             Entry::Vacant(slot) => {
                 let (decision, record) = decide_claim(None, fingerprint, now, lock_ttl, token);
@@ -135,7 +99,7 @@ impl<C: Clock> MemoryStore<C> {
         claim: &Claim,
         change: impl FnOnce(&mut Entry<'_, (String, String), Record>, u64),
     ) -> Result<()> {
-        let now = self.clock.now_ms();
+        let now = now_ms(&self.clock);
         let mut entry = self.records.entry((claim.scope.clone(), claim.key.clone()));
         let held = match &entry {
             Entry::Occupied(slot) => holds(Some(slot.get()), claim, now),
@@ -174,7 +138,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     fn release_now(&self, claim: &Claim) -> Result<()> {
-        let now = self.clock.now_ms();
+        let now = now_ms(&self.clock);
         let removed = self
             .records
             .remove_if(&(claim.scope.clone(), claim.key.clone()), |_, r| {
@@ -184,7 +148,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     fn sweep_now(&self) -> u64 {
-        let now = self.clock.now_ms();
+        let now = now_ms(&self.clock);
         let before = self.records.len();
         self.records.retain(|_, r| r.expires_at > now);
         before.saturating_sub(self.records.len()) as u64

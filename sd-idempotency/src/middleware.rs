@@ -511,12 +511,8 @@ fn parse_sf_string(raw: &str) -> Result<String, &'static str> {
 }
 
 async fn call_store<T>(config: &Config, f: impl Future<Output = Result<T>>) -> Result<T> {
-    match tokio::time::timeout(config.timeout, f).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
-            after: config.timeout,
-        }),
-    }
+    let span = tracing::debug_span!("idempotency.store");
+    sd_core::deadline::timeout(config.timeout, span, f).await?
 }
 
 async fn handle<S, I, ReqB, ResB>(
@@ -734,7 +730,7 @@ mod tests {
     fn config_is_checked() {
         let store = crate::MemoryStore::new();
         let err = |b: Builder<crate::MemoryStore>| match b.build() {
-            Err(Error::Config { field, .. }) => field,
+            Err(Error::InvalidConfig { field, .. }) => field,
             other => panic!("{other:?}"),
         };
         let b = || IdempotencyLayer::builder(store.clone());

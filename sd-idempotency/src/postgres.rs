@@ -12,21 +12,31 @@
 //!   crash before the commit leaves the key in flight until its lock expires, and the
 //!   retry runs on a clean slate.
 //! - **Schema**: [`PostgresStore::migrate`] creates the table (name configurable,
-//!   default `idempotency_keys`) and its expiry index, idempotently and under an
-//!   advisory lock. [`Store::sweep`] deletes expired rows (run
+//!   default `idempotency_keys`) and its expiry index through sd-core's `Migrator`
+//!   (versioned, recorded in `sd_migrations`, safe from every replica at once);
+//!   `migrations/0001_create.sql` applies with `psql` as it stands. [`Store::sweep`] deletes expired rows (run
 //!   [`run_sweeper`](crate::run_sweeper)); it never deletes a live claim.
 
 use std::time::Duration;
 
+use sd_core::TableName;
+use sd_core::deadline::timeout;
+use sd_core::migrate::{Migration, Migrator};
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
-use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::store::{
     Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, in_flight_expiry, new_token, ttl_ms,
 };
 
-const MIGRATION: &str = include_str!("../migrations/0001_create.sql");
+/// The table's migration, written for the default name `idempotency_keys`.
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create",
+    sql: include_str!("../migrations/0001_create.sql"),
+}];
+
+const DEFAULT_TABLE: &str = "idempotency_keys";
 
 const TAKE: &str = "(r.expires_at <= EXCLUDED.created_at OR (r.state = 'in_flight' \
      AND r.lock_expires_at <= EXCLUDED.created_at AND r.fingerprint = EXCLUDED.fingerprint))";
@@ -41,15 +51,15 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            table: "idempotency_keys".into(),
+            table: DEFAULT_TABLE.into(),
             timeout: Duration::from_secs(2),
         }
     }
 }
 
 impl Builder {
-    /// The table (default `idempotency_keys`): a lowercase SQL identifier of at most 48
-    /// characters.
+    /// The table (default `idempotency_keys`): `table` or `schema.table`, each part 1 to
+    /// 48 of `[a-z0-9_]` (sd's one rule, `TableName`), checked by [`build`](Self::build).
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -63,25 +73,14 @@ impl Builder {
 
     /// A store on `pool`.
     pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
-        let t = &self.table;
-        let valid = !t.is_empty()
-            && t.len() <= 48
-            && t.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && t.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
-            return Err(Error::config(
-                "table",
-                format!("`{t}` must be 1 to 48 of [a-z0-9_], not starting with a digit"),
-            ));
-        }
+        let table = TableName::parse("table", &self.table)?;
         if self.timeout.is_zero() {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
-        let claim_sql = claim_sql(t);
+        let claim_sql = claim_sql(&table.to_string());
         Ok(PostgresStore {
             pool,
-            table: self.table,
+            table,
             timeout: self.timeout,
             claim_sql,
         })
@@ -120,7 +119,7 @@ RETURNING token, epoch, fingerprint, state, response,
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    table: String,
+    table: TableName,
     timeout: Duration,
     claim_sql: String,
 }
@@ -137,37 +136,27 @@ impl PostgresStore {
     }
 
     /// The table name.
-    pub fn table(&self) -> &str {
+    pub fn table(&self) -> &TableName {
         &self.table
     }
 
-    /// Creates the table and its index if they are missing; safe to call from every
-    /// replica at start-up.
+    /// The migration with the configured table name put in, for teams whose DDL goes
+    /// through their own tool ([`Migrator::render`]).
+    pub fn migrator(&self) -> Migrator {
+        Migrator::new("sd-idempotency", MIGRATIONS).name(DEFAULT_TABLE, &self.table)
+    }
+
+    /// Creates the table and its index if they are missing (through sd-core's
+    /// [`Migrator`], recorded in `sd_migrations`); safe to call from every replica at
+    /// start-up.
     pub async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("sd-idempotency:{}", self.table))
-            .execute(&mut *tx)
-            .await?;
-        let sql = MIGRATION.replace("{table}", &self.table);
-        for statement in sql.split(';').map(str::trim).filter(|s| {
-            s.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim().starts_with("--"))
-        }) {
-            sqlx::query(statement).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        self.migrator().run(&self.pool).await?;
         Ok(())
     }
 
     async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
         let span = tracing::debug_span!("idempotency.postgres");
-        match tokio::time::timeout(self.timeout, f.instrument(span)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Error::Timeout {
-                after: self.timeout,
-            }),
-        }
+        Ok(timeout(self.timeout, span, f).await??)
     }
 
     fn complete_query<'q>(

@@ -20,31 +20,24 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use tracing::Instrument as _;
+use sd_core::KeyPrefix;
+use sd_core::deadline::timeout;
+use sd_core::redis::Script;
 
 use crate::error::{Error, Result};
 use crate::store::{Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, new_token, ttl_ms};
 
 const PRELUDE: &str = include_str!("redis/prelude.lua");
 
-struct Script {
-    code: String,
-    hash: String,
+/// Each script is the shared prelude followed by its body.
+fn script(body: &str) -> Script {
+    Script::from_parts(&[PRELUDE, "\n", body])
 }
 
-impl Script {
-    fn new(body: &str) -> Self {
-        let code = format!("{PRELUDE}\n{body}");
-        let hash = redis::Script::new(&code).get_hash().to_owned();
-        Script { code, hash }
-    }
-}
-
-static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/claim.lua")));
-static COMPLETE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/complete.lua")));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/release.lua")));
-static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/extend.lua")));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/claim.lua")));
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/complete.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/release.lua")));
+static EXTEND: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/extend.lua")));
 
 /// Options of a [`RedisStore`].
 #[derive(Debug, Clone)]
@@ -63,7 +56,9 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The key prefix (default `idem`); keys are `{prefix}:{{digest}}`.
+    /// The key prefix (default `idem`); keys are `{prefix}:{{digest}}`, sd adds the
+    /// colon. Checked by [`build`](Self::build) against sd's one rule (`KeyPrefix`): no
+    /// `{`, `}` or trailing `:`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -78,21 +73,13 @@ impl Builder {
     /// A store on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(self, conn: C) -> Result<RedisStore<C>> {
-        if self.prefix.is_empty() {
-            return Err(Error::config("prefix", "must not be empty"));
-        }
-        if self.prefix.contains(['{', '}']) {
-            return Err(Error::config(
-                "prefix",
-                "must not contain `{` or `}`: the digest is the hash tag",
-            ));
-        }
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         if self.timeout.is_zero() {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
         Ok(RedisStore {
             conn,
-            prefix: self.prefix,
+            prefix,
             timeout: self.timeout,
         })
     }
@@ -102,7 +89,7 @@ impl Builder {
 #[derive(Clone)]
 pub struct RedisStore<C> {
     conn: C,
-    prefix: String,
+    prefix: KeyPrefix,
     timeout: Duration,
 }
 
@@ -126,36 +113,18 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
     /// The Redis key of `(scope, key)`.
     pub fn redis_key(&self, scope: &str, key: &str) -> String {
         let digest = Fingerprint::of_parts([scope, key]).to_hex();
-        format!("{}:{{{}}}", self.prefix, &digest[..40])
+        self.prefix.tagged(&digest[..40])
     }
 
     async fn eval(&self, script: &Script, key: &str, args: &[&[u8]]) -> Result<redis::Value> {
-        let with = |name: &str, body: &str| {
-            let mut cmd = redis::cmd(name);
-            cmd.arg(body).arg(1).arg(key);
-            for arg in args {
-                cmd.arg(*arg);
-            }
-            cmd
-        };
-        let run = async {
-            let mut conn = self.conn.clone();
-            match with("EVALSHA", &script.hash).query_async(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    with("EVAL", &script.code).query_async(&mut conn).await
-                }
-                other => other,
-            }
-        };
-        let span = tracing::debug_span!("idempotency.redis");
-        match tokio::time::timeout(self.timeout, run.instrument(span)).await {
-            Ok(reply) => Ok(reply?),
-            Err(_) => Err(Error::Timeout {
-                after: self.timeout,
-            }),
+        let mut call = script.call(1);
+        call.arg(key);
+        for arg in args {
+            call.arg(*arg);
         }
+        let mut conn = self.conn.clone();
+        let span = tracing::debug_span!("idempotency.redis");
+        Ok(timeout(self.timeout, span, call.invoke(&mut conn)).await??)
     }
 
     async fn as_holder(&self, script: &Script, claim: &Claim, extra: &[&[u8]]) -> Result<()> {

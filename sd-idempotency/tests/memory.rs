@@ -7,7 +7,7 @@ mod suite;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sd_idempotency::memory::Clock as _;
+use sd_idempotency::Clock as _;
 use sd_idempotency::{Error, ManualClock, MemoryStore, RunOnce};
 use suite::Harness;
 
@@ -25,6 +25,7 @@ fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
         // time moves only with `pass`.
         lock_ttl: Duration::from_millis(300),
         retention: Duration::from_secs(3600),
+        expiry_forgets: false,
         pass: Arc::new(move |d| {
             clock.advance(d);
             Box::pin(std::future::ready(()))
@@ -42,7 +43,7 @@ fn run_once_config_errors_name_the_field() {
     let err = runner.clone().lock_ttl(Duration::ZERO).unwrap_err();
     assert!(matches!(
         err,
-        Error::Config {
+        Error::InvalidConfig {
             field: "lock_ttl",
             ..
         }
@@ -50,7 +51,7 @@ fn run_once_config_errors_name_the_field() {
     let err = runner.retention(Duration::ZERO).unwrap_err();
     assert!(matches!(
         err,
-        Error::Config {
+        Error::InvalidConfig {
             field: "retention",
             ..
         }
@@ -73,7 +74,7 @@ fn memory_store_follows_the_model() {
             expiry_forgets: false,
             sweep_counts: true,
             slack: 0,
-            now: Arc::new(move || now.now_ms()),
+            now: Arc::new(move || u64::try_from(now.now().as_millis()).unwrap()),
             pass: Arc::new(move |d| {
                 clock.advance(d);
                 Box::pin(std::future::ready(()))

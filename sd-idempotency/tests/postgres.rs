@@ -46,6 +46,7 @@ fn harness() -> (tokio::runtime::Runtime, Harness<PostgresStore>) {
         store,
         lock_ttl: Duration::from_millis(600),
         retention: Duration::from_millis(600),
+        expiry_forgets: false,
         pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
         guard: Box::new(db),
     };
@@ -118,7 +119,10 @@ fn bad_table_names_are_refused() {
                 .table(bad)
                 .build(pool.clone())
                 .unwrap_err();
-            assert!(matches!(err, Error::Config { field: "table", .. }), "{bad}");
+            assert!(
+                matches!(err, Error::InvalidConfig { field: "table", .. }),
+                "{bad}"
+            );
         }
     });
 }

@@ -41,6 +41,7 @@ fn harness() -> (
         store,
         lock_ttl: Duration::from_millis(600),
         retention: Duration::from_millis(600),
+        expiry_forgets: true,
         pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
         guard: Box::new(server),
     };

@@ -51,6 +51,9 @@ pub struct Harness<S> {
     pub lock_ttl: Duration,
     /// A short retention for expiry tests.
     pub retention: Duration,
+    /// True when the backend forgets a record the moment it expires (Redis), so the next
+    /// claim starts again at epoch 1; elsewhere the next claim takes the epoch after it.
+    pub expiry_forgets: bool,
     pub pass: Pass,
     /// Servers kept alive for the test.
     pub guard: Box<dyn std::any::Any + Send>,
@@ -330,6 +333,10 @@ pub async fn extend_keeps_the_lock<S: Store>(h: &Harness<S>) {
         .unwrap();
 }
 
+/// After the retention the key is free again, for any request. The epoch goes on from
+/// the expired record's (or starts at 1 again where expiry forgets the record, Redis),
+/// and each re-claim after a lapsed lock adds exactly one and locks the previous holder
+/// out.
 pub async fn retention_ends_the_replay<S: Store>(h: &Harness<S>) {
     let scope = scope();
     let claim = must_claim(&h.store, &scope, "k", "a", Duration::from_secs(60)).await;
@@ -338,8 +345,21 @@ pub async fn retention_ends_the_replay<S: Store>(h: &Harness<S>) {
         .await
         .unwrap();
     h.pass(h.retention + h.retention / 4).await;
-    let again = must_claim(&h.store, &scope, "k", "b", Duration::from_secs(60)).await;
-    assert!(again.epoch() >= 1);
+    let again = must_claim(&h.store, &scope, "k", "b", h.lock_ttl).await;
+    let expected = if h.expiry_forgets {
+        1
+    } else {
+        claim.epoch() + 1
+    };
+    assert_eq!(again.epoch(), expected);
+    let mut last = again;
+    for _ in 0..2 {
+        h.pass(h.lock_ttl + h.lock_ttl / 4).await;
+        let next = must_claim(&h.store, &scope, "k", "b", h.lock_ttl).await;
+        assert_eq!(next.epoch(), last.epoch() + 1);
+        assert!(lost(h.store.extend(&last, h.lock_ttl).await));
+        last = next;
+    }
 }
 
 pub async fn sweep_spares_live_claims<S: Store>(h: &Harness<S>) {
@@ -372,7 +392,7 @@ pub async fn bad_ttls_are_config_errors<S: Store>(h: &Harness<S>) {
     assert!(
         matches!(
             err,
-            Err(Error::Config {
+            Err(Error::InvalidConfig {
                 field: "lock_ttl",
                 ..
             })
@@ -387,7 +407,7 @@ pub async fn bad_ttls_are_config_errors<S: Store>(h: &Harness<S>) {
     assert!(
         matches!(
             err,
-            Err(Error::Config {
+            Err(Error::InvalidConfig {
                 field: "retention",
                 ..
             })
