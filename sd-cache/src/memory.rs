@@ -315,6 +315,28 @@ where
     /// not cached: the next call loads again. With `stale_if_error` set, a value expired less
     /// than that long ago is returned instead of the error.
     ///
+    /// The loader's error is any `E: Into<BoxError>`: your own error type, an
+    /// `anyhow::Error`, a `Box<dyn Error + Send + Sync>`, even a `&str`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sd_cache::Cache;
+    ///
+    /// let cache: Cache<u32, String> = Cache::builder().build()?;
+    /// // A database call returning `anyhow::Result<String>` fits here the same way.
+    /// let name = cache
+    ///     .try_get_or_load(7, || async {
+    ///         Ok::<_, Box<dyn std::error::Error + Send + Sync>>("ada".to_owned())
+    ///     })
+    ///     .await?;
+    /// assert_eq!(name, "ada");
+    /// let down = cache.try_get_or_load(8, || async { Err::<String, _>("db down") }).await;
+    /// assert_eq!(down.unwrap_err().loader_error().map(|e| e.to_string()).as_deref(), Some("db down"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::Loader`] when the load failed and no stale value may be served;

@@ -3,8 +3,12 @@
 //!
 //! - **Keys**: `{prefix}:{<key>}` holds the entry and `{prefix}:{<key>}:lock` the load
 //!   lock. Both carry the same `{hash tag}`, so the scripts run on Redis Cluster.
-//! - **Reads** are one round trip: a script returns the entry and the server's `TIME`, so
-//!   freshness and XFetch use the server's clock and app servers with skewed clocks agree.
+//! - **Reads** are one round trip: a plain `HMGET` of the entry's hash (no script), judged
+//!   against the server's clock as this process estimates it from a `TIME` sent along at
+//!   most once a second. The estimate errs late, so an entry is never taken as fresh after
+//!   its expiry; freshness and XFetch use the server's clock, so app servers with skewed
+//!   clocks agree. Only a miss's leader and an early refresh run a script: it reads the
+//!   entry with the server's `TIME` and takes the load lock in the same round trip.
 //! - **Misses**: in-process callers coalesce first (single-flight), then the leader takes a
 //!   short `SET NX PX` lock. The lock holder loads and writes; every other process waits
 //!   for a message on `{prefix}:events` (when [`RedisCacheBuilder::notifications`] is

@@ -86,50 +86,24 @@
 //!   leaves the pool running; calling `run` again carries on where it stopped, so
 //!   `loop { consumer.run(..) }` with a back-off survives an outage.
 //!
-//! # Figures
+//! # How it compares
 //!
-//! From one run of `cargo bench -p sd-benches --bench pool` on a shared two-core machine
-//! (load average ~4 during the run; tokio, 2 workers); each sd figure beside the peer's
-//! from the same run. Ratio = peer time / sd time: above 1, sd is faster.
-//!
-//! | case | sd-pool | peer | ratio |
-//! | --- | --- | --- | --- |
-//! | 100,000 tiny jobs, 64 at once | 67.9 ms | `spawn` + `Semaphore` 105.6 ms | 1.55× |
-//! | same | 67.9 ms | `buffer_unordered` 5.7 ms (one task, no spawn) | 0.08× |
-//! | Parallel Consumer: 10,000 jobs of 0-5 ms, 100 at once, unordered | 375 ms | `spawn` + `Semaphore` 370 ms | 0.99× |
-//! | same, per key, 1000 keys | 371 ms | ideal per key 366 ms; sd unordered 375 ms | 0.98×; 1.01× |
-//! | same, per key, 100 keys | 419 ms | ideal per key 425 ms; sd unordered 375 ms | 1.01×; 0.89× |
-//! | same, per key, 20 keys | 1956 ms | ideal per key 1871 ms; sd unordered 375 ms | 0.96×; 0.19× |
-//! | same, per key, 10 keys | 3740 ms | floor (busiest key's work) 2601 ms | |
-//! | first 1,000 of those jobs: 1 key / serial | 3860 / 3829 ms | floor 2472 ms | |
-//!
-//! *Ideal per key* is one task per key running that key's jobs in order, the jobs split
-//! by key up front, each under a `Semaphore(100)` permit: the best schedule per-key order
-//! allows, with no queue bound and no streaming producer. sd per key stays within 5% of
-//! it at 20, 100 and 1000 keys. In steady state a worker takes the next queued job
-//! without a spawn, which is why tiny jobs run faster than one task per job (this ratio
-//! swings with the machine's load: 0.47× to 1.6× across earlier runs). The later run of
-//! `scripts/bench.sh` on the otherwise idle machine (`benches/RESULTS.md`): tiny jobs
-//! 81.4 ms against 81.2 ms (1.00×); per key over 1000 / 100 / 20 keys 0.99× / 0.98× /
-//! 1.00× the ideal per-key schedule's speed, and 1.00× / 0.88× / 0.20× unordered's.
-//!
-//! Per key against unordered is arithmetic, not overhead. The 10,000 jobs hold 25 s of
-//! work: at 100 at once, unordered needs at least 249 ms. With 20 keys each key runs its
-//! ~500 jobs back to back, and the busiest key holds 1301 ms of work (~1250 ms on
-//! average), so no scheduler that keeps per-key order finishes in under 5.2× unordered:
-//! "within 1.2× of unordered with 20 keys" is impossible, and the yardstick is the ideal
-//! per-key schedule above. Per key comes within 1.2× of unordered's time (a ratio of
-//! 0.83 or more) once the keys reach the concurrency (100 keys: 0.89×, 1000 keys:
-//! 1.01×), as in Parallel Consumer. tokio's timer fires on millisecond ticks, so each job of a serial chain
-//! costs ~1 ms more than its sleep (1 key: 3860 ms for 2472 ms of work); the 1-key and
-//! serial cases run 1,000 jobs because at 10,000 one iteration takes ~30 s and criterion
-//! takes at least 10.
+//! Per job, a pool costs about what `tokio::spawn` under a `Semaphore` costs, and in
+//! steady state less (a worker takes the next queued job without a spawn);
+//! `buffer_unordered` in one task is far cheaper for tiny futures, but runs nothing in
+//! parallel and bounds nothing but concurrency. With [`Order::PerKey`], a stream of jobs
+//! finishes about as fast as the best schedule per-key order allows (one task per key,
+//! the jobs split by key up front). Per key is slower than unordered only when there are
+//! fewer keys than workers: no scheduler that keeps per-key order can finish before the
+//! busiest key's own work is done. The measured figures, beside the peers' from the same
+//! run, are in
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!
 //! None is on by default.
 //!
-//! - `redis`: [`redis::StreamConsumer`], a Redis Streams consumer group on top of the pool.
+//! - `redis`: `redis::StreamConsumer`, a Redis Streams consumer group on top of the pool.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
