@@ -135,6 +135,7 @@ fn to_status(error: RunError<Status>) -> Status {
     let error = match error {
         RunError::Work(status) => return status,
         RunError::Idempotency(error) => error,
+        other => return Status::internal(other.to_string()),
     };
     let message = error.to_string();
     match error {

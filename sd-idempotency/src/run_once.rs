@@ -26,6 +26,7 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// What [`RunOnce::run`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome<T> {
     /// The work ran now, and this is its result.
     Executed(T),
@@ -49,6 +50,7 @@ impl<T> Outcome<T> {
 
 /// Why [`RunOnce::run`] returned no result.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RunError<E> {
     /// The work ran and failed; the key was released, so a retry runs it again.
     Work(E),

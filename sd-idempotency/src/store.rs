@@ -139,6 +139,7 @@ impl std::fmt::Debug for Fingerprint {
 /// What is replayed for a completed key: a status, chosen headers and the body, byte
 /// for byte. [`run_once`](crate::run_once()) stores its JSON result as the body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct StoredResponse {
     /// The HTTP status (or any code the caller gives it).
     pub status: u16,
@@ -251,6 +252,7 @@ impl<'a> Reader<'a> {
 /// The epoch grows by one each time the key is taken over after an expired lock; pass it
 /// downstream as a fencing token when the work writes somewhere that can check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Claim {
     pub(crate) scope: String,
     pub(crate) key: String,

@@ -51,6 +51,7 @@ impl fmt::Display for FencingToken {
 /// The lease itself holds no connection and does nothing on drop: release it with
 /// [`crate::Lock::release`], or hand it to a [`crate::Watchdog`], or let it expire.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Lease {
     pub(crate) resource: String,
     pub(crate) token: FencingToken,
@@ -102,6 +103,7 @@ impl Lease {
 /// What [`crate::Lock::release`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
+#[non_exhaustive]
 pub enum Release {
     /// The lease was still ours and is now free.
     Released,

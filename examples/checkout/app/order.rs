@@ -322,6 +322,7 @@ impl OrderService {
         let error = match error {
             RunError::Work(status) => return status,
             RunError::Idempotency(error) => error,
+            other => return Status::internal(other.to_string()),
         };
         let message = error.to_string();
         match error {
