@@ -27,7 +27,7 @@ use redis::aio::ConnectionManager;
 use sd_ratelimit::client_ip::{ClientIp, ProxyListener, Trust};
 use sd_ratelimit::memory::KeyedLimiter;
 use sd_ratelimit::redis::{FailurePolicy, RedisLimiter};
-use sd_ratelimit::tower::{ClientIpKey, RateLimitLayer};
+use sd_ratelimit::tower::{ClientIpKey, RateLimiterLayer};
 use sd_ratelimit::{Decision, Limit, Quota, RateLimiter};
 
 /// Memory or Redis, chosen at startup.
@@ -166,7 +166,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let key = ClientIpKey::new(client_ip).peer_from(peer);
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
-        .layer(RateLimitLayer::new(Arc::new(backend), key).policy(&limit));
+        .layer(RateLimiterLayer::new(Arc::new(backend), key).policy(&limit));
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!(
         "listening on http://{} ({} per {:?}, burst {}, {})",

@@ -109,10 +109,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The backend (Redis) answered with an error or the connection failed. Redis
-    /// limiters hand this to their failure policy; it reaches the caller only when no
-    /// policy applies (a batch's own failure, say).
-    #[error("{backend} failed; check the server, or let the failure policy decide (see `FailurePolicy`)")]
+    /// The backend (Redis) answered with an error or the connection failed. A Redis
+    /// limiter hands it to its failure policy, which answers in its place and counts it
+    /// in `Stats::backend_errors`.
+    #[error(
+        "{backend} failed; check the server, or let the failure policy decide (see `FailurePolicy`)"
+    )]
     Backend {
         /// Which backend: `"redis"`.
         backend: &'static str,

@@ -627,9 +627,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
                 for p in batch {
                     let one = std::slice::from_ref(&p);
                     let call = each_call(one);
-                    let reply =
-                        timeout(self.timeout, tracing::Span::none(), invoke(&self.conn, &call))
-                            .await;
+                    let reply = timeout(
+                        self.timeout,
+                        tracing::Span::none(),
+                        invoke(&self.conn, &call),
+                    )
+                    .await;
                     let _ = p.reply.send(batch_reply(reply));
                 }
             }

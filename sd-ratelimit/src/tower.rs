@@ -1,17 +1,22 @@
 //! Tower middleware, usable from axum and tonic.
 //!
-//! [`RateLimitLayer`] extracts a key from each request ([`KeyExtractor`]: client IP,
+//! [`RateLimiterLayer`] extracts a key from each request ([`KeyExtractor`]: client IP,
 //! a header, or a closure), asks a [`RateLimiter`] (memory or Redis), and either calls
-//! the inner service, adding rate-limit headers to its response, or answers itself:
+//! the inner service ([`RateLimiterService`]), adding rate-limit headers to its response,
+//! or answers itself:
 //!
-//! - HTTP: `429 Too Many Requests` with `Retry-After` (whole seconds, at least 1) and the
-//!   rate-limit headers of the chosen [`HeaderStyle`];
+//! - HTTP: `429 Too Many Requests` with `Retry-After` (whole seconds, at least 1), the
+//!   rate-limit headers of the chosen [`HeaderStyle`], and an RFC 9457
+//!   `application/problem+json` body (`type`, `title`, `status`, `detail`);
 //! - gRPC (`content-type: application/grpc...`): a trailers-only response with
 //!   `grpc-status: 8` (`RESOURCE_EXHAUSTED`), `grpc-message` and `retry-after`.
 //!
 //! A request whose key cannot be extracted (a malformed or spoofed forwarding header)
 //! gets `400 Bad Request` (gRPC `INVALID_ARGUMENT`); a limiter error, `503` (gRPC
-//! `UNAVAILABLE`). An admitted request of a leaky queue waits its `delay` first.
+//! `UNAVAILABLE`), whose body does not repeat the backend's error. Every refusal is
+//! logged with `tracing` under the target `sd_ratelimit::tower`: `info` for 400 and 429
+//! (the client's doing), `warn` for 503 (the limiter's). An admitted request of a leaky
+//! queue waits its `delay` first.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -20,11 +25,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
 
 use crate::RateLimiter;
 use crate::client_ip::ClientIp;
 use crate::error::{Error, Result};
+
+/// The body of the layer's responses: the inner service's body (`Left`), or the layer's
+/// own refusal (`Right`: a problem document, or empty for gRPC). It is an
+/// `http_body::Body` whenever `B` is one with `Bytes` data, so axum and tonic serve it
+/// as they serve `B`.
+pub type ResponseBody<B> = Either<B, Full<Bytes>>;
 
 /// Which rate-limit headers to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,11 +80,22 @@ fn default_peer(ext: &http::Extensions) -> Option<IpAddr> {
         .or_else(|| ext.get::<SocketAddr>().map(SocketAddr::ip))
 }
 
+/// How [`ClientIpKey`] finds the TCP peer in a request's extensions.
+type PeerFn = dyn Fn(&http::Extensions) -> Option<IpAddr> + Send + Sync;
+
 /// Keys requests by client IP, found as [`ClientIp`] says (IPv6 by prefix).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientIpKey {
     config: Arc<ClientIp>,
-    peer: fn(&http::Extensions) -> Option<IpAddr>,
+    peer: Arc<PeerFn>,
+}
+
+impl std::fmt::Debug for ClientIpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIpKey")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientIpKey {
@@ -79,14 +103,19 @@ impl ClientIpKey {
     pub fn new(config: ClientIp) -> Self {
         ClientIpKey {
             config: Arc::new(config),
-            peer: default_peer,
+            peer: Arc::new(default_peer),
         }
     }
 
-    /// Reads the TCP peer with `peer` (for axum:
-    /// `|e| e.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())`).
-    pub fn peer_from(mut self, peer: fn(&http::Extensions) -> Option<IpAddr>) -> Self {
-        self.peer = peer;
+    /// Reads the TCP peer from the request's extensions with `peer`, a function or a
+    /// closure that may capture state (for axum:
+    /// `|e| e.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())`). It sees the
+    /// extensions rather than the request, so one key serves every body type.
+    pub fn peer_from(
+        mut self,
+        peer: impl Fn(&http::Extensions) -> Option<IpAddr> + Send + Sync + 'static,
+    ) -> Self {
+        self.peer = Arc::new(peer);
         self
     }
 }
@@ -149,16 +178,16 @@ impl<B> KeyExtractor<B> for HeaderKey {
 /// ```
 /// use std::sync::Arc;
 /// use sd_ratelimit::{Limit, Quota, memory, client_ip::{ClientIp, Trust}};
-/// use sd_ratelimit::tower::{ClientIpKey, RateLimitLayer};
+/// use sd_ratelimit::tower::{ClientIpKey, RateLimiterLayer};
 ///
 /// let limiter = Arc::new(memory::Builder::new(Limit::gcra(Quota::per_second(10)?)).keyed::<String>()?);
 /// let key = ClientIpKey::new(ClientIp::x_forwarded_for(Trust::Hops(1))?);
-/// let layer = RateLimitLayer::new(limiter, key);
+/// let layer = RateLimiterLayer::new(limiter, key);
 /// # let _ = layer;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
-pub struct RateLimitLayer<L, E> {
+pub struct RateLimiterLayer<L, E> {
     limiter: Arc<L>,
     extractor: E,
     style: HeaderStyle,
@@ -166,9 +195,9 @@ pub struct RateLimitLayer<L, E> {
     window: Option<u64>,
 }
 
-impl<L, E: Clone> Clone for RateLimitLayer<L, E> {
+impl<L, E: Clone> Clone for RateLimiterLayer<L, E> {
     fn clone(&self) -> Self {
-        RateLimitLayer {
+        RateLimiterLayer {
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
             style: self.style,
@@ -178,10 +207,10 @@ impl<L, E: Clone> Clone for RateLimitLayer<L, E> {
     }
 }
 
-impl<L, E> RateLimitLayer<L, E> {
+impl<L, E> RateLimiterLayer<L, E> {
     /// Limits every request by the key `extractor` finds, at cost 1, IETF headers.
     pub fn new(limiter: Arc<L>, extractor: E) -> Self {
-        RateLimitLayer {
+        RateLimiterLayer {
             limiter,
             extractor,
             style: HeaderStyle::default(),
@@ -209,48 +238,49 @@ impl<L, E> RateLimitLayer<L, E> {
     }
 }
 
-impl<S, L, E> tower::Layer<S> for RateLimitLayer<L, E>
+impl<S, L, E> tower::Layer<S> for RateLimiterLayer<L, E>
 where
     E: Clone,
 {
-    type Service = RateLimit<S, L, E>;
+    type Service = RateLimiterService<S, L, E>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
+        RateLimiterService {
             inner,
             layer: self.clone(),
         }
     }
 }
 
-/// The service [`RateLimitLayer`] builds.
+/// The service [`RateLimiterLayer`] builds. (Not `RateLimiter`, the name of the crate's
+/// backend trait, nor tower's own `RateLimit`.)
 #[derive(Debug)]
-pub struct RateLimit<S, L, E> {
+pub struct RateLimiterService<S, L, E> {
     inner: S,
-    layer: RateLimitLayer<L, E>,
+    layer: RateLimiterLayer<L, E>,
 }
 
-impl<S: Clone, L, E: Clone> Clone for RateLimit<S, L, E> {
+impl<S: Clone, L, E: Clone> Clone for RateLimiterService<S, L, E> {
     fn clone(&self) -> Self {
-        RateLimit {
+        RateLimiterService {
             inner: self.inner.clone(),
             layer: self.layer.clone(),
         }
     }
 }
 
-impl<S, L, E, ReqB, ResB> tower::Service<Request<ReqB>> for RateLimit<S, L, E>
+impl<S, L, E, ReqB, ResB> tower::Service<Request<ReqB>> for RateLimiterService<S, L, E>
 where
     S: tower::Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     L: RateLimiter,
     E: KeyExtractor<ReqB>,
     ReqB: Send + 'static,
-    ResB: Default + Send + 'static,
+    ResB: Send + 'static,
 {
-    type Response = Response<ResB>;
+    type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResB>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -267,14 +297,8 @@ where
             let key = match key {
                 Ok(k) => k,
                 Err(e) => {
-                    return Ok(reject(
-                        grpc,
-                        StatusCode::BAD_REQUEST,
-                        &e.to_string(),
-                        None,
-                        layer.style,
-                        layer.window,
-                    ));
+                    tracing::info!(status = 400, error = %e, "refused a request: no rate-limit key");
+                    return Ok(layer.refuse(grpc, StatusCode::BAD_REQUEST, &e.to_string(), None));
                 }
             };
             match layer.limiter.check_key(&key, layer.cost).await {
@@ -282,36 +306,41 @@ where
                     if !d.delay.is_zero() {
                         tokio::time::sleep(d.delay).await;
                     }
-                    let mut resp = inner.call(req).await?;
+                    let mut resp = inner.call(req).await?.map(Either::Left);
                     write_headers(resp.headers_mut(), &d, layer.style, layer.window);
                     Ok(resp)
                 }
-                Ok(d) => Ok(reject(
-                    grpc,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate limited",
-                    Some(&d),
-                    layer.style,
-                    layer.window,
-                )),
-                Err(Error::TooManyKeys { .. }) => Ok(reject(
-                    grpc,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate limiter full",
-                    None,
-                    layer.style,
-                    layer.window,
-                )),
-                Err(e) => Ok(reject(
-                    grpc,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &e.to_string(),
-                    None,
-                    layer.style,
-                    layer.window,
-                )),
+                Ok(d) => {
+                    tracing::info!(status = 429, %key, retry_after = ?d.retry_after, "refused a request: rate limited");
+                    let detail =
+                        format!("rate limited; retry after {} s", secs(d.retry_after).max(1));
+                    Ok(layer.refuse(grpc, StatusCode::TOO_MANY_REQUESTS, &detail, Some(&d)))
+                }
+                Err(e @ Error::TooManyKeys { .. }) => {
+                    tracing::info!(status = 429, %key, error = %e, "refused a request: rate limiter full");
+                    let detail = "rate limiter full; retry later";
+                    Ok(layer.refuse(grpc, StatusCode::TOO_MANY_REQUESTS, detail, None))
+                }
+                Err(e) => {
+                    tracing::warn!(status = 503, %key, error = %e, "refused a request: the rate limiter failed");
+                    let detail = "the rate limiter could not decide; retry later";
+                    Ok(layer.refuse(grpc, StatusCode::SERVICE_UNAVAILABLE, detail, None))
+                }
             }
         })
+    }
+}
+
+impl<L, E> RateLimiterLayer<L, E> {
+    /// The layer's own answer to a refused request.
+    fn refuse<B>(
+        &self,
+        grpc: bool,
+        status: StatusCode,
+        detail: &str,
+        decision: Option<&crate::Decision>,
+    ) -> Response<ResponseBody<B>> {
+        reject(grpc, status, detail, decision, self.style, self.window).map(Either::Right)
     }
 }
 
@@ -350,15 +379,20 @@ fn write_headers(h: &mut HeaderMap, d: &crate::Decision, style: HeaderStyle, win
     }
 }
 
-fn reject<B: Default>(
+fn reject(
     grpc: bool,
     status: StatusCode,
     message: &str,
     decision: Option<&crate::Decision>,
     style: HeaderStyle,
     window: Option<u64>,
-) -> Response<B> {
-    let mut resp = Response::new(B::default());
+) -> Response<Full<Bytes>> {
+    let body = if grpc {
+        Bytes::new()
+    } else {
+        Bytes::from(problem(status, message))
+    };
+    let mut resp = Response::new(Full::new(body));
     let retry = decision
         .map(|d| secs(d.retry_after).max(1))
         .or_else(|| (status == StatusCode::TOO_MANY_REQUESTS).then_some(1));
@@ -391,7 +425,55 @@ fn reject<B: Default>(
             h.insert("grpc-message", v);
         }
     } else {
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         *resp.status_mut() = status;
     }
     resp
+}
+
+/// An RFC 9457 problem document: `type` `about:blank` (the status says it all), the
+/// status's reason phrase as `title`, and `detail`.
+fn problem(status: StatusCode, detail: &str) -> String {
+    format!(
+        "{{\"type\":\"about:blank\",\"title\":{},\"status\":{},\"detail\":{}}}",
+        json_string(status.canonical_reason().unwrap_or("Error")),
+        status.as_u16(),
+        json_string(detail),
+    )
+}
+
+/// `s` as a JSON string literal, quoted and escaped (RFC 8259).
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_details_are_escaped_json() {
+        // Details can carry what a client sent (a header value): it must stay a string.
+        assert_eq!(
+            problem(StatusCode::BAD_REQUEST, "say \"hi\" \\ to\n\u{1}you"),
+            r#"{"type":"about:blank","title":"Bad Request","status":400,"detail":"say \"hi\" \\ to\n\u0001you"}"#
+        );
+    }
 }

@@ -19,7 +19,7 @@ use redis::aio::ConnectionManager;
 use sd_cache::redis::RedisCache;
 use sd_idempotency::{MemoryStore as KeyMemory, RunOnce};
 use sd_lock::{memory::MemoryLock, redis::RedisLock};
-use sd_ratelimit::tower::{HeaderKey, RateLimitLayer};
+use sd_ratelimit::tower::{HeaderKey, RateLimiterLayer};
 use sd_ratelimit::{Limit, Quota};
 use sd_saga::{MemoryStore as SagaMemory, Orchestrator};
 use tokio::task::JoinHandle;
@@ -250,7 +250,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
 
     // The order service, behind the per-client rate limit.
     let layer =
-        RateLimitLayer::new(Arc::new(limiter), HeaderKey::new("x-client-id")?).policy(&limit);
+        RateLimiterLayer::new(Arc::new(limiter), HeaderKey::new("x-client-id")?).policy(&limit);
     let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())?;
     let order_addr = incoming.local_addr()?;
     let orders_server = Server::builder()
