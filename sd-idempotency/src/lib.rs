@@ -75,15 +75,15 @@
 //! `Retry-After` until `lock_ttl` has passed, and runs after that (the tests pause Redis
 //! and PostgreSQL to check the 503; nothing runs twice either way).
 //!
-//! # Figures
+//! # Cost
 //!
 //! Round trips to the store per request: first run 2 (claim, complete), replay 1,
 //! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs.
-//! The Redis and PostgreSQL tests count them on the server.
-//!
-//! A first run through the middleware, handler included (`benches/RESULTS.md`, one
-//! criterion run on 2 cores, servers on loopback), beside a 488.7 ns bare handler:
-//! memory 2.5 µs, Redis 273.8 µs, PostgreSQL 588.4 µs.
+//! The Redis and PostgreSQL tests count them on the server. `benches/idempotency.rs`
+//! runs a first request through the middleware on each backend beside the bare handler:
+//! the memory store adds little to a handler, Redis and PostgreSQL add their round
+//! trips; the figures are in
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!

@@ -10,7 +10,7 @@ use crate::lease::FencingToken;
 /// Everything that can go wrong in sd-lock.
 ///
 /// Input errors name what was wrong and are raised at the call, before any round trip;
-/// contention ([`Error::Held`], [`Error::NoQuorum`]) is an error a caller may retry
+/// contention ([`Error::Held`], `Error::NoQuorum`) is an error a caller may retry
 /// (`acquire` does); backend errors keep their source.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -11,8 +11,8 @@
 //! holder's read-modify-write loses it. [`FencedRegister::read`] raises the mark.
 //!
 //! - [`FencedRegister`]: a value in memory behind the rule.
-//! - [`redis::RedisFence`] (feature `redis`): a Lua script over a hash `{token, value}`.
-//! - [`postgres::PostgresFence`] (feature `postgres`): a one-row check inside the
+//! - `redis::RedisFence` (feature `redis`): a Lua script over a hash `{token, value}`.
+//! - `postgres::PostgresFence` (feature `postgres`): a one-row check inside the
 //!   caller's transaction, before its writes.
 
 use std::sync::{Mutex, MutexGuard};

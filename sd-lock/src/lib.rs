@@ -84,55 +84,16 @@
 //! renewal fails for good, so the work can `select!` on it. Dropping it stops renewal and
 //! spawns the release; nothing blocks.
 //!
-//! # Figures
+//! # How it compares
 //!
-//! The run of `scripts/bench.sh` in `benches/RESULTS.md` (2026-11-28 04:03 UTC, a
-//! two-core Intel Xeon VM otherwise idle; its criterion figures swing by a third from
-//! one run to the next): acquire + release on one resource, TTL 10 s, beside `rslock`
-//! 0.10 on the same servers in the same run; criterion's mean estimates from the run's
-//! log (RESULTS.md lists medians, a few percent apart). `sd` uses `ConnectionManager`s;
-//! "mux" rows use plain `MultiplexedConnection`s, the connection type rslock uses
-//! inside. Both sides wait at most 1 ms between contended attempts.
-//!
-//! | backend | 1 task | 8 tasks contending | rslock, 1 task | rslock, 8 tasks |
-//! |---|---|---|---|---|
-//! | memory | 0.66 µs | 0.59 µs | | |
-//! | Redis, one node | 72 µs | 112 µs | 88 µs | 104 µs |
-//! | Redis, one node, mux | 95 µs | 115 µs | | |
-//! | Redlock, 3 masters | 144 µs | 209 µs | 188 µs | 207 µs |
-//! | Redlock, 3 masters, mux | 179 µs | 199 µs | | |
-//! | Redlock, 5 masters | 286 µs | 324 µs | 256 µs | 366 µs |
-//! | Redlock, 5 masters, mux | 213 µs | 347 µs | | |
-//! | 0.5 ms round trip: Redis, one node | 1.57 ms | 1.68 ms | 1.57 ms | 1.70 ms |
-//! | 0.5 ms round trip: Redlock, 3 masters | 1.63 ms | 1.65 ms | 1.73 ms | 1.77 ms |
-//! | 0.5 ms round trip: Redlock, 5 masters | 1.77 ms | 1.78 ms | 1.78 ms | 1.84 ms |
-//! | PostgreSQL | 0.24 ms | 0.30 ms | | |
-//! | etcd | 1.7 ms | 1.8 ms | | |
-//!
-//! - **Redlock against rslock, uncontended: level.** Criterion's rows above, taken
-//!   minutes apart, say 1.31× and 0.90× rslock's speed (3 and 5 masters) on loopback;
-//!   the same bench also runs the two in alternating blocks of 20 cycles (100 rounds,
-//!   medians), which cancels the machine's drift: **1.00× and 1.01×** on loopback,
-//!   **1.00× and 0.99×** behind a 0.5 ms round trip. Callgrind explains the tie: per
-//!   cycle over 3 masters the sd client runs 110 k instructions against rslock's 120 k,
-//!   and each master runs 3.3 k more for sd, the `TIME` that gives the fencing token
-//!   (a grant is `SET NX PX` + `TIME`, 12.9 k, against rslock's bare `SET NX PX`,
-//!   9.6 k). rslock hands out no token.
-//! - **Contended (8 tasks)**: 1.0× / 1.13× rslock's speed on loopback and 1.07× /
-//!   1.04× behind the round trip. A miss that every master refused sends no release
-//!   (rslock sends one), and a backoff under tokio's 1 ms timer tick is kept short on
-//!   average instead of rounded up to a tick.
-//! - **With a network round trip** (`rtt500us/*`: a proxy delays every byte 250 µs each
-//!   way in front of each master, as between hosts in one region): Redlock 3 takes
-//!   1.04× the single-node time and Redlock 5 1.13× (goal 1.5×: met). On loopback a
-//!   round trip is mostly the system calls of one connection, so N masters cost about N
-//!   of them even when one server answers all N (Redlock 3 over three databases of one
-//!   server: 1.7× one node; over three servers 2.0×): on two cores the N servers, their
-//!   connections and the caller share two CPUs, so the round trips are not concurrent.
-//! - **One node against rslock**: 0.85× in the alternating blocks (criterion: 1.22× at
-//!   1 task, 0.93× at 8). The single-node acquire keeps its script (`SET NX PX`, `TIME`,
-//!   `GET` and `SET` of the counter, about 60 k server instructions), which makes tokens
-//!   increase even if the server's clock steps back; rslock hands out no token.
+//! `benches/lock.rs` runs acquire + release on every backend beside `rslock` (the
+//! Redlock crate most services use) on the same servers in the same run. Uncontended,
+//! Redlock here and rslock are level; contended, this crate is ahead, because a miss
+//! that every master refused sends no release and a backoff under tokio's 1 ms timer
+//! tick is kept short on average instead of rounded up. Behind a network round trip,
+//! Redlock over 3 or 5 masters costs little more than one node, since the masters are
+//! asked in parallel. Unlike rslock, every lease carries a fencing token. The figures
+//! are in [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
 //!
@@ -142,6 +103,26 @@
 //!   (redis-rs, async).
 //! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8).
 //! - `etcd`: [`etcd::EtcdLock`] (etcd-client).
+// Without its feature an item is not there to link to: its links lead to the list above.
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "",
+    doc = "[`redis::RedisLock`]: #crate-features",
+    doc = "[`redlock::Redlock`]: #crate-features",
+    doc = "[`fence::redis::RedisFence`]: #crate-features"
+)]
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "",
+    doc = "[`postgres::PostgresLock`]: #crate-features",
+    doc = "[`fence::postgres::PostgresFence`]: #crate-features",
+    doc = "[`fence::postgres`]: #crate-features"
+)]
+#![cfg_attr(
+    not(feature = "etcd"),
+    doc = "",
+    doc = "[`etcd::EtcdLock`]: #crate-features"
+)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -190,7 +171,7 @@ pub use sd_core::RetryPolicy;
 ///   [`Error::TtlBelowDrift`], [`Error::TtlTooLong`]) fails before any round trip.
 pub trait Lock: Send + Sync {
     /// Tries once to take the lease on `resource` for `ttl`. Contention is
-    /// [`Error::Held`] (or [`Error::NoQuorum`] for Redlock).
+    /// [`Error::Held`] (or `Error::NoQuorum` for Redlock).
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,
