@@ -144,13 +144,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let limit = Limit::gcra(args.quota);
     let backend = match &args.redis {
-        None => Backend::Memory(sd_ratelimit::memory::Builder::new(limit).keyed()?),
+        None => Backend::Memory(sd_ratelimit::memory::MemoryLimiterBuilder::new(limit).keyed()?),
         Some(url) => {
             let conn = redis::Client::open(url.as_str())?
                 .get_connection_manager()
                 .await?;
             Backend::Redis(
-                sd_ratelimit::redis::Builder::new(limit)
+                sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
                     .on_failure(FailurePolicy::Open)
                     .build(conn)?,
             )

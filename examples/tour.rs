@@ -212,7 +212,7 @@ fn hashring() {
 
 /// sd-ratelimit: a burst, a denial with its retry-after, and the next request after it.
 async fn ratelimit(backends: &Backends) {
-    use sd_ratelimit::memory::{Builder, ManualClock};
+    use sd_ratelimit::memory::{ManualClock, MemoryLimiterBuilder};
     use sd_ratelimit::{Limit, Quota};
 
     let Ok(quota) = Quota::per_second(2).and_then(|q| q.with_burst(3)) else {
@@ -221,7 +221,7 @@ async fn ratelimit(backends: &Backends) {
     let limit = Limit::gcra(quota);
     if let Some(conn) = &backends.redis {
         println!("\n== sd-ratelimit: 2 per second, burst 3, on Redis ==");
-        let built = sd_ratelimit::redis::Builder::new(limit)
+        let built = sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
             .prefix(format!("{}:rl", backends.run))
             .build(conn.clone());
         match built {
@@ -232,7 +232,10 @@ async fn ratelimit(backends: &Backends) {
     }
     println!("\n== sd-ratelimit: 2 per second, burst 3, on memory ==");
     let clock = ManualClock::new();
-    if let Ok(limiter) = Builder::new(limit).clock(clock.clone()).keyed::<String>() {
+    if let Ok(limiter) = MemoryLimiterBuilder::new(limit)
+        .clock(clock.clone())
+        .keyed::<String>()
+    {
         ratelimit_run(&limiter, Some(&clock)).await;
     }
 }

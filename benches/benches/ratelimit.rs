@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sd_ratelimit::memory::Builder;
+use sd_ratelimit::memory::MemoryLimiterBuilder;
 use sd_ratelimit::{Limit, Quota};
 
 const KEYS: u64 = 10_000;
@@ -54,7 +54,7 @@ fn memory(c: &mut Criterion) {
     let mut g = c.benchmark_group("ratelimit/memory");
     g.throughput(Throughput::Elements(1));
 
-    let sd = Builder::new(ours).direct().unwrap();
+    let sd = MemoryLimiterBuilder::new(ours).direct().unwrap();
     g.bench_function("direct/sd", |b| {
         b.iter(|| black_box(sd.check().unwrap().allowed))
     });
@@ -64,7 +64,7 @@ fn memory(c: &mut Criterion) {
         b.iter(|| black_box(gov.check().is_ok()))
     });
 
-    let sd = Arc::new(Builder::new(ours).keyed::<u64>().unwrap());
+    let sd = Arc::new(MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap());
     let gov = Arc::new(governor::RateLimiter::keyed(theirs));
     for threads in [1u64, 2] {
         g.bench_function(format!("keyed/{threads}-thread/sd"), |b| {
@@ -114,7 +114,7 @@ fn redis(c: &mut Criterion) {
     );
     let build = |batch| {
         Arc::new(
-            sd_ratelimit::redis::Builder::new(limit)
+            sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
                 .prefix(sd_testkit::unique_name("bench"))
                 .timeout(Duration::from_secs(5))
                 .batch(batch)

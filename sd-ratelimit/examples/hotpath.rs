@@ -21,7 +21,7 @@
 use std::hint::black_box;
 use std::num::NonZeroU32;
 
-use sd_ratelimit::memory::Builder;
+use sd_ratelimit::memory::MemoryLimiterBuilder;
 use sd_ratelimit::{Limit, Quota};
 
 const KEYS: u64 = 10_000;
@@ -51,12 +51,12 @@ fn main() {
     let theirs = theirs.allow_burst(NonZeroU32::new(burst).unwrap());
     let admitted = match case.as_str() {
         "sd-direct" => {
-            let l = Builder::new(ours).direct().unwrap();
+            let l = MemoryLimiterBuilder::new(ours).direct().unwrap();
             measure(n, |_| l.check().unwrap().allowed)
         }
         "sd-direct-full" => {
             // Every field of the decision read, so none is optimised away.
-            let l = Builder::new(ours).direct().unwrap();
+            let l = MemoryLimiterBuilder::new(ours).direct().unwrap();
             measure(n, |_| {
                 let d = l.check().unwrap();
                 black_box((d.remaining, d.limit, d.retry_after, d.reset_after, d.delay));
@@ -64,7 +64,7 @@ fn main() {
             })
         }
         "sd-allow" => {
-            let l = Builder::new(ours).direct().unwrap();
+            let l = MemoryLimiterBuilder::new(ours).direct().unwrap();
             measure(n, |_| l.allow())
         }
         "gov-direct" => {
@@ -72,14 +72,14 @@ fn main() {
             measure(n, |_| l.check().is_ok())
         }
         "sd-keyed" => {
-            let l = Builder::new(ours).keyed::<u64>().unwrap();
+            let l = MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap();
             for k in 0..KEYS {
                 black_box(l.check(&k).unwrap());
             }
             measure(n, |i| l.check(&(i * 7 % KEYS)).unwrap().allowed)
         }
         "sd-keyed-allow" => {
-            let l = Builder::new(ours).keyed::<u64>().unwrap();
+            let l = MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap();
             for k in 0..KEYS {
                 black_box(l.check(&k).unwrap());
             }

@@ -14,11 +14,11 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use sd_ratelimit::{Error, Limit, Quota, memory::{Builder, ManualClock}};
+//! use sd_ratelimit::{Error, Limit, Quota, memory::{ManualClock, MemoryLimiterBuilder}};
 //!
 //! // 10 per second, bursts of 5, time injected so the example is exact.
 //! let clock = ManualClock::new();
-//! let limiter = Builder::new(Limit::gcra(Quota::per_second(10)?.with_burst(5)?))
+//! let limiter = MemoryLimiterBuilder::new(Limit::gcra(Quota::per_second(10)?.with_burst(5)?))
 //!     .clock(clock.clone())
 //!     .keyed::<String>()?;
 //! for _ in 0..5 {
@@ -47,13 +47,13 @@
 //!
 //! | | [`memory`] | `redis` (feature `redis`) |
 //! |---|---|---|
-//! | atomicity | one compare-and-swap per decision, lock-free per key | one `EVALSHA` per decision, atomic in Redis (with `redis::Builder::batch`, concurrent decisions share one, each still atomic) |
+//! | atomicity | one compare-and-swap per decision, lock-free per key | one `EVALSHA` per decision, atomic in Redis (with `redis::RedisLimiterBuilder::batch`, concurrent decisions share one, each still atomic) |
 //! | time | injected [`Clock`] ([`MonotonicClock`] by default) | the Redis server's `TIME` (app clocks may drift) |
 //! | memory | at most `max_keys` keys; keys back to full removed automatically | keys expire when back to full |
 //! | several limits | all or none (taken in order, given back on denial) | all or none (one script) |
 //! | quota change | keeps state: no fresh burst | limit travels with each call: no fresh burst |
 //! | failure | none | `redis::FailurePolicy`: open, closed, or a local limiter |
-//! | fast paths | `allow()`: admitted or not, no [`Decision`] built | `redis::Builder::deny_cache`: keys Redis denied answered locally until they could be admitted |
+//! | fast paths | `allow()`: admitted or not, no [`Decision`] built | `redis::RedisLimiterBuilder::deny_cache`: keys Redis denied answered locally until they could be admitted |
 //!
 //! Both backends make identical decisions for the same requests at the same times (a
 //! differential test runs memory, Redis and Redis Cluster side by side), and GCRA on
@@ -77,7 +77,7 @@
 //! path skipping the general kernel, and more map shards per core. On Redis the cost is
 //! the server's Lua scripting, not the script: every `redis.call` from Lua costs the
 //! server several times a plain command, so one decision costs a few raw `SET`s, and
-//! `redis::Builder::batch` spreads a script's fixed cost over many
+//! `redis::RedisLimiterBuilder::batch` spreads a script's fixed cost over many
 //! decisions. The measured figures, with the peers' from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!

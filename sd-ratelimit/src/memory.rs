@@ -326,7 +326,7 @@ fn give_back(cell: &AtomicU64, p: &Params, now: u64, cost: u32) {
 
 /// Options shared by both memory limiters.
 #[derive(Debug, Clone)]
-pub struct Builder<C = MonotonicClock> {
+pub struct MemoryLimiterBuilder<C = MonotonicClock> {
     limit: Limit,
     clock: C,
     shadow: bool,
@@ -338,10 +338,10 @@ pub struct Builder<C = MonotonicClock> {
 /// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 64 MiB at most).
 pub const DEFAULT_MAX_KEYS: usize = 1 << 20;
 
-impl Builder<MonotonicClock> {
+impl MemoryLimiterBuilder<MonotonicClock> {
     /// Options with `limit`, the monotonic clock, enforcement on, the default key cap.
     pub fn new(limit: Limit) -> Self {
-        Builder {
+        MemoryLimiterBuilder {
             limit,
             clock: MonotonicClock::new(),
             shadow: false,
@@ -352,10 +352,10 @@ impl Builder<MonotonicClock> {
     }
 }
 
-impl<C: Clock> Builder<C> {
+impl<C: Clock> MemoryLimiterBuilder<C> {
     /// Uses `clock` (a [`ManualClock`] in tests).
-    pub fn clock<C2: Clock>(self, clock: C2) -> Builder<C2> {
-        Builder {
+    pub fn clock<C2: Clock>(self, clock: C2) -> MemoryLimiterBuilder<C2> {
+        MemoryLimiterBuilder {
             limit: self.limit,
             clock,
             shadow: self.shadow,

@@ -16,9 +16,9 @@
 //! - **Failure policy**: when Redis errs or times out, [`FailurePolicy`] admits, denies,
 //!   or decides on a local memory limiter. Errors are counted and logged.
 //! - **Shadow mode**: decide, count what would be denied, admit everything.
-//! - **Batching** (opt-in, [`Builder::batch`]): concurrent decisions share one `EVALSHA`,
+//! - **Batching** (opt-in, [`RedisLimiterBuilder::batch`]): concurrent decisions share one `EVALSHA`,
 //!   each still one round trip and decided on its own; nothing waits to fill a batch.
-//! - **Deny cache** (opt-in, [`Builder::deny_cache`]): a key Redis denied is answered
+//! - **Deny cache** (opt-in, [`RedisLimiterBuilder::deny_cache`]): a key Redis denied is answered
 //!   locally until it could be admitted, with exactly stated semantics.
 
 use std::sync::{Arc, Mutex};
@@ -76,7 +76,7 @@ pub enum FailurePolicy {
 
 /// Options of a [`RedisLimiter`].
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct RedisLimiterBuilder {
     limit: Limit,
     prefix: String,
     timeout: Duration,
@@ -86,10 +86,10 @@ pub struct Builder {
     deny_cache: usize,
 }
 
-impl Builder {
+impl RedisLimiterBuilder {
     /// Options with `limit`, prefix `rl`, a 100 ms timeout, and [`FailurePolicy::Open`].
     pub fn new(limit: Limit) -> Self {
-        Builder {
+        RedisLimiterBuilder {
             limit,
             prefix: "rl".into(),
             timeout: Duration::from_millis(100),
@@ -185,7 +185,9 @@ impl Builder {
         }
         let params = redis_params(&self.limit)?;
         let local = match self.policy {
-            FailurePolicy::Local(limit) => Some(memory::Builder::new(limit).keyed::<String>()?),
+            FailurePolicy::Local(limit) => {
+                Some(memory::MemoryLimiterBuilder::new(limit).keyed::<String>()?)
+            }
             _ => None,
         };
         Ok(RedisLimiter {
@@ -234,11 +236,11 @@ fn redis_params(limit: &Limit) -> Result<Params> {
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use sd_ratelimit::{Limit, Quota, redis::{Builder, FailurePolicy}};
+/// use sd_ratelimit::{Limit, Quota, redis::{FailurePolicy, RedisLimiterBuilder}};
 ///
 /// let client = redis::Client::open("redis://127.0.0.1/")?;
 /// let conn = client.get_connection_manager().await?;
-/// let limiter = Builder::new(Limit::gcra(Quota::per_second(10)?))
+/// let limiter = RedisLimiterBuilder::new(Limit::gcra(Quota::per_second(10)?))
 ///     .on_failure(FailurePolicy::Open)
 ///     .build(conn)?;
 /// let decision = limiter.check("user:42").await?;
@@ -353,7 +355,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     /// differently (another algorithm, a token bucket with another refill, a sliding
     /// window of another length): the state in Redis would be misread. Every replica
     /// sharing a prefix must use limits that store their state alike; give a new
-    /// algorithm a new [`Builder::prefix`].
+    /// algorithm a new [`RedisLimiterBuilder::prefix`].
     pub fn set_limit(&self, limit: Limit) -> Result<()> {
         let params = redis_params(&limit)?;
         if !self.limit.load().1.same_state(&params) {
@@ -485,7 +487,7 @@ async fn invoke<C: ConnectionLike + Clone>(
 }
 
 /// Keys Redis denied, answered locally until they could be admitted (see
-/// [`Builder::deny_cache`]).
+/// [`RedisLimiterBuilder::deny_cache`]).
 struct DenyCache {
     /// Key → (denied until, for costs of at least, the denial).
     entries: dashmap::DashMap<String, (tokio::time::Instant, u32, Decision)>,
@@ -532,7 +534,7 @@ impl DenyCache {
     }
 }
 
-/// How many batches may be on the wire at once (see [`Builder::batch`]).
+/// How many batches may be on the wire at once (see [`RedisLimiterBuilder::batch`]).
 pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// One decision waiting for a batch.

@@ -180,7 +180,7 @@ impl<B> KeyExtractor<B> for HeaderKey {
 /// use sd_ratelimit::{Limit, Quota, memory, client_ip::{ClientIp, Trust}};
 /// use sd_ratelimit::tower::{ClientIpKey, RateLimiterLayer};
 ///
-/// let limiter = Arc::new(memory::Builder::new(Limit::gcra(Quota::per_second(10)?)).keyed::<String>()?);
+/// let limiter = Arc::new(memory::MemoryLimiterBuilder::new(Limit::gcra(Quota::per_second(10)?)).keyed::<String>()?);
 /// let key = ClientIpKey::new(ClientIp::x_forwarded_for(Trust::Hops(1))?);
 /// let layer = RateLimiterLayer::new(limiter, key);
 /// # let _ = layer;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
-use sd_ratelimit::memory::{Builder, ManualClock};
+use sd_ratelimit::memory::{ManualClock, MemoryLimiterBuilder};
 use sd_ratelimit::{Error, Limit, Quota};
 
 fn gcra(per_second: u32, burst: u32) -> Limit {
@@ -32,26 +32,31 @@ fn sixty_four_threads_on_one_key_admit_exactly_the_burst() {
         let clock = ManualClock::new();
         clock.advance(Duration::from_secs(10));
         let keyed = Arc::new(
-            Builder::new(algorithm)
+            MemoryLimiterBuilder::new(algorithm)
                 .count_denials(true)
                 .clock(clock.clone())
                 .keyed::<String>()
                 .unwrap(),
         );
         let direct = Arc::new(
-            Builder::new(algorithm)
+            MemoryLimiterBuilder::new(algorithm)
                 .clock(clock.clone())
                 .direct()
                 .unwrap(),
         );
         // The lean `allow()` paths, on limiters of their own.
         let keyed_allow = Arc::new(
-            Builder::new(algorithm)
+            MemoryLimiterBuilder::new(algorithm)
                 .clock(clock.clone())
                 .keyed::<String>()
                 .unwrap(),
         );
-        let direct_allow = Arc::new(Builder::new(algorithm).clock(clock).direct().unwrap());
+        let direct_allow = Arc::new(
+            MemoryLimiterBuilder::new(algorithm)
+                .clock(clock)
+                .direct()
+                .unwrap(),
+        );
         let admitted = Arc::new(AtomicU32::new(0));
         let threads: Vec<_> = (0..64)
             .map(|_| {
@@ -85,7 +90,7 @@ fn sixty_four_threads_on_one_key_admit_exactly_the_burst() {
 fn a_million_distinct_keys_stay_bounded() {
     let clock = ManualClock::new();
     let max_keys = 10_000;
-    let limiter = Builder::new(gcra(10, 5))
+    let limiter = MemoryLimiterBuilder::new(gcra(10, 5))
         .clock(clock.clone())
         .max_keys(max_keys)
         .keyed::<u64>()
@@ -124,7 +129,7 @@ fn a_million_distinct_keys_stay_bounded() {
 #[test]
 fn keys_back_to_full_are_removed_without_a_cap() {
     let clock = ManualClock::new();
-    let limiter = Builder::new(gcra(1000, 1))
+    let limiter = MemoryLimiterBuilder::new(gcra(1000, 1))
         .clock(clock.clone())
         .idle_grace(Duration::from_millis(10))
         .keyed::<u64>()
@@ -142,7 +147,7 @@ fn keys_back_to_full_are_removed_without_a_cap() {
 #[test]
 fn several_limits_are_all_or_none() {
     let clock = ManualClock::new();
-    let limiter = Builder::new(gcra(10, 10))
+    let limiter = MemoryLimiterBuilder::new(gcra(10, 10))
         .clock(clock.clone())
         .keyed::<String>()
         .unwrap();
@@ -175,7 +180,7 @@ fn several_limits_are_all_or_none() {
 #[test]
 fn changing_the_quota_at_runtime_hands_out_no_fresh_burst() {
     let clock = ManualClock::new();
-    let limiter = Builder::new(gcra(10, 10))
+    let limiter = MemoryLimiterBuilder::new(gcra(10, 10))
         .clock(clock.clone())
         .keyed::<String>()
         .unwrap();
@@ -200,7 +205,7 @@ fn changing_the_quota_at_runtime_hands_out_no_fresh_burst() {
 #[test]
 fn switching_algorithms_at_runtime_leaves_the_fast_path() {
     let clock = ManualClock::new();
-    let limiter = Builder::new(gcra(1, 1))
+    let limiter = MemoryLimiterBuilder::new(gcra(1, 1))
         .clock(clock.clone())
         .direct()
         .unwrap();
@@ -234,7 +239,7 @@ fn switching_algorithms_at_runtime_leaves_the_fast_path() {
 #[test]
 fn a_limit_that_would_misread_the_state_is_refused() {
     let window = || Limit::sliding_window(3, Duration::from_secs(3600)).unwrap();
-    let direct = Builder::new(gcra(1, 1)).direct().unwrap();
+    let direct = MemoryLimiterBuilder::new(gcra(1, 1)).direct().unwrap();
     assert!(direct.allow());
     assert!(matches!(
         direct.set_limit(window()),
@@ -243,7 +248,9 @@ fn a_limit_that_would_misread_the_state_is_refused() {
     assert_eq!(direct.limit(), gcra(1, 1));
     assert!(!direct.allow(), "still the GCRA limit, its burst used");
 
-    let keyed = Builder::new(window()).keyed::<String>().unwrap();
+    let keyed = MemoryLimiterBuilder::new(window())
+        .keyed::<String>()
+        .unwrap();
     for _ in 0..3 {
         assert!(keyed.check("k").unwrap().allowed);
     }
@@ -269,7 +276,7 @@ fn a_limit_that_would_misread_the_state_is_refused() {
     assert!(!keyed.check("k").unwrap().allowed);
 
     let bucket = |refill| Limit::token_bucket(10, refill, Duration::from_secs(1)).unwrap();
-    let tb = Builder::new(bucket(1)).direct().unwrap();
+    let tb = MemoryLimiterBuilder::new(bucket(1)).direct().unwrap();
     tb.set_limit(Limit::token_bucket(20, 1, Duration::from_secs(1)).unwrap())
         .unwrap();
     assert!(matches!(
@@ -280,7 +287,7 @@ fn a_limit_that_would_misread_the_state_is_refused() {
 
 #[test]
 fn cost_over_capacity_is_distinct_from_try_later() {
-    let limiter = Builder::new(gcra(10, 5)).direct().unwrap();
+    let limiter = MemoryLimiterBuilder::new(gcra(10, 5)).direct().unwrap();
     assert!(matches!(
         limiter.check_n(6),
         Err(Error::InsufficientCapacity {
@@ -288,7 +295,9 @@ fn cost_over_capacity_is_distinct_from_try_later() {
             capacity: 5
         })
     ));
-    let keyed = Builder::new(gcra(10, 5)).keyed::<String>().unwrap();
+    let keyed = MemoryLimiterBuilder::new(gcra(10, 5))
+        .keyed::<String>()
+        .unwrap();
     assert!(matches!(
         keyed.check_n("a", 6),
         Err(Error::InsufficientCapacity { .. })
@@ -298,7 +307,7 @@ fn cost_over_capacity_is_distinct_from_try_later() {
 
 #[test]
 fn shadow_mode_counts_but_admits() {
-    let limiter = Builder::new(gcra(1, 2))
+    let limiter = MemoryLimiterBuilder::new(gcra(1, 2))
         .clock(ManualClock::new())
         .shadow(true)
         .keyed::<String>()
@@ -311,7 +320,7 @@ fn shadow_mode_counts_but_admits() {
     // `allow()` takes the same bookkeeping path.
     assert!(limiter.allow("k"));
     assert_eq!(limiter.stats().shadow_denied(), 4);
-    let direct = Builder::new(gcra(1, 1))
+    let direct = MemoryLimiterBuilder::new(gcra(1, 1))
         .clock(ManualClock::new())
         .shadow(true)
         .direct()
@@ -323,7 +332,9 @@ fn shadow_mode_counts_but_admits() {
 #[test]
 fn zero_max_keys_is_a_config_error() {
     assert!(matches!(
-        Builder::new(gcra(1, 1)).max_keys(0).keyed::<String>(),
+        MemoryLimiterBuilder::new(gcra(1, 1))
+            .max_keys(0)
+            .keyed::<String>(),
         Err(Error::InvalidConfig {
             field: "max_keys",
             ..
@@ -341,7 +352,7 @@ proptest! {
                              events in prop::collection::vec((0u64..2_000_000, 1u32..25), 1..300)) {
         let interval = Duration::from_micros(interval_us);
         let ours_clock = ManualClock::new();
-        let ours = Builder::new(Limit::gcra(Quota::with_interval(interval).unwrap().with_burst(burst).unwrap()))
+        let ours = MemoryLimiterBuilder::new(Limit::gcra(Quota::with_interval(interval).unwrap().with_burst(burst).unwrap()))
             .clock(ours_clock.clone())
             .direct()
             .unwrap();
@@ -377,7 +388,7 @@ async fn until_ready_waits_in_fifo_order() {
     use sd_ratelimit::memory::TokioClock;
     let q = Quota::per_second(10).unwrap().with_burst(1).unwrap();
     let limiter = Arc::new(
-        Builder::new(Limit::leaky_queue(q, Duration::from_secs(10)).unwrap())
+        MemoryLimiterBuilder::new(Limit::leaky_queue(q, Duration::from_secs(10)).unwrap())
             .clock(TokioClock::default())
             .keyed::<String>()
             .unwrap(),

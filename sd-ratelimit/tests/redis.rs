@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_ratelimit::memory::{self, ManualClock};
-use sd_ratelimit::redis::{Builder, FailurePolicy, RedisLimiter};
+use sd_ratelimit::redis::{FailurePolicy, RedisLimiter, RedisLimiterBuilder};
 use sd_ratelimit::{Clock as _, Decision, Error, Limit, Quota};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -64,7 +64,7 @@ where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
     let clock = ManualClock::new();
-    let memory = memory::Builder::new(limit)
+    let memory = memory::MemoryLimiterBuilder::new(limit)
         .clock(clock.clone())
         .keyed::<String>()
         .unwrap();
@@ -93,14 +93,14 @@ fn redis_and_cluster_decide_exactly_as_memory() {
     let cluster = sd_testkit::RedisCluster::start().expect("redis cluster must start");
     let rt = runtime();
     rt.block_on(async {
-        let single = Builder::new(limits()[0])
+        let single = RedisLimiterBuilder::new(limits()[0])
             .prefix(sd_testkit::unique_name("rl"))
             .timeout(Duration::from_secs(5))
             .build(manager(server.url()).await)
             .unwrap();
         let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
         let conn = client.get_async_connection().await.unwrap();
-        let clustered = Builder::new(limits()[0])
+        let clustered = RedisLimiterBuilder::new(limits()[0])
             .timeout(Duration::from_secs(5))
             .build(conn)
             .unwrap();
@@ -120,7 +120,7 @@ fn server_time_noscript_expiry_and_all_or_none() {
     rt.block_on(async {
         let mut conn = manager(server.url()).await;
         let limit = Limit::gcra(Quota::per_second(10).unwrap().with_burst(2).unwrap());
-        let limiter = Builder::new(limit)
+        let limiter = RedisLimiterBuilder::new(limit)
             .prefix(sd_testkit::unique_name("rl"))
             .timeout(Duration::from_secs(5))
             .build(conn.clone())
@@ -185,11 +185,12 @@ fn leaky_queue_in_redis_reserves_slots_in_order() {
     let rt = runtime();
     rt.block_on(async {
         let q = Quota::per_second(20).unwrap().with_burst(1).unwrap();
-        let limiter = Builder::new(Limit::leaky_queue(q, Duration::from_secs(1)).unwrap())
-            .prefix(sd_testkit::unique_name("rl"))
-            .timeout(Duration::from_secs(5))
-            .build(manager(server.url()).await)
-            .unwrap();
+        let limiter =
+            RedisLimiterBuilder::new(Limit::leaky_queue(q, Duration::from_secs(1)).unwrap())
+                .prefix(sd_testkit::unique_name("rl"))
+                .timeout(Duration::from_secs(5))
+                .build(manager(server.url()).await)
+                .unwrap();
         // Slots 50 ms apart, reserved at the call, in call order (server time, so allow
         // the microseconds that pass between calls).
         for i in 0..4 {
@@ -215,7 +216,7 @@ fn shadow_mode_counts_without_denying() {
     let server = sd_testkit::redis().expect("redis-server must be installed");
     let rt = runtime();
     rt.block_on(async {
-        let limiter = Builder::new(Limit::gcra(Quota::per_minute(1).unwrap()))
+        let limiter = RedisLimiterBuilder::new(Limit::gcra(Quota::per_minute(1).unwrap()))
             .prefix(sd_testkit::unique_name("rl"))
             .shadow(true)
             .timeout(Duration::from_secs(5))
@@ -264,7 +265,7 @@ fn failure_policies(batch: usize) {
             FailurePolicy::Local(local),
         ]
         .map(|policy| {
-            Builder::new(limit)
+            RedisLimiterBuilder::new(limit)
                 .on_failure(policy)
                 .batch(batch)
                 .timeout(Duration::from_millis(300))
@@ -333,7 +334,7 @@ fn batched_decisions_are_exact_under_contention() {
     rt.block_on(async {
         let conn = manager(&server.url()).await;
         let limiter = std::sync::Arc::new(
-            Builder::new(Limit::gcra(Quota::per_hour(100).unwrap()))
+            RedisLimiterBuilder::new(Limit::gcra(Quota::per_hour(100).unwrap()))
                 .batch(32)
                 .timeout(Duration::from_secs(10))
                 .on_failure(FailurePolicy::Closed)
@@ -395,7 +396,7 @@ fn deny_cache_answers_denied_keys_without_a_round_trip() {
     let rt = runtime();
     rt.block_on(async {
         let conn = manager(&server.url()).await;
-        let limiter = Builder::new(Limit::gcra(
+        let limiter = RedisLimiterBuilder::new(Limit::gcra(
             Quota::per_minute(2).unwrap().with_burst(3).unwrap(),
         ))
         .deny_cache(100)
@@ -456,18 +457,20 @@ fn invalid_redis_config_fails_at_construction() {
         let conn = manager(server.url()).await;
         let limit = Limit::gcra(Quota::per_second(1).unwrap());
         assert!(matches!(
-            Builder::new(limit).batch(0).build(conn.clone()),
+            RedisLimiterBuilder::new(limit).batch(0).build(conn.clone()),
             Err(Error::InvalidConfig { field: "batch", .. })
         ));
         assert!(matches!(
-            Builder::new(limit).prefix("a{b").build(conn.clone()),
+            RedisLimiterBuilder::new(limit)
+                .prefix("a{b")
+                .build(conn.clone()),
             Err(Error::InvalidConfig {
                 field: "prefix",
                 ..
             })
         ));
         assert!(matches!(
-            Builder::new(limit)
+            RedisLimiterBuilder::new(limit)
                 .timeout(Duration::ZERO)
                 .build(conn.clone()),
             Err(Error::InvalidConfig {
@@ -477,7 +480,7 @@ fn invalid_redis_config_fails_at_construction() {
         ));
         let huge = Limit::sliding_window(60_000, Duration::from_secs(86_400 * 30)).unwrap();
         assert!(matches!(
-            Builder::new(huge).build(conn),
+            RedisLimiterBuilder::new(huge).build(conn),
             Err(Error::InvalidConfig {
                 field: "window",
                 ..
@@ -495,7 +498,7 @@ fn a_limit_that_would_misread_the_state_in_redis_is_refused() {
     rt.block_on(async {
         let conn = manager(server.url()).await;
         let window = Limit::sliding_window(2, Duration::from_secs(3600)).unwrap();
-        let limiter = Builder::new(window).build(conn).unwrap();
+        let limiter = RedisLimiterBuilder::new(window).build(conn).unwrap();
         assert!(limiter.check("k").await.unwrap().allowed);
         assert!(limiter.check("k").await.unwrap().allowed);
         for other in [

@@ -25,7 +25,7 @@ fn limiter(per_second: u32, burst: u32) -> Arc<KeyedLimiter<String, ManualClock>
             .unwrap(),
     );
     Arc::new(
-        memory::Builder::new(limit)
+        memory::MemoryLimiterBuilder::new(limit)
             .clock(ManualClock::new())
             .keyed()
             .unwrap(),

@@ -151,11 +151,11 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
     let limit = Limit::gcra(Quota::per_second(PER_SECOND)?.with_burst(BURST)?);
     let limiter = match conns.first() {
         Some(c) => Limiter::Redis(
-            sd_ratelimit::redis::Builder::new(limit)
+            sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
                 .prefix(format!("{run}:rl"))
                 .build(c.clone())?,
         ),
-        None => Limiter::Memory(sd_ratelimit::memory::Builder::new(limit).keyed()?),
+        None => Limiter::Memory(sd_ratelimit::memory::MemoryLimiterBuilder::new(limit).keyed()?),
     };
     let prices = SKUS
         .iter()

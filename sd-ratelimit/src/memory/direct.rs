@@ -5,11 +5,11 @@ use super::*;
 /// One limit for the whole process.
 ///
 /// ```
-/// use sd_ratelimit::{Limit, Quota, memory::{Builder, ManualClock}};
+/// use sd_ratelimit::{Limit, Quota, memory::{ManualClock, MemoryLimiterBuilder}};
 /// use std::time::Duration;
 ///
 /// let clock = ManualClock::new();
-/// let limiter = Builder::new(Limit::gcra(Quota::per_second(2)?)).clock(clock.clone()).direct()?;
+/// let limiter = MemoryLimiterBuilder::new(Limit::gcra(Quota::per_second(2)?)).clock(clock.clone()).direct()?;
 /// assert!(limiter.check()?.allowed);
 /// assert!(limiter.check()?.allowed);
 /// let denied = limiter.check()?;

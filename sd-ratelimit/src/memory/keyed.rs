@@ -11,9 +11,9 @@ use super::*;
 /// [`Error::TooManyKeys`] (the caller decides: deny, or admit unlimited).
 ///
 /// ```
-/// use sd_ratelimit::{Limit, Quota, memory::Builder};
+/// use sd_ratelimit::{Limit, Quota, memory::MemoryLimiterBuilder};
 ///
-/// let limiter = Builder::new(Limit::gcra(Quota::per_minute(1)?)).keyed::<String>()?;
+/// let limiter = MemoryLimiterBuilder::new(Limit::gcra(Quota::per_minute(1)?)).keyed::<String>()?;
 /// assert!(limiter.check("alice")?.allowed);
 /// assert!(!limiter.check("alice")?.allowed);
 /// assert!(limiter.check("bob")?.allowed);
