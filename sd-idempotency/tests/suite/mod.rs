@@ -2,6 +2,7 @@
 //! over real HTTP on loopback.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod app;
 pub mod http;
 pub mod model;
 
