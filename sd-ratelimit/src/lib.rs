@@ -88,6 +88,8 @@
 //! - `redis`: the Redis backend (redis-rs, async; single server or cluster). Implies `tokio`.
 //! - `tower`: the tower / axum / tonic middleware. Implies `tokio` (to wait out a leaky
 //!   queue's delay).
+//! - `test-util`: `conformance`, the checks every [`RateLimiter`] passes, for your own
+//!   backend or a [`BoxLimiter`] built from configuration.
 //! - `tokio`: `until_ready` on the memory limiters, reading a PROXY header from a tokio
 //!   stream, and `client_ip::ProxyListener`.
 #![forbid(unsafe_code)]
@@ -95,7 +97,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
+mod boxed;
 pub mod client_ip;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod error;
 pub mod memory;
 #[cfg(feature = "redis")]
@@ -107,15 +113,18 @@ pub mod redis;
 pub mod tower;
 
 pub use crate::algorithm::{Decision, Limit, MAX_SLIDING_WINDOW_LIMIT, Quota};
+pub use crate::boxed::BoxLimiter;
 pub use crate::error::{Error, Result};
 #[doc(no_inline)]
 pub use sd_core::{Clock, ManualClock, MonotonicClock, SystemClock, TokioClock};
 
-/// A backend the tower layer (or any async caller) can ask: memory or Redis.
+/// A backend the tower layer (or any async caller) can ask: memory or Redis, or either
+/// behind a [`BoxLimiter`] chosen at run time.
 ///
 /// Contract: one call decides one request of `cost` for `key` atomically with respect
 /// to every other call on the same key; a cost over the capacity is
-/// [`Error::InsufficientCapacity`].
+/// [`Error::InsufficientCapacity`]. The `conformance` module (feature `test-util`)
+/// checks it on any implementation.
 pub trait RateLimiter: Send + Sync + 'static {
     /// Decides one request.
     fn check_key<'a>(
