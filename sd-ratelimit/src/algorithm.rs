@@ -191,33 +191,28 @@ impl Limit {
     }
 
     /// A token bucket holding `capacity` tokens, refilled with `refill_amount` tokens
-    /// every `refill_interval` (in steps, not continuously). A request of cost `n` takes
-    /// `n` tokens.
-    pub fn token_bucket(
-        capacity: u32,
-        refill_amount: u32,
-        refill_interval: Duration,
-    ) -> Result<Self> {
-        if capacity == 0 {
-            return Err(Error::config("capacity", "must be at least 1"));
+    /// (default 1) every `refill_interval` (in steps, not continuously). A request of
+    /// cost `n` takes `n` tokens.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sd_ratelimit::Limit;
+    ///
+    /// let limit = Limit::token_bucket()
+    ///     .capacity(10)
+    ///     .refill_amount(2)
+    ///     .refill_interval(Duration::from_secs(1))
+    ///     .build()?;
+    /// assert_eq!(limit.capacity(), 10);
+    /// assert_eq!(limit.window(), Duration::from_secs(5));
+    /// # Ok::<(), sd_ratelimit::Error>(())
+    /// ```
+    pub fn token_bucket() -> TokenBucketBuilder {
+        TokenBucketBuilder {
+            capacity: 0,
+            refill_amount: 1,
+            refill_interval: Duration::ZERO,
         }
-        if refill_amount == 0 {
-            return Err(Error::config("refill_amount", "must be at least 1"));
-        }
-        let refill_interval_ns = duration_ns("refill_interval", refill_interval)?;
-        if u64::from(refill_amount) > refill_interval_ns {
-            return Err(Error::config(
-                "refill_amount",
-                "more than one token per nanosecond; lengthen `refill_interval`",
-            ));
-        }
-        Ok(Limit {
-            kind: Kind::TokenBucket {
-                capacity,
-                refill_amount,
-                refill_interval_ns,
-            },
-        })
     }
 
     /// A sliding-window counter: at most about `limit` requests in any `window`,
@@ -319,6 +314,68 @@ impl Limit {
                 window: window_ns.div_ceil(1000),
                 limit: u64::from(limit),
                 scale: (1000 / tick_ns).max(1),
+            },
+        })
+    }
+}
+
+/// A token bucket's numbers, from [`Limit::token_bucket`]; [`build`](Self::build) checks
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct TokenBucketBuilder {
+    capacity: u32,
+    refill_amount: u32,
+    refill_interval: Duration,
+}
+
+impl TokenBucketBuilder {
+    /// The most tokens the bucket holds (required, at least 1): the burst.
+    pub fn capacity(mut self, capacity: u32) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Tokens added at each refill (default 1).
+    pub fn refill_amount(mut self, amount: u32) -> Self {
+        self.refill_amount = amount;
+        self
+    }
+
+    /// Time between refills (required, longer than zero).
+    pub fn refill_interval(mut self, interval: Duration) -> Self {
+        self.refill_interval = interval;
+        self
+    }
+
+    /// The limit, or [`Error::InvalidConfig`] naming the field at fault.
+    pub fn build(self) -> Result<Limit> {
+        let TokenBucketBuilder {
+            capacity,
+            refill_amount,
+            refill_interval,
+        } = self;
+        if capacity == 0 {
+            return Err(Error::config(
+                "capacity",
+                "must be at least 1; set `capacity`",
+            ));
+        }
+        if refill_amount == 0 {
+            return Err(Error::config("refill_amount", "must be at least 1"));
+        }
+        let refill_interval_ns = duration_ns("refill_interval", refill_interval)?;
+        if u64::from(refill_amount) > refill_interval_ns {
+            return Err(Error::config(
+                "refill_amount",
+                "more than one token per nanosecond; lengthen `refill_interval`",
+            ));
+        }
+        Ok(Limit {
+            kind: Kind::TokenBucket {
+                capacity,
+                refill_amount,
+                refill_interval_ns,
             },
         })
     }

@@ -26,7 +26,12 @@ fn gcra(per_second: u32, burst: u32) -> Limit {
 fn sixty_four_threads_on_one_key_admit_exactly_the_burst() {
     for algorithm in [
         gcra(1, 100),
-        Limit::token_bucket(100, 1, Duration::from_secs(1)).unwrap(),
+        Limit::token_bucket()
+            .capacity(100)
+            .refill_amount(1)
+            .refill_interval(Duration::from_secs(1))
+            .build()
+            .unwrap(),
         Limit::sliding_window(100, Duration::from_secs(1)).unwrap(),
     ] {
         let clock = ManualClock::new();
@@ -257,7 +262,12 @@ fn a_limit_that_would_misread_the_state_is_refused() {
     for other in [
         gcra(1, 5),
         Limit::sliding_window(3, Duration::from_secs(60)).unwrap(),
-        Limit::token_bucket(10, 1, Duration::from_secs(1)).unwrap(),
+        Limit::token_bucket()
+            .capacity(10)
+            .refill_amount(1)
+            .refill_interval(Duration::from_secs(1))
+            .build()
+            .unwrap(),
     ] {
         assert!(matches!(
             keyed.set_limit(other),
@@ -275,10 +285,24 @@ fn a_limit_that_would_misread_the_state_is_refused() {
     assert!(keyed.check("k").unwrap().allowed);
     assert!(!keyed.check("k").unwrap().allowed);
 
-    let bucket = |refill| Limit::token_bucket(10, refill, Duration::from_secs(1)).unwrap();
+    let bucket = |refill| {
+        Limit::token_bucket()
+            .capacity(10)
+            .refill_amount(refill)
+            .refill_interval(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    };
     let tb = MemoryLimiterBuilder::new(bucket(1)).direct().unwrap();
-    tb.set_limit(Limit::token_bucket(20, 1, Duration::from_secs(1)).unwrap())
-        .unwrap();
+    tb.set_limit(
+        Limit::token_bucket()
+            .capacity(20)
+            .refill_amount(1)
+            .refill_interval(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     assert!(matches!(
         tb.set_limit(bucket(2)),
         Err(Error::InvalidConfig { field: "limit", .. })

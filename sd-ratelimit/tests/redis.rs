@@ -37,7 +37,12 @@ fn limits() -> Vec<Limit> {
         Limit::gcra(q),
         // Intervals are whole microseconds: Redis counts in µs, memory in ns.
         Limit::gcra(Quota::new(4, Duration::from_secs(3)).unwrap()),
-        Limit::token_bucket(5, 2, Duration::from_secs(1)).unwrap(),
+        Limit::token_bucket()
+            .capacity(5)
+            .refill_amount(2)
+            .refill_interval(Duration::from_secs(1))
+            .build()
+            .unwrap(),
         Limit::leaky_queue(q.with_burst(1).unwrap(), Duration::from_millis(1500)).unwrap(),
         Limit::sliding_window(6, Duration::from_secs(2)).unwrap(),
     ]

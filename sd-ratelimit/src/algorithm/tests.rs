@@ -35,19 +35,35 @@ fn quota_validation_names_the_field() {
         other => panic!("expected a config error, got {other:?}"),
     };
     assert_eq!(
-        f(Limit::token_bucket(0, 1, Duration::from_secs(1))),
+        f(Limit::token_bucket()
+            .capacity(0)
+            .refill_amount(1)
+            .refill_interval(Duration::from_secs(1))
+            .build()),
         "capacity"
     );
     assert_eq!(
-        f(Limit::token_bucket(1, 0, Duration::from_secs(1))),
+        f(Limit::token_bucket()
+            .capacity(1)
+            .refill_amount(0)
+            .refill_interval(Duration::from_secs(1))
+            .build()),
         "refill_amount"
     );
     assert_eq!(
-        f(Limit::token_bucket(1, 1, Duration::ZERO)),
+        f(Limit::token_bucket()
+            .capacity(1)
+            .refill_amount(1)
+            .refill_interval(Duration::ZERO)
+            .build()),
         "refill_interval"
     );
     assert_eq!(
-        f(Limit::token_bucket(10, 10, Duration::from_nanos(5))),
+        f(Limit::token_bucket()
+            .capacity(10)
+            .refill_amount(10)
+            .refill_interval(Duration::from_nanos(5))
+            .build()),
         "refill_amount"
     );
     assert_eq!(f(Limit::sliding_window(0, Duration::from_secs(1))), "limit");
@@ -92,7 +108,11 @@ fn cost_over_capacity_never_fits() {
 
 #[test]
 fn token_bucket_refills_in_steps() {
-    let p = Limit::token_bucket(5, 2, Duration::from_secs(1))
+    let p = Limit::token_bucket()
+        .capacity(5)
+        .refill_amount(2)
+        .refill_interval(Duration::from_secs(1))
+        .build()
         .unwrap()
         .params(1)
         .unwrap();
@@ -257,7 +277,7 @@ mod props {
         fn token_bucket_matches_bucket_model(capacity in 1u32..20, amount in 1u32..5, interval_ms in 1u64..2000,
                                              t0 in 0u64..1 << 50, evs in events(300_000_000, 21)) {
             let interval = interval_ms * 1_000_000;
-            let p = Limit::token_bucket(capacity, amount, Duration::from_nanos(interval)).unwrap().params(1).unwrap();
+            let p = Limit::token_bucket().capacity(capacity).refill_amount(amount).refill_interval(Duration::from_nanos(interval)).build().unwrap().params(1).unwrap();
             let log = run(&p, t0, &evs);
             let (mut tokens, mut last_tick) = (u64::from(capacity), t0 / interval);
             for &(now, cost, step) in &log {
@@ -333,7 +353,7 @@ mod props {
             let q = Quota::new(5, Duration::from_secs(1)).unwrap();
             let limits = [
                 Limit::gcra(q),
-                Limit::token_bucket(5, 1, Duration::from_millis(200)).unwrap(),
+                Limit::token_bucket().capacity(5).refill_amount(1).refill_interval(Duration::from_millis(200)).build().unwrap(),
                 Limit::sliding_window(5, Duration::from_secs(1)).unwrap(),
                 Limit::leaky_queue(q, Duration::from_millis(300)).unwrap(),
             ];
