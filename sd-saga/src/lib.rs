@@ -138,10 +138,16 @@
 //! None is on by default.
 //!
 //! - `postgres`: the PostgreSQL log (`postgres::PostgresStore`, sqlx 0.8).
+//! - `test-util`: the `conformance` module, the [`SagaStore`] contract as a suite of
+//!   checks that any log (a new backend, or a [`BoxStore`]) can run.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod boxed;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod definition;
 mod error;
 pub mod memory;
@@ -152,6 +158,7 @@ mod orchestrator;
 pub mod postgres;
 mod store;
 
+pub use crate::boxed::BoxStore;
 pub use crate::definition::{
     BoxFuture, Direction, Saga, SagaBuilder, Step, StepContext, StepError, StepKind,
     idempotency_key,

@@ -1,0 +1,215 @@
+//! The [`SagaStore`] contract as a suite of async checks, for any log: the crate's own
+//! logs run it, and so can a new backend (feature `test-util`).
+//!
+//! Each case takes a fresh store (sagas with ids of its own, so one database may serve
+//! several cases) and panics when the store breaks the contract: execution,
+//! compensation, retries, stuck and resume, crash injection at every write boundary,
+//! fencing, concurrent recovery and a thousand sagas at once. The cases need a
+//! multi-threaded tokio runtime (`#[tokio::test(flavor = "multi_thread")]`).
+//!
+//! ```
+//! use sd_saga::{BoxStore, MemoryStore, conformance};
+//!
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+//! conformance::happy_path_runs_every_step_in_order_and_threads_the_data(
+//!     BoxStore::new(MemoryStore::new()),
+//! )
+//! .await;
+//! # });
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![allow(clippy::unwrap_used)]
+
+mod cases;
+mod faulty;
+mod ledger;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::cases::*;
+pub use self::faulty::Faulty;
+pub use self::ledger::{Fault, Ledger};
+use crate::{
+    Direction, EventKind, Orchestrator, RetryPolicy, Saga, SagaRecord, SagaStore, Step,
+    StepContext, StoredEvent,
+};
+
+/// Runs every case in [`CASES`] order, each on a fresh, empty log from `make`.
+pub async fn run_all<S, F, Fut>(mut make: F)
+where
+    S: SagaStore + Clone,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = S>,
+{
+    happy_path_runs_every_step_in_order_and_threads_the_data(make().await).await;
+    failure_before_the_pivot_compensates_in_exact_reverse(make().await).await;
+    non_retryable_error_fails_at_once(make().await).await;
+    compensation_failing_three_times_then_succeeding(make().await).await;
+    compensation_always_failing_is_stuck_then_resumed(make().await).await;
+    retriable_step_past_the_pivot_is_stuck_then_resumed_forward(make().await).await;
+    timed_out_step_is_retried_then_compensated_itself(make().await).await;
+    crash_at_every_boundary_then_recover_finishes_every_saga(make().await).await;
+    stale_owner_is_fenced_and_exactly_one_progresses(make().await).await;
+    heartbeats_keep_a_long_step_owned(make().await).await;
+    concurrent_recovers_claim_each_saga_once(make().await).await;
+    thousand_sagas_concurrently(make().await).await;
+    ids_are_checked_and_unique(make().await).await;
+}
+
+/// The data of every test saga: the names of the steps that ran.
+pub type Data = Vec<String>;
+
+/// Every case, by name, in the order [`run_all`] runs them.
+pub const CASES: &[&str] = &[
+    "happy_path_runs_every_step_in_order_and_threads_the_data",
+    "failure_before_the_pivot_compensates_in_exact_reverse",
+    "non_retryable_error_fails_at_once",
+    "compensation_failing_three_times_then_succeeding",
+    "compensation_always_failing_is_stuck_then_resumed",
+    "retriable_step_past_the_pivot_is_stuck_then_resumed_forward",
+    "timed_out_step_is_retried_then_compensated_itself",
+    "crash_at_every_boundary_then_recover_finishes_every_saga",
+    "stale_owner_is_fenced_and_exactly_one_progresses",
+    "heartbeats_keep_a_long_step_owned",
+    "concurrent_recovers_claim_each_saga_once",
+    "thousand_sagas_concurrently",
+    "ids_are_checked_and_unique",
+];
+
+/// Forward effects of steps `0..done`, then, if `compensated`, the compensations of
+/// `undo` steps in reverse.
+pub fn expected(done: usize, undo: usize) -> Vec<(usize, Direction)> {
+    let mut v: Vec<_> = (0..done).map(|s| (s, Direction::Forward)).collect();
+    v.extend((0..undo).rev().map(|s| (s, Direction::Compensate)));
+    v
+}
+
+/// A fast policy: 1 ms backoff, `attempts` attempts.
+pub fn fast(attempts: u32) -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(1))
+        .max_interval(Duration::from_millis(4))
+        .max_attempts(attempts)
+        .build()
+        .unwrap()
+}
+
+/// Options of [`saga`].
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// `C` compensatable, `P` pivot, `R` retriable, one letter per step.
+    pub kinds: &'static str,
+    /// The policy of the steps up to the pivot.
+    pub forward: RetryPolicy,
+    /// The policy of the retriable steps.
+    pub retriable: RetryPolicy,
+    /// The policy of the compensations.
+    pub compensation: RetryPolicy,
+    /// The per-attempt timeout.
+    pub timeout: Duration,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            kinds: "CCCPR",
+            forward: fast(3),
+            retriable: fast(3),
+            compensation: fast(5),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A saga of steps `s0..sN` that each call the ledger and append their name to the data.
+pub fn saga(ledger: &Arc<Ledger>, shape: &Shape) -> Saga<Data> {
+    let mut builder = Saga::builder("order")
+        .compensation_retry(shape.compensation)
+        .timeout(shape.timeout);
+    for (i, kind) in shape.kinds.chars().enumerate() {
+        let name = format!("s{i}");
+        let l = ledger.clone();
+        let action = move |ctx: StepContext, mut data: Data| {
+            let l = l.clone();
+            async move {
+                l.call(&ctx).await?;
+                data.push(ctx.step_name().to_owned());
+                Ok(data)
+            }
+        };
+        let step = match kind {
+            'C' => {
+                let l = ledger.clone();
+                let undo = move |ctx: StepContext, _data: Data| {
+                    let l = l.clone();
+                    async move { l.call(&ctx).await }
+                };
+                Step::compensatable(name, action, undo).retry(shape.forward)
+            }
+            'P' => Step::pivot(name, action).retry(shape.forward),
+            'R' => Step::retriable(name, action).retry(shape.retriable),
+            other => panic!("unknown step kind {other}"),
+        };
+        builder = builder.step(step);
+    }
+    builder.build().unwrap()
+}
+
+/// The lease of the suite's orchestrators: short, so recovery tests wait little.
+pub const LEASE: Duration = Duration::from_millis(300);
+
+/// An orchestrator of `saga` on `store`, named `owner`, with the [`LEASE`].
+pub fn orchestrator<S: SagaStore>(
+    saga: &Saga<Data>,
+    store: S,
+    owner: &str,
+) -> Orchestrator<Data, S> {
+    Orchestrator::builder(saga.clone(), store)
+        .owner(owner)
+        .lease_ttl(LEASE)
+        .build()
+        .unwrap()
+}
+
+/// Calls `recover` until every saga in `ids` is final or stuck (a hang guard of 60 s);
+/// returns the number of sagas claimed.
+pub async fn recover_all<S: SagaStore>(orch: &Orchestrator<Data, S>, ids: &[String]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut claimed = 0;
+    loop {
+        let report = orch.recover().await.unwrap();
+        claimed += report.claimed;
+        let mut open = 0;
+        for id in ids {
+            if orch
+                .get(id)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.state.is_live())
+            {
+                open += 1;
+            }
+        }
+        if open == 0 {
+            return claimed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{open} sagas still live after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub(crate) async fn state<S: SagaStore>(orch: &Orchestrator<Data, S>, id: &str) -> SagaRecord {
+    orch.get(id).await.unwrap().expect("the saga is in the log")
+}
+
+pub(crate) fn kinds(events: &[StoredEvent], step: u32, direction: Direction) -> Vec<EventKind> {
+    events
+        .iter()
+        .filter(|e| e.event.step == step && e.event.direction == direction)
+        .map(|e| e.event.kind)
+        .collect()
+}
