@@ -279,7 +279,9 @@ impl std::fmt::Display for Answer {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let payments = Arc::new(Payments {
         // A short lock keeps the in-flight hint small; the heartbeat extends it meanwhile.
-        run_once: RunOnce::new(MemoryStore::new()).lock_ttl(Duration::from_secs(2))?,
+        run_once: RunOnce::builder(MemoryStore::new())
+            .lock_ttl(Duration::from_secs(2))
+            .build()?,
         charges: AtomicU64::new(0),
     });
     let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())?;

@@ -70,7 +70,7 @@
 //! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
 //!
 //! The middleware fails closed: when the store errs or times out it answers 503 and the
-//! handler does not run ([`middleware::OnStoreFailure`]). A claim that timed out may
+//! handler does not run ([`tower::OnStoreFailure`]). A claim that timed out may
 //! still land when a frozen store wakes: a retry with the same key then gets 409 with
 //! `Retry-After` until `lock_ttl` has passed, and runs after that (the tests pause Redis
 //! and PostgreSQL to check the 503; nothing runs twice either way).
@@ -91,7 +91,7 @@
 //!
 //! - `redis`: the Redis backend ([`redis::RedisStore`]).
 //! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
-//! - `tower`: the tower / axum middleware ([`middleware::IdempotencyLayer`]).
+//! - `tower`: the tower / axum middleware ([`tower::IdempotencyLayer`]).
 // Without its feature an item is not there to link to: its links lead to the list above.
 #![cfg_attr(
     not(feature = "redis"),
@@ -107,8 +107,8 @@
 #![cfg_attr(
     not(feature = "tower"),
     doc = "",
-    doc = "[`middleware::IdempotencyLayer`]: #crate-features",
-    doc = "[`middleware::OnStoreFailure`]: #crate-features"
+    doc = "[`tower::IdempotencyLayer`]: #crate-features",
+    doc = "[`tower::OnStoreFailure`]: #crate-features"
 )]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -116,9 +116,6 @@
 
 mod error;
 pub mod memory;
-#[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-pub mod middleware;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -127,13 +124,18 @@ pub mod postgres;
 pub mod redis;
 mod run_once;
 pub mod store;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 
 pub use error::{Error, Result};
 pub use memory::MemoryStore;
-#[cfg(feature = "tower")]
-pub use middleware::IdempotencyLayer;
-pub use run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, Outcome, RunError, RunOnce, run_once};
+pub use run_once::{
+    DEFAULT_LOCK_TTL, DEFAULT_RETENTION, Outcome, RunError, RunOnce, RunOnceBuilder, run_once,
+};
 pub use sd_core::{Clock, ManualClock, SystemClock};
 pub use store::{
     Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, run_sweeper, validate_key,
 };
+#[cfg(feature = "tower")]
+pub use tower::IdempotencyLayer;

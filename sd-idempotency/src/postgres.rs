@@ -43,21 +43,21 @@ const TAKE: &str = "(r.expires_at <= EXCLUDED.created_at OR (r.state = 'in_fligh
 
 /// Options of a [`PostgresStore`].
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct PostgresStoreBuilder {
     table: String,
     timeout: Duration,
 }
 
-impl Default for Builder {
+impl Default for PostgresStoreBuilder {
     fn default() -> Self {
-        Builder {
+        PostgresStoreBuilder {
             table: DEFAULT_TABLE.into(),
             timeout: Duration::from_secs(2),
         }
     }
 }
 
-impl Builder {
+impl PostgresStoreBuilder {
     /// The table (default `idempotency_keys`): `table` or `schema.table`, each part 1 to
     /// 48 of `[a-z0-9_]` (sd's one rule, `TableName`), checked by [`build`](Self::build).
     pub fn table(mut self, table: impl Into<String>) -> Self {
@@ -126,8 +126,8 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Options: table `idempotency_keys`, 2 s timeout.
-    pub fn builder() -> Builder {
-        Builder::default()
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
     }
 
     /// The pool.

@@ -41,21 +41,21 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/ex
 
 /// Options of a [`RedisStore`].
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
 }
 
-impl Default for Builder {
+impl Default for RedisStoreBuilder {
     fn default() -> Self {
-        Builder {
+        RedisStoreBuilder {
             prefix: "idem".into(),
             timeout: Duration::from_secs(1),
         }
     }
 }
 
-impl Builder {
+impl RedisStoreBuilder {
     /// The key prefix (default `idem`); keys are `{prefix}:{{digest}}`, sd adds the
     /// colon. Checked by [`build`](Self::build) against sd's one rule (`KeyPrefix`): no
     /// `{`, `}` or trailing `:`.
@@ -104,8 +104,8 @@ impl<C> std::fmt::Debug for RedisStore<C> {
 
 impl RedisStore<()> {
     /// Options: prefix `idem`, 1 s timeout.
-    pub fn builder() -> Builder {
-        Builder::default()
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
     }
 }
 

@@ -91,6 +91,43 @@ pub struct RunOnce<S> {
     retention: Duration,
 }
 
+/// Options of a [`RunOnce`]; [`build`](Self::build) checks them.
+#[derive(Debug, Clone)]
+pub struct RunOnceBuilder<S> {
+    store: S,
+    lock_ttl: Duration,
+    retention: Duration,
+}
+
+impl<S: Store> RunOnceBuilder<S> {
+    /// How long a claim holds without being extended (default 30 s; at least 3 ms: the
+    /// heartbeat extends it every third).
+    pub fn lock_ttl(mut self, lock_ttl: Duration) -> Self {
+        self.lock_ttl = lock_ttl;
+        self
+    }
+
+    /// How long a completed result is replayed (default 24 h; at least 1 ms).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The runner, or [`Error::InvalidConfig`] naming the first setter out of range.
+    pub fn build(self) -> Result<RunOnce<S>> {
+        ttl_ms("lock_ttl", self.lock_ttl)?;
+        if self.lock_ttl < Duration::from_millis(3) {
+            return Err(Error::config("lock_ttl", "must be at least 3 ms"));
+        }
+        ttl_ms("retention", self.retention)?;
+        Ok(RunOnce {
+            store: self.store,
+            lock_ttl: self.lock_ttl,
+            retention: self.retention,
+        })
+    }
+}
+
 impl<S: Store> RunOnce<S> {
     /// On `store` with a 30 s lock and 24 h retention.
     pub fn new(store: S) -> Self {
@@ -101,22 +138,13 @@ impl<S: Store> RunOnce<S> {
         }
     }
 
-    /// How long a claim holds without being extended (at least 3 ms: the heartbeat
-    /// extends it every third).
-    pub fn lock_ttl(mut self, lock_ttl: Duration) -> Result<Self> {
-        ttl_ms("lock_ttl", lock_ttl)?;
-        if lock_ttl < Duration::from_millis(3) {
-            return Err(Error::config("lock_ttl", "must be at least 3 ms"));
+    /// Options on `store`, starting from a 30 s lock and 24 h retention.
+    pub fn builder(store: S) -> RunOnceBuilder<S> {
+        RunOnceBuilder {
+            store,
+            lock_ttl: DEFAULT_LOCK_TTL,
+            retention: DEFAULT_RETENTION,
         }
-        self.lock_ttl = lock_ttl;
-        Ok(self)
-    }
-
-    /// How long a completed result is replayed.
-    pub fn retention(mut self, retention: Duration) -> Result<Self> {
-        ttl_ms("retention", retention)?;
-        self.retention = retention;
-        Ok(self)
     }
 
     /// The store.

@@ -73,22 +73,22 @@ pub fn default_store_policy(status: StatusCode) -> bool {
             ))
 }
 
-/// Options of an [`IdempotencyLayer`]; [`build`](Builder::build) checks them.
+/// Options of an [`IdempotencyLayer`]; [`build`](IdempotencyLayerBuilder::build) checks them.
 #[derive(Clone)]
-pub struct Builder<S> {
+pub struct IdempotencyLayerBuilder<S> {
     store: S,
     config: Config,
 }
 
-impl<S> fmt::Debug for Builder<S> {
+impl<S> fmt::Debug for IdempotencyLayerBuilder<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("IdempotencyLayerBuilder")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl<S: Store> Builder<S> {
+impl<S: Store> IdempotencyLayerBuilder<S> {
     /// Methods covered (default POST and PATCH).
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.config.methods = methods.into_iter().collect();
@@ -338,10 +338,10 @@ impl<S> fmt::Debug for IdempotencyLayer<S> {
 
 impl<S: Store> IdempotencyLayer<S> {
     /// Options on `store`: POST and PATCH on every path, keys required, one shared scope
-    /// (set [`Builder::principal`]), 30 s lock, 24 h retention, 2 s store timeout, 1 MiB
+    /// (set [`IdempotencyLayerBuilder::principal`]), 30 s lock, 24 h retention, 2 s store timeout, 1 MiB
     /// request and response caps, `content-type` and `location` replayed, fail closed.
-    pub fn builder(store: S) -> Builder<S> {
-        Builder {
+    pub fn builder(store: S) -> IdempotencyLayerBuilder<S> {
+        IdempotencyLayerBuilder {
             store,
             config: Config {
                 methods: vec![Method::POST, Method::PATCH],
@@ -364,10 +364,10 @@ impl<S: Store> IdempotencyLayer<S> {
 }
 
 impl<S: Clone, I> tower::Layer<I> for IdempotencyLayer<S> {
-    type Service = IdempotencyService<S, I>;
+    type Service = Idempotency<S, I>;
 
     fn layer(&self, inner: I) -> Self::Service {
-        IdempotencyService {
+        Idempotency {
             inner,
             store: self.store.clone(),
             config: Arc::clone(&self.config),
@@ -377,19 +377,19 @@ impl<S: Clone, I> tower::Layer<I> for IdempotencyLayer<S> {
 
 /// The service [`IdempotencyLayer`] wraps around a handler.
 #[derive(Clone)]
-pub struct IdempotencyService<S, I> {
+pub struct Idempotency<S, I> {
     inner: I,
     store: S,
     config: Arc<Config>,
 }
 
-impl<S, I> fmt::Debug for IdempotencyService<S, I> {
+impl<S, I> fmt::Debug for Idempotency<S, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyService").finish_non_exhaustive()
+        f.debug_struct("Idempotency").finish_non_exhaustive()
     }
 }
 
-impl<S, I, ReqB, ResB> tower::Service<Request<ReqB>> for IdempotencyService<S, I>
+impl<S, I, ReqB, ResB> tower::Service<Request<ReqB>> for Idempotency<S, I>
 where
     S: Store + Clone + 'static,
     I: tower::Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -729,7 +729,7 @@ mod tests {
     #[test]
     fn config_is_checked() {
         let store = crate::MemoryStore::new();
-        let err = |b: Builder<crate::MemoryStore>| match b.build() {
+        let err = |b: IdempotencyLayerBuilder<crate::MemoryStore>| match b.build() {
             Err(Error::InvalidConfig { field, .. }) => field,
             other => panic!("{other:?}"),
         };

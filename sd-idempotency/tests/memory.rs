@@ -39,8 +39,8 @@ behaviour_suite!(harness());
 
 #[test]
 fn run_once_config_errors_name_the_field() {
-    let runner = RunOnce::new(MemoryStore::new());
-    let err = runner.clone().lock_ttl(Duration::ZERO).unwrap_err();
+    let runner = RunOnce::builder(MemoryStore::new());
+    let err = runner.clone().lock_ttl(Duration::ZERO).build().unwrap_err();
     assert!(matches!(
         err,
         Error::InvalidConfig {
@@ -48,7 +48,7 @@ fn run_once_config_errors_name_the_field() {
             ..
         }
     ));
-    let err = runner.retention(Duration::ZERO).unwrap_err();
+    let err = runner.retention(Duration::ZERO).build().unwrap_err();
     assert!(matches!(
         err,
         Error::InvalidConfig {

@@ -191,15 +191,19 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         let store = sd_idempotency::redis::RedisStore::builder()
             .prefix(format!("{run}:idem"))
             .build(c.clone())?;
-        Keys::Redis(RunOnce::new(store).lock_ttl(key_ttl)?)
+        Keys::Redis(RunOnce::builder(store).lock_ttl(key_ttl).build()?)
     } else if let Some(pool) = &pg {
         let store = sd_idempotency::postgres::PostgresStore::builder()
             .table("checkout_idempotency")
             .build(pool.clone())?;
         store.migrate().await?;
-        Keys::Postgres(RunOnce::new(store).lock_ttl(key_ttl)?)
+        Keys::Postgres(RunOnce::builder(store).lock_ttl(key_ttl).build()?)
     } else {
-        Keys::Memory(RunOnce::new(KeyMemory::new()).lock_ttl(key_ttl)?)
+        Keys::Memory(
+            RunOnce::builder(KeyMemory::new())
+                .lock_ttl(key_ttl)
+                .build()?,
+        )
     };
     let (orders, dedupe) = match &pg {
         Some(pool) => (

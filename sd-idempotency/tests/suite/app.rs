@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{patch, post};
-use sd_idempotency::middleware::Builder;
+use sd_idempotency::tower::IdempotencyLayerBuilder as Builder;
 use sd_idempotency::{IdempotencyLayer, Store};
 use tokio::sync::{Semaphore, mpsc, watch};
 

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sd_idempotency::Store;
-use sd_idempotency::middleware::OnStoreFailure;
+use sd_idempotency::tower::OnStoreFailure;
 
 pub use super::app::*;
 use super::{Harness, Observed};

@@ -534,7 +534,10 @@ pub async fn run_once_duplicate_in_flight<S: Store + Clone + 'static>(h: &Harnes
 pub async fn run_once_long_work_keeps_its_lock<S: Store + Clone + 'static>(h: &Harness<S>) {
     let scope = scope();
     let observed = Observed::new(h.store.clone());
-    let runner = RunOnce::new(observed.clone()).lock_ttl(h.lock_ttl).unwrap();
+    let runner = RunOnce::builder(observed.clone())
+        .lock_ttl(h.lock_ttl)
+        .build()
+        .unwrap();
     let (long, mut steps) = http::LongWork::new(h, &observed);
     let first = {
         let (runner, scope, long) = (runner.clone(), scope.clone(), long.clone());
