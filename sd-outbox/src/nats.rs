@@ -20,7 +20,7 @@ use crate::publisher::Publisher;
 
 /// Options of a [`JetStreamPublisher`].
 #[derive(Debug, Clone)]
-pub struct JetStreamBuilder {
+pub struct JetStreamPublisherBuilder {
     context: Context,
     prefix: String,
 }
@@ -32,7 +32,7 @@ fn valid_token(token: &str) -> bool {
             .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'))
 }
 
-impl JetStreamBuilder {
+impl JetStreamPublisherBuilder {
     /// The subject prefix (default `outbox`): one or more valid subject tokens joined by
     /// `.`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -67,8 +67,8 @@ pub struct JetStreamPublisher {
 
 impl JetStreamPublisher {
     /// Options on a JetStream `context` (its timeout bounds each acknowledgement).
-    pub fn builder(context: Context) -> JetStreamBuilder {
-        JetStreamBuilder {
+    pub fn builder(context: Context) -> JetStreamPublisherBuilder {
+        JetStreamPublisherBuilder {
             context,
             prefix: "outbox".into(),
         }

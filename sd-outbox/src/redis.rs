@@ -20,13 +20,13 @@ use crate::publisher::Publisher;
 
 /// Options of a [`RedisStreamsPublisher`].
 #[derive(Debug, Clone)]
-pub struct RedisStreamsBuilder<C> {
+pub struct RedisStreamsPublisherBuilder<C> {
     conn: C,
     prefix: String,
     max_len: Option<usize>,
 }
 
-impl<C> RedisStreamsBuilder<C> {
+impl<C> RedisStreamsPublisherBuilder<C> {
     /// The stream key prefix (default `outbox`): streams are `{prefix}:{aggregate type}`,
     /// the colon added by sd. sd-core's [`KeyPrefix`] rule: 1 to 64 bytes of printable
     /// ASCII without spaces, `{`, `}` or a trailing `:`.
@@ -76,8 +76,8 @@ impl<C> std::fmt::Debug for RedisStreamsPublisher<C> {
 impl<C> RedisStreamsPublisher<C> {
     /// Options on `conn` (set its response timeout: a paused server otherwise stalls
     /// the relay until the batch timeout).
-    pub fn builder(conn: C) -> RedisStreamsBuilder<C> {
-        RedisStreamsBuilder {
+    pub fn builder(conn: C) -> RedisStreamsPublisherBuilder<C> {
+        RedisStreamsPublisherBuilder {
             conn,
             prefix: "outbox".into(),
             max_len: None,

@@ -61,15 +61,15 @@ const MAX_TABLE: usize = 40;
 
 /// Options of a [`PostgresStore`].
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct PostgresStoreBuilder {
     schema: String,
     table: String,
     timeout: Duration,
 }
 
-impl Default for Builder {
+impl Default for PostgresStoreBuilder {
     fn default() -> Self {
-        Builder {
+        PostgresStoreBuilder {
             schema: "public".into(),
             table: "sagas".into(),
             timeout: Duration::from_secs(5),
@@ -77,7 +77,7 @@ impl Default for Builder {
     }
 }
 
-impl Builder {
+impl PostgresStoreBuilder {
     /// The schema (default `public`), created by `migrate` if missing: 1 to 48 of
     /// `[a-z0-9_]` (sd-core's [`TableName`] rule).
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -323,8 +323,8 @@ fn record(row: &PgRow) -> Result<SagaRecord> {
 
 impl PostgresStore {
     /// Options: schema `public`, table `sagas`, 5 s timeout.
-    pub fn builder() -> Builder {
-        Builder::default()
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
     }
 
     /// The pool.

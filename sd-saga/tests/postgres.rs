@@ -158,7 +158,7 @@ async fn invalid_names_and_timeouts_fail_at_construction() {
     let pool = PgPoolOptions::new()
         .connect_lazy("postgres://nobody@127.0.0.1:1/none")
         .unwrap();
-    let field = |b: sd_saga::postgres::Builder| match b.build(pool.clone()) {
+    let field = |b: sd_saga::postgres::PostgresStoreBuilder| match b.build(pool.clone()) {
         Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("{other:?}"),
     };
