@@ -130,5 +130,5 @@ pub use node::{Node, NodeId};
 pub use placement::Placement;
 pub use plan::{KeyRange, Move, MovePlan, diff, ranges};
 pub use rendezvous::Rendezvous;
-pub use ring::{Change, DEFAULT_VNODES, HashRing, MAX_POINTS, Owners, RingBuilder};
+pub use ring::{Change, DEFAULT_VNODES, HashRing, HashRingBuilder, MAX_POINTS, Owners};
 pub use shared::{SharedRing, Swap};

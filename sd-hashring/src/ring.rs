@@ -10,7 +10,7 @@ use crate::key::RingKey;
 use crate::node::{Node, NodeId, check_node, sorted_members};
 use crate::placement::Placement;
 
-/// Points per unit of weight unless [`RingBuilder::vnodes`] says otherwise: 160, as in
+/// Points per unit of weight unless [`HashRingBuilder::vnodes`] says otherwise: 160, as in
 /// libketama, for about 7.5 % relative standard deviation of load.
 pub const DEFAULT_VNODES: u32 = 160;
 
@@ -20,21 +20,21 @@ pub const MAX_POINTS: u64 = 1 << 24;
 
 /// Settings for a [`HashRing`]; start from [`HashRing::builder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RingBuilder {
+pub struct HashRingBuilder {
     vnodes: u32,
     hash: HashKind,
 }
 
-impl Default for RingBuilder {
+impl Default for HashRingBuilder {
     fn default() -> Self {
-        RingBuilder {
+        HashRingBuilder {
             vnodes: DEFAULT_VNODES,
             hash: HashKind::default(),
         }
     }
 }
 
-impl RingBuilder {
+impl HashRingBuilder {
     /// Points per unit of weight (default [`DEFAULT_VNODES`]). More points even out the
     /// load (relative std-dev ≈ 1/√vnodes) at the cost of memory and build time. With
     /// [`HashKind::Ketama`](crate::HashKind) it must be a multiple of 4 (one MD5 digest
@@ -148,7 +148,7 @@ pub struct HashRing {
 
 impl Default for HashRing {
     fn default() -> Self {
-        HashRing::empty_with(RingBuilder::default())
+        HashRing::empty_with(HashRingBuilder::default())
     }
 }
 
@@ -167,17 +167,17 @@ impl HashRing {
     /// A ring over `nodes` with the defaults: CRC32, 160 points per unit of weight.
     ///
     /// # Errors
-    /// As [`RingBuilder::build`].
+    /// As [`HashRingBuilder::build`].
     pub fn new(nodes: impl IntoIterator<Item = Node>) -> Result<Self> {
-        RingBuilder::default().build(nodes)
+        HashRingBuilder::default().build(nodes)
     }
 
     /// Starts a ring with non-default settings.
-    pub fn builder() -> RingBuilder {
-        RingBuilder::default()
+    pub fn builder() -> HashRingBuilder {
+        HashRingBuilder::default()
     }
 
-    fn empty_with(config: RingBuilder) -> Self {
+    fn empty_with(config: HashRingBuilder) -> Self {
         let (buckets, shift) = bucket_index(config.hash, &[]);
         HashRing {
             vnodes: config.vnodes,
@@ -191,8 +191,8 @@ impl HashRing {
     }
 
     /// The settings this ring was built with, to build an empty ring just like it.
-    pub fn config(&self) -> RingBuilder {
-        RingBuilder {
+    pub fn config(&self) -> HashRingBuilder {
+        HashRingBuilder {
             vnodes: self.vnodes,
             hash: self.hash,
         }
