@@ -58,7 +58,9 @@
 //! Both backends make identical decisions for the same requests at the same times (a
 //! differential test runs memory, Redis and Redis Cluster side by side), and GCRA on
 //! memory makes identical decisions to `governor` for the same quota. Both have a shadow
-//! mode that counts what would be denied and admits everything.
+//! mode that counts what would be denied and admits everything. Either backend, or your
+//! own [`RateLimiter`], fits behind a [`BoxLimiter`], so a service can choose one from its
+//! configuration at run time.
 //!
 //! # Client IPs
 //!
