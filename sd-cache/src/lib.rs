@@ -54,7 +54,11 @@
 //! | backend down | n/a | [`Error::Backend`]; with `fallback_to_loader`, reads run the loader uncached | as Redis; the memory tier stops serving within the lease and is cleared before it serves again |
 //! | cluster | n/a | keys `prefix:{key}` and `prefix:{key}:lock` share a hash slot | one Redis server (the instance registry and channels are not slot-aware) |
 //!
-//! The same contract suite (`tests/contract.rs`) runs against all three.
+//! All three implement [`CacheBackend`] (`&str` keys; the memory cache as
+//! `Cache<String, V>`), and [`BoxCache`] holds any of them behind one type, so a service
+//! can choose the backend from its configuration at run time. The same contract suite
+//! (`conformance`, feature `test-util`) runs against all three, and a new backend can run
+//! it too.
 //!
 //! In both, an early refresh runs in the background while readers get the current value;
 //! a loader error is shared with the callers coalesced on it and is never cached; with
@@ -135,6 +139,8 @@
 //! - `redis`: the Redis tier (`redis` module: redis-rs async, any `ConnectionLike`
 //!   including a cluster connection; JSON codec through serde) and the two-tier cache
 //!   (`two_tier` module: memory in front of Redis, invalidations acknowledged over pub/sub).
+//! - `test-util`: `conformance`, the contract suite every [`CacheBackend`] passes, for
+//!   the tests of a new backend or of a [`BoxCache`] built from configuration.
 //!
 //! # Two-tier, in short
 //!
@@ -159,7 +165,11 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backend;
 pub mod clock;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod error;
 pub mod memory;
 mod policy;
@@ -174,6 +184,7 @@ pub mod two_tier;
 pub mod write;
 pub mod xfetch;
 
+pub use backend::{BoxCache, CacheBackend, Loader, loader};
 pub use clock::{Clock, ManualClock, MonotonicClock, RandomSource, TokioClock};
 pub use error::{Error, Result, SharedError};
 pub use memory::{Cache, CacheBuilder};
