@@ -140,35 +140,40 @@ impl ClientIp {
     pub fn peer() -> Self {
         ClientIp {
             source: Source::Peer,
-            ipv6_prefix: 64,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
     }
 
-    /// The rightmost untrusted entry of `X-Forwarded-For`.
+    /// The rightmost untrusted entry of `X-Forwarded-For` (the IPv6 prefix at its
+    /// default; set it with [`Self::builder`]).
     pub fn x_forwarded_for(trust: Trust) -> Result<Self> {
-        Ok(ClientIp {
-            source: Source::XForwardedFor(check_trust(trust)?),
-            ipv6_prefix: 64,
-        })
+        Self::builder().x_forwarded_for(trust).build()
     }
 
-    /// The rightmost untrusted `for=` of RFC 7239 `Forwarded`.
+    /// The rightmost untrusted `for=` of RFC 7239 `Forwarded` (the IPv6 prefix at its
+    /// default; set it with [`Self::builder`]).
     pub fn forwarded(trust: Trust) -> Result<Self> {
-        Ok(ClientIp {
-            source: Source::Forwarded(check_trust(trust)?),
-            ipv6_prefix: 64,
-        })
+        Self::builder().forwarded(trust).build()
     }
 
-    /// The IPv6 prefix length that [`Self::key`] keeps (default 64: one subscriber's
-    /// whole /64 is one client, so rotating addresses inside it does not escape the
-    /// limit).
-    pub fn ipv6_prefix(mut self, prefix: u8) -> Result<Self> {
-        if prefix == 0 || prefix > 128 {
-            return Err(Error::config("ipv6_prefix", "must be between 1 and 128"));
+    /// Every setting: the source (the TCP peer unless set) and the IPv6 prefix.
+    ///
+    /// ```
+    /// use sd_ratelimit::client_ip::{ClientIp, Trust};
+    ///
+    /// let ip = ClientIp::builder()
+    ///     .x_forwarded_for(Trust::Hops(1))
+    ///     .ipv6_prefix(56)
+    ///     .build()?;
+    /// assert_eq!(ip.key("2001:db8:1:2ff::1".parse()?), "2001:db8:1:200::/56");
+    /// assert!(ClientIp::builder().ipv6_prefix(0).build().is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn builder() -> ClientIpBuilder {
+        ClientIpBuilder {
+            source: Source::Peer,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
-        self.ipv6_prefix = prefix;
-        Ok(self)
     }
 
     /// The header this source reads, if any.
@@ -217,6 +222,63 @@ impl ClientIp {
             IpAddr::V4(v4) => v4.to_string(),
             v6 => format!("{}/{}", mask(v6, self.ipv6_prefix), self.ipv6_prefix),
         }
+    }
+}
+
+/// The IPv6 prefix length a client's key keeps unless told otherwise: one subscriber's
+/// whole /64 is one client, so rotating addresses inside it does not escape the limit.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The settings of a [`ClientIp`], from [`ClientIp::builder`]; [`build`](Self::build)
+/// checks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct ClientIpBuilder {
+    source: Source,
+    ipv6_prefix: u8,
+}
+
+impl ClientIpBuilder {
+    /// The TCP peer address (the default source).
+    pub fn peer(mut self) -> Self {
+        self.source = Source::Peer;
+        self
+    }
+
+    /// The rightmost untrusted entry of `X-Forwarded-For`.
+    pub fn x_forwarded_for(mut self, trust: Trust) -> Self {
+        self.source = Source::XForwardedFor(trust);
+        self
+    }
+
+    /// The rightmost untrusted `for=` of RFC 7239 `Forwarded`.
+    pub fn forwarded(mut self, trust: Trust) -> Self {
+        self.source = Source::Forwarded(trust);
+        self
+    }
+
+    /// The IPv6 prefix length that [`ClientIp::key`] keeps, 1 to 128 (default
+    /// [`DEFAULT_IPV6_PREFIX`]).
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
+        self.ipv6_prefix = prefix;
+        self
+    }
+
+    /// The configuration, or [`Error::InvalidConfig`] naming `trusted_hops`,
+    /// `trusted_proxies` or `ipv6_prefix`.
+    pub fn build(self) -> Result<ClientIp> {
+        if self.ipv6_prefix == 0 || self.ipv6_prefix > 128 {
+            return Err(Error::config("ipv6_prefix", "must be between 1 and 128"));
+        }
+        let source = match self.source {
+            Source::Peer => Source::Peer,
+            Source::XForwardedFor(trust) => Source::XForwardedFor(check_trust(trust)?),
+            Source::Forwarded(trust) => Source::Forwarded(check_trust(trust)?),
+        };
+        Ok(ClientIp {
+            source,
+            ipv6_prefix: self.ipv6_prefix,
+        })
     }
 }
 

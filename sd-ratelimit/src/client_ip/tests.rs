@@ -193,7 +193,14 @@ fn config_errors_name_the_field() {
     ));
     assert!("10.0.0.0/33".parse::<Cidr>().is_err());
     assert!("nonsense/8".parse::<Cidr>().is_err());
-    assert!(ClientIp::peer().ipv6_prefix(0).is_err());
+    assert!(matches!(
+        ClientIp::builder().ipv6_prefix(0).build(),
+        Err(Error::InvalidConfig {
+            field: "ipv6_prefix",
+            ..
+        })
+    ));
+    assert!(ClientIp::builder().ipv6_prefix(129).build().is_err());
 }
 
 #[test]
