@@ -53,8 +53,9 @@ pub enum WriteOp<V> {
 /// `write_batch` must apply every write or report an error; after an error the whole batch
 /// is retried, so writes must be idempotent (an upsert or a delete).
 pub trait Store<K: Send + Sync, V: Send + Sync>: Send + Sync + 'static {
-    /// The store's error.
-    type Error: std::error::Error + Send + Sync + 'static;
+    /// The store's error: any error that converts into a `BoxError` (your own error type,
+    /// `anyhow::Error`, a `Box<dyn Error + Send + Sync>`).
+    type Error: Into<sd_core::BoxError> + Send + 'static;
 
     /// Applies one write.
     fn write(
@@ -118,9 +119,9 @@ where
     }
 }
 
-fn store_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> Error {
+fn store_error<E: Into<sd_core::BoxError>>(e: E) -> Error {
     Error::Store {
-        source: Arc::new(e),
+        source: Arc::from(e.into()),
     }
 }
 
@@ -610,7 +611,7 @@ where
         loop {
             attempts += 1;
             self.counters.batches.fetch_add(1, Relaxed);
-            match self.store.write_batch(&batch).await {
+            match self.store.write_batch(&batch).await.map_err(Into::into) {
                 Ok(()) => {
                     self.counters.written.fetch_add(batch.len() as u64, Relaxed);
                     return;
@@ -626,7 +627,7 @@ where
                         .fetch_add(batch.len() as u64, Relaxed);
                     let letter = DeadLetter {
                         writes: batch,
-                        error: Arc::new(e),
+                        error: Arc::from(e),
                         attempts,
                     };
                     match &self.dead_letter {
