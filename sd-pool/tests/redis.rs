@@ -678,3 +678,53 @@ fn config_errors_name_the_field() {
             .unwrap();
     });
 }
+
+/// The consumer takes any redis-rs connection, not only a `ConnectionManager`: here a
+/// `MultiplexedConnection` of its own.
+#[test]
+fn a_consumer_on_a_multiplexed_connection_processes_and_acks() {
+    let server = sd_testkit::redis().expect("redis-server for the test");
+    let url = server.url().to_owned();
+    let stream = sd_testkit::unique_name("pool");
+    runtime().block_on(async move {
+        let mut conn = connect(&url).await;
+        produce(&mut conn, &stream, 30, 3).await;
+        let multiplexed = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let pool = Pool::builder().workers(2).queue(8).build().unwrap();
+        let consumer = StreamConsumer::builder()
+            .stream(&stream)
+            .group("g")
+            .consumer("c1")
+            .build(multiplexed, pool)
+            .await
+            .unwrap();
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let s = seen.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            let handler = move |entry: Entry| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().insert(entry.id);
+                    Ok::<(), std::io::Error>(())
+                }
+            };
+            let stop = async move {
+                let _ = stop_rx.await;
+            };
+            consumer.run(handler, stop).await.unwrap()
+        });
+        let (s, mut c, st) = (seen.clone(), conn.clone(), stream.clone());
+        eventually("all acked", async || {
+            s.lock().unwrap().len() == 30 && pending(&mut c, &st, "g").await == 0
+        })
+        .await;
+        stop_tx.send(()).unwrap();
+        let report = run.await.unwrap();
+        assert_eq!((report.read, report.acked), (30, 30));
+    });
+}
