@@ -275,6 +275,11 @@ fn invalid_settings_fail_at_build_naming_the_field() {
             field(RedisCache::<u32>::builder("a{b}").build(conn.clone()).await),
             "prefix"
         );
+        // sd adds the colon between the prefix and the key: a prefix of its own is refused.
+        assert_eq!(
+            field(RedisCache::<u32>::builder("app:").build(conn.clone()).await),
+            "prefix"
+        );
         assert_eq!(
             field(b().lock_ttl(Duration::ZERO).build(conn.clone()).await),
             "lock_ttl"
