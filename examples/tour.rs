@@ -401,7 +401,7 @@ async fn lock(backends: &Backends) {
     }
     if let Some(conn) = &backends.redis {
         println!("\n== sd-lock: a holder paused past its lease, on Redis ==");
-        match RedisLock::new(conn.clone()).with_prefix("tour-lock") {
+        match RedisLock::builder(conn.clone()).prefix("tour-lock").build() {
             Ok(lock) => lock_run(&lock, &resource).await,
             Err(e) => fail(format!("failed: {e}")),
         }

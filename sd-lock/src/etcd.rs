@@ -36,7 +36,7 @@ const MIN_TTL: Duration = Duration::from_secs(1);
 /// use sd_lock::{Lock, etcd::EtcdLock};
 ///
 /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
-/// let lock = EtcdLock::new(client).with_prefix("jobs/locks/");
+/// let lock = EtcdLock::builder(client).prefix("jobs/locks/").build()?;
 /// let lease = lock.try_acquire("reindex", Duration::from_secs(10)).await?;
 /// println!("token (create revision) {}", lease.token());
 /// let _ = lock.release(lease).await?;
@@ -63,8 +63,56 @@ fn whole_seconds(ttl: Duration) -> i64 {
     i64::try_from(s).unwrap_or(i64::MAX)
 }
 
+/// Options of an [`EtcdLock`]; [`build`](Self::build) checks them and names the setter
+/// of a value out of range.
+#[derive(Clone)]
+pub struct EtcdLockBuilder {
+    client: Client,
+    prefix: String,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for EtcdLockBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdLockBuilder")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdLockBuilder {
+    /// The key prefix (default `sd-lock/`): keys are `{prefix}{resource}`, so end it
+    /// with the separator your keyspace uses. Not empty.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`] (default
+    /// [`lease::default_retry`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The lock, or [`Error::InvalidConfig`] naming the setter at fault.
+    pub fn build(self) -> Result<EtcdLock> {
+        if self.prefix.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "prefix",
+                reason: "must not be empty: it keeps the lock's keys apart from others".into(),
+            });
+        }
+        Ok(EtcdLock {
+            client: self.client,
+            prefix: self.prefix,
+            retry: self.retry,
+        })
+    }
+}
+
 impl EtcdLock {
-    /// Leases under the key prefix `sd-lock/`.
+    /// Leases under the key prefix `sd-lock/`, with the default retry policy.
     pub fn new(client: Client) -> Self {
         EtcdLock {
             client,
@@ -73,16 +121,19 @@ impl EtcdLock {
         }
     }
 
-    /// The key prefix: keys are `{prefix}{resource}`.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// The retry policy of [`crate::Lock::acquire`].
+    /// The same lock with another retry policy for [`crate::Lock::acquire`].
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Options for leases on `client`.
+    pub fn builder(client: Client) -> EtcdLockBuilder {
+        EtcdLockBuilder {
+            client,
+            prefix: "sd-lock/".into(),
+            retry: lease::default_retry(),
+        }
     }
 
     /// The key of `resource`.

@@ -137,7 +137,7 @@ pub mod redis {
     /// use sd_lock::fence::redis::RedisFence;
     ///
     /// let conn = redis::Client::open("redis://127.0.0.1/")?.get_connection_manager().await?;
-    /// let fence = RedisFence::new(conn);
+    /// let fence = RedisFence::builder(conn).prefix("billing-fence").build()?;
     /// fence.write(lease.resource(), lease.token(), b"new state").await?; // or StaleToken
     /// # Ok(()) }
     /// ```
@@ -145,6 +145,30 @@ pub mod redis {
     pub struct RedisFence<C> {
         conn: C,
         prefix: KeyPrefix,
+    }
+
+    /// Options of a [`RedisFence`]; [`build`](Self::build) checks them.
+    #[derive(Debug, Clone)]
+    pub struct RedisFenceBuilder<C> {
+        conn: C,
+        prefix: String,
+    }
+
+    impl<C: ConnectionLike + Clone + Send + Sync> RedisFenceBuilder<C> {
+        /// The key prefix (default `fence`): keys are `{prefix}:{{resource}}`, sd adds the
+        /// colon. No `{`, `}` or trailing `:`.
+        pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+            self.prefix = prefix.into();
+            self
+        }
+
+        /// The fence, or [`Error::InvalidConfig`] naming `prefix`.
+        pub fn build(self) -> Result<RedisFence<C>> {
+            Ok(RedisFence {
+                prefix: KeyPrefix::parse("prefix", &self.prefix)?,
+                conn: self.conn,
+            })
+        }
     }
 
     impl<C: ConnectionLike + Clone + Send + Sync> RedisFence<C> {
@@ -156,10 +180,12 @@ pub mod redis {
             }
         }
 
-        /// The key prefix; no `{` or `}`.
-        pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
-            self.prefix = KeyPrefix::parse("prefix", prefix)?;
-            Ok(self)
+        /// Options for a fence on `conn`.
+        pub fn builder(conn: C) -> RedisFenceBuilder<C> {
+            RedisFenceBuilder {
+                conn,
+                prefix: "fence".into(),
+            }
         }
 
         /// The hash key of `resource`.
@@ -245,6 +271,29 @@ pub mod postgres {
         sql: include_str!("../migrations/0002_fence.sql"),
     }];
 
+    /// Options of a [`PostgresFence`]; [`build`](Self::build) checks them.
+    #[derive(Debug, Clone)]
+    pub struct PostgresFenceBuilder {
+        table: String,
+    }
+
+    impl PostgresFenceBuilder {
+        /// The fence table (default `sd_lock_fence`): `table` or `schema.table`, each
+        /// part 1 to 48 of `[a-z0-9_]` (sd-core's `TableName` rule).
+        pub fn table(mut self, table: impl Into<String>) -> Self {
+            self.table = table.into();
+            self
+        }
+
+        /// The fence, or [`Error::InvalidConfig`] naming `table`.
+        pub fn build(self) -> Result<PostgresFence> {
+            Ok(PostgresFence::with_sql(TableName::parse(
+                "table",
+                &self.table,
+            )?))
+        }
+    }
+
     /// A fence table (default `sd_lock_fence`): the newest token each resource accepted.
     ///
     /// Call [`PostgresFence::check`] inside the transaction that writes the protected
@@ -273,7 +322,7 @@ pub mod postgres {
 
     impl Default for PostgresFence {
         fn default() -> Self {
-            Self::build(
+            Self::with_sql(
                 TableName::parse("table", DEFAULT_TABLE).expect("the default table name is valid"),
             )
         }
@@ -285,7 +334,7 @@ pub mod postgres {
             Self::default()
         }
 
-        fn build(t: TableName) -> Self {
+        fn with_sql(t: TableName) -> Self {
             PostgresFence {
                 check_sql: format!(
                     "INSERT INTO {t} AS f (resource, token) VALUES ($1, $2) \
@@ -298,9 +347,11 @@ pub mod postgres {
             }
         }
 
-        /// Another table name: `name` or `schema.name`.
-        pub fn with_table(table: &str) -> Result<Self> {
-            Ok(Self::build(TableName::parse("table", table)?))
+        /// Options for a fence table.
+        pub fn builder() -> PostgresFenceBuilder {
+            PostgresFenceBuilder {
+                table: DEFAULT_TABLE.into(),
+            }
         }
 
         /// The fence table's migration with the configured name put in, for teams whose

@@ -97,7 +97,7 @@ impl Sql {
 /// use std::time::Duration;
 /// use sd_lock::{Lock, postgres::PostgresLock};
 ///
-/// let lock = PostgresLock::new(pool).with_table("jobs.leases")?;
+/// let lock = PostgresLock::builder(pool).table("jobs.leases").build()?;
 /// lock.migrate().await?;
 /// let lease = lock.try_acquire("invoice:9", Duration::from_secs(30)).await?;
 /// // ... pass lease.token() to the fenced writes ...
@@ -121,8 +121,44 @@ impl fmt::Debug for PostgresLock {
     }
 }
 
+/// Options of a [`PostgresLock`]; [`build`](Self::build) checks them and names the
+/// setter of a value out of range.
+#[derive(Debug, Clone)]
+pub struct PostgresLockBuilder {
+    pool: PgPool,
+    table: String,
+    retry: RetryPolicy,
+}
+
+impl PostgresLockBuilder {
+    /// The leases table (default `sd_lock_leases`): `table` or `schema.table`, each part
+    /// 1 to 48 of `[a-z0-9_]` (sd-core's `TableName` rule).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`] (default
+    /// [`lease::default_retry`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The lock, or [`Error::InvalidConfig`] naming the setter at fault.
+    pub fn build(self) -> Result<PostgresLock> {
+        let table = TableName::parse("table", &self.table)?;
+        Ok(PostgresLock {
+            pool: self.pool,
+            sql: Arc::new(Sql::new(&table.to_string())),
+            table,
+            retry: self.retry,
+        })
+    }
+}
+
 impl PostgresLock {
-    /// Leases in table `sd_lock_leases` on `pool`.
+    /// Leases in table `sd_lock_leases` on `pool`, with the default retry policy.
     pub fn new(pool: PgPool) -> Self {
         PostgresLock {
             pool,
@@ -133,14 +169,16 @@ impl PostgresLock {
         }
     }
 
-    /// Another table name: `name` or `schema.name`.
-    pub fn with_table(mut self, table: &str) -> Result<Self> {
-        self.table = TableName::parse("table", table)?;
-        self.sql = Arc::new(Sql::new(&self.table.to_string()));
-        Ok(self)
+    /// Options for leases on `pool`.
+    pub fn builder(pool: PgPool) -> PostgresLockBuilder {
+        PostgresLockBuilder {
+            pool,
+            table: DEFAULT_TABLE.into(),
+            retry: lease::default_retry(),
+        }
     }
 
-    /// The retry policy of [`crate::Lock::acquire`].
+    /// The same lock with another retry policy for [`crate::Lock::acquire`].
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self

@@ -22,8 +22,10 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use crate::error::Result;
-use crate::lease::{Lease, Release, RetryPolicy};
+use sd_core::KeyPrefix;
+
+use crate::error::{Error, Result};
+use crate::lease::{self, Lease, Release, RetryPolicy};
 use crate::redlock::Redlock;
 
 /// Leases on one Redis server. Cheap to clone.
@@ -34,7 +36,7 @@ use crate::redlock::Redlock;
 /// use sd_lock::{Lock, redis::RedisLock};
 ///
 /// let conn = redis::Client::open("redis://127.0.0.1/")?.get_connection_manager().await?;
-/// let lock = RedisLock::new(conn).with_prefix("jobs")?;
+/// let lock = RedisLock::builder(conn).prefix("jobs").build()?;
 /// let lease = lock.try_acquire("charge:42", Duration::from_secs(10)).await?;
 /// println!("token {}", lease.token());
 /// let _ = lock.release(lease).await?;
@@ -53,30 +55,86 @@ impl<C> fmt::Debug for RedisLock<C> {
     }
 }
 
+/// Options of a [`RedisLock`]; [`build`](Self::build) checks them and names the setter
+/// of a value out of range.
+pub struct RedisLockBuilder<C> {
+    conn: C,
+    prefix: String,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl<C> fmt::Debug for RedisLockBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLockBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLockBuilder<C> {
+    /// The key prefix (default `lock`): keys are `{prefix}:{{resource}}` and
+    /// `{prefix}:{{resource}}:token`, sd adds the colon. No `{`, `}` or trailing `:`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long one request may take (default 1 s; above zero). A request that times out
+    /// is [`crate::Error::Timeout`], and any key it may have set is released.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`] (default
+    /// [`crate::lease::default_retry`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The lock, or [`crate::Error::InvalidConfig`] naming the setter at fault.
+    pub fn build(self) -> Result<RedisLock<C>> {
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
+        if self.timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "timeout",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        Ok(RedisLock {
+            inner: Redlock::single(self.conn, prefix, self.timeout, self.retry),
+        })
+    }
+}
+
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLock<C> {
-    /// Leases on the server behind `conn`, prefix `lock`, 1 s request timeout.
+    /// Leases on the server behind `conn` with the defaults: prefix `lock`, 1 s request
+    /// timeout.
     pub fn new(conn: C) -> Self {
         RedisLock {
-            inner: Redlock::single(conn, Duration::from_secs(1)),
+            inner: Redlock::single(
+                conn,
+                KeyPrefix::parse("prefix", "lock").expect("`lock` is a valid prefix"),
+                Duration::from_secs(1),
+                lease::default_retry(),
+            ),
         }
     }
 
-    /// The key prefix (default `lock`); no `{` or `}`.
-    pub fn with_prefix(self, prefix: &str) -> Result<Self> {
-        Ok(RedisLock {
-            inner: self.inner.with_prefix(prefix)?,
-        })
+    /// Options for leases on the server behind `conn`.
+    pub fn builder(conn: C) -> RedisLockBuilder<C> {
+        RedisLockBuilder {
+            conn,
+            prefix: "lock".into(),
+            timeout: Duration::from_secs(1),
+            retry: lease::default_retry(),
+        }
     }
 
-    /// How long one request may take (default 1 s). A request that times out is
-    /// [`crate::Error::Timeout`], and any key it may have set is released.
-    pub fn with_timeout(self, timeout: Duration) -> Result<Self> {
-        Ok(RedisLock {
-            inner: self.inner.with_node_timeout(timeout)?,
-        })
-    }
-
-    /// The retry policy of [`crate::Lock::acquire`].
+    /// The same lock with another retry policy for [`crate::Lock::acquire`].
     pub fn with_retry(self, retry: RetryPolicy) -> Self {
         RedisLock {
             inner: self.inner.with_retry(retry),

@@ -194,7 +194,7 @@ enum NodeTimeout {
 /// for url in ["redis://10.0.0.1/", "redis://10.0.0.2/", "redis://10.0.0.3/"] {
 ///     masters.push((url, redis::Client::open(url)?.get_connection_manager().await?));
 /// }
-/// let lock = Redlock::new(masters)?;
+/// let lock = Redlock::builder(masters).prefix("reports").build()?;
 /// let lease = lock.acquire("nightly-report", Duration::from_secs(30), Duration::from_secs(5)).await?;
 /// // ... work, passing lease.token() to every write ...
 /// let _ = lock.release(lease).await?;
@@ -243,11 +243,6 @@ impl<C> fmt::Debug for Redlock<C> {
     }
 }
 
-/// The default key prefix, `lock`.
-fn default_prefix() -> KeyPrefix {
-    KeyPrefix::parse("prefix", "lock").expect("`lock` is a valid prefix")
-}
-
 /// What one round over the masters returned.
 struct Round<T> {
     ok: Vec<T>,
@@ -255,82 +250,142 @@ struct Round<T> {
     elapsed: Duration,
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
-    /// Redlock over `masters` (name, connection), key prefix `lock`, per-node timeout 5 %
-    /// of the TTL. At least one master; use an odd number (3 or 5).
-    pub fn new<N: Into<String>>(masters: impl IntoIterator<Item = (N, C)>) -> Result<Self> {
-        let nodes: Arc<[Node<C>]> = masters
-            .into_iter()
-            .map(|(name, conn)| Node {
-                name: name.into(),
-                conn,
-            })
-            .collect();
-        if nodes.is_empty() {
+/// Options of a [`Redlock`]; [`build`](Self::build) checks them and names the setter
+/// of a value out of range.
+pub struct RedlockBuilder<C> {
+    nodes: Vec<Node<C>>,
+    prefix: String,
+    node_timeout: NodeTimeout,
+    retry: RetryPolicy,
+}
+
+impl<C> fmt::Debug for RedlockBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedlockBuilder")
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("node_timeout", &self.node_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedlockBuilder<C> {
+    /// The key prefix (default `lock`): the lease key is `{prefix}:{{resource}}`, sd adds
+    /// the colon. No `{`, `}` or trailing `:` (sd-core's `KeyPrefix` rule).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The per-node timeout as a fraction of the TTL (default 0.05; redsync's
+    /// `timeoutFactor`), in `(0, 0.5]`. Replaces a [`node_timeout`](Self::node_timeout).
+    pub fn timeout_factor(mut self, factor: f64) -> Self {
+        self.node_timeout = NodeTimeout::Factor(factor);
+        self
+    }
+
+    /// A fixed per-node timeout (above zero) instead of a fraction of the TTL.
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = NodeTimeout::Fixed(timeout);
+        self
+    }
+
+    /// The retry policy of [`crate::Lock::acquire`] (default
+    /// [`lease::default_retry`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The lock, or [`Error::InvalidConfig`] naming the setter at fault (`masters` when
+    /// none was given).
+    pub fn build(self) -> Result<Redlock<C>> {
+        if self.nodes.is_empty() {
             return Err(Error::InvalidConfig {
                 field: "masters",
                 reason: "needs at least one master (use 3 or 5 for Redlock)".into(),
             });
         }
+        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
+        self.node_timeout.check()?;
         Ok(Redlock {
-            nodes,
-            prefix: default_prefix(),
-            node_timeout: NodeTimeout::Factor(0.05),
-            retry: lease::default_retry(),
+            nodes: self.nodes.into(),
+            prefix,
+            node_timeout: self.node_timeout,
+            retry: self.retry,
             tokens: Tokens::Clock,
         })
     }
+}
 
-    /// One master with a fixed request timeout (the single-node backend).
-    pub(crate) fn single(conn: C, timeout: Duration) -> Self {
+impl NodeTimeout {
+    fn check(self) -> Result<()> {
+        match self {
+            NodeTimeout::Factor(f) if !(f > 0.0 && f <= 0.5) => Err(Error::InvalidConfig {
+                field: "timeout_factor",
+                reason: format!("{f} must be in (0, 0.5]; 0.05 is the Redlock figure").into(),
+            }),
+            NodeTimeout::Fixed(d) if d.is_zero() => Err(Error::InvalidConfig {
+                field: "node_timeout",
+                reason: "must be longer than zero".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
+    /// Redlock over `masters` (name, connection) with the defaults: key prefix `lock`,
+    /// per-node timeout 5 % of the TTL. At least one master; use an odd number (3 or 5).
+    pub fn new<N: Into<String>>(masters: impl IntoIterator<Item = (N, C)>) -> Result<Self> {
+        Self::builder(masters).build()
+    }
+
+    /// Options for Redlock over `masters` (name, connection).
+    pub fn builder<N: Into<String>>(
+        masters: impl IntoIterator<Item = (N, C)>,
+    ) -> RedlockBuilder<C> {
+        RedlockBuilder {
+            nodes: masters
+                .into_iter()
+                .map(|(name, conn)| Node {
+                    name: name.into(),
+                    conn,
+                })
+                .collect(),
+            prefix: "lock".into(),
+            node_timeout: NodeTimeout::Factor(0.05),
+            retry: lease::default_retry(),
+        }
+    }
+
+    /// The same lock with another retry policy for [`crate::Lock::acquire`].
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// One master with a fixed request timeout and the counter script for tokens (the
+    /// single-node backend); the caller checked `prefix` and `timeout`.
+    pub(crate) fn single(
+        conn: C,
+        prefix: KeyPrefix,
+        timeout: Duration,
+        retry: RetryPolicy,
+    ) -> Self {
         Redlock {
             nodes: Arc::new([Node {
                 name: "redis".into(),
                 conn,
             }]),
-            prefix: default_prefix(),
+            prefix,
             node_timeout: NodeTimeout::Fixed(timeout),
-            retry: lease::default_retry(),
+            retry,
             tokens: Tokens::Counter,
         }
-    }
-
-    /// The key prefix (default `lock`): the lease key is `{prefix}:{{resource}}` (the
-    /// single-node backend adds its counter, `{prefix}:{{resource}}:token`).
-    pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
-        self.prefix = KeyPrefix::parse("prefix", prefix)?;
-        Ok(self)
-    }
-
-    /// The per-node timeout as a fraction of the TTL (default 0.05; redsync's
-    /// `timeoutFactor`), in `(0, 0.5]`.
-    pub fn with_timeout_factor(mut self, factor: f64) -> Result<Self> {
-        if !(factor > 0.0 && factor <= 0.5) {
-            return Err(Error::InvalidConfig {
-                field: "timeout_factor",
-                reason: "must be in (0, 0.5]; 0.05 is the Redlock figure".into(),
-            });
-        }
-        self.node_timeout = NodeTimeout::Factor(factor);
-        Ok(self)
-    }
-
-    /// A fixed per-node timeout instead of a fraction of the TTL.
-    pub fn with_node_timeout(mut self, timeout: Duration) -> Result<Self> {
-        if timeout.is_zero() {
-            return Err(Error::InvalidConfig {
-                field: "node_timeout",
-                reason: "must be longer than zero".into(),
-            });
-        }
-        self.node_timeout = NodeTimeout::Fixed(timeout);
-        Ok(self)
-    }
-
-    /// The retry policy of [`crate::Lock::acquire`].
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     /// The number of masters.

@@ -23,7 +23,7 @@ where
         let client = etcd_client::Client::connect([server.url()], None)
             .await
             .unwrap();
-        f(EtcdLock::new(client).with_prefix(prefix)).await;
+        f(EtcdLock::builder(client).prefix(prefix).build().unwrap()).await;
     });
 }
 

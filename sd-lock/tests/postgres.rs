@@ -67,8 +67,9 @@ fn cancelled_acquire_leaves_nothing() {
 fn migrate_is_idempotent_and_the_table_name_configurable() {
     with_lock(|lock, pool| async move {
         lock.migrate().await.unwrap();
-        let custom = PostgresLock::new(pool.clone())
-            .with_table("public.my_leases")
+        let custom = PostgresLock::builder(pool.clone())
+            .table("public.my_leases")
+            .build()
             .unwrap();
         let (a, b) = tokio::join!(custom.migrate(), custom.migrate());
         a.unwrap();
@@ -93,7 +94,7 @@ fn migrate_is_idempotent_and_the_table_name_configurable() {
         ] {
             assert!(
                 matches!(
-                    PostgresLock::new(pool.clone()).with_table(bad),
+                    PostgresLock::builder(pool.clone()).table(bad).build(),
                     Err(Error::InvalidConfig { field: "table", .. })
                 ),
                 "{bad}"

@@ -27,8 +27,9 @@ where
     let server = sd_testkit::redis().expect("redis-server");
     let prefix = sd_testkit::unique_name("lock");
     runtime().block_on(async {
-        let lock = RedisLock::new(manager(server.url()).await)
-            .with_prefix(&prefix)
+        let lock = RedisLock::builder(manager(server.url()).await)
+            .prefix(&prefix)
+            .build()
             .unwrap();
         f(lock, server.url().to_owned()).await;
     });
@@ -52,7 +53,9 @@ fn contract() {
             Err(Error::TtlBelowDrift { .. })
         ));
         assert!(matches!(
-            RedisLock::new(manager(&url).await).with_prefix("a{b"),
+            RedisLock::builder(manager(&url).await)
+                .prefix("a{b")
+                .build(),
             Err(Error::InvalidConfig {
                 field: "prefix",
                 ..
@@ -73,8 +76,9 @@ fn fence_script_refuses_older_tokens() {
     let server = sd_testkit::redis().expect("redis-server");
     let prefix = sd_testkit::unique_name("fence");
     runtime().block_on(async {
-        let fence = RedisFence::new(manager(server.url()).await)
-            .with_prefix(&prefix)
+        let fence = RedisFence::builder(manager(server.url()).await)
+            .prefix(&prefix)
+            .build()
             .unwrap();
         assert_eq!(fence.read("acct", FencingToken(33)).await.unwrap(), None);
         fence.write("acct", FencingToken(33), b"a").await.unwrap();
@@ -198,11 +202,13 @@ fn sigstopped_server_loses_the_lease_and_the_fence_refuses_the_late_write() {
     let rt = runtime();
     let ttl = Duration::from_millis(600);
     let (lock, fence, dog, a_read) = rt.block_on(async {
-        let lock = RedisLock::new(manager(&lock_url).await)
-            .with_timeout(Duration::from_millis(200))
+        let lock = RedisLock::builder(manager(&lock_url).await)
+            .timeout(Duration::from_millis(200))
+            .build()
             .unwrap();
-        let fence = RedisFence::new(manager(data.url()).await)
-            .with_prefix(&prefix)
+        let fence = RedisFence::builder(manager(data.url()).await)
+            .prefix(&prefix)
+            .build()
             .unwrap();
         let a = lock.try_acquire("acct", ttl).await.unwrap();
         let a_read = fence.read("acct", a.token()).await.unwrap();

@@ -10,7 +10,7 @@ use common::{manager, runtime};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sd_lock::redlock::{NodeFailure, Redlock};
+use sd_lock::redlock::{NodeFailure, Redlock, RedlockBuilder};
 use sd_lock::{Error, Lock, Release};
 use sd_testkit::RedisServer;
 
@@ -238,10 +238,18 @@ fn bad_configuration_is_typed() {
                 ..
             })
         ));
+        let field = |b: RedlockBuilder<ConnectionManager>| match b.build() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let conn = manager(&servers[0].url()).await;
+        let b = || Redlock::builder([("a", conn.clone())]);
+        assert_eq!(field(b().timeout_factor(0.0)), "timeout_factor");
+        assert_eq!(field(b().timeout_factor(f64::NAN)), "timeout_factor");
+        assert_eq!(field(b().node_timeout(Duration::ZERO)), "node_timeout");
+        assert_eq!(field(b().prefix("a{b")), "prefix");
+        assert_eq!(field(b().prefix("lock:")), "prefix");
         let lock = redlock(&servers).await;
-        assert!(lock.clone().with_timeout_factor(0.0).is_err());
-        assert!(lock.clone().with_timeout_factor(f64::NAN).is_err());
-        assert!(lock.clone().with_node_timeout(Duration::ZERO).is_err());
         assert_eq!(
             lock.node_timeout(Duration::from_secs(10)),
             Duration::from_millis(500)

@@ -182,7 +182,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         let prefix = format!("{run}-lock");
         let locks = conns
             .iter()
-            .map(|c| RedisLock::new(c.clone()).with_prefix(&prefix))
+            .map(|c| RedisLock::builder(c.clone()).prefix(&prefix).build())
             .collect::<Result<Vec<_>, _>>()?;
         Locks::Redis(Shards::new(locks)?)
     };
