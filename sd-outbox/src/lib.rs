@@ -182,6 +182,8 @@
 //! - `postgres`: the outbox table, enqueue, the relay and the inbox (sqlx 0.8).
 //! - `redis`: the Redis Streams sink (redis-rs, async, any `ConnectionLike`).
 //! - `nats`: the NATS JetStream sink (async-nats 0.50, JetStream only).
+//! - `test-util`: the `conformance` module, the [`Publisher`] contract as a suite of
+//!   checks that any sink (a new broker, or a [`BoxPublisher`]) can run.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -191,6 +193,10 @@ mod publisher;
 mod retry;
 
 pub mod memory;
+
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
@@ -204,6 +210,6 @@ pub mod redis;
 
 pub use crate::error::{Error, Result};
 pub use crate::message::{Event, Headers, MAX_FIELD_LEN, Message, Payload, new_id};
-pub use crate::publisher::{MemoryPublisher, Publisher};
+pub use crate::publisher::{BoxPublisher, MemoryPublisher, Publisher};
 /// Retry policies are sd-core's, the same in every sd crate.
 pub use sd_core::{RetryPolicy, RetryPolicyBuilder};

@@ -120,7 +120,12 @@ where
                 .ignore();
         }
         let mut conn = self.conn.clone();
+        let empty = events.is_empty();
         async move {
+            if empty {
+                // Redis refuses an empty pipeline; nothing to send is acknowledged as is.
+                return Ok(());
+            }
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| Error::publish(0, format!("redis: {e}")))

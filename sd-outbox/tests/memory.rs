@@ -410,3 +410,19 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn the_memory_publisher_keeps_the_publisher_contract() {
+    let sink = MemoryPublisher::new();
+    let read = |aggregate_type: String| {
+        let sink = sink.clone();
+        async move {
+            sink.events()
+                .into_iter()
+                .filter(|e| e.aggregate_type == aggregate_type)
+                .map(|e| e.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    sd_outbox::conformance::run_all(&sink, read).await;
+}
