@@ -159,6 +159,7 @@
 //! | `postgres::Relay` | ordered or parallel relay, LISTEN/NOTIFY + poll, retries, metrics |
 //! | `postgres::Inbox` | consumer-side dedupe in the handler's transaction |
 //! | [`MemoryPublisher`] | keeps events in memory (tests, demos) |
+//! | [`BoxPublisher`] | any sink behind one type, chosen from configuration at run time |
 //! | `redis::RedisStreamsPublisher` | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
 //! | `nats::JetStreamPublisher` | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
 //!

@@ -94,7 +94,10 @@ impl JetStreamPublisher {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::publish(0, format!("nats: cannot create stream `{name}`: {e}")))?;
+            .map_err(|e| Error::Backend {
+                backend: "nats",
+                source: format!("cannot create stream `{name}`: {e}").into(),
+            })?;
         Ok(())
     }
 

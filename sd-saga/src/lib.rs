@@ -113,6 +113,9 @@
 //! | [`MemoryStore`] | nothing (one process) | 2 map updates under one mutex | its [`Clock`] | sagas stay in memory until [`MemoryStore::prune_finished`] |
 //! | `postgres::PostgresStore` | orchestrator crashes, database restarts | 2 statements | `clock_timestamp()` | rows stay until `postgres::PostgresStore::prune_finished` |
 //!
+//! [`BoxStore`] holds either log behind one type, so a service picks it from its
+//! configuration at run time.
+//!
 //! Saga ids are unique per log (across saga types); starting an id twice is
 //! [`Error::AlreadyExists`], so a retried request that starts "order-1" again does not
 //! start a second saga.
