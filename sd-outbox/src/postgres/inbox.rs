@@ -34,7 +34,8 @@ impl Default for InboxBuilder {
 
 impl InboxBuilder {
     /// The table (default `outbox_inbox`): `table` or `schema.table`, each part 1 to 48
-    /// of `[a-z0-9_]` (sd-core's [`TableName`] rule).
+    /// of `[a-z0-9_]` (sd-core's [`TableName`] rule). `migrate` creates the table, not
+    /// the schema: create that first.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
