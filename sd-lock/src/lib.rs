@@ -132,6 +132,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+mod boxed;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod error;
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
@@ -150,6 +154,7 @@ pub mod redis;
 pub mod redlock;
 mod watchdog;
 
+pub use crate::boxed::BoxLock;
 pub use crate::error::{Error, Result};
 pub use crate::lease::{FencingToken, Lease, Release};
 pub use crate::watchdog::{Lost, Watchdog};

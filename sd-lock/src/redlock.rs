@@ -233,10 +233,7 @@ impl<C> Clone for Redlock<C> {
 impl<C> fmt::Debug for Redlock<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Redlock")
-            .field(
-                "nodes",
-                &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
-            )
+            .field("nodes", &names(&self.nodes))
             .field("prefix", &self.prefix)
             .field("node_timeout", &self.node_timeout)
             .finish_non_exhaustive()
@@ -248,6 +245,11 @@ struct Round<T> {
     ok: Vec<T>,
     failures: Vec<NodeFailure>,
     elapsed: Duration,
+}
+
+/// The masters' names, for `Debug`.
+fn names<C>(nodes: &[Node<C>]) -> Vec<&str> {
+    nodes.iter().map(|n| n.name.as_str()).collect()
 }
 
 /// Options of a [`Redlock`]; [`build`](Self::build) checks them and names the setter
@@ -262,10 +264,7 @@ pub struct RedlockBuilder<C> {
 impl<C> fmt::Debug for RedlockBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedlockBuilder")
-            .field(
-                "nodes",
-                &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
-            )
+            .field("nodes", &names(&self.nodes))
             .field("prefix", &self.prefix)
             .field("node_timeout", &self.node_timeout)
             .finish_non_exhaustive()

@@ -174,7 +174,9 @@ async fn renew<L: Lock>(lock: L, tx: watch::Sender<Status>) {
                     Lost::Unreachable { last_error }
                 };
             }
-            match tokio::time::timeout(left, lock.extend(&mut lease, ttl)).await {
+            let span = tracing::debug_span!("lock.renew", resource = lease.resource);
+            let renewal = sd_core::deadline::timeout(left, span, lock.extend(&mut lease, ttl));
+            match renewal.await {
                 Ok(Ok(())) => {
                     tx.send_modify(|s| s.lease = lease.clone());
                     tracing::trace!(resource = lease.resource, "lease renewed");

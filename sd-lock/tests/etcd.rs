@@ -5,6 +5,8 @@
 
 mod common;
 
+use sd_lock::conformance;
+
 use std::time::Duration;
 
 use common::runtime;
@@ -36,7 +38,8 @@ fn mutual_exclusion_32_tasks_50_sections() {
             Duration::from_millis(1),
             Duration::from_millis(10),
         ));
-        let report = common::mutual_exclusion(lock, "job", 32, 50, Duration::from_secs(10)).await;
+        let report =
+            conformance::mutual_exclusion(lock, "job", 32, 50, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 1600);
     });
 }
@@ -44,7 +47,7 @@ fn mutual_exclusion_32_tasks_50_sections() {
 #[test]
 fn contract() {
     with_lock(|lock| async move {
-        common::contract(&lock, "contract", Duration::from_secs(1)).await;
+        conformance::contract(&lock, "contract", Duration::from_secs(1)).await;
         assert!(matches!(
             lock.try_acquire("r", Duration::from_millis(500)).await,
             Err(Error::TtlTooShort { .. })
@@ -55,7 +58,7 @@ fn contract() {
 #[test]
 fn cancelled_acquire_leaves_nothing() {
     with_lock(|lock| async move {
-        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+        conformance::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
     });
 }
 

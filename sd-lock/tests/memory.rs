@@ -3,6 +3,8 @@
 
 mod common;
 
+use sd_lock::conformance;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +19,13 @@ fn fast_retry() -> RetryPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mutual_exclusion_32_tasks_200_sections() {
     let lock = MemoryLock::new().with_retry(fast_retry());
-    let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+    let report = conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
     assert_eq!(report.final_value, 6400);
 }
 
 #[tokio::test]
 async fn contract() {
-    common::contract(&MemoryLock::new(), "contract", Duration::from_millis(100)).await;
+    conformance::contract(&MemoryLock::new(), "contract", Duration::from_millis(100)).await;
 }
 
 #[tokio::test]
@@ -44,7 +46,7 @@ async fn cancelled_acquire_leaves_nothing() {
     assert!(r.is_err());
     drop(held);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    common::cancelled_acquire_leaves_nothing(&lock, "busy", false).await;
+    conformance::cancelled_acquire_leaves_nothing(&lock, "busy", false).await;
 }
 
 /// A holder paused past its TTL (GC, page fault): tokio's clock is paused and advanced,

@@ -5,6 +5,8 @@
 
 mod common;
 
+use sd_lock::conformance;
+
 use std::time::Duration;
 
 use common::runtime;
@@ -44,7 +46,8 @@ fn mutual_exclusion_32_tasks_200_sections() {
             Duration::from_micros(500),
             Duration::from_millis(5),
         ));
-        let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+        let report =
+            conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 6400);
     });
 }
@@ -52,14 +55,14 @@ fn mutual_exclusion_32_tasks_200_sections() {
 #[test]
 fn contract() {
     with_lock(|lock, _| async move {
-        common::contract(&lock, "contract", Duration::from_millis(300)).await;
+        conformance::contract(&lock, "contract", Duration::from_millis(300)).await;
     });
 }
 
 #[test]
 fn cancelled_acquire_leaves_nothing() {
     with_lock(|lock, _| async move {
-        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+        conformance::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
     });
 }
 

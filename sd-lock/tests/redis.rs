@@ -5,6 +5,8 @@
 
 mod common;
 
+use sd_lock::conformance;
+
 use common::{manager, runtime};
 
 use std::time::Duration;
@@ -39,7 +41,8 @@ where
 fn mutual_exclusion_32_tasks_200_sections() {
     with_lock(|lock, _| async move {
         let lock = lock.with_retry(fast_retry());
-        let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+        let report =
+            conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 6400);
     });
 }
@@ -47,7 +50,7 @@ fn mutual_exclusion_32_tasks_200_sections() {
 #[test]
 fn contract() {
     with_lock(|lock, url| async move {
-        common::contract(&lock, "contract", Duration::from_secs(2)).await;
+        conformance::contract(&lock, "contract", Duration::from_secs(2)).await;
         assert!(matches!(
             lock.try_acquire("r", Duration::from_millis(2)).await,
             Err(Error::TtlBelowDrift { .. })
@@ -67,7 +70,7 @@ fn contract() {
 #[test]
 fn cancelled_acquire_leaves_nothing() {
     with_lock(|lock, _| async move {
-        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+        conformance::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
     });
 }
 

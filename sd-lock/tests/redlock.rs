@@ -5,6 +5,8 @@
 
 mod common;
 
+use sd_lock::conformance;
+
 use common::{manager, runtime};
 
 use std::time::Duration;
@@ -37,7 +39,8 @@ fn mutual_exclusion_32_tasks_200_sections_on_3_masters() {
             Duration::from_micros(200),
             Duration::from_millis(3),
         ));
-        let report = common::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
+        let report =
+            conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
         assert_eq!(report.final_value, 6400);
     });
 }
@@ -49,8 +52,8 @@ fn contract_on_5_masters() {
         let lock = redlock(&servers).await;
         assert_eq!(lock.quorum(), 3);
         // A TTL of 2 s gives each master a 100 ms timeout: enough on a loaded CI machine.
-        common::contract(&lock, "contract", Duration::from_secs(2)).await;
-        common::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
+        conformance::contract(&lock, "contract", Duration::from_secs(2)).await;
+        conformance::cancelled_acquire_leaves_nothing(&lock, "cancel", true).await;
     });
 }
 

@@ -1,0 +1,238 @@
+//! The contract every [`Lock`] honours, as functions that take any backend and assert it
+//! (feature `test-util`). sd-lock's own backends run them; a new backend, or a
+//! [`BoxLock`](crate::BoxLock) chosen from configuration, runs the same.
+//!
+//! They panic on a broken contract, like any test, and need a multi-threaded tokio
+//! runtime with time enabled; `contract` waits out a `ttl` on real time.
+//!
+//! ```no_run
+//! # async fn run() {
+//! use std::time::Duration;
+//! use sd_lock::{conformance, memory::MemoryLock};
+//!
+//! let lock = MemoryLock::new();
+//! conformance::contract(&lock, "contract", Duration::from_millis(300)).await;
+//! conformance::mutual_exclusion(lock.clone(), "job", 8, 50, Duration::from_secs(10)).await;
+//! conformance::cancelled_acquire_leaves_nothing(&lock, "busy", false).await;
+//! # }
+//! ```
+// A test suite: a failed expectation is a panic with the reason.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::fence::FencedRegister;
+use crate::{Error, Lock, Release};
+
+/// What the checker saw.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Report {
+    /// Critical sections run.
+    pub sections: u64,
+    /// Fenced writes the register accepted.
+    pub accepted: u64,
+    /// Fenced writes the register refused as stale.
+    pub rejected: u64,
+    /// Times two tasks were inside at once.
+    pub overlaps: u64,
+    /// The register's value at the end.
+    pub final_value: u64,
+}
+
+/// The Jepsen `lock` workload in miniature: `tasks` tasks each run `sections` critical
+/// sections doing a read-modify-write on a fenced register (read fenced too), with a
+/// yield between read and write. Asserts no lost update, strictly increasing tokens on
+/// accepted writes, and (for a healthy lock with a generous TTL) no overlap at all.
+pub async fn mutual_exclusion<L: Lock + Clone + 'static>(
+    lock: L,
+    resource: &str,
+    tasks: usize,
+    sections: usize,
+    ttl: Duration,
+) -> Report {
+    let register = Arc::new(FencedRegister::new(0_u64));
+    let accepted_tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inside = Arc::new(AtomicU64::new(0));
+    let overlaps = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (lock, register, accepted_tokens) =
+            (lock.clone(), register.clone(), accepted_tokens.clone());
+        let (inside, overlaps, rejected) = (inside.clone(), overlaps.clone(), rejected.clone());
+        let resource = resource.to_owned();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..sections {
+                let lease = lock
+                    .acquire(&resource, ttl, Duration::from_secs(120))
+                    .await
+                    .unwrap();
+                if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                let token = lease.token();
+                match register.read(token) {
+                    Ok(v) => {
+                        tokio::task::yield_now().await;
+                        let mut log = accepted_tokens.lock().unwrap();
+                        match register.write(token, v + 1) {
+                            Ok(()) => log.push(token),
+                            Err(Error::StaleToken { .. }) => {
+                                rejected.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Err(Error::StaleToken { .. }) => {
+                        rejected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                inside.fetch_sub(1, Ordering::SeqCst);
+                let released = lock.release(lease).await.unwrap();
+                assert_eq!(
+                    released,
+                    Release::Released,
+                    "lease expired inside its section"
+                );
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let tokens = accepted_tokens.lock().unwrap().clone();
+    let final_value = register.peek();
+    let report = Report {
+        sections: (tasks * sections) as u64,
+        accepted: tokens.len() as u64,
+        rejected: rejected.load(Ordering::SeqCst),
+        overlaps: overlaps.load(Ordering::SeqCst),
+        final_value,
+    };
+    assert_eq!(
+        report.final_value, report.accepted,
+        "lost update: {report:?}"
+    );
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "accepted tokens not strictly increasing"
+    );
+    assert_eq!(report.accepted + report.rejected, report.sections);
+    assert_eq!(report.overlaps, 0, "two holders at once: {report:?}");
+    assert_eq!(
+        report.rejected, 0,
+        "a healthy lock handed out a stale token: {report:?}"
+    );
+    report
+}
+
+/// Contract checks that hold for every backend, with real time (`ttl` short enough to
+/// wait out, long enough for a round trip).
+pub async fn contract<L: Lock>(lock: &L, resource: &str, ttl: Duration) {
+    // Bad input is typed and costs no round trip.
+    assert!(matches!(
+        lock.try_acquire("", ttl).await,
+        Err(Error::EmptyResource)
+    ));
+    assert!(matches!(
+        lock.try_acquire(resource, Duration::ZERO).await,
+        Err(Error::TtlTooShort { .. })
+    ));
+    assert!(matches!(
+        lock.try_acquire(resource, crate::lease::MAX_TTL * 2).await,
+        Err(Error::TtlTooLong { .. })
+    ));
+
+    let mut a = lock.try_acquire(resource, ttl).await.unwrap();
+    assert_eq!(a.resource(), resource);
+    assert!(a.is_valid());
+    assert!(matches!(
+        lock.try_acquire(resource, ttl).await,
+        Err(e) if e.is_contention()
+    ));
+    lock.extend(&mut a, ttl).await.unwrap();
+    // Wait the lease out: extend fails, release reports expired, the next holder gets a
+    // larger token.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(matches!(
+        lock.extend(&mut a, ttl).await,
+        Err(Error::LeaseExpired { .. })
+    ));
+    // The server may keep the key a little longer than the holder's validity (etcd
+    // rounds leases up to its minimum of about 2 s).
+    let b = lock
+        .acquire(resource, ttl, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(b.token() > a.token(), "{} !> {}", b.token(), a.token());
+    assert_eq!(lock.release(a).await.unwrap(), Release::Expired);
+    // A stale holder cannot release the new one's lease.
+    let b2 = b.clone();
+    assert_eq!(lock.release(b).await.unwrap(), Release::Released);
+    assert_eq!(lock.release(b2).await.unwrap(), Release::Expired);
+    // Free again, at once.
+    let c = lock.try_acquire(resource, ttl).await.unwrap();
+    assert_eq!(lock.release(c).await.unwrap(), Release::Released);
+
+    // `acquire` gives up after `max_wait`, with the last error.
+    let held = lock.try_acquire(resource, ttl * 4).await.unwrap();
+    match lock.acquire(resource, ttl, Duration::from_millis(50)).await {
+        Err(Error::WaitTimeout { attempts, last, .. }) => {
+            assert!(attempts >= 1);
+            assert!(last.is_contention());
+        }
+        other => panic!("expected a wait timeout, got {other:?}"),
+    }
+    assert_eq!(lock.release(held).await.unwrap(), Release::Released);
+}
+
+/// Cancelling `acquire` at varied points leaves nothing behind: with a TTL far longer
+/// than the test, the resource is free again within moments (the spawned cleanup ran).
+pub async fn cancelled_acquire_leaves_nothing<L: Lock>(
+    lock: &L,
+    resource: &str,
+    must_cancel: bool,
+) {
+    let ttl = Duration::from_secs(60);
+    let mut cancelled = 0;
+    for i in 0..40u64 {
+        let outcome = {
+            let mut fut = std::pin::pin!(lock.acquire(resource, ttl, Duration::from_secs(5)));
+            // The first poll sends the request. Half the time the future is dropped right
+            // after it, mid-flight, whatever the machine's load; the other half it gets a
+            // growing time budget, so cancellation also lands at later points.
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+            match first {
+                std::task::Poll::Ready(lease) => Some(lease),
+                std::task::Poll::Pending if i % 2 == 0 => None,
+                std::task::Poll::Pending => {
+                    tokio::time::timeout(Duration::from_micros(i * i * 5), fut.as_mut())
+                        .await
+                        .ok()
+                }
+            }
+        };
+        match outcome {
+            Some(lease) => {
+                let released = lock.release(lease.unwrap()).await.unwrap();
+                assert_eq!(released, Release::Released);
+            }
+            None => cancelled += 1,
+        }
+        // A leaked key would hold for 60 s; the cleanup frees it at once.
+        let lease = lock
+            .acquire(resource, ttl, Duration::from_secs(3))
+            .await
+            .expect("a cancelled acquire left its lease behind");
+        assert_eq!(lock.release(lease).await.unwrap(), Release::Released);
+    }
+    assert!(
+        !must_cancel || cancelled > 0,
+        "no acquisition was cancelled; the test proves nothing"
+    );
+}
