@@ -136,20 +136,7 @@ impl Error {
     }
 }
 
-impl From<sd_core::ConfigError> for Error {
-    fn from(e: sd_core::ConfigError) -> Self {
-        Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<sd_core::Elapsed> for Error {
-    fn from(e: sd_core::Elapsed) -> Self {
-        Error::Timeout { after: e.after }
-    }
-}
+sd_core::impl_core_errors!(Error);
 
 #[cfg(feature = "redis")]
 impl From<redis::RedisError> for Error {

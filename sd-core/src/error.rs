@@ -45,3 +45,50 @@ impl Elapsed {
         Elapsed { after }
     }
 }
+
+/// Implements `From<ConfigError>` (into `InvalidConfig { field, reason }`) and
+/// `From<Elapsed>` (into `Timeout { after, .. }`) for a crate's `Error`, the two
+/// conversions every sd crate's error makes the same way. Extra fields of the
+/// `Timeout` variant are given after the type.
+///
+/// ```
+/// use std::borrow::Cow;
+/// use std::time::Duration;
+///
+/// #[derive(Debug)]
+/// enum Error {
+///     InvalidConfig { field: &'static str, reason: Cow<'static, str> },
+///     Timeout { after: Duration, bound: Option<usize> },
+/// }
+/// sd_core::impl_core_errors!(Error, Timeout { bound: None });
+///
+/// let e: Error = sd_core::ConfigError::new("ttl", "must be above zero").into();
+/// assert!(matches!(e, Error::InvalidConfig { field: "ttl", .. }));
+/// let e: Error = sd_core::Elapsed::new(Duration::from_secs(1)).into();
+/// assert!(matches!(e, Error::Timeout { bound: None, .. }));
+/// ```
+#[macro_export]
+macro_rules! impl_core_errors {
+    ($error:ty) => {
+        $crate::impl_core_errors!($error, Timeout {});
+    };
+    ($error:ty, Timeout { $($field:ident: $value:expr),* $(,)? }) => {
+        impl ::core::convert::From<$crate::ConfigError> for $error {
+            fn from(e: $crate::ConfigError) -> Self {
+                Self::InvalidConfig {
+                    field: e.field,
+                    reason: e.reason,
+                }
+            }
+        }
+
+        impl ::core::convert::From<$crate::Elapsed> for $error {
+            fn from(e: $crate::Elapsed) -> Self {
+                Self::Timeout {
+                    after: e.after,
+                    $($field: $value),*
+                }
+            }
+        }
+    };
+}

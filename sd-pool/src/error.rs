@@ -120,23 +120,7 @@ pub struct UnexpectedReply {
     pub what: &'static str,
 }
 
-impl From<sd_core::ConfigError> for Error {
-    fn from(e: sd_core::ConfigError) -> Self {
-        Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<sd_core::Elapsed> for Error {
-    fn from(e: sd_core::Elapsed) -> Self {
-        Error::Timeout {
-            after: e.after,
-            bound: None,
-        }
-    }
-}
+sd_core::impl_core_errors!(Error, Timeout { bound: None });
 
 #[cfg(feature = "redis")]
 impl From<redis::RedisError> for Error {

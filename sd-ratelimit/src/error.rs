@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use sd_core::{BoxError, ConfigError, Elapsed};
+use sd_core::BoxError;
 
 /// Everything that can go wrong in sd-ratelimit.
 ///
@@ -150,20 +150,7 @@ impl Error {
     }
 }
 
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<Elapsed> for Error {
-    fn from(e: Elapsed) -> Self {
-        Error::Timeout { after: e.after }
-    }
-}
+sd_core::impl_core_errors!(Error);
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
