@@ -634,3 +634,56 @@ fn metrics_report_backlog_lag_and_rate() {
         relay.shutdown().await;
     });
 }
+
+#[test]
+fn shipped_migrations_apply_with_psql_as_they_stand_and_are_recorded_once() {
+    let db = sd_testkit::database()
+        .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
+    // Written for the default names: no templates, they apply as they stand.
+    db.psql(include_str!("../migrations/0001_outbox.sql"))
+        .unwrap();
+    db.psql(include_str!("../migrations/0002_inbox.sql"))
+        .unwrap();
+    runtime().block_on(async {
+        let pool = pool(db.url()).await;
+        let outbox = Outbox::new(pool.clone()).unwrap();
+        let inbox = Inbox::builder().build(pool.clone()).unwrap();
+        for _ in 0..2 {
+            outbox.migrate().await.unwrap();
+            inbox.migrate().await.unwrap();
+        }
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sd_migrations WHERE component LIKE 'sd-outbox%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(applied, 2, "one ledger row per file");
+        let mut tx = pool.begin().await.unwrap();
+        let id = outbox
+            .enqueue(
+                &mut tx,
+                Message::json("order", "o-1", "t", serde_json::json!(1)),
+            )
+            .await
+            .unwrap();
+        assert!(inbox.receive(&mut tx, "c", id).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(outbox.stats().await.unwrap().backlog, 1);
+        // A configured name is put in by the migrator; a schema is refused for the outbox
+        // (its lanes, type and trigger are named after it) and taken for the inbox.
+        let custom = Outbox::builder()
+            .table("billing_events")
+            .build(pool.clone());
+        let sql = &custom.unwrap().migrator().render()[0].sql;
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS billing_events ("));
+        assert!(sql.contains("billing_events_lanes") && !sql.contains("outbox"));
+        assert!(matches!(
+            Outbox::builder()
+                .table("billing.events")
+                .build(pool.clone()),
+            Err(Error::InvalidConfig { field: "table", .. })
+        ));
+        assert!(Inbox::builder().table("billing.seen").build(pool).is_ok());
+    });
+}

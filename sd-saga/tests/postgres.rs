@@ -276,3 +276,37 @@ async fn postgres_killed_mid_flight_loses_and_repeats_nothing() {
 async fn postgres_paused_mid_flight_loses_and_repeats_nothing() {
     outage_mid_flight(Outage::Pause).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_migration_applies_with_psql_as_it_stands() {
+    let db = sd_testkit::database()
+        .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
+    // Written for the default names (public.sagas, public.sagas_events): no templates.
+    db.psql(include_str!("../migrations/0001_create.sql"))
+        .unwrap();
+    let pool = PgPoolOptions::new().connect(db.url()).await.unwrap();
+    let store = PostgresStore::builder().build(pool.clone()).unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sd_migrations WHERE component = 'sd-saga'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, 1);
+    let ledger = Arc::new(Ledger::default());
+    let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
+    let outcome = orch.run("m-1", vec![]).await.unwrap();
+    assert_eq!(outcome.state(), SagaState::Completed);
+    // Configured names are put in by the migrator, the schema included.
+    let custom = PostgresStore::builder()
+        .schema("ops")
+        .table("order_sagas")
+        .build(pool)
+        .unwrap();
+    let sql = &custom.migrator().render()[0].sql;
+    assert!(sql.contains("CREATE SCHEMA IF NOT EXISTS ops;"));
+    assert!(sql.contains("CREATE TABLE IF NOT EXISTS ops.order_sagas ("));
+    assert!(sql.contains("order_sagas_live_idx ON ops.order_sagas"));
+    assert!(sql.contains("CREATE TABLE IF NOT EXISTS ops.order_sagas_events ("));
+}
