@@ -103,6 +103,13 @@
 //!   twemproxy's server *names* (or libketama's `host:port`) as node ids; for a
 //!   twemproxy pool whose `hash:` is not MD5, compute the key hash yourself and call
 //!   [`HashRing::node_at`].
+//!
+//! # Running the tests
+//!
+//! `cargo test -p sd-hashring` (or `cargo nextest run -p sd-hashring`) runs every
+//! suite, the `ketama` golden vectors included: the crate's tests turn the feature on
+//! through a dev-dependency on the crate itself. The Redis migration test starts a real
+//! `redis-server` through `sd-testkit`; a missing binary fails it, it is never skipped.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -94,6 +94,14 @@
 //!   backend or a [`BoxLimiter`] built from configuration.
 //! - `tokio`: `until_ready` on the memory limiters, reading a PROXY header from a tokio
 //!   stream, and `client_ip::ProxyListener`.
+//!
+//! # Running the tests
+//!
+//! `cargo test -p sd-ratelimit` (or `cargo nextest run -p sd-ratelimit`) runs every
+//! suite: the crate's tests turn on `redis`, `tower`, `tokio` and `test-util` through a
+//! dev-dependency on the crate itself, so no suite is left out for want of a feature
+//! flag. The Redis suites start real `redis-server` processes (single and cluster)
+//! through `sd-testkit`; a missing server binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
