@@ -114,6 +114,10 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod boxed;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod error;
 pub mod memory;
 #[cfg(feature = "postgres")]
@@ -128,6 +132,7 @@ pub mod store;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 
+pub use boxed::BoxStore;
 pub use error::{Error, Result};
 pub use memory::MemoryStore;
 pub use run_once::{
