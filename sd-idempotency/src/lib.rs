@@ -75,6 +75,12 @@
 //! `Retry-After` until `lock_ttl` has passed, and runs after that (the tests pause Redis
 //! and PostgreSQL to check the 503; nothing runs twice either way).
 //!
+//! Stores are built with `builder()` (setters that cannot fail, one `build()` that
+//! names the setter of a value out of range); [`BoxStore`] holds any of them behind one
+//! type, for a store picked from configuration at run time. Tables and key prefixes
+//! follow sd-core's one rule (keys are `{prefix}:{{digest}}`, sd adds the colon);
+//! PostgreSQL's schema is applied by sd-core's migrator and recorded in `sd_migrations`.
+//!
 //! # Cost
 //!
 //! Round trips to the store per request: first run 2 (claim, complete), replay 1,
@@ -92,6 +98,8 @@
 //! - `redis`: the Redis backend ([`redis::RedisStore`]).
 //! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
 //! - `tower`: the tower / axum middleware ([`tower::IdempotencyLayer`]).
+//! - `test-util`: `conformance`, the store contract suite every backend runs, for a
+//!   store of your own or a [`BoxStore`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
 #![cfg_attr(
     not(feature = "redis"),

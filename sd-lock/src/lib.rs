@@ -78,6 +78,16 @@
 //!   ([`lease::validity`]). Backends expire keys on their own clocks (Redis `PX`,
 //!   PostgreSQL `clock_timestamp()`, etcd leases).
 //!
+//! # Construction and run-time choice
+//!
+//! Each backend has `new(connection)` with the defaults and a `builder(connection)`
+//! whose setters cannot fail; its `build()` checks every value and names the setter of
+//! one out of range ([`Error::InvalidConfig`]). Redis key prefixes and table names follow
+//! sd-core's one rule: keys are `{prefix}:{{resource}}`, sd adds the colon. The default
+//! retry policy of [`Lock::acquire`] is [`lease::default_retry`], an sd-core
+//! [`RetryPolicy`]. [`BoxLock`] holds any backend behind one type, for a backend picked
+//! from configuration at run time.
+//!
 //! # Watchdog
 //!
 //! [`Watchdog`] renews a lease every `ttl / 3` and resolves [`Watchdog::lost`] when a
@@ -103,6 +113,8 @@
 //!   (redis-rs, async).
 //! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8).
 //! - `etcd`: [`etcd::EtcdLock`] (etcd-client).
+//! - `test-util`: `conformance`, the contract suite every backend runs, for a backend of
+//!   your own or a [`BoxLock`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
 #![cfg_attr(
     not(feature = "redis"),
