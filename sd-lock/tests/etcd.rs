@@ -5,11 +5,10 @@
 
 mod common;
 
-use sd_lock::conformance;
-
 use std::time::Duration;
 
 use common::runtime;
+use sd_lock::conformance;
 use sd_lock::etcd::EtcdLock;
 use sd_lock::{Error, Lock, Release};
 

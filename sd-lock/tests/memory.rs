@@ -3,11 +3,10 @@
 
 mod common;
 
-use sd_lock::conformance;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_lock::conformance;
 use sd_lock::fence::FencedRegister;
 use sd_lock::memory::MemoryLock;
 use sd_lock::{Error, Lock, Lost, Release, RetryPolicy, Watchdog};

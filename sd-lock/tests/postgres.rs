@@ -5,11 +5,10 @@
 
 mod common;
 
-use sd_lock::conformance;
-
 use std::time::Duration;
 
 use common::runtime;
+use sd_lock::conformance;
 use sd_lock::fence::postgres::PostgresFence;
 use sd_lock::postgres::PostgresLock;
 use sd_lock::{Error, FencingToken, Release};

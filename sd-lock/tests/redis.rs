@@ -5,13 +5,12 @@
 
 mod common;
 
-use sd_lock::conformance;
-
 use common::{manager, runtime};
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use sd_lock::conformance;
 use sd_lock::fence::redis::RedisFence;
 use sd_lock::redis::RedisLock;
 use sd_lock::{Error, FencingToken, Lock, Lost, Release, RetryPolicy, Watchdog};

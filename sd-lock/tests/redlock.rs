@@ -5,13 +5,12 @@
 
 mod common;
 
-use sd_lock::conformance;
-
 use common::{manager, runtime};
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use sd_lock::conformance;
 use sd_lock::redlock::{NodeFailure, Redlock, RedlockBuilder};
 use sd_lock::{Error, Lock, Release};
 use sd_testkit::RedisServer;
