@@ -402,37 +402,24 @@ async fn run_order<S: SagaStore>(
     Ok(outcome)
 }
 
-#[derive(Debug, Default)]
+/// The flags.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "order_saga")]
 struct Args {
+    /// Make this service refuse every call: inventory, payments or shipping.
+    #[arg(long, value_parser = ["inventory", "payments", "shipping"])]
     fail: Option<String>,
+    /// Make this service fail its first call (then succeed): inventory, payments or shipping.
+    #[arg(long, value_parser = ["inventory", "payments", "shipping"])]
     flaky: Option<String>,
+    /// Keep the saga log in this PostgreSQL database instead of memory.
+    #[arg(long, value_name = "URL")]
     postgres: Option<String>,
-}
-
-fn args() -> Result<Args, String> {
-    let mut args = Args::default();
-    let mut it = std::env::args().skip(1);
-    let services = ["inventory", "payments", "shipping"];
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--fail" => args.fail = Some(value()?),
-            "--flaky" => args.flaky = Some(value()?),
-            "--postgres" => args.postgres = Some(value()?),
-            other => return Err(format!("unknown flag {other}")),
-        }
-    }
-    for s in [&args.fail, &args.flaky].into_iter().flatten() {
-        if !services.contains(&s.as_str()) {
-            return Err(format!("unknown service {s}; pick one of {services:?}"));
-        }
-    }
-    Ok(args)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = args()?;
+    let args = <Args as clap::Parser>::parse();
     let inventory = Participant::new("inventory", &["Reserve", "Commit"], &args);
     let payments = Participant::new("payments", &["Charge"], &args);
     let shipping = Participant::new("shipping", &["Book"], &args);

@@ -29,45 +29,56 @@ struct Args {
     orders: u64,
 }
 
-const USAGE: &str = "use --postgres URL (--redis URL | --nats URL) [--relays N] [--mode ordered|parallel] [--orders N]";
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "outbox_relay")]
+struct Cli {
+    /// The PostgreSQL database holding the orders and their outbox.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres: String,
+    /// Publish to Redis Streams on this server.
+    #[arg(
+        long,
+        value_name = "URL",
+        required_unless_present = "nats",
+        conflicts_with = "nats"
+    )]
+    redis: Option<String>,
+    /// Publish to NATS JetStream on this server.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// How many relays run at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    relays: u64,
+    /// ordered or parallel.
+    #[arg(long, default_value = "parallel", value_parser = ["ordered", "parallel"])]
+    mode: String,
+    /// How many orders to write.
+    #[arg(long, default_value_t = 2_000)]
+    orders: u64,
+}
 
 fn args() -> Result<Args, String> {
-    let mut postgres = "postgres://postgres@127.0.0.1:5432/postgres".to_owned();
-    let mut sink = None;
-    let mut relays = 1;
-    let mut mode = Mode::Parallel;
-    let mut orders = 2_000;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value; {USAGE}"))?;
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|e| format!("{flag} {value}: {e}"))
-        };
-        match flag.as_str() {
-            "--postgres" => postgres = value.clone(),
-            "--redis" => sink = Some(Sink::Redis(value.clone())),
-            "--nats" => sink = Some(Sink::Nats(value.clone())),
-            "--relays" => relays = usize::try_from(number()?.clamp(1, 64)).unwrap_or(1),
-            "--orders" => orders = number()?,
-            "--mode" => {
-                mode = match value.as_str() {
-                    "ordered" => Mode::Ordered,
-                    "parallel" => Mode::Parallel,
-                    _ => return Err(format!("--mode {value}: {USAGE}")),
-                }
-            }
-            _ => return Err(format!("unknown flag {flag}; {USAGE}")),
-        }
-    }
-    let sink = sink.ok_or(format!("name a broker; {USAGE}"))?;
+    let cli = <Cli as clap::Parser>::parse();
+    let sink = match (cli.redis, cli.nats) {
+        (Some(url), _) => Sink::Redis(url),
+        (None, Some(url)) => Sink::Nats(url),
+        (None, None) => return Err("name a broker with --redis URL or --nats URL".into()),
+    };
     Ok(Args {
-        postgres,
+        postgres: cli.postgres,
         sink,
-        relays,
-        mode,
-        orders,
+        relays: usize::try_from(cli.relays).unwrap_or(1),
+        mode: if cli.mode == "ordered" {
+            Mode::Ordered
+        } else {
+            Mode::Parallel
+        },
+        orders: cli.orders,
     })
 }
 

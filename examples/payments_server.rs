@@ -106,24 +106,28 @@ pub(crate) async fn router(
     })
 }
 
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "payments_server")]
+struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: String,
+    /// Keep idempotency keys on this Redis server.
+    #[arg(long, value_name = "URL", conflicts_with = "postgres")]
+    redis: Option<String>,
+    /// Keep idempotency keys in this PostgreSQL database.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut addr = "127.0.0.1:3000".to_owned();
-    let (mut redis_url, mut postgres_url) = (None, None);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => addr = value,
-            "--redis" => redis_url = Some(value),
-            "--postgres" => postgres_url = Some(value),
-            other => {
-                return Err(
-                    format!("unknown flag {other}; use --addr, --redis or --postgres").into(),
-                );
-            }
-        }
-    }
+    let Args {
+        addr,
+        redis: redis_url,
+        postgres: postgres_url,
+    } = <Args as clap::Parser>::parse();
     let (router, store) = router(redis_url, postgres_url).await?;
     println!("store: {store}");
     let listener = tokio::net::TcpListener::bind(&addr).await?;

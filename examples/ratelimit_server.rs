@@ -93,49 +93,54 @@ impl Connected<IncomingStream<'_, Proxied>> for Client {
     }
 }
 
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "ratelimit_server")]
+struct Cli {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// The rate: N/s, N/m or N/h.
+    #[arg(long, default_value = "5/s", value_parser = rate)]
+    rate: (u32, Duration),
+    /// The burst (default: the rate's count).
+    #[arg(long)]
+    burst: Option<u32>,
+    /// Keep the limits on this Redis server instead of in memory.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Take the client from X-Forwarded-For, trusting this many proxies in front.
+    #[arg(long, default_value_t = 0, conflicts_with = "proxy_protocol")]
+    trusted_hops: usize,
+    /// Read a PROXY v1/v2 header on each connection.
+    #[arg(long)]
+    proxy_protocol: bool,
+}
+
+/// `N/s`, `N/m` or `N/h`.
+fn rate(s: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("`{s}`: the rate is N/s, N/m or N/h");
+    let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+    let period = match unit {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    Ok((n.parse().map_err(|_| bad())?, period))
+}
+
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
-    let mut addr: SocketAddr = "127.0.0.1:3000".parse()?;
-    let (mut count, mut period) = (5u32, Duration::from_secs(1));
-    let mut burst = None;
-    let mut redis = None;
-    let mut trusted_hops = 0;
-    let mut proxy_protocol = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--addr" => addr = value()?.parse()?,
-            "--rate" => {
-                let v = value()?;
-                let (n, unit) = v.split_once('/').ok_or("--rate is N/s, N/m or N/h")?;
-                count = n.parse()?;
-                period = match unit {
-                    "s" => Duration::from_secs(1),
-                    "m" => Duration::from_secs(60),
-                    "h" => Duration::from_secs(3600),
-                    _ => return Err("--rate is N/s, N/m or N/h".into()),
-                };
-            }
-            "--burst" => burst = Some(value()?.parse()?),
-            "--redis" => redis = Some(value()?),
-            "--trusted-hops" => trusted_hops = value()?.parse()?,
-            "--proxy-protocol" => proxy_protocol = true,
-            other => return Err(format!("unknown flag {other}").into()),
-        }
-    }
-    if proxy_protocol && trusted_hops > 0 {
-        return Err(
-            "--proxy-protocol and --trusted-hops name the client two ways; pick one".into(),
-        );
-    }
+    let cli = <Cli as clap::Parser>::parse();
+    let (count, period) = cli.rate;
     let quota = Quota::new(count, period)?;
-    let quota = quota.with_burst(burst.unwrap_or(quota.burst()))?;
+    let quota = quota.with_burst(cli.burst.unwrap_or(quota.burst()))?;
     Ok(Args {
-        addr,
+        addr: cli.addr,
         quota,
-        redis,
-        trusted_hops,
-        proxy_protocol,
+        redis: cli.redis,
+        trusted_hops: cli.trusted_hops,
+        proxy_protocol: cli.proxy_protocol,
     })
 }
 

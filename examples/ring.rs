@@ -34,7 +34,14 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn Error>> {
-    let args = parse_args(std::env::args().skip(1))?;
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        // --help, --version and clap's own usage errors print as clap formats them.
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap) => clap.exit(),
+            Err(e) => return Err(e),
+        },
+    };
     let placement = build(&args)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     map_keys(&placement, &args, std::io::stdin().lock(), out)
@@ -130,36 +137,41 @@ fn owners<'a>(placement: &'a Built, args: &Args, key: &[u8]) -> Vec<&'a str> {
     }
 }
 
-pub(crate) fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
-    let mut args = Args {
-        nodes: Vec::new(),
-        mode: "crc32".into(),
-        vnodes: DEFAULT_VNODES,
-        replicas: 1,
-    };
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--nodes" => args.nodes = parse_nodes(&value()?)?,
-            "--mode" => args.mode = value()?,
-            "--vnodes" => args.vnodes = value()?.parse().map_err(|e| format!("--vnodes: {e}"))?,
-            "--replicas" => {
-                args.replicas = value()?.parse().map_err(|e| format!("--replicas: {e}"))?
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: ring --nodes a:11211,b:11211:2 [--mode crc32|xxh3|ketama|jump|rendezvous|maglev] \
-                     [--vnodes N] [--replicas N] < keys"
-                );
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag `{other}`; see --help").into()),
-        }
-    }
-    if args.nodes.is_empty() {
+/// The flags as given; [`parse_args`] turns them into [`Args`].
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "ring",
+    about = "Prints key<TAB>node for each key read from stdin"
+)]
+struct Cli {
+    /// Node ids, comma-separated; a number after a second colon is the weight
+    /// (`a:11211,b:11211:2`).
+    #[arg(long)]
+    nodes: String,
+    /// crc32, xxh3, ketama, jump, rendezvous or maglev.
+    #[arg(long, default_value = "crc32")]
+    mode: String,
+    /// Points per unit of weight for the ring modes.
+    #[arg(long, default_value_t = DEFAULT_VNODES)]
+    vnodes: u32,
+    /// Print N distinct owners per key, tab-separated (ring and rendezvous modes).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+}
+
+/// Parses the flags (without the program name).
+pub(crate) fn parse_args(it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
+    let cli = <Cli as clap::Parser>::try_parse_from(std::iter::once("ring".to_owned()).chain(it))?;
+    let nodes = parse_nodes(&cli.nodes)?;
+    if nodes.is_empty() {
         return Err("give the nodes with --nodes a:11211,b:11211:2".into());
     }
-    Ok(args)
+    Ok(Args {
+        nodes,
+        mode: cli.mode,
+        vnodes: cli.vnodes,
+        replicas: cli.replicas,
+    })
 }
 
 /// `a:11211,b:11211:2` → `a:11211` (weight 1), `b:11211` (weight 2). A number after a

@@ -161,24 +161,33 @@ async fn counts(
     Ok(out.join(", "))
 }
 
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "shard_redis")]
+struct Cli {
+    /// Four Redis URLs, comma-separated; the fourth joins later.
+    #[arg(
+        long,
+        value_name = "URL1,URL2,URL3,URL4",
+        value_delimiter = ',',
+        num_args = 4,
+        required = true
+    )]
+    redis: Vec<String>,
+    /// How many keys to write.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// The key prefix.
+    #[arg(long, default_value = "sd-example:shard:")]
+    prefix: String,
+}
+
 fn parse_args() -> Result<(Vec<String>, u64, String), Box<dyn Error>> {
-    let mut urls = Vec::new();
-    let mut keys = 10_000;
-    let mut prefix = String::from("sd-example:shard:");
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--redis" => urls = value.split(',').map(str::to_owned).collect(),
-            "--keys" => keys = value.parse()?,
-            "--prefix" => prefix = value,
-            other => return Err(format!("unknown flag `{other}`").into()),
-        }
-    }
-    if urls.len() != 4 {
+    let cli = <Cli as clap::Parser>::parse();
+    if cli.redis.len() != 4 {
         return Err(
             "give four Redis URLs: --redis URL1,URL2,URL3,URL4 (the fourth joins later)".into(),
         );
     }
-    Ok((urls, keys, prefix))
+    Ok((cli.redis, cli.keys, cli.prefix))
 }

@@ -22,13 +22,17 @@ use sd_cache::{RedisCache, TwoTier};
 
 type Error = Box<dyn std::error::Error>;
 
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "stampede")]
+struct Args {
+    /// Also run the Redis tier and the two-tier cache on this server.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+}
+
 fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().collect();
-    let redis_url = args
-        .iter()
-        .position(|a| a == "--redis")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let redis_url = <Args as clap::Parser>::parse().redis;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

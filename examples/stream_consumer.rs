@@ -23,18 +23,30 @@ use tokio::time::Instant;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The command line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "stream_consumer")]
 pub(crate) struct Args {
     /// The Redis server.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
     pub(crate) redis: String,
     /// The pool's maximum concurrency.
+    #[arg(long, default_value_t = 8)]
     pub(crate) workers: usize,
     /// Distinct event keys (accounts); events of one key must be handled in order.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) keys: u64,
     /// Events to produce.
+    #[arg(long, default_value_t = 2_000)]
     pub(crate) events: u64,
-    /// Give up (and fail) after this long.
+    /// Give up (and fail) after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = seconds)]
     pub(crate) timeout: Duration,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("{s}: {e}"))
 }
 
 impl Default for Args {
@@ -49,33 +61,13 @@ impl Default for Args {
     }
 }
 
-/// Parses `--redis URL --workers N --keys N --events N --timeout SECONDS`.
-pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
-    let mut parsed = Args::default();
-    let mut it = args.into_iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|e| format!("{flag} {value}: {e}"))
-        };
-        match flag.as_str() {
-            "--redis" => parsed.redis = value.clone(),
-            "--workers" => {
-                parsed.workers = usize::try_from(number()?).map_err(|e| e.to_string())?;
-            }
-            "--keys" => parsed.keys = number()?.max(1),
-            "--events" => parsed.events = number()?,
-            "--timeout" => parsed.timeout = Duration::from_secs(number()?),
-            _ => {
-                return Err(format!(
-                    "unknown flag {flag}; use --redis URL --workers N --keys N --events N --timeout SECONDS"
-                ));
-            }
-        }
-    }
-    Ok(parsed)
+/// Parses `--redis URL --workers N --keys N --events N --timeout SECONDS` (without the
+/// program name).
+#[allow(dead_code)] // the binary parses with `Args::parse`; examples/tests calls this
+pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, clap::Error> {
+    <Args as clap::Parser>::try_parse_from(
+        std::iter::once("stream_consumer".to_owned()).chain(args),
+    )
 }
 
 /// What one run showed.
@@ -324,13 +316,7 @@ pub(crate) async fn run(args: &Args) -> Result<Summary, BoxError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
     match run(&args).await {
         Ok(summary) => {
             println!("{summary}");

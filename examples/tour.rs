@@ -21,15 +21,21 @@ struct Backends {
     run: String,
 }
 
+/// The tour: one short scenario per sd crate, on memory unless servers are given.
+#[derive(Debug, clap::Parser)]
+#[command(name = "tour")]
+struct Args {
+    /// Run the Redis-backed scenarios on this server (`redis://127.0.0.1:6379`).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Run the PostgreSQL-backed scenarios on this server.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+}
+
 fn main() {
-    let (redis_url, postgres_url) = match args() {
-        Ok(urls) => urls,
-        Err(e) => {
-            eprintln!("{e}\nusage: tour [--redis URL] [--postgres URL]");
-            std::process::exit(2);
-        }
-    };
-    let failures = run(redis_url, postgres_url);
+    let args = <Args as clap::Parser>::parse();
+    let failures = run(args.redis, args.postgres);
     if failures > 0 {
         eprintln!("\n{failures} scenario check(s) failed (marked !! above)");
         std::process::exit(1);
@@ -96,24 +102,6 @@ fn expect(fact: bool, what: &str) {
     if !fact {
         fail(format!("expected {what}"));
     }
-}
-
-/// `--redis URL` and `--postgres URL`, each at most once.
-fn args() -> Result<(Option<String>, Option<String>), String> {
-    let (mut redis, mut postgres) = (None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let slot = match flag.as_str() {
-            "--redis" => &mut redis,
-            "--postgres" => &mut postgres,
-            other => return Err(format!("unknown flag {other}")),
-        };
-        let value = it.next().ok_or(format!("{flag} needs a URL"))?;
-        if slot.replace(value).is_some() {
-            return Err(format!("{flag} given twice"));
-        }
-    }
-    Ok((redis, postgres))
 }
 
 async fn connect(

@@ -43,41 +43,46 @@ mod app;
 
 use std::process::ExitCode;
 
-fn usage() -> &'static str {
-    "usage: checkout [--redis URL]... [--postgres URL] [--clients N] [--orders N] [--quiet]"
+/// The flags.
+#[derive(Debug, clap::Parser)]
+#[command(name = "checkout")]
+struct Args {
+    /// A Redis server (repeatable): rate limits and idempotency keys on the first, the
+    /// cache and leases sharded over all.
+    #[arg(long, value_name = "URL")]
+    redis: Vec<String>,
+    /// The PostgreSQL database for the saga log, the orders, their outbox and the inbox.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// Clients sending orders at once (1 to 1000).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    clients: Option<u16>,
+    /// Orders per client (1 to 1000).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    orders: Option<u16>,
+    /// No progress line while the load runs.
+    #[arg(long)]
+    quiet: bool,
 }
 
-fn config() -> Result<app::Config, String> {
+fn config() -> app::Config {
+    let args = <Args as clap::Parser>::parse();
     let mut config = app::Config::memory();
-    config.load.progress = true;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let number = |v: String| match v.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => Ok(n),
-            _ => Err(format!("{flag} must be a number from 1 to 1000, not {v}")),
-        };
-        match flag.as_str() {
-            "--redis" => config.redis.push(value()?),
-            "--postgres" => config.postgres = Some(value()?),
-            "--clients" => config.load.clients = number(value()?)?,
-            "--orders" => config.load.orders_per_client = number(value()?)?,
-            "--quiet" => config.load.progress = false,
-            other => return Err(format!("unknown flag {other}")),
-        }
+    config.redis = args.redis;
+    config.postgres = args.postgres;
+    if let Some(n) = args.clients {
+        config.load.clients = usize::from(n);
     }
-    Ok(config)
+    if let Some(n) = args.orders {
+        config.load.orders_per_client = usize::from(n);
+    }
+    config.load.progress = !args.quiet;
+    config
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match config() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}\n{}", usage());
-            return ExitCode::from(2);
-        }
-    };
+    let config = config();
     let orders = config.load.clients * config.load.orders_per_client;
     println!(
         "{} clients send {orders} orders at once to the order service on loopback",
