@@ -62,9 +62,22 @@ fn sequence(seed: u64, len: usize) -> Vec<(u64, usize, u32)> {
         .collect()
 }
 
+/// The server's clock (`TIME`), as time since the Unix epoch.
+async fn server_time(conn: &mut impl redis::aio::ConnectionLike) -> Duration {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    Duration::from_secs(secs) + Duration::from_micros(micros)
+}
+
 /// Runs one sequence on memory (time injected) and on `redis` (time passed to the
 /// script), asserting identical decisions.
-async fn same_as_memory<C>(redis: &RedisLimiter<C>, limit: Limit, seed: u64)
+///
+/// Redis expires a key on its own clock, which a loaded machine moves faster than the
+/// sequence's injected time: a key written with 500 ms to live could vanish during a
+/// stall while the sequence is 100 ms later, and the next decision would see a full
+/// bucket that memory does not. So each key is made persistent right after its call
+/// (`conn` reaches the same server): a state past its expiry must then read as full,
+/// which is what the expiry relies on, and the decisions no longer depend on real time.
+async fn same_as_memory<C>(redis: &RedisLimiter<C>, conn: &mut C, limit: Limit, seed: u64)
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -83,6 +96,11 @@ where
         clock.set(t);
         let ours = memory.check_with(keys[key].as_str(), &limit, cost);
         let theirs = redis.check_at(&keys[key], &limit, cost, epoch + t).await;
+        let _: i64 = redis::cmd("PERSIST")
+            .arg(redis.redis_key(&keys[key]))
+            .query_async(conn)
+            .await
+            .unwrap();
         match (ours, theirs) {
             (Ok(a), Ok(b)) => assert_eq!(a, b, "step {i} of {limit:?} at {t:?}"),
             (Err(Error::InsufficientCapacity { .. }), Err(Error::InsufficientCapacity { .. })) => {}
@@ -103,16 +121,18 @@ fn redis_and_cluster_decide_exactly_as_memory() {
             .timeout(Duration::from_secs(5))
             .build(manager(server.url()).await)
             .unwrap();
+        let mut single_conn = manager(server.url()).await;
         let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
-        let conn = client.get_async_connection().await.unwrap();
+        let mut cluster_conn = client.get_async_connection().await.unwrap();
         let clustered = RedisLimiterBuilder::new(limits()[0])
             .timeout(Duration::from_secs(5))
-            .build(conn)
+            .build(cluster_conn.clone())
             .unwrap();
         for (n, limit) in limits().into_iter().enumerate() {
             for seed in 1..4u64 {
-                same_as_memory(&single, limit, seed * 7919 + n as u64).await;
-                same_as_memory(&clustered, limit, seed * 104_729 + n as u64).await;
+                same_as_memory(&single, &mut single_conn, limit, seed * 7919 + n as u64).await;
+                let seed = seed * 104_729 + n as u64;
+                same_as_memory(&clustered, &mut cluster_conn, limit, seed).await;
             }
         }
     });
@@ -124,27 +144,52 @@ fn server_time_noscript_expiry_and_all_or_none() {
     let rt = runtime();
     rt.block_on(async {
         let mut conn = manager(server.url()).await;
-        let limit = Limit::gcra(Quota::per_second(10).unwrap().with_burst(2).unwrap());
+        // One request per 10 s, burst of 2: no stall of a loaded machine reaches a unit,
+        // so the third call is denied however slow the calls are.
+        let unit = Duration::from_secs(10);
+        let limit = Limit::gcra(Quota::per_minute(6).unwrap().with_burst(2).unwrap());
         let limiter = RedisLimiterBuilder::new(limit)
             .prefix(sd_testkit::unique_name("rl"))
             .timeout(Duration::from_secs(5))
             .build(conn.clone())
             .unwrap();
-        // Server time, burst of 2.
+        // Server time: each call is bracketed by readings of the server's clock, and the
+        // bounds below are derived from them, so they hold for any call time. The first
+        // call starts the schedule at t1 in [before_first, after_first].
+        let before_first = server_time(&mut conn).await;
         assert!(limiter.check("a").await.unwrap().allowed);
+        let after_first = server_time(&mut conn).await;
         assert!(limiter.check("a").await.unwrap().allowed);
+        // Time that must show in the answer: a script that misread TIME would not see it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before_third = server_time(&mut conn).await;
         let denied = limiter.check("a").await.unwrap();
-        assert!(!denied.allowed);
+        let after_third = server_time(&mut conn).await;
+        assert!(!denied.allowed, "{denied:?}");
+        // The third call, at t3, may retry at t1 + unit: unit - (t3 - t1) from t3.
+        let earliest = unit.saturating_sub(after_third.saturating_sub(before_first));
+        let latest = unit.saturating_sub(before_third.saturating_sub(after_first));
         assert!(
-            denied.retry_after > Duration::ZERO && denied.retry_after <= Duration::from_millis(100)
+            (earliest..=latest).contains(&denied.retry_after),
+            "retry after {:?}, server time says {earliest:?}..={latest:?}",
+            denied.retry_after
         );
-        // The key expires when it is back to full (200 ms at most).
+        // The key expires when it is back to full, at t1 + 2 units (to the millisecond
+        // Redis keeps expiries in).
+        let before_ttl = server_time(&mut conn).await;
         let ttl: i64 = redis::cmd("PTTL")
             .arg(limiter.redis_key("a"))
             .query_async(&mut conn)
             .await
             .unwrap();
-        assert!((1..=200).contains(&ttl), "pttl {ttl}");
+        let after_ttl = server_time(&mut conn).await;
+        let ms = |t: Duration| i64::try_from(t.as_millis()).unwrap();
+        let shortest = ms(before_first + 2 * unit) - ms(after_ttl) - 2;
+        let longest = ms(after_first + 2 * unit) - ms(before_ttl) + 2;
+        assert!(
+            (shortest..=longest).contains(&ttl),
+            "pttl {ttl}, server time says {shortest}..={longest}"
+        );
         // The server forgets its scripts: the next call still decides (EVAL fallback).
         let () = redis::cmd("SCRIPT")
             .arg("FLUSH")
@@ -205,14 +250,20 @@ fn leaky_queue_in_redis_reserves_slots_in_order() {
                 assert!(d.delay <= Duration::from_millis(50), "{d:?}");
             }
         }
-        // Twenty more would need a wait over max_delay: denied, not queued forever.
-        let mut denied = 0;
+        // At one instant (injected, so no call time shifts the slots), calls reserve the
+        // slots 50 ms apart in call order up to max_delay (1 s: 21 slots), and are denied
+        // after it, not queued forever.
+        let limit = Limit::leaky_queue(q, Duration::from_secs(1)).unwrap();
+        let now = sd_ratelimit::SystemClock.now();
+        let mut delays = vec![];
         for _ in 0..40 {
-            if !limiter.check("q").await.unwrap().allowed {
-                denied += 1;
+            let d = limiter.check_at("at-once", &limit, 1, now).await.unwrap();
+            if d.allowed {
+                delays.push(d.delay);
             }
         }
-        assert!(denied > 0);
+        let slots: Vec<_> = (0..21).map(|i| Duration::from_millis(50 * i)).collect();
+        assert_eq!(delays, slots);
     });
 }
 
