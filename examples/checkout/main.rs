@@ -29,7 +29,10 @@
 //! `--postgres URL` the saga log, the orders with their outbox (sd-outbox's relay) and
 //! the consumers' inbox live in PostgreSQL. Nothing given: all on memory (the order row
 //! and its event committed together through sd-outbox's `MemoryOutbox`, published by its
-//! `MemoryRelay`; see `app/events.rs`).
+//! `MemoryRelay`; see `app/events.rs`). Each pattern is held as its crate's boxed handle
+//! (`BoxLimiter`, `BoxCache`, `BoxLock`, and the idempotency and saga `BoxStore`s), so the
+//! flags pick the backends at run time and the service code names one type per pattern;
+//! the Redis shards are a backend too (`app/backends.rs`).
 //!
 //! The load: 8 clients send 25 orders each at once; every 4th is sent twice with the same
 //! key, 3 per client again at the end; every 7th card is declined; every 5th charge

@@ -1,32 +1,72 @@
-//! Each pattern on memory, or on Redis / PostgreSQL: one enum per pattern, because the
-//! crates' traits use static dispatch and the backend is picked at run time.
+//! Each pattern on memory, or on Redis / PostgreSQL, chosen from the configuration at run
+//! time: every crate has an object-safe boxed handle (`BoxLimiter`, `BoxCache`, `BoxLock`,
+//! the idempotency and saga `BoxStore`s), so the app names one type per pattern whatever
+//! the backend. Sharding over several Redis servers is a backend too: [`Shards`] is a
+//! `Lock` and a `CacheBackend` that sends each key to the server sd-hashring gives it,
+//! and is boxed like any other.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sd_cache::{Cache, CacheStats, redis::RedisCache};
+use sd_cache::{BoxCache, Cache, CacheBackend, CacheStats, Loader, loader, redis::RedisCache};
 use sd_hashring::{HashRing, Node};
-use sd_idempotency::{Fingerprint, MemoryStore, Outcome, RunError, RunOnce};
-use sd_lock::{Lease, Lock, memory::MemoryLock, redis::RedisLock};
-use sd_ratelimit::{Decision, RateLimiter, memory::KeyedLimiter, redis::RedisLimiter};
+use sd_idempotency::RunOnce;
+use sd_lock::{BoxLock, Lease, Lock, Release, RetryPolicy, memory::MemoryLock, redis::RedisLock};
+use sd_ratelimit::{BoxLimiter, Limit, memory::MemoryLimiterBuilder, redis::RedisLimiterBuilder};
+use sd_saga::{Orchestrator, Saga};
+use sqlx::PgPool;
 use tonic::Status;
 
-use super::grpc::OrderReply;
+use super::events::OrderData;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One value per Redis server, and the ring that maps a key to its server.
+/// The idempotency keys of the order service, on whichever store was configured.
+pub(crate) type Keys = RunOnce<sd_idempotency::BoxStore>;
+
+/// The saga log of the order service, on whichever store was configured.
+pub(crate) type Sagas = Orchestrator<OrderData, sd_saga::BoxStore>;
+
+/// Keys sent to each Redis server (empty on memory). Cheap to clone: clones share the
+/// counters.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Picks(Arc<[AtomicU64]>);
+
+impl Picks {
+    fn count(&self, index: usize) {
+        if let Some(n) = self.0.get(index) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many keys went to each server.
+    pub(crate) fn get(&self) -> Vec<u64> {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// One value per Redis server, and the ring that maps a key to its server. Cheap to
+/// clone: clones share the servers and the counters.
 #[derive(Debug)]
-pub(crate) struct Shards<T> {
+pub(crate) struct Shards<T>(Arc<ShardsInner<T>>);
+
+#[derive(Debug)]
+struct ShardsInner<T> {
     ring: HashRing,
     nodes: Vec<T>,
-    /// Keys sent to each server.
-    picks: Vec<AtomicU64>,
+    picks: Picks,
+}
+
+impl<T> Clone for Shards<T> {
+    fn clone(&self) -> Self {
+        Shards(Arc::clone(&self.0))
+    }
 }
 
 impl<T> Shards<T> {
@@ -36,42 +76,114 @@ impl<T> Shards<T> {
             return Err("at least one Redis server is needed to shard".into());
         }
         let ring = HashRing::new((0..nodes.len()).map(|i| Node::new(format!("redis-{i}"))))?;
-        let picks = nodes.iter().map(|_| AtomicU64::new(0)).collect();
-        Ok(Shards { ring, nodes, picks })
+        let picks = Picks(nodes.iter().map(|_| AtomicU64::new(0)).collect());
+        Ok(Shards(Arc::new(ShardsInner { ring, nodes, picks })))
     }
 
-    /// The server that owns `key`.
-    pub(crate) fn pick(&self, key: &str) -> &T {
+    /// The counters of keys sent to each server.
+    pub(crate) fn picks(&self) -> Picks {
+        self.0.picks.clone()
+    }
+
+    /// The index of the server that owns `key`.
+    fn index(&self, key: &str) -> usize {
+        self.0
+            .ring
+            .node(key)
+            .and_then(|n| {
+                n.id()
+                    .as_str()
+                    .strip_prefix("redis-")?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|i| *i < self.0.nodes.len())
+            .unwrap_or(0)
+    }
+
+    /// The server that owns `key`, without counting a pick.
+    fn owner(&self, key: &str) -> &T {
+        &self.0.nodes[self.index(key)]
+    }
+
+    /// The server that owns `key`, counting a pick.
+    fn pick(&self, key: &str) -> &T {
         let index = self.index(key);
-        if let Some(n) = self.picks.get(index) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
-        &self.nodes[index]
-    }
-
-    /// How many keys went to each server.
-    pub(crate) fn picks(&self) -> Vec<u64> {
-        self.picks
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect()
+        self.0.picks.count(index);
+        &self.0.nodes[index]
     }
 }
 
-/// The per-client limiter of the order service.
-#[derive(Debug)]
-pub(crate) enum Limiter {
-    Memory(KeyedLimiter<String>),
-    Redis(RedisLimiter<ConnectionManager>),
+/// Each resource's lease on the server that owns it; a lease taken counts a pick.
+impl<T: Lock> Lock for Shards<T> {
+    async fn try_acquire(&self, resource: &str, ttl: Duration) -> sd_lock::Result<Lease> {
+        let index = self.index(resource);
+        let lease = self.0.nodes[index].try_acquire(resource, ttl).await?;
+        self.0.picks.count(index);
+        Ok(lease)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a mut Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = sd_lock::Result<()>> + Send + 'a {
+        let node = self.owner(lease.resource());
+        node.extend(lease, ttl)
+    }
+
+    fn release(&self, lease: Lease) -> impl Future<Output = sd_lock::Result<Release>> + Send + '_ {
+        let node = self.owner(lease.resource());
+        node.release(lease)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        // Every shard is built alike; `new` refuses an empty list.
+        self.0.nodes[0].retry_policy()
+    }
 }
 
-impl RateLimiter for Limiter {
-    async fn check_key<'a>(&'a self, key: &'a str, cost: u32) -> sd_ratelimit::Result<Decision> {
-        match self {
-            Limiter::Memory(l) => l.check_n(key, cost),
-            Limiter::Redis(l) => l.check_n(key, cost).await,
-        }
+/// Each key cached on the server that owns it; every call counts a pick.
+impl<V, T> CacheBackend<V> for Shards<T>
+where
+    V: Send + Sync + 'static,
+    T: CacheBackend<V>,
+{
+    fn get(&self, key: &str) -> impl Future<Output = sd_cache::Result<Option<V>>> + Send {
+        self.pick(key).get(key)
     }
+
+    fn insert(&self, key: &str, value: &V) -> impl Future<Output = sd_cache::Result<()>> + Send {
+        self.pick(key).insert(key, value)
+    }
+
+    fn invalidate(&self, key: &str) -> impl Future<Output = sd_cache::Result<()>> + Send {
+        self.pick(key).invalidate(key)
+    }
+
+    fn try_get_or_load_optional(
+        &self,
+        key: &str,
+        loader: Loader<V>,
+    ) -> impl Future<Output = sd_cache::Result<Option<V>>> + Send {
+        self.pick(key).try_get_or_load_optional(key, loader)
+    }
+}
+
+/// The per-client limiter of the order service: on the first Redis server, or memory.
+pub(crate) fn limiter(
+    conns: &[ConnectionManager],
+    limit: Limit,
+    run: &str,
+) -> Result<BoxLimiter, BoxError> {
+    Ok(match conns.first() {
+        Some(c) => BoxLimiter::new(
+            RedisLimiterBuilder::new(limit)
+                .prefix(format!("{run}:rl"))
+                .build(c.clone())?,
+        ),
+        None => BoxLimiter::new(MemoryLimiterBuilder::new(limit).keyed::<String>()?),
+    })
 }
 
 /// A product of the catalogue.
@@ -81,33 +193,60 @@ pub(crate) struct Product {
     pub(crate) price_cents: u64,
 }
 
+/// The counters of the concrete cache behind a [`BoxCache`], which does not expose them:
+/// the app keeps this reader beside the handle.
+struct StatsReader(Box<dyn Fn() -> CacheStats + Send + Sync>);
+
+impl fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StatsReader").field(&(self.0)()).finish()
+    }
+}
+
 /// The catalogue behind sd-cache (XFetch refreshes hot products before they expire).
 #[derive(Debug)]
 pub(crate) struct Catalogue {
-    cache: CatalogueCache,
+    cache: BoxCache<Product>,
+    stats: StatsReader,
+    picks: Picks,
     prices: Arc<BTreeMap<String, u64>>,
     /// Queries that reached the catalogue "database".
     pub(crate) queries: Arc<AtomicU64>,
 }
 
-#[derive(Debug)]
-enum CatalogueCache {
-    Memory(Cache<String, Product>),
-    Redis(Shards<RedisCache<Product, ConnectionManager>>),
-}
-
 impl Catalogue {
-    pub(crate) fn new(
+    /// The catalogue of `prices`, cached on memory, or sharded over the Redis servers
+    /// `conns`; entries live `ttl`.
+    pub(crate) async fn new(
         prices: BTreeMap<String, u64>,
-        redis: Option<Shards<RedisCache<Product, ConnectionManager>>>,
+        conns: &[ConnectionManager],
+        run: &str,
         ttl: Duration,
     ) -> Result<Self, BoxError> {
-        let cache = match redis {
-            Some(shards) => CatalogueCache::Redis(shards),
-            None => CatalogueCache::Memory(Cache::builder().ttl(ttl).build()?),
+        let (cache, stats, picks) = if conns.is_empty() {
+            let cache: Cache<String, Product> = Cache::builder().ttl(ttl).build()?;
+            let reader = cache.clone();
+            let stats = StatsReader(Box::new(move || reader.stats()));
+            (BoxCache::new(cache), stats, Picks::default())
+        } else {
+            let mut caches = Vec::new();
+            for c in conns {
+                let cache = RedisCache::<Product>::builder(format!("{run}:catalogue"))
+                    .ttl(ttl)
+                    .build(c.clone())
+                    .await?;
+                caches.push(cache);
+            }
+            let readers = caches.clone();
+            let stats = StatsReader(Box::new(move || sum_stats(&readers)));
+            let shards = Shards::new(caches)?;
+            let picks = shards.picks();
+            (BoxCache::new(shards), stats, picks)
         };
         Ok(Catalogue {
             cache,
+            stats,
+            picks,
             prices: Arc::new(prices),
             queries: Arc::default(),
         })
@@ -118,133 +257,101 @@ impl Catalogue {
         let (prices, queries, sku_owned) =
             (self.prices.clone(), self.queries.clone(), sku.to_owned());
         // The "database": a 5 ms query.
-        let load = move || async move {
+        let load = loader(move || async move {
             queries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(5)).await;
             Ok::<_, Infallible>(prices.get(&sku_owned).map(|p| Product {
                 sku: sku_owned.clone(),
                 price_cents: *p,
             }))
-        };
-        let found = match &self.cache {
-            CatalogueCache::Memory(c) => c.try_get_or_load_optional(sku.to_owned(), load).await,
-            CatalogueCache::Redis(s) => s.pick(sku).try_get_or_load_optional(sku, load).await,
-        };
-        found.map_err(|e| Status::unavailable(format!("catalogue: {e}")))
+        });
+        self.cache
+            .try_get_or_load_optional(sku, load)
+            .await
+            .map_err(|e| Status::unavailable(format!("catalogue: {e}")))
     }
 
     /// Hits, misses, loads and early refreshes, summed over the shards.
     pub(crate) fn stats(&self) -> CacheStats {
-        match &self.cache {
-            CatalogueCache::Memory(c) => c.stats(),
-            CatalogueCache::Redis(s) => {
-                s.nodes
-                    .iter()
-                    .map(RedisCache::stats)
-                    .fold(CacheStats::default(), |mut sum, s| {
-                        sum.hits += s.hits;
-                        sum.misses += s.misses;
-                        sum.loads += s.loads;
-                        sum.early_refreshes += s.early_refreshes;
-                        sum
-                    })
-            }
-        }
+        (self.stats.0)()
     }
 
     /// Keys per Redis server (empty on memory).
     pub(crate) fn picks(&self) -> Vec<u64> {
-        match &self.cache {
-            CatalogueCache::Memory(_) => Vec::new(),
-            CatalogueCache::Redis(s) => s.picks(),
+        self.picks.get()
+    }
+}
+
+/// The counters of several Redis caches, summed.
+fn sum_stats(caches: &[RedisCache<Product, ConnectionManager>]) -> CacheStats {
+    caches
+        .iter()
+        .map(RedisCache::stats)
+        .fold(CacheStats::default(), |mut sum, s| {
+            sum.hits += s.hits;
+            sum.misses += s.misses;
+            sum.loads += s.loads;
+            sum.early_refreshes += s.early_refreshes;
+            sum
+        })
+}
+
+/// Leases on stock, one per SKU: sharded over the Redis servers `conns`, or memory; with
+/// the leases taken on each server.
+pub(crate) fn locks(conns: &[ConnectionManager], run: &str) -> Result<(BoxLock, Picks), BoxError> {
+    if conns.is_empty() {
+        return Ok((BoxLock::new(MemoryLock::new()), Picks::default()));
+    }
+    let prefix = format!("{run}-lock");
+    let locks = conns
+        .iter()
+        .map(|c| RedisLock::builder(c.clone()).prefix(&prefix).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let shards = Shards::new(locks)?;
+    let picks = shards.picks();
+    Ok((BoxLock::new(shards), picks))
+}
+
+/// The idempotency keys: on the first Redis server, else PostgreSQL, else memory.
+pub(crate) async fn keys(
+    conns: &[ConnectionManager],
+    pg: Option<&PgPool>,
+    run: &str,
+    lock_ttl: Duration,
+) -> Result<Keys, BoxError> {
+    let store = if let Some(c) = conns.first() {
+        sd_idempotency::BoxStore::new(
+            sd_idempotency::redis::RedisStore::builder()
+                .prefix(format!("{run}:idem"))
+                .build(c.clone())?,
+        )
+    } else if let Some(pool) = pg {
+        let store = sd_idempotency::postgres::PostgresStore::builder()
+            .table("checkout_idempotency")
+            .build(pool.clone())?;
+        store.migrate().await?;
+        sd_idempotency::BoxStore::new(store)
+    } else {
+        sd_idempotency::BoxStore::new(sd_idempotency::MemoryStore::new())
+    };
+    Ok(RunOnce::builder(store).lock_ttl(lock_ttl).build()?)
+}
+
+/// The saga log, on PostgreSQL or memory, running `saga` as `owner`.
+pub(crate) async fn sagas(
+    pg: Option<&PgPool>,
+    saga: Saga<OrderData>,
+    owner: String,
+) -> Result<Sagas, BoxError> {
+    let store = match pg {
+        Some(pool) => {
+            let store = sd_saga::postgres::PostgresStore::builder()
+                .table("checkout_sagas")
+                .build(pool.clone())?;
+            store.migrate().await?;
+            sd_saga::BoxStore::new(store)
         }
-    }
-}
-
-/// Leases on stock, one per SKU.
-#[derive(Debug)]
-pub(crate) enum Locks {
-    Memory(MemoryLock),
-    Redis(Shards<RedisLock<ConnectionManager>>),
-}
-
-/// How long a stock lease lasts, and how long a caller waits for one.
-const LEASE_TTL: Duration = Duration::from_secs(1);
-const LEASE_WAIT: Duration = Duration::from_secs(20);
-
-impl Locks {
-    pub(crate) async fn acquire(&self, resource: &str) -> sd_lock::Result<Lease> {
-        match self {
-            Locks::Memory(l) => l.acquire(resource, LEASE_TTL, LEASE_WAIT).await,
-            Locks::Redis(s) => {
-                s.pick(resource)
-                    .acquire(resource, LEASE_TTL, LEASE_WAIT)
-                    .await
-            }
-        }
-    }
-
-    /// Releases `lease`; an expired one is left to its expiry (the fence keeps it safe).
-    pub(crate) async fn release(&self, lease: Lease) {
-        let _ = match self {
-            Locks::Memory(l) => l.release(lease).await,
-            Locks::Redis(s) => {
-                let node = &s.nodes[s.index(lease.resource())];
-                node.release(lease).await
-            }
-        };
-    }
-
-    /// Keys per Redis server (empty on memory).
-    pub(crate) fn picks(&self) -> Vec<u64> {
-        match self {
-            Locks::Memory(_) => Vec::new(),
-            Locks::Redis(s) => s.picks(),
-        }
-    }
-}
-
-impl<T> Shards<T> {
-    /// The index of the server that owns `key`, without counting a pick.
-    fn index(&self, key: &str) -> usize {
-        self.ring
-            .node(key)
-            .and_then(|n| {
-                n.id()
-                    .as_str()
-                    .strip_prefix("redis-")?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .filter(|i| *i < self.nodes.len())
-            .unwrap_or(0)
-    }
-}
-
-/// The idempotency store of the order service.
-#[derive(Debug)]
-pub(crate) enum Keys {
-    Memory(RunOnce<MemoryStore>),
-    Redis(RunOnce<sd_idempotency::redis::RedisStore<ConnectionManager>>),
-    Postgres(RunOnce<sd_idempotency::postgres::PostgresStore>),
-}
-
-impl Keys {
-    /// Runs `work` once per `(scope, key)`; see [`RunOnce::run`].
-    pub(crate) async fn run<F>(
-        &self,
-        scope: &str,
-        key: &str,
-        fingerprint: &Fingerprint,
-        work: F,
-    ) -> Result<Outcome<OrderReply>, RunError<Status>>
-    where
-        F: Future<Output = Result<OrderReply, Status>>,
-    {
-        match self {
-            Keys::Memory(r) => r.run(scope, key, fingerprint, work).await,
-            Keys::Redis(r) => r.run(scope, key, fingerprint, work).await,
-            Keys::Postgres(r) => r.run(scope, key, fingerprint, work).await,
-        }
-    }
+        None => sd_saga::BoxStore::new(sd_saga::MemoryStore::new()),
+    };
+    Ok(Orchestrator::builder(saga, store).owner(owner).build()?)
 }

@@ -16,21 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
-use sd_cache::redis::RedisCache;
-use sd_idempotency::{MemoryStore as KeyMemory, RunOnce};
-use sd_lock::{memory::MemoryLock, redis::RedisLock};
 use sd_ratelimit::tower::{HeaderKey, RateLimiterLayer};
 use sd_ratelimit::{Limit, Quota};
-use sd_saga::{MemoryStore as SagaMemory, Orchestrator};
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 
-use backends::{Catalogue, Keys, Limiter, Locks, Product, Shards};
+use backends::{Catalogue, Picks};
 pub(crate) use driver::Load;
 use driver::{Driven, SKUS};
 use events::{CONSUMERS, Dedupe, Fanout, Orders, Relaying};
-use order::{OrderService, Sagas, Steps};
+use order::{OrderService, Steps};
 use participants::{Inventory, Payments};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -89,6 +85,8 @@ struct Checkout {
     payments: Arc<Payments>,
     service: Arc<OrderService>,
     steps: Arc<Steps>,
+    /// Leases taken on each Redis server (empty on memory).
+    lock_picks: Picks,
     fanout: Fanout,
     relaying: Relaying,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -149,62 +147,15 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
 
     // The order service's patterns, each on its backend.
     let limit = Limit::gcra(Quota::per_second(PER_SECOND)?.with_burst(BURST)?);
-    let limiter = match conns.first() {
-        Some(c) => Limiter::Redis(
-            sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
-                .prefix(format!("{run}:rl"))
-                .build(c.clone())?,
-        ),
-        None => Limiter::Memory(sd_ratelimit::memory::MemoryLimiterBuilder::new(limit).keyed()?),
-    };
+    let limiter = backends::limiter(&conns, limit, &run)?;
     let prices = SKUS
         .iter()
         .zip(PRICES)
         .map(|(s, p)| ((*s).to_owned(), p))
         .collect();
-    let caches = if conns.is_empty() {
-        None
-    } else {
-        let mut caches = Vec::new();
-        for c in &conns {
-            let cache = RedisCache::<Product>::builder(format!("{run}:catalogue"))
-                .ttl(CACHE_TTL)
-                .build(c.clone())
-                .await?;
-            caches.push(cache);
-        }
-        Some(Shards::new(caches)?)
-    };
-    let catalogue = Catalogue::new(prices, caches, CACHE_TTL)?;
-    let locks = if conns.is_empty() {
-        Locks::Memory(MemoryLock::new())
-    } else {
-        let prefix = format!("{run}-lock");
-        let locks = conns
-            .iter()
-            .map(|c| RedisLock::builder(c.clone()).prefix(&prefix).build())
-            .collect::<Result<Vec<_>, _>>()?;
-        Locks::Redis(Shards::new(locks)?)
-    };
-    let key_ttl = Duration::from_secs(5);
-    let keys = if let Some(c) = conns.first() {
-        let store = sd_idempotency::redis::RedisStore::builder()
-            .prefix(format!("{run}:idem"))
-            .build(c.clone())?;
-        Keys::Redis(RunOnce::builder(store).lock_ttl(key_ttl).build()?)
-    } else if let Some(pool) = &pg {
-        let store = sd_idempotency::postgres::PostgresStore::builder()
-            .table("checkout_idempotency")
-            .build(pool.clone())?;
-        store.migrate().await?;
-        Keys::Postgres(RunOnce::builder(store).lock_ttl(key_ttl).build()?)
-    } else {
-        Keys::Memory(
-            RunOnce::builder(KeyMemory::new())
-                .lock_ttl(key_ttl)
-                .build()?,
-        )
-    };
+    let catalogue = Catalogue::new(prices, &conns, &run, CACHE_TTL).await?;
+    let (locks, lock_picks) = backends::locks(&conns, &run)?;
+    let keys = backends::keys(&conns, pg.as_ref(), &run, Duration::from_secs(5)).await?;
     let (orders, dedupe) = match &pg {
         Some(pool) => (
             Orders::postgres(pool.clone()).await?,
@@ -226,24 +177,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
     });
     let definition = order::saga(steps.clone())?;
     let owner = format!("checkout-{run}");
-    let sagas = match &pg {
-        Some(pool) => {
-            let store = sd_saga::postgres::PostgresStore::builder()
-                .table("checkout_sagas")
-                .build(pool.clone())?;
-            store.migrate().await?;
-            Sagas::Postgres(
-                Orchestrator::builder(definition, store)
-                    .owner(owner)
-                    .build()?,
-            )
-        }
-        None => Sagas::Memory(
-            Orchestrator::builder(definition, SagaMemory::new())
-                .owner(owner)
-                .build()?,
-        ),
-    };
+    let sagas = backends::sagas(pg.as_ref(), definition, owner).await?;
     let service = Arc::new(OrderService {
         run: run.clone(),
         keys,
@@ -272,6 +206,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         payments,
         service,
         steps,
+        lock_picks,
         fanout,
         relaying,
         servers,
@@ -449,10 +384,10 @@ impl Checkout {
                 driven.duplicates_sent, driven.replayed
             ));
         }
-        let metrics = self.service.sagas.metrics();
+        let metrics = self.service.sagas.local_metrics();
         let cache = self.service.catalogue.stats();
         let mut shard_keys = self.service.catalogue.picks();
-        for (i, n) in self.steps.locks.picks().into_iter().enumerate() {
+        for (i, n) in self.lock_picks.get().into_iter().enumerate() {
             if let Some(slot) = shard_keys.get_mut(i) {
                 *slot += n;
             }
@@ -526,7 +461,7 @@ pub(crate) struct Summary {
     /// (sku, at start, held by placed orders, left).
     pub(crate) stock: Vec<(String, u32, u32, u32)>,
     pub(crate) stale_tokens: u64,
-    /// Cache and lock keys per Redis server (empty on memory).
+    /// Per Redis server: catalogue reads plus stock leases taken (empty on memory).
     pub(crate) shard_keys: Vec<u64>,
     pub(crate) elapsed: Duration,
     pub(crate) problems: Vec<String>,

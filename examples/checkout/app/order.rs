@@ -7,16 +7,14 @@ use std::time::Duration;
 
 use prost::Message as _;
 use sd_idempotency::{Error as KeyError, Fingerprint, RunError};
-use sd_saga::{
-    MemoryStore, Orchestrator, RetryPolicy, Saga, SagaOutcome, Step, StepContext, StepError,
-    postgres::PostgresStore,
-};
+use sd_lock::{BoxLock, Lock};
+use sd_saga::{RetryPolicy, Saga, SagaOutcome, Step, StepContext, StepError};
 use tonic::codegen::BoxFuture;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use super::backends::{Catalogue, Keys, Locks};
+use super::backends::{Catalogue, Keys, Sagas};
 use super::events::{OrderData, Orders};
 use super::grpc::{
     Ack, CHARGE, ChargeRequest, OrderReply, PlaceOrder, REFUND, RELEASE, RESERVE, Rpc,
@@ -28,13 +26,18 @@ use super::participants::Inventory;
 #[derive(Debug)]
 pub(crate) struct Steps {
     pub(crate) channel: Channel,
-    pub(crate) locks: Locks,
+    /// The stock leases, on memory or sharded over the Redis servers.
+    pub(crate) locks: BoxLock,
     pub(crate) orders: Orders,
     /// Fault injection: the first reservation stalls holding its lease (see [`stock`]).
     pub(crate) stall_once: AtomicBool,
     /// Read by the stall only, to know when another holder has written.
     pub(crate) inventory: Arc<Inventory>,
 }
+
+/// How long a stock lease lasts, and how long a caller waits for one.
+const LEASE_TTL: Duration = Duration::from_secs(1);
+const LEASE_WAIT: Duration = Duration::from_secs(20);
 
 /// Transient statuses are retried; a refusal is final.
 fn step_error(status: Status) -> StepError {
@@ -56,7 +59,7 @@ async fn stock(
 ) -> Result<Ack, StepError> {
     let lease = s
         .locks
-        .acquire(&format!("stock:{}", o.sku))
+        .acquire(&format!("stock:{}", o.sku), LEASE_TTL, LEASE_WAIT)
         .await
         .map_err(|e| StepError::retryable(format!("stock lease: {e}")))?;
     if path == RESERVE && s.stall_once.swap(false, Ordering::SeqCst) {
@@ -80,7 +83,8 @@ async fn stock(
         idempotency_key: ctx.idempotency_key(),
     };
     let answer = unary(&s.channel, path, Request::new(request)).await;
-    s.locks.release(lease).await;
+    // An expired lease is left to its expiry (the fence keeps it safe).
+    let _ = s.locks.release(lease).await;
     answer.map(Response::into_inner).map_err(step_error)
 }
 
@@ -182,30 +186,6 @@ async fn call(
         stock(s, ctx, o, path).await
     } else {
         payment(s, ctx, o, path).await
-    }
-}
-
-/// The saga log.
-#[derive(Debug)]
-pub(crate) enum Sagas {
-    Memory(Orchestrator<OrderData, MemoryStore>),
-    Postgres(Orchestrator<OrderData, PostgresStore>),
-}
-
-impl Sagas {
-    async fn run(&self, id: String, data: OrderData) -> sd_saga::Result<SagaOutcome<OrderData>> {
-        match self {
-            Sagas::Memory(o) => o.run(id, data).await,
-            Sagas::Postgres(o) => o.run(id, data).await,
-        }
-    }
-
-    /// Compensations run and failed step attempts (retried or not).
-    pub(crate) fn metrics(&self) -> sd_saga::LocalMetrics {
-        match self {
-            Sagas::Memory(o) => o.local_metrics(),
-            Sagas::Postgres(o) => o.local_metrics(),
-        }
     }
 }
 
