@@ -10,14 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_ratelimit::memory::{self, ManualClock};
 use sd_ratelimit::redis::{FailurePolicy, RedisLimiter, RedisLimiterBuilder};
 use sd_ratelimit::{Clock as _, Decision, Error, Limit, Quota};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use sd_testkit::{eventually, runtime};
 
 async fn manager(url: &str) -> ConnectionManager {
     let config = ConnectionManagerConfig::new()
@@ -358,16 +351,11 @@ fn failure_policies(batch: usize) {
     server.start_again().unwrap();
     rt.block_on(async {
         // Back: Redis decides again (the connection manager reconnects, the empty server
-        // gets the script by EVAL). Allow a few calls for the reconnect.
-        let mut back = false;
-        for _ in 0..50 {
-            if closed.check("after").await.unwrap().allowed {
-                back = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(back, "redis came back but fail-closed still denies");
+        // gets the script by EVAL). Calls fail closed until the reconnect.
+        eventually("redis is back and fail-closed admits again", || async {
+            closed.check("after").await.unwrap().allowed
+        })
+        .await;
         assert_eq!(admitted(closed, "after", 3).await.0, 2);
     });
     // Frozen rather than dead: the timeout applies the policy.
