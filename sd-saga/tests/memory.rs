@@ -50,7 +50,10 @@ fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCas
                 drop(orch);
                 clock.advance(Duration::from_secs(5));
                 let rescuer = orchestrator(&def, store.clone(), "b");
+                let before = store.events(id).await.unwrap();
+                let mark = ledger.mark();
                 rescuer.recover().await.unwrap();
+                ledger.assert_repeats_nothing(id, &before, mark);
             }
         }
         // The first step before or at the pivot that gives up decides the outcome.

@@ -244,9 +244,20 @@ async fn outage_mid_flight(outage: Outage) {
     .await
     .unwrap();
     let b: Orchestrator<_, _> = orchestrator(&def, store.clone(), "b");
+    // Every call is recorded raw: the contract allows repeating only the call each saga
+    // had in doubt when the outage hit, once, with the same key.
+    let (logs, mark) = suite::logs_before_recovery(&b, &ledger, &ids).await;
     recover_all(&b, &ids).await;
+    if matches!(outage, Outage::Stop | Outage::Kill) {
+        // (A paused server may still commit an outcome its client gave up on.)
+        assert!(
+            ledger.duplicate_calls() > 0,
+            "the outage left calls in doubt, which recovery repeated"
+        );
+    }
     let mut finished = 0;
-    for id in &ids {
+    for (id, before) in ids.iter().zip(&logs) {
+        ledger.assert_repeats_nothing(id, before, mark);
         match b.get(id).await.unwrap() {
             Some(r) => {
                 assert_eq!(r.state, SagaState::Completed, "{id}");

@@ -274,8 +274,10 @@ pub async fn crash_at_every_boundary_then_recover_finishes_every_saga<S: SagaSto
     }
     let ids: Vec<String> = runs.iter().map(|r| r.0.clone()).collect();
     let rescuer = orchestrator(&def, store.clone(), "rescuer");
+    let (logs, mark) = logs_before_recovery(&rescuer, &ledger, &ids).await;
     recover_all(&rescuer, &ids).await;
-    for (id, fail, n, after) in &runs {
+    for ((id, fail, n, after), before) in runs.iter().zip(&logs) {
+        ledger.assert_repeats_nothing(id, before, mark);
         let record = rescuer.get(id).await.unwrap();
         if *n == 1 && !after {
             // Died before the saga was created: nothing happened, nothing to recover.
@@ -402,13 +404,15 @@ pub async fn concurrent_recovers_claim_each_saga_once<S: SagaStore + Clone>(stor
     }
     let b = orchestrator(&def, store.clone(), "b");
     let c = orchestrator(&def, store.clone(), "c");
+    let (logs, mark) = logs_before_recovery(&b, &ledger, &ids).await;
     let (claimed_b, claimed_c) = tokio::join!(recover_all(&b, &ids), recover_all(&c, &ids));
     assert_eq!(
         claimed_b + claimed_c,
         ids.len(),
         "each saga claimed exactly once"
     );
-    for id in &ids {
+    for (id, before) in ids.iter().zip(&logs) {
+        ledger.assert_repeats_nothing(id, before, mark);
         assert_eq!(state(&b, id).await.state, SagaState::Completed, "{id}");
         assert_eq!(state(&b, id).await.epoch, 2, "{id}");
         assert_eq!(ledger.effects(id), expected(5, 0), "{id}");

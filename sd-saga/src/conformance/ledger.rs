@@ -1,11 +1,11 @@
-//! The participants of the test sagas: a ledger of effects, deduped by idempotency key,
-//! with faults to inject.
+//! The participants of the test sagas: every call recorded as it arrived, effects
+//! deduped by idempotency key as a real participant would, and faults to inject.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{Direction, StepContext, StepError, idempotency_key};
+use crate::{Direction, EventKind, StepContext, StepError, StoredEvent, idempotency_key};
 
 /// How a participant call misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,9 +18,25 @@ pub enum Fault {
     Always,
 }
 
+/// One participant call as it arrived, before the participant deduped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Call {
+    /// The saga's id.
+    pub saga_id: String,
+    /// The step's index.
+    pub step: usize,
+    /// Forward or compensate.
+    pub direction: Direction,
+    /// The idempotency key the call carried.
+    pub key: String,
+    /// The attempt the orchestrator numbered it.
+    pub attempt: u32,
+}
+
 #[derive(Debug, Default)]
 struct LedgerState {
-    calls: HashMap<String, u32>,
+    calls: Vec<Call>,
     applied: HashSet<String>,
     effects: Vec<(String, usize, Direction)>,
     faults: HashMap<(usize, Direction), Fault>,
@@ -30,8 +46,9 @@ struct LedgerState {
     entered: HashMap<usize, Arc<tokio::sync::Notify>>,
 }
 
-/// The participants of every test saga: each call is deduped by its idempotency key, as a
-/// real participant would (effects happen at most once per key), and counted.
+/// The participants of every test saga: each call is recorded as it arrived (see
+/// [`Ledger::assert_repeats_nothing`]), then deduped by its idempotency key, as a real
+/// participant would (effects happen at most once per key).
 #[derive(Debug, Default)]
 pub struct Ledger {
     state: Mutex<LedgerState>,
@@ -68,7 +85,7 @@ impl Ledger {
         self.lock().entered.entry(step).or_default().clone()
     }
 
-    /// One participant call: counted, failed as a fault says, else applied once per key.
+    /// One participant call: recorded, failed as a fault says, else applied once per key.
     pub async fn call(&self, ctx: &StepContext) -> Result<(), StepError> {
         let key = ctx.idempotency_key();
         let (delay, entered) = {
@@ -86,7 +103,13 @@ impl Ledger {
             tokio::time::sleep(delay).await;
         }
         let mut st = self.lock();
-        *st.calls.entry(key.clone()).or_default() += 1;
+        st.calls.push(Call {
+            saga_id: ctx.saga_id().to_owned(),
+            step: ctx.step(),
+            direction: ctx.direction(),
+            key: key.clone(),
+            attempt: ctx.attempt(),
+        });
         let fault = st
             .key_faults
             .get(&key)
@@ -124,15 +147,108 @@ impl Ledger {
     /// How many times `(id, step, direction)` reached the participant.
     pub fn calls(&self, id: &str, step: usize, direction: Direction) -> u32 {
         let key = idempotency_key(id, step, direction);
-        self.lock().calls.get(&key).copied().unwrap_or(0)
+        let n = self.lock().calls.iter().filter(|c| c.key == key).count();
+        u32::try_from(n).unwrap()
     }
 
     /// Calls that reached a participant again with a key it had already served.
     pub fn duplicate_calls(&self) -> u32 {
+        let st = self.lock();
+        let keys: HashSet<&str> = st.calls.iter().map(|c| c.key.as_str()).collect();
+        u32::try_from(st.calls.len() - keys.len()).unwrap()
+    }
+
+    /// Every call of saga `id`, in the order they arrived, undeduped.
+    pub fn raw_calls(&self, id: &str) -> Vec<Call> {
         self.lock()
             .calls
-            .values()
-            .map(|n| n.saturating_sub(1))
-            .sum()
+            .iter()
+            .filter(|c| c.saga_id == id)
+            .cloned()
+            .collect()
+    }
+
+    /// How many calls (of every saga) arrived so far: take it when recovery starts and
+    /// pass it to [`assert_repeats_nothing`](Self::assert_repeats_nothing).
+    pub fn mark(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    /// Whether a retryable fault (transient or always) is set for this call.
+    fn retryable_fault(&self, id: &str, step: usize, direction: Direction) -> bool {
+        let st = self.lock();
+        let key = idempotency_key(id, step, direction);
+        let fault = st
+            .key_faults
+            .get(&key)
+            .or_else(|| st.faults.get(&(step, direction)));
+        matches!(fault, Some(Fault::Transient(_) | Fault::Always))
+    }
+
+    /// Asserts, from the raw calls, the repeats the saga contract allows for saga `id`
+    /// recovered by another orchestrator: `before` is the saga's log when recovery
+    /// began and `mark` the [`mark`](Self::mark) taken then (after the first
+    /// orchestrator stopped).
+    ///
+    /// - Every call carries the idempotency key of its (saga, step, direction).
+    /// - A call whose outcome (`Done`) the log held is never made again.
+    /// - A call with no retryable fault set is made at most once by each orchestrator,
+    ///   as attempt 1, and only after its intent is in the log; after a final outcome
+    ///   (`Done` or `Failed`) never again; so only the call in doubt (an intent without
+    ///   an outcome) is repeated, once, by the recovering orchestrator, with the same key.
+    ///
+    /// # Panics
+    /// When a call was repeated beyond that.
+    pub fn assert_repeats_nothing(&self, id: &str, before: &[StoredEvent], mark: usize) {
+        let calls: Vec<(usize, Call)> = self
+            .lock()
+            .calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.saga_id == id)
+            .map(|(i, c)| (i, c.clone()))
+            .collect();
+        let mut by_call: BTreeMap<(usize, Direction), (Vec<Call>, Vec<Call>)> = BTreeMap::new();
+        for (i, call) in calls {
+            assert_eq!(
+                call.key,
+                idempotency_key(id, call.step, call.direction),
+                "{id}: a call carried another key"
+            );
+            let (first, recovered) = by_call.entry((call.step, call.direction)).or_default();
+            if i < mark { first } else { recovered }.push(call);
+        }
+        for ((step, direction), (first, recovered)) in by_call {
+            let last = before
+                .iter()
+                .rfind(|e| e.event.step as usize == step && e.event.direction == direction)
+                .map(|e| e.event.kind);
+            let what = format!("{id}: step {step} {direction}");
+            assert!(
+                recovered.is_empty() || last != Some(EventKind::Done),
+                "{what} was done before recovery and called again: {recovered:?}"
+            );
+            if self.retryable_fault(id, step, direction) {
+                continue;
+            }
+            for calls in [&first, &recovered] {
+                assert!(
+                    calls.len() <= 1,
+                    "{what} repeated by one orchestrator without a retryable failure: {calls:?}"
+                );
+                assert!(
+                    calls.iter().all(|c| c.attempt == 1),
+                    "{what} retried without a retryable failure: {calls:?}"
+                );
+            }
+            assert!(
+                first.is_empty() || last.is_some(),
+                "{what} called before its intent was in the log: {first:?}"
+            );
+            assert!(
+                recovered.is_empty() || last.is_none() || last == Some(EventKind::Intent),
+                "{what} had its final outcome ({last:?}) in the log and was called again: {recovered:?}"
+            );
+        }
     }
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 pub use self::cases::*;
 pub use self::faulty::Faulty;
-pub use self::ledger::{Fault, Ledger};
+pub use self::ledger::{Call, Fault, Ledger};
 use crate::{
     Direction, EventKind, Orchestrator, RetryPolicy, Saga, SagaRecord, SagaStore, Step,
     StepContext, StoredEvent,
@@ -200,6 +200,22 @@ pub async fn recover_all<S: SagaStore>(orch: &Orchestrator<Data, S>, ids: &[Stri
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The log of every saga in `ids` and the ledger's [`mark`](Ledger::mark), taken after
+/// the first orchestrators stopped and before recovery, for
+/// [`Ledger::assert_repeats_nothing`].
+pub async fn logs_before_recovery<S: SagaStore>(
+    orch: &Orchestrator<Data, S>,
+    ledger: &Ledger,
+    ids: &[String],
+) -> (Vec<Vec<StoredEvent>>, usize) {
+    let mark = ledger.mark();
+    let mut logs = Vec::with_capacity(ids.len());
+    for id in ids {
+        logs.push(orch.events(id).await.unwrap());
+    }
+    (logs, mark)
 }
 
 pub(crate) async fn state<S: SagaStore>(orch: &Orchestrator<Data, S>, id: &str) -> SagaRecord {
