@@ -206,8 +206,13 @@ fn a_lower_id_committed_after_a_higher_one_is_published() {
                 })
                 .await;
             } else {
-                // Ordered mode waits for the older transaction: give it a few batches.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Ordered mode waits for the older transaction: two more batches than
+                // now, so one started after `high` was committed, and still nothing.
+                let ran = relay.metrics().await.unwrap().batches;
+                eventually("two more ordered batches", LIMIT, || async {
+                    relay.metrics().await.unwrap().batches >= ran + 2
+                })
+                .await;
                 assert!(
                     memory.is_empty(),
                     "ordered mode passed an open older transaction"
