@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use sd_core::{BoxError, ConfigError, Elapsed};
+use sd_core::BoxError;
 
 /// What went wrong; every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -117,20 +117,8 @@ impl Error {
     }
 }
 
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<Elapsed> for Error {
-    fn from(e: Elapsed) -> Self {
-        Error::Timeout { after: e.after }
-    }
-}
+// `From<sd_core::ConfigError>` (InvalidConfig) and `From<sd_core::Elapsed>` (Timeout).
+sd_core::impl_core_errors!(Error);
 
 #[cfg(feature = "redis")]
 impl From<redis::RedisError> for Error {

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use sd_core::{BoxError, ConfigError, Elapsed};
+use sd_core::BoxError;
 
 use crate::lease::FencingToken;
 
@@ -175,20 +175,8 @@ pub enum Error {
     },
 }
 
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<Elapsed> for Error {
-    fn from(e: Elapsed) -> Self {
-        Error::Timeout { after: e.after }
-    }
-}
+// `From<sd_core::ConfigError>` (InvalidConfig) and `From<sd_core::Elapsed>` (Timeout).
+sd_core::impl_core_errors!(Error);
 
 #[cfg(feature = "redis")]
 impl From<redis::RedisError> for Error {
