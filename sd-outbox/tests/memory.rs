@@ -173,10 +173,10 @@ async fn order_per_aggregate_with_concurrent_producers_and_relays() {
         p.await.unwrap();
     }
     let total = (PRODUCERS * AGGREGATES_EACH * EVENTS_EACH) as usize;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while faulty.sink.len() < total && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sd_testkit::eventually("every event at the sink", || async {
+        faulty.sink.len() >= total
+    })
+    .await;
     for r in relays {
         r.shutdown().await;
     }
@@ -296,11 +296,7 @@ async fn spawned_relay_publishes_commits_and_stops() {
     for n in 0..20 {
         outbox.transaction(|tx| tx.enqueue(msg("o-1", n))).unwrap();
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sink.len() < 20 {
-        assert!(tokio::time::Instant::now() < deadline, "relay stalled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sd_testkit::eventually("the relay published 20", || async { sink.len() >= 20 }).await;
     assert_eq!(handle.relay().published(), 20);
     handle.shutdown().await;
     let got: Vec<u64> = sink.events().iter().map(n_of).collect();

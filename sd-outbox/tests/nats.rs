@@ -14,8 +14,6 @@ use sd_outbox::postgres::{Inbox, Mode, Relay};
 use sd_outbox::{Error, Message};
 use uuid::Uuid;
 
-const LIMIT: Duration = Duration::from_secs(60);
-
 async fn jetstream(url: &str) -> Context {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_millis(500))
@@ -102,10 +100,7 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
             .build()
             .unwrap()
             .spawn();
-        eventually("the first publish", LIMIT, || async {
-            count(&sink).await == 5
-        })
-        .await;
+        eventually("the first publish", || async { count(&sink).await == 5 }).await;
         crashing.abort().await;
         assert_eq!(outbox.stats().await.unwrap().backlog, 5, "not marked");
         let relay = Relay::builder(outbox.clone(), publisher.clone())
@@ -113,7 +108,7 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
             .build()
             .unwrap()
             .spawn();
-        eventually("the republish", LIMIT, || async {
+        eventually("the republish", || async {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
@@ -139,17 +134,14 @@ fn nats_killed_for_a_while_the_backlog_grows_then_drains() {
         let sink = sink(&server.url()).await;
         let relays = outage_relays(&outbox, &sink.publisher);
         write_round_robin(&outbox, 0..50).await;
-        eventually("the first fifty", LIMIT, || async {
-            count(&sink).await == 50
-        })
-        .await;
+        eventually("the first fifty", || async { count(&sink).await == 50 }).await;
         server.kill().unwrap();
         write_round_robin(&outbox, 50..200).await;
         failures_seen(&relays).await;
         let stats = outbox.stats().await.unwrap();
         assert!(stats.backlog >= 100, "the backlog grows: {stats:?}");
         server.start_again().unwrap();
-        eventually("the drain", LIMIT, || async {
+        eventually("the drain", || async {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
@@ -184,14 +176,11 @@ fn an_aggregate_type_that_is_no_subject_token_is_dead_lettered() {
         )
         .await;
         let good = write(&outbox, order_event("y", 0)).await;
-        eventually("the dead letter", LIMIT, || async {
+        eventually("the dead letter", || async {
             outbox.stats().await.unwrap().dead == 1
         })
         .await;
-        eventually("the good event", LIMIT, || async {
-            count(&sink).await == 1
-        })
-        .await;
+        eventually("the good event", || async { count(&sink).await == 1 }).await;
         assert_eq!(messages(&sink).await[0].0, good);
         let dead = outbox.dead_letters(5).await.unwrap();
         assert_eq!(dead[0].event.id, bad);

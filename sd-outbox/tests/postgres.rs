@@ -13,9 +13,8 @@ use std::time::Duration;
 use common::*;
 use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay};
 use sd_outbox::{Error, Event, MemoryPublisher, Message, Publisher};
+use sd_testkit::retry_until_ok;
 use uuid::Uuid;
-
-const LIMIT: Duration = Duration::from_secs(60);
 
 fn ids(memory: &MemoryPublisher) -> Vec<Uuid> {
     memory.events().iter().map(|e| e.id).collect()
@@ -52,11 +51,11 @@ fn rolled_back_publishes_nothing_committed_is_published() {
                 .unwrap();
             tx.rollback().await.unwrap();
             let kept = write(&outbox, order_event("o1", mode_round)).await;
-            eventually("the committed event", LIMIT, || async {
+            eventually("the committed event", || async {
                 ids(&memory).contains(&kept)
             })
             .await;
-            eventually("the marks", LIMIT, || drained(&outbox)).await;
+            eventually("the marks", || drained(&outbox)).await;
             assert!(
                 !ids(&memory).contains(&lost),
                 "a rolled-back event was published"
@@ -91,7 +90,7 @@ fn payloads_and_headers_round_trip() {
             ),
         )
         .await;
-        eventually("both events", LIMIT, || async { memory.len() == 2 }).await;
+        eventually("both events", || async { memory.len() == 2 }).await;
         let events = memory.events();
         assert_eq!(events[0].id, bytes);
         assert_eq!(
@@ -125,11 +124,11 @@ fn crash_after_publish_before_mark_republishes_and_the_inbox_absorbs_it() {
                 .build()
                 .unwrap()
                 .spawn();
-            eventually("the first publish", LIMIT, || async { memory.len() == 1 }).await;
+            eventually("the first publish", || async { memory.len() == 1 }).await;
             crashing.abort().await;
             assert_eq!(outbox.stats().await.unwrap().backlog, 1, "not marked");
             let relay = relay(&outbox, &memory, mode);
-            eventually("the republish", LIMIT, || async { drained(&outbox).await }).await;
+            eventually("the republish", || async { drained(&outbox).await }).await;
             let delivered = ids(&memory);
             assert_eq!(delivered, vec![id, id], "{mode:?}: the same id twice");
             // The consumer applies both deliveries; the inbox lets one through.
@@ -201,15 +200,12 @@ fn a_lower_id_committed_after_a_higher_one_is_published() {
             let high = write(&outbox, order_event("gap-b", 0)).await;
             assert!(low < high);
             if mode == Mode::Parallel {
-                eventually("the higher id", LIMIT, || async {
-                    ids(&memory) == vec![high]
-                })
-                .await;
+                eventually("the higher id", || async { ids(&memory) == vec![high] }).await;
             } else {
                 // Ordered mode waits for the older transaction: two more batches than
                 // now, so one started after `high` was committed, and still nothing.
                 let ran = relay.metrics().await.unwrap().batches;
-                eventually("two more ordered batches", LIMIT, || async {
+                eventually("two more ordered batches", || async {
                     relay.metrics().await.unwrap().batches >= ran + 2
                 })
                 .await;
@@ -219,13 +215,13 @@ fn a_lower_id_committed_after_a_higher_one_is_published() {
                 );
             }
             low_tx.commit().await.unwrap();
-            eventually("the lower id", LIMIT, || async { memory.len() == 2 }).await;
+            eventually("the lower id", || async { memory.len() == 2 }).await;
             let delivered = ids(&memory);
             match mode {
                 Mode::Parallel => assert_eq!(delivered, vec![high, low]),
                 Mode::Ordered => assert_eq!(delivered, vec![low, high], "transaction order"),
             }
-            eventually("the marks", LIMIT, || drained(&outbox)).await;
+            eventually("the marks", || drained(&outbox)).await;
             relay.shutdown().await;
         }
     });
@@ -249,7 +245,9 @@ fn three_parallel_relays_lose_nothing_and_keep_order_per_aggregate() {
             .collect();
         write_concurrently(&outbox, AGGREGATES, PER_AGGREGATE).await;
         let total = AGGREGATES * PER_AGGREGATE;
-        eventually("all events", Duration::from_secs(120), || async {
+        // In two stages, each under the testkit's hang guard: a loaded machine is slow.
+        eventually("half the events", || async { memory.len() >= total / 2 }).await;
+        eventually("all events", || async {
             memory.len() >= total && drained(&outbox).await
         })
         .await;
@@ -289,7 +287,7 @@ fn lost_notifications_the_poll_still_delivers() {
             for n in 0..20 {
                 expected.push(write(&outbox, order_event("poll", n)).await);
             }
-            eventually("polled events", LIMIT, || async { memory.len() == 20 }).await;
+            eventually("polled events", || async { memory.len() == 20 }).await;
             assert_eq!(ids(&memory), expected);
             relay.shutdown().await;
         }
@@ -349,7 +347,7 @@ fn attempt_cap_dead_letters_and_redrive_republishes() {
             .await;
             let after = write(&outbox, order_event("sick", 1)).await;
             let other = write(&outbox, order_event("healthy", 0)).await;
-            eventually("both healthy events", LIMIT, || async { memory.len() == 2 }).await;
+            eventually("both healthy events", || async { memory.len() == 2 }).await;
             let delivered = ids(&memory);
             if mode == Mode::Ordered {
                 assert_eq!(
@@ -375,7 +373,7 @@ fn attempt_cap_dead_letters_and_redrive_republishes() {
             refuse.store(false, Ordering::SeqCst);
             assert!(outbox.redrive(poison).await.unwrap());
             assert!(!outbox.redrive(poison).await.unwrap(), "no longer dead");
-            eventually("the redriven event", LIMIT, || async { memory.len() == 3 }).await;
+            eventually("the redriven event", || async { memory.len() == 3 }).await;
             assert_eq!(ids(&memory)[2], poison);
             assert!(outbox.dead_letters(10).await.unwrap().is_empty());
             relay.shutdown().await;
@@ -399,7 +397,7 @@ fn retention_sweep_deletes_only_published_rows() {
             .build()
             .unwrap()
             .spawn();
-        eventually("the sweep", LIMIT, || async {
+        eventually("the sweep", || async {
             let s = outbox.stats().await.unwrap();
             memory.len() == 5 && s.published == 0 && s.backlog == 0
         })
@@ -438,33 +436,23 @@ fn postgres_restarted_under_the_relay_it_reconnects_and_carries_on() {
             for n in 0..50 {
                 expected.push(write(&outbox, order_event(&format!("{mode:?}"), n)).await);
             }
-            eventually("the first half", LIMIT, || async { memory.len() >= 50 }).await;
+            eventually("the first half", || async { memory.len() >= 50 }).await;
             server.restart().unwrap();
             for n in 50..100 {
                 // The pool reconnects; a write may meet a dead connection once.
-                let mut tries = 0;
-                let id = loop {
-                    let attempt = async {
-                        let mut tx = outbox.pool().begin().await?;
-                        let id = outbox
-                            .enqueue(&mut tx, order_event(&format!("{mode:?}"), n))
-                            .await
-                            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                        tx.commit().await?;
-                        Ok::<_, sqlx::Error>(id)
-                    };
-                    match attempt.await {
-                        Ok(id) => break id,
-                        Err(e) => {
-                            tries += 1;
-                            assert!(tries < 50, "cannot write after the restart: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                };
+                let (id, _) = retry_until_ok(Duration::from_millis(100), || async {
+                    let mut tx = outbox.pool().begin().await?;
+                    let id = outbox
+                        .enqueue(&mut tx, order_event(&format!("{mode:?}"), n))
+                        .await
+                        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>(id)
+                })
+                .await;
                 expected.push(id);
             }
-            eventually("the second half", LIMIT, || async {
+            eventually("the second half", || async {
                 let got = ids(&memory);
                 expected.iter().all(|id| got.contains(id))
             })
@@ -475,10 +463,7 @@ fn postgres_restarted_under_the_relay_it_reconnects_and_carries_on() {
                 .map(|e| (e.aggregate_id.clone(), n_of(e), e.id))
                 .collect();
             assert_order_per_aggregate(&events, 100);
-            eventually("the relay reports active", LIMIT, || async {
-                relay.is_active()
-            })
-            .await;
+            eventually("the relay reports active", || async { relay.is_active() }).await;
             relay.shutdown().await;
         }
     });
@@ -490,7 +475,7 @@ fn ordered_mode_one_active_relay_and_a_standby_takes_over() {
         let memory = MemoryPublisher::new();
         let a = relay(&outbox, &memory, Mode::Ordered);
         let b = relay(&outbox, &memory, Mode::Ordered);
-        eventually("one active relay", LIMIT, || async {
+        eventually("one active relay", || async {
             a.is_active() || b.is_active()
         })
         .await;
@@ -499,7 +484,7 @@ fn ordered_mode_one_active_relay_and_a_standby_takes_over() {
         for n in 0..100 {
             expected.push(write(&outbox, order_event("fo", n)).await);
         }
-        eventually("the first hundred", LIMIT, || async { memory.len() >= 100 }).await;
+        eventually("the first hundred", || async { memory.len() >= 100 }).await;
         assert!(!standby.is_active());
         assert_eq!(
             standby.published(),
@@ -507,14 +492,11 @@ fn ordered_mode_one_active_relay_and_a_standby_takes_over() {
             "the standby published while the other was active"
         );
         active.abort().await;
-        eventually("the standby takes over", LIMIT, || async {
-            standby.is_active()
-        })
-        .await;
+        eventually("the standby takes over", || async { standby.is_active() }).await;
         for n in 100..200 {
             expected.push(write(&outbox, order_event("fo", n)).await);
         }
-        eventually("everything", LIMIT, || async {
+        eventually("everything", || async {
             drained(&outbox).await && memory.len() >= 200
         })
         .await;
@@ -628,7 +610,7 @@ fn metrics_report_backlog_lag_and_rate() {
         assert!(s.oldest_pending_age.is_some());
         let memory = MemoryPublisher::new();
         let relay = relay(&outbox, &memory, Mode::Parallel);
-        eventually("published", LIMIT, || async { memory.len() == 5 }).await;
+        eventually("published", || async { memory.len() == 5 }).await;
         let m = relay.metrics().await.unwrap();
         assert_eq!(m.backlog, 0);
         assert_eq!(m.oldest_unpublished_age, None);

@@ -14,8 +14,6 @@ use sd_outbox::redis::RedisStreamsPublisher;
 use sd_outbox::{Error, Message};
 use uuid::Uuid;
 
-const LIMIT: Duration = Duration::from_secs(60);
-
 async fn redis(url: &str) -> ConnectionManager {
     let client = redis::Client::open(url).unwrap();
     let config = ConnectionManagerConfig::new()
@@ -85,7 +83,7 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
             Message::bytes("invoice", "i-1", "issued", b"raw".to_vec()),
         )
         .await;
-        eventually("both streams", LIMIT, || {
+        eventually("both streams", || {
             let mut conn = conn.clone();
             let prefix = prefix.clone();
             async move {
@@ -145,7 +143,7 @@ fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
             .build()
             .unwrap()
             .spawn();
-        eventually("the first XADDs", LIMIT, || {
+        eventually("the first XADDs", || {
             let mut conn = conn.clone();
             let stream = stream.clone();
             async move { entries(&mut conn, &stream).await.len() == 3 }
@@ -158,7 +156,7 @@ fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
             .build()
             .unwrap()
             .spawn();
-        eventually("the redelivery", LIMIT, || async {
+        eventually("the redelivery", || async {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
@@ -193,7 +191,7 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
             .unwrap();
         let relays = outage_relays(&outbox, &publisher);
         write_round_robin(&outbox, 0..100).await;
-        eventually("the first hundred", LIMIT, || {
+        eventually("the first hundred", || {
             let mut conn = conn.clone();
             async move { entries(&mut conn, "outbox:order").await.len() >= 100 }
         })
@@ -205,7 +203,7 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
         assert!(stats.backlog >= 250, "the backlog grows: {stats:?}");
         assert!(stats.oldest_pending_age.is_some());
         server.resume().unwrap();
-        eventually("the drain", LIMIT, || async {
+        eventually("the drain", || async {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;
@@ -243,7 +241,12 @@ fn three_parallel_relays_to_redis_lose_nothing_and_keep_order_per_aggregate() {
             })
             .collect();
         write_concurrently(&outbox, 50, 200).await;
-        eventually("the drain", Duration::from_secs(120), || async {
+        // In two stages, each under the testkit's hang guard: a loaded machine is slow.
+        eventually("half the drain", || async {
+            outbox.stats().await.unwrap().backlog <= 5_000
+        })
+        .await;
+        eventually("the drain", || async {
             outbox.stats().await.unwrap().backlog == 0
         })
         .await;

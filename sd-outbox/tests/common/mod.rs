@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sd_outbox::postgres::{Inbox, Outbox, Relay, RelayHandle};
 use sd_outbox::{Event, Message, Publisher};
@@ -12,15 +12,8 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 mod waits;
+pub use sd_testkit::{eventually, runtime};
 pub use waits::waits;
-
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 pub async fn pool(url: &str) -> PgPool {
     PgPoolOptions::new()
@@ -85,19 +78,6 @@ pub fn n_of(event: &Event) -> usize {
     match &event.payload {
         sd_outbox::Payload::Json(v) => v["n"].as_u64().unwrap() as usize,
         sd_outbox::Payload::Bytes(_) => panic!("json expected"),
-    }
-}
-
-/// Polls `check` until it returns true; panics after `limit` (a hang guard only).
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -173,7 +153,7 @@ pub async fn write_round_robin(outbox: &Outbox, range: std::ops::Range<usize>) {
 
 /// Waits until the relays have met publish failures.
 pub async fn failures_seen(relays: &[RelayHandle]) {
-    eventually("publish failures", Duration::from_secs(60), || async {
+    eventually("publish failures", || async {
         let mut failures = 0;
         for relay in relays {
             failures += relay.metrics().await.unwrap().failures;
