@@ -115,11 +115,7 @@ async fn close_wakes_waiting_submitters_with_closed() {
 #[test]
 fn drain_under_random_cancellation_loses_nothing_and_runs_nothing_twice() {
     for seed in 0..8u64 {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = sd_testkit::runtime();
         rt.block_on(async move {
             let pool = Pool::builder()
                 .workers(4)

@@ -95,11 +95,7 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn running_jobs_never_exceed_the_limit_under_stress() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime_with(4);
     rt.block_on(async {
         let limit = 7;
         let pool = Pool::builder().workers(limit).queue(32).build().unwrap();
@@ -260,11 +256,7 @@ fn run_keyed_in_flight(
     concurrency: usize,
     jobs: &[(u8, u16)],
 ) -> (usize, HashMap<u8, Vec<usize>>, Vec<usize>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime();
     rt.block_on(async {
         let pool = Pool::builder()
             .workers(concurrency)

@@ -11,17 +11,9 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use sd_pool::redis::{Entry, StreamConsumer};
 use sd_pool::{Error, Order, Pool};
-use sd_testkit::{RedisOptions, RedisServer};
+use sd_testkit::{RedisOptions, RedisServer, eventually, runtime};
 
 type Seen = Arc<Mutex<HashMap<String, Vec<u64>>>>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn connect(url: &str) -> ConnectionManager {
     ConnectionManager::new(redis::Client::open(url).unwrap())
@@ -62,11 +54,13 @@ async fn pending_ids(conn: &mut ConnectionManager, stream: &str, group: &str) ->
     reply.into_iter().map(|(id, ..)| id).collect()
 }
 
-async fn pending(conn: &mut ConnectionManager, stream: &str, group: &str) -> i64 {
+/// The number of the group's pending entries (on a clone of `conn`, so a check passed to
+/// `eventually` can call it).
+async fn pending(conn: &ConnectionManager, stream: &str, group: &str) -> i64 {
     let reply: redis::Value = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
-        .query_async(conn)
+        .query_async(&mut conn.clone())
         .await
         .unwrap();
     match reply {
@@ -75,19 +69,6 @@ async fn pending(conn: &mut ConnectionManager, stream: &str, group: &str) -> i64
             other => panic!("XPENDING count: {other:?}"),
         },
         other => panic!("XPENDING: {other:?}"),
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds; fails after a generous deadline (a hang, not
-/// a timing assertion).
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -140,7 +121,7 @@ fn every_entry_is_processed_in_key_order_and_acked() {
             (report, consumer.pool().metrics())
         });
         let s = seen.clone();
-        eventually("all 300 processed", async || {
+        eventually("all 300 processed", || async {
             s.lock().unwrap().values().map(Vec::len).sum::<usize>() >= 300
         })
         .await;
@@ -152,7 +133,7 @@ fn every_entry_is_processed_in_key_order_and_acked() {
         for (key, ns) in seen.lock().unwrap().iter() {
             assert!(ns.windows(2).all(|w| w[0] < w[1]), "{key}: {ns:?}");
         }
-        assert_eq!(pending(&mut conn, &stream, "g").await, 0);
+        assert_eq!(pending(&conn, &stream, "g").await, 0);
     });
 }
 
@@ -205,11 +186,11 @@ fn failed_entries_stay_pending_and_are_redelivered() {
                 .await
                 .unwrap()
         });
-        let mut c = conn.clone();
+        let c = conn.clone();
         let st = stream.clone();
         let s = seen.clone();
-        eventually("all acked", async || {
-            s.lock().unwrap().len() == 60 && pending(&mut c, &st, "g").await == 0
+        eventually("all acked", || async {
+            s.lock().unwrap().len() == 60 && pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
@@ -282,16 +263,16 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
             .await
         });
         let d = done.clone();
-        eventually("A made progress", async || d.lock().unwrap().len() >= 20).await;
+        eventually("A made progress", || async {
+            d.lock().unwrap().len() >= 20
+        })
+        .await;
         task_a.abort();
         assert!(task_a.await.unwrap_err().is_cancelled());
         pool_a.shutdown_now();
-        let mut c = conn.clone();
+        let c = conn.clone();
         let st = stream.clone();
-        assert!(
-            pending(&mut c, &st, "g").await > 0,
-            "A died holding entries"
-        );
+        assert!(pending(&c, &st, "g").await > 0, "A died holding entries");
 
         // Consumer B reclaims A's pending entries after min_idle and reads the rest.
         let pool_b = Pool::builder()
@@ -327,8 +308,8 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
             .unwrap()
         });
         let d = done.clone();
-        eventually("every entry done and acked", async || {
-            d.lock().unwrap().len() as u64 == total && pending(&mut c, &st, "g").await == 0
+        eventually("every entry done and acked", || async {
+            d.lock().unwrap().len() as u64 == total && pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
@@ -339,7 +320,7 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
             (0..total).all(|n| done.get(&n).is_some_and(|&c| c >= 1))
         };
         assert!(all_done);
-        assert_eq!(pending(&mut conn, &stream, "g").await, 0);
+        assert_eq!(pending(&conn, &stream, "g").await, 0);
     });
 }
 
@@ -386,10 +367,10 @@ fn acks_follow_the_watermark_while_an_entry_is_held() {
                 .unwrap()
         });
         // Everything but the held entry finishes, and the entries before it are acked.
-        let (d, mut c, st) = (done.clone(), conn.clone(), stream.clone());
+        let (d, c, st) = (done.clone(), conn.clone(), stream.clone());
         eventually(
             "all but the held entry done, those before it acked",
-            async || d.lock().unwrap().len() == 19 && pending(&mut c, &st, "g").await <= 15,
+            || async { d.lock().unwrap().len() == 19 && pending(&c, &st, "g").await <= 15 },
         )
         .await;
         assert_eq!(pool.watermark(0), Some(held - 1));
@@ -398,9 +379,9 @@ fn acks_follow_the_watermark_while_an_entry_is_held() {
         let expected: HashSet<String> = ids[held as usize..].iter().cloned().collect();
         assert_eq!(pending_ids(&mut conn, &stream, "g").await, expected);
         gate.notify_one();
-        let (mut c, st) = (conn.clone(), stream.clone());
-        eventually("all acked after the release", async || {
-            pending(&mut c, &st, "g").await == 0
+        let (c, st) = (conn.clone(), stream.clone());
+        eventually("all acked after the release", || async {
+            pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
@@ -497,7 +478,7 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
         let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::from_millis(1));
         let d = done.clone();
-        eventually("a quarter processed", async || {
+        eventually("a quarter processed", || async {
             d.lock().unwrap().len() >= 100
         })
         .await;
@@ -508,15 +489,14 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
         .await
         .unwrap();
         // A fresh connection: the old one may still report the fault once.
-        let mut c = connect(&url).await;
+        let c = connect(&url).await;
         let st = stream.clone();
         let d = done.clone();
         eventually(
             "every entry processed and acked (or the runner gave up)",
-            async || {
+            || async {
                 runner.is_finished()
-                    || (d.lock().unwrap().len() as u64 == total
-                        && pending(&mut c, &st, "g").await == 0)
+                    || (d.lock().unwrap().len() as u64 == total && pending(&c, &st, "g").await == 0)
             },
         )
         .await;
@@ -529,7 +509,7 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
             (0..total).filter(|n| !done.contains_key(n)).collect()
         };
         assert!(missing.is_empty(), "never processed: {missing:?}");
-        assert_eq!(pending(&mut c, &stream, "g").await, 0);
+        assert_eq!(pending(&c, &stream, "g").await, 0);
         drop(server);
     });
 }
@@ -575,7 +555,7 @@ fn consumer_rejoins_after_redis_restarts_empty() {
         let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let (done, stop_tx, runner) = spawn_retrying(consumer, Duration::ZERO);
         let d = done.clone();
-        eventually("the first 50 processed", async || {
+        eventually("the first 50 processed", || async {
             d.lock().unwrap().len() == 50
         })
         .await;
@@ -601,10 +581,10 @@ fn consumer_rejoins_after_redis_restarts_empty() {
         let (st, d) = (stream.clone(), done.clone());
         eventually(
             "the 50 produced after the restart processed and acked",
-            async || {
+            || async {
                 runner.is_finished()
                     || ((1000..1050).all(|n| d.lock().unwrap().contains_key(&n))
-                        && pending(&mut c, &st, "g").await == 0)
+                        && pending(&c, &st, "g").await == 0)
             },
         )
         .await;
@@ -718,9 +698,9 @@ fn a_consumer_on_a_multiplexed_connection_processes_and_acks() {
             };
             consumer.run(handler, stop).await.unwrap()
         });
-        let (s, mut c, st) = (seen.clone(), conn.clone(), stream.clone());
-        eventually("all acked", async || {
-            s.lock().unwrap().len() == 30 && pending(&mut c, &st, "g").await == 0
+        let (s, c, st) = (seen.clone(), conn.clone(), stream.clone());
+        eventually("all acked", || async {
+            s.lock().unwrap().len() == 30 && pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
