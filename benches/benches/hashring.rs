@@ -5,8 +5,15 @@
 //! same number of points and do the same work per lookup (hash the key, binary search).
 //! sd hashes with CRC32 + fmix32, the peer with SipHash-2-4, its only option.
 //!
+//! `owners3`: the first three distinct nodes clockwise. The peer has no distinct-replica
+//! lookup (its `get_with_replicas` clones the whole ring per call and may repeat a
+//! node), so its row is the walk a user would write over the peer's own points: the
+//! peer's hasher and order, read once at setup, then per key one hash, one binary
+//! search and a walk that skips nodes already taken, as sd's `owners` does.
+//!
 //! `cargo bench -p sd-benches --bench hashring -- --warm-up-time 1 --measurement-time 3`
 
+use std::hash::BuildHasher as _;
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
@@ -32,6 +39,54 @@ fn peer_ring(n: usize) -> hashring::HashRing<String> {
     ring
 }
 
+/// The peer's points (its SipHash of each label, in its order) with the node each
+/// belongs to, for a distinct walk that borrows instead of cloning the ring.
+struct PeerWalk {
+    points: Vec<(u64, u32)>,
+}
+
+impl PeerWalk {
+    fn new(peer: &hashring::HashRing<String>) -> Self {
+        let hasher = hashring::DefaultHashBuilder;
+        let ids = node_ids(peer.len() / VNODES as usize);
+        let points: Vec<(u64, u32)> = peer
+            .clone()
+            .into_iter()
+            .map(|label| {
+                let (id, _) = label.rsplit_once('-').expect("a vnode label");
+                let node = ids.iter().position(|n| n == id).expect("a member");
+                (
+                    hasher.hash_one(&label),
+                    u32::try_from(node).expect("few nodes"),
+                )
+            })
+            .collect();
+        assert!(
+            points.is_sorted(),
+            "the peer keeps its points in hash order"
+        );
+        Self { points }
+    }
+
+    /// The first three distinct nodes clockwise from `key`'s position on the peer's ring.
+    fn owners3(&self, key: &String) -> [u32; 3] {
+        let k = hashring::DefaultHashBuilder.hash_one(key);
+        let start = self.points.partition_point(|(p, _)| *p < k);
+        let mut owners = [u32::MAX; 3];
+        let mut found = 0;
+        for &(_, node) in self.points[start..].iter().chain(&self.points[..start]) {
+            if !owners[..found].contains(&node) {
+                owners[found] = node;
+                found += 1;
+                if found == 3 {
+                    break;
+                }
+            }
+        }
+        owners
+    }
+}
+
 fn vnode_labels(n: usize) -> Vec<String> {
     node_ids(n)
         .iter()
@@ -50,6 +105,15 @@ fn lookups(c: &mut Criterion) {
             .expect("valid ring");
         let peer = peer_ring(n);
         assert_eq!(sd.point_count(), peer.len());
+        let walk = PeerWalk::new(&peer);
+        for key in keys.iter().take(64) {
+            let first = peer.get(key).expect("a node");
+            assert_eq!(
+                node_ids(n)[walk.owners3(key)[0] as usize],
+                first[..first.rfind('-').expect("a vnode label")],
+                "the walk starts where the peer's own lookup does"
+            );
+        }
         let jump = Jump::new(nodes(n)).expect("valid jump");
         let rendezvous = Rendezvous::new(nodes(n)).expect("valid rendezvous");
         let maglev = Maglev::new(nodes(n)).expect("valid maglev");
@@ -83,10 +147,8 @@ fn lookups(c: &mut Criterion) {
                 (it.next(), it.next(), it.next())
             })
         });
-        // The peer's replica call clones its whole ring and may repeat a node; it is
-        // here because it is what its users call for replicas today.
-        group.bench_function(BenchmarkId::new("owners3/hashring_crate", n), |b| {
-            b.iter(|| peer.get_with_replicas(black_box(next()), 2))
+        group.bench_function(BenchmarkId::new("owners3/hashring_crate_walk", n), |b| {
+            b.iter(|| walk.owners3(black_box(next())))
         });
         group.bench_function(BenchmarkId::new("owners3/sd_rendezvous", n), |b| {
             b.iter(|| rendezvous.owners(black_box(next()), 3))

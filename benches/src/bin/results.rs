@@ -57,7 +57,7 @@ const PAIRS: &[Pair] = &[
     pair("sd-hashring", "lookup, 10 nodes", "hashring/lookup/sd_ring_crc32/10", "hashring/lookup/hashring_crate/10", "hashring"),
     pair("sd-hashring", "lookup, 100 nodes", "hashring/lookup/sd_ring_crc32/100", "hashring/lookup/hashring_crate/100", "hashring"),
     pair("sd-hashring", "lookup, 1000 nodes", "hashring/lookup/sd_ring_crc32/1000", "hashring/lookup/hashring_crate/1000", "hashring"),
-    pair("sd-hashring", "3 owners, 100 nodes", "hashring/owners3/sd_ring/100", "hashring/owners3/hashring_crate/100", "hashring"),
+    pair("sd-hashring", "3 owners, 100 nodes", "hashring/owners3/sd_ring/100", "hashring/owners3/hashring_crate_walk/100", "hashring (distinct walk)"),
     pair("sd-hashring", "build, 10 nodes", "hashring_build/sd_ring/10", "hashring_build/hashring_crate/10", "hashring"),
     pair("sd-hashring", "build, 1000 nodes", "hashring_build/sd_ring/1000", "hashring_build/hashring_crate/1000", "hashring"),
     pair("sd-ratelimit", "memory, one key", "ratelimit/memory/direct/sd", "ratelimit/memory/direct/governor", "governor"),
