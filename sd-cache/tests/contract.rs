@@ -6,8 +6,6 @@
 #![cfg(all(feature = "redis", feature = "test-util"))]
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use sd_cache::conformance::contract;
 use sd_cache::{BoxCache, Cache, RedisCache, TwoTier};
 
@@ -35,13 +33,10 @@ async fn two_tier(url: &str, prefix: &str) -> TwoTier<u64, redis::aio::Connectio
         .build(conn, redis::Client::open(url).unwrap())
         .await
         .unwrap();
-    for _ in 0..500 {
-        if cache.is_serving_local() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(cache.is_serving_local());
+    common::eventually("serving from memory", || {
+        std::future::ready(cache.is_serving_local())
+    })
+    .await;
     cache
 }
 

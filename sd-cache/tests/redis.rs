@@ -15,7 +15,7 @@ use sd_cache::{Error, SharedError};
 use tokio::sync::Notify;
 
 mod common;
-use common::{manager_with_timeout, runtime};
+use common::{eventually, manager_with_timeout, runtime};
 
 #[derive(Debug, thiserror::Error)]
 #[error("database down")]
@@ -34,17 +34,6 @@ async fn client(url: &str, prefix: &str) -> RedisCache<String, ConnectionManager
         .build(manager(url).await)
         .await
         .unwrap()
-}
-
-/// Waits (bounded) until `cond` holds; the bound is a failure, not a timing assertion.
-async fn eventually(mut cond: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition never held");
 }
 
 #[test]
@@ -179,16 +168,14 @@ fn a_read_near_expiry_refreshes_in_the_background() {
             1,
             "current value at once"
         );
-        eventually(|| cache.stats().early_refreshes == 1).await;
-        let mut refreshed = None;
-        for _ in 0..100 {
-            refreshed = cache.get("k").await.unwrap();
-            if refreshed == Some(2) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(refreshed, Some(2));
+        eventually("one early refresh", || {
+            std::future::ready(cache.stats().early_refreshes == 1)
+        })
+        .await;
+        eventually("the refreshed value", || async {
+            cache.get("k").await.unwrap() == Some(2)
+        })
+        .await;
     });
 }
 
@@ -385,17 +372,12 @@ fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
 
     server.start_again().unwrap();
     rt.block_on(async {
-        let mut back = None;
-        for _ in 0..50 {
-            if let Ok(v) = strict.get_or_load("k", || async { 4 }).await {
-                back = Some(v);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (back, _) = sd_testkit::retry_until_ok(Duration::from_millis(100), || {
+            strict.get_or_load("k", || async { 4 })
+        })
+        .await;
         assert_eq!(
-            back,
-            Some(4),
+            back, 4,
             "an empty restarted server: loaded and cached again"
         );
         assert_eq!(strict.get("k").await.unwrap(), Some(4));
@@ -523,21 +505,19 @@ fn at_most_one_early_refresh_per_expiry_across_clients() {
                 }
             }));
         }
-        eventually(|| calls.load(Ordering::SeqCst) == 1).await;
+        eventually("the one refresh", || {
+            std::future::ready(calls.load(Ordering::SeqCst) == 1)
+        })
+        .await;
         // Readers keep reading (and firing) across the moment the refreshed entry lands:
         // refreshes decided on the old entry must find it replaced and not load again.
         tokio::time::sleep(Duration::from_millis(100)).await;
         gate.add_permits(10_000);
         for c in &clients {
-            let mut refreshed = None;
-            for _ in 0..200 {
-                refreshed = c.get("hot").await.unwrap();
-                if refreshed == Some(1) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert_eq!(refreshed, Some(1));
+            eventually("every client reads the refreshed entry", || async {
+                c.get("hot").await.unwrap() == Some(1)
+            })
+            .await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::SeqCst);

@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use sd_cache::{Error, RedisCache, TwoTier};
 
 mod common;
-use common::{manager_with_timeout, runtime};
+use common::{eventually, manager_with_timeout, runtime};
 
 type Tier = TwoTier<u64, ConnectionManager>;
 
@@ -33,17 +33,6 @@ async fn instance(url: &str, prefix: &str, fallback: bool) -> Tier {
     )
     .await
     .unwrap()
-}
-
-/// Waits (bounded) until `cond` holds; the bound is a hang guard, not a timing assertion.
-async fn eventually(mut cond: impl FnMut() -> bool) {
-    for _ in 0..1_000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition never held");
 }
 
 /// The system of record: one version number per key, written before the cache.
@@ -149,7 +138,10 @@ fn a_write_that_returned_is_never_read_stale_from_another_instance() {
         }
         for i in &instances {
             let i = i.clone();
-            eventually(move || i.is_serving_local()).await;
+            eventually("serving from memory", move || {
+                std::future::ready(i.is_serving_local())
+            })
+            .await;
         }
         check_no_stale_reads(instances.clone(), 150, || async {}).await;
         let local_hits: u64 = instances.iter().map(|i| i.stats().hits).sum();
@@ -189,7 +181,10 @@ fn dropped_subscriptions_resync_and_no_stale_read_gets_through() {
                 "first lease plus at least one lost subscription"
             );
             let i = i.clone();
-            eventually(move || i.is_serving_local()).await;
+            eventually("serving from memory", move || {
+                std::future::ready(i.is_serving_local())
+            })
+            .await;
         }
     });
 }
@@ -235,7 +230,10 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
         let lenient = instance(&url, "tt-fault", true).await;
         for i in [&strict, &lenient] {
             let i = i.clone();
-            eventually(move || i.is_serving_local()).await;
+            eventually("serving from memory", move || {
+                std::future::ready(i.is_serving_local())
+            })
+            .await;
         }
         strict.insert("k", &1).await.unwrap();
         assert_eq!(lenient.get_or_load("k", || async { 0 }).await.unwrap(), 1);
@@ -247,7 +245,10 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
     server.kill().unwrap();
     rt.block_on(async {
         let l = lenient.clone();
-        eventually(move || !l.is_serving_local()).await;
+        eventually("not serving from memory", move || {
+            std::future::ready(!l.is_serving_local())
+        })
+        .await;
         assert!(matches!(strict.get("k").await, Err(Error::Backend { .. })));
         let err = strict.insert("k", &3).await.unwrap_err();
         assert!(matches!(err, Error::Backend { .. }), "{err}");
@@ -261,7 +262,10 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
     server.start_again().unwrap();
     rt.block_on(async {
         let l = lenient.clone();
-        eventually(move || l.is_serving_local()).await;
+        eventually("serving from memory again", move || {
+            std::future::ready(l.is_serving_local())
+        })
+        .await;
         assert!(lenient.resyncs() > resyncs, "the memory tier was cleared");
         // The restarted server is empty: the loader's value, not the 1 held in memory before.
         assert_eq!(lenient.get_or_load("k", || async { 4 }).await.unwrap(), 4);
@@ -272,14 +276,20 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
     server.pause().unwrap();
     rt.block_on(async {
         let l = lenient.clone();
-        eventually(move || !l.is_serving_local()).await;
+        eventually("not serving from memory", move || {
+            std::future::ready(!l.is_serving_local())
+        })
+        .await;
         assert!(matches!(strict.get("k").await, Err(Error::Backend { .. })));
         assert_eq!(lenient.get_or_load("k", || async { 5 }).await.unwrap(), 5);
     });
     server.resume().unwrap();
     rt.block_on(async {
         let l = lenient.clone();
-        eventually(move || l.is_serving_local()).await;
+        eventually("serving from memory again", move || {
+            std::future::ready(l.is_serving_local())
+        })
+        .await;
         assert!(
             lenient.resyncs() > resyncs,
             "cleared again after the freeze"
@@ -337,15 +347,11 @@ fn a_dropped_instance_leaves_the_registry() {
         };
         assert!(registered(&mut admin).await);
         drop(b);
-        let mut left = false;
-        for _ in 0..500 {
-            if !registered(&mut admin).await {
-                left = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(left, "the registry still holds the dropped instance");
+        eventually("the registry drops the dropped instance", || {
+            let held = registered(&mut admin);
+            async move { !held.await }
+        })
+        .await;
         a.insert("k", &1).await.unwrap();
     });
 }
@@ -382,7 +388,10 @@ fn write_through_over_two_tier_is_read_fresh_by_another_instance() {
         let b = instance(server.url(), &prefix, false).await;
         for i in [&a, &b] {
             let i = i.clone();
-            eventually(move || i.is_serving_local()).await;
+            eventually("serving from memory", move || {
+                std::future::ready(i.is_serving_local())
+            })
+            .await;
         }
         let through = sd_cache::WriteThrough::new(a.clone(), Rows::default());
         through.write("k".to_owned(), 1).await.unwrap();

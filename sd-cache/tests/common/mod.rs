@@ -4,15 +4,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
-/// Two workers: the machines these run on have two busy cores.
-pub(crate) fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+pub(crate) use sd_testkit::{eventually, runtime};
 
 /// A connection that gives up after `timeout` (a hang guard, and how a frozen server
 /// turns into a typed error) and retries a lost connection once.
