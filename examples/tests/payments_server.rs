@@ -7,26 +7,38 @@
 #[path = "../payments_server.rs"]
 mod payments_server;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
-/// One request over a fresh connection: (status, replayed, body).
-async fn request(port: u16, head: &str, body: &str) -> (u16, bool, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
+/// One request as the caller `alice`: (status, replayed, body).
+async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, bool, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<axum::body::Bytes>>();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .header("x-api-key", "alice")
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let req = req
+        .body(Full::new(axum::body::Bytes::from(body.to_owned())))
         .unwrap();
-    let request = format!(
-        "{head}\r\nHost: 127.0.0.1\r\nX-Api-Key: alice\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let replayed = head
-        .lines()
-        .any(|l| l.eq_ignore_ascii_case("idempotency-replayed: true"));
-    (status, replayed, body.to_owned())
+    let reply = client.request(req).await.unwrap();
+    let status = reply.status().as_u16();
+    let replayed = reply
+        .headers()
+        .get("idempotency-replayed")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let body = reply.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, String::from_utf8(body.to_vec()).unwrap())
 }
 
 async fn one_payment_for_100_retries(redis: Option<String>, postgres: Option<String>) {
@@ -39,8 +51,8 @@ async fn one_payment_for_100_retries(redis: Option<String>, postgres: Option<Str
     let body = r#"{"amount":1000,"currency":"EUR"}"#;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
-        let head = format!("POST /payments HTTP/1.1\r\nIdempotency-Key: {key}");
-        tasks.spawn(async move { request(port, &head, body).await });
+        let key = key.clone();
+        tasks.spawn(async move { request(port, "POST", "/payments", Some(&key), body).await });
     }
     let mut created = Vec::new();
     while let Some(reply) = tasks.join_next().await {
@@ -57,7 +69,7 @@ async fn one_payment_for_100_retries(redis: Option<String>, postgres: Option<Str
         "byte-identical replays"
     );
 
-    let (status, _, list) = request(port, "GET /payments HTTP/1.1", "").await;
+    let (status, _, list) = request(port, "GET", "/payments", None, "").await;
     assert_eq!(status, 200);
     let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
     assert_eq!(list.len(), 1, "{list:?}");
