@@ -6,20 +6,28 @@
 //!   direct limiter, same quota, each with its default clock. `sd` is `check()` (a full
 //!   `Decision`), `sd-allow` is `allow()` (admitted or not, as governor's `check()`).
 //! - `memory/keyed/{1,2} threads`: 10,000 `u64` keys round-robin, sd `KeyedLimiter`
-//!   vs governor's default keyed limiter (DashMap).
-//! - `redis/64 callers`: 64 tasks on one multiplexed connection, sd decisions (one
-//!   EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
-//!   each) vs raw `SET` and `EVALSHA` of `return 1` on the same server.
+//!   vs governor's default keyed limiter (DashMap with SipHash) and, as a second peer
+//!   row, governor's DashMap with sd's hasher (foldhash), so the hasher is not the
+//!   difference.
+//! - `redis/64 callers`: 64 tasks on one multiplexed connection, same keys, sd decisions
+//!   (one EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
+//!   each) beside what users would otherwise deploy on the same server: the GCRA script
+//!   of go-redis/redis_rate (one EVALSHA over one key, server `TIME`) and a fixed window
+//!   as Envoy's ratelimit service keeps it (an `INCR` + `PEXPIRE` pipeline per decision);
+//!   and beside raw `SET` and `EVALSHA` of `return 1`, the floor of one round trip.
 #![allow(clippy::unwrap_used, missing_docs)] // A bench binary: failures should stop it.
 
+use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use sd_ratelimit::memory::MemoryLimiterBuilder;
 use sd_ratelimit::{Limit, Quota};
+use tokio::runtime::Runtime;
 
 const KEYS: u64 = 10_000;
 
@@ -66,30 +74,104 @@ fn memory(c: &mut Criterion) {
 
     let sd = Arc::new(MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap());
     let gov = Arc::new(governor::RateLimiter::keyed(theirs));
+    let gov_foldhash = Arc::new(governor::RateLimiter::dashmap_with_hasher(
+        theirs,
+        foldhash::fast::RandomState::default(),
+    ));
     for threads in [1u64, 2] {
-        g.bench_function(format!("keyed/{threads}-thread/sd"), |b| {
-            b.iter_custom(|iters| {
-                on_threads(threads, iters, |t, n| {
-                    for i in 0..n {
-                        black_box(sd.check(&((i * 7 + t) % KEYS)).unwrap().allowed);
-                    }
-                })
-            })
+        let row = |peer: &str| format!("keyed/{threads}-thread/{peer}");
+        keyed_row(&mut g, row("sd"), threads, |key| {
+            sd.check(&key).unwrap().allowed
         });
-        g.bench_function(format!("keyed/{threads}-thread/governor"), |b| {
-            b.iter_custom(|iters| {
-                on_threads(threads, iters, |t, n| {
-                    for i in 0..n {
-                        black_box(gov.check_key(&((i * 7 + t) % KEYS)).is_ok());
-                    }
-                })
-            })
+        keyed_row(&mut g, row("governor"), threads, |key| {
+            gov.check_key(&key).is_ok()
+        });
+        keyed_row(&mut g, row("governor-foldhash"), threads, |key| {
+            gov_foldhash.check_key(&key).is_ok()
         });
     }
     g.finish();
 }
 
+/// Benches `check` on `threads` threads over [`KEYS`] keys round-robin.
+fn keyed_row(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: String,
+    threads: u64,
+    check: impl Fn(u64) -> bool + Sync,
+) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            on_threads(threads, iters, |t, n| {
+                for i in 0..n {
+                    black_box(check((i * 7 + t) % KEYS));
+                }
+            })
+        })
+    });
+}
+
 const CALLERS: u64 = 64;
+
+/// Benches `op` as one decision per iteration, the iterations shared by [`CALLERS`]
+/// tasks on `rt` (so on one multiplexed connection when `op` uses one).
+fn callers_row<F, Fut>(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, op: F)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let per = iters.div_ceil(CALLERS);
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..CALLERS)
+                    .map(|t| {
+                        let op = op.clone();
+                        tokio::spawn(async move {
+                            for i in 0..per {
+                                op(t * per + i).await;
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                start.elapsed()
+            })
+        })
+    });
+}
+
+/// go-redis/redis_rate's GCRA, as its users deploy it: one script over one key, time
+/// from the server (`TIME`, seconds as a float from 2017 on), the theoretical arrival
+/// time kept as a float and expiring when back to full. ARGV: burst, rate, period (s),
+/// cost. Returns allowed (the cost or 0), remaining, retry after and reset after.
+const REDIS_RATE_GCRA: &str = r#"
+redis.replicate_commands()
+local key = KEYS[1]
+local burst, rate, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local interval = period / rate
+local increment = interval * cost
+local burst_offset = interval * burst
+local t = redis.call('TIME')
+local now = (t[1] - 1483228800) + (t[2] / 1000000)
+local tat = tonumber(redis.call('GET', key) or now)
+tat = math.max(tat, now)
+local new_tat = tat + increment
+local diff = now - (new_tat - burst_offset)
+local remaining = diff / interval
+if remaining < 0 then
+  return {0, 0, tostring(-diff), tostring(tat - now)}
+end
+local reset_after = new_tat - now
+if reset_after > 0 then
+  redis.call('SET', key, new_tat, 'EX', math.ceil(reset_after))
+end
+return {cost, remaining, tostring(-1), tostring(reset_after)}
+"#;
 
 fn redis(c: &mut Criterion) {
     let server =
@@ -123,6 +205,7 @@ fn redis(c: &mut Criterion) {
         )
     };
     let (sd, batched) = (build(1), build(CALLERS as usize));
+    let redis_rate = redis::Script::new(REDIS_RATE_GCRA);
     let trivial = redis::Script::new("return 1");
     let sha = rt
         .block_on(trivial.prepare_invoke().load_async(&mut conn.clone()))
@@ -131,83 +214,79 @@ fn redis(c: &mut Criterion) {
     let mut g = c.benchmark_group("ratelimit/redis-64-callers");
     g.throughput(Throughput::Elements(1));
     g.sample_size(20);
-    // Each iteration is one call; 64 tasks share the iterations on one connection.
-    let run =
-        |iters: u64,
-         op: Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>| {
-            rt.block_on(async {
-                let per = iters.div_ceil(CALLERS);
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..CALLERS)
-                    .map(|t| {
-                        let op = op.clone();
-                        tokio::spawn(async move {
-                            for i in 0..per {
-                                op(t * per + i).await;
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                start.elapsed()
-            })
-        };
     for (name, sd) in [("sd-check", &sd), ("sd-check-batched", &batched)] {
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let sd = sd.clone();
-                run(
-                    iters,
-                    Arc::new(move |i| {
-                        let sd = sd.clone();
-                        Box::pin(async move {
-                            black_box(sd.check(&(i % KEYS).to_string()).await.unwrap());
-                        })
-                    }),
-                )
-            })
+        let sd = sd.clone();
+        callers_row(&mut g, &rt, name, move |i| {
+            let sd = sd.clone();
+            async move {
+                black_box(sd.check(&(i % KEYS).to_string()).await.unwrap());
+            }
         });
     }
-    g.bench_function("raw-set", |b| {
-        b.iter_custom(|iters| {
-            let conn = conn.clone();
-            run(
-                iters,
-                Arc::new(move |i| {
-                    let mut conn = conn.clone();
-                    Box::pin(async move {
-                        let () = redis::cmd("SET")
-                            .arg(format!("bench:{}", i % KEYS))
-                            .arg(i)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                    })
-                }),
-            )
-        })
+    // The same quota as sd's: 1,000,000 a second, burst 1000.
+    let (c, script) = (conn.clone(), redis_rate);
+    callers_row(&mut g, &rt, "redis-rate-gcra", move |i| {
+        let (mut conn, script) = (c.clone(), script.clone());
+        async move {
+            let reply: (i64, i64, String, String) = script
+                .key(format!("rate:{}", i % KEYS))
+                .arg(1000)
+                .arg(1_000_000)
+                .arg(1)
+                .arg(1)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            black_box(reply.0 > 0);
+        }
     });
-    g.bench_function("raw-evalsha-return-1", |b| {
-        b.iter_custom(|iters| {
-            let (conn, sha) = (conn.clone(), sha.clone());
-            run(
-                iters,
-                Arc::new(move |_| {
-                    let (mut conn, sha) = (conn.clone(), sha.clone());
-                    Box::pin(async move {
-                        let one: i64 = redis::cmd("EVALSHA")
-                            .arg(&sha)
-                            .arg(0)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        black_box(one);
-                    })
-                }),
-            )
-        })
+    // Envoy's ratelimit: the key names the window (here the second), INCR counts and
+    // PEXPIRE ends it, pipelined; admitted while the count is within the limit.
+    let c = conn.clone();
+    callers_row(&mut g, &rt, "envoy-fixed-window", move |i| {
+        let mut conn = c.clone();
+        async move {
+            let window = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let key = format!("envoy:{}:{window}", i % KEYS);
+            let (count, _): (u64, bool) = redis::pipe()
+                .cmd("INCR")
+                .arg(&key)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            black_box(count <= 1_000_000);
+        }
+    });
+    let c = conn.clone();
+    callers_row(&mut g, &rt, "raw-set", move |i| {
+        let mut conn = c.clone();
+        async move {
+            let () = redis::cmd("SET")
+                .arg(format!("bench:{}", i % KEYS))
+                .arg(i)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    });
+    let c = conn.clone();
+    callers_row(&mut g, &rt, "raw-evalsha-return-1", move |_| {
+        let (mut conn, sha) = (c.clone(), sha.clone());
+        async move {
+            let one: i64 = redis::cmd("EVALSHA")
+                .arg(&sha)
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            black_box(one);
+        }
     });
     g.finish();
 }
