@@ -85,7 +85,8 @@
 //! points), lookups here are several times faster and the gap widens with the number of
 //! nodes: a bucket index finds the point instead of a binary search, and short keys are
 //! hashed without `crc32fast`'s per-call set-up. `owners(key, n)` walks the ring instead
-//! of cloning it, and lookups, `owners` and bounded lookups allocate nothing (a
+//! of cloning it (the peer has no distinct-owner lookup, so the benches compare it with
+//! the same walk written over the peer's points), and lookups, `owners` and bounded lookups allocate nothing (a
 //! counting-allocator test checks it). Balance is what a uniform hash gives at 160 vnodes
 //! (`tests/balance.rs` asserts it from the exact shares of hash space; the `ring_balance`
 //! example prints it); jump, rendezvous and Maglev balance more evenly, and Maglev moves

@@ -80,7 +80,10 @@
 //! the server's Lua scripting, not the script: every `redis.call` from Lua costs the
 //! server several times a plain command, so one decision costs a few raw `SET`s, and
 //! `redis::RedisLimiterBuilder::batch` spreads a script's fixed cost over many
-//! decisions. The measured figures, with the peers' from the same run, are in
+//! decisions. The benches also run `governor` keyed on this crate's hasher, and on the
+//! same Redis server the scripts users would otherwise deploy: go-redis/redis_rate's GCRA
+//! and a fixed window kept as Envoy's ratelimit service keeps it (`INCR` + `PEXPIRE`).
+//! The measured figures, with the peers' from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
 //! # Crate features
