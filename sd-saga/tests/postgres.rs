@@ -48,11 +48,7 @@ saga_suite!(postgres);
 #[test]
 fn memory_and_postgres_record_the_same_events() {
     use proptest::test_runner::{Config, TestRunner};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime();
     let db = sd_testkit::database().expect("a postgres server");
     let pg = rt.block_on(store_on(db.url(), Duration::from_secs(30)));
     let seq = std::sync::atomic::AtomicUsize::new(0);
