@@ -33,8 +33,8 @@
 //! ```
 //!
 //! # Features
-//! - `redis`: [`redis::Script`] (redis-rs 1.x, any `ConnectionLike`).
-//! - `postgres`: [`migrate::Migrator`] (sqlx 0.8).
+//! - `redis`: `redis::Script` (redis-rs 1.x, any `ConnectionLike`).
+//! - `postgres`: `migrate::Migrator` (sqlx 0.8).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
