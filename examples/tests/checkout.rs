@@ -66,7 +66,9 @@ async fn checkout_on_redis_and_postgres() {
 }
 
 /// One of the two Redis servers (cache and lease shards) frozen with SIGSTOP for a second
-/// mid-burst: calls to it wait or fail and are retried, and no promise breaks.
+/// mid-burst: calls to it wait or fail and are retried, and no promise breaks. The probe
+/// shows the freeze met the load: calls to the frozen server were in flight at its end,
+/// or failed during it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checkout_with_a_redis_server_paused() {
     let mut redis = sd_testkit::RedisServer::start_many(2).expect("redis-server");
@@ -74,15 +76,25 @@ async fn checkout_with_a_redis_server_paused() {
     let mut config = Config::memory();
     config.redis = redis.iter().map(|r| r.url()).collect();
     config.postgres = Some(db.url().to_owned());
-    // Fault injection timing only; nothing below depends on it.
+    let probe = config.probe.clone();
+    // When the fault starts is a choice, not a check: the probe says whether it met load.
     let fault = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (_, failed_before) = probe.read(1);
         redis[1].pause().unwrap();
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let (waiting, failed_after) = probe.read(1);
         redis[1].resume().unwrap();
-        redis
+        (redis, waiting, failed_after - failed_before)
     });
     let summary = app::run(&config).await.unwrap();
-    let _servers = fault.await.unwrap();
+    let (_servers, waiting, failed) = fault.await.unwrap();
     assert_kept(&summary);
+    assert!(
+        waiting + failed > 0,
+        "the frozen server saw no call during its freeze (in flight at its end: {waiting}, failed during it: {failed})"
+    );
+    println!(
+        "frozen server: {waiting} calls waiting at the end of the freeze, {failed} failed during it"
+    );
 }

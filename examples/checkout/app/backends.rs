@@ -51,6 +51,59 @@ impl Picks {
     }
 }
 
+/// Calls to each Redis server in flight now, and calls that failed so far: what a fault
+/// test reads while it holds a server frozen, to know the freeze met the load. Cheap to
+/// clone: clones share the counters; sized by the first [`Shards`] built with it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ShardProbe(Arc<std::sync::OnceLock<Box<[ServerCalls]>>>);
+
+/// Per server: calls in flight, calls failed.
+type ServerCalls = (AtomicU64, AtomicU64);
+
+/// One call in flight on a server, counted until dropped.
+struct InFlight<'a>(Option<&'a AtomicU64>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ShardProbe {
+    fn init(&self, servers: usize) {
+        self.0
+            .get_or_init(|| (0..servers).map(|_| Default::default()).collect());
+    }
+
+    fn slot(&self, server: usize) -> Option<&ServerCalls> {
+        self.0.get().and_then(|s| s.get(server))
+    }
+
+    fn enter(&self, server: usize) -> InFlight<'_> {
+        let n = self.slot(server).map(|(n, _)| n);
+        if let Some(n) = n {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(n)
+    }
+
+    fn failed(&self, server: usize) {
+        if let Some((_, n)) = self.slot(server) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (calls in flight now, calls failed so far) on `server`.
+    #[cfg_attr(not(test), allow(dead_code))] // read by examples/tests/checkout.rs
+    pub(crate) fn read(&self, server: usize) -> (u64, u64) {
+        self.slot(server).map_or((0, 0), |(a, b)| {
+            (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed))
+        })
+    }
+}
+
 /// One value per Redis server, and the ring that maps a key to its server. Cheap to
 /// clone: clones share the servers and the counters.
 #[derive(Debug)]
@@ -61,6 +114,7 @@ struct ShardsInner<T> {
     ring: HashRing,
     nodes: Vec<T>,
     picks: Picks,
+    probe: ShardProbe,
 }
 
 impl<T> Clone for Shards<T> {
@@ -70,14 +124,22 @@ impl<T> Clone for Shards<T> {
 }
 
 impl<T> Shards<T> {
-    /// `nodes` named `redis-0`, `redis-1`, ... on a consistent-hash ring.
-    pub(crate) fn new(nodes: Vec<T>) -> Result<Self, BoxError> {
+    /// `nodes` named `redis-0`, `redis-1`, ... on a consistent-hash ring; calls to them
+    /// are counted in `probe`.
+    pub(crate) fn new(nodes: Vec<T>, probe: &ShardProbe) -> Result<Self, BoxError> {
         if nodes.is_empty() {
             return Err("at least one Redis server is needed to shard".into());
         }
         let ring = HashRing::new((0..nodes.len()).map(|i| Node::new(format!("redis-{i}"))))?;
         let picks = Picks(nodes.iter().map(|_| AtomicU64::new(0)).collect());
-        Ok(Shards(Arc::new(ShardsInner { ring, nodes, picks })))
+        probe.init(nodes.len());
+        let probe = probe.clone();
+        Ok(Shards(Arc::new(ShardsInner {
+            ring,
+            nodes,
+            picks,
+            probe,
+        })))
     }
 
     /// The counters of keys sent to each server.
@@ -118,7 +180,16 @@ impl<T> Shards<T> {
 impl<T: Lock> Lock for Shards<T> {
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> sd_lock::Result<Lease> {
         let index = self.index(resource);
-        let lease = self.0.nodes[index].try_acquire(resource, ttl).await?;
+        let call = self.0.probe.enter(index);
+        let lease = self.0.nodes[index].try_acquire(resource, ttl).await;
+        drop(call);
+        if matches!(
+            lease,
+            Err(sd_lock::Error::Backend { .. } | sd_lock::Error::Timeout { .. })
+        ) {
+            self.0.probe.failed(index);
+        }
+        let lease = lease?;
         self.0.picks.count(index);
         Ok(lease)
     }
@@ -166,7 +237,17 @@ where
         key: &str,
         loader: Loader<V>,
     ) -> impl Future<Output = sd_cache::Result<Option<V>>> + Send {
-        self.pick(key).try_get_or_load_optional(key, loader)
+        let index = self.index(key);
+        let read = self.pick(key).try_get_or_load_optional(key, loader);
+        async move {
+            let call = self.0.probe.enter(index);
+            let value = read.await;
+            drop(call);
+            if value.is_err() {
+                self.0.probe.failed(index);
+            }
+            value
+        }
     }
 }
 
@@ -222,6 +303,7 @@ impl Catalogue {
         conns: &[ConnectionManager],
         run: &str,
         ttl: Duration,
+        probe: &ShardProbe,
     ) -> Result<Self, BoxError> {
         let (cache, stats, picks) = if conns.is_empty() {
             let cache: Cache<String, Product> = Cache::builder().ttl(ttl).build()?;
@@ -239,7 +321,7 @@ impl Catalogue {
             }
             let readers = caches.clone();
             let stats = StatsReader(Box::new(move || sum_stats(&readers)));
-            let shards = Shards::new(caches)?;
+            let shards = Shards::new(caches, probe)?;
             let picks = shards.picks();
             (BoxCache::new(shards), stats, picks)
         };
@@ -298,7 +380,11 @@ fn sum_stats(caches: &[RedisCache<Product, ConnectionManager>]) -> CacheStats {
 
 /// Leases on stock, one per SKU: sharded over the Redis servers `conns`, or memory; with
 /// the leases taken on each server.
-pub(crate) fn locks(conns: &[ConnectionManager], run: &str) -> Result<(BoxLock, Picks), BoxError> {
+pub(crate) fn locks(
+    conns: &[ConnectionManager],
+    run: &str,
+    probe: &ShardProbe,
+) -> Result<(BoxLock, Picks), BoxError> {
     if conns.is_empty() {
         return Ok((BoxLock::new(MemoryLock::new()), Picks::default()));
     }
@@ -307,7 +393,7 @@ pub(crate) fn locks(conns: &[ConnectionManager], run: &str) -> Result<(BoxLock, 
         .iter()
         .map(|c| RedisLock::builder(c.clone()).prefix(&prefix).build())
         .collect::<Result<Vec<_>, _>>()?;
-    let shards = Shards::new(locks)?;
+    let shards = Shards::new(locks, probe)?;
     let picks = shards.picks();
     Ok((BoxLock::new(shards), picks))
 }

@@ -46,6 +46,8 @@ pub(crate) struct Config {
     pub(crate) lost_acks: u32,
     /// The first stock reservation stalls past its lease (its token then goes stale).
     pub(crate) stall: bool,
+    /// Counts calls to each Redis server (in flight, failed), for fault tests.
+    pub(crate) probe: backends::ShardProbe,
 }
 
 impl Config {
@@ -64,6 +66,7 @@ impl Config {
             },
             lost_acks: 3,
             stall: true,
+            probe: backends::ShardProbe::default(),
         }
     }
 }
@@ -153,8 +156,8 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         .zip(PRICES)
         .map(|(s, p)| ((*s).to_owned(), p))
         .collect();
-    let catalogue = Catalogue::new(prices, &conns, &run, CACHE_TTL).await?;
-    let (locks, lock_picks) = backends::locks(&conns, &run)?;
+    let catalogue = Catalogue::new(prices, &conns, &run, CACHE_TTL, &config.probe).await?;
+    let (locks, lock_picks) = backends::locks(&conns, &run, &config.probe)?;
     let keys = backends::keys(&conns, pg.as_ref(), &run, Duration::from_secs(5)).await?;
     let (orders, dedupe) = match &pg {
         Some(pool) => (
