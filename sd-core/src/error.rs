@@ -46,10 +46,22 @@ impl Elapsed {
     }
 }
 
-/// Implements `From<ConfigError>` (into `InvalidConfig { field, reason }`) and
-/// `From<Elapsed>` (into `Timeout { after, .. }`) for a crate's `Error`, the two
-/// conversions every sd crate's error makes the same way. Extra fields of the
-/// `Timeout` variant are given after the type.
+/// Implements, for a crate's `Error`, the conversions every sd crate makes the same way:
+/// `From<ConfigError>` (into `InvalidConfig { field, reason }`) and `From<Elapsed>` (into
+/// `Timeout { after, .. }`; extra fields of the `Timeout` variant are given after the
+/// type).
+///
+/// After a `;`, `Backend from` names the backend clients whose errors become
+/// `Backend { backend, source }` (the variant with exactly those two fields, `source` a
+/// [`BoxError`]):
+/// - `redis`: `From<redis::RedisError>`, with `backend: "redis"`;
+/// - `postgres`: `From<sqlx::Error>` and `From<sd_core::migrate::MigrateError>`, with
+///   `backend: "postgres"`.
+///
+/// Each is compiled under `#[cfg(feature = "redis")]` / `#[cfg(feature = "postgres")]`
+/// evaluated in the calling crate, whose feature of that name must turn on the client
+/// (`redis`, `sqlx`) and sd-core's own feature of the same name. A crate whose `Backend`
+/// variant has more fields writes those impls itself.
 ///
 /// ```
 /// use std::borrow::Cow;
@@ -67,12 +79,19 @@ impl Elapsed {
 /// let e: Error = sd_core::Elapsed::new(Duration::from_secs(1)).into();
 /// assert!(matches!(e, Error::Timeout { bound: None, .. }));
 /// ```
+///
+/// With the backend conversions (here in a crate with features `redis` and `postgres`):
+///
+/// ```ignore
+/// sd_core::impl_core_errors!(Error; Backend from redis, postgres);
+/// ```
 #[macro_export]
 macro_rules! impl_core_errors {
-    ($error:ty) => {
-        $crate::impl_core_errors!($error, Timeout {});
-    };
-    ($error:ty, Timeout { $($field:ident: $value:expr),* $(,)? }) => {
+    (
+        $error:ty
+        $(, Timeout { $($field:ident: $value:expr),* $(,)? })?
+        $(; Backend from $($backend:ident),+ $(,)?)?
+    ) => {
         impl ::core::convert::From<$crate::ConfigError> for $error {
             fn from(e: $crate::ConfigError) -> Self {
                 Self::InvalidConfig {
@@ -86,7 +105,50 @@ macro_rules! impl_core_errors {
             fn from(e: $crate::Elapsed) -> Self {
                 Self::Timeout {
                     after: e.after,
-                    $($field: $value),*
+                    $($($field: $value),*)?
+                }
+            }
+        }
+
+        $($($crate::__impl_backend_from!($error, $backend);)+)?
+    };
+}
+
+/// The `Backend from` conversions of [`impl_core_errors!`], one backend at a time.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __impl_backend_from {
+    ($error:ty, redis) => {
+        #[cfg(feature = "redis")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+        impl ::core::convert::From<::redis::RedisError> for $error {
+            fn from(e: ::redis::RedisError) -> Self {
+                Self::Backend {
+                    backend: "redis",
+                    source: ::std::boxed::Box::new(e),
+                }
+            }
+        }
+    };
+    ($error:ty, postgres) => {
+        #[cfg(feature = "postgres")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+        impl ::core::convert::From<::sqlx::Error> for $error {
+            fn from(e: ::sqlx::Error) -> Self {
+                Self::Backend {
+                    backend: "postgres",
+                    source: ::std::boxed::Box::new(e),
+                }
+            }
+        }
+
+        #[cfg(feature = "postgres")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+        impl ::core::convert::From<$crate::migrate::MigrateError> for $error {
+            fn from(e: $crate::migrate::MigrateError) -> Self {
+                Self::Backend {
+                    backend: "postgres",
+                    source: ::std::boxed::Box::new(e),
                 }
             }
         }

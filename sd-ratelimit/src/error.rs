@@ -150,15 +150,4 @@ impl Error {
     }
 }
 
-sd_core::impl_core_errors!(Error);
-
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-impl From<redis::RedisError> for Error {
-    fn from(source: redis::RedisError) -> Self {
-        Error::Backend {
-            backend: "redis",
-            source: Box::new(source),
-        }
-    }
-}
+sd_core::impl_core_errors!(Error; Backend from redis);

@@ -196,23 +196,7 @@ impl Error {
     }
 }
 
-sd_core::impl_core_errors!(Error);
-
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::backend("postgres", e)
-    }
-}
-
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-impl From<sd_core::migrate::MigrateError> for Error {
-    fn from(e: sd_core::migrate::MigrateError) -> Self {
-        Error::backend("postgres", e)
-    }
-}
+sd_core::impl_core_errors!(Error; Backend from postgres);
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
