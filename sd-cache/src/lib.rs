@@ -142,6 +142,14 @@
 //! - `test-util`: `conformance`, the contract suite every [`CacheBackend`] passes, for
 //!   the tests of a new backend or of a [`BoxCache`] built from configuration.
 //!
+//! # Running the tests
+//!
+//! `cargo test -p sd-cache` (or `cargo nextest run -p sd-cache`) runs every suite: the
+//! crate's tests turn on `redis` and `test-util` through a dev-dependency on the crate
+//! itself, so no suite is left out for want of a feature flag. The Redis and two-tier
+//! suites start real `redis-server` processes through `sd-testkit`; a missing server
+//! binary fails the test, it is never skipped.
+//!
 //! # Two-tier, in short
 //!
 //! ```no_run

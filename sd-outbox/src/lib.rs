@@ -185,6 +185,15 @@
 //! - `nats`: the NATS JetStream sink (async-nats 0.50, JetStream only).
 //! - `test-util`: the `conformance` module, the [`Publisher`] contract as a suite of
 //!   checks that any sink (a new broker, or a [`BoxPublisher`]) can run.
+//!
+//! # Running the tests
+//!
+//! `cargo test -p sd-outbox` (or `cargo nextest run -p sd-outbox`) runs every suite:
+//! the crate's tests turn on `postgres`, `redis`, `nats` and `test-util` through a
+//! dev-dependency on the crate itself, so no suite is left out for want of a feature
+//! flag. The backend suites start real `postgres`, `redis-server` and `nats-server`
+//! processes through `sd-testkit`; a missing server binary fails the test, it is never
+//! skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

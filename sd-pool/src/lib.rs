@@ -104,6 +104,14 @@
 //! None is on by default.
 //!
 //! - `redis`: `redis::StreamConsumer`, a Redis Streams consumer group on top of the pool.
+//!
+//! # Running the tests
+//!
+//! `cargo test -p sd-pool` (or `cargo nextest run -p sd-pool`) runs every suite: the
+//! crate's tests turn on `redis` through a dev-dependency on the crate itself, so no
+//! suite is left out for want of a feature flag. The Redis Streams suite starts real
+//! `redis-server` processes through `sd-testkit`; a missing server binary fails the
+//! test, it is never skipped.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -143,6 +143,14 @@
 //! - `postgres`: the PostgreSQL log (`postgres::PostgresStore`, sqlx 0.8).
 //! - `test-util`: the `conformance` module, the [`SagaStore`] contract as a suite of
 //!   checks that any log (a new backend, or a [`BoxStore`]) can run.
+//!
+//! # Running the tests
+//!
+//! `cargo test -p sd-saga` (or `cargo nextest run -p sd-saga`) runs every suite: the
+//! crate's tests turn on `postgres` and `test-util` through a dev-dependency on the
+//! crate itself, so no suite is left out for want of a feature flag. The PostgreSQL
+//! suites start real `postgres` servers through `sd-testkit`; a missing server binary
+//! fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
