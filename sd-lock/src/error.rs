@@ -175,38 +175,9 @@ pub enum Error {
     },
 }
 
-// `From<sd_core::ConfigError>` (InvalidConfig) and `From<sd_core::Elapsed>` (Timeout).
-sd_core::impl_core_errors!(Error);
-
-#[cfg(feature = "redis")]
-impl From<redis::RedisError> for Error {
-    fn from(e: redis::RedisError) -> Self {
-        Error::Backend {
-            backend: "redis",
-            source: Box::new(e),
-        }
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl From<sd_core::migrate::MigrateError> for Error {
-    fn from(e: sd_core::migrate::MigrateError) -> Self {
-        Error::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
-    }
-}
+// `From<sd_core::ConfigError>` (InvalidConfig), `From<sd_core::Elapsed>` (Timeout), and the
+// clients' errors (per feature) into `Backend`.
+sd_core::impl_core_errors!(Error; Backend from redis, postgres);
 
 #[cfg(feature = "etcd")]
 impl From<etcd_client::Error> for Error {

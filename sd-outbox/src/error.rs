@@ -79,40 +79,7 @@ impl Error {
     }
 }
 
-sd_core::impl_core_errors!(Error);
-
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
-    }
-}
-
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-impl From<sd_core::migrate::MigrateError> for Error {
-    fn from(e: sd_core::migrate::MigrateError) -> Self {
-        Error::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
-    }
-}
-
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-impl From<redis::RedisError> for Error {
-    fn from(e: redis::RedisError) -> Self {
-        Error::Backend {
-            backend: "redis",
-            source: Box::new(e),
-        }
-    }
-}
+sd_core::impl_core_errors!(Error; Backend from postgres, redis);
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
