@@ -15,6 +15,16 @@ fn calls(info: &str, command: &str) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
+/// The (EVALSHA, EVAL) call counts the server has recorded since `CONFIG RESETSTAT`.
+async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64, String) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    (calls(&info, "evalsha"), calls(&info, "eval"), info)
+}
+
 #[tokio::test]
 async fn evalsha_then_eval_once_after_noscript() {
     let server = sd_testkit::redis().expect("redis-server");
@@ -32,16 +42,8 @@ async fn evalsha_then_eval_once_after_noscript() {
     assert_eq!(call.invoke::<i64>(&mut conn).await.unwrap(), 5);
     // It is cached now: the next call is one EVALSHA.
     assert_eq!(call.invoke::<i64>(&mut conn).await.unwrap(), 10);
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        (calls(&info, "evalsha"), calls(&info, "eval")),
-        (2, 1),
-        "{info}"
-    );
+    let (evalsha, eval, info) = script_calls(&mut conn).await;
+    assert_eq!((evalsha, eval), (2, 1), "{info}");
 
     // A flushed server (what a restart without persistence looks like): once more.
     let _: () = redis::cmd("SCRIPT")
@@ -50,16 +52,8 @@ async fn evalsha_then_eval_once_after_noscript() {
         .await
         .unwrap();
     assert_eq!(call.invoke::<i64>(&mut conn).await.unwrap(), 15);
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        (calls(&info, "evalsha"), calls(&info, "eval")),
-        (3, 2),
-        "{info}"
-    );
+    let (evalsha, eval, info) = script_calls(&mut conn).await;
+    assert_eq!((evalsha, eval), (3, 2), "{info}");
 }
 
 #[tokio::test]

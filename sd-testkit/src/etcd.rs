@@ -41,26 +41,18 @@ impl EtcdServer {
             args.push(flag.into());
             args.push(value.into());
         }
+        let ready = Arc::new(|port| {
+            Ok(http::request(port, "GET", "/health", None)
+                .is_ok_and(|(status, body)| status == 200 && body.contains("\"true\"")))
+        });
         let process = Process::start(Spec {
-            kind: "etcd",
-            program,
-            args,
-            run_as: None,
-            port,
-            dir,
-            data,
-            stop_signal: libc::SIGTERM,
-            ready: Arc::new(|port| {
-                Ok(http::request(port, "GET", "/health", None)
-                    .is_ok_and(|(status, body)| status == 200 && body.contains("\"true\"")))
-            }),
             // etcd creates its data directory itself and refuses one it did not make.
             reset: Arc::new(|data| {
                 process::empty_dir(data)?;
                 std::fs::remove_dir(data)
                     .map_err(crate::error::io_err(format!("removing {}", data.display())))
             }),
-            refuse_clean_restart: None,
+            ..Spec::new("etcd", program, args, port, dir, data, ready)
         })?;
         Ok(EtcdServer { process })
     }

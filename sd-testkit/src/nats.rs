@@ -33,21 +33,9 @@ impl NatsServer {
             .collect();
         args.push("-sd".into());
         args.push(data.clone().into());
-        let process = Process::start(Spec {
-            kind: "nats",
-            program,
-            args,
-            run_as: None,
-            port,
-            dir,
-            data,
-            stop_signal: libc::SIGTERM,
-            ready: Arc::new(
-                |port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true"))),
-            ),
-            reset: Arc::new(process::empty_dir),
-            refuse_clean_restart: None,
-        })?;
+        let ready =
+            Arc::new(|port| Ok(info(port).is_some_and(|i| i.contains("\"jetstream\":true"))));
+        let process = Process::start(Spec::new("nats", program, args, port, dir, data, ready))?;
         Ok(NatsServer { process })
     }
 

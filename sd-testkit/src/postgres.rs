@@ -75,26 +75,20 @@ impl PostgresServer {
             args.extend(["-c".into(), setting.into()]);
         }
         let reset_template = template.clone();
+        let ready = Arc::new(move |port: u16| {
+            Ok(Command::new(&pg_isready)
+                .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+                .arg("-p")
+                .arg(port.to_string())
+                .status()
+                .is_ok_and(|s| s.success()))
+        });
         let process = Process::start(Spec {
-            kind: "postgres",
-            program: postgres,
-            args,
             run_as,
-            port,
-            dir,
-            data,
             // SIGINT is PostgreSQL's "fast" shutdown: clean, and quick with fsync off.
             stop_signal: libc::SIGINT,
-            ready: Arc::new(move |port| {
-                Ok(Command::new(&pg_isready)
-                    .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-                    .arg("-p")
-                    .arg(port.to_string())
-                    .status()
-                    .is_ok_and(|s| s.success()))
-            }),
             reset: Arc::new(move |data| copy_template(&reset_template, data)),
-            refuse_clean_restart: None,
+            ..Spec::new("postgres", postgres, args, port, dir, data, ready)
         })?;
         Ok(PostgresServer {
             process,

@@ -46,6 +46,35 @@ pub(crate) struct Spec {
     pub(crate) refuse_clean_restart: Option<&'static str>,
 }
 
+impl Spec {
+    /// A server of `kind` that runs as the current user, stops on `SIGTERM`, has its data
+    /// directory emptied by [`Process::restart_clean`] and allows it; set the fields that
+    /// differ with struct update syntax (`Spec { reset, ..Spec::new(..) }`).
+    pub(crate) fn new(
+        kind: &'static str,
+        program: PathBuf,
+        args: Vec<OsString>,
+        port: u16,
+        dir: PathBuf,
+        data: PathBuf,
+        ready: ReadyFn,
+    ) -> Spec {
+        Spec {
+            kind,
+            program,
+            args,
+            run_as: None,
+            port,
+            dir,
+            data,
+            stop_signal: libc::SIGTERM,
+            ready,
+            reset: Arc::new(empty_dir),
+            refuse_clean_restart: None,
+        }
+    }
+}
+
 /// One running (or stopped, or paused) server process, with fault controls.
 ///
 /// The server runs in its own process group, so pausing or killing it reaches every

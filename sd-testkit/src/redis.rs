@@ -96,22 +96,14 @@ impl RedisServer {
                 args.push(arg.into());
             }
         }
+        let ready = Arc::new(|port| Ok(ping(port)));
         let process = Process::start(Spec {
-            kind: "redis",
-            program,
-            args,
-            run_as: None,
-            port,
-            dir,
-            data,
-            stop_signal: libc::SIGTERM,
-            ready: Arc::new(|port| Ok(ping(port))),
-            reset: Arc::new(process::empty_dir),
             refuse_clean_restart: options.cluster.then_some(
                 "a cluster node that loses its nodes.conf comes back as a new node without \
                  slots that does not know its cluster; use kill or stop, then start_again \
                  (or restart), which keep nodes.conf, or start a new RedisCluster",
             ),
+            ..Spec::new("redis", program, args, port, dir, data, ready)
         })?;
         Ok(RedisServer { process })
     }
