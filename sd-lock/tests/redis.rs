@@ -193,29 +193,23 @@ fn tokens_increase_across_an_empty_restart() {
 }
 
 /// A real SIGSTOP of the lock server: the holder cannot renew, its watchdog reports the
-/// lease lost, the key expires, another holder takes over. The old holder's late write
-/// would overwrite the new holder's without fencing; the fence script refuses it.
+/// lease lost, the key expires, another holder takes over with a newer token and the old
+/// lease releases as expired. (What the fence does with a paused *holder*'s late writes
+/// is in `fencing_pause.rs`, with the holder in a stopped child process.)
 #[test]
-fn sigstopped_server_loses_the_lease_and_the_fence_refuses_the_late_write() {
+fn sigstopped_server_loses_the_lease_to_a_newer_holder() {
     let mut lock_server = sd_testkit::RedisServer::start().expect("redis-server");
-    let data = sd_testkit::redis().expect("redis-server");
-    let prefix = sd_testkit::unique_name("fence");
     let lock_url = lock_server.url();
     let rt = runtime();
     let ttl = Duration::from_millis(600);
-    let (lock, fence, dog, a_read) = rt.block_on(async {
+    let (lock, dog) = rt.block_on(async {
         let lock = RedisLock::builder(manager(&lock_url).await)
             .timeout(Duration::from_millis(200))
             .build()
             .unwrap();
-        let fence = RedisFence::builder(manager(data.url()).await)
-            .prefix(&prefix)
-            .build()
-            .unwrap();
         let a = lock.try_acquire("acct", ttl).await.unwrap();
-        let a_read = fence.read("acct", a.token()).await.unwrap();
         let dog = Watchdog::start(lock.clone(), a).unwrap();
-        (lock, fence, dog, a_read)
+        (lock, dog)
     });
     lock_server.pause().unwrap();
     rt.block_on(async {
@@ -232,42 +226,7 @@ fn sigstopped_server_loses_the_lease_and_the_fence_refuses_the_late_write() {
             .await
             .unwrap();
         assert!(b.token() > a.token());
-        fence.write("acct", b.token(), b"b's state").await.unwrap();
-        // Without the fence, A's write (from its stale read) lands now, during B's
-        // lease, and erases B's update:
-        let mut plain = manager(data.url()).await;
-        let key = format!("{prefix}:plain");
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg("b's state")
-            .query_async(&mut plain)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg("a's late state")
-            .query_async(&mut plain)
-            .await
-            .unwrap();
-        let v: String = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut plain)
-            .await
-            .unwrap();
-        assert_eq!(v, "a's late state", "unfenced storage lost B's update");
-        // With the fence, it is refused:
-        assert!(a_read.is_none());
-        match fence.write("acct", a.token(), b"a's late state").await {
-            Err(Error::StaleToken { token, current }) => {
-                assert_eq!(token, a.token());
-                assert_eq!(current, b.token());
-            }
-            other => panic!("the fence accepted a stale write: {other:?}"),
-        }
-        assert_eq!(
-            fence.read("acct", b.token()).await.unwrap().as_deref(),
-            Some(&b"b's state"[..])
-        );
+        assert_eq!(lock.release(a).await.unwrap(), Release::Expired);
         assert_eq!(lock.release(b).await.unwrap(), Release::Released);
         drop(dog);
     });
