@@ -6,13 +6,10 @@
 #[macro_use]
 mod suite;
 
-use std::sync::Arc;
-use std::time::Duration;
 
 use sd_idempotency::postgres::PostgresStore;
 use sd_idempotency::redis::RedisStore;
 use sd_idempotency::{BoxStore, MemoryStore, conformance};
-use suite::Harness;
 
 /// What a service would do with its `IDEMPOTENCY_STORE`: pick the backend by scheme.
 async fn store_from_config(config: &str) -> BoxStore {
@@ -43,20 +40,9 @@ async fn store_from_config(config: &str) -> BoxStore {
 /// The conformance suite and two middleware cases through the box, on real time (the
 /// memory store reads the wall clock here, as in production).
 fn through_the_box(config: &str, expiry_forgets: bool, guard: Box<dyn std::any::Any + Send>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = sd_testkit::runtime();
     let store = runtime.block_on(store_from_config(config));
-    let harness = Harness {
-        store,
-        lock_ttl: Duration::from_millis(600),
-        retention: Duration::from_millis(600),
-        expiry_forgets,
-        pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
-        guard,
-    };
+    let harness = suite::real_time(store, expiry_forgets, guard);
     runtime.block_on(async {
         conformance::all(&harness).await;
         suite::http::http_concurrent_duplicates_run_once(&harness).await;

@@ -12,11 +12,7 @@ use sd_idempotency::{Error, ManualClock, MemoryStore, RunOnce};
 use suite::Harness;
 
 fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = sd_testkit::runtime();
     let clock = ManualClock::new();
     let store = MemoryStore::with_clock(clock.clone());
     let harness = Harness {

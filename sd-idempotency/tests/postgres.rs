@@ -9,17 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_idempotency::postgres::PostgresStore;
-use sd_idempotency::{ClaimOutcome, Error, Fingerprint, Store, StoredResponse};
+use sd_idempotency::{Claim, ClaimOutcome, Error, Fingerprint, Store, StoredResponse};
 use sqlx::postgres::PgPoolOptions;
 use suite::Harness;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn store(url: &str) -> PostgresStore {
     let pool = PgPoolOptions::new()
@@ -40,16 +32,9 @@ async fn store(url: &str) -> PostgresStore {
 fn harness() -> (tokio::runtime::Runtime, Harness<PostgresStore>) {
     let db = sd_testkit::database()
         .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     let store = runtime.block_on(store(db.url()));
-    let harness = Harness {
-        store,
-        lock_ttl: Duration::from_millis(600),
-        retention: Duration::from_millis(600),
-        expiry_forgets: false,
-        pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
-        guard: Box::new(db),
-    };
+    let harness = suite::real_time(store, false, Box::new(db));
     (runtime, harness)
 }
 
@@ -72,30 +57,14 @@ fn complete_in_commits_with_the_business_rows() {
         };
         let response = StoredResponse::new(201, "pay_1");
         // Rolled back: neither the payment nor the completion exists.
-        let mut tx = store.pool().begin().await.unwrap();
-        sqlx::query("INSERT INTO payments VALUES ('pay_1')")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        store
-            .complete_in(&mut tx, &claim, &response, lock)
-            .await
-            .unwrap();
+        let tx = pay_and_complete(store, &claim, &response, lock).await;
         tx.rollback().await.unwrap();
         assert!(matches!(
             store.claim("alice", "k", &fp, lock).await.unwrap(),
             ClaimOutcome::InFlight { .. }
         ));
         // Committed: both.
-        let mut tx = store.pool().begin().await.unwrap();
-        sqlx::query("INSERT INTO payments VALUES ('pay_1')")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        store
-            .complete_in(&mut tx, &claim, &response, lock)
-            .await
-            .unwrap();
+        let tx = pay_and_complete(store, &claim, &response, lock).await;
         tx.commit().await.unwrap();
         assert_eq!(
             store.claim("alice", "k", &fp, lock).await.unwrap(),
@@ -107,9 +76,29 @@ fn complete_in_commits_with_the_business_rows() {
     });
 }
 
+/// Opens a transaction that inserts the payment `pay_1` and completes `claim` with
+/// `response` in it, and hands it back uncommitted.
+async fn pay_and_complete<'a>(
+    store: &'a PostgresStore,
+    claim: &Claim,
+    response: &StoredResponse,
+    lock: Duration,
+) -> sqlx::Transaction<'a, sqlx::Postgres> {
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO payments VALUES ('pay_1')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .complete_in(&mut tx, claim, response, lock)
+        .await
+        .unwrap();
+    tx
+}
+
 #[test]
 fn bad_table_names_are_refused() {
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let pool = PgPoolOptions::new()
             .connect_lazy("postgres://localhost/none")
@@ -131,7 +120,7 @@ fn bad_table_names_are_refused() {
 fn store_down_is_503_and_nothing_runs() {
     let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
     let db = server.create_database().expect("a database");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let store = store(db.url()).await;
         let (port, payments) = suite::http::serve_payments(store).await;
@@ -189,7 +178,7 @@ fn on_a_pausable_server<F: Future<Output = ()>>(
 ) {
     let server = sd_testkit::PostgresServer::start().expect("postgres");
     let db = server.create_database().expect("a database");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     let store = runtime.block_on(store(db.url()));
     let (_server, pause, resume) = suite::pause_controls(
         server,
@@ -214,7 +203,7 @@ fn run_once_on_a_paused_store_does_not_run() {
 fn requests_recover_after_a_restart() {
     let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
     let db = server.create_database().expect("a database");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
@@ -289,7 +278,7 @@ fn a_first_run_is_two_statements_and_a_replay_is_one() {
     server.restart().unwrap();
     let db = server.create_database().expect("a database");
     db.psql("CREATE EXTENSION pg_stat_statements").unwrap();
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let counter = PgPoolOptions::new()
             .max_connections(1)

@@ -12,14 +12,6 @@ use redis::aio::ConnectionManager;
 use sd_idempotency::redis::RedisStore;
 use suite::Harness;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn store(url: &str) -> RedisStore<ConnectionManager> {
     let client = redis::Client::open(url).unwrap();
     let conn = ConnectionManager::new(client).await.unwrap();
@@ -35,16 +27,9 @@ fn harness() -> (
 ) {
     let server =
         sd_testkit::redis().expect("a redis server (install redis-server or set SD_REDIS_URL)");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     let store = runtime.block_on(store(server.url()));
-    let harness = Harness {
-        store,
-        lock_ttl: Duration::from_millis(600),
-        retention: Duration::from_millis(600),
-        expiry_forgets: true,
-        pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
-        guard: Box::new(server),
-    };
+    let harness = suite::real_time(store, true, Box::new(server));
     (runtime, harness)
 }
 
@@ -59,7 +44,7 @@ async fn serve_payments(url: &str) -> (u16, suite::http::Payments) {
 #[test]
 fn store_down_is_503_and_nothing_runs() {
     let mut server = sd_testkit::RedisServer::start().expect("a redis server");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let (port, payments) = serve_payments(&server.url()).await;
         let ok = suite::http::send(
@@ -135,7 +120,7 @@ fn on_a_pausable_server<F: Future<Output = ()>>(
 ) {
     let server = sd_testkit::RedisServer::start().expect("a redis server");
     let url = server.url();
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     let store = runtime.block_on(store(&url));
     let (_server, pause, resume) = suite::pause_controls(
         server,
@@ -200,7 +185,7 @@ impl Monitor {
 #[test]
 fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
     let server = sd_testkit::RedisServer::start().expect("a redis server");
-    let runtime = runtime();
+    let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let (port, payments) = serve_payments(&server.url()).await;
         let mut monitor = Monitor::start(server.port()).await;

@@ -517,14 +517,7 @@ pub async fn http_store_paused<S: Store + Clone + 'static>(
 }
 
 pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h: &Harness<S>) {
-    let payments = Payments::default();
-    let port = serve(
-        h.store.clone(),
-        Duration::from_secs(60),
-        Duration::from_secs(60),
-        payments.clone(),
-    )
-    .await;
+    let (port, payments) = serve_payments(h.store.clone()).await;
     let key = key();
     let first = send(port, "alice", Some(key.as_bytes()), PAY)
         .await
@@ -549,14 +542,7 @@ pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h
 }
 
 pub async fn http_other_caller_is_independent<S: Store + Clone + 'static>(h: &Harness<S>) {
-    let payments = Payments::default();
-    let port = serve(
-        h.store.clone(),
-        Duration::from_secs(60),
-        Duration::from_secs(60),
-        payments.clone(),
-    )
-    .await;
+    let (port, payments) = serve_payments(h.store.clone()).await;
     let key = key();
     let alice = send(port, "alice", Some(key.as_bytes()), PAY)
         .await
@@ -629,14 +615,7 @@ pub async fn http_retention_runs_again<S: Store + Clone + 'static>(h: &Harness<S
 }
 
 pub async fn http_bad_keys_are_400<S: Store + Clone + 'static>(h: &Harness<S>) {
-    let payments = Payments::default();
-    let port = serve(
-        h.store.clone(),
-        Duration::from_secs(60),
-        Duration::from_secs(60),
-        payments.clone(),
-    )
-    .await;
+    let (port, payments) = serve_payments(h.store.clone()).await;
     let long = "k".repeat(256);
     let cases: Vec<Option<Vec<u8>>> = vec![
         None,

@@ -23,6 +23,23 @@ use sd_idempotency::{
 };
 use tokio::sync::watch;
 
+/// A harness on real time for a store on a real server (or the wall clock): lock TTL and
+/// retention 600 ms, time passed by sleeping; `guard` keeps the server up.
+pub fn real_time<S>(
+    store: S,
+    expiry_forgets: bool,
+    guard: Box<dyn std::any::Any + Send>,
+) -> Harness<S> {
+    Harness {
+        store,
+        lock_ttl: Duration::from_millis(600),
+        retention: Duration::from_millis(600),
+        expiry_forgets,
+        pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
+        guard,
+    }
+}
+
 /// A test server shared by the test and its pause and resume closures.
 pub type Shared<T> = Arc<std::sync::Mutex<T>>;
 

@@ -5,11 +5,7 @@ use std::time::Duration;
 
 /// A multi-threaded runtime, built after the (blocking) testkit calls.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
+    sd_testkit::runtime_with(4)
 }
 
 /// A connection manager that gives up quickly on a dead server.
