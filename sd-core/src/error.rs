@@ -49,7 +49,8 @@ impl Elapsed {
 /// Implements, for a crate's `Error`, the conversions every sd crate makes the same way:
 /// `From<ConfigError>` (into `InvalidConfig { field, reason }`) and `From<Elapsed>` (into
 /// `Timeout { after, .. }`; extra fields of the `Timeout` variant are given after the
-/// type).
+/// type), and the crate-private constructor `Error::config(field, reason)` of an
+/// `InvalidConfig` that the builders call.
 ///
 /// After a `;`, `Backend from` names the backend clients whose errors become
 /// `Backend { backend, source }` (the variant with exactly those two fields, `source` a
@@ -78,6 +79,8 @@ impl Elapsed {
 /// assert!(matches!(e, Error::InvalidConfig { field: "ttl", .. }));
 /// let e: Error = sd_core::Elapsed::new(Duration::from_secs(1)).into();
 /// assert!(matches!(e, Error::Timeout { bound: None, .. }));
+/// let e = Error::config("ttl", format!("{} is not above zero", 0));
+/// assert!(matches!(e, Error::InvalidConfig { field: "ttl", .. }));
 /// ```
 ///
 /// With the backend conversions (here in a crate with features `redis` and `postgres`):
@@ -106,6 +109,20 @@ macro_rules! impl_core_errors {
                 Self::Timeout {
                     after: e.after,
                     $($($field: $value),*)?
+                }
+            }
+        }
+
+        impl $error {
+            /// An `InvalidConfig` error: `field` is refused, for `reason`.
+            #[allow(dead_code)]
+            pub(crate) fn config(
+                field: &'static str,
+                reason: impl ::core::convert::Into<::std::borrow::Cow<'static, str>>,
+            ) -> Self {
+                Self::InvalidConfig {
+                    field,
+                    reason: reason.into(),
                 }
             }
         }

@@ -92,13 +92,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
-    }
-
     pub(crate) fn corrupt(reason: impl Into<String>) -> Self {
         Error::Corrupt {
             reason: reason.into(),

@@ -53,13 +53,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
-    }
-
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidMessage {
             field,

@@ -134,16 +134,6 @@ impl From<redis::RedisError> for Error {
     }
 }
 
-impl Error {
-    /// An [`Error::InvalidConfig`] for `field`.
-    pub(crate) fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
-
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

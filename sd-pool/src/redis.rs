@@ -133,14 +133,14 @@ impl StreamConsumerBuilder {
     /// Checks the values: [`Error::InvalidConfig`] names the first field out of range.
     fn check(&self, response_timeout: Option<Duration>) -> Result<()> {
         let cfg = &self.settings;
-        let refuse = |field, reason: &'static str| Err(Error::invalid(field, reason));
+        let refuse = |field, reason: &'static str| Err(Error::config(field, reason));
         for (field, value) in [
             ("stream", &cfg.stream),
             ("group", &cfg.group),
             ("consumer", &cfg.consumer),
         ] {
             if value.is_empty() {
-                return Err(Error::invalid(
+                return Err(Error::config(
                     field,
                     format!("must be set; name it with `.{field}(..)`"),
                 ));

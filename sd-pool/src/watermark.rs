@@ -60,7 +60,7 @@ impl Watermarks {
     /// [`Error::InvalidConfig`] naming `max_window`.
     pub fn new(max_window: usize) -> Result<Self> {
         if max_window == 0 {
-            return Err(Error::invalid(
+            return Err(Error::config(
                 "max_window",
                 "must be at least 1 (a partition with no window could never take a job)",
             ));

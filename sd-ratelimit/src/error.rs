@@ -141,13 +141,4 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl Error {
-    pub(crate) const fn config(field: &'static str, reason: &'static str) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: Cow::Borrowed(reason),
-        }
-    }
-}
-
 sd_core::impl_core_errors!(Error; Backend from redis);

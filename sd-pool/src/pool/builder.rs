@@ -76,7 +76,7 @@ impl PoolBuilder {
     pub fn build(self) -> Result<Pool> {
         let nonzero = |field, v: usize| {
             if v == 0 {
-                Err(Error::invalid(
+                Err(Error::config(
                     field,
                     format!("must be at least 1; set it with `.{field}(n)`"),
                 ))

@@ -340,7 +340,7 @@ impl Pool {
     /// lowering it lets running jobs finish and starts no more until below the limit.
     pub fn set_workers(&self, workers: usize) -> Result<()> {
         if workers == 0 {
-            return Err(Error::invalid("workers", "must be at least 1"));
+            return Err(Error::config("workers", "must be at least 1"));
         }
         let mut st = lock(&self.shared.state);
         st.limit = workers;
