@@ -112,7 +112,6 @@
 //! through a dev-dependency on the crate itself. The Redis migration test starts a real
 //! `redis-server` through `sd-testkit`; a missing binary fails it, it is never skipped.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bounded;

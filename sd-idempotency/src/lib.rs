@@ -119,7 +119,6 @@
     doc = "[`tower::OnStoreFailure`]: #crate-features"
 )]
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod boxed;

@@ -113,7 +113,6 @@
 //! `redis-server` processes through `sd-testkit`; a missing server binary fails the
 //! test, it is never skipped.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;

@@ -106,7 +106,6 @@
 //! flag. The Redis suites start real `redis-server` processes (single and cluster)
 //! through `sd-testkit`; a missing server binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;

@@ -153,7 +153,6 @@
 //! fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod boxed;
 #[cfg(feature = "test-util")]

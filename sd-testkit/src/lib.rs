@@ -38,7 +38,6 @@
 //! redis.start_again()?; // same port; empty, since persistence is off by default
 //! # Ok::<(), sd_testkit::Error>(())
 //! ```
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 // Spawning with a parent-death signal needs `pre_exec` and `prctl`; every unsafe block
 // carries its safety argument.
 #![allow(unsafe_code)]
