@@ -80,28 +80,4 @@ impl fmt::Debug for BoxLock {
     }
 }
 
-impl Lock for BoxLock {
-    fn try_acquire<'a>(
-        &'a self,
-        resource: &'a str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        self.inner.try_acquire(resource, ttl)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        lease: &'a mut Lease,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
-        self.inner.extend(lease, ttl)
-    }
-
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
-        self.inner.release(lease)
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        self.inner.retry_policy()
-    }
-}
+forward_lock!([] BoxLock => inner);

@@ -136,13 +136,48 @@
     doc = "[`etcd::EtcdLock`]: #crate-features"
 )]
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// Implements [`Lock`] for a type by handing every method to its field `$inner`, which
+/// has the same methods: [`RedisLock`](crate::redis::RedisLock) over its one-master
+/// Redlock, [`BoxLock`] over its boxed backend. Generic parameters go in the brackets.
+macro_rules! forward_lock {
+    ([$($generics:tt)*] $ty:ty => $inner:ident) => {
+        impl<$($generics)*> crate::Lock for $ty {
+            fn try_acquire<'a>(
+                &'a self,
+                resource: &'a str,
+                ttl: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = crate::Result<crate::Lease>> + Send + 'a {
+                self.$inner.try_acquire(resource, ttl)
+            }
+
+            fn extend<'a>(
+                &'a self,
+                lease: &'a mut crate::Lease,
+                ttl: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = crate::Result<()>> + Send + 'a {
+                self.$inner.extend(lease, ttl)
+            }
+
+            fn release(
+                &self,
+                lease: crate::Lease,
+            ) -> impl ::std::future::Future<Output = crate::Result<crate::Release>> + Send + '_ {
+                self.$inner.release(lease)
+            }
+
+            fn retry_policy(&self) -> crate::RetryPolicy {
+                self.$inner.retry_policy()
+            }
+        }
+    };
+}
 
 mod boxed;
 #[cfg(feature = "test-util")]

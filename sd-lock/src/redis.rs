@@ -17,7 +17,6 @@
 //! This is [`crate::redlock::Redlock`] with one master and a fixed 1 s request timeout.
 
 use std::fmt;
-use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -25,7 +24,7 @@ use redis::aio::ConnectionLike;
 use sd_core::KeyPrefix;
 
 use crate::error::{Error, Result};
-use crate::lease::{self, Lease, Release, RetryPolicy};
+use crate::lease::{self, RetryPolicy};
 use crate::redlock::Redlock;
 
 /// Leases on one Redis server. Cheap to clone.
@@ -147,28 +146,4 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLock<C> {
     }
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> crate::Lock for RedisLock<C> {
-    fn try_acquire<'a>(
-        &'a self,
-        resource: &'a str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        self.inner.try_acquire(resource, ttl)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        lease: &'a mut Lease,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
-        self.inner.extend(lease, ttl)
-    }
-
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
-        self.inner.release(lease)
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        crate::Lock::retry_policy(&self.inner)
-    }
-}
+forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] RedisLock<C> => inner);
