@@ -15,6 +15,60 @@ use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
 use crate::{Error, Result};
 
+/// The three loading reads every cache of this crate offers, written once: an
+/// infallible, a fallible and an optional loader, each adapted to the one
+/// `Result<Option<V>>` load that the cache's own `resolve(key, load, want_value)` runs
+/// once per key. Each method's documentation goes before its name; `key` is the
+/// cache's key type.
+macro_rules! loading_reads {
+    (
+        key: $key:ty;
+        $(#[$get:meta])* get_or_load;
+        $(#[$try_get:meta])* try_get_or_load;
+        $(#[$optional:meta])* try_get_or_load_optional;
+    ) => {
+        $(#[$get])*
+        pub async fn get_or_load<F, Fut>(&self, key: $key, loader: F) -> crate::Result<V>
+        where
+            F: FnOnce() -> Fut + Send + 'static,
+            Fut: ::std::future::Future<Output = V> + Send + 'static,
+        {
+            let load = move || async move { Ok(Some(loader().await)) };
+            crate::memory::require_value(self.resolve(key, load, true).await)
+        }
+
+        $(#[$try_get])*
+        pub async fn try_get_or_load<E, F, Fut>(&self, key: $key, loader: F) -> crate::Result<V>
+        where
+            E: Into<sd_core::BoxError>,
+            F: FnOnce() -> Fut + Send + 'static,
+            Fut: ::std::future::Future<Output = std::result::Result<V, E>> + Send + 'static,
+        {
+            let load =
+                move || async move { loader().await.map(Some).map_err(crate::Error::loader) };
+            crate::memory::require_value(self.resolve(key, load, true).await)
+        }
+
+        $(#[$optional])*
+        pub async fn try_get_or_load_optional<E, F, Fut>(
+            &self,
+            key: $key,
+            loader: F,
+        ) -> crate::Result<Option<V>>
+        where
+            E: Into<sd_core::BoxError>,
+            F: FnOnce() -> Fut + Send + 'static,
+            Fut: ::std::future::Future<Output = std::result::Result<Option<V>, E>>
+                + Send
+                + 'static,
+        {
+            let load = move || async move { loader().await.map_err(crate::Error::loader) };
+            self.resolve(key, load, false).await
+        }
+    };
+}
+pub(crate) use loading_reads;
+
 /// Number of write-sequence shards (a power of two).
 const SHARDS: usize = 64;
 
@@ -289,83 +343,61 @@ where
         self.inner.engine.run_pending_tasks();
     }
 
-    /// The value for `key`, loading it with `loader` on a miss.
-    ///
-    /// Concurrent misses run one loader. Near expiry a read may start a background refresh
-    /// with its `loader` and still return the current value at once; that is why the loader
-    /// must be `Send + 'static`.
-    ///
-    /// # Errors
-    ///
-    /// Only when this call waited on a load of the same key that a *fallible* loader led and
-    /// that failed ([`Error::Loader`], shared), or an optional loader found nothing
-    /// ([`Error::NotFound`]).
-    pub async fn get_or_load<F, Fut>(&self, key: K, loader: F) -> Result<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = V> + Send + 'static,
-    {
-        let load = move || async move { Ok(Some(loader().await)) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// The value for `key`, loading it with the fallible `loader` on a miss.
-    ///
-    /// A loader error is shared with every caller coalesced on that load (one `Arc`), and is
-    /// not cached: the next call loads again. With `stale_if_error` set, a value expired less
-    /// than that long ago is returned instead of the error.
-    ///
-    /// The loader's error is any `E: Into<BoxError>`: your own error type, an
-    /// `anyhow::Error`, a `Box<dyn Error + Send + Sync>`, even a `&str`.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use sd_cache::Cache;
-    ///
-    /// let cache: Cache<u32, String> = Cache::builder().build()?;
-    /// // A database call returning `anyhow::Result<String>` fits here the same way.
-    /// let name = cache
-    ///     .try_get_or_load(7, || async {
-    ///         Ok::<_, Box<dyn std::error::Error + Send + Sync>>("ada".to_owned())
-    ///     })
-    ///     .await?;
-    /// assert_eq!(name, "ada");
-    /// let down = cache.try_get_or_load(8, || async { Err::<String, _>("db down") }).await;
-    /// assert_eq!(down.unwrap_err().loader_error().map(|e| e.to_string()).as_deref(), Some("db down"));
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Loader`] when the load failed and no stale value may be served;
-    /// [`Error::NotFound`] when this call waited on an optional loader that found nothing.
-    pub async fn try_get_or_load<E, F, Fut>(&self, key: K, loader: F) -> Result<V>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map(Some).map_err(Error::loader) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing:
-    /// `Ok(None)` is cached for the negative TTL (negative caching), so a flood of reads for
-    /// a key that does not exist reaches the loader once per negative TTL.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Loader`] when the load failed and no stale value may be served.
-    pub async fn try_get_or_load_optional<E, F, Fut>(&self, key: K, loader: F) -> Result<Option<V>>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map_err(Error::loader) };
-        self.resolve(key, load, false).await
+    crate::memory::loading_reads! {
+        key: K;
+        /// The value for `key`, loading it with `loader` on a miss.
+        ///
+        /// Concurrent misses run one loader. Near expiry a read may start a background refresh
+        /// with its `loader` and still return the current value at once; that is why the loader
+        /// must be `Send + 'static`.
+        ///
+        /// # Errors
+        ///
+        /// Only when this call waited on a load of the same key that a *fallible* loader led and
+        /// that failed ([`Error::Loader`], shared), or an optional loader found nothing
+        /// ([`Error::NotFound`]).
+        get_or_load;
+        /// The value for `key`, loading it with the fallible `loader` on a miss.
+        ///
+        /// A loader error is shared with every caller coalesced on that load (one `Arc`), and is
+        /// not cached: the next call loads again. With `stale_if_error` set, a value expired less
+        /// than that long ago is returned instead of the error.
+        ///
+        /// The loader's error is any `E: Into<BoxError>`: your own error type, an
+        /// `anyhow::Error`, a `Box<dyn Error + Send + Sync>`, even a `&str`.
+        ///
+        /// ```
+        /// # #[tokio::main(flavor = "current_thread")]
+        /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+        /// use sd_cache::Cache;
+        ///
+        /// let cache: Cache<u32, String> = Cache::builder().build()?;
+        /// // A database call returning `anyhow::Result<String>` fits here the same way.
+        /// let name = cache
+        ///     .try_get_or_load(7, || async {
+        ///         Ok::<_, Box<dyn std::error::Error + Send + Sync>>("ada".to_owned())
+        ///     })
+        ///     .await?;
+        /// assert_eq!(name, "ada");
+        /// let down = cache.try_get_or_load(8, || async { Err::<String, _>("db down") }).await;
+        /// assert_eq!(down.unwrap_err().loader_error().map(|e| e.to_string()).as_deref(), Some("db down"));
+        /// # Ok(())
+        /// # }
+        /// ```
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Loader`] when the load failed and no stale value may be served;
+        /// [`Error::NotFound`] when this call waited on an optional loader that found nothing.
+        try_get_or_load;
+        /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing:
+        /// `Ok(None)` is cached for the negative TTL (negative caching), so a flood of reads for
+        /// a key that does not exist reaches the loader once per negative TTL.
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Loader`] when the load failed and no stale value may be served.
+        try_get_or_load_optional;
     }
 
     pub(crate) async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>

@@ -37,7 +37,6 @@ use tokio::sync::Notify;
 
 use crate::clock::{RandomSource, ThreadRandom};
 use crate::error::short_key;
-use crate::memory::require_value;
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
@@ -287,57 +286,31 @@ where
         self.inner.conn.clone()
     }
 
-    /// The value for `key`, loading it with `loader` on a miss: once per key across every
-    /// process that shares the prefix. See [`crate::Cache::get_or_load`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Backend`] when Redis fails (unless `fallback_to_loader`),
-    /// [`Error::LoadTimeout`], [`Error::Codec`], or a shared [`Error::Loader`] / [`Error::NotFound`]
-    /// from a fallible or optional loader of the same key in this process.
-    pub async fn get_or_load<F, Fut>(&self, key: &str, loader: F) -> Result<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = V> + Send + 'static,
-    {
-        let load = move || async move { Ok(Some(loader().await)) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// The value for `key`, loading it with the fallible `loader` on a miss. A loader error is
-    /// shared with every caller coalesced on it in this process, and not cached.
-    ///
-    /// # Errors
-    ///
-    /// As [`get_or_load`](Self::get_or_load), plus [`Error::Loader`].
-    pub async fn try_get_or_load<E, F, Fut>(&self, key: &str, loader: F) -> Result<V>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map(Some).map_err(Error::loader) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing;
-    /// `Ok(None)` is cached for the negative TTL.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_get_or_load`](Self::try_get_or_load).
-    pub async fn try_get_or_load_optional<E, F, Fut>(
-        &self,
-        key: &str,
-        loader: F,
-    ) -> Result<Option<V>>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map_err(Error::loader) };
-        self.resolve(key, load, false).await
+    crate::memory::loading_reads! {
+        key: &str;
+        /// The value for `key`, loading it with `loader` on a miss: once per key across every
+        /// process that shares the prefix. See [`crate::Cache::get_or_load`].
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Backend`] when Redis fails (unless `fallback_to_loader`),
+        /// [`Error::LoadTimeout`], [`Error::Codec`], or a shared [`Error::Loader`] / [`Error::NotFound`]
+        /// from a fallible or optional loader of the same key in this process.
+        get_or_load;
+        /// The value for `key`, loading it with the fallible `loader` on a miss. A loader error is
+        /// shared with every caller coalesced on it in this process, and not cached.
+        ///
+        /// # Errors
+        ///
+        /// As [`get_or_load`](Self::get_or_load), plus [`Error::Loader`].
+        try_get_or_load;
+        /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing;
+        /// `Ok(None)` is cached for the negative TTL.
+        ///
+        /// # Errors
+        ///
+        /// As [`try_get_or_load`](Self::try_get_or_load).
+        try_get_or_load_optional;
     }
 
     async fn read(&self, key: &str, lock: Lock<'_>, token: &str) -> Result<Read<V>> {

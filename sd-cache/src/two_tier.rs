@@ -78,7 +78,7 @@ use sd_core::redis::Script;
 use tokio::sync::{Notify, watch};
 
 use crate::clock::{Clock, MonotonicClock, saturating_nanos};
-use crate::memory::{Cache, require_value};
+use crate::memory::Cache;
 use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};
 use crate::stats::CacheStats;
 use crate::{Error, Result};
@@ -244,54 +244,28 @@ where
         self.inner.after_write(key, removed).await
     }
 
-    /// The value for `key`, loading it with `loader` on a miss in both tiers (once per key
-    /// across every process). See [`RedisCache::get_or_load`].
-    ///
-    /// # Errors
-    ///
-    /// As [`RedisCache::get_or_load`].
-    pub async fn get_or_load<F, Fut>(&self, key: &str, loader: F) -> Result<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = V> + Send + 'static,
-    {
-        let load = move || async move { Ok(Some(loader().await)) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// The value for `key`, loading it with the fallible `loader` on a miss in both tiers.
-    ///
-    /// # Errors
-    ///
-    /// As [`RedisCache::try_get_or_load`].
-    pub async fn try_get_or_load<E, F, Fut>(&self, key: &str, loader: F) -> Result<V>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map(Some).map_err(Error::loader) };
-        require_value(self.resolve(key, load, true).await)
-    }
-
-    /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing
-    /// (negative caching in both tiers).
-    ///
-    /// # Errors
-    ///
-    /// As [`RedisCache::try_get_or_load_optional`].
-    pub async fn try_get_or_load_optional<E, F, Fut>(
-        &self,
-        key: &str,
-        loader: F,
-    ) -> Result<Option<V>>
-    where
-        E: Into<sd_core::BoxError>,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
-    {
-        let load = move || async move { loader().await.map_err(Error::loader) };
-        self.resolve(key, load, false).await
+    crate::memory::loading_reads! {
+        key: &str;
+        /// The value for `key`, loading it with `loader` on a miss in both tiers (once per key
+        /// across every process). See [`RedisCache::get_or_load`].
+        ///
+        /// # Errors
+        ///
+        /// As [`RedisCache::get_or_load`].
+        get_or_load;
+        /// The value for `key`, loading it with the fallible `loader` on a miss in both tiers.
+        ///
+        /// # Errors
+        ///
+        /// As [`RedisCache::try_get_or_load`].
+        try_get_or_load;
+        /// Like [`try_get_or_load`](Self::try_get_or_load) for a loader that may find nothing
+        /// (negative caching in both tiers).
+        ///
+        /// # Errors
+        ///
+        /// As [`RedisCache::try_get_or_load_optional`].
+        try_get_or_load_optional;
     }
 
     async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
