@@ -81,10 +81,15 @@ impl Run {
                     }
                     let token = lease.token();
                     let start = now_ns();
-                    let written = register.read(token).and_then(|v| {
-                        register.write(token, v + 1)?;
-                        Ok(v + 1)
-                    });
+                    // Read, yield, write back (both fenced): a second holder inside at
+                    // the same time shows up as an overlap or a refused write.
+                    let written = match register.read(token) {
+                        Ok(v) => {
+                            tokio::task::yield_now().await;
+                            register.write(token, v + 1).map(|()| v + 1)
+                        }
+                        Err(e) => Err(e),
+                    };
                     let end = now_ns();
                     inside.fetch_sub(1, Ordering::SeqCst);
                     let (value, outcome) = match written {
