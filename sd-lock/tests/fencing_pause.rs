@@ -238,6 +238,13 @@ async fn open_lock(spec: &Spec, patient: bool) -> BoxLock {
     }
 }
 
+/// One line to the parent, at once.
+fn emit(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
+}
+
 /// The child's side: take the lock once, print the token, then write every 20 ms until
 /// three writes were refused or stdin closes. Never renews: it is the holder that
 /// pauses past its lease.
@@ -257,10 +264,7 @@ fn run_holder(spec: &Spec) {
             .await
             .unwrap();
         let token = lease.token().0;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "SDLOCK-TOKEN {token}").unwrap();
-        out.flush().unwrap();
-        drop(out);
+        emit(format_args!("SDLOCK-TOKEN {token}"));
         let mut refused = 0;
         let mut i = 0;
         while refused < 3 && !stop.load(Ordering::SeqCst) {
@@ -269,14 +273,12 @@ fn run_holder(spec: &Spec) {
             if matches!(event.outcome, Outcome::Refused { .. }) {
                 refused += 1;
             }
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{event}").unwrap();
-            out.flush().unwrap();
-            drop(out);
+            emit(format_args!("{event}"));
             i += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        std::mem::forget(lease);
+        // Never released: it expired while the holder was stopped.
+        drop(lease);
     });
 }
 
