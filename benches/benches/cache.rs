@@ -114,11 +114,7 @@ fn stampede(_: &mut Criterion) {
 
 fn redis(c: &mut Criterion) {
     let server = sd_testkit::redis().expect("redis-server must be installed");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime_with(1);
     let prefix = sd_testkit::unique_name("bench-cache");
     let (sd, mut conn, raw_key) = rt.block_on(async {
         let conn = redis::Client::open(server.url())
@@ -166,11 +162,7 @@ fn redis(c: &mut Criterion) {
 fn two_tier(c: &mut Criterion) {
     let server = sd_testkit::redis().expect("redis-server must be installed");
     // Worker threads keep the heartbeat and the subscription going while the hit loop runs.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime_with(1);
     let prefix = sd_testkit::unique_name("bench-two-tier");
     let names: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
     let keys = order();

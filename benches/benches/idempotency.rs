@@ -63,11 +63,7 @@ fn group<S: Store + Clone + 'static>(
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime_with(1);
     {
         let mut g = c.benchmark_group("idempotency/bare");
         let mut svc = service_fn(handler);

@@ -25,11 +25,7 @@ use tokio::runtime::Runtime;
 const TTL: Duration = Duration::from_secs(10);
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    sd_testkit::runtime()
 }
 
 /// Contended cycles wait between attempts, so both sides get the same longest wait:

@@ -399,11 +399,7 @@ fn latency(
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime();
     let db = sd_testkit::database().expect("a postgres server");
     let redis_server = sd_testkit::redis().expect("a redis server");
     let (outbox, redis) = rt.block_on(async {

@@ -38,11 +38,7 @@ const PC_JOBS_SERIAL: usize = 1_000;
 const PC_CONCURRENCY: usize = 100;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    sd_testkit::runtime()
 }
 
 async fn sd_pool_tiny() {

@@ -160,11 +160,7 @@ async fn count_writes(url: &str) {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sd_testkit::runtime_with(1);
     let db = sd_testkit::database().expect("a postgres server");
     let pg = rt.block_on(store(db.url(), 4));
     rt.block_on(async {
