@@ -136,11 +136,7 @@ fn store_down_is_503_and_nothing_runs() {
         let down = suite::http::send(port, "alice", Some(b"k2"), body)
             .await
             .unwrap();
-        assert_eq!(down.status, 503);
-        assert_eq!(
-            down.header("content-type"),
-            Some("application/problem+json")
-        );
+        down.assert_problem(503);
         assert_eq!(payments.count(), 1, "the handler did not run");
     });
     drop(db);

@@ -65,11 +65,7 @@ fn store_down_is_503_and_nothing_runs() {
         )
         .await
         .unwrap();
-        assert_eq!(down.status, 503);
-        assert_eq!(
-            down.header("content-type"),
-            Some("application/problem+json")
-        );
+        down.assert_problem(503);
         assert_eq!(payments.count(), 1, "the handler did not run");
         server.start_again().unwrap();
         // Back up (the connection manager reconnects): requests run again.

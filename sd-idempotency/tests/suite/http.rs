@@ -25,6 +25,16 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Asserts an RFC 9457 problem answer with `status`.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16) {
+        assert_eq!(self.status, status);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -350,8 +360,7 @@ pub async fn http_methods_and_routes<S: Store + Clone + 'static>(h: &Harness<S>)
     assert_eq!(payments.runs(), 4);
     // PATCH is covered: no key is 400, a key runs once and replays.
     let r = alice(port, "PATCH", "/payments/p1", None, "{}").await;
-    assert_eq!(r.status, 400);
-    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    r.assert_problem(400);
     assert_eq!(payments.runs(), 4, "refused before the handler");
     let key = key();
     let first = alice(port, "PATCH", "/payments/p1", Some(key.as_bytes()), "{}").await;
@@ -493,11 +502,7 @@ pub async fn http_store_paused<S: Store + Clone + 'static>(
         .await
         .expect("an answer while the store is frozen")
         .unwrap();
-    assert_eq!(down.status, 503);
-    assert_eq!(
-        down.header("content-type"),
-        Some("application/problem+json")
-    );
+    down.assert_problem(503);
     assert_eq!(payments.count(), 1, "fail closed: the handler did not run");
     let open_reply = tokio::time::timeout(guard, send(open, "alice", Some(b"open"), PAY))
         .await
@@ -531,11 +536,7 @@ pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h
     )
     .await
     .unwrap();
-    assert_eq!(other.status, 422);
-    assert_eq!(
-        other.header("content-type"),
-        Some("application/problem+json")
-    );
+    other.assert_problem(422);
     let problem: serde_json::Value = serde_json::from_slice(&other.body).unwrap();
     assert_eq!(problem["status"], 422);
     assert_eq!(payments.count(), 1);
