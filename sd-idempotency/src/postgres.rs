@@ -159,29 +159,34 @@ impl PostgresStore {
         Ok(timeout(self.timeout, span, f).await??)
     }
 
-    fn complete_query<'q>(
+    /// Completes `claim` with `response` through `executor` (the pool, or the caller's
+    /// transaction).
+    async fn complete_on<'c, E>(
         &self,
-        sql: &'q str,
-        claim: &'q Claim,
-        response: Vec<u8>,
-        retention: u64,
-    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-        sqlx::query(sql)
-            .bind(&claim.scope)
-            .bind(&claim.key)
-            .bind(token_i64(claim.token))
-            .bind(epoch_i64(claim.epoch))
-            .bind(response)
-            .bind(retention as f64)
-    }
-
-    fn complete_sql(&self) -> String {
-        format!(
+        executor: E,
+        claim: &Claim,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<()>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        let retention = ttl_ms("retention", retention)?;
+        let sql = format!(
             "UPDATE {} SET state = 'completed', response = $5, lock_expires_at = NULL,
                  expires_at = clock_timestamp() + make_interval(secs => $6::float8 / 1000)
              WHERE {}",
             self.table, HOLDER
-        )
+        );
+        let query = sqlx::query(&sql)
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .bind(token_i64(claim.token))
+            .bind(epoch_i64(claim.epoch))
+            .bind(response.to_bytes()?)
+            .bind(retention as f64);
+        let done = self.timed(query.execute(executor)).await?;
+        held(done.rows_affected(), claim)
     }
 
     /// [`Store::complete`] inside `tx`: the response commits with your own writes, or
@@ -193,11 +198,7 @@ impl PostgresStore {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<()> {
-        let retention = ttl_ms("retention", retention)?;
-        let sql = self.complete_sql();
-        let query = self.complete_query(&sql, claim, response.to_bytes()?, retention);
-        let done = self.timed(query.execute(&mut **tx)).await?;
-        held(done.rows_affected(), claim)
+        self.complete_on(&mut **tx, claim, response, retention).await
     }
 }
 
@@ -283,11 +284,7 @@ impl Store for PostgresStore {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<()> {
-        let retention = ttl_ms("retention", retention)?;
-        let sql = self.complete_sql();
-        let query = self.complete_query(&sql, claim, response.to_bytes()?, retention);
-        let done = self.timed(query.execute(&self.pool)).await?;
-        held(done.rows_affected(), claim)
+        self.complete_on(&self.pool, claim, response, retention).await
     }
 
     async fn release(&self, claim: &Claim) -> Result<()> {
