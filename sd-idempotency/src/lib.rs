@@ -118,6 +118,13 @@
     doc = "[`tower::IdempotencyLayer`]: #crate-features",
     doc = "[`tower::OnStoreFailure`]: #crate-features"
 )]
+//! # Running the tests
+//!
+//! `cargo test -p sd-idempotency` (or `cargo nextest run -p sd-idempotency`) runs every suite: the
+//! crate's tests turn on `redis`, `postgres`, `tower` and `test-util` through a dev-dependency on
+//! the crate itself, so no suite is left out for want of a feature flag. The backend
+//! suites start real `redis-server` and `postgres` servers through `sd-testkit`; a missing
+//! server binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

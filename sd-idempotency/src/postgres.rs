@@ -198,7 +198,8 @@ impl PostgresStore {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<()> {
-        self.complete_on(&mut **tx, claim, response, retention).await
+        self.complete_on(&mut **tx, claim, response, retention)
+            .await
     }
 }
 
@@ -284,7 +285,8 @@ impl Store for PostgresStore {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<()> {
-        self.complete_on(&self.pool, claim, response, retention).await
+        self.complete_on(&self.pool, claim, response, retention)
+            .await
     }
 
     async fn release(&self, claim: &Claim) -> Result<()> {

@@ -6,7 +6,6 @@
 #[macro_use]
 mod suite;
 
-
 use sd_idempotency::postgres::PostgresStore;
 use sd_idempotency::redis::RedisStore;
 use sd_idempotency::{BoxStore, MemoryStore, conformance};

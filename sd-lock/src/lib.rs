@@ -135,6 +135,13 @@
     doc = "",
     doc = "[`etcd::EtcdLock`]: #crate-features"
 )]
+//! # Running the tests
+//!
+//! `cargo test -p sd-lock` (or `cargo nextest run -p sd-lock`) runs every suite: the
+//! crate's tests turn on `redis`, `postgres`, `etcd` and `test-util` through a dev-dependency on
+//! the crate itself, so no suite is left out for want of a feature flag. The backend
+//! suites start real `redis-server`, `postgres` and `etcd` servers through `sd-testkit`; a missing
+//! server binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
