@@ -68,9 +68,15 @@ fn bench_rslock(c: &mut Criterion, rt: &Runtime, name: &str, lock: rslock::LockM
     });
 }
 
-/// Uncontended cycles of sd and rslock in alternating blocks of 20, 100 rounds, printed
-/// as medians of the per-cycle block means: both sides see the same machine load, which
-/// criterion's runs minutes apart do not (on this two-core VM they swing by a third).
+/// Uncontended cycles of sd and rslock in alternating blocks of 20, 100 rounds, as
+/// medians of the per-cycle block means: both sides see the same machine load, which
+/// criterion's runs minutes apart do not (on a two-core VM they swing by a third). Each
+/// round swaps which side runs first, so neither always follows the other's warm-up.
+///
+/// The medians go to stderr and, in criterion's file layout, to
+/// `<criterion dir>/lock_paired/<name>/{sd,rslock}/new/`, as `lock/paired/<name>/sd` and
+/// `lock/paired/<name>/rslock`: `scripts/bench.sh`'s `results` step reads them from
+/// there with criterion's own figures and writes the pair to `benches/RESULTS.md`.
 fn paired<L: Lock + Clone + Send + Sync + 'static>(
     rt: &Runtime,
     name: &str,
@@ -83,30 +89,83 @@ fn paired<L: Lock + Clone + Send + Sync + 'static>(
     let (mut ours, mut theirs) = rt
         .block_on(rt.spawn(async move {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..100 {
+            for round in 0..100 {
+                if round % 2 == 1 {
+                    theirs.push(rslock_block(&peer).await);
+                }
                 let start = Instant::now();
                 for _ in 0..20 {
                     sd_cycle(&sd, "paired").await;
                 }
                 ours.push(start.elapsed() / 20);
-                let start = Instant::now();
-                for _ in 0..20 {
-                    rslock_cycle(&peer, "paired-rslock").await;
+                if round % 2 == 0 {
+                    theirs.push(rslock_block(&peer).await);
                 }
-                theirs.push(start.elapsed() / 20);
             }
             (ours, theirs)
         }))
         .unwrap();
     ours.sort();
     theirs.sort();
+    let (ours, theirs) = (ours[ours.len() / 2], theirs[theirs.len() / 2]);
     eprintln!(
         "lock/paired/{name}: medians over 100 rounds of 20 + 20 uncontended cycles: \
-         sd {:?}, rslock {:?}, {:.2}x",
-        ours[50],
-        theirs[50],
-        theirs[50].as_secs_f64() / ours[50].as_secs_f64()
+         sd {ours:?}, rslock {theirs:?}, {:.2}x",
+        theirs.as_secs_f64() / ours.as_secs_f64()
     );
+    write_estimate(&format!("{name}/sd"), ours);
+    write_estimate(&format!("{name}/rslock"), theirs);
+}
+
+/// One block of 20 rslock cycles: the mean time of one.
+async fn rslock_block(peer: &rslock::LockManager) -> Duration {
+    let start = Instant::now();
+    for _ in 0..20 {
+        rslock_cycle(peer, "paired-rslock").await;
+    }
+    start.elapsed() / 20
+}
+
+/// Where criterion writes: `$CRITERION_HOME`, else `criterion` in the cargo target
+/// directory (`$CARGO_TARGET_DIR`, else the workspace's `target`).
+fn criterion_dir() -> std::path::PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return home.into();
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+            std::path::PathBuf::from,
+        )
+        .join("criterion")
+}
+
+/// Writes `median` as criterion would for the bench `lock/paired/<id>` (the two files
+/// and the two fields `results` reads).
+fn write_estimate(id: &str, median: Duration) {
+    let dir = criterion_dir()
+        .join("lock_paired")
+        .join(id.replace('/', std::path::MAIN_SEPARATOR_STR))
+        .join("new");
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            std::fs::write(
+                dir.join("benchmark.json"),
+                format!(r#"{{"full_id":"lock/paired/{id}"}}"#),
+            )
+        })
+        .and_then(|()| {
+            std::fs::write(
+                dir.join("estimates.json"),
+                format!(
+                    r#"{{"median":{{"point_estimate":{}}}}}"#,
+                    median.as_secs_f64() * 1e9
+                ),
+            )
+        });
+    if let Err(e) = written {
+        eprintln!("lock/paired/{id}: not written to {}: {e}", dir.display());
+    }
 }
 
 /// Runs `cycle` (one acquire + release) from 1 and from 8 tasks at once on one shared

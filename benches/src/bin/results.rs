@@ -2,11 +2,17 @@
 //! figure from the same run, with the ratio, and the machine and date it was taken on.
 //!
 //! ```text
-//! cargo run -p sd-benches --bin results -- <criterion dir> <output file> [<since>]
+//! cargo run -p sd-benches --bin results -- <criterion dir> <output file> [<since> [<command>]]
 //! ```
 //!
 //! `<since>` (seconds since the Unix epoch) drops every estimate written before it, so
-//! figures from an earlier run never stand beside this run's.
+//! figures from an earlier run never stand beside this run's. `<command>` is the command
+//! that produced the figures, written in the file's header beside the machine.
+//!
+//! Besides criterion's estimates it reads the paired sd-lock medians
+//! (`lock/paired/<backend>/{sd,rslock}`) the lock bench writes in criterion's layout: sd
+//! and rslock in alternating 20-cycle blocks of one run, the side that goes first
+//! swapped every round.
 //!
 //! `scripts/bench.sh` runs the benches and then this. The pairs are listed below by
 //! criterion id (`group/function/parameter`); a pair whose benches did not run in this
@@ -72,6 +78,12 @@ const PAIRS: &[Pair] = &[
     pair("sd-cache", "memory hit", "cache/hit/get/sd", "cache/hit/get/moka", "moka get"),
     pair("sd-cache", "memory hit through the loader API", "cache/hit/get_or_load/sd", "cache/hit/get_with/moka", "moka get_with"),
     pair("sd-cache", "Redis hit", "cache/redis/get/sd", "cache/redis/GET/raw", "raw GET"),
+    pair("sd-lock", "Redis, uncontended, paired blocks", "lock/paired/redis/sd", "lock/paired/redis/rslock", "rslock (alternating blocks)"),
+    pair("sd-lock", "Redlock 3, uncontended, paired blocks", "lock/paired/redlock3/sd", "lock/paired/redlock3/rslock", "rslock (alternating blocks)"),
+    pair("sd-lock", "Redlock 5, uncontended, paired blocks", "lock/paired/redlock5/sd", "lock/paired/redlock5/rslock", "rslock (alternating blocks)"),
+    pair("sd-lock", "0.5 ms RTT: Redis, paired blocks", "lock/paired/rtt500us/redis/sd", "lock/paired/rtt500us/redis/rslock", "rslock (alternating blocks)"),
+    pair("sd-lock", "0.5 ms RTT: Redlock 3, paired blocks", "lock/paired/rtt500us/redlock3/sd", "lock/paired/rtt500us/redlock3/rslock", "rslock (alternating blocks)"),
+    pair("sd-lock", "0.5 ms RTT: Redlock 5, paired blocks", "lock/paired/rtt500us/redlock5/sd", "lock/paired/rtt500us/redlock5/rslock", "rslock (alternating blocks)"),
     pair("sd-lock", "Redis, uncontended", "lock/sd/redis/tasks=1", "lock/rslock/redis/tasks=1", "rslock"),
     pair("sd-lock", "Redis, 8 tasks", "lock/sd/redis/tasks=8", "lock/rslock/redis/tasks=8", "rslock"),
     pair("sd-lock", "Redlock 3, uncontended", "lock/sd/redlock3/tasks=1", "lock/rslock/redlock3/tasks=1", "rslock"),
@@ -104,17 +116,24 @@ const PAIRS: &[Pair] = &[
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
-    let (criterion, output, since) = match args.as_slice() {
-        [criterion, output] => (criterion, output, UNIX_EPOCH),
-        [criterion, output, since] => match since.parse::<u64>() {
-            Ok(secs) => (criterion, output, UNIX_EPOCH + Duration::from_secs(secs)),
-            Err(_) => {
-                eprintln!("<since> must be seconds since the Unix epoch, not {since:?}");
-                return ExitCode::from(2);
+    let (criterion, output, since, command) = match args.as_slice() {
+        [criterion, output] => (criterion, output, UNIX_EPOCH, None),
+        [criterion, output, since, command @ ..] if command.len() <= 1 => {
+            match since.parse::<u64>() {
+                Ok(secs) => (
+                    criterion,
+                    output,
+                    UNIX_EPOCH + Duration::from_secs(secs),
+                    command.first().map(String::as_str),
+                ),
+                Err(_) => {
+                    eprintln!("<since> must be seconds since the Unix epoch, not {since:?}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         _ => {
-            eprintln!("usage: results <criterion dir> <output file> [<since>]");
+            eprintln!("usage: results <criterion dir> <output file> [<since> [<command>]]");
             return ExitCode::from(2);
         }
     };
@@ -125,7 +144,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let text = render(&medians);
+    let text = render(
+        &medians,
+        command.unwrap_or("unknown (not given to `results`)"),
+    );
     if let Err(e) = fs::write(output, &text) {
         eprintln!("writing {output}: {e}");
         return ExitCode::FAILURE;
@@ -175,7 +197,7 @@ fn read_estimate(new: &Path, since: SystemTime) -> Option<(String, f64)> {
     Some((id, median))
 }
 
-fn render(medians: &BTreeMap<String, f64>) -> String {
+fn render(medians: &BTreeMap<String, f64>, command: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Bench results\n");
     let _ = writeln!(
@@ -189,6 +211,7 @@ fn render(medians: &BTreeMap<String, f64>) -> String {
         "- date: {}",
         shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
     );
+    let _ = writeln!(out, "- command: `{command}`");
     let _ = writeln!(out, "- machine: {}", machine());
     let _ = writeln!(out, "- load average at the end: {}", load_average());
     let _ = writeln!(out, "- rustc: {}\n", shell("rustc", &["--version"]));
@@ -282,7 +305,11 @@ mod tests {
             ("ratelimit/memory/direct/sd".to_owned(), 20.0),
             ("ratelimit/memory/direct/governor".to_owned(), 30.0),
         ]);
-        let text = render(&medians);
+        let text = render(&medians, "scripts/bench.sh --bench ratelimit");
+        assert!(
+            text.contains("- command: `scripts/bench.sh --bench ratelimit`"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "| sd-ratelimit | memory, one key | 20.0 ns | governor | 30.0 ns | 1.50× |"
@@ -291,6 +318,21 @@ mod tests {
         );
         assert!(text.contains("Not measured in this run"), "{text}");
         assert!(text.contains("`lock/sd/redis/tasks=1`"), "{text}");
+    }
+
+    #[test]
+    fn the_paired_lock_medians_get_their_row() {
+        let medians = BTreeMap::from([
+            ("lock/paired/redis/sd".to_owned(), 100_000.0),
+            ("lock/paired/redis/rslock".to_owned(), 150_000.0),
+        ]);
+        let text = render(&medians, "cargo bench");
+        assert!(
+            text.contains(
+                "| sd-lock | Redis, uncontended, paired blocks | 100.0 µs | rslock (alternating blocks) | 150.0 µs | 1.50× |"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
