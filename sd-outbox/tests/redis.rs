@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sd_outbox::postgres::{Inbox, Mode, Relay};
+use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay};
 use sd_outbox::redis::RedisStreamsPublisher;
 use sd_outbox::{Error, Message};
 use uuid::Uuid;
@@ -62,12 +62,22 @@ fn redis_url() -> sd_testkit::Redis {
     sd_testkit::redis().expect("a redis server (install redis-server or set SD_REDIS_URL)")
 }
 
-#[test]
-fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
+/// Runs `test` with an outbox, a connection to a shared Redis and a fresh key prefix.
+fn with_redis_outbox<F, Fut>(test: F)
+where
+    F: FnOnce(Outbox, ConnectionManager, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let server = redis_url();
     with_outbox(|outbox| async move {
-        let mut conn = redis(server.url()).await;
-        let prefix = sd_testkit::unique_name("outbox");
+        let conn = redis(server.url()).await;
+        test(outbox, conn, sd_testkit::unique_name("outbox")).await;
+    });
+}
+
+#[test]
+fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
+    with_redis_outbox(|outbox, mut conn, prefix| async move {
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix.clone())
             .max_len(Some(10_000))
@@ -120,12 +130,9 @@ fn events_land_in_a_stream_per_aggregate_type_with_their_id() {
 
 #[test]
 fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
-    let server = redis_url();
-    with_outbox(|outbox| async move {
+    with_redis_outbox(|outbox, mut conn, prefix| async move {
         let inbox = Inbox::builder().build(outbox.pool().clone()).unwrap();
         inbox.migrate().await.unwrap();
-        let mut conn = redis(server.url()).await;
-        let prefix = sd_testkit::unique_name("outbox");
         let stream = format!("{prefix}:order");
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix.clone())
@@ -222,10 +229,7 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
 
 #[test]
 fn three_parallel_relays_to_redis_lose_nothing_and_keep_order_per_aggregate() {
-    let server = redis_url();
-    with_outbox(|outbox| async move {
-        let mut conn = redis(server.url()).await;
-        let prefix = sd_testkit::unique_name("outbox");
+    with_redis_outbox(|outbox, mut conn, prefix| async move {
         let stream = format!("{prefix}:order");
         let publisher = RedisStreamsPublisher::builder(conn.clone())
             .prefix(prefix)
@@ -269,43 +273,21 @@ fn bad_redis_sink_configuration_is_refused() {
     let server = redis_url();
     runtime().block_on(async {
         let conn = redis(server.url()).await;
-        let err = RedisStreamsPublisher::builder(conn.clone())
-            .prefix("p".repeat(129))
-            .build()
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                field: "prefix",
-                ..
-            }
-        ));
-        // One rule for prefixes: sd adds the colon, so a prefix may not end with one.
-        let err = RedisStreamsPublisher::builder(conn.clone())
-            .prefix("outbox:")
-            .build()
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                field: "prefix",
-                ..
-            }
-        ));
-        let default = RedisStreamsPublisher::builder(conn.clone())
-            .build()
-            .unwrap();
+        let builder = || RedisStreamsPublisher::builder(conn.clone());
+        let cases = [
+            (builder().prefix("p".repeat(129)), "prefix"),
+            // One rule for prefixes: sd adds the colon, so a prefix may not end with one.
+            (builder().prefix("outbox:"), "prefix"),
+            (builder().max_len(Some(0)), "max_len"),
+        ];
+        for (cfg, field) in cases {
+            let err = cfg.build().unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidConfig { field: f, .. } if f == field),
+                "{field}: {err}"
+            );
+        }
+        let default = builder().build().unwrap();
         assert_eq!(default.stream("order"), "outbox:order");
-        let err = RedisStreamsPublisher::builder(conn)
-            .max_len(Some(0))
-            .build()
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                field: "max_len",
-                ..
-            }
-        ));
     });
 }

@@ -11,8 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sd_saga::{Direction, ManualClock, MemoryStore, SagaState, SagaStore};
 use suite::{
-    Fault, Faults, Faulty, KINDS, Ledger, Shape, apply, expected, faults, orchestrator,
-    random_shape, saga,
+    Faults, Faulty, KINDS, Ledger, apply, expected, faults, orchestrator, random_shape, saga,
 };
 
 async fn memory() -> (MemoryStore, ()) {
@@ -114,18 +113,7 @@ proptest! {
 async fn prune_deletes_only_finished_sagas_older_than_asked() {
     let clock = ManualClock::starting_at(Duration::from_secs(1_000));
     let store = MemoryStore::with_clock(clock.clone());
-    let ledger = Arc::new(Ledger::default());
-    ledger.fault(4, Direction::Forward, Some(Fault::Always));
-    let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
-    ledger.fault_for("done", 1, Direction::Forward, Fault::Permanent);
-    assert_eq!(
-        orch.run("done", vec![]).await.unwrap().state(),
-        SagaState::Compensated
-    );
-    assert_eq!(
-        orch.run("stuck", vec![]).await.unwrap().state(),
-        SagaState::Stuck
-    );
+    let orch = suite::done_and_stuck(store.clone()).await;
     clock.advance(Duration::from_secs(10));
     assert_eq!(store.prune_finished(Duration::from_secs(60)), 0);
     assert_eq!(store.prune_finished(Duration::from_secs(5)), 1);

@@ -112,23 +112,7 @@ async fn happy_path_costs_two_statements_per_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_deletes_only_finished_sagas_and_their_events() {
     let (store, db) = postgres().await;
-    let ledger = Arc::new(Ledger::default());
-    ledger.fault(4, sd_saga::Direction::Forward, Some(suite::Fault::Always));
-    let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
-    ledger.fault_for(
-        "done",
-        1,
-        sd_saga::Direction::Forward,
-        suite::Fault::Permanent,
-    );
-    assert_eq!(
-        orch.run("done", vec![]).await.unwrap().state(),
-        SagaState::Compensated
-    );
-    assert_eq!(
-        orch.run("stuck", vec![]).await.unwrap().state(),
-        SagaState::Stuck
-    );
+    let orch = suite::done_and_stuck(store.clone()).await;
     assert_eq!(
         store
             .prune_finished(Duration::from_secs(3600))

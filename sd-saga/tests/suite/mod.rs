@@ -91,3 +91,24 @@ pub fn apply(ledger: &Ledger, id: &str, plan: &[Faults]) {
         }
     }
 }
+
+/// The two sagas the prune tests start from, run on `store`: "done" is refused at step 1
+/// and compensated, "stuck" fails at step 4 every time and is left stuck. Returns the
+/// orchestrator that ran them.
+pub async fn done_and_stuck<S: sd_saga::SagaStore + Clone>(
+    store: S,
+) -> sd_saga::Orchestrator<Data, S> {
+    let ledger = std::sync::Arc::new(Ledger::default());
+    ledger.fault(4, Direction::Forward, Some(Fault::Always));
+    let orch = orchestrator(&saga(&ledger, &Shape::default()), store, "a");
+    ledger.fault_for("done", 1, Direction::Forward, Fault::Permanent);
+    assert_eq!(
+        orch.run("done", vec![]).await.unwrap().state(),
+        sd_saga::SagaState::Compensated
+    );
+    assert_eq!(
+        orch.run("stuck", vec![]).await.unwrap().state(),
+        sd_saga::SagaState::Stuck
+    );
+    orch
+}
