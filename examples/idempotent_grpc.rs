@@ -15,8 +15,8 @@
 //! | no key, or an invalid one | `INVALID_ARGUMENT` |
 //! | the store is down | `UNAVAILABLE`, and the handler does not run |
 //!
-//! No build script and no protoc: the messages and the service glue below are written by
-//! hand, as tonic-build would generate them for
+//! No build script and no protoc: the messages below and the service glue
+//! (`sd_examples::grpc`) are written by hand, as tonic-build would generate them for
 //!
 //! ```proto
 //! service Payments { rpc Create(CreatePayment) returns (Payment); }
@@ -29,20 +29,18 @@
 //! cargo run -p sd-examples --example idempotent_grpc --features idempotency-grpc
 //! ```
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost::Message;
-use sd_idempotency::{Error, Fingerprint, MemoryStore, RunError, RunOnce};
-use tonic::codegen::{BoxFuture, Context, GrpcMethod, Poll, Service, http};
+use sd_examples::grpc::{Rpc, Server as GrpcServer, metadata, run_once_status, unary};
+use sd_idempotency::{Fingerprint, MemoryStore, RunError, RunOnce};
+use tonic::codegen::{BoxFuture, GrpcMethod};
 use tonic::metadata::MetadataValue;
-use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Code, Request, Response, Status, body::Body};
-use tonic_prost::ProstCodec;
+use tonic::{Code, Request, Response, Status};
 
 const SERVICE: &str = "sd.payments.v1.Payments";
 const CREATE: &str = "/sd.payments.v1.Payments/Create";
@@ -117,103 +115,45 @@ impl Payments {
     }
 }
 
-/// A metadata entry as text; a value that is not visible ascii is refused.
-fn metadata<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status> {
-    let Some(value) = request.metadata().get(name) else {
-        return Ok(None);
-    };
-    match value.to_str() {
-        Ok(text) => Ok(Some(text.to_owned())),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "`{name}` must be printable ascii"
-        ))),
-    }
-}
-
 /// The idempotency outcomes as gRPC statuses.
 fn to_status(error: RunError<Status>) -> Status {
-    let error = match error {
-        RunError::Work(status) => return status,
-        RunError::Idempotency(error) => error,
-        other => return Status::internal(other.to_string()),
-    };
-    let message = error.to_string();
-    match error {
-        Error::InFlight { retry_after } => {
-            let mut status = Status::aborted(message);
-            let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
-            status.metadata_mut().insert("retry-after-ms", ms.into());
-            status
-        }
-        Error::Mismatch { .. } => Status::failed_precondition(message),
-        Error::InvalidKey { .. } => Status::invalid_argument(message),
-        e if e.is_store_failure() => Status::unavailable(message),
-        _ => Status::internal(message),
-    }
+    run_once_status(error, || {})
 }
 
 // ---- the glue tonic-build would generate ----------------------------------------------
 
-/// The server: routes `/sd.payments.v1.Payments/Create` to [`Payments::create`].
-#[derive(Debug, Clone)]
-struct PaymentsServer(Arc<Payments>);
-
-impl NamedService for PaymentsServer {
+impl Rpc for Payments {
     const NAME: &'static str = SERVICE;
-}
+    type Req = CreatePayment;
+    type Reply = Payment;
 
-impl Service<http::Request<Body>> for PaymentsServer {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let payments = self.0.clone();
-        match request.uri().path() {
-            CREATE => Box::pin(async move {
-                let mut grpc = Grpc::new(ProstCodec::<Payment, CreatePayment>::default());
-                Ok(grpc.unary(CreateMethod(payments), request).await)
-            }),
-            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
-        }
-    }
-}
-
-struct CreateMethod(Arc<Payments>);
-
-impl UnaryService<CreatePayment> for CreateMethod {
-    type Response = Payment;
-    type Future = BoxFuture<Response<Payment>, Status>;
-
-    fn call(&mut self, request: Request<CreatePayment>) -> Self::Future {
-        let payments = self.0.clone();
-        Box::pin(async move { payments.create(request).await })
+    fn handle(
+        self: Arc<Self>,
+        method: String,
+        request: Request<CreatePayment>,
+    ) -> BoxFuture<Response<Payment>, Status> {
+        Box::pin(async move {
+            match method.as_str() {
+                "Create" => self.create(request).await,
+                _ => Err(Status::unimplemented("no such method")),
+            }
+        })
     }
 }
 
 /// The client: one unary call on a shared HTTP/2 channel.
 #[derive(Debug, Clone)]
-struct PaymentsClient(tonic::client::Grpc<Channel>);
+struct PaymentsClient(Channel);
 
 impl PaymentsClient {
     async fn create(
         &mut self,
         mut request: Request<CreatePayment>,
     ) -> Result<Response<Payment>, Status> {
-        self.0
-            .ready()
-            .await
-            .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
         request
             .extensions_mut()
             .insert(GrpcMethod::new(SERVICE, "Create"));
-        let path = http::uri::PathAndQuery::from_static(CREATE);
-        let codec = ProstCodec::<CreatePayment, Payment>::default();
-        self.0.unary(request, path, codec).await
+        unary(&self.0, CREATE, request).await
     }
 
     /// [`create`](Self::create), waiting and retrying while the first call still runs
@@ -287,13 +227,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())?;
     let addr = incoming.local_addr()?;
     let server = Server::builder()
-        .add_service(PaymentsServer(payments.clone()))
+        .add_service(GrpcServer(payments.clone()))
         .serve_with_incoming(incoming);
     let server = tokio::spawn(server);
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
-    let client = PaymentsClient(tonic::client::Grpc::new(channel));
+    let client = PaymentsClient(channel);
     println!("gRPC {CREATE} on {addr}, each payment run once per idempotency key\n");
 
     println!("alice sends 10 EUR with key k-1 three times at once:");

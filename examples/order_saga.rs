@@ -24,8 +24,8 @@
 //! not retried), so the saga compensates what it did before, in reverse; `--flaky
 //! SERVICE` makes it answer `UNAVAILABLE` twice first, which the retry policy absorbs.
 //!
-//! No build script and no protoc: the messages and service glue are written by hand, as
-//! tonic-build would generate them for
+//! No build script and no protoc: the messages below and the service glue
+//! (`sd_examples::grpc`) are written by hand, as tonic-build would generate them for
 //!
 //! ```proto
 //! message StepRequest { string order_id = 1; string idempotency_key = 2; string sku = 3;
@@ -40,24 +40,22 @@
 //! ```
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
+use sd_examples::grpc::{Rpc, Server as GrpcServer, unary};
 use sd_saga::postgres::PostgresStore;
 use sd_saga::{
     MemoryStore, Orchestrator, RetryPolicy, Saga, SagaOutcome, SagaStore, Step, StepContext,
     StepError,
 };
 use serde::{Deserialize, Serialize};
-use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::codegen::BoxFuture;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Code, Request, Response, Status, body::Body};
-use tonic_prost::ProstCodec;
+use tonic::{Code, Request, Response, Status};
 
 #[derive(Clone, PartialEq, Message)]
 struct StepRequest {
@@ -179,57 +177,31 @@ impl Named for ShippingName {
     const NAME: &'static str = "sd.order.v1.Shipping";
 }
 
-/// A server routing `/{NAME}/{Method}` to the participant.
+/// The service named `N`, served by its participant.
 #[derive(Debug)]
-struct ServiceServer<N>(Arc<Participant>, PhantomData<N>);
+struct Service<N>(Arc<Participant>, PhantomData<N>);
 
-impl<N> Clone for ServiceServer<N> {
-    fn clone(&self) -> Self {
-        ServiceServer(self.0.clone(), PhantomData)
-    }
-}
-
-impl<N: Named> NamedService for ServiceServer<N> {
+impl<N: Named> Rpc for Service<N> {
     const NAME: &'static str = N::NAME;
-}
+    type Req = StepRequest;
+    type Reply = StepReply;
 
-impl<N: Named> Service<http::Request<Body>> for ServiceServer<N> {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let participant = self.0.clone();
-        let method = request
-            .uri()
-            .path()
-            .strip_prefix(&format!("/{}/", N::NAME))
-            .unwrap_or_default()
-            .to_owned();
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::<StepReply, StepRequest>::default());
-            Ok(grpc.unary(Method(participant, method), request).await)
-        })
-    }
-}
-
-struct Method(Arc<Participant>, String);
-
-impl UnaryService<StepRequest> for Method {
-    type Response = StepReply;
-    type Future = BoxFuture<Response<StepReply>, Status>;
-
-    fn call(&mut self, request: Request<StepRequest>) -> Self::Future {
+    fn handle(
+        self: Arc<Self>,
+        method: String,
+        request: Request<StepRequest>,
+    ) -> BoxFuture<Response<StepReply>, Status> {
         let result = self
             .0
-            .handle(&self.1, request.into_inner())
+            .handle(&method, request.into_inner())
             .map(Response::new);
         Box::pin(async move { result })
     }
+}
+
+/// The gRPC server of `participant` as the service named `N`.
+fn serve<N: Named>(participant: &Arc<Participant>) -> GrpcServer<Service<N>> {
+    GrpcServer(Arc::new(Service(participant.clone(), PhantomData)))
 }
 
 /// The client side: one unary call on the shared channel.
@@ -238,14 +210,7 @@ async fn call(
     path: &'static str,
     request: StepRequest,
 ) -> Result<StepReply, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
-    let path = http::uri::PathAndQuery::from_static(path);
-    let codec = ProstCodec::<StepRequest, StepReply>::default();
-    Ok(grpc
-        .unary(Request::new(request), path, codec)
+    Ok(unary(channel, path, Request::new(request))
         .await?
         .into_inner())
 }
@@ -426,12 +391,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())?;
     let addr = incoming.local_addr()?;
     let server = Server::builder()
-        .add_service(ServiceServer::<InventoryName>(
-            inventory.clone(),
-            PhantomData,
-        ))
-        .add_service(ServiceServer::<PaymentsName>(payments.clone(), PhantomData))
-        .add_service(ServiceServer::<ShippingName>(shipping.clone(), PhantomData))
+        .add_service(serve::<InventoryName>(&inventory))
+        .add_service(serve::<PaymentsName>(&payments))
+        .add_service(serve::<ShippingName>(&shipping))
         .serve_with_incoming(incoming);
     let server = tokio::spawn(server);
     let channel = Endpoint::from_shared(format!("http://{addr}"))?

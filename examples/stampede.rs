@@ -18,7 +18,10 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use scenario::{Outcome, Scenario, measure, row};
-use sd_cache::{RedisCache, TwoTier};
+use sd_cache::{CacheBackend, RedisCache, TwoTier};
+
+/// A boxed future, as a loader passed to `get_or_load` returns.
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -114,26 +117,12 @@ async fn sd_redis(url: &str, s: Scenario) -> Result<Outcome, Error> {
             .await?;
         clients.push(cache);
     }
-    let clients = Arc::new(clients);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let read = {
-        let (clients, calls) = (clients.clone(), calls.clone());
-        move || {
-            let cache = clients[next.fetch_add(1, Ordering::Relaxed) % 4].clone();
-            let calls = calls.clone();
-            async move {
-                let _ = cache
-                    .get_or_load("hot", move || async move {
-                        slow_load(&calls, s.load_time).await
-                    })
-                    .await;
-            }
-        }
-    };
-    let outcome = measure(s, &calls, read).await;
-    let _ = clients[0].invalidate("hot").await;
-    Ok(outcome)
+    Ok(
+        in_turn(s, clients, |cache: RedisCache<u64, _>, load| async move {
+            let _ = cache.get_or_load("hot", load).await;
+        })
+        .await,
+    )
 }
 
 async fn sd_two_tier(url: &str, s: Scenario) -> Result<Outcome, Error> {
@@ -150,6 +139,23 @@ async fn sd_two_tier(url: &str, s: Scenario) -> Result<Outcome, Error> {
         }
         clients.push(cache);
     }
+    Ok(
+        in_turn(s, clients, |cache: TwoTier<u64, _>, load| async move {
+            let _ = cache.get_or_load("hot", load).await;
+        })
+        .await,
+    )
+}
+
+/// Measures reads of "hot" through the four `clients` in turn, `get_or_load` being a
+/// client's `get_or_load("hot", load)`, each load a counted `slow_load`; then
+/// invalidates "hot" through the first client.
+async fn in_turn<C, G, Fut>(s: Scenario, clients: Vec<C>, get_or_load: G) -> Outcome
+where
+    C: CacheBackend<u64>,
+    G: Fn(C, Box<dyn FnOnce() -> BoxFuture<u64> + Send>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let clients = Arc::new(clients);
     let calls = Arc::new(AtomicUsize::new(0));
     let next = Arc::new(AtomicUsize::new(0));
@@ -158,16 +164,13 @@ async fn sd_two_tier(url: &str, s: Scenario) -> Result<Outcome, Error> {
         move || {
             let cache = clients[next.fetch_add(1, Ordering::Relaxed) % 4].clone();
             let calls = calls.clone();
-            async move {
-                let _ = cache
-                    .get_or_load("hot", move || async move {
-                        slow_load(&calls, s.load_time).await
-                    })
-                    .await;
-            }
+            get_or_load(
+                cache,
+                Box::new(move || Box::pin(async move { slow_load(&calls, s.load_time).await })),
+            )
         }
     };
     let outcome = measure(s, &calls, read).await;
     let _ = clients[0].invalidate("hot").await;
-    Ok(outcome)
+    outcome
 }

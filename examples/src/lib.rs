@@ -2,6 +2,9 @@
 //! `cargo run -p sd-examples --example tour`.
 #![forbid(unsafe_code)]
 
+#[cfg(any(feature = "idempotency-grpc", feature = "saga", feature = "checkout"))]
+pub mod grpc;
+
 /// One crate of the workspace as the tour presents it.
 #[derive(Debug, Clone, Copy)]
 pub struct CrateStatus {

@@ -1,5 +1,5 @@
-//! The messages and the service glue tonic-build would generate, written by hand (no
-//! build script, no protoc), for
+//! The messages tonic-build would generate, written by hand (no build script, no
+//! protoc; the service glue is `sd_examples::grpc`), for
 //!
 //! ```proto
 //! package sd.checkout.v1;
@@ -16,14 +16,7 @@
 //! service Payments { rpc Charge(ChargeRequest) returns (Ack); rpc Refund(ChargeRequest) returns (Ack); }
 //! ```
 
-use std::convert::Infallible;
-use std::sync::Arc;
-
-use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
-use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::transport::Channel;
-use tonic::{Request, Response, Status, body::Body};
-use tonic_prost::ProstCodec;
+pub(crate) use sd_examples::grpc::{Rpc, Server, metadata, unary};
 
 pub(crate) const PLACE: &str = "/sd.checkout.v1.Orders/Place";
 pub(crate) const RESERVE: &str = "/sd.checkout.v1.Inventory/Reserve";
@@ -92,99 +85,4 @@ pub(crate) struct Ack {
     pub(crate) id: String,
     #[prost(bool, tag = "2")]
     pub(crate) replayed: bool,
-}
-
-/// One gRPC service: its name, its message types and a handler per method.
-pub(crate) trait Rpc: Send + Sync + 'static {
-    /// `package.Service`.
-    const NAME: &'static str;
-    /// The request message of every method.
-    type Req: prost::Message + Default + Send + 'static;
-    /// The reply message of every method.
-    type Reply: prost::Message + Default + Send + 'static;
-    /// Handles `method` (the last path segment).
-    fn handle(
-        self: Arc<Self>,
-        method: String,
-        request: Request<Self::Req>,
-    ) -> BoxFuture<Response<Self::Reply>, Status>;
-}
-
-/// The server side: routes `/{NAME}/{Method}` to [`Rpc::handle`].
-#[derive(Debug)]
-pub(crate) struct Server<T>(pub(crate) Arc<T>);
-
-impl<T> Clone for Server<T> {
-    fn clone(&self) -> Self {
-        Server(self.0.clone())
-    }
-}
-
-impl<T: Rpc> NamedService for Server<T> {
-    const NAME: &'static str = T::NAME;
-}
-
-impl<T: Rpc> Service<http::Request<Body>> for Server<T> {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let service = self.0.clone();
-        let method = request
-            .uri()
-            .path()
-            .strip_prefix(&format!("/{}/", T::NAME))
-            .unwrap_or_default()
-            .to_owned();
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::<T::Reply, T::Req>::default());
-            Ok(grpc.unary(Method(service, method), request).await)
-        })
-    }
-}
-
-struct Method<T>(Arc<T>, String);
-
-impl<T: Rpc> UnaryService<T::Req> for Method<T> {
-    type Response = T::Reply;
-    type Future = BoxFuture<Response<T::Reply>, Status>;
-
-    fn call(&mut self, request: Request<T::Req>) -> Self::Future {
-        self.0.clone().handle(self.1.clone(), request)
-    }
-}
-
-/// The client side: one unary call on a shared HTTP/2 channel.
-pub(crate) async fn unary<Req, Reply>(
-    channel: &Channel,
-    path: &'static str,
-    request: Request<Req>,
-) -> Result<Response<Reply>, Status>
-where
-    Req: prost::Message + Send + Sync + 'static,
-    Reply: prost::Message + Default + Send + Sync + 'static,
-{
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
-    let path = http::uri::PathAndQuery::from_static(path);
-    grpc.unary(request, path, ProstCodec::<Req, Reply>::default())
-        .await
-}
-
-/// A metadata entry as text; a value that is not visible ASCII is refused.
-pub(crate) fn metadata<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status> {
-    match request.metadata().get(name).map(|v| v.to_str()) {
-        None => Ok(None),
-        Some(Ok(text)) => Ok(Some(text.to_owned())),
-        Some(Err(_)) => Err(Status::invalid_argument(format!(
-            "`{name}` must be printable ascii"
-        ))),
-    }
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost::Message as _;
-use sd_idempotency::{Error as KeyError, Fingerprint, RunError};
+use sd_examples::grpc::run_once_status;
+use sd_idempotency::{Fingerprint, RunError};
 use sd_lock::{BoxLock, Lock};
 use sd_saga::{RetryPolicy, Saga, SagaOutcome, Step, StepContext, StepError};
 use tonic::codegen::BoxFuture;
@@ -297,27 +298,11 @@ impl OrderService {
         })
     }
 
-    /// The idempotency outcomes as gRPC statuses.
+    /// The idempotency outcomes as gRPC statuses, counting the calls refused in flight.
     fn to_status(&self, error: RunError<Status>) -> Status {
-        let error = match error {
-            RunError::Work(status) => return status,
-            RunError::Idempotency(error) => error,
-            other => return Status::internal(other.to_string()),
-        };
-        let message = error.to_string();
-        match error {
-            KeyError::InFlight { retry_after } => {
-                self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-                let mut status = Status::aborted(message);
-                let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
-                status.metadata_mut().insert("retry-after-ms", ms.into());
-                status
-            }
-            KeyError::Mismatch { .. } => Status::failed_precondition(message),
-            KeyError::InvalidKey { .. } => Status::invalid_argument(message),
-            e if e.is_store_failure() => Status::unavailable(message),
-            _ => Status::internal(message),
-        }
+        run_once_status(error, || {
+            self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        })
     }
 }
 

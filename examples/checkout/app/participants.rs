@@ -208,20 +208,28 @@ pub(crate) trait Participant: Send + Sync + 'static {
     fn apply(&self, method: &str, request: Self::Req) -> Result<Ack, Status>;
 }
 
-impl<T: Participant> Rpc for T {
-    const NAME: &'static str = <T as Participant>::NAME;
-    type Req = <T as Participant>::Req;
-    type Reply = Ack;
+/// Serves each participant over gRPC (a blanket impl of the shared `Rpc` trait is not
+/// allowed outside its crate).
+macro_rules! participant_rpc {
+    ($($t:ty),*) => {$(
+        impl Rpc for $t {
+            const NAME: &'static str = <$t as Participant>::NAME;
+            type Req = <$t as Participant>::Req;
+            type Reply = Ack;
 
-    fn handle(
-        self: Arc<Self>,
-        method: String,
-        request: Request<Self::Req>,
-    ) -> BoxFuture<Response<Ack>, Status> {
-        let result = Participant::apply(&*self, &method, request.into_inner()).map(Response::new);
-        Box::pin(async move { result })
-    }
+            fn handle(
+                self: Arc<Self>,
+                method: String,
+                request: Request<Self::Req>,
+            ) -> BoxFuture<Response<Ack>, Status> {
+                let result =
+                    Participant::apply(&*self, &method, request.into_inner()).map(Response::new);
+                Box::pin(async move { result })
+            }
+        }
+    )*};
 }
+participant_rpc!(Inventory, Payments);
 
 /// The answers a participant gave, by step idempotency key: each key's effect runs once.
 #[derive(Debug, Default)]
