@@ -7,7 +7,8 @@
 //!   and TTL.
 //! - `cache/stampede` (printed before the groups): 1,000 tasks read one hot key across its
 //!   expiry behind a 50 ms loader: loader calls and p50/p99 read latency, naive cache-aside
-//!   on moka vs sd (the scenario of `examples/stampede.rs`).
+//!   on moka, moka's coalescing `get_with` (its answer to a stampede: one loader per key,
+//!   the other callers wait for it) and sd (the scenario of `examples/stampede.rs`).
 //! - `cache/redis`: one hit read, sd `RedisCache::get` (one `HMGET` round trip) vs raw
 //!   `GET` of the same payload on the same server and connection.
 //! - `cache/two-tier`: a hit in the memory tier of a two-tier cache (`TwoTier::get` and
@@ -108,8 +109,44 @@ fn stampede(_: &mut Criterion) {
             "  naive cache-aside (moka)",
             &scenario::naive_memory(s).await,
         );
+        scenario::row("  moka get_with (coalescing)", &moka_get_with(s).await);
         scenario::row("  sd-cache", &scenario::sd_memory(s).await);
     });
+}
+
+/// moka's coalescing loader on the same scenario: a hit is a plain `get` on the task; a
+/// miss goes through `get_with`, which runs one loader per key while the other callers
+/// wait for its value. moka's sync cache blocks the waiting callers, so the miss runs on
+/// tokio's blocking pool (as an async service would call it), never on a worker.
+async fn moka_get_with(s: scenario::Scenario) -> scenario::Outcome {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let cache: moka::sync::Cache<&'static str, u64> = moka::sync::Cache::builder()
+        .max_capacity(1_000)
+        .time_to_live(s.ttl)
+        .build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (c, k) = (cache.clone(), calls.clone());
+    let read = move || {
+        let (cache, calls) = (c.clone(), k.clone());
+        async move {
+            if cache.get("hot").is_some() {
+                return;
+            }
+            tokio::task::spawn_blocking(move || {
+                cache.get_with("hot", || {
+                    // The same slow "database query" as the other rows, blocking here.
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(s.load_time);
+                    7
+                })
+            })
+            .await
+            .unwrap();
+        }
+    };
+    scenario::measure(s, &calls, read).await
 }
 
 fn redis(c: &mut Criterion) {
