@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sd_pool::redis::{Entry, StreamConsumer};
+use sd_pool::redis::{ConsumerReport, Entry, StreamConsumer, StreamConsumerBuilder};
 use sd_pool::{Error, Order, Pool};
 use sd_testkit::{RedisOptions, RedisServer, eventually, runtime};
 
@@ -76,57 +76,110 @@ fn n_of(entry: &Entry) -> u64 {
     entry.get_str("n").unwrap().parse().unwrap()
 }
 
-#[test]
-fn every_entry_is_processed_in_key_order_and_acked() {
+/// What a test on a shared server starts from: the server's URL, a connection, and a
+/// fresh stream holding the entries [`produce`] added (`ids`).
+struct Fixture {
+    url: String,
+    conn: ConnectionManager,
+    stream: String,
+    ids: Vec<String>,
+}
+
+/// Runs `test` on the shared Redis with a fresh stream of `n` entries over `keys` keys.
+fn with_stream<F, Fut>(n: u64, keys: u64, test: F)
+where
+    F: FnOnce(Fixture) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let server = sd_testkit::redis().expect("redis-server for the test");
     let url = server.url().to_owned();
     let stream = sd_testkit::unique_name("pool");
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
-        produce(&mut conn, &stream, 300, 7).await;
-        let pool = Pool::builder()
-            .workers(8)
-            .queue(16)
-            .order(Order::PerKey)
-            .build()
-            .unwrap();
-        let cfg = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
-            .batch(50)
-            .key_field("key");
-        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
+        let ids = produce(&mut conn, &stream, n, keys).await;
+        test(Fixture {
+            url,
+            conn,
+            stream,
+            ids,
+        })
+        .await;
+    });
+}
+
+/// A pool of `workers` and `queue` that runs the entries of one key in order.
+fn per_key_pool(workers: usize, queue: usize) -> Pool {
+    Pool::builder()
+        .workers(workers)
+        .queue(queue)
+        .order(Order::PerKey)
+        .build()
+        .unwrap()
+}
+
+/// A consumer `consumer` of group "g" on `stream`.
+fn consumer_of(stream: &str, consumer: &str) -> StreamConsumerBuilder {
+    StreamConsumer::builder()
+        .stream(stream)
+        .group("g")
+        .consumer(consumer)
+}
+
+/// Builds the consumer `cfg` on `conn` and `pool` and runs it with `handler` on a task
+/// until the returned sender fires (or is dropped); the task gives back the report and
+/// the consumer.
+async fn run_until_stopped<C, H, Fut, E>(
+    cfg: StreamConsumerBuilder,
+    conn: C,
+    pool: Pool,
+    handler: H,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<(ConsumerReport, StreamConsumer<C>)>,
+)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    H: Fn(Entry) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let consumer = cfg.build(conn, pool).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let report = consumer.run(handler, stop).await.unwrap();
+        (report, consumer)
+    });
+    (stop_tx, run)
+}
+
+#[test]
+fn every_entry_is_processed_in_key_order_and_acked() {
+    with_stream(300, 7, |Fixture { conn, stream, .. }| async move {
+        let pool = per_key_pool(8, 16);
+        let cfg = consumer_of(&stream, "c1").batch(50).key_field("key");
         let seen: Seen = Arc::default();
         let s = seen.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            let report = consumer
-                .run(
-                    move |entry| {
-                        let s = s.clone();
-                        async move {
-                            tokio::time::sleep(Duration::from_micros(200)).await;
-                            let key = entry.get_str("key").unwrap().to_owned();
-                            s.lock().unwrap().entry(key).or_default().push(n_of(&entry));
-                            Ok::<(), std::io::Error>(())
-                        }
-                    },
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .unwrap();
-            (report, consumer.pool().metrics())
-        });
+        let (stop_tx, run) = run_until_stopped(cfg, conn.clone(), pool, move |entry| {
+            let s = s.clone();
+            async move {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                let key = entry.get_str("key").unwrap().to_owned();
+                s.lock().unwrap().entry(key).or_default().push(n_of(&entry));
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .await;
         let s = seen.clone();
         eventually("all 300 processed", || async {
             s.lock().unwrap().values().map(Vec::len).sum::<usize>() >= 300
         })
         .await;
         stop_tx.send(()).unwrap();
-        let (report, metrics) = run.await.unwrap();
+        let (report, consumer) = run.await.unwrap();
+        let metrics = consumer.pool().metrics();
         assert_eq!(report.read, 300);
         assert_eq!(report.acked, 300);
         assert!(metrics.queued_peak <= 16 && metrics.running_peak <= 8);
@@ -139,53 +192,34 @@ fn every_entry_is_processed_in_key_order_and_acked() {
 
 #[test]
 fn failed_entries_stay_pending_and_are_redelivered() {
-    let server = sd_testkit::redis().expect("redis-server for the test");
-    let url = server.url().to_owned();
-    let stream = sd_testkit::unique_name("pool");
-    runtime().block_on(async move {
-        let mut conn = connect(&url).await;
-        produce(&mut conn, &stream, 60, 3).await;
+    with_stream(60, 3, |Fixture { conn, stream, .. }| async move {
         let pool = Pool::builder().workers(4).queue(8).build().unwrap();
-        let cfg = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
+        let cfg = consumer_of(&stream, "c1")
             .min_idle(Duration::from_millis(100))
             .claim_every(Duration::from_millis(50));
-        let consumer = cfg.build(conn.clone(), pool).await.unwrap();
         let seen: Seen = Arc::default();
         let s = seen.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            consumer
-                .run(
-                    move |entry| {
-                        let s = s.clone();
-                        async move {
-                            let n = n_of(&entry);
-                            let first = {
-                                let mut s = s.lock().unwrap();
-                                let tries = s.entry(entry.id.clone()).or_default();
-                                tries.push(n);
-                                tries.len() == 1
-                            };
-                            // Every tenth entry fails once, every fifteenth panics once.
-                            if first && n % 10 == 3 {
-                                return Err("try again");
-                            }
-                            if first && n % 15 == 4 {
-                                panic!("boom");
-                            }
-                            Ok(())
-                        }
-                    },
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .unwrap()
-        });
+        let (stop_tx, run) = run_until_stopped(cfg, conn.clone(), pool, move |entry| {
+            let s = s.clone();
+            async move {
+                let n = n_of(&entry);
+                let first = {
+                    let mut s = s.lock().unwrap();
+                    let tries = s.entry(entry.id.clone()).or_default();
+                    tries.push(n);
+                    tries.len() == 1
+                };
+                // Every tenth entry fails once, every fifteenth panics once.
+                if first && n % 10 == 3 {
+                    return Err("try again");
+                }
+                if first && n % 15 == 4 {
+                    panic!("boom");
+                }
+                Ok(())
+            }
+        })
+        .await;
         let c = conn.clone();
         let st = stream.clone();
         let s = seen.clone();
@@ -194,7 +228,7 @@ fn failed_entries_stay_pending_and_are_redelivered() {
         })
         .await;
         stop_tx.send(()).unwrap();
-        let report = run.await.unwrap();
+        let (report, _) = run.await.unwrap();
         // Every entry was handled; the 6 that failed (n % 10 == 3) and the 4 that
         // panicked (n % 15 == 4) on their first try were redelivered and run exactly once
         // more (their second try succeeds); the other 50 ran once.
@@ -219,30 +253,15 @@ fn failed_entries_stay_pending_and_are_redelivered() {
 
 #[test]
 fn a_consumer_killed_mid_batch_loses_nothing() {
-    let server = sd_testkit::redis().expect("redis-server for the test");
-    let url = server.url().to_owned();
-    let stream = sd_testkit::unique_name("pool");
-    runtime().block_on(async move {
-        let mut conn = connect(&url).await;
-        let total = 200u64;
-        produce(&mut conn, &stream, total, 5).await;
+    let total = 200u64;
+    with_stream(total, 5, |Fixture { conn, stream, .. }| async move {
         // Successful handler runs per entry, across both consumers.
         let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
 
         // Consumer A works for a while; entries with n % 10 == 7 hang, as if A were stuck
         // when it crashed. Then A dies: its task is aborted and its pool shut down.
-        let pool_a = Pool::builder()
-            .workers(4)
-            .queue(16)
-            .order(Order::PerKey)
-            .build()
-            .unwrap();
-        let cfg_a = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("a")
-            .batch(20)
-            .key_field("key");
+        let pool_a = per_key_pool(4, 16);
+        let cfg_a = consumer_of(&stream, "a").batch(20).key_field("key");
         let a = cfg_a.build(conn.clone(), pool_a.clone()).await.unwrap();
         let d = done.clone();
         let task_a = tokio::spawn(async move {
@@ -275,45 +294,27 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
         assert!(pending(&c, &st, "g").await > 0, "A died holding entries");
 
         // Consumer B reclaims A's pending entries after min_idle and reads the rest.
-        let pool_b = Pool::builder()
-            .workers(4)
-            .queue(16)
-            .order(Order::PerKey)
-            .build()
-            .unwrap();
-        let cfg_b = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("b")
+        let pool_b = per_key_pool(4, 16);
+        let cfg_b = consumer_of(&stream, "b")
             .key_field("key")
             .min_idle(Duration::from_millis(200))
             .claim_every(Duration::from_millis(50));
-        let b = cfg_b.build(conn.clone(), pool_b).await.unwrap();
         let d = done.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task_b = tokio::spawn(async move {
-            b.run(
-                move |entry| {
-                    let d = d.clone();
-                    async move {
-                        *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
-                        Ok::<(), std::io::Error>(())
-                    }
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            )
-            .await
-            .unwrap()
-        });
+        let (stop_tx, task_b) = run_until_stopped(cfg_b, conn.clone(), pool_b, move |entry| {
+            let d = d.clone();
+            async move {
+                *d.lock().unwrap().entry(n_of(&entry)).or_default() += 1;
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .await;
         let d = done.clone();
         eventually("every entry done and acked", || async {
             d.lock().unwrap().len() as u64 == total && pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
-        let report = task_b.await.unwrap();
+        let (report, _) = task_b.await.unwrap();
         assert!(report.reclaimed > 0, "B took over A's entries");
         let all_done = {
             let done = done.lock().unwrap();
@@ -326,46 +327,31 @@ fn a_consumer_killed_mid_batch_loses_nothing() {
 
 #[test]
 fn acks_follow_the_watermark_while_an_entry_is_held() {
-    let server = sd_testkit::redis().expect("redis-server for the test");
-    let url = server.url().to_owned();
-    let stream = sd_testkit::unique_name("pool");
-    runtime().block_on(async move {
-        let mut conn = connect(&url).await;
-        let ids = produce(&mut conn, &stream, 20, 20).await;
+    with_stream(20, 20, |fixture| async move {
+        let Fixture {
+            mut conn,
+            stream,
+            ids,
+            ..
+        } = fixture;
         let pool = Pool::builder().workers(4).queue(32).build().unwrap();
-        let consumer = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
-            .build(conn.clone(), pool.clone())
-            .await
-            .unwrap();
+        let cfg = consumer_of(&stream, "c1");
         let held = 5u64;
         let gate = Arc::new(tokio::sync::Notify::new());
         let done: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let (g, d) = (gate.clone(), done.clone());
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            consumer
-                .run(
-                    move |entry| {
-                        let (g, d) = (g.clone(), d.clone());
-                        async move {
-                            let n = n_of(&entry);
-                            if n == held {
-                                g.notified().await;
-                            }
-                            d.lock().unwrap().insert(n);
-                            Ok::<(), std::io::Error>(())
-                        }
-                    },
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .unwrap()
-        });
+        let handler = move |entry| {
+            let (g, d) = (g.clone(), d.clone());
+            async move {
+                let n = n_of(&entry);
+                if n == held {
+                    g.notified().await;
+                }
+                d.lock().unwrap().insert(n);
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let (stop_tx, run) = run_until_stopped(cfg, conn.clone(), pool.clone(), handler).await;
         // Everything but the held entry finishes, and the entries before it are acked.
         let (d, c, st) = (done.clone(), conn.clone(), stream.clone());
         eventually(
@@ -385,7 +371,7 @@ fn acks_follow_the_watermark_while_an_entry_is_held() {
         })
         .await;
         stop_tx.send(()).unwrap();
-        let report = run.await.unwrap();
+        let (report, _) = run.await.unwrap();
         assert_eq!(
             (report.read, report.acked, report.left_pending),
             (20, 20, 0)
@@ -459,18 +445,10 @@ fn consumer_survives(fault: impl FnOnce(&mut RedisServer) + Send + 'static) {
         let mut conn = connect(&url).await;
         let total = 400u64;
         produce(&mut conn, &stream, total, 7).await;
-        let pool = Pool::builder()
-            .workers(4)
-            .queue(16)
-            .order(Order::PerKey)
-            .build()
-            .unwrap();
+        let pool = per_key_pool(4, 16);
         // A short min_idle: an entry whose XREADGROUP reply was lost to the fault is
         // reclaimed by this same consumer.
-        let cfg = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
+        let cfg = consumer_of(&stream, "c1")
             .batch(20)
             .key_field("key")
             .min_idle(Duration::from_secs(2))
@@ -539,16 +517,8 @@ fn consumer_rejoins_after_redis_restarts_empty() {
     runtime().block_on(async move {
         let mut conn = connect(&url).await;
         produce(&mut conn, &stream, 50, 5).await;
-        let pool = Pool::builder()
-            .workers(4)
-            .queue(16)
-            .order(Order::PerKey)
-            .build()
-            .unwrap();
-        let cfg = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
+        let pool = per_key_pool(4, 16);
+        let cfg = consumer_of(&stream, "c1")
             .batch(20)
             .key_field("key")
             .claim_every(Duration::from_millis(100));
@@ -663,48 +633,34 @@ fn config_errors_name_the_field() {
 /// `MultiplexedConnection` of its own.
 #[test]
 fn a_consumer_on_a_multiplexed_connection_processes_and_acks() {
-    let server = sd_testkit::redis().expect("redis-server for the test");
-    let url = server.url().to_owned();
-    let stream = sd_testkit::unique_name("pool");
-    runtime().block_on(async move {
-        let mut conn = connect(&url).await;
-        produce(&mut conn, &stream, 30, 3).await;
+    with_stream(30, 3, |fixture| async move {
+        let Fixture {
+            url, conn, stream, ..
+        } = fixture;
         let multiplexed = redis::Client::open(url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .unwrap();
         let pool = Pool::builder().workers(2).queue(8).build().unwrap();
-        let consumer = StreamConsumer::builder()
-            .stream(&stream)
-            .group("g")
-            .consumer("c1")
-            .build(multiplexed, pool)
-            .await
-            .unwrap();
+        let cfg = consumer_of(&stream, "c1");
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let s = seen.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            let handler = move |entry: Entry| {
-                let s = s.clone();
-                async move {
-                    s.lock().unwrap().insert(entry.id);
-                    Ok::<(), std::io::Error>(())
-                }
-            };
-            let stop = async move {
-                let _ = stop_rx.await;
-            };
-            consumer.run(handler, stop).await.unwrap()
-        });
+        let handler = move |entry: Entry| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().insert(entry.id);
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let (stop_tx, run) = run_until_stopped(cfg, multiplexed, pool, handler).await;
         let (s, c, st) = (seen.clone(), conn.clone(), stream.clone());
         eventually("all acked", || async {
             s.lock().unwrap().len() == 30 && pending(&c, &st, "g").await == 0
         })
         .await;
         stop_tx.send(()).unwrap();
-        let report = run.await.unwrap();
+        let (report, _) = run.await.unwrap();
         assert_eq!((report.read, report.acked), (30, 30));
     });
 }
