@@ -483,13 +483,16 @@ fn at_most_one_early_refresh_per_expiry_across_clients() {
         let calls = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Reads each reader completed: progress that provably happened, instead of sleeps.
+        let done: Arc<Vec<AtomicUsize>> = Arc::new((0..200).map(|_| AtomicUsize::new(0)).collect());
         let mut readers = Vec::new();
         for i in 0..200 {
-            let (cache, calls, gate, stop) = (
+            let (cache, calls, gate, stop, done) = (
                 clients[i % 4].clone(),
                 calls.clone(),
                 gate.clone(),
                 stop.clone(),
+                done.clone(),
             );
             readers.push(tokio::spawn(async move {
                 while !stop.load(Ordering::SeqCst) {
@@ -502,24 +505,63 @@ fn at_most_one_early_refresh_per_expiry_across_clients() {
                         })
                         .await
                         .unwrap();
+                    done[i].fetch_add(1, Ordering::SeqCst);
                 }
             }));
         }
+        // Every reader completes `n` more reads after this call (each one started later).
+        let every_reader_reads_again = |what: &'static str, n: usize| {
+            let done = done.clone();
+            let from: Vec<usize> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+            async move {
+                eventually(what, || {
+                    std::future::ready(
+                        done.iter()
+                            .zip(&from)
+                            .all(|(d, &f)| d.load(Ordering::SeqCst) >= f + n),
+                    )
+                })
+                .await;
+            }
+        };
+        let version = |admin: &ConnectionManager| {
+            let (mut admin, key) = (admin.clone(), clients[0].data_key("hot"));
+            async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg("ver")
+                    .query_async::<String>(&mut admin)
+                    .await
+                    .unwrap()
+            }
+        };
         eventually("the one refresh", || {
             std::future::ready(calls.load(Ordering::SeqCst) == 1)
         })
         .await;
-        // Readers keep reading (and firing) across the moment the refreshed entry lands:
-        // refreshes decided on the old entry must find it replaced and not load again.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Readers keep reading (and firing refreshes that find the lock taken) while the
+        // refresh holds it, and across the moment the refreshed entry lands: refreshes
+        // decided on the old entry must find it replaced and not load again.
+        every_reader_reads_again("every reader reads while the refresh is held", 2).await;
+        assert_eq!(version(&admin).await, "1", "the refresh has not landed yet");
         gate.add_permits(10_000);
+        eventually("the refreshed entry lands", || {
+            let v = version(&admin);
+            async move { v.await != "1" }
+        })
+        .await;
+        let refreshed = version(&admin).await;
         for c in &clients {
             eventually("every client reads the refreshed entry", || async {
                 c.get("hot").await.unwrap() == Some(1)
             })
             .await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The cache reports no signal for a refresh that was decided and then skipped, so
+        // wait for events that come after every refresh decided on the old entry was
+        // spawned: every reader completes two more reads, each of which started after the
+        // refreshed entry landed, through the same connections the refreshes use.
+        every_reader_reads_again("every reader reads the refreshed entry twice", 2).await;
         stop.store(true, Ordering::SeqCst);
         for r in readers {
             r.await.unwrap();
@@ -528,6 +570,11 @@ fn at_most_one_early_refresh_per_expiry_across_clients() {
             calls.load(Ordering::SeqCst),
             1,
             "one refresh across 4 clients"
+        );
+        assert_eq!(
+            version(&admin).await,
+            refreshed,
+            "no second refresh replaced the refreshed entry"
         );
     });
 }
