@@ -24,7 +24,12 @@ use sd_idempotency::{
 use tokio::sync::watch;
 
 /// A harness on real time for a store on a real server (or the wall clock): lock TTL and
-/// retention 600 ms, time passed by sleeping; `guard` keeps the server up.
+/// retention 3 s, time passed by sleeping; `guard` keeps the server up.
+///
+/// The store's time is the server's here, so no clock can be injected. Sleeping past an
+/// expiry is exact (a sleep never ends early); what flakes is the other side, the steps a
+/// case must finish *inside* a lease (claim, then a retry that must still see it held),
+/// so the leases are long enough for those on a loaded two-core machine.
 pub fn real_time<S>(
     store: S,
     expiry_forgets: bool,
@@ -32,8 +37,8 @@ pub fn real_time<S>(
 ) -> Harness<S> {
     Harness {
         store,
-        lock_ttl: Duration::from_millis(600),
-        retention: Duration::from_millis(600),
+        lock_ttl: Duration::from_secs(3),
+        retention: Duration::from_secs(3),
         expiry_forgets,
         pass: Arc::new(|d| Box::pin(tokio::time::sleep(d))),
         guard,
