@@ -151,29 +151,28 @@ impl Process {
     /// Clients see a server that accepts nothing and answers nothing, as during a long
     /// GC pause or a network partition.
     pub fn pause(&mut self) -> Result<()> {
-        let pid = self.running_pid("pause")?;
-        if self.paused {
-            return Err(Error::State {
-                action: "pause",
-                reason: "the server is already paused",
-            });
-        }
-        signal_tree(pid, libc::SIGSTOP)?;
-        self.paused = true;
-        Ok(())
+        self.set_paused(true)
     }
 
     /// Lets a paused server run again (`SIGCONT` to its process group).
     pub fn resume(&mut self) -> Result<()> {
-        let pid = self.running_pid("resume")?;
-        if !self.paused {
-            return Err(Error::State {
-                action: "resume",
-                reason: "the server is not paused",
-            });
+        self.set_paused(false)
+    }
+
+    /// Pauses (`SIGSTOP`) or resumes (`SIGCONT`) the running server's process group;
+    /// refuses to pause a paused server or to resume one that is not paused.
+    fn set_paused(&mut self, paused: bool) -> Result<()> {
+        let (action, signal, reason) = if paused {
+            ("pause", libc::SIGSTOP, "the server is already paused")
+        } else {
+            ("resume", libc::SIGCONT, "the server is not paused")
+        };
+        let pid = self.running_pid(action)?;
+        if self.paused == paused {
+            return Err(Error::State { action, reason });
         }
-        signal_tree(pid, libc::SIGCONT)?;
-        self.paused = false;
+        signal_tree(pid, signal)?;
+        self.paused = paused;
         Ok(())
     }
 
