@@ -25,7 +25,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, criterion_group, criterion_main};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use sd_pool::{Job, Order, Pool};
@@ -183,6 +184,17 @@ fn print_floor(jobs: &[(usize, u64)], keys: usize) {
     );
 }
 
+/// A group of the parallel-consumer runs: 10 flat samples, 100 ms of warm-up, 1 s of
+/// measurement.
+fn consumer_group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    g.sampling_mode(SamplingMode::Flat);
+    g.warm_up_time(Duration::from_millis(100));
+    g.measurement_time(Duration::from_secs(1));
+    g
+}
+
 fn parallel_consumer(c: &mut Criterion) {
     let rt = runtime();
     let jobs = pc_jobs();
@@ -190,11 +202,7 @@ fn parallel_consumer(c: &mut Criterion) {
         print_floor(&jobs, keys);
     }
     print_floor(&jobs[..PC_JOBS_SERIAL], 1);
-    let mut g = c.benchmark_group("pool/parallel_consumer");
-    g.sample_size(10);
-    g.sampling_mode(SamplingMode::Flat);
-    g.warm_up_time(Duration::from_millis(100));
-    g.measurement_time(Duration::from_secs(1));
+    let mut g = consumer_group(c, "pool/parallel_consumer");
     g.bench_function("spawn_semaphore_unordered", |b| {
         b.iter(|| rt.block_on(semaphore_pc(&jobs)))
     });
@@ -214,11 +222,7 @@ fn parallel_consumer(c: &mut Criterion) {
     g.finish();
 
     let jobs = &jobs[..PC_JOBS_SERIAL];
-    let mut g = c.benchmark_group("pool/parallel_consumer_1k");
-    g.sample_size(10);
-    g.sampling_mode(SamplingMode::Flat);
-    g.warm_up_time(Duration::from_millis(100));
-    g.measurement_time(Duration::from_secs(1));
+    let mut g = consumer_group(c, "pool/parallel_consumer_1k");
     g.bench_function("sd_pool_per_key_1", |b| {
         b.iter(|| rt.block_on(sd_pool_pc(Order::PerKey, 1, jobs)))
     });
