@@ -10,8 +10,16 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
-use sd_ratelimit::memory::{ManualClock, MemoryLimiterBuilder};
+use sd_ratelimit::memory::{KeyedLimiter, ManualClock, MemoryLimiterBuilder};
 use sd_ratelimit::{Error, Limit, Quota};
+
+/// A limiter keyed by `String`, 10 per second with a burst of 10, on `clock`.
+fn keyed_on(clock: &ManualClock) -> KeyedLimiter<String, ManualClock> {
+    MemoryLimiterBuilder::new(gcra(10, 10))
+        .clock(clock.clone())
+        .keyed::<String>()
+        .unwrap()
+}
 
 fn gcra(per_second: u32, burst: u32) -> Limit {
     Limit::gcra(
@@ -152,10 +160,7 @@ fn keys_back_to_full_are_removed_without_a_cap() {
 #[test]
 fn several_limits_are_all_or_none() {
     let clock = ManualClock::new();
-    let limiter = MemoryLimiterBuilder::new(gcra(10, 10))
-        .clock(clock.clone())
-        .keyed::<String>()
-        .unwrap();
+    let limiter = keyed_on(&clock);
     let per_ip = gcra(10, 3);
     let per_user = gcra(1, 5);
     let check = |ip: &str| {
@@ -185,10 +190,7 @@ fn several_limits_are_all_or_none() {
 #[test]
 fn changing_the_quota_at_runtime_hands_out_no_fresh_burst() {
     let clock = ManualClock::new();
-    let limiter = MemoryLimiterBuilder::new(gcra(10, 10))
-        .clock(clock.clone())
-        .keyed::<String>()
-        .unwrap();
+    let limiter = keyed_on(&clock);
     for _ in 0..10 {
         assert!(limiter.check("k").unwrap().allowed);
     }

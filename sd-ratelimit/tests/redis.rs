@@ -24,6 +24,49 @@ async fn manager(url: &str) -> ConnectionManager {
         .unwrap()
 }
 
+/// Runs `test` on a connection to the Redis the tests share.
+fn on_shared_redis<F, Fut>(test: F)
+where
+    F: FnOnce(ConnectionManager) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    runtime().block_on(async { test(manager(server.url()).await).await });
+}
+
+/// Runs `test` on a connection to a Redis of its own, whose statistics only the test
+/// moves.
+fn on_own_redis<F, Fut>(test: F)
+where
+    F: FnOnce(ConnectionManager) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
+    runtime().block_on(async { test(manager(&server.url()).await).await });
+}
+
+/// Zeroes the server's command statistics.
+async fn reset_stats(conn: &mut ConnectionManager) {
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// How many EVALSHA calls the server ran since its statistics were reset, if any.
+async fn evalsha_calls(conn: &mut ConnectionManager) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .map(|n| n.parse().unwrap())
+}
+
 fn limits() -> Vec<Limit> {
     let q = Quota::per_second(2).unwrap().with_burst(4).unwrap();
     vec![
@@ -133,10 +176,7 @@ fn redis_and_cluster_decide_exactly_as_memory() {
 
 #[test]
 fn server_time_noscript_expiry_and_all_or_none() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let rt = runtime();
-    rt.block_on(async {
-        let mut conn = manager(server.url()).await;
+    on_shared_redis(|mut conn| async move {
         // One request per 10 s, burst of 2: no stall of a loaded machine reaches a unit,
         // so the third call is denied however slow the calls are.
         let unit = Duration::from_secs(10);
@@ -373,10 +413,7 @@ fn failure_policies(batch: usize) {
 /// decision matches what one-at-a-time GCRA allows, and decisions did share scripts.
 #[test]
 fn batched_decisions_are_exact_under_contention() {
-    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
-    let rt = runtime();
-    rt.block_on(async {
-        let conn = manager(&server.url()).await;
+    on_own_redis(|conn| async move {
         let limiter = std::sync::Arc::new(
             RedisLimiterBuilder::new(Limit::gcra(Quota::per_hour(100).unwrap()))
                 .batch(32)
@@ -386,11 +423,7 @@ fn batched_decisions_are_exact_under_contention() {
                 .unwrap(),
         );
         let mut admin = conn.clone();
-        let () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        reset_stats(&mut admin).await;
         let tasks: Vec<_> = (0..64)
             .map(|t| {
                 let limiter = limiter.clone();
@@ -415,18 +448,7 @@ fn batched_decisions_are_exact_under_contention() {
         }
         assert_eq!(hot, 100, "one key admits exactly its burst");
         assert_eq!(limiter.stats().backend_errors(), 0);
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        let calls: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|l| l.split(',').next())
-            .unwrap()
-            .parse()
-            .unwrap();
+        let calls = evalsha_calls(&mut admin).await.unwrap();
         assert!(calls < 64 * 40, "{calls} scripts for {} decisions", 64 * 40);
     });
 }
@@ -436,10 +458,7 @@ fn batched_decisions_are_exact_under_contention() {
 /// new limit empties the cache.
 #[test]
 fn deny_cache_answers_denied_keys_without_a_round_trip() {
-    let server = sd_testkit::RedisServer::start().expect("redis-server must be installed");
-    let rt = runtime();
-    rt.block_on(async {
-        let conn = manager(&server.url()).await;
+    on_own_redis(|conn| async move {
         let limiter = RedisLimiterBuilder::new(Limit::gcra(
             Quota::per_minute(2).unwrap().with_burst(3).unwrap(),
         ))
@@ -448,32 +467,21 @@ fn deny_cache_answers_denied_keys_without_a_round_trip() {
         .build(conn.clone())
         .unwrap();
         let mut admin = conn.clone();
-        let scripts = |info: String| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|l| l.split(',').next())
-                .map_or(0, |n| n.parse().unwrap())
-        };
         assert!(limiter.check_n("k", 2).await.unwrap().allowed);
         let first = limiter.check_n("k", 2).await.unwrap();
         assert!(!first.allowed, "Redis denies: one left, two asked");
-        let () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        reset_stats(&mut admin).await;
         for _ in 0..10 {
             let d = limiter.check_n("k", 2).await.unwrap();
             assert!(!d.allowed);
             assert!(d.retry_after <= first.retry_after && !d.retry_after.is_zero());
             assert_eq!(d.limit, first.limit);
         }
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        assert_eq!(scripts(info), 0, "denials answered locally");
+        assert_eq!(
+            evalsha_calls(&mut admin).await.unwrap_or(0),
+            0,
+            "denials answered locally"
+        );
         assert_eq!(limiter.stats().denied(), 11);
         // A lower cost is not covered by the cached denial: Redis admits it.
         assert!(limiter.check("k").await.unwrap().allowed);
@@ -484,21 +492,13 @@ fn deny_cache_answers_denied_keys_without_a_round_trip() {
             ))
             .unwrap();
         assert!(limiter.check_n("k", 2).await.unwrap().allowed);
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        assert_eq!(scripts(info), 2);
+        assert_eq!(evalsha_calls(&mut admin).await.unwrap_or(0), 2);
     });
 }
 
 #[test]
 fn invalid_redis_config_fails_at_construction() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let rt = runtime();
-    rt.block_on(async {
-        let conn = manager(server.url()).await;
+    on_shared_redis(|conn| async move {
         let limit = Limit::gcra(Quota::per_second(1).unwrap());
         assert!(matches!(
             RedisLimiterBuilder::new(limit).batch(0).build(conn.clone()),
@@ -537,10 +537,7 @@ fn invalid_redis_config_fails_at_construction() {
 /// algorithm, another window) is refused with a typed error; the old limit stays.
 #[test]
 fn a_limit_that_would_misread_the_state_in_redis_is_refused() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let rt = runtime();
-    rt.block_on(async {
-        let conn = manager(server.url()).await;
+    on_shared_redis(|conn| async move {
         let window = Limit::sliding_window(2, Duration::from_secs(3600)).unwrap();
         let limiter = RedisLimiterBuilder::new(window).build(conn).unwrap();
         assert!(limiter.check("k").await.unwrap().allowed);

@@ -42,6 +42,14 @@ fn app<E: KeyExtractor<String>>(
     }))
 }
 
+/// Sends `req` through a clone of `svc`.
+async fn send<S>(svc: &S, req: Request<String>) -> Response<Body>
+where
+    S: Service<Request<String>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    svc.clone().oneshot(req).await.unwrap()
+}
+
 fn request(xff: &str, peer: &str) -> Request<String> {
     let mut req = Request::builder()
         .uri("/")
@@ -59,11 +67,7 @@ async fn denies_with_429_retry_after_and_ietf_headers() {
     let svc = app(RateLimiterLayer::new(limiter(2, 2), key)
         .policy(&Limit::gcra(Quota::per_second(2).unwrap())));
     for remaining in [1, 0] {
-        let resp = svc
-            .clone()
-            .oneshot(request("1.1.1.1", "10.0.0.1:5000"))
-            .await
-            .unwrap();
+        let resp = send(&svc, request("1.1.1.1", "10.0.0.1:5000")).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["ratelimit-policy"], "\"default\";q=2;w=1");
         assert_eq!(
@@ -71,33 +75,17 @@ async fn denies_with_429_retry_after_and_ietf_headers() {
             format!("\"default\";r={remaining};t=1").as_str()
         );
     }
-    let resp = svc
-        .clone()
-        .oneshot(request("1.1.1.1", "10.0.0.1:5000"))
-        .await
-        .unwrap();
+    let resp = send(&svc, request("1.1.1.1", "10.0.0.1:5000")).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(resp.headers()["retry-after"], "1");
     // A client that rotates a spoofed left entry is still the same client.
-    let resp = svc
-        .clone()
-        .oneshot(request("9.9.9.9, 1.1.1.1", "10.0.0.1:5000"))
-        .await
-        .unwrap();
+    let resp = send(&svc, request("9.9.9.9, 1.1.1.1", "10.0.0.1:5000")).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     // Another client is not affected.
-    let resp = svc
-        .clone()
-        .oneshot(request("2.2.2.2", "10.0.0.1:5000"))
-        .await
-        .unwrap();
+    let resp = send(&svc, request("2.2.2.2", "10.0.0.1:5000")).await;
     assert_eq!(resp.status(), StatusCode::OK);
     // A malformed header is a 400, not a panic and not a free pass.
-    let resp = svc
-        .clone()
-        .oneshot(request("1.1.1.1, garbage", "10.0.0.1:5000"))
-        .await
-        .unwrap();
+    let resp = send(&svc, request("1.1.1.1, garbage", "10.0.0.1:5000")).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -107,19 +95,11 @@ async fn trusted_proxies_ignore_headers_from_direct_clients() {
     let key = ClientIpKey::new(ClientIp::x_forwarded_for(trust).unwrap());
     let svc = app(RateLimiterLayer::new(limiter(1, 1), key).headers(HeaderStyle::XRateLimit));
     // A direct client rotating X-Forwarded-For is keyed by its own address.
-    let first = svc
-        .clone()
-        .oneshot(request("1.1.1.1", "8.8.8.8:1"))
-        .await
-        .unwrap();
+    let first = send(&svc, request("1.1.1.1", "8.8.8.8:1")).await;
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(first.headers()["x-ratelimit-limit"], "1");
     assert_eq!(first.headers()["x-ratelimit-remaining"], "0");
-    let second = svc
-        .clone()
-        .oneshot(request("2.2.2.2", "8.8.8.8:1"))
-        .await
-        .unwrap();
+    let second = send(&svc, request("2.2.2.2", "8.8.8.8:1")).await;
     assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(second.headers()["x-ratelimit-remaining"], "0");
 }
@@ -135,11 +115,8 @@ async fn grpc_gets_resource_exhausted() {
             .body(String::new())
             .unwrap()
     };
-    assert_eq!(
-        svc.clone().oneshot(grpc()).await.unwrap().status(),
-        StatusCode::OK
-    );
-    let resp = svc.clone().oneshot(grpc()).await.unwrap();
+    assert_eq!(send(&svc, grpc()).await.status(), StatusCode::OK);
+    let resp = send(&svc, grpc()).await;
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -156,10 +133,7 @@ async fn grpc_gets_resource_exhausted() {
         .header("content-type", "application/grpc")
         .body(String::new())
         .unwrap();
-    assert_eq!(
-        svc.clone().oneshot(no_key).await.unwrap().headers()["grpc-status"],
-        "3"
-    );
+    assert_eq!(send(&svc, no_key).await.headers()["grpc-status"], "3");
 }
 
 #[tokio::test]
@@ -167,15 +141,9 @@ async fn closures_extract_keys() {
     let by_path = |req: &Request<String>| Ok(req.uri().path().to_owned());
     let svc = app(RateLimiterLayer::new(limiter(1, 1), by_path).headers(HeaderStyle::None));
     let get = |p: &str| Request::builder().uri(p).body(String::new()).unwrap();
-    assert_eq!(
-        svc.clone().oneshot(get("/a")).await.unwrap().status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        svc.clone().oneshot(get("/b")).await.unwrap().status(),
-        StatusCode::OK
-    );
-    let denied = svc.clone().oneshot(get("/a")).await.unwrap();
+    assert_eq!(send(&svc, get("/a")).await.status(), StatusCode::OK);
+    assert_eq!(send(&svc, get("/b")).await.status(), StatusCode::OK);
+    let denied = send(&svc, get("/a")).await;
     assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(denied.headers().get("ratelimit").is_none());
 }
@@ -217,11 +185,8 @@ async fn a_limited_request_gets_a_429_problem_with_its_headers() {
             .body(String::new())
             .unwrap()
     };
-    assert_eq!(
-        svc.clone().oneshot(get()).await.unwrap().status(),
-        StatusCode::OK
-    );
-    let resp = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(send(&svc, get()).await.status(), StatusCode::OK);
+    let resp = send(&svc, get()).await;
     assert_eq!(resp.headers()["retry-after"], "1");
     assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
     assert_eq!(
