@@ -100,6 +100,9 @@ cleanup() {
 trap cleanup EXIT
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# One build per run: incremental caches would only fill the disk (tens of GB over the
+# workspace's test binaries) without being reused.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # --- 2. Format and lints ------------------------------------------------------------------
