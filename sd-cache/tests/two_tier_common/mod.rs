@@ -1,0 +1,45 @@
+//! The two-tier instances the two-tier test files share.
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sd_cache::{RedisCache, TwoTier};
+
+use crate::common::{eventually, manager_with_timeout};
+
+/// A two-tier cache of `u64` over a connection manager.
+pub(crate) type Tier = TwoTier<u64, ConnectionManager>;
+
+/// An independent instance ("process"): its own command connection, subscription and lease.
+pub(crate) async fn instance(url: &str, prefix: &str, fallback: bool) -> Tier {
+    TwoTier::builder(
+        RedisCache::builder(prefix)
+            .ttl(Duration::from_secs(30))
+            .fallback_to_loader(fallback),
+    )
+    .local_ttl(Duration::from_secs(10))
+    .lease(Duration::from_millis(600))
+    .build(
+        manager_with_timeout(url, Duration::from_secs(2)).await,
+        redis::Client::open(url).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until every instance serves from memory (`true`) or none does (`false`).
+pub(crate) async fn until_serving(instances: &[Tier], serving: bool) {
+    for i in instances {
+        let i = i.clone();
+        eventually(
+            if serving {
+                "serving from memory"
+            } else {
+                "not serving from memory"
+            },
+            move || std::future::ready(i.is_serving_local() == serving),
+        )
+        .await;
+    }
+}
