@@ -2,6 +2,8 @@
 //! fast producer, and completion watermarks.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,14 +79,7 @@ async fn drain_at_its_deadline_returns_the_queued_jobs_in_order() {
 
 #[tokio::test(start_paused = true)]
 async fn close_wakes_waiting_submitters_with_closed() {
-    let pool = Pool::builder().workers(1).queue(1).build().unwrap();
-    let gate = Arc::new(Notify::new());
-    let g = gate.clone();
-    let running = pool
-        .submit(async move { g.notified().await })
-        .await
-        .unwrap();
-    tokio::task::yield_now().await;
+    let (pool, gate, running) = common::held_pool().await;
     let queued = pool.submit(async { 1 }).await.unwrap();
     // Full: two submitters wait for room.
     let waiters: Vec<_> = (2..4u32)
@@ -291,11 +286,8 @@ async fn watermark_follows_out_of_order_completions_and_bounds_the_window() {
     }
     assert_eq!(pool.watermark(0), None, "offset 0 is not done");
     assert_eq!(pool.watermark_window(0), 3);
-    let full = pool
-        .try_submit(Job::new(async {}).with_offset(0, 4))
-        .unwrap_err();
     assert!(matches!(
-        full.error,
+        common::refused(&pool, Job::new(async {}).with_offset(0, 4)),
         Error::Full {
             bound: "max_watermark_window",
             limit: 3
@@ -308,11 +300,8 @@ async fn watermark_follows_out_of_order_completions_and_bounds_the_window() {
         .await
         .unwrap();
     assert_eq!(pool.watermark(1), Some(0));
-    let bad = pool
-        .try_submit(Job::new(async {}).with_offset(1, 0))
-        .unwrap_err();
     assert!(matches!(
-        bad.error,
+        common::refused(&pool, Job::new(async {}).with_offset(1, 0)),
         Error::OffsetNotIncreasing {
             partition: 1,
             offset: 0,
