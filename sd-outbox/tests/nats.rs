@@ -141,20 +141,7 @@ fn nats_killed_for_a_while_the_backlog_grows_then_drains() {
         let stats = outbox.stats().await.unwrap();
         assert!(stats.backlog >= 100, "the backlog grows: {stats:?}");
         server.start_again().unwrap();
-        eventually("the drain", || async {
-            outbox.stats().await.unwrap().backlog == 0
-        })
-        .await;
-        let got: Vec<_> = messages(&sink)
-            .await
-            .into_iter()
-            .map(|(id, aggregate, n, _)| (aggregate, n, id))
-            .collect();
-        assert_order_per_aggregate(&got, 40);
-        assert_eq!(outbox.stats().await.unwrap().dead, 0);
-        for relay in relays {
-            relay.shutdown().await;
-        }
+        drains_in_order(&outbox, relays, 40, || messages(&sink)).await;
     });
 }
 

@@ -210,20 +210,7 @@ fn redis_frozen_for_a_while_the_backlog_grows_then_drains() {
         assert!(stats.backlog >= 250, "the backlog grows: {stats:?}");
         assert!(stats.oldest_pending_age.is_some());
         server.resume().unwrap();
-        eventually("the drain", || async {
-            outbox.stats().await.unwrap().backlog == 0
-        })
-        .await;
-        let got: Vec<_> = entries(&mut conn, "outbox:order")
-            .await
-            .into_iter()
-            .map(|(id, aggregate, n, _)| (aggregate, n, id))
-            .collect();
-        assert_order_per_aggregate(&got, 80);
-        assert_eq!(outbox.stats().await.unwrap().dead, 0);
-        for relay in relays {
-            relay.shutdown().await;
-        }
+        drains_in_order(&outbox, relays, 80, || entries(&mut conn, "outbox:order")).await;
     });
 }
 

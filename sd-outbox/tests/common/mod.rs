@@ -144,6 +144,34 @@ pub fn outage_relays<P: Publisher + Clone>(outbox: &Outbox, publisher: &P) -> Ve
         .collect()
 }
 
+/// The end of an outage test, once the broker is back: the backlog drains, the sink
+/// (`read` gives its id, aggregate, `n` and subject or stream per message) holds every
+/// aggregate's `per_aggregate` events in order, none died, and the relays shut down.
+pub async fn drains_in_order<F, Fut>(
+    outbox: &Outbox,
+    relays: Vec<RelayHandle>,
+    per_aggregate: usize,
+    read: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Vec<(Uuid, String, usize, String)>>,
+{
+    eventually("the drain", || async {
+        outbox.stats().await.unwrap().backlog == 0
+    })
+    .await;
+    let got: Vec<_> = read()
+        .await
+        .into_iter()
+        .map(|(id, aggregate, n, _)| (aggregate, n, id))
+        .collect();
+    assert_order_per_aggregate(&got, per_aggregate);
+    assert_eq!(outbox.stats().await.unwrap().dead, 0);
+    for relay in relays {
+        relay.shutdown().await;
+    }
+}
+
 /// Writes events `range` round-robin over five aggregates `a0`..`a4`.
 pub async fn write_round_robin(outbox: &Outbox, range: std::ops::Range<usize>) {
     for n in range {
