@@ -114,15 +114,6 @@ impl Inventory {
     }
 }
 
-impl Participant for Inventory {
-    const NAME: &'static str = "sd.checkout.v1.Inventory";
-    type Req = StockRequest;
-
-    fn apply(&self, method: &str, request: StockRequest) -> Result<Ack, Status> {
-        self.serve(method, request)
-    }
-}
-
 /// Charges and refunds per order, as the payment service's ledger has them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Ledger {
@@ -192,44 +183,30 @@ impl Payments {
     }
 }
 
-impl Participant for Payments {
-    const NAME: &'static str = "sd.checkout.v1.Payments";
-    type Req = ChargeRequest;
-
-    fn apply(&self, method: &str, request: ChargeRequest) -> Result<Ack, Status> {
-        self.serve(method, request)
-    }
-}
-
-/// A participant: answers each request at once with an [`Ack`].
-pub(crate) trait Participant: Send + Sync + 'static {
-    const NAME: &'static str;
-    type Req: prost::Message + Default + Send + 'static;
-    fn apply(&self, method: &str, request: Self::Req) -> Result<Ack, Status>;
-}
-
-/// Serves each participant over gRPC (a blanket impl of the shared `Rpc` trait is not
-/// allowed outside its crate).
+/// Serves each participant over gRPC as the service `$name`: every method's request
+/// goes to its `serve`, answered at once with an [`Ack`].
 macro_rules! participant_rpc {
-    ($($t:ty),*) => {$(
+    ($($t:ty: $name:literal, $req:ty);*) => {$(
         impl Rpc for $t {
-            const NAME: &'static str = <$t as Participant>::NAME;
-            type Req = <$t as Participant>::Req;
+            const NAME: &'static str = $name;
+            type Req = $req;
             type Reply = Ack;
 
             fn handle(
                 self: Arc<Self>,
                 method: String,
-                request: Request<Self::Req>,
+                request: Request<$req>,
             ) -> BoxFuture<Response<Ack>, Status> {
-                let result =
-                    Participant::apply(&*self, &method, request.into_inner()).map(Response::new);
+                let result = self.serve(&method, request.into_inner()).map(Response::new);
                 Box::pin(async move { result })
             }
         }
     )*};
 }
-participant_rpc!(Inventory, Payments);
+participant_rpc!(
+    Inventory: "sd.checkout.v1.Inventory", StockRequest;
+    Payments: "sd.checkout.v1.Payments", ChargeRequest
+);
 
 /// The answers a participant gave, by step idempotency key: each key's effect runs once.
 #[derive(Debug, Default)]
