@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay};
+use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay, RelayHandle};
 use sd_outbox::{Error, Event, MemoryPublisher, Message, Publisher};
 use sd_testkit::retry_until_ok;
 use uuid::Uuid;
@@ -34,15 +34,35 @@ fn relay(
         .spawn()
 }
 
+/// What `memory` received, as (aggregate, `n`, id) in arrival order.
+fn per_aggregate(memory: &MemoryPublisher) -> Vec<(String, usize, Uuid)> {
+    memory
+        .events()
+        .iter()
+        .map(|e| (e.aggregate_id.clone(), n_of(e), e.id))
+        .collect()
+}
+
+/// Runs `test` with an outbox, a memory sink and one relay to it in `mode`.
+fn with_memory_relay<F, Fut>(mode: Mode, test: F)
+where
+    F: FnOnce(Outbox, MemoryPublisher, RelayHandle) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    with_outbox(|outbox| async move {
+        let memory = MemoryPublisher::new();
+        let relay = relay(&outbox, &memory, mode);
+        test(outbox, memory, relay).await;
+    });
+}
+
 async fn drained(outbox: &Outbox) -> bool {
     outbox.stats().await.unwrap().backlog == 0
 }
 
 #[test]
 fn rolled_back_publishes_nothing_committed_is_published() {
-    with_outbox(|outbox| async move {
-        let memory = MemoryPublisher::new();
-        let relay = relay(&outbox, &memory, Mode::Parallel);
+    with_memory_relay(Mode::Parallel, |outbox, memory, relay| async move {
         for mode_round in 0..2 {
             let mut tx = outbox.pool().begin().await.unwrap();
             let lost = outbox
@@ -71,9 +91,7 @@ fn rolled_back_publishes_nothing_committed_is_published() {
 
 #[test]
 fn payloads_and_headers_round_trip() {
-    with_outbox(|outbox| async move {
-        let memory = MemoryPublisher::new();
-        let relay = relay(&outbox, &memory, Mode::Ordered);
+    with_memory_relay(Mode::Ordered, |outbox, memory, relay| async move {
         let bytes = write(
             &outbox,
             Message::bytes("invoice", "i-1", "issued", vec![0u8, 159, 146, 150])
@@ -251,11 +269,7 @@ fn three_parallel_relays_lose_nothing_and_keep_order_per_aggregate() {
             memory.len() >= total && drained(&outbox).await
         })
         .await;
-        let events: Vec<_> = memory
-            .events()
-            .iter()
-            .map(|e| (e.aggregate_id.clone(), n_of(e), e.id))
-            .collect();
+        let events = per_aggregate(&memory);
         assert_eq!(events.len(), total, "no duplicates without faults");
         assert_order_per_aggregate(&events, PER_AGGREGATE);
         let mut shares = Vec::new();
@@ -457,11 +471,7 @@ fn postgres_restarted_under_the_relay_it_reconnects_and_carries_on() {
                 expected.iter().all(|id| got.contains(id))
             })
             .await;
-            let events: Vec<_> = memory
-                .events()
-                .iter()
-                .map(|e| (e.aggregate_id.clone(), n_of(e), e.id))
-                .collect();
+            let events = per_aggregate(&memory);
             assert_order_per_aggregate(&events, 100);
             eventually("the relay reports active", || async { relay.is_active() }).await;
             relay.shutdown().await;
