@@ -60,16 +60,13 @@ async fn applies_each_file_once_for_each_set_of_names() {
         .name("jobs", &TableName::parse("table", "ops.work").unwrap());
     assert_eq!(renamed.run(&pool).await.unwrap(), 2);
     assert_eq!(columns(&pool, "ops", "work").await, ["id", "body", "state"]);
-    let index: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'work_body_idx'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let index = count(
+        &pool,
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'work_body_idx'",
+    )
+    .await;
     assert_eq!(index, 1);
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM sd_migrations")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let ledger = count(&pool, "SELECT count(*) FROM sd_migrations").await;
     assert_eq!(ledger, 4);
 }
 
@@ -83,6 +80,11 @@ async fn concurrent_callers_apply_once() {
     });
     let applied: usize = futures_sum(runs).await;
     assert_eq!(applied, 2, "every file applied by exactly one caller");
+}
+
+/// The count a `SELECT count(*) ...` query returns.
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 async fn futures_sum(handles: impl Iterator<Item = tokio::task::JoinHandle<usize>>) -> usize {
