@@ -52,15 +52,16 @@ where
     runtime().block_on(async { test(outbox(db.url()).await).await });
 }
 
+/// Runs `sql`, an INSERT of the one value `$1`, with `id` in `tx`.
+async fn insert_id(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, sql: &'static str, id: Uuid) {
+    sqlx::query(sql).bind(id).execute(&mut **tx).await.unwrap();
+}
+
 /// Enqueues `message` in a transaction of its own that also writes a business row.
 pub async fn write(outbox: &Outbox, message: Message) -> Uuid {
     let mut tx = outbox.pool().begin().await.unwrap();
     let id = outbox.enqueue(&mut tx, message).await.unwrap();
-    sqlx::query("INSERT INTO orders (id) VALUES ($1)")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    insert_id(&mut tx, "INSERT INTO orders (id) VALUES ($1)", id).await;
     tx.commit().await.unwrap();
     id
 }
@@ -103,11 +104,7 @@ pub async fn consume(inbox: &Inbox, pool: &PgPool, id: Uuid) -> bool {
     let mut tx = pool.begin().await.unwrap();
     let first = inbox.receive(&mut tx, "billing", id).await.unwrap();
     if first {
-        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        insert_id(&mut tx, "INSERT INTO effects (message_id) VALUES ($1)", id).await;
     }
     tx.commit().await.unwrap();
     first
