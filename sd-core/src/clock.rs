@@ -23,12 +23,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + Debug + 'static {
     /// The time since the clock's origin.
     fn now(&self) -> Duration;
+
+    /// [`now`](Self::now) in whole nanoseconds, saturating after 584 years. Clocks that
+    /// count nanoseconds answer without building a [`Duration`], for hot paths that
+    /// compute in integer time (a rate limiter's decision).
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        to_nanos(self.now())
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for Arc<C> {
     #[inline]
     fn now(&self) -> Duration {
         (**self).now()
+    }
+
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        (**self).now_nanos()
     }
 }
 
@@ -37,6 +50,11 @@ impl<C: Clock + ?Sized> Clock for Box<C> {
     fn now(&self) -> Duration {
         (**self).now()
     }
+
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        (**self).now_nanos()
+    }
 }
 
 /// The monotonic clock: time since it was made, read from the CPU's counter (TSC where
@@ -44,14 +62,15 @@ impl<C: Clock + ?Sized> Clock for Box<C> {
 #[derive(Debug, Clone)]
 pub struct MonotonicClock {
     clock: quanta::Clock,
-    origin: quanta::Instant,
+    /// The counter's raw reading at the origin.
+    origin: u64,
 }
 
 impl MonotonicClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
         let clock = quanta::Clock::new();
-        let origin = clock.now();
+        let origin = clock.raw();
         MonotonicClock { clock, origin }
     }
 }
@@ -65,7 +84,14 @@ impl Default for MonotonicClock {
 impl Clock for MonotonicClock {
     #[inline]
     fn now(&self) -> Duration {
-        self.clock.now().saturating_duration_since(self.origin)
+        Duration::from_nanos(self.now_nanos())
+    }
+
+    /// The raw counter's delta since the origin, scaled to nanoseconds: no `Duration` on
+    /// the way.
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
     }
 }
 
@@ -158,7 +184,11 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Duration {
-        Duration::from_nanos(self.nanos.load(Ordering::SeqCst))
+        Duration::from_nanos(self.now_nanos())
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.nanos.load(Ordering::SeqCst)
     }
 }
 
@@ -175,10 +205,14 @@ mod tests {
     fn monotonic_never_goes_back() {
         let clock = MonotonicClock::new();
         let mut last = clock.now();
+        let mut last_nanos = clock.now_nanos();
         for _ in 0..10_000 {
             let now = clock.now();
-            assert!(now >= last);
-            last = now;
+            let nanos = clock.now_nanos();
+            assert!(now >= last && nanos >= last_nanos);
+            // Read in this order, the nanoseconds are never behind the Duration.
+            assert!(u128::from(nanos) >= now.as_nanos());
+            (last, last_nanos) = (now, nanos);
         }
     }
 

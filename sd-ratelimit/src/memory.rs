@@ -33,7 +33,7 @@ pub use sd_core::{Clock, ManualClock, MonotonicClock, TokioClock};
 /// years).
 #[inline(always)]
 fn now_ns<C: Clock>(clock: &C) -> u64 {
-    nanos(clock.now())
+    clock.now_nanos()
 }
 
 #[inline(always)]
