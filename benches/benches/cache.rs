@@ -119,14 +119,9 @@ fn stampede(_: &mut Criterion) {
 /// wait for its value. moka's sync cache blocks the waiting callers, so the miss runs on
 /// tokio's blocking pool (as an async service would call it), never on a worker.
 async fn moka_get_with(s: scenario::Scenario) -> scenario::Outcome {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let cache: moka::sync::Cache<&'static str, u64> = moka::sync::Cache::builder()
-        .max_capacity(1_000)
-        .time_to_live(s.ttl)
-        .build();
-    let calls = Arc::new(AtomicUsize::new(0));
+    let (cache, calls) = scenario::moka_cache(s);
     let (c, k) = (cache.clone(), calls.clone());
     let read = move || {
         let (cache, calls) = (c.clone(), k.clone());

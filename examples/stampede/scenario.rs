@@ -114,13 +114,19 @@ where
     }
 }
 
-/// Naive cache-aside on moka: get, and on a miss load and insert.
-pub(crate) async fn naive_memory(s: Scenario) -> Outcome {
-    let cache: moka::sync::Cache<&'static str, u64> = moka::sync::Cache::builder()
+/// The moka cache every moka row reads through (the scenario's TTL, 1,000 entries), and
+/// the counter of its loader calls.
+pub(crate) fn moka_cache(s: Scenario) -> (moka::sync::Cache<&'static str, u64>, Arc<AtomicUsize>) {
+    let cache = moka::sync::Cache::builder()
         .max_capacity(1_000)
         .time_to_live(s.ttl)
         .build();
-    let calls = Arc::new(AtomicUsize::new(0));
+    (cache, Arc::new(AtomicUsize::new(0)))
+}
+
+/// Naive cache-aside on moka: get, and on a miss load and insert.
+pub(crate) async fn naive_memory(s: Scenario) -> Outcome {
+    let (cache, calls) = moka_cache(s);
     let (c, k) = (cache.clone(), calls.clone());
     let read = move || {
         let (cache, calls) = (c.clone(), k.clone());

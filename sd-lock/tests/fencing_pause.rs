@@ -70,15 +70,7 @@ impl Spec {
 /// flight when the holder is stopped gets its reply after SIGCONT instead of a timeout.
 #[cfg(feature = "redis")]
 async fn patient_manager(url: &str) -> redis::aio::ConnectionManager {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(3)))
-        .set_response_timeout(Some(Duration::from_secs(60)))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
+    common::manager_with(url, Duration::from_secs(3), Duration::from_secs(60)).await
 }
 
 #[cfg(feature = "postgres")]

@@ -238,7 +238,8 @@ where
         loader: Loader<V>,
     ) -> impl Future<Output = sd_cache::Result<Option<V>>> + Send {
         let index = self.index(key);
-        let read = self.pick(key).try_get_or_load_optional(key, loader);
+        self.0.picks.count(index);
+        let read = self.0.nodes[index].try_get_or_load_optional(key, loader);
         async move {
             let call = self.0.probe.enter(index);
             let value = read.await;

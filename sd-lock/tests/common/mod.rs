@@ -11,9 +11,20 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// A connection manager that gives up quickly on a dead server.
 #[cfg(feature = "redis")]
 pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
+    manager_with(url, Duration::from_millis(300), Duration::from_secs(3)).await
+}
+
+/// A connection manager with the given connect and response timeouts, retrying a lost
+/// connection once.
+#[cfg(feature = "redis")]
+pub async fn manager_with(
+    url: &str,
+    connect: Duration,
+    response: Duration,
+) -> redis::aio::ConnectionManager {
     let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(300)))
-        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_connection_timeout(Some(connect))
+        .set_response_timeout(Some(response))
         .set_number_of_retries(1);
     redis::Client::open(url)
         .unwrap()
