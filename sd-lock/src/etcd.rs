@@ -16,7 +16,6 @@
 //!   writes with the token.
 
 use std::fmt;
-use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -262,28 +261,4 @@ impl EtcdLock {
     }
 }
 
-impl crate::Lock for EtcdLock {
-    fn try_acquire<'a>(
-        &'a self,
-        resource: &'a str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        EtcdLock::try_acquire(self, resource, ttl)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        lease: &'a mut Lease,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
-        EtcdLock::extend(self, lease, ttl)
-    }
-
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
-        EtcdLock::release(self, lease)
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        self.retry
-    }
-}
+forward_lock!([] EtcdLock, retry: retry);

@@ -150,18 +150,30 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Implements [`Lock`] for a type by handing every method to its field `$inner`, which
-/// has the same methods: [`RedisLock`](crate::redis::RedisLock) over its one-master
-/// Redlock, [`BoxLock`] over its boxed backend. Generic parameters go in the brackets.
+/// Implements [`Lock`] for a type by handing every method on. Two forms:
+///
+/// - `forward_lock!([generics] Type => field)`: to its field `field`, which has the same
+///   methods: [`RedisLock`](crate::redis::RedisLock) over its one-master Redlock,
+///   [`BoxLock`] over its boxed backend.
+/// - `forward_lock!([generics] Type, retry: field)`: to the type's own inherent
+///   `try_acquire`, `extend` and `release` (inherent methods come first in method
+///   lookup), the retry policy read from its field `field`: the Redlock, PostgreSQL and
+///   etcd backends.
 macro_rules! forward_lock {
     ([$($generics:tt)*] $ty:ty => $inner:ident) => {
+        forward_lock!(@impl [$($generics)*] $ty, [.$inner], [$inner.retry_policy()]);
+    };
+    ([$($generics:tt)*] $ty:ty, retry: $retry:ident) => {
+        forward_lock!(@impl [$($generics)*] $ty, [], [$retry]);
+    };
+    (@impl [$($generics:tt)*] $ty:ty, [$($target:tt)*], [$($retry:tt)*]) => {
         impl<$($generics)*> crate::Lock for $ty {
             fn try_acquire<'a>(
                 &'a self,
                 resource: &'a str,
                 ttl: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Lease>> + Send + 'a {
-                self.$inner.try_acquire(resource, ttl)
+                self $($target)* .try_acquire(resource, ttl)
             }
 
             fn extend<'a>(
@@ -169,18 +181,18 @@ macro_rules! forward_lock {
                 lease: &'a mut crate::Lease,
                 ttl: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<()>> + Send + 'a {
-                self.$inner.extend(lease, ttl)
+                self $($target)* .extend(lease, ttl)
             }
 
             fn release(
                 &self,
                 lease: crate::Lease,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Release>> + Send + '_ {
-                self.$inner.release(lease)
+                self $($target)* .release(lease)
             }
 
             fn retry_policy(&self) -> crate::RetryPolicy {
-                self.$inner.retry_policy()
+                self.$($retry)*
             }
         }
     };

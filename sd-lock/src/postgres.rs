@@ -20,7 +20,6 @@
 //!   `migrations/0001_leases.sql` applies with `psql` as it stands.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +52,22 @@ fn token(epoch: i64) -> Result<FencingToken> {
         .map_err(|_| Error::UnexpectedReply {
             reason: "negative epoch in the leases table",
         })
+}
+
+/// Runs `sql`, one `pg_try_advisory_*lock` call on `$1` answering whether it took the
+/// lock, on `conn`; [`Error::Held`] when another transaction or session has it.
+async fn try_advisory(conn: &mut PgConnection, sql: &'static str, resource: &str) -> Result<()> {
+    let got: bool = sqlx::query_scalar(sql)
+        .bind(resource)
+        .fetch_one(&mut *conn)
+        .await?;
+    if got {
+        Ok(())
+    } else {
+        Err(Error::Held {
+            resource: resource.to_owned(),
+        })
+    }
 }
 
 struct Sql {
@@ -295,16 +310,12 @@ impl PostgresLock {
         resource: &str,
     ) -> Result<FencingToken> {
         lease::validate(resource, Duration::from_secs(1), Duration::ZERO)?;
-        let got: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(resource)
-                .fetch_one(&mut *conn)
-                .await?;
-        if !got {
-            return Err(Error::Held {
-                resource: resource.to_owned(),
-            });
-        }
+        try_advisory(
+            conn,
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+            resource,
+        )
+        .await?;
         let epoch: i64 = sqlx::query_scalar(&self.sql.bump)
             .bind(resource)
             .fetch_one(&mut *conn)
@@ -320,15 +331,12 @@ impl PostgresLock {
         let mut conn = self.pool.acquire().await?;
         // The connection closes if this future is dropped half-way (the lock with it).
         conn.close_on_drop();
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(resource)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !got {
-            return Err(Error::Held {
-                resource: resource.to_owned(),
-            });
-        }
+        try_advisory(
+            &mut conn,
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            resource,
+        )
+        .await?;
         let epoch: i64 = sqlx::query_scalar(&self.sql.bump)
             .bind(resource)
             .fetch_one(&self.pool)
@@ -410,28 +418,4 @@ impl SessionLock {
     }
 }
 
-impl crate::Lock for PostgresLock {
-    fn try_acquire<'a>(
-        &'a self,
-        resource: &'a str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        PostgresLock::try_acquire(self, resource, ttl)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        lease: &'a mut Lease,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
-        PostgresLock::extend(self, lease, ttl)
-    }
-
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
-        PostgresLock::release(self, lease)
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        self.retry
-    }
-}
+forward_lock!([] PostgresLock, retry: retry);

@@ -21,11 +21,9 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use sd_core::KeyPrefix;
-
 use crate::error::{Error, Result};
-use crate::lease::{self, RetryPolicy};
-use crate::redlock::Redlock;
+use crate::lease::RetryPolicy;
+use crate::redlock::{Redlock, RedlockBuilder};
 
 /// Leases on one Redis server. Cheap to clone.
 ///
@@ -55,57 +53,58 @@ impl<C> fmt::Debug for RedisLock<C> {
 }
 
 /// Options of a [`RedisLock`]; [`build`](Self::build) checks them and names the setter
-/// of a value out of range.
+/// of a value out of range. The options of a one-master [`Redlock`] underneath.
 pub struct RedisLockBuilder<C> {
-    conn: C,
-    prefix: String,
-    timeout: Duration,
-    retry: RetryPolicy,
+    inner: RedlockBuilder<C>,
 }
 
 impl<C> fmt::Debug for RedisLockBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLockBuilder")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLockBuilder<C> {
     /// The key prefix (default `lock`): keys are `{prefix}:{{resource}}` and
     /// `{prefix}:{{resource}}:token`, sd adds the colon. No `{`, `}` or trailing `:`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
+    pub fn prefix(self, prefix: impl Into<String>) -> Self {
+        RedisLockBuilder {
+            inner: self.inner.prefix(prefix),
+        }
     }
 
     /// How long one request may take (default 1 s; above zero). A request that times out
     /// is [`crate::Error::Timeout`], and any key it may have set is released.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
+    pub fn timeout(self, timeout: Duration) -> Self {
+        RedisLockBuilder {
+            inner: self.inner.node_timeout(timeout),
+        }
     }
 
     /// The retry policy of [`crate::Lock::acquire`] (default
     /// [`crate::lease::default_retry`]).
-    pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
+    pub fn retry(self, retry: RetryPolicy) -> Self {
+        RedisLockBuilder {
+            inner: self.inner.retry(retry),
+        }
     }
 
     /// The lock, or [`crate::Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<RedisLock<C>> {
-        let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
-        if self.timeout.is_zero() {
-            return Err(Error::InvalidConfig {
+        match self.inner.build() {
+            Ok(inner) => Ok(RedisLock { inner }),
+            // Redlock's setter for the request timeout is `node_timeout`; here `timeout`.
+            Err(Error::InvalidConfig {
+                field: "node_timeout",
+                reason,
+            }) => Err(Error::InvalidConfig {
                 field: "timeout",
-                reason: "must be longer than zero".into(),
-            });
+                reason,
+            }),
+            Err(e) => Err(e),
         }
-        Ok(RedisLock {
-            inner: Redlock::single(self.conn, prefix, self.timeout, self.retry),
-        })
     }
 }
 
@@ -113,23 +112,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLock<C> {
     /// Leases on the server behind `conn` with the defaults: prefix `lock`, 1 s request
     /// timeout.
     pub fn new(conn: C) -> Self {
-        RedisLock {
-            inner: Redlock::single(
-                conn,
-                KeyPrefix::parse("prefix", "lock").expect("`lock` is a valid prefix"),
-                Duration::from_secs(1),
-                lease::default_retry(),
-            ),
-        }
+        Self::builder(conn)
+            .build()
+            .expect("the default options are valid")
     }
 
     /// Options for leases on the server behind `conn`.
     pub fn builder(conn: C) -> RedisLockBuilder<C> {
         RedisLockBuilder {
-            conn,
-            prefix: "lock".into(),
-            timeout: Duration::from_secs(1),
-            retry: lease::default_retry(),
+            inner: RedlockBuilder::single(conn),
         }
     }
 

@@ -259,6 +259,7 @@ pub struct RedlockBuilder<C> {
     prefix: String,
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
+    tokens: Tokens,
 }
 
 impl<C> fmt::Debug for RedlockBuilder<C> {
@@ -315,8 +316,18 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedlockBuilder<C> {
             prefix,
             node_timeout: self.node_timeout,
             retry: self.retry,
-            tokens: Tokens::Clock,
+            tokens: self.tokens,
         })
+    }
+
+    /// Options for one master named `redis` with a fixed request timeout of 1 s and the
+    /// counter script for tokens: the single-node backend's.
+    pub(crate) fn single(conn: C) -> Self {
+        RedlockBuilder {
+            node_timeout: NodeTimeout::Fixed(Duration::from_secs(1)),
+            tokens: Tokens::Counter,
+            ..Redlock::builder([("redis", conn)])
+        }
     }
 }
 
@@ -358,6 +369,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             prefix: "lock".into(),
             node_timeout: NodeTimeout::Factor(0.05),
             retry: lease::default_retry(),
+            tokens: Tokens::Clock,
         }
     }
 
@@ -365,26 +377,6 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
-    }
-
-    /// One master with a fixed request timeout and the counter script for tokens (the
-    /// single-node backend); the caller checked `prefix` and `timeout`.
-    pub(crate) fn single(
-        conn: C,
-        prefix: KeyPrefix,
-        timeout: Duration,
-        retry: RetryPolicy,
-    ) -> Self {
-        Redlock {
-            nodes: Arc::new([Node {
-                name: "redis".into(),
-                conn,
-            }]),
-            prefix,
-            node_timeout: NodeTimeout::Fixed(timeout),
-            retry,
-            tokens: Tokens::Counter,
-        }
     }
 
     /// The number of masters.
@@ -650,28 +642,4 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     }
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> crate::Lock for Redlock<C> {
-    fn try_acquire<'a>(
-        &'a self,
-        resource: &'a str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        Redlock::try_acquire(self, resource, ttl)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        lease: &'a mut Lease,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
-        Redlock::extend(self, lease, ttl)
-    }
-
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
-        Redlock::release(self, lease)
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        self.retry
-    }
-}
+forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] Redlock<C>, retry: retry);

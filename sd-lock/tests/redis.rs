@@ -63,6 +63,15 @@ fn contract() {
                 ..
             })
         ));
+        assert!(matches!(
+            RedisLock::builder(manager(&url).await)
+                .timeout(Duration::ZERO)
+                .build(),
+            Err(Error::InvalidConfig {
+                field: "timeout",
+                ..
+            })
+        ));
     });
 }
 
