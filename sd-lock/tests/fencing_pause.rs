@@ -43,6 +43,17 @@ struct Spec {
 }
 
 impl Spec {
+    /// The scenario on `backend`, under a key prefix unique to the run.
+    fn new(backend: &str, lock_urls: String, fence_url: &str, ttl_ms: u64) -> Spec {
+        Spec {
+            backend: backend.to_owned(),
+            lock_urls,
+            fence_url: fence_url.to_owned(),
+            prefix: sd_testkit::unique_name("pause"),
+            ttl_ms,
+        }
+    }
+
     fn encode(&self) -> String {
         format!(
             "{} {} {} {} {}",
@@ -363,8 +374,14 @@ impl Drop for Holder {
     }
 }
 
-/// The fault test on `spec`, run by the test named `test` (the child re-runs it).
-fn paused_holder_is_fenced(test: &str, spec: Spec) {
+/// The fault test, run by the test named `test` (the child re-runs it, and runs the
+/// holder instead): `start` starts the servers and returns the scenario's spec with
+/// what keeps them running until the end.
+fn paused_holder_is_fenced<S>(test: &str, start: impl FnOnce() -> (Spec, S)) {
+    if holder_child() {
+        return;
+    }
+    let (spec, _servers) = start();
     let rt = common::runtime();
     let (lock, fence) = rt.block_on(async {
         let fence = Fence::open(&spec).await;
@@ -481,57 +498,47 @@ fn holder_child() -> bool {
 #[cfg(feature = "redis")]
 #[test]
 fn paused_holder_is_fenced_on_redis() {
-    if holder_child() {
-        return;
-    }
-    let server = sd_testkit::redis().expect("redis-server");
-    let spec = Spec {
-        backend: "redis".into(),
-        lock_urls: server.url().to_owned(),
-        fence_url: server.url().to_owned(),
-        prefix: sd_testkit::unique_name("pause"),
-        ttl_ms: 1000,
-    };
-    paused_holder_is_fenced("paused_holder_is_fenced_on_redis", spec);
+    paused_holder_is_fenced("paused_holder_is_fenced_on_redis", || {
+        let server = sd_testkit::redis().expect("redis-server");
+        (
+            Spec::new("redis", server.url().to_owned(), server.url(), 1000),
+            server,
+        )
+    });
 }
 
 #[cfg(feature = "redis")]
 #[test]
 fn paused_holder_is_fenced_on_redlock_3_masters() {
-    if holder_child() {
-        return;
-    }
-    let masters = sd_testkit::RedisServer::start_many(3).expect("redis-server");
-    let data = sd_testkit::redis().expect("redis-server");
-    let spec = Spec {
-        backend: "redlock".into(),
-        lock_urls: masters
-            .iter()
-            .map(|m| m.url())
-            .collect::<Vec<_>>()
-            .join(","),
-        fence_url: data.url().to_owned(),
-        prefix: sd_testkit::unique_name("pause"),
-        ttl_ms: 2000,
-    };
-    paused_holder_is_fenced("paused_holder_is_fenced_on_redlock_3_masters", spec);
+    paused_holder_is_fenced("paused_holder_is_fenced_on_redlock_3_masters", || {
+        let masters = sd_testkit::RedisServer::start_many(3).expect("redis-server");
+        let data = sd_testkit::redis().expect("redis-server");
+        (
+            Spec::new(
+                "redlock",
+                masters
+                    .iter()
+                    .map(|m| m.url())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                data.url(),
+                2000,
+            ),
+            (masters, data),
+        )
+    });
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn paused_holder_is_fenced_on_postgres() {
-    if holder_child() {
-        return;
-    }
-    let db = sd_testkit::database().expect("postgres");
-    let spec = Spec {
-        backend: "postgres".into(),
-        lock_urls: db.url().to_owned(),
-        fence_url: db.url().to_owned(),
-        prefix: sd_testkit::unique_name("pause"),
-        ttl_ms: 1000,
-    };
-    paused_holder_is_fenced("paused_holder_is_fenced_on_postgres", spec);
+    paused_holder_is_fenced("paused_holder_is_fenced_on_postgres", || {
+        let db = sd_testkit::database().expect("postgres");
+        (
+            Spec::new("postgres", db.url().to_owned(), db.url(), 1000),
+            db,
+        )
+    });
 }
 
 /// etcd has no fence store in sd-lock: the writes go through `RedisFence` with the
@@ -539,17 +546,12 @@ fn paused_holder_is_fenced_on_postgres() {
 #[cfg(all(feature = "etcd", feature = "redis"))]
 #[test]
 fn paused_holder_is_fenced_on_etcd() {
-    if holder_child() {
-        return;
-    }
-    let server = sd_testkit::etcd().expect("etcd");
-    let data = sd_testkit::redis().expect("redis-server");
-    let spec = Spec {
-        backend: "etcd".into(),
-        lock_urls: server.url().to_owned(),
-        fence_url: data.url().to_owned(),
-        prefix: sd_testkit::unique_name("pause"),
-        ttl_ms: 2000,
-    };
-    paused_holder_is_fenced("paused_holder_is_fenced_on_etcd", spec);
+    paused_holder_is_fenced("paused_holder_is_fenced_on_etcd", || {
+        let server = sd_testkit::etcd().expect("etcd");
+        let data = sd_testkit::redis().expect("redis-server");
+        (
+            Spec::new("etcd", server.url().to_owned(), data.url(), 2000),
+            (server, data),
+        )
+    });
 }

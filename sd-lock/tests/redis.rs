@@ -40,9 +40,7 @@ where
 fn mutual_exclusion_32_tasks_200_sections() {
     with_lock(|lock, _| async move {
         let lock = lock.with_retry(fast_retry());
-        let report =
-            conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
-        assert_eq!(report.final_value, 6400);
+        common::every_section_lands(lock, 32, 200).await;
     });
 }
 

@@ -38,9 +38,7 @@ fn mutual_exclusion_32_tasks_200_sections_on_3_masters() {
             Duration::from_micros(200),
             Duration::from_millis(3),
         ));
-        let report =
-            conformance::mutual_exclusion(lock, "job", 32, 200, Duration::from_secs(10)).await;
-        assert_eq!(report.final_value, 6400);
+        common::every_section_lands(lock, 32, 200).await;
     });
 }
 

@@ -44,3 +44,21 @@ pub fn backoff(initial: Duration, max: Duration) -> sd_lock::RetryPolicy {
         .build()
         .unwrap()
 }
+
+/// The shared mutual-exclusion run on resource `job`: `tasks` tasks of `sections`
+/// critical sections each under a 10 s lease, and every section's increment landed.
+pub async fn every_section_lands<L: sd_lock::Lock + Clone + 'static>(
+    lock: L,
+    tasks: usize,
+    sections: usize,
+) {
+    let report = sd_lock::conformance::mutual_exclusion(
+        lock,
+        "job",
+        tasks,
+        sections,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(report.final_value, (tasks * sections) as u64);
+}
