@@ -15,7 +15,7 @@ use sd_cache::{Error, SharedError};
 use tokio::sync::Notify;
 
 mod common;
-use common::{eventually, manager_with_timeout, runtime};
+use common::{Rows, eventually, manager_with_timeout, runtime};
 
 #[derive(Debug, thiserror::Error)]
 #[error("database down")]
@@ -389,23 +389,6 @@ fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
         assert_eq!(lenient.get_or_load("k", || async { 5 }).await.unwrap(), 5);
     });
     server.resume().unwrap();
-}
-
-/// A store that records what it was given.
-#[derive(Default)]
-struct Rows(std::sync::Mutex<std::collections::HashMap<String, u32>>);
-
-impl sd_cache::Store<String, u32> for Rows {
-    type Error = DbDown;
-
-    async fn write(&self, key: &String, op: &sd_cache::WriteOp<u32>) -> Result<(), DbDown> {
-        let mut rows = self.0.lock().unwrap();
-        match op {
-            sd_cache::WriteOp::Put(v) => rows.insert(key.clone(), *v),
-            sd_cache::WriteOp::Delete => rows.remove(key),
-        };
-        Ok(())
-    }
 }
 
 #[test]

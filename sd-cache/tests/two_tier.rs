@@ -16,8 +16,8 @@ use sd_cache::{Error, RedisCache, TwoTier};
 
 mod common;
 mod two_tier_common;
-use common::{eventually, manager_with_timeout, runtime};
-use two_tier_common::{instance, until_serving};
+use common::{Rows, eventually, manager_with_timeout, runtime};
+use two_tier_common::{Fleet, instance, on_fleet, until_serving};
 
 /// The server's clock, in milliseconds (the clock leases are written in).
 async fn server_ms(admin: &mut ConnectionManager) -> u64 {
@@ -50,13 +50,10 @@ async fn register_ghost(
 /// A writer that ignored unacknowledged instances returns at once and fails here.
 #[test]
 fn a_write_waits_out_an_instance_that_never_acknowledges() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let a = instance(server.url(), &prefix, false).await;
-        let b = instance(server.url(), &prefix, false).await;
-        until_serving(&[a.clone(), b.clone()], true).await;
-        let mut admin = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
+    on_fleet(2, |Fleet { url, prefix, tiers }| async move {
+        let (a, b) = (&tiers[0], &tiers[1]);
+        until_serving(&tiers, true).await;
+        let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
         let expiry = register_ghost(&mut admin, &prefix, "ghost", 3_000).await;
         assert_eq!(b.get_or_load("k", || async { 1 }).await.unwrap(), 1);
         let started = server_ms(&mut admin).await;
@@ -82,14 +79,12 @@ fn a_write_waits_out_an_instance_that_never_acknowledges() {
 /// the lease), and not before it was sent.
 #[test]
 fn a_write_returns_once_a_slow_instance_acknowledges() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let a = instance(server.url(), &prefix, false).await;
-        until_serving(std::slice::from_ref(&a), true).await;
-        let mut admin = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
+    on_fleet(1, |Fleet { url, prefix, tiers }| async move {
+        let a = &tiers[0];
+        until_serving(&tiers, true).await;
+        let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
         // The ghost listens on the invalidation channel as an instance does.
-        let client = redis::Client::open(server.url()).unwrap();
+        let client = redis::Client::open(url.as_str()).unwrap();
         let mut pubsub = client.get_async_pubsub().await.unwrap();
         pubsub
             .subscribe(format!("{prefix}:two-tier"))
@@ -154,13 +149,7 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
     let (strict, lenient) = rt.block_on(async {
         let strict = instance(&url, "tt-fault", false).await;
         let lenient = instance(&url, "tt-fault", true).await;
-        for i in [&strict, &lenient] {
-            let i = i.clone();
-            eventually("serving from memory", move || {
-                std::future::ready(i.is_serving_local())
-            })
-            .await;
-        }
+        until_serving(&[strict.clone(), lenient.clone()], true).await;
         strict.insert("k", &1).await.unwrap();
         assert_eq!(lenient.get_or_load("k", || async { 0 }).await.unwrap(), 1);
         assert_eq!(lenient.get("k").await.unwrap(), Some(1));
@@ -170,11 +159,7 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
 
     server.kill().unwrap();
     rt.block_on(async {
-        let l = lenient.clone();
-        eventually("not serving from memory", move || {
-            std::future::ready(!l.is_serving_local())
-        })
-        .await;
+        until_serving(std::slice::from_ref(&lenient), false).await;
         assert!(matches!(strict.get("k").await, Err(Error::Backend { .. })));
         let err = strict.insert("k", &3).await.unwrap_err();
         assert!(matches!(err, Error::Backend { .. }), "{err}");
@@ -187,11 +172,7 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
 
     server.start_again().unwrap();
     rt.block_on(async {
-        let l = lenient.clone();
-        eventually("serving from memory again", move || {
-            std::future::ready(l.is_serving_local())
-        })
-        .await;
+        until_serving(std::slice::from_ref(&lenient), true).await;
         assert!(lenient.resyncs() > resyncs, "the memory tier was cleared");
         // The restarted server is empty: the loader's value, not the 1 held in memory before.
         assert_eq!(lenient.get_or_load("k", || async { 4 }).await.unwrap(), 4);
@@ -201,21 +182,13 @@ fn redis_killed_restarted_or_frozen_typed_errors_fallback_and_a_cleared_memory_t
     let resyncs = lenient.resyncs();
     server.pause().unwrap();
     rt.block_on(async {
-        let l = lenient.clone();
-        eventually("not serving from memory", move || {
-            std::future::ready(!l.is_serving_local())
-        })
-        .await;
+        until_serving(std::slice::from_ref(&lenient), false).await;
         assert!(matches!(strict.get("k").await, Err(Error::Backend { .. })));
         assert_eq!(lenient.get_or_load("k", || async { 5 }).await.unwrap(), 5);
     });
     server.resume().unwrap();
     rt.block_on(async {
-        let l = lenient.clone();
-        eventually("serving from memory again", move || {
-            std::future::ready(l.is_serving_local())
-        })
-        .await;
+        until_serving(std::slice::from_ref(&lenient), true).await;
         assert!(
             lenient.resyncs() > resyncs,
             "cleared again after the freeze"
@@ -251,74 +224,49 @@ fn invalid_settings_fail_at_build_naming_the_field() {
 /// A dropped instance leaves the registry, so writers stop waiting for it.
 #[test]
 fn a_dropped_instance_leaves_the_registry() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let a = instance(server.url(), &prefix, false).await;
-        let b = instance(server.url(), &prefix, false).await;
-        let id = b.instance_id().to_owned();
-        let mut admin = manager_with_timeout(server.url(), Duration::from_secs(2)).await;
-        let registry = format!("{prefix}:two-tier:instances");
-        let registered = |admin: &mut ConnectionManager| {
-            let mut admin = admin.clone();
-            let (registry, id) = (registry.clone(), id.clone());
-            async move {
-                redis::cmd("HEXISTS")
-                    .arg(registry)
-                    .arg(id)
-                    .query_async::<bool>(&mut admin)
-                    .await
-                    .unwrap()
-            }
-        };
-        assert!(registered(&mut admin).await);
-        drop(b);
-        eventually("the registry drops the dropped instance", || {
-            let held = registered(&mut admin);
-            async move { !held.await }
-        })
-        .await;
-        a.insert("k", &1).await.unwrap();
-    });
-}
-
-/// A store that records what it was given.
-#[derive(Default)]
-struct Rows(std::sync::Mutex<std::collections::HashMap<String, u64>>);
-
-#[derive(Debug, thiserror::Error)]
-#[error("never fails")]
-struct Never;
-
-impl sd_cache::Store<String, u64> for Rows {
-    type Error = Never;
-
-    async fn write(&self, key: &String, op: &sd_cache::WriteOp<u64>) -> Result<(), Never> {
-        let mut rows = self.0.lock().unwrap();
-        match op {
-            sd_cache::WriteOp::Put(v) => rows.insert(key.clone(), *v),
-            sd_cache::WriteOp::Delete => rows.remove(key),
-        };
-        Ok(())
-    }
+    on_fleet(
+        2,
+        |Fleet {
+             url,
+             prefix,
+             mut tiers,
+         }| async move {
+            let b = tiers.pop().unwrap();
+            let a = &tiers[0];
+            let id = b.instance_id().to_owned();
+            let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
+            let registry = format!("{prefix}:two-tier:instances");
+            let registered = |admin: &mut ConnectionManager| {
+                let mut admin = admin.clone();
+                let (registry, id) = (registry.clone(), id.clone());
+                async move {
+                    redis::cmd("HEXISTS")
+                        .arg(registry)
+                        .arg(id)
+                        .query_async::<bool>(&mut admin)
+                        .await
+                        .unwrap()
+                }
+            };
+            assert!(registered(&mut admin).await);
+            drop(b);
+            eventually("the registry drops the dropped instance", || {
+                let held = registered(&mut admin);
+                async move { !held.await }
+            })
+            .await;
+            a.insert("k", &1).await.unwrap();
+        },
+    );
 }
 
 /// Write-through over the two-tier cache: once `write` returns, another instance that held
 /// the old value in memory reads the new one.
 #[test]
 fn write_through_over_two_tier_is_read_fresh_by_another_instance() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let a = instance(server.url(), &prefix, false).await;
-        let b = instance(server.url(), &prefix, false).await;
-        for i in [&a, &b] {
-            let i = i.clone();
-            eventually("serving from memory", move || {
-                std::future::ready(i.is_serving_local())
-            })
-            .await;
-        }
+    on_fleet(2, |Fleet { tiers, .. }| async move {
+        let (a, b) = (&tiers[0], &tiers[1]);
+        until_serving(&tiers, true).await;
         let through = sd_cache::WriteThrough::new(a.clone(), Rows::default());
         through.write("k".to_owned(), 1).await.unwrap();
         assert_eq!(b.get("k").await.unwrap(), Some(1));

@@ -14,7 +14,7 @@ use sd_cache::Error;
 mod common;
 mod two_tier_common;
 use common::{eventually, manager_with_timeout, runtime};
-use two_tier_common::{Tier, instance, until_serving};
+use two_tier_common::{Fleet, Tier, instances, on_fleet, until_serving};
 
 /// The system of record: one version number per key, written before the cache.
 struct Db {
@@ -314,74 +314,60 @@ fn judge(events: &[Event]) {
 
 #[test]
 fn a_write_that_returned_is_never_read_stale_from_another_instance() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let mut instances = Vec::new();
-        for _ in 0..4 {
-            instances.push(instance(server.url(), &prefix, false).await);
-        }
-        for i in &instances {
-            let i = i.clone();
-            eventually("serving from memory", move || {
-                std::future::ready(i.is_serving_local())
-            })
-            .await;
-        }
-        check_no_stale_reads(instances.clone(), 150, |_| async {}).await;
-        let local_hits: u64 = instances.iter().map(|i| i.stats().hits).sum();
-        assert!(local_hits > 0, "the memory tier answered reads");
-    });
+    on_fleet(
+        4,
+        |Fleet {
+             tiers: instances, ..
+         }| async move {
+            until_serving(&instances, true).await;
+            check_no_stale_reads(instances.clone(), 150, |_| async {}).await;
+            let local_hits: u64 = instances.iter().map(|i| i.stats().hits).sum();
+            assert!(local_hits > 0, "the memory tier answered reads");
+        },
+    );
 }
 
 /// Every subscription is killed by the server, repeatedly, while writes and reads go on:
 /// each instance resyncs (clears its memory tier) and no stale read gets through.
 #[test]
 fn dropped_subscriptions_resync_and_no_stale_read_gets_through() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let mut instances = Vec::new();
-        for _ in 0..3 {
-            instances.push(instance(server.url(), &prefix, false).await);
-        }
-        let url = server.url().to_owned();
-        check_no_stale_reads(instances.clone(), 120, move |_| async move {
-            let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
-            for _ in 0..5 {
-                tokio::time::sleep(Duration::from_millis(80)).await;
-                let _: i64 = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut admin)
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
-        for i in &instances {
-            assert!(
-                i.resyncs() >= 2,
-                "first lease plus at least one lost subscription"
-            );
-            let i = i.clone();
-            eventually("serving from memory", move || {
-                std::future::ready(i.is_serving_local())
+    on_fleet(
+        3,
+        |Fleet {
+             url,
+             tiers: instances,
+             ..
+         }| async move {
+            check_no_stale_reads(instances.clone(), 120, move |_| async move {
+                let mut admin = manager_with_timeout(&url, Duration::from_secs(2)).await;
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    let _: i64 = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg("pubsub")
+                        .query_async(&mut admin)
+                        .await
+                        .unwrap();
+                }
             })
             .await;
-        }
-    });
+            for i in &instances {
+                assert!(
+                    i.resyncs() >= 2,
+                    "first lease plus at least one lost subscription"
+                );
+                until_serving(std::slice::from_ref(i), true).await;
+            }
+        },
+    );
 }
 
 /// Independent instances on their own server, half strict and half reading around a dead
 /// server with the loader.
 async fn instances_on(url: &str, n: usize) -> Vec<Tier> {
     let prefix = sd_testkit::unique_name("two-tier");
-    let mut instances = Vec::new();
-    for i in 0..n {
-        instances.push(instance(url, &prefix, i % 2 == 1).await);
-    }
+    let instances = instances(url, &prefix, n, |i| i % 2 == 1).await;
     until_serving(&instances, true).await;
     instances
 }

@@ -6,22 +6,15 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sd_ratelimit::memory::{self, ManualClock};
 use sd_ratelimit::redis::{FailurePolicy, RedisLimiter, RedisLimiterBuilder};
 use sd_ratelimit::{Clock as _, Decision, Error, Limit, Quota};
 use sd_testkit::{eventually, runtime};
 
 async fn manager(url: &str) -> ConnectionManager {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
+    let timeout = Duration::from_millis(200);
+    sd_testkit::redis_manager(url, timeout, timeout).await
 }
 
 /// Runs `test` on a connection to the Redis the tests share.

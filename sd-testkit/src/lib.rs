@@ -61,7 +61,7 @@ pub use crate::etcd::EtcdServer;
 pub use crate::nats::{NatsServer, info as nats_info};
 pub use crate::postgres::{PostgresServer, TestDatabase};
 pub use crate::process::{Process, descendants, is_alive, is_stopped, live_group_members};
-pub use crate::redis::{RedisCluster, RedisOptions, RedisServer};
+pub use crate::redis::{RedisCluster, RedisOptions, RedisServer, redis_manager};
 pub use crate::wait::{
     HANG_GUARD, eventually, eventually_blocking, retry_until_ok, runtime, runtime_with,
 };

@@ -237,3 +237,25 @@ fn expect_ok(reply: Reply) -> Result<()> {
         }),
     }
 }
+
+/// A redis-rs `ConnectionManager` to `url` that gives up on connecting after `connect`
+/// and on each reply after `response` (a hang guard, and how a paused or killed server
+/// turns into a typed error), and retries a lost connection once.
+///
+/// # Panics
+/// If `url` is not a Redis URL or no server answers there: the test cannot run.
+pub async fn redis_manager(
+    url: &str,
+    connect: Duration,
+    response: Duration,
+) -> ::redis::aio::ConnectionManager {
+    let config = ::redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect))
+        .set_response_timeout(Some(response))
+        .set_number_of_retries(1);
+    ::redis::Client::open(url)
+        .unwrap_or_else(|e| panic!("{url} is not a redis url: {e}"))
+        .get_connection_manager_with_config(config)
+        .await
+        .unwrap_or_else(|e| panic!("no redis answers at {url}: {e}"))
+}

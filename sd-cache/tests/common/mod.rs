@@ -1,21 +1,33 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 pub(crate) use sd_testkit::{eventually, runtime};
 
 /// A connection that gives up after `timeout` (a hang guard, and how a frozen server
 /// turns into a typed error) and retries a lost connection once.
 pub(crate) async fn manager_with_timeout(url: &str, timeout: Duration) -> ConnectionManager {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
+    sd_testkit::redis_manager(url, timeout, timeout).await
+}
+
+/// A store that records what it was given, by key; it never fails.
+#[derive(Default)]
+pub(crate) struct Rows<V>(Mutex<HashMap<String, V>>);
+
+impl<V: Clone + Send + Sync + 'static> sd_cache::Store<String, V> for Rows<V> {
+    type Error = Infallible;
+
+    async fn write(&self, key: &String, op: &sd_cache::WriteOp<V>) -> Result<(), Infallible> {
+        let mut rows = self.0.lock().unwrap();
+        match op {
+            sd_cache::WriteOp::Put(v) => rows.insert(key.clone(), v.clone()),
+            sd_cache::WriteOp::Delete => rows.remove(key),
+        };
+        Ok(())
+    }
 }

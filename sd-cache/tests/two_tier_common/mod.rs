@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use sd_cache::{RedisCache, TwoTier};
 
-use crate::common::{eventually, manager_with_timeout};
+use crate::common::{eventually, manager_with_timeout, runtime};
 
 /// A two-tier cache of `u64` over a connection manager.
 pub(crate) type Tier = TwoTier<u64, ConnectionManager>;
@@ -26,6 +26,44 @@ pub(crate) async fn instance(url: &str, prefix: &str, fallback: bool) -> Tier {
     )
     .await
     .unwrap()
+}
+
+/// `n` instances sharing `prefix`; instance `i` reads around a dead server with the
+/// loader when `fallback(i)`.
+pub(crate) async fn instances(
+    url: &str,
+    prefix: &str,
+    n: usize,
+    fallback: impl Fn(usize) -> bool,
+) -> Vec<Tier> {
+    let mut instances = Vec::with_capacity(n);
+    for i in 0..n {
+        instances.push(instance(url, prefix, fallback(i)).await);
+    }
+    instances
+}
+
+/// The shared Redis's URL, a fresh prefix in it, and instances on that prefix that do not
+/// fall back to the loader.
+pub(crate) struct Fleet {
+    pub(crate) url: String,
+    pub(crate) prefix: String,
+    pub(crate) tiers: Vec<Tier>,
+}
+
+/// Runs `test` on a [`Fleet`] of `n` instances on the shared Redis.
+pub(crate) fn on_fleet<F, Fut>(n: usize, test: F)
+where
+    F: FnOnce(Fleet) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name("two-tier");
+    runtime().block_on(async {
+        let tiers = instances(server.url(), &prefix, n, |_| false).await;
+        let url = server.url().to_owned();
+        test(Fleet { url, prefix, tiers }).await;
+    });
 }
 
 /// Waits until every instance serves from memory (`true`) or none does (`false`).

@@ -22,15 +22,7 @@ pub async fn manager_with(
     connect: Duration,
     response: Duration,
 ) -> redis::aio::ConnectionManager {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(connect))
-        .set_response_timeout(Some(response))
-        .set_number_of_retries(1);
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
+    sd_testkit::redis_manager(url, connect, response).await
 }
 
 /// A fast retry policy for tests: full jitter below `initial` doubling to `max`,
