@@ -274,14 +274,14 @@ impl Limit {
         let to_ticks = |ns: u64| ns.div_ceil(tick_ns);
         let virt = |quota: Quota, max_wait: Option<u64>| {
             let unit = to_ticks(quota.interval_ns);
-            Params::Virtual {
+            Params::Virtual(Virtual {
                 tick: 1,
                 per_tick: 1,
                 unit,
                 cap: unit * u64::from(quota.burst),
                 burst: u64::from(quota.burst),
                 max_wait,
-            }
+            })
         };
         Ok(match self.kind {
             Kind::Gcra(q) | Kind::LeakyBucket(q) => virt(q, None),
@@ -301,14 +301,14 @@ impl Limit {
                         "more than one token per microsecond, which the Redis backend cannot count exactly; lengthen `refill_interval`",
                     ));
                 }
-                Params::Virtual {
+                Params::Virtual(Virtual {
                     tick,
                     per_tick: u64::from(refill_amount),
                     unit: 1,
                     cap: u64::from(capacity),
                     burst: u64::from(capacity),
                     max_wait: None,
-                }
+                })
             }
             Kind::SlidingWindow { limit, window_ns } => Params::Window {
                 window: window_ns.div_ceil(1000),
@@ -427,7 +427,7 @@ mod kernel;
 
 #[cfg(test)]
 pub(crate) use kernel::is_full;
-pub(crate) use kernel::{OTHER_STATE, Params, Step, decide, gcra_decide, refund};
+pub(crate) use kernel::{OTHER_STATE, Params, Step, Virtual, decide, gcra_decide, refund};
 
 #[cfg(test)]
 mod tests;

@@ -449,6 +449,33 @@ async fn wait_until(mut check: impl FnMut() -> Result<Decision>) -> Result<Decis
     }
 }
 
+/// `set_limit`, `limit` and `stats` of a limiter over a [`Core`] in `self.core`: the
+/// same on both limiters but for the first words of the docs of the first two.
+macro_rules! core_accessors {
+    (set_limit: $set_limit:literal, limit: $limit:literal) => {
+        #[doc = $set_limit]
+        ///
+        /// # Errors
+        ///
+        /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
+        /// differently (another algorithm, a token bucket with another refill, a sliding
+        /// window of another length): the kept state would be misread.
+        pub fn set_limit(&self, limit: Limit) -> Result<()> {
+            self.core.set_limit(limit)
+        }
+
+        #[doc = $limit]
+        pub fn limit(&self) -> Limit {
+            self.core.limit.limit()
+        }
+
+        /// Counters.
+        pub fn stats(&self) -> &Stats {
+            &self.core.stats
+        }
+    };
+}
+
 mod direct;
 mod keyed;
 

@@ -227,7 +227,7 @@ impl RedisLimiterBuilder {
 fn redis_params(limit: &Limit) -> Result<Params> {
     let p = limit.params(TICK_NS)?;
     let ok = match p {
-        Params::Virtual { cap, .. } => cap < LUA_EXACT / 4,
+        Params::Virtual(v) => v.cap < LUA_EXACT / 4,
         Params::Window { window, limit, .. } => window.saturating_mul(limit + 1) < LUA_EXACT,
     };
     if !ok {
@@ -504,20 +504,13 @@ fn batch_reply(
 fn script_args(p: &Params) -> [i64; 6] {
     let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     match *p {
-        Params::Virtual {
-            tick,
-            per_tick,
-            unit,
-            cap,
-            max_wait,
-            ..
-        } => [
+        Params::Virtual(v) => [
             1,
-            i(tick),
-            i(per_tick),
-            i(unit),
-            i(cap),
-            max_wait.map_or(-1, i),
+            i(v.tick),
+            i(v.per_tick),
+            i(v.unit),
+            i(v.cap),
+            v.max_wait.map_or(-1, i),
         ],
         Params::Window { window, limit, .. } => [2, i(window), i(limit), 0, 0, 0],
     }

@@ -6,20 +6,26 @@ use std::time::Duration;
 use super::Decision;
 use crate::error::{Error, Result};
 
+/// A limit of the virtual-scheduling kernel (GCRA, token bucket, leaky bucket) in tick
+/// units: its clock advances `per_tick` for every `tick`, a cost unit takes `unit`, and
+/// the state may run at most `cap` ahead of the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Virtual {
+    pub(crate) tick: u64,
+    pub(crate) per_tick: u64,
+    pub(crate) unit: u64,
+    pub(crate) cap: u64,
+    /// `cap / unit`, the most cost units admitted at once.
+    pub(crate) burst: u64,
+    /// `Some` for the leaky queue: the longest delay a request may be given.
+    pub(crate) max_wait: Option<u64>,
+}
+
 /// A limit in tick units, ready for [`decide`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Params {
     /// The virtual-scheduling kernel (GCRA, token bucket, leaky bucket).
-    Virtual {
-        tick: u64,
-        per_tick: u64,
-        unit: u64,
-        cap: u64,
-        /// `cap / unit`, the most cost units admitted at once.
-        burst: u64,
-        /// `Some` for the leaky queue: the longest delay a request may be given.
-        max_wait: Option<u64>,
-    },
+    Virtual(Virtual),
     /// The sliding-window counter.
     ///
     /// The window counts in whole microseconds on every backend (`window` is in µs and
@@ -35,14 +41,9 @@ impl Params {
     /// a window index and two counts for one window length.
     pub(crate) fn same_state(&self, other: &Params) -> bool {
         match (self, other) {
-            (
-                Params::Virtual { tick, per_tick, .. },
-                Params::Virtual {
-                    tick: t,
-                    per_tick: p,
-                    ..
-                },
-            ) => tick == t && per_tick == p,
+            (Params::Virtual(a), Params::Virtual(b)) => {
+                a.tick == b.tick && a.per_tick == b.per_tick
+            }
             (
                 Params::Window { window, scale, .. },
                 Params::Window {
@@ -96,21 +97,14 @@ impl Params {
     /// The parameters as seven words, for lock-free publication (see `memory`).
     pub(crate) fn to_words(self) -> [u64; 7] {
         match self {
-            Params::Virtual {
-                tick,
-                per_tick,
-                unit,
-                cap,
-                burst,
-                max_wait,
-            } => [
-                u64::from(max_wait.is_some()),
-                tick,
-                per_tick,
-                unit,
-                cap,
-                burst,
-                max_wait.unwrap_or(0),
+            Params::Virtual(v) => [
+                u64::from(v.max_wait.is_some()),
+                v.tick,
+                v.per_tick,
+                v.unit,
+                v.cap,
+                v.burst,
+                v.max_wait.unwrap_or(0),
             ],
             Params::Window {
                 window,
@@ -129,14 +123,14 @@ impl Params {
                 limit: w[2],
                 scale: w[3],
             },
-            queue => Params::Virtual {
+            queue => Params::Virtual(Virtual {
                 tick: w[1],
                 per_tick: w[2],
                 unit: w[3],
                 cap: w[4],
                 burst: w[5],
                 max_wait: (queue == 1).then_some(w[6]),
-            },
+            }),
         }
     }
 
@@ -145,14 +139,14 @@ impl Params {
     #[inline]
     pub(crate) fn gcra(&self) -> Option<(u64, u64, u64)> {
         match *self {
-            Params::Virtual {
+            Params::Virtual(Virtual {
                 tick: 1,
                 unit,
                 cap,
                 burst,
                 max_wait: None,
                 ..
-            } => Some((unit, cap, burst)),
+            }) => Some((unit, cap, burst)),
             _ => None,
         }
     }
@@ -161,13 +155,13 @@ impl Params {
     /// leaky buckets.
     #[inline]
     pub(crate) fn state_is_time(&self) -> bool {
-        matches!(self, Params::Virtual { tick: 1, .. })
+        matches!(self, Params::Virtual(Virtual { tick: 1, .. }))
     }
 
     /// The most cost units admitted at once.
     pub(crate) fn capacity(&self) -> u64 {
         match *self {
-            Params::Virtual { burst, .. } => burst,
+            Params::Virtual(v) => v.burst,
             Params::Window { limit, .. } => limit,
         }
     }
@@ -193,14 +187,7 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
         return gcra_decide(unit, cap, burst, state, now, cost);
     }
     match *p {
-        Params::Virtual {
-            tick,
-            per_tick,
-            unit,
-            cap,
-            burst,
-            max_wait,
-        } => virtual_decide(tick, per_tick, unit, cap, burst, max_wait, state, now, cost),
+        Params::Virtual(v) => virtual_decide(&v, state, now, cost),
         Params::Window {
             window,
             limit,
@@ -218,7 +205,7 @@ pub(crate) fn decide(p: &Params, state: u64, now: u64, cost: u32) -> Step {
 #[cfg(test)]
 pub(crate) fn is_full(p: &Params, state: u64, now: u64) -> bool {
     match *p {
-        Params::Virtual { tick, per_tick, .. } => state <= virtual_clock(now, tick, per_tick),
+        Params::Virtual(v) => state <= virtual_clock(now, v.tick, v.per_tick),
         Params::Window { window, scale, .. } => {
             let (_, prev, cur) = window_view(window, state, now / scale);
             prev == 0 && cur == 0
@@ -230,7 +217,7 @@ pub(crate) fn is_full(p: &Params, state: u64, now: u64) -> bool {
 /// limits they took when a later one denies). Never gives back more than was taken.
 pub(crate) fn refund(p: &Params, state: u64, now: u64, cost: u32) -> u64 {
     match *p {
-        Params::Virtual { unit, .. } => state.saturating_sub(u64::from(cost) * unit),
+        Params::Virtual(v) => state.saturating_sub(u64::from(cost) * v.unit),
         Params::Window { window, scale, .. } => {
             let (idx, prev, cur) = unpack_window(state);
             // Taken in the stored window, current or just ended (or read backwards).
@@ -312,19 +299,16 @@ fn units(room: u64, unit: u64) -> u64 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline]
-pub(super) fn virtual_decide(
-    tick: u64,
-    per_tick: u64,
-    unit: u64,
-    cap: u64,
-    burst: u64,
-    max_wait: Option<u64>,
-    s: u64,
-    now: u64,
-    cost: u32,
-) -> Step {
+pub(super) fn virtual_decide(v: &Virtual, s: u64, now: u64, cost: u32) -> Step {
+    let Virtual {
+        tick,
+        per_tick,
+        unit,
+        cap,
+        burst,
+        max_wait,
+    } = *v;
     let x = virtual_clock(now, tick, per_tick);
     let base = s.max(x);
     let next = base.saturating_add(u64::from(cost) * unit);

@@ -1,6 +1,6 @@
 //! Unit and property tests of the algorithms.
 
-use super::kernel::virtual_decide;
+use super::kernel::{Virtual, virtual_decide};
 use super::*;
 
 fn gcra(count: u32, per: Duration, burst: u32) -> Params {
@@ -341,7 +341,12 @@ mod props {
             let cap = unit * burst;
             prop_assert_eq!(
                 gcra_decide(unit, cap, burst, s, now, cost),
-                virtual_decide(1, 1, unit, cap, burst, None, s, now, cost)
+                virtual_decide(
+                    &Virtual { tick: 1, per_tick: 1, unit, cap, burst, max_wait: None },
+                    s,
+                    now,
+                    cost
+                )
             );
         }
 

@@ -75,27 +75,11 @@ impl<C: Clock> DirectLimiter<C> {
         Ok(self.core.finish(&step))
     }
 
-    /// Replaces the limit. The state is kept, so the change hands out no fresh burst:
-    /// what was used under the old limit stays used.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
-    /// differently (another algorithm, a token bucket with another refill, a sliding
-    /// window of another length): the kept state would be misread.
-    pub fn set_limit(&self, limit: Limit) -> Result<()> {
-        self.core.set_limit(limit)
-    }
-
-    /// The current limit.
-    pub fn limit(&self) -> Limit {
-        self.core.limit.limit()
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> &Stats {
-        &self.core.stats
-    }
+    core_accessors!(
+        set_limit: "Replaces the limit. The state is kept, so the change hands out no fresh \
+                    burst: what was used under the old limit stays used.",
+        limit: "The current limit."
+    );
 
     /// Waits until a request of `cost` is admitted, then returns its decision. For a
     /// leaky queue the wait is the reserved slot (FIFO); otherwise it retries after

@@ -254,27 +254,12 @@ where
         self.max_keys
     }
 
-    /// Replaces the default limit. Keys keep their state, so the change hands out no
-    /// fresh burst (exactly so for GCRA and leaky buckets, whose state is a time).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] naming `limit` when the new limit stores its state
-    /// differently (another algorithm, a token bucket with another refill, a sliding
-    /// window of another length): the kept state would be misread.
-    pub fn set_limit(&self, limit: Limit) -> Result<()> {
-        self.core.set_limit(limit)
-    }
-
-    /// The default limit.
-    pub fn limit(&self) -> Limit {
-        self.core.limit.limit()
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> &Stats {
-        &self.core.stats
-    }
+    core_accessors!(
+        set_limit: "Replaces the default limit. Keys keep their state, so the change hands \
+                    out no fresh burst (exactly so for GCRA and leaky buckets, whose state \
+                    is a time).",
+        limit: "The default limit."
+    );
 
     /// Waits until a request of `cost` for `key` is admitted. For a leaky queue the wait
     /// is the slot reserved at the call, so waiters on one key proceed in FIFO order.
