@@ -63,98 +63,22 @@ impl<C: Clock> MemoryStore<C> {
         self.records.is_empty()
     }
 
-    fn claim_now(
-        &self,
-        scope: &str,
-        key: &str,
-        fingerprint: &Fingerprint,
-        lock_ttl: Duration,
-    ) -> Result<ClaimOutcome> {
-        let lock_ttl = ttl_ms("lock_ttl", lock_ttl)?;
-        let token = new_token();
+    /// Replaces the claim's record with `next(record, now)` when the claim holds it.
+    fn as_holder(&self, claim: &Claim, next: impl FnOnce(&Record, u64) -> Record) -> Result<()> {
         let now = now_ms(&self.clock);
-        let decision = match self.records.entry((scope.to_owned(), key.to_owned())) {
-            Entry::Vacant(slot) => {
-                let (decision, record) = decide_claim(None, fingerprint, now, lock_ttl, token);
-                if let Some(record) = record {
-                    slot.insert(record);
-                }
-                decision
+        match self.records.entry((claim.scope.clone(), claim.key.clone())) {
+            Entry::Occupied(mut slot) if holds(Some(slot.get()), claim, now) => {
+                let record = next(slot.get(), now);
+                slot.insert(record);
+                Ok(())
             }
-            Entry::Occupied(mut slot) => {
-                let (decision, record) =
-                    decide_claim(Some(slot.get()), fingerprint, now, lock_ttl, token);
-                if let Some(record) = record {
-                    slot.insert(record);
-                }
-                decision
-            }
-        };
-        Ok(decision.into_outcome(scope, key, token))
-    }
-
-    /// Applies `change` to the claim's record when the claim holds it.
-    fn as_holder(
-        &self,
-        claim: &Claim,
-        change: impl FnOnce(&mut Entry<'_, (String, String), Record>, u64),
-    ) -> Result<()> {
-        let now = now_ms(&self.clock);
-        let mut entry = self.records.entry((claim.scope.clone(), claim.key.clone()));
-        let held = match &entry {
-            Entry::Occupied(slot) => holds(Some(slot.get()), claim, now),
-            Entry::Vacant(_) => false,
-        };
-        if !held {
-            return Err(claim.lost());
+            _ => Err(claim.lost()),
         }
-        change(&mut entry, now);
-        Ok(())
-    }
-
-    fn complete_now(
-        &self,
-        claim: &Claim,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<()> {
-        let retention = ttl_ms("retention", retention)?;
-        self.as_holder(claim, |entry, now| {
-            if let Entry::Occupied(slot) = entry {
-                let next = completed(slot.get(), response.clone(), now, retention);
-                slot.insert(next);
-            }
-        })
-    }
-
-    fn extend_now(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
-        let lock_ttl = ttl_ms("lock_ttl", lock_ttl)?;
-        self.as_holder(claim, |entry, now| {
-            if let Entry::Occupied(slot) = entry {
-                let next = extended(slot.get(), now, lock_ttl);
-                slot.insert(next);
-            }
-        })
-    }
-
-    fn release_now(&self, claim: &Claim) -> Result<()> {
-        let now = now_ms(&self.clock);
-        let removed = self
-            .records
-            .remove_if(&(claim.scope.clone(), claim.key.clone()), |_, r| {
-                holds(Some(r), claim, now)
-            });
-        removed.map(|_| ()).ok_or_else(|| claim.lost())
-    }
-
-    fn sweep_now(&self) -> u64 {
-        let now = now_ms(&self.clock);
-        let before = self.records.len();
-        self.records.retain(|_, r| r.expires_at > now);
-        before.saturating_sub(self.records.len()) as u64
     }
 }
 
+// Each state change runs when it is called, under the shard lock, and hands back a
+// ready future.
 impl<C: Clock + Clone> Store for MemoryStore<C> {
     fn claim(
         &self,
@@ -163,7 +87,20 @@ impl<C: Clock + Clone> Store for MemoryStore<C> {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome>> + Send {
-        ready(self.claim_now(scope, key, fingerprint, lock_ttl))
+        ready(ttl_ms("lock_ttl", lock_ttl).map(|lock_ttl| {
+            let token = new_token();
+            let now = now_ms(&self.clock);
+            let entry = self.records.entry((scope.to_owned(), key.to_owned()));
+            let current = match &entry {
+                Entry::Occupied(slot) => Some(slot.get()),
+                Entry::Vacant(_) => None,
+            };
+            let (decision, record) = decide_claim(current, fingerprint, now, lock_ttl, token);
+            if let Some(record) = record {
+                entry.insert(record);
+            }
+            decision.into_outcome(scope, key, token)
+        }))
     }
 
     fn complete(
@@ -172,18 +109,33 @@ impl<C: Clock + Clone> Store for MemoryStore<C> {
         response: &StoredResponse,
         retention: Duration,
     ) -> impl Future<Output = Result<()>> + Send {
-        ready(self.complete_now(claim, response, retention))
+        ready(ttl_ms("retention", retention).and_then(|retention| {
+            self.as_holder(claim, |record, now| {
+                completed(record, response.clone(), now, retention)
+            })
+        }))
     }
 
     fn release(&self, claim: &Claim) -> impl Future<Output = Result<()>> + Send {
-        ready(self.release_now(claim))
+        let now = now_ms(&self.clock);
+        let removed = self
+            .records
+            .remove_if(&(claim.scope.clone(), claim.key.clone()), |_, r| {
+                holds(Some(r), claim, now)
+            });
+        ready(removed.map(|_| ()).ok_or_else(|| claim.lost()))
     }
 
     fn extend(&self, claim: &Claim, lock_ttl: Duration) -> impl Future<Output = Result<()>> + Send {
-        ready(self.extend_now(claim, lock_ttl))
+        ready(ttl_ms("lock_ttl", lock_ttl).and_then(|lock_ttl| {
+            self.as_holder(claim, |record, now| extended(record, now, lock_ttl))
+        }))
     }
 
     fn sweep(&self) -> impl Future<Output = Result<u64>> + Send {
-        ready(Ok(self.sweep_now()))
+        let now = now_ms(&self.clock);
+        let before = self.records.len();
+        self.records.retain(|_, r| r.expires_at > now);
+        ready(Ok(before.saturating_sub(self.records.len()) as u64))
     }
 }

@@ -26,7 +26,8 @@ use sqlx::{PgPool, Postgres, Row as _, Transaction};
 
 use crate::error::{Error, Result};
 use crate::store::{
-    Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, in_flight_expiry, new_token, ttl_ms,
+    Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, call_timeout, in_flight_expiry,
+    new_token, ttl_ms,
 };
 
 /// The table's migration, written for the default name `idempotency_keys`.
@@ -74,14 +75,12 @@ impl PostgresStoreBuilder {
     /// A store on `pool`.
     pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
         let table = TableName::parse("table", &self.table)?;
-        if self.timeout.is_zero() {
-            return Err(Error::config("timeout", "must be longer than zero"));
-        }
+        let timeout = call_timeout(self.timeout)?;
         let claim_sql = claim_sql(&table.to_string());
         Ok(PostgresStore {
             pool,
             table,
-            timeout: self.timeout,
+            timeout,
             claim_sql,
         })
     }

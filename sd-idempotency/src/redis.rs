@@ -25,7 +25,9 @@ use sd_core::deadline::timeout;
 use sd_core::redis::Script;
 
 use crate::error::{Error, Result};
-use crate::store::{Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, new_token, ttl_ms};
+use crate::store::{
+    Claim, ClaimOutcome, Fingerprint, Store, StoredResponse, call_timeout, new_token, ttl_ms,
+};
 
 const PRELUDE: &str = include_str!("redis/prelude.lua");
 
@@ -74,13 +76,11 @@ impl RedisStoreBuilder {
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(self, conn: C) -> Result<RedisStore<C>> {
         let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
-        if self.timeout.is_zero() {
-            return Err(Error::config("timeout", "must be longer than zero"));
-        }
+        let timeout = call_timeout(self.timeout)?;
         Ok(RedisStore {
             conn,
             prefix,
-            timeout: self.timeout,
+            timeout,
         })
     }
 }

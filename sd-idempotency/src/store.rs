@@ -81,6 +81,15 @@ pub(crate) fn ttl_ms(field: &'static str, ttl: Duration) -> Result<u64> {
     Ok(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A server store's per-call timeout (the `timeout` setter), refused when zero.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn call_timeout(timeout: Duration) -> Result<Duration> {
+    if timeout.is_zero() {
+        return Err(Error::config("timeout", "must be longer than zero"));
+    }
+    Ok(timeout)
+}
+
 /// The SHA-256 of what makes two requests "the same request".
 ///
 /// The middleware hashes the method, path and body (or chosen JSON fields); callers of
