@@ -107,6 +107,14 @@ async fn must_claim<S: Store>(s: &S, scope: &str, key: &str, f: &str, ttl: Durat
     }
 }
 
+/// Whether a claim of `key` with fingerprint `f` finds it in flight under another claim.
+async fn held_by_another<S: Store>(h: &Harness<S>, scope: &str, key: &str, f: &str) -> bool {
+    matches!(
+        h.store.claim(scope, key, &fp(f), h.lock_ttl).await.unwrap(),
+        ClaimOutcome::InFlight { .. }
+    )
+}
+
 fn lost(r: Result<(), Error>) -> bool {
     matches!(r, Err(Error::ClaimLost { .. }))
 }
@@ -247,13 +255,7 @@ pub async fn extend_keeps_the_lock<S: Store>(h: &Harness<S>) {
         .await
         .unwrap();
     h.pass(h.lock_ttl + h.lock_ttl / 4).await;
-    assert!(matches!(
-        h.store
-            .claim(&scope, "k", &fp("a"), h.lock_ttl)
-            .await
-            .unwrap(),
-        ClaimOutcome::InFlight { .. }
-    ));
+    assert!(held_by_another(h, &scope, "k", "a").await);
     h.store
         .complete(
             &claim,
@@ -304,13 +306,7 @@ pub async fn sweep_spares_live_claims<S: Store>(h: &Harness<S>) {
         .unwrap();
     h.pass(h.retention + h.retention / 4).await;
     h.store.sweep().await.unwrap();
-    assert!(matches!(
-        h.store
-            .claim(&scope, "live", &fp("a"), h.lock_ttl)
-            .await
-            .unwrap(),
-        ClaimOutcome::InFlight { .. }
-    ));
+    assert!(held_by_another(h, &scope, "live", "a").await);
     h.store
         .complete(&live, &StoredResponse::new(200, "y"), h.retention)
         .await

@@ -125,17 +125,9 @@ fn store_down_is_503_and_nothing_runs() {
         let store = store(db.url()).await;
         let (port, payments) = suite::http::serve_payments(store).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
-        assert_eq!(
-            suite::http::send(port, "alice", Some(b"k1"), body)
-                .await
-                .unwrap()
-                .status,
-            201
-        );
+        assert_eq!(suite::http::pay(port, "k1", body).await.status, 201);
         server.kill().unwrap();
-        let down = suite::http::send(port, "alice", Some(b"k2"), body)
-            .await
-            .unwrap();
+        let down = suite::http::pay(port, "k2", body).await;
         down.assert_problem(503);
         assert_eq!(payments.count(), 1, "the handler did not run");
     });
@@ -174,26 +166,17 @@ fn on_a_pausable_server<F: Future<Output = ()>>(
 ) {
     let server = sd_testkit::PostgresServer::start().expect("postgres");
     let db = server.create_database().expect("a database");
-    let runtime = sd_testkit::runtime();
-    let store = runtime.block_on(store(db.url()));
-    let (_server, pause, resume) = suite::pause_controls(
+    suite::on_a_pausable_server(
         server,
         sd_testkit::PostgresServer::pause,
         sd_testkit::PostgresServer::resume,
+        store(db.url()),
+        test,
     );
-    runtime.block_on(test(store, pause, resume));
     drop(db);
 }
 
-#[test]
-fn store_paused_is_503_and_fail_open_runs() {
-    on_a_pausable_server(suite::http::http_store_paused);
-}
-
-#[test]
-fn run_once_on_a_paused_store_does_not_run() {
-    on_a_pausable_server(suite::run_once_store_paused);
-}
+fault_suite!(on_a_pausable_server);
 
 #[test]
 fn requests_recover_after_a_restart() {
@@ -203,15 +186,11 @@ fn requests_recover_after_a_restart() {
     runtime.block_on(async {
         let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
-        let before = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let before = suite::http::pay(port, "k1", body).await;
         assert_eq!(before.status, 201);
         // Every pooled connection dies with the server; the pool replaces them.
         server.restart().unwrap();
-        let after = suite::http::send(port, "alice", Some(b"k2"), body)
-            .await
-            .unwrap();
+        let after = suite::http::pay(port, "k2", body).await;
         assert_eq!(
             after.status,
             201,
@@ -219,9 +198,7 @@ fn requests_recover_after_a_restart() {
             String::from_utf8_lossy(&after.body)
         );
         // The record written before the restart is still there: a replay.
-        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let replay = suite::http::pay(port, "k1", body).await;
         assert_eq!(replay.header("idempotency-replayed"), Some("true"));
         assert_eq!(replay.body, before.body);
         assert_eq!(payments.count(), 2);
@@ -283,18 +260,12 @@ fn a_first_run_is_two_statements_and_a_replay_is_one() {
             .unwrap();
         let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
         let body = r#"{"amount":1,"currency":"EUR"}"#;
-        suite::http::send(port, "alice", Some(b"warm"), body)
-            .await
-            .unwrap();
+        suite::http::pay(port, "warm", body).await;
         statements(&counter).await;
 
-        let first = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let first = suite::http::pay(port, "k1", body).await;
         let first_statements = statements(&counter).await;
-        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let replay = suite::http::pay(port, "k1", body).await;
         let replay_statements = statements(&counter).await;
 
         assert_eq!(first.status, 201);

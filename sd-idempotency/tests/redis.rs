@@ -47,39 +47,18 @@ fn store_down_is_503_and_nothing_runs() {
     let runtime = sd_testkit::runtime();
     runtime.block_on(async {
         let (port, payments) = serve_payments(&server.url()).await;
-        let ok = suite::http::send(
-            port,
-            "alice",
-            Some(b"k1"),
-            r#"{"amount":1,"currency":"EUR"}"#,
-        )
-        .await
-        .unwrap();
+        let body = r#"{"amount":1,"currency":"EUR"}"#;
+        let ok = suite::http::pay(port, "k1", body).await;
         assert_eq!(ok.status, 201);
         server.kill().unwrap();
-        let down = suite::http::send(
-            port,
-            "alice",
-            Some(b"k2"),
-            r#"{"amount":1,"currency":"EUR"}"#,
-        )
-        .await
-        .unwrap();
+        let down = suite::http::pay(port, "k2", body).await;
         down.assert_problem(503);
         assert_eq!(payments.count(), 1, "the handler did not run");
         server.start_again().unwrap();
         // Back up (the connection manager reconnects): requests run again.
         let mut status = 0;
         for _ in 0..50 {
-            status = suite::http::send(
-                port,
-                "alice",
-                Some(b"k3"),
-                r#"{"amount":1,"currency":"EUR"}"#,
-            )
-            .await
-            .unwrap()
-            .status;
+            status = suite::http::pay(port, "k3", body).await.status;
             if status == 201 {
                 break;
             }
@@ -116,25 +95,16 @@ fn on_a_pausable_server<F: Future<Output = ()>>(
 ) {
     let server = sd_testkit::RedisServer::start().expect("a redis server");
     let url = server.url();
-    let runtime = sd_testkit::runtime();
-    let store = runtime.block_on(store(&url));
-    let (_server, pause, resume) = suite::pause_controls(
+    suite::on_a_pausable_server(
         server,
         sd_testkit::RedisServer::pause,
         sd_testkit::RedisServer::resume,
+        store(&url),
+        test,
     );
-    runtime.block_on(test(store, pause, resume));
 }
 
-#[test]
-fn store_paused_is_503_and_fail_open_runs() {
-    on_a_pausable_server(suite::http::http_store_paused);
-}
-
-#[test]
-fn run_once_on_a_paused_store_does_not_run() {
-    on_a_pausable_server(suite::run_once_store_paused);
-}
+fault_suite!(on_a_pausable_server);
 
 /// Every command clients send to one server, as MONITOR reports them (the commands a
 /// script runs inside the server are tagged `lua` and left out).
@@ -189,20 +159,14 @@ fn a_first_run_is_two_round_trips_and_a_replay_is_one() {
         // Warm up: the first EVALSHA of each script meets NOSCRIPT and is sent again with
         // its source; that happens once per server, not per request.
         for _ in 0..2 {
-            suite::http::send(port, "alice", Some(b"warm"), body)
-                .await
-                .unwrap();
+            suite::http::pay(port, "warm", body).await;
         }
         let warm = monitor.commands().await;
         assert!(warm.contains(&"EVAL".to_owned()), "{warm:?}");
 
-        let first = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let first = suite::http::pay(port, "k1", body).await;
         let first_commands = monitor.commands().await;
-        let replay = suite::http::send(port, "alice", Some(b"k1"), body)
-            .await
-            .unwrap();
+        let replay = suite::http::pay(port, "k1", body).await;
         let replay_commands = monitor.commands().await;
 
         assert_eq!(first.status, 201);

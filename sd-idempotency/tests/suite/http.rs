@@ -55,6 +55,12 @@ pub async fn alice(port: u16, method: &str, path: &str, key: Option<&[u8]>, body
         .expect("an answer")
 }
 
+/// `POST /payments` of `body` from caller `alice` with idempotency key `key`, which gets
+/// an answer.
+pub async fn pay(port: u16, key: &str, body: &str) -> Reply {
+    alice(port, "POST", "/payments", Some(key.as_bytes()), body).await
+}
+
 /// A JSON request to `path` on the app at `port`, from `caller`, not sent yet.
 fn to(port: u16, method: &str, path: &str) -> http::request::Builder {
     Request::builder()
@@ -138,11 +144,7 @@ pub async fn http_concurrent_duplicates_run_once<S: Store + Clone + 'static>(h: 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let key = key.clone();
-        tasks.spawn(async move {
-            send(port, "alice", Some(key.as_bytes()), PAY)
-                .await
-                .unwrap()
-        });
+        tasks.spawn(async move { pay(port, &key, PAY).await });
     }
     hold.entered(1).await;
     // While the first request is held, the other 99 all meet its claim.
@@ -184,11 +186,7 @@ pub async fn http_concurrent_duplicates_run_once<S: Store + Clone + 'static>(h: 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let key = key.clone();
-        tasks.spawn(async move {
-            send(port, "alice", Some(key.as_bytes()), PAY)
-                .await
-                .unwrap()
-        });
+        tasks.spawn(async move { pay(port, &key, PAY).await });
     }
     while let Some(r) = tasks.join_next().await {
         let r = r.unwrap();
@@ -391,9 +389,7 @@ pub async fn http_key_is_bound_to_method_and_path<S: Store + Clone + 'static>(h:
     let payments = Payments::default();
     let port = serve_with(h.store.clone(), payments.clone(), |b| b).await;
     let key = key();
-    let first = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let first = pay(port, &key, PAY).await;
     assert_eq!(first.status, 201);
     for (method, path) in [
         ("PATCH", "/payments/p1"),
@@ -408,9 +404,7 @@ pub async fn http_key_is_bound_to_method_and_path<S: Store + Clone + 'static>(h:
     }
     assert_eq!(payments.runs(), 0);
     assert_eq!(payments.count(), 1);
-    let replay = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let replay = pay(port, &key, PAY).await;
     assert_eq!(replay.header("idempotency-replayed"), Some("true"));
 }
 
@@ -423,18 +417,14 @@ pub async fn http_fingerprint_over_chosen_fields<S: Store + Clone + 'static>(h: 
     })
     .await;
     let key = key();
-    let first = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let first = pay(port, &key, PAY).await;
     assert_eq!(first.status, 201);
     for same in [
         r#"{"currency":"EUR","amount":1000}"#,
         r#"{ "amount" : 1000 , "currency" : "EUR" }"#,
         r#"{"amount":1000,"currency":"EUR","note":"retried by the client"}"#,
     ] {
-        let r = send(port, "alice", Some(key.as_bytes()), same)
-            .await
-            .unwrap();
+        let r = pay(port, &key, same).await;
         assert_eq!(r.status, 201, "{same}");
         assert_eq!(r.header("idempotency-replayed"), Some("true"), "{same}");
         assert_eq!(r.body, first.body);
@@ -444,9 +434,7 @@ pub async fn http_fingerprint_over_chosen_fields<S: Store + Clone + 'static>(h: 
         r#"{"amount":1000,"currency":"USD"}"#,
         r#"{"amount":1000}"#,
     ] {
-        let r = send(port, "alice", Some(key.as_bytes()), changed)
-            .await
-            .unwrap();
+        let r = pay(port, &key, changed).await;
         assert_eq!(r.status, 422, "{changed}");
     }
     assert_eq!(payments.count(), 1);
@@ -454,21 +442,8 @@ pub async fn http_fingerprint_over_chosen_fields<S: Store + Clone + 'static>(h: 
     // The default fingerprint is the whole body: a reordered retry is another request.
     let whole = serve_with(h.store.clone(), payments.clone(), |b| b).await;
     let key = self::key();
-    assert_eq!(
-        send(whole, "alice", Some(key.as_bytes()), PAY)
-            .await
-            .unwrap()
-            .status,
-        201
-    );
-    let reordered = send(
-        whole,
-        "alice",
-        Some(key.as_bytes()),
-        r#"{"currency":"EUR","amount":1000}"#,
-    )
-    .await
-    .unwrap();
+    assert_eq!(pay(whole, &key, PAY).await.status, 201);
+    let reordered = pay(whole, &key, r#"{"currency":"EUR","amount":1000}"#).await;
     assert_eq!(reordered.status, 422);
     assert_eq!(payments.count(), 2);
 }
@@ -488,13 +463,7 @@ pub async fn http_store_paused<S: Store + Clone + 'static>(
             .on_store_failure(OnStoreFailure::FailOpen)
     })
     .await;
-    assert_eq!(
-        send(closed, "alice", Some(b"before"), PAY)
-            .await
-            .unwrap()
-            .status,
-        201
-    );
+    assert_eq!(pay(closed, "before", PAY).await.status, 201);
     pause();
     // A guard, not a timing assertion: a request that never answers fails the test.
     let guard = Duration::from_secs(30);
@@ -514,9 +483,9 @@ pub async fn http_store_paused<S: Store + Clone + 'static>(
     resume();
     // Back: requests run again. (The claim sent while the store was frozen may have been
     // applied when it woke, so a retry of that key can get 409 until its lock expires.)
-    let after = send(closed, "alice", Some(b"after"), PAY).await.unwrap();
+    let after = pay(closed, "after", PAY).await;
     assert_eq!(after.status, 201);
-    let replay = send(closed, "alice", Some(b"after"), PAY).await.unwrap();
+    let replay = pay(closed, "after", PAY).await;
     assert_eq!(replay.header("idempotency-replayed"), Some("true"));
     assert_eq!(payments.count(), 3);
 }
@@ -524,18 +493,9 @@ pub async fn http_store_paused<S: Store + Clone + 'static>(
 pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h: &Harness<S>) {
     let (port, payments) = serve_payments(h.store.clone()).await;
     let key = key();
-    let first = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let first = pay(port, &key, PAY).await;
     assert_eq!(first.status, 201);
-    let other = send(
-        port,
-        "alice",
-        Some(key.as_bytes()),
-        r#"{"amount":9999,"currency":"EUR"}"#,
-    )
-    .await
-    .unwrap();
+    let other = pay(port, &key, r#"{"amount":9999,"currency":"EUR"}"#).await;
     other.assert_problem(422);
     let problem: serde_json::Value = serde_json::from_slice(&other.body).unwrap();
     assert_eq!(problem["status"], 422);
@@ -545,9 +505,7 @@ pub async fn http_mismatch_is_422_and_does_not_run<S: Store + Clone + 'static>(h
 pub async fn http_other_caller_is_independent<S: Store + Clone + 'static>(h: &Harness<S>) {
     let (port, payments) = serve_payments(h.store.clone()).await;
     let key = key();
-    let alice = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let alice = pay(port, &key, PAY).await;
     let bob = send(port, "bob", Some(key.as_bytes()), PAY).await.unwrap();
     assert_eq!((alice.status, bob.status), (201, 201));
     assert_ne!(alice.body, bob.body, "bob never sees alice's payment");
@@ -575,14 +533,10 @@ pub async fn http_crash_after_claim_then_retry_after_ttl<S: Store + Clone + 'sta
     );
     assert_eq!(payments.count(), 0);
     // The claim is still held: a retry within the lock gets 409.
-    let early = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let early = pay(port, &key, PAY).await;
     assert_eq!(early.status, 409);
     h.pass(h.lock_ttl + h.lock_ttl / 4).await;
-    let retry = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let retry = pay(port, &key, PAY).await;
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotency-replayed"), None);
     assert_eq!(payments.count(), 1);
@@ -598,18 +552,12 @@ pub async fn http_retention_runs_again<S: Store + Clone + 'static>(h: &Harness<S
     )
     .await;
     let key = key();
-    let first = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
-    let replay = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let first = pay(port, &key, PAY).await;
+    let replay = pay(port, &key, PAY).await;
     assert_eq!(replay.header("idempotency-replayed"), Some("true"));
     assert_eq!(payments.count(), 1);
     h.pass(h.retention + h.retention / 4).await;
-    let later = send(port, "alice", Some(key.as_bytes()), PAY)
-        .await
-        .unwrap();
+    let later = pay(port, &key, PAY).await;
     assert_eq!((first.status, later.status), (201, 201));
     assert_eq!(later.header("idempotency-replayed"), None);
     assert_eq!(payments.count(), 2);
@@ -643,22 +591,14 @@ pub async fn http_bad_keys_are_400<S: Store + Clone + 'static>(h: &Harness<S>) {
         .unwrap();
     assert_eq!(exchange(twice).await.unwrap().status, 400);
     // An sf-string with an escape and a 255-character bare key are accepted.
-    let ok = send(port, "alice", Some(br#""quoted \"key\" 1""#), PAY)
-        .await
-        .unwrap();
+    let ok = pay(port, r#""quoted \"key\" 1""#, PAY).await;
     assert_eq!(ok.status, 201);
     let max = key()
         .chars()
         .chain(std::iter::repeat('k'))
         .take(255)
         .collect::<String>();
-    assert_eq!(
-        send(port, "alice", Some(max.as_bytes()), PAY)
-            .await
-            .unwrap()
-            .status,
-        201
-    );
+    assert_eq!(pay(port, &max, PAY).await.status, 201);
     // No caller: 401.
     let anonymous = to(port, "POST", "/payments")
         .header("idempotency-key", "a")

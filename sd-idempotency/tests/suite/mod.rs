@@ -45,27 +45,26 @@ pub fn real_time<S>(
     }
 }
 
-/// A test server shared by the test and its pause and resume closures.
-pub type Shared<T> = Arc<std::sync::Mutex<T>>;
-
 /// A fault to inject (pause or resume the store's server), called once.
 pub type Fault = Box<dyn FnOnce()>;
 
-/// Pause and resume for the fault tests (`http_store_paused`, `run_once_store_paused`):
-/// two closures over one test server, `pause` and `resume` being its methods. Keep the
-/// returned server until the test ends: the closures alone do not keep it running.
-pub fn pause_controls<T: 'static>(
+/// Runs a fault test (`http_store_paused`, `run_once_store_paused`) on a runtime of its
+/// own: `test` gets the store `store` builds and two closures over `server`, `pause` and
+/// `resume` being its methods. The server lives until the test ends.
+pub fn on_a_pausable_server<T: 'static, S, F: Future<Output = ()>>(
     server: T,
     pause: fn(&mut T) -> sd_testkit::Result<()>,
     resume: fn(&mut T) -> sd_testkit::Result<()>,
-) -> (Shared<T>, Fault, Fault) {
+    store: impl Future<Output = S>,
+    test: impl FnOnce(S, Fault, Fault) -> F,
+) {
+    let runtime = sd_testkit::runtime();
+    let store = runtime.block_on(store);
     let server = Arc::new(std::sync::Mutex::new(server));
     let (a, b) = (server.clone(), server.clone());
-    (
-        server,
-        Box::new(move || pause(&mut a.lock().unwrap()).unwrap()),
-        Box::new(move || resume(&mut b.lock().unwrap()).unwrap()),
-    )
+    let pause: Fault = Box::new(move || pause(&mut a.lock().unwrap()).unwrap());
+    let resume: Fault = Box::new(move || resume(&mut b.lock().unwrap()).unwrap());
+    runtime.block_on(test(store, pause, resume));
 }
 
 /// The store under test, counting the lock renewals it accepted so a test can await the
@@ -168,6 +167,24 @@ macro_rules! behaviour_suite {
                 runtime.block_on($crate::suite::$name(&harness));
             }
         )*
+    };
+}
+
+/// Generates the two fault tests of a backend whose server can be frozen:
+/// `$on_a_pausable_server` runs a test with a store on a server of its own, and the
+/// server's pause and resume.
+#[macro_export]
+macro_rules! fault_suite {
+    ($on_a_pausable_server:path) => {
+        #[test]
+        fn store_paused_is_503_and_fail_open_runs() {
+            $on_a_pausable_server($crate::suite::http::http_store_paused);
+        }
+
+        #[test]
+        fn run_once_on_a_paused_store_does_not_run() {
+            $on_a_pausable_server($crate::suite::run_once_store_paused);
+        }
     };
 }
 
