@@ -33,29 +33,24 @@ pub trait Clock: Send + Sync + Debug + 'static {
     }
 }
 
-impl<C: Clock + ?Sized> Clock for Arc<C> {
-    #[inline]
-    fn now(&self) -> Duration {
-        (**self).now()
-    }
+/// A clock behind a smart pointer reads the clock it points to.
+macro_rules! forward_clock {
+    ($($ptr:ident),+) => {$(
+        impl<C: Clock + ?Sized> Clock for $ptr<C> {
+            #[inline]
+            fn now(&self) -> Duration {
+                (**self).now()
+            }
 
-    #[inline]
-    fn now_nanos(&self) -> u64 {
-        (**self).now_nanos()
-    }
+            #[inline]
+            fn now_nanos(&self) -> u64 {
+                (**self).now_nanos()
+            }
+        }
+    )+};
 }
 
-impl<C: Clock + ?Sized> Clock for Box<C> {
-    #[inline]
-    fn now(&self) -> Duration {
-        (**self).now()
-    }
-
-    #[inline]
-    fn now_nanos(&self) -> u64 {
-        (**self).now_nanos()
-    }
-}
+forward_clock!(Arc, Box);
 
 /// The monotonic clock: time since it was made, read from the CPU's counter (TSC where
 /// available, through `quanta`) in a few nanoseconds. Never goes back.

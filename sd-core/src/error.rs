@@ -46,6 +46,61 @@ impl Elapsed {
     }
 }
 
+/// Declares a crate's error enum with the variant every sd error starts with:
+/// `InvalidConfig { field, reason }`, the refusal of a builder setting, whose message
+/// names the setter (`invalid `ttl`: must be above zero`). The enum is `#[non_exhaustive]`;
+/// the crate's own variants follow, given as the body.
+///
+/// The caller derives `Debug` and `thiserror::Error` (and `Clone` if it wants one), so
+/// its own variants carry their `#[error(..)]` messages as usual. Pair it with
+/// [`impl_core_errors!`] for the conversions from [`ConfigError`] and [`Elapsed`].
+///
+/// ```
+/// use std::time::Duration;
+///
+/// sd_core::error_enum! {
+///     /// Everything that can go wrong here.
+///     #[derive(Debug, thiserror::Error)]
+///     pub enum Error {
+///         /// A call did not finish in time.
+///         #[error("no answer within {after:?}")]
+///         Timeout {
+///             /// The limit that passed.
+///             after: Duration,
+///         },
+///     }
+/// }
+/// sd_core::impl_core_errors!(Error);
+///
+/// let e = Error::config("ttl", "must be above zero");
+/// assert_eq!(e.to_string(), "invalid `ttl`: must be above zero");
+/// assert!(matches!(e, Error::InvalidConfig { field: "ttl", .. }));
+/// ```
+#[macro_export]
+macro_rules! error_enum {
+    (
+        $(#[$attr:meta])*
+        $vis:vis enum $name:ident {
+            $($variants:tt)*
+        }
+    ) => {
+        $(#[$attr])*
+        #[non_exhaustive]
+        $vis enum $name {
+            /// A setting is invalid: `build()` refused it, naming the setter. Raised at
+            /// construction, never per call.
+            #[error("invalid `{field}`: {reason}")]
+            InvalidConfig {
+                /// The builder setter (or argument) whose value was refused.
+                field: &'static str,
+                /// Why it was refused, and what would be accepted.
+                reason: ::std::borrow::Cow<'static, str>,
+            },
+            $($variants)*
+        }
+    };
+}
+
 /// Implements, for a crate's `Error`, the conversions every sd crate makes the same way:
 /// `From<ConfigError>` (into `InvalidConfig { field, reason }`) and `From<Elapsed>` (into
 /// `Timeout { after, .. }`; extra fields of the `Timeout` variant are given after the
@@ -61,8 +116,10 @@ impl Elapsed {
 ///
 /// Each is compiled under `#[cfg(feature = "redis")]` / `#[cfg(feature = "postgres")]`
 /// evaluated in the calling crate, whose feature of that name must turn on the client
-/// (`redis`, `sqlx`) and sd-core's own feature of the same name. A crate whose `Backend`
-/// variant has more fields writes those impls itself.
+/// (`redis`, `sqlx`) and sd-core's own feature of the same name. A `Backend` variant with
+/// more fields gives their values after the backend, `redis(operation = "command")`, and
+/// its `source` may be any type a [`BoxError`] converts into (an `Arc<dyn Error + ..>`
+/// for an error that must be `Clone`).
 ///
 /// ```
 /// use std::borrow::Cow;
@@ -87,13 +144,14 @@ impl Elapsed {
 ///
 /// ```ignore
 /// sd_core::impl_core_errors!(Error; Backend from redis, postgres);
+/// sd_core::impl_core_errors!(Error; Backend from redis(operation = "command"));
 /// ```
 #[macro_export]
 macro_rules! impl_core_errors {
     (
         $error:ty
         $(, Timeout { $($field:ident: $value:expr),* $(,)? })?
-        $(; Backend from $($backend:ident),+ $(,)?)?
+        $(; Backend from $($backend:ident $(($($extra:ident = $value2:expr),+ $(,)?))?),+ $(,)?)?
     ) => {
         impl ::core::convert::From<$crate::ConfigError> for $error {
             fn from(e: $crate::ConfigError) -> Self {
@@ -127,7 +185,7 @@ macro_rules! impl_core_errors {
             }
         }
 
-        $($($crate::__impl_backend_from!($error, $backend);)+)?
+        $($($crate::__impl_backend_from!($error, $backend $(, $($extra = $value2),+)?);)+)?
     };
 }
 
@@ -135,14 +193,16 @@ macro_rules! impl_core_errors {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __impl_backend_from {
-    ($error:ty, redis) => {
+    ($error:ty, redis $(, $extra:ident = $value:expr)*) => {
         #[cfg(feature = "redis")]
         #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
         impl ::core::convert::From<::redis::RedisError> for $error {
             fn from(e: ::redis::RedisError) -> Self {
+                let source: $crate::BoxError = ::std::boxed::Box::new(e);
                 Self::Backend {
                     backend: "redis",
-                    source: ::std::boxed::Box::new(e),
+                    $($extra: $value,)*
+                    source: ::core::convert::Into::into(source),
                 }
             }
         }

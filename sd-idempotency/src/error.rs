@@ -1,94 +1,86 @@
 //! The crate's one error type.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use sd_core::BoxError;
 
-/// What went wrong; every message says what to do about it.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A configuration value is out of range; raised by `build()`.
-    #[error("invalid `{field}`: {reason}")]
-    InvalidConfig {
-        /// The builder setter (or argument) at fault.
-        field: &'static str,
-        /// Why it is refused and what would be accepted.
-        reason: Cow<'static, str>,
-    },
-    /// An idempotency key the caller sent is not acceptable.
-    #[error("invalid idempotency key: {reason}; send 1 to 255 printable ascii characters")]
-    InvalidKey {
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// The claim is no longer held: its lock expired (and maybe another request took the
-    /// key over), or it was already completed or released.
-    #[error(
-        "the claim on key `{key}` (epoch {epoch}) is no longer held; its lock expired or it was taken over: raise `lock_ttl` or call `extend` while the work runs"
-    )]
-    ClaimLost {
-        /// The idempotency key.
-        key: String,
-        /// The epoch of the lost claim.
-        epoch: u64,
-    },
-    /// The same key is in use by a request that is still running.
-    #[error("a request with this idempotency key is still running; retry after {retry_after:?}")]
-    InFlight {
-        /// When the running request's lock expires at the latest.
-        retry_after: Duration,
-    },
-    /// The key was first used with a different request.
-    #[error(
-        "idempotency key `{key}` was first used with a different request; send a new key for a new request"
-    )]
-    Mismatch {
-        /// The idempotency key.
-        key: String,
-    },
-    /// A response is larger than the store accepts.
-    #[error("response of {size} bytes exceeds the {limit}-byte cap; raise `max_response_bytes`")]
-    TooLarge {
-        /// Its size in bytes.
-        size: usize,
-        /// The configured cap.
-        limit: usize,
-    },
-    /// A stored record cannot be read back (written by another version, or damaged).
-    #[error("stored idempotency record is unreadable ({reason}); delete the key or let it expire")]
-    Corrupt {
-        /// What failed to decode.
-        reason: String,
-    },
-    /// A result could not be encoded or decoded as JSON by [`run_once`](crate::run_once()).
-    #[error("cannot (de)serialize the stored result as json: {source}")]
-    Codec {
-        /// The serde_json error.
-        #[from]
-        source: serde_json::Error,
-    },
-    /// The store did not answer within the configured timeout.
-    #[error(
-        "the idempotency store did not answer within {after:?}; check it is up or raise `timeout`"
-    )]
-    Timeout {
-        /// The timeout that elapsed.
-        after: Duration,
-    },
-    /// The store's backend (Redis or PostgreSQL) failed; the source is the client's
-    /// error.
-    #[error(
-        "the idempotency store's {backend} failed: {source}; check the server is reachable (postgres: and that `migrate()` ran)"
-    )]
-    Backend {
-        /// `"redis"` or `"postgres"`.
-        backend: &'static str,
-        /// The client error.
-        #[source]
-        source: BoxError,
-    },
+sd_core::error_enum! {
+    /// What went wrong; every message says what to do about it.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Error {
+        /// An idempotency key the caller sent is not acceptable.
+        #[error("invalid idempotency key: {reason}; send 1 to 255 printable ascii characters")]
+        InvalidKey {
+            /// What is wrong with it.
+            reason: &'static str,
+        },
+        /// The claim is no longer held: its lock expired (and maybe another request took the
+        /// key over), or it was already completed or released.
+        #[error(
+            "the claim on key `{key}` (epoch {epoch}) is no longer held; its lock expired or it was taken over: raise `lock_ttl` or call `extend` while the work runs"
+        )]
+        ClaimLost {
+            /// The idempotency key.
+            key: String,
+            /// The epoch of the lost claim.
+            epoch: u64,
+        },
+        /// The same key is in use by a request that is still running.
+        #[error("a request with this idempotency key is still running; retry after {retry_after:?}")]
+        InFlight {
+            /// When the running request's lock expires at the latest.
+            retry_after: Duration,
+        },
+        /// The key was first used with a different request.
+        #[error(
+            "idempotency key `{key}` was first used with a different request; send a new key for a new request"
+        )]
+        Mismatch {
+            /// The idempotency key.
+            key: String,
+        },
+        /// A response is larger than the store accepts.
+        #[error("response of {size} bytes exceeds the {limit}-byte cap; raise `max_response_bytes`")]
+        TooLarge {
+            /// Its size in bytes.
+            size: usize,
+            /// The configured cap.
+            limit: usize,
+        },
+        /// A stored record cannot be read back (written by another version, or damaged).
+        #[error("stored idempotency record is unreadable ({reason}); delete the key or let it expire")]
+        Corrupt {
+            /// What failed to decode.
+            reason: String,
+        },
+        /// A result could not be encoded or decoded as JSON by [`run_once`](crate::run_once()).
+        #[error("cannot (de)serialize the stored result as json: {source}")]
+        Codec {
+            /// The serde_json error.
+            #[from]
+            source: serde_json::Error,
+        },
+        /// The store did not answer within the configured timeout.
+        #[error(
+            "the idempotency store did not answer within {after:?}; check it is up or raise `timeout`"
+        )]
+        Timeout {
+            /// The timeout that elapsed.
+            after: Duration,
+        },
+        /// The store's backend (Redis or PostgreSQL) failed; the source is the client's
+        /// error.
+        #[error(
+            "the idempotency store's {backend} failed: {source}; check the server is reachable (postgres: and that `migrate()` ran)"
+        )]
+        Backend {
+            /// `"redis"` or `"postgres"`.
+            backend: &'static str,
+            /// The client error.
+            #[source]
+            source: BoxError,
+        },
+    }
 }
 
 impl Error {

@@ -1,178 +1,170 @@
 //! The crate's one error type.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use sd_core::BoxError;
 
 use crate::lease::FencingToken;
 
-/// Everything that can go wrong in sd-lock.
-///
-/// Input errors name what was wrong and are raised at the call, before any round trip;
-/// contention ([`Error::Held`], `Error::NoQuorum`) is an error a caller may retry
-/// (`acquire` does); backend errors keep their source.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The resource name is empty.
-    #[error("lock resource name is empty; name the thing the lock protects")]
-    EmptyResource,
+sd_core::error_enum! {
+    /// Everything that can go wrong in sd-lock.
+    ///
+    /// Input errors name what was wrong and are raised at the call, before any round trip;
+    /// contention ([`Error::Held`], `Error::NoQuorum`) is an error a caller may retry
+    /// (`acquire` does); backend errors keep their source.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Error {
+        /// The resource name is empty.
+        #[error("lock resource name is empty; name the thing the lock protects")]
+        EmptyResource,
 
-    /// The resource name is longer than the backends accept.
-    #[error("lock resource name is {len} bytes, over the {max}-byte limit; hash long names")]
-    ResourceTooLong {
-        /// The length given.
-        len: usize,
-        /// The longest name accepted.
-        max: usize,
-    },
+        /// The resource name is longer than the backends accept.
+        #[error("lock resource name is {len} bytes, over the {max}-byte limit; hash long names")]
+        ResourceTooLong {
+            /// The length given.
+            len: usize,
+            /// The longest name accepted.
+            max: usize,
+        },
 
-    /// The TTL is zero or shorter than the backend can keep.
-    #[error("lock ttl {ttl:?} is shorter than the {min:?} this backend supports; raise `ttl`")]
-    TtlTooShort {
-        /// The TTL given.
-        ttl: Duration,
-        /// The shortest TTL this backend accepts.
-        min: Duration,
-    },
+        /// The TTL is zero or shorter than the backend can keep.
+        #[error("lock ttl {ttl:?} is shorter than the {min:?} this backend supports; raise `ttl`")]
+        TtlTooShort {
+            /// The TTL given.
+            ttl: Duration,
+            /// The shortest TTL this backend accepts.
+            min: Duration,
+        },
 
-    /// The TTL does not exceed the clock-drift margin (1 % of the TTL + 2 ms), so the
-    /// lease would be invalid the moment it is granted.
-    #[error("lock ttl {ttl:?} must exceed its clock-drift margin of {drift:?}; raise `ttl`")]
-    TtlBelowDrift {
-        /// The TTL given.
-        ttl: Duration,
-        /// The drift margin for that TTL.
-        drift: Duration,
-    },
+        /// The TTL does not exceed the clock-drift margin (1 % of the TTL + 2 ms), so the
+        /// lease would be invalid the moment it is granted.
+        #[error("lock ttl {ttl:?} must exceed its clock-drift margin of {drift:?}; raise `ttl`")]
+        TtlBelowDrift {
+            /// The TTL given.
+            ttl: Duration,
+            /// The drift margin for that TTL.
+            drift: Duration,
+        },
 
-    /// The TTL is longer than the backends can represent exactly.
-    #[error("lock ttl {ttl:?} exceeds the maximum {max:?}; use a shorter ttl and a watchdog")]
-    TtlTooLong {
-        /// The TTL given.
-        ttl: Duration,
-        /// The longest TTL accepted.
-        max: Duration,
-    },
+        /// The TTL is longer than the backends can represent exactly.
+        #[error("lock ttl {ttl:?} exceeds the maximum {max:?}; use a shorter ttl and a watchdog")]
+        TtlTooLong {
+            /// The TTL given.
+            ttl: Duration,
+            /// The longest TTL accepted.
+            max: Duration,
+        },
 
-    /// A setting is invalid. Raised at construction.
-    #[error("invalid `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field or argument that is wrong (the builder setter's name).
-        field: &'static str,
-        /// Why, and what to do instead.
-        reason: Cow<'static, str>,
-    },
 
-    /// Another holder has the lease. Retry later, or call `acquire` with a wait.
-    #[error(
-        "lock `{resource}` is held by another holder; retry later or use `acquire` with a wait"
-    )]
-    Held {
-        /// The resource.
-        resource: String,
-    },
+        /// Another holder has the lease. Retry later, or call `acquire` with a wait.
+        #[error(
+            "lock `{resource}` is held by another holder; retry later or use `acquire` with a wait"
+        )]
+        Held {
+            /// The resource.
+            resource: String,
+        },
 
-    /// Redlock reached fewer masters than its quorum. Every master was asked to release
-    /// what this attempt set before the error was returned.
-    #[cfg(feature = "redis")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    #[error(
-        "redlock on `{resource}` got {acquired} of the {needed} masters it needs ({} failed); retry, or bring failed masters back",
-        failures.len()
-    )]
-    NoQuorum {
-        /// The resource.
-        resource: String,
-        /// Masters that granted the lock.
-        acquired: usize,
-        /// The quorum (N/2+1).
-        needed: usize,
-        /// Which masters did not grant it, and why.
-        failures: Vec<crate::redlock::NodeFailure>,
-    },
+        /// Redlock reached fewer masters than its quorum. Every master was asked to release
+        /// what this attempt set before the error was returned.
+        #[cfg(feature = "redis")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+        #[error(
+            "redlock on `{resource}` got {acquired} of the {needed} masters it needs ({} failed); retry, or bring failed masters back",
+            failures.len()
+        )]
+        NoQuorum {
+            /// The resource.
+            resource: String,
+            /// Masters that granted the lock.
+            acquired: usize,
+            /// The quorum (N/2+1).
+            needed: usize,
+            /// Which masters did not grant it, and why.
+            failures: Vec<crate::redlock::NodeFailure>,
+        },
 
-    /// The lock was granted, but acquiring took so long that no validity is left.
-    /// It was released again.
-    #[error(
-        "acquiring `{resource}` took {elapsed:?}, which used up the ttl {ttl:?} minus drift; raise `ttl` or check backend latency"
-    )]
-    ValidityExhausted {
-        /// The resource.
-        resource: String,
-        /// The TTL asked for.
-        ttl: Duration,
-        /// How long the acquisition took.
-        elapsed: Duration,
-    },
+        /// The lock was granted, but acquiring took so long that no validity is left.
+        /// It was released again.
+        #[error(
+            "acquiring `{resource}` took {elapsed:?}, which used up the ttl {ttl:?} minus drift; raise `ttl` or check backend latency"
+        )]
+        ValidityExhausted {
+            /// The resource.
+            resource: String,
+            /// The TTL asked for.
+            ttl: Duration,
+            /// How long the acquisition took.
+            elapsed: Duration,
+        },
 
-    /// `acquire` waited `max_wait` and did not get the lease.
-    #[error(
-        "gave up on lock `{resource}` after {waited:?} and {attempts} attempts; raise `max_wait` or find the holder"
-    )]
-    WaitTimeout {
-        /// The resource.
-        resource: String,
-        /// How long it waited.
-        waited: Duration,
-        /// Attempts made.
-        attempts: u32,
-        /// The last attempt's error.
-        #[source]
-        last: Box<Error>,
-    },
+        /// `acquire` waited `max_wait` and did not get the lease.
+        #[error(
+            "gave up on lock `{resource}` after {waited:?} and {attempts} attempts; raise `max_wait` or find the holder"
+        )]
+        WaitTimeout {
+            /// The resource.
+            resource: String,
+            /// How long it waited.
+            waited: Duration,
+            /// Attempts made.
+            attempts: u32,
+            /// The last attempt's error.
+            #[source]
+            last: Box<Error>,
+        },
 
-    /// The lease expired or was taken over: it can no longer be extended.
-    #[error("lease on `{resource}` has expired or belongs to another holder; acquire it again")]
-    LeaseExpired {
-        /// The resource.
-        resource: String,
-    },
+        /// The lease expired or was taken over: it can no longer be extended.
+        #[error("lease on `{resource}` has expired or belongs to another holder; acquire it again")]
+        LeaseExpired {
+            /// The resource.
+            resource: String,
+        },
 
-    /// A fenced write or read carried a token older than one the resource already saw:
-    /// its holder lost the lease. Stop working on the resource.
-    #[error(
-        "fencing token {token} is older than {current}, which the resource already accepted; the lease was lost, stop writing"
-    )]
-    StaleToken {
-        /// The token presented.
-        token: FencingToken,
-        /// The newest token the resource has seen.
-        current: FencingToken,
-    },
+        /// A fenced write or read carried a token older than one the resource already saw:
+        /// its holder lost the lease. Stop working on the resource.
+        #[error(
+            "fencing token {token} is older than {current}, which the resource already accepted; the lease was lost, stop writing"
+        )]
+        StaleToken {
+            /// The token presented.
+            token: FencingToken,
+            /// The newest token the resource has seen.
+            current: FencingToken,
+        },
 
-    /// The backend did not answer in time.
-    #[error(
-        "the lock backend did not answer within {after:?}; check the server or raise the timeout"
-    )]
-    Timeout {
-        /// The timeout that elapsed.
-        after: Duration,
-    },
+        /// The backend did not answer in time.
+        #[error(
+            "the lock backend did not answer within {after:?}; check the server or raise the timeout"
+        )]
+        Timeout {
+            /// The timeout that elapsed.
+            after: Duration,
+        },
 
-    /// A watchdog or cleanup needs a tokio runtime and none is running.
-    #[error("no tokio runtime is running; call this from within a tokio runtime")]
-    NoRuntime,
+        /// A watchdog or cleanup needs a tokio runtime and none is running.
+        #[error("no tokio runtime is running; call this from within a tokio runtime")]
+        NoRuntime,
 
-    /// The backend (Redis, PostgreSQL or etcd) failed; the source is the client's error.
-    #[error(
-        "the {backend} lock backend failed; check the server and the connection (postgres: that `migrate()` ran)"
-    )]
-    Backend {
-        /// `"redis"`, `"postgres"` or `"etcd"`.
-        backend: &'static str,
-        /// The client error.
-        #[source]
-        source: BoxError,
-    },
+        /// The backend (Redis, PostgreSQL or etcd) failed; the source is the client's error.
+        #[error(
+            "the {backend} lock backend failed; check the server and the connection (postgres: that `migrate()` ran)"
+        )]
+        Backend {
+            /// `"redis"`, `"postgres"` or `"etcd"`.
+            backend: &'static str,
+            /// The client error.
+            #[source]
+            source: BoxError,
+        },
 
-    /// A backend answered something this version does not understand.
-    #[error("unexpected reply from the lock backend: {reason}; check the server version")]
-    UnexpectedReply {
-        /// What was wrong.
-        reason: &'static str,
-    },
+        /// A backend answered something this version does not understand.
+        #[error("unexpected reply from the lock backend: {reason}; check the server version")]
+        UnexpectedReply {
+            /// What was wrong.
+            reason: &'static str,
+        },
+    }
 }
 
 // `From<sd_core::ConfigError>` (InvalidConfig), `From<sd_core::Elapsed>` (Timeout), and the

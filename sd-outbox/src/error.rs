@@ -1,55 +1,47 @@
 //! The crate's one error type.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use sd_core::BoxError;
 
-/// What went wrong; every message says what to do about it.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A configuration value is out of range; raised at construction.
-    #[error("invalid `{field}`: {reason}")]
-    InvalidConfig {
-        /// The builder field (or argument) at fault.
-        field: &'static str,
-        /// Why it is refused and what would be accepted.
-        reason: Cow<'static, str>,
-    },
-    /// A message cannot be enqueued as it is.
-    #[error("invalid message `{field}`: {reason}")]
-    InvalidMessage {
-        /// The message field at fault.
-        field: &'static str,
-        /// Why it is refused and what would be accepted.
-        reason: String,
-    },
-    /// The sink refused or failed to publish an event.
-    #[error("publishing failed after {published} event(s) of the batch: {reason}")]
-    Publish {
-        /// How many leading events of the batch the sink acknowledged.
-        published: usize,
-        /// What the sink reported.
-        reason: String,
-    },
-    /// A backend (or a relay batch, database and sink together) did not answer within
-    /// the configured timeout.
-    #[error("no answer within {after:?}; check the backend is up or raise `timeout`")]
-    Timeout {
-        /// The timeout that elapsed.
-        after: Duration,
-    },
-    /// A backend failed: PostgreSQL, Redis or NATS.
-    #[error(
-        "{backend} failed: {source}; check the server is reachable (and, for postgres, that `migrate()` ran)"
-    )]
-    Backend {
-        /// Which backend: `"postgres"`, `"redis"` or `"nats"`.
-        backend: &'static str,
-        /// The client's error.
-        source: BoxError,
-    },
+sd_core::error_enum! {
+    /// What went wrong; every message says what to do about it.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Error {
+        /// A message cannot be enqueued as it is.
+        #[error("invalid message `{field}`: {reason}")]
+        InvalidMessage {
+            /// The message field at fault.
+            field: &'static str,
+            /// Why it is refused and what would be accepted.
+            reason: String,
+        },
+        /// The sink refused or failed to publish an event.
+        #[error("publishing failed after {published} event(s) of the batch: {reason}")]
+        Publish {
+            /// How many leading events of the batch the sink acknowledged.
+            published: usize,
+            /// What the sink reported.
+            reason: String,
+        },
+        /// A backend (or a relay batch, database and sink together) did not answer within
+        /// the configured timeout.
+        #[error("no answer within {after:?}; check the backend is up or raise `timeout`")]
+        Timeout {
+            /// The timeout that elapsed.
+            after: Duration,
+        },
+        /// A backend failed: PostgreSQL, Redis or NATS.
+        #[error(
+            "{backend} failed: {source}; check the server is reachable (and, for postgres, that `migrate()` ran)"
+        )]
+        Backend {
+            /// Which backend: `"postgres"`, `"redis"` or `"nats"`.
+            backend: &'static str,
+            /// The client's error.
+            source: BoxError,
+        },
+    }
 }
 
 impl Error {
