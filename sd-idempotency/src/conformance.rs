@@ -107,6 +107,12 @@ async fn must_claim<S: Store>(s: &S, scope: &str, key: &str, f: &str, ttl: Durat
     }
 }
 
+async fn must_complete<S: Store>(s: &S, claim: &Claim, body: &str, retention: Duration) {
+    s.complete(claim, &StoredResponse::new(200, body), retention)
+        .await
+        .unwrap();
+}
+
 /// Whether a claim of `key` with fingerprint `f` finds it in flight under another claim.
 async fn held_by_another<S: Store>(h: &Harness<S>, scope: &str, key: &str, f: &str) -> bool {
     matches!(
@@ -159,10 +165,7 @@ pub async fn mismatch_is_checked_first<S: Store>(h: &Harness<S>) {
         h.store.claim(&scope, "k", &fp("b"), long).await.unwrap(),
         ClaimOutcome::Mismatch
     );
-    h.store
-        .complete(&claim, &StoredResponse::new(200, "x"), long)
-        .await
-        .unwrap();
+    must_complete(&h.store, &claim, "x", long).await;
     assert_eq!(
         h.store.claim(&scope, "k", &fp("b"), long).await.unwrap(),
         ClaimOutcome::Mismatch
@@ -256,14 +259,7 @@ pub async fn extend_keeps_the_lock<S: Store>(h: &Harness<S>) {
         .unwrap();
     h.pass(h.lock_ttl + h.lock_ttl / 4).await;
     assert!(held_by_another(h, &scope, "k", "a").await);
-    h.store
-        .complete(
-            &claim,
-            &StoredResponse::new(200, "done"),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    must_complete(&h.store, &claim, "done", Duration::from_secs(60)).await;
 }
 
 /// After the retention the key is free again, for any request. The epoch goes on from
@@ -273,10 +269,7 @@ pub async fn extend_keeps_the_lock<S: Store>(h: &Harness<S>) {
 pub async fn retention_ends_the_replay<S: Store>(h: &Harness<S>) {
     let scope = scope();
     let claim = must_claim(&h.store, &scope, "k", "a", Duration::from_secs(60)).await;
-    h.store
-        .complete(&claim, &StoredResponse::new(200, "done"), h.retention)
-        .await
-        .unwrap();
+    must_complete(&h.store, &claim, "done", h.retention).await;
     h.pass(h.retention + h.retention / 4).await;
     let again = must_claim(&h.store, &scope, "k", "b", h.lock_ttl).await;
     let expected = if h.expiry_forgets {
@@ -300,17 +293,11 @@ pub async fn sweep_spares_live_claims<S: Store>(h: &Harness<S>) {
     let scope = scope();
     let live = must_claim(&h.store, &scope, "live", "a", h.retention * 4).await;
     let done = must_claim(&h.store, &scope, "done", "a", Duration::from_secs(60)).await;
-    h.store
-        .complete(&done, &StoredResponse::new(200, "x"), h.retention)
-        .await
-        .unwrap();
+    must_complete(&h.store, &done, "x", h.retention).await;
     h.pass(h.retention + h.retention / 4).await;
     h.store.sweep().await.unwrap();
     assert!(held_by_another(h, &scope, "live", "a").await);
-    h.store
-        .complete(&live, &StoredResponse::new(200, "y"), h.retention)
-        .await
-        .unwrap();
+    must_complete(&h.store, &live, "y", h.retention).await;
     must_claim(&h.store, &scope, "done", "other", h.lock_ttl).await;
 }
 

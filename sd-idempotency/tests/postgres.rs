@@ -116,22 +116,32 @@ fn bad_table_names_are_refused() {
     });
 }
 
-#[test]
-fn store_down_is_503_and_nothing_runs() {
+/// Runs `test` with the payments app on a store in a database of its own, and the
+/// server, to kill or restart.
+fn payments_on_a_server_of_its_own(
+    test: impl AsyncFnOnce(&mut sd_testkit::PostgresServer, u16, suite::http::Payments),
+) {
     let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
     let db = server.create_database().expect("a database");
     let runtime = sd_testkit::runtime();
     runtime.block_on(async {
-        let store = store(db.url()).await;
-        let (port, payments) = suite::http::serve_payments(store).await;
-        let body = r#"{"amount":1,"currency":"EUR"}"#;
-        assert_eq!(suite::http::pay(port, "k1", body).await.status, 201);
+        let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
+        test(&mut server, port, payments).await;
+    });
+    drop(db);
+}
+
+const BODY: &str = r#"{"amount":1,"currency":"EUR"}"#;
+
+#[test]
+fn store_down_is_503_and_nothing_runs() {
+    payments_on_a_server_of_its_own(async |server, port, payments| {
+        assert_eq!(suite::http::pay(port, "k1", BODY).await.status, 201);
         server.kill().unwrap();
-        let down = suite::http::pay(port, "k2", body).await;
+        let down = suite::http::pay(port, "k2", BODY).await;
         down.assert_problem(503);
         assert_eq!(payments.count(), 1, "the handler did not run");
     });
-    drop(db);
 }
 
 /// The model over 24 sequences in real time (100 ms locks), each on a table of its own
@@ -180,17 +190,12 @@ fault_suite!(on_a_pausable_server);
 
 #[test]
 fn requests_recover_after_a_restart() {
-    let mut server = sd_testkit::PostgresServer::start().expect("a postgres server");
-    let db = server.create_database().expect("a database");
-    let runtime = sd_testkit::runtime();
-    runtime.block_on(async {
-        let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
-        let body = r#"{"amount":1,"currency":"EUR"}"#;
-        let before = suite::http::pay(port, "k1", body).await;
+    payments_on_a_server_of_its_own(async |server, port, payments| {
+        let before = suite::http::pay(port, "k1", BODY).await;
         assert_eq!(before.status, 201);
         // Every pooled connection dies with the server; the pool replaces them.
         server.restart().unwrap();
-        let after = suite::http::pay(port, "k2", body).await;
+        let after = suite::http::pay(port, "k2", BODY).await;
         assert_eq!(
             after.status,
             201,
@@ -198,12 +203,11 @@ fn requests_recover_after_a_restart() {
             String::from_utf8_lossy(&after.body)
         );
         // The record written before the restart is still there: a replay.
-        let replay = suite::http::pay(port, "k1", body).await;
+        let replay = suite::http::pay(port, "k1", BODY).await;
         assert_eq!(replay.header("idempotency-replayed"), Some("true"));
         assert_eq!(replay.body, before.body);
         assert_eq!(payments.count(), 2);
     });
-    drop(db);
 }
 
 /// The statements the database executed since the last call (pg_stat_statements), each
@@ -259,13 +263,12 @@ fn a_first_run_is_two_statements_and_a_replay_is_one() {
             .await
             .unwrap();
         let (port, payments) = suite::http::serve_payments(store(db.url()).await).await;
-        let body = r#"{"amount":1,"currency":"EUR"}"#;
-        suite::http::pay(port, "warm", body).await;
+        suite::http::pay(port, "warm", BODY).await;
         statements(&counter).await;
 
-        let first = suite::http::pay(port, "k1", body).await;
+        let first = suite::http::pay(port, "k1", BODY).await;
         let first_statements = statements(&counter).await;
-        let replay = suite::http::pay(port, "k1", body).await;
+        let replay = suite::http::pay(port, "k1", BODY).await;
         let replay_statements = statements(&counter).await;
 
         assert_eq!(first.status, 201);
