@@ -90,59 +90,60 @@ impl Policy {
     }
 }
 
-/// The freshness setters shared by every builder (each builder has a `policy: Policy` field).
+/// The freshness setters shared by every builder: each builder has `policy: Policy` and
+/// `random: Arc<dyn RandomSource>` fields, or, given `at`, a field `at` that has them.
 macro_rules! policy_setters {
-    () => {
+    ($($at:ident)?) => {
         /// How long a loaded or inserted value stays fresh (default 60 s; Redis keeps whole
         /// milliseconds).
         pub fn ttl(mut self, ttl: Duration) -> Self {
-            self.policy.ttl = ttl;
+            self.$($at.)?policy.ttl = ttl;
             self
         }
 
         /// Adds a uniform random `[0, jitter]` to each entry's TTL so keys loaded together
         /// do not expire together (default 0; at most `ttl`).
         pub fn ttl_jitter(mut self, jitter: Duration) -> Self {
-            self.policy.ttl_jitter = jitter;
+            self.$($at.)?policy.ttl_jitter = jitter;
             self
         }
 
         /// How long a "not found" from an optional loader is cached (default 5 s).
         pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-            self.policy.negative_ttl = Some(ttl);
+            self.$($at.)?policy.negative_ttl = Some(ttl);
             self
         }
 
         /// Do not cache "not found" at all.
         pub fn no_negative_caching(mut self) -> Self {
-            self.policy.negative_ttl = None;
+            self.$($at.)?policy.negative_ttl = None;
             self
         }
 
         /// After expiry, keep the value this long to answer reads whose reload fails
         /// (default 0: an error is returned as soon as the value expires).
         pub fn stale_if_error(mut self, window: Duration) -> Self {
-            self.policy.stale_if_error = window;
+            self.$($at.)?policy.stale_if_error = window;
             self
         }
 
         /// XFetch's `beta` (default 1.0): above 1 refreshes earlier, below 1 later.
         pub fn beta(mut self, beta: f64) -> Self {
-            self.policy.beta = beta;
+            self.$($at.)?policy.beta = beta;
             self
         }
 
         /// Turns XFetch early refresh on or off (default on). Off, a hot key's expiry makes
         /// one caller wait for the load (the others coalesce on it).
         pub fn early_refresh(mut self, on: bool) -> Self {
-            self.policy.early_refresh = on;
+            self.$($at.)?policy.early_refresh = on;
             self
         }
 
         /// The random source for XFetch, jitter and lock tokens (default
         /// [`ThreadRandom`](crate::clock::ThreadRandom)).
         pub fn random(mut self, random: impl crate::clock::RandomSource) -> Self {
-            self.random = Arc::new(random);
+            self.$($at.)?random = Arc::new(random);
             self
         }
     };

@@ -58,16 +58,35 @@ static WRITE: Script = Script::new(include_str!("redis/write.lua"));
 static INVALIDATE: Script = Script::new(include_str!("redis/invalidate.lua"));
 static UNLOCK: Script = Script::new(include_str!("redis/unlock.lua"));
 
-struct RedisInner<V, C, K> {
-    conn: C,
-    prefix: KeyPrefix,
-    channel: String,
+/// What a [`RedisCacheBuilder`] sets and the built cache reads, handed over whole.
+struct Settings<K> {
     policy: Policy,
     lock_ttl: Duration,
     wait_timeout: Duration,
     fallback_to_loader: bool,
     codec: K,
     random: Arc<dyn RandomSource>,
+}
+
+impl<K> Settings<K> {
+    /// The same settings with `codec` in place of the current one.
+    fn with_codec<K2>(self, codec: K2) -> Settings<K2> {
+        Settings {
+            policy: self.policy,
+            lock_ttl: self.lock_ttl,
+            wait_timeout: self.wait_timeout,
+            fallback_to_loader: self.fallback_to_loader,
+            codec,
+            random: self.random,
+        }
+    }
+}
+
+struct RedisInner<V, C, K> {
+    conn: C,
+    prefix: KeyPrefix,
+    channel: String,
+    settings: Settings<K>,
     /// Loads after a miss; callers join them for the value.
     flights: SingleFlight<String, Shared<V>>,
     /// Early refreshes, kept apart from `flights`: a refresh that finds another process
@@ -129,8 +148,8 @@ impl<V, C, K: fmt::Debug> fmt::Debug for RedisCache<V, C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisCache")
             .field("prefix", &self.inner.prefix)
-            .field("policy", &self.inner.policy)
-            .field("codec", &self.inner.codec)
+            .field("policy", &self.inner.settings.policy)
+            .field("codec", &self.inner.settings.codec)
             .field("stats", &self.inner.counters.snapshot())
             .finish()
     }
@@ -232,7 +251,12 @@ where
     /// [`Error::Backend`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         Self::check_key(key)?;
-        let tomb = ms(self.inner.policy.ttl.max(self.inner.lock_ttl * 2));
+        let tomb = ms(self
+            .inner
+            .settings
+            .policy
+            .ttl
+            .max(self.inner.settings.lock_ttl * 2));
         let mut conn = self.inner.conn.clone();
         INVALIDATE
             .call(1)
@@ -334,7 +358,7 @@ where
             .arg(self.data_key(key))
             .arg(self.lock_key(key))
             .arg(token)
-            .arg(ms(self.inner.lock_ttl))
+            .arg(ms(self.inner.settings.lock_ttl))
             .arg(mode)
             .arg(seen)
             .invoke(&mut conn)
@@ -387,18 +411,13 @@ where
         let expiry = expiry.map(Duration::from_millis);
         let decoded = match (value, negative) {
             (_, Some(1)) | (None, _) => None,
-            (Some(bytes), _) => {
-                Some(
-                    self.inner
-                        .codec
-                        .decode(&bytes)
-                        .map_err(|source| Error::Codec {
-                            direction: "decode",
-                            key: short_key(key),
-                            source,
-                        })?,
-                )
-            }
+            (Some(bytes), _) => Some(self.inner.settings.codec.decode(&bytes).map_err(
+                |source| Error::Codec {
+                    direction: "decode",
+                    key: short_key(key),
+                    source,
+                },
+            )?),
         };
         let is_entry = expiry.is_some();
         let fresh_now = expiry.is_some_and(|e| now < e);
@@ -430,21 +449,27 @@ where
     ) -> Result<i64> {
         let Some(life) = self
             .inner
+            .settings
             .policy
-            .lifetime(value.is_none(), self.inner.random.as_ref())
+            .lifetime(value.is_none(), self.inner.settings.random.as_ref())
         else {
             return Ok(-1);
         };
         let bytes = match value {
-            Some(v) => self.inner.codec.encode(v).map_err(|source| Error::Codec {
-                direction: "encode",
-                key: short_key(key),
-                source,
-            })?,
+            Some(v) => self
+                .inner
+                .settings
+                .codec
+                .encode(v)
+                .map_err(|source| Error::Codec {
+                    direction: "encode",
+                    key: short_key(key),
+                    source,
+                })?,
             None => Vec::new(),
         };
         let stale = if value.is_some() {
-            self.inner.policy.stale_if_error
+            self.inner.settings.policy.stale_if_error
         } else {
             Duration::ZERO
         };

@@ -5,12 +5,7 @@ use super::*;
 /// Builds a [`RedisCache`].
 pub struct RedisCacheBuilder<V, K = JsonCodec> {
     prefix: String,
-    policy: Policy,
-    lock_ttl: Duration,
-    wait_timeout: Duration,
-    fallback_to_loader: bool,
-    codec: K,
-    random: Arc<dyn RandomSource>,
+    settings: Settings<K>,
     notifications: Option<redis::Client>,
     _value: PhantomData<fn(V) -> V>,
 }
@@ -19,11 +14,11 @@ impl<V, K: fmt::Debug> fmt::Debug for RedisCacheBuilder<V, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisCacheBuilder")
             .field("prefix", &self.prefix)
-            .field("policy", &self.policy)
-            .field("lock_ttl", &self.lock_ttl)
-            .field("wait_timeout", &self.wait_timeout)
-            .field("fallback_to_loader", &self.fallback_to_loader)
-            .field("codec", &self.codec)
+            .field("policy", &self.settings.policy)
+            .field("lock_ttl", &self.settings.lock_ttl)
+            .field("wait_timeout", &self.settings.wait_timeout)
+            .field("fallback_to_loader", &self.settings.fallback_to_loader)
+            .field("codec", &self.settings.codec)
             .field("notifications", &self.notifications.is_some())
             .finish()
     }
@@ -34,27 +29,27 @@ where
     V: Clone + Send + Sync + 'static,
     K: Codec<V>,
 {
-    crate::policy::policy_setters!();
+    crate::policy::policy_setters!(settings);
 
     /// How long the cross-process load lock lives (default 5 s). Set it above the slowest
     /// load: if a load outlives it, another process may load too (its older result is then
     /// refused by the version check, not lost).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
-        self.lock_ttl = ttl;
+        self.settings.lock_ttl = ttl;
         self
     }
 
     /// How long a caller waits for another process's load before giving up with
     /// [`Error::LoadTimeout`] (default 10 s).
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
-        self.wait_timeout = timeout;
+        self.settings.wait_timeout = timeout;
         self
     }
 
     /// When Redis fails, run the caller's loader instead of returning [`Error::Backend`]
     /// (default off). The value is returned but not cached.
     pub fn fallback_to_loader(mut self, on: bool) -> Self {
-        self.fallback_to_loader = on;
+        self.settings.fallback_to_loader = on;
         self
     }
 
@@ -69,12 +64,7 @@ where
     pub fn codec<K2: Codec<V>>(self, codec: K2) -> RedisCacheBuilder<V, K2> {
         RedisCacheBuilder {
             prefix: self.prefix,
-            policy: self.policy,
-            lock_ttl: self.lock_ttl,
-            wait_timeout: self.wait_timeout,
-            fallback_to_loader: self.fallback_to_loader,
-            codec,
-            random: self.random,
+            settings: self.settings.with_codec(codec),
             notifications: self.notifications,
             _value: PhantomData,
         }
@@ -82,15 +72,21 @@ where
 
     /// Checks every setting; the prefix comes back checked.
     fn validate(&self) -> Result<KeyPrefix> {
-        self.policy.validate()?;
+        let Settings {
+            policy,
+            lock_ttl,
+            wait_timeout,
+            ..
+        } = &self.settings;
+        policy.validate()?;
         let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
-        if self.lock_ttl < Duration::from_millis(10) || self.lock_ttl > Duration::from_secs(3600) {
+        if *lock_ttl < Duration::from_millis(10) || *lock_ttl > Duration::from_secs(3600) {
             return Err(Error::InvalidConfig {
                 field: "lock_ttl",
                 reason: "must be between 10 ms and 1 hour; set it above the slowest load".into(),
             });
         }
-        if self.wait_timeout.is_zero() {
+        if wait_timeout.is_zero() {
             return Err(Error::InvalidConfig {
                 field: "wait_timeout",
                 reason: "must be above zero; a few times the slowest load is typical".into(),
@@ -160,7 +156,7 @@ where
     }
 
     pub(crate) fn policy(&self) -> &Policy {
-        &self.policy
+        &self.settings.policy
     }
 
     fn assemble<C>(
@@ -176,12 +172,7 @@ where
                 conn,
                 prefix,
                 channel,
-                policy: self.policy,
-                lock_ttl: self.lock_ttl,
-                wait_timeout: self.wait_timeout,
-                fallback_to_loader: self.fallback_to_loader,
-                codec: self.codec,
-                random: self.random,
+                settings: self.settings,
                 flights: SingleFlight::new(),
                 refreshes: SingleFlight::new(),
                 counters: Counters::default(),
@@ -202,12 +193,14 @@ where
     pub fn builder(prefix: impl Into<String>) -> RedisCacheBuilder<V, JsonCodec> {
         RedisCacheBuilder {
             prefix: prefix.into(),
-            policy: Policy::default(),
-            lock_ttl: Duration::from_secs(5),
-            wait_timeout: Duration::from_secs(10),
-            fallback_to_loader: false,
-            codec: JsonCodec,
-            random: Arc::new(ThreadRandom),
+            settings: Settings {
+                policy: Policy::default(),
+                lock_ttl: Duration::from_secs(5),
+                wait_timeout: Duration::from_secs(10),
+                fallback_to_loader: false,
+                codec: JsonCodec,
+                random: Arc::new(ThreadRandom),
+            },
             notifications: None,
             _value: PhantomData,
         }

@@ -26,7 +26,7 @@ where
         Self::check_key(key)?;
         let read = match self.read(key, Lock::Never, "").await {
             Ok(read) => read,
-            Err(e @ Error::Backend { .. }) if self.inner.fallback_to_loader => {
+            Err(e @ Error::Backend { .. }) if self.inner.settings.fallback_to_loader => {
                 return self.fallback(key, load, e).await;
             }
             Err(e) => return Err(e),
@@ -88,15 +88,21 @@ where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
     {
-        if read.now < self.inner.policy.refresh_from(read.expiry, read.delta) {
+        if read.now
+            < self
+                .inner
+                .settings
+                .policy
+                .refresh_from(read.expiry, read.delta)
+        {
             return;
         }
-        let u = self.inner.random.unit();
+        let u = self.inner.settings.random.unit();
         if !crate::xfetch::should_refresh(
             read.now,
             read.expiry,
             read.delta,
-            self.inner.policy.beta,
+            self.inner.settings.policy.beta,
             u,
         ) {
             return;
@@ -137,7 +143,7 @@ where
     {
         let token = format!(
             "{:016x}",
-            (self.inner.random.unit() * u64::MAX as f64) as u64
+            (self.inner.settings.random.unit() * u64::MAX as f64) as u64
         );
         let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(10);
@@ -177,13 +183,13 @@ where
                 break Err(Next::Fresh(value.clone()));
             }
             let waited = start.elapsed();
-            if waited >= self.inner.wait_timeout {
+            if waited >= self.inner.settings.wait_timeout {
                 break Err(Next::Failed(Error::LoadTimeout {
                     key: short_key(&key),
                     waited_ms: ms(waited),
                 }));
             }
-            let pause = backoff.min(self.inner.wait_timeout - waited);
+            let pause = backoff.min(self.inner.settings.wait_timeout - waited);
             match notified {
                 Some(n) => {
                     let _ = tokio::time::timeout(pause, n).await;
@@ -201,7 +207,7 @@ where
             Err(Next::Fresh(value)) => Ok(value),
             Err(Next::Skip) => Ok(None),
             Err(Next::Failed(e @ Error::Backend { .. }))
-                if self.inner.fallback_to_loader && refresh.is_none() =>
+                if self.inner.settings.fallback_to_loader && refresh.is_none() =>
             {
                 self.fallback_load(load, e).await
             }
