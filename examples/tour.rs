@@ -12,6 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sd_examples::CRATES;
 
+#[path = "tour/outbox.rs"]
+mod outbox;
+#[path = "tour/saga.rs"]
+mod saga;
+
+use outbox::outbox;
+use saga::saga;
+
 /// The servers given on the command line; none means memory everywhere.
 #[derive(Debug, Default)]
 struct Backends {
@@ -95,6 +103,13 @@ thread_local! {
 fn fail(what: String) {
     FAILURES.set(FAILURES.get() + 1);
     println!("  !! {what}");
+}
+
+/// Runs a scenario's setup and run, counting its first error as a failure.
+async fn attempt(scenario: impl Future<Output = Result<(), Box<dyn std::error::Error>>>) {
+    if let Err(e) = scenario.await {
+        fail(format!("failed: {e}"));
+    }
 }
 
 /// Counts a failure unless `fact` holds.
@@ -209,13 +224,14 @@ async fn ratelimit(backends: &Backends) {
     let limit = Limit::gcra(quota);
     if let Some(conn) = &backends.redis {
         println!("\n== sd-ratelimit: 2 per second, burst 3, on Redis ==");
-        let built = sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
-            .prefix(format!("{}:rl", backends.run))
-            .build(conn.clone());
-        match built {
-            Ok(limiter) => ratelimit_run(&limiter, None).await,
-            Err(e) => fail(format!("failed: {e}")),
-        }
+        attempt(async {
+            let limiter = sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
+                .prefix(format!("{}:rl", backends.run))
+                .build(conn.clone())?;
+            ratelimit_run(&limiter, None).await;
+            Ok(())
+        })
+        .await;
         return;
     }
     println!("\n== sd-ratelimit: 2 per second, burst 3, on memory ==");
@@ -285,26 +301,26 @@ async fn idempotency(backends: &Backends) {
     }
     if let Some(conn) = &backends.redis {
         println!("\n== sd-idempotency: one payment sent 20 times with one key, on Redis ==");
-        match RedisStore::builder()
-            .prefix(format!("{}:idem", backends.run))
-            .build(conn.clone())
-        {
-            Ok(store) => idempotency_run(store, &scope).await,
-            Err(e) => fail(format!("failed: {e}")),
-        }
+        attempt(async {
+            let store = RedisStore::builder()
+                .prefix(format!("{}:idem", backends.run))
+                .build(conn.clone())?;
+            idempotency_run(store, &scope).await;
+            Ok(())
+        })
+        .await;
     }
     if let Some(pool) = &backends.postgres {
         println!("\n== sd-idempotency: one payment sent 20 times with one key, on PostgreSQL ==");
-        let store = PostgresStore::builder()
-            .table("tour_idempotency")
-            .build(pool.clone());
-        match store {
-            Ok(store) => match store.migrate().await {
-                Ok(()) => idempotency_run(store, &scope).await,
-                Err(e) => fail(format!("failed: {e}")),
-            },
-            Err(e) => fail(format!("failed: {e}")),
-        }
+        attempt(async {
+            let store = PostgresStore::builder()
+                .table("tour_idempotency")
+                .build(pool.clone())?;
+            store.migrate().await?;
+            idempotency_run(store, &scope).await;
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -389,18 +405,24 @@ async fn lock(backends: &Backends) {
     }
     if let Some(conn) = &backends.redis {
         println!("\n== sd-lock: a holder paused past its lease, on Redis ==");
-        match RedisLock::builder(conn.clone()).prefix("tour-lock").build() {
-            Ok(lock) => lock_run(&lock, &resource).await,
-            Err(e) => fail(format!("failed: {e}")),
-        }
+        attempt(async {
+            let lock = RedisLock::builder(conn.clone())
+                .prefix("tour-lock")
+                .build()?;
+            lock_run(&lock, &resource).await;
+            Ok(())
+        })
+        .await;
     }
     if let Some(pool) = &backends.postgres {
         println!("\n== sd-lock: a holder paused past its lease, on PostgreSQL ==");
-        let lock = PostgresLock::new(pool.clone());
-        match lock.migrate().await {
-            Ok(()) => lock_run(&lock, &resource).await,
-            Err(e) => fail(format!("failed: {e}")),
-        }
+        attempt(async {
+            let lock = PostgresLock::new(pool.clone());
+            lock.migrate().await?;
+            lock_run(&lock, &resource).await;
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -610,354 +632,6 @@ where
         served += usize::from(done.unwrap_or(false));
     }
     served
-}
-
-/// The saga data: the order, and whether the warehouse will refuse it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Trip {
-    order: String,
-    refuse: bool,
-}
-
-/// sd-saga: a four-step order whose last step fails: the three done before it are undone,
-/// last first; the same saga with no failure completes.
-async fn saga(backends: &Backends) {
-    use sd_saga::MemoryStore;
-    use sd_saga::postgres::PostgresStore;
-
-    match &backends.postgres {
-        Some(pool) => {
-            println!("\n== sd-saga: an order whose last step fails, log on PostgreSQL ==");
-            let store = PostgresStore::builder()
-                .table("tour_sagas")
-                .build(pool.clone());
-            match store {
-                Ok(store) => match store.migrate().await {
-                    Ok(()) => saga_run(store, &backends.run).await,
-                    Err(e) => fail(format!("failed: {e}")),
-                },
-                Err(e) => fail(format!("failed: {e}")),
-            }
-        }
-        None => {
-            println!("\n== sd-saga: an order whose last step fails, log on memory ==");
-            saga_run(MemoryStore::new(), &backends.run).await;
-        }
-    }
-}
-
-async fn saga_run(store: impl sd_saga::SagaStore, run: &str) {
-    use std::sync::{Arc, Mutex};
-
-    use sd_saga::{Orchestrator, Saga, SagaOutcome, Step, StepError};
-
-    type Ledger = Arc<Mutex<Vec<String>>>;
-    let ledger: Ledger = Arc::default();
-    let note = |ledger: &Ledger, line: String| {
-        if let Ok(mut l) = ledger.lock() {
-            l.push(line);
-        }
-    };
-    // A compensatable step: `does` forward, `undoes` when a later step fails.
-    let step = |name: &'static str, does: &'static str, undoes: &'static str| {
-        let (fwd, back) = (ledger.clone(), ledger.clone());
-        Step::compensatable(
-            name,
-            move |_, trip: Trip| {
-                note(&fwd, format!("{does} ({})", trip.order));
-                std::future::ready(Ok::<_, StepError>(trip))
-            },
-            move |_, trip: Trip| {
-                note(&back, format!("{undoes} ({})", trip.order));
-                std::future::ready(Ok(()))
-            },
-        )
-    };
-    let confirm_ledger = ledger.clone();
-    let built = Saga::builder("tour-order")
-        .step(step("reserve_stock", "stock reserved", "stock released"))
-        .step(step("charge_card", "card charged", "card refunded"))
-        .step(step("book_courier", "courier booked", "courier cancelled"))
-        .step(Step::pivot("confirm", move |_, trip: Trip| {
-            let result = if trip.refuse {
-                note(
-                    &confirm_ledger,
-                    format!("warehouse refuses ({})", trip.order),
-                );
-                Err(StepError::permanent("the warehouse refuses the order"))
-            } else {
-                note(&confirm_ledger, format!("order confirmed ({})", trip.order));
-                Ok(trip)
-            };
-            std::future::ready(result)
-        }))
-        .build()
-        .and_then(|saga| Orchestrator::builder(saga, store).build());
-    let orchestrator = match built {
-        Ok(o) => o,
-        Err(e) => return fail(format!("failed: {e}")),
-    };
-    for (order, refuse) in [("order-1", false), ("order-2", true)] {
-        let trip = Trip {
-            order: order.to_owned(),
-            refuse,
-        };
-        let id = format!("{order}-{run}");
-        match orchestrator.run(id.clone(), trip).await {
-            Ok(SagaOutcome::Completed(_)) => println!("  {order}: completed"),
-            Ok(SagaOutcome::Compensated { reason }) => {
-                println!("  {order}: compensated ({reason})")
-            }
-            Ok(other) => fail(format!("{order}: {other:?}")),
-            Err(e) => fail(format!("{order}: failed: {e}")),
-        }
-        let logged = orchestrator.events(&id).await.map(|e| e.len()).unwrap_or(0);
-        let lines = ledger
-            .lock()
-            .map(|mut l| std::mem::take(&mut *l))
-            .unwrap_or_default();
-        println!("    what happened, in order: {}", lines.join(" -> "));
-        let undone: Vec<&str> = lines
-            .iter()
-            .filter_map(|l| l.split(" (").next())
-            .skip(4)
-            .collect();
-        let expected: &[&str] = if refuse {
-            &["courier cancelled", "card refunded", "stock released"]
-        } else {
-            &[]
-        };
-        expect(
-            undone == expected,
-            "compensations in reverse, and only for order-2",
-        );
-        println!(
-            "    {logged} events in the saga log (an intent before and an outcome after each call)"
-        );
-    }
-    let m = orchestrator.local_metrics();
-    expect(m.compensations_run == 3, "3 compensations run");
-    println!(
-        "  compensations run: {} (in reverse: the courier first, the stock last)",
-        m.compensations_run
-    );
-}
-
-/// sd-outbox: events written in the transaction of the order they belong to, relayed in
-/// order per order; a rolled-back transaction publishes nothing. On memory the
-/// transaction is a `MemoryOutbox` unit of work; with `--postgres`, an sqlx transaction.
-async fn outbox(backends: &Backends) {
-    let on = if backends.postgres.is_some() {
-        "PostgreSQL"
-    } else {
-        "memory"
-    };
-    println!(
-        "\n== sd-outbox: 9 events of 3 orders in 9 transactions and 1 rolled back, on {on} =="
-    );
-    let run = &backends.run;
-    let orders = ["order-1", "order-2", "order-3"].map(|o| format!("{o}-{run}"));
-    let ghost = format!("order-4-{run}");
-    let relayed = match &backends.postgres {
-        Some(pool) => outbox_postgres(pool, &orders, &ghost).await,
-        None => outbox_memory(&orders, &ghost).await,
-    };
-    let events = match relayed {
-        Ok(events) => events,
-        Err(e) => return fail(format!("failed: {e}")),
-    };
-    let events: Vec<_> = events
-        .into_iter()
-        .filter(|e| e.aggregate_id.ends_with(run.as_str()))
-        .collect();
-    println!(
-        "  relayed {} events to the memory sink; per order, in the order received:",
-        events.len()
-    );
-    for order in orders.iter().chain([&ghost]) {
-        let types: Vec<&str> = events
-            .iter()
-            .filter(|e| &e.aggregate_id == order)
-            .map(|e| e.event_type.as_str())
-            .collect();
-        let name = order.trim_end_matches(run.as_str()).trim_end_matches('-');
-        let want: &[&str] = if order == &ghost {
-            &[]
-        } else {
-            &["created", "paid", "shipped"]
-        };
-        expect(
-            types == want,
-            "each order's events once, in order; none rolled back",
-        );
-        let note = if order == &ghost {
-            " (its transaction rolled back)"
-        } else {
-            ""
-        };
-        println!(
-            "    {name}: {}{note}",
-            if types.is_empty() {
-                "nothing".to_owned()
-            } else {
-                types.join(" -> ")
-            }
-        );
-    }
-    if backends.postgres.is_none()
-        && let Err(e) = outbox_memory_dead_letter(&orders[0]).await
-    {
-        fail(format!("failed: {e}"));
-    }
-}
-
-/// The message of `order`'s `step`.
-fn order_event(order: &str, step: &str) -> sd_outbox::Message {
-    sd_outbox::Message::json("order", order, step, serde_json::json!({}))
-}
-
-/// Waits (10 s at most) until `sink` holds `n` events of `orders`, then returns them all.
-async fn relayed(
-    sink: &sd_outbox::MemoryPublisher,
-    orders: &[String],
-    n: usize,
-) -> Vec<sd_outbox::Event> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let ours = || {
-        sink.events()
-            .iter()
-            .filter(|e| orders.contains(&e.aggregate_id))
-            .count()
-    };
-    while ours() < n && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    sink.events()
-}
-
-/// The outbox scenario on memory: a `MemoryOutbox` transaction per event, one rolled
-/// back, a `MemoryRelay` in the background.
-async fn outbox_memory(
-    orders: &[String],
-    ghost: &str,
-) -> Result<Vec<sd_outbox::Event>, Box<dyn std::error::Error>> {
-    use sd_outbox::MemoryPublisher;
-    use sd_outbox::memory::{MemoryOutbox, MemoryRelay};
-
-    let outbox = MemoryOutbox::new();
-    for step in ["created", "paid", "shipped"] {
-        for order in orders {
-            outbox.transaction(|tx| tx.enqueue(order_event(order, step)))?;
-        }
-    }
-    let mut tx = outbox.begin();
-    tx.enqueue(order_event(ghost, "created"))?;
-    tx.rollback();
-    let sink = MemoryPublisher::new();
-    let relay = MemoryRelay::builder(outbox.clone(), sink.clone())
-        .poll_interval(Duration::from_millis(50))
-        .build()?
-        .spawn();
-    let events = relayed(&sink, orders, 9).await;
-    relay.shutdown().await;
-    expect(outbox.pending() == 0, "nothing left pending");
-    Ok(events)
-}
-
-/// On memory: a sink that always fails, so the event reaches the attempt cap and
-/// becomes a dead letter; its redrive to a working sink publishes it with the same id.
-async fn outbox_memory_dead_letter(order: &str) -> Result<(), Box<dyn std::error::Error>> {
-    use sd_outbox::MemoryPublisher;
-    use sd_outbox::memory::{MemoryOutbox, MemoryRelay};
-
-    let outbox = MemoryOutbox::new();
-    let sink = MemoryPublisher::new();
-    // A sink that always fails: 3 attempts, then a dead letter; redrive sends it again.
-    let id = outbox.transaction(|tx| tx.enqueue(order_event(order, "refunded")))?;
-    let failing = MemoryRelay::builder(outbox.clone(), Refusing)
-        .max_attempts(3)
-        .retry(
-            sd_outbox::RetryPolicy::builder()
-                .initial_interval(Duration::from_millis(1))
-                .max_interval(Duration::from_millis(4))
-                .jitter(0.5)
-                .build()?,
-        )
-        .build()?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while outbox.dead_letters().is_empty() && tokio::time::Instant::now() < deadline {
-        failing.run_once().await?;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let dead = outbox.dead_letters();
-    expect(
-        dead.len() == 1 && dead[0].event.id == id && dead[0].event.attempts == 3,
-        "the refund dead-lettered after 3 attempts",
-    );
-    println!(
-        "  a sink that refuses everything: the refund event failed {} times and was dead-lettered ({})",
-        failing.failures(),
-        dead.first()
-            .and_then(|d| d.last_error.as_deref())
-            .unwrap_or("no error")
-    );
-    expect(outbox.redrive(id), "the dead letter redriven");
-    let good = MemoryRelay::builder(outbox.clone(), sink.clone()).build()?;
-    let republished = good.drain().await?;
-    let last = sink.events().last().map(|e| e.id);
-    expect(
-        republished == 1 && last == Some(id),
-        "the redriven refund published once, same id",
-    );
-    println!(
-        "  redriven to a working sink: published {republished} event with the same id; dead letters left: {}",
-        outbox.dead_letters().len()
-    );
-    Ok(())
-}
-
-/// A sink whose broker is down.
-struct Refusing;
-
-impl sd_outbox::Publisher for Refusing {
-    async fn publish(&self, _events: &[sd_outbox::Event]) -> sd_outbox::Result<()> {
-        Err(sd_outbox::Error::publish(0, "broker down"))
-    }
-}
-
-/// The outbox scenario on PostgreSQL: the events in sqlx transactions, one rolled back,
-/// a parallel `Relay` in the background.
-async fn outbox_postgres(
-    pool: &sqlx::PgPool,
-    orders: &[String],
-    ghost: &str,
-) -> Result<Vec<sd_outbox::Event>, Box<dyn std::error::Error>> {
-    use sd_outbox::MemoryPublisher;
-    use sd_outbox::postgres::{Outbox, Relay};
-
-    let outbox = Outbox::builder().table("tour_outbox").build(pool.clone())?;
-    outbox.migrate().await?;
-    for step in ["created", "paid", "shipped"] {
-        for order in orders {
-            let mut tx = pool.begin().await?;
-            outbox.enqueue(&mut tx, order_event(order, step)).await?;
-            tx.commit().await?;
-        }
-    }
-    let mut tx = pool.begin().await?;
-    outbox
-        .enqueue(&mut tx, order_event(ghost, "created"))
-        .await?;
-    tx.rollback().await?;
-
-    let sink = MemoryPublisher::new();
-    let relay = Relay::builder(outbox, sink.clone())
-        .poll_interval(Duration::from_millis(50))
-        .build()?
-        .spawn();
-    let events = relayed(&sink, orders, 9).await;
-    relay.shutdown().await;
-    Ok(events)
 }
 
 /// A single-threaded tokio runtime with timers and I/O, for the scenarios that need one;
