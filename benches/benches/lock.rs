@@ -286,6 +286,63 @@ async fn multiplexed(urls: &[String]) -> Vec<(String, redis::aio::MultiplexedCon
     out
 }
 
+/// rslock over `urls`, retrying as the contended cycles need (see [`retry`]).
+fn rslock_peer(urls: &[String]) -> rslock::LockManager {
+    let mut peer = rslock::LockManager::new(urls.to_vec());
+    peer.set_retry(u32::MAX, Duration::from_millis(2));
+    peer
+}
+
+/// The Redis rows over `urls` (the first one, then Redlock over the first 3 and 5), each
+/// named under `prefix`: sd on `ConnectionManager`s paired with rslock, sd on plain
+/// multiplexed connections (for the single node only when `mux_single`), then rslock.
+fn redis_rows(c: &mut Criterion, rt: &Runtime, prefix: &str, urls: &[String], mux_single: bool) {
+    let single = rt.block_on(managers(&urls[..1])).remove(0).1;
+    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+    paired(
+        rt,
+        &format!("{prefix}redis"),
+        &redis,
+        &rslock::LockManager::new(urls[..1].to_vec()),
+    );
+    bench_sd(c, rt, &format!("{prefix}sd/redis"), redis);
+    if mux_single {
+        let single = rt.block_on(multiplexed(&urls[..1])).remove(0).1;
+        let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
+        bench_sd(c, rt, &format!("{prefix}sd-mux/redis"), redis);
+    }
+    bench_rslock(
+        c,
+        rt,
+        &format!("{prefix}rslock/redis"),
+        rslock_peer(&urls[..1]),
+    );
+    for n in [3usize, 5] {
+        let masters = rt.block_on(managers(&urls[..n]));
+        let redlock = sd_lock::redlock::Redlock::new(masters)
+            .unwrap()
+            .with_retry(retry());
+        paired(
+            rt,
+            &format!("{prefix}redlock{n}"),
+            &redlock,
+            &rslock::LockManager::new(urls[..n].to_vec()),
+        );
+        bench_sd(c, rt, &format!("{prefix}sd/redlock{n}"), redlock);
+        let masters = rt.block_on(multiplexed(&urls[..n]));
+        let redlock = sd_lock::redlock::Redlock::new(masters)
+            .unwrap()
+            .with_retry(retry());
+        bench_sd(c, rt, &format!("{prefix}sd-mux/redlock{n}"), redlock);
+        bench_rslock(
+            c,
+            rt,
+            &format!("{prefix}rslock/redlock{n}"),
+            rslock_peer(&urls[..n]),
+        );
+    }
+}
+
 fn locks(c: &mut Criterion) {
     let servers = sd_testkit::RedisServer::start_many(5).expect("redis-server");
     let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
@@ -300,44 +357,7 @@ fn locks(c: &mut Criterion) {
         sd_lock::memory::MemoryLock::new().with_retry(retry()),
     );
 
-    let single = rt.block_on(managers(&urls[..1])).remove(0).1;
-    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
-    paired(
-        &rt,
-        "redis",
-        &redis,
-        &rslock::LockManager::new(urls[..1].to_vec()),
-    );
-    bench_sd(c, &rt, "sd/redis", redis);
-    let single = rt.block_on(multiplexed(&urls[..1])).remove(0).1;
-    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
-    bench_sd(c, &rt, "sd-mux/redis", redis);
-    let mut peer = rslock::LockManager::new(urls[..1].to_vec());
-    peer.set_retry(u32::MAX, Duration::from_millis(2));
-    bench_rslock(c, &rt, "rslock/redis", peer);
-
-    for n in [3usize, 5] {
-        let masters = rt.block_on(managers(&urls[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
-        paired(
-            &rt,
-            &format!("redlock{n}"),
-            &redlock,
-            &rslock::LockManager::new(urls[..n].to_vec()),
-        );
-        bench_sd(c, &rt, &format!("sd/redlock{n}"), redlock);
-        let masters = rt.block_on(multiplexed(&urls[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
-        bench_sd(c, &rt, &format!("sd-mux/redlock{n}"), redlock);
-        let mut peer = rslock::LockManager::new(urls[..n].to_vec());
-        peer.set_retry(u32::MAX, Duration::from_millis(2));
-        bench_rslock(c, &rt, &format!("rslock/redlock{n}"), peer);
-    }
-
+    redis_rows(c, &rt, "", &urls, true);
     // A network between hosts: 250 µs each way in front of every master.
     let far: Vec<String> = servers
         .iter()
@@ -349,39 +369,7 @@ fn locks(c: &mut Criterion) {
             )
         })
         .collect();
-    let single = rt.block_on(managers(&far[..1])).remove(0).1;
-    let redis = sd_lock::redis::RedisLock::new(single).with_retry(retry());
-    paired(
-        &rt,
-        "rtt500us/redis",
-        &redis,
-        &rslock::LockManager::new(far[..1].to_vec()),
-    );
-    bench_sd(c, &rt, "rtt500us/sd/redis", redis);
-    let mut peer = rslock::LockManager::new(far[..1].to_vec());
-    peer.set_retry(u32::MAX, Duration::from_millis(2));
-    bench_rslock(c, &rt, "rtt500us/rslock/redis", peer);
-    for n in [3usize, 5] {
-        let masters = rt.block_on(managers(&far[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
-        paired(
-            &rt,
-            &format!("rtt500us/redlock{n}"),
-            &redlock,
-            &rslock::LockManager::new(far[..n].to_vec()),
-        );
-        bench_sd(c, &rt, &format!("rtt500us/sd/redlock{n}"), redlock);
-        let masters = rt.block_on(multiplexed(&far[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
-        bench_sd(c, &rt, &format!("rtt500us/sd-mux/redlock{n}"), redlock);
-        let mut peer = rslock::LockManager::new(far[..n].to_vec());
-        peer.set_retry(u32::MAX, Duration::from_millis(2));
-        bench_rslock(c, &rt, &format!("rtt500us/rslock/redlock{n}"), peer);
-    }
+    redis_rows(c, &rt, "rtt500us/", &far, false);
 
     // Redlock over three logical databases of ONE server: the same client fan-out and
     // quorum work as `sd/redlock3`, but one server process answers all three requests in
