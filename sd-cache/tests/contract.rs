@@ -10,7 +10,7 @@ use sd_cache::conformance::contract;
 use sd_cache::{BoxCache, Cache, RedisCache, TwoTier};
 
 mod common;
-use common::runtime;
+use common::{on_shared_redis, runtime};
 
 async fn manager(url: &str) -> redis::aio::ConnectionManager {
     let client = redis::Client::open(url).unwrap();
@@ -61,17 +61,15 @@ fn memory_honours_the_contract() {
 
 #[test]
 fn redis_honours_the_contract() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("contract");
-    runtime().block_on(async { contract(redis_cache(server.url(), &prefix).await).await });
+    on_shared_redis("contract", |url, prefix| async move {
+        contract(redis_cache(&url, &prefix).await).await;
+    });
 }
 
 #[test]
 fn two_tier_honours_the_contract() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("contract");
-    runtime().block_on(async {
-        let cache = two_tier(server.url(), &prefix).await;
+    on_shared_redis("contract", |url, prefix| async move {
+        let cache = two_tier(url.as_str(), &prefix).await;
         contract(cache.clone()).await;
         assert!(cache.stats().hits > 0, "the memory tier took part");
     });

@@ -15,7 +15,7 @@ use sd_cache::{Error, SharedError};
 use tokio::sync::Notify;
 
 mod common;
-use common::{Rows, eventually, manager_with_timeout, runtime};
+use common::{Rows, eventually, manager_with_timeout, on_shared_redis, runtime};
 
 #[derive(Debug, thiserror::Error)]
 #[error("database down")]
@@ -38,10 +38,8 @@ async fn client(url: &str, prefix: &str) -> RedisCache<String, ConnectionManager
 
 #[test]
 fn insert_get_invalidate_round_trip_under_a_hash_tagged_prefix() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
-        let cache = client(server.url(), &prefix).await;
+    on_shared_redis("cache", |url, prefix| async move {
+        let cache = client(url.as_str(), &prefix).await;
         assert_eq!(cache.data_key("user:1"), format!("{prefix}:{{user:1}}"));
         assert_eq!(cache.get("user:1").await.unwrap(), None);
         cache.insert("user:1", &"ada".to_owned()).await.unwrap();
@@ -56,12 +54,10 @@ fn insert_get_invalidate_round_trip_under_a_hash_tagged_prefix() {
 /// loader once in total.
 #[test]
 fn a_thousand_reads_across_four_clients_run_one_loader() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         let mut clients = Vec::new();
         for _ in 0..4 {
-            clients.push(client(server.url(), &prefix).await);
+            clients.push(client(url.as_str(), &prefix).await);
         }
         let calls = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -90,11 +86,9 @@ fn a_thousand_reads_across_four_clients_run_one_loader() {
 /// A load that began before an invalidation must not store its older value.
 #[test]
 fn a_load_that_began_before_an_invalidation_is_not_stored() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
-        let a = client(server.url(), &prefix).await;
-        let b = client(server.url(), &prefix).await;
+    on_shared_redis("cache", |url, prefix| async move {
+        let a = client(url.as_str(), &prefix).await;
+        let b = client(url.as_str(), &prefix).await;
         let gate = Arc::new(Notify::new());
         let started = Arc::new(Notify::new());
         let load = {
@@ -122,11 +116,9 @@ fn a_load_that_began_before_an_invalidation_is_not_stored() {
 
 #[test]
 fn not_found_is_cached_for_every_client() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
-        let a = client(server.url(), &prefix).await;
-        let b = client(server.url(), &prefix).await;
+    on_shared_redis("cache", |url, prefix| async move {
+        let a = client(url.as_str(), &prefix).await;
+        let b = client(url.as_str(), &prefix).await;
         let calls = Arc::new(AtomicUsize::new(0));
         for cache in [&a, &b, &a, &b] {
             let calls = calls.clone();
@@ -145,15 +137,13 @@ fn not_found_is_cached_for_every_client() {
 
 #[test]
 fn a_read_near_expiry_refreshes_in_the_background() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         // The smallest draw reaches 36.7 × delta before expiry: with a 100 ms load and a
         // 2 s TTL every read is inside the window and fires.
         let cache: RedisCache<u32, ConnectionManager> = RedisCache::builder(prefix.as_str())
             .ttl(Duration::from_secs(2))
             .random(FixedRandom(0.0))
-            .build(manager(server.url()).await)
+            .build(manager(url.as_str()).await)
             .await
             .unwrap();
         let slow = |v: u32| {
@@ -181,14 +171,12 @@ fn a_read_near_expiry_refreshes_in_the_background() {
 
 #[test]
 fn an_expired_value_is_served_for_a_bounded_time_when_the_reload_fails() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         let cache: RedisCache<u32, ConnectionManager> = RedisCache::builder(prefix.as_str())
             .ttl(Duration::from_millis(100))
             .stale_if_error(Duration::from_secs(30))
             .early_refresh(false)
-            .build(manager(server.url()).await)
+            .build(manager(url.as_str()).await)
             .await
             .unwrap();
         cache.insert("k", &7).await.unwrap();
@@ -220,18 +208,16 @@ impl Codec<String> for Utf8 {
 
 #[test]
 fn a_custom_codec_round_trips_and_a_foreign_value_is_a_codec_error() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         let raw = RedisCache::builder(prefix.as_str())
             .codec(Utf8)
-            .build(manager(server.url()).await)
+            .build(manager(url.as_str()).await)
             .await
             .unwrap();
         raw.insert("k", &"not json".to_owned()).await.unwrap();
         assert_eq!(raw.get("k").await.unwrap().as_deref(), Some("not json"));
         let json: RedisCache<String, _> = RedisCache::builder(prefix.as_str())
-            .build(manager(server.url()).await)
+            .build(manager(url.as_str()).await)
             .await
             .unwrap();
         assert!(matches!(
@@ -393,9 +379,7 @@ fn redis_killed_or_frozen_gives_typed_errors_and_optional_fallback() {
 
 #[test]
 fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         let tier = |url: String, prefix: String| async move {
             RedisCache::<u32>::builder(prefix)
                 .build(manager_with_timeout(&url, Duration::from_millis(300)).await)
@@ -403,11 +387,11 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
                 .unwrap()
         };
         let through = sd_cache::WriteThrough::new(
-            tier(server.url().into(), prefix.clone()).await,
+            tier(url.as_str().into(), prefix.clone()).await,
             Rows::default(),
         );
         through.write("a".to_owned(), 1).await.unwrap();
-        let other = tier(server.url().into(), prefix.clone()).await;
+        let other = tier(url.as_str().into(), prefix.clone()).await;
         assert_eq!(
             other.get("a").await.unwrap(),
             Some(1),
@@ -416,7 +400,7 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
 
         let behind = sd_cache::WriteBehind::builder()
             .build(
-                tier(server.url().into(), prefix.clone()).await,
+                tier(url.as_str().into(), prefix.clone()).await,
                 Rows::default(),
             )
             .unwrap();
@@ -437,22 +421,20 @@ fn write_through_and_write_behind_keep_the_redis_tier_in_step() {
 /// lock is taken against the version the refresh was decided on).
 #[test]
 fn at_most_one_early_refresh_per_expiry_across_clients() {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("cache");
-    runtime().block_on(async {
+    on_shared_redis("cache", |url, prefix| async move {
         let mut clients = Vec::new();
         for _ in 0..4 {
             let cache: RedisCache<u64, ConnectionManager> = RedisCache::builder(prefix.as_str())
                 .ttl(Duration::from_secs(60))
                 .random(FixedRandom(0.0))
-                .notifications(redis::Client::open(server.url()).unwrap())
-                .build(manager(server.url()).await)
+                .notifications(redis::Client::open(url.as_str()).unwrap())
+                .build(manager(url.as_str()).await)
                 .await
                 .unwrap();
             clients.push(cache);
         }
         // An entry written as if its load took 100 s: every read is inside its window.
-        let mut admin = manager(server.url()).await;
+        let mut admin = manager(url.as_str()).await;
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
         let now = secs * 1000 + micros / 1000;
         let _: i64 = redis::cmd("HSET")

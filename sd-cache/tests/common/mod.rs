@@ -9,6 +9,18 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 pub(crate) use sd_testkit::{eventually, runtime};
 
+/// Runs `test(url, prefix)` on a runtime: `url` is the Redis the tests share, `prefix` a
+/// fresh key prefix named after `stem`, so tests sharing the server do not see each other.
+pub(crate) fn on_shared_redis<F, Fut>(stem: &str, test: F)
+where
+    F: FnOnce(String, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = sd_testkit::redis().expect("redis-server must be installed");
+    let prefix = sd_testkit::unique_name(stem);
+    runtime().block_on(test(server.url().to_owned(), prefix));
+}
+
 /// A connection that gives up after `timeout` (a hang guard, and how a frozen server
 /// turns into a typed error) and retries a lost connection once.
 pub(crate) async fn manager_with_timeout(url: &str, timeout: Duration) -> ConnectionManager {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use sd_cache::{RedisCache, TwoTier};
 
-use crate::common::{eventually, manager_with_timeout, runtime};
+use crate::common::{eventually, manager_with_timeout, on_shared_redis};
 
 /// A two-tier cache of `u64` over a connection manager.
 pub(crate) type Tier = TwoTier<u64, ConnectionManager>;
@@ -57,11 +57,8 @@ where
     F: FnOnce(Fleet) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let server = sd_testkit::redis().expect("redis-server must be installed");
-    let prefix = sd_testkit::unique_name("two-tier");
-    runtime().block_on(async {
-        let tiers = instances(server.url(), &prefix, n, |_| false).await;
-        let url = server.url().to_owned();
+    on_shared_redis("two-tier", |url, prefix| async move {
+        let tiers = instances(&url, &prefix, n, |_| false).await;
         test(Fleet { url, prefix, tiers }).await;
     });
 }
