@@ -16,6 +16,71 @@
 //! - **Enqueue** is one `INSERT` on the caller's transaction: the event exists if and
 //!   only if the business rows commit.
 
+/// Writes what an [`Outbox`] and an [`Inbox`] share: the builder (its one option, the
+/// table name, with its default), `from_parts`, which the builder's `build` ends with,
+/// and the public `table`, `migrate` and `migrator`, each with the docs the type gives.
+macro_rules! table_handle {
+    (
+        $ty:ident {
+            $(#[$table:meta])* table,
+            $(#[$migrate:meta])* migrate,
+            $(#[$migrator:meta])* migrator $(,)?
+        }
+        $builder:ident($default:literal) {
+            $(#[$setter:meta])* table $(,)?
+        }
+    ) => {
+        #[doc = concat!("Options of an [`", stringify!($ty), "`].")]
+        #[derive(Debug, Clone)]
+        pub struct $builder {
+            table: String,
+        }
+
+        impl Default for $builder {
+            fn default() -> Self {
+                $builder {
+                    table: $default.into(),
+                }
+            }
+        }
+
+        impl $builder {
+            $(#[$setter])*
+            pub fn table(mut self, table: impl Into<String>) -> Self {
+                self.table = table.into();
+                self
+            }
+        }
+
+        impl $ty {
+            fn from_parts(pool: PgPool, table: String, insert: String, migrator: Migrator) -> Self {
+                $ty {
+                    pool,
+                    table,
+                    insert,
+                    migrator: Arc::new(migrator),
+                }
+            }
+
+            $(#[$table])*
+            pub fn table(&self) -> &str {
+                &self.table
+            }
+
+            $(#[$migrate])*
+            pub async fn migrate(&self) -> Result<()> {
+                self.migrator.run(&self.pool).await?;
+                Ok(())
+            }
+
+            $(#[$migrator])*
+            pub fn migrator(&self) -> &Migrator {
+                &self.migrator
+            }
+        }
+    };
+}
+
 mod inbox;
 pub mod relay;
 
@@ -63,28 +128,7 @@ pub(crate) fn one_part(field: &'static str, value: &str) -> Result<TableName> {
     Ok(table)
 }
 
-/// Options of an [`Outbox`].
-#[derive(Debug, Clone)]
-pub struct OutboxBuilder {
-    table: String,
-}
-
-impl Default for OutboxBuilder {
-    fn default() -> Self {
-        OutboxBuilder {
-            table: "outbox".into(),
-        }
-    }
-}
-
 impl OutboxBuilder {
-    /// The table (default `outbox`): 1 to 48 of `[a-z0-9_]`, not starting with a digit
-    /// (sd-core's [`TableName`] rule), without a schema. It is also the NOTIFY channel.
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
     /// An outbox on `pool`; fails with [`Error::InvalidConfig`] naming `table` when the name
     /// is not acceptable.
     pub fn build(self, pool: PgPool) -> Result<Outbox> {
@@ -95,12 +139,7 @@ impl OutboxBuilder {
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
             self.table
         );
-        Ok(Outbox {
-            pool,
-            table: self.table,
-            insert,
-            migrator: Arc::new(migrator),
-        })
+        Ok(Outbox::from_parts(pool, self.table, insert, migrator))
     }
 }
 
@@ -111,6 +150,25 @@ pub struct Outbox {
     table: String,
     insert: String,
     migrator: Arc<Migrator>,
+}
+
+table_handle! {
+    Outbox {
+        /// The table name (also the NOTIFY channel).
+        table,
+        /// Creates the table, its indexes, the lanes and the notify trigger if missing,
+        /// through sd-core's [`Migrator`] (one transaction under an advisory lock, recorded
+        /// in `sd_migrations`); safe to call from every replica at start-up.
+        migrate,
+        /// The migrator with this outbox's table name, for teams that apply the SQL with
+        /// their own tool ([`Migrator::render`]).
+        migrator,
+    }
+    OutboxBuilder("outbox") {
+        /// The table (default `outbox`): 1 to 48 of `[a-z0-9_]`, not starting with a digit
+        /// (sd-core's [`TableName`] rule), without a schema. It is also the NOTIFY channel.
+        table,
+    }
 }
 
 /// Counts read from the table; see [`Outbox::stats`].
@@ -152,25 +210,6 @@ impl Outbox {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// The table name (also the NOTIFY channel).
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
-    /// Creates the table, its indexes, the lanes and the notify trigger if missing,
-    /// through sd-core's [`Migrator`] (one transaction under an advisory lock, recorded in
-    /// `sd_migrations`); safe to call from every replica at start-up.
-    pub async fn migrate(&self) -> Result<()> {
-        self.migrator.run(&self.pool).await?;
-        Ok(())
-    }
-
-    /// The migrator with this outbox's table name, for teams that apply the SQL with
-    /// their own tool ([`Migrator::render`]).
-    pub fn migrator(&self) -> &Migrator {
-        &self.migrator
     }
 
     /// Writes `message` in `tx`, the caller's transaction: it is published if and only

@@ -18,29 +18,7 @@ pub static INBOX_MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/0002_inbox.sql"),
 }];
 
-/// Options of an [`Inbox`].
-#[derive(Debug, Clone)]
-pub struct InboxBuilder {
-    table: String,
-}
-
-impl Default for InboxBuilder {
-    fn default() -> Self {
-        InboxBuilder {
-            table: "outbox_inbox".into(),
-        }
-    }
-}
-
 impl InboxBuilder {
-    /// The table (default `outbox_inbox`): `table` or `schema.table`, each part 1 to 48
-    /// of `[a-z0-9_]` (sd-core's [`TableName`] rule). `migrate` creates the table, not
-    /// the schema: create that first.
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
     /// An inbox on `pool`; fails with [`Error::InvalidConfig`] naming `table` when the name
     /// is not acceptable.
     pub fn build(self, pool: PgPool) -> Result<Inbox> {
@@ -51,12 +29,7 @@ impl InboxBuilder {
             "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             self.table
         );
-        Ok(Inbox {
-            pool,
-            table: self.table,
-            insert,
-            migrator: Arc::new(migrator),
-        })
+        Ok(Inbox::from_parts(pool, self.table, insert, migrator))
     }
 }
 
@@ -76,28 +49,29 @@ pub struct Inbox {
     migrator: Arc<Migrator>,
 }
 
+table_handle! {
+    Inbox {
+        /// The table name.
+        table,
+        /// Creates the table if it is missing, through sd-core's [`Migrator`] (one
+        /// transaction under an advisory lock, recorded in `sd_migrations`).
+        migrate,
+        /// The migrator with this inbox's table name, for teams that apply the SQL with
+        /// their own tool ([`Migrator::render`]).
+        migrator,
+    }
+    InboxBuilder("outbox_inbox") {
+        /// The table (default `outbox_inbox`): `table` or `schema.table`, each part 1 to 48
+        /// of `[a-z0-9_]` (sd-core's [`TableName`] rule). `migrate` creates the table, not
+        /// the schema: create that first.
+        table,
+    }
+}
+
 impl Inbox {
     /// Options: table `outbox_inbox`.
     pub fn builder() -> InboxBuilder {
         InboxBuilder::default()
-    }
-
-    /// The table name.
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
-    /// Creates the table if it is missing, through sd-core's [`Migrator`] (one
-    /// transaction under an advisory lock, recorded in `sd_migrations`).
-    pub async fn migrate(&self) -> Result<()> {
-        self.migrator.run(&self.pool).await?;
-        Ok(())
-    }
-
-    /// The migrator with this inbox's table name, for teams that apply the SQL with
-    /// their own tool ([`Migrator::render`]).
-    pub fn migrator(&self) -> &Migrator {
-        &self.migrator
     }
 
     /// Records that `consumer` handles `message_id` in `tx`; `true` the first time,
