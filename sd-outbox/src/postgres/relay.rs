@@ -80,7 +80,6 @@ mod builder;
 mod metrics;
 mod tx;
 
-pub use self::builder::RelayBuilder;
 use self::metrics::{AbortOnDrop, Counters};
 pub use self::metrics::{Metrics, RelayHandle};
 use self::tx::{HandTx, Marks, claim_lanes};
@@ -104,21 +103,31 @@ struct Sql {
     mark_failed: String,
 }
 
-struct Inner<P> {
+/// Options of a [`Relay`].
+#[derive(Debug, Clone)]
+pub struct RelayBuilder<P> {
     outbox: Outbox,
     publisher: P,
     mode: Mode,
     batch_size: u32,
     poll_interval: Duration,
     listen: bool,
-    channel: String,
+    channel: Option<String>,
     max_attempts: u32,
     retry: RetryPolicy,
     retention: Option<Duration>,
     sweep_interval: Duration,
     lanes_per_claim: u32,
     standby_interval: Duration,
+    group: String,
     timeout: Duration,
+}
+
+struct Inner<P> {
+    /// The options as `build` checked them, `max_attempts` bounded by the retry policy's.
+    options: RelayBuilder<P>,
+    /// The NOTIFY channel: the one set, else the table name.
+    channel: String,
     lock_key: String,
     sql: Sql,
     counters: Arc<Counters>,
@@ -132,9 +141,9 @@ pub struct Relay<P> {
 impl<P> std::fmt::Debug for Relay<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("table", &self.inner.outbox.table)
-            .field("mode", &self.inner.mode)
-            .field("batch_size", &self.inner.batch_size)
+            .field("table", &self.inner.options.outbox.table)
+            .field("mode", &self.inner.options.mode)
+            .field("batch_size", &self.inner.options.batch_size)
             .finish_non_exhaustive()
     }
 }
@@ -152,7 +161,7 @@ impl<P: Publisher> Relay<P> {
     pub fn spawn(self) -> RelayHandle {
         let (tx, rx) = watch::channel(false);
         let counters = self.inner.counters.clone();
-        let outbox = self.inner.outbox.clone();
+        let outbox = self.inner.options.outbox.clone();
         let span = tracing::info_span!("outbox.relay", table = %outbox.table);
         let task = tokio::spawn(self.run(rx).instrument(span));
         RelayHandle {
@@ -167,9 +176,9 @@ impl<P: Publisher> Relay<P> {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let inner = self.inner;
         let wake = Arc::new(Notify::new());
-        let _listener = AbortOnDrop(inner.listen.then(|| {
+        let _listener = AbortOnDrop(inner.options.listen.then(|| {
             tokio::spawn(listen(
-                inner.outbox.pool.clone(),
+                inner.options.outbox.pool.clone(),
                 inner.channel.clone(),
                 wake.clone(),
             ))
@@ -177,7 +186,7 @@ impl<P: Publisher> Relay<P> {
         let mut sweeper = Sweeper {
             last: Instant::now(),
         };
-        match inner.mode {
+        match inner.options.mode {
             Mode::Parallel => {
                 inner.counters.active.store(true, Ordering::Relaxed);
                 inner.parallel(&wake, &mut shutdown, &mut sweeper).await;

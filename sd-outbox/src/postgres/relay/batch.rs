@@ -42,7 +42,7 @@ impl<P: Publisher> Inner<P> {
                 Ok(None) => {
                     errors = 0;
                     tokio::select! {
-                        _ = tokio::time::sleep(self.standby_interval) => {}
+                        _ = tokio::time::sleep(self.options.standby_interval) => {}
                         _ = shutdown.changed() => {}
                     }
                     continue;
@@ -80,17 +80,23 @@ impl<P: Publisher> Inner<P> {
     }
 
     async fn bounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
-        timeout(self.timeout, tracing::debug_span!("outbox.relay.batch"), f).await?
+        timeout(
+            self.options.timeout,
+            tracing::debug_span!("outbox.relay.batch"),
+            f,
+        )
+        .await?
     }
 
     async fn database_error(&self, e: &Error, errors: u32, shutdown: &mut watch::Receiver<bool>) {
         self.counters
             .database_errors
             .fetch_add(1, Ordering::Relaxed);
-        let delay = self
-            .retry
-            .random_delay(errors)
-            .min(self.poll_interval.max(self.retry.initial_interval()));
+        let delay = self.options.retry.random_delay(errors).min(
+            self.options
+                .poll_interval
+                .max(self.options.retry.initial_interval()),
+        );
         tracing::warn!(error = %e, ?delay, "outbox relay batch failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -100,24 +106,24 @@ impl<P: Publisher> Inner<P> {
 
     async fn after(&self, batch: Batch, wake: &Notify, shutdown: &mut watch::Receiver<bool>) {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        if batch.fetched >= self.batch_size as usize && batch.again_in.is_none() {
+        if batch.fetched >= self.options.batch_size as usize && batch.again_in.is_none() {
             return;
         }
-        let wait = batch
-            .again_in
-            .map_or(self.poll_interval, |d| d.min(self.poll_interval));
+        let wait = batch.again_in.map_or(self.options.poll_interval, |d| {
+            d.min(self.options.poll_interval)
+        });
         idle(wake, wait, shutdown).await;
     }
 
     async fn maybe_sweep(&self, sweeper: &mut Sweeper) {
-        let Some(retention) = self.retention else {
+        let Some(retention) = self.options.retention else {
             return;
         };
-        if sweeper.last.elapsed() < self.sweep_interval {
+        if sweeper.last.elapsed() < self.options.sweep_interval {
             return;
         }
         sweeper.last = Instant::now();
-        match self.outbox.sweep(retention).await {
+        match self.options.outbox.sweep(retention).await {
             Ok(n) if n > 0 => tracing::debug!(deleted = n, "outbox swept"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
@@ -130,7 +136,7 @@ impl<P: Publisher> Inner<P> {
     async fn try_lead(&self, standby: &mut Option<PgConnection>) -> Result<Option<PgConnection>> {
         let mut conn = match standby.take() {
             Some(conn) => conn,
-            None => self.outbox.pool.acquire().await?.detach(),
+            None => self.options.outbox.pool.acquire().await?.detach(),
         };
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
             .bind(&self.lock_key)
@@ -150,7 +156,7 @@ impl<P: Publisher> Inner<P> {
         horizon_waits: &mut u32,
     ) -> Result<Batch> {
         let rows = sqlx::query(&self.sql.fetch_ordered)
-            .bind(i64::from(self.batch_size))
+            .bind(i64::from(self.options.batch_size))
             .fetch_all(&mut *conn)
             .await?;
         let fetched = rows.len();
@@ -168,7 +174,7 @@ impl<P: Publisher> Inner<P> {
         if let Some(retry) = self.publish(&events, Marks::Conn(&mut *conn)).await? {
             again_in = Some(again_in.map_or(retry, |a: Duration| a.min(retry)));
         }
-        if fetched < self.batch_size as usize && again_in.is_none() {
+        if fetched < self.options.batch_size as usize && again_in.is_none() {
             // Rows of transactions still running (ours or anyone's with an older
             // xid) wait for the horizon; look again soon rather than at the next poll.
             let waiting: bool = sqlx::query_scalar(&self.sql.beyond_horizon)
@@ -178,7 +184,7 @@ impl<P: Publisher> Inner<P> {
                 // 5 ms, doubling while the same old transaction stays open.
                 let delay = Duration::from_millis(5) * (1u32 << (*horizon_waits).min(8));
                 *horizon_waits = horizon_waits.saturating_add(1);
-                again_in = Some(delay.min(self.poll_interval));
+                again_in = Some(delay.min(self.options.poll_interval));
             } else {
                 *horizon_waits = 0;
             }
@@ -188,14 +194,14 @@ impl<P: Publisher> Inner<P> {
 
     async fn parallel_batch(&self, offset: i16) -> Result<Batch> {
         let mut tx = HandTx {
-            conn: self.outbox.pool.acquire().await?,
+            conn: self.options.outbox.pool.acquire().await?,
             open: true,
         };
         let claim = self
             .sql
             .claim_lanes
             .replace("{offset}", &offset.to_string())
-            .replace("{lanes}", &self.lanes_per_claim.to_string());
+            .replace("{lanes}", &self.options.lanes_per_claim.to_string());
         let lanes = claim_lanes(&mut tx.conn, claim).await?;
         if lanes.is_empty() {
             tx.finish(None).await?;
@@ -211,7 +217,7 @@ impl<P: Publisher> Inner<P> {
         // three-relay test catches it as duplicates).
         let rows = sqlx::query(&self.sql.fetch_lanes)
             .bind(&lanes)
-            .bind(i64::from(self.batch_size))
+            .bind(i64::from(self.options.batch_size))
             .fetch_all(&mut *tx.conn)
             .await?;
         let mut rows = rows
@@ -223,8 +229,8 @@ impl<P: Publisher> Inner<P> {
         let events: Vec<Event> = rows.into_iter().map(|(_, event)| event).collect();
         let again_in = self.publish(&events, Marks::Tx(&mut tx)).await?;
         // A batch from only some lanes may leave work in others: go again at once.
-        let fetched = if lanes.len() as u32 == self.lanes_per_claim && !events.is_empty() {
-            self.batch_size as usize
+        let fetched = if lanes.len() as u32 == self.options.lanes_per_claim && !events.is_empty() {
+            self.options.batch_size as usize
         } else {
             events.len()
         };
@@ -238,7 +244,7 @@ impl<P: Publisher> Inner<P> {
         if events.is_empty() {
             return tx.done(None).await.map(|()| None);
         }
-        let (published, failure) = match self.publisher.publish(events).await {
+        let (published, failure) = match self.options.publisher.publish(events).await {
             Ok(()) => (events.len(), None),
             Err(Error::Publish { published, reason }) => {
                 (published.min(events.len()), Some(reason))
@@ -266,11 +272,11 @@ impl<P: Publisher> Inner<P> {
         };
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let attempt = failed.attempts.saturating_add(1);
-        let delay = self.retry.random_delay(attempt);
+        let delay = self.options.retry.random_delay(attempt);
         let status: Option<String> = sqlx::query_scalar(&self.sql.mark_failed)
             .bind(failed.id)
             .bind(&reason)
-            .bind(i64::from(self.max_attempts))
+            .bind(i64::from(self.options.max_attempts))
             .bind(delay.as_secs_f64())
             .fetch_optional(&mut *conn)
             .await?;

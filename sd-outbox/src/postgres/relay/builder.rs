@@ -2,26 +2,6 @@
 
 use super::*;
 
-/// Options of a [`Relay`].
-#[derive(Debug, Clone)]
-pub struct RelayBuilder<P> {
-    outbox: Outbox,
-    publisher: P,
-    mode: Mode,
-    batch_size: u32,
-    poll_interval: Duration,
-    listen: bool,
-    channel: Option<String>,
-    max_attempts: u32,
-    retry: RetryPolicy,
-    retention: Option<Duration>,
-    sweep_interval: Duration,
-    lanes_per_claim: u32,
-    standby_interval: Duration,
-    group: String,
-    timeout: Duration,
-}
-
 impl<P: Publisher> RelayBuilder<P> {
     /// [`Mode::Parallel`] (default) or [`Mode::Ordered`].
     pub fn mode(mut self, mode: Mode) -> Self {
@@ -141,10 +121,10 @@ impl<P: Publisher> RelayBuilder<P> {
         if self.timeout.is_zero() {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
-        let channel = match self.channel {
+        let channel = match &self.channel {
             Some(channel) => {
-                one_part("channel", &channel)?;
-                channel
+                one_part("channel", channel)?;
+                channel.clone()
             }
             None => self.outbox.table.clone(),
         };
@@ -200,25 +180,17 @@ impl<P: Publisher> RelayBuilder<P> {
                  RETURNING status::text"
             ),
         };
+        let lock_key = format!("sd-outbox:{t}:ordered:{}", self.group);
         Ok(Relay {
             inner: Arc::new(Inner {
-                lock_key: format!("sd-outbox:{t}:ordered:{}", self.group),
-                outbox: self.outbox,
-                publisher: self.publisher,
-                mode: self.mode,
-                batch_size: self.batch_size,
-                poll_interval: self.poll_interval,
-                listen: self.listen,
                 channel,
-                max_attempts: attempts_limit(self.max_attempts, &self.retry),
-                retry: self.retry,
-                retention: self.retention,
-                sweep_interval: self.sweep_interval,
-                lanes_per_claim: self.lanes_per_claim,
-                standby_interval: self.standby_interval,
-                timeout: self.timeout,
+                lock_key,
                 sql,
                 counters: Arc::new(Counters::default()),
+                options: RelayBuilder {
+                    max_attempts: attempts_limit(self.max_attempts, &self.retry),
+                    ..self
+                },
             }),
         })
     }
