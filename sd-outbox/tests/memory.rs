@@ -2,6 +2,8 @@
 //! producers and relays, retries, dead letters, redrive, invalid input.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/config.rs"]
+mod config;
 #[path = "common/waits.rs"]
 mod waits;
 
@@ -10,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use config::invalid_field;
 use proptest::prelude::*;
 use sd_outbox::memory::{MemoryOutbox, MemoryRelay};
 use sd_outbox::{Error, Event, MemoryPublisher, Message, Publisher, Result};
@@ -337,10 +340,8 @@ fn invalid_messages_and_options_are_refused() {
     assert_eq!(outbox.pending(), 1);
 
     let sink = MemoryPublisher::new();
-    let field = |b: sd_outbox::memory::MemoryRelayBuilder<MemoryPublisher>| match b.build() {
-        Err(Error::InvalidConfig { field, .. }) => field,
-        other => panic!("expected a config error, got {:?}", other.map(|_| ())),
-    };
+    let field =
+        |b: sd_outbox::memory::MemoryRelayBuilder<MemoryPublisher>| invalid_field(b.build());
     let b = || MemoryRelay::builder(outbox.clone(), sink.clone());
     assert_eq!(field(b().batch_size(0)), "batch_size");
     assert_eq!(field(b().max_attempts(0)), "max_attempts");

@@ -11,7 +11,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+mod config;
 mod waits;
+pub use config::invalid_field;
 pub use sd_testkit::{eventually, runtime};
 pub use waits::waits;
 
