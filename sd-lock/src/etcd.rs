@@ -66,15 +66,14 @@ fn whole_seconds(ttl: Duration) -> i64 {
 /// of a value out of range.
 #[derive(Clone)]
 pub struct EtcdLockBuilder {
-    client: Client,
-    prefix: String,
-    retry: RetryPolicy,
+    /// The lock with the options so far, unchecked.
+    lock: EtcdLock,
 }
 
 impl fmt::Debug for EtcdLockBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdLockBuilder")
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.lock.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -83,30 +82,26 @@ impl EtcdLockBuilder {
     /// The key prefix (default `sd-lock/`): keys are `{prefix}{resource}`, so end it
     /// with the separator your keyspace uses. Not empty.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.lock.prefix = prefix.into();
         self
     }
 
     /// The retry policy of [`crate::Lock::acquire`] (default
     /// [`lease::default_retry`]).
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
+        self.lock = self.lock.with_retry(retry);
         self
     }
 
     /// The lock, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<EtcdLock> {
-        if self.prefix.is_empty() {
+        if self.lock.prefix.is_empty() {
             return Err(Error::InvalidConfig {
                 field: "prefix",
                 reason: "must not be empty: it keeps the lock's keys apart from others".into(),
             });
         }
-        Ok(EtcdLock {
-            client: self.client,
-            prefix: self.prefix,
-            retry: self.retry,
-        })
+        Ok(self.lock)
     }
 }
 
@@ -129,9 +124,7 @@ impl EtcdLock {
     /// Options for leases on `client`.
     pub fn builder(client: Client) -> EtcdLockBuilder {
         EtcdLockBuilder {
-            client,
-            prefix: "sd-lock/".into(),
-            retry: lease::default_retry(),
+            lock: EtcdLock::new(client),
         }
     }
 
