@@ -183,9 +183,46 @@ pub struct Step<D> {
     kind: StepKind,
     action: Action<D>,
     compensation: Option<Compensation<D>>,
+    policies: Policies,
+}
+
+/// The policies a step may set, and a saga may set for every step that sets none.
+#[derive(Debug, Clone, Copy, Default)]
+struct Policies {
     retry: Option<RetryPolicy>,
     compensation_retry: Option<RetryPolicy>,
     timeout: Option<Duration>,
+}
+
+/// The per-attempt timeout of a step when neither it nor its saga sets one.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes the `retry`, `compensation_retry` and `timeout` setters that [`Step`] and
+/// [`SagaBuilder`] share (each with its own docs): each sets its field of `self.policies`.
+macro_rules! policy_setters {
+    (
+        $(#[$retry:meta])* retry,
+        $(#[$compensation_retry:meta])* compensation_retry,
+        $(#[$timeout:meta])* timeout $(,)?
+    ) => {
+        $(#[$retry])*
+        pub fn retry(mut self, policy: RetryPolicy) -> Self {
+            self.policies.retry = Some(policy);
+            self
+        }
+
+        $(#[$compensation_retry])*
+        pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+            self.policies.compensation_retry = Some(policy);
+            self
+        }
+
+        $(#[$timeout])*
+        pub fn timeout(mut self, timeout: Duration) -> Self {
+            self.policies.timeout = Some(timeout);
+            self
+        }
+    };
 }
 
 impl<D> fmt::Debug for Step<D> {
@@ -193,9 +230,9 @@ impl<D> fmt::Debug for Step<D> {
         f.debug_struct("Step")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("retry", &self.retry)
-            .field("compensation_retry", &self.compensation_retry)
-            .field("timeout", &self.timeout)
+            .field("retry", &self.policies.retry)
+            .field("compensation_retry", &self.policies.compensation_retry)
+            .field("timeout", &self.policies.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -215,9 +252,7 @@ impl<D: Send + 'static> Step<D> {
             kind,
             action,
             compensation: None,
-            retry: None,
-            compensation_retry: None,
-            timeout: None,
+            policies: Policies::default(),
         }
     }
 
@@ -256,25 +291,17 @@ impl<D: Send + 'static> Step<D> {
         Step::new(name, StepKind::Retriable, boxed_action(action))
     }
 
-    /// The retry policy of the action (default: the saga's, else [`RetryPolicy::default`]
-    /// for compensatable and pivot steps and [`RetryPolicy::persistent`] for retriable ones).
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some(policy);
-        self
-    }
-
-    /// The retry policy of the compensation (default: the saga's, else
-    /// [`RetryPolicy::persistent`]).
-    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
-        self.compensation_retry = Some(policy);
-        self
-    }
-
-    /// How long one attempt may run (default: the saga's, else 30 s). An attempt that runs
-    /// out counts as a retryable failure.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
+    policy_setters! {
+        /// The retry policy of the action (default: the saga's, else [`RetryPolicy::default`]
+        /// for compensatable and pivot steps and [`RetryPolicy::persistent`] for retriable
+        /// ones).
+        retry,
+        /// The retry policy of the compensation (default: the saga's, else
+        /// [`RetryPolicy::persistent`]).
+        compensation_retry,
+        /// How long one attempt may run (default: the saga's, else 30 s). An attempt that
+        /// runs out counts as a retryable failure.
+        timeout,
     }
 }
 
@@ -326,9 +353,7 @@ impl<D: Send + 'static> Saga<D> {
         SagaBuilder {
             name: name.into(),
             steps: Vec::new(),
-            retry: None,
-            compensation_retry: None,
-            timeout: Duration::from_secs(30),
+            policies: Policies::default(),
         }
     }
 
@@ -348,9 +373,7 @@ impl<D: Send + 'static> Saga<D> {
 pub struct SagaBuilder<D> {
     name: String,
     steps: Vec<Step<D>>,
-    retry: Option<RetryPolicy>,
-    compensation_retry: Option<RetryPolicy>,
-    timeout: Duration,
+    policies: Policies,
 }
 
 impl<D> fmt::Debug for SagaBuilder<D> {
@@ -369,22 +392,13 @@ impl<D: Send + 'static> SagaBuilder<D> {
         self
     }
 
-    /// The retry policy of every forward step that sets none.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = Some(policy);
-        self
-    }
-
-    /// The retry policy of every compensation that sets none.
-    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
-        self.compensation_retry = Some(policy);
-        self
-    }
-
-    /// The per-attempt timeout of every step that sets none (default 30 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
+    policy_setters! {
+        /// The retry policy of every forward step that sets none.
+        retry,
+        /// The retry policy of every compensation that sets none.
+        compensation_retry,
+        /// The per-attempt timeout of every step that sets none (default 30 s).
+        timeout,
     }
 
     /// The saga, or the first problem: no steps, an empty or repeated step name, a second
@@ -442,7 +456,8 @@ impl<D: Send + 'static> SagaBuilder<D> {
                 (StepKind::Pivot, None) => pivot = Some(step.name.clone()),
                 _ => {}
             }
-            let timeout = step.timeout.unwrap_or(self.timeout);
+            let (own, saga_wide) = (step.policies, self.policies);
+            let timeout = own.timeout.or(saga_wide.timeout).unwrap_or(DEFAULT_TIMEOUT);
             if timeout.is_zero() {
                 return Err(Error::StepConfig {
                     step: step.name,
@@ -459,10 +474,10 @@ impl<D: Send + 'static> SagaBuilder<D> {
                 kind: step.kind,
                 action: step.action,
                 compensation: step.compensation,
-                retry: step.retry.or(self.retry).unwrap_or(default_retry),
-                compensation_retry: step
+                retry: own.retry.or(saga_wide.retry).unwrap_or(default_retry),
+                compensation_retry: own
                     .compensation_retry
-                    .or(self.compensation_retry)
+                    .or(saga_wide.compensation_retry)
                     .unwrap_or_else(RetryPolicy::persistent),
                 timeout,
             });
