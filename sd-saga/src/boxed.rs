@@ -6,75 +6,57 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::store::{Lease, NewSaga, SagaRecord, SagaStore, StoreStats, StoredEvent, Write};
+use crate::store::{
+    Claimant, Lease, NewSaga, SagaRecord, SagaStore, StoreStats, StoredEvent, Write,
+};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The object-safe twin of [`SagaStore`]: the same methods, returning boxed futures.
-trait DynStore: Send + Sync + 'static {
-    fn create<'a>(&'a self, saga: &'a NewSaga<'_>) -> BoxFuture<'a, Result<Lease>>;
-    fn write<'a>(&'a self, lease: &'a Lease, write: &'a Write<'_>) -> BoxFuture<'a, Result<Lease>>;
-    fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> BoxFuture<'a, Result<()>>;
-    fn claim_expired<'a>(
-        &'a self,
-        saga_type: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<SagaRecord>>>;
-    fn claim_stuck<'a>(
-        &'a self,
-        saga_type: &'a str,
-        id: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<SagaRecord>>;
-    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>>>;
-    fn events<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<StoredEvent>>>;
-    fn stats<'a>(&'a self, saga_type: &'a str) -> BoxFuture<'a, Result<StoreStats>>;
-    fn type_name(&self) -> &'static str;
+/// Writes the object-safe twin of [`SagaStore`] (`DynStore`: the same methods, returning
+/// boxed futures), its blanket impl for every store, and [`BoxStore`]'s [`SagaStore`]
+/// impl, from one list of the trait's methods: the borrowed arguments before the `;`
+/// (the twin borrows each for the future's life), the owned ones after it.
+macro_rules! boxed_store {
+    ($(fn $name:ident($($arg:ident: &$ty:ty),* ; $($own:ident: $oty:ty),*) -> $out:ty;)*) => {
+        trait DynStore: Send + Sync + 'static {
+            $(
+                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
+                    -> BoxFuture<'a, Result<$out>>;
+            )*
+            fn type_name(&self) -> &'static str;
+        }
+
+        impl<S: SagaStore> DynStore for S {
+            $(
+                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
+                    -> BoxFuture<'a, Result<$out>> {
+                    Box::pin(SagaStore::$name(self $(, $arg)* $(, $own)*))
+                }
+            )*
+            fn type_name(&self) -> &'static str {
+                std::any::type_name::<S>()
+            }
+        }
+
+        impl SagaStore for BoxStore {
+            $(
+                async fn $name(&self $(, $arg: &$ty)* $(, $own: $oty)*) -> Result<$out> {
+                    self.inner.$name($($arg,)* $($own),*).await
+                }
+            )*
+        }
+    };
 }
 
-impl<S: SagaStore> DynStore for S {
-    fn create<'a>(&'a self, saga: &'a NewSaga<'_>) -> BoxFuture<'a, Result<Lease>> {
-        Box::pin(SagaStore::create(self, saga))
-    }
-    fn write<'a>(&'a self, lease: &'a Lease, write: &'a Write<'_>) -> BoxFuture<'a, Result<Lease>> {
-        Box::pin(SagaStore::write(self, lease, write))
-    }
-    fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> BoxFuture<'a, Result<()>> {
-        Box::pin(SagaStore::renew(self, lease, ttl))
-    }
-    fn claim_expired<'a>(
-        &'a self,
-        saga_type: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<SagaRecord>>> {
-        Box::pin(SagaStore::claim_expired(self, saga_type, owner, ttl, limit))
-    }
-    fn claim_stuck<'a>(
-        &'a self,
-        saga_type: &'a str,
-        id: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<SagaRecord>> {
-        Box::pin(SagaStore::claim_stuck(self, saga_type, id, owner, ttl))
-    }
-    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>>> {
-        Box::pin(SagaStore::load(self, id))
-    }
-    fn events<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<StoredEvent>>> {
-        Box::pin(SagaStore::events(self, id))
-    }
-    fn stats<'a>(&'a self, saga_type: &'a str) -> BoxFuture<'a, Result<StoreStats>> {
-        Box::pin(SagaStore::stats(self, saga_type))
-    }
-    fn type_name(&self) -> &'static str {
-        std::any::type_name::<S>()
-    }
+boxed_store! {
+    fn create(saga: &NewSaga<'_>;) -> Lease;
+    fn write(lease: &Lease, write: &Write<'_>;) -> Lease;
+    fn renew(lease: &Lease; ttl: Duration) -> ();
+    fn claim_expired(by: &Claimant<'_>; limit: usize) -> Vec<SagaRecord>;
+    fn claim_stuck(by: &Claimant<'_>, id: &str;) -> SagaRecord;
+    fn load(id: &str;) -> Option<SagaRecord>;
+    fn events(id: &str;) -> Vec<StoredEvent>;
+    fn stats(saga_type: &str;) -> StoreStats;
 }
 
 /// Any [`SagaStore`] behind one type, so a service picks its log (memory or PostgreSQL)
@@ -117,51 +99,5 @@ impl fmt::Debug for BoxStore {
         f.debug_tuple("BoxStore")
             .field(&self.inner.type_name())
             .finish()
-    }
-}
-
-impl SagaStore for BoxStore {
-    async fn create(&self, saga: &NewSaga<'_>) -> Result<Lease> {
-        self.inner.create(saga).await
-    }
-
-    async fn write(&self, lease: &Lease, write: &Write<'_>) -> Result<Lease> {
-        self.inner.write(lease, write).await
-    }
-
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<()> {
-        self.inner.renew(lease, ttl).await
-    }
-
-    async fn claim_expired(
-        &self,
-        saga_type: &str,
-        owner: &str,
-        ttl: Duration,
-        limit: usize,
-    ) -> Result<Vec<SagaRecord>> {
-        self.inner.claim_expired(saga_type, owner, ttl, limit).await
-    }
-
-    async fn claim_stuck(
-        &self,
-        saga_type: &str,
-        id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<SagaRecord> {
-        self.inner.claim_stuck(saga_type, id, owner, ttl).await
-    }
-
-    async fn load(&self, id: &str) -> Result<Option<SagaRecord>> {
-        self.inner.load(id).await
-    }
-
-    async fn events(&self, id: &str) -> Result<Vec<StoredEvent>> {
-        self.inner.events(id).await
-    }
-
-    async fn stats(&self, saga_type: &str) -> Result<StoreStats> {
-        self.inner.stats(saga_type).await
     }
 }

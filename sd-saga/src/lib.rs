@@ -178,8 +178,8 @@ pub use crate::memory::MemoryStore;
 pub use crate::metrics::{LATENCY_BUCKETS, Latency, LocalMetrics, Metrics};
 pub use crate::orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, SagaOutcome};
 pub use crate::store::{
-    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
-    Write,
+    Claimant, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats,
+    StoredEvent, Write,
 };
 /// Retry policies and clocks are sd-core's, the same in every sd crate.
 pub use sd_core::{Clock, ManualClock, RetryPolicy, RetryPolicyBuilder, SystemClock};

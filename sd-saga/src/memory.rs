@@ -12,8 +12,8 @@ use std::time::Duration;
 use crate::definition::Direction;
 use crate::error::{Error, Result};
 use crate::store::{
-    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
-    Write,
+    Claimant, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats,
+    StoredEvent, Write,
 };
 use sd_core::{Clock, SystemClock};
 
@@ -182,19 +182,13 @@ impl SagaStore for MemoryStore {
         }
     }
 
-    async fn claim_expired(
-        &self,
-        saga_type: &str,
-        owner: &str,
-        ttl: Duration,
-        limit: usize,
-    ) -> Result<Vec<SagaRecord>> {
+    async fn claim_expired(&self, by: &Claimant<'_>, limit: usize) -> Result<Vec<SagaRecord>> {
         let now = self.clock.now();
         let mut sagas = self.lock();
         let mut expired: Vec<&mut Entry> = sagas
             .values_mut()
             .filter(|e| {
-                e.record.saga_type == saga_type
+                e.record.saga_type == by.saga_type
                     && e.record.state.is_live()
                     && e.lease_until.is_none_or(|until| until <= now)
             })
@@ -204,26 +198,20 @@ impl SagaStore for MemoryStore {
             .into_iter()
             .take(limit)
             .map(|e| {
-                Self::claim(e, owner, now + ttl);
+                Self::claim(e, by.owner, now + by.lease_ttl);
                 e.record.clone()
             })
             .collect())
     }
 
-    async fn claim_stuck(
-        &self,
-        saga_type: &str,
-        id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<SagaRecord> {
+    async fn claim_stuck(&self, by: &Claimant<'_>, id: &str) -> Result<SagaRecord> {
         let now = self.clock.now();
         let mut sagas = self.lock();
         let entry = sagas
             .get_mut(id)
             .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
-        check_stuck(&entry.record, saga_type)?;
-        Self::claim(entry, owner, now + ttl);
+        check_stuck(&entry.record, by.saga_type)?;
+        Self::claim(entry, by.owner, now + by.lease_ttl);
         let r = &mut entry.record;
         r.state = if r.compensating {
             SagaState::Compensating

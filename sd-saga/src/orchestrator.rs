@@ -16,7 +16,8 @@ use crate::definition::{BoxFuture, Direction, Saga, StepContext, StepDef, StepEr
 use crate::error::{Error, Result};
 use crate::metrics::{Counters, LocalMetrics, Metrics, bump};
 use crate::store::{
-    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent, Write,
+    Claimant, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent,
+    Write,
 };
 use sd_core::RetryPolicy;
 
@@ -159,6 +160,17 @@ struct Inner<D, S> {
     counters: Counters,
 }
 
+impl<D, S> Inner<D, S> {
+    /// This orchestrator as the claimant of expired and stuck sagas of its type.
+    fn claimant(&self) -> Claimant<'_> {
+        Claimant {
+            saga_type: &self.saga.name,
+            owner: &self.owner,
+            lease_ttl: self.lease_ttl,
+        }
+    }
+}
+
 /// Runs sagas of one definition through a [`SagaStore`]; cheap to clone, `Send + Sync`.
 ///
 /// See the [crate docs](crate) for the guarantees.
@@ -227,6 +239,22 @@ fn same_state<D>(run: &Run<D>, event: Event, lease_ttl: Duration) -> Write<'_> {
         reason: run.reason.as_deref(),
         event,
         lease_ttl,
+    }
+}
+
+/// Makes the events of one attempt: `attempt` of `step` in `direction`, of any kind.
+fn event_of(
+    step: usize,
+    direction: Direction,
+    attempt: u32,
+) -> impl Fn(EventKind, Option<String>) -> Event {
+    let step = step_u32(step);
+    move |kind, error| Event {
+        step,
+        direction,
+        kind,
+        attempt,
+        error,
     }
 }
 
@@ -313,12 +341,7 @@ where
         loop {
             let batch = inner
                 .store
-                .claim_expired(
-                    &inner.saga.name,
-                    &inner.owner,
-                    inner.lease_ttl,
-                    inner.recover_batch,
-                )
+                .claim_expired(&inner.claimant(), inner.recover_batch)
                 .await?;
             if batch.is_empty() {
                 break;
@@ -356,10 +379,7 @@ where
     /// saga is driven to its end.
     pub async fn resume(&self, id: &str) -> Result<SagaOutcome<D>> {
         let inner = &self.inner;
-        let record = inner
-            .store
-            .claim_stuck(&inner.saga.name, id, &inner.owner, inner.lease_ttl)
-            .await?;
+        let record = inner.store.claim_stuck(&inner.claimant(), id).await?;
         bump(&inner.counters.resumed);
         self.drive_record(record).await
     }
@@ -453,14 +473,7 @@ where
                 action(ctx, data.clone())
             })
             .await?;
-        let step = step_u32(run.step);
-        let event = |kind, error| Event {
-            step,
-            direction: Direction::Forward,
-            kind,
-            attempt,
-            error,
-        };
+        let event = event_of(run.step, Direction::Forward, attempt);
         match result {
             Ok(data) => {
                 let json = serde_json::to_string(&data)?;
@@ -509,18 +522,8 @@ where
                         Ok(Next::Done(SagaOutcome::Compensated { reason }))
                     }
                     Some(first) => {
-                        let write = Write {
-                            state: SagaState::Compensating,
-                            step: step_u32(first),
-                            compensating: true,
-                            data: None,
-                            reason: Some(&reason),
-                            event: failed,
-                            lease_ttl: self.inner.lease_ttl,
-                        };
-                        run.lease = self.inner.store.write(&run.lease, &write).await?;
-                        run.state = SagaState::Compensating;
-                        run.step = first;
+                        self.move_to(run, SagaState::Compensating, first, true, &reason, failed)
+                            .await?;
                         run.reason = Some(reason);
                         Ok(Next::Continue)
                     }
@@ -545,14 +548,7 @@ where
             // Only compensatable steps are compensated; nothing to undo otherwise.
             None => (0, Ok(())),
         };
-        let step = step_u32(run.step);
-        let event = |kind, error| Event {
-            step,
-            direction: Direction::Compensate,
-            kind,
-            attempt,
-            error,
-        };
+        let event = event_of(run.step, Direction::Compensate, attempt);
         let reason = run.reason.clone().unwrap_or_default();
         match result {
             Ok(()) => {
@@ -565,17 +561,9 @@ where
                         .await?;
                     return Ok(Next::Done(SagaOutcome::Compensated { reason }));
                 }
-                let write = Write {
-                    state: SagaState::Compensating,
-                    step: step_u32(run.step - 1),
-                    compensating: true,
-                    data: None,
-                    reason: Some(&reason),
-                    event: done,
-                    lease_ttl: self.inner.lease_ttl,
-                };
-                run.lease = self.inner.store.write(&run.lease, &write).await?;
-                run.step -= 1;
+                let previous = run.step - 1;
+                self.move_to(run, SagaState::Compensating, previous, true, &reason, done)
+                    .await?;
                 Ok(Next::Continue)
             }
             Err(error) => {
@@ -600,9 +588,25 @@ where
         reason: &str,
         event: Event,
     ) -> Result<()> {
+        let step = run.step;
+        self.move_to(run, state, step, compensating, reason, event)
+            .await
+    }
+
+    /// Writes `state` at `step` with `reason` and `event` (data unchanged), then moves
+    /// `run` there.
+    async fn move_to(
+        &self,
+        run: &mut Run<D>,
+        state: SagaState,
+        step: usize,
+        compensating: bool,
+        reason: &str,
+        event: Event,
+    ) -> Result<()> {
         let write = Write {
             state,
-            step: step_u32(run.step),
+            step: step_u32(step),
             compensating,
             data: None,
             reason: Some(reason),
@@ -611,6 +615,7 @@ where
         };
         run.lease = self.inner.store.write(&run.lease, &write).await?;
         run.state = state;
+        run.step = step;
         Ok(())
     }
 
@@ -628,14 +633,7 @@ where
         let inner = &self.inner;
         let mut attempt = 1;
         loop {
-            let step = step_u32(run.step);
-            let event = |kind, error| Event {
-                step,
-                direction,
-                kind,
-                attempt,
-                error,
-            };
+            let event = event_of(run.step, direction, attempt);
             if run.intent_written {
                 run.intent_written = false;
             } else {

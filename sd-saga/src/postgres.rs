@@ -37,8 +37,8 @@ use crate::definition::Direction;
 use crate::error::{Error, Result};
 use crate::memory::check_stuck;
 use crate::store::{
-    Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats, StoredEvent,
-    Write,
+    Claimant, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoreStats,
+    StoredEvent, Write,
 };
 
 /// The shipped migrations, written for the default names (schema `public`, tables
@@ -459,36 +459,24 @@ impl SagaStore for PostgresStore {
         }
     }
 
-    async fn claim_expired(
-        &self,
-        saga_type: &str,
-        owner: &str,
-        ttl: Duration,
-        limit: usize,
-    ) -> Result<Vec<SagaRecord>> {
+    async fn claim_expired(&self, by: &Claimant<'_>, limit: usize) -> Result<Vec<SagaRecord>> {
         self.wrote();
         let query = sqlx::query(&self.sql.claim_expired)
-            .bind(saga_type)
-            .bind(owner)
+            .bind(by.saga_type)
+            .bind(by.owner)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(ms(ttl))
+            .bind(ms(by.lease_ttl))
             .fetch_all(&self.pool);
         self.timed(query).await?.iter().map(record).collect()
     }
 
-    async fn claim_stuck(
-        &self,
-        saga_type: &str,
-        id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<SagaRecord> {
+    async fn claim_stuck(&self, by: &Claimant<'_>, id: &str) -> Result<SagaRecord> {
         self.wrote();
         let query = sqlx::query(&self.sql.claim_stuck)
             .bind(id)
-            .bind(saga_type)
-            .bind(owner)
-            .bind(ms(ttl))
+            .bind(by.saga_type)
+            .bind(by.owner)
+            .bind(ms(by.lease_ttl))
             .fetch_optional(&self.pool);
         if let Some(row) = self.timed(query).await? {
             return record(&row);
@@ -496,7 +484,7 @@ impl SagaStore for PostgresStore {
         match self.load(id).await? {
             None => Err(Error::NotFound { id: id.to_owned() }),
             Some(r) => {
-                check_stuck(&r, saga_type)?;
+                check_stuck(&r, by.saga_type)?;
                 // Stuck a moment ago, claimed by someone else since.
                 Err(Error::NotStuck {
                     id: id.to_owned(),

@@ -212,6 +212,18 @@ pub struct NewSaga<'a> {
     pub lease_ttl: Duration,
 }
 
+/// Who claims sagas: an orchestrator's saga type, its name as the new owner, and the
+/// length of the lease it takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    /// The saga definition's name; only sagas of this type are claimed.
+    pub saga_type: &'a str,
+    /// The orchestrator that will drive the claimed sagas.
+    pub owner: &'a str,
+    /// The lease's length.
+    pub lease_ttl: Duration,
+}
+
 /// One state change and the event that explains it, written atomically.
 #[derive(Debug, Clone)]
 pub struct Write<'a> {
@@ -273,22 +285,18 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Extends a live lease.
     fn renew(&self, lease: &Lease, ttl: Duration) -> impl Future<Output = Result<()>> + Send;
 
-    /// Claims up to `limit` live sagas of `saga_type` whose lease expired.
+    /// Claims up to `limit` live sagas of the claimant's type whose lease expired.
     fn claim_expired(
         &self,
-        saga_type: &str,
-        owner: &str,
-        ttl: Duration,
+        by: &Claimant<'_>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<SagaRecord>>> + Send;
 
-    /// Claims the stuck saga `id` of `saga_type` for `owner`.
+    /// Claims the stuck saga `id` of the claimant's type for the claimant.
     fn claim_stuck(
         &self,
-        saga_type: &str,
+        by: &Claimant<'_>,
         id: &str,
-        owner: &str,
-        ttl: Duration,
     ) -> impl Future<Output = Result<SagaRecord>> + Send;
 
     /// The saga `id`, if any.

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{Error, Lease, NewSaga, SagaRecord, SagaStore, StoreStats, StoredEvent, Write};
+use crate::{
+    Claimant, Error, Lease, NewSaga, SagaRecord, SagaStore, StoreStats, StoredEvent, Write,
+};
 
 struct FaultyState {
     writes: AtomicUsize,
@@ -109,23 +111,15 @@ impl<S: SagaStore + Clone> SagaStore for Faulty<S> {
     }
     async fn claim_expired(
         &self,
-        saga_type: &str,
-        owner: &str,
-        ttl: Duration,
+        by: &Claimant<'_>,
         limit: usize,
     ) -> crate::Result<Vec<SagaRecord>> {
         self.gate().await;
-        self.inner.claim_expired(saga_type, owner, ttl, limit).await
+        self.inner.claim_expired(by, limit).await
     }
-    async fn claim_stuck(
-        &self,
-        saga_type: &str,
-        id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> crate::Result<SagaRecord> {
+    async fn claim_stuck(&self, by: &Claimant<'_>, id: &str) -> crate::Result<SagaRecord> {
         self.gate().await;
-        self.inner.claim_stuck(saga_type, id, owner, ttl).await
+        self.inner.claim_stuck(by, id).await
     }
     async fn load(&self, id: &str) -> crate::Result<Option<SagaRecord>> {
         self.inner.load(id).await
