@@ -18,7 +18,7 @@ async fn memory() -> (MemoryStore, ()) {
     (MemoryStore::new(), ())
 }
 
-saga_suite!(memory);
+sd_saga::saga_suite!(memory);
 
 fn run_case(plan: &[Faults], crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()

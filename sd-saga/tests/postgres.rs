@@ -41,7 +41,7 @@ async fn postgres() -> (PostgresStore, TestDatabase) {
     (store, db)
 }
 
-saga_suite!(postgres);
+sd_saga::saga_suite!(postgres);
 
 /// Differential: the same random plans on the memory and the PostgreSQL logs give the
 /// same outcome, the same effects and the same event log.

@@ -31,51 +31,71 @@ pub use self::cases::*;
 pub use self::faulty::Faulty;
 pub use self::ledger::{Call, Fault, Ledger};
 use crate::{
-    Direction, EventKind, Orchestrator, RetryPolicy, Saga, SagaRecord, SagaStore, Step,
-    StepContext, StoredEvent,
+    Direction, EventKind, Orchestrator, RetryPolicy, Saga, SagaOutcome, SagaRecord, SagaState,
+    SagaStore, Step, StepContext, StoredEvent,
 };
 
-/// Runs every case in [`CASES`] order, each on a fresh, empty log from `make`.
-pub async fn run_all<S, F, Fut>(mut make: F)
-where
-    S: SagaStore + Clone,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = S>,
-{
-    happy_path_runs_every_step_in_order_and_threads_the_data(make().await).await;
-    failure_before_the_pivot_compensates_in_exact_reverse(make().await).await;
-    non_retryable_error_fails_at_once(make().await).await;
-    compensation_failing_three_times_then_succeeding(make().await).await;
-    compensation_always_failing_is_stuck_then_resumed(make().await).await;
-    retriable_step_past_the_pivot_is_stuck_then_resumed_forward(make().await).await;
-    timed_out_step_is_retried_then_compensated_itself(make().await).await;
-    crash_at_every_boundary_then_recover_finishes_every_saga(make().await).await;
-    stale_owner_is_fenced_and_exactly_one_progresses(make().await).await;
-    heartbeats_keep_a_long_step_owned(make().await).await;
-    concurrent_recovers_claim_each_saga_once(make().await).await;
-    thousand_sagas_concurrently(make().await).await;
-    ids_are_checked_and_unique(make().await).await;
+/// Writes [`run_all`], [`CASES`] and [`saga_suite!`](crate::saga_suite) from one list of
+/// the cases, in the order they run.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        /// Runs every case in [`CASES`] order, each on a fresh, empty log from `make`.
+        pub async fn run_all<S, F, Fut>(mut make: F)
+        where
+            S: SagaStore + Clone,
+            F: FnMut() -> Fut,
+            Fut: Future<Output = S>,
+        {
+            $($case(make().await).await;)*
+        }
+
+        /// Every case, by name, in the order [`run_all`] runs them.
+        pub const CASES: &[&str] = &[$(stringify!($case)),*];
+
+        /// Writes one `#[tokio::test]` per case of the [`conformance`](crate::conformance)
+        /// suite, named after the case, on a multi-threaded runtime: a backend's test file
+        /// runs the whole suite with one line. `$make` is an async fn returning
+        /// `(store, guard)`; the guard (a server, say) lives to the end of the test.
+        ///
+        /// ```no_run
+        /// async fn memory() -> (sd_saga::MemoryStore, ()) {
+        ///     (sd_saga::MemoryStore::new(), ())
+        /// }
+        /// sd_saga::saga_suite!(memory);
+        /// ```
+        #[macro_export]
+        macro_rules! saga_suite {
+            ($make:path) => {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let (store, _guard) = $make().await;
+                        $crate::conformance::$case(store).await;
+                    }
+                )*
+            };
+        }
+    };
+}
+
+cases! {
+    happy_path_runs_every_step_in_order_and_threads_the_data,
+    failure_before_the_pivot_compensates_in_exact_reverse,
+    non_retryable_error_fails_at_once,
+    compensation_failing_three_times_then_succeeding,
+    compensation_always_failing_is_stuck_then_resumed,
+    retriable_step_past_the_pivot_is_stuck_then_resumed_forward,
+    timed_out_step_is_retried_then_compensated_itself,
+    crash_at_every_boundary_then_recover_finishes_every_saga,
+    stale_owner_is_fenced_and_exactly_one_progresses,
+    heartbeats_keep_a_long_step_owned,
+    concurrent_recovers_claim_each_saga_once,
+    thousand_sagas_concurrently,
+    ids_are_checked_and_unique,
 }
 
 /// The data of every test saga: the names of the steps that ran.
 pub type Data = Vec<String>;
-
-/// Every case, by name, in the order [`run_all`] runs them.
-pub const CASES: &[&str] = &[
-    "happy_path_runs_every_step_in_order_and_threads_the_data",
-    "failure_before_the_pivot_compensates_in_exact_reverse",
-    "non_retryable_error_fails_at_once",
-    "compensation_failing_three_times_then_succeeding",
-    "compensation_always_failing_is_stuck_then_resumed",
-    "retriable_step_past_the_pivot_is_stuck_then_resumed_forward",
-    "timed_out_step_is_retried_then_compensated_itself",
-    "crash_at_every_boundary_then_recover_finishes_every_saga",
-    "stale_owner_is_fenced_and_exactly_one_progresses",
-    "heartbeats_keep_a_long_step_owned",
-    "concurrent_recovers_claim_each_saga_once",
-    "thousand_sagas_concurrently",
-    "ids_are_checked_and_unique",
-];
 
 /// Forward effects of steps `0..done`, then, if `compensated`, the compensations of
 /// `undo` steps in reverse.
@@ -228,4 +248,15 @@ pub(crate) fn kinds(events: &[StoredEvent], step: u32, direction: Direction) -> 
         .filter(|e| e.event.step == step && e.event.direction == direction)
         .map(|e| e.event.kind)
         .collect()
+}
+
+/// The reason of `outcome`, after checking that it is `state` (compensated or stuck) and
+/// that its reason contains `says`.
+pub(crate) fn reason_of(outcome: SagaOutcome<Data>, state: SagaState, says: &str) -> String {
+    assert_eq!(outcome.state(), state, "{outcome:?}");
+    let (SagaOutcome::Compensated { reason } | SagaOutcome::Stuck { reason }) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(reason.contains(says), "{reason}");
+    reason
 }

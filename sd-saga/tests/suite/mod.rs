@@ -1,41 +1,10 @@
-//! The contract suite (`sd_saga::conformance`, feature `test-util`) as one test per case,
-//! and the random fault plans of the property tests.
+//! The contract suite's helpers (`sd_saga::conformance`, feature `test-util`; its cases
+//! run one test each through `sd_saga::saga_suite!`) and the random fault plans of the
+//! property tests.
 #![allow(dead_code, unreachable_pub, unused_imports, clippy::unwrap_used)]
 
 use sd_saga::Direction;
 pub use sd_saga::conformance::*;
-
-/// Generates one `#[tokio::test]` per suite case; `$make` is an async fn returning
-/// `(store, guard)`.
-#[macro_export]
-macro_rules! saga_suite {
-    ($make:path) => {
-        $crate::saga_suite!(@cases $make;
-            happy_path_runs_every_step_in_order_and_threads_the_data,
-            failure_before_the_pivot_compensates_in_exact_reverse,
-            non_retryable_error_fails_at_once,
-            compensation_failing_three_times_then_succeeding,
-            compensation_always_failing_is_stuck_then_resumed,
-            retriable_step_past_the_pivot_is_stuck_then_resumed_forward,
-            timed_out_step_is_retried_then_compensated_itself,
-            crash_at_every_boundary_then_recover_finishes_every_saga,
-            stale_owner_is_fenced_and_exactly_one_progresses,
-            heartbeats_keep_a_long_step_owned,
-            concurrent_recovers_claim_each_saga_once,
-            thousand_sagas_concurrently,
-            ids_are_checked_and_unique
-        );
-    };
-    (@cases $make:path; $($name:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let (store, _guard) = $make().await;
-                sd_saga::conformance::$name(store).await;
-            }
-        )*
-    };
-}
 
 /// One step's faults in a random plan: transient forward failures, a permanent refusal,
 /// transient compensation failures.
