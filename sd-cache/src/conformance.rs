@@ -75,6 +75,31 @@ fn done<T>(what: &str, result: Result<T>) -> T {
     }
 }
 
+/// `n` concurrent loads of `key`, each through a loader counted in `calls` that takes
+/// 50 ms and answers `result`; what each load returned.
+async fn concurrent_loads<B: CacheBackend<u64>>(
+    cache: &B,
+    key: &'static str,
+    n: usize,
+    calls: &Arc<AtomicUsize>,
+    result: fn() -> Loaded,
+) -> Vec<Result<Option<u64>>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                let wait = Duration::from_millis(50);
+                load(&cache, key, counted(&calls, wait, result)).await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for t in tasks {
+        results.push(joined(t.await));
+    }
+    results
+}
+
 fn joined<T>(joined: std::result::Result<T, tokio::task::JoinError>) -> T {
     match joined {
         Ok(value) => value,
@@ -105,33 +130,15 @@ pub async fn contract<B: CacheBackend<u64>>(cache: B) {
 
     // 200 concurrent misses run one loader.
     let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..200)
-        .map(|_| {
-            let (cache, calls) = (cache.clone(), calls.clone());
-            tokio::spawn(async move {
-                let wait = Duration::from_millis(50);
-                load(&cache, "hot", counted(&calls, wait, || Ok(Some(3)))).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(done("load", joined(t.await)), Some(3));
+    for result in concurrent_loads(&cache, "hot", 200, &calls, || Ok(Some(3))).await {
+        assert_eq!(done("load", result), Some(3));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one loader");
 
     // A loader error is shared with the callers coalesced on it, and not cached.
     let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let (cache, calls) = (cache.clone(), calls.clone());
-            tokio::spawn(async move {
-                let wait = Duration::from_millis(50);
-                load(&cache, "err", counted(&calls, wait, || Err(DbDown))).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        match joined(t.await) {
+    for result in concurrent_loads(&cache, "err", 50, &calls, || Err(DbDown)).await {
+        match result {
             Err(err @ Error::Loader { .. }) => assert!(err.loader_error().is_some()),
             other => panic!("expected the shared loader error, got {other:?}"),
         }

@@ -336,20 +336,27 @@ mod tests {
         assert!(sf.claim(&1).is_some(), "a dropped claim frees the key");
     }
 
+    /// Spawns a call for key 1 whose work waits for `gate`, then returns `answer()`.
+    fn gated<V: Clone + Send + Sync + 'static>(
+        sf: &Arc<SingleFlight<u32, V>>,
+        gate: &Arc<tokio::sync::Notify>,
+        answer: fn() -> V,
+    ) -> tokio::task::JoinHandle<(V, Role)> {
+        let (sf, gate) = (sf.clone(), gate.clone());
+        tokio::spawn(async move {
+            sf.run(&1, || async move {
+                gate.notified().await;
+                answer()
+            })
+            .await
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_forgotten_flight_is_not_joined_by_later_calls() {
         let sf = Arc::new(SingleFlight::<u32, &'static str>::new());
         let gate = Arc::new(tokio::sync::Notify::new());
-        let old = {
-            let (sf, gate) = (sf.clone(), gate.clone());
-            tokio::spawn(async move {
-                sf.run(&1, || async move {
-                    gate.notified().await;
-                    "old"
-                })
-                .await
-            })
-        };
+        let old = gated(&sf, &gate, || "old");
         tokio::task::yield_now().await;
         sf.forget(&1);
         let (v, role) = sf.run(&1, || async { "new" }).await;
@@ -363,16 +370,7 @@ mod tests {
     async fn a_panicking_loader_fails_only_its_caller() {
         let sf = Arc::new(SingleFlight::<u32, u8>::new());
         let gate = Arc::new(tokio::sync::Notify::new());
-        let leader = {
-            let (sf, gate) = (sf.clone(), gate.clone());
-            tokio::spawn(async move {
-                sf.run(&1, || async move {
-                    gate.notified().await;
-                    panic!("loader bug");
-                })
-                .await
-            })
-        };
+        let leader = gated(&sf, &gate, || panic!("loader bug"));
         tokio::task::yield_now().await;
         let waiter = {
             let sf = sf.clone();

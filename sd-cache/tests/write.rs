@@ -68,12 +68,17 @@ fn cache() -> Cache<u32, u64> {
     Cache::builder().build().unwrap()
 }
 
+/// A write-behind with the default settings over a fresh cache, storing into `table`.
+fn write_behind(table: &Table) -> WriteBehind<u32, u64, Cache<u32, u64>> {
+    WriteBehind::builder()
+        .build(cache(), table.clone())
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn ten_thousand_writes_then_shutdown_all_reach_the_store_coalesced() {
     let table = Table::default();
-    let wb = WriteBehind::builder()
-        .build(cache(), table.clone())
-        .unwrap();
+    let wb = write_behind(&table);
     // 40 hot keys (below the batch size of 50): only the interval or shutdown flushes.
     for i in 0..10_000u64 {
         wb.write((i % 40) as u32, i).await.unwrap();
@@ -97,9 +102,7 @@ async fn ten_thousand_writes_then_shutdown_all_reach_the_store_coalesced() {
 #[tokio::test(start_paused = true)]
 async fn a_store_that_fails_twice_then_recovers_gets_every_write() {
     let table = Table::failing(2);
-    let wb = WriteBehind::builder()
-        .build(cache(), table.clone())
-        .unwrap();
+    let wb = write_behind(&table);
     for k in 0..30u32 {
         wb.write(k, u64::from(k)).await.unwrap();
     }
@@ -152,9 +155,7 @@ async fn a_store_that_always_fails_sends_every_write_to_the_dead_letter_hook() {
 #[tokio::test(start_paused = true)]
 async fn the_interval_flushes_a_small_batch_without_shutdown() {
     let table = Table::default();
-    let wb = WriteBehind::builder()
-        .build(cache(), table.clone())
-        .unwrap();
+    let wb = write_behind(&table);
     wb.write(1, 10).await.unwrap();
     tokio::task::yield_now().await;
     assert_eq!(
