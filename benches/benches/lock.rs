@@ -286,6 +286,16 @@ async fn multiplexed(urls: &[String]) -> Vec<(String, redis::aio::MultiplexedCon
     out
 }
 
+/// sd's Redlock over `masters` with the benches' retry policy.
+fn sd_redlock<C>(masters: Vec<(String, C)>) -> sd_lock::redlock::Redlock<C>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    sd_lock::redlock::Redlock::new(masters)
+        .unwrap()
+        .with_retry(retry())
+}
+
 /// rslock over `urls`, retrying as the contended cycles need (see [`retry`]).
 fn rslock_peer(urls: &[String]) -> rslock::LockManager {
     let mut peer = rslock::LockManager::new(urls.to_vec());
@@ -318,10 +328,7 @@ fn redis_rows(c: &mut Criterion, rt: &Runtime, prefix: &str, urls: &[String], mu
         rslock_peer(&urls[..1]),
     );
     for n in [3usize, 5] {
-        let masters = rt.block_on(managers(&urls[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
+        let redlock = sd_redlock(rt.block_on(managers(&urls[..n])));
         paired(
             rt,
             &format!("{prefix}redlock{n}"),
@@ -329,10 +336,7 @@ fn redis_rows(c: &mut Criterion, rt: &Runtime, prefix: &str, urls: &[String], mu
             &rslock::LockManager::new(urls[..n].to_vec()),
         );
         bench_sd(c, rt, &format!("{prefix}sd/redlock{n}"), redlock);
-        let masters = rt.block_on(multiplexed(&urls[..n]));
-        let redlock = sd_lock::redlock::Redlock::new(masters)
-            .unwrap()
-            .with_retry(retry());
+        let redlock = sd_redlock(rt.block_on(multiplexed(&urls[..n])));
         bench_sd(c, rt, &format!("{prefix}sd-mux/redlock{n}"), redlock);
         bench_rslock(
             c,
@@ -377,10 +381,7 @@ fn locks(c: &mut Criterion) {
     // scheduling three server processes on this machine's cores.
     let one_server: Vec<String> = (0..3).map(|db| format!("{}/{db}", urls[0])).collect();
     let masters = rt.block_on(managers(&one_server));
-    let redlock = sd_lock::redlock::Redlock::new(masters)
-        .unwrap()
-        .with_retry(retry());
-    bench_sd(c, &rt, "sd/redlock3-one-server", redlock);
+    bench_sd(c, &rt, "sd/redlock3-one-server", sd_redlock(masters));
 
     let pg = rt.block_on(async {
         let pool = sqlx::postgres::PgPoolOptions::new()
