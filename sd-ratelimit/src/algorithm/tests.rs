@@ -34,38 +34,21 @@ fn quota_validation_names_the_field() {
         Err(Error::InvalidConfig { field, .. }) => field,
         other => panic!("expected a config error, got {other:?}"),
     };
-    assert_eq!(
-        f(Limit::token_bucket()
-            .capacity(0)
-            .refill_amount(1)
-            .refill_interval(Duration::from_secs(1))
-            .build()),
-        "capacity"
-    );
-    assert_eq!(
-        f(Limit::token_bucket()
-            .capacity(1)
-            .refill_amount(0)
-            .refill_interval(Duration::from_secs(1))
-            .build()),
-        "refill_amount"
-    );
-    assert_eq!(
-        f(Limit::token_bucket()
-            .capacity(1)
-            .refill_amount(1)
-            .refill_interval(Duration::ZERO)
-            .build()),
-        "refill_interval"
-    );
-    assert_eq!(
-        f(Limit::token_bucket()
-            .capacity(10)
-            .refill_amount(10)
-            .refill_interval(Duration::from_nanos(5))
-            .build()),
-        "refill_amount"
-    );
+    let second = Duration::from_secs(1);
+    for (capacity, refill_amount, refill_interval, field) in [
+        (0, 1, second, "capacity"),
+        (1, 0, second, "refill_amount"),
+        (1, 1, Duration::ZERO, "refill_interval"),
+        // Ten tokens every 5 ns: more than one per microsecond.
+        (10, 10, Duration::from_nanos(5), "refill_amount"),
+    ] {
+        let bucket = Limit::token_bucket()
+            .capacity(capacity)
+            .refill_amount(refill_amount)
+            .refill_interval(refill_interval)
+            .build();
+        assert_eq!(f(bucket), field);
+    }
     assert_eq!(f(Limit::sliding_window(0, Duration::from_secs(1))), "limit");
     assert_eq!(
         f(Limit::sliding_window(70_000, Duration::from_secs(1))),

@@ -94,26 +94,22 @@ fn xff_trusted_proxies_walk_from_the_peer() {
             "fd00::/8".parse().unwrap(),
         ])
     };
-    // Through two trusted proxies.
-    assert_eq!(
-        xff(trust(), &["6.6.6.6, 1.1.1.1, 10.0.0.2"], Some("10.0.0.1")).unwrap(),
-        ip("1.1.1.1")
-    );
-    // The client put a trusted-looking address on the left: still the first untrusted.
-    assert_eq!(
-        xff(trust(), &["10.9.9.9, 1.1.1.1"], Some("10.0.0.1")).unwrap(),
-        ip("1.1.1.1")
-    );
-    // A direct client that sets the header itself is its peer address.
-    assert_eq!(
-        xff(trust(), &["1.1.1.1"], Some("8.8.8.8")).unwrap(),
-        ip("8.8.8.8")
-    );
-    // Internal traffic: everything trusted.
-    assert_eq!(
-        xff(trust(), &["10.1.1.1"], Some("10.0.0.1")).unwrap(),
-        ip("10.1.1.1")
-    );
+    for (header, peer, client) in [
+        // Through two trusted proxies.
+        ("6.6.6.6, 1.1.1.1, 10.0.0.2", "10.0.0.1", "1.1.1.1"),
+        // The client put a trusted-looking address on the left: still the first untrusted.
+        ("10.9.9.9, 1.1.1.1", "10.0.0.1", "1.1.1.1"),
+        // A direct client that sets the header itself is its peer address.
+        ("1.1.1.1", "8.8.8.8", "8.8.8.8"),
+        // Internal traffic: everything trusted.
+        ("10.1.1.1", "10.0.0.1", "10.1.1.1"),
+    ] {
+        assert_eq!(
+            xff(trust(), &[header], Some(peer)).unwrap(),
+            ip(client),
+            "{header} from {peer}"
+        );
+    }
     let long = vec!["10.0.0.1"; 100].join(",");
     assert!(xff(trust(), &[&long], Some("10.0.0.1")).is_err());
     let huge = "1.1.1.1,".repeat(2000);
