@@ -259,31 +259,36 @@ fn pump(mut from: TcpStream, mut to: TcpStream, one_way: Duration) {
     });
 }
 
-async fn managers(urls: &[String]) -> Vec<(String, redis::aio::ConnectionManager)> {
+/// A connection to each of `urls`, named by its URL, opened by `connect`.
+async fn connections<C, Fut>(
+    urls: &[String],
+    connect: impl Fn(redis::Client) -> Fut,
+) -> Vec<(String, C)>
+where
+    Fut: Future<Output = redis::RedisResult<C>>,
+{
     let mut out = Vec::new();
     for url in urls {
-        let conn = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection_manager()
-            .await
-            .unwrap();
-        out.push((url.clone(), conn));
+        let client = redis::Client::open(url.as_str()).unwrap();
+        out.push((url.clone(), connect(client).await.unwrap()));
     }
     out
 }
 
+/// `ConnectionManager`s: what the docs recommend.
+async fn managers(urls: &[String]) -> Vec<(String, redis::aio::ConnectionManager)> {
+    connections(urls, |client| async move {
+        client.get_connection_manager().await
+    })
+    .await
+}
+
 /// Plain multiplexed connections: the connection type rslock uses inside.
 async fn multiplexed(urls: &[String]) -> Vec<(String, redis::aio::MultiplexedConnection)> {
-    let mut out = Vec::new();
-    for url in urls {
-        let conn = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        out.push((url.clone(), conn));
-    }
-    out
+    connections(urls, |client| async move {
+        client.get_multiplexed_async_connection().await
+    })
+    .await
 }
 
 /// sd's Redlock over `masters` with the benches' retry policy.
