@@ -53,22 +53,18 @@ fn xff_hops_take_the_nth_from_the_right() {
 
 #[test]
 fn xff_forms_and_canonical_addresses() {
-    assert_eq!(
-        xff(Trust::Hops(1), &["1.2.3.4:8080"], None).unwrap(),
-        ip("1.2.3.4")
-    );
-    assert_eq!(
-        xff(Trust::Hops(1), &["[2001:db8::1]:443"], None).unwrap(),
-        ip("2001:db8::1")
-    );
-    assert_eq!(
-        xff(Trust::Hops(1), &["2001:db8::1"], None).unwrap(),
-        ip("2001:db8::1")
-    );
-    assert_eq!(
-        xff(Trust::Hops(1), &["::ffff:1.2.3.4"], None).unwrap(),
-        ip("1.2.3.4")
-    );
+    for (header, client) in [
+        ("1.2.3.4:8080", "1.2.3.4"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::ffff:1.2.3.4", "1.2.3.4"),
+    ] {
+        assert_eq!(
+            xff(Trust::Hops(1), &[header], None).unwrap(),
+            ip(client),
+            "{header}"
+        );
+    }
     for bad in [
         "1.2.3.4:99999",
         "[::1",
