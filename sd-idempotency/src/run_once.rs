@@ -115,10 +115,7 @@ impl<S: Store> RunOnceBuilder<S> {
 
     /// The runner, or [`Error::InvalidConfig`] naming the first setter out of range.
     pub fn build(self) -> Result<RunOnce<S>> {
-        ttl_ms("lock_ttl", self.lock_ttl)?;
-        if self.lock_ttl < Duration::from_millis(3) {
-            return Err(Error::config("lock_ttl", "must be at least 3 ms"));
-        }
+        heartbeat_lock_ttl(self.lock_ttl)?;
         ttl_ms("retention", self.retention)?;
         Ok(RunOnce {
             store: self.store,
@@ -229,6 +226,16 @@ where
     F: Future<Output = Result<T, E>>,
 {
     RunOnce::new(store).run(scope, key, fingerprint, work).await
+}
+
+/// Checks a `lock_ttl` setter's value for [`with_heartbeat`], which extends the lock every
+/// third of it: a valid TTL of at least 3 ms.
+pub(crate) fn heartbeat_lock_ttl(lock_ttl: Duration) -> Result<()> {
+    ttl_ms("lock_ttl", lock_ttl)?;
+    if lock_ttl < Duration::from_millis(3) {
+        return Err(Error::config("lock_ttl", "must be at least 3 ms"));
+    }
+    Ok(())
 }
 
 /// Awaits `work`, extending `claim` every third of `lock_ttl` meanwhile. When an extend

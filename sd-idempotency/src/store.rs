@@ -81,8 +81,8 @@ pub(crate) fn ttl_ms(field: &'static str, ttl: Duration) -> Result<u64> {
     Ok(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A server store's per-call timeout (the `timeout` setter), refused when zero.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+/// A `timeout` setter's value: how long one store call may take, refused when zero.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "tower"))]
 pub(crate) fn call_timeout(timeout: Duration) -> Result<Duration> {
     if timeout.is_zero() {
         return Err(Error::config("timeout", "must be longer than zero"));

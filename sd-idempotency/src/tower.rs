@@ -38,8 +38,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 
 use crate::error::{Error, Result};
-use crate::run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, with_heartbeat};
-use crate::store::{ClaimOutcome, Fingerprint, Store, StoredResponse, ttl_ms, validate_key};
+use crate::run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, heartbeat_lock_ttl, with_heartbeat};
+use crate::store::{
+    ClaimOutcome, Fingerprint, Store, StoredResponse, call_timeout, ttl_ms, validate_key,
+};
 
 /// The request header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -192,14 +194,9 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
 
     /// Checks the options.
     pub fn build(self) -> Result<IdempotencyLayer<S>> {
-        ttl_ms("lock_ttl", self.config.lock_ttl)?;
-        if self.config.lock_ttl < Duration::from_millis(3) {
-            return Err(Error::config("lock_ttl", "must be at least 3 ms"));
-        }
+        heartbeat_lock_ttl(self.config.lock_ttl)?;
         ttl_ms("retention", self.config.retention)?;
-        if self.config.timeout.is_zero() {
-            return Err(Error::config("timeout", "must be longer than zero"));
-        }
+        call_timeout(self.config.timeout)?;
         if self.config.methods.is_empty() {
             return Err(Error::config("methods", "name at least one method"));
         }
