@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, Context};
 use common::*;
-use sd_outbox::nats::JetStreamPublisher;
-use sd_outbox::postgres::{Inbox, Mode, Relay};
 use sd_outbox::Message;
+use sd_outbox::nats::JetStreamPublisher;
+use sd_outbox::postgres::{Inbox, Mode};
 use uuid::Uuid;
 
 async fn jetstream(url: &str) -> Context {
@@ -95,22 +95,14 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
         for n in 0..5 {
             ids.push(write(&outbox, order_event("o-1", n).header("trace", "t")).await);
         }
-        let crashing = Relay::builder(outbox.clone(), PublishThenHang(publisher.clone()))
-            .mode(Mode::Ordered)
-            .build()
-            .unwrap()
-            .spawn();
-        eventually("the first publish", || async { count(&sink).await == 5 }).await;
-        crashing.abort().await;
-        assert_eq!(outbox.stats().await.unwrap().backlog, 5, "not marked");
-        let relay = Relay::builder(outbox.clone(), publisher.clone())
-            .mode(Mode::Ordered)
-            .build()
-            .unwrap()
-            .spawn();
-        eventually("the republish", || async {
-            outbox.stats().await.unwrap().backlog == 0
-        })
+        let relay = crash_after_publish(
+            &outbox,
+            publisher,
+            Mode::Ordered,
+            5,
+            || async { count(&sink).await == 5 },
+            || ordered_relay(&outbox, publisher.clone()),
+        )
         .await;
         let got = messages(&sink).await;
         let got_ids: Vec<Uuid> = got.iter().map(|m| m.0).collect();
@@ -118,11 +110,9 @@ fn a_redelivery_after_a_crash_is_dropped_by_the_stream_via_nats_msg_id() {
         let subject = format!("{}.order", sink.prefix);
         assert!(got.iter().all(|m| m.3 == subject && m.1 == "o-1"));
         // A consumer that saw both copies (a stream without dedupe) is still safe.
-        let mut effects = 0;
-        for id in ids.iter().chain(ids.iter()) {
-            effects += usize::from(consume(&inbox, outbox.pool(), *id).await);
-        }
-        assert_eq!(effects, 5);
+        let twice = ids.iter().chain(ids.iter()).copied();
+        let effects = consume_all(&inbox, outbox.pool(), twice).await;
+        assert_eq!(applied(&effects), 5);
         relay.shutdown().await;
     });
 }
@@ -150,13 +140,7 @@ fn an_aggregate_type_that_is_no_subject_token_is_dead_lettered() {
     let server = sd_testkit::nats().expect("a nats server");
     with_outbox(|outbox| async move {
         let sink = sink(server.url()).await;
-        let relay = Relay::builder(outbox.clone(), sink.publisher.clone())
-            .max_attempts(2)
-            .retry(waits(Duration::from_millis(10), Duration::from_millis(20)))
-            .poll_interval(Duration::from_millis(50))
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = impatient_relay(&outbox, sink.publisher.clone(), Mode::Parallel, 2);
         let bad = write(
             &outbox,
             Message::json("bad.type", "x", "t", serde_json::json!({})),

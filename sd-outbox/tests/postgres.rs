@@ -56,10 +56,6 @@ where
     });
 }
 
-async fn drained(outbox: &Outbox) -> bool {
-    outbox.stats().await.unwrap().backlog == 0
-}
-
 #[test]
 fn rolled_back_publishes_nothing_committed_is_published() {
     with_memory_relay(Mode::Parallel, |outbox, memory, relay| async move {
@@ -137,26 +133,19 @@ fn crash_after_publish_before_mark_republishes_and_the_inbox_absorbs_it() {
         for mode in [Mode::Parallel, Mode::Ordered] {
             let memory = MemoryPublisher::new();
             let id = write(&outbox, order_event("o-crash", 0)).await;
-            let crashing = Relay::builder(outbox.clone(), PublishThenHang(memory.clone()))
-                .mode(mode)
-                .build()
-                .unwrap()
-                .spawn();
-            eventually("the first publish", || async { memory.len() == 1 }).await;
-            crashing.abort().await;
-            assert_eq!(outbox.stats().await.unwrap().backlog, 1, "not marked");
-            let relay = relay(&outbox, &memory, mode);
-            eventually("the republish", || async { drained(&outbox).await }).await;
+            let relay = crash_after_publish(
+                &outbox,
+                &memory,
+                mode,
+                1,
+                || async { memory.len() == 1 },
+                || relay(&outbox, &memory, mode),
+            )
+            .await;
             let delivered = ids(&memory);
             assert_eq!(delivered, vec![id, id], "{mode:?}: the same id twice");
             // The consumer applies both deliveries; the inbox lets one through.
-            let effects: Vec<bool> = {
-                let mut v = Vec::new();
-                for id in delivered {
-                    v.push(consume(&inbox, outbox.pool(), id).await);
-                }
-                v
-            };
+            let effects = consume_all(&inbox, outbox.pool(), delivered).await;
             assert_eq!(effects, vec![true, false]);
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE message_id = $1")
                 .bind(id)
@@ -340,20 +329,11 @@ fn attempt_cap_dead_letters_and_redrive_republishes() {
         for mode in [Mode::Parallel, Mode::Ordered] {
             let memory = MemoryPublisher::new();
             let refuse = Arc::new(AtomicBool::new(true));
-            let relay = Relay::builder(
-                outbox.clone(),
-                Poison {
-                    memory: memory.clone(),
-                    refuse: refuse.clone(),
-                },
-            )
-            .mode(mode)
-            .max_attempts(3)
-            .retry(waits(Duration::from_millis(10), Duration::from_millis(40)))
-            .poll_interval(Duration::from_millis(50))
-            .build()
-            .unwrap()
-            .spawn();
+            let poisoned = Poison {
+                memory: memory.clone(),
+                refuse: refuse.clone(),
+            };
+            let relay = impatient_relay(&outbox, poisoned, mode, 3);
             let poison = write(
                 &outbox,
                 Message::json("order", "sick", "poison", serde_json::json!({})),

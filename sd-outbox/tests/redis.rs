@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sd_outbox::Message;
 use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay};
 use sd_outbox::redis::RedisStreamsPublisher;
-use sd_outbox::Message;
 use uuid::Uuid;
 
 async fn redis(url: &str) -> ConnectionManager {
@@ -145,40 +145,20 @@ fn crash_after_xadd_redelivers_the_same_id_and_the_inbox_absorbs_it() {
             }
             v
         };
-        let crashing = Relay::builder(outbox.clone(), PublishThenHang(publisher.clone()))
-            .mode(Mode::Ordered)
-            .build()
-            .unwrap()
-            .spawn();
-        eventually("the first XADDs", || {
+        let xadds = || {
             let mut conn = conn.clone();
             let stream = stream.clone();
             async move { entries(&mut conn, &stream).await.len() == 3 }
-        })
-        .await;
-        crashing.abort().await;
-        assert_eq!(outbox.stats().await.unwrap().backlog, 3);
-        let relay = Relay::builder(outbox.clone(), publisher)
-            .mode(Mode::Ordered)
-            .build()
-            .unwrap()
-            .spawn();
-        eventually("the redelivery", || async {
-            outbox.stats().await.unwrap().backlog == 0
-        })
-        .await;
+        };
+        let fresh = || ordered_relay(&outbox, publisher.clone());
+        let relay = crash_after_publish(&outbox, &publisher, Mode::Ordered, 3, xadds, fresh).await;
         let got = entries(&mut conn, &stream).await;
         let delivered: Vec<Uuid> = got.iter().map(|e| e.0).collect();
         let twice: Vec<Uuid> = ids.iter().chain(ids.iter()).copied().collect();
         assert_eq!(delivered, twice, "the same ids again, in order");
         // The consumer reads the stream and applies each entry through the inbox.
-        let mut effects = 0;
-        for id in delivered {
-            if consume(&inbox, outbox.pool(), id).await {
-                effects += 1;
-            }
-        }
-        assert_eq!(effects, 3);
+        let effects = consume_all(&inbox, outbox.pool(), delivered).await;
+        assert_eq!(applied(&effects), 3);
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
             .fetch_one(outbox.pool())
             .await

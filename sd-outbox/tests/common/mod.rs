@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
-use sd_outbox::postgres::{Inbox, Outbox, Relay, RelayHandle};
+use sd_outbox::postgres::{Inbox, Mode, Outbox, Relay, RelayHandle};
 use sd_outbox::{Event, Message, Publisher};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -112,6 +112,25 @@ pub async fn consume(inbox: &Inbox, pool: &PgPool, id: Uuid) -> bool {
     first
 }
 
+/// [`consume`] of each of `ids` in turn, as a consumer reading them off a broker would:
+/// whether each had an effect.
+pub async fn consume_all(
+    inbox: &Inbox,
+    pool: &PgPool,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> Vec<bool> {
+    let mut effects = Vec::new();
+    for id in ids {
+        effects.push(consume(inbox, pool, id).await);
+    }
+    effects
+}
+
+/// How many of `effects` are true.
+pub fn applied(effects: &[bool]) -> usize {
+    effects.iter().filter(|&&e| e).count()
+}
+
 /// Publishes through the inner sink (acknowledged), then never returns: the relay is
 /// aborted between the broker's acknowledgement and marking the rows, as in a crash.
 #[derive(Clone)]
@@ -126,6 +145,68 @@ impl<P: Publisher + Clone> Publisher for PublishThenHang<P> {
             Ok(())
         }
     }
+}
+
+/// Nothing is left to publish.
+pub async fn drained(outbox: &Outbox) -> bool {
+    outbox.stats().await.unwrap().backlog == 0
+}
+
+/// The crash between the broker's acknowledgement and marking the rows: a relay of `mode`
+/// over `publisher` publishes, then hangs until it is aborted once `published` holds; the
+/// `sent` rows it published are still pending. Then `fresh` starts a relay over the real
+/// publisher, which is returned once it has published them again.
+pub async fn crash_after_publish<P, F, Fut>(
+    outbox: &Outbox,
+    publisher: &P,
+    mode: Mode,
+    sent: u64,
+    published: F,
+    fresh: impl FnOnce() -> RelayHandle,
+) -> RelayHandle
+where
+    P: Publisher + Clone,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let crashing = Relay::builder(outbox.clone(), PublishThenHang(publisher.clone()))
+        .mode(mode)
+        .build()
+        .unwrap()
+        .spawn();
+    eventually("the first publish", published).await;
+    crashing.abort().await;
+    assert_eq!(outbox.stats().await.unwrap().backlog, sent, "not marked");
+    let relay = fresh();
+    eventually("the republish", || drained(outbox)).await;
+    relay
+}
+
+/// An ordered relay over `publisher` with the default options.
+pub fn ordered_relay<P: Publisher>(outbox: &Outbox, publisher: P) -> RelayHandle {
+    Relay::builder(outbox.clone(), publisher)
+        .mode(Mode::Ordered)
+        .build()
+        .unwrap()
+        .spawn()
+}
+
+/// A relay of `mode` that dead-letters a row after `max_attempts`, its waits from 10 ms
+/// doubling to at most 40 ms, polling every 50 ms: for dead-letter tests.
+pub fn impatient_relay<P: Publisher>(
+    outbox: &Outbox,
+    publisher: P,
+    mode: Mode,
+    max_attempts: u32,
+) -> RelayHandle {
+    Relay::builder(outbox.clone(), publisher)
+        .mode(mode)
+        .max_attempts(max_attempts)
+        .retry(waits(Duration::from_millis(10), Duration::from_millis(40)))
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap()
+        .spawn()
 }
 
 /// Two parallel relays that retry quickly and never give up: for broker outages.
@@ -155,10 +236,7 @@ pub async fn drains_in_order<F, Fut>(
     F: FnOnce() -> Fut,
     Fut: Future<Output = Vec<(Uuid, String, usize, String)>>,
 {
-    eventually("the drain", || async {
-        outbox.stats().await.unwrap().backlog == 0
-    })
-    .await;
+    eventually("the drain", || drained(outbox)).await;
     let got: Vec<_> = read()
         .await
         .into_iter()
