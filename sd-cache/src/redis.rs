@@ -251,12 +251,8 @@ where
     /// [`Error::Backend`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         Self::check_key(key)?;
-        let tomb = ms(self
-            .inner
-            .settings
-            .policy
-            .ttl
-            .max(self.inner.settings.lock_ttl * 2));
+        let settings = &self.inner.settings;
+        let tomb = ms(settings.policy.ttl.max(settings.lock_ttl * 2));
         let mut conn = self.inner.conn.clone();
         INVALIDATE
             .call(1)
@@ -447,29 +443,23 @@ where
         expected: Option<&str>,
         token: &str,
     ) -> Result<i64> {
-        let Some(life) = self
-            .inner
-            .settings
+        let settings = &self.inner.settings;
+        let Some(life) = settings
             .policy
-            .lifetime(value.is_none(), self.inner.settings.random.as_ref())
+            .lifetime(value.is_none(), settings.random.as_ref())
         else {
             return Ok(-1);
         };
         let bytes = match value {
-            Some(v) => self
-                .inner
-                .settings
-                .codec
-                .encode(v)
-                .map_err(|source| Error::Codec {
-                    direction: "encode",
-                    key: short_key(key),
-                    source,
-                })?,
+            Some(v) => settings.codec.encode(v).map_err(|source| Error::Codec {
+                direction: "encode",
+                key: short_key(key),
+                source,
+            })?,
             None => Vec::new(),
         };
         let stale = if value.is_some() {
-            self.inner.settings.policy.stale_if_error
+            settings.policy.stale_if_error
         } else {
             Duration::ZERO
         };

@@ -88,21 +88,16 @@ where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Shared<V>> + Send + 'static,
     {
-        if read.now
-            < self
-                .inner
-                .settings
-                .policy
-                .refresh_from(read.expiry, read.delta)
-        {
+        let settings = &self.inner.settings;
+        if read.now < settings.policy.refresh_from(read.expiry, read.delta) {
             return;
         }
-        let u = self.inner.settings.random.unit();
+        let u = settings.random.unit();
         if !crate::xfetch::should_refresh(
             read.now,
             read.expiry,
             read.delta,
-            self.inner.settings.policy.beta,
+            settings.policy.beta,
             u,
         ) {
             return;
