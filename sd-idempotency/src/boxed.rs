@@ -11,57 +11,47 @@ use crate::store::{Claim, ClaimOutcome, Fingerprint, Store, StoredResponse};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The object-safe twin of [`Store`]: the same methods returning boxed futures.
-trait DynStore: Send + Sync {
-    fn claim<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        fingerprint: &'a Fingerprint,
-        lock_ttl: Duration,
-    ) -> BoxFuture<'a, Result<ClaimOutcome>>;
-    fn complete<'a>(
-        &'a self,
-        claim: &'a Claim,
-        response: &'a StoredResponse,
-        retention: Duration,
-    ) -> BoxFuture<'a, Result<()>>;
-    fn release<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<()>>;
-    fn extend<'a>(&'a self, claim: &'a Claim, lock_ttl: Duration) -> BoxFuture<'a, Result<()>>;
-    fn sweep(&self) -> BoxFuture<'_, Result<u64>>;
+/// Writes the object-safe twin of [`Store`] (`DynStore`: the same methods, returning
+/// boxed futures), its blanket impl for every store, and [`BoxStore`]'s [`Store`] impl,
+/// from one list of the trait's methods: the borrowed arguments before the `;` (the twin
+/// borrows each for the future's life), the owned ones after it.
+///
+/// [`BoxStore`]'s methods are `async fn`: a boxed future borrowing several arguments has
+/// one lifetime, their intersection, which a return-position `impl Future` cannot name.
+macro_rules! boxed_store {
+    ($(fn $name:ident($($arg:ident: &$ty:ty),* ; $($own:ident: $oty:ty),*) -> $out:ty;)*) => {
+        trait DynStore: Send + Sync {
+            $(
+                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
+                    -> BoxFuture<'a, Result<$out>>;
+            )*
+        }
+
+        impl<S: Store> DynStore for S {
+            $(
+                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
+                    -> BoxFuture<'a, Result<$out>> {
+                    Box::pin(Store::$name(self $(, $arg)* $(, $own)*))
+                }
+            )*
+        }
+
+        impl Store for BoxStore {
+            $(
+                async fn $name(&self $(, $arg: &$ty)* $(, $own: $oty)*) -> Result<$out> {
+                    self.inner.$name($($arg,)* $($own),*).await
+                }
+            )*
+        }
+    };
 }
 
-impl<S: Store> DynStore for S {
-    fn claim<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        fingerprint: &'a Fingerprint,
-        lock_ttl: Duration,
-    ) -> BoxFuture<'a, Result<ClaimOutcome>> {
-        Box::pin(Store::claim(self, scope, key, fingerprint, lock_ttl))
-    }
-
-    fn complete<'a>(
-        &'a self,
-        claim: &'a Claim,
-        response: &'a StoredResponse,
-        retention: Duration,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Store::complete(self, claim, response, retention))
-    }
-
-    fn release<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Store::release(self, claim))
-    }
-
-    fn extend<'a>(&'a self, claim: &'a Claim, lock_ttl: Duration) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Store::extend(self, claim, lock_ttl))
-    }
-
-    fn sweep(&self) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(Store::sweep(self))
-    }
+boxed_store! {
+    fn claim(scope: &str, key: &str, fingerprint: &Fingerprint; lock_ttl: Duration) -> ClaimOutcome;
+    fn complete(claim: &Claim, response: &StoredResponse; retention: Duration) -> ();
+    fn release(claim: &Claim;) -> ();
+    fn extend(claim: &Claim; lock_ttl: Duration) -> ();
+    fn sweep(;) -> u64;
 }
 
 /// Any [`Store`] behind one type, so a service can pick memory, Redis or PostgreSQL from
@@ -105,40 +95,5 @@ impl BoxStore {
 impl fmt::Debug for BoxStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BoxStore").finish_non_exhaustive()
-    }
-}
-
-// `async fn`: a boxed future borrowing several arguments has one lifetime, their
-// intersection, which a return-position `impl Future` cannot name.
-impl Store for BoxStore {
-    async fn claim(
-        &self,
-        scope: &str,
-        key: &str,
-        fingerprint: &Fingerprint,
-        lock_ttl: Duration,
-    ) -> Result<ClaimOutcome> {
-        self.inner.claim(scope, key, fingerprint, lock_ttl).await
-    }
-
-    async fn complete(
-        &self,
-        claim: &Claim,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<()> {
-        self.inner.complete(claim, response, retention).await
-    }
-
-    async fn release(&self, claim: &Claim) -> Result<()> {
-        self.inner.release(claim).await
-    }
-
-    async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
-        self.inner.extend(claim, lock_ttl).await
-    }
-
-    fn sweep(&self) -> impl Future<Output = Result<u64>> + Send {
-        self.inner.sweep()
     }
 }
