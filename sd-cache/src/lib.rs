@@ -175,18 +175,15 @@
 pub mod backend;
 pub mod clock;
 #[cfg(feature = "test-util")]
-#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 mod error;
 pub mod memory;
 mod policy;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod singleflight;
 mod stats;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod two_tier;
 pub mod write;
 pub mod xfetch;

@@ -53,7 +53,7 @@ impl Elapsed {
 ///
 /// The caller derives `Debug` and `thiserror::Error` (and `Clone` if it wants one), so
 /// its own variants carry their `#[error(..)]` messages as usual. Pair it with
-/// [`impl_core_errors!`] for the conversions from [`ConfigError`] and [`Elapsed`].
+/// [`impl_core_errors!`](crate::impl_core_errors) for the conversions from [`ConfigError`] and [`Elapsed`].
 ///
 /// ```
 /// use std::time::Duration;
@@ -195,7 +195,6 @@ macro_rules! impl_core_errors {
 macro_rules! __impl_backend_from {
     ($error:ty, redis $(, $extra:ident = $value:expr)*) => {
         #[cfg(feature = "redis")]
-        #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
         impl ::core::convert::From<::redis::RedisError> for $error {
             fn from(e: ::redis::RedisError) -> Self {
                 let source: $crate::BoxError = ::std::boxed::Box::new(e);
@@ -209,7 +208,6 @@ macro_rules! __impl_backend_from {
     };
     ($error:ty, postgres) => {
         #[cfg(feature = "postgres")]
-        #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
         impl ::core::convert::From<::sqlx::Error> for $error {
             fn from(e: ::sqlx::Error) -> Self {
                 Self::Backend {
@@ -220,7 +218,6 @@ macro_rules! __impl_backend_from {
         }
 
         #[cfg(feature = "postgres")]
-        #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
         impl ::core::convert::From<$crate::migrate::MigrateError> for $error {
             fn from(e: $crate::migrate::MigrateError) -> Self {
                 Self::Backend {

@@ -42,11 +42,9 @@ pub mod clock;
 pub mod deadline;
 pub mod error;
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod migrate;
 pub mod name;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod retry;
 

@@ -40,7 +40,6 @@ pub enum HashKind {
     /// `u32` points per digest, points per node scale with its share of the total weight,
     /// and a key's position is the first four MD5 bytes, little-endian.
     #[cfg(feature = "ketama")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "ketama")))]
     Ketama,
 }
 

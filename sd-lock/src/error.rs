@@ -68,7 +68,6 @@ sd_core::error_enum! {
         /// Redlock reached fewer masters than its quorum. Every master was asked to release
         /// what this attempt set before the error was returned.
         #[cfg(feature = "redis")]
-        #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
         #[error(
             "redlock on `{resource}` got {acquired} of the {needed} masters it needs ({} failed); retry, or bring failed masters back",
             failures.len()

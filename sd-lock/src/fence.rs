@@ -113,7 +113,6 @@ mod tests {
 
 /// The fenced register in Redis (feature `redis`).
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
     use ::redis::aio::ConnectionLike;
     use sd_core::KeyPrefix;
@@ -251,7 +250,6 @@ pub mod redis {
 
 /// The fence in PostgreSQL (feature `postgres`).
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     use std::sync::Arc;
 

@@ -118,7 +118,6 @@
 mod error;
 mod pool;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod watermark;
 

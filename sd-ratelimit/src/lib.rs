@@ -112,16 +112,13 @@ pub mod algorithm;
 mod boxed;
 pub mod client_ip;
 #[cfg(feature = "test-util")]
-#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 mod error;
 pub mod memory;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
 #[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 
 pub use crate::algorithm::{Decision, Limit, MAX_SLIDING_WINDOW_LIMIT, Quota};

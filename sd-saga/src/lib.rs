@@ -156,7 +156,6 @@
 
 mod boxed;
 #[cfg(feature = "test-util")]
-#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 mod definition;
 mod error;
@@ -164,7 +163,6 @@ pub mod memory;
 mod metrics;
 mod orchestrator;
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 mod store;
 

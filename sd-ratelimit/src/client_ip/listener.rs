@@ -26,7 +26,6 @@ use super::*;
 /// # }
 /// ```
 #[cfg(feature = "tokio")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 #[derive(Debug)]
 pub struct ProxyListener {
     inner: tokio::net::TcpListener,

@@ -180,7 +180,6 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>> {
 
 /// Reads exactly the PROXY header from the start of a connection (nothing after it).
 #[cfg(feature = "tokio")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
     stream: &mut R,
 ) -> Result<ProxyHeader> {

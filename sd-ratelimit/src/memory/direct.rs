@@ -85,7 +85,6 @@ impl<C: Clock> DirectLimiter<C> {
     /// leaky queue the wait is the reserved slot (FIFO); otherwise it retries after
     /// `retry_after`.
     #[cfg(feature = "tokio")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn until_ready(&self, cost: u32) -> Result<Decision> {
         wait_until(|| self.check_n(cost)).await
     }

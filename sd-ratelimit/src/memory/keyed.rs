@@ -264,7 +264,6 @@ where
     /// Waits until a request of `cost` for `key` is admitted. For a leaky queue the wait
     /// is the slot reserved at the call, so waiters on one key proceed in FIFO order.
     #[cfg(feature = "tokio")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn until_ready<Q>(&self, key: &Q, cost: u32) -> Result<Decision>
     where
         K: Borrow<Q>,
