@@ -19,6 +19,10 @@ pub struct CacheStats {
     pub load_time: Duration,
     /// Loads started early by XFetch, in the background, while readers got the current value.
     pub early_refreshes: u64,
+    /// Early refreshes that did not load because the entry had changed under them: another
+    /// process was refreshing it or had replaced it, or it was gone (Redis only; the
+    /// memory cache's refresh always loads).
+    pub skipped_refreshes: u64,
     /// Callers that waited on another caller's load instead of running their own.
     pub coalesced_waiters: u64,
     /// Entries the engine evicted to stay within capacity.
@@ -37,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) load_errors: AtomicU64,
     pub(crate) load_nanos: AtomicU64,
     pub(crate) early_refreshes: AtomicU64,
+    pub(crate) skipped_refreshes: AtomicU64,
     pub(crate) coalesced: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) stale_served: AtomicU64,
@@ -72,6 +77,7 @@ impl Counters {
             load_errors: self.load_errors.load(Relaxed),
             load_time: Duration::from_nanos(self.load_nanos.load(Relaxed)),
             early_refreshes: self.early_refreshes.load(Relaxed),
+            skipped_refreshes: self.skipped_refreshes.load(Relaxed),
             coalesced_waiters: self.coalesced.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),

@@ -604,6 +604,19 @@ fn a_miss_never_receives_a_skipped_early_refresh() {
                 7,
                 "round {round}: a miss is answered by its loader, not by a skipped refresh"
             );
+            // The case under test happened: the round's refresh ran after the miss and
+            // was skipped (it did not load), rather than running first and refreshing.
+            eventually("the round's refresh ends", || {
+                let s = cache.stats();
+                std::future::ready(s.skipped_refreshes + s.early_refreshes > round)
+            })
+            .await;
+            let s = cache.stats();
+            assert_eq!(
+                (s.skipped_refreshes, s.early_refreshes),
+                (round + 1, 0),
+                "round {round}: the refresh was skipped"
+            );
         }
         assert!(loads.load(Ordering::SeqCst) >= 50, "every miss loaded");
     });

@@ -200,7 +200,10 @@ where
         match next {
             Ok(read) => self.load_and_store(&key, load, read, &token).await,
             Err(Next::Fresh(value)) => Ok(value),
-            Err(Next::Skip) => Ok(None),
+            Err(Next::Skip) => {
+                Counters::bump(&self.inner.counters.skipped_refreshes);
+                Ok(None)
+            }
             Err(Next::Failed(e @ Error::Backend { .. }))
                 if self.inner.settings.fallback_to_loader && refresh.is_none() =>
             {
