@@ -1,6 +1,7 @@
 //! A `BoxStore` chosen from a configuration string at run time (`memory`, or a
 //! `redis://` or `postgres://` URL of a server the testkit started) passes the store's
-//! conformance suite, and the middleware runs on it.
+//! conformance suite, and the middleware runs on it. The memory store runs on a manual
+//! clock; the servers' stores on the servers' time.
 #![allow(clippy::unwrap_used)]
 
 #[macro_use]
@@ -8,12 +9,14 @@ mod suite;
 
 use sd_idempotency::postgres::PostgresStore;
 use sd_idempotency::redis::RedisStore;
-use sd_idempotency::{BoxStore, MemoryStore, conformance};
+use sd_idempotency::{BoxStore, ManualClock, MemoryStore, conformance};
 
-/// What a service would do with its `IDEMPOTENCY_STORE`: pick the backend by scheme.
-async fn store_from_config(config: &str) -> BoxStore {
+/// What a service would do with its `IDEMPOTENCY_STORE`: pick the backend by scheme. The
+/// memory store reads `clock` (a service passes `SystemClock`; the test moves a
+/// `ManualClock` by hand).
+async fn store_from_config(config: &str, clock: ManualClock) -> BoxStore {
     if config == "memory" {
-        BoxStore::new(MemoryStore::new())
+        BoxStore::new(MemoryStore::with_clock(clock))
     } else if config.starts_with("redis://") {
         let client = redis::Client::open(config).unwrap();
         let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
@@ -36,12 +39,8 @@ async fn store_from_config(config: &str) -> BoxStore {
     }
 }
 
-/// The conformance suite and two middleware cases through the box, on real time (the
-/// memory store reads the wall clock here, as in production).
-fn through_the_box(config: &str, expiry_forgets: bool, guard: Box<dyn std::any::Any + Send>) {
-    let runtime = sd_testkit::runtime();
-    let store = runtime.block_on(store_from_config(config));
-    let harness = suite::real_time(store, expiry_forgets, guard);
+/// The conformance suite and two middleware cases through the box on `harness`.
+fn through_the_box(runtime: &tokio::runtime::Runtime, harness: suite::Harness<BoxStore>) {
     runtime.block_on(async {
         conformance::all(&harness).await;
         suite::http::http_concurrent_duplicates_run_once(&harness).await;
@@ -49,21 +48,32 @@ fn through_the_box(config: &str, expiry_forgets: bool, guard: Box<dyn std::any::
     });
 }
 
+/// A server's store, on real time: the store's time is the server's.
+fn on_a_server(config: &str, expiry_forgets: bool, guard: Box<dyn std::any::Any + Send>) {
+    let runtime = sd_testkit::runtime();
+    let store = runtime.block_on(store_from_config(config, ManualClock::new()));
+    through_the_box(&runtime, suite::real_time(store, expiry_forgets, guard));
+}
+
+/// The memory store on a manual clock that the suite moves: every time is exact.
 #[test]
 fn boxed_memory() {
-    through_the_box("memory", false, Box::new(()));
+    let runtime = sd_testkit::runtime();
+    let clock = ManualClock::new();
+    let store = runtime.block_on(store_from_config("memory", clock.clone()));
+    through_the_box(&runtime, suite::manual_time(store, clock));
 }
 
 #[test]
 fn boxed_redis() {
     let server = sd_testkit::redis().expect("a redis server");
     let url = server.url().to_owned();
-    through_the_box(&url, true, Box::new(server));
+    on_a_server(&url, true, Box::new(server));
 }
 
 #[test]
 fn boxed_postgres() {
     let db = sd_testkit::database().expect("a postgres database");
     let url = db.url().to_owned();
-    through_the_box(&url, false, Box::new(db));
+    on_a_server(&url, false, Box::new(db));
 }

@@ -12,23 +12,9 @@ use sd_idempotency::{Error, ManualClock, MemoryStore, RunOnce};
 use suite::Harness;
 
 fn harness() -> (tokio::runtime::Runtime, Harness<MemoryStore<ManualClock>>) {
-    let runtime = sd_testkit::runtime();
     let clock = ManualClock::new();
     let store = MemoryStore::with_clock(clock.clone());
-    let harness = Harness {
-        store,
-        // Short, because the heartbeat runs on real time (every third of it); the store's
-        // time moves only with `pass`.
-        lock_ttl: Duration::from_millis(300),
-        retention: Duration::from_secs(3600),
-        expiry_forgets: false,
-        pass: Arc::new(move |d| {
-            clock.advance(d);
-            Box::pin(std::future::ready(()))
-        }),
-        guard: Box::new(()),
-    };
-    (runtime, harness)
+    (sd_testkit::runtime(), suite::manual_time(store, clock))
 }
 
 behaviour_suite!(harness());

@@ -45,6 +45,23 @@ pub fn real_time<S>(
     }
 }
 
+/// A harness for a store on `clock`, a manual clock that only `pass` moves: every time
+/// in the suite is exact. The lock TTL is short because the middleware's heartbeat runs
+/// on real time (every third of it) while the store's time moves only with `pass`.
+pub fn manual_time<S>(store: S, clock: sd_idempotency::ManualClock) -> Harness<S> {
+    Harness {
+        store,
+        lock_ttl: Duration::from_millis(300),
+        retention: Duration::from_secs(3600),
+        expiry_forgets: false,
+        pass: Arc::new(move |d| {
+            clock.advance(d);
+            Box::pin(std::future::ready(()))
+        }),
+        guard: Box::new(()),
+    }
+}
+
 /// A fault to inject (pause or resume the store's server), called once.
 pub type Fault = Box<dyn FnOnce()>;
 
