@@ -66,6 +66,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# Kafka in the tests is tansu, a Kafka-API broker built from crates.io (no Apache Kafka
+# distribution is reachable); sd-testkit's `kafka` module says what it does and does not.
+# It is built once per machine (about 12 minutes on two cores) into a cache outside the
+# clone, which later runs, CI's included, reuse.
+tansu_version=0.6.0
+tools="${SD_TOOLS_DIR:-${HOME:-/root}/.cache/sd-tools}"
+export SD_TANSU="${SD_TANSU:-$tools/tansu-$tansu_version/bin/tansu}"
+if [ ! -x "$SD_TANSU" ]; then
+  step "building tansu $tansu_version into $tools (once per machine)"
+  CARGO_TARGET_DIR="$tools/tansu-build" CARGO_INCREMENTAL=0 \
+    cargo install --locked tansu --version "$tansu_version" --features dynostore,libsql \
+    --root "$tools/tansu-$tansu_version"
+  rm -rf "$tools/tansu-build"
+  export SD_TANSU="$tools/tansu-$tansu_version/bin/tansu"
+fi
+
 # Every server the tests start lives under this directory, so leftovers can be found. It
 # is under /tmp, not the target dir: run as root, PostgreSQL runs as the `postgres` user,
 # which cannot enter a target dir under /root (CI keeps its target dir in $HOME/.cache).

@@ -18,6 +18,20 @@ pub enum Error {
         /// Where it was looked for.
         searched: String,
     },
+    /// A server binary that is built from crates.io (not a Debian package) is not
+    /// installed. Tests fail loudly on this; they never skip.
+    #[error(
+        "`{binary}` was not found (looked in {searched}); build it with `{install}` (about \
+         12 minutes), or run scripts/test.sh, which builds it once into ~/.cache/sd-tools"
+    )]
+    MissingCargoBinary {
+        /// The program that was looked for.
+        binary: &'static str,
+        /// The command that builds it.
+        install: &'static str,
+        /// Where it was looked for.
+        searched: String,
+    },
     /// The server did not become ready in time.
     #[error(
         "{server} on port {port} was not ready after {waited_ms} ms; last lines of its log:\n{log}"

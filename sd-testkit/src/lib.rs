@@ -1,6 +1,7 @@
 //! Real servers for sd's tests: Redis (one, N independent, or a three-master cluster),
-//! PostgreSQL (a throwaway cluster, a fresh database per test), NATS with JetStream and
-//! etcd, each on a free loopback port in its own directory, with fault controls.
+//! PostgreSQL (a throwaway cluster, a fresh database per test), NATS with JetStream, etcd
+//! and a Kafka-API broker ([`KafkaBroker`], tansu: see [`kafka`] for what it does and does
+//! not), each on a free loopback port in its own directory, with fault controls.
 //!
 //! # Guarantees
 //!
@@ -45,6 +46,7 @@
 mod error;
 mod etcd;
 pub mod http;
+pub mod kafka;
 mod nats;
 mod postgres;
 mod process;
@@ -58,6 +60,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use crate::error::{Error, Result};
 pub use crate::etcd::EtcdServer;
+pub use crate::kafka::KafkaBroker;
 pub use crate::nats::{NatsServer, info as nats_info};
 pub use crate::postgres::{PostgresServer, TestDatabase};
 pub use crate::process::{Process, descendants, is_alive, is_stopped, live_group_members};
