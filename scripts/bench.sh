@@ -23,7 +23,10 @@ export SD_TESTKIT_DIR="${SD_TESTKIT_DIR:-${TMPDIR:-/tmp}/sd-testkit-$(id -u)}"
 export CRITERION_HOME="$target/criterion"
 
 started=$(date +%s)
-cargo bench -p sd-benches "$@"
+mkdir -p "$CRITERION_HOME"
+# The benches' standard output is kept: scenario benches (the cache stampede) print their
+# outcome there, and `results` copies it into RESULTS.md.
+cargo bench -p sd-benches "$@" | tee "$CRITERION_HOME/bench-output.txt"
 cargo run -q -p sd-benches --bin results -- "$target/criterion" benches/RESULTS.md "$started" \
     "scripts/bench.sh${*:+ $*}"
 echo "wrote benches/RESULTS.md"

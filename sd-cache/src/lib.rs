@@ -110,13 +110,15 @@
 //! # How it compares
 //!
 //! Against [moka](https://docs.rs/moka), the engine the memory tier stores in: a memory
-//! hit costs about what a bare moka hit costs (the freshness check adds a clock read), and
-//! a two-tier memory hit a little more (one more atomic load, an async call), both far
-//! below a Redis round trip. A Redis hit is one round trip, somewhat dearer than a raw
-//! `GET` because it reads a hash. Under a stampede (a hot key expiring under a thousand
-//! readers, `examples/stampede.rs`), naive cache-aside calls the loader once per reader at
-//! each expiry; sd calls it once per expiry, in memory, on Redis and two-tier alike, and
-//! after the first load no reader waits for one. The measured figures, beside the peers'
+//! hit costs a little more than a bare moka hit (the freshness check adds a clock read;
+//! through the loader API, more again), and a two-tier memory hit a little more (one more
+//! atomic load, an async call), both far below a Redis round trip. A Redis hit is one
+//! round trip, somewhat dearer than a raw `GET` because it reads a hash. Under a stampede
+//! (a hot key expiring under a thousand readers, `examples/stampede.rs`), naive
+//! cache-aside calls the loader once per reader at each expiry; moka's coalescing
+//! `get_with` and sd both call it once per expiry, in memory, on Redis and two-tier alike,
+//! but with `get_with` the readers of each expiry wait for the load, while sd refreshes
+//! early, so after the first load no reader waits for one. The measured figures, beside the peers'
 //! from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!

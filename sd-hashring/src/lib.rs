@@ -82,7 +82,7 @@
 //! # How it compares
 //!
 //! Against the `hashring` crate given the same vnode labels (so both rings hold the same
-//! points), lookups here are several times faster and the gap widens with the number of
+//! points), lookups here are faster and the gap widens with the number of
 //! nodes: a bucket index finds the point instead of a binary search, and short keys are
 //! hashed without `crc32fast`'s per-call set-up. `owners(key, n)` walks the ring instead
 //! of cloning it (the peer has no distinct-owner lookup, so the benches compare it with

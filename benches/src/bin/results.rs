@@ -12,7 +12,8 @@
 //! Besides criterion's estimates it reads the paired sd-lock medians
 //! (`lock/paired/<backend>/{sd,rslock}`) the lock bench writes in criterion's layout: sd
 //! and rslock in alternating 20-cycle blocks of one run, the side that goes first
-//! swapped every round.
+//! swapped every round; and from the benches' standard output, which `scripts/bench.sh`
+//! keeps as `<criterion dir>/bench-output.txt`, the cache stampede scenario's rows.
 //!
 //! `scripts/bench.sh` runs the benches and then this. The pairs are listed below by
 //! criterion id (`group/function/parameter`); a pair whose benches did not run in this
@@ -144,16 +145,57 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let text = render(
+    let mut text = render(
         &medians,
         command.unwrap_or("unknown (not given to `results`)"),
     );
+    let output_of_run = Path::new(criterion).join(BENCH_OUTPUT);
+    if let Some(stampede) = written_since(&output_of_run, since).and_then(|o| stampede(&o)) {
+        text.push_str(&stampede);
+    }
     if let Err(e) = fs::write(output, &text) {
         eprintln!("writing {output}: {e}");
         return ExitCode::FAILURE;
     }
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+/// The benches' standard output, which `scripts/bench.sh` keeps beside criterion's
+/// estimates: scenario benches (the cache stampede) print their outcome there.
+const BENCH_OUTPUT: &str = "bench-output.txt";
+
+/// The text of `path`, if it was written at or after `since`.
+fn written_since(path: &Path, since: SystemTime) -> Option<String> {
+    let written = fs::metadata(path).ok()?.modified().ok()?;
+    (written >= since).then(|| fs::read_to_string(path).ok())?
+}
+
+/// The cache stampede section: the `cache/stampede:` header line the cache bench prints
+/// and its indented rows (one per strategy), as printed, or `None` when the run has none.
+fn stampede(output: &str) -> Option<String> {
+    let mut lines = output
+        .lines()
+        .skip_while(|l| !l.starts_with("cache/stampede:"));
+    let header = lines.next()?;
+    let rows: Vec<&str> = lines.take_while(|l| l.starts_with("  ")).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Cache stampede\n\nFrom the same run (`benches/benches/cache.rs`, the scenario \
+         of `examples/stampede`): {}. One row per strategy on the same scenario: loader calls \
+         over the whole run (one per expiry is the floor) and the latency of reads.\n",
+        header.trim_start_matches("cache/stampede:").trim()
+    );
+    let _ = writeln!(out, "```text");
+    for row in rows {
+        let _ = writeln!(out, "{}", row.trim_start());
+    }
+    let _ = writeln!(out, "```");
+    Some(out)
 }
 
 /// Median time per iteration in nanoseconds, by criterion id, for every bench criterion
@@ -290,6 +332,22 @@ fn shell(program: &str, args: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stampede_rows_are_taken_as_printed() {
+        let output = "Compiling x\ncache/stampede: 1000 readers, loader 50ms\n  naive (moka)   loader calls  2001\n  sd-cache       loader calls     3\nBenchmarking cache/hit/get/sd\n";
+        let section = stampede(output).unwrap();
+        assert!(section.contains("1000 readers, loader 50ms"), "{section}");
+        assert!(
+            section.contains(
+                "\nnaive (moka)   loader calls  2001\nsd-cache       loader calls     3\n```"
+            ),
+            "{section}"
+        );
+        assert!(!section.contains("Benchmarking"), "{section}");
+        assert_eq!(stampede("cache/stampede: x\nBenchmarking y\n"), None);
+        assert_eq!(stampede("nothing"), None);
+    }
 
     #[test]
     fn durations_read_in_their_unit() {
