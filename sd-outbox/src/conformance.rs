@@ -1,5 +1,5 @@
 //! The [`Publisher`] contract as a suite of async checks, for any sink: the crate's own
-//! sinks run it (memory, Redis Streams, NATS JetStream), and so can a new broker
+//! sinks run it (memory, Redis Streams, NATS JetStream, Kafka), and so can a new broker
 //! (feature `test-util`).
 //!
 //! Each case publishes events of an aggregate type of its own, then asks `read` for the

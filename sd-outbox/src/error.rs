@@ -31,12 +31,12 @@ sd_core::error_enum! {
             /// The timeout that elapsed.
             after: Duration,
         },
-        /// A backend failed: PostgreSQL, Redis or NATS.
+        /// A backend failed: PostgreSQL, Redis, NATS or Kafka.
         #[error(
             "{backend} failed: {source}; check the server is reachable (and, for postgres, that `migrate()` ran)"
         )]
         Backend {
-            /// Which backend: `"postgres"`, `"redis"` or `"nats"`.
+            /// Which backend: `"postgres"`, `"redis"`, `"nats"` or `"kafka"`.
             backend: &'static str,
             /// The client's error.
             source: BoxError,

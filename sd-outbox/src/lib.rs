@@ -1,5 +1,5 @@
-//! Transactional outbox on PostgreSQL with a relay to Redis Streams and NATS JetStream,
-//! ordered and parallel, losing nothing.
+//! Transactional outbox on PostgreSQL with a relay to Redis Streams, NATS JetStream and
+//! Kafka, ordered and parallel, losing nothing.
 //!
 //! A service that writes to its database and then publishes an event loses the event
 //! when it crashes between the two, and publishes a lie when the write rolls back. With
@@ -39,7 +39,7 @@
 //! tx.commit().await?;
 //!
 //! // Anywhere (the same process or a worker): the relay publishes committed rows.
-//! let sink = MemoryPublisher::new(); // or redis::RedisStreamsPublisher, nats::JetStreamPublisher
+//! let sink = MemoryPublisher::new(); // or a redis, nats or kafka publisher
 //! let relay = Relay::builder(outbox.clone(), sink.clone()).mode(Mode::Parallel).build()?.spawn();
 //! # let _ = (id, relay);
 //! # Ok(()) }
@@ -71,11 +71,12 @@
 //!   `sqlx::Transaction`: a rolled-back transaction publishes nothing; a committed one
 //!   is published.
 //! - **At least once.** A row is marked `published` only after the sink acknowledged it
-//!   (Redis replied to `XADD`; JetStream returned the publish ack). A relay that crashes
-//!   between the acknowledgement and the mark leaves the row pending, and it is
-//!   published again **with the same id**. JetStream drops that copy itself
+//!   (Redis replied to `XADD`; JetStream returned the publish ack; Kafka's delivery
+//!   report came back, with `acks=all`). A relay that crashes between the
+//!   acknowledgement and the mark leaves the row pending, and it is published again
+//!   **with the same id**. JetStream drops that copy itself
 //!   (`Nats-Msg-Id` = outbox id, within the stream's duplicate window); Redis Streams
-//!   keeps both, so consumers dedupe with `postgres::Inbox` (or their own
+//!   and Kafka keep both, so consumers dedupe with `postgres::Inbox` (or their own
 //!   `(consumer, message id)` key) in the transaction of their handler.
 //! - **Nothing skipped.** Relays find rows by `status = 'pending'`, never by an id
 //!   watermark, so a row whose transaction commits after one with a higher id (the
@@ -147,7 +148,9 @@
 //! `retention` low or sweep the table yourself (the connector reads the WAL, not the
 //! rows). Byte payloads live in `payload_bytes`; name it with
 //! `table.field.event.payload` if you use them. Ordering then follows the WAL (commit
-//! order).
+//! order). Consumers of the Kafka sink notice no move: it already writes to the
+//! router's default topics (`outbox.event.{aggregatetype}`), keyed by aggregate id, with
+//! the outbox id in the `id` header.
 //!
 //! # Backends
 //!
@@ -162,6 +165,7 @@
 //! | [`BoxPublisher`] | any sink behind one type, chosen from configuration at run time |
 //! | `redis::RedisStreamsPublisher` | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
 //! | `nats::JetStreamPublisher` | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
+//! | `kafka::KafkaPublisher` | idempotent producer, `acks=all`, to `outbox.event.{aggregatetype}` keyed by aggregate id, id in the `id` header |
 //!
 //! # How it compares
 //!
@@ -173,6 +177,7 @@
 //! more than a bare `INSERT` of the same row in its own transaction (the notify
 //! trigger and the relays' indexes). With notifications on, an event reaches the sink
 //! about a millisecond after its commit; with polling only, after the poll interval.
+//! One relay to Kafka is measured beside the Redis Streams rows at the same batch sizes.
 //! The measured figures are in
 //! [benches/RESULTS.md](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
@@ -183,17 +188,19 @@
 //! - `postgres`: the outbox table, enqueue, the relay and the inbox (sqlx 0.8).
 //! - `redis`: the Redis Streams sink (redis-rs, async, any `ConnectionLike`).
 //! - `nats`: the NATS JetStream sink (async-nats 0.50, JetStream only).
+//! - `kafka`: the Kafka sink (rdkafka 0.38 with its bundled librdkafka, built from C;
+//!   an idempotent producer, no Kafka transactions).
 //! - `test-util`: the `conformance` module, the [`Publisher`] contract as a suite of
 //!   checks that any sink (a new broker, or a [`BoxPublisher`]) can run.
 //!
 //! # Running the tests
 //!
 //! `cargo test -p sd-outbox` (or `cargo nextest run -p sd-outbox`) runs every suite:
-//! the crate's tests turn on `postgres`, `redis`, `nats` and `test-util` through a
+//! the crate's tests turn on `postgres`, `redis`, `nats`, `kafka` and `test-util` through a
 //! dev-dependency on the crate itself, so no suite is left out for want of a feature
 //! flag. The backend suites start real `postgres`, `redis-server` and `nats-server`
-//! processes through `sd-testkit`; a missing server binary fails the test, it is never
-//! skipped.
+//! processes and a `tansu` Kafka-API broker through `sd-testkit`; a missing server
+//! binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -207,6 +214,8 @@ pub mod memory;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]

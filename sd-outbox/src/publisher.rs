@@ -51,7 +51,7 @@ impl<P: Publisher> DynPublisher for P {
 }
 
 /// Any [`Publisher`] behind one type, so a service picks its sink (memory, Redis Streams,
-/// NATS JetStream) from its configuration at run time, as tower's `BoxCloneService` does
+/// NATS JetStream, Kafka) from its configuration at run time, as tower's `BoxCloneService` does
 /// for services. Cheap to clone (an `Arc` inside); it is a [`Publisher`] itself, so a
 /// relay takes it as it takes any sink. Each batch costs one allocation for the boxed
 /// future.
