@@ -1,7 +1,8 @@
 //! sd-outbox: relay throughput from PostgreSQL to Redis Streams (batch 100 and 1000,
 //! 1 and 3 relays) beside a naive single-reader polling loop (`SELECT .. WHERE
 //! status = 'pending' ORDER BY seq LIMIT n`, pipelined XADD, `UPDATE`: the Eventuate
-//! polling relay); enqueue in a transaction beside a bare INSERT of the same row into a
+//! polling relay), and one relay to Kafka (a tansu broker, idempotent producer,
+//! `acks=all`) at the same batch sizes; enqueue in a transaction beside a bare INSERT of the same row into a
 //! plain table; commit-to-publish latency with notifications beside poll-only.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redis::aio::ConnectionManager;
+use sd_outbox::kafka::KafkaPublisher;
 use sd_outbox::postgres::{Mode, Outbox, Relay};
 use sd_outbox::redis::RedisStreamsPublisher;
 use sd_outbox::{Event, Message, Publisher};
@@ -166,24 +168,8 @@ fn throughput(
             );
             g.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    drains(rt, outbox, redis, iters, |_| async {
-                        let start = Instant::now();
-                        let handles: Vec<_> = (0..relays)
-                            .map(|_| {
-                                Relay::builder(outbox.clone(), publisher.clone())
-                                    .mode(mode)
-                                    .batch_size(batch)
-                                    .build()
-                                    .unwrap()
-                                    .spawn()
-                            })
-                            .collect();
-                        drained(outbox).await;
-                        let took = start.elapsed();
-                        for h in handles {
-                            h.shutdown().await;
-                        }
-                        took
+                    drains(rt, outbox, redis, iters, |_| {
+                        relays_drain(outbox, &publisher, mode, relays, batch)
                     })
                 })
             });
@@ -195,6 +181,62 @@ fn throughput(
                     let start = Instant::now();
                     naive_relay(outbox.pool(), outbox.table(), &mut redis, i64::from(batch)).await;
                     start.elapsed()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Starts `relays` relays of `mode` over `publisher` and times them until the backlog
+/// is gone.
+async fn relays_drain<P: Publisher + Clone>(
+    outbox: &Outbox,
+    publisher: &P,
+    mode: Mode,
+    relays: usize,
+    batch: u32,
+) -> Duration {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..relays)
+        .map(|_| {
+            Relay::builder(outbox.clone(), publisher.clone())
+                .mode(mode)
+                .batch_size(batch)
+                .build()
+                .unwrap()
+                .spawn()
+        })
+        .collect();
+    drained(outbox).await;
+    let took = start.elapsed();
+    for h in handles {
+        h.shutdown().await;
+    }
+    took
+}
+
+/// One parallel relay to Kafka, at the Redis rows' batch sizes: records go to
+/// `outbox.event.order` (4 partitions), keyed by aggregate, each acknowledged by the
+/// broker before its row is marked.
+fn kafka_throughput(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    outbox: &Outbox,
+    redis: &ConnectionManager,
+) {
+    let broker = sd_testkit::KafkaBroker::start().expect("a tansu broker");
+    broker.create_topic("outbox.event.order", 4).unwrap();
+    let publisher = KafkaPublisher::builder(broker.bootstrap()).build().unwrap();
+    let mut g = c.benchmark_group("outbox/relay_to_kafka");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(EVENTS));
+    for batch in [100u32, 1000] {
+        let id = BenchmarkId::new("sd/Parallel/1_relays", format!("batch_{batch}"));
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                drains(rt, outbox, redis, iters, |_| {
+                    relays_drain(outbox, &publisher, Mode::Parallel, 1, batch)
                 })
             })
         });
@@ -417,6 +459,7 @@ fn bench(c: &mut Criterion) {
     enqueue(c, &rt, &outbox);
     latency(c, &rt, &outbox, &redis);
     throughput(c, &rt, &outbox, &redis);
+    kafka_throughput(c, &rt, &outbox, &redis);
 }
 
 criterion_group! {
