@@ -21,6 +21,13 @@
 //! - **Does not**: commit metadata comes back empty, and `EndTxn` is refused, so a Kafka
 //!   transaction cannot commit (on every engine). Debian's librdkafka 2.0.2 (kcat,
 //!   python3-confluent-kafka) fails the `ApiVersions` handshake against it.
+//! - **Known fault of the SQLite engine**: a durable broker killed while an idempotent
+//!   producer's sends are timing out, then started again, serves one fresh producer; a
+//!   send from the old producer (whose epoch librdkafka raised after the timeouts) then
+//!   gets an unknown server error, and from there the storage answers no request, not
+//!   even metadata. Killed and restarted with no sends timing out, it works. So the
+//!   sd-outbox tests kill nothing under a Kafka producer; they freeze the broker
+//!   (`SIGSTOP`) instead.
 //!
 //! Re-check these facts when the tansu version changes.
 

@@ -113,6 +113,7 @@ const PAIRS: &[Pair] = &[
     pair("sd-saga", "5-step saga, INSERT steps, PostgreSQL log", "saga/insert_steps/postgres_log", "saga/insert_steps/plain_sequence", "plain calls"),
     pair("sd-outbox", "enqueue in a transaction", "outbox/enqueue_tx/sd_enqueue", "outbox/enqueue_tx/bare_insert", "bare INSERT"),
     pair("sd-outbox", "relay to Redis Streams, batch 100, 1 relay", "outbox/relay_to_redis/sd/Parallel/1_relays/batch_100", "outbox/relay_to_redis/naive_poll/1_reader/batch_100", "naive poll by id"),
+    pair("sd-outbox", "relay to Kafka (tansu), batch 100, 1 relay", "outbox/relay_to_kafka/sd/Parallel/1_relays/batch_100", "outbox/relay_to_redis/sd/Parallel/1_relays/batch_100", "sd relay to Redis Streams"),
 ];
 
 fn main() -> ExitCode {
