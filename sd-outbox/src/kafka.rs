@@ -230,7 +230,7 @@ impl KafkaPublisherBuilder {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", millis.to_string());
-        let producer = create(&config).map_err(|e| match e {
+        let producer: FutureProducer = config.create().map_err(|e| match e {
             KafkaError::ClientConfig(..) => Error::config("client_config", e.to_string()),
             other => Error::Backend {
                 backend: "kafka",
@@ -246,10 +246,6 @@ impl KafkaPublisherBuilder {
             delivery_timeout: self.delivery_timeout,
         })
     }
-}
-
-fn create(config: &ClientConfig) -> rdkafka::error::KafkaResult<FutureProducer> {
-    config.create()
 }
 
 /// The producer in use, numbered, and the configuration that makes its successor.
@@ -292,7 +288,7 @@ impl Producer {
             if current.0 == generation
                 && let Some((code, reason)) = failed
             {
-                match create(&self.config) {
+                match self.config.create::<FutureProducer>() {
                     Ok(fresh) => {
                         tracing::warn!(?code, %reason, "kafka producer failed for good; replaced by a new one");
                         retired.push(std::mem::replace(&mut current.1, fresh));

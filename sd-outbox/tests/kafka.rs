@@ -1,6 +1,7 @@
 //! The Kafka sink on a real Kafka-API broker (tansu, from sd-testkit), read back with an
 //! rdkafka consumer: the Publisher contract, keys and topics, per-aggregate order over
-//! many partitions, and the PostgreSQL relay through a paused and a killed broker.
+//! many partitions, and the PostgreSQL relay through a paused broker. (None is killed under
+//! a producer: see sd-testkit's `kafka` docs for the SQLite engine's fault.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -279,19 +280,14 @@ fn topic_routing_can_be_replaced_and_a_bad_topic_is_a_typed_error() {
     });
 }
 
-type Fault = fn(&mut KafkaBroker) -> sd_testkit::Result<()>;
-
-/// The PostgreSQL relay through an outage of `broker`: `before` events are published,
-/// `stop` takes the broker away, `during` more are written and fail to publish (their
-/// deliveries time out unacknowledged) without one row being marked; `restore` brings
-/// it back and every event arrives, each aggregate's in order.
-fn relay_through_an_outage(
-    mut broker: KafkaBroker,
-    before: usize,
-    during: usize,
-    stop: Fault,
-    restore: Fault,
-) {
+/// The PostgreSQL relay while the broker is frozen: 100 events are published, the broker
+/// is paused (SIGSTOP), 300 more are written and fail to publish (their deliveries time
+/// out unacknowledged) without one row being marked; once it is resumed every event
+/// arrives, each aggregate's in order.
+#[test]
+fn a_paused_broker_marks_nothing_published_and_then_loses_nothing() {
+    let (before, during) = (100, 300);
+    let mut broker = broker();
     broker.create_topic(ORDERS, 4).unwrap();
     let bootstrap = broker.bootstrap();
     let sink = publisher(&broker, Duration::from_secs(1));
@@ -300,7 +296,7 @@ fn relay_through_an_outage(
         write_round_robin(&outbox, 0..before).await;
         eventually("the first events", || drained(&outbox)).await;
         assert_eq!(outbox.stats().await.unwrap().published, before as u64);
-        stop(&mut broker).unwrap();
+        broker.pause().unwrap();
         write_round_robin(&outbox, before..before + during).await;
         failures_seen(&relays).await;
         let stats = outbox.stats().await.unwrap();
@@ -309,18 +305,13 @@ fn relay_through_an_outage(
             "nothing marked meanwhile: {stats:?}"
         );
         assert_eq!(stats.backlog, during as u64);
-        restore(&mut broker).unwrap();
+        broker.resume().unwrap();
         let per_aggregate = (before + during) / 5;
         drains_in_order(&outbox, relays, per_aggregate, || {
             as_rows(&bootstrap, ORDERS)
         })
         .await;
     });
-}
-
-#[test]
-fn a_paused_broker_marks_nothing_published_and_then_loses_nothing() {
-    relay_through_an_outage(broker(), 100, 300, KafkaBroker::pause, KafkaBroker::resume);
 }
 
 #[test]
