@@ -8,6 +8,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`boxed`] | [`boxed_twin!`]: the object-safe twin of an async trait, for a crate's boxed handle |
 //! | [`clock`] | one [`Clock`] trait; [`MonotonicClock`], [`SystemClock`] (wall time), [`TokioClock`], [`ManualClock`] |
 //! | [`retry`] | [`RetryPolicy`]: exponential backoff with jitter and a bound on attempts |
 //! | [`deadline`] | [`timeout`](deadline::timeout) with a span, and [`Deadline`] for work in several steps |
@@ -38,6 +39,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod boxed;
 pub mod clock;
 pub mod deadline;
 pub mod error;

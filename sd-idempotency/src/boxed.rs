@@ -1,58 +1,11 @@
 //! [`BoxStore`]: any [`Store`] behind one type, for a backend chosen at run time.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::store::{Claim, ClaimOutcome, Fingerprint, Store, StoredResponse};
-
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Writes the object-safe twin of [`Store`] (`DynStore`: the same methods, returning
-/// boxed futures), its blanket impl for every store, and [`BoxStore`]'s [`Store`] impl,
-/// from one list of the trait's methods: the borrowed arguments before the `;` (the twin
-/// borrows each for the future's life), the owned ones after it.
-///
-/// [`BoxStore`]'s methods are `async fn`: a boxed future borrowing several arguments has
-/// one lifetime, their intersection, which a return-position `impl Future` cannot name.
-macro_rules! boxed_store {
-    ($(fn $name:ident($($arg:ident: &$ty:ty),* ; $($own:ident: $oty:ty),*) -> $out:ty;)*) => {
-        trait DynStore: Send + Sync {
-            $(
-                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
-                    -> BoxFuture<'a, Result<$out>>;
-            )*
-        }
-
-        impl<S: Store> DynStore for S {
-            $(
-                fn $name<'a>(&'a self $(, $arg: &'a $ty)* $(, $own: $oty)*)
-                    -> BoxFuture<'a, Result<$out>> {
-                    Box::pin(Store::$name(self $(, $arg)* $(, $own)*))
-                }
-            )*
-        }
-
-        impl Store for BoxStore {
-            $(
-                async fn $name(&self $(, $arg: &$ty)* $(, $own: $oty)*) -> Result<$out> {
-                    self.inner.$name($($arg,)* $($own),*).await
-                }
-            )*
-        }
-    };
-}
-
-boxed_store! {
-    fn claim(scope: &str, key: &str, fingerprint: &Fingerprint; lock_ttl: Duration) -> ClaimOutcome;
-    fn complete(claim: &Claim, response: &StoredResponse; retention: Duration) -> ();
-    fn release(claim: &Claim;) -> ();
-    fn extend(claim: &Claim; lock_ttl: Duration) -> ();
-    fn sweep(;) -> u64;
-}
 
 /// Any [`Store`] behind one type, so a service can pick memory, Redis or PostgreSQL from
 /// its configuration at run time (as tower's `BoxCloneService` does for services).
@@ -96,4 +49,13 @@ impl fmt::Debug for BoxStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BoxStore").finish_non_exhaustive()
     }
+}
+
+sd_core::boxed_twin! {
+    impl Store for BoxStore via DynStore;
+    fn claim(scope: &str, key: &str, fingerprint: &Fingerprint; lock_ttl: Duration) -> ClaimOutcome;
+    fn complete(claim: &Claim, response: &StoredResponse; retention: Duration) -> ();
+    fn release(claim: &Claim;) -> ();
+    fn extend(claim: &Claim; lock_ttl: Duration) -> ();
+    fn sweep(;) -> u64;
 }
