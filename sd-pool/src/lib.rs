@@ -116,6 +116,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -159,6 +159,15 @@ impl Watermarks {
         self.window(partition) < self.max_window
     }
 
+    /// The completed offsets of `partition` above its watermark (waiting behind an
+    /// unfinished one), in increasing order.
+    pub fn completed_above(&self, partition: u32) -> impl Iterator<Item = u64> + '_ {
+        self.partitions
+            .get(&partition)
+            .into_iter()
+            .flat_map(|p| p.pending.iter().filter(|e| e.1).map(|e| e.0))
+    }
+
     /// Stops tracking `partition` (after a rebalance, say) and returns its watermark.
     pub fn remove(&mut self, partition: u32) -> Option<u64> {
         self.partitions.remove(&partition).and_then(|p| p.committed)
