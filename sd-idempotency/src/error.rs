@@ -47,6 +47,13 @@ sd_core::error_enum! {
             /// The configured cap.
             limit: usize,
         },
+        /// A handler's response body failed while it was read to be stored.
+        #[error("the response body failed while it was read to be stored: {source}; build the response from bytes in memory")]
+        ResponseBody {
+            /// The body's error.
+            #[source]
+            source: BoxError,
+        },
         /// A stored record cannot be read back (written by another version, or damaged).
         #[error("stored idempotency record is unreadable ({reason}); delete the key or let it expire")]
         Corrupt {

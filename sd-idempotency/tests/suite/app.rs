@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{patch, post};
-use sd_idempotency::tower::IdempotencyLayerBuilder as Builder;
-use sd_idempotency::{IdempotencyLayer, Store};
+use sd_idempotency::tower::{IdempotencyLayerBuilder as Builder, RequestClaim};
+use sd_idempotency::{BoxStore, IdempotencyLayer, Store};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::{Harness, Observed, Pass};
@@ -125,6 +126,8 @@ pub struct Payments {
     pub hold: Option<Hold>,
     /// When set, `POST /slow` runs it.
     pub long: Option<LongWork>,
+    /// The store `POST /claimed` completes its key on, through its `RequestClaim`.
+    pub completer: Option<BoxStore>,
 }
 
 impl Payments {
@@ -203,8 +206,16 @@ async fn slow(State(p): State<Payments>) -> (StatusCode, String) {
     (StatusCode::CREATED, format!("slow, run {run}"))
 }
 
+/// A 201 that the handler stores itself through its claim, on the `completer` store.
+async fn claimed(State(p): State<Payments>, Extension(claim): Extension<RequestClaim>) -> Response {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let store = p.completer.as_ref().expect("a completer for POST /claimed");
+    let response = (StatusCode::CREATED, format!("claimed, run {n}")).into_response();
+    claim.complete(store, response).await.unwrap()
+}
+
 /// The paths the layer covers in [`serve_with`] (`/unprotected` is left out).
-pub const COVERED: [&str; 4] = ["/payments", "/outcome", "/big", "/slow"];
+pub const COVERED: [&str; 5] = ["/payments", "/outcome", "/big", "/slow", "/claimed"];
 
 /// Serves the app with the layer on `store`; returns the port.
 pub async fn serve<S: Store + Clone + 'static>(
@@ -257,6 +268,7 @@ pub async fn serve_with<S: Store + Clone + 'static>(
         .route("/outcome/{status}", post(outcome))
         .route("/big/{size}", post(big))
         .route("/slow", post(slow))
+        .route("/claimed", post(claimed))
         .route("/unprotected", post(unprotected))
         .layer(layer)
         .with_state(payments);

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod http;
 pub mod model;
+pub mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +91,35 @@ pub fn on_a_pausable_server<T: 'static, S, F: Future<Output = ()>>(
 pub struct Observed<S> {
     inner: S,
     extends: Arc<watch::Sender<u64>>,
+    /// Calls of `claim`, `complete` and `release`, answered or not.
+    pub calls: Arc<Calls>,
+}
+
+/// Calls a [`Observed`] store received.
+#[derive(Default)]
+pub struct Calls {
+    pub claims: watch::Sender<u64>,
+    pub completes: AtomicUsize,
+    pub releases: AtomicUsize,
+}
+
+impl Calls {
+    /// Waits until `n` claims were made (a minute at most, then the test fails).
+    pub async fn claimed(&self, n: u64) {
+        let mut rx = self.claims.subscribe();
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|c| *c >= n))
+            .await
+            .expect("the claims never came")
+            .unwrap();
+    }
+
+    pub fn completes(&self) -> usize {
+        self.completes.load(Ordering::SeqCst)
+    }
+
+    pub fn releases(&self) -> usize {
+        self.releases.load(Ordering::SeqCst)
+    }
 }
 
 impl<S> Observed<S> {
@@ -97,6 +127,7 @@ impl<S> Observed<S> {
         Observed {
             inner,
             extends: Arc::new(watch::channel(0).0),
+            calls: Arc::default(),
         }
     }
 
@@ -114,6 +145,7 @@ impl<S: Store> Store for Observed<S> {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<ClaimOutcome, Error> {
+        self.calls.claims.send_modify(|n| *n += 1);
         self.inner.claim(scope, key, fingerprint, lock_ttl).await
     }
 
@@ -123,10 +155,12 @@ impl<S: Store> Store for Observed<S> {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), Error> {
+        self.calls.completes.fetch_add(1, Ordering::SeqCst);
         self.inner.complete(claim, response, retention).await
     }
 
     async fn release(&self, claim: &Claim) -> Result<(), Error> {
+        self.calls.releases.fetch_add(1, Ordering::SeqCst);
         self.inner.release(claim).await
     }
 
@@ -173,6 +207,9 @@ macro_rules! behaviour_suite {
             http_methods_and_routes,
             http_key_is_bound_to_method_and_path,
             http_fingerprint_over_chosen_fields,
+            http_handler_completes_through_its_claim,
+            http_waiting_duplicates_get_the_first_response,
+            http_wait_that_runs_out_is_409,
             run_once_long_work_keeps_its_lock
         );
     };
@@ -212,6 +249,11 @@ fn fp(s: &str) -> Fingerprint {
 fn scope() -> String {
     sd_testkit::unique_name("scope")
 }
+
+pub use wait::{
+    http_handler_completes_through_its_claim, http_wait_that_runs_out_is_409,
+    http_waiting_duplicates_get_the_first_response,
+};
 
 pub use http::{
     http_bad_keys_are_400, http_concurrent_duplicates_run_once,

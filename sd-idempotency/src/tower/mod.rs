@@ -11,7 +11,7 @@
 //! | body over `max_request_bytes`                    | 413                                        |
 //! | first time                                       | the handler runs once                      |
 //! | same key, another method, path or body           | 422                                        |
-//! | same key while the first still runs              | 409 with `Retry-After`                     |
+//! | same key while the first still runs              | 409 with `Retry-After`; with [`wait_in_flight`](IdempotencyLayerBuilder::wait_in_flight), the first's response once stored (409 when the wait is over) |
 //! | same key after it completed                      | stored status, chosen headers, body byte for byte, `Idempotency-Replayed: true` |
 //! | the store fails or times out                     | 503, the handler does not run (fail closed) |
 //!
@@ -24,6 +24,49 @@
 //! An outcome that is not stored releases the key, so a retry runs the handler again.
 //! A response whose stored form exceeds `max_response_bytes` is sent to the first caller
 //! and a 500 problem is stored in its place, so the handler never runs twice for it.
+//!
+//! # Completing in the handler's transaction
+//!
+//! By default the middleware stores the response after the handler returned, in a write
+//! of its own. That leaves a window: when the handler's own writes committed and that
+//! store then fails (the store went down, or timed out), the caller gets the response
+//! but it is not stored. The key stays in flight until `lock_ttl` passes, and a retry
+//! after that runs the handler again: a second order, a second event.
+//!
+//! The handler closes the window by completing the key itself. The middleware puts a
+//! [`RequestClaim`] in the request's extensions (axum: `Extension<RequestClaim>`); with
+//! PostgreSQL the handler stores the response it is about to send in the same
+//! transaction as its rows ([`RequestClaim::complete_in`] or [`RequestClaim::commit`]),
+//! so both commit or neither does, and the middleware then stores nothing:
+//!
+//! ```ignore
+//! async fn create_order(
+//!     State(app): State<App>,
+//!     Extension(claim): Extension<RequestClaim>,
+//!     Json(order): Json<NewOrder>,
+//! ) -> Result<Response, AppError> {
+//!     let mut tx = app.pool.begin().await?;
+//!     let id = insert_order(&mut tx, &order).await?;
+//!     app.outbox.enqueue_in(&mut tx, order_created(id)).await?;
+//!     let response = (StatusCode::CREATED, Json(OrderView { id })).into_response();
+//!     // Stores the response in `tx` and commits; a retry replays it from now on.
+//!     Ok(claim.commit(&app.idempotency, tx, response).await?)
+//! }
+//! ```
+//!
+//! What each store gives a handler that completes through its claim:
+//!
+//! | store | completion | the window |
+//! |---|---|---|
+//! | PostgreSQL, [`RequestClaim::complete_in`] / [`commit`](RequestClaim::commit) | in the handler's transaction | closed: the response commits with the rows, or neither does |
+//! | any store, [`RequestClaim::complete`] | one write when the handler calls it | narrowed to the handler's own work after the call; the store and the handler's database are two writes |
+//! | any store, the middleware (the handler ignores the claim) | one write after the handler returned | open as described above |
+//!
+//! When the handler completed through its claim, the middleware sends its response as
+//! it is and writes nothing more; after [`complete_in`](RequestClaim::complete_in) (the
+//! handler commits its transaction itself) it asks the store to release the key, which
+//! the store refuses when the transaction committed and does when it rolled back, so a
+//! retry of a rolled-back request runs at once.
 
 use std::fmt;
 use std::future::Future;
@@ -33,15 +76,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, HeaderName};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use sd_core::RetryPolicy;
 
 use crate::error::{Error, Result};
-use crate::run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, heartbeat_lock_ttl, with_heartbeat};
-use crate::store::{
-    ClaimOutcome, Fingerprint, Store, StoredResponse, call_timeout, ttl_ms, validate_key,
-};
+use crate::run_once::{DEFAULT_LOCK_TTL, DEFAULT_RETENTION, heartbeat_lock_ttl};
+use crate::store::{Fingerprint, Store, StoredResponse, call_timeout, ttl_ms};
+
+mod claim;
+mod handle;
+mod problem;
+
+pub use claim::RequestClaim;
 
 /// The request header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -192,9 +239,51 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
         self
     }
 
+    /// Lets a duplicate that arrives while the first request with its key still runs
+    /// wait up to `max_wait` for the first one's response, and answer with it (a replay,
+    /// `Idempotency-Replayed: true`) instead of 409 at once. Off by default. When
+    /// `max_wait` passes first, the answer is 409 with `Retry-After`, as without it.
+    ///
+    /// The duplicate asks the store again and again, one claim per poll (memory: a
+    /// shard lock; Redis: one `EVALSHA`; PostgreSQL: one statement), 5 ms after it
+    /// arrived and then twice as long each time, at most 200 ms apart (each pause
+    /// shortened at random by up to half). When the first request does not store its
+    /// outcome (a 5xx, which releases the key) or its lock lapses, a waiting duplicate
+    /// claims the key and runs the handler, as a retry sent then would. Each waiting
+    /// request holds its connection and task: [`build`](Self::build) refuses zero and a
+    /// wait longer than `lock_ttl`.
+    pub fn wait_in_flight(mut self, max_wait: Duration) -> Self {
+        self.config.wait_in_flight = Some(max_wait);
+        self
+    }
+
     /// Checks the options.
-    pub fn build(self) -> Result<IdempotencyLayer<S>> {
+    pub fn build(mut self) -> Result<IdempotencyLayer<S>> {
         heartbeat_lock_ttl(self.config.lock_ttl)?;
+        if let Some(wait) = self.config.wait_in_flight {
+            if wait.is_zero() {
+                return Err(Error::config(
+                    "wait_in_flight",
+                    "must be longer than zero; leave it unset to answer 409 at once",
+                ));
+            }
+            if wait > self.config.lock_ttl {
+                return Err(Error::config(
+                    "wait_in_flight",
+                    format!(
+                        "must not exceed lock_ttl ({:?}); shorten the wait or raise lock_ttl",
+                        self.config.lock_ttl
+                    ),
+                ));
+            }
+        }
+        self.config.poll = RetryPolicy::builder()
+            .initial_interval(FIRST_POLL)
+            .multiplier(2.0)
+            .max_interval(LAST_POLL)
+            .jitter(0.5)
+            .unlimited_attempts()
+            .build()?;
         ttl_ms("retention", self.config.retention)?;
         call_timeout(self.config.timeout)?;
         if self.config.methods.is_empty() {
@@ -232,6 +321,11 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
     }
 }
 
+/// The first pause of a duplicate waiting for the request in flight.
+const FIRST_POLL: Duration = Duration::from_millis(5);
+/// The longest pause between two polls of a waiting duplicate.
+const LAST_POLL: Duration = Duration::from_millis(200);
+
 #[derive(Clone)]
 struct Config {
     methods: Vec<Method>,
@@ -248,6 +342,8 @@ struct Config {
     policy: Policy,
     on_failure: OnStoreFailure,
     max_retry_after: Duration,
+    wait_in_flight: Option<Duration>,
+    poll: RetryPolicy,
 }
 
 impl fmt::Debug for Config {
@@ -266,6 +362,7 @@ impl fmt::Debug for Config {
             .field("replay_headers", &self.replay_headers)
             .field("on_failure", &self.on_failure)
             .field("max_retry_after", &self.max_retry_after)
+            .field("wait_in_flight", &self.wait_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -294,11 +391,14 @@ impl Config {
         }
     }
 
+    /// What is stored for a response: its status, the replayed headers and its body, or
+    /// a 500 problem in its place when that exceeds `max_response_bytes`.
     fn stored(
         &self,
+        key: &str,
         status: StatusCode,
         headers: &http::HeaderMap,
-        body: &Bytes,
+        body: &[u8],
     ) -> StoredResponse {
         let mut stored = StoredResponse::new(status.as_u16(), body.to_vec());
         for name in &self.replay_headers {
@@ -308,7 +408,21 @@ impl Config {
                     .push((name.as_str().to_owned(), value.as_bytes().to_vec()));
             }
         }
-        stored
+        if stored.encoded_len() <= self.max_response_bytes {
+            return stored;
+        }
+        tracing::warn!(
+            key,
+            size = stored.encoded_len(),
+            "response too large to store"
+        );
+        let problem = problem::Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Response not replayable",
+            "the first response was too large to store; use a new key for a new request",
+        );
+        StoredResponse::new(problem.status.as_u16(), problem.body().to_vec())
+            .with_header("content-type", "application/problem+json")
     }
 }
 
@@ -355,6 +469,8 @@ impl<S: Store> IdempotencyLayer<S> {
                 policy: Arc::new(default_store_policy),
                 on_failure: OnStoreFailure::FailClosed,
                 max_retry_after: Duration::from_secs(1),
+                wait_in_flight: None,
+                poll: RetryPolicy::default(),
             },
         }
     }
@@ -411,308 +527,13 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
         let config = Arc::clone(&self.config);
-        Box::pin(handle(store, config, inner, request))
+        Box::pin(handle::handle(store, config, inner, request))
     }
-}
-
-/// A refusal before the handler runs.
-struct Problem {
-    status: StatusCode,
-    title: &'static str,
-    detail: String,
-    retry_after: Option<u64>,
-}
-
-impl Problem {
-    fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Problem {
-            status,
-            title,
-            detail: detail.into(),
-            retry_after: None,
-        }
-    }
-
-    fn body(&self) -> Bytes {
-        let json = serde_json::json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        Bytes::from(json.to_string())
-    }
-
-    fn into_response<B: From<Bytes>>(self) -> Response<B> {
-        let mut response = Response::new(B::from(self.body()));
-        *response.status_mut() = self.status;
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
-    }
-}
-
-/// The key in the header: one header, an RFC 8941 string (`"..."`) or a bare token.
-fn read_key(headers: &http::HeaderMap) -> Result<Option<String>, Problem> {
-    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let bad =
-        |detail: String| Problem::new(StatusCode::BAD_REQUEST, "Invalid Idempotency-Key", detail);
-    if values.next().is_some() {
-        return Err(bad("send one Idempotency-Key header, not several".into()));
-    }
-    let raw = value
-        .to_str()
-        .map_err(|_| bad("the Idempotency-Key holds bytes outside printable ascii".into()))?;
-    let key =
-        parse_sf_string(raw).map_err(|reason| bad(format!("the Idempotency-Key {reason}")))?;
-    validate_key(&key).map_err(|e| bad(e.to_string()))?;
-    Ok(Some(key))
-}
-
-/// An RFC 8941 sf-string (`"..."` with `\"` and `\\` escapes), or the value as is when
-/// it is not quoted (what most clients send).
-fn parse_sf_string(raw: &str) -> Result<String, &'static str> {
-    let raw = raw.trim_matches(' ');
-    let Some(inner) = raw.strip_prefix('"') else {
-        return Ok(raw.to_owned());
-    };
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                return if chars.next().is_none() {
-                    Ok(out)
-                } else {
-                    Err("has characters after its closing quote")
-                };
-            }
-            '\\' => match chars.next() {
-                Some(e @ ('"' | '\\')) => out.push(e),
-                _ => return Err("holds an escape other than \\\" or \\\\"),
-            },
-            c => out.push(c),
-        }
-    }
-    Err("lacks its closing quote")
-}
-
-async fn call_store<T>(config: &Config, f: impl Future<Output = Result<T>>) -> Result<T> {
-    let span = tracing::debug_span!("idempotency.store");
-    sd_core::deadline::timeout(config.timeout, span, f).await?
-}
-
-async fn handle<S, I, ReqB, ResB>(
-    store: S,
-    config: Arc<Config>,
-    mut inner: I,
-    request: Request<ReqB>,
-) -> Result<Response<ResB>, I::Error>
-where
-    S: Store,
-    I: tower::Service<Request<ReqB>, Response = Response<ResB>>,
-    ReqB: http_body::Body + From<Bytes>,
-    ReqB::Error: Into<BoxError>,
-    ResB: http_body::Body<Data = Bytes> + From<Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    let (parts, body) = request.into_parts();
-    if !config.covers(&parts) {
-        return inner.call(Request::from_parts(parts, body)).await;
-    }
-    let key = match read_key(&parts.headers) {
-        Ok(Some(key)) => key,
-        Ok(None) if config.require_key => {
-            return Ok(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "Idempotency-Key required",
-                format!(
-                    "{} {} requires an Idempotency-Key header",
-                    parts.method,
-                    parts.uri.path()
-                ),
-            )
-            .into_response());
-        }
-        Ok(None) => return inner.call(Request::from_parts(parts, body)).await,
-        Err(problem) => return Ok(problem.into_response()),
-    };
-    let scope = match &config.principal {
-        None => String::new(),
-        Some(extract) => match extract(&parts) {
-            Some(scope) => scope,
-            None => {
-                return Ok(Problem::new(
-                    StatusCode::UNAUTHORIZED,
-                    "Caller unknown",
-                    "idempotency keys are kept per caller; authenticate the request",
-                )
-                .into_response());
-            }
-        },
-    };
-    let body = match Limited::new(body, config.max_request_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Request too large",
-                format!("the body exceeds {} bytes", config.max_request_bytes),
-            )
-            .into_response());
-        }
-        Err(e) => {
-            return Ok(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "Unreadable body",
-                format!("reading the request body failed: {e}"),
-            )
-            .into_response());
-        }
-    };
-    let fingerprint = config.fingerprint(&parts, &body);
-    let claimed = call_store(
-        &config,
-        store.claim(&scope, &key, &fingerprint, config.lock_ttl),
-    )
-    .await;
-    let claim = match claimed {
-        Ok(ClaimOutcome::Claimed(claim)) => claim,
-        Ok(ClaimOutcome::InFlight { retry_after }) => {
-            let secs = retry_after
-                .min(config.max_retry_after)
-                .as_secs_f64()
-                .ceil()
-                .max(1.0) as u64;
-            let mut problem = Problem::new(
-                StatusCode::CONFLICT,
-                "Request in progress",
-                "a request with this Idempotency-Key is still running; retry later",
-            );
-            problem.retry_after = Some(secs);
-            return Ok(problem.into_response());
-        }
-        Ok(ClaimOutcome::Completed(stored)) => return Ok(replay(stored)),
-        Ok(ClaimOutcome::Mismatch) => {
-            return Ok(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Idempotency-Key reused",
-                "this Idempotency-Key was used with a different request; send a new key",
-            )
-            .into_response());
-        }
-        Err(error) => {
-            tracing::warn!(%error, key, "idempotency store failed");
-            if config.on_failure == OnStoreFailure::FailOpen && error.is_store_failure() {
-                return inner
-                    .call(Request::from_parts(parts, ReqB::from(body)))
-                    .await;
-            }
-            return Ok(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Idempotency store unavailable",
-                "the request was not processed; retry with the same Idempotency-Key",
-            )
-            .into_response());
-        }
-    };
-    let request = Request::from_parts(parts, ReqB::from(body));
-    let result = with_heartbeat(&store, &claim, config.lock_ttl, inner.call(request)).await;
-    let response = match result {
-        Ok(response) => response,
-        Err(e) => {
-            release(&config, &store, &claim).await;
-            return Err(e);
-        }
-    };
-    let (parts, body) = response.into_parts();
-    let collected = body.collect().await.map_err(Into::<BoxError>::into);
-    let body = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            release(&config, &store, &claim).await;
-            return Ok(Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "Response failed",
-                format!("the handler's response body failed: {error}"),
-            )
-            .into_response());
-        }
-    };
-    if (config.policy)(parts.status) {
-        let mut stored = config.stored(parts.status, &parts.headers, &body);
-        if stored.encoded_len() > config.max_response_bytes {
-            tracing::warn!(
-                key,
-                size = stored.encoded_len(),
-                "response too large to store"
-            );
-            let problem = Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Response not replayable",
-                "the first response was too large to store; use a new key for a new request",
-            );
-            stored = StoredResponse::new(problem.status.as_u16(), problem.body().to_vec())
-                .with_header("content-type", "application/problem+json");
-        }
-        let done = call_store(&config, store.complete(&claim, &stored, config.retention)).await;
-        if let Err(error) = done {
-            tracing::warn!(%error, key, "the response was not stored; a retry may run again");
-        }
-    } else {
-        release(&config, &store, &claim).await;
-    }
-    Ok(Response::from_parts(parts, ResB::from(body)))
-}
-
-async fn release<S: Store>(config: &Config, store: &S, claim: &crate::Claim) {
-    if let Err(error) = call_store(config, store.release(claim)).await {
-        tracing::warn!(%error, key = claim.key(), "releasing the key failed; it frees when the lock expires");
-    }
-}
-
-/// The stored response with `Idempotency-Replayed: true`.
-fn replay<B: From<Bytes>>(stored: StoredResponse) -> Response<B> {
-    let mut response = Response::new(B::from(Bytes::from(stored.body)));
-    *response.status_mut() =
-        StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = response.headers_mut();
-    for (name, value) in stored.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value))
-        {
-            headers.append(name, value);
-        }
-    }
-    headers.insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
-    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sf_strings() {
-        assert_eq!(parse_sf_string("\"abc\"").ok(), Some("abc".to_owned()));
-        assert_eq!(parse_sf_string("\"a\\\"b\"").ok(), Some("a\"b".to_owned()));
-        assert_eq!(
-            parse_sf_string("plain-uuid").ok(),
-            Some("plain-uuid".to_owned())
-        );
-        assert!(parse_sf_string("\"open").is_err());
-        assert!(parse_sf_string("\"a\"b").is_err());
-        assert!(parse_sf_string("\"a\\nb\"").is_err());
-    }
 
     #[test]
     fn policy_defaults() {
@@ -740,6 +561,13 @@ mod tests {
             "fingerprint_fields"
         );
         assert_eq!(err(b().max_response_bytes(10)), "max_response_bytes");
+        assert_eq!(err(b().wait_in_flight(Duration::ZERO)), "wait_in_flight");
+        let over = b().lock_ttl(Duration::from_secs(5));
+        assert_eq!(
+            err(over.wait_in_flight(Duration::from_millis(5001))),
+            "wait_in_flight"
+        );
+        assert!(b().wait_in_flight(DEFAULT_LOCK_TTL).build().is_ok());
         assert!(b().build().is_ok());
     }
 }
