@@ -13,7 +13,10 @@
 //!   claimed before its task is spawned) and none starts once the refreshed entry is in
 //!   place (memory: entry id; Redis: the lock is taken only against the version the
 //!   refresh was decided on), so a key is loaded once per expiry;
-//! - **TTL jitter**, **negative caching** and bounded **serve-stale-on-error**.
+//! - **TTL jitter**, **negative caching** and bounded **serve-stale-on-error**;
+//! - **lifetimes chosen by the loader** ([`Expiring`], `try_get_or_load_expiring`): from an
+//!   HTTP `Cache-Control`, a token's expiry; expiry, XFetch, jitter and negative caching
+//!   work from each entry's own lifetime, on every backend (see [`expiring`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -179,6 +182,7 @@ pub mod clock;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod error;
+pub mod expiring;
 pub mod memory;
 mod policy;
 #[cfg(feature = "redis")]
@@ -193,6 +197,7 @@ pub mod xfetch;
 pub use backend::{BoxCache, CacheBackend, Loader, loader};
 pub use clock::{Clock, ManualClock, MonotonicClock, RandomSource, TokioClock};
 pub use error::{Error, Result, SharedError};
+pub use expiring::Expiring;
 pub use memory::{Cache, CacheBuilder};
 pub use sd_core::RetryPolicy;
 pub use stats::CacheStats;

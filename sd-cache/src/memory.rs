@@ -10,14 +10,15 @@ use std::time::Duration;
 use moka::notification::RemovalCause;
 
 use crate::clock::{Clock, MonotonicClock, RandomSource, ThreadRandom, saturating_nanos};
+use crate::expiring::Loaded;
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
 use crate::{Error, Result};
 
-/// The three loading reads every cache of this crate offers, written once: an
-/// infallible, a fallible and an optional loader, each adapted to the one
-/// `Result<Option<V>>` load that the cache's own `resolve(key, load, want_value)` runs
+/// The loading reads every cache of this crate offers, written once: an infallible, a
+/// fallible, an optional and an expiring loader, each adapted to the one
+/// `Result<Loaded<V>>` load that the cache's own `resolve(key, load, want_value)` runs
 /// once per key. Each method's documentation goes before its name; `key` is the
 /// cache's key type.
 macro_rules! loading_reads {
@@ -26,6 +27,7 @@ macro_rules! loading_reads {
         $(#[$get:meta])* get_or_load;
         $(#[$try_get:meta])* try_get_or_load;
         $(#[$optional:meta])* try_get_or_load_optional;
+        $(#[$expiring:meta])* try_get_or_load_expiring;
     ) => {
         $(#[$get])*
         pub async fn get_or_load<F, Fut>(&self, key: $key, loader: F) -> crate::Result<V>
@@ -33,7 +35,8 @@ macro_rules! loading_reads {
             F: FnOnce() -> Fut + Send + 'static,
             Fut: ::std::future::Future<Output = V> + Send + 'static,
         {
-            let load = move || async move { Ok(Some(loader().await)) };
+            let load =
+                move || async move { Ok(crate::expiring::Loaded::plain(Some(loader().await))) };
             crate::memory::require_value(self.resolve(key, load, true).await)
         }
 
@@ -44,8 +47,12 @@ macro_rules! loading_reads {
             F: FnOnce() -> Fut + Send + 'static,
             Fut: ::std::future::Future<Output = std::result::Result<V, E>> + Send + 'static,
         {
-            let load =
-                move || async move { loader().await.map(Some).map_err(crate::Error::loader) };
+            let load = move || async move {
+                loader()
+                    .await
+                    .map(|v| crate::expiring::Loaded::plain(Some(v)))
+                    .map_err(crate::Error::loader)
+            };
             crate::memory::require_value(self.resolve(key, load, true).await)
         }
 
@@ -62,7 +69,34 @@ macro_rules! loading_reads {
                 + Send
                 + 'static,
         {
-            let load = move || async move { loader().await.map_err(crate::Error::loader) };
+            let load = move || async move {
+                loader()
+                    .await
+                    .map(crate::expiring::Loaded::plain)
+                    .map_err(crate::Error::loader)
+            };
+            self.resolve(key, load, false).await
+        }
+
+        $(#[$expiring])*
+        pub async fn try_get_or_load_expiring<E, F, Fut>(
+            &self,
+            key: $key,
+            loader: F,
+        ) -> crate::Result<Option<V>>
+        where
+            E: Into<sd_core::BoxError>,
+            F: FnOnce() -> Fut + Send + 'static,
+            Fut: ::std::future::Future<Output = std::result::Result<crate::Expiring<V>, E>>
+                + Send
+                + 'static,
+        {
+            let load = move || async move {
+                loader()
+                    .await
+                    .map(crate::expiring::Loaded::from)
+                    .map_err(crate::Error::loader)
+            };
             self.resolve(key, load, false).await
         }
     };
@@ -109,6 +143,9 @@ impl<V> Entry<V> {
 }
 
 type Shared<V> = Result<Option<V>>;
+
+/// What a loader hands the cache: the value with its lifetime, if the loader chose one.
+pub(crate) type Load<V> = Result<Loaded<V>>;
 
 /// Builds a [`Cache`]. Every setting has a default; `build` checks them all.
 pub struct CacheBuilder<K, V> {
@@ -297,7 +334,7 @@ where
             .map_or(Duration::ZERO, |e| e.delta());
         let mut seq = self.lock_shard(&key);
         *seq = seq.wrapping_add(1);
-        match self.entry(value, delta, now) {
+        match self.entry(value, None, delta, now) {
             Some(entry) => self.inner.engine.insert(key, entry),
             None => self.inner.engine.invalidate(&key),
         }
@@ -398,12 +435,48 @@ where
         ///
         /// [`Error::Loader`] when the load failed and no stale value may be served.
         try_get_or_load_optional;
+        /// Like [`try_get_or_load_optional`](Self::try_get_or_load_optional) for a loader
+        /// that chooses each entry's lifetime ([`Expiring`](crate::Expiring)): from an HTTP
+        /// `Cache-Control`, a token's expiry, a record's validity. Expiry, XFetch early
+        /// refresh, jitter (in proportion) and negative caching work from that lifetime;
+        /// it is cut to `max_ttl` (default: the `ttl`), and zero means "do not cache". See
+        /// [`expiring`](crate::expiring).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use sd_cache::{Cache, Expiring, ManualClock};
+        ///
+        /// # #[tokio::main(flavor = "current_thread")]
+        /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+        /// let clock = ManualClock::new();
+        /// let cache: Cache<&str, String> = Cache::builder()
+        ///     .clock(clock.clone())
+        ///     .ttl(Duration::from_secs(60))
+        ///     .max_ttl(Duration::from_secs(3600))
+        ///     .build()?;
+        /// let token = cache
+        ///     .try_get_or_load_expiring("token", || async {
+        ///         // The identity provider says: valid for 10 seconds.
+        ///         Ok::<_, std::io::Error>(Expiring::new("t0k3n".to_owned(), Duration::from_secs(10)))
+        ///     })
+        ///     .await?;
+        /// assert_eq!(token.as_deref(), Some("t0k3n"));
+        /// clock.advance(Duration::from_secs(10));
+        /// assert_eq!(cache.get(&"token"), None); // expired at its own time, not the ttl's
+        /// # Ok(())
+        /// # }
+        /// ```
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Loader`] when the load failed and no stale value may be served.
+        try_get_or_load_expiring;
     }
 
     pub(crate) async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Shared<V>> + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
     {
         let now = self.inner.clock.now();
         let current = self.inner.engine.get(&key);
@@ -438,7 +511,7 @@ where
     fn maybe_refresh<L, Fut>(&self, key: &K, entry: &Entry<V>, now: Duration, load: L)
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Shared<V>> + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
     {
         if self.inner.flights.is_running(key) {
             return;
@@ -479,7 +552,7 @@ where
     async fn lead<L, Fut>(&self, key: K, load: L, need: Need, stale: Option<Entry<V>>) -> Shared<V>
     where
         L: FnOnce() -> Fut,
-        Fut: Future<Output = Shared<V>>,
+        Fut: Future<Output = Load<V>>,
     {
         let now = self.inner.clock.now();
         let current = self.inner.engine.get(&key);
@@ -505,9 +578,9 @@ where
         let delta = done.saturating_sub(now);
         self.inner.counters.record_load(delta, result.is_ok());
         match result {
-            Ok(value) => {
-                self.store_if_unchanged(key, seq, value.clone(), delta);
-                Ok(value)
+            Ok(loaded) => {
+                self.store_if_unchanged(key, seq, loaded.value.clone(), loaded.ttl, delta);
+                Ok(loaded.value)
             }
             Err(error) => match stale {
                 Some(e) if done < e.stale_until() && e.value.is_some() => {
@@ -522,9 +595,17 @@ where
         }
     }
 
-    fn entry(&self, value: Option<V>, delta: Duration, now: Duration) -> Option<Entry<V>> {
+    /// The entry to store for `value` loaded (in `delta`) or written at `now`, fresh for
+    /// `ttl` if the loader chose it; `None` when nothing may be stored.
+    fn entry(
+        &self,
+        value: Option<V>,
+        ttl: Option<Duration>,
+        delta: Duration,
+        now: Duration,
+    ) -> Option<Entry<V>> {
         let policy = &self.inner.policy;
-        let lifetime = policy.lifetime(value.is_none(), self.inner.random.as_ref())?;
+        let lifetime = policy.lifetime(value.is_none(), ttl, self.inner.random.as_ref())?;
         let expiry = now.saturating_add(lifetime);
         let stale_until = if value.is_some() {
             expiry.saturating_add(policy.stale_if_error)
@@ -579,19 +660,27 @@ where
         self.inner.flights.forget_borrowed(key);
     }
 
-    /// Stores `value` unless the shard was written or invalidated since `mark`.
+    /// Stores `value`, fresh for at most `ttl`, unless the shard was written or
+    /// invalidated since `mark`.
     #[cfg(feature = "redis")]
-    pub(crate) fn insert_if_unchanged(&self, key: K, mark: u64, value: V) {
-        self.store_if_unchanged(key, mark, Some(value), Duration::ZERO);
+    pub(crate) fn insert_if_unchanged(&self, key: K, mark: u64, value: V, ttl: Option<Duration>) {
+        self.store_if_unchanged(key, mark, Some(value), ttl, Duration::ZERO);
     }
 
-    fn store_if_unchanged(&self, key: K, seq: u64, value: Option<V>, delta: Duration) {
+    fn store_if_unchanged(
+        &self,
+        key: K,
+        seq: u64,
+        value: Option<V>,
+        ttl: Option<Duration>,
+        delta: Duration,
+    ) {
         let now = self.inner.clock.now();
         let current = self.lock_shard(&key);
         if *current != seq {
             return;
         }
-        match self.entry(value, delta, now) {
+        match self.entry(value, ttl, delta, now) {
             Some(entry) => self.inner.engine.insert(key, entry),
             None => self.inner.engine.invalidate(&key),
         }

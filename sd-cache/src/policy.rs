@@ -16,6 +16,8 @@ pub(crate) struct Policy {
     pub(crate) stale_if_error: Duration,
     pub(crate) beta: f64,
     pub(crate) early_refresh: bool,
+    /// The longest lifetime a loader may choose (`None`: the `ttl`).
+    pub(crate) max_ttl: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -27,6 +29,7 @@ impl Default for Policy {
             stale_if_error: Duration::ZERO,
             beta: xfetch::DEFAULT_BETA,
             early_refresh: true,
+            max_ttl: None,
         }
     }
 }
@@ -59,24 +62,69 @@ impl Policy {
                 reason: "must be at most 100 years".into(),
             });
         }
+        if let Some(max) = self.max_ttl
+            && (max < self.ttl || max > MAX_TTL)
+        {
+            return Err(Error::InvalidConfig {
+                field: "max_ttl",
+                reason: "must be at least `ttl` and at most 100 years".into(),
+            });
+        }
         xfetch::check_beta(self.beta)
     }
 
-    /// How long an entry loaded now stays fresh: the TTL (or negative TTL) plus a uniform
-    /// jitter in `[0, ttl_jitter]`. `None` when the value must not be cached at all.
-    pub(crate) fn lifetime(&self, negative: bool, random: &dyn RandomSource) -> Option<Duration> {
+    /// The longest lifetime an entry can have before jitter: `max_ttl`, else the `ttl`.
+    fn longest(&self) -> Duration {
+        self.max_ttl.unwrap_or(self.ttl)
+    }
+
+    /// How long an entry loaded now stays fresh. `None` when it must not be cached at all
+    /// (a "not found" with negative caching off, or a lifetime of zero).
+    ///
+    /// Without a `chosen` lifetime: the TTL (or negative TTL) plus a uniform jitter in
+    /// `[0, ttl_jitter]`. With one (the loader's): that lifetime, at most the longest
+    /// allowed, plus a jitter in proportion (`ttl_jitter / ttl` of it); a "not found" gets
+    /// no jitter, as with the negative TTL.
+    pub(crate) fn lifetime(
+        &self,
+        negative: bool,
+        chosen: Option<Duration>,
+        random: &dyn RandomSource,
+    ) -> Option<Duration> {
         if negative {
-            return self.negative_ttl;
+            self.negative_ttl?;
+            return match chosen {
+                None => self.negative_ttl,
+                Some(l) if l.is_zero() => None,
+                Some(l) => Some(l.min(self.longest_negative())),
+            };
         }
-        if self.ttl_jitter.is_zero() {
-            return Some(self.ttl);
+        let (base, jitter) = match chosen {
+            None => (self.ttl, self.ttl_jitter),
+            Some(l) if l.is_zero() => return None,
+            Some(l) => {
+                let l = l.min(self.longest());
+                let share = l.as_secs_f64() / self.ttl.as_secs_f64();
+                (l, self.ttl_jitter.mul_f64(share))
+            }
+        };
+        if jitter.is_zero() {
+            return Some(base);
         }
-        Some(self.ttl + self.ttl_jitter.mul_f64(random.unit().clamp(0.0, 1.0)))
+        Some(base + jitter.mul_f64(random.unit().clamp(0.0, 1.0)))
+    }
+
+    /// The longest a "not found" may be cached.
+    fn longest_negative(&self) -> Duration {
+        self.longest().max(self.negative_ttl.unwrap_or_default())
     }
 
     /// The longest any entry must be kept: its freshness plus its stale-on-error window.
     pub(crate) fn max_retention(&self) -> Duration {
-        let fresh = (self.ttl + self.ttl_jitter).max(self.negative_ttl.unwrap_or_default());
+        let jitter = self
+            .ttl_jitter
+            .mul_f64(self.longest().as_secs_f64() / self.ttl.as_secs_f64());
+        let fresh = (self.longest() + jitter).max(self.longest_negative());
         fresh.saturating_add(self.stale_if_error)
     }
 
@@ -133,6 +181,14 @@ macro_rules! policy_setters {
             self
         }
 
+        /// The longest lifetime a loader may choose for an entry through
+        /// `try_get_or_load_expiring` (default: the `ttl`; at least the `ttl`). Longer
+        /// choices are cut to it, so a wrong upstream header cannot pin a value for a year.
+        pub fn max_ttl(mut self, max: Duration) -> Self {
+            self.$($at.)?policy.max_ttl = Some(max);
+            self
+        }
+
         /// Turns XFetch early refresh on or off (default on). Off, a hot key's expiry makes
         /// one caller wait for the load (the others coalesce on it).
         pub fn early_refresh(mut self, on: bool) -> Self {
@@ -157,7 +213,14 @@ mod tests {
 
     #[test]
     fn invalid_settings_name_their_field() {
-        let cases: [(&str, Policy); 5] = [
+        let cases: [(&str, Policy); 6] = [
+            (
+                "max_ttl",
+                Policy {
+                    max_ttl: Some(Duration::from_secs(59)),
+                    ..Policy::default()
+                },
+            ),
             (
                 "ttl",
                 Policy {
@@ -209,14 +272,40 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(
-            p.lifetime(false, &FixedRandom(1.0)),
+            p.lifetime(false, None, &FixedRandom(1.0)),
             Some(Duration::from_secs(66))
         );
-        let low = p.lifetime(false, &FixedRandom(0.0)).unwrap_or_default();
+        let low = p
+            .lifetime(false, None, &FixedRandom(0.0))
+            .unwrap_or_default();
         assert!(low >= Duration::from_secs(60) && low < Duration::from_millis(60_001));
         assert_eq!(
-            p.lifetime(true, &FixedRandom(1.0)),
+            p.lifetime(true, None, &FixedRandom(1.0)),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn a_chosen_lifetime_is_cut_to_max_ttl_and_jittered_in_proportion() {
+        let p = Policy {
+            ttl_jitter: Duration::from_secs(6),
+            max_ttl: Some(Duration::from_secs(3600)),
+            ..Policy::default()
+        };
+        let one = FixedRandom(1.0);
+        let secs = |s| Some(Duration::from_secs(s));
+        // 10% jitter of the ttl is 10% of the chosen lifetime.
+        assert_eq!(p.lifetime(false, secs(10), &one), secs(11));
+        assert_eq!(p.lifetime(false, secs(7200), &one), secs(3960));
+        assert_eq!(p.lifetime(false, Some(Duration::ZERO), &one), None);
+        // "Not found" takes the loader's lifetime without jitter, unless caching it is off.
+        assert_eq!(p.lifetime(true, secs(30), &one), secs(30));
+        assert_eq!(p.lifetime(true, Some(Duration::ZERO), &one), None);
+        let off = Policy {
+            negative_ttl: None,
+            ..p.clone()
+        };
+        assert_eq!(off.lifetime(true, secs(30), &one), None);
+        assert_eq!(p.max_retention(), Duration::from_secs(3960));
     }
 }

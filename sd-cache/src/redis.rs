@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 
 use crate::clock::{RandomSource, ThreadRandom};
 use crate::error::short_key;
+use crate::expiring::Loaded;
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
 use crate::stats::{CacheStats, Counters};
@@ -88,10 +89,10 @@ struct RedisInner<V, C, K> {
     channel: String,
     settings: Settings<K>,
     /// Loads after a miss; callers join them for the value.
-    flights: SingleFlight<String, Shared<V>>,
+    flights: SingleFlight<String, Load<V>>,
     /// Early refreshes, kept apart from `flights`: a refresh that finds another process
     /// refreshing answers "skipped", which a miss joining it would take for "not found".
-    refreshes: SingleFlight<String, Shared<V>>,
+    refreshes: SingleFlight<String, Load<V>>,
     counters: Counters,
     waiters: Arc<DashMap<String, Arc<Notify>>>,
     subscribed: bool,
@@ -99,6 +100,10 @@ struct RedisInner<V, C, K> {
 }
 
 type Shared<V> = Result<Option<V>>;
+
+/// A value with what is left of its lifetime in Redis (the memory tier of a two-tier
+/// cache keeps it no longer), or `Some(ZERO)` for a value that was not stored.
+type Load<V> = Result<Loaded<V>>;
 
 /// An entry's fields as `HMGET` returns them: value, delta ms, expiry ms, negative, version.
 type Fields = (
@@ -168,6 +173,13 @@ struct Read<V> {
     locked: bool,
 }
 
+impl<V> Read<V> {
+    /// What is left of the entry's lifetime (zero for a miss).
+    fn remaining(&self) -> Duration {
+        self.expiry.saturating_sub(self.now)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Lock<'a> {
     Never,
@@ -220,14 +232,20 @@ where
     ///
     /// [`Error::Backend`] when Redis fails, [`Error::Codec`] when the value does not decode.
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
+        self.get_loaded(key).await.map(|l| l.value)
+    }
+
+    /// [`Self::get`] with what is left of the entry's lifetime.
+    pub(crate) async fn get_loaded(&self, key: &str) -> Load<V> {
         Self::check_key(key)?;
         let read = self.read(key, Lock::Never, "").await?;
-        if let Some(v) = read.fresh {
+        let ttl = Some(read.remaining());
+        if let Some(value) = read.fresh {
             Counters::bump(&self.inner.counters.hits);
-            Ok(v)
+            Ok(Loaded { value, ttl })
         } else {
             Counters::bump(&self.inner.counters.misses);
-            Ok(None)
+            Ok(Loaded { value: None, ttl })
         }
     }
 
@@ -238,7 +256,7 @@ where
     /// [`Error::Backend`], [`Error::Codec`].
     pub async fn insert(&self, key: &str, value: &V) -> Result<()> {
         Self::check_key(key)?;
-        self.write(key, Some(value), Duration::ZERO, None, "")
+        self.write(key, Some(value), None, Duration::ZERO, None, "")
             .await
             .map(|_| ())
     }
@@ -331,6 +349,15 @@ where
         ///
         /// As [`try_get_or_load`](Self::try_get_or_load).
         try_get_or_load_optional;
+        /// Like [`try_get_or_load_optional`](Self::try_get_or_load_optional) for a loader
+        /// that chooses each entry's lifetime ([`Expiring`](crate::Expiring)); the entry
+        /// expires on the server's clock after that lifetime (cut to `max_ttl`; zero: not
+        /// stored). See [`crate::Cache::try_get_or_load_expiring`].
+        ///
+        /// # Errors
+        ///
+        /// As [`try_get_or_load`](Self::try_get_or_load).
+        try_get_or_load_expiring;
     }
 
     async fn read(&self, key: &str, lock: Lock<'_>, token: &str) -> Result<Read<V>> {
@@ -435,20 +462,28 @@ where
         })
     }
 
+    /// Writes `value` (fresh for `ttl` if the loader chose it, else for the policy's),
+    /// when the entry still has version `expected`, and releases the lock held with
+    /// `token`. Returns the new version (-1: not written) and the lifetime written (`None`
+    /// when nothing may be stored; the lock is then released).
     async fn write(
         &self,
         key: &str,
         value: Option<&V>,
+        ttl: Option<Duration>,
         delta: Duration,
         expected: Option<&str>,
         token: &str,
-    ) -> Result<i64> {
+    ) -> Result<(i64, Option<Duration>)> {
         let settings = &self.inner.settings;
         let Some(life) = settings
             .policy
-            .lifetime(value.is_none(), settings.random.as_ref())
+            .lifetime(value.is_none(), ttl, settings.random.as_ref())
         else {
-            return Ok(-1);
+            if !token.is_empty() {
+                self.unlock(key, token).await?;
+            }
+            return Ok((-1, None));
         };
         let bytes = match value {
             Some(v) => settings.codec.encode(v).map_err(|source| Error::Codec {
@@ -479,7 +514,23 @@ where
             .arg(key)
             .invoke::<i64>(&mut conn)
             .await
+            .map(|version| (version, Some(life)))
             .map_err(backend("write"))
+    }
+
+    /// Releases the load lock if `token` still holds it, and wakes the waiters.
+    async fn unlock(&self, key: &str, token: &str) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        UNLOCK
+            .call(1)
+            .arg(self.lock_key(key))
+            .arg(token)
+            .arg(&self.inner.channel)
+            .arg(key)
+            .invoke::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(backend("unlock"))
     }
 }
 

@@ -78,6 +78,7 @@ use sd_core::redis::Script;
 use tokio::sync::{Notify, watch};
 
 use crate::clock::{Clock, MonotonicClock, saturating_nanos};
+use crate::expiring::Loaded;
 use crate::memory::Cache;
 use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};
 use crate::stats::CacheStats;
@@ -209,16 +210,20 @@ where
     async fn get_from_redis(&self, key: &str) -> Result<Option<V>> {
         let inner = &self.inner;
         let mark = inner.local.write_mark(key);
-        let read = inner.remote.get(key).await;
+        let read = inner.remote.get_loaded(key).await;
         if let Err(Error::Backend { .. }) = &read {
             inner.lapse();
         }
-        if let Ok(Some(v)) = &read {
+        if let Ok(Loaded {
+            value: Some(v),
+            ttl,
+        }) = &read
+        {
             inner
                 .local
-                .insert_if_unchanged(key.to_owned(), mark, v.clone());
+                .insert_if_unchanged(key.to_owned(), mark, v.clone(), *ttl);
         }
-        read
+        read.map(|l| l.value)
     }
 
     /// Stores `value` for `key` in Redis and returns once every other instance dropped its
@@ -266,12 +271,21 @@ where
         ///
         /// As [`RedisCache::try_get_or_load_optional`].
         try_get_or_load_optional;
+        /// Like [`try_get_or_load_optional`](Self::try_get_or_load_optional) for a loader
+        /// that chooses each entry's lifetime ([`Expiring`](crate::Expiring)). The Redis
+        /// entry lives that long; a memory copy lives at most `local_ttl` and never past
+        /// the Redis entry's expiry.
+        ///
+        /// # Errors
+        ///
+        /// As [`RedisCache::try_get_or_load_optional`].
+        try_get_or_load_expiring;
     }
 
     async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>>> + Send + 'static,
+        Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,
     {
         if let Some(v) = self.inner.hit(key, want_value) {
             return Ok(v);
@@ -283,11 +297,14 @@ where
     async fn resolve_slow<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>>> + Send + 'static,
+        Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,
     {
         let inner = &self.inner;
         if !inner.serving() {
-            return inner.remote_resolve(key, load, want_value).await;
+            return inner
+                .remote_resolve(key, load, want_value)
+                .await
+                .map(|l| l.value);
         }
         // The memory tier's own single-flight, XFetch and "no store after an invalidation"
         // apply; its loader is the Redis tier.

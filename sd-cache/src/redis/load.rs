@@ -5,8 +5,8 @@ use super::*;
 
 /// Why the in-process leader stopped waiting without the lock.
 enum Next<V> {
-    /// Another process stored a fresh value.
-    Fresh(Option<V>),
+    /// Another process stored a fresh value (with what is left of its lifetime).
+    Fresh(Loaded<V>),
     /// An early refresh found another process refreshing.
     Skip,
     Failed(Error),
@@ -21,7 +21,23 @@ where
     pub(crate) async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Shared<V>
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Shared<V>> + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
+    {
+        self.resolve_loaded(key, load, want_value)
+            .await
+            .map(|l| l.value)
+    }
+
+    /// [`Self::resolve`], with what is left of the value's lifetime in Redis.
+    pub(crate) async fn resolve_loaded<L, Fut>(
+        &self,
+        key: &str,
+        load: L,
+        want_value: bool,
+    ) -> Load<V>
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
     {
         Self::check_key(key)?;
         let read = match self.read(key, Lock::Never, "").await {
@@ -37,7 +53,10 @@ where
             Counters::bump(&self.inner.counters.hits);
             let value = value.clone();
             self.maybe_refresh(key, &read, load);
-            return Ok(value);
+            return Ok(Loaded {
+                value,
+                ttl: Some(read.remaining()),
+            });
         }
         Counters::bump(&self.inner.counters.misses);
         let owned = key.to_owned();
@@ -51,10 +70,10 @@ where
     }
 
     /// Runs the loader around a failed Redis, coalesced in-process, uncached.
-    async fn fallback<L, Fut>(&self, key: &str, load: L, cause: Error) -> Shared<V>
+    async fn fallback<L, Fut>(&self, key: &str, load: L, cause: Error) -> Load<V>
     where
         L: FnOnce() -> Fut,
-        Fut: Future<Output = Shared<V>>,
+        Fut: Future<Output = Load<V>>,
     {
         let owned = key.to_owned();
         let (result, _) = self
@@ -65,10 +84,10 @@ where
         result
     }
 
-    async fn fallback_load<L, Fut>(&self, load: L, cause: Error) -> Shared<V>
+    async fn fallback_load<L, Fut>(&self, load: L, cause: Error) -> Load<V>
     where
         L: FnOnce() -> Fut,
-        Fut: Future<Output = Shared<V>>,
+        Fut: Future<Output = Load<V>>,
     {
         tracing::warn!(error = %cause, "sd-cache: redis failed, reading through the loader");
         Counters::bump(&self.inner.counters.fallbacks);
@@ -77,7 +96,11 @@ where
         self.inner
             .counters
             .record_load(start.elapsed(), result.is_ok());
-        result
+        // Not stored anywhere, so not to be kept by a memory tier either.
+        result.map(|l| Loaded {
+            value: l.value,
+            ttl: Some(Duration::ZERO),
+        })
     }
 
     /// Starts a background refresh if XFetch says so: at most one per key in this process
@@ -86,7 +109,7 @@ where
     fn maybe_refresh<L, Fut>(&self, key: &str, read: &Read<V>, load: L)
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Shared<V>> + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
     {
         let settings = &self.inner.settings;
         if read.now < settings.policy.refresh_from(read.expiry, read.delta) {
@@ -131,10 +154,10 @@ where
         load: L,
         want_value: bool,
         refresh: Option<String>,
-    ) -> Shared<V>
+    ) -> Load<V>
     where
         L: FnOnce() -> Fut,
-        Fut: Future<Output = Shared<V>>,
+        Fut: Future<Output = Load<V>>,
     {
         let token = format!(
             "{:016x}",
@@ -175,7 +198,10 @@ where
             if let Some(value) = &read.fresh
                 && (value.is_some() || !want_value)
             {
-                break Err(Next::Fresh(value.clone()));
+                break Err(Next::Fresh(Loaded {
+                    value: value.clone(),
+                    ttl: Some(read.remaining()),
+                }));
             }
             let waited = start.elapsed();
             if waited >= self.inner.settings.wait_timeout {
@@ -199,10 +225,13 @@ where
             .remove_if(&key, |_, n| Arc::strong_count(n) == 1);
         match next {
             Ok(read) => self.load_and_store(&key, load, read, &token).await,
-            Err(Next::Fresh(value)) => Ok(value),
+            Err(Next::Fresh(loaded)) => Ok(loaded),
             Err(Next::Skip) => {
                 Counters::bump(&self.inner.counters.skipped_refreshes);
-                Ok(None)
+                Ok(Loaded {
+                    value: None,
+                    ttl: Some(Duration::ZERO),
+                })
             }
             Err(Next::Failed(e @ Error::Backend { .. }))
                 if self.inner.settings.fallback_to_loader && refresh.is_none() =>
@@ -220,10 +249,10 @@ where
         load: L,
         read: Read<V>,
         token: &str,
-    ) -> Shared<V>
+    ) -> Load<V>
     where
         L: FnOnce() -> Fut,
-        Fut: Future<Output = Shared<V>>,
+        Fut: Future<Output = Load<V>>,
     {
         let start = tokio::time::Instant::now();
         let result = load().await;
@@ -233,35 +262,48 @@ where
             Counters::bump(&self.inner.counters.early_refreshes);
         }
         match result {
-            Ok(value) => {
-                if let Err(e) = self
-                    .write(key, value.as_ref(), delta, Some(&read.version), token)
-                    .await
-                {
-                    tracing::warn!(error = %e, "sd-cache: loaded but could not store the value");
-                }
-                Ok(value)
+            Ok(loaded) => {
+                let written = self
+                    .write(
+                        key,
+                        loaded.value.as_ref(),
+                        loaded.ttl,
+                        delta,
+                        Some(&read.version),
+                        token,
+                    )
+                    .await;
+                let life = match written {
+                    Ok((version, life)) if version >= 0 => life,
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sd-cache: loaded but could not store the value");
+                        None
+                    }
+                };
+                Ok(Loaded {
+                    value: loaded.value,
+                    ttl: Some(life.unwrap_or_default()),
+                })
             }
             Err(error) => {
-                let mut conn = self.inner.conn.clone();
-                let unlocked = UNLOCK
-                    .call(1)
-                    .arg(self.lock_key(key))
-                    .arg(token)
-                    .arg(&self.inner.channel)
-                    .arg(key)
-                    .invoke::<i64>(&mut conn)
-                    .await;
-                if let Err(e) = unlocked {
+                if let Err(e) = self.unlock(key, token).await {
                     tracing::warn!(error = %e, "sd-cache: could not release the load lock; it expires by itself");
                 }
-                if let Some(fresh) = read.fresh {
-                    return Ok(fresh);
+                let remaining = read.remaining();
+                if let Some(value) = read.fresh {
+                    return Ok(Loaded {
+                        value,
+                        ttl: Some(remaining),
+                    });
                 }
                 match read.stale {
                     Some(v) => {
                         Counters::bump(&self.inner.counters.stale_served);
-                        Ok(Some(v))
+                        Ok(Loaded {
+                            value: Some(v),
+                            ttl: Some(Duration::ZERO),
+                        })
                     }
                     None => Err(error),
                 }

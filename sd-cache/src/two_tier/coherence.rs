@@ -42,13 +42,13 @@ where
         key: &str,
         load: L,
         want_value: bool,
-    ) -> Result<Option<V>>
+    ) -> crate::memory::Load<V>
     where
         L: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>>> + Send + 'static,
+        Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,
     {
         let fallbacks = self.remote.fallback_count();
-        let result = self.remote.resolve(key, load, want_value).await;
+        let result = self.remote.resolve_loaded(key, load, want_value).await;
         if matches!(result, Err(Error::Backend { .. })) || self.remote.fallback_count() != fallbacks
         {
             self.lapse();
