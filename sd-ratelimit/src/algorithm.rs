@@ -401,6 +401,13 @@ pub struct Decision {
     /// For a leaky queue: how long the caller must wait before acting on an admitted
     /// request (its reserved slot). Zero for every other algorithm.
     pub delay: Duration,
+    /// Whether the request was refused as a penalty: its key exceeded the limit and is
+    /// refused outright until [`Self::retry_after`] has passed, whatever the limit
+    /// would admit meanwhile (a limiter built with a `penalty`, as
+    /// [`MemoryLimiterBuilder::penalty`](crate::memory::MemoryLimiterBuilder::penalty)).
+    /// Set on the refusal that starts the block and on every refusal during it; always
+    /// `false` when allowed.
+    pub penalty: bool,
 }
 
 impl Decision {
@@ -418,16 +425,19 @@ impl Decision {
             out.retry_after = out.retry_after.max(d.retry_after);
             out.reset_after = out.reset_after.max(d.reset_after);
             out.delay = out.delay.max(d.delay);
+            out.penalty |= d.penalty;
         }
         Some(out)
     }
 }
 
 mod kernel;
+mod penalty;
 
 #[cfg(test)]
 pub(crate) use kernel::is_full;
 pub(crate) use kernel::{OTHER_STATE, Params, Step, Virtual, decide, gcra_decide, refund};
+pub(crate) use penalty::{penalize, penalty_ticks};
 
 #[cfg(test)]
 mod tests;

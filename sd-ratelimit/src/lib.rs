@@ -43,6 +43,12 @@
 //! leaky queue). Invalid numbers fail at construction with [`Error::InvalidConfig`]
 //! naming the field.
 //!
+//! A limiter built with a penalty
+//! ([`memory::MemoryLimiterBuilder::penalty`], `redis::RedisLimiterBuilder::penalty`)
+//! refuses a key outright for that long once its limit denies it, whatever the limit
+//! would admit meanwhile (the login-abuse case): [`Decision::penalty`] marks such a
+//! refusal and `retry_after` (the tower layer's `Retry-After`) is the time left.
+//!
 //! # Backends and their guarantees
 //!
 //! | | [`memory`] | `redis` (feature `redis`) |
@@ -53,6 +59,7 @@
 //! | several limits | all or none (taken in order, given back on denial) | all or none (one script) |
 //! | quota change | keeps state: no fresh burst | limit travels with each call: no fresh burst |
 //! | failure | none | `redis::FailurePolicy`: open, closed, or a local limiter |
+//! | penalty | a block word beside the key's state, read before its compare-and-swap | a block key beside the state (same hash slot), read and started in the deciding script |
 //! | fast paths | `allow()`: admitted or not, no [`Decision`] built | `redis::RedisLimiterBuilder::deny_cache`: keys Redis denied answered locally until they could be admitted |
 //!
 //! Both backends make identical decisions for the same requests at the same times (a

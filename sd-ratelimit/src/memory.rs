@@ -110,18 +110,21 @@ struct LimitCell {
     limit: std::sync::Mutex<Limit>,
 }
 
-/// The hot path's words for `params` (see [`LimitCell::gcra`]).
-fn gcra_words(params: Params) -> [u64; 3] {
+/// The hot path's words for `params` (see [`LimitCell::gcra`]); zeros unless `fast`.
+fn gcra_words(params: Params, fast: bool) -> [u64; 3] {
     params
         .gcra()
+        .filter(|_| fast)
         .map_or([0; 3], |(unit, cap, burst)| [unit, cap, burst])
 }
 
 impl LimitCell {
-    fn new(limit: Limit, params: Params) -> Self {
+    /// `fast`: whether GCRA and the leaky meter may take the hot path (not with a
+    /// penalty, which the hot path does not read).
+    fn new(limit: Limit, params: Params, fast: bool) -> Self {
         LimitCell {
             version: AtomicU64::new(0),
-            gcra: gcra_words(params).map(AtomicU64::new),
+            gcra: gcra_words(params, fast).map(AtomicU64::new),
             words: params.to_words().map(AtomicU64::new),
             limit: std::sync::Mutex::new(limit),
         }
@@ -155,7 +158,7 @@ impl LimitCell {
         }
     }
 
-    fn store(&self, limit: Limit, params: Params) {
+    fn store(&self, limit: Limit, params: Params, fast: bool) {
         let mut current = self
             .limit
             .lock()
@@ -166,7 +169,7 @@ impl LimitCell {
         for (word, value) in self.words.iter().zip(params.to_words()) {
             word.store(value, Ordering::Relaxed);
         }
-        for (word, value) in self.gcra.iter().zip(gcra_words(params)) {
+        for (word, value) in self.gcra.iter().zip(gcra_words(params, fast)) {
             word.store(value, Ordering::Relaxed);
         }
         self.version.store(v + 2, Ordering::Release);
@@ -190,17 +193,24 @@ struct Core<C> {
     /// Neither shadow mode nor denial counting: a denial needs no bookkeeping.
     plain: bool,
     stats: Stats,
+    /// The penalty in nanoseconds; zero when off (and in shadow mode, which blocks
+    /// nothing).
+    penalty: u64,
 }
 
 impl<C: Clock> Core<C> {
-    fn new(limit: Limit, clock: C, shadow: bool, count_denials: bool) -> Result<Self> {
-        let params = limit.params(TICK_NS)?;
+    /// The core of a limiter built from `options`, on the clock they were given.
+    fn new(options: MemoryLimiterBuilder<C>) -> Result<Self> {
+        let params = options.limit.params(TICK_NS)?;
+        let penalty = algorithm::penalty_ticks(options.penalty, TICK_NS, u64::MAX / 2)?;
+        let penalty = if options.shadow { 0 } else { penalty };
         Ok(Core {
-            limit: LimitCell::new(limit, params),
-            clock,
-            shadow,
-            plain: !shadow && !count_denials,
-            stats: Stats::new(count_denials),
+            limit: LimitCell::new(options.limit, params, penalty == 0),
+            clock: options.clock,
+            shadow: options.shadow,
+            plain: !options.shadow && !options.count_denials,
+            stats: Stats::new(options.count_denials),
+            penalty,
         })
     }
 
@@ -209,7 +219,7 @@ impl<C: Clock> Core<C> {
         if !self.limit.params().same_state(&params) {
             return Err(Error::config("limit", crate::algorithm::OTHER_STATE));
         }
-        self.limit.store(limit, params);
+        self.limit.store(limit, params, self.penalty == 0);
         Ok(())
     }
 
@@ -259,6 +269,37 @@ fn gcra_apply(cell: &AtomicU64, unit: u64, cap: u64, burst: u64, now: u64, cost:
     }
 }
 
+/// [`apply`] under a penalty of `penalty` ticks (zero: off) whose block ends at the time
+/// in `blocked`: a blocked key is decided without taking anything and refused; a
+/// denial starts a block. The block word is read before the state is changed, so every
+/// decision that starts after a block was stored is refused; one decided at the same
+/// moment as the denial that starts it may still be admitted, as it would have been a
+/// moment earlier.
+#[inline]
+fn apply_penalized(
+    cell: &AtomicU64,
+    blocked: &AtomicU64,
+    p: &Params,
+    now: u64,
+    cost: u32,
+    penalty: u64,
+) -> Step {
+    if penalty == 0 {
+        return apply(cell, p, now, cost);
+    }
+    let until = blocked.load(Ordering::Acquire);
+    let step = if until > now {
+        algorithm::decide(p, cell.load(Ordering::Acquire), now, cost)
+    } else {
+        apply(cell, p, now, cost)
+    };
+    let (step, start) = algorithm::penalize(step, until, now, penalty);
+    if let Some(end) = start {
+        blocked.fetch_max(end, Ordering::AcqRel);
+    }
+    step
+}
+
 /// One state, updated with a compare-and-swap loop: decides on the value read and
 /// publishes the new state only if nobody changed it meanwhile.
 #[inline]
@@ -286,6 +327,8 @@ fn apply(cell: &AtomicU64, p: &Params, now: u64, cost: u32) -> Step {
 struct Cell {
     state: AtomicU64,
     full_at: AtomicU64,
+    /// The end of the key's penalty (see [`apply_penalized`]); zero when never blocked.
+    blocked_until: AtomicU64,
 }
 
 const STATE_IS_TIME: u64 = u64::MAX;
@@ -295,12 +338,13 @@ impl Cell {
         Cell {
             state: AtomicU64::new(0),
             full_at: AtomicU64::new(if p.state_is_time() { STATE_IS_TIME } else { 0 }),
+            blocked_until: AtomicU64::new(0),
         }
     }
 
     #[inline]
-    fn apply(&self, p: &Params, now: u64, cost: u32) -> Step {
-        let step = apply(&self.state, p, now, cost);
+    fn apply(&self, p: &Params, now: u64, cost: u32, penalty: u64) -> Step {
+        let step = apply_penalized(&self.state, &self.blocked_until, p, now, cost, penalty);
         if step.state.is_some() && !p.state_is_time() {
             self.full_at
                 .fetch_max(now.saturating_add(step.reset_after), Ordering::AcqRel);
@@ -308,7 +352,11 @@ impl Cell {
         step
     }
 
+    /// Whether the key is back to full and serves no penalty, so it can be forgotten.
     fn is_full(&self, now: u64) -> bool {
+        if self.blocked_until.load(Ordering::Acquire) > now {
+            return false;
+        }
         match self.full_at.load(Ordering::Acquire) {
             STATE_IS_TIME => self.state.load(Ordering::Acquire) <= now,
             at => at <= now,
@@ -333,9 +381,10 @@ pub struct MemoryLimiterBuilder<C = MonotonicClock> {
     max_keys: usize,
     idle_grace: Duration,
     count_denials: bool,
+    penalty: Duration,
 }
 
-/// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 64 MiB at most).
+/// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 72 MiB at most).
 pub const DEFAULT_MAX_KEYS: usize = 1 << 20;
 
 impl MemoryLimiterBuilder<MonotonicClock> {
@@ -348,6 +397,7 @@ impl MemoryLimiterBuilder<MonotonicClock> {
             max_keys: DEFAULT_MAX_KEYS,
             idle_grace: Duration::from_secs(1),
             count_denials: false,
+            penalty: Duration::ZERO,
         }
     }
 }
@@ -362,6 +412,7 @@ impl<C: Clock> MemoryLimiterBuilder<C> {
             max_keys: self.max_keys,
             idle_grace: self.idle_grace,
             count_denials: self.count_denials,
+            penalty: self.penalty,
         }
     }
 
@@ -393,11 +444,55 @@ impl<C: Clock> MemoryLimiterBuilder<C> {
         self
     }
 
+    /// A penalty after the limit is exceeded: a key the limit denies is then refused
+    /// outright for `penalty`, whatever its limit would admit meanwhile
+    /// ([`Decision::penalty`] says so, and `retry_after` is the time left). Requests
+    /// refused during the block take nothing and do not extend it; after it, the limit
+    /// decides again on what the key had left. The login-abuse case: five attempts a
+    /// minute, then fifteen minutes of nothing.
+    ///
+    /// `Duration::ZERO` (the default) is no penalty, and keeps GCRA on its fastest path.
+    /// Shadow mode starts no penalty (its denials change no state). Longer than about
+    /// 290 years fails in `build` naming `penalty`.
+    ///
+    /// A blocked key is never swept, so its block survives until it ends. The block is
+    /// read before the key's state is changed: every decision that starts after a
+    /// refusal has returned honours the block it began.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sd_ratelimit::{Limit, Quota, memory::{ManualClock, MemoryLimiterBuilder}};
+    ///
+    /// // Five login attempts a minute, then fifteen minutes of nothing.
+    /// let clock = ManualClock::new();
+    /// let logins = MemoryLimiterBuilder::new(Limit::gcra(Quota::per_minute(5)?))
+    ///     .penalty(Duration::from_secs(15 * 60))
+    ///     .clock(clock.clone())
+    ///     .keyed::<String>()?;
+    /// for _ in 0..5 {
+    ///     assert!(logins.check("alice")?.allowed);
+    /// }
+    /// let refused = logins.check("alice")?;
+    /// assert!(!refused.allowed && refused.penalty);
+    /// assert_eq!(refused.retry_after, Duration::from_secs(15 * 60));
+    /// // Ten minutes on the limit would admit five more; the penalty admits none.
+    /// clock.advance(Duration::from_secs(10 * 60));
+    /// assert_eq!(logins.check("alice")?.retry_after, Duration::from_secs(5 * 60));
+    /// clock.advance(Duration::from_secs(5 * 60));
+    /// assert!(logins.check("alice")?.allowed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn penalty(mut self, penalty: Duration) -> Self {
+        self.penalty = penalty;
+        self
+    }
+
     /// A limiter for the whole process.
     pub fn direct(self) -> Result<DirectLimiter<C>> {
         Ok(DirectLimiter {
-            core: Core::new(self.limit, self.clock, self.shadow, self.count_denials)?,
+            core: Core::new(self)?,
             state: AtomicU64::new(0),
+            blocked_until: AtomicU64::new(0),
         })
     }
 
@@ -414,11 +509,12 @@ impl<C: Clock> MemoryLimiterBuilder<C> {
         if self.max_keys == 0 {
             return Err(Error::config("max_keys", "must be at least 1"));
         }
+        let (max_keys, idle_grace) = (self.max_keys, nanos(self.idle_grace));
         Ok(KeyedLimiter {
-            core: Core::new(self.limit, self.clock, self.shadow, self.count_denials)?,
+            core: Core::new(self)?,
             map: DashMap::with_hasher_and_shard_amount(hasher, shard_amount()),
-            max_keys: self.max_keys,
-            idle_grace: nanos(self.idle_grace),
+            max_keys,
+            idle_grace,
             len: AtomicUsize::new(0),
             inserts_since_sweep: AtomicUsize::new(0),
             sweeping: std::sync::Mutex::new(()),

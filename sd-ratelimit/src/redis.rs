@@ -91,6 +91,7 @@ pub struct RedisLimiterBuilder {
     shadow: bool,
     batch: usize,
     deny_cache: usize,
+    penalty: Duration,
 }
 
 impl RedisLimiterBuilder {
@@ -104,6 +105,7 @@ impl RedisLimiterBuilder {
             shadow: false,
             batch: 1,
             deny_cache: 0,
+            penalty: Duration::ZERO,
         }
     }
 
@@ -174,6 +176,27 @@ impl RedisLimiterBuilder {
         self
     }
 
+    /// A penalty after the limit is exceeded: a key the limit denies is then refused
+    /// outright for `penalty`, whatever its limit would admit meanwhile
+    /// ([`Decision::penalty`] says so, and `retry_after` is the time left), as the
+    /// memory limiter's [`penalty`](memory::MemoryLimiterBuilder::penalty) does and with
+    /// the same decisions.
+    ///
+    /// The block is a key of its own beside the key's state (`{prefix}:{{key}}:b`, in
+    /// the same hash slot), holding the block's end in server time and expiring with
+    /// it; the same script that decides reads it and starts it, so the check and the
+    /// block are one atomic step. Every call honours it ([`RedisLimiter::check_with`]
+    /// and [`RedisLimiter::check_all`] too: in a multi-limit check each key whose limit
+    /// denies is blocked). `Duration::ZERO` (the default) is no penalty and costs
+    /// nothing; shadow mode starts no penalty. With
+    /// [`deny_cache`](Self::deny_cache), a key refused as a penalty is answered locally
+    /// for every cost until the block ends. Longer than about 70 years fails in `build`
+    /// naming `penalty`.
+    pub fn penalty(mut self, penalty: Duration) -> Self {
+        self.penalty = penalty;
+        self
+    }
+
     /// A limiter on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(
@@ -191,10 +214,14 @@ impl RedisLimiterBuilder {
             ));
         }
         let params = redis_params(&self.limit)?;
+        let penalty = crate::algorithm::penalty_ticks(self.penalty, TICK_NS, LUA_EXACT / 4)?;
+        let penalty = if self.shadow { 0 } else { penalty };
         let local = match self.policy {
-            FailurePolicy::Local(limit) => {
-                Some(memory::MemoryLimiterBuilder::new(limit).keyed::<String>()?)
-            }
+            FailurePolicy::Local(limit) => Some(
+                memory::MemoryLimiterBuilder::new(limit)
+                    .penalty(self.penalty)
+                    .keyed::<String>()?,
+            ),
             _ => None,
         };
         Ok(RedisLimiter {
@@ -205,6 +232,7 @@ impl RedisLimiterBuilder {
             policy: self.policy,
             local,
             shadow: self.shadow,
+            penalty,
             stats: Stats::new(true),
             denied: (self.deny_cache > 0).then(|| DenyCache {
                 entries: dashmap::DashMap::default(),
@@ -216,6 +244,7 @@ impl RedisLimiterBuilder {
                     conn,
                     timeout: self.timeout,
                     max: self.batch,
+                    penalty,
                     state: Mutex::new(BatchState::default()),
                 })
             }),
@@ -262,6 +291,8 @@ pub struct RedisLimiter<C> {
     policy: FailurePolicy,
     local: Option<KeyedLimiter<String>>,
     shadow: bool,
+    /// The penalty in microseconds; zero when off.
+    penalty: u64,
     stats: Stats,
     denied: Option<DenyCache>,
     batcher: Option<Arc<Batcher<C>>>,
@@ -275,6 +306,7 @@ impl<C> std::fmt::Debug for RedisLimiter<C> {
             .field("timeout", &self.timeout)
             .field("policy", &self.policy)
             .field("shadow", &self.shadow)
+            .field("penalty", &Duration::from_micros(self.penalty))
             .field("batch", &self.batcher.as_ref().map_or(1, |b| b.max))
             .finish_non_exhaustive()
     }
@@ -404,24 +436,22 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
             }
             _ => {
                 let now = now.map(|n| n.to_string()).unwrap_or_default();
+                let keys: Vec<String> = items.iter().map(|(k, ..)| self.redis_key(k)).collect();
                 let call = match items {
-                    [(key, _, p, cost)] if gcra_only(&script_args(p)) => {
+                    [(_, _, p, cost)] if gcra_only(&script_args(p)) => {
                         // Only unit and cap: gcra.lua knows the kind.
                         let a = script_args(p);
-                        let mut call = GCRA.call(1);
-                        call.arg(self.redis_key(key))
-                            .arg(now)
+                        let mut call = with_keys(&GCRA, &keys, self.penalty);
+                        call.arg(now)
+                            .arg(self.penalty)
                             .arg(a[3])
                             .arg(a[4])
                             .arg(*cost);
                         call
                     }
                     _ => {
-                        let mut call = SCRIPT.call(items.len());
-                        for (key, ..) in items {
-                            call.arg(self.redis_key(key));
-                        }
-                        call.arg(now).arg("all");
+                        let mut call = with_keys(&SCRIPT, &keys, self.penalty);
+                        call.arg(now).arg("all").arg(self.penalty);
                         for (_, _, p, cost) in items {
                             call.arg(&script_args(p)[..]).arg(*cost);
                         }
@@ -437,7 +467,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
         match decision {
             Ok(d) => {
                 if let (Some(cache), [(key, _, _, cost)], false) = (cache, items, d.allowed) {
-                    cache.insert(key, *cost, sent, d);
+                    // A block refuses every cost.
+                    let cost = if d.penalty { 0 } else { *cost };
+                    cache.insert(key, cost, sent, d);
                 }
                 Ok(self.stats.record(d, self.shadow))
             }
@@ -470,6 +502,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
                     retry_after: Duration::from_secs(1),
                     reset_after: Duration::from_secs(1),
                     delay: Duration::ZERO,
+                    penalty: false,
                 },
                 self.shadow,
             )),
@@ -480,9 +513,30 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
                 retry_after: Duration::ZERO,
                 reset_after: Duration::ZERO,
                 delay: Duration::ZERO,
+                penalty: false,
             }),
         }
     }
+}
+
+/// The block key of the state key `key` (see [`RedisLimiterBuilder::penalty`]): the same
+/// hash tag, so one script may touch both on a cluster.
+fn block_key(key: &str) -> String {
+    format!("{key}:b")
+}
+
+/// A call of `script` on the state keys `keys`, followed by their block keys when a
+/// penalty is on.
+fn with_keys(script: &'static Script, keys: &[String], penalty: u64) -> ScriptCall<'static> {
+    let blocks = if penalty > 0 { keys.len() } else { 0 };
+    let mut call = script.call(keys.len() + blocks);
+    for key in keys {
+        call.arg(key);
+    }
+    for key in &keys[..blocks] {
+        call.arg(block_key(key));
+    }
+    call
 }
 
 /// Runs `call` on a clone of `conn` (`EVALSHA`, then `EVAL` once on `NOSCRIPT`).
@@ -528,6 +582,7 @@ fn decode(values: &[i64], n: usize) -> Result<Decision> {
             let u = |i: usize| u64::try_from(v[i]).unwrap_or(0);
             Step {
                 allowed: v[0] == 1,
+                penalty: v[0] == 2,
                 limit: u(1),
                 remaining: u(2),
                 retry_after: u(3),

@@ -311,9 +311,14 @@ where
                     Ok(resp)
                 }
                 Ok(d) => {
-                    tracing::info!(status = 429, %key, retry_after = ?d.retry_after, "refused a request: rate limited");
-                    let detail =
-                        format!("rate limited; retry after {} s", secs(d.retry_after).max(1));
+                    tracing::info!(status = 429, %key, retry_after = ?d.retry_after, penalty = d.penalty, "refused a request: rate limited");
+                    let what = if d.penalty {
+                        "rate limit exceeded, blocked as a penalty"
+                    } else {
+                        "rate limited"
+                    };
+                    let secs = secs(d.retry_after).max(1);
+                    let detail = format!("{what}; retry after {secs} s");
                     Ok(layer.refuse(grpc, StatusCode::TOO_MANY_REQUESTS, &detail, Some(&d)))
                 }
                 Err(e @ Error::TooManyKeys { .. }) => {

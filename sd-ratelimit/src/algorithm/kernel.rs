@@ -72,6 +72,9 @@ pub(crate) struct Step {
     pub(crate) retry_after: u64,
     pub(crate) reset_after: u64,
     pub(crate) delay: u64,
+    /// Refused as a penalty: the key exceeded its limit and is blocked (see
+    /// [`super::penalize`]).
+    pub(crate) penalty: bool,
     /// The new state; `None` when nothing changes (denied, or cost zero).
     pub(crate) state: Option<u64>,
 }
@@ -89,6 +92,7 @@ impl Step {
             retry_after: d(self.retry_after),
             reset_after: d(self.reset_after),
             delay: d(self.delay),
+            penalty: self.penalty,
         }
     }
 }
@@ -269,6 +273,7 @@ pub(crate) fn gcra_decide(unit: u64, cap: u64, burst: u64, s: u64, now: u64, cos
             retry_after: 0,
             reset_after: used,
             delay: 0,
+            penalty: false,
             state: (cost > 0).then_some(next),
         }
     } else {
@@ -284,6 +289,7 @@ pub(crate) fn gcra_decide(unit: u64, cap: u64, burst: u64, s: u64, now: u64, cos
             retry_after: used - cap,
             reset_after: base - now,
             delay: 0,
+            penalty: false,
             state: None,
         }
     }
@@ -336,6 +342,7 @@ pub(super) fn virtual_decide(v: &Virtual, s: u64, now: u64, cost: u32) -> Step {
         },
         reset_after: time_of(after, tick, per_tick).saturating_sub(now),
         delay: if admitted { wait } else { 0 },
+        penalty: false,
         state: (admitted && cost > 0).then_some(next),
     }
 }
@@ -409,6 +416,7 @@ fn window_decide(window: u64, limit: u64, s: u64, now: u64, cost: u32) -> Step {
         retry_after,
         reset_after,
         delay: 0,
+        penalty: false,
         state: (admitted && n > 0).then(|| {
             let (_, p, _) = window_view(window, s, now);
             pack_window(stored_idx, p, cur_after)

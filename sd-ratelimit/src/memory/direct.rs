@@ -23,6 +23,7 @@ use super::*;
 pub struct DirectLimiter<C = MonotonicClock> {
     pub(super) core: Core<C>,
     pub(super) state: AtomicU64,
+    pub(super) blocked_until: AtomicU64,
 }
 
 impl<C: Clock> DirectLimiter<C> {
@@ -71,7 +72,9 @@ impl<C: Clock> DirectLimiter<C> {
     fn check_general(&self, cost: u32) -> Result<Decision> {
         let p = self.core.limit.params();
         p.check_cost(cost)?;
-        let step = apply(&self.state, &p, now_ns(&self.core.clock), cost);
+        let now = now_ns(&self.core.clock);
+        let penalty = self.core.penalty;
+        let step = apply_penalized(&self.state, &self.blocked_until, &p, now, cost, penalty);
         Ok(self.core.finish(&step))
     }
 

@@ -157,11 +157,19 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let state = self
-            .map
-            .get(key)
-            .map_or(0, |c| c.state.load(Ordering::Acquire));
-        algorithm::decide(p, state, now_ns(&self.core.clock), cost)
+        let (state, blocked_until) = self.map.get(key).map_or((0, 0), |c| {
+            let state = c.state.load(Ordering::Acquire);
+            (state, c.blocked_until.load(Ordering::Acquire))
+        });
+        let now = now_ns(&self.core.clock);
+        // A block already stored shows; none starts here.
+        algorithm::penalize(
+            algorithm::decide(p, state, now, cost),
+            blocked_until,
+            now,
+            0,
+        )
+        .0
     }
 
     fn step<Q>(&self, key: &Q, p: &Params, cost: u32) -> Result<Step>
@@ -173,21 +181,26 @@ where
         if let Some(cell) = self.map.get(key) {
             // Time is read while the key's shard is held, so a sweep that removed the key
             // as "back to full" happened at an earlier time than this decision.
-            return Ok(cell.apply(p, now_ns(&self.core.clock), cost));
+            return Ok(cell.apply(p, now_ns(&self.core.clock), cost, self.core.penalty));
         }
         let fresh = algorithm::decide(p, 0, now_ns(&self.core.clock), cost);
-        if fresh.state.is_none() || self.core.shadow && !fresh.allowed {
+        // A new key is stored when admitted with a cost, or denied under a penalty (to
+        // keep its block).
+        let keep = fresh.state.is_some() || !fresh.allowed && self.core.penalty > 0;
+        if !keep || self.core.shadow && !fresh.allowed {
             return Ok(fresh);
         }
         self.make_room()?;
         match self.map.entry(key.to_owned()) {
             Entry::Occupied(cell) => {
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                Ok(cell.get().apply(p, now_ns(&self.core.clock), cost))
+                Ok(cell
+                    .get()
+                    .apply(p, now_ns(&self.core.clock), cost, self.core.penalty))
             }
             Entry::Vacant(slot) => {
                 let cell = slot.insert(Cell::new(p));
-                Ok(cell.apply(p, now_ns(&self.core.clock), cost))
+                Ok(cell.apply(p, now_ns(&self.core.clock), cost, self.core.penalty))
             }
         }
     }

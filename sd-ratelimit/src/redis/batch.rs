@@ -27,6 +27,8 @@ pub(super) struct Batcher<C> {
     pub(super) conn: C,
     pub(super) timeout: Duration,
     pub(super) max: usize,
+    /// The limiter's penalty in microseconds (zero: none).
+    pub(super) penalty: u64,
     pub(super) state: Mutex<BatchState>,
 }
 
@@ -87,7 +89,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
 
     async fn send(&self, batch: Vec<Pending>) {
         let span = tracing::debug_span!("ratelimit.redis.batch", decisions = batch.len());
-        let call = each_call(&batch);
+        let call = each_call(&batch, self.penalty);
         let reply = timeout(self.timeout, span, invoke(&self.conn, &call)).await;
         match reply {
             Ok(Ok(values)) if values.len() == 6 * batch.len() => {
@@ -101,7 +103,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
                 // Keys on several cluster slots: one command per decision.
                 for p in batch {
                     let one = std::slice::from_ref(&p);
-                    let call = each_call(one);
+                    let call = each_call(one, self.penalty);
                     let reply = timeout(
                         self.timeout,
                         tracing::Span::none(),
@@ -156,16 +158,15 @@ fn copy_error(e: &Error) -> Error {
 
 /// The call deciding each pending decision on its own (`gcra.lua` when it can decide
 /// them all, else `limit.lua` in mode `each`).
-fn each_call(batch: &[Pending]) -> ScriptCall<'static> {
+fn each_call(batch: &[Pending], penalty: u64) -> ScriptCall<'static> {
     let gcra = batch.iter().all(|p| gcra_only(&p.args));
-    let mut cmd = if gcra { &GCRA } else { &SCRIPT }.call(batch.len());
-    for p in batch {
-        cmd.arg(&p.key);
-    }
+    let keys: Vec<String> = batch.iter().map(|p| p.key.clone()).collect();
+    let mut cmd = with_keys(if gcra { &GCRA } else { &SCRIPT }, &keys, penalty);
     cmd.arg("");
     if !gcra {
         cmd.arg("each");
     }
+    cmd.arg(penalty);
     for p in batch {
         if gcra {
             cmd.arg(p.args[3]).arg(p.args[4]);

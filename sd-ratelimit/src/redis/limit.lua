@@ -2,20 +2,24 @@
 -- A port of src/algorithm.rs on integer microseconds (Lua numbers are doubles, exact
 -- below 2^53; the Rust side validates that every value stays below).
 --
--- KEYS[i]: the state of limit i.
+-- KEYS[i]: the state of limit i; with a penalty, KEYS[n + i] is its block (n limits,
+--          2n keys).
 -- ARGV[1]: now in microseconds, or '' to read the server's TIME (the default: app
 --          servers with skewed clocks then agree).
 -- ARGV[2]: 'all' (the limits are one request: all are consumed or none is) or 'each'
 --          (a batch of independent requests: each admitted one is consumed).
--- ARGV[3 + 7(i-1) ..]: kind, p1, p2, p3, p4, p5, cost for limit i:
+-- ARGV[3]: the penalty in microseconds (0: none; see `penalize` in prelude.lua). A
+--          limit that denies blocks its key even when others make the request fail.
+-- ARGV[4 + 7(i-1) ..]: kind, p1, p2, p3, p4, p5, cost for limit i:
 --   kind 1, virtual scheduling (GCRA, token bucket, leaky bucket):
 --     tick, per_tick, unit, cap, max_wait (-1 when not a queue)
 --   kind 2, sliding window: window, limit, 0, 0, 0
--- Returns 6 integers per limit: allowed (0/1), limit, remaining, retry_after,
+-- Returns 6 integers per limit: allowed (0 denied, 1 admitted, 2 refused as a
+-- penalty), limit, remaining, retry_after,
 -- reset_after, delay (microseconds). In 'all' mode state is written only when every
 -- limit admits; each written key expires when it is back to full.
 
--- `now` and `idiv` come from prelude.lua.
+-- `now`, `idiv` and `penalize` come from prelude.lua.
 
 -- The first time at which the virtual clock floor(t / tick) * per_tick reaches v.
 local function time_of(v, tick, per_tick)
@@ -28,8 +32,13 @@ end
 
 local out, writes, all = {}, {}, true
 local each = ARGV[2] == 'each'
-for i = 1, #KEYS do
-  local o = 2 + (i - 1) * 7
+local penalty = tonumber(ARGV[3])
+local n = #KEYS
+if penalty > 0 then
+  n = n / 2
+end
+for i = 1, n do
+  local o = 3 + (i - 1) * 7
   local kind = tonumber(ARGV[o + 1])
   local cost = tonumber(ARGV[o + 7])
   local raw = redis.call('GET', KEYS[i])
@@ -126,6 +135,18 @@ for i = 1, #KEYS do
       state = string.format('%d:%d:%d', stored, prev, cur_after)
     end
   end
+  local code = allowed and 1 or 0
+  if penalty > 0 then
+    local b = KEYS[n + i]
+    local start
+    code, retry, reset, start = penalize(allowed, retry, reset, tonumber(redis.call('GET', b)) or 0, penalty)
+    if start then
+      redis.call('SET', b, string.format('%d', start), 'PX', math.max(math.ceil(penalty / 1000), 1))
+    end
+    if code == 2 then
+      allowed, remaining, delay, state = false, 0, 0, nil
+    end
+  end
   all = all and allowed
   if state then
     local px = math.max(math.ceil(reset / 1000), 1)
@@ -136,13 +157,13 @@ for i = 1, #KEYS do
       writes[#writes + 1] = { KEYS[i], state, px }
     end
   end
-  local n = #out
-  out[n + 1] = allowed and 1 or 0
-  out[n + 2] = limit
-  out[n + 3] = remaining
-  out[n + 4] = retry
-  out[n + 5] = reset
-  out[n + 6] = delay
+  local m = #out
+  out[m + 1] = code
+  out[m + 2] = limit
+  out[m + 3] = remaining
+  out[m + 4] = retry
+  out[m + 5] = reset
+  out[m + 6] = delay
 end
 
 if all then
