@@ -35,7 +35,7 @@ impl Default for Hold {
 }
 
 impl Hold {
-    async fn wait(&self) {
+    pub async fn wait(&self) {
         self.entered.send_modify(|n| *n += 1);
         self.go.acquire().await.unwrap().forget();
     }
@@ -272,6 +272,11 @@ pub async fn serve_with<S: Store + Clone + 'static>(
         .route("/unprotected", post(unprotected))
         .layer(layer)
         .with_state(payments);
+    listen(app).await
+}
+
+/// Serves `app` over HTTP on a free loopback port; returns the port.
+pub async fn listen(app: Router) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
