@@ -13,7 +13,8 @@
 //! message ([`run_once`](crate::run_once())). When the request only writes to your own
 //! PostgreSQL database, one transaction with a unique constraint on the key is simpler;
 //! [`postgres::PostgresStore::complete_in`] is the middle ground, storing the response in
-//! that transaction.
+//! that transaction (from an axum handler behind the middleware, through its
+//! [`tower::RequestClaim`]).
 //!
 //! # Example
 //!
@@ -53,6 +54,18 @@
 //! let app = Router::new().route("/payments", post(create_payment)).layer(layer);
 //! ```
 //!
+//! The middleware stores the handler's response after the handler returned, unless the
+//! handler completed the key itself through the [`tower::RequestClaim`] in its request's
+//! extensions: on PostgreSQL in the transaction that writes its rows
+//! ([`tower::RequestClaim::commit`]), so the response commits with them. Without that,
+//! a store that fails between the handler's commit and the middleware's write leaves the
+//! response unstored, and a retry after `lock_ttl` runs the handler again (the
+//! [`tower`] module docs show the handler and each store's window).
+//!
+//! A duplicate that arrives while the first request runs gets 409 with `Retry-After`, or,
+//! with [`tower::IdempotencyLayerBuilder::wait_in_flight`], waits a bounded time for the
+//! first one's response and replays it.
+//!
 //! With tonic, or any handler that is not HTTP, [`run_once`](crate::run_once()) takes the
 //! scope, key and fingerprint you read from the message: `examples/idempotent_grpc.rs`
 //! reads them from gRPC metadata and maps each outcome to a status code.
@@ -69,6 +82,15 @@
 //! | [`redis::RedisStore`] | 1 `EVALSHA` | 1 `EVALSHA` | 1 round trip | app restarts | a failover or unpersisted restart can forget claims |
 //! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
 //!
+//! | backend | completion with the handler's writes | a duplicate waiting for the first |
+//! |---|---|---|
+//! | [`MemoryStore`] | [`tower::RequestClaim::complete`]: a separate write | polls the claim, a shard lock each |
+//! | [`redis::RedisStore`] | [`tower::RequestClaim::complete`]: a separate round trip | polls the claim, one `EVALSHA` each (read only while the key is in flight) |
+//! | [`postgres::PostgresStore`] | in the handler's transaction: both commit or neither | polls the claim, one statement each; it waits on the row while the handler's transaction holds it, and sees the commit |
+//!
+//! Polls start 5 ms after the duplicate arrived and back off to 200 ms apart, so a
+//! waiting duplicate answers within about 200 ms of the first request's completion.
+//!
 //! The middleware fails closed: when the store errs or times out it answers 503 and the
 //! handler does not run ([`tower::OnStoreFailure`]). A claim that timed out may
 //! still land when a frozen store wakes: a retry with the same key then gets 409 with
@@ -84,7 +106,12 @@
 //! # Cost
 //!
 //! Round trips to the store per request: first run 2 (claim, complete), replay 1,
-//! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs.
+//! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs. A
+//! handler that completes through [`tower::RequestClaim::commit`] moves the completion
+//! into its transaction (one statement there, none after); after
+//! [`tower::RequestClaim::complete_in`] the middleware adds one release the store
+//! refuses once the transaction committed. A duplicate waiting for the first costs
+//! one claim per poll.
 //! The Redis and PostgreSQL tests count them on the server. `benches/idempotency.rs`
 //! runs a first request through the middleware on each backend beside the bare handler:
 //! the memory store adds little to a handler, Redis and PostgreSQL add their round
@@ -116,7 +143,17 @@
     not(feature = "tower"),
     doc = "",
     doc = "[`tower::IdempotencyLayer`]: #crate-features",
-    doc = "[`tower::OnStoreFailure`]: #crate-features"
+    doc = "[`tower::OnStoreFailure`]: #crate-features",
+    doc = "[`tower::RequestClaim`]: #crate-features",
+    doc = "[`tower::RequestClaim::complete`]: #crate-features",
+    doc = "[`tower`]: #crate-features",
+    doc = "[`tower::IdempotencyLayerBuilder::wait_in_flight`]: #crate-features"
+)]
+#![cfg_attr(
+    not(all(feature = "tower", feature = "postgres")),
+    doc = "",
+    doc = "[`tower::RequestClaim::complete_in`]: #crate-features",
+    doc = "[`tower::RequestClaim::commit`]: #crate-features"
 )]
 //! # Running the tests
 //!

@@ -35,7 +35,7 @@ const COMPLETED: u8 = 2;
 ///
 /// A handler that completes the key through it stores the response it is about to send,
 /// and the middleware then stores nothing: with PostgreSQL in the handler's own
-/// transaction ([`complete_in`](Self::complete_in), [`commit`](Self::commit)), so the
+/// transaction (`complete_in`, `commit`; feature `postgres`), so the
 /// response commits with the handler's rows or neither does; with any store when the
 /// handler calls [`complete`](Self::complete). The stored form is the middleware's
 /// (status, the replayed headers, body; a 500 problem in place of a response over

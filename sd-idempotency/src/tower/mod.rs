@@ -58,15 +58,23 @@
 //!
 //! | store | completion | the window |
 //! |---|---|---|
-//! | PostgreSQL, [`RequestClaim::complete_in`] / [`commit`](RequestClaim::commit) | in the handler's transaction | closed: the response commits with the rows, or neither does |
+//! | PostgreSQL, [`RequestClaim::complete_in`] / [`RequestClaim::commit`] | in the handler's transaction | closed: the response commits with the rows, or neither does |
 //! | any store, [`RequestClaim::complete`] | one write when the handler calls it | narrowed to the handler's own work after the call; the store and the handler's database are two writes |
 //! | any store, the middleware (the handler ignores the claim) | one write after the handler returned | open as described above |
 //!
 //! When the handler completed through its claim, the middleware sends its response as
-//! it is and writes nothing more; after [`complete_in`](RequestClaim::complete_in) (the
+//! it is and writes nothing more; after [`RequestClaim::complete_in`] (the
 //! handler commits its transaction itself) it asks the store to release the key, which
 //! the store refuses when the transaction committed and does when it rolled back, so a
 //! retry of a rolled-back request runs at once.
+// Without PostgreSQL the transaction methods are not there: their links lead to the
+// crate's features.
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "",
+    doc = "[`RequestClaim::complete_in`]: crate#crate-features",
+    doc = "[`RequestClaim::commit`]: crate#crate-features"
+)]
 
 use std::fmt;
 use std::future::Future;
