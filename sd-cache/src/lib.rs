@@ -16,7 +16,10 @@
 //! - **TTL jitter**, **negative caching** and bounded **serve-stale-on-error**;
 //! - **lifetimes chosen by the loader** ([`Expiring`], `try_get_or_load_expiring`): from an
 //!   HTTP `Cache-Control`, a token's expiry; expiry, XFetch, jitter and negative caching
-//!   work from each entry's own lifetime, on every backend (see [`expiring`]).
+//!   work from each entry's own lifetime, on every backend (see [`expiring`]);
+//! - **batched loads** (the DataLoader pattern, [`BatchLoader`], `get_or_load_many`): the
+//!   misses of many keys, and of concurrent single reads within a short window, load with
+//!   one call to a batch function, each key once (see [`batch`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -178,6 +181,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
+pub mod batch;
 pub mod clock;
 #[cfg(feature = "test-util")]
 pub mod conformance;
@@ -195,6 +199,7 @@ pub mod write;
 pub mod xfetch;
 
 pub use backend::{BoxCache, CacheBackend, Loader, loader};
+pub use batch::{BatchLoader, BatchLoaderBuilder};
 pub use clock::{Clock, ManualClock, MonotonicClock, RandomSource, TokioClock};
 pub use error::{Error, Result, SharedError};
 pub use expiring::Expiring;

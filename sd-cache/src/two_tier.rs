@@ -282,7 +282,12 @@ where
         try_get_or_load_expiring;
     }
 
-    async fn resolve<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>
+    pub(crate) async fn resolve<L, Fut>(
+        &self,
+        key: &str,
+        load: L,
+        want_value: bool,
+    ) -> Result<Option<V>>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,

@@ -12,7 +12,7 @@ use sd_cache::clock::FixedRandom;
 use sd_cache::{Cache, Error, Expiring, ManualClock, RedisCache, TwoTier};
 
 mod common;
-use common::{eventually, manager_with_timeout, on_shared_redis};
+use common::{eventually, manager_with_timeout, on_shared_redis, serving};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -332,24 +332,10 @@ fn redis_early_refresh_works_back_from_each_entrys_own_expiry() {
 fn two_tier_memory_copies_never_outlive_their_redis_entry() {
     on_shared_redis("expiring", |url, prefix| async move {
         let tier = || async {
-            let cache: TwoTier<u64, _> = TwoTier::builder(
-                RedisCache::builder(prefix.as_str())
-                    .ttl(secs(10))
-                    .max_ttl(secs(60)),
-            )
-            .local_ttl(secs(5))
-            .build(
-                manager_with_timeout(&url, secs(5)).await,
-                redis::Client::open(url.as_str()).unwrap(),
-            )
-            .await
-            .unwrap();
-            let c = cache.clone();
-            eventually("serving from memory", move || {
-                std::future::ready(c.is_serving_local())
-            })
-            .await;
-            cache
+            let remote = RedisCache::builder(prefix.as_str())
+                .ttl(secs(10))
+                .max_ttl(secs(60));
+            serving(&url, TwoTier::builder(remote).local_ttl(secs(5))).await
         };
         let (one, two) = (tier().await, tier().await);
         let calls = Arc::new(Mutex::new(Vec::new()));

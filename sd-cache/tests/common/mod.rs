@@ -43,3 +43,24 @@ impl<V: Clone + Send + Sync + 'static> sd_cache::Store<String, V> for Rows<V> {
         Ok(())
     }
 }
+
+/// Builds `builder` over a connection manager to `url` (5 s timeouts) and waits until
+/// the instance serves from its memory tier.
+pub(crate) async fn serving(
+    url: &str,
+    builder: sd_cache::TwoTierBuilder<u64, sd_cache::JsonCodec>,
+) -> sd_cache::TwoTier<u64, ConnectionManager> {
+    let cache = builder
+        .build(
+            manager_with_timeout(url, Duration::from_secs(5)).await,
+            redis::Client::open(url).unwrap(),
+        )
+        .await
+        .unwrap();
+    let c = cache.clone();
+    eventually("serving from memory", move || {
+        std::future::ready(c.is_serving_local())
+    })
+    .await;
+    cache
+}
