@@ -58,4 +58,5 @@ sd_core::boxed_twin! {
     fn release(claim: &Claim;) -> ();
     fn extend(claim: &Claim; lock_ttl: Duration) -> ();
     fn sweep(;) -> u64;
+    fn poll_claim(scope: &str, key: &str, fingerprint: &Fingerprint; lock_ttl: Duration) -> ClaimOutcome;
 }

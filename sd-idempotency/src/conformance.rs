@@ -86,6 +86,7 @@ pub async fn all<S: Store + Clone + 'static>(h: &Harness<S>) {
     retention_ends_the_replay(h).await;
     sweep_spares_live_claims(h).await;
     bad_ttls_are_config_errors(h).await;
+    poll_claim_answers_as_claim(h).await;
     run_once_runs_once_and_replays(h).await;
     run_once_failed_work_releases_the_key(h).await;
     run_once_duplicate_in_flight(h).await;
@@ -247,6 +248,43 @@ pub async fn takeover_bumps_the_epoch_and_refuses_the_late_holder<S: Store>(h: &
             .unwrap(),
         ClaimOutcome::Completed(winner)
     );
+}
+
+/// `poll_claim` answers as `claim`: in flight while the key is held, a mismatch for
+/// another fingerprint, the stored response once completed, and the key itself once its
+/// holder released it or its lock lapsed (a takeover, epoch + 1).
+pub async fn poll_claim_answers_as_claim<S: Store>(h: &Harness<S>) {
+    let scope = scope();
+    let long = Duration::from_secs(60);
+    let poll = async |key: &str, f: &str, ttl: Duration| {
+        h.store.poll_claim(&scope, key, &fp(f), ttl).await.unwrap()
+    };
+    let first = must_claim(&h.store, &scope, "k", "a", long).await;
+    assert!(matches!(
+        poll("k", "a", long).await,
+        ClaimOutcome::InFlight { retry_after } if retry_after > Duration::ZERO && retry_after <= long
+    ));
+    assert_eq!(poll("k", "b", long).await, ClaimOutcome::Mismatch);
+    must_complete(&h.store, &first, "done", long).await;
+    assert_eq!(
+        poll("k", "a", long).await,
+        ClaimOutcome::Completed(StoredResponse::new(200, "done"))
+    );
+    assert_eq!(poll("k", "b", long).await, ClaimOutcome::Mismatch);
+
+    let released = must_claim(&h.store, &scope, "r", "a", long).await;
+    h.store.release(&released).await.unwrap();
+    assert!(matches!(
+        poll("r", "a", long).await,
+        ClaimOutcome::Claimed(c) if c.key() == "r"
+    ));
+
+    let lapsed = must_claim(&h.store, &scope, "t", "a", h.lock_ttl).await;
+    h.pass(h.lock_ttl + h.lock_ttl / 4).await;
+    match poll("t", "a", long).await {
+        ClaimOutcome::Claimed(c) => assert_eq!(c.epoch(), lapsed.epoch() + 1),
+        other => panic!("a lapsed lock is taken over, got {other:?}"),
+    }
 }
 
 /// `extend` keeps a claim past its first lock.

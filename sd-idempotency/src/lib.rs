@@ -86,7 +86,7 @@
 //! |---|---|---|
 //! | [`MemoryStore`] | [`tower::RequestClaim::complete`]: a separate write | polls the claim, a shard lock each |
 //! | [`redis::RedisStore`] | [`tower::RequestClaim::complete`]: a separate round trip | polls the claim, one `EVALSHA` each (read only while the key is in flight) |
-//! | [`postgres::PostgresStore`] | in the handler's transaction: both commit or neither | polls the claim, one statement each; it waits on the row while the handler's transaction holds it, and sees the commit |
+//! | [`postgres::PostgresStore`] | in the handler's transaction: both commit or neither | reads the row, one `SELECT` each (no write, no wait on the handler's open transaction); claims once the key is free |
 //!
 //! Polls start 5 ms after the duplicate arrived and back off to 200 ms apart, so a
 //! waiting duplicate answers within about 200 ms of the first request's completion.
@@ -106,13 +106,13 @@
 //! # Cost
 //!
 //! Round trips to the store per request: first run 2 (claim, complete), replay 1,
-//! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs. A
-//! handler that completes through [`tower::RequestClaim::commit`] moves the completion
-//! into its transaction (one statement there, none after); after
-//! [`tower::RequestClaim::complete_in`] the middleware adds one release the store
-//! refuses once the transaction committed. A duplicate waiting for the first costs
-//! one claim per poll.
-//! The Redis and PostgreSQL tests count them on the server. `benches/idempotency.rs`
+//! duplicate in flight 1, plus one `extend` per third of `lock_ttl` the handler runs.
+//! The Redis and PostgreSQL tests count them on the server. A handler that completes
+//! through [`tower::RequestClaim::commit`] moves the completion into its transaction
+//! (one statement there, none after); after [`tower::RequestClaim::complete_in`] the
+//! middleware adds one release, which the store refuses once the transaction committed.
+//! A duplicate waiting for the first costs one round trip per poll
+//! ([`Store::poll_claim`]). `benches/idempotency.rs`
 //! runs a first request through the middleware on each backend beside the bare handler:
 //! the memory store adds little to a handler, Redis and PostgreSQL add their round
 //! trips; the figures are in

@@ -5,7 +5,10 @@
 //!   UPDATE .. RETURNING` that takes the key, takes an abandoned one over (epoch + 1), or
 //!   returns the row as it is (in flight, completed with its response, or another
 //!   fingerprint). Complete, release and extend are one `UPDATE`/`DELETE` guarded by
-//!   the claim's token, epoch and a live lock. A replay is the claim's answer.
+//!   the claim's token, epoch and a live lock. A replay is the claim's answer. A
+//!   duplicate waiting for the request in flight ([`Store::poll_claim`]) reads the row
+//!   with one `SELECT`, which writes nothing and does not wait on a transaction that
+//!   holds the row, and claims only once the row is no longer in flight.
 //! - **Server time**: `clock_timestamp()` of the database, read once per claim.
 //! - **Your transaction**: [`PostgresStore::complete_in`] stores the response in the
 //!   transaction that writes your business rows, so both commit or neither does; a
@@ -22,6 +25,7 @@ use std::time::Duration;
 use sd_core::TableName;
 use sd_core::deadline::timeout;
 use sd_core::migrate::{Migration, Migrator};
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
 
 use crate::error::{Error, Result};
@@ -77,11 +81,16 @@ impl PostgresStoreBuilder {
         let table = TableName::parse("table", &self.table)?;
         let timeout = call_timeout(self.timeout)?;
         let claim_sql = claim_sql(&table.to_string());
+        let peek_sql = format!(
+            "SELECT fingerprint, state, response, {LOCK_LEFT_MS} FROM {table}
+             WHERE scope = $1 AND key = $2 AND expires_at > clock_timestamp()"
+        );
         Ok(PostgresStore {
             pool,
             table,
             timeout,
             claim_sql,
+            peek_sql,
         })
     }
 }
@@ -109,9 +118,40 @@ SELECT $1, $2, $3, 'in_flight', 1, $4,
 FROM (SELECT clock_timestamp() AS now) AS c
 ON CONFLICT (scope, key) DO UPDATE SET
     {sets}
-RETURNING token, epoch, fingerprint, state, response,
-    GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lock_expires_at - clock_timestamp())) * 1000))::BIGINT AS lock_left_ms"
+RETURNING token, epoch, fingerprint, state, response, {LOCK_LEFT_MS}"
     )
+}
+
+/// The column of the lock's time left in milliseconds (NULL when completed).
+const LOCK_LEFT_MS: &str = "GREATEST(0, CEIL(EXTRACT(EPOCH FROM (lock_expires_at - clock_timestamp())) * 1000))::BIGINT AS lock_left_ms";
+
+/// What a live row this request does not hold answers: a mismatch, the stored response,
+/// or in flight (at least 1 ms left).
+fn answer(row: &PgRow, fingerprint: &Fingerprint) -> Result<ClaimOutcome> {
+    let stored_fp: Vec<u8> = row.try_get("fingerprint")?;
+    if stored_fp.as_slice() != fingerprint.as_bytes() {
+        return Ok(ClaimOutcome::Mismatch);
+    }
+    let state: String = row.try_get("state")?;
+    match state.as_str() {
+        "completed" => {
+            let response: Option<Vec<u8>> = row.try_get("response")?;
+            let response =
+                response.ok_or_else(|| Error::corrupt("completed row without a response"))?;
+            Ok(ClaimOutcome::Completed(StoredResponse::from_bytes(
+                &response,
+            )?))
+        }
+        "in_flight" => Ok(ClaimOutcome::InFlight {
+            retry_after: Duration::from_millis(lock_left_ms(row)?.max(1)),
+        }),
+        other => Err(Error::corrupt(format!("unknown state `{other}`"))),
+    }
+}
+
+fn lock_left_ms(row: &PgRow) -> Result<u64> {
+    let left: Option<i64> = row.try_get("lock_left_ms")?;
+    Ok(u64::try_from(left.unwrap_or(0)).unwrap_or(0))
 }
 
 /// Records in a PostgreSQL table; see the [module docs](self).
@@ -121,6 +161,7 @@ pub struct PostgresStore {
     table: TableName,
     timeout: Duration,
     claim_sql: String,
+    peek_sql: String,
 }
 
 impl PostgresStore {
@@ -245,8 +286,6 @@ impl Store for PostgresStore {
         let row = self.timed(query).await?;
         let got_token: i64 = row.try_get("token")?;
         let epoch: i64 = row.try_get("epoch")?;
-        let stored_fp: Vec<u8> = row.try_get("fingerprint")?;
-        let state: String = row.try_get("state")?;
         if got_token == token_i64(token) {
             return Ok(ClaimOutcome::Claimed(Claim {
                 scope: scope.to_owned(),
@@ -255,27 +294,28 @@ impl Store for PostgresStore {
                 token,
             }));
         }
-        if stored_fp.as_slice() != fingerprint.as_bytes() {
-            return Ok(ClaimOutcome::Mismatch);
-        }
-        match state.as_str() {
-            "completed" => {
-                let response: Option<Vec<u8>> = row.try_get("response")?;
-                let response =
-                    response.ok_or_else(|| Error::corrupt("completed row without a response"))?;
-                Ok(ClaimOutcome::Completed(StoredResponse::from_bytes(
-                    &response,
-                )?))
+        answer(&row, fingerprint)
+    }
+
+    async fn poll_claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<ClaimOutcome> {
+        let query = sqlx::query(&self.peek_sql)
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.pool);
+        if let Some(row) = self.timed(query).await? {
+            match answer(&row, fingerprint)? {
+                ClaimOutcome::InFlight { .. } if lock_left_ms(&row)? == 0 => {}
+                outcome => return Ok(outcome),
             }
-            "in_flight" => {
-                let left: Option<i64> = row.try_get("lock_left_ms")?;
-                let left = u64::try_from(left.unwrap_or(0)).unwrap_or(0);
-                Ok(ClaimOutcome::InFlight {
-                    retry_after: Duration::from_millis(left.max(1)),
-                })
-            }
-            other => Err(Error::corrupt(format!("unknown state `{other}`"))),
         }
+        // Absent, expired, or in flight with a lapsed lock: the claim decides.
+        self.claim(scope, key, fingerprint, lock_ttl).await
     }
 
     async fn complete(

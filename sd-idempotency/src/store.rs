@@ -325,6 +325,9 @@ pub enum ClaimOutcome {
 /// - `complete`, `release`, `extend`: only the holder of the current claim, while its
 ///   lock lives; otherwise [`Error::ClaimLost`] and nothing changes.
 /// - `sweep`: deletes records past their expiry; never a live claim.
+/// - `poll_claim`: what `claim` answers, asked again and again by a duplicate that waits
+///   for the request in flight; the default is `claim` itself, and a backend whose claim
+///   writes may first look without writing while the key is still in flight.
 ///
 /// Backend failures come back as errors ([`Error::is_store_failure`]), never as an
 /// outcome.
@@ -354,6 +357,20 @@ pub trait Store: Send + Sync {
 
     /// Deletes expired records; returns how many.
     fn sweep(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// [`claim`](Self::claim) for a duplicate that polls a key in flight: the same
+    /// answers, and the key is claimed when it is free again. The default calls `claim`;
+    /// PostgreSQL reads the row first and claims only when it is no longer in flight,
+    /// so polls write nothing and never wait on a transaction holding the row.
+    fn poll_claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome>> + Send {
+        self.claim(scope, key, fingerprint, lock_ttl)
+    }
 }
 
 macro_rules! forward_store {
@@ -388,6 +405,16 @@ macro_rules! forward_store {
 
             fn sweep(&self) -> impl Future<Output = Result<u64>> + Send {
                 (**self).sweep()
+            }
+
+            fn poll_claim(
+                &self,
+                scope: &str,
+                key: &str,
+                fingerprint: &Fingerprint,
+                lock_ttl: Duration,
+            ) -> impl Future<Output = Result<ClaimOutcome>> + Send {
+                (**self).poll_claim(scope, key, fingerprint, lock_ttl)
             }
         }
     )*};

@@ -297,3 +297,64 @@ fn a_first_run_is_two_statements_and_a_replay_is_one() {
     });
     drop(db);
 }
+
+/// A duplicate's polls of a key in flight read the row: its version (`xmin`) stays as it
+/// is, while a claim rewrites it. They do not wait on a transaction that holds the row
+/// either: a poll during the handler's transaction answers in flight, and the next one
+/// after its commit replays.
+#[test]
+fn polls_of_a_key_in_flight_write_nothing_and_do_not_wait() {
+    let (runtime, h) = harness();
+    runtime.block_on(async {
+        let store = &h.store;
+        let fp = Fingerprint::of("order");
+        let lock = Duration::from_secs(60);
+        let scope = sd_testkit::unique_name("poll");
+        let version = async || -> String {
+            sqlx::query_scalar("SELECT xmin::text FROM idem_keys WHERE scope = $1 AND key = 'k'")
+                .bind(&scope)
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        };
+        let ClaimOutcome::Claimed(claim) = store.claim(&scope, "k", &fp, lock).await.unwrap()
+        else {
+            panic!()
+        };
+        let before = version().await;
+        for _ in 0..10 {
+            let polled = store.poll_claim(&scope, "k", &fp, lock).await.unwrap();
+            assert!(
+                matches!(polled, ClaimOutcome::InFlight { .. }),
+                "{polled:?}"
+            );
+        }
+        assert_eq!(version().await, before, "the polls wrote nothing");
+        let claimed = store.claim(&scope, "k", &fp, lock).await.unwrap();
+        assert!(matches!(claimed, ClaimOutcome::InFlight { .. }));
+        assert_ne!(version().await, before, "a claim rewrites the row");
+
+        let response = StoredResponse::new(201, "order 1");
+        let mut tx = store.pool().begin().await.unwrap();
+        store
+            .complete_in(&mut tx, &claim, &response, lock)
+            .await
+            .unwrap();
+        let during = tokio::time::timeout(
+            Duration::from_secs(1),
+            store.poll_claim(&scope, "k", &fp, lock),
+        )
+        .await
+        .expect("a poll does not wait for the transaction")
+        .unwrap();
+        assert!(
+            matches!(during, ClaimOutcome::InFlight { .. }),
+            "{during:?}"
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store.poll_claim(&scope, "k", &fp, lock).await.unwrap(),
+            ClaimOutcome::Completed(response)
+        );
+    });
+}

@@ -236,12 +236,8 @@ async fn wait_for_first<S: Store>(
         }
         let pause = config.poll.random_delay(attempt).min(retry_after).min(left);
         tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
-        match call_store(
-            config,
-            store.claim(scope, key, fingerprint, config.lock_ttl),
-        )
-        .await?
-        {
+        let poll = store.poll_claim(scope, key, fingerprint, config.lock_ttl);
+        match call_store(config, poll).await? {
             ClaimOutcome::InFlight { retry_after: lock } => retry_after = lock,
             settled => return Ok(settled),
         }

@@ -252,8 +252,8 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
     /// `Idempotency-Replayed: true`) instead of 409 at once. Off by default. When
     /// `max_wait` passes first, the answer is 409 with `Retry-After`, as without it.
     ///
-    /// The duplicate asks the store again and again, one claim per poll (memory: a
-    /// shard lock; Redis: one `EVALSHA`; PostgreSQL: one statement), 5 ms after it
+    /// The duplicate asks the store again and again ([`Store::poll_claim`]; memory: a
+    /// shard lock; Redis: one `EVALSHA`; PostgreSQL: one `SELECT`), 5 ms after it
     /// arrived and then twice as long each time, at most 200 ms apart (each pause
     /// shortened at random by up to half). When the first request does not store its
     /// outcome (a 5xx, which releases the key) or its lock lapses, a waiting duplicate

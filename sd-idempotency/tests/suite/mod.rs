@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub use sd_idempotency::conformance::{
     Harness, Pass, bad_ttls_are_config_errors, claim_in_flight_complete_replay,
     concurrent_claims_have_one_winner, extend_keeps_the_lock, mismatch_is_checked_first,
-    release_frees_the_key_once, retention_ends_the_replay, run_once_duplicate_in_flight,
-    run_once_failed_work_releases_the_key, run_once_runs_once_and_replays,
-    sweep_spares_live_claims, takeover_bumps_the_epoch_and_refuses_the_late_holder,
+    poll_claim_answers_as_claim, release_frees_the_key_once, retention_ends_the_replay,
+    run_once_duplicate_in_flight, run_once_failed_work_releases_the_key,
+    run_once_runs_once_and_replays, sweep_spares_live_claims,
+    takeover_bumps_the_epoch_and_refuses_the_late_holder,
 };
 use sd_idempotency::{
     Claim, ClaimOutcome, Error, Fingerprint, Outcome, RunError, RunOnce, Store, StoredResponse,
@@ -175,6 +176,19 @@ impl<S: Store> Store for Observed<S> {
     async fn sweep(&self) -> Result<u64, Error> {
         self.inner.sweep().await
     }
+
+    async fn poll_claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<ClaimOutcome, Error> {
+        self.calls.claims.send_modify(|n| *n += 1);
+        self.inner
+            .poll_claim(scope, key, fingerprint, lock_ttl)
+            .await
+    }
 }
 
 /// Generates one `#[test]` per suite case; `$make` returns `(Runtime, Harness<S>)`. The
@@ -192,6 +206,7 @@ macro_rules! behaviour_suite {
             retention_ends_the_replay,
             sweep_spares_live_claims,
             bad_ttls_are_config_errors,
+            poll_claim_answers_as_claim,
             run_once_runs_once_and_replays,
             run_once_failed_work_releases_the_key,
             run_once_duplicate_in_flight,
