@@ -3,9 +3,23 @@
 //! [`StreamConsumer::run`] reads entries with `XREADGROUP`, submits one job per entry to
 //! the pool (waiting when it is full, so reading slows down with the workers), tags each
 //! with its read sequence as the offset, and acknowledges with `XACK` only entries at or
-//! below the pool's watermark whose handler succeeded. Every `claim_every` it runs
-//! `XAUTOCLAIM` to take over entries that another consumer (or this one, after a failed
-//! handler) left pending longer than `min_idle`.
+//! below the pool's watermark whose handler succeeded. Every `claim_every` it takes over
+//! entries that another consumer (or this one, after a failed handler) left pending
+//! longer than `min_idle`: `XPENDING` with `IDLE` lists them with their delivery counts,
+//! `XCLAIM` takes them (`XAUTOCLAIM` would not say how often each was delivered).
+//!
+//! **Poison entries**: every [`Entry`] carries its delivery count
+//! ([`Entry::deliveries`]). With [`max_deliveries`](StreamConsumerBuilder::max_deliveries)
+//! set, an entry whose handler fails on its last allowed delivery is moved to the
+//! [dead-letter stream](StreamConsumerBuilder::dead_letter_stream) with its fields plus
+//! [`DLQ_STREAM`], [`DLQ_GROUP`], [`DLQ_ID`], [`DLQ_ERROR`] (the handler error's
+//! `Display`) and [`DLQ_DELIVERIES`], and acknowledged in its stream, in one script (so
+//! it is in exactly one of the two); an entry claimed with more deliveries than that
+//! (its last delivery panicked, or its consumer died) is moved without running. The
+//! entries behind it keep flowing: a failed entry never holds up its key.
+//! [`StreamConsumer::redrive`] moves dead letters back once the cause is fixed.
+//! Without `max_deliveries`, a failing entry is redelivered after every `min_idle`,
+//! forever.
 //!
 //! **Retrying `run`**: when a Redis command fails (the server restarted, a response
 //! timed out), `run` returns the error and leaves the pool running. Call it again, after
@@ -25,7 +39,7 @@
 //! idempotent or deduplicate by [`Entry::id`]. Pick `min_idle` above your slowest
 //! handler.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
@@ -34,10 +48,17 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Value, cmd};
-use tokio::time::Instant;
 
-use crate::error::{Error, Result, UnexpectedReply};
-use crate::pool::{Job, Pool};
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+
+mod dead_letter;
+mod reply;
+mod run;
+
+use dead_letter::DeadLetter;
+pub use dead_letter::{DLQ_DELIVERIES, DLQ_ERROR, DLQ_GROUP, DLQ_ID, DLQ_STREAM};
+use run::Run;
 
 /// Where and how a [`StreamConsumer`] reads: what its builder collected.
 #[derive(Debug, Clone)]
@@ -52,11 +73,24 @@ struct Settings {
     claim_every: Duration,
     key_field: Option<String>,
     drain_timeout: Duration,
+    max_deliveries: Option<u64>,
+    dead_letter_stream: Option<String>,
+}
+
+impl Settings {
+    /// The dead-letter stream's name: the one set, or the stream's name with `:dead`
+    /// (and the stream's hash tag).
+    fn dead_letter_stream(&self) -> String {
+        self.dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| dead_letter::default_name(&self.stream))
+    }
 }
 
 /// Builds a [`StreamConsumer`]; see [`StreamConsumer::builder`]. `stream`, `group` and
 /// `consumer` must be set; the rest have defaults: batch 100, block 100 ms, min idle
-/// 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0.
+/// 30 s, claim every 5 s, no key field, drain timeout 30 s, partition 0, no delivery
+/// limit (no dead-letter stream).
 #[derive(Debug, Clone)]
 pub struct StreamConsumerBuilder {
     settings: Settings,
@@ -124,6 +158,32 @@ impl StreamConsumerBuilder {
         self
     }
 
+    /// Moves an entry to the dead-letter stream once it has been delivered `n` times
+    /// without success (at least 1; off by default: a failing entry is redelivered
+    /// forever). The handler runs at most `n` times per entry: when it fails on the
+    /// `n`-th delivery, the entry is moved with the error; when an entry is claimed with
+    /// more than `n` deliveries (its `n`-th panicked, ran past `min_idle`, or its
+    /// consumer died), it is moved without running, with an error saying so.
+    ///
+    /// Deliveries are Redis's count for the group: reads and claims by every consumer.
+    /// With several consumers the limit holds for the group, and an entry is moved by
+    /// one of them only (the move acknowledges it first, and writes nothing if another
+    /// consumer acknowledged it).
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.settings.max_deliveries = Some(n);
+        self
+    }
+
+    /// The dead-letter stream (default: the stream's name with `:dead`, inside the
+    /// stream's hash tag: `{orders}:dead` for `orders`, `{orders}:in:dead` for
+    /// `{orders}:in`). It must hash like the stream (the same `{tag}`, checked by
+    /// `build`), since one script writes both and Redis Cluster runs a script on one
+    /// slot. Requires [`max_deliveries`](Self::max_deliveries).
+    pub fn dead_letter_stream(mut self, stream: impl Into<String>) -> Self {
+        self.settings.dead_letter_stream = Some(stream.into());
+        self
+    }
+
     /// The pool partition this consumer's offsets are tracked under.
     pub fn partition(mut self, p: u32) -> Self {
         self.settings.partition = p;
@@ -163,6 +223,32 @@ impl StreamConsumerBuilder {
         }
         if cfg.claim_every.as_millis() == 0 {
             return refuse("claim_every", "must be at least 1 ms");
+        }
+        if cfg.max_deliveries == Some(0) {
+            return refuse(
+                "max_deliveries",
+                "must be at least 1 delivery (leave it unset to redeliver forever)",
+            );
+        }
+        if let Some(dead) = &cfg.dead_letter_stream {
+            if cfg.max_deliveries.is_none() {
+                return refuse(
+                    "dead_letter_stream",
+                    "is set but nothing is ever moved there; set `max_deliveries` too",
+                );
+            }
+            if dead.is_empty() || *dead == cfg.stream {
+                return refuse(
+                    "dead_letter_stream",
+                    "must be named, and not the stream itself (a dead letter would come back)",
+                );
+            }
+            if dead_letter::hash_tag(dead) != dead_letter::hash_tag(&cfg.stream) {
+                return refuse(
+                    "dead_letter_stream",
+                    "must hash like the stream: give both the same {hash tag} (`{orders}` and `{orders}:dead`), since one script writes both",
+                );
+            }
         }
         match response_timeout {
             Some(timeout) if cfg.block >= timeout => refuse(
@@ -228,8 +314,12 @@ pub struct Entry {
     pub id: String,
     /// Field-value pairs in stream order.
     pub fields: Vec<(String, Vec<u8>)>,
-    /// Whether this delivery came from `XAUTOCLAIM` (a redelivery).
+    /// Whether this delivery came from a claim (a redelivery).
     pub reclaimed: bool,
+    /// How many times the group has delivered the entry, this delivery included: 1 when
+    /// read new, and one more for every claim since (by any consumer of the group), as
+    /// `XPENDING` counts. See [`StreamConsumerBuilder::max_deliveries`].
+    pub deliveries: u64,
 }
 
 impl Entry {
@@ -253,12 +343,14 @@ impl Entry {
 pub struct ConsumerReport {
     /// Entries read with `XREADGROUP`.
     pub read: u64,
-    /// Entries taken over with `XAUTOCLAIM`.
+    /// Entries taken over with a claim.
     pub reclaimed: u64,
-    /// Entries acknowledged.
+    /// Entries acknowledged after their handler succeeded.
     pub acked: u64,
     /// Entries whose handler failed or panicked, left pending for redelivery.
     pub left_pending: u64,
+    /// Entries moved to the dead-letter stream (and acknowledged in their stream).
+    pub dead_lettered: u64,
 }
 
 /// A consumer group member that feeds a [`Pool`]; see the [module docs](self). Made by
@@ -286,6 +378,20 @@ struct RunState {
     succeeded: Arc<Mutex<HashSet<u64>>>,
     /// Entries at or below the watermark whose `XACK` has not succeeded yet.
     to_ack: Vec<String>,
+    /// Entries whose last allowed delivery failed, by read sequence, with the error.
+    failed: Arc<Mutex<HashMap<u64, DeadLetter>>>,
+    /// Entries to move to the dead-letter stream, oldest first.
+    to_dead: VecDeque<DeadLetter>,
+}
+
+/// The set behind `m`, even if a job panicked holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `d` in whole milliseconds, as Redis commands take it.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl<C> fmt::Debug for StreamConsumer<C> {
@@ -337,6 +443,8 @@ impl StreamConsumer {
                 claim_every: Duration::from_secs(5),
                 key_field: None,
                 drain_timeout: Duration::from_secs(30),
+                max_deliveries: None,
+                dead_letter_stream: None,
             },
         }
     }
@@ -359,6 +467,9 @@ where
     /// call `run` again to carry on (see the [module docs](self)). If the pool refuses an
     /// entry (closed by someone else), `run` drains, acknowledges what finished and
     /// returns that error; it returns `Ok` only after `shutdown`.
+    ///
+    /// The handler's error is `Display`: its text is what a dead letter records
+    /// ([`DLQ_ERROR`]); `anyhow::Error`, `Box<dyn Error>`, `String` and `&str` all are.
     pub async fn run<H, Fut, E>(
         &self,
         handler: H,
@@ -367,7 +478,7 @@ where
     where
         H: Fn(Entry) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Send + 'static,
+        E: fmt::Display + Send + 'static,
     {
         // Again on every run: a Redis that restarted empty lost the stream and the group,
         // and reading would fail with NOGROUP until they exist.
@@ -392,6 +503,22 @@ where
             None => Ok(run.report),
         }
     }
+
+    /// Moves up to `max` entries of the dead-letter stream that came from this
+    /// consumer's stream back to it (once the cause is fixed), oldest first, and returns
+    /// how many moved. Each is added to the stream as a new entry (a new id, at the end,
+    /// so after entries added since: its place in its key's order is not kept) with its
+    /// own fields (the `sd-dlq-*` ones dropped), read by the group like any new entry
+    /// with a fresh delivery count, and deleted from the dead-letter stream in the same
+    /// script step. Dead letters of other streams sharing the dead-letter stream are
+    /// left where they are. Safe while `run` runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if Redis fails; what moved before the failure stays moved.
+    pub async fn redrive(&self, max: usize) -> Result<u64> {
+        dead_letter::redrive(&mut self.conn.clone(), &self.cfg, max).await
+    }
 }
 
 /// Creates the stream and the group (reading from the start) unless the group exists.
@@ -408,330 +535,5 @@ async fn join_group(conn: &mut impl ConnectionLike, cfg: &Settings) -> Result<()
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         Err(source) => Err(redis_err("XGROUP CREATE")(source)),
-    }
-}
-
-struct Run<'a, H, C> {
-    conn: C,
-    cfg: &'a Settings,
-    pool: &'a Pool,
-    handler: Arc<H>,
-    state: tokio::sync::MutexGuard<'a, RunState>,
-    report: ConsumerReport,
-}
-
-impl<H, Fut, E, C> Run<'_, H, C>
-where
-    C: ConnectionLike + Send,
-    H: Fn(Entry) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Send + 'static,
-{
-    /// Claims, reads, submits and acknowledges until `shutdown` fires (`Ok(None)`) or the
-    /// pool refuses an entry (`Ok(Some(error))`). A Redis error is returned as is.
-    async fn read_loop(
-        &mut self,
-        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Result<Option<Error>> {
-        let mut cursor = "0-0".to_owned();
-        let mut next_claim = Instant::now();
-        loop {
-            if Instant::now() >= next_claim {
-                let (next, entries) = self.autoclaim(&cursor).await?;
-                self.report.reclaimed += entries.len() as u64;
-                if let Some(end) = self.submit_all(entries, shutdown.as_mut()).await.end() {
-                    return Ok(end);
-                }
-                if next == "0-0" {
-                    next_claim = Instant::now() + self.cfg.claim_every;
-                }
-                cursor = next;
-            }
-            let read = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => return Ok(None),
-                read = self.read() => read?,
-            };
-            self.report.read += read.len() as u64;
-            let submitted = self.submit_all(read, shutdown.as_mut()).await;
-            self.ack().await?;
-            if let Some(end) = submitted.end() {
-                return Ok(end);
-            }
-        }
-    }
-
-    async fn read(&mut self) -> Result<Vec<Entry>> {
-        let reply: Value = cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.cfg.group)
-            .arg(&self.cfg.consumer)
-            .arg("COUNT")
-            .arg(self.cfg.batch)
-            .arg("BLOCK")
-            .arg(u64::try_from(self.cfg.block.as_millis()).unwrap_or(u64::MAX))
-            .arg("STREAMS")
-            .arg(&self.cfg.stream)
-            .arg(">")
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_err("XREADGROUP"))?;
-        parse_read(reply)
-    }
-
-    async fn autoclaim(&mut self, cursor: &str) -> Result<(String, Vec<Entry>)> {
-        let reply: Value = cmd("XAUTOCLAIM")
-            .arg(&self.cfg.stream)
-            .arg(&self.cfg.group)
-            .arg(&self.cfg.consumer)
-            .arg(u64::try_from(self.cfg.min_idle.as_millis()).unwrap_or(u64::MAX))
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(self.cfg.batch)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_err("XAUTOCLAIM"))?;
-        let mut parts = match reply {
-            Value::Array(parts) => parts.into_iter(),
-            _ => return Err(reply_err("XAUTOCLAIM", "not an array")),
-        };
-        let next = parts
-            .next()
-            .and_then(|v| as_string(&v))
-            .ok_or_else(|| reply_err("XAUTOCLAIM", "no cursor"))?;
-        let mut entries = parse_entries(parts.next().unwrap_or(Value::Nil))?;
-        for e in &mut entries {
-            e.reclaimed = true;
-        }
-        entries.retain(|e| !self.state.in_flight.contains_key(&e.id));
-        Ok((next, entries))
-    }
-
-    /// Submits entries in order, waiting for room, until `shutdown` fires or the pool
-    /// refuses one; entries not submitted stay pending in Redis.
-    async fn submit_all(
-        &mut self,
-        entries: Vec<Entry>,
-        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Submitted {
-        for entry in entries {
-            let seq = self.state.next_seq;
-            let id = entry.id.clone();
-            let key = self
-                .cfg
-                .key_field
-                .as_deref()
-                .and_then(|f| entry.get(f).map(<[u8]>::to_vec));
-            let (handler, succeeded) =
-                (Arc::clone(&self.handler), Arc::clone(&self.state.succeeded));
-            let mut job = Job::new(async move {
-                let ok = handler(entry).await.is_ok();
-                if ok {
-                    succeeded
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(seq);
-                }
-                ok
-            })
-            .with_offset(self.cfg.partition, seq);
-            if let Some(key) = key {
-                job = job.with_key(&key);
-            }
-            let submitted = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => return Submitted::Shutdown,
-                s = self.pool.submit(job) => s,
-            };
-            match submitted {
-                Ok(_) => {
-                    let state = &mut *self.state;
-                    state.next_seq += 1;
-                    state.by_seq.insert(seq, id.clone());
-                    state.in_flight.insert(id, seq);
-                }
-                Err(rejected) => {
-                    // Closed, or an offset error (another user of the partition): the
-                    // entry stays pending and is reclaimed later.
-                    tracing::warn!(entry = %id, error = %rejected, "sd-pool: entry not submitted");
-                    return Submitted::Refused(rejected.error);
-                }
-            }
-        }
-        Submitted::All
-    }
-
-    /// Acknowledges the succeeded entries at or below the watermark and forgets the
-    /// failed ones there (they stay pending for `XAUTOCLAIM`). Ids whose `XACK` fails
-    /// are kept and sent again by the next call (of this run or the next).
-    async fn ack(&mut self) -> Result<()> {
-        if let Some(mark) = self.pool.watermark(self.cfg.partition) {
-            let state = &mut *self.state;
-            let mut succeeded = state.succeeded.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some(entry) = state.by_seq.first_entry() {
-                if *entry.key() > mark {
-                    break;
-                }
-                let (seq, id) = entry.remove_entry();
-                state.in_flight.remove(&id);
-                if succeeded.remove(&seq) {
-                    state.to_ack.push(id);
-                } else {
-                    self.report.left_pending += 1;
-                }
-            }
-        }
-        if self.state.to_ack.is_empty() {
-            return Ok(());
-        }
-        let _: Value = cmd("XACK")
-            .arg(&self.cfg.stream)
-            .arg(&self.cfg.group)
-            .arg(&self.state.to_ack)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_err("XACK"))?;
-        self.report.acked += self.state.to_ack.len() as u64;
-        self.state.to_ack.clear();
-        Ok(())
-    }
-}
-
-/// How [`Run::submit_all`] ended.
-enum Submitted {
-    /// Every entry is in the pool.
-    All,
-    /// The shutdown signal fired.
-    Shutdown,
-    /// The pool refused an entry.
-    Refused(Error),
-}
-
-impl Submitted {
-    /// `None` to read on; otherwise how [`Run::read_loop`] ends (`Some(None)` for the
-    /// shutdown, `Some(Some(error))` for a refusal).
-    fn end(self) -> Option<Option<Error>> {
-        match self {
-            Submitted::All => None,
-            Submitted::Shutdown => Some(None),
-            Submitted::Refused(error) => Some(Some(error)),
-        }
-    }
-}
-
-fn reply_err(op: &'static str, what: &'static str) -> Error {
-    Error::Backend {
-        backend: "redis",
-        operation: op,
-        source: Box::new(UnexpectedReply { what }),
-    }
-}
-
-fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn as_bytes(v: Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
-/// `XREADGROUP` reply: nil, or `[[stream, [entry...]]]` (RESP2) / `{stream: [entry...]}` (RESP3).
-fn parse_read(reply: Value) -> Result<Vec<Entry>> {
-    const OP: &str = "XREADGROUP";
-    let streams: Vec<Value> = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
-                _ => None,
-            })
-            .collect(),
-        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
-        _ => return Err(reply_err(OP, "not an array or map")),
-    };
-    let mut out = Vec::new();
-    for entries in streams {
-        out.extend(parse_entries(entries)?);
-    }
-    Ok(out)
-}
-
-/// `[[id, [field, value, ...]], ...]`; entries deleted from the stream (nil) are skipped.
-fn parse_entries(v: Value) -> Result<Vec<Entry>> {
-    const OP: &str = "stream entries";
-    let items = match v {
-        Value::Array(items) => items,
-        Value::Nil => return Ok(Vec::new()),
-        _ => return Err(reply_err(OP, "not an array")),
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(parts) = item else { continue };
-        let mut parts = parts.into_iter();
-        let id = parts
-            .next()
-            .and_then(|v| as_string(&v))
-            .ok_or_else(|| reply_err(OP, "entry without an id"))?;
-        let fields = match parts.next() {
-            Some(Value::Array(kv)) => {
-                let mut fields = Vec::with_capacity(kv.len() / 2);
-                let mut kv = kv.into_iter();
-                while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
-                    let k = as_string(&k).ok_or_else(|| reply_err(OP, "field name"))?;
-                    fields.push((k, as_bytes(v).unwrap_or_default()));
-                }
-                fields
-            }
-            Some(Value::Map(kv)) => kv
-                .into_iter()
-                .filter_map(|(k, v)| Some((as_string(&k)?, as_bytes(v).unwrap_or_default())))
-                .collect(),
-            // Deleted entry (Redis 6.2 XAUTOCLAIM) or no fields: nothing to run.
-            _ => continue,
-        };
-        out.push(Entry {
-            id,
-            fields,
-            reclaimed: false,
-        });
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn parses_replies_and_rejects_nonsense() {
-        let reply = Value::Array(vec![Value::Array(vec![
-            bulk("s"),
-            Value::Array(vec![
-                Value::Array(vec![bulk("1-0"), Value::Array(vec![bulk("k"), bulk("v")])]),
-                Value::Array(vec![bulk("2-0"), Value::Nil]),
-            ]),
-        ])]);
-        let entries = parse_read(reply).unwrap();
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].id, "1-0");
-        assert_eq!(entries[0].get_str("k"), Some("v"));
-        assert!(parse_read(Value::Nil).unwrap().is_empty());
-        assert!(parse_read(Value::Int(3)).is_err());
-        assert!(parse_entries(Value::Int(3)).is_err());
-        assert!(parse_entries(Value::Array(vec![Value::Array(vec![Value::Int(1)])])).is_err());
     }
 }

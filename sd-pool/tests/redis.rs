@@ -141,7 +141,7 @@ where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
     H: Fn(Entry) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let consumer = cfg.build(conn, pool).await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
