@@ -214,8 +214,29 @@ async fn claimed(State(p): State<Payments>, Extension(claim): Extension<RequestC
     claim.complete(store, response).await.unwrap()
 }
 
+/// The first run waits at `hold` and fails with 500 (not stored); later runs answer 201.
+async fn flaky(State(p): State<Payments>) -> (StatusCode, String) {
+    let n = p.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    if n == 1 {
+        p.hold
+            .as_ref()
+            .expect("a hold for POST /flaky")
+            .wait()
+            .await;
+        return (StatusCode::INTERNAL_SERVER_ERROR, "flaky, run 1".into());
+    }
+    (StatusCode::CREATED, format!("flaky, run {n}"))
+}
+
 /// The paths the layer covers in [`serve_with`] (`/unprotected` is left out).
-pub const COVERED: [&str; 5] = ["/payments", "/outcome", "/big", "/slow", "/claimed"];
+pub const COVERED: [&str; 6] = [
+    "/payments",
+    "/outcome",
+    "/big",
+    "/slow",
+    "/claimed",
+    "/flaky",
+];
 
 /// Serves the app with the layer on `store`; returns the port.
 pub async fn serve<S: Store + Clone + 'static>(
@@ -269,6 +290,7 @@ pub async fn serve_with<S: Store + Clone + 'static>(
         .route("/big/{size}", post(big))
         .route("/slow", post(slow))
         .route("/claimed", post(claimed))
+        .route("/flaky", post(flaky))
         .route("/unprotected", post(unprotected))
         .layer(layer)
         .with_state(payments);

@@ -225,6 +225,7 @@ macro_rules! behaviour_suite {
             http_handler_completes_through_its_claim,
             http_waiting_duplicates_get_the_first_response,
             http_wait_that_runs_out_is_409,
+            http_waiting_duplicate_runs_when_the_first_is_not_stored,
             run_once_long_work_keeps_its_lock
         );
     };
@@ -267,6 +268,7 @@ fn scope() -> String {
 
 pub use wait::{
     http_handler_completes_through_its_claim, http_wait_that_runs_out_is_409,
+    http_waiting_duplicate_runs_when_the_first_is_not_stored,
     http_waiting_duplicates_get_the_first_response,
 };
 

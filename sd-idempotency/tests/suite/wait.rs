@@ -43,11 +43,11 @@ pub async fn http_handler_completes_through_its_claim<S: Store + Clone + 'static
     assert_eq!(payments.runs(), 1, "the handler ran once");
 }
 
-/// With `wait_in_flight`, 50 concurrent duplicates all get the first request's 201 and
-/// body, and the handler runs once.
-pub async fn http_waiting_duplicates_get_the_first_response<S: Store + Clone + 'static>(
+/// The app with duplicates waiting up to 30 s, its handlers held at `hold`, its store
+/// observed: its port, the hold, the payments and the observed store.
+async fn waiting_app<S: Store + Clone + 'static>(
     h: &super::Harness<S>,
-) {
+) -> (u16, Hold, Payments, Observed<S>) {
     let hold = Hold::default();
     let payments = Payments {
         hold: Some(hold.clone()),
@@ -58,6 +58,15 @@ pub async fn http_waiting_duplicates_get_the_first_response<S: Store + Clone + '
         b.wait_in_flight(Duration::from_secs(30))
     })
     .await;
+    (port, hold, payments, observed)
+}
+
+/// With `wait_in_flight`, 50 concurrent duplicates all get the first request's 201 and
+/// body, and the handler runs once.
+pub async fn http_waiting_duplicates_get_the_first_response<S: Store + Clone + 'static>(
+    h: &super::Harness<S>,
+) {
+    let (port, hold, payments, observed) = waiting_app(h).await;
     let key = key();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..50 {
@@ -97,6 +106,45 @@ pub async fn http_waiting_duplicates_get_the_first_response<S: Store + Clone + '
         "the handler ran once for 50 requests"
     );
     assert_eq!(*hold.entered.borrow(), 1);
+}
+
+/// When the first request's outcome is not stored (a 500 releases the key), one waiting
+/// duplicate claims the key and runs the handler, and the others replay its response.
+pub async fn http_waiting_duplicate_runs_when_the_first_is_not_stored<
+    S: Store + Clone + 'static,
+>(
+    h: &super::Harness<S>,
+) {
+    let (port, hold, payments, observed) = waiting_app(h).await;
+    let key = key();
+    let send = || {
+        let key = key.clone();
+        tokio::spawn(async move { alice(port, "POST", "/flaky", Some(key.as_bytes()), "{}").await })
+    };
+    let first = send();
+    hold.entered(1).await;
+    let duplicates: Vec<_> = (0..5).map(|_| send()).collect();
+    observed.calls.claimed(6).await;
+    hold.go.add_permits(1);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 500);
+    let mut replies = Vec::new();
+    for d in duplicates {
+        replies.push(d.await.unwrap());
+    }
+    for r in &replies {
+        assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.body, b"flaky, run 2",
+            "the run of the duplicate that claimed"
+        );
+    }
+    let ran = replies
+        .iter()
+        .filter(|r| r.header("idempotency-replayed").is_none())
+        .count();
+    assert_eq!(ran, 1, "one duplicate ran, four replayed it");
+    assert_eq!(payments.runs(), 2);
 }
 
 /// A duplicate whose wait runs out before the first request finishes gets 409 with
