@@ -1,8 +1,8 @@
 //! The Redis Streams consumer's delivery limit against a real server: a poison entry
 //! among 10,000 goes to the dead-letter stream after exactly `max_deliveries` handler
 //! runs while the rest keep flowing in per-key order; a redrive moves it back; a handler
-//! that panics is dead-lettered without another run; two consumers move it once; bad
-//! settings name their field.
+//! that panics is dead-lettered without another run; two consumers move it once; an
+//! entry acknowledged meanwhile is not moved; bad settings name their field.
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
@@ -373,6 +373,53 @@ fn two_consumers_run_the_poison_n_times_in_all_and_move_it_once() {
         let counts: Vec<u64> = runs.lock().unwrap().iter().map(|(_, d)| *d).collect();
         assert_eq!(counts, [1, 2, 3, 4], "{:?}", runs.lock().unwrap());
         assert_eq!((moved, xlen(&mut conn, &dead).await), (1, 1));
+    });
+}
+
+#[test]
+fn an_entry_acknowledged_meanwhile_is_not_dead_lettered() {
+    on_redis(|mut conn| async move {
+        let stream = sd_testkit::unique_name("dlq");
+        let dead = format!("{{{stream}}}:dead");
+        fill(&mut conn, &stream, 20, 2, 5).await;
+        let consumer = quick(&stream, "c1", 1)
+            .build(
+                conn.clone(),
+                Pool::builder().workers(2).queue(4).build().unwrap(),
+            )
+            .await
+            .unwrap();
+        let (c, st) = (conn.clone(), stream.clone());
+        // The poison's one delivery fails after another party (a consumer that took it
+        // over, say) acknowledged it: the move must find it gone and write nothing.
+        let (stop, task) = spawn_run(consumer, move |entry| {
+            let (mut c, st) = (c.clone(), st.clone());
+            async move {
+                if entry.get("poison").is_none() {
+                    return Ok(());
+                }
+                let acked: u64 = redis::cmd("XACK")
+                    .arg(&st)
+                    .arg("g")
+                    .arg(&entry.id)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                assert_eq!(acked, 1);
+                Err("failed after someone else acknowledged it".to_owned())
+            }
+        });
+        let c = conn.clone();
+        eventually("all acknowledged", || {
+            let (mut c, stream) = (c.clone(), stream.clone());
+            async move { pending_count(&mut c, &stream).await == 0 }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        let (report, _) = task.await.unwrap();
+        assert_eq!((report.acked, report.dead_lettered), (19, 0));
+        assert_eq!(xlen(&mut conn, &dead).await, 0);
     });
 }
 
