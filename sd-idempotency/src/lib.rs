@@ -125,6 +125,7 @@
 //! - `redis`: the Redis backend ([`redis::RedisStore`]).
 //! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
 //! - `tower`: the tower / axum middleware ([`tower::IdempotencyLayer`]).
+//! - `axum`: `tower` and [`tower::RequestClaim`] as an axum extractor (axum 0.8).
 //! - `test-util`: `conformance`, the store contract suite every backend runs, for a
 //!   store of your own or a [`BoxStore`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.

@@ -65,3 +65,60 @@ fn memory_store_follows_the_model() {
         (store, backend)
     });
 }
+
+/// `RequestClaim` as an axum extractor: `Option<RequestClaim>` is there on a covered
+/// route with a key and not elsewhere; `RequestClaim` where the middleware did not claim
+/// is a 500 problem, and the handler does not run.
+#[test]
+fn the_claim_extractor() {
+    use axum::Router;
+    use axum::routing::post;
+    use sd_idempotency::IdempotencyLayer;
+    use sd_idempotency::tower::RequestClaim;
+
+    async fn optional(claim: Option<RequestClaim>) -> String {
+        claim.map_or("no claim".into(), |c| {
+            format!("claim on {}", c.claim().key())
+        })
+    }
+    async fn required(claim: RequestClaim) -> String {
+        format!("claim on {}", claim.claim().key())
+    }
+    let runtime = sd_testkit::runtime();
+    runtime.block_on(async {
+        let layer = IdempotencyLayer::builder(MemoryStore::new())
+            .paths(["/covered"])
+            .require_key(false)
+            .build()
+            .unwrap();
+        let app = Router::new()
+            .route("/covered/optional", post(optional))
+            .route("/covered/required", post(required))
+            .route("/other/optional", post(optional))
+            .route("/other/required", post(required))
+            .layer(layer);
+        let port = suite::http::listen(app).await;
+        let send = async |path: &str, key: Option<&[u8]>| {
+            suite::http::alice(port, "POST", path, key, "{}").await
+        };
+        let claimed = send("/covered/optional", Some(b"k1")).await;
+        assert_eq!(claimed.body, b"claim on k1");
+        assert_eq!(
+            send("/covered/required", Some(b"k2")).await.body,
+            b"claim on k2"
+        );
+        assert_eq!(send("/covered/optional", None).await.body, b"no claim");
+        assert_eq!(send("/other/optional", Some(b"k3")).await.body, b"no claim");
+        for (path, key) in [
+            ("/other/required", Some(b"k4".as_slice())),
+            ("/covered/required", None),
+        ] {
+            let refused = send(path, key).await;
+            refused.assert_problem(500);
+            assert!(
+                String::from_utf8_lossy(&refused.body).contains("did not claim"),
+                "{path}"
+            );
+        }
+    });
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::post;
@@ -42,7 +42,7 @@ struct Orders {
 /// `roll-back` (`complete_in`, then a rollback and 422).
 async fn create(
     State(app): State<Orders>,
-    Extension(claim): Extension<RequestClaim>,
+    claim: RequestClaim,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

@@ -30,8 +30,10 @@ const IN_TRANSACTION: u8 = 1;
 const COMPLETED: u8 = 2;
 
 /// The claim the middleware holds on this request's key, in the request's extensions for
-/// the handler (axum: `Extension<RequestClaim>`; `Option<Extension<RequestClaim>>` on a
-/// route the layer may not cover).
+/// the handler: with feature `axum` an extractor (`claim: RequestClaim`, or
+/// `Option<RequestClaim>` where the layer may not claim: a route it does not cover, or a
+/// request without a key when keys are optional), otherwise
+/// `Extension<RequestClaim>`.
 ///
 /// A handler that completes the key through it stores the response it is about to send,
 /// and the middleware then stores nothing: with PostgreSQL in the handler's own
@@ -178,5 +180,57 @@ impl RequestClaim {
         tx.commit().await?;
         self.state.store(COMPLETED, Ordering::Release);
         Ok(response)
+    }
+}
+
+/// The rejection of the [`RequestClaim`] extractor when the middleware did not claim the
+/// request (the route is not behind an [`IdempotencyLayer`](super::IdempotencyLayer) that
+/// covers it, or keys are optional and none was sent): a 500 problem, since the handler
+/// is wired wrong, not the caller. Extract `Option<RequestClaim>` where that may happen.
+#[cfg(feature = "axum")]
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct ClaimMissing;
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for ClaimMissing {
+    fn into_response(self) -> axum::response::Response {
+        tracing::warn!(
+            "a handler asked for the RequestClaim of a request the middleware did not claim"
+        );
+        super::problem::Problem::new(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Idempotency claim missing",
+            "the handler expects an idempotency claim, but the middleware did not claim this request",
+        )
+        .into_response()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestClaim {
+    type Rejection = ClaimMissing;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RequestClaim>()
+            .cloned()
+            .ok_or(ClaimMissing)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for RequestClaim {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<RequestClaim>().cloned())
     }
 }

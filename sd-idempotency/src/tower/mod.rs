@@ -34,7 +34,8 @@
 //! after that runs the handler again: a second order, a second event.
 //!
 //! The handler closes the window by completing the key itself. The middleware puts a
-//! [`RequestClaim`] in the request's extensions (axum: `Extension<RequestClaim>`); with
+//! [`RequestClaim`] in the request's extensions (axum: an extractor with feature `axum`,
+//! `Extension<RequestClaim>` without); with
 //! PostgreSQL the handler stores the response it is about to send in the same
 //! transaction as its rows ([`RequestClaim::complete_in`] or [`RequestClaim::commit`]),
 //! so both commit or neither does, and the middleware then stores nothing:
@@ -42,7 +43,7 @@
 //! ```ignore
 //! async fn create_order(
 //!     State(app): State<App>,
-//!     Extension(claim): Extension<RequestClaim>,
+//!     claim: RequestClaim, // feature `axum`; else Extension(claim): Extension<RequestClaim>
 //!     Json(order): Json<NewOrder>,
 //! ) -> Result<Response, AppError> {
 //!     let mut tx = app.pool.begin().await?;
@@ -96,6 +97,8 @@ mod claim;
 mod handle;
 mod problem;
 
+#[cfg(feature = "axum")]
+pub use claim::ClaimMissing;
 pub use claim::RequestClaim;
 
 /// The request header carrying the key.
