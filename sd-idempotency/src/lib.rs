@@ -82,6 +82,9 @@
 //! | [`redis::RedisStore`] | 1 `EVALSHA` | 1 `EVALSHA` | 1 round trip | app restarts | a failover or unpersisted restart can forget claims |
 //! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
 //!
+//! Behind the middleware, a handler that completes through its claim, and a duplicate
+//! that waits for the request in flight, get on each backend:
+//!
 //! | backend | completion with the handler's writes | a duplicate waiting for the first |
 //! |---|---|---|
 //! | [`MemoryStore`] | [`tower::RequestClaim::complete`]: a separate write | polls the claim, a shard lock each |
@@ -89,7 +92,8 @@
 //! | [`postgres::PostgresStore`] | in the handler's transaction: both commit or neither | reads the row, one `SELECT` each (no write, no wait on the handler's open transaction); claims once the key is free |
 //!
 //! Polls start 5 ms after the duplicate arrived and back off to 200 ms apart, so a
-//! waiting duplicate answers within about 200 ms of the first request's completion.
+//! waiting duplicate answers at most one poll interval after the first request's
+//! completion.
 //!
 //! The middleware fails closed: when the store errs or times out it answers 503 and the
 //! handler does not run ([`tower::OnStoreFailure`]). A claim that timed out may
