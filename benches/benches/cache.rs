@@ -3,8 +3,10 @@
 //! `cargo bench -p sd-benches --bench cache`
 //!
 //! - `cache/hit`: 10,000 preloaded `u64` keys read in a fixed shuffled order: sd `get` and
-//!   `get_or_load` vs moka `get` and `get_with` on the bare engine with the same capacity
-//!   and TTL.
+//!   `get_or_load` vs moka `get` and `get_with` on the bare engine with the same capacity,
+//!   TTL and hasher (moka's default `RandomState`, which sd's engine keeps). The same four
+//!   reads are then timed again in alternating rounds (`cache/hit interleaved`), so the
+//!   ratios hold on a loaded machine.
 //! - `cache/stampede` (printed before the groups): 1,000 tasks read one hot key across its
 //!   expiry behind a 50 ms loader: loader calls and p50/p99 read latency, naive cache-aside
 //!   on moka, moka's coalescing `get_with` (its answer to a stampede: one loader per key,
@@ -92,6 +94,26 @@ fn hit(c: &mut Criterion) {
         })
     });
     g.finish();
+    let at = |i: usize| keys[i % keys.len()];
+    interleaved(
+        "cache/hit",
+        [
+            &|i| {
+                black_box(sd.get(&at(i)));
+            },
+            &|i| {
+                black_box(moka.get(&at(i)));
+            },
+            &|i| {
+                let k = at(i);
+                black_box(sd.get_or_load(k, move || async move { k }).now_or_never());
+            },
+            &|i| {
+                let k = at(i);
+                black_box(moka.get_with(k, || k));
+            },
+        ],
+    );
 }
 
 fn stampede(_: &mut Criterion) {
@@ -285,7 +307,29 @@ fn two_tier(c: &mut Criterion) {
         })
     });
     g.finish();
-    interleaved(&sd, &moka, &names, &keys);
+    let name = |i: usize| names[keys[i % keys.len()] as usize].as_str();
+    interleaved(
+        "cache/two-tier",
+        [
+            &|i| {
+                black_box(sd.get(name(i)).now_or_never());
+            },
+            &|i| {
+                black_box(moka.get(name(i)));
+            },
+            &|i| {
+                let k = keys[i % keys.len()];
+                black_box(
+                    sd.get_or_load(name(i), move || async move { k })
+                        .now_or_never(),
+                );
+            },
+            &|i| {
+                let k = keys[i % keys.len()];
+                black_box(moka.entry_by_ref(name(i)).or_insert_with(|| k).into_value());
+            },
+        ],
+    );
     let stats = sd.stats();
     println!(
         "cache/two-tier: memory-tier hits {} of the sd reads, misses {}, instance still serving locally: {}",
@@ -296,51 +340,24 @@ fn two_tier(c: &mut Criterion) {
 }
 
 /// The hit ratios again, robust to a loaded machine: sd and moka alternate in rounds of
-/// 100,000 reads and each keeps its fastest round, so both are timed in the same quiet spells.
-fn interleaved(
-    sd: &TwoTier<u64, redis::aio::MultiplexedConnection>,
-    moka: &moka::sync::Cache<String, u64>,
-    names: &[String],
-    keys: &[u64],
-) {
+/// 100,000 reads and each keeps its fastest round, so both are timed in the same quiet
+/// spells. `reads` are sd `get`, moka `get`, sd `get_or_load`, moka's loading read.
+fn interleaved(group: &str, reads: [&dyn Fn(usize); 4]) {
     use std::time::Instant;
     const N: usize = 100_000;
     let mut best = [Duration::MAX; 4];
     for _ in 0..15 {
-        let runs: [&dyn Fn(usize); 4] = [
-            &|i| {
-                black_box(sd.get(&names[keys[i % keys.len()] as usize]).now_or_never());
-            },
-            &|i| {
-                black_box(moka.get(names[keys[i % keys.len()] as usize].as_str()));
-            },
-            &|i| {
-                let k = keys[i % keys.len()];
-                black_box(
-                    sd.get_or_load(&names[k as usize], move || async move { k })
-                        .now_or_never(),
-                );
-            },
-            &|i| {
-                let k = keys[i % keys.len()];
-                black_box(
-                    moka.entry_by_ref(names[k as usize].as_str())
-                        .or_insert_with(|| k)
-                        .into_value(),
-                );
-            },
-        ];
-        for (run, best) in runs.iter().zip(best.iter_mut()) {
+        for (read, best) in reads.iter().zip(best.iter_mut()) {
             let start = Instant::now();
             for i in 0..N {
-                run(i);
+                read(i);
             }
             *best = (*best).min(start.elapsed() / N as u32);
         }
     }
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!(
-        "cache/two-tier interleaved (fastest of 15 rounds of 100k): get sd {:?} moka {:?} ({:.2}x); get_or_load sd {:?} moka entry_by_ref {:?} ({:.2}x)",
+        "{group} interleaved (fastest of 15 rounds of 100k): get sd {:?} moka {:?} ({:.2}x); get_or_load sd {:?} moka {:?} ({:.2}x)",
         best[0],
         best[1],
         ratio(best[0], best[1]),

@@ -116,9 +116,10 @@
 //! # How it compares
 //!
 //! Against [moka](https://docs.rs/moka), the engine the memory tier stores in: a memory
-//! hit costs a little more than a bare moka hit (the freshness check adds a clock read;
-//! through the loader API, more again), and a two-tier memory hit a little more (one more
-//! atomic load, an async call), both far below a Redis round trip. A Redis hit is one
+//! hit costs a little more than a bare moka hit (the freshness check adds a clock read
+//! and a counter); through the loader API the same plus a branch (a hit is answered when
+//! the call is made, and only a miss builds the loading future); a two-tier memory hit as
+//! much again plus one atomic load; all far below a Redis round trip. A Redis hit is one
 //! round trip, somewhat dearer than a raw `GET` because it reads a hash. Under a stampede
 //! (a hot key expiring under a thousand readers, `examples/stampede.rs`), naive
 //! cache-aside calls the loader once per reader at each expiry; moka's coalescing

@@ -3,8 +3,10 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -19,7 +21,8 @@ use crate::{Error, Result};
 /// The loading reads every cache of this crate offers, written once: an infallible, a
 /// fallible, an optional and an expiring loader, each adapted to the one
 /// `Result<Loaded<V>>` load that the cache's own `resolve(key, load, want_value)` runs
-/// once per key. Each method's documentation goes before its name; `key` is the
+/// once per key. They return `resolve`'s future, so the memory cache's, which answers a
+/// hit when called, stays a ready value. Each method's documentation goes before its name; `key` is the
 /// cache's key type.
 macro_rules! loading_reads {
     (
@@ -30,18 +33,26 @@ macro_rules! loading_reads {
         $(#[$expiring:meta])* try_get_or_load_expiring;
     ) => {
         $(#[$get])*
-        pub async fn get_or_load<F, Fut>(&self, key: $key, loader: F) -> crate::Result<V>
+        pub fn get_or_load<F, Fut>(
+            &self,
+            key: $key,
+            loader: F,
+        ) -> impl ::std::future::Future<Output = crate::Result<V>> + Send
         where
             F: FnOnce() -> Fut + Send + 'static,
             Fut: ::std::future::Future<Output = V> + Send + 'static,
         {
             let load =
                 move || async move { Ok(crate::expiring::Loaded::plain(Some(loader().await))) };
-            crate::memory::require_value(self.resolve(key, load, true).await)
+            ::futures::FutureExt::map(self.resolve(key, load, true), crate::memory::require_value)
         }
 
         $(#[$try_get])*
-        pub async fn try_get_or_load<E, F, Fut>(&self, key: $key, loader: F) -> crate::Result<V>
+        pub fn try_get_or_load<E, F, Fut>(
+            &self,
+            key: $key,
+            loader: F,
+        ) -> impl ::std::future::Future<Output = crate::Result<V>> + Send
         where
             E: Into<sd_core::BoxError>,
             F: FnOnce() -> Fut + Send + 'static,
@@ -53,15 +64,15 @@ macro_rules! loading_reads {
                     .map(|v| crate::expiring::Loaded::plain(Some(v)))
                     .map_err(crate::Error::loader)
             };
-            crate::memory::require_value(self.resolve(key, load, true).await)
+            ::futures::FutureExt::map(self.resolve(key, load, true), crate::memory::require_value)
         }
 
         $(#[$optional])*
-        pub async fn try_get_or_load_optional<E, F, Fut>(
+        pub fn try_get_or_load_optional<E, F, Fut>(
             &self,
             key: $key,
             loader: F,
-        ) -> crate::Result<Option<V>>
+        ) -> impl ::std::future::Future<Output = crate::Result<Option<V>>> + Send
         where
             E: Into<sd_core::BoxError>,
             F: FnOnce() -> Fut + Send + 'static,
@@ -75,15 +86,15 @@ macro_rules! loading_reads {
                     .map(crate::expiring::Loaded::plain)
                     .map_err(crate::Error::loader)
             };
-            self.resolve(key, load, false).await
+            self.resolve(key, load, false)
         }
 
         $(#[$expiring])*
-        pub async fn try_get_or_load_expiring<E, F, Fut>(
+        pub fn try_get_or_load_expiring<E, F, Fut>(
             &self,
             key: $key,
             loader: F,
-        ) -> crate::Result<Option<V>>
+        ) -> impl ::std::future::Future<Output = crate::Result<Option<V>>> + Send
         where
             E: Into<sd_core::BoxError>,
             F: FnOnce() -> Fut + Send + 'static,
@@ -97,7 +108,7 @@ macro_rules! loading_reads {
                     .map(crate::expiring::Loaded::from)
                     .map_err(crate::Error::loader)
             };
-            self.resolve(key, load, false).await
+            self.resolve(key, load, false)
         }
     };
 }
@@ -131,10 +142,6 @@ impl<V> Entry<V> {
 
     fn expiry(&self) -> Duration {
         Duration::from_nanos(self.expiry)
-    }
-
-    fn refresh_from(&self) -> Duration {
-        Duration::from_nanos(self.refresh_from)
     }
 
     fn stale_until(&self) -> Duration {
@@ -302,9 +309,9 @@ where
 
     /// The fresh value for `key`, if any. `None` for a miss and for a cached "not found".
     pub fn get(&self, key: &K) -> Option<V> {
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         match self.inner.engine.get(key) {
-            Some(e) if now < e.expiry() => {
+            Some(e) if now < e.expiry => {
                 Counters::bump(&self.inner.counters.hits);
                 e.value
             }
@@ -387,6 +394,9 @@ where
         /// Concurrent misses run one loader. Near expiry a read may start a background refresh
         /// with its `loader` and still return the current value at once; that is why the loader
         /// must be `Send + 'static`.
+        ///
+        /// A hit is answered when the call is made: the returned future is ready, so the
+        /// loader API costs a plain [`get`](Self::get) and a branch.
         ///
         /// # Errors
         ///
@@ -473,23 +483,46 @@ where
         try_get_or_load_expiring;
     }
 
-    pub(crate) async fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Shared<V>
+    /// Reads `key`, loading it with `load` on a miss. A hit is answered now, when called
+    /// (the future is ready: a hit costs a lookup and a branch); a miss returns the boxed
+    /// future of [`Self::resolve_miss`].
+    pub(crate) fn resolve<L, Fut>(&self, key: K, load: L, want_value: bool) -> Resolve<'_, V>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Load<V>> + Send + 'static,
     {
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         let current = self.inner.engine.get(&key);
         if let Some(e) = current.as_ref()
-            && now < e.expiry()
+            && now < e.expiry
             && (e.value.is_some() || !want_value)
         {
             Counters::bump(&self.inner.counters.hits);
-            if now >= e.refresh_from() {
-                self.maybe_refresh(&key, e, now, load);
+            if now >= e.refresh_from {
+                self.maybe_refresh(&key, e, Duration::from_nanos(now), load);
             }
-            return Ok(current.and_then(|e| e.value));
+            return Resolve::Hit(std::future::ready(Ok(current.and_then(|e| e.value))));
         }
+        let now = Duration::from_nanos(now);
+        Resolve::Miss(Box::pin(
+            self.resolve_miss(key, load, want_value, current, now),
+        ))
+    }
+
+    /// [`Self::resolve`] after a miss: `current` is the entry read (expired, or not the
+    /// value wanted) at `now`.
+    async fn resolve_miss<L, Fut>(
+        &self,
+        key: K,
+        load: L,
+        want_value: bool,
+        current: Option<Entry<V>>,
+        now: Duration,
+    ) -> Shared<V>
+    where
+        L: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Load<V>> + Send + 'static,
+    {
         Counters::bump(&self.inner.counters.misses);
         let stale = current.filter(|e| e.value.is_some() && now < e.stale_until());
         let need = Need::Fresh { want_value };
@@ -631,15 +664,15 @@ where
 
     /// A fresh hit that needs no early refresh, by a borrowed key (no allocation); `None`
     /// otherwise, counting nothing (the caller goes on to [`Self::resolve`]).
-    /// `now` must come from this cache's clock.
+    /// `now` (nanoseconds) must come from this cache's clock.
     #[cfg(feature = "redis")]
-    pub(crate) fn peek_at<Q>(&self, key: &Q, want_value: bool, now: Duration) -> Option<Option<V>>
+    pub(crate) fn peek_at<Q>(&self, key: &Q, want_value: bool, now: u64) -> Option<Option<V>>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let e = self.inner.engine.get(key)?;
-        if now < e.expiry() && now < e.refresh_from() && (e.value.is_some() || !want_value) {
+        if now < e.expiry && now < e.refresh_from && (e.value.is_some() || !want_value) {
             Counters::bump(&self.inner.counters.hits);
             Some(e.value)
         } else {
@@ -695,6 +728,23 @@ where
 
     fn read_shard<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         *self.lock_shard(key)
+    }
+}
+
+/// The future of [`Cache::resolve`]: a hit, answered when it was called, or a miss.
+pub(crate) enum Resolve<'a, V> {
+    Hit(std::future::Ready<Shared<V>>),
+    Miss(Pin<Box<dyn Future<Output = Shared<V>> + Send + 'a>>),
+}
+
+impl<V> Future for Resolve<'_, V> {
+    type Output = Shared<V>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Shared<V>> {
+        match self.get_mut() {
+            Resolve::Hit(ready) => Pin::new(ready).poll(cx),
+            Resolve::Miss(miss) => miss.as_mut().poll(cx),
+        }
     }
 }
 

@@ -487,3 +487,30 @@ async fn at_most_one_early_refresh_per_expiry_under_many_readers() {
     assert_eq!(stats.early_refreshes, 3);
     assert_eq!(stats.loads, 4, "the first load and one per expiry");
 }
+
+/// A hit through the loader API is a lookup and a branch: its future is answered when the
+/// call is made (ready on the first poll, the loader untouched) and does not carry the
+/// miss path's state (a few words, not the hundreds of bytes of the single-flight and
+/// load futures).
+#[test]
+fn a_hit_through_the_loader_api_is_a_small_ready_future() {
+    use futures::FutureExt;
+
+    let cache: Cache<u64, u64> = Cache::builder().build().unwrap();
+    cache.insert(1, 10);
+    let calls = counter();
+    let c = calls.clone();
+    let hit = cache.get_or_load(1, move || async move {
+        c.fetch_add(1, Ordering::SeqCst);
+        0
+    });
+    let size = std::mem::size_of_val(&hit);
+    assert!(size <= 96, "a hit's future is {size} bytes");
+    // No runtime here: a hit needs none.
+    assert_eq!(hit.now_or_never().unwrap().unwrap(), 10);
+    let optional = cache.try_get_or_load_optional(1, || async { Ok::<_, Error>(Some(0)) });
+    assert!(std::mem::size_of_val(&optional) <= 96);
+    assert_eq!(optional.now_or_never().unwrap().unwrap(), Some(10));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(cache.stats().hits, 2);
+}

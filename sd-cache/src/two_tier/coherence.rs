@@ -15,8 +15,8 @@ where
 
     /// A memory hit needing no refresh, while the lease is live: one clock read for both.
     pub(super) fn hit(&self, key: &str, want_value: bool) -> Option<Option<V>> {
-        let now = self.clock.now();
-        if saturating_nanos(now) >= self.serving_until.load(Ordering::Acquire) {
+        let now = self.clock.now_nanos();
+        if now >= self.serving_until.load(Ordering::Acquire) {
             return None;
         }
         self.local.peek_at(key, want_value, now)
