@@ -188,7 +188,7 @@ impl<S: Store> RunOnce<S> {
                 .into());
             }
         };
-        match with_heartbeat(&self.store, &claim, self.lock_ttl, work).await {
+        match with_heartbeat(&self.store, &claim, self.lock_ttl, || true, work).await {
             Ok(value) => {
                 let stored = serde_json::to_vec(&value)
                     .map_err(Error::from)
@@ -238,12 +238,15 @@ pub(crate) fn heartbeat_lock_ttl(lock_ttl: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Awaits `work`, extending `claim` every third of `lock_ttl` meanwhile. When an extend
-/// is refused the heartbeat stops (the work goes on; its completion will be refused).
+/// Awaits `work`, extending `claim` every third of `lock_ttl` meanwhile, as long as
+/// `holding()` says the claim is still the work's to keep (the middleware's handler may
+/// complete it itself). When an extend is refused the heartbeat stops (the work goes on;
+/// its completion will be refused).
 pub(crate) async fn with_heartbeat<S: Store, F: Future>(
     store: &S,
     claim: &Claim,
     lock_ttl: Duration,
+    holding: impl Fn() -> bool,
     work: F,
 ) -> F::Output {
     let period = (lock_ttl / 3).max(Duration::from_millis(1));
@@ -252,6 +255,9 @@ pub(crate) async fn with_heartbeat<S: Store, F: Future>(
         let mut ticks = tokio::time::interval_at(start, period);
         loop {
             ticks.tick().await;
+            if !holding() {
+                return;
+            }
             match store.extend(claim, lock_ttl).await {
                 Ok(()) => {}
                 Err(error @ Error::ClaimLost { .. }) => {

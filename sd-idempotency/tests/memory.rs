@@ -122,3 +122,48 @@ fn the_claim_extractor() {
         }
     });
 }
+
+/// Once the handler completed its key through its claim, the middleware's heartbeat
+/// stops extending it (an extend would only be refused, and on PostgreSQL wait on the
+/// row the handler's transaction holds): a handler that runs on for three heartbeat
+/// periods after completing sees no extend at all.
+#[test]
+fn the_heartbeat_stops_once_the_handler_completed() {
+    use axum::Router;
+    use axum::routing::post;
+    use sd_idempotency::tower::RequestClaim;
+    use sd_idempotency::{BoxStore, IdempotencyLayer};
+
+    let runtime = sd_testkit::runtime();
+    runtime.block_on(async {
+        let store = MemoryStore::new();
+        let observed = suite::Observed::new(store.clone());
+        let lock_ttl = Duration::from_millis(600);
+        let layer = IdempotencyLayer::builder(observed.clone())
+            .lock_ttl(lock_ttl)
+            .build()
+            .unwrap();
+        let completer = BoxStore::new(store);
+        let handler = async move |claim: RequestClaim| {
+            let response = axum::response::IntoResponse::into_response("done");
+            let response = claim.complete(&completer, response).await.unwrap();
+            // Three heartbeat periods (a third of the lock each) after the completion.
+            tokio::time::sleep(lock_ttl + lock_ttl / 6).await;
+            response
+        };
+        let app = Router::new().route("/work", post(handler)).layer(layer);
+        let port = suite::http::listen(app).await;
+        let reply = suite::http::alice(port, "POST", "/work", Some(b"k"), "{}").await;
+        assert_eq!(reply.body, b"done");
+        assert_eq!(
+            observed
+                .calls
+                .extend_calls
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no extend after the handler's completion"
+        );
+        let replay = suite::http::alice(port, "POST", "/work", Some(b"k"), "{}").await;
+        assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+    });
+}

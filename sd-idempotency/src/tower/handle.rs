@@ -148,7 +148,9 @@ where
     let mut parts = parts;
     parts.extensions.insert(handoff.clone());
     let request = Request::from_parts(parts, ReqB::from(body));
-    let result = with_heartbeat(&store, &claim, config.lock_ttl, inner.call(request)).await;
+    let holding = || handoff.handoff() == Handoff::Untouched;
+    let work = inner.call(request);
+    let result = with_heartbeat(&store, &claim, config.lock_ttl, holding, work).await;
     match handoff.handoff() {
         Handoff::Completed => return result,
         Handoff::InTransaction => {

@@ -102,6 +102,8 @@ pub struct Calls {
     pub claims: watch::Sender<u64>,
     pub completes: AtomicUsize,
     pub releases: AtomicUsize,
+    /// Every `extend`, accepted or refused.
+    pub extend_calls: AtomicUsize,
 }
 
 impl Calls {
@@ -166,6 +168,7 @@ impl<S: Store> Store for Observed<S> {
     }
 
     async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<(), Error> {
+        self.calls.extend_calls.fetch_add(1, Ordering::SeqCst);
         let done = self.inner.extend(claim, lock_ttl).await;
         if done.is_ok() {
             self.extends.send_modify(|n| *n += 1);
