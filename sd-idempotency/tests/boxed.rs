@@ -1,7 +1,8 @@
 //! A `BoxStore` chosen from a configuration string at run time (`memory`, or a
 //! `redis://` or `postgres://` URL of a server the testkit started) passes the store's
-//! conformance suite, and the middleware runs on it. The memory store runs on a manual
-//! clock; the servers' stores on the servers' time.
+//! conformance suite (`poll_claim` included), and the middleware runs on it, waiting
+//! duplicates and a handler completing through its claim among the cases. The memory
+//! store runs on a manual clock; the servers' stores on the servers' time.
 #![allow(clippy::unwrap_used)]
 
 #[macro_use]
@@ -39,12 +40,14 @@ async fn store_from_config(config: &str, clock: ManualClock) -> BoxStore {
     }
 }
 
-/// The conformance suite and two middleware cases through the box on `harness`.
+/// The conformance suite and four middleware cases through the box on `harness`.
 fn through_the_box(runtime: &tokio::runtime::Runtime, harness: suite::Harness<BoxStore>) {
     runtime.block_on(async {
         conformance::all(&harness).await;
         suite::http::http_concurrent_duplicates_run_once(&harness).await;
         suite::http::http_mismatch_is_422_and_does_not_run(&harness).await;
+        suite::wait::http_waiting_duplicates_get_the_first_response(&harness).await;
+        suite::wait::http_handler_completes_through_its_claim(&harness).await;
     });
 }
 
