@@ -122,7 +122,7 @@ mod redis_impls {
                 K: Codec<V>,
             {
                 fn get(&self, key: &str) -> impl Future<Output = Result<Option<V>>> + Send {
-                    $cache::get(self, key)
+                    async move { $cache::get(self, key).await }
                 }
 
                 fn insert(&self, key: &str, value: &V) -> impl Future<Output = Result<()>> + Send {
@@ -138,7 +138,7 @@ mod redis_impls {
                     key: &str,
                     loader: Loader<V>,
                 ) -> impl Future<Output = Result<Option<V>>> + Send {
-                    $cache::try_get_or_load_optional(self, key, loader)
+                    async move { $cache::try_get_or_load_optional(self, key, loader).await }
                 }
             }
         };

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,8 +33,10 @@ macro_rules! loading_reads {
         $(#[$expiring:meta])* try_get_or_load_expiring;
     ) => {
         $(#[$get])*
-        pub fn get_or_load<F, Fut>(
-            &self,
+        // `'a` ties `&self` to a borrowed key (Redis, two-tier); the memory cache owns its key.
+        #[allow(clippy::needless_lifetimes)]
+        pub fn get_or_load<'a, F, Fut>(
+            &'a self,
             key: $key,
             loader: F,
         ) -> impl ::std::future::Future<Output = crate::Result<V>> + Send
@@ -48,8 +50,10 @@ macro_rules! loading_reads {
         }
 
         $(#[$try_get])*
-        pub fn try_get_or_load<E, F, Fut>(
-            &self,
+        // `'a` ties `&self` to a borrowed key (Redis, two-tier); the memory cache owns its key.
+        #[allow(clippy::needless_lifetimes)]
+        pub fn try_get_or_load<'a, E, F, Fut>(
+            &'a self,
             key: $key,
             loader: F,
         ) -> impl ::std::future::Future<Output = crate::Result<V>> + Send
@@ -68,8 +72,10 @@ macro_rules! loading_reads {
         }
 
         $(#[$optional])*
-        pub fn try_get_or_load_optional<E, F, Fut>(
-            &self,
+        // `'a` ties `&self` to a borrowed key (Redis, two-tier); the memory cache owns its key.
+        #[allow(clippy::needless_lifetimes)]
+        pub fn try_get_or_load_optional<'a, E, F, Fut>(
+            &'a self,
             key: $key,
             loader: F,
         ) -> impl ::std::future::Future<Output = crate::Result<Option<V>>> + Send
@@ -90,8 +96,10 @@ macro_rules! loading_reads {
         }
 
         $(#[$expiring])*
-        pub fn try_get_or_load_expiring<E, F, Fut>(
-            &self,
+        // `'a` ties `&self` to a borrowed key (Redis, two-tier); the memory cache owns its key.
+        #[allow(clippy::needless_lifetimes)]
+        pub fn try_get_or_load_expiring<'a, E, F, Fut>(
+            &'a self,
             key: $key,
             loader: F,
         ) -> impl ::std::future::Future<Output = crate::Result<Option<V>>> + Send
@@ -117,35 +125,43 @@ pub(crate) use loading_reads;
 /// Number of write-sequence shards (a power of two).
 const SHARDS: usize = 64;
 
-/// One cached value with what XFetch needs. Stored by value: wrap large values in `Arc`.
+/// One cached value with what XFetch needs. Stored by value, and cloned out of the engine
+/// on every hit, so it is kept small (40 bytes around a `u64`: the engine's node of an
+/// entry then fits a cache line more often): wrap large values in `Arc`.
 #[derive(Debug, Clone)]
 struct Entry<V> {
-    /// Identity of this write, so an early refresh can tell whether it was overtaken.
-    id: u64,
     /// `None` for a cached "not found" (negative caching).
     value: Option<V>,
-    /// How long the load that produced the value took (ns; times are kept as `u64`
-    /// nanoseconds so an entry, cloned out on every hit, stays small).
-    delta: u64,
     /// When the value stops being fresh (ns on the cache's clock).
     expiry: u64,
     /// Before this instant no read can refresh early (see [`crate::xfetch::refresh_window_start`]).
     refresh_from: u64,
-    /// Until when the value may still be served if a reload fails.
-    stale_until: u64,
+    /// Identity of this write, so an early refresh can tell whether it was overtaken
+    /// (wrapping: two writes of one key 2^32 writes apart inside one refresh's decision
+    /// are not a concern).
+    id: u32,
+    /// How long the load that produced the value took, in microseconds rounded up
+    /// (saturating after 71 minutes).
+    delta_us: u32,
 }
 
 impl<V> Entry<V> {
     fn delta(&self) -> Duration {
-        Duration::from_nanos(self.delta)
+        Duration::from_micros(u64::from(self.delta_us))
     }
 
     fn expiry(&self) -> Duration {
         Duration::from_nanos(self.expiry)
     }
 
-    fn stale_until(&self) -> Duration {
-        Duration::from_nanos(self.stale_until)
+    /// Until when the value may still be served if a reload fails: its expiry plus the
+    /// stale-on-error window (a "not found" is never served stale).
+    fn stale_until(&self, policy: &Policy) -> Duration {
+        if self.value.is_some() {
+            self.expiry().saturating_add(policy.stale_if_error)
+        } else {
+            self.expiry()
+        }
     }
 }
 
@@ -235,7 +251,7 @@ where
                 random: self.random,
                 counters,
                 write_seq: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
-                next_id: AtomicU64::new(0),
+                next_id: AtomicU32::new(0),
                 hasher: RandomState::new(),
             }),
         })
@@ -252,7 +268,7 @@ struct Inner<K, V> {
     /// Per-shard write counters: a load stores its value only if no write or invalidation
     /// touched its shard while it ran, so a slow load never overwrites a newer write.
     write_seq: Box<[Mutex<u64>]>,
-    next_id: AtomicU64,
+    next_id: AtomicU32,
     hasher: RandomState,
 }
 
@@ -294,7 +310,7 @@ enum Need {
     /// Load unless a fresh entry appeared meanwhile.
     Fresh { want_value: bool },
     /// Early refresh of this entry: load unless someone replaced it meanwhile.
-    Refresh { id: u64 },
+    Refresh { id: u32 },
 }
 
 impl<K, V> Cache<K, V>
@@ -524,7 +540,8 @@ where
         Fut: Future<Output = Load<V>> + Send + 'static,
     {
         Counters::bump(&self.inner.counters.misses);
-        let stale = current.filter(|e| e.value.is_some() && now < e.stale_until());
+        let policy = &self.inner.policy;
+        let stale = current.filter(|e| e.value.is_some() && now < e.stale_until(policy));
         let need = Need::Fresh { want_value };
         let (result, role) = self
             .inner
@@ -616,7 +633,7 @@ where
                 Ok(loaded.value)
             }
             Err(error) => match stale {
-                Some(e) if done < e.stale_until() && e.value.is_some() => {
+                Some(e) if done < e.stale_until(&self.inner.policy) && e.value.is_some() => {
                     if done >= e.expiry() {
                         Counters::bump(&self.inner.counters.stale_served);
                     }
@@ -640,18 +657,14 @@ where
         let policy = &self.inner.policy;
         let lifetime = policy.lifetime(value.is_none(), ttl, self.inner.random.as_ref())?;
         let expiry = now.saturating_add(lifetime);
-        let stale_until = if value.is_some() {
-            expiry.saturating_add(policy.stale_if_error)
-        } else {
-            expiry
-        };
+        let delta_us = u32::try_from(delta.as_nanos().div_ceil(1_000)).unwrap_or(u32::MAX);
+        let delta = Duration::from_micros(u64::from(delta_us));
         Some(Entry {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             refresh_from: saturating_nanos(policy.refresh_from(expiry, delta)),
             value,
-            delta: saturating_nanos(delta),
+            delta_us,
             expiry: saturating_nanos(expiry),
-            stale_until: saturating_nanos(stale_until),
         })
     }
 

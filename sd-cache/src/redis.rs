@@ -325,7 +325,7 @@ where
     }
 
     crate::memory::loading_reads! {
-        key: &str;
+        key: &'a str;
         /// The value for `key`, loading it with `loader` on a miss: once per key across every
         /// process that shares the prefix. See [`crate::Cache::get_or_load`].
         ///

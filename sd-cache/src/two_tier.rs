@@ -79,7 +79,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::clock::{Clock, MonotonicClock, saturating_nanos};
 use crate::expiring::Loaded;
-use crate::memory::Cache;
+use crate::memory::{Cache, Resolve};
 use crate::redis::{Codec, JsonCodec, RedisCache, RedisCacheBuilder};
 use crate::stats::CacheStats;
 use crate::{Error, Result};
@@ -196,15 +196,16 @@ where
     /// The value for `key`: from memory when it holds it, else from Redis (one round trip;
     /// the value is then kept in memory). `None` for a miss and for a cached "not found".
     ///
+    /// A memory hit is answered when the call is made (the future is ready).
+    ///
     /// # Errors
     ///
     /// As [`RedisCache::get`].
-    pub async fn get(&self, key: &str) -> Result<Option<V>> {
-        if let Some(v) = self.inner.hit(key, false) {
-            return Ok(v);
+    pub fn get<'a>(&'a self, key: &'a str) -> impl Future<Output = Result<Option<V>>> + Send + 'a {
+        match self.inner.hit(key, false) {
+            Some(v) => Resolve::Hit(std::future::ready(Ok(v))),
+            None => Resolve::Miss(Box::pin(self.get_from_redis(key))),
         }
-        // Boxed, so the future of a memory hit stays small.
-        Box::pin(self.get_from_redis(key)).await
     }
 
     async fn get_from_redis(&self, key: &str) -> Result<Option<V>> {
@@ -250,7 +251,7 @@ where
     }
 
     crate::memory::loading_reads! {
-        key: &str;
+        key: &'a str;
         /// The value for `key`, loading it with `loader` on a miss in both tiers (once per key
         /// across every process). See [`RedisCache::get_or_load`].
         ///
@@ -282,21 +283,21 @@ where
         try_get_or_load_expiring;
     }
 
-    pub(crate) async fn resolve<L, Fut>(
-        &self,
-        key: &str,
+    /// Reads `key`, loading it on a miss in both tiers; a memory hit is answered now.
+    pub(crate) fn resolve<'a, L, Fut>(
+        &'a self,
+        key: &'a str,
         load: L,
         want_value: bool,
-    ) -> Result<Option<V>>
+    ) -> Resolve<'a, V>
     where
         L: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,
     {
-        if let Some(v) = self.inner.hit(key, want_value) {
-            return Ok(v);
+        match self.inner.hit(key, want_value) {
+            Some(v) => Resolve::Hit(std::future::ready(Ok(v))),
+            None => Resolve::Miss(Box::pin(self.resolve_slow(key, load, want_value))),
         }
-        // Boxed, so the future of a memory hit stays small.
-        Box::pin(self.resolve_slow(key, load, want_value)).await
     }
 
     async fn resolve_slow<L, Fut>(&self, key: &str, load: L, want_value: bool) -> Result<Option<V>>

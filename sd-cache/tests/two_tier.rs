@@ -279,3 +279,33 @@ fn write_through_over_two_tier_is_read_fresh_by_another_instance() {
         assert_eq!(b.get("k").await.unwrap(), None);
     });
 }
+
+/// A memory hit is answered when the call is made: the future is ready on its first poll
+/// and small (the Redis read's future is boxed, built only on a miss).
+#[test]
+fn a_memory_hit_is_a_small_ready_future() {
+    use futures::FutureExt;
+
+    on_fleet(1, |Fleet { tiers, .. }| async move {
+        let tier = &tiers[0];
+        until_serving(&tiers, true).await;
+        tier.insert("k", &7).await.unwrap();
+        assert_eq!(
+            tier.get("k").await.unwrap(),
+            Some(7),
+            "fills the memory tier"
+        );
+        let hits = tier.stats().hits;
+        let get = tier.get("k");
+        assert!(
+            std::mem::size_of_val(&get) <= 96,
+            "{} bytes",
+            std::mem::size_of_val(&get)
+        );
+        assert_eq!(get.now_or_never().unwrap().unwrap(), Some(7));
+        let load = tier.get_or_load("k", || async { 0 });
+        assert!(std::mem::size_of_val(&load) <= 96);
+        assert_eq!(load.now_or_never().unwrap().unwrap(), 7);
+        assert_eq!(tier.stats().hits, hits + 2);
+    });
+}
