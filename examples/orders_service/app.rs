@@ -244,7 +244,9 @@ fn json(status: StatusCode, order: &Order) -> Response {
         Body::from(body),
     )
         .into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", order.id))
+    {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response

@@ -64,6 +64,16 @@ async fn request(
     }
 }
 
+/// A Redis server and a fresh database, and the service's config on them (keys and
+/// stream under a prefix of this test's own).
+fn servers() -> (sd_testkit::Redis, sd_testkit::TestDatabase, app::Config) {
+    let redis = sd_testkit::redis().expect("redis-server");
+    let db = sd_testkit::database().expect("postgres");
+    let mut config = app::Config::new(redis.url(), db.url());
+    config.prefix = sd_testkit::unique_name("orders");
+    (redis, db, config)
+}
+
 /// The service on its port, and what stops it.
 struct Running {
     port: u16,
@@ -134,12 +144,9 @@ const PEN: &str = r#"{"sku":"pen-7","quantity":5}"#;
 /// stream as it was enqueued; and a caller over the limit gets 429 with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn orders_are_placed_once_cached_published_and_rate_limited() {
-    let redis = sd_testkit::redis().expect("redis-server");
-    let db = sd_testkit::database().expect("postgres");
-    let mut config = app::Config::new(redis.url(), db.url());
+    let (redis, _db, mut config) = servers();
     config.rate = 1;
     config.burst = 30;
-    config.prefix = sd_testkit::unique_name("orders");
     let running = run(config.clone()).await;
     let (port, pool) = (running.port, running.service.pool.clone());
 
@@ -325,11 +332,8 @@ async fn orders_are_placed_once_cached_published_and_rate_limited() {
 /// a complete request on another connection is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_after_the_header_read_timeout() {
-    let redis = sd_testkit::redis().expect("redis-server");
-    let db = sd_testkit::database().expect("postgres");
-    let mut config = app::Config::new(redis.url(), db.url());
+    let (_redis, _db, mut config) = servers();
     config.header_read_timeout = Duration::from_secs(1);
-    config.prefix = sd_testkit::unique_name("orders");
     let running = run(config).await;
 
     let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", running.port))
@@ -356,6 +360,42 @@ async fn a_slow_client_is_cut_off_after_the_header_read_timeout() {
 
     let reply = request(running.port, "GET", "/orders/x", "alice", None, "").await;
     assert_eq!(reply.status, 404);
+    running.stop.send(()).unwrap();
+    running.server.await.unwrap();
+    running.service.relay.shutdown().await;
+}
+
+/// A request that runs past the request timeout (its INSERT waits on a table lock) is
+/// answered 503 and writes nothing; the middleware does not store the 503, so a retry
+/// with the same key runs and creates the one order and its one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_is_answered_503_and_its_retry_runs() {
+    let (_redis, _db, mut config) = servers();
+    config.request_timeout = Duration::from_secs(1);
+    let running = run(config).await;
+    let pool = running.service.pool.clone();
+
+    // Another session holds a lock that blocks every INSERT into orders.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let key = sd_testkit::unique_name("order");
+    let started = Instant::now();
+    let late = request(running.port, "POST", "/orders", "alice", Some(&key), BOOK).await;
+    assert_eq!(late.status, 503, "{}", late.body);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        late.header("content-type"),
+        Some("application/problem+json")
+    );
+    lock.rollback().await.unwrap();
+
+    let retry = request(running.port, "POST", "/orders", "alice", Some(&key), BOOK).await;
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert_eq!(retry.header("idempotency-replayed"), None, "the retry ran");
+    assert_eq!(counts(&pool).await, (1, 1));
     running.stop.send(()).unwrap();
     running.server.await.unwrap();
     running.service.relay.shutdown().await;
