@@ -78,8 +78,27 @@ fn servers() -> (sd_testkit::Redis, sd_testkit::TestDatabase, app::Config) {
 struct Running {
     port: u16,
     service: app::Service,
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Tells the server to stop (once).
+    fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).unwrap();
+        }
+    }
+
+    /// Stops the server, waits for it to return (5 s at most), and stops the relay.
+    async fn join(mut self) {
+        self.signal_stop();
+        tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .expect("the server returns")
+            .unwrap();
+        self.service.relay.shutdown().await;
+    }
 }
 
 async fn run(config: app::Config) -> Running {
@@ -97,7 +116,7 @@ async fn run(config: app::Config) -> Running {
     Running {
         port,
         service,
-        stop,
+        stop: Some(stop),
         server,
     }
 }
@@ -113,6 +132,17 @@ async fn counts(pool: &PgPool) -> (i64, i64) {
         .await
         .unwrap();
     (orders, events)
+}
+
+/// Another session's transaction holding a lock that blocks every INSERT into orders
+/// until it ends.
+async fn block_inserts(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
 }
 
 /// Every entry of `stream`, as field maps.
@@ -319,12 +349,7 @@ async fn orders_are_placed_once_cached_published_and_rate_limited() {
     assert_eq!(read.status, 200);
 
     // A graceful stop: the server returns, and the relay stops.
-    running.stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), running.server)
-        .await
-        .expect("the server stops")
-        .unwrap();
-    running.service.relay.shutdown().await;
+    running.join().await;
     assert_eq!(counts(&pool).await, (2, 2));
 }
 
@@ -360,9 +385,7 @@ async fn a_slow_client_is_cut_off_after_the_header_read_timeout() {
 
     let reply = request(running.port, "GET", "/orders/x", "alice", None, "").await;
     assert_eq!(reply.status, 404);
-    running.stop.send(()).unwrap();
-    running.server.await.unwrap();
-    running.service.relay.shutdown().await;
+    running.join().await;
 }
 
 /// A request that runs past the request timeout (its INSERT waits on a table lock) is
@@ -375,12 +398,7 @@ async fn a_request_past_its_timeout_is_answered_503_and_its_retry_runs() {
     let running = run(config).await;
     let pool = running.service.pool.clone();
 
-    // Another session holds a lock that blocks every INSERT into orders.
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = block_inserts(&pool).await;
     let key = sd_testkit::unique_name("order");
     let started = Instant::now();
     let late = request(running.port, "POST", "/orders", "alice", Some(&key), BOOK).await;
@@ -396,7 +414,57 @@ async fn a_request_past_its_timeout_is_answered_503_and_its_retry_runs() {
     assert_eq!(retry.status, 201, "{}", retry.body);
     assert_eq!(retry.header("idempotency-replayed"), None, "the retry ran");
     assert_eq!(counts(&pool).await, (1, 1));
-    running.stop.send(()).unwrap();
-    running.server.await.unwrap();
-    running.service.relay.shutdown().await;
+    running.join().await;
+}
+
+/// A stop lets the request in flight finish: the server stops accepting at once, answers
+/// the request (held by a table lock) once the lock goes, and only then returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_the_request_in_flight_finish() {
+    let (_redis, _db, config) = servers();
+    let mut running = run(config).await;
+    let (port, pool) = (running.port, running.service.pool.clone());
+
+    let lock = block_inserts(&pool).await;
+    let key = sd_testkit::unique_name("order");
+    let in_flight =
+        tokio::spawn(
+            async move { request(port, "POST", "/orders", "alice", Some(&key), BOOK).await },
+        );
+    // The handler's INSERT waits on the lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the INSERT never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    running.signal_stop();
+    // The listener closes: new connections are refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "still accepting after the stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !running.server.is_finished(),
+        "the server returned with a request in flight"
+    );
+
+    lock.rollback().await.unwrap();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    // The server returns once the request is answered.
+    running.join().await;
+    assert_eq!(counts(&pool).await, (1, 1));
 }
