@@ -163,7 +163,7 @@ pub(crate) async fn start(config: &Config) -> Result<Service, BoxError> {
 
     let redis = redis::Client::open(config.redis.as_str())?;
     let conn = ConnectionManager::new_with_config(
-        redis.clone(),
+        redis,
         redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(2))),
     )
@@ -185,6 +185,8 @@ pub(crate) async fn start(config: &Config) -> Result<Service, BoxError> {
     let idempotency_layer = IdempotencyLayer::builder(idempotency.clone())
         .principal(|parts| caller(&parts.headers))
         .paths(["/orders"])
+        // A retry that reorders or reformats the JSON is the same request.
+        .fingerprint_fields(["/sku", "/quantity"])
         .build()?;
     let timeout = config.request_timeout;
     let app = App {

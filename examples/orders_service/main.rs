@@ -18,8 +18,9 @@
 //!   idempotency key through the `RequestClaim` the middleware hands it, all in one
 //!   transaction: a retry with the same key replays the `201` byte for byte
 //!   (`Idempotency-Replayed: true`) and never writes a second order or event, even when
-//!   the server died right after the commit. The same key with another body gets `422`;
-//!   a retry while the first still runs, `409` with `Retry-After`.
+//!   the server died right after the commit. The key covers the order's fields (`sku`,
+//!   `quantity`), so a reformatted body is the same request, and another order under the
+//!   same key gets `422`; a retry while the first still runs, `409` with `Retry-After`.
 //! - Every route is rate limited per `X-Api-Key` by sd-ratelimit's tower layer on Redis
 //!   (GCRA, `--rate` a second, bursts of `--burst`): over it, `429` with `Retry-After`.
 //! - `GET /orders/{id}` reads through sd-cache on Redis (one load per key across
