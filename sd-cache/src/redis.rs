@@ -101,8 +101,9 @@ struct RedisInner<V, C, K> {
 
 type Shared<V> = Result<Option<V>>;
 
-/// A value with what is left of its lifetime in Redis (the memory tier of a two-tier
-/// cache keeps it no longer), or `Some(ZERO)` for a value that was not stored.
+/// A value with how long a memory tier in front (two-tier) may keep it: what is left of
+/// its lifetime in Redis less one mean early-refresh gap (see [`RedisCache::keep_in_memory`]),
+/// or `Some(ZERO)` for a value that was not stored.
 type Load<V> = Result<Loaded<V>>;
 
 /// An entry's fields as `HMGET` returns them: value, delta ms, expiry ms, negative, version.
@@ -180,6 +181,26 @@ impl<V> Read<V> {
     }
 }
 
+impl<V, C, K> RedisCache<V, C, K> {
+    /// How long a memory tier may keep a value with `left` of its Redis lifetime, loaded
+    /// in `delta`: `left` less `delta * beta` (XFetch's mean early-refresh gap) while early
+    /// refresh is on, so the reads of an entry's last stretch reach Redis, where they can
+    /// refresh it early, instead of all being answered from memory until it expires.
+    pub(crate) fn keep_in_memory(&self, left: Duration, delta: Duration) -> Duration {
+        let policy = &self.inner.settings.policy;
+        if policy.early_refresh {
+            left.saturating_sub(delta.mul_f64(policy.beta))
+        } else {
+            left
+        }
+    }
+
+    /// [`Self::keep_in_memory`] for an entry as read.
+    fn memory_ttl(&self, read: &Read<V>) -> Duration {
+        self.keep_in_memory(read.remaining(), read.delta)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Lock<'a> {
     Never,
@@ -239,7 +260,7 @@ where
     pub(crate) async fn get_loaded(&self, key: &str) -> Load<V> {
         Self::check_key(key)?;
         let read = self.read(key, Lock::Never, "").await?;
-        let ttl = Some(read.remaining());
+        let ttl = Some(self.memory_ttl(&read));
         if let Some(value) = read.fresh {
             Counters::bump(&self.inner.counters.hits);
             Ok(Loaded { value, ttl })

@@ -3,7 +3,10 @@
 //!
 //! Reads are answered from memory when they can (no round trip), otherwise from Redis
 //! (with everything [`RedisCache`] does: one loader per key cluster-wide, XFetch, negative
-//! caching), and the value is then kept in memory for `local_ttl`.
+//! caching), and the value is then kept in memory for `local_ttl`, or less: a memory copy
+//! ends before its Redis entry expires, by the entry's load time × `beta` while early
+//! refresh is on (XFetch's mean gap), so the reads of an entry's last stretch reach Redis
+//! and refresh it early there, and none is answered from memory after it expired.
 //!
 //! # The guarantee
 //!
@@ -275,7 +278,7 @@ where
         /// Like [`try_get_or_load_optional`](Self::try_get_or_load_optional) for a loader
         /// that chooses each entry's lifetime ([`Expiring`](crate::Expiring)). The Redis
         /// entry lives that long; a memory copy lives at most `local_ttl` and never past
-        /// the Redis entry's expiry.
+        /// the Redis entry's expiry (see the module docs).
         ///
         /// # Errors
         ///

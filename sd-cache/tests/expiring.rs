@@ -270,6 +270,24 @@ fn redis_entries_expire_at_their_own_times() {
     });
 }
 
+/// Runs [`refreshes_in_own_window`] through `$cache` (a Redis or a two-tier cache,
+/// which share the method but no trait), counting early refreshes with `$stats`, and
+/// checks a was loaded twice and b once.
+macro_rules! own_window {
+    ($cache:expr, $stats:ident) => {{
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let (c, l) = ($cache.clone(), Arc::clone(&calls));
+        let read = move |key: &'static str| {
+            let (cache, load) = (c.clone(), slow(&l, key));
+            Box::pin(async move { cache.try_get_or_load_expiring(key, load).await.unwrap() })
+                as Read
+        };
+        let c = $cache.clone();
+        refreshes_in_own_window(read, move || c.$stats().early_refreshes).await;
+        assert_eq!((loads_of(&calls, "a"), loads_of(&calls, "b")), (2, 1));
+    }};
+}
+
 /// On Redis the load's duration (`delta`) is real time: a 300 ms load and u = 1/e put the
 /// window in the last 300 ms of each entry's own lifetime.
 #[test]
@@ -283,46 +301,64 @@ fn redis_early_refresh_works_back_from_each_entrys_own_expiry() {
             .build(conn)
             .await
             .unwrap();
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let slow = |key: &'static str, ttl: Duration| {
-            let calls = Arc::clone(&calls);
-            move || async move {
-                calls.lock().unwrap().push(key);
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                Ok::<_, Error>(Expiring::new(1, ttl))
-            }
-        };
-        cache
-            .try_get_or_load_expiring("a", slow("a", secs(2)))
-            .await
-            .unwrap();
-        let loaded = tokio::time::Instant::now();
-        cache
-            .try_get_or_load_expiring("b", slow("b", secs(40)))
-            .await
-            .unwrap();
-        // 1.85 s into a's 2 s: inside its 300 ms window; b is 38 s from its own.
-        tokio::time::sleep_until(loaded + Duration::from_millis(1_850)).await;
-        assert_eq!(
-            cache
-                .try_get_or_load_expiring("a", slow("a", secs(2)))
-                .await
-                .unwrap(),
-            Some(1)
-        );
-        assert_eq!(
-            cache
-                .try_get_or_load_expiring("b", slow("b", secs(40)))
-                .await
-                .unwrap(),
-            Some(1)
-        );
-        let c = cache.clone();
-        eventually("a's early refresh", move || {
-            std::future::ready(c.stats().early_refreshes == 1)
-        })
-        .await;
-        assert_eq!((loads_of(&calls, "a"), loads_of(&calls, "b")), (2, 1));
+        own_window!(cache, stats);
+    });
+}
+
+/// A read's boxed future.
+type Read = std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send>>;
+
+/// A loader taking 300 ms that gives "a" 2 s and any other key 40 s.
+fn slow(
+    calls: &Arc<Mutex<Vec<&'static str>>>,
+    key: &'static str,
+) -> impl FnOnce() -> Read2 + Send + 'static {
+    let calls = Arc::clone(calls);
+    let ttl = if key == "a" { secs(2) } else { secs(40) };
+    move || {
+        Box::pin(async move {
+            calls.lock().unwrap().push(key);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, Error>(Expiring::new(1u64, ttl))
+        }) as Read2
+    }
+}
+
+/// A loader's boxed future.
+type Read2 =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Expiring<u64>, Error>> + Send>>;
+
+/// Loads "a" (2 s) and "b" (40 s) through `read` (the loader takes 300 ms; u = 1/e puts
+/// the early-refresh window in the last 300 ms of each), reads both again 1.85 s after a
+/// was loaded, and checks that a, and only a, is refreshed early.
+async fn refreshes_in_own_window(
+    read: impl Fn(&'static str) -> Read,
+    early_refreshes: impl Fn() -> u64 + Send + 'static,
+) {
+    read("a").await;
+    let loaded = tokio::time::Instant::now();
+    read("b").await;
+    tokio::time::sleep_until(loaded + Duration::from_millis(1_850)).await;
+    assert_eq!(read("a").await, Some(1), "a, inside its window");
+    assert_eq!(read("b").await, Some(1), "b, 38 s from its own");
+    eventually("a's early refresh", move || {
+        std::future::ready(early_refreshes() == 1)
+    })
+    .await;
+}
+
+/// Through a two-tier cache too: a memory copy ends one mean refresh gap (the load time)
+/// before its Redis entry expires, so the reads of the last stretch reach Redis and
+/// refresh it early there.
+#[test]
+fn two_tier_early_refresh_works_back_from_each_entrys_own_expiry() {
+    on_shared_redis("expiring", |url, prefix| async move {
+        let remote = RedisCache::builder(prefix.as_str())
+            .ttl(secs(10))
+            .max_ttl(secs(60))
+            .random(FixedRandom((-1.0f64).exp()));
+        let cache = serving(&url, TwoTier::builder(remote).local_ttl(secs(5))).await;
+        own_window!(cache, remote_stats);
     });
 }
 

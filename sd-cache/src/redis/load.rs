@@ -55,7 +55,7 @@ where
             self.maybe_refresh(key, &read, load);
             return Ok(Loaded {
                 value,
-                ttl: Some(read.remaining()),
+                ttl: Some(self.memory_ttl(&read)),
             });
         }
         Counters::bump(&self.inner.counters.misses);
@@ -200,7 +200,7 @@ where
             {
                 break Err(Next::Fresh(Loaded {
                     value: value.clone(),
-                    ttl: Some(read.remaining()),
+                    ttl: Some(self.memory_ttl(&read)),
                 }));
             }
             let waited = start.elapsed();
@@ -281,16 +281,17 @@ where
                         None
                     }
                 };
+                let keep = life.map_or(Duration::ZERO, |l| self.keep_in_memory(l, delta));
                 Ok(Loaded {
                     value: loaded.value,
-                    ttl: Some(life.unwrap_or_default()),
+                    ttl: Some(keep),
                 })
             }
             Err(error) => {
                 if let Err(e) = self.unlock(key, token).await {
                     tracing::warn!(error = %e, "sd-cache: could not release the load lock; it expires by itself");
                 }
-                let remaining = read.remaining();
+                let remaining = self.memory_ttl(&read);
                 if let Some(value) = read.fresh {
                     return Ok(Loaded {
                         value,
