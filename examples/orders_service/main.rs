@@ -22,7 +22,8 @@
 //!   `quantity`), so a reformatted body is the same request, and another order under the
 //!   same key gets `422`; a retry while the first still runs, `409` with `Retry-After`.
 //! - Every route is rate limited per `X-Api-Key` by sd-ratelimit's tower layer on Redis
-//!   (GCRA, `--rate` a second, bursts of `--burst`): over it, `429` with `Retry-After`.
+//!   (GCRA, `--rate` a second, bursts of `--burst`): over it, `429` with `Retry-After`;
+//!   without the header, `400`.
 //! - `GET /orders/{id}` reads through sd-cache on Redis (one load per key across
 //!   processes, XFetch early refresh), so repeated reads do not reach PostgreSQL.
 //! - sd-outbox's relay runs in the background and publishes each committed event to
@@ -32,7 +33,8 @@
 //! The server gives a client `--header-read-timeout` to send its request headers and a
 //! request `--request-timeout` to be answered (then `503`, and the key is released); on
 //! Ctrl-C or SIGTERM it stops accepting, lets requests in flight finish and stops the
-//! relay. Errors are RFC 9457 `application/problem+json`.
+//! relay. Errors are RFC 9457 `application/problem+json`. It prints the address and the
+//! stream at the start, and at the stop how many reads the cache answered and loaded.
 
 mod app;
 
