@@ -10,6 +10,40 @@ use std::time::Duration;
 
 pub use sd_core::clock::{Clock, ManualClock, MonotonicClock, TokioClock};
 
+/// A cache's clock: the default [`MonotonicClock`] read directly (no virtual call on the
+/// hit path), or any injected [`Clock`].
+#[derive(Debug, Clone)]
+pub(crate) enum CacheClock {
+    Monotonic(MonotonicClock),
+    Injected(std::sync::Arc<dyn Clock>),
+}
+
+impl CacheClock {
+    /// `clock`, read directly when it is a [`MonotonicClock`].
+    pub(crate) fn new<C: Clock>(clock: C) -> Self {
+        match (&clock as &dyn std::any::Any).downcast_ref::<MonotonicClock>() {
+            Some(monotonic) => CacheClock::Monotonic(monotonic.clone()),
+            None => CacheClock::Injected(std::sync::Arc::new(clock)),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn now_nanos(&self) -> u64 {
+        match self {
+            CacheClock::Monotonic(c) => c.now_nanos(),
+            CacheClock::Injected(c) => c.now_nanos(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn now(&self) -> Duration {
+        match self {
+            CacheClock::Monotonic(c) => c.now(),
+            CacheClock::Injected(c) => c.now(),
+        }
+    }
+}
+
 pub(crate) fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use moka::notification::RemovalCause;
 
-use crate::clock::{Clock, MonotonicClock, RandomSource, ThreadRandom, saturating_nanos};
+use crate::clock::{
+    CacheClock, Clock, MonotonicClock, RandomSource, ThreadRandom, saturating_nanos,
+};
 use crate::expiring::Loaded;
 use crate::policy::Policy;
 use crate::singleflight::SingleFlight;
@@ -174,7 +176,7 @@ pub(crate) type Load<V> = Result<Loaded<V>>;
 pub struct CacheBuilder<K, V> {
     max_capacity: u64,
     policy: Policy,
-    clock: Arc<dyn Clock>,
+    clock: CacheClock,
     random: Arc<dyn RandomSource>,
     _types: std::marker::PhantomData<fn(K, V)>,
 }
@@ -195,7 +197,7 @@ impl<K, V> Default for CacheBuilder<K, V> {
         Self {
             max_capacity: 10_000,
             policy: Policy::default(),
-            clock: Arc::new(MonotonicClock::new()),
+            clock: CacheClock::new(MonotonicClock::new()),
             random: Arc::new(ThreadRandom),
             _types: std::marker::PhantomData,
         }
@@ -218,7 +220,7 @@ where
     /// The clock used for freshness (default [`MonotonicClock`]). The engine's own memory
     /// reclamation keeps using real time.
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = CacheClock::new(clock);
         self
     }
 
@@ -262,7 +264,7 @@ struct Inner<K, V> {
     engine: moka::sync::Cache<K, Entry<V>>,
     flights: SingleFlight<K, Shared<V>>,
     policy: Policy,
-    clock: Arc<dyn Clock>,
+    clock: CacheClock,
     random: Arc<dyn RandomSource>,
     counters: Arc<Counters>,
     /// Per-shard write counters: a load stores its value only if no write or invalidation
