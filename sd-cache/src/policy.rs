@@ -308,4 +308,36 @@ mod tests {
         assert_eq!(off.lifetime(true, secs(30), &one), None);
         assert_eq!(p.max_retention(), Duration::from_secs(3960));
     }
+
+    proptest::proptest! {
+        /// A chosen lifetime is kept as chosen up to `max_ttl`, plus at most its share of
+        /// the jitter; zero is never cached; the engine keeps every entry long enough.
+        #[test]
+        fn chosen_lifetimes_stay_within_their_bounds(
+            ttl_s in 1u64..1_000, jitter_pct in 0u64..=100, max_extra_s in 0u64..10_000,
+            chosen_ms in 0u64..20_000_000, u in 0.0f64..=1.0, negative: bool,
+        ) {
+            let ttl = Duration::from_secs(ttl_s);
+            let p = Policy {
+                ttl,
+                ttl_jitter: ttl * u32::try_from(jitter_pct).unwrap_or(0) / 100,
+                max_ttl: Some(ttl + Duration::from_secs(max_extra_s)),
+                ..Policy::default()
+            };
+            proptest::prop_assert!(p.validate().is_ok());
+            let chosen = Duration::from_millis(chosen_ms);
+            let life = p.lifetime(negative, Some(chosen), &FixedRandom(u));
+            if chosen.is_zero() {
+                proptest::prop_assert_eq!(life, None);
+            } else {
+                let life = life.unwrap_or_default();
+                let longest = if negative { p.longest_negative() } else { p.longest() };
+                let kept = chosen.min(longest);
+                proptest::prop_assert!(life >= kept);
+                let share = p.ttl_jitter.mul_f64(kept.as_secs_f64() / ttl.as_secs_f64());
+                proptest::prop_assert!(life <= kept + share + Duration::from_nanos(1));
+                proptest::prop_assert!(life <= p.max_retention() + Duration::from_nanos(1));
+            }
+        }
+    }
 }
