@@ -275,6 +275,11 @@ where
 {
     /// Adds `key` to the open batch (opening one if none is) and waits for its answer.
     async fn enqueue(self: Arc<Self>, key: K) -> Result<Option<V>> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(Error::loader(
+                "batched loads run their batch on a tokio runtime; call them inside one",
+            ));
+        };
         let mut done = {
             let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
             let batch = match open.as_ref() {
@@ -286,7 +291,7 @@ where
                         ready: Notify::new(),
                     });
                     *open = Some(Arc::clone(&b));
-                    tokio::spawn(Arc::clone(&self).dispatch(Arc::clone(&b)));
+                    runtime.spawn(Arc::clone(&self).dispatch(Arc::clone(&b)));
                     b
                 }
             };
@@ -328,7 +333,7 @@ where
     fn answered(&self) {
         let Some(n) = &self.unanswered else { return };
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let left = n.fetch_sub(1, Ordering::SeqCst) - 1;
+        let left = n.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
         if let Some(batch) = open.as_ref() {
             let queued = batch
                 .keys
@@ -408,7 +413,8 @@ where
 
 /// Batched loads through a cache (the DataLoader pattern). See the [module docs](self).
 ///
-/// Cloning is cheap; clones share the open batch.
+/// Cloning is cheap; clones share the open batch. Each batch is sent from a task on the
+/// current tokio runtime; a miss outside one fails with [`Error::Loader`] saying so.
 pub struct BatchLoader<K, V, T> {
     cache: T,
     batcher: Arc<Batcher<K, V>>,

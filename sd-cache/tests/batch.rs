@@ -364,3 +364,22 @@ fn two_tier_batches_misses_and_answers_hits_from_memory() {
         assert_eq!(calls.lock().unwrap().len(), 1);
     });
 }
+
+/// Outside a tokio runtime a batched miss fails with a typed error (hits still answer).
+#[test]
+fn outside_a_runtime_a_miss_is_a_typed_error_not_a_panic() {
+    use futures::FutureExt;
+
+    let cache: Cache<u64, u64> = Cache::builder().build().unwrap();
+    cache.insert(1, 10);
+    let calls: Calls<u64> = Arc::default();
+    let hit = cache.get_or_load_many([1], source(&calls, tenfold));
+    assert_eq!(
+        hit.now_or_never().unwrap().unwrap(),
+        HashMap::from([(1, 10)])
+    );
+    let miss = cache.get_or_load_many([1, 2], source(&calls, tenfold));
+    let err = miss.now_or_never().unwrap().unwrap_err();
+    assert!(err.to_string().contains("tokio runtime"), "{err}");
+    assert!(calls.lock().unwrap().is_empty());
+}
