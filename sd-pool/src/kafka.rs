@@ -98,10 +98,11 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use sd_core::RetryPolicy;
 
 pub use self::job::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC};
 pub use self::record::{KafkaReport, Record, RecordOrder};
+/// The retry policy of a failing handler (from sd-core, re-exported).
+pub use sd_core::{RetryPolicy, RetryPolicyBuilder};
 
 use self::job::{DeadLetters, JobParts};
 use self::poll::{Context, Dispatched, Shared, Timing};
@@ -114,7 +115,10 @@ use crate::{Job, Order, Pool};
 const OWN_PROPERTIES: [(&str, &str); 4] = [
     ("bootstrap.servers", "the builder's argument"),
     ("group.id", "`group`"),
-    ("enable.auto.commit", "nothing: the consumer commits its watermark itself"),
+    (
+        "enable.auto.commit",
+        "nothing: the consumer commits its watermark itself",
+    ),
     (
         "enable.auto.offset.store",
         "nothing: the consumer stores its watermark itself",
@@ -352,12 +356,24 @@ impl KafkaConsumerBuilder {
 
 fn config_err(e: KafkaError) -> Error {
     match e {
-        KafkaError::ClientConfig(..) => Error::config("client_config", e.to_string()),
+        // librdkafka checks properties against each other when the client is created.
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(..) => {
+            Error::config("client_config", e.to_string())
+        }
         other => Error::Backend {
             backend: "kafka",
             operation: "create client",
             source: Box::new(other),
         },
+    }
+}
+
+/// Sets the poll thread's stop flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -460,11 +476,13 @@ impl KafkaConsumer {
             .create_with_context(Context(Arc::clone(&shared)))
             .map_err(config_err)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(|source| Error::Backend {
-            backend: "kafka",
-            operation: "subscribe",
-            source: Box::new(source),
-        })?;
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| Error::Backend {
+                backend: "kafka",
+                operation: "subscribe",
+                source: Box::new(source),
+            })?;
         let parts = JobParts {
             handler: Arc::new(handler),
             retry: self.retry,
@@ -474,7 +492,8 @@ impl KafkaConsumer {
         };
         let (pool, order) = (self.pool.clone(), self.order);
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {
-            let job = Job::new(parts.job(record.clone(), slot, revoked));
+            let (job, live) = parts.job(record.clone(), slot, revoked);
+            let job = Job::new(job);
             let by_partition = (record.topic(), record.partition());
             let job = match (order, record.key()) {
                 (RecordOrder::PerKey, Some(key)) => job.with_key(&(record.topic(), key)),
@@ -482,7 +501,10 @@ impl KafkaConsumer {
                 _ => job.with_key(&by_partition),
             };
             match pool.try_submit(job) {
-                Ok(_) => Dispatched::Taken,
+                Ok(_) => {
+                    live.set();
+                    Dispatched::Taken
+                }
                 Err(rejected) if matches!(rejected.error, Error::Full { .. }) => {
                     Dispatched::Full(record)
                 }
@@ -490,6 +512,8 @@ impl KafkaConsumer {
             }
         });
         let stop = Arc::new(AtomicBool::new(false));
+        // Dropping `run` stops the thread too (it drains and commits on its own).
+        let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread = {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));

@@ -24,7 +24,12 @@
 //! - **Metrics** ([`Pool::metrics`]): queued, running, completed, failed, panicked,
 //!   cancelled, time in queue, run time, peaks.
 //! - **Redis Streams consumer** (feature `redis`): a consumer group feeding the pool,
-//!   acknowledging in watermark order and reclaiming dead consumers' entries.
+//!   acknowledging in watermark order, reclaiming dead consumers' entries and moving
+//!   poison entries to a dead-letter stream.
+//! - **Kafka consumer** (feature `kafka`): a consumer-group member feeding the pool per
+//!   key, per partition or unordered, committing each partition's watermark + 1, pausing
+//!   partitions instead of blocking its poll loop, retrying failed records and then
+//!   sending them to a dead-letter topic.
 //!
 //! # When to use it
 //!
@@ -78,13 +83,22 @@
 //!   failed or panicked; a job handed back or aborted never counts as finished).
 //! - **Redis consumer: at least once.** An entry is acknowledged (`XACK`) only after its
 //!   job succeeded and every entry read before it has finished. If the consumer dies, its
-//!   unacknowledged entries are reclaimed by another member of the group (`XAUTOCLAIM`
-//!   after `min_idle`) and processed again, so a handler may see an entry twice and must
-//!   be idempotent (or deduplicate by entry id). An entry whose handler failed or
-//!   panicked is not acknowledged and is redelivered after `min_idle`.
+//!   unacknowledged entries are reclaimed by another member of the group (listed with
+//!   `XPENDING … IDLE` and claimed with `XCLAIM` after `min_idle`) and processed again,
+//!   so a handler may see an entry twice and must be idempotent (or deduplicate by entry
+//!   id). An entry whose handler failed or panicked is not acknowledged and is
+//!   redelivered after `min_idle`; with `max_deliveries(n)` it is moved after its n-th
+//!   delivery to a dead-letter stream (its fields, the error, the count, its stream and
+//!   id), acknowledged in the same script, and `StreamConsumer::redrive` moves it back.
 //!   A Redis error (a restart, a timed-out response) ends `run` with the error and
 //!   leaves the pool running; calling `run` again carries on where it stopped, so
 //!   `loop { consumer.run(..) }` with a back-off survives an outage.
+//! - **Kafka consumer: at least once, effects once with an inbox.** A partition's
+//!   offset is committed only up to the first record not finished; after a crash the
+//!   records above the last commit run again (at most the window and the records in
+//!   flight, per partition). A handler that writes its effect and an inbox row keyed by
+//!   `(topic, partition, offset)` in one database transaction makes each effect happen
+//!   once. No Kafka transactions: see [`kafka`].
 //!
 //! # How it compares
 //!
@@ -103,15 +117,19 @@
 //!
 //! None is on by default.
 //!
-//! - `redis`: `redis::StreamConsumer`, a Redis Streams consumer group on top of the pool.
+//! - `redis`: `redis::StreamConsumer`, a Redis Streams consumer group on top of the pool,
+//!   with a delivery limit and a dead-letter stream.
+//! - `kafka`: `kafka::KafkaConsumer`, a Kafka consumer-group member on top of the pool
+//!   (rdkafka with its bundled librdkafka).
 //!
 //! # Running the tests
 //!
 //! `cargo test -p sd-pool` (or `cargo nextest run -p sd-pool`) runs every suite: the
-//! crate's tests turn on `redis` through a dev-dependency on the crate itself, so no
-//! suite is left out for want of a feature flag. The Redis Streams suite starts real
-//! `redis-server` processes through `sd-testkit`; a missing server binary fails the
-//! test, it is never skipped.
+//! crate's tests turn on `redis` and `kafka` through a dev-dependency on the crate
+//! itself, so no suite is left out for want of a feature flag. The Redis Streams suite
+//! starts real `redis-server` processes through `sd-testkit`, the Kafka suites a tansu
+//! broker (and PostgreSQL for the inbox); a missing server binary fails the test, it is
+//! never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

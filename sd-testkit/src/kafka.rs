@@ -21,6 +21,19 @@
 //! - **Does not**: commit metadata comes back empty, and `EndTxn` is refused, so a Kafka
 //!   transaction cannot commit (on every engine). Debian's librdkafka 2.0.2 (kcat,
 //!   python3-confluent-kafka) fails the `ApiVersions` handshake against it.
+//! - **Known fault of the memory engine: a fetch from inside a batch.** It keeps each
+//!   produced batch as one object and answers a fetch with the batches whose *base*
+//!   offset is at or above the fetch offset, so a fetch that starts inside a batch gets
+//!   none of that batch's remaining records: the partition stalls when no later batch
+//!   exists, and those records are skipped when one does. A consumer fetches from inside
+//!   a batch after `pause`/`resume`, a `seek`, a rebalance or a restart from a commit.
+//!   The SQLite engine stores records one by one and serves any offset, so consumer
+//!   tests run on [`KafkaBroker::start_durable`]. (Its `ListOffsets` and watermarks are
+//!   only floors too: see sd-outbox's Kafka tests.)
+//! - **A member that dies is noticed, its partitions are not moved**: once a member misses
+//!   its session timeout the group rebalances among the members that rejoin, but in the
+//!   runs checked here the dead member's partitions stayed unassigned until another member
+//!   joined. Tests that kill a member start a replacement, as an operator would.
 //! - **Known fault of the SQLite engine**: a durable broker killed while an idempotent
 //!   producer's sends are timing out, then started again, serves one fresh producer; a
 //!   send from the old producer (whose epoch librdkafka raised after the timeouts) then

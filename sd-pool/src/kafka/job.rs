@@ -5,6 +5,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -14,8 +15,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sd_core::RetryPolicy;
 
 use super::record::{Counters, Record, add};
-use crate::pool::panic_message;
 use super::tracker::RevokedFlag;
+use crate::pool::panic_message;
 
 /// A job's report: its record's offset may be committed (`done`) or must be delivered
 /// again.
@@ -27,10 +28,23 @@ pub(crate) struct Finished {
 }
 
 /// Sends the report when dropped, so a job aborted by the pool still reports (as not
-/// done).
+/// done); but only once the job is live: the pool took it, or it started. A job the pool
+/// refused (full) is dropped without a report, since it was never counted.
 struct Reporter {
     tx: Sender<Finished>,
     finished: Finished,
+    live: Live,
+}
+
+/// Set when the pool took a job (by the dispatcher) or when the job starts (by the job),
+/// whichever comes first.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Live(Arc<AtomicBool>);
+
+impl Live {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 impl Reporter {
@@ -42,8 +56,10 @@ impl Reporter {
 
 impl Drop for Reporter {
     fn drop(&mut self) {
-        // The poll thread is gone only when the run is over: nothing to tell.
-        let _ = self.tx.send(self.finished);
+        if self.live.0.load(Ordering::Acquire) {
+            // The poll thread is gone only when the run is over: nothing to tell.
+            let _ = self.tx.send(self.finished);
+        }
     }
 }
 
@@ -160,13 +176,15 @@ where
     /// The job's future: runs the handler until it succeeds or the retry policy gives up,
     /// then dead-letters (or gives up on) the record, and reports. A partition revoked
     /// before the job starts, or between attempts, leaves the record to its next owner.
+    /// The dispatcher sets the returned [`Live`] once the pool took the job.
     pub(crate) fn job(
         &self,
         record: Record,
         slot: u32,
         revoked: RevokedFlag,
-    ) -> impl Future<Output = ()> + Send + 'static {
+    ) -> (impl Future<Output = ()> + Send + 'static, Live) {
         let parts = self.clone();
+        let live = Live::default();
         let reporter = Reporter {
             tx: parts.reports.clone(),
             finished: Finished {
@@ -174,14 +192,17 @@ where
                 offset: record.offset(),
                 done: false,
             },
+            live: live.clone(),
         };
-        async move {
+        let job = async move {
+            reporter.live.set();
             let done = parts.attempts(record, &revoked).await;
             if !done {
                 add(&parts.counters.abandoned, 1);
             }
             reporter.send(done);
-        }
+        };
+        (job, live)
     }
 
     async fn attempts(&self, record: Record, revoked: &RevokedFlag) -> bool {

@@ -163,16 +163,12 @@ impl Shared {
         sent
     }
 
-    /// A revoke: stop dispatching, let running jobs finish up to the revoke timeout,
-    /// commit, forget.
+    /// A revoke: stop dispatching, let the jobs already in the pool finish up to the
+    /// revoke timeout (those not started by then never start), commit, forget.
     fn revoke<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tps: &[Tp]) {
-        {
-            let mut tracker = lock(&self.tracker);
-            for tp in tps {
-                tracker.revoke(tp);
-            }
-        }
+        let owned = lock(&self.tracker).stop(Some(tps));
         let overran = self.wait_outstanding(Some(tps), self.timing.revoke_timeout);
+        lock(&self.tracker).revoke(Some(tps));
         if overran > 0 {
             add(&self.counters.revoke_overran, overran as u64);
             tracing::warn!(
@@ -187,13 +183,16 @@ impl Shared {
         for tp in tps {
             tracker.forget(tp);
         }
-        add(&self.counters.revoked, tps.len() as u64);
+        add(&self.counters.revoked, owned as u64);
     }
 
     fn assign<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
         let tps = self.tps(tpl);
-        let committed = match consumer.committed_offsets(tpl.clone(), self.timing.broker_timeout)
-        {
+        // A partition this member paused before a rebalance may come back still paused.
+        if let Err(error) = consumer.resume(tpl) {
+            tracing::warn!(%error, "sd-pool: resuming newly assigned partitions failed");
+        }
+        let committed = match consumer.committed_offsets(tpl.clone(), self.timing.broker_timeout) {
             Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(%error, "sd-pool: could not read committed offsets; records above the watermark will run again");
@@ -293,14 +292,15 @@ pub(crate) fn poll_loop(
             next_commit = Instant::now() + shared.timing.commit_interval;
             // Failures are counted and sent again; the async result comes back in the
             // commit callback.
-            let _ = shared.commit(&consumer, None, CommitMode::Async);
+            let _ = shared.commit(&consumer, None, CommitMode::Sync);
         }
     }
     // Stopping: nothing new starts, running jobs get the drain timeout, then the last
     // commit. Forgetting every partition afterwards makes the revoke that closing the
     // consumer triggers a no-op.
-    lock(&shared.tracker).revoke_all();
+    lock(&shared.tracker).stop(None);
     let left = shared.wait_outstanding(None, shared.timing.drain_timeout);
+    lock(&shared.tracker).revoke(None);
     if left > 0 {
         tracing::warn!(
             jobs = left,
@@ -356,7 +356,13 @@ fn offer<C: ConsumerContext>(
             slot,
             revoked,
             record,
-        } => submit(consumer, shared, dispatch, (tp, offset, record, slot, revoked)).map(drop),
+        } => submit(
+            consumer,
+            shared,
+            dispatch,
+            (tp, offset, record, slot, revoked),
+        )
+        .map(drop),
         Offer::Skipped => {
             add(&shared.counters.skipped, 1);
             Ok(())
@@ -411,7 +417,7 @@ fn redispatch<C: ConsumerContext>(
             break;
         }
     }
-    let resume = lock(&shared.tracker).to_resume();
+    let resume = lock(&shared.tracker).take_resumable();
     for tp in &resume {
         pause_or_resume(consumer, tp, false);
     }

@@ -142,7 +142,11 @@ mod tests {
         let cut = encode(1_000, done.iter().copied(), 20);
         assert!(cut.len() <= 20 && cut.starts_with(TAG), "{cut}");
         assert!(full.starts_with(&cut));
-        assert_eq!(encode(1_000, done.iter().copied(), 3), "", "not even the tag fits");
+        assert_eq!(
+            encode(1_000, done.iter().copied(), 3),
+            "",
+            "not even the tag fits"
+        );
         let kept = decode(1_000, &cut);
         assert!(!kept.is_empty());
         assert!(kept.iter().all(|o| done.contains(o)));

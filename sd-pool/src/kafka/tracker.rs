@@ -71,6 +71,18 @@ pub(crate) struct Commit {
     pub(crate) metadata: String,
 }
 
+impl<R> Part<R> {
+    /// Marks the partition paused when it holds `limit` records and was not paused;
+    /// true when it must be paused now.
+    fn must_pause(&mut self, limit: usize) -> bool {
+        if self.paused || self.held.len() < limit {
+            return false;
+        }
+        self.paused = true;
+        true
+    }
+}
+
 struct Part<R> {
     slot: u32,
     revoked: RevokedFlag,
@@ -79,10 +91,14 @@ struct Part<R> {
     /// Records waiting for room, in offset order.
     held: VecDeque<(i64, R)>,
     paused: bool,
+    /// Revoked or stopping: nothing more is dispatched.
+    stopped: bool,
     /// Offsets the commit metadata listed as done, not yet polled.
     skip: BTreeSet<i64>,
     /// What the group holds for this partition, as far as this member knows.
     committed: Option<Commit>,
+    /// The offset after the last record polled (dispatched, skipped or held).
+    next: Option<i64>,
 }
 
 /// Every partition this member owns.
@@ -92,12 +108,15 @@ pub(crate) struct Tracker<R> {
     marks: Watermarks,
     next_slot: u32,
     metadata_limit: usize,
+    /// Records a partition may hold (fetched, waiting for the pool) before it is paused.
+    hold_limit: usize,
 }
 
 impl<R> Tracker<R> {
     /// No partition yet; each takes no more records once `max_window` completed offsets
-    /// wait behind an unfinished one. Commit metadata stays within `metadata_limit` bytes
-    /// (0 turns it off).
+    /// wait behind an unfinished one, and is paused once it holds `max_window` records
+    /// the pool had no room for. Commit metadata stays within `metadata_limit` bytes (0
+    /// turns it off).
     pub(crate) fn new(max_window: usize, metadata_limit: usize) -> crate::Result<Self> {
         Ok(Self {
             parts: HashMap::new(),
@@ -105,13 +124,14 @@ impl<R> Tracker<R> {
             marks: Watermarks::new(max_window)?,
             next_slot: 0,
             metadata_limit,
+            hold_limit: max_window,
         })
     }
 
     /// Takes `tp` on; `committed` is the group's offset for it (the next to read) with
     /// its metadata, whose listed offsets are skipped when polled.
     pub(crate) fn assign(&mut self, tp: Tp, committed: Option<(i64, &str)>) {
-        self.revoke(&tp);
+        self.revoke(Some(std::slice::from_ref(&tp)));
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
         let skip = committed.map_or_else(BTreeSet::new, |(next, metadata)| {
@@ -126,26 +146,39 @@ impl<R> Tracker<R> {
                 outstanding: 0,
                 held: VecDeque::new(),
                 paused: false,
+                stopped: false,
                 skip,
                 committed: None,
+                next: None,
             },
         );
     }
 
-    /// Stops dispatching `tp`: drops its held records and tells its queued jobs not to
-    /// run. It stays tracked (its jobs still report) until [`forget`](Self::forget).
-    pub(crate) fn revoke(&mut self, tp: &Tp) {
-        if let Some(part) = self.parts.get_mut(tp) {
-            part.revoked.set();
-            part.held.clear();
+    /// Stops dispatching `tp` (or every partition): drops its held records and takes no
+    /// more; the jobs already in the pool still run and report. Returns how many of the
+    /// partitions it owns.
+    pub(crate) fn stop(&mut self, tps: Option<&[Tp]>) -> usize {
+        let mut owned = 0;
+        for (tp, part) in &mut self.parts {
+            if tps.is_none_or(|tps| tps.contains(tp)) {
+                part.stopped = true;
+                part.held.clear();
+                owned += 1;
+            }
         }
+        owned
     }
 
-    /// Revokes every partition (the consumer is stopping).
-    pub(crate) fn revoke_all(&mut self) {
-        let tps: Vec<Tp> = self.parts.keys().cloned().collect();
-        for tp in &tps {
-            self.revoke(tp);
+    /// After [`stop`](Self::stop) and the drain: tells the jobs of `tp` (or of every
+    /// partition) that have not started not to run. The partitions stay tracked (their
+    /// jobs still report) until [`forget`](Self::forget).
+    pub(crate) fn revoke(&mut self, tps: Option<&[Tp]>) {
+        for (tp, part) in &mut self.parts {
+            if tps.is_none_or(|tps| tps.contains(tp)) {
+                part.stopped = true;
+                part.held.clear();
+                part.revoked.set();
+            }
         }
     }
 
@@ -175,18 +208,23 @@ impl<R> Tracker<R> {
         let Some(part) = self.parts.get_mut(tp) else {
             return Offer::Ignored;
         };
-        if part.revoked.is_set() || offset < 0 {
+        if part.stopped || offset < 0 {
             return Offer::Ignored;
         }
         let Ok(position) = u64::try_from(offset) else {
             return Offer::Ignored;
         };
+        if part.next.is_some_and(|next| offset < next) {
+            return Offer::Ignored;
+        }
+        part.next = offset.checked_add(1);
         if !part.held.is_empty() {
             if part.held.back().is_some_and(|(last, _)| *last >= offset) {
                 return Offer::Ignored;
             }
             part.held.push_back((offset, record));
-            return Offer::Held { pause: false };
+            let pause = part.must_pause(self.hold_limit);
+            return Offer::Held { pause };
         }
         if self.marks.check_increasing(part.slot, position).is_err() {
             return Offer::Ignored;
@@ -198,6 +236,7 @@ impl<R> Tracker<R> {
             return Offer::Skipped;
         }
         if !self.marks.has_room(part.slot) {
+            // The head is stuck: fetching more only fills memory.
             part.held.push_back((offset, record));
             let pause = !part.paused;
             part.paused = true;
@@ -221,16 +260,16 @@ impl<R> Tracker<R> {
     }
 
     /// The pool was full: keeps the record first in line. Returns true when the
-    /// partition must be paused now.
+    /// partition must be paused now (it holds `hold_limit` records).
     pub(crate) fn hold(&mut self, tp: &Tp, offset: i64, record: R) -> bool {
         let Some(part) = self.parts.get_mut(tp) else {
             return false;
         };
-        if part.revoked.is_set() {
+        if part.stopped {
             return false;
         }
         part.held.push_front((offset, record));
-        !std::mem::replace(&mut part.paused, true)
+        part.must_pause(self.hold_limit)
     }
 
     /// A job reported: `done` when its offset may be committed (handled, dead-lettered or
@@ -257,12 +296,16 @@ impl<R> Tracker<R> {
         Some((tp.clone(), offset, record, part.slot, part.revoked.clone()))
     }
 
-    /// Partitions paused with nothing held any more: resume them (they are marked
-    /// resumed).
-    pub(crate) fn to_resume(&mut self) -> Vec<Tp> {
+    /// Paused partitions that have room again (their window is open and they hold at
+    /// most half of `hold_limit`): resume them (they are marked resumed).
+    pub(crate) fn take_resumable(&mut self) -> Vec<Tp> {
         let mut resume = Vec::new();
         for (tp, part) in &mut self.parts {
-            if part.paused && part.held.is_empty() && !part.revoked.is_set() {
+            if part.paused
+                && part.held.len() <= self.hold_limit / 2
+                && self.marks.has_room(part.slot)
+                && !part.stopped
+            {
                 part.paused = false;
                 resume.push(tp.clone());
             }
@@ -356,7 +399,10 @@ mod tests {
         t.committed(&tp(0), Some(c[0].clone()));
         assert!(t.commits(None).is_empty(), "already committed");
         t.finished(slot, 11, false);
-        assert!(t.commits(None).is_empty(), "an abandoned offset holds the mark");
+        assert!(
+            t.commits(None).is_empty(),
+            "an abandoned offset holds the mark"
+        );
         assert_eq!(t.outstanding(None), 1);
     }
 
@@ -375,13 +421,13 @@ mod tests {
         assert_eq!(t.offer(&tp(1), 4, "d"), Offer::Held { pause: false });
         assert_eq!(t.offer(&tp(1), 4, "dup"), Offer::Ignored);
         assert!(t.take_held().is_none(), "no room yet");
-        assert!(t.to_resume().is_empty());
+        assert!(t.take_resumable().is_empty());
         t.finished(slot, 0, true);
         assert_eq!(t.take_held().map(|h| h.1), Some(3));
         t.dispatched(&tp(1), 3);
         assert_eq!(t.take_held().map(|h| h.1), Some(4));
         t.dispatched(&tp(1), 4);
-        assert_eq!(t.to_resume(), vec![tp(1)]);
+        assert_eq!(t.take_resumable(), vec![tp(1)]);
         assert_eq!(t.commits(None)[0].next, 3);
     }
 
@@ -390,8 +436,18 @@ mod tests {
         let mut t = Tracker::new(8, 4096).unwrap();
         t.assign(tp(0), None);
         t.offer(&tp(0), 5, "five");
-        assert!(t.hold(&tp(0), 5, "five"), "pause on the first refusal");
-        assert_eq!(t.offer(&tp(0), 6, "six"), Offer::Held { pause: false });
+        assert!(!t.hold(&tp(0), 5, "five"), "one record held: no pause yet");
+        for o in 6..12 {
+            assert_eq!(t.offer(&tp(0), o, "more"), Offer::Held { pause: false });
+        }
+        assert_eq!(t.offer(&tp(0), 12, "8th"), Offer::Held { pause: true });
+        assert_eq!(t.offer(&tp(0), 13, "9th"), Offer::Held { pause: false });
+        assert!(t.take_resumable().is_empty(), "9 held");
+        for _ in 0..5 {
+            let (tp, o, ..) = t.take_held().unwrap();
+            t.dispatched(&tp, o);
+        }
+        assert_eq!(t.take_resumable(), vec![tp(0)], "4 held: half the limit");
         let mut t = Tracker::new(8, 4096).unwrap();
         t.assign(tp(0), None);
         t.hold(&tp(0), 5, "five");
@@ -439,14 +495,19 @@ mod tests {
         t.dispatched(&tp(0), 1);
         t.finished(slot, 1, true);
         assert!(matches!(t.offer(&tp(0), 2, ()), Offer::Held { .. }));
-        t.revoke(&tp(0));
+        t.stop(Some(&[tp(0)]));
+        assert!(!revoked.is_set(), "stopped: the jobs in the pool still run");
+        t.revoke(Some(&[tp(0)]));
         assert!(revoked.is_set());
         assert!(!t.holding());
         assert_eq!(t.offer(&tp(0), 3, ()), Offer::Ignored);
         t.forget(&tp(0));
         t.assign(tp(0), Some((0, "")));
         t.finished(slot, 0, true);
-        assert!(t.commits(None).is_empty(), "the old slot's report is ignored");
+        assert!(
+            t.commits(None).is_empty(),
+            "the old slot's report is ignored"
+        );
         assert_eq!(t.offer(&tp(7), 0, ()), Offer::Ignored, "not assigned");
     }
 

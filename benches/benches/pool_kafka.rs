@@ -1,0 +1,288 @@
+//! sd-pool's Kafka consumer beside the rdkafka consumers users write themselves, on one
+//! tansu broker (SQLite engine), same topic layout and records.
+//!
+//! - `pool/kafka_1ms_jobs`: 8,000 records over 1,000 keys on 4 partitions, each job a
+//!   1 ms sleep. sd per key and unordered with 64 workers, beside the usual rdkafka
+//!   consumer that runs each partition's records in order on a task of its own
+//!   (parallelism = partitions).
+//! - `pool/kafka_zero_work`: 20,000 records whose handler does nothing, sd per key with
+//!   64 workers beside a bare rdkafka poll loop that commits the same way (each
+//!   partition's next offset, every second): the cost of sd's bookkeeping.
+//!
+//! Each round consumes a fresh topic with a fresh group; the clock runs from the first
+//! record handled to the last (joining the group is left out on both sides).
+#![allow(clippy::unwrap_used, missing_docs)] // A bench binary: failures should stop it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use sd_pool::kafka::{KafkaConsumer, RecordOrder};
+use sd_pool::{Order, Pool};
+use sd_testkit::{KafkaBroker, unique_name};
+
+const PARTITIONS: i32 = 4;
+const KEYS: usize = 1_000;
+
+/// When the first record was handled and how many have been.
+#[derive(Clone, Default)]
+struct Clock {
+    first: Arc<Mutex<Option<Instant>>>,
+    done: Arc<AtomicUsize>,
+}
+
+impl Clock {
+    fn tick(&self) {
+        self.first.lock().unwrap().get_or_insert_with(Instant::now);
+        self.done.fetch_add(1, Ordering::Release);
+    }
+
+    /// Waits until `n` records were handled; the time since the first.
+    async fn until(&self, n: usize) -> Duration {
+        while self.done.load(Ordering::Acquire) < n {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let first = self.first.lock().unwrap().expect("a record was handled");
+        first.elapsed()
+    }
+}
+
+/// A new topic holding `n` records over `KEYS` keys.
+async fn topic_with(broker: &KafkaBroker, producer: &FutureProducer, n: usize) -> String {
+    let topic = unique_name("bench");
+    broker.create_topic(&topic, PARTITIONS as u32).unwrap();
+    let sends = (0..n).map(|i| {
+        let key = format!("k{}", i % KEYS);
+        let topic = topic.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&key),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+    futures::future::join_all(sends).await;
+    topic
+}
+
+fn config(broker: &KafkaBroker) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", unique_name("g"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false");
+    c
+}
+
+/// sd's consumer: the time to handle `n` records of a fresh topic.
+async fn sd_round(
+    broker: &KafkaBroker,
+    producer: &FutureProducer,
+    n: usize,
+    order: RecordOrder,
+    work: Duration,
+) -> Duration {
+    let topic = topic_with(broker, producer, n).await;
+    let pool_order = match order {
+        RecordOrder::Unordered => Order::Unordered,
+        _ => Order::PerKey,
+    };
+    let pool = Pool::builder()
+        .workers(64)
+        .queue(256)
+        .order(pool_order)
+        .build()
+        .unwrap();
+    let consumer = KafkaConsumer::builder(broker.bootstrap())
+        .group(unique_name("g"))
+        .topic(&topic)
+        .order(order)
+        .build(pool)
+        .unwrap();
+    let clock = Clock::default();
+    let c = clock.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        consumer
+            .run(
+                move |_record| {
+                    let c = c.clone();
+                    async move {
+                        if !work.is_zero() {
+                            tokio::time::sleep(work).await;
+                        }
+                        c.tick();
+                        Ok::<(), String>(())
+                    }
+                },
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+    });
+    let took = clock.until(n).await;
+    drop(stop);
+    run.await.unwrap().unwrap();
+    took
+}
+
+/// The usual hand-written consumer: one task per partition, each running its records
+/// in order, offsets stored as they finish and committed every second.
+async fn per_partition_round(
+    broker: &KafkaBroker,
+    producer: &FutureProducer,
+    n: usize,
+    work: Duration,
+) -> Duration {
+    let topic = topic_with(broker, producer, n).await;
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        config(broker)
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .create()
+            .unwrap(),
+    );
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let clock = Clock::default();
+    let mut tasks = Vec::new();
+    for p in 0..PARTITIONS {
+        let queue = consumer.split_partition_queue(&topic, p).unwrap();
+        let (consumer, clock) = (consumer.clone(), clock.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok(m) = queue.recv().await else { break };
+                if !work.is_zero() {
+                    tokio::time::sleep(work).await;
+                }
+                consumer
+                    .store_offset(m.topic(), m.partition(), m.offset() + 1)
+                    .unwrap();
+                clock.tick();
+            }
+        }));
+    }
+    // The main queue must be polled for the partition queues to be served.
+    let main = consumer.clone();
+    let serve = tokio::spawn(async move {
+        let _ = main.recv().await;
+    });
+    let took = clock.until(n).await;
+    serve.abort();
+    for t in tasks {
+        t.abort();
+    }
+    took
+}
+
+/// A bare poll loop that counts records and commits each partition's next offset every
+/// second, as sd does.
+fn bare_round(broker: &KafkaBroker, topic: &str, n: usize) -> Duration {
+    let consumer: BaseConsumer = config(broker).create().unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut next = [0i64; PARTITIONS as usize];
+    let (mut seen, mut first) = (0, None);
+    let mut commit_at = Instant::now() + Duration::from_secs(1);
+    while seen < n {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            first.get_or_insert_with(Instant::now);
+            next[m.partition() as usize] = m.offset() + 1;
+            seen += 1;
+        }
+        if Instant::now() >= commit_at {
+            commit_at = Instant::now() + Duration::from_secs(1);
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in next.iter().enumerate() {
+                if *o > 0 {
+                    tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
+                        .unwrap();
+                }
+            }
+            let _ = consumer.commit(&tpl, CommitMode::Async);
+        }
+    }
+    first.expect("records").elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The SQLite engine: the memory engine cannot serve a fetch from inside a batch.
+    let broker = KafkaBroker::start_durable().expect("a tansu broker");
+    let producer: FutureProducer = {
+        let _guard = rt.enter();
+        ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("linger.ms", "5")
+            .create()
+            .unwrap()
+    };
+    let ms = Duration::from_millis(1);
+
+    let n = 8_000;
+    let mut g = c.benchmark_group("pool/kafka_1ms_jobs");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    let rounds = |b: &mut criterion::Bencher<'_>, f: &dyn Fn() -> Duration| {
+        b.iter_custom(|iters| (0..iters).map(|_| f()).sum())
+    };
+    g.bench_function("sd_per_key_64", |b| {
+        rounds(b, &|| {
+            rt.block_on(sd_round(&broker, &producer, n, RecordOrder::PerKey, ms))
+        })
+    });
+    g.bench_function("sd_unordered_64", |b| {
+        rounds(b, &|| {
+            rt.block_on(sd_round(&broker, &producer, n, RecordOrder::Unordered, ms))
+        })
+    });
+    g.bench_function("rdkafka_per_partition_task", |b| {
+        rounds(b, &|| {
+            rt.block_on(per_partition_round(&broker, &producer, n, ms))
+        })
+    });
+    g.finish();
+
+    let n = 20_000;
+    let mut g = c.benchmark_group("pool/kafka_zero_work");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("sd_per_key_64", |b| {
+        rounds(b, &|| {
+            rt.block_on(sd_round(
+                &broker,
+                &producer,
+                n,
+                RecordOrder::PerKey,
+                Duration::ZERO,
+            ))
+        })
+    });
+    g.bench_function("rdkafka_bare_loop", |b| {
+        rounds(b, &|| {
+            let topic = rt.block_on(topic_with(&broker, &producer, n));
+            bare_round(&broker, &topic, n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
