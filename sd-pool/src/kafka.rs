@@ -16,15 +16,20 @@
 //!   ([`commit_metadata`](KafkaConsumerBuilder::commit_metadata)); a broker that drops
 //!   commit metadata (or another client's metadata) makes the new owner fall back to the
 //!   watermark, so at most the window runs again.
-//! - **Backpressure without blocking the poll loop**: when a partition's window of
+//! - **Backpressure without blocking the poll loop**: records the pool has no room for
+//!   wait in order, per partition; when a partition's window of
 //!   finished-but-uncommittable records reaches
-//!   [`max_window`](KafkaConsumerBuilder::max_window), or the pool is full, that
-//!   partition is paused (its records wait in order) and resumed once there is room.
-//!   The poll loop keeps polling, so the member keeps its place in the group.
-//! - **Rebalances**: on revoke, queued records of the revoked partitions do not start,
-//!   running ones get [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) to
-//!   finish, and the watermark is committed before the revoke returns. On assign, the
-//!   committed offsets' metadata is read to skip what was already done.
+//!   [`max_window`](KafkaConsumerBuilder::max_window), or `max_window` of its records
+//!   wait for the pool, that partition is paused, and it is resumed once there is room
+//!   (its window open, half of those records handed to the pool). The poll loop keeps
+//!   polling, so the member keeps its place in the group; memory stays bounded by the
+//!   pool's bounds plus `max_window` records per partition.
+//! - **Rebalances**: on revoke, the revoked partitions take no more records (the ones
+//!   waiting for the pool are dropped), the jobs already in the pool get
+//!   [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) to finish (those not
+//!   started by then never start), and the watermark is committed before the revoke
+//!   returns. On assign, the committed offsets' metadata is read to skip what was
+//!   already done, and the partitions are resumed.
 //! - **Failures**: a failed (or panicking) handler is retried with backoff under the
 //!   consumer's [`RetryPolicy`]; after the last attempt the record goes to the
 //!   [dead-letter topic](KafkaConsumerBuilder::dead_letter_topic) with `sd-dlq-topic`,
@@ -183,17 +188,18 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// How many finished records of a partition may wait behind an unfinished one
-    /// before the partition is paused (default 1,000). It bounds what runs again after a
-    /// crash when the commit metadata is lost.
+    /// How many finished records of a partition may wait behind an unfinished one, and
+    /// how many of its records may wait for room in the pool, before the partition is
+    /// paused (default 1,000). It bounds what runs again after a crash when the commit
+    /// metadata is lost, and the records held in memory.
     pub fn max_window(mut self, records: usize) -> Self {
         self.max_window = records;
         self
     }
 
-    /// How long a revoke waits for the running jobs of the revoked partitions before it
-    /// commits and lets them go (default 10 s). Keep it below the group's
-    /// `max.poll.interval.ms`.
+    /// How long a revoke waits for the jobs of the revoked partitions already in the pool
+    /// before it commits and lets them go (default 10 s); jobs not started by then never
+    /// start. Keep it below the group's `max.poll.interval.ms`.
     pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
         self.revoke_timeout = timeout;
         self
