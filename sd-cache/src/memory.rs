@@ -330,7 +330,7 @@ where
         let now = self.inner.clock.now_nanos();
         match self.inner.engine.get(key) {
             Some(e) if now < e.expiry => {
-                Counters::bump(&self.inner.counters.hits);
+                self.inner.counters.hits.bump();
                 e.value
             }
             _ => {
@@ -515,7 +515,7 @@ where
             && now < e.expiry
             && (e.value.is_some() || !want_value)
         {
-            Counters::bump(&self.inner.counters.hits);
+            self.inner.counters.hits.bump();
             if now >= e.refresh_from {
                 self.maybe_refresh(&key, e, Duration::from_nanos(now), load);
             }
@@ -688,7 +688,7 @@ where
     {
         let e = self.inner.engine.get(key)?;
         if now < e.expiry && now < e.refresh_from && (e.value.is_some() || !want_value) {
-            Counters::bump(&self.inner.counters.hits);
+            self.inner.counters.hits.bump();
             Some(e.value)
         } else {
             None

@@ -262,7 +262,7 @@ where
         let read = self.read(key, Lock::Never, "").await?;
         let ttl = Some(self.memory_ttl(&read));
         if let Some(value) = read.fresh {
-            Counters::bump(&self.inner.counters.hits);
+            self.inner.counters.hits.bump();
             Ok(Loaded { value, ttl })
         } else {
             Counters::bump(&self.inner.counters.misses);

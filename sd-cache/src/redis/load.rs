@@ -50,7 +50,7 @@ where
         if let Some(value) = &read.fresh
             && (value.is_some() || !want_value)
         {
-            Counters::bump(&self.inner.counters.hits);
+            self.inner.counters.hits.bump();
             let value = value.clone();
             self.maybe_refresh(key, &read, load);
             return Ok(Loaded {
