@@ -10,7 +10,9 @@
 //! Kafka with `auto.create.topics.enable=false` create none on first use. The program
 //! ends with a summary that checks itself, and exits non-zero when a customer's orders
 //! first ran out of order, an order has no effect or two, a failing order did not reach
-//! the dead-letter topic, or the run did not finish within `--timeout`.
+//! the dead-letter topic, or the run did not finish within `--timeout`. (A failing order
+//! may reach it twice: dead letters are written at least once, and the kill makes some
+//! run again.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -202,6 +204,7 @@ pub(crate) async fn member(args: &Args) -> Result<(), BoxError> {
 /// One handled order as a member printed it.
 #[derive(Debug, Clone)]
 struct Run {
+    member: usize,
     customer: String,
     n: usize,
     fresh: bool,
@@ -213,7 +216,11 @@ struct Member {
 }
 
 impl Member {
-    fn start(mut command: Command, runs: Arc<Mutex<Vec<Run>>>) -> Result<Member, BoxError> {
+    fn start(
+        mut command: Command,
+        runs: Arc<Mutex<Vec<Run>>>,
+        member: usize,
+    ) -> Result<Member, BoxError> {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -230,6 +237,7 @@ impl Member {
                     && let Ok(n) = n.parse()
                 {
                     let run = Run {
+                        member,
                         customer: customer.to_owned(),
                         n,
                         fresh: fresh == "true",
@@ -264,7 +272,11 @@ pub(crate) struct Summary {
     pub(crate) runs: usize,
     pub(crate) redeliveries: usize,
     pub(crate) effects: usize,
+    /// Failing orders found in the dead-letter topic (each counted once).
     pub(crate) dead_letters: usize,
+    /// Dead-letter records in all (at least once: an order dead-lettered and then
+    /// redelivered after a kill is dead-lettered again).
+    pub(crate) dead_letter_records: usize,
     pub(crate) out_of_order: Vec<String>,
     pub(crate) missing: usize,
     pub(crate) doubled: usize,
@@ -275,7 +287,10 @@ impl Summary {
     pub(crate) fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if !self.out_of_order.is_empty() {
-            p.push(format!("orders first ran out of order for {:?}", self.out_of_order));
+            p.push(format!(
+                "orders first ran out of order for {:?}",
+                self.out_of_order
+            ));
         }
         if self.missing > 0 {
             p.push(format!("{} orders have no effect", self.missing));
@@ -302,9 +317,10 @@ impl fmt::Display for Summary {
         )?;
         write!(
             f,
-            "{} effects, {} dead letters, {} problems",
+            "{} effects, {} dead-lettered orders ({} dead-letter records), {} problems",
             self.effects,
             self.dead_letters,
+            self.dead_letter_records,
             self.problems().len()
         )
     }
@@ -331,7 +347,7 @@ pub(crate) async fn run(
     let runs = Arc::new(Mutex::new(Vec::<Run>::new()));
     let mut members = Vec::new();
     for i in 0..args.members {
-        members.push(Member::start(spawn(i), Arc::clone(&runs))?);
+        members.push(Member::start(spawn(i), Arc::clone(&runs), i)?);
     }
     let count = |runs: &Arc<Mutex<Vec<Run>>>| runs.lock().unwrap_or_else(|p| p.into_inner()).len();
     while count(&runs) < args.kill_after {
@@ -340,22 +356,41 @@ pub(crate) async fn run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    members.remove(0).kill()?;
-    members.push(Member::start(spawn(args.members), Arc::clone(&runs))?);
+    // Kill the member that has handled the most orders: it holds partitions.
+    let busiest = {
+        let runs = runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per = vec![0usize; members.len()];
+        for r in runs.iter() {
+            if let Some(n) = per.get_mut(r.member) {
+                *n += 1;
+            }
+        }
+        (0..per.len()).max_by_key(|i| per[*i]).unwrap_or(0)
+    };
+    members.remove(busiest).kill()?;
+    members.push(Member::start(
+        spawn(args.members),
+        Arc::clone(&runs),
+        args.members,
+    )?);
 
     let orders = args.customers * args.orders;
     let failing = (0..args.orders).filter(|n| args.fails(*n)).count() * args.customers;
     let dead_letters = dead_letter_counter(args)?;
     loop {
-        let effects: i64 = sqlx::query_scalar(&format!("SELECT count(DISTINCT (customer, n)) FROM {EFFECTS}"))
-            .fetch_one(&db)
-            .await?;
-        let letters = dead_letters.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let effects: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(DISTINCT (customer, n)) FROM {EFFECTS}"
+        ))
+        .fetch_one(&db)
+        .await?;
+        let letters = distinct_orders(&dead_letters);
         if effects as usize >= orders - failing && letters >= failing {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("{effects} effects and {letters} dead letters before the timeout").into());
+            return Err(
+                format!("{effects} effects and {letters} dead letters before the timeout").into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -368,8 +403,16 @@ pub(crate) async fn run(
     ))
     .fetch_all(&db)
     .await?;
-    let letters = dead_letters.lock().unwrap_or_else(|p| p.into_inner()).len();
-    Ok(judge(args, &runs, &effects, letters, orders, failing))
+    let mut summary = judge(
+        args,
+        &runs,
+        &effects,
+        distinct_orders(&dead_letters),
+        orders,
+        failing,
+    );
+    summary.dead_letter_records = dead_letters.lock().unwrap_or_else(|p| p.into_inner()).len();
+    Ok(summary)
 }
 
 fn judge(
@@ -416,6 +459,7 @@ fn judge(
         redeliveries: runs.iter().filter(|r| !r.fresh).count(),
         effects: effects.len(),
         dead_letters,
+        dead_letter_records: dead_letters,
         out_of_order,
         missing,
         doubled: effects.iter().filter(|(_, _, k)| *k > 1).count(),
@@ -452,6 +496,14 @@ async fn produce(args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The distinct orders among the dead letters.
+fn distinct_orders(letters: &Mutex<Vec<Record>>) -> usize {
+    let letters = letters.lock().unwrap_or_else(|p| p.into_inner());
+    let orders: std::collections::HashSet<(String, usize)> =
+        letters.iter().filter_map(|r| order_of(r).ok()).collect();
+    orders.len()
+}
+
 /// Reads the dead-letter topic in the background (a member of its own group) and
 /// collects what arrives.
 fn dead_letter_counter(args: &Args) -> Result<Arc<Mutex<Vec<Record>>>, BoxError> {
@@ -460,7 +512,7 @@ fn dead_letter_counter(args: &Args) -> Result<Arc<Mutex<Vec<Record>>>, BoxError>
         .group(format!("{}-dlq-reader", args.group()))
         .topic(format!("{}.dlq", args.topic))
         .order(RecordOrder::Unordered)
-        .build(Pool::builder().workers(1).build()?)?;
+        .build(Pool::builder().workers(1).queue(16).build()?)?;
     let l = Arc::clone(&letters);
     tokio::spawn(async move {
         let collect = move |r: Record| {

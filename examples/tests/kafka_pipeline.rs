@@ -26,7 +26,8 @@ fn pipeline_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_keeps_its_promises_through_a_killed_member() {
-    let broker = sd_testkit::KafkaBroker::start().expect("a tansu broker");
+    // The SQLite engine: the memory engine cannot serve a fetch from inside a batch.
+    let broker = sd_testkit::KafkaBroker::start_durable().expect("a tansu broker");
     let db = sd_testkit::database().unwrap();
     let topic = sd_testkit::unique_name("orders");
     broker.create_topic(&topic, 12).unwrap();
@@ -58,7 +59,11 @@ async fn the_pipeline_keeps_its_promises_through_a_killed_member() {
     // 20 orders a customer, every 7th failing: orders 6 and 13.
     assert_eq!((summary.orders, summary.failing), (2_000, 200));
     assert_eq!(summary.effects, 1_800);
-    assert_eq!(summary.dead_letters, 200);
+    assert_eq!(
+        summary.dead_letters, 200,
+        "every failing order was dead-lettered"
+    );
+    assert!(summary.dead_letter_records >= 200);
     assert!(summary.runs >= 1_800);
 }
 

@@ -49,6 +49,10 @@
 //! row, such as sd-outbox's `Inbox`) and skip records it has seen: that makes the
 //! effect happen once, and the offset commit after it only saves work.
 //!
+//! The dead-letter topic is written at least once too: a record dead-lettered just before
+//! a crash, and not yet committed past, is retried and dead-lettered again by its next
+//! owner; its `sd-dlq-topic`/`-partition`/`-offset` headers identify the copies.
+//!
 //! **Order.** Within the order chosen, a record starts only after the one before it
 //! finished, its retries included. A revoked partition's jobs that run past
 //! `revoke_timeout` may overlap with the new owner's; pick it above your slowest
