@@ -98,7 +98,7 @@
 //!   records above the last commit run again (at most the window and the records in
 //!   flight, per partition). A handler that writes its effect and an inbox row keyed by
 //!   `(topic, partition, offset)` in one database transaction makes each effect happen
-//!   once. No Kafka transactions: see [`kafka`].
+//!   once. No Kafka transactions: see the `kafka` module.
 //!
 //! # How it compares
 //!

@@ -1,5 +1,6 @@
 //! The Kafka consumer under real faults: a member process SIGKILLed mid-run (a child
-//! process running `child_member`), the broker paused, and effects made once with an
+//! process running `child_member`), the broker paused or killed and restarted, and
+//! effects made once with an
 //! inbox in PostgreSQL while members are killed between the effect's commit and the
 //! offset commit. Each test keeps the raw history of handler runs (every member's, the
 //! killed one's included) and judges it whole.
@@ -353,8 +354,10 @@ async fn effects_happen_once_through_the_inbox_though_members_are_killed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_paused_broker_stalls_the_consumer_and_then_it_loses_nothing() {
+/// One member consumes 4,000 records over 100 keys; after 1,000 ran, `fault` strikes the
+/// broker (and undoes itself). The member carries on: every record runs, per-key order
+/// holds, and records ran after the fault.
+async fn consumer_survives(fault: impl FnOnce(&mut sd_testkit::KafkaBroker)) {
     let mut broker = broker();
     let topic = unique_name("orders");
     broker.create_topic(&topic, 4).unwrap();
@@ -369,10 +372,8 @@ async fn a_paused_broker_stalls_the_consumer_and_then_it_loses_nothing() {
         logging_handler(0, history.clone(), Duration::from_millis(2)),
     );
     until_all_ran(&history, 1_000, Duration::from_secs(60)).await;
-    broker.pause().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    fault(&mut broker);
     let during = history.len();
-    broker.resume().unwrap();
     until_all_ran(&history, keys * per_key, Duration::from_secs(120)).await;
     assert!(
         history.len() > during,
@@ -382,4 +383,24 @@ async fn a_paused_broker_stalls_the_consumer_and_then_it_loses_nothing() {
     let report = task.await.unwrap().unwrap();
     check_per_key(&history.runs(), keys, per_key);
     assert!(report.handled >= (keys * per_key) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_broker_stalls_the_consumer_and_then_it_loses_nothing() {
+    consumer_survives(|broker| {
+        broker.pause().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        broker.resume().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_broker_restarted_on_its_data_loses_nothing() {
+    consumer_survives(|broker| {
+        broker.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        broker.start_again().unwrap();
+    })
+    .await;
 }
