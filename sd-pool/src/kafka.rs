@@ -19,11 +19,14 @@
 //! - **Backpressure without blocking the poll loop**: records the pool has no room for
 //!   wait in order, per partition; when a partition's window of
 //!   finished-but-uncommittable records reaches
-//!   [`max_window`](KafkaConsumerBuilder::max_window), or `max_window` of its records
-//!   wait for the pool, that partition is paused, and it is resumed once there is room
-//!   (its window open, half of those records handed to the pool). The poll loop keeps
-//!   polling, so the member keeps its place in the group; memory stays bounded by the
-//!   pool's bounds plus `max_window` records per partition.
+//!   [`max_window`](KafkaConsumerBuilder::max_window), or
+//!   [`max_held`](KafkaConsumerBuilder::max_held) of its records wait for the pool,
+//!   that partition is paused, and it is resumed once there is room (its window open,
+//!   half of those records handed to the pool). The poll loop keeps polling, so the
+//!   member keeps its place in the group; memory stays bounded by the pool's bounds plus
+//!   `max_held` records per partition. (A pause makes librdkafka drop what it fetched
+//!   ahead for that partition and fetch it again after the resume, so pausing often
+//!   costs throughput: keep `max_held` well above what the pool takes in a moment.)
 //! - **Rebalances**: on revoke, the revoked partitions take no more records (the ones
 //!   waiting for the pool are dropped), the jobs already in the pool get
 //!   [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) to finish (those not
@@ -136,7 +139,7 @@ const OWN_PROPERTIES: [(&str, &str); 4] = [
 
 /// Builds a [`KafkaConsumer`]; see [`KafkaConsumer::builder`]. `group` and at least one
 /// `topic` must be set; the rest have defaults: order per key, commit every second,
-/// window 1,000, revoke timeout 10 s, drain timeout 30 s, three attempts 100 ms apart
+/// window 1,000, 10,000 records held per partition, revoke timeout 10 s, drain timeout 30 s, three attempts 100 ms apart
 /// (doubling), no dead-letter topic, commit metadata up to 4,000 bytes.
 #[derive(Clone)]
 pub struct KafkaConsumerBuilder {
@@ -146,6 +149,7 @@ pub struct KafkaConsumerBuilder {
     order: RecordOrder,
     commit_interval: Duration,
     max_window: usize,
+    max_held: usize,
     revoke_timeout: Duration,
     drain_timeout: Duration,
     retry: RetryPolicy,
@@ -192,12 +196,19 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// How many finished records of a partition may wait behind an unfinished one, and
-    /// how many of its records may wait for room in the pool, before the partition is
-    /// paused (default 1,000). It bounds what runs again after a crash when the commit
-    /// metadata is lost, and the records held in memory.
+    /// How many finished records of a partition may wait behind an unfinished one before
+    /// the partition is paused (default 1,000). It bounds what runs again after a crash
+    /// when the commit metadata is lost.
     pub fn max_window(mut self, records: usize) -> Self {
         self.max_window = records;
+        self
+    }
+
+    /// How many polled records of a partition may wait for room in the pool before the
+    /// partition is paused (default 10,000); it is resumed when half of them are handed
+    /// to the pool. It bounds the records held in memory per partition.
+    pub fn max_held(mut self, records: usize) -> Self {
+        self.max_held = records;
         self
     }
 
@@ -248,7 +259,7 @@ impl KafkaConsumerBuilder {
 
     /// The consumer; fails with [`Error::InvalidConfig`] naming `bootstrap_servers`,
     /// `group`, `topic`, `order` (per key or per partition on a pool that is not
-    /// [`Order::PerKey`] or [`Order::Serial`]), `commit_interval`, `max_window`,
+    /// [`Order::PerKey`] or [`Order::Serial`]), `commit_interval`, `max_window`, `max_held`,
     /// `revoke_timeout`, `drain_timeout`, `retry` (unbounded attempts, which would stall a
     /// partition), `dead_letter_topic` or `client_config`.
     pub fn build(self, pool: Pool) -> Result<KafkaConsumer> {
@@ -289,6 +300,12 @@ impl KafkaConsumerBuilder {
         }
         if self.max_window == 0 {
             return Err(Error::config("max_window", "must be at least 1"));
+        }
+        if self.max_held < 2 {
+            return Err(Error::config(
+                "max_held",
+                "must be at least 2 (a partition resumes at half of it)",
+            ));
         }
         if self.retry.max_attempts().is_none() {
             return Err(Error::config(
@@ -355,6 +372,7 @@ impl KafkaConsumerBuilder {
                 broker_timeout: Duration::from_secs(10),
             },
             max_window: self.max_window,
+            max_held: self.max_held,
             metadata_limit: self.metadata_limit,
             retry: self.retry,
             dead_letters,
@@ -404,6 +422,7 @@ pub struct KafkaConsumer {
     order: RecordOrder,
     timing: Timing,
     max_window: usize,
+    max_held: usize,
     metadata_limit: usize,
     retry: RetryPolicy,
     dead_letters: Option<DeadLetters>,
@@ -433,6 +452,7 @@ impl KafkaConsumer {
             order: RecordOrder::PerKey,
             commit_interval: Duration::from_secs(1),
             max_window: 1_000,
+            max_held: 10_000,
             revoke_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             retry: RetryPolicy::builder()
@@ -474,7 +494,11 @@ impl KafkaConsumer {
         let (reports_tx, reports_rx) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
         let shared = Arc::new(Shared {
-            tracker: Mutex::new(Tracker::new(self.max_window, self.metadata_limit)?),
+            tracker: Mutex::new(Tracker::new(
+                self.max_window,
+                self.max_held,
+                self.metadata_limit,
+            )?),
             reports: Mutex::new(reports_rx),
             counters: Arc::clone(&counters),
             timing: self.timing.clone(),

@@ -204,6 +204,7 @@ async fn a_full_pool_pauses_partitions_and_the_member_keeps_its_place() {
     config.set("max.poll.interval.ms", "7000");
     let consumer = member(&broker.bootstrap(), &unique_name("g"), &topic)
         .max_window(4)
+        .max_held(8)
         .client_config(config)
         .build(tiny)
         .unwrap();
@@ -347,6 +348,7 @@ fn bad_consumer_configuration_is_refused_by_field() {
             base().commit_interval(Duration::ZERO).build(per_key()),
         ),
         ("max_window", base().max_window(0).build(per_key())),
+        ("max_held", base().max_held(1).build(per_key())),
         (
             "revoke_timeout",
             base().revoke_timeout(Duration::ZERO).build(per_key()),

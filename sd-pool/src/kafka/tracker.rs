@@ -114,17 +114,21 @@ pub(crate) struct Tracker<R> {
 
 impl<R> Tracker<R> {
     /// No partition yet; each takes no more records once `max_window` completed offsets
-    /// wait behind an unfinished one, and is paused once it holds `max_window` records
-    /// the pool had no room for. Commit metadata stays within `metadata_limit` bytes (0
-    /// turns it off).
-    pub(crate) fn new(max_window: usize, metadata_limit: usize) -> crate::Result<Self> {
+    /// wait behind an unfinished one, and is paused once it holds `max_held` records the
+    /// pool had no room for. Commit metadata stays within `metadata_limit` bytes (0 turns
+    /// it off).
+    pub(crate) fn new(
+        max_window: usize,
+        max_held: usize,
+        metadata_limit: usize,
+    ) -> crate::Result<Self> {
         Ok(Self {
             parts: HashMap::new(),
             slots: HashMap::new(),
             marks: Watermarks::new(max_window)?,
             next_slot: 0,
             metadata_limit,
-            hold_limit: max_window,
+            hold_limit: max_held,
         })
     }
 
@@ -383,7 +387,7 @@ mod tests {
 
     #[test]
     fn commits_the_watermark_plus_one_with_what_is_done_above() {
-        let mut t = Tracker::new(16, 4096).unwrap();
+        let mut t = Tracker::new(16, 16, 4096).unwrap();
         t.assign(tp(0), None);
         let mut slot = 0;
         for o in 10..14 {
@@ -408,7 +412,7 @@ mod tests {
 
     #[test]
     fn a_full_window_holds_and_pauses_then_resumes() {
-        let mut t = Tracker::new(2, 4096).unwrap();
+        let mut t = Tracker::new(2, 2, 4096).unwrap();
         t.assign(tp(1), None);
         let slot = slot_of(t.offer(&tp(1), 0, "a"));
         t.dispatched(&tp(1), 0);
@@ -433,7 +437,7 @@ mod tests {
 
     #[test]
     fn the_pool_refusing_keeps_the_record_first() {
-        let mut t = Tracker::new(8, 4096).unwrap();
+        let mut t = Tracker::new(8, 8, 4096).unwrap();
         t.assign(tp(0), None);
         t.offer(&tp(0), 5, "five");
         assert!(!t.hold(&tp(0), 5, "five"), "one record held: no pause yet");
@@ -448,7 +452,7 @@ mod tests {
             t.dispatched(&tp, o);
         }
         assert_eq!(t.take_resumable(), vec![tp(0)], "4 held: half the limit");
-        let mut t = Tracker::new(8, 4096).unwrap();
+        let mut t = Tracker::new(8, 8, 4096).unwrap();
         t.assign(tp(0), None);
         t.hold(&tp(0), 5, "five");
         t.offer(&tp(0), 6, "six");
@@ -459,7 +463,7 @@ mod tests {
 
     #[test]
     fn listed_offsets_are_skipped_and_kept_in_the_next_metadata() {
-        let mut t = Tracker::new(8, 4096).unwrap();
+        let mut t = Tracker::new(8, 8, 4096).unwrap();
         t.assign(tp(0), Some((100, "sd1:2,4")));
         let slot = slot_of(t.offer(&tp(0), 100, ()));
         t.dispatched(&tp(0), 100);
@@ -478,14 +482,14 @@ mod tests {
 
     #[test]
     fn empty_metadata_falls_back_to_the_watermark() {
-        let mut t = Tracker::new(8, 4096).unwrap();
+        let mut t = Tracker::new(8, 8, 4096).unwrap();
         t.assign(tp(0), Some((100, "")));
         assert!(matches!(t.offer(&tp(0), 101, ()), Offer::Dispatch { .. }));
     }
 
     #[test]
     fn a_revoked_partition_drops_what_it_held_and_ignores_late_reports() {
-        let mut t = Tracker::new(1, 4096).unwrap();
+        let mut t = Tracker::new(1, 1, 4096).unwrap();
         t.assign(tp(0), None);
         let Offer::Dispatch { slot, revoked, .. } = t.offer(&tp(0), 0, ()) else {
             panic!()
@@ -520,7 +524,7 @@ mod tests {
             order in proptest::collection::vec(any::<prop::sample::Index>(), 0..80),
             abandon in proptest::collection::vec(any::<bool>(), 60),
         ) {
-            let mut t = Tracker::new(1_000, 4096).unwrap();
+            let mut t = Tracker::new(1_000, 1_000, 4096).unwrap();
             t.assign(tp(0), None);
             let mut offsets = Vec::new();
             let mut at = 0;
