@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -238,7 +238,8 @@ fn bench(c: &mut Criterion) {
 
     let n = 8_000;
     let mut g = c.benchmark_group("pool/kafka_1ms_jobs");
-    g.sample_size(10);
+    // Each round is a whole topic: flat samples of one round each.
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Elements(n as u64));
     let rounds = |b: &mut criterion::Bencher<'_>, f: &dyn Fn() -> Duration| {
         b.iter_custom(|iters| (0..iters).map(|_| f()).sum())
@@ -262,7 +263,7 @@ fn bench(c: &mut Criterion) {
 
     let n = 20_000;
     let mut g = c.benchmark_group("pool/kafka_zero_work");
-    g.sample_size(10);
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function("sd_per_key_64", |b| {
         rounds(b, &|| {
