@@ -11,10 +11,31 @@
 //! so `prefix("rl")` gives `rl:…` in every crate. Braces are refused because sd puts
 //! the part of a key that picks the Redis Cluster slot in a `{hash tag}`, and a brace in
 //! the prefix would move it.
+//!
+//! **Kafka topic names** ([`is_kafka_topic`]): Kafka's own rule, 1 to 249 bytes of
+//! `[a-zA-Z0-9._-]`, not `.` or `..`.
 
 use std::fmt;
 
 use crate::error::ConfigError;
+
+/// Whether `topic` is a name Kafka accepts for a topic: 1 to 249 bytes of
+/// `[a-zA-Z0-9._-]`, and not `.` or `..`.
+///
+/// ```
+/// use sd_core::name::is_kafka_topic;
+///
+/// assert!(is_kafka_topic("outbox.event.order"));
+/// assert!(!is_kafka_topic("orders/eu") && !is_kafka_topic(".."));
+/// ```
+pub fn is_kafka_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 /// The longest part of a table name, in bytes.
 pub const MAX_TABLE_PART: usize = 48;
@@ -182,6 +203,16 @@ impl AsRef<str> for KeyPrefix {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        for good in ["outbox.event.order", "a", "A-b_c.9", &"t".repeat(249)] {
+            assert!(is_kafka_topic(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a b", "a/b", "a:b", "é", &"t".repeat(250)] {
+            assert!(!is_kafka_topic(bad), "{bad}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

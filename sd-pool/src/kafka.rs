@@ -275,7 +275,11 @@ impl KafkaConsumerBuilder {
         if self.topics.is_empty() {
             return Err(Error::config("topic", "name at least one topic to consume"));
         }
-        if let Some(bad) = self.topics.iter().find(|t| !valid_topic(t)) {
+        if let Some(bad) = self
+            .topics
+            .iter()
+            .find(|t| !sd_core::name::is_kafka_topic(t))
+        {
             return Err(Error::config(
                 "topic",
                 format!("`{bad}` is not a Kafka topic name (1 to 249 of [a-zA-Z0-9._-])"),
@@ -314,7 +318,7 @@ impl KafkaConsumerBuilder {
             ));
         }
         if let Some(dlq) = &self.dead_letter_topic {
-            if !valid_topic(dlq) {
+            if !sd_core::name::is_kafka_topic(dlq) {
                 return Err(Error::config(
                     "dead_letter_topic",
                     format!("`{dlq}` is not a Kafka topic name"),
@@ -403,16 +407,6 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
     }
-}
-
-/// Kafka's rule for topic names.
-fn valid_topic(topic: &str) -> bool {
-    (1..=249).contains(&topic.len())
-        && topic != "."
-        && topic != ".."
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A consumer-group member feeding a [`Pool`]; see the [module docs](self).
