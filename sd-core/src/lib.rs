@@ -15,6 +15,7 @@
 //! | [`name`] | the one rule for table names ([`TableName`]) and Redis key prefixes ([`KeyPrefix`]) |
 //! | [`error`] | [`ConfigError`] (the field and the reason), [`Elapsed`], [`BoxError`] |
 //! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT` (feature `redis`) |
+//! | [`observe`] | the metric names, label keys and span fields every crate uses; metric handles (feature `metrics`) |
 //! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |
 //!
 //! ```
@@ -36,6 +37,7 @@
 //! # Features
 //! - `redis`: `redis::Script` (redis-rs 1.x, any `ConnectionLike`).
 //! - `postgres`: `migrate::Migrator` (sqlx 0.8).
+//! - `metrics`: `observe::{counter, histogram, gauge}` over the `metrics` facade.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -46,6 +48,7 @@ pub mod error;
 #[cfg(feature = "postgres")]
 pub mod migrate;
 pub mod name;
+pub mod observe;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod retry;
