@@ -1,4 +1,5 @@
-//! Real servers for sd's tests: Redis (one, N independent, or a three-master cluster),
+//! Real servers for sd's tests: Redis (one, N independent, a three-master cluster with or
+//! without a replica per master, or a primary and replica behind three Sentinels),
 //! PostgreSQL (a throwaway cluster, a fresh database per test), NATS with JetStream, etcd
 //! and a Kafka-API broker ([`KafkaBroker`], tansu: see [`kafka`] for what it does and does
 //! not), each on a free loopback port in its own directory, with fault controls.
@@ -45,13 +46,16 @@
 
 mod error;
 mod etcd;
+mod etcd_cluster;
 pub mod http;
 pub mod kafka;
 mod nats;
 mod postgres;
 mod process;
 mod redis;
+mod redis_cluster;
 pub mod resp;
+mod sentinel;
 mod wait;
 
 use std::sync::Mutex;
@@ -60,11 +64,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use crate::error::{Error, Result};
 pub use crate::etcd::EtcdServer;
+pub use crate::etcd_cluster::{EtcdCluster, EtcdMember};
 pub use crate::kafka::KafkaBroker;
 pub use crate::nats::{NatsServer, info as nats_info};
 pub use crate::postgres::{PostgresServer, TestDatabase};
 pub use crate::process::{Process, descendants, is_alive, is_stopped, live_group_members};
 pub use crate::redis::{RedisCluster, RedisOptions, RedisServer, redis_manager};
+pub use crate::sentinel::{RedisSentinelGroup, SentinelServer};
 pub use crate::wait::{
     HANG_GUARD, eventually, eventually_blocking, retry_until_ok, runtime, runtime_with,
 };

@@ -135,18 +135,26 @@ fn ping(port: u16) -> bool {
 /// without its `nodes.conf` is a stranger to the cluster and its slots stay unserved.
 #[derive(Debug)]
 pub struct RedisCluster {
-    nodes: Vec<RedisServer>,
+    pub(crate) nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     /// Starts three cluster-mode servers, assigns the slots, joins them and waits until
     /// every node reports `cluster_state:ok`.
     pub fn start() -> Result<Self> {
+        let cluster = Self::form(3)?;
+        cluster.wait_ok(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Starts `n` cluster-mode servers, gives the 16384 slots to the first three and
+    /// introduces every node to the first; the caller waits for the cluster to settle.
+    pub(crate) fn form(n: usize) -> Result<Self> {
         let options = RedisOptions {
             persistent: false,
             cluster: true,
         };
-        let nodes = (0..3)
+        let nodes = (0..n)
             .map(|_| crate::retry_on_port_clash(|| RedisServer::spawn(&options)))
             .collect::<Result<Vec<_>>>()?;
         let ranges = [("0", "5460"), ("5461", "10922"), ("10923", "16383")];
@@ -163,13 +171,11 @@ impl RedisCluster {
                 &bus.to_string(),
             ])?)?;
         }
-        let cluster = RedisCluster { nodes };
-        cluster.wait_ok(Duration::from_secs(30))?;
-        Ok(cluster)
+        Ok(RedisCluster { nodes })
     }
 
-    /// Waits until every node answers, reports `cluster_state:ok` and knows all three
-    /// masters. A node that is stopped, killed or paused cannot answer, so this times
+    /// Waits until every node answers, reports `cluster_state:ok` and knows every other
+    /// node. A node that is stopped, killed or paused cannot answer, so this times
     /// out ([`Error::NotReady`]) until it runs again.
     pub fn wait_ok(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
@@ -179,7 +185,8 @@ impl RedisCluster {
                     .ok()
                     .and_then(|r| r.as_text())
                     .is_some_and(|info| {
-                        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                        info.contains("cluster_state:ok")
+                            && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
                     })
             });
             if ok {
@@ -228,7 +235,7 @@ fn cluster_bus_port(node: &RedisServer) -> Result<u16> {
     }
 }
 
-fn expect_ok(reply: Reply) -> Result<()> {
+pub(crate) fn expect_ok(reply: Reply) -> Result<()> {
     match reply {
         Reply::Status(s) if s == "OK" => Ok(()),
         other => Err(Error::Protocol {
