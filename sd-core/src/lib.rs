@@ -38,6 +38,7 @@
 //! - `redis`: `redis::Script` (redis-rs 1.x, any `ConnectionLike`).
 //! - `postgres`: `migrate::Migrator` (sqlx 0.8).
 //! - `metrics`: `observe::{counter, histogram, gauge}` over the `metrics` facade.
+//! - `test-util`: `observe::Capture`, a test's own metrics recorder (implies `metrics`).
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -128,7 +128,11 @@ pub const UNIT_SECONDS: &str = "s";
 /// The name of an instance nobody named.
 pub const DEFAULT_NAME: &str = "default";
 
+#[cfg(feature = "test-util")]
+mod capture;
 #[cfg(feature = "metrics")]
 mod handles;
+#[cfg(feature = "test-util")]
+pub use capture::Capture;
 #[cfg(feature = "metrics")]
 pub use handles::{Labels, counter, gauge, histogram, record_since};
