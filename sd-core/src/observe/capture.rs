@@ -1,10 +1,14 @@
 //! [`Capture`]: what instances built under a test's own recorder reported.
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-/// A recorder of a test's own (`metrics-util`'s debugging recorder, never the global
-/// one, so tests running side by side do not see each other's counts) and reads of what
-/// it recorded.
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
+
+/// A recorder of a test's own (over `metrics-util`'s registry, never the global
+/// recorder, so tests running side by side do not see each other's counts) and reads of
+/// what it recorded. Reads take nothing away: a counter reads its total every time.
 ///
 /// Build the instances under test inside [`Capture::build`]: their handles are made
 /// then and keep reporting here afterwards, in any thread or task.
@@ -16,11 +20,12 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 /// let denied = capture.build(|| counter("sd.demo.count", "a count", &Labels::new().with(label::OUTCOME, "denied")));
 /// denied.increment(2);
 /// assert_eq!(capture.counter("sd.demo.count", &[(label::OUTCOME, "denied")]), 2);
+/// assert_eq!(capture.counter("sd.demo.count", &[(label::OUTCOME, "denied")]), 2);
 /// assert_eq!(capture.counter("sd.demo.count", &[(label::OUTCOME, "allowed")]), 0);
 /// ```
+#[derive(Clone)]
 pub struct Capture {
-    recorder: DebuggingRecorder,
-    snapshotter: Snapshotter,
+    registry: Arc<Registry<Key, AtomicStorage>>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -35,72 +40,80 @@ impl Default for Capture {
     }
 }
 
-/// Whether the metric's labels include every pair of `wanted`.
-fn has_labels(key: &metrics::Key, wanted: &[(&str, &str)]) -> bool {
-    wanted.iter().all(|(k, v)| {
-        key.labels()
-            .any(|label| label.key() == *k && label.value() == *v)
-    })
+/// Whether `key` is named `name` and its labels include every pair of `wanted`.
+fn matches(key: &Key, name: &str, wanted: &[(&str, &str)]) -> bool {
+    key.name() == name
+        && wanted.iter().all(|(k, v)| {
+            key.labels()
+                .any(|label| label.key() == *k && label.value() == *v)
+        })
 }
 
 impl Capture {
     /// An empty recorder.
     pub fn new() -> Self {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
         Capture {
-            recorder,
-            snapshotter,
+            registry: Arc::new(Registry::atomic()),
         }
     }
 
     /// Runs `build` with this recorder as the current one, so the handles it registers
     /// report here.
     pub fn build<T>(&self, build: impl FnOnce() -> T) -> T {
-        metrics::with_local_recorder(&self.recorder, build)
+        metrics::with_local_recorder(self, build)
     }
 
     /// The sum of the counters named `name` whose labels include `labels`.
     pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.values(name, labels)
-            .into_iter()
-            .map(|v| match v {
-                DebugValue::Counter(n) => n,
-                _ => 0,
-            })
-            .sum()
+        let mut total = 0;
+        self.registry.visit_counters(|key, c| {
+            if matches(key, name, labels) {
+                total += c.load(Ordering::Acquire);
+            }
+        });
+        total
     }
 
     /// The values of the gauges named `name` whose labels include `labels`.
     pub fn gauges(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-        self.values(name, labels)
-            .into_iter()
-            .filter_map(|v| match v {
-                DebugValue::Gauge(g) => Some(g.into_inner()),
-                _ => None,
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.registry.visit_gauges(|key, g| {
+            if matches(key, name, labels) {
+                out.push(f64::from_bits(g.load(Ordering::Acquire)));
+            }
+        });
+        out
     }
 
-    /// The samples of the histograms named `name` whose labels include `labels`,
-    /// recorded since the last read of a histogram (a read takes them).
+    /// Every sample of the histograms named `name` whose labels include `labels`.
     pub fn samples(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-        self.values(name, labels)
-            .into_iter()
-            .flat_map(|v| match v {
-                DebugValue::Histogram(s) => s.into_iter().map(|x| x.into_inner()).collect(),
-                _ => Vec::new(),
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.registry.visit_histograms(|key, h| {
+            if matches(key, name, labels) {
+                out.extend(h.data());
+            }
+        });
+        out
+    }
+}
+
+impl Recorder for Capture {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.registry
+            .get_or_create_counter(key, |c| Counter::from_arc(Arc::clone(c)))
     }
 
-    fn values(&self, name: &str, labels: &[(&str, &str)]) -> Vec<DebugValue> {
-        self.snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(key, ..)| key.key().name() == name && has_labels(key.key(), labels))
-            .map(|(.., value)| value)
-            .collect()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.registry
+            .get_or_create_gauge(key, |g| Gauge::from_arc(Arc::clone(g)))
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.registry
+            .get_or_create_histogram(key, |h| Histogram::from_arc(Arc::clone(h)))
     }
 }

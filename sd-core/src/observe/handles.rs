@@ -85,17 +85,16 @@ pub fn record_since(histogram: &Histogram, start: Instant) {
     histogram.record(start.elapsed().as_secs_f64());
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "test-util"))]
 mod tests {
     use super::*;
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use crate::observe::{Capture, label};
 
     #[test]
     fn handles_record_into_the_recorder_installed_when_they_were_made() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let labels = Labels::new().with(super::super::label::OUTCOME, "denied");
-        let (c, h) = metrics::with_local_recorder(&recorder, || {
+        let capture = Capture::new();
+        let labels = Labels::new().with(label::OUTCOME, "denied");
+        let (c, h) = capture.build(|| {
             (
                 counter("sd.test.count", "a count", &labels),
                 histogram("sd.test.duration", "a duration", &labels),
@@ -104,19 +103,20 @@ mod tests {
         // Used after the recorder's scope ended: the handles still reach it.
         c.increment(3);
         record_since(&h, Instant::now());
-        let snapshot = snapshotter.snapshot().into_vec();
-        let count = snapshot
-            .iter()
-            .find(|(k, ..)| k.key().name() == "sd.test.count");
-        assert!(
-            matches!(count, Some((k, Some(Unit::Count), _, DebugValue::Counter(3)))
-            if k.key().labels().eq([&Label::new("sd.outcome", "denied")]))
+        assert_eq!(
+            capture.counter("sd.test.count", &[(label::OUTCOME, "denied")]),
+            3
         );
-        let duration = snapshot
-            .iter()
-            .find(|(k, ..)| k.key().name() == "sd.test.duration");
+        assert_eq!(
+            capture
+                .samples("sd.test.duration", &[(label::OUTCOME, "denied")])
+                .len(),
+            1
+        );
         assert!(
-            matches!(duration, Some((_, Some(Unit::Seconds), _, DebugValue::Histogram(v))) if v.len() == 1)
+            capture
+                .samples("sd.test.duration", &[(label::OUTCOME, "allowed")])
+                .is_empty()
         );
     }
 }
