@@ -1,4 +1,4 @@
-//! The contract every [`Lock`] honours, as functions that take any backend and assert it
+//! The contract every [`Lock`] and every [`Semaphore`] honours, as functions that take any backend and assert it
 //! (feature `test-util`). sd-lock's own backends run them; a new backend, or a
 //! [`BoxLock`](crate::BoxLock) chosen from configuration, runs the same.
 //!
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::fence::FencedRegister;
+use crate::semaphore::{Permit, Semaphore};
 use crate::{Error, Lock, Release};
 
 /// What the checker saw.
@@ -235,4 +236,159 @@ pub async fn cancelled_acquire_leaves_nothing<L: Lock>(
         !must_cancel || cancelled > 0,
         "no acquisition was cancelled; the test proves nothing"
     );
+}
+
+/// What [`semaphore_bound`] saw.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SemaphoreReport {
+    /// Permits taken and given back.
+    pub sections: u64,
+    /// The most holders inside at once.
+    pub max_inside: u64,
+    /// Fenced writes the slot registers refused as stale.
+    pub rejected: u64,
+}
+
+/// `tasks` tasks each take a permit `sections` times, write through their slot's fenced
+/// register (read, yield, write) and give it back. Asserts never more than `permits`
+/// holders inside at once, no stale token on a slot, and every permit live at release.
+pub async fn semaphore_bound<S: Semaphore + Clone + 'static>(
+    semaphore: S,
+    resource: &str,
+    tasks: usize,
+    sections: usize,
+    ttl: Duration,
+) -> SemaphoreReport {
+    let permits = semaphore.permits();
+    let slots: Arc<Vec<FencedRegister<u64>>> =
+        Arc::new((0..permits).map(|_| FencedRegister::new(0)).collect());
+    let inside = Arc::new(AtomicU64::new(0));
+    let max_inside = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (semaphore, slots, resource) = (semaphore.clone(), slots.clone(), resource.to_owned());
+        let (inside, max_inside, rejected) = (inside.clone(), max_inside.clone(), rejected.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..sections {
+                let permit = semaphore
+                    .acquire(&resource, ttl, Duration::from_secs(120))
+                    .await
+                    .unwrap();
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                max_inside.fetch_max(now, Ordering::SeqCst);
+                let register = &slots[permit.slot() as usize];
+                let written = register.read(permit.token()).and_then(|v| {
+                    std::thread::yield_now();
+                    register.write(permit.token(), v + 1)
+                });
+                if let Err(Error::StaleToken { .. }) = written {
+                    rejected.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::task::yield_now().await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                let released = semaphore.release(permit).await.unwrap();
+                assert_eq!(released, Release::Released, "permit expired in its section");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let report = SemaphoreReport {
+        sections: (tasks * sections) as u64,
+        max_inside: max_inside.load(Ordering::SeqCst),
+        rejected: rejected.load(Ordering::SeqCst),
+    };
+    let written: u64 = slots.iter().map(FencedRegister::peek).sum();
+    assert!(
+        report.max_inside <= u64::from(permits),
+        "more than {permits} holders at once: {report:?}"
+    );
+    assert_eq!(report.rejected, 0, "a slot saw a stale token: {report:?}");
+    assert_eq!(written, report.sections, "lost update: {report:?}");
+    report
+}
+
+/// Contract checks every [`Semaphore`] with at least two permits honours, with real
+/// time (`ttl` short enough to wait out, long enough for a round trip).
+pub async fn semaphore_contract<S: Semaphore>(semaphore: &S, resource: &str, ttl: Duration) {
+    let permits = semaphore.permits();
+    assert!(permits >= 2, "the contract needs at least two permits");
+    assert!(matches!(
+        semaphore.try_acquire("", ttl).await,
+        Err(Error::EmptyResource)
+    ));
+    assert!(matches!(
+        semaphore.try_acquire(resource, Duration::ZERO).await,
+        Err(Error::TtlTooShort { .. })
+    ));
+    assert!(matches!(
+        semaphore
+            .try_acquire(resource, crate::lease::MAX_TTL * 2)
+            .await,
+        Err(Error::TtlTooLong { .. })
+    ));
+
+    // Every slot once, lowest first, tokens growing; then full.
+    let mut held = Vec::new();
+    for slot in 0..permits {
+        let p = semaphore.try_acquire(resource, ttl).await.unwrap();
+        assert_eq!(p.slot(), slot);
+        assert_eq!(p.resource(), resource);
+        assert!(p.is_valid());
+        if let Some(last) = held.last() {
+            assert!(p.token() > Permit::token(last));
+        }
+        held.push(p);
+    }
+    assert!(matches!(
+        semaphore.try_acquire(resource, ttl).await,
+        Err(Error::NoPermit { permits: n, .. }) if n == permits
+    ));
+    // A freed slot is the next one granted, with a newer token.
+    let newest = held.last().map(Permit::token).unwrap();
+    let first = held.remove(0);
+    let first_again = first.clone();
+    assert_eq!(semaphore.release(first).await.unwrap(), Release::Released);
+    assert_eq!(
+        semaphore.release(first_again).await.unwrap(),
+        Release::Expired
+    );
+    let mut again = semaphore.try_acquire(resource, ttl).await.unwrap();
+    assert_eq!(again.slot(), 0);
+    assert!(again.token() > newest);
+    semaphore.renew(&mut again, ttl).await.unwrap();
+
+    // Wait them out: renew fails, release says expired, new holders get newer tokens.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(matches!(
+        semaphore.renew(&mut again, ttl).await,
+        Err(Error::LeaseExpired { .. })
+    ));
+    let next = semaphore
+        .acquire(resource, ttl, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(next.token() > again.token());
+    assert_eq!(semaphore.release(again).await.unwrap(), Release::Expired);
+    for p in held {
+        assert_eq!(semaphore.release(p).await.unwrap(), Release::Expired);
+    }
+    // `acquire` gives up on a full resource after `max_wait`, with the last error.
+    let mut full = vec![next];
+    while full.len() < permits as usize {
+        full.push(semaphore.try_acquire(resource, ttl * 4).await.unwrap());
+    }
+    match semaphore
+        .acquire(resource, ttl, Duration::from_millis(50))
+        .await
+    {
+        Err(Error::WaitTimeout { last, .. }) => assert!(last.is_contention()),
+        other => panic!("expected a wait timeout, got {other:?}"),
+    }
+    for p in full {
+        assert_eq!(semaphore.release(p).await.unwrap(), Release::Released);
+    }
 }

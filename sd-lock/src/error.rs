@@ -65,6 +65,18 @@ sd_core::error_enum! {
             resource: String,
         },
 
+        /// Every permit of a semaphore's resource is held. Retry later, or call `acquire`
+        /// with a wait.
+        #[error(
+            "all {permits} permits of `{resource}` are held; retry later or use `acquire` with a wait"
+        )]
+        NoPermit {
+            /// The resource.
+            resource: String,
+            /// How many permits the resource has.
+            permits: u32,
+        },
+
         /// Redlock reached fewer masters than its quorum. Every master was asked to release
         /// what this attempt set before the error was returned.
         #[cfg(feature = "redis")]
@@ -184,11 +196,14 @@ impl From<etcd_client::Error> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Whether waiting and trying again may succeed: the lease is held by another holder,
+    /// Whether waiting and trying again may succeed: the lease (or every permit) is held,
     /// or Redlock missed its quorum, or the attempt ran out of validity or time.
     pub fn is_contention(&self) -> bool {
         match self {
-            Error::Held { .. } | Error::ValidityExhausted { .. } | Error::Timeout { .. } => true,
+            Error::Held { .. }
+            | Error::NoPermit { .. }
+            | Error::ValidityExhausted { .. }
+            | Error::Timeout { .. } => true,
             #[cfg(feature = "redis")]
             Error::NoQuorum { .. } => true,
             _ => false,

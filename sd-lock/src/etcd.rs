@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
 
 /// etcd leases are whole seconds.
-const MIN_TTL: Duration = Duration::from_secs(1);
+pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
 
 /// Leases in etcd. Cheap to clone (the client is a channel handle).
 ///
@@ -144,114 +144,138 @@ impl EtcdLock {
     }
 
     async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Lease> {
-        let mut client = self.client.clone();
-        let key = self.key(resource);
-        let holder = lease::new_holder();
-        let start = Instant::now();
-        let id = client.lease_grant(whole_seconds(ttl), None).await?.id();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                holder.clone(),
-                Some(PutOptions::new().with_lease(id)),
-            )]);
-        let reply = match client.txn(txn).await {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = client.lease_revoke(id).await;
-                return Err(e.into());
-            }
-        };
-        let elapsed = start.elapsed();
-        if !reply.succeeded() {
-            let _ = client.lease_revoke(id).await;
-            return Err(Error::Held {
+        put_new(&self.client, self.key(resource), resource, ttl)
+            .await?
+            .ok_or_else(|| Error::Held {
                 resource: resource.to_owned(),
-            });
-        }
-        let mut lease = Lease {
-            resource: resource.to_owned(),
-            token: FencingToken(0),
-            ttl,
-            valid_until: start,
-            holder,
-            handle: id,
-        };
-        let revision = reply.header().map(|h| h.revision()).unwrap_or(0);
-        let (Ok(token), Some(validity)) = (u64::try_from(revision), lease::validity(ttl, elapsed))
-        else {
-            let _ = self.release(lease).await;
-            return Err(Error::ValidityExhausted {
-                resource: resource.to_owned(),
-                ttl,
-                elapsed,
-            });
-        };
-        lease.token = FencingToken(token);
-        lease.valid_until = start + elapsed + validity;
-        Ok(lease)
+            })
     }
 
     /// [`crate::Lock::extend`]: one keep-alive, then a check that the key is still ours.
     pub async fn extend(&self, lease: &mut Lease, ttl: Duration) -> Result<()> {
-        lease::validate_ttl(ttl, MIN_TTL)?;
-        let expired = || Error::LeaseExpired {
-            resource: lease.resource.clone(),
-        };
-        // Past its validity the holder must assume another took over, whatever the server
-        // still says.
-        if !lease.is_valid() {
-            return Err(expired());
-        }
-        let mut client = self.client.clone();
-        let start = Instant::now();
-        let (mut keeper, mut stream) = client.lease_keep_alive(lease.handle).await?;
-        keeper.keep_alive().await?;
-        let granted = match stream.message().await? {
-            Some(reply) if reply.ttl() > 0 => reply.ttl(),
-            _ => return Err(expired()),
-        };
-        let mine = Txn::new().when([Compare::value(
-            self.key(&lease.resource),
-            CompareOp::Equal,
-            lease.holder.clone(),
-        )]);
-        if !client.txn(mine).await?.succeeded() {
-            return Err(expired());
-        }
-        let granted = Duration::from_secs(u64::try_from(granted).unwrap_or(0));
-        let ttl = lease.ttl.min(granted);
-        match lease::validity(ttl, start.elapsed()) {
-            Some(validity) => {
-                lease.valid_until = Instant::now() + validity;
-                lease.ttl = ttl;
-                Ok(())
-            }
-            None => Err(expired()),
-        }
+        extend_key(&self.client, self.key(&lease.resource), lease, ttl).await
     }
 
     /// [`crate::Lock::release`]: delete the key if ours, revoke the lease.
     pub async fn release(&self, lease: Lease) -> Result<Release> {
-        let mut client = self.client.clone();
-        let key = self.key(&lease.resource);
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                lease.holder.clone(),
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        let deleted = client.txn(txn).await?.succeeded();
-        // The lease may be gone already (expired): that is not an error here.
-        let _ = client.lease_revoke(lease.handle).await;
-        Ok(if deleted {
-            Release::Released
-        } else {
-            Release::Expired
-        })
+        release_key(&self.client, self.key(&lease.resource), &lease).await
     }
+}
+
+/// Grants an etcd lease of `ttl` and, in one transaction, puts `key` = a new holder
+/// value under it if the key does not exist: the lease on `resource`, its token the
+/// key's create revision. `None` when the key exists (the new etcd lease is revoked).
+pub(crate) async fn put_new(
+    client: &Client,
+    key: String,
+    resource: &str,
+    ttl: Duration,
+) -> Result<Option<Lease>> {
+    let mut client = client.clone();
+    let holder = lease::new_holder();
+    let start = Instant::now();
+    let id = client.lease_grant(whole_seconds(ttl), None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.clone(),
+            holder.clone(),
+            Some(PutOptions::new().with_lease(id)),
+        )]);
+    let reply = match client.txn(txn).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = client.lease_revoke(id).await;
+            return Err(e.into());
+        }
+    };
+    let elapsed = start.elapsed();
+    if !reply.succeeded() {
+        let _ = client.lease_revoke(id).await;
+        return Ok(None);
+    }
+    let mut lease = Lease {
+        resource: resource.to_owned(),
+        token: FencingToken(0),
+        ttl,
+        valid_until: start,
+        holder,
+        handle: id,
+    };
+    let revision = reply.header().map(|h| h.revision()).unwrap_or(0);
+    let (Ok(token), Some(validity)) = (u64::try_from(revision), lease::validity(ttl, elapsed))
+    else {
+        let _ = release_key(&client, key, &lease).await;
+        return Err(Error::ValidityExhausted {
+            resource: resource.to_owned(),
+            ttl,
+            elapsed,
+        });
+    };
+    lease.token = FencingToken(token);
+    lease.valid_until = start + elapsed + validity;
+    Ok(Some(lease))
+}
+
+/// One keep-alive for `lease`'s etcd lease, then a check that `key` still holds its
+/// value. etcd cannot change a lease's TTL: the granted TTL applies.
+pub(crate) async fn extend_key(
+    client: &Client,
+    key: String,
+    lease: &mut Lease,
+    ttl: Duration,
+) -> Result<()> {
+    lease::validate_ttl(ttl, MIN_TTL)?;
+    let expired = || Error::LeaseExpired {
+        resource: lease.resource.clone(),
+    };
+    // Past its validity the holder must assume another took over, whatever the server
+    // still says.
+    if !lease.is_valid() {
+        return Err(expired());
+    }
+    let mut client = client.clone();
+    let start = Instant::now();
+    let (mut keeper, mut stream) = client.lease_keep_alive(lease.handle).await?;
+    keeper.keep_alive().await?;
+    let granted = match stream.message().await? {
+        Some(reply) if reply.ttl() > 0 => reply.ttl(),
+        _ => return Err(expired()),
+    };
+    let mine = Txn::new().when([Compare::value(key, CompareOp::Equal, lease.holder.clone())]);
+    if !client.txn(mine).await?.succeeded() {
+        return Err(expired());
+    }
+    let granted = Duration::from_secs(u64::try_from(granted).unwrap_or(0));
+    let ttl = lease.ttl.min(granted);
+    match lease::validity(ttl, start.elapsed()) {
+        Some(validity) => {
+            lease.valid_until = Instant::now() + validity;
+            lease.ttl = ttl;
+            Ok(())
+        }
+        None => Err(expired()),
+    }
+}
+
+/// Deletes `key` if it holds `lease`'s value, then revokes the etcd lease.
+pub(crate) async fn release_key(client: &Client, key: String, lease: &Lease) -> Result<Release> {
+    let mut client = client.clone();
+    let txn = Txn::new()
+        .when([Compare::value(
+            key.clone(),
+            CompareOp::Equal,
+            lease.holder.clone(),
+        )])
+        .and_then([TxnOp::delete(key, None)]);
+    let deleted = client.txn(txn).await?.succeeded();
+    // The lease may be gone already (expired): that is not an error here.
+    let _ = client.lease_revoke(lease.handle).await;
+    Ok(if deleted {
+        Release::Released
+    } else {
+        Release::Expired
+    })
 }
 
 forward_lock!([] EtcdLock, retry: retry);

@@ -213,11 +213,13 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "redis")]
 pub mod redlock;
+pub mod semaphore;
 mod watchdog;
 
 pub use crate::boxed::BoxLock;
 pub use crate::error::{Error, Result};
 pub use crate::lease::{FencingToken, Lease, Release};
+pub use crate::semaphore::{Permit, Semaphore};
 pub use crate::watchdog::{Lost, Watchdog};
 pub use sd_core::RetryPolicy;
 
@@ -278,13 +280,32 @@ async fn acquire_with_retry<L: Lock + ?Sized>(
     ttl: Duration,
     max_wait: Duration,
 ) -> Result<Lease> {
+    retry_contention(lock.retry_policy(), resource, max_wait, || {
+        lock.try_acquire(resource, ttl)
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds or fails with something other than contention,
+/// sleeping as `policy` says between attempts, for at most `max_wait` (one attempt at
+/// least; never a sleep after the last attempt): the wait of [`Lock::acquire`]
+/// and [`Semaphore::acquire`].
+pub(crate) async fn retry_contention<T, F, Fut>(
+    policy: RetryPolicy,
+    resource: &str,
+    max_wait: Duration,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
     let start = Instant::now();
-    let policy = lock.retry_policy();
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);
-        let last = match lock.try_acquire(resource, ttl).await {
-            Ok(lease) => return Ok(lease),
+        let last = match attempt().await {
+            Ok(granted) => return Ok(granted),
             Err(e) if e.is_contention() => e,
             Err(e) => return Err(e),
         };

@@ -42,11 +42,16 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
 
 const DEFAULT_TABLE: &str = "sd_lock_leases";
 
-fn millis(ttl: Duration) -> i64 {
+pub(crate) fn millis(ttl: Duration) -> i64 {
     i64::try_from(lease::ceil_millis(ttl)).unwrap_or(i64::MAX)
 }
 
-fn token(epoch: i64) -> Result<FencingToken> {
+/// The SQL for "`ms_param` milliseconds from now" on the server's clock.
+pub(crate) fn expiry_after(ms_param: &str) -> String {
+    format!("clock_timestamp() + make_interval(secs => {ms_param}::float8 / 1000.0)")
+}
+
+pub(crate) fn token(epoch: i64) -> Result<FencingToken> {
     u64::try_from(epoch)
         .map(FencingToken)
         .map_err(|_| Error::UnexpectedReply {
@@ -79,7 +84,7 @@ struct Sql {
 
 impl Sql {
     fn new(t: &str) -> Self {
-        let expiry = "clock_timestamp() + make_interval(secs => $3::float8 / 1000.0)";
+        let expiry = expiry_after("$3");
         Sql {
             acquire: format!(
                 "INSERT INTO {t} AS l (resource, holder, epoch, expires_at) VALUES ($1, $2, 1, {expiry}) \
