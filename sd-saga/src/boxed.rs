@@ -59,6 +59,7 @@ sd_core::boxed_twin! {
     fn renew(lease: &Lease; ttl: Duration) -> ();
     fn claim_expired(by: &Claimant<'_>; limit: usize) -> Vec<SagaRecord>;
     fn claim_stuck(by: &Claimant<'_>, id: &str;) -> SagaRecord;
+    fn cancel(id: &str, reason: &str;) -> SagaRecord;
     fn load(id: &str;) -> Option<SagaRecord>;
     fn events(id: &str;) -> Vec<StoredEvent>;
     fn stats(saga_type: &str;) -> StoreStats;

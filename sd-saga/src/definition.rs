@@ -1,13 +1,14 @@
 //! Saga definitions: steps over typed data, their kinds, and the checks made when a saga
 //! is built.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::plan::{Layout, Stage};
 use sd_core::RetryPolicy;
 
 /// A boxed `Send` future, as steps return them.
@@ -16,6 +17,10 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 type Action<D> = Arc<dyn Fn(StepContext, D) -> BoxFuture<Result<D, StepError>> + Send + Sync>;
 type Compensation<D> =
     Arc<dyn Fn(StepContext, D) -> BoxFuture<Result<(), StepError>> + Send + Sync>;
+/// Folds a parallel branch's output into the saga data.
+pub(crate) type Merge<D> = Arc<dyn Fn(D, D) -> D + Send + Sync>;
+/// Maps a step index of an older definition version to this one's.
+pub(crate) type Migration = Arc<dyn Fn(usize) -> Option<usize> + Send + Sync>;
 
 /// Which way a step call goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,6 +189,7 @@ pub struct Step<D> {
     action: Action<D>,
     compensation: Option<Compensation<D>>,
     policies: Policies,
+    cancellable: bool,
 }
 
 /// The policies a step may set, and a saga may set for every step that sets none.
@@ -253,7 +259,18 @@ impl<D: Send + 'static> Step<D> {
             action,
             compensation: None,
             policies: Policies::default(),
+            cancellable: false,
         }
+    }
+
+    /// In a parallel group: when a sibling branch fails for good, an attempt of this step
+    /// still running is dropped instead of awaited. Its effect may still land, so its
+    /// compensation runs as if it had succeeded (the participant sees the compensation's
+    /// key and should refuse the forward call if it arrives late). Outside a group, or
+    /// for a step without a compensation, it changes nothing.
+    pub fn cancellable(mut self) -> Self {
+        self.cancellable = true;
+        self
     }
 
     /// A step before the pivot: `action` returns the saga data for the next steps (with,
@@ -314,6 +331,13 @@ pub(crate) struct StepDef<D> {
     pub(crate) retry: RetryPolicy,
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) timeout: Duration,
+    pub(crate) cancellable: bool,
+}
+
+/// How a stage's branch outputs become the saga data.
+pub(crate) struct StageDef<D> {
+    /// `None` for a single step (its output is the data); a parallel group's merge.
+    pub(crate) merge: Option<Merge<D>>,
 }
 
 /// A checked saga definition: its name (the saga type in the log) and its steps.
@@ -321,6 +345,12 @@ pub(crate) struct StepDef<D> {
 pub struct Saga<D> {
     pub(crate) name: Arc<str>,
     pub(crate) steps: Arc<[StepDef<D>]>,
+    /// One per stage of `layout`.
+    pub(crate) stages: Arc<[StageDef<D>]>,
+    pub(crate) layout: Arc<Layout>,
+    pub(crate) version: u32,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) migrations: Arc<BTreeMap<u32, Migration>>,
 }
 
 impl<D> Clone for Saga<D> {
@@ -328,6 +358,11 @@ impl<D> Clone for Saga<D> {
         Saga {
             name: self.name.clone(),
             steps: self.steps.clone(),
+            stages: self.stages.clone(),
+            layout: self.layout.clone(),
+            version: self.version,
+            deadline: self.deadline,
+            migrations: self.migrations.clone(),
         }
     }
 }
@@ -341,8 +376,10 @@ impl<D> fmt::Debug for Saga<D> {
             .collect();
         f.debug_struct("Saga")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("steps", &steps)
-            .finish()
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
     }
 }
 
@@ -352,8 +389,11 @@ impl<D: Send + 'static> Saga<D> {
     pub fn builder(name: impl Into<String>) -> SagaBuilder<D> {
         SagaBuilder {
             name: name.into(),
-            steps: Vec::new(),
+            items: Vec::new(),
             policies: Policies::default(),
+            version: 1,
+            deadline: None,
+            migrations: BTreeMap::new(),
         }
     }
 
@@ -366,21 +406,48 @@ impl<D: Send + 'static> Saga<D> {
     pub fn steps(&self) -> impl Iterator<Item = (&str, StepKind)> {
         self.steps.iter().map(|s| (s.name.as_ref(), s.kind))
     }
+
+    /// The definition version stored with every saga it starts (default 1).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The parallel groups, as the step indices of each (a single step is no group).
+    pub fn groups(&self) -> Vec<std::ops::Range<usize>> {
+        self.layout
+            .stages
+            .iter()
+            .zip(self.stages.iter())
+            .filter(|(_, def)| def.merge.is_some())
+            .map(|(s, _)| s.first..s.first + s.undoable.len())
+            .collect()
+    }
+}
+
+/// A step, or a parallel group of steps with its merge.
+enum Item<D> {
+    Single(Step<D>),
+    Group(Vec<Step<D>>, Merge<D>),
 }
 
 /// Builds a [`Saga`]; [`build`](Self::build) rejects a definition that breaks the pivot
 /// rules.
 pub struct SagaBuilder<D> {
     name: String,
-    steps: Vec<Step<D>>,
+    items: Vec<Item<D>>,
     policies: Policies,
+    version: u32,
+    deadline: Option<Duration>,
+    migrations: BTreeMap<u32, Migration>,
 }
 
 impl<D> fmt::Debug for SagaBuilder<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SagaBuilder")
             .field("name", &self.name)
-            .field("steps", &self.steps)
+            .field("items", &self.items.len())
+            .field("version", &self.version)
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -388,7 +455,57 @@ impl<D> fmt::Debug for SagaBuilder<D> {
 impl<D: Send + 'static> SagaBuilder<D> {
     /// Appends a step.
     pub fn step(mut self, step: Step<D>) -> Self {
-        self.steps.push(step);
+        self.items.push(Item::Single(step));
+        self
+    }
+
+    /// Appends a parallel group: its steps run concurrently, each from the saga data as
+    /// it stands when the branch starts, and the saga moves on once all of them
+    /// succeeded. Each branch's output is folded into the data with `merge(data,
+    /// output)` as the branch finishes (so in the order they finish). If one fails for
+    /// good, the others are awaited (or dropped, if [`Step::cancellable`]) and every
+    /// branch that completed is compensated, in any order, then the steps before the
+    /// group in reverse. A group holds compensatable steps (before the pivot) or
+    /// retriable ones (after it), never the pivot.
+    pub fn parallel<I, M>(mut self, steps: I, merge: M) -> Self
+    where
+        I: IntoIterator<Item = Step<D>>,
+        M: Fn(D, D) -> D + Send + Sync + 'static,
+    {
+        self.items
+            .push(Item::Group(steps.into_iter().collect(), Arc::new(merge)));
+        self
+    }
+
+    /// The definition version (default 1), stored with every saga started under it. A
+    /// saga is recovered or resumed only by an orchestrator of the same version, unless
+    /// a [`migration`](Self::migration) from the saga's version is registered; otherwise
+    /// [`Error::DefinitionVersion`]. Raise it when a change moves, removes or regroups
+    /// steps that running sagas may be at.
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Lets this definition take over sagas started under version `from`: `step_map`
+    /// maps a step index of that version to this one's (`None`: that position cannot be
+    /// continued, and such a saga is refused with [`Error::DefinitionVersion`]). The data
+    /// is kept as it is. Idempotency keys carry step indices, so keep the index of every
+    /// step that may be in flight.
+    pub fn migration<F>(mut self, from: u32, step_map: F) -> Self
+    where
+        F: Fn(usize) -> Option<usize> + Send + Sync + 'static,
+    {
+        self.migrations.insert(from, Arc::new(step_map));
+        self
+    }
+
+    /// A deadline for every saga of this definition, counted from its start on the
+    /// orchestrator's clock and stored with the saga: past it, no new forward step
+    /// starts (those running are awaited) and the saga compensates. Once the pivot
+    /// succeeded the saga only goes forward, so the deadline no longer applies.
+    pub fn deadline(mut self, within: Duration) -> Self {
+        self.deadline = Some(within);
         self
     }
 
@@ -402,8 +519,8 @@ impl<D: Send + 'static> SagaBuilder<D> {
     }
 
     /// The saga, or the first problem: no steps, an empty or repeated step name, a second
-    /// pivot, a compensatable step after the pivot, a retriable step before it, a zero
-    /// timeout.
+    /// pivot, a compensatable step after the pivot, a retriable step before it, a
+    /// parallel group that is empty or holds the pivot, a zero timeout or version.
     pub fn build(self) -> Result<Saga<D>> {
         let saga = self.name;
         if saga.is_empty() || saga.len() > 100 {
@@ -412,164 +529,145 @@ impl<D: Send + 'static> SagaBuilder<D> {
                 "the saga name must be 1 to 100 bytes",
             ));
         }
-        if self.steps.is_empty() {
+        if self.items.is_empty() {
             return Err(Error::NoSteps { saga });
+        }
+        if self.version == 0 {
+            return Err(Error::config("version", "must be at least 1"));
+        }
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config("deadline", "must be above zero"));
         }
         let mut names = HashSet::new();
         let mut pivot: Option<String> = None;
-        let mut steps = Vec::with_capacity(self.steps.len());
-        for step in self.steps {
-            if step.name.is_empty() {
-                return Err(Error::StepConfig {
-                    step: step.name,
-                    field: "name",
-                    reason: "must not be empty".into(),
-                });
-            }
-            if !names.insert(step.name.clone()) {
-                return Err(Error::DuplicateStep {
-                    saga,
-                    step: step.name,
-                });
-            }
-            match (step.kind, &pivot) {
-                (StepKind::Compensatable, Some(p)) => {
-                    return Err(Error::CompensatableAfterPivot {
-                        saga,
-                        step: step.name,
-                        pivot: p.clone(),
-                    });
+        let mut steps = Vec::new();
+        let mut layout = Vec::with_capacity(self.items.len());
+        let mut stages = Vec::with_capacity(self.items.len());
+        for item in self.items {
+            let (group, merge) = match item {
+                Item::Single(step) => (vec![step], None),
+                Item::Group(group, merge) => {
+                    if group.is_empty() {
+                        return Err(Error::config(
+                            "parallel",
+                            "a parallel group needs at least one step",
+                        ));
+                    }
+                    if let Some(p) = group.iter().find(|s| s.kind == StepKind::Pivot) {
+                        return Err(Error::PivotInGroup {
+                            saga,
+                            step: p.name.clone(),
+                        });
+                    }
+                    (group, Some(merge))
                 }
-                (StepKind::Retriable, None) => {
-                    return Err(Error::RetriableBeforePivot {
-                        saga,
-                        step: step.name,
-                    });
-                }
-                (StepKind::Pivot, Some(first)) => {
-                    return Err(Error::SecondPivot {
-                        saga,
-                        step: step.name,
-                        first: first.clone(),
-                    });
-                }
-                (StepKind::Pivot, None) => pivot = Some(step.name.clone()),
-                _ => {}
-            }
-            let (own, saga_wide) = (step.policies, self.policies);
-            let timeout = own.timeout.or(saga_wide.timeout).unwrap_or(DEFAULT_TIMEOUT);
-            if timeout.is_zero() {
-                return Err(Error::StepConfig {
-                    step: step.name,
-                    field: "timeout",
-                    reason: "must be above zero".into(),
-                });
-            }
-            let default_retry = match step.kind {
-                StepKind::Retriable => RetryPolicy::persistent(),
-                _ => RetryPolicy::default(),
             };
-            steps.push(StepDef {
-                name: step.name.into(),
-                kind: step.kind,
-                action: step.action,
-                compensation: step.compensation,
-                retry: own.retry.or(saga_wide.retry).unwrap_or(default_retry),
-                compensation_retry: own
-                    .compensation_retry
-                    .or(saga_wide.compensation_retry)
-                    .unwrap_or_else(RetryPolicy::persistent),
-                timeout,
+            let first = steps.len();
+            let mut undoable = Vec::with_capacity(group.len());
+            for step in group {
+                check_step(&saga, &step, &mut names, &mut pivot)?;
+                undoable.push(step.compensation.is_some());
+                steps.push(resolve(step, self.policies)?);
+            }
+            layout.push(Stage {
+                first,
+                undoable,
+                forward_only: false,
             });
+            stages.push(StageDef { merge });
+        }
+        // Past the pivot's stage, only forward.
+        if let Some(p) = steps.iter().position(|s| s.kind == StepKind::Pivot) {
+            for stage in layout.iter_mut().filter(|s| s.first > p) {
+                stage.forward_only = true;
+            }
         }
         Ok(Saga {
             name: saga.into(),
             steps: steps.into(),
+            stages: stages.into(),
+            layout: Arc::new(Layout { stages: layout }),
+            version: self.version,
+            deadline: self.deadline,
+            migrations: Arc::new(self.migrations),
         })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn ok(_: StepContext, d: u32) -> BoxFuture<Result<u32, StepError>> {
-        Box::pin(async move { Ok(d) })
+/// The checks of one step: a unique, non-empty name and the pivot rules.
+fn check_step<D>(
+    saga: &str,
+    step: &Step<D>,
+    names: &mut HashSet<String>,
+    pivot: &mut Option<String>,
+) -> Result<()> {
+    let saga = saga.to_owned();
+    if step.name.is_empty() {
+        return Err(Error::StepConfig {
+            step: step.name.clone(),
+            field: "name",
+            reason: "must not be empty".into(),
+        });
     }
-    fn undo(_: StepContext, _: u32) -> BoxFuture<Result<(), StepError>> {
-        Box::pin(async { Ok(()) })
+    if !names.insert(step.name.clone()) {
+        return Err(Error::DuplicateStep {
+            saga,
+            step: step.name.clone(),
+        });
     }
-    fn c(name: &str) -> Step<u32> {
-        Step::compensatable(name, ok, undo)
-    }
-
-    #[test]
-    fn the_pivot_rules_are_checked_when_built() {
-        let err = Saga::<u32>::builder("s").build().unwrap_err();
-        assert!(matches!(err, Error::NoSteps { saga } if saga == "s"));
-        let err = Saga::builder("s")
-            .step(c("a"))
-            .step(Step::pivot("p", ok))
-            .step(c("b"))
-            .build()
-            .unwrap_err();
-        assert!(
-            matches!(&err, Error::CompensatableAfterPivot { step, pivot, .. } if step == "b" && pivot == "p"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("`b` comes after the pivot `p`"));
-        let err = Saga::builder("s")
-            .step(c("a"))
-            .step(Step::retriable("r", ok))
-            .build()
-            .unwrap_err();
-        assert!(matches!(err, Error::RetriableBeforePivot { step, .. } if step == "r"));
-        let err = Saga::builder("s")
-            .step(Step::pivot("p", ok))
-            .step(Step::pivot("q", ok))
-            .build()
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::SecondPivot { step, first, .. } if step == "q" && first == "p")
-        );
-        let err = Saga::builder("s")
-            .step(c("a"))
-            .step(c("a"))
-            .build()
-            .unwrap_err();
-        assert!(matches!(err, Error::DuplicateStep { step, .. } if step == "a"));
-        let err = Saga::builder("s")
-            .step(c("a").timeout(Duration::ZERO))
-            .build()
-            .unwrap_err();
-        assert!(matches!(err, Error::StepConfig { field: "timeout", step, .. } if step == "a"));
-        let saga = Saga::builder("s")
-            .step(c("a"))
-            .step(Step::pivot("p", ok))
-            .step(Step::retriable("r", ok))
-            .build()
-            .unwrap();
-        let kinds: Vec<_> = saga.steps().map(|(_, k)| k).collect();
-        assert_eq!(
-            kinds,
-            [
-                StepKind::Compensatable,
-                StepKind::Pivot,
-                StepKind::Retriable
-            ]
-        );
-    }
-
-    #[test]
-    fn keys_differ_by_step_and_direction() {
-        assert_eq!(
-            idempotency_key("order-1", 2, Direction::Compensate),
-            "order-1/2/compensate"
-        );
-        assert_ne!(
-            idempotency_key("a", 1, Direction::Forward),
-            idempotency_key("a", 1, Direction::Compensate)
-        );
+    match (step.kind, pivot.clone()) {
+        (StepKind::Compensatable, Some(p)) => Err(Error::CompensatableAfterPivot {
+            saga,
+            step: step.name.clone(),
+            pivot: p,
+        }),
+        (StepKind::Retriable, None) => Err(Error::RetriableBeforePivot {
+            saga,
+            step: step.name.clone(),
+        }),
+        (StepKind::Pivot, Some(first)) => Err(Error::SecondPivot {
+            saga,
+            step: step.name.clone(),
+            first,
+        }),
+        (StepKind::Pivot, None) => {
+            *pivot = Some(step.name.clone());
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
+
+/// The step with every default resolved.
+fn resolve<D>(step: Step<D>, saga_wide: Policies) -> Result<StepDef<D>> {
+    let own = step.policies;
+    let timeout = own.timeout.or(saga_wide.timeout).unwrap_or(DEFAULT_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(Error::StepConfig {
+            step: step.name,
+            field: "timeout",
+            reason: "must be above zero".into(),
+        });
+    }
+    let default_retry = match step.kind {
+        StepKind::Retriable => RetryPolicy::persistent(),
+        _ => RetryPolicy::default(),
+    };
+    Ok(StepDef {
+        name: step.name.into(),
+        kind: step.kind,
+        action: step.action,
+        compensation: step.compensation,
+        retry: own.retry.or(saga_wide.retry).unwrap_or(default_retry),
+        compensation_retry: own
+            .compensation_retry
+            .or(saga_wide.compensation_retry)
+            .unwrap_or_else(RetryPolicy::persistent),
+        timeout,
+        cancellable: step.cancellable,
+    })
+}
+
+#[cfg(test)]
+#[path = "definition_tests.rs"]
+mod tests;

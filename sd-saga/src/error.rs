@@ -64,6 +64,32 @@ sd_core::error_enum! {
             /// The first pivot.
             first: String,
         },
+        /// A parallel group holds the pivot: a group runs before the pivot (compensatable
+        /// steps) or after it (retriable steps), never across it.
+        #[error(
+            "saga `{saga}`: the pivot `{step}` is in a parallel group; make it a step of its own between the groups"
+        )]
+        PivotInGroup {
+            /// The saga's name.
+            saga: String,
+            /// The pivot step.
+            step: String,
+        },
+        /// The saga was started under another version of its definition, and no
+        /// migration from that version is registered (or the migration cannot place it).
+        #[error(
+            "saga `{id}` was started under version {found} of its definition and this orchestrator runs version {expected}; recover it with an orchestrator of version {found}, or register a `migration({found}, ..)` that places its step {step}"
+        )]
+        DefinitionVersion {
+            /// The saga id.
+            id: String,
+            /// The version stored with the saga.
+            found: u32,
+            /// This orchestrator's version.
+            expected: u32,
+            /// The step the saga is at (in its own version).
+            step: u32,
+        },
         /// Two steps share a name.
         #[error("saga `{saga}`: two steps are named `{step}`; step names must be unique")]
         DuplicateStep {

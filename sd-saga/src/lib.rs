@@ -162,8 +162,10 @@ mod error;
 pub mod memory;
 mod metrics;
 mod orchestrator;
+mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod run;
 mod store;
 
 pub use crate::boxed::BoxStore;

@@ -107,6 +107,10 @@ impl SagaStore for MemoryStore {
             owner: Some(saga.owner.to_owned()),
             epoch: 1,
             reason: None,
+            progress: Some(saga.progress.to_owned()),
+            cancel_reason: None,
+            deadline: saga.deadline,
+            definition_version: saga.definition_version,
         };
         let lease = record.lease();
         let mut entry = Entry {
@@ -147,6 +151,8 @@ impl SagaStore for MemoryStore {
             r.data = data.to_owned();
         }
         r.reason = write.reason.map(str::to_owned);
+        r.progress = Some(write.progress.to_owned());
+        r.definition_version = write.definition_version;
         r.version += 1;
         entry.updated_at = now;
         if write.state.is_live() {
@@ -157,6 +163,7 @@ impl SagaStore for MemoryStore {
         }
         let lease = Lease {
             version: r.version,
+            cancel_requested: r.cancel_reason.is_some(),
             ..lease.clone()
         };
         Self::push(entry, write.event.clone());
@@ -230,6 +237,20 @@ impl SagaStore for MemoryStore {
             error: None,
         };
         Self::push(entry, event);
+        Ok(entry.record.clone())
+    }
+
+    async fn cancel(&self, id: &str, reason: &str) -> Result<SagaRecord> {
+        let now = self.clock.now();
+        let mut sagas = self.lock();
+        let entry = sagas
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+        let r = &mut entry.record;
+        if r.state.is_live() && r.cancel_reason.is_none() {
+            r.cancel_reason = Some(reason.to_owned());
+            entry.updated_at = now;
+        }
         Ok(entry.record.clone())
     }
 

@@ -1,25 +1,22 @@
 //! The orchestrator: runs sagas step by step through the log, compensates in reverse,
 //! retries, recovers abandoned sagas and resumes stuck ones.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
 
-use crate::definition::{BoxFuture, Direction, Saga, StepContext, StepDef, StepError, StepKind};
+use crate::definition::Saga;
 use crate::error::{Error, Result};
 use crate::metrics::{Counters, LocalMetrics, Metrics, bump};
-use crate::store::{
-    Claimant, Event, EventKind, Lease, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent,
-    Write,
-};
-use sd_core::RetryPolicy;
+use crate::plan::Position;
+use crate::run::Run;
+use crate::store::{Claimant, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent};
+use sd_core::{Clock, SystemClock};
 
 /// How a saga ended (for this call).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +75,7 @@ pub struct OrchestratorBuilder<D, S> {
     lease_ttl: Duration,
     recover_batch: usize,
     recover_concurrency: usize,
+    clock: Arc<dyn Clock>,
 }
 
 impl<D, S> OrchestratorBuilder<D, S>
@@ -109,6 +107,14 @@ where
     /// How many recovered sagas run at once (default 16).
     pub fn recover_concurrency(mut self, n: usize) -> Self {
         self.recover_concurrency = n;
+        self
+    }
+
+    /// The clock deadlines are set and checked by (default [`SystemClock`], wall time).
+    /// Orchestrators sharing a log should share a clock: a deadline is stored as a time
+    /// on it.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -144,20 +150,22 @@ where
                 lease_ttl: self.lease_ttl,
                 recover_batch: self.recover_batch,
                 recover_concurrency: self.recover_concurrency,
+                clock: self.clock,
                 counters: Counters::default(),
             }),
         })
     }
 }
 
-struct Inner<D, S> {
-    saga: Saga<D>,
-    store: S,
+pub(crate) struct Inner<D, S> {
+    pub(crate) saga: Saga<D>,
+    pub(crate) store: S,
     owner: String,
-    lease_ttl: Duration,
+    pub(crate) lease_ttl: Duration,
     recover_batch: usize,
     recover_concurrency: usize,
-    counters: Counters,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) counters: Counters,
 }
 
 impl<D, S> Inner<D, S> {
@@ -175,7 +183,7 @@ impl<D, S> Inner<D, S> {
 ///
 /// See the [crate docs](crate) for the guarantees.
 pub struct Orchestrator<D, S> {
-    inner: Arc<Inner<D, S>>,
+    pub(crate) inner: Arc<Inner<D, S>>,
 }
 
 impl<D, S> Clone for Orchestrator<D, S> {
@@ -197,24 +205,6 @@ impl<D, S: fmt::Debug> fmt::Debug for Orchestrator<D, S> {
     }
 }
 
-/// One saga being driven by this orchestrator.
-struct Run<D> {
-    id: Arc<str>,
-    state: SagaState,
-    step: usize,
-    data: D,
-    lease: Lease,
-    reason: Option<String>,
-    /// The intent of the next attempt is already in the log (written by `create`).
-    intent_written: bool,
-}
-
-/// Where the orchestrator goes after one step.
-enum Next<D> {
-    Continue,
-    Done(SagaOutcome<D>),
-}
-
 fn check_id(id: &str) -> Result<()> {
     if id.is_empty() || id.len() > 200 {
         return Err(Error::InvalidId {
@@ -227,39 +217,6 @@ fn check_id(id: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// A write that keeps the saga where it is and appends `event`.
-fn same_state<D>(run: &Run<D>, event: Event, lease_ttl: Duration) -> Write<'_> {
-    Write {
-        state: run.state,
-        step: step_u32(run.step),
-        compensating: run.state == SagaState::Compensating,
-        data: None,
-        reason: run.reason.as_deref(),
-        event,
-        lease_ttl,
-    }
-}
-
-/// Makes the events of one attempt: `attempt` of `step` in `direction`, of any kind.
-fn event_of(
-    step: usize,
-    direction: Direction,
-    attempt: u32,
-) -> impl Fn(EventKind, Option<String>) -> Event {
-    let step = step_u32(step);
-    move |kind, error| Event {
-        step,
-        direction,
-        kind,
-        attempt,
-        error,
-    }
-}
-
-fn step_u32(step: usize) -> u32 {
-    u32::try_from(step).unwrap_or(u32::MAX)
 }
 
 impl<D, S> Orchestrator<D, S>
@@ -276,6 +233,7 @@ where
             lease_ttl: Duration::from_secs(30),
             recover_batch: 100,
             recover_concurrency: 16,
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -303,10 +261,30 @@ where
     /// elsewhere) continues it once the lease expires. Dropping the returned future has
     /// the same effect.
     pub async fn run(&self, id: impl Into<String>, data: D) -> Result<SagaOutcome<D>> {
-        let id: String = id.into();
+        self.start(id.into(), data, self.inner.saga.deadline).await
+    }
+
+    /// [`run`](Self::run) with a deadline of its own for this saga, `within` from now on
+    /// the orchestrator's clock (instead of the definition's
+    /// [`deadline`](crate::SagaBuilder::deadline)). Past it, no new forward step starts
+    /// and the saga compensates; once the pivot succeeded it only goes forward. The
+    /// deadline is stored with the saga, so a recovering orchestrator honours it.
+    pub async fn run_within(
+        &self,
+        id: impl Into<String>,
+        data: D,
+        within: Duration,
+    ) -> Result<SagaOutcome<D>> {
+        self.start(id.into(), data, Some(within)).await
+    }
+
+    async fn start(&self, id: String, data: D, within: Option<Duration>) -> Result<SagaOutcome<D>> {
         check_id(&id)?;
         let json = serde_json::to_string(&data)?;
         let inner = &self.inner;
+        let pos = Position::start();
+        let progress = pos.progress.to_json();
+        let deadline = within.map(|d| inner.clock.now() + d);
         let lease = inner
             .store
             .create(&NewSaga {
@@ -315,19 +293,47 @@ where
                 data: &json,
                 owner: &inner.owner,
                 lease_ttl: inner.lease_ttl,
+                progress: &progress,
+                deadline,
+                definition_version: inner.saga.version,
             })
             .await?;
         bump(&inner.counters.started);
         let run = Run {
             id: id.into(),
-            state: SagaState::Running,
-            step: 0,
+            pos,
             data,
             lease,
             reason: None,
+            cancel_reason: None,
+            cancel_requested: false,
+            deadline,
             intent_written: true,
         };
         self.drive(run).await
+    }
+
+    /// Asks saga `id` to stop: the request (with `reason`) is written to the log, and
+    /// the saga's owner (this orchestrator or another, or whoever recovers it) starts no
+    /// new forward step after it: steps running are awaited, then every completed step
+    /// is compensated. A saga past its pivot only goes forward, so there it changes
+    /// nothing; a finished or stuck saga is left as it is. Returns the saga as the log
+    /// then holds it ([`SagaRecord::cancel_reason`] is set when the request was taken).
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<SagaRecord> {
+        let inner = &self.inner;
+        let record = inner
+            .store
+            .load(id)
+            .await?
+            .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+        if record.saga_type != *inner.saga.name {
+            return Err(Error::WrongType {
+                id: id.to_owned(),
+                expected: inner.saga.name.to_string(),
+                found: record.saga_type,
+            });
+        }
+        inner.store.cancel(id, reason).await
     }
 
     /// Claims every live saga of this type whose owner's lease expired (a crashed or
@@ -379,6 +385,18 @@ where
     /// saga is driven to its end.
     pub async fn resume(&self, id: &str) -> Result<SagaOutcome<D>> {
         let inner = &self.inner;
+        // A saga of another definition version is refused before it is claimed.
+        if let Some(record) = inner.store.load(id).await? {
+            let (found, saga) = (record.definition_version, &inner.saga);
+            if found != saga.version && !saga.migrations.contains_key(&found) {
+                return Err(Error::DefinitionVersion {
+                    id: record.id,
+                    found,
+                    expected: saga.version,
+                    step: record.step,
+                });
+            }
+        }
         let record = inner.store.claim_stuck(&inner.claimant(), id).await?;
         bump(&inner.counters.resumed);
         self.drive_record(record).await
@@ -411,294 +429,37 @@ where
     }
 
     async fn drive_record(&self, record: SagaRecord) -> Result<SagaOutcome<D>> {
-        let data: D = serde_json::from_str(&record.data)?;
-        let lease = record.lease();
-        let run = Run {
-            id: record.id.into(),
-            state: record.state,
-            step: usize::try_from(record.step).unwrap_or(usize::MAX),
-            data,
-            lease,
-            reason: record.reason,
-            intent_written: false,
+        let saga = &self.inner.saga;
+        let (id, found, step) = (record.id.clone(), record.definition_version, record.step);
+        let refused = || Error::DefinitionVersion {
+            id: id.clone(),
+            found,
+            expected: saga.version,
+            step,
         };
+        let run = Run::of_record(record, |pos| {
+            if found == saga.version {
+                return Ok(());
+            }
+            let map = saga.migrations.get(&found).ok_or_else(refused)?;
+            migrate(pos, map.as_ref()).ok_or_else(refused)
+        })?;
         self.drive(run).await
     }
+}
 
-    async fn drive(&self, mut run: Run<D>) -> Result<SagaOutcome<D>> {
-        let steps = self.inner.saga.steps.clone();
-        loop {
-            let def = steps.get(run.step).ok_or_else(|| {
-                Error::corrupt(format!(
-                    "saga `{}` is at step {} of a {}-step definition",
-                    run.id,
-                    run.step,
-                    steps.len()
-                ))
-            })?;
-            let next = match run.state {
-                SagaState::Running => self.forward(&mut run, def, steps.len()).await,
-                SagaState::Compensating => self.compensate(&mut run, def).await,
-                other => Err(Error::corrupt(format!(
-                    "saga `{}` is {other}, which nobody drives",
-                    run.id
-                ))),
-            };
-            match next {
-                Ok(Next::Continue) => {}
-                Ok(Next::Done(outcome)) => {
-                    let c = &self.inner.counters;
-                    bump(match outcome.state() {
-                        SagaState::Completed => &c.completed,
-                        SagaState::Compensated => &c.compensated,
-                        _ => &c.stuck,
-                    });
-                    return Ok(outcome);
-                }
-                Err(e) => {
-                    if matches!(e, Error::Fenced { .. }) {
-                        bump(&self.inner.counters.fenced);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+/// `pos` with every step index mapped by `map`, or `None` when one has no place.
+fn migrate(pos: &mut Position, map: &dyn Fn(usize) -> Option<usize>) -> Option<()> {
+    let set = |s: &BTreeSet<usize>| s.iter().map(|i| map(*i)).collect::<Option<BTreeSet<_>>>();
+    let p = &mut pos.progress;
+    pos.step = map(pos.step)?;
+    p.started = set(&p.started)?;
+    p.done = set(&p.done)?;
+    p.failed = set(&p.failed)?;
+    p.doubt = set(&p.doubt)?;
+    p.undone = set(&p.undone)?;
+    if let Some(undo) = &p.undo {
+        p.undo = Some(set(undo)?);
     }
-
-    async fn forward(&self, run: &mut Run<D>, def: &StepDef<D>, len: usize) -> Result<Next<D>> {
-        let action = def.action.clone();
-        let data = run.data.clone();
-        let (attempt, result) = self
-            .attempts(run, def, Direction::Forward, def.retry, move |ctx| {
-                action(ctx, data.clone())
-            })
-            .await?;
-        let event = event_of(run.step, Direction::Forward, attempt);
-        match result {
-            Ok(data) => {
-                let json = serde_json::to_string(&data)?;
-                let next = run.step + 1;
-                let done = next == len;
-                let write = Write {
-                    state: if done {
-                        SagaState::Completed
-                    } else {
-                        SagaState::Running
-                    },
-                    step: step_u32(next),
-                    compensating: false,
-                    data: Some(&json),
-                    reason: None,
-                    event: event(EventKind::Done, None),
-                    lease_ttl: self.inner.lease_ttl,
-                };
-                run.lease = self.inner.store.write(&run.lease, &write).await?;
-                run.data = data;
-                run.step = next;
-                if done {
-                    return Ok(Next::Done(SagaOutcome::Completed(run.data.clone())));
-                }
-                Ok(Next::Continue)
-            }
-            Err(error) => {
-                let reason = format!("step `{}` failed: {error}", def.name);
-                let failed = event(EventKind::Failed, Some(error.message().to_owned()));
-                if def.kind == StepKind::Retriable {
-                    self.finish(run, SagaState::Stuck, false, &reason, failed)
-                        .await?;
-                    return Ok(Next::Done(SagaOutcome::Stuck { reason }));
-                }
-                // A timed-out attempt may still land: undo it too when it can be undone.
-                let undo_self = error.is_timeout() && def.compensation.is_some();
-                let first = if undo_self {
-                    Some(run.step)
-                } else {
-                    run.step.checked_sub(1)
-                };
-                match first {
-                    None => {
-                        self.finish(run, SagaState::Compensated, true, &reason, failed)
-                            .await?;
-                        Ok(Next::Done(SagaOutcome::Compensated { reason }))
-                    }
-                    Some(first) => {
-                        self.move_to(run, SagaState::Compensating, first, true, &reason, failed)
-                            .await?;
-                        run.reason = Some(reason);
-                        Ok(Next::Continue)
-                    }
-                }
-            }
-        }
-    }
-
-    async fn compensate(&self, run: &mut Run<D>, def: &StepDef<D>) -> Result<Next<D>> {
-        let (attempt, result) = match def.compensation.clone() {
-            Some(compensation) => {
-                let data = run.data.clone();
-                self.attempts(
-                    run,
-                    def,
-                    Direction::Compensate,
-                    def.compensation_retry,
-                    move |ctx| compensation(ctx, data.clone()),
-                )
-                .await?
-            }
-            // Only compensatable steps are compensated; nothing to undo otherwise.
-            None => (0, Ok(())),
-        };
-        let event = event_of(run.step, Direction::Compensate, attempt);
-        let reason = run.reason.clone().unwrap_or_default();
-        match result {
-            Ok(()) => {
-                if def.compensation.is_some() {
-                    bump(&self.inner.counters.compensations_run);
-                }
-                let done = event(EventKind::Done, None);
-                if run.step == 0 {
-                    self.finish(run, SagaState::Compensated, true, &reason, done)
-                        .await?;
-                    return Ok(Next::Done(SagaOutcome::Compensated { reason }));
-                }
-                let previous = run.step - 1;
-                self.move_to(run, SagaState::Compensating, previous, true, &reason, done)
-                    .await?;
-                Ok(Next::Continue)
-            }
-            Err(error) => {
-                let stuck = format!(
-                    "compensation of step `{}` failed: {error} (after: {reason})",
-                    def.name
-                );
-                let failed = event(EventKind::Failed, Some(error.message().to_owned()));
-                self.finish(run, SagaState::Stuck, true, &stuck, failed)
-                    .await?;
-                Ok(Next::Done(SagaOutcome::Stuck { reason: stuck }))
-            }
-        }
-    }
-
-    /// Writes a final or stuck state, which releases the lease.
-    async fn finish(
-        &self,
-        run: &mut Run<D>,
-        state: SagaState,
-        compensating: bool,
-        reason: &str,
-        event: Event,
-    ) -> Result<()> {
-        let step = run.step;
-        self.move_to(run, state, step, compensating, reason, event)
-            .await
-    }
-
-    /// Writes `state` at `step` with `reason` and `event` (data unchanged), then moves
-    /// `run` there.
-    async fn move_to(
-        &self,
-        run: &mut Run<D>,
-        state: SagaState,
-        step: usize,
-        compensating: bool,
-        reason: &str,
-        event: Event,
-    ) -> Result<()> {
-        let write = Write {
-            state,
-            step: step_u32(step),
-            compensating,
-            data: None,
-            reason: Some(reason),
-            event,
-            lease_ttl: self.inner.lease_ttl,
-        };
-        run.lease = self.inner.store.write(&run.lease, &write).await?;
-        run.state = state;
-        run.step = step;
-        Ok(())
-    }
-
-    /// Runs attempts of one call under `policy`: an intent before each (unless `create`
-    /// wrote the first), a failed event after each failure that is retried. Returns the
-    /// last attempt's number and result; the caller records the outcome.
-    async fn attempts<T>(
-        &self,
-        run: &mut Run<D>,
-        def: &StepDef<D>,
-        direction: Direction,
-        policy: RetryPolicy,
-        call: impl Fn(StepContext) -> BoxFuture<Result<T, StepError>>,
-    ) -> Result<(u32, Result<T, StepError>)> {
-        let inner = &self.inner;
-        let mut attempt = 1;
-        loop {
-            let event = event_of(run.step, direction, attempt);
-            if run.intent_written {
-                run.intent_written = false;
-            } else {
-                let intent = same_state(run, event(EventKind::Intent, None), inner.lease_ttl);
-                let lease = inner.store.write(&run.lease, &intent).await?;
-                run.lease = lease;
-            }
-            let ctx = StepContext {
-                saga_id: run.id.clone(),
-                step: run.step,
-                step_name: def.name.clone(),
-                direction,
-                attempt,
-            };
-            let started = Instant::now();
-            let result = self.call(&run.lease, def.timeout, call(ctx)).await?;
-            inner.counters.observe(started.elapsed());
-            bump(&inner.counters.attempts);
-            let error = match result {
-                Ok(value) => return Ok((attempt, Ok(value))),
-                Err(error) => error,
-            };
-            bump(&inner.counters.failed_attempts);
-            if !error.is_retryable() || !policy.allows_retry_after(attempt) {
-                return Ok((attempt, Err(error)));
-            }
-            tracing::debug!(saga = %run.id, step = %def.name, %direction, attempt, %error, "saga step attempt failed; retrying");
-            let error_text = Some(error.message().to_owned());
-            let failed = same_state(run, event(EventKind::Failed, error_text), inner.lease_ttl);
-            let lease = inner.store.write(&run.lease, &failed).await?;
-            run.lease = lease;
-            tokio::time::sleep(policy.random_delay(attempt)).await;
-            attempt += 1;
-        }
-    }
-
-    /// One attempt under its timeout, renewing the lease every third of its length while
-    /// it runs. A panic in the step is a retryable failure; a lost lease stops the attempt.
-    async fn call<T>(
-        &self,
-        lease: &Lease,
-        timeout: Duration,
-        step: BoxFuture<Result<T, StepError>>,
-    ) -> Result<Result<T, StepError>> {
-        let inner = &self.inner;
-        let attempt = tokio::time::timeout(timeout, AssertUnwindSafe(step).catch_unwind());
-        tokio::pin!(attempt);
-        let period = inner.lease_ttl / 3;
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                done = &mut attempt => {
-                    return Ok(match done {
-                        Ok(Ok(result)) => result,
-                        Ok(Err(_panic)) => Err(StepError::retryable("the step panicked")),
-                        Err(_elapsed) => Err(StepError::timed_out(timeout)),
-                    });
-                }
-                _ = heartbeat.tick() => match inner.store.renew(lease, inner.lease_ttl).await {
-                    Ok(()) => {}
-                    Err(e @ (Error::Fenced { .. } | Error::NotFound { .. })) => return Err(e),
-                    Err(e) => tracing::warn!(saga = %lease.id, error = %e, "saga lease renewal failed; the step keeps running"),
-                },
-            }
-        }
-    }
+    Some(())
 }

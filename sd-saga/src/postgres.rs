@@ -43,14 +43,21 @@ use crate::store::{
 
 /// The shipped migrations, written for the default names (schema `public`, tables
 /// `sagas` and `sagas_events`).
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create",
-    sql: include_str!("../migrations/0001_create.sql"),
-}];
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create",
+        sql: include_str!("../migrations/0001_create.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "parallel_deadline_version",
+        sql: include_str!("../migrations/0002_parallel_deadline_version.sql"),
+    },
+];
 
-const COLUMNS: &str =
-    "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason";
+const COLUMNS: &str = "id, saga_type, state, step, compensating, data::text AS data, version, owner, epoch, reason, \
+     progress::text AS progress, cancel_reason, deadline_ms, definition_version";
 
 /// The suffix of the events table's name.
 const EVENTS_SUFFIX: &str = "_events";
@@ -159,6 +166,7 @@ struct Sql {
     renew: String,
     claim_expired: String,
     claim_stuck: String,
+    cancel: String,
     load: String,
     events: String,
     stats: String,
@@ -175,8 +183,9 @@ impl Sql {
         let lease_1 = from_now("$5");
         let create = format!(
             "WITH s AS (
-                INSERT INTO {t} (id, saga_type, state, step, compensating, data, version, owner, epoch, lease_until)
-                VALUES ($1, $2, 'running', 0, false, $3::jsonb, 1, $4, 1, {lease_1})
+                INSERT INTO {t} (id, saga_type, state, step, compensating, data, version, owner, epoch, lease_until,
+                    progress, deadline_ms, definition_version)
+                VALUES ($1, $2, 'running', 0, false, $3::jsonb, 1, $4, 1, {lease_1}, $6::jsonb, $7, $8)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING id, version, epoch)
              INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt)
@@ -184,20 +193,23 @@ impl Sql {
              RETURNING version"
         );
         // $1 id, $2 version, $3 epoch, $4 state, $5 step, $6 compensating, $7 data,
-        // $8 reason, $9 keep the lease, $10 lease ms, $11.. the event.
+        // $8 reason, $9 keep the lease, $10 lease ms, $11.. the event, $16 progress,
+        // $17 definition version.
         let lease_10 = from_now("$10");
         let write = format!(
             "WITH s AS (
                 UPDATE {t} SET state = $4, step = $5, compensating = $6,
                     data = COALESCE($7::jsonb, data), reason = $8, version = version + 1,
+                    progress = $16::jsonb, definition_version = $17,
                     owner = CASE WHEN $9 THEN owner END,
                     lease_until = CASE WHEN $9 THEN {lease_10} END,
                     updated_at = clock_timestamp()
                 WHERE id = $1 AND version = $2 AND epoch = $3
-                RETURNING id, version, epoch)
-             INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt, error)
-             SELECT id, version, epoch, $11, $12, $13, $14, $15 FROM s
-             RETURNING version"
+                RETURNING id, version, epoch, cancel_reason IS NOT NULL AS cancel),
+             ev AS (
+                INSERT INTO {e} (saga_id, version, epoch, step, direction, kind, attempt, error)
+                SELECT id, version, epoch, $11, $12, $13, $14, $15 FROM s)
+             SELECT version, cancel FROM s"
         );
         let lease_4 = from_now("$4");
         let renew = format!(
@@ -214,7 +226,8 @@ impl Sql {
                    FOR UPDATE SKIP LOCKED) AS c
              WHERE s.id = c.id
              RETURNING s.id, s.saga_type, s.state, s.step, s.compensating, s.data::text AS data,
-                 s.version, s.owner, s.epoch, s.reason"
+                 s.version, s.owner, s.epoch, s.reason, s.progress::text AS progress,
+                 s.cancel_reason, s.deadline_ms, s.definition_version"
         );
         let claim_stuck = format!(
             "WITH s AS (
@@ -229,6 +242,11 @@ impl Sql {
                     CASE WHEN compensating THEN 'compensate' ELSE 'forward' END, 'resumed', 0
                 FROM s)
              SELECT * FROM s"
+        );
+        let cancel = format!(
+            "UPDATE {t} SET cancel_reason = $2, updated_at = clock_timestamp()
+             WHERE id = $1 AND state IN ('running', 'compensating') AND cancel_reason IS NULL
+             RETURNING {COLUMNS}"
         );
         let load = format!("SELECT {COLUMNS} FROM {t} WHERE id = $1");
         let events = format!(
@@ -256,6 +274,7 @@ impl Sql {
             renew,
             claim_expired,
             claim_stuck,
+            cancel,
             load,
             events,
             stats,
@@ -318,6 +337,13 @@ fn record(row: &PgRow) -> Result<SagaRecord> {
         owner: row.try_get("owner")?,
         epoch: to_u64("epoch", row.try_get("epoch")?)?,
         reason: row.try_get("reason")?,
+        progress: row.try_get("progress")?,
+        cancel_reason: row.try_get("cancel_reason")?,
+        deadline: row
+            .try_get::<Option<i64>, _>("deadline_ms")?
+            .map(|ms| to_u64("deadline_ms", ms).map(Duration::from_millis))
+            .transpose()?,
+        definition_version: to_u32("definition_version", row.try_get("definition_version")?)?,
     })
 }
 
@@ -401,6 +427,12 @@ impl SagaStore for PostgresStore {
             .bind(saga.data)
             .bind(saga.owner)
             .bind(ms(saga.lease_ttl))
+            .bind(saga.progress)
+            .bind(
+                saga.deadline
+                    .map(|d| to_i64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+            )
+            .bind(to_i32(saga.definition_version))
             .fetch_optional(&self.pool);
         match self.timed(query).await? {
             Some(_) => Ok(Lease {
@@ -408,6 +440,7 @@ impl SagaStore for PostgresStore {
                 owner: saga.owner.to_owned(),
                 epoch: 1,
                 version: 1,
+                cancel_requested: false,
             }),
             None => Err(Error::AlreadyExists {
                 id: saga.id.to_owned(),
@@ -434,10 +467,13 @@ impl SagaStore for PostgresStore {
             .bind(e.kind.as_str())
             .bind(to_i32(e.attempt))
             .bind(e.error.as_deref())
+            .bind(write.progress)
+            .bind(to_i32(write.definition_version))
             .fetch_optional(&self.pool);
         match self.timed(query).await? {
             Some(row) => Ok(Lease {
                 version: to_u64("version", row.try_get("version")?)?,
+                cancel_requested: row.try_get("cancel")?,
                 ..lease.clone()
             }),
             None => Err(self.refused(lease).await),
@@ -492,6 +528,20 @@ impl SagaStore for PostgresStore {
                 })
             }
         }
+    }
+
+    async fn cancel(&self, id: &str, reason: &str) -> Result<SagaRecord> {
+        self.wrote();
+        let query = sqlx::query(&self.sql.cancel)
+            .bind(id)
+            .bind(reason)
+            .fetch_optional(&self.pool);
+        if let Some(row) = self.timed(query).await? {
+            return record(&row);
+        }
+        self.load(id)
+            .await?
+            .ok_or_else(|| Error::NotFound { id: id.to_owned() })
     }
 
     async fn load(&self, id: &str) -> Result<Option<SagaRecord>> {

@@ -94,6 +94,16 @@ pub struct SagaRecord {
     pub epoch: u64,
     /// Why it compensated or is stuck.
     pub reason: Option<String>,
+    /// The current stage's progress (its parallel branches), as JSON; `None` in a row
+    /// written before the log kept it.
+    pub progress: Option<String>,
+    /// Why a cancel was requested, once one was ([`SagaStore::cancel`]).
+    pub cancel_reason: Option<String>,
+    /// The deadline, on the starting orchestrator's [`Clock`](crate::Clock).
+    pub deadline: Option<Duration>,
+    /// The version of the definition the saga was started under (1 for rows written
+    /// before versions were stored).
+    pub definition_version: u32,
 }
 
 impl SagaRecord {
@@ -104,6 +114,7 @@ impl SagaRecord {
             owner: self.owner.clone().unwrap_or_default(),
             epoch: self.epoch,
             version: self.version,
+            cancel_requested: self.cancel_reason.is_some(),
         }
     }
 }
@@ -120,6 +131,9 @@ pub struct Lease {
     pub epoch: u64,
     /// The version of the owner's last write.
     pub version: u64,
+    /// A cancel had been requested when the write (or claim) that returned this lease
+    /// happened. Ignored in a lease passed to the store.
+    pub cancel_requested: bool,
 }
 
 impl Lease {
@@ -144,6 +158,10 @@ pub enum EventKind {
     Failed,
     /// An operator resumed the stuck saga.
     Resumed,
+    /// A requested cancel took effect: no new forward step starts; the saga compensates.
+    Cancelled,
+    /// The saga's deadline passed: no new forward step starts; the saga compensates.
+    DeadlinePassed,
 }
 
 impl EventKind {
@@ -154,6 +172,8 @@ impl EventKind {
             EventKind::Done => "done",
             EventKind::Failed => "failed",
             EventKind::Resumed => "resumed",
+            EventKind::Cancelled => "cancelled",
+            EventKind::DeadlinePassed => "deadline",
         }
     }
 
@@ -164,6 +184,8 @@ impl EventKind {
             EventKind::Done,
             EventKind::Failed,
             EventKind::Resumed,
+            EventKind::Cancelled,
+            EventKind::DeadlinePassed,
         ]
         .into_iter()
         .find(|k| k.as_str() == text)
@@ -210,6 +232,12 @@ pub struct NewSaga<'a> {
     pub owner: &'a str,
     /// The lease's length.
     pub lease_ttl: Duration,
+    /// The first stage's progress, as JSON.
+    pub progress: &'a str,
+    /// The deadline, on the orchestrator's clock.
+    pub deadline: Option<Duration>,
+    /// The definition's version.
+    pub definition_version: u32,
 }
 
 /// Who claims sagas: an orchestrator's saga type, its name as the new owner, and the
@@ -237,6 +265,10 @@ pub struct Write<'a> {
     pub data: Option<&'a str>,
     /// The new reason (replaces the old one).
     pub reason: Option<&'a str>,
+    /// The current stage's progress, as JSON (replaces the old one).
+    pub progress: &'a str,
+    /// The definition version the saga now runs under (changes only by a migration).
+    pub definition_version: u32,
     /// The event to append.
     pub event: Event,
     /// The lease is renewed for this long (while live).
@@ -261,7 +293,8 @@ pub struct StoreStats {
 ///   id is [`Error::AlreadyExists`].
 /// - [`write`](Self::write) applies the change and appends the event atomically, only if
 ///   the saga's version and epoch equal the lease's, then returns the lease with the new
-///   version; otherwise [`Error::Fenced`] (or [`Error::NotFound`]) and nothing changes.
+///   version (and whether a cancel was requested); otherwise [`Error::Fenced`] (or
+///   [`Error::NotFound`]) and nothing changes.
 ///   Live states renew the lease; final and stuck states release it.
 /// - [`renew`](Self::renew) extends the lease if the epoch and owner still match, without
 ///   changing the version.
@@ -271,6 +304,9 @@ pub struct StoreStats {
 /// - [`claim_stuck`](Self::claim_stuck) makes a stuck saga live again (running or
 ///   compensating, as the flag says), with a new owner and epoch, and appends a
 ///   [`EventKind::Resumed`] event.
+/// - [`cancel`](Self::cancel) records a cancel request on a live saga (the first reason
+///   stays), without changing its version or epoch, so the owner is not fenced: it sees
+///   the request in the lease of its next write.
 ///
 /// Lease times are the store's clock: the memory store's [`Clock`](crate::Clock), PostgreSQL's
 /// `clock_timestamp()`.
@@ -298,6 +334,10 @@ pub trait SagaStore: Send + Sync + 'static {
         by: &Claimant<'_>,
         id: &str,
     ) -> impl Future<Output = Result<SagaRecord>> + Send;
+
+    /// Records a cancel request for the live saga `id` (see the contract) and returns
+    /// the saga as it then is; a saga that is not live is returned unchanged.
+    fn cancel(&self, id: &str, reason: &str) -> impl Future<Output = Result<SagaRecord>> + Send;
 
     /// The saga `id`, if any.
     fn load(&self, id: &str) -> impl Future<Output = Result<Option<SagaRecord>>> + Send;

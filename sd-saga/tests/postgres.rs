@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_saga::postgres::PostgresStore;
-use sd_saga::{Error, Orchestrator, SagaState};
+use sd_saga::{Direction, Error, Orchestrator, SagaState};
 use sd_testkit::TestDatabase;
 use sqlx::postgres::PgPoolOptions;
 use suite::{Ledger, Shape, expected, orchestrator, recover_all, saga};
@@ -284,7 +284,7 @@ async fn the_shipped_migration_applies_with_psql_as_it_stands() {
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     let ledger = Arc::new(Ledger::default());
     let orch = orchestrator(&saga(&ledger, &Shape::default()), store.clone(), "a");
     let outcome = orch.run("m-1", vec![]).await.unwrap();
@@ -300,4 +300,68 @@ async fn the_shipped_migration_applies_with_psql_as_it_stands() {
     assert!(sql.contains("CREATE TABLE IF NOT EXISTS ops.order_sagas ("));
     assert!(sql.contains("order_sagas_live_idx ON ops.order_sagas"));
     assert!(sql.contains("CREATE TABLE IF NOT EXISTS ops.order_sagas_events ("));
+}
+
+/// Rows written by the previous schema (only the first migration, no progress, version
+/// or deadline columns) by an orchestrator that then died: after `migrate()` they are
+/// recovered by the current code, forward, compensating, and stopped by a cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_the_previous_schema_still_recover() {
+    let db = sd_testkit::database()
+        .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
+    db.psql(include_str!("../migrations/0001_create.sql"))
+        .unwrap();
+    // As the previous code wrote them: "old-run" died inside step 2 (its intent logged),
+    // "old-comp" while compensating step 1, "old-cancel" inside step 2 too.
+    let row = |id: &str, state: &str, step: i32, comp: bool, data: &str| {
+        format!(
+            "INSERT INTO public.sagas (id, saga_type, state, step, compensating, data, version, owner, epoch, lease_until)
+             VALUES ('{id}', 'order', '{state}', {step}, {comp}, '{data}', 3, 'old', 1, clock_timestamp() - interval '1 minute');
+             INSERT INTO public.sagas_events (saga_id, version, epoch, step, direction, kind, attempt)
+             VALUES ('{id}', 3, 1, {step}, '{}', 'intent', 1);",
+            if comp { "compensate" } else { "forward" }
+        )
+    };
+    db.psql(&row("old-run", "running", 2, false, r#"["s0", "s1"]"#))
+        .unwrap();
+    db.psql(&row("old-comp", "compensating", 1, true, r#"["s0", "s1"]"#))
+        .unwrap();
+    db.psql(&row("old-cancel", "running", 2, false, r#"["s0", "s1"]"#))
+        .unwrap();
+    let pool = PgPoolOptions::new().connect(db.url()).await.unwrap();
+    let store = PostgresStore::builder().build(pool).unwrap();
+    store.migrate().await.unwrap();
+    let ledger = Arc::new(Ledger::default());
+    let orch = orchestrator(&saga(&ledger, &Shape::default()), store, "new");
+    let record = orch.get("old-run").await.unwrap().unwrap();
+    assert_eq!((record.definition_version, record.progress), (1, None));
+    orch.cancel("old-cancel", "customer asked").await.unwrap();
+    let ids = ["old-run", "old-comp", "old-cancel"].map(String::from);
+    recover_all(&orch, &ids).await;
+    let state = |id: &'static str| {
+        let orch = orch.clone();
+        async move { orch.get(id).await.unwrap().unwrap().state }
+    };
+    assert_eq!(state("old-run").await, SagaState::Completed);
+    assert_eq!(
+        ledger.effects("old-run"),
+        [2, 3, 4].map(|s| (s, Direction::Forward))
+    );
+    assert_eq!(state("old-comp").await, SagaState::Compensated);
+    assert_eq!(
+        ledger.effects("old-comp"),
+        [1, 0].map(|s| (s, Direction::Compensate))
+    );
+    // The step in flight when the old orchestrator died may have run: it is awaited (run
+    // again with its key), then everything done is undone.
+    assert_eq!(state("old-cancel").await, SagaState::Compensated);
+    assert_eq!(
+        ledger.effects("old-cancel"),
+        [
+            (2, Direction::Forward),
+            (2, Direction::Compensate),
+            (1, Direction::Compensate),
+            (0, Direction::Compensate)
+        ]
+    );
 }

@@ -220,69 +220,17 @@ pub async fn crash_at_every_boundary_then_recover_finishes_every_saga<S: SagaSto
     let ledger = Arc::new(Ledger::default());
     let def = saga(&ledger, &Shape::default());
     // Two scenarios: all forward, and a pivot that refuses (so the saga compensates).
-    let scenarios = [("ok", false), ("fail", true)];
-    let mut runs = Vec::new();
-    for (name, fail) in scenarios {
-        let dry = format!("{name}-dry");
-        if fail {
-            ledger.fault_for(&dry, 3, Direction::Forward, Fault::Permanent);
-        }
-        let counting = Faulty::new(store.clone());
-        orchestrator(&def, counting.clone(), "dry")
-            .run(dry, vec![])
-            .await
-            .unwrap();
-        for n in 1..=counting.writes() {
-            for after in [false, true] {
-                let id = format!("{name}-{n}-{after}");
-                if fail {
-                    ledger.fault_for(&id, 3, Direction::Forward, Fault::Permanent);
-                }
-                runs.push((id, fail, n, after));
-            }
-        }
-    }
+    let runs = crash_points(&store, &ledger, &def, "", 3).await;
     assert!(runs.len() >= 40, "{} crash points", runs.len());
-    let tasks: Vec<_> = runs
-        .iter()
-        .map(|(id, _, n, after)| {
-            let faulty = Faulty::crash_at(store.clone(), *n, *after);
-            let orch = orchestrator(&def, faulty.clone(), &format!("dead-{id}"));
-            let id = id.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    outcome = orch.run(id.clone(), vec![]) => panic!("{id} ran past its crash point: {outcome:?}"),
-                    () = faulty.crashed() => {}
-                }
-                // The orchestrator (and the step it was in) is dropped here.
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let ids: Vec<String> = runs.iter().map(|r| r.0.clone()).collect();
-    let rescuer = orchestrator(&def, store.clone(), "rescuer");
-    let (logs, mark) = logs_before_recovery(&rescuer, &ledger, &ids).await;
-    recover_all(&rescuer, &ids).await;
-    for ((id, fail, n, after), before) in runs.iter().zip(&logs) {
-        ledger.assert_repeats_nothing(id, before, mark);
-        let record = rescuer.get(id).await.unwrap();
-        if *n == 1 && !after {
-            // Died before the saga was created: nothing happened, nothing to recover.
-            assert!(record.is_none(), "{id}");
-            assert!(ledger.effects(id).is_empty(), "{id}");
-            continue;
-        }
-        let record = record.unwrap();
-        let (state, effects) = if *fail {
+    for (id, fail, record) in rescue(&store, &ledger, &def, &runs).await {
+        let (state, effects) = if fail {
             (SagaState::Compensated, expected(3, 3))
         } else {
             (SagaState::Completed, expected(5, 0))
         };
         assert_eq!(record.state, state, "{id}");
         assert_eq!(
-            ledger.effects(id),
+            ledger.effects(&id),
             effects,
             "{id}: effects once each, compensations in reverse"
         );
@@ -371,37 +319,9 @@ pub async fn heartbeats_keep_a_long_step_owned<S: SagaStore + Clone>(store: S) {
 pub async fn concurrent_recovers_claim_each_saga_once<S: SagaStore + Clone>(store: S) {
     let ledger = Arc::new(Ledger::default());
     let def = saga(&ledger, &Shape::default());
-    let ids: Vec<String> = (0..40).map(|i| format!("abandoned-{i}")).collect();
-    let tasks: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            // Die at various points: before/after the 2nd to 7th write.
-            let faulty = Faulty::crash_at(store.clone(), 2 + i % 6, i % 2 == 0);
-            let orch = orchestrator(&def, faulty.clone(), &format!("dead-{i}"));
-            let id = id.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    outcome = orch.run(id, vec![]) => panic!("ran past the crash: {outcome:?}"),
-                    () = faulty.crashed() => {}
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let b = orchestrator(&def, store.clone(), "b");
-    let c = orchestrator(&def, store.clone(), "c");
-    let (logs, mark) = logs_before_recovery(&b, &ledger, &ids).await;
-    let (claimed_b, claimed_c) = tokio::join!(recover_all(&b, &ids), recover_all(&c, &ids));
-    assert_eq!(
-        claimed_b + claimed_c,
-        ids.len(),
-        "each saga claimed exactly once"
-    );
-    for (id, before) in ids.iter().zip(&logs) {
-        ledger.assert_repeats_nothing(id, before, mark);
+    // Die at various points: before/after the 2nd to 7th write.
+    let (b, ids) = crash_then_two_recover(&store, &ledger, &def, "abandoned", 40, 6).await;
+    for id in &ids {
         assert_eq!(state(&b, id).await.state, SagaState::Completed, "{id}");
         assert_eq!(state(&b, id).await.epoch, 2, "{id}");
         assert_eq!(ledger.effects(id), expected(5, 0), "{id}");

@@ -10,9 +10,13 @@ use crate::{
     Claimant, Error, Lease, NewSaga, SagaRecord, SagaStore, StoreStats, StoredEvent, Write,
 };
 
+/// What [`Faulty::hook_at`] runs before a write.
+pub type Hook = Arc<dyn Fn() -> crate::BoxFuture<()> + Send + Sync>;
+
 struct FaultyState {
     writes: AtomicUsize,
     crash: Option<(usize, bool)>,
+    hook: Option<(usize, Hook)>,
     crashed: watch::Sender<bool>,
     frozen: watch::Sender<bool>,
 }
@@ -38,20 +42,29 @@ impl<S> std::fmt::Debug for Faulty<S> {
 impl<S: SagaStore + Clone> Faulty<S> {
     /// Wraps `inner` without a crash point.
     pub fn new(inner: S) -> Self {
-        Self::build(inner, None)
+        Self::build(inner, None, None)
     }
 
-    /// Dies at the `n`-th create/write (1-based), before performing it or just after.
+    /// Dies at the `n`-th create/write (1-based), before performing it or just after;
+    /// no later write of this orchestrator goes through either (its other branches die
+    /// with it).
     pub fn crash_at(inner: S, n: usize, after: bool) -> Self {
-        Self::build(inner, Some((n, after)))
+        Self::build(inner, Some((n, after)), None)
     }
 
-    fn build(inner: S, crash: Option<(usize, bool)>) -> Self {
+    /// Runs `hook` (a cancel, a clock moved past a deadline) just before the `n`-th
+    /// create/write, then performs it.
+    pub fn hook_at(inner: S, n: usize, hook: Hook) -> Self {
+        Self::build(inner, None, Some((n, hook)))
+    }
+
+    fn build(inner: S, crash: Option<(usize, bool)>, hook: Option<(usize, Hook)>) -> Self {
         Faulty {
             inner,
             state: Arc::new(FaultyState {
                 writes: AtomicUsize::new(0),
                 crash,
+                hook,
                 crashed: watch::channel(false).0,
                 frozen: watch::channel(false).0,
             }),
@@ -81,7 +94,15 @@ impl<S: SagaStore + Clone> Faulty<S> {
 
     async fn counted<T>(&self, op: impl Future<Output = T>) -> T {
         self.gate().await;
+        if *self.state.crashed.borrow() {
+            std::future::pending::<()>().await;
+        }
         let n = self.state.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some((at, hook)) = &self.state.hook
+            && *at == n
+        {
+            hook().await;
+        }
         if self.state.crash == Some((n, false)) {
             self.state.crashed.send_replace(true);
             std::future::pending::<()>().await;
@@ -120,6 +141,9 @@ impl<S: SagaStore + Clone> SagaStore for Faulty<S> {
     async fn claim_stuck(&self, by: &Claimant<'_>, id: &str) -> crate::Result<SagaRecord> {
         self.gate().await;
         self.inner.claim_stuck(by, id).await
+    }
+    async fn cancel(&self, id: &str, reason: &str) -> crate::Result<SagaRecord> {
+        self.inner.cancel(id, reason).await
     }
     async fn load(&self, id: &str) -> crate::Result<Option<SagaRecord>> {
         self.inner.load(id).await

@@ -44,6 +44,8 @@ struct LedgerState {
     left: HashMap<String, u32>,
     delays: HashMap<usize, Duration>,
     entered: HashMap<usize, Arc<tokio::sync::Notify>>,
+    rendezvous: Option<(HashSet<usize>, Arc<tokio::sync::Barrier>)>,
+    met: HashSet<String>,
 }
 
 /// The participants of every test saga: each call is recorded as it arrived (see
@@ -85,9 +87,30 @@ impl Ledger {
         self.lock().entered.entry(step).or_default().clone()
     }
 
+    /// The first forward call of each of `steps` waits until all of them have arrived:
+    /// they only get past it if they run concurrently (for one saga per ledger).
+    pub fn rendezvous(&self, steps: &[usize]) {
+        let barrier = Arc::new(tokio::sync::Barrier::new(steps.len()));
+        self.lock().rendezvous = Some((steps.iter().copied().collect(), barrier));
+    }
+
     /// One participant call: recorded, failed as a fault says, else applied once per key.
     pub async fn call(&self, ctx: &StepContext) -> Result<(), StepError> {
         let key = ctx.idempotency_key();
+        let meet = {
+            let mut st = self.lock();
+            let forward = ctx.direction() == Direction::Forward;
+            match &st.rendezvous {
+                Some((steps, barrier)) if forward && steps.contains(&ctx.step()) => {
+                    let barrier = barrier.clone();
+                    st.met.insert(key.clone()).then_some(barrier)
+                }
+                _ => None,
+            }
+        };
+        if let Some(barrier) = meet {
+            barrier.wait().await;
+        }
         let (delay, entered) = {
             let st = self.lock();
             let forward = ctx.direction() == Direction::Forward;

@@ -23,13 +23,15 @@
 mod cases;
 mod faulty;
 mod ledger;
+mod parallel;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::cases::*;
-pub use self::faulty::Faulty;
+pub use self::faulty::{Faulty, Hook};
 pub use self::ledger::{Call, Fault, Ledger};
+pub use self::parallel::*;
 use crate::{
     Direction, EventKind, Orchestrator, RetryPolicy, Saga, SagaOutcome, SagaRecord, SagaState,
     SagaStore, Step, StepContext, StoredEvent,
@@ -92,6 +94,13 @@ cases! {
     concurrent_recovers_claim_each_saga_once,
     thousand_sagas_concurrently,
     ids_are_checked_and_unique,
+    parallel_branches_run_concurrently_and_merge_their_data,
+    a_failed_branch_undoes_its_completed_siblings_then_the_steps_before,
+    crash_at_every_write_of_a_parallel_saga_then_recover,
+    cancel_or_deadline_at_every_write_stops_before_the_pivot,
+    recovery_honours_a_cancel_or_deadline_written_before,
+    two_orchestrators_recover_parallel_sagas_each_once,
+    a_saga_is_recovered_only_under_its_definition_version,
 }
 
 /// The data of every test saga: the names of the steps that ran.
@@ -118,7 +127,8 @@ pub fn fast(attempts: u32) -> RetryPolicy {
 /// Options of [`saga`].
 #[derive(Debug, Clone)]
 pub struct Shape {
-    /// `C` compensatable, `P` pivot, `R` retriable, one letter per step.
+    /// `C` compensatable, `P` pivot, `R` retriable, one letter per step; letters in
+    /// parentheses form a parallel group, as in `C(CCC)P(RR)`.
     pub kinds: &'static str,
     /// The policy of the steps up to the pivot.
     pub forward: RetryPolicy,
@@ -128,6 +138,12 @@ pub struct Shape {
     pub compensation: RetryPolicy,
     /// The per-attempt timeout.
     pub timeout: Duration,
+    /// The steps made [`cancellable`](Step::cancellable).
+    pub cancellable: &'static [usize],
+    /// The definition version.
+    pub version: u32,
+    /// A version whose sagas this one takes over, steps in place.
+    pub migrate_from: Option<u32>,
 }
 
 impl Default for Shape {
@@ -138,42 +154,97 @@ impl Default for Shape {
             retriable: fast(3),
             compensation: fast(5),
             timeout: Duration::from_secs(20),
+            cancellable: &[],
+            version: 1,
+            migrate_from: None,
         }
     }
+}
+
+/// The merge of the test sagas' parallel groups: the branch's new names, appended.
+pub fn merge(mut data: Data, branch: Data) -> Data {
+    for name in branch {
+        if !data.contains(&name) {
+            data.push(name);
+        }
+    }
+    data
+}
+
+/// The stages of a [`Shape::kinds`]: each a list of (step index, kind) and whether it
+/// is a parallel group.
+pub fn stages_of(kinds: &str) -> Vec<(Vec<(usize, char)>, bool)> {
+    let mut stages = Vec::new();
+    let mut group: Option<Vec<(usize, char)>> = None;
+    let mut i = 0;
+    for kind in kinds.chars() {
+        match (kind, group.as_mut()) {
+            ('(', None) => group = Some(Vec::new()),
+            (')', Some(_)) => stages.push((group.take().unwrap(), true)),
+            (k, Some(g)) => {
+                g.push((i, k));
+                i += 1;
+            }
+            (k, None) => {
+                stages.push((vec![(i, k)], false));
+                i += 1;
+            }
+        }
+    }
+    stages
 }
 
 /// A saga of steps `s0..sN` that each call the ledger and append their name to the data.
 pub fn saga(ledger: &Arc<Ledger>, shape: &Shape) -> Saga<Data> {
     let mut builder = Saga::builder("order")
         .compensation_retry(shape.compensation)
-        .timeout(shape.timeout);
-    for (i, kind) in shape.kinds.chars().enumerate() {
-        let name = format!("s{i}");
-        let l = ledger.clone();
-        let action = move |ctx: StepContext, mut data: Data| {
-            let l = l.clone();
-            async move {
-                l.call(&ctx).await?;
-                data.push(ctx.step_name().to_owned());
-                Ok(data)
+        .timeout(shape.timeout)
+        .version(shape.version);
+    if let Some(from) = shape.migrate_from {
+        builder = builder.migration(from, Some);
+    }
+    for (stage, parallel) in stages_of(shape.kinds) {
+        let steps = stage.into_iter().map(|(i, kind)| {
+            let step = test_step(ledger, shape, i, kind);
+            if shape.cancellable.contains(&i) {
+                step.cancellable()
+            } else {
+                step
             }
+        });
+        builder = if parallel {
+            builder.parallel(steps, merge)
+        } else {
+            steps.fold(builder, |b, step| b.step(step))
         };
-        let step = match kind {
-            'C' => {
-                let l = ledger.clone();
-                let undo = move |ctx: StepContext, _data: Data| {
-                    let l = l.clone();
-                    async move { l.call(&ctx).await }
-                };
-                Step::compensatable(name, action, undo).retry(shape.forward)
-            }
-            'P' => Step::pivot(name, action).retry(shape.forward),
-            'R' => Step::retriable(name, action).retry(shape.retriable),
-            other => panic!("unknown step kind {other}"),
-        };
-        builder = builder.step(step);
     }
     builder.build().unwrap()
+}
+
+fn test_step(ledger: &Arc<Ledger>, shape: &Shape, i: usize, kind: char) -> Step<Data> {
+    let name = format!("s{i}");
+    let l = ledger.clone();
+    let action = move |ctx: StepContext, mut data: Data| {
+        let l = l.clone();
+        async move {
+            l.call(&ctx).await?;
+            data.push(ctx.step_name().to_owned());
+            Ok(data)
+        }
+    };
+    match kind {
+        'C' => {
+            let l = ledger.clone();
+            let undo = move |ctx: StepContext, _data: Data| {
+                let l = l.clone();
+                async move { l.call(&ctx).await }
+            };
+            Step::compensatable(name, action, undo).retry(shape.forward)
+        }
+        'P' => Step::pivot(name, action).retry(shape.forward),
+        'R' => Step::retriable(name, action).retry(shape.retriable),
+        other => panic!("unknown step kind {other}"),
+    }
 }
 
 /// The lease of the suite's orchestrators: short, so recovery tests wait little.
@@ -236,6 +307,133 @@ pub async fn logs_before_recovery<S: SagaStore>(
         logs.push(orch.events(id).await.unwrap());
     }
     (logs, mark)
+}
+
+/// Starts `count` sagas `{prefix}-{i}` of `def`, each on an orchestrator that dies at its
+/// write `2 + i % spread` (before it for odd `i`, after it for even), then has two
+/// orchestrators recover them at the same time. Checks that each saga was claimed once
+/// and that recovery repeated nothing it should not; returns one of the two and the ids.
+pub(crate) async fn crash_then_two_recover<S: SagaStore + Clone>(
+    store: &S,
+    ledger: &Arc<Ledger>,
+    def: &Saga<Data>,
+    prefix: &str,
+    count: usize,
+    spread: usize,
+) -> (Orchestrator<Data, S>, Vec<String>) {
+    let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let faulty = Faulty::crash_at(store.clone(), 2 + i % spread, i % 2 == 0);
+            let orch = orchestrator(def, faulty.clone(), &format!("dead-{i}"));
+            let id = id.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    outcome = orch.run(id, vec![]) => panic!("ran past the crash: {outcome:?}"),
+                    () = faulty.crashed() => {}
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let b = orchestrator(def, store.clone(), "b");
+    let c = orchestrator(def, store.clone(), "c");
+    let (logs, mark) = logs_before_recovery(&b, ledger, &ids).await;
+    let (claimed_b, claimed_c) = tokio::join!(recover_all(&b, &ids), recover_all(&c, &ids));
+    assert_eq!(
+        claimed_b + claimed_c,
+        ids.len(),
+        "each saga claimed exactly once"
+    );
+    for (id, before) in ids.iter().zip(&logs) {
+        ledger.assert_repeats_nothing(id, before, mark);
+    }
+    (b, ids)
+}
+
+/// One orchestrator of `def` per crash point of a dry run (before and after each of its
+/// creates and writes), in two scenarios: `ok`, and `fail` where step `refuse` refuses.
+/// Each runs saga `{prefix}{scenario}-{n}-{after}` until it dies there. Returns (id,
+/// fail, n, after) per run.
+pub(crate) async fn crash_points<S: SagaStore + Clone>(
+    store: &S,
+    ledger: &Arc<Ledger>,
+    def: &Saga<Data>,
+    prefix: &str,
+    refuse: usize,
+) -> Vec<(String, bool, usize, bool)> {
+    let mut runs = Vec::new();
+    for (name, fail) in [("ok", false), ("fail", true)] {
+        let dry = format!("{prefix}{name}-dry");
+        if fail {
+            ledger.fault_for(&dry, refuse, Direction::Forward, Fault::Permanent);
+        }
+        let counting = Faulty::new(store.clone());
+        orchestrator(def, counting.clone(), "dry")
+            .run(dry, vec![])
+            .await
+            .unwrap();
+        for n in 1..=counting.writes() {
+            for after in [false, true] {
+                let id = format!("{prefix}{name}-{n}-{after}");
+                if fail {
+                    ledger.fault_for(&id, refuse, Direction::Forward, Fault::Permanent);
+                }
+                runs.push((id, fail, n, after));
+            }
+        }
+    }
+    let tasks: Vec<_> = runs
+        .iter()
+        .map(|(id, _, n, after)| {
+            let faulty = Faulty::crash_at(store.clone(), *n, *after);
+            let orch = orchestrator(def, faulty.clone(), &format!("dead-{id}"));
+            let id = id.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    outcome = orch.run(id.clone(), vec![]) => panic!("{id} ran past its crash point: {outcome:?}"),
+                    () = faulty.crashed() => {}
+                }
+                // The orchestrator (and the step it was in) is dropped here.
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    runs
+}
+
+/// A new orchestrator recovers the sagas of `runs` to their end; checks that it repeated
+/// no call the contract does not allow, and that a run that died before its create left
+/// nothing. Returns (id, fail, record) of every saga created.
+pub(crate) async fn rescue<S: SagaStore + Clone>(
+    store: &S,
+    ledger: &Ledger,
+    def: &Saga<Data>,
+    runs: &[(String, bool, usize, bool)],
+) -> Vec<(String, bool, SagaRecord)> {
+    let ids: Vec<String> = runs.iter().map(|r| r.0.clone()).collect();
+    let rescuer = orchestrator(def, store.clone(), "rescuer");
+    let (logs, mark) = logs_before_recovery(&rescuer, ledger, &ids).await;
+    recover_all(&rescuer, &ids).await;
+    let mut created = Vec::new();
+    for ((id, fail, n, after), before) in runs.iter().zip(&logs) {
+        ledger.assert_repeats_nothing(id, before, mark);
+        match rescuer.get(id).await.unwrap() {
+            Some(record) => created.push((id.clone(), *fail, record)),
+            None => {
+                // Died before the saga was created: nothing happened, nothing to recover.
+                assert!(*n == 1 && !after, "{id} is missing");
+                assert!(ledger.effects(id).is_empty(), "{id}");
+            }
+        }
+    }
+    created
 }
 
 pub(crate) async fn state<S: SagaStore>(orch: &Orchestrator<Data, S>, id: &str) -> SagaRecord {
