@@ -93,6 +93,24 @@
 //! The measured figures, with the peers' from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Metrics and spans
+//!
+//! With feature `metrics`, every limiter reports through the `metrics` facade (install
+//! the exporter's recorder before building the limiter: handles are registered at
+//! build time, so a decision pays one add). Labels follow `sd_core::observe`; `sd.name`
+//! is the limiter's name (`MemoryLimiterBuilder::name`, default `"default"`).
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.ratelimit.decisions` | counter | decisions | `sd.name`, `sd.backend` (`memory`, `redis`), `sd.outcome` (`allowed`, `denied`, `shadow_denied`, `fail_open`, `fail_closed`, `fallback`) |
+//! | `sd.ratelimit.backend.duration` | histogram | s | `sd.name`, `sd.backend` (`redis`) |
+//!
+//! A decision is counted once: by the limit's outcome, or, when Redis failed, by what the
+//! failure policy did (a `fallback` decision is also counted by the local limiter, under
+//! `sd.backend = memory`). Every Redis round trip runs in a `ratelimit.redis` (or
+//! `ratelimit.redis.batch`) span with `sd.name`, `sd.backend` and `sd.operation`;
+//! a memory decision, tens of nanoseconds, has no span of its own.
+//!
 //! # Crate features
 //!
 //! None is on by default; the memory backend and [`client_ip`] need none.
@@ -102,6 +120,8 @@
 //!   queue's delay).
 //! - `test-util`: `conformance`, the checks every [`RateLimiter`] passes, for your own
 //!   backend or a [`BoxLimiter`] built from configuration.
+//! - `metrics`: decisions and backend latency through the `metrics` facade (see
+//!   [Metrics and spans](#metrics-and-spans)).
 //! - `tokio`: `until_ready` on the memory limiters, reading a PROXY header from a tokio
 //!   stream, and `client_ip::ProxyListener`.
 //!
@@ -122,6 +142,7 @@ pub mod client_ip;
 pub mod conformance;
 mod error;
 pub mod memory;
+mod observe;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -196,6 +196,7 @@ struct Core<C> {
     /// The penalty in nanoseconds; zero when off (and in shadow mode, which blocks
     /// nothing).
     penalty: u64,
+    meters: crate::observe::Meters,
 }
 
 impl<C: Clock> Core<C> {
@@ -211,6 +212,7 @@ impl<C: Clock> Core<C> {
             plain: !options.shadow && !options.count_denials,
             stats: Stats::new(options.count_denials),
             penalty,
+            meters: crate::observe::Meters::new(&options.name, sd_core::observe::backend::MEMORY),
         })
     }
 
@@ -226,6 +228,7 @@ impl<C: Clock> Core<C> {
     #[inline(always)]
     fn finish(&self, step: &Step) -> Decision {
         let d = step.decision(TICK_NS);
+        self.meters.decided(d.allowed, self.shadow);
         if self.plain || d.allowed {
             return d;
         }
@@ -382,6 +385,7 @@ pub struct MemoryLimiterBuilder<C = MonotonicClock> {
     idle_grace: Duration,
     count_denials: bool,
     penalty: Duration,
+    name: String,
 }
 
 /// The default cap on keys of a [`KeyedLimiter`]: 1,048,576 (about 72 MiB at most).
@@ -398,6 +402,7 @@ impl MemoryLimiterBuilder<MonotonicClock> {
             idle_grace: Duration::from_secs(1),
             count_denials: false,
             penalty: Duration::ZERO,
+            name: sd_core::observe::DEFAULT_NAME.to_owned(),
         }
     }
 }
@@ -413,7 +418,16 @@ impl<C: Clock> MemoryLimiterBuilder<C> {
             idle_grace: self.idle_grace,
             count_denials: self.count_denials,
             penalty: self.penalty,
+            name: self.name,
         }
+    }
+
+    /// The limiter's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`). Name it after its purpose (`"login"`, `"api"`), never after
+    /// a client: a label's values must stay few.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Shadow mode: decide and count, but admit everything (a dark launch). Denials

@@ -34,6 +34,8 @@ use tokio::sync::oneshot;
 use crate::algorithm::{Decision, Limit, Params, Step};
 use crate::error::{Error, Result};
 use crate::memory::{self, KeyedLimiter, Stats};
+use crate::observe::{Failure, Meters};
+use sd_core::observe::{backend, operation};
 
 mod batch;
 mod deny_cache;
@@ -92,6 +94,7 @@ pub struct RedisLimiterBuilder {
     batch: usize,
     deny_cache: usize,
     penalty: Duration,
+    name: String,
 }
 
 impl RedisLimiterBuilder {
@@ -106,7 +109,16 @@ impl RedisLimiterBuilder {
             batch: 1,
             deny_cache: 0,
             penalty: Duration::ZERO,
+            name: sd_core::observe::DEFAULT_NAME.to_owned(),
         }
+    }
+
+    /// The limiter's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`) and field of its spans. Name it after its purpose (`"login"`,
+    /// `"api"`), never after a client: a label's values must stay few.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// The key prefix (default `rl`): keys are `{prefix}:{{key}}`. Checked by
@@ -220,6 +232,7 @@ impl RedisLimiterBuilder {
             FailurePolicy::Local(limit) => Some(
                 memory::MemoryLimiterBuilder::new(limit)
                     .penalty(self.penalty)
+                    .name(self.name.clone())
                     .keyed::<String>()?,
             ),
             _ => None,
@@ -234,6 +247,8 @@ impl RedisLimiterBuilder {
             shadow: self.shadow,
             penalty,
             stats: Stats::new(true),
+            meters: Meters::new(&self.name, sd_core::observe::backend::REDIS),
+            name: self.name,
             denied: (self.deny_cache > 0).then(|| DenyCache {
                 entries: dashmap::DashMap::default(),
                 max_keys: self.deny_cache,
@@ -294,6 +309,8 @@ pub struct RedisLimiter<C> {
     /// The penalty in microseconds; zero when off.
     penalty: u64,
     stats: Stats,
+    meters: Meters,
+    name: String,
     denied: Option<DenyCache>,
     batcher: Option<Arc<Batcher<C>>>,
 }
@@ -321,6 +338,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
     /// Decides one request of cost `cost` for `key` under the default limit.
     pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
         if let Some(d) = self.denied.as_ref().and_then(|c| c.get(key, cost)) {
+            self.meters.decided(d.allowed, self.shadow);
             return Ok(self.stats.record(d, self.shadow));
         }
         let limit = self.limit.load_full();
@@ -425,6 +443,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
         cache: Option<&DenyCache>,
     ) -> Result<Decision> {
         let sent = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         for (_, _, p, cost) in items {
             p.check_cost(*cost)?;
         }
@@ -458,14 +477,22 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
                         call
                     }
                 };
-                let span = tracing::debug_span!("ratelimit.redis", keys = items.len());
+                let span = tracing::debug_span!(
+                    "ratelimit.redis",
+                    sd.name = %self.name,
+                    sd.backend = backend::REDIS,
+                    sd.operation = operation::DECIDE,
+                    keys = items.len(),
+                );
                 let reply = timeout(self.timeout, span, invoke(&self.conn, &call)).await;
                 batch_reply(reply)
             }
         };
+        self.meters.backend_since(started);
         let decision = reply.and_then(|values| decode(&values, items.len()));
         match decision {
             Ok(d) => {
+                self.meters.decided(d.allowed, self.shadow);
                 if let (Some(cache), [(key, _, _, cost)], false) = (cache, items, d.allowed) {
                     // A block refuses every cost.
                     let cost = if d.penalty { 0 } else { *cost };
@@ -490,30 +517,37 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLimiter<C> {
                 // Every key of the call under the local limit.
                 let checks: Vec<(&str, &Limit, u32)> =
                     items.iter().map(|(k, _, _, c)| (*k, limit, *c)).collect();
+                self.meters.failed(Failure::Fallback);
                 local
                     .check_all(&checks)
                     .map(|d| self.stats.record(d, self.shadow))
             }
-            (FailurePolicy::Closed, _) => Ok(self.stats.record(
+            (FailurePolicy::Closed, _) => Ok({
+                self.meters.failed(Failure::Closed);
+                self.stats.record(
+                    Decision {
+                        allowed: false,
+                        limit: capacity,
+                        remaining: 0,
+                        retry_after: Duration::from_secs(1),
+                        reset_after: Duration::from_secs(1),
+                        delay: Duration::ZERO,
+                        penalty: false,
+                    },
+                    self.shadow,
+                )
+            }),
+            _ => Ok({
+                self.meters.failed(Failure::Open);
                 Decision {
-                    allowed: false,
+                    allowed: true,
                     limit: capacity,
-                    remaining: 0,
-                    retry_after: Duration::from_secs(1),
-                    reset_after: Duration::from_secs(1),
+                    remaining: capacity,
+                    retry_after: Duration::ZERO,
+                    reset_after: Duration::ZERO,
                     delay: Duration::ZERO,
                     penalty: false,
-                },
-                self.shadow,
-            )),
-            _ => Ok(Decision {
-                allowed: true,
-                limit: capacity,
-                remaining: capacity,
-                retry_after: Duration::ZERO,
-                reset_after: Duration::ZERO,
-                delay: Duration::ZERO,
-                penalty: false,
+                }
             }),
         }
     }

@@ -45,7 +45,9 @@ impl<C: Clock> DirectLimiter<C> {
         if self.core.plain
             && let Some((unit, cap, _)) = self.core.limit.gcra()
         {
-            return gcra_take(&self.state, unit, cap, now_ns(&self.core.clock));
+            let allowed = gcra_take(&self.state, unit, cap, now_ns(&self.core.clock));
+            self.core.meters.decided(allowed, false);
+            return allowed;
         }
         self.check().is_ok_and(|d| d.allowed)
     }

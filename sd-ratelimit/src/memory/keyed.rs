@@ -71,7 +71,9 @@ where
             && let Some(cell) = self.map.get(key)
         {
             // Time is read while the key's shard is held (see `step`).
-            return gcra_take(&cell.state, unit, cap, now_ns(&self.core.clock));
+            let allowed = gcra_take(&cell.state, unit, cap, now_ns(&self.core.clock));
+            self.core.meters.decided(allowed, false);
+            return allowed;
         }
         self.check(key).is_ok_and(|d| d.allowed)
     }
@@ -148,6 +150,7 @@ where
         let decisions: Vec<Decision> = steps.iter().map(|s| s.decision(TICK_NS)).collect();
         let combined =
             Decision::combine(&decisions).ok_or(Error::config("checks", "must not be empty"))?;
+        self.core.meters.decided(combined.allowed, self.core.shadow);
         Ok(self.core.stats.record(combined, self.core.shadow))
     }
 

@@ -88,7 +88,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batcher<C> {
     }
 
     async fn send(&self, batch: Vec<Pending>) {
-        let span = tracing::debug_span!("ratelimit.redis.batch", decisions = batch.len());
+        let span = tracing::debug_span!(
+            "ratelimit.redis.batch",
+            sd.backend = sd_core::observe::backend::REDIS,
+            sd.operation = sd_core::observe::operation::DECIDE,
+            decisions = batch.len(),
+        );
         let call = each_call(&batch, self.penalty);
         let reply = timeout(self.timeout, span, invoke(&self.conn, &call)).await;
         match reply {
