@@ -68,9 +68,48 @@
 //!   it are compensated; once it succeeds, the saga only goes forward.
 //! - [`Step::retriable`]: after the pivot; retried until it succeeds, never compensated.
 //!
+//! [`SagaBuilder::parallel`] adds a group of steps that run concurrently (reserve stock
+//! in several warehouses at once, or charge and reserve together), with a `merge` that
+//! folds each branch's output into the saga data. A group sits before the pivot
+//! (compensatable steps) or after it (retriable ones), never across it.
+//!
 //! [`SagaBuilder::build`] rejects, with an [`Error`] naming the step: no steps, a
 //! compensatable step after the pivot, a retriable step before it, a second pivot, a
-//! repeated step name, a zero timeout.
+//! repeated step name, a pivot inside a parallel group, a zero timeout.
+//!
+//! ```
+//! use sd_saga::{MemoryStore, Orchestrator, Saga, SagaOutcome, Step};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! type Order = Vec<String>;
+//! let reserve = |warehouse: &'static str| {
+//!     Step::compensatable(
+//!         warehouse,
+//!         move |_ctx, mut order: Order| async move {
+//!             order.push(format!("reserved in {warehouse}"));
+//!             Ok(order)
+//!         },
+//!         |_ctx, _order| async { Ok(()) },
+//!     )
+//! };
+//! let saga = Saga::<Order>::builder("order")
+//!     // Both reservations run at once; each adds its line to the order.
+//!     .parallel([reserve("north"), reserve("south")], |mut order: Order, branch: Order| {
+//!         order.extend(branch.into_iter().filter(|line| !order.contains(line)).collect::<Vec<_>>());
+//!         order
+//!     })
+//!     .step(Step::pivot("charge", |_ctx, order| async { Ok(order) }))
+//!     .deadline(std::time::Duration::from_secs(600))
+//!     .build()?;
+//! let orchestrator = Orchestrator::builder(saga, MemoryStore::new()).build()?;
+//! let SagaOutcome::Completed(order) = orchestrator.run("order-7", Vec::new()).await? else {
+//!     panic!("not completed")
+//! };
+//! assert_eq!(order.len(), 2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! Each attempt runs under the step's timeout (default 30 s) and failed attempts are
 //! retried under its [`RetryPolicy`]: exponential backoff with jitter, Temporal's
@@ -86,12 +125,28 @@
 //!   [`StepContext::idempotency_key`], `{saga id}/{step}/{direction}`, the same on every
 //!   attempt and every orchestrator; a participant that stores the keys it served (in the
 //!   transaction of its effect, or with `sd-idempotency`) makes each effect happen once.
-//! - **Order.** Forward steps run one at a time in definition order. When a step before
-//!   or at the pivot gives up, exactly the completed steps are compensated, in exact
-//!   reverse order, one at a time. A failed step is not compensated (it did not happen),
-//!   except when its last attempt timed out: its effect may still land, so its own
-//!   compensation runs first. A participant asked to compensate a key it never served
-//!   should record that and refuse a late forward call with that key.
+//! - **Order.** Forward steps run in definition order, one at a time except the branches
+//!   of a parallel group, which run concurrently. When a step before or at the pivot
+//!   gives up, exactly the completed steps are compensated, in exact reverse order, one
+//!   at a time; a group's completed branches concurrently, in any order (its other
+//!   branches are awaited first, or dropped if [`Step::cancellable`]). A failed step is
+//!   not compensated (it did not happen), except when its last attempt timed out (or a
+//!   cancellable branch was dropped): its effect may still land, so its own compensation
+//!   runs too. A participant asked to compensate a key it never served should record
+//!   that and refuse a late forward call with that key.
+//! - **Deadline and cancel.** A saga may carry a deadline ([`SagaBuilder::deadline`],
+//!   [`Orchestrator::run_within`]) on the orchestrator's [`Clock`], and anyone may call
+//!   [`Orchestrator::cancel`]. Both are stored in the log; from then on (the owner sees a
+//!   cancel at its next write, a deadline before each stage) no new forward step starts:
+//!   steps already started are awaited, then every completed step is compensated, and a
+//!   `cancelled` or `deadline` event says why. A retrying step is not cut short. Once the
+//!   pivot succeeded the saga only goes forward, so neither applies.
+//! - **Definition versions.** Each saga stores the [`SagaBuilder::version`] it was started
+//!   under. An orchestrator of another version refuses to recover or resume it
+//!   ([`Error::DefinitionVersion`]) unless a [`SagaBuilder::migration`] from that version
+//!   is registered, so a deploy that changed the steps does not drive old sagas through
+//!   the new ones by accident. Keep the old version running (or register the migration)
+//!   until its sagas are done.
 //! - **Past the pivot, only forward.** Retriable steps are never compensated.
 //! - **Stuck.** A compensation (or a retriable step) that still fails when its policy
 //!   runs out, or fails with a permanent error, leaves the saga [`SagaState::Stuck`]:
@@ -106,7 +161,9 @@
 //!   called its participant meanwhile: the key dedupes that too.
 //! - **Intent, then outcome.** The log records the intent of every attempt before it
 //!   runs and its outcome after; the step and the data in the instance row say where a
-//!   recovered saga resumes. Retry budgets restart when a saga is recovered or resumed.
+//!   recovered saga resumes (for a parallel group, which branches started, finished or
+//!   failed, and which compensations are done). Retry budgets restart when a saga is
+//!   recovered or resumed.
 //!
 //! | log | survives | writes per step (happy path) | leases by | limits |
 //! |---|---|---|---|---|
