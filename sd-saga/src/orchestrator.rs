@@ -61,8 +61,10 @@ pub struct Recovery {
     pub compensated: usize,
     /// Left Stuck.
     pub stuck: usize,
-    /// Sagas whose run stopped on an error (log down, fenced again); they are retried by
-    /// a later `recover` once this orchestrator's lease on them expires.
+    /// Sagas whose run stopped on an error (log down, fenced again, or started under
+    /// another definition version: [`Error::DefinitionVersion`]); they are retried by a
+    /// later `recover` (here, or on an orchestrator of their version) once this
+    /// orchestrator's lease on them expires.
     pub errors: Vec<(String, Error)>,
 }
 

@@ -167,6 +167,15 @@ impl Ledger {
             .collect()
     }
 
+    /// The steps of saga `id` whose forward effect happened, in that order.
+    pub fn forward_effects(&self, id: &str) -> Vec<usize> {
+        self.effects(id)
+            .into_iter()
+            .filter(|(_, d)| *d == Direction::Forward)
+            .map(|(step, _)| step)
+            .collect()
+    }
+
     /// How many times `(id, step, direction)` reached the participant.
     pub fn calls(&self, id: &str, step: usize, direction: Direction) -> u32 {
         let key = idempotency_key(id, step, direction);

@@ -205,12 +205,7 @@ async fn assert_stopped_consistently<S: SagaStore>(
                 record.reason.as_deref().unwrap().contains(says),
                 "{record:?}"
             );
-            let forward: Vec<usize> = ledger
-                .effects(id)
-                .iter()
-                .filter(|e| e.1 == Direction::Forward)
-                .map(|e| e.0)
-                .collect();
+            let forward = ledger.forward_effects(id);
             assert!(
                 forward.iter().all(|s| *s < 4),
                 "{id}: past the pivot {forward:?}"
