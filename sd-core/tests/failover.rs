@@ -1,0 +1,283 @@
+//! `FailoverConnection` against real failovers: a Sentinel group promoted by command and
+//! by a crash (with the crashed master started again, empty, as a stale master), a
+//! Redis Cluster failed over by `CLUSTER FAILOVER` and by a killed master, and a single
+//! server restarted. A writer keeps writing through each; the oracle reads the final
+//! master and counts acknowledged writes that are missing.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)] // a failed step is a test failure
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sd_core::failover::{FailoverConnection, FailoverError};
+use sd_testkit::resp::command;
+use sd_testkit::{RedisCluster, RedisSentinelGroup, RedisServer};
+
+/// One write as the writer saw it.
+struct Write {
+    key: String,
+    started: Instant,
+    acked: bool,
+}
+
+/// Writes `SET {tag}w{i} i` in a loop until `stop`, one at a time.
+async fn writer(
+    mut conn: FailoverConnection,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("w{i}");
+        let started = Instant::now();
+        let result: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(i)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = &result {
+            eprintln!("write {key} failed: {e}");
+        }
+        writes.push(Write {
+            key,
+            started,
+            acked: result.is_ok(),
+        });
+        done.fetch_add(1, Ordering::Relaxed);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    writes
+}
+
+/// Acknowledged writes missing on the final master: (those begun inside one of the
+/// fault `windows`, those begun outside every window).
+async fn lost(
+    writes: &[Write],
+    conn: &mut FailoverConnection,
+    windows: &[(Instant, Instant)],
+) -> (usize, usize) {
+    let (mut inside, mut outside) = (0, 0);
+    for w in writes.iter().filter(|w| w.acked) {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&w.key)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if value.is_none() {
+            if windows
+                .iter()
+                .any(|(from, to)| (*from..=*to).contains(&w.started))
+            {
+                inside += 1;
+            } else {
+                outside += 1;
+            }
+        }
+    }
+    (inside, outside)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[test]
+fn sentinel_connection_follows_a_forced_failover_and_a_crash_never_the_stale_master() {
+    let group = RedisSentinelGroup::start().expect("start a sentinel group");
+    let runtime = sd_testkit::runtime();
+    runtime.block_on(async move {
+        let urls = group.sentinel_urls();
+        let client = FailoverConnection::builder()
+            .sentinel(urls, group.master_name())
+            .build()
+            .unwrap();
+        let conn = client.connect().await.unwrap();
+        let first = group.master_port().unwrap();
+        assert_eq!(conn.address(), Some(format!("127.0.0.1:{first}")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let writing = tokio::spawn(writer(conn.clone(), stop.clone(), done.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // A forced promotion. The Sentinels switch to the replica at once but demote
+        // the old master only seconds later; until then it takes writes that its
+        // demotion discards. The connection must leave it within a check interval
+        // (500 ms) of the switch: the window allows one second.
+        let group = Arc::new(std::sync::Mutex::new(group));
+        let g = group.clone();
+        let forced = Instant::now();
+        let second = blocking(move || {
+            let g = g.lock().unwrap();
+            let reply = g.sentinels()[0]
+                .command(&["SENTINEL", "FAILOVER", g.master_name()])
+                .unwrap();
+            assert_eq!(reply.as_text().as_deref(), Some("OK"));
+            g.wait_new_master(first, Duration::from_secs(45)).unwrap()
+        })
+        .await;
+        let windows = vec![(forced, Instant::now() + Duration::from_secs(1))];
+        blocking(move || {
+            sd_testkit::eventually_blocking("the old master is a replica in sync", || {
+                command(first, &["INFO", "replication"])
+                    .ok()
+                    .and_then(|r| r.as_text())
+                    .is_some_and(|info| {
+                        info.contains(&format!("master_port:{second}"))
+                            && info.contains("master_link_status:up")
+                    })
+            })
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // A crash; the old master comes back at once, empty and still a master, until
+        // the Sentinels turn it into a replica: a connection that trusted its old
+        // address would write there and lose it all.
+        let g = group.clone();
+        let crashed = Instant::now();
+        let third = blocking(move || {
+            let mut g = g.lock().unwrap();
+            let third = g.kill_master_only().unwrap();
+            let old = g.node_index(second).unwrap();
+            g.nodes_mut()[old].start_again().unwrap();
+            third
+        })
+        .await;
+        let mut windows = windows;
+        windows.push((crashed, Instant::now()));
+        assert_eq!(third, first);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.store(true, Ordering::Relaxed);
+        let writes = writing.await.unwrap();
+
+        let mut check = client.connect().await.unwrap();
+        assert_eq!(check.address(), Some(format!("127.0.0.1:{third}")));
+        let (lost_inside, lost_outside) = lost(&writes, &mut check, &windows).await;
+        let failed = writes.iter().filter(|w| !w.acked).count();
+        println!(
+            "sentinel: {} writes, {failed} failed, {} reconnects, acknowledged and lost: \
+             {lost_inside} begun during a failover (forced: {:?}, crash: {:?}), \
+             {lost_outside} outside",
+            writes.len(),
+            conn.reconnects(),
+            windows[0].1 - windows[0].0,
+            windows[1].1 - windows[1].0,
+        );
+        assert_eq!(failed, 0, "every write got through within failover_timeout");
+        assert_eq!(lost_outside, 0, "a write outside a failover was lost");
+        assert!(conn.reconnects() >= 2, "the connection moved twice");
+        assert_eq!(conn.address(), Some(format!("127.0.0.1:{third}")));
+    });
+}
+
+#[test]
+fn cluster_connection_follows_cluster_failover_and_a_killed_master() {
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    let runtime = sd_testkit::runtime();
+    runtime.block_on(async move {
+        let client = FailoverConnection::builder()
+            .cluster(cluster.urls())
+            .build()
+            .unwrap();
+        let conn = client.connect().await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let writing = tokio::spawn(writer(conn.clone(), stop.clone(), done.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let cluster = Arc::new(std::sync::Mutex::new(cluster));
+        let c = cluster.clone();
+        let forced = Instant::now();
+        blocking(move || c.lock().unwrap().failover(3).unwrap()).await;
+        let mut windows = vec![(forced, Instant::now())];
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c = cluster.clone();
+        let crashed = Instant::now();
+        blocking(move || c.lock().unwrap().kill_master(1).unwrap()).await;
+        let recovered = Instant::now();
+        windows.push((crashed, recovered));
+        // A write in flight when the master died may hang until its timeout: wait for
+        // the writer to get 50 more writes done rather than for a guessed time.
+        let at = done.load(Ordering::Relaxed);
+        sd_testkit::eventually("50 writes after both failovers", || async {
+            done.load(Ordering::Relaxed) >= at + 50
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let writes = writing.await.unwrap();
+
+        let mut check = client.connect().await.unwrap();
+        let (lost_inside, lost_outside) = lost(&writes, &mut check, &windows).await;
+        let failed = writes.iter().filter(|w| !w.acked).count();
+        println!(
+            "cluster: {} writes, {failed} failed, acknowledged and lost: {lost_inside} begun \
+             during a failover (manual: {:?}, crash: {:?}), {lost_outside} outside",
+            writes.len(),
+            windows[0].1 - windows[0].0,
+            windows[1].1 - windows[1].0,
+        );
+        assert_eq!(failed, 0, "every write got through within failover_timeout");
+        assert_eq!(lost_outside, 0, "a write outside a failover was lost");
+        let after: Vec<&Write> = writes.iter().filter(|w| w.started > recovered).collect();
+        assert!(!after.is_empty(), "the writer wrote after the failovers");
+        assert!(
+            after.iter().all(|w| w.acked),
+            "writes begun after the failovers went through"
+        );
+    });
+}
+
+#[test]
+fn server_connection_survives_a_restart_and_build_checks_its_settings() {
+    let mut server = RedisServer::start().expect("start redis");
+    let runtime = sd_testkit::runtime();
+    let client = FailoverConnection::builder()
+        .server(server.url())
+        .build()
+        .unwrap();
+    let mut conn = runtime.block_on(client.connect()).unwrap();
+    runtime.block_on(async {
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    server.kill().unwrap();
+    server.start_again().unwrap();
+    runtime.block_on(async {
+        let n: i64 = redis::cmd("INCR")
+            .arg("k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the restarted server is empty and answers");
+        assert_eq!(conn.reconnects(), 1);
+        // Script errors are the caller's, not a failover: returned at once.
+        let err = redis::cmd("EVAL")
+            .arg("return redis.call('NOPE')")
+            .arg(0)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(!err.is_io_error(), "{err}");
+    });
+    server.kill().unwrap();
+    let dead = FailoverConnection::builder()
+        .server(server.url())
+        .failover_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let err = runtime.block_on(dead.connect()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FailoverError::Backend { .. } | FailoverError::Timeout { .. }
+        ),
+        "{err}"
+    );
+}
