@@ -15,6 +15,7 @@
 //! | [`name`] | the one rule for table names ([`TableName`]) and Redis key prefixes ([`KeyPrefix`]) |
 //! | [`error`] | [`ConfigError`] (the field and the reason), [`Elapsed`], [`BoxError`] |
 //! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT` (feature `redis`) |
+//! | `failover` | `FailoverConnection`: one server, a Sentinel group or a Cluster behind one redis-rs `ConnectionLike`, following failover (feature `redis`) |
 //! | [`observe`] | the metric names, label keys and span fields every crate uses; metric handles (feature `metrics`) |
 //! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |
 //!
@@ -35,7 +36,8 @@
 //! ```
 //!
 //! # Features
-//! - `redis`: `redis::Script` (redis-rs 1.x, any `ConnectionLike`).
+//! - `redis`: `redis::Script` (redis-rs 1.x, any `ConnectionLike`) and
+//!   `failover::FailoverConnection`.
 //! - `postgres`: `migrate::Migrator` (sqlx 0.8).
 //! - `metrics`: `observe::{counter, histogram, gauge}` over the `metrics` facade.
 //! - `test-util`: `observe::Capture`, a test's own metrics recorder (implies `metrics`).
@@ -46,6 +48,8 @@ pub mod boxed;
 pub mod clock;
 pub mod deadline;
 pub mod error;
+#[cfg(feature = "redis")]
+pub mod failover;
 #[cfg(feature = "postgres")]
 pub mod migrate;
 pub mod name;
