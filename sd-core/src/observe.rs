@@ -100,6 +100,8 @@ pub mod outcome {
     pub const PANICKED: &str = "panicked";
     /// Work refused because a bounded queue was full.
     pub const REJECTED: &str = "rejected";
+    /// Work stopped while it ran (a forced shutdown).
+    pub const CANCELLED: &str = "cancelled";
     /// A unit of work given up after its last attempt and set aside (a dead letter).
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// A backend call that failed.
@@ -116,6 +118,10 @@ pub mod operation {
     pub const COMPLETE: &str = "complete";
     /// Releasing a claim so the key can be retried.
     pub const RELEASE: &str = "release";
+    /// Renewing a claim's lock.
+    pub const EXTEND: &str = "extend";
+    /// Deleting expired records.
+    pub const SWEEP: &str = "sweep";
     /// Publishing a message.
     pub const PUBLISH: &str = "publish";
     /// Processing a consumed message (a job).

@@ -122,6 +122,23 @@
 //! trips; the figures are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Metrics and spans
+//!
+//! With feature `metrics`, every store reports through the `metrics` facade (install
+//! the exporter's recorder before building the store: handles are registered then).
+//! Labels follow `sd_core::observe`; `sd.name` is the store's name (the builders'
+//! `name`, [`MemoryStore::with_name`]; default `"default"`).
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.idempotency.claims` | counter | claims | `sd.name`, `sd.backend` (`memory`, `redis`, `postgres`), `sd.outcome` (`first`, `replay`, `in_flight`, `mismatch`) |
+//! | `sd.idempotency.store.duration` | histogram | s | `sd.name`, `sd.backend` (`redis`, `postgres`), `sd.operation` (`claim`, `complete`, `release`, `extend`, `sweep`) |
+//!
+//! A claim that fails (the store is down) is no outcome: it is an error, and its call's
+//! time is still recorded. Every Redis script and PostgreSQL statement runs in an
+//! `idempotency.redis` / `idempotency.postgres` span with `sd.name`, `sd.backend` and
+//! `sd.operation`; the middleware's store calls run in `idempotency.store`.
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -130,6 +147,8 @@
 //! - `postgres`: the PostgreSQL backend ([`postgres::PostgresStore`], sqlx 0.8).
 //! - `tower`: the tower / axum middleware ([`tower::IdempotencyLayer`]).
 //! - `axum`: `tower` and [`tower::RequestClaim`] as an axum extractor (axum 0.8).
+//! - `metrics`: claims by outcome and store latency through the `metrics` facade (see
+//!   [Metrics and spans](#metrics-and-spans)).
 //! - `test-util`: `conformance`, the store contract suite every backend runs, for a
 //!   store of your own or a [`BoxStore`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
@@ -175,6 +194,7 @@ mod boxed;
 pub mod conformance;
 mod error;
 pub mod memory;
+mod observe;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

@@ -14,10 +14,12 @@ use dashmap::mapref::entry::Entry;
 use sd_core::{Clock, SystemClock};
 
 use crate::error::Result;
+use crate::observe::Meters;
 use crate::store::{
     Claim, ClaimOutcome, Fingerprint, Record, Store, StoredResponse, completed, decide_claim,
     extended, holds, new_token, ttl_ms,
 };
+use sd_core::observe::backend;
 
 /// Milliseconds on `clock` (wall time for [`SystemClock`]).
 fn now_ms(clock: &impl Clock) -> u64 {
@@ -29,6 +31,7 @@ fn now_ms(clock: &impl Clock) -> u64 {
 pub struct MemoryStore<C = SystemClock> {
     records: Arc<DashMap<(String, String), Record>>,
     clock: C,
+    meters: Meters,
 }
 
 impl Default for MemoryStore {
@@ -50,7 +53,15 @@ impl<C: Clock> MemoryStore<C> {
         MemoryStore {
             records: Arc::new(DashMap::new()),
             clock,
+            meters: Meters::new(sd_core::observe::DEFAULT_NAME, backend::MEMORY),
         }
+    }
+
+    /// Names the store (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`), registered again with the recorder installed now.
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.meters = Meters::new(name, backend::MEMORY);
+        self
     }
 
     /// How many records are held (expired ones included until swept).
@@ -87,7 +98,7 @@ impl<C: Clock + Clone> Store for MemoryStore<C> {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome>> + Send {
-        ready(ttl_ms("lock_ttl", lock_ttl).map(|lock_ttl| {
+        let answer = ttl_ms("lock_ttl", lock_ttl).map(|lock_ttl| {
             let token = new_token();
             let now = now_ms(&self.clock);
             let entry = self.records.entry((scope.to_owned(), key.to_owned()));
@@ -100,7 +111,9 @@ impl<C: Clock + Clone> Store for MemoryStore<C> {
                 entry.insert(record);
             }
             decision.into_outcome(scope, key, token)
-        }))
+        });
+        self.meters.claimed(&answer);
+        ready(answer)
     }
 
     fn complete(

@@ -20,6 +20,8 @@
 //!   `migrations/0001_create.sql` applies with `psql` as it stands. [`Store::sweep`] deletes expired rows (run
 //!   [`run_sweeper`](crate::run_sweeper)); it never deletes a live claim.
 
+use crate::observe::{Meters, Op};
+use sd_core::observe::backend;
 use std::time::Duration;
 
 use sd_core::TableName;
@@ -51,6 +53,7 @@ const TAKE: &str = "(r.expires_at <= EXCLUDED.created_at OR (r.state = 'in_fligh
 pub struct PostgresStoreBuilder {
     table: String,
     timeout: Duration,
+    name: String,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -58,6 +61,7 @@ impl Default for PostgresStoreBuilder {
         PostgresStoreBuilder {
             table: DEFAULT_TABLE.into(),
             timeout: Duration::from_secs(2),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 }
@@ -76,6 +80,13 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// The store's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// A store on `pool`.
     pub fn build(self, pool: PgPool) -> Result<PostgresStore> {
         let table = TableName::parse("table", &self.table)?;
@@ -91,6 +102,8 @@ impl PostgresStoreBuilder {
             timeout,
             claim_sql,
             peek_sql,
+            meters: Meters::new(&self.name, backend::POSTGRES),
+            name: self.name,
         })
     }
 }
@@ -162,6 +175,8 @@ pub struct PostgresStore {
     timeout: Duration,
     claim_sql: String,
     peek_sql: String,
+    meters: Meters,
+    name: String,
 }
 
 impl PostgresStore {
@@ -194,9 +209,17 @@ impl PostgresStore {
         Ok(())
     }
 
-    async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
-        let span = tracing::debug_span!("idempotency.postgres");
-        Ok(timeout(self.timeout, span, f).await??)
+    async fn timed<T>(&self, op: Op, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
+        let span = tracing::debug_span!(
+            "idempotency.postgres",
+            sd.name = %self.name,
+            sd.backend = backend::POSTGRES,
+            sd.operation = op.name(),
+        );
+        let start = std::time::Instant::now();
+        let reply = timeout(self.timeout, span, f).await;
+        self.meters.called(op, start);
+        Ok(reply??)
     }
 
     /// Completes `claim` with `response` through `executor` (the pool, or the caller's
@@ -225,8 +248,30 @@ impl PostgresStore {
             .bind(epoch_i64(claim.epoch))
             .bind(response.to_bytes()?)
             .bind(retention as f64);
-        let done = self.timed(query.execute(executor)).await?;
+        let done = self.timed(Op::Complete, query.execute(executor)).await?;
         held(done.rows_affected(), claim)
+    }
+
+    /// The claim's answer from the row the claim statement returned.
+    fn claim_row(
+        &self,
+        row: sqlx::postgres::PgRow,
+        scope: &str,
+        key: &str,
+        token: u64,
+        fingerprint: &Fingerprint,
+    ) -> Result<ClaimOutcome> {
+        let got_token: i64 = row.try_get("token")?;
+        let epoch: i64 = row.try_get("epoch")?;
+        if got_token == token_i64(token) {
+            return Ok(ClaimOutcome::Claimed(Claim {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                epoch: u64::try_from(epoch).map_err(|_| Error::corrupt("negative epoch"))?,
+                token,
+            }));
+        }
+        answer(&row, fingerprint)
     }
 
     /// [`Store::complete`] inside `tx`: the response commits with your own writes, or
@@ -283,18 +328,15 @@ impl Store for PostgresStore {
             .bind(ttl as f64)
             .bind(grace_ms(ttl) as f64)
             .fetch_one(&self.pool);
-        let row = self.timed(query).await?;
-        let got_token: i64 = row.try_get("token")?;
-        let epoch: i64 = row.try_get("epoch")?;
-        if got_token == token_i64(token) {
-            return Ok(ClaimOutcome::Claimed(Claim {
-                scope: scope.to_owned(),
-                key: key.to_owned(),
-                epoch: u64::try_from(epoch).map_err(|_| Error::corrupt("negative epoch"))?,
-                token,
-            }));
-        }
-        answer(&row, fingerprint)
+        let answer = self.claim_row(
+            self.timed(Op::Claim, query).await?,
+            scope,
+            key,
+            token,
+            fingerprint,
+        );
+        self.meters.claimed(&answer);
+        answer
     }
 
     async fn poll_claim(
@@ -308,16 +350,19 @@ impl Store for PostgresStore {
             .bind(scope)
             .bind(key)
             .fetch_optional(&self.pool);
-        if let Some(row) = self.timed(query).await? {
+        if let Some(row) = self.timed(Op::Claim, query).await? {
             match answer(&row, fingerprint)? {
                 ClaimOutcome::InFlight { .. } if lock_left_ms(&row)? == 0 => {}
-                outcome => return Ok(outcome),
+                outcome => {
+                    let outcome = Ok(outcome);
+                    self.meters.claimed(&outcome);
+                    return outcome;
+                }
             }
         }
         // Absent, expired, or in flight with a lapsed lock: the claim decides.
         self.claim(scope, key, fingerprint, lock_ttl).await
     }
-
     async fn complete(
         &self,
         claim: &Claim,
@@ -336,7 +381,7 @@ impl Store for PostgresStore {
             .bind(token_i64(claim.token))
             .bind(epoch_i64(claim.epoch))
             .execute(&self.pool);
-        held(self.timed(query).await?.rows_affected(), claim)
+        held(self.timed(Op::Release, query).await?.rows_affected(), claim)
     }
 
     async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
@@ -355,7 +400,7 @@ impl Store for PostgresStore {
             .bind(ttl as f64)
             .bind(grace_ms(ttl) as f64)
             .execute(&self.pool);
-        held(self.timed(query).await?.rows_affected(), claim)
+        held(self.timed(Op::Extend, query).await?.rows_affected(), claim)
     }
 
     async fn sweep(&self) -> Result<u64> {
@@ -364,6 +409,6 @@ impl Store for PostgresStore {
             self.table
         );
         let query = sqlx::query(&sql).execute(&self.pool);
-        Ok(self.timed(query).await?.rows_affected())
+        Ok(self.timed(Op::Sweep, query).await?.rows_affected())
     }
 }

@@ -16,6 +16,8 @@
 //!
 //! [`ABANDONED_GRACE`]: crate::store::ABANDONED_GRACE
 
+use crate::observe::{Meters, Op};
+use sd_core::observe::backend;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -46,6 +48,7 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/ex
 pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
+    name: String,
 }
 
 impl Default for RedisStoreBuilder {
@@ -53,6 +56,7 @@ impl Default for RedisStoreBuilder {
         RedisStoreBuilder {
             prefix: "idem".into(),
             timeout: Duration::from_secs(1),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 }
@@ -72,6 +76,13 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The store's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// A store on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(self, conn: C) -> Result<RedisStore<C>> {
@@ -81,6 +92,8 @@ impl RedisStoreBuilder {
             conn,
             prefix,
             timeout,
+            meters: Meters::new(&self.name, backend::REDIS),
+            name: self.name,
         })
     }
 }
@@ -91,6 +104,8 @@ pub struct RedisStore<C> {
     conn: C,
     prefix: KeyPrefix,
     timeout: Duration,
+    meters: Meters,
+    name: String,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -116,24 +131,44 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
         self.prefix.tagged(&digest[..40])
     }
 
-    async fn eval(&self, script: &Script, key: &str, args: &[&[u8]]) -> Result<redis::Value> {
+    async fn eval(
+        &self,
+        op: Op,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<redis::Value> {
         let mut call = script.call(1);
         call.arg(key);
         for arg in args {
             call.arg(*arg);
         }
         let mut conn = self.conn.clone();
-        let span = tracing::debug_span!("idempotency.redis");
-        Ok(timeout(self.timeout, span, call.invoke(&mut conn)).await??)
+        let span = tracing::debug_span!(
+            "idempotency.redis",
+            sd.name = %self.name,
+            sd.backend = backend::REDIS,
+            sd.operation = op.name(),
+        );
+        let start = std::time::Instant::now();
+        let reply = timeout(self.timeout, span, call.invoke(&mut conn)).await;
+        self.meters.called(op, start);
+        Ok(reply??)
     }
 
-    async fn as_holder(&self, script: &Script, claim: &Claim, extra: &[&[u8]]) -> Result<()> {
+    async fn as_holder(
+        &self,
+        op: Op,
+        script: &Script,
+        claim: &Claim,
+        extra: &[&[u8]],
+    ) -> Result<()> {
         let token = claim.token.to_string();
         let epoch = claim.epoch.to_string();
         let mut args: Vec<&[u8]> = vec![token.as_bytes(), epoch.as_bytes()];
         args.extend_from_slice(extra);
         let key = self.redis_key(&claim.scope, &claim.key);
-        match self.eval(script, &key, &args).await? {
+        match self.eval(op, script, &key, &args).await? {
             redis::Value::Int(1) => Ok(()),
             redis::Value::Int(0) => Err(claim.lost()),
             other => Err(Error::corrupt(format!("unexpected script reply {other:?}"))),
@@ -181,14 +216,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Store for RedisStore<C> {
         let token_arg = token.to_string();
         let args: [&[u8]; 3] = [fingerprint.as_bytes(), ttl.as_bytes(), token_arg.as_bytes()];
         let reply = self
-            .eval(&CLAIM, &self.redis_key(scope, key), &args)
+            .eval(Op::Claim, &CLAIM, &self.redis_key(scope, key), &args)
             .await?;
-        decode_claim(reply, |epoch| Claim {
+        let answer = decode_claim(reply, |epoch| Claim {
             scope: scope.to_owned(),
             key: key.to_owned(),
             epoch,
             token,
-        })
+        });
+        self.meters.claimed(&answer);
+        answer
     }
 
     async fn complete(
@@ -199,17 +236,23 @@ impl<C: ConnectionLike + Clone + Send + Sync> Store for RedisStore<C> {
     ) -> Result<()> {
         let retention = ttl_ms("retention", retention)?.to_string();
         let bytes = response.to_bytes()?;
-        self.as_holder(&COMPLETE, claim, &[&bytes, retention.as_bytes()])
-            .await
+        self.as_holder(
+            Op::Complete,
+            &COMPLETE,
+            claim,
+            &[&bytes, retention.as_bytes()],
+        )
+        .await
     }
 
     async fn release(&self, claim: &Claim) -> Result<()> {
-        self.as_holder(&RELEASE, claim, &[]).await
+        self.as_holder(Op::Release, &RELEASE, claim, &[]).await
     }
 
     async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
         let ttl = ttl_ms("lock_ttl", lock_ttl)?.to_string();
-        self.as_holder(&EXTEND, claim, &[ttl.as_bytes()]).await
+        self.as_holder(Op::Extend, &EXTEND, claim, &[ttl.as_bytes()])
+            .await
     }
 
     async fn sweep(&self) -> Result<u64> {

@@ -47,9 +47,7 @@ impl Meters {
     pub(crate) fn new(name: &str, backend: &'static str) -> Self {
         #[cfg(feature = "metrics")]
         {
-            let labels = Labels::new()
-                .with(label::NAME, name)
-                .with(label::BACKEND, backend);
+            let labels = Labels::instance(name, backend);
             let decisions = |o: &'static str| {
                 observe::counter(
                     DECISIONS,

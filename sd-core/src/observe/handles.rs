@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use super::label;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Unit};
 
 /// Bounded labels of one metric: keys from [`super::label`], values from configuration
@@ -20,6 +21,14 @@ impl Labels {
     /// No labels.
     pub fn new() -> Self {
         Labels(Vec::new())
+    }
+
+    /// The labels of one instance: its name ([`label::NAME`]) and backend
+    /// ([`label::BACKEND`]).
+    pub fn instance(name: &str, backend: &'static str) -> Self {
+        Labels::new()
+            .with(label::NAME, name)
+            .with(label::BACKEND, backend)
     }
 
     /// These labels and `key = value`.
