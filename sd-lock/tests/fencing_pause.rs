@@ -16,12 +16,15 @@
 mod common;
 mod history;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use history::child::{Holder, emit, stop_on_stdin_close};
+use history::fence::Fence;
+#[cfg(feature = "redis")]
+use history::fence::patient_manager;
+#[cfg(feature = "postgres")]
+use history::fence::pg_pool;
 use history::{Event, Outcome, now_ns, record};
 use sd_lock::{BoxLock, Lock, Release};
 
@@ -77,121 +80,6 @@ impl Spec {
     }
 }
 
-/// `common::manager` with a response timeout that outlasts the pause: a request in
-/// flight when the holder is stopped gets its reply after SIGCONT instead of a timeout.
-#[cfg(feature = "redis")]
-async fn patient_manager(url: &str) -> redis::aio::ConnectionManager {
-    common::manager_with(url, Duration::from_secs(3), Duration::from_secs(60)).await
-}
-
-#[cfg(feature = "postgres")]
-async fn pg_pool(url: &str) -> sqlx::PgPool {
-    use std::str::FromStr;
-    // A holder stopped inside its transaction keeps the fence row locked; the server
-    // ends such a session after a second, as production settings do.
-    let options = sqlx::postgres::PgConnectOptions::from_str(url)
-        .unwrap()
-        .options([("idle_in_transaction_session_timeout", "1000")]);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .unwrap()
-}
-
-/// The fenced store every holder writes through.
-#[derive(Clone)]
-enum Fence {
-    #[cfg(feature = "redis")]
-    Redis(sd_lock::fence::redis::RedisFence<redis::aio::ConnectionManager>),
-    #[cfg(feature = "postgres")]
-    Postgres(sd_lock::fence::postgres::PostgresFence, sqlx::PgPool),
-}
-
-impl Fence {
-    async fn open(spec: &Spec) -> Fence {
-        match spec.backend.as_str() {
-            #[cfg(feature = "postgres")]
-            "postgres" => {
-                let fence = sd_lock::fence::postgres::PostgresFence::new();
-                Fence::Postgres(fence, pg_pool(&spec.fence_url).await)
-            }
-            #[cfg(feature = "redis")]
-            _ => Fence::Redis(
-                sd_lock::fence::redis::RedisFence::builder(patient_manager(&spec.fence_url).await)
-                    .prefix(format!("{}-fence", spec.prefix))
-                    .build()
-                    .unwrap(),
-            ),
-            #[cfg(not(feature = "redis"))]
-            other => panic!("no fence for `{other}` without the redis feature"),
-        }
-    }
-
-    /// Creates what the store needs (the parent, before the child starts).
-    #[allow(irrefutable_let_patterns)] // with `postgres` alone, the only variant
-    async fn prepare(&self) {
-        #[cfg(feature = "postgres")]
-        if let Fence::Postgres(fence, pool) = self {
-            fence.migrate(pool).await.unwrap();
-            sd_lock::postgres::PostgresLock::new(pool.clone())
-                .migrate()
-                .await
-                .unwrap();
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS fenced_data (resource text PRIMARY KEY, value text NOT NULL)",
-            )
-            .execute(pool)
-            .await
-            .unwrap();
-        }
-    }
-
-    async fn write(&self, token: u64, value: &str) -> Result<(), sd_lock::Error> {
-        let token = sd_lock::FencingToken(token);
-        match self {
-            #[cfg(feature = "redis")]
-            Fence::Redis(fence) => fence.write(RESOURCE, token, value.as_bytes()).await,
-            #[cfg(feature = "postgres")]
-            Fence::Postgres(fence, pool) => {
-                let mut tx = pool.begin().await?;
-                fence.check(&mut tx, RESOURCE, token).await?;
-                sqlx::query(
-                    "INSERT INTO fenced_data (resource, value) VALUES ($1, $2) \
-                     ON CONFLICT (resource) DO UPDATE SET value = EXCLUDED.value",
-                )
-                .bind(RESOURCE)
-                .bind(value)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        }
-    }
-
-    /// The value the store holds at the end (`newest` raises nothing it has not seen).
-    async fn final_value(&self, newest: u64) -> Option<String> {
-        match self {
-            #[cfg(feature = "redis")]
-            Fence::Redis(fence) => fence
-                .read(RESOURCE, sd_lock::FencingToken(newest))
-                .await
-                .unwrap()
-                .map(|v| String::from_utf8(v).unwrap()),
-            #[cfg(feature = "postgres")]
-            Fence::Postgres(_, pool) => {
-                let _ = newest;
-                sqlx::query_scalar("SELECT value FROM fenced_data WHERE resource = $1")
-                    .bind(RESOURCE)
-                    .fetch_optional(pool)
-                    .await
-                    .unwrap()
-            }
-        }
-    }
-}
-
 /// The lock of `spec`, boxed: the backend is chosen from the spec at run time.
 async fn open_lock(spec: &Spec, patient: bool) -> BoxLock {
     let _ = patient;
@@ -241,27 +129,14 @@ async fn open_lock(spec: &Spec, patient: bool) -> BoxLock {
     }
 }
 
-/// One line to the parent, at once.
-fn emit(line: std::fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}").unwrap();
-    out.flush().unwrap();
-}
-
 /// The child's side: take the lock once, print the token, then write every 20 ms until
 /// three writes were refused or stdin closes. Never renews: it is the holder that
 /// pauses past its lease.
 fn run_holder(spec: &Spec) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_reader = stop.clone();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        stop_reader.store(true, Ordering::SeqCst);
-    });
+    let stop = stop_on_stdin_close();
     common::runtime().block_on(async {
         let lock = open_lock(spec, true).await;
-        let fence = Fence::open(spec).await;
+        let fence = Fence::open(&spec.backend, &spec.fence_url, &spec.prefix).await;
         let lease = lock
             .acquire(RESOURCE, spec.ttl(), Duration::from_secs(30))
             .await
@@ -272,7 +147,13 @@ fn run_holder(spec: &Spec) {
         let mut i = 0;
         while refused < 3 && !stop.load(Ordering::SeqCst) {
             let value = format!("paused-{i}");
-            let event = record("paused", token, &value, fence.write(token, &value)).await;
+            let event = record(
+                "paused",
+                token,
+                &value,
+                fence.write(RESOURCE, token, &value),
+            )
+            .await;
             if matches!(event.outcome, Outcome::Refused { .. }) {
                 refused += 1;
             }
@@ -285,95 +166,6 @@ fn run_holder(spec: &Spec) {
     });
 }
 
-/// The child process; killed (after SIGCONT) if the test ends early.
-struct Holder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    token: Arc<Mutex<Option<u64>>>,
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-impl Holder {
-    fn spawn(test: &str, spec: &Spec) -> Holder {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, spec.encode())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
-        let token = Arc::new(Mutex::new(None));
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let (t, e) = (token.clone(), events.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest prints `test NAME ... ` without a newline before the test's own
-                // output: look for the marker anywhere in the line.
-                if let Some(at) = line.find("SDLOCK-TOKEN ") {
-                    let rest = &line[at + "SDLOCK-TOKEN ".len()..];
-                    *t.lock().unwrap() =
-                        rest.split_whitespace().next().and_then(|t| t.parse().ok());
-                } else if let Some(event) = Event::parse(&line) {
-                    e.lock().unwrap().push(event);
-                }
-            }
-        });
-        Holder {
-            child,
-            stdin,
-            token,
-            events,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
-    }
-
-    fn events(&self) -> Vec<Event> {
-        self.events.lock().unwrap().clone()
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Closes its stdin (it stops writing) and waits for it to exit successfully.
-    fn finish(mut self) -> Vec<Event> {
-        drop(self.stdin.take());
-        sd_testkit::eventually_blocking("the paused holder exits", || self.exited());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the holder process failed: {status}");
-        // The reader thread has the last lines once the pipe closed.
-        sd_testkit::eventually_blocking("the holder's output is read", || {
-            Arc::strong_count(&self.events) == 1
-        });
-        self.events()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: as in `signal`.
-            unsafe {
-                libc::kill(self.pid(), libc::SIGCONT);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// The fault test, run by the test named `test` (the child re-runs it, and runs the
 /// holder instead): `start` starts the servers and returns the scenario's spec with
 /// what keeps them running until the end.
@@ -384,11 +176,11 @@ fn paused_holder_is_fenced<S>(test: &str, start: impl FnOnce() -> (Spec, S)) {
     let (spec, _servers) = start();
     let rt = common::runtime();
     let (lock, fence) = rt.block_on(async {
-        let fence = Fence::open(&spec).await;
+        let fence = Fence::open(&spec.backend, &spec.fence_url, &spec.prefix).await;
         fence.prepare().await;
         (open_lock(&spec, false).await, fence)
     });
-    let mut holder = Holder::spawn(test, &spec);
+    let mut holder = Holder::spawn(test, CHILD_ENV, &spec.encode());
     sd_testkit::eventually_blocking("the holder wrote twice", || {
         assert!(!holder.exited(), "the holder process ended before writing");
         holder.events().iter().filter(|e| e.accepted()).count() >= 2
@@ -415,7 +207,9 @@ fn paused_holder_is_fenced<S>(test: &str, start: impl FnOnce() -> (Spec, S)) {
                 let mut events = Vec::new();
                 for i in 0..3 {
                     let value = format!("{who}-{i}");
-                    events.push(record(&who, token, &value, fence.write(token, &value)).await);
+                    events.push(
+                        record(&who, token, &value, fence.write(RESOURCE, token, &value)).await,
+                    );
                 }
                 assert_eq!(lock.release(lease).await.unwrap(), Release::Released);
                 events
@@ -443,7 +237,7 @@ fn paused_holder_is_fenced<S>(test: &str, start: impl FnOnce() -> (Spec, S)) {
     let mut all = theirs.clone();
     all.extend(ours.iter().cloned());
     let newest = all.iter().map(|e| e.token).max().unwrap();
-    let final_value = rt.block_on(fence.final_value(newest));
+    let final_value = rt.block_on(fence.final_value(RESOURCE, newest));
     let dump = || {
         all.iter()
             .map(ToString::to_string)

@@ -10,6 +10,9 @@
 //!   assumption.
 //! - **Renew** and **release** are one statement each, comparing the holder's random
 //!   value. Rows stay after release.
+//! - Guarantees assume commits are durable. With `synchronous_commit = off` a crash of
+//!   the server can lose the last grants, and their tokens are then handed out again
+//!   (the fence table, in the same database, loses its marks with them).
 //! - Schema: [`PostgresSemaphore::migrate`] creates the table (default
 //!   `sd_lock_permits`) through sd-core's `Migrator`; `migrations/0003_permits.sql`
 //!   applies with `psql` as it stands.

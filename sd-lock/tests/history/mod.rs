@@ -9,6 +9,10 @@
 
 use std::fmt;
 
+pub mod child;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod fence;
+
 /// Nanoseconds on `CLOCK_MONOTONIC`, comparable across processes on this machine.
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -158,4 +162,110 @@ pub fn check_fencing(events: &[Event], final_value: Option<&str>) {
             "(b) the fence holds a value other than the newest holder's last write"
         );
     }
+}
+
+/// A holder's span of certain accepted writes: from the end of its first accepted write
+/// to the start of its last one (each write took effect somewhere inside its own call,
+/// so the holder certainly wrote over that span). A holder is one (`who`, token).
+fn certain_spans(events: &[Event]) -> Vec<(u64, u64, String, u64)> {
+    let mut spans: std::collections::BTreeMap<(String, u64), (u64, u64)> = Default::default();
+    for e in events.iter().filter(|e| e.accepted()) {
+        let span = spans
+            .entry((e.who.clone(), e.token))
+            .or_insert((u64::MAX, 0));
+        span.0 = span.0.min(e.end);
+        span.1 = span.1.max(e.start);
+    }
+    spans
+        .into_iter()
+        .filter(|(_, (from, to))| from < to)
+        .map(|((who, token), (from, to))| (from, to, who, token))
+        .collect()
+}
+
+/// (e) Never more than `n` holders whose writes were accepted at once: no instant lies
+/// strictly inside the certain spans of more than `n` holders. With `n` = 1 and holders
+/// that are terms of an election, never two leaders writing at once.
+///
+/// Panics naming the holders that overlapped.
+pub fn check_at_most(events: &[Event], n: usize) {
+    let spans = certain_spans(events);
+    // Ends sort before starts at the same instant: spans that only touch do not overlap.
+    let mut edges: Vec<(u64, bool, usize)> = Vec::new();
+    for (i, (from, to, _, _)) in spans.iter().enumerate() {
+        edges.push((*from, true, i));
+        edges.push((*to, false, i));
+    }
+    edges.sort();
+    let mut open: Vec<usize> = Vec::new();
+    for (_, starts, i) in edges {
+        if starts {
+            open.push(i);
+            let list = || {
+                open.iter()
+                    .map(|&j| {
+                        format!(
+                            "{} token {} [{}, {}]",
+                            spans[j].2, spans[j].3, spans[j].0, spans[j].1
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            assert!(
+                open.len() <= n,
+                "(e) {} holders had writes accepted at once, over the bound {n}: {}",
+                open.len(),
+                list()
+            );
+        } else {
+            open.retain(|&j| j != i);
+        }
+    }
+}
+
+/// (f) Never two leaders in one term: every accepted write carrying a term's token came
+/// from one `who`.
+pub fn check_one_writer_per_token(events: &[Event]) {
+    let mut writer: std::collections::BTreeMap<u64, &str> = Default::default();
+    for e in events.iter().filter(|e| e.accepted()) {
+        let first = *writer.entry(e.token).or_insert(&e.who);
+        assert_eq!(
+            first, e.who,
+            "(f) two writers accepted in the term with token {}: {first} and {}",
+            e.token, e.who
+        );
+    }
+}
+
+#[test]
+fn certain_spans_overlap_only_when_both_certainly_wrote() {
+    let ev = |who: &str, token, start, end| Event {
+        who: who.to_owned(),
+        token,
+        value: "v".to_owned(),
+        outcome: Outcome::Accepted,
+        start,
+        end,
+    };
+    // a's last write and b's first overlap in real time: not a certain overlap.
+    let handover = [
+        ev("a", 1, 0, 10),
+        ev("a", 1, 20, 30),
+        ev("b", 2, 25, 35),
+        ev("b", 2, 40, 50),
+    ];
+    check_at_most(&handover, 1);
+    // a still wrote well after b began: two at once.
+    let both = [
+        ev("a", 1, 0, 10),
+        ev("b", 2, 12, 14),
+        ev("a", 1, 20, 30),
+        ev("b", 2, 40, 50),
+    ];
+    assert!(std::panic::catch_unwind(|| check_at_most(&both, 1)).is_err());
+    check_at_most(&both, 2);
+    check_one_writer_per_token(&both);
+    let same_term = [ev("a", 1, 0, 10), ev("b", 1, 12, 14)];
+    assert!(std::panic::catch_unwind(|| check_one_writer_per_token(&same_term)).is_err());
 }
