@@ -96,9 +96,38 @@ impl Progress {
         }
     }
 
-    /// The JSON kept in the row.
+    /// The JSON kept in the row (written by hand: it is written at every step).
     pub(crate) fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+        use std::fmt::Write as _;
+        let mut out = String::from("{");
+        let mut field = |name: &str, set: &BTreeSet<usize>| {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            let _ = write!(out, "\"{name}\":[");
+            for (i, step) in set.iter().enumerate() {
+                let _ = write!(out, "{}{step}", if i == 0 { "" } else { "," });
+            }
+            out.push(']');
+        };
+        for (name, set) in [
+            ("started", &self.started),
+            ("done", &self.done),
+            ("failed", &self.failed),
+            ("doubt", &self.doubt),
+        ] {
+            if !set.is_empty() {
+                field(name, set);
+            }
+        }
+        if let Some(undo) = &self.undo {
+            field("undo", undo);
+        }
+        if !self.undone.is_empty() {
+            field("undone", &self.undone);
+        }
+        out.push('}');
+        out
     }
 
     fn settled(&self, step: usize) -> bool {

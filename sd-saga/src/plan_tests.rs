@@ -29,6 +29,25 @@ fn set(steps: &[usize]) -> BTreeSet<usize> {
 }
 
 #[test]
+fn progress_json_is_what_serde_reads_back() {
+    let full = Progress {
+        started: set(&[0, 1, 2]),
+        done: set(&[1]),
+        failed: set(&[2]),
+        doubt: set(&[0]),
+        undo: Some(set(&[0, 1])),
+        undone: set(&[1]),
+        legacy: false,
+    };
+    for p in [Progress::default(), Position::start().progress, full] {
+        let json = p.to_json();
+        assert_eq!(serde_json::to_string(&p).unwrap(), json);
+        assert_eq!(Progress::parse(Some(&json)).unwrap(), p);
+    }
+    assert_eq!(Progress::default().to_json(), "{}");
+}
+
+#[test]
 fn a_straight_line_compensates_the_steps_before_a_failure_in_reverse() {
     let l = layout(&["c", "c", "p", "r"]);
     let mut pos = Position::start();

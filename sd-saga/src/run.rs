@@ -150,14 +150,22 @@ where
                         run.pos = plan::begin_forward(&run.pos, &steps);
                     }
                     let (failed, _) = watch::channel(false);
-                    let branches = steps
-                        .iter()
-                        .map(|step| self.forward(&shared, *step, steps.len() > 1, &failed));
-                    futures::future::try_join_all(branches).await?;
+                    if let [step] = steps[..] {
+                        self.forward(&shared, step, false, &failed).await?;
+                    } else {
+                        let branches = steps
+                            .iter()
+                            .map(|step| self.forward(&shared, *step, true, &failed));
+                        futures::future::try_join_all(branches).await?;
+                    }
                 }
                 Plan::Compensate(steps) => {
-                    let branches = steps.iter().map(|step| self.compensate(&shared, *step));
-                    futures::future::try_join_all(branches).await?;
+                    if let [step] = steps[..] {
+                        self.compensate(&shared, step).await?;
+                    } else {
+                        let branches = steps.iter().map(|step| self.compensate(&shared, *step));
+                        futures::future::try_join_all(branches).await?;
+                    }
                 }
             }
         }

@@ -80,7 +80,8 @@ pub struct SagaRecord {
     pub saga_type: String,
     /// Where it is.
     pub state: SagaState,
-    /// The step running (forward) or being compensated.
+    /// The step running (forward) or being compensated; for a parallel group, its first
+    /// step (the branches' progress is in [`progress`](Self::progress)).
     pub step: u32,
     /// True when it was compensating (what a stuck saga resumes).
     pub compensating: bool,
@@ -289,9 +290,11 @@ pub struct StoreStats {
 /// # Contract
 ///
 /// - [`create`](Self::create) inserts the instance (state `running`, step 0, version 1,
-///   epoch 1, leased to `owner`) and the intent event of step 0, atomically; an existing
-///   id is [`Error::AlreadyExists`].
-/// - [`write`](Self::write) applies the change and appends the event atomically, only if
+///   epoch 1, leased to `owner`, with the given progress, deadline and definition
+///   version) and the intent event of step 0, atomically; an existing id is
+///   [`Error::AlreadyExists`].
+/// - [`write`](Self::write) applies the change (state, step, flag, data, reason, progress,
+///   definition version) and appends the event atomically, only if
 ///   the saga's version and epoch equal the lease's, then returns the lease with the new
 ///   version (and whether a cancel was requested); otherwise [`Error::Fenced`] (or
 ///   [`Error::NotFound`]) and nothing changes.
