@@ -4,7 +4,11 @@
 //! Each case takes a fresh store (sagas with ids of its own, so one database may serve
 //! several cases) and panics when the store breaks the contract: execution,
 //! compensation, retries, stuck and resume, crash injection at every write boundary,
-//! fencing, concurrent recovery and a thousand sagas at once. The cases need a
+//! fencing, concurrent recovery and a thousand sagas at once; and for parallel groups,
+//! deadlines, cancels and definition versions: concurrent branches, a failed branch's
+//! compensation, a crash at every write of a grouped saga, a cancel or deadline at every
+//! write and across a crash, two recovering orchestrators, a version refused then
+//! migrated. The cases need a
 //! multi-threaded tokio runtime (`#[tokio::test(flavor = "multi_thread")]`).
 //!
 //! ```
