@@ -391,6 +391,10 @@ impl KafkaPublisher {
 }
 
 impl Publisher for KafkaPublisher {
+    fn system(&self) -> &'static str {
+        sd_core::observe::backend::KAFKA
+    }
+
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         // Queued before the future, in order: the records borrow `events`.
         let (generation, producer) = self.producer.current();

@@ -181,6 +181,28 @@
 //! The measured figures are in
 //! [benches/RESULTS.md](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Metrics and spans
+//!
+//! With feature `metrics` (and `postgres`), the outbox table and its relays report
+//! through the `metrics` facade; install the exporter's recorder before building them
+//! (handles are registered then). `sd.name` is the outbox table; `messaging.system` is the
+//! sink's [`Publisher::system`].
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.outbox.enqueued` | counter | events | `sd.name` |
+//! | `messaging.client.sent.messages` | counter | messages | `sd.name`, `messaging.system`, `messaging.operation.name` (`publish`) |
+//! | `messaging.client.operation.duration` | histogram | s | `sd.name`, `messaging.system`, `messaging.operation.name` |
+//! | `sd.outbox.publish.failures` | counter | attempts | `sd.name`, `messaging.system`, `messaging.operation.name` |
+//! | `sd.outbox.dead_letters` | counter | events | `sd.name` |
+//! | `sd.outbox.oldest_unpublished.age` | gauge | s | `sd.name` |
+//!
+//! `enqueued` counts writes whose transaction may still roll back; `sent` counts what the
+//! sink acknowledged (a redelivery counts again). Each relay reads the oldest unpublished
+//! row's age when it starts and then every 10 s. A relay runs in an `outbox.relay` span,
+//! each batch in `outbox.relay.batch`, and each call of the sink in `outbox.publish` with
+//! `sd.name`, `messaging.system` and `sd.operation`. The memory outbox reports nothing.
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -190,6 +212,8 @@
 //! - `nats`: the NATS JetStream sink (async-nats 0.50, JetStream only).
 //! - `kafka`: the Kafka sink (rdkafka 0.38 with its bundled librdkafka, built from C;
 //!   an idempotent producer, no Kafka transactions).
+//! - `metrics`: the outbox's and relay's metrics through the `metrics` facade (see
+//!   [Metrics and spans](#metrics-and-spans)).
 //! - `test-util`: the `conformance` module, the [`Publisher`] contract as a suite of
 //!   checks that any sink (a new broker, or a [`BoxPublisher`]) can run.
 //!
@@ -206,6 +230,8 @@
 
 mod error;
 mod message;
+#[cfg(feature = "postgres")]
+mod observe;
 mod publisher;
 mod retry;
 

@@ -116,6 +116,10 @@ impl JetStreamPublisher {
 }
 
 impl Publisher for JetStreamPublisher {
+    fn system(&self) -> &'static str {
+        sd_core::observe::backend::NATS
+    }
+
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         // Everything borrowed from `events` is built before the future, so it is 'static.
         let messages: Vec<_> = events

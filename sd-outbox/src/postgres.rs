@@ -21,7 +21,7 @@
 /// and the public `table`, `migrate` and `migrator`, each with the docs the type gives.
 macro_rules! table_handle {
     (
-        $ty:ident {
+        $ty:ident($meters:ty) {
             $(#[$table:meta])* table,
             $(#[$migrate:meta])* migrate,
             $(#[$migrator:meta])* migrator $(,)?
@@ -53,12 +53,19 @@ macro_rules! table_handle {
         }
 
         impl $ty {
-            fn from_parts(pool: PgPool, table: String, insert: String, migrator: Migrator) -> Self {
+            fn from_parts(
+                pool: PgPool,
+                table: String,
+                insert: String,
+                migrator: Migrator,
+                meters: $meters,
+            ) -> Self {
                 $ty {
                     pool,
                     table,
                     insert,
                     migrator: Arc::new(migrator),
+                    meters,
                 }
             }
 
@@ -139,7 +146,10 @@ impl OutboxBuilder {
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
             self.table
         );
-        Ok(Outbox::from_parts(pool, self.table, insert, migrator))
+        let meters = crate::observe::OutboxMeters::new(&self.table);
+        Ok(Outbox::from_parts(
+            pool, self.table, insert, migrator, meters,
+        ))
     }
 }
 
@@ -150,10 +160,11 @@ pub struct Outbox {
     table: String,
     insert: String,
     migrator: Arc<Migrator>,
+    meters: crate::observe::OutboxMeters,
 }
 
 table_handle! {
-    Outbox {
+    Outbox(crate::observe::OutboxMeters) {
         /// The table name (also the NOTIFY channel).
         table,
         /// Creates the table, its indexes, the lanes and the notify trigger if missing,
@@ -242,6 +253,7 @@ impl Outbox {
             .bind(headers)
             .execute(&mut **tx)
             .await?;
+        self.meters.enqueued();
         Ok(id)
     }
 

@@ -25,11 +25,22 @@ use crate::message::Event;
 pub trait Publisher: Send + Sync + 'static {
     /// Sends `events` in order and waits for the broker's acknowledgements.
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send;
+
+    /// The broker, as OpenTelemetry's `messaging.system` names it (`redis`, `nats`,
+    /// `kafka`, `memory`): the label of the relay's metrics and spans. A sink of your
+    /// own may keep the default, `"custom"`.
+    fn system(&self) -> &'static str {
+        "custom"
+    }
 }
 
 impl<P: Publisher> Publisher for Arc<P> {
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         (**self).publish(events)
+    }
+
+    fn system(&self) -> &'static str {
+        (**self).system()
     }
 }
 
@@ -39,6 +50,7 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 trait DynPublisher: Send + Sync + 'static {
     fn publish<'a>(&'a self, events: &'a [Event]) -> BoxFuture<'a, Result<()>>;
     fn type_name(&self) -> &'static str;
+    fn system(&self) -> &'static str;
 }
 
 impl<P: Publisher> DynPublisher for P {
@@ -47,6 +59,9 @@ impl<P: Publisher> DynPublisher for P {
     }
     fn type_name(&self) -> &'static str {
         std::any::type_name::<P>()
+    }
+    fn system(&self) -> &'static str {
+        Publisher::system(self)
     }
 }
 
@@ -97,6 +112,10 @@ impl Publisher for BoxPublisher {
     async fn publish(&self, events: &[Event]) -> Result<()> {
         self.inner.publish(events).await
     }
+
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
 }
 
 /// Keeps published events in memory, in publish order: for tests, demos and for
@@ -138,6 +157,10 @@ impl MemoryPublisher {
 }
 
 impl Publisher for MemoryPublisher {
+    fn system(&self) -> &'static str {
+        sd_core::observe::backend::MEMORY
+    }
+
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         self.lock().extend_from_slice(events);
         std::future::ready(Ok(()))

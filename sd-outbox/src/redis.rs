@@ -94,6 +94,10 @@ impl<C> Publisher for RedisStreamsPublisher<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    fn system(&self) -> &'static str {
+        sd_core::observe::backend::REDIS
+    }
+
     fn publish(&self, events: &[Event]) -> impl Future<Output = Result<()>> + Send {
         let mut pipe = redis::pipe();
         for event in events {

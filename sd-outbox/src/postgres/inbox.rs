@@ -29,7 +29,7 @@ impl InboxBuilder {
             "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             self.table
         );
-        Ok(Inbox::from_parts(pool, self.table, insert, migrator))
+        Ok(Inbox::from_parts(pool, self.table, insert, migrator, ()))
     }
 }
 
@@ -47,10 +47,13 @@ pub struct Inbox {
     table: String,
     insert: String,
     migrator: Arc<Migrator>,
+    /// The inbox reports nothing of its own.
+    #[allow(dead_code)]
+    meters: (),
 }
 
 table_handle! {
-    Inbox {
+    Inbox(()) {
         /// The table name.
         table,
         /// Creates the table if it is missing, through sd-core's [`Migrator`] (one

@@ -71,6 +71,7 @@ use tracing::Instrument as _;
 use super::{EVENT_COLUMNS, LANE, LANES, Outbox, event_from_row, one_part};
 use crate::error::{Error, Result};
 use crate::message::Event;
+use crate::observe::RelayMeters;
 use crate::publisher::Publisher;
 use crate::retry::{attempts_limit, check_relay_options, default_retry};
 use sd_core::RetryPolicy;
@@ -131,6 +132,7 @@ struct Inner<P> {
     lock_key: String,
     sql: Sql,
     counters: Arc<Counters>,
+    meters: RelayMeters,
 }
 
 /// Publishes the outbox's rows through a [`Publisher`]; see the [module docs](crate::postgres::relay).
@@ -185,6 +187,7 @@ impl<P: Publisher> Relay<P> {
         }));
         let mut sweeper = Sweeper {
             last: Instant::now(),
+            observed: None,
         };
         match inner.options.mode {
             Mode::Parallel => {
@@ -199,7 +202,14 @@ impl<P: Publisher> Relay<P> {
 
 struct Sweeper {
     last: Instant,
+    /// When the oldest unpublished row's age was last read (feature `metrics`).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    observed: Option<Instant>,
 }
+
+/// How often a relay reads the age of the oldest unpublished row for its gauge.
+#[cfg(feature = "metrics")]
+const OBSERVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// True once shutdown was asked for (or nobody can ask any more).
 fn stopping(shutdown: &watch::Receiver<bool>) -> bool {

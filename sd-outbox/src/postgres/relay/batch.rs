@@ -116,6 +116,17 @@ impl<P: Publisher> Inner<P> {
     }
 
     async fn maybe_sweep(&self, sweeper: &mut Sweeper) {
+        #[cfg(feature = "metrics")]
+        if sweeper
+            .observed
+            .is_none_or(|at| at.elapsed() >= OBSERVE_INTERVAL)
+        {
+            sweeper.observed = Some(Instant::now());
+            match self.options.outbox.stats().await {
+                Ok(stats) => self.meters.oldest(stats.oldest_pending_age),
+                Err(e) => tracing::debug!(error = %e, "outbox lag not read"),
+            }
+        }
         let Some(retention) = self.options.retention else {
             return;
         };
@@ -244,13 +255,24 @@ impl<P: Publisher> Inner<P> {
         if events.is_empty() {
             return tx.done(None).await.map(|()| None);
         }
-        let (published, failure) = match self.options.publisher.publish(events).await {
+        let publisher = &self.options.publisher;
+        let span = tracing::debug_span!(
+            "outbox.publish",
+            sd.name = %self.options.outbox.table,
+            messaging.system = publisher.system(),
+            sd.operation = sd_core::observe::operation::PUBLISH,
+            events = events.len(),
+        );
+        let start = Instant::now();
+        let answer = publisher.publish(events).instrument(span).await;
+        let (published, failure) = match answer {
             Ok(()) => (events.len(), None),
             Err(Error::Publish { published, reason }) => {
                 (published.min(events.len()), Some(reason))
             }
             Err(other) => (0, Some(other.to_string())),
         };
+        self.meters.published(start, published, failure.is_some());
         let ids: Vec<uuid::Uuid> = events[..published].iter().map(|e| e.id).collect();
         let Some(reason) = failure else {
             // The common case: mark (and commit) in one round trip.
@@ -284,6 +306,7 @@ impl<P: Publisher> Inner<P> {
         self.counters.published(published);
         if status.as_deref() == Some("dead") {
             self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            self.meters.dead_lettered();
             tracing::warn!(id = %failed.id, attempts = attempt, error = %reason, "outbox event dead-lettered");
             Ok(Some(Duration::ZERO))
         } else {

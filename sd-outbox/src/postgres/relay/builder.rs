@@ -187,6 +187,7 @@ impl<P: Publisher> RelayBuilder<P> {
                 lock_key,
                 sql,
                 counters: Arc::new(Counters::default()),
+                meters: RelayMeters::new(&self.outbox.table, self.publisher.system()),
                 options: RelayBuilder {
                     max_attempts: attempts_limit(self.max_attempts, &self.retry),
                     ..self
