@@ -519,7 +519,7 @@ where
             if now >= e.refresh_from {
                 self.maybe_refresh(&key, e, Duration::from_nanos(now), load);
             }
-            return Resolve::Hit(std::future::ready(Ok(current.and_then(|e| e.value))));
+            return Resolve::Hit(Some(current.and_then(|e| e.value)));
         }
         let now = Duration::from_nanos(now);
         Resolve::Miss(Box::pin(
@@ -681,6 +681,7 @@ where
     /// otherwise, counting nothing (the caller goes on to [`Self::resolve`]).
     /// `now` (nanoseconds) must come from this cache's clock.
     #[cfg(feature = "redis")]
+    #[inline]
     pub(crate) fn peek_at<Q>(&self, key: &Q, want_value: bool, now: u64) -> Option<Option<V>>
     where
         K: std::borrow::Borrow<Q>,
@@ -747,17 +748,24 @@ where
 }
 
 /// The future of [`Cache::resolve`]: a hit, answered when it was called, or a miss.
+/// A hit holds only its value (`None` for a cached "not found"), not a whole
+/// `Result`, so the future stays small and the hit path copies little.
 pub(crate) enum Resolve<'a, V> {
-    Hit(std::future::Ready<Shared<V>>),
+    Hit(Option<Option<V>>),
     Miss(Pin<Box<dyn Future<Output = Shared<V>> + Send + 'a>>),
 }
+
+impl<V> Unpin for Resolve<'_, V> {}
 
 impl<V> Future for Resolve<'_, V> {
     type Output = Shared<V>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Shared<V>> {
         match self.get_mut() {
-            Resolve::Hit(ready) => Pin::new(ready).poll(cx),
+            Resolve::Hit(hit) => Poll::Ready(Ok(hit
+                .take()
+                .expect("a cache read's future polled after it completed"))),
             Resolve::Miss(miss) => miss.as_mut().poll(cx),
         }
     }

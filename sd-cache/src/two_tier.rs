@@ -204,9 +204,10 @@ where
     /// # Errors
     ///
     /// As [`RedisCache::get`].
+    #[inline]
     pub fn get<'a>(&'a self, key: &'a str) -> impl Future<Output = Result<Option<V>>> + Send + 'a {
         match self.inner.hit(key, false) {
-            Some(v) => Resolve::Hit(std::future::ready(Ok(v))),
+            Some(v) => Resolve::Hit(Some(v)),
             None => Resolve::Miss(Box::pin(self.get_from_redis(key))),
         }
     }
@@ -298,7 +299,7 @@ where
         Fut: Future<Output = crate::memory::Load<V>> + Send + 'static,
     {
         match self.inner.hit(key, want_value) {
-            Some(v) => Resolve::Hit(std::future::ready(Ok(v))),
+            Some(v) => Resolve::Hit(Some(v)),
             None => Resolve::Miss(Box::pin(self.resolve_slow(key, load, want_value))),
         }
     }

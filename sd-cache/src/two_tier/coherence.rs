@@ -14,6 +14,7 @@ where
     }
 
     /// A memory hit needing no refresh, while the lease is live: one clock read for both.
+    #[inline]
     pub(super) fn hit(&self, key: &str, want_value: bool) -> Option<Option<V>> {
         let now = self.clock.now_nanos();
         if now >= self.serving_until.load(Ordering::Acquire) {
