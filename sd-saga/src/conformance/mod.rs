@@ -105,6 +105,7 @@ cases! {
     recovery_honours_a_cancel_or_deadline_written_before,
     two_orchestrators_recover_parallel_sagas_each_once,
     a_saga_is_recovered_only_under_its_definition_version,
+    a_stuck_branch_is_resumed_alone,
 }
 
 /// The data of every test saga: the names of the steps that ran.

@@ -462,3 +462,46 @@ pub async fn a_saga_is_recovered_only_under_its_definition_version<S: SagaStore 
     };
     assert_eq!(data.len(), 6);
 }
+
+/// The contract: a branch that gives up for good leaves the saga stuck (a retriable one,
+/// or a compensation), and resume retries only that branch.
+pub async fn a_stuck_branch_is_resumed_alone<S: SagaStore + Clone>(store: S) {
+    let ledger = Arc::new(Ledger::default());
+    let shape = Shape {
+        kinds: GROUPED,
+        ..Shape::default()
+    };
+    let orch = orchestrator(&saga(&ledger, &shape), store, "a");
+    // Past the pivot: retriable branch 5 fails every time, its sibling 6 succeeds.
+    ledger.fault(5, Direction::Forward, Some(Fault::Always));
+    let outcome = orch.run("gs-1", vec![]).await.unwrap();
+    reason_of(outcome, SagaState::Stuck, "step `s5` failed");
+    assert_effects(&ledger, "gs-1", GROUPED, &[0, 1, 2, 3, 4, 6], &[]);
+    ledger.fault(5, Direction::Forward, None);
+    let done = orch.resume("gs-1").await.unwrap();
+    assert_eq!(done.state(), SagaState::Completed);
+    assert_eq!(
+        ledger.calls("gs-1", 6, Direction::Forward),
+        1,
+        "6 is not run again"
+    );
+    assert_effects(&ledger, "gs-1", GROUPED, &[0, 1, 2, 3, 4, 5, 6], &[]);
+    // Before the pivot: the pivot refuses, branch 2's compensation fails every time.
+    ledger.fault_for("gs-2", 4, Direction::Forward, Fault::Permanent);
+    ledger.fault(2, Direction::Compensate, Some(Fault::Always));
+    let outcome = orch.run("gs-2", vec![]).await.unwrap();
+    reason_of(
+        outcome,
+        SagaState::Stuck,
+        "compensation of step `s2` failed",
+    );
+    assert_effects(&ledger, "gs-2", GROUPED, &[0, 1, 2, 3], &[1, 3]);
+    ledger.fault(2, Direction::Compensate, None);
+    let done = orch.resume("gs-2").await.unwrap();
+    assert_eq!(done.state(), SagaState::Compensated);
+    for step in [1, 3] {
+        let calls = ledger.calls("gs-2", step, Direction::Compensate);
+        assert_eq!(calls, 1, "compensation of {step} is not run again");
+    }
+    assert_effects(&ledger, "gs-2", GROUPED, &[0, 1, 2, 3], &[0, 1, 2, 3]);
+}
