@@ -113,10 +113,34 @@
 //! run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Metrics and spans
+//!
+//! With feature `metrics`, a pool reports through the `metrics` facade; install the
+//! exporter's recorder before building the pool (handles are registered then). `sd.name`
+//! is the pool's name (`PoolBuilder::name`, default `"default"`).
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.pool.jobs` | counter | jobs | `sd.name`, `sd.outcome` (`ok`, `error`, `panicked`, `rejected`, `cancelled`) |
+//! | `sd.pool.queue.depth` | gauge | jobs | `sd.name` |
+//! | `sd.pool.in_flight` | gauge | jobs | `sd.name` |
+//! | `sd.pool.queue.wait_time` | histogram | s | `sd.name` |
+//! | `sd.pool.job.duration` | histogram | s | `sd.name` |
+//!
+//! `rejected` counts jobs refused because a bound was reached (`try_submit`'s
+//! `Error::Full`, a `submit_timeout` that timed out); `error` counts jobs whose output is
+//! a failure ([`Outcome`]). The gauges are set under the pool's lock whenever a job is
+//! accepted, finishes or is cancelled. The queue wait is shaped as OpenTelemetry's
+//! `db.client.connection.wait_time` (the time before a slot was free), under the pool's
+//! own name since a job is not a database connection. Each job runs in a `pool.job` span
+//! with `sd.name` and the job's id.
+//!
 //! # Crate features
 //!
 //! None is on by default.
 //!
+//! - `metrics`: the pool's metrics through the `metrics` facade (see
+//!   [Metrics and spans](#metrics-and-spans)).
 //! - `redis`: `redis::StreamConsumer`, a Redis Streams consumer group on top of the pool,
 //!   with a delivery limit and a dead-letter stream.
 //! - `kafka`: `kafka::KafkaConsumer`, a Kafka consumer-group member on top of the pool
@@ -136,6 +160,7 @@
 mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod observe;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;

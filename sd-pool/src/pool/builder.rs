@@ -11,6 +11,7 @@ pub struct PoolBuilder {
     max_key_backlog: Option<usize>,
     max_watermark_window: usize,
     on_panic: Option<PanicHook>,
+    name: String,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -67,6 +68,14 @@ impl PoolBuilder {
         self
     }
 
+    /// The pool's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`) and field of its job spans. Name it after its work
+    /// (`"emails"`), never after a job: a label's values must stay few.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// Builds the pool on the current tokio runtime.
     ///
     /// # Errors
@@ -105,6 +114,8 @@ impl PoolBuilder {
                     max_key_backlog
                 },
                 on_panic: self.on_panic,
+                meters: crate::observe::PoolMeters::new(&self.name),
+                name: self.name,
                 shutting_down: AtomicBool::new(false),
                 state: Mutex::new(State {
                     limit: max_concurrency,
@@ -149,6 +160,7 @@ impl Pool {
             max_key_backlog: None,
             max_watermark_window: 1024,
             on_panic: None,
+            name: sd_core::observe::DEFAULT_NAME.to_owned(),
         }
     }
 }

@@ -18,6 +18,8 @@ pub use metrics::Metrics;
 pub use shutdown::{Drained, ReturnedJob, Shutdown};
 
 use std::collections::hash_map::DefaultHasher;
+
+use crate::observe::JobEnd;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -28,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use futures::FutureExt;
 use futures::StreamExt;
@@ -76,6 +79,9 @@ struct Shared {
     queue_capacity: usize,
     max_key_backlog: usize,
     on_panic: Option<PanicHook>,
+    meters: crate::observe::PoolMeters,
+    /// The `sd.name` of metrics and job spans.
+    name: String,
     /// Set by `shutdown_now` (under the lock, beside `State::shut`), so a worker spawned
     /// just before it does not start its job.
     shutting_down: AtomicBool,
@@ -262,10 +268,14 @@ impl Pool {
                 job,
             }),
             Err(Blocked::Invalid(error)) => Err(Rejected { error, job }),
-            Err(Blocked::Bound(bound, limit)) => Err(Rejected {
-                error: Error::Full { bound, limit },
-                job,
-            }),
+            Err(Blocked::Bound(bound, limit)) => {
+                drop(st);
+                self.shared.meters.ended(JobEnd::Rejected);
+                Err(Rejected {
+                    error: Error::Full { bound, limit },
+                    job,
+                })
+            }
         }
     }
 
@@ -313,6 +323,7 @@ impl Pool {
                 if let Some((at, waited)) = deadline
                     && Instant::now() >= at
                 {
+                    shared.meters.ended(JobEnd::Rejected);
                     return Err(Rejected {
                         error: Error::Timeout {
                             after: waited,

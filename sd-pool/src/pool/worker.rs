@@ -128,6 +128,7 @@ impl Shared {
             }
         }
         st.metrics.queued_peak = st.metrics.queued_peak.max(st.queued());
+        self.meters.state(st.queued(), st.running);
         (JobHandle { id, rx }, launch)
     }
 
@@ -182,13 +183,19 @@ impl Shared {
         let m = &mut st.metrics;
         m.queue_time_total += queue_time;
         m.queue_time_max = m.queue_time_max.max(queue_time);
-        match finished {
+        let end = match finished {
             Finished::Done { failed } => {
                 m.completed += 1;
                 m.failed += u64::from(*failed);
+                if *failed { JobEnd::Error } else { JobEnd::Ok }
             }
-            Finished::Panicked(_) => m.panicked += 1,
-        }
+            Finished::Panicked(_) => {
+                m.panicked += 1;
+                JobEnd::Panicked
+            }
+        };
+        self.meters.ended(end);
+        self.meters.timed(queue_time, run_time);
         m.run_time_total += run_time;
         m.run_time_max = m.run_time_max.max(run_time);
         release(&mut st, &meta);
@@ -204,6 +211,7 @@ impl Shared {
             st.running -= 1;
             free_worker(&mut st, wid);
         }
+        self.meters.state(st.queued(), st.running);
         let notify_room = std::mem::take(&mut st.room_wanted);
         let notify_idle = st.closed && st.running == 0 && st.queued() == 0;
         drop(st);
@@ -276,6 +284,8 @@ impl Drop for WorkerGuard {
         release(&mut st, &meta);
         st.running -= 1;
         free_worker(&mut st, self.wid);
+        self.shared.meters.ended(JobEnd::Cancelled);
+        self.shared.meters.state(st.queued(), st.running);
         let idle = st.running == 0 && st.queued() == 0;
         let room = std::mem::take(&mut st.room_wanted);
         drop(st);
@@ -309,8 +319,10 @@ fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output 
             let meta = job.meta;
             guard.current = Some(meta);
             // A run always yields once before it ends; the fallback is never taken.
+            let span =
+                tracing::debug_span!("pool.job", sd.name = %guard.shared.name, job = meta.id);
             let finished =
-                job.run.next().await.unwrap_or_else(|| {
+                job.run.next().instrument(span).await.unwrap_or_else(|| {
                     Finished::Panicked("the job ended without a result".to_owned())
                 });
             guard.current = None;

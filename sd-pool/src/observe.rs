@@ -1,0 +1,106 @@
+//! What a pool reports (feature `metrics`): jobs by outcome, queue depth, jobs in flight,
+//! time queued and time run, under the names and labels of `sd_core::observe`.
+//!
+//! Handles are registered when the pool is built; without the feature this is a
+//! zero-sized type whose methods do nothing. Gauges are set under the pool's lock, so
+//! they never go backwards out of order.
+
+use std::time::Duration;
+
+#[cfg(feature = "metrics")]
+use sd_core::observe::{self, Labels, label, outcome};
+
+/// How a job ended, for `sd.pool.jobs`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum JobEnd {
+    Ok = 0,
+    Error = 1,
+    Panicked = 2,
+    Rejected = 3,
+    Cancelled = 4,
+}
+
+/// A pool's metric handles.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolMeters {
+    #[cfg(feature = "metrics")]
+    jobs: [metrics::Counter; 5],
+    #[cfg(feature = "metrics")]
+    queued: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    running: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    wait: metrics::Histogram,
+    #[cfg(feature = "metrics")]
+    run: metrics::Histogram,
+}
+
+impl PoolMeters {
+    /// The handles of the pool `name`, registered with the recorder installed now.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: &str) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            let labels = Labels::new().with(label::NAME, name);
+            let jobs = [
+                outcome::OK,
+                outcome::ERROR,
+                outcome::PANICKED,
+                outcome::REJECTED,
+                outcome::CANCELLED,
+            ]
+            .map(|o| {
+                observe::counter(
+                    "sd.pool.jobs",
+                    "pool jobs by how they ended",
+                    &labels.clone().with(label::OUTCOME, o),
+                )
+            });
+            PoolMeters {
+                jobs,
+                queued: observe::gauge(
+                    "sd.pool.queue.depth",
+                    None,
+                    "jobs accepted and not started",
+                    &labels,
+                ),
+                running: observe::gauge("sd.pool.in_flight", None, "jobs running", &labels),
+                wait: observe::histogram(
+                    "sd.pool.queue.wait_time",
+                    "time a job waited in the queue before it started",
+                    &labels,
+                ),
+                run: observe::histogram("sd.pool.job.duration", "time a job ran", &labels),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        PoolMeters {}
+    }
+
+    /// Counts a job that ended as `end`.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn ended(&self, end: JobEnd) {
+        #[cfg(feature = "metrics")]
+        self.jobs[end as usize].increment(1);
+    }
+
+    /// Records a finished job's time queued and time run.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn timed(&self, queued: Duration, ran: Duration) {
+        #[cfg(feature = "metrics")]
+        {
+            self.wait.record(queued.as_secs_f64());
+            self.run.record(ran.as_secs_f64());
+        }
+    }
+
+    /// Sets the gauges to the pool's state now (call under its lock).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn state(&self, queued: usize, running: usize) {
+        #[cfg(feature = "metrics")]
+        {
+            self.queued.set(queued as f64);
+            self.running.set(running as f64);
+        }
+    }
+}
