@@ -1,4 +1,4 @@
-//! The contract every [`Lock`] and every [`Semaphore`] honours, as functions that take any backend and assert it
+//! The contract every [`Lock`], [`Semaphore`] and [`Election`] honours, as functions that take any backend and assert it
 //! (feature `test-util`). sd-lock's own backends run them; a new backend, or a
 //! [`BoxLock`](crate::BoxLock) chosen from configuration, runs the same.
 //!
@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::election::Election;
 use crate::fence::FencedRegister;
 use crate::semaphore::{Permit, Semaphore};
 use crate::{Error, Lock, Release};
@@ -391,4 +392,88 @@ pub async fn semaphore_contract<S: Semaphore>(semaphore: &S, resource: &str, ttl
     for p in full {
         assert_eq!(semaphore.release(p).await.unwrap(), Release::Released);
     }
+}
+
+/// Contract checks every [`Election`] honours; `ttl` is the election's term TTL (short
+/// enough to wait out).
+pub async fn election_contract<E: Election>(election: &E, name: &str, ttl: Duration) {
+    assert!(matches!(
+        election.try_campaign("", "a").await,
+        Err(Error::EmptyResource)
+    ));
+    assert_eq!(election.observe(name).await.unwrap(), None);
+    let mut a = election.try_campaign(name, "a").await.unwrap();
+    assert_eq!((a.name(), a.value()), (name, "a"));
+    let seen = election.observe(name).await.unwrap().unwrap();
+    assert_eq!((seen.value.as_str(), seen.token), ("a", a.token()));
+    assert!(matches!(
+        election.try_campaign(name, "b").await,
+        Err(e) if e.is_contention()
+    ));
+    election.renew(&mut a).await.unwrap();
+    // Resigning lets the next candidate in at once, in a newer term.
+    assert_eq!(election.resign(a.clone()).await.unwrap(), Release::Released);
+    assert_eq!(election.observe(name).await.unwrap(), None);
+    let mut b = election.try_campaign(name, "b").await.unwrap();
+    assert!(b.token() > a.token());
+    // A deposed leader can neither renew nor end the new term.
+    assert!(matches!(
+        election.renew(&mut a).await,
+        Err(Error::LeaseExpired { .. })
+    ));
+    assert_eq!(election.resign(a).await.unwrap(), Release::Expired);
+    assert_eq!(
+        election.observe(name).await.unwrap().map(|l| l.token),
+        Some(b.token())
+    );
+    // A term not renewed ends; the next one is newer.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(matches!(
+        election.renew(&mut b).await,
+        Err(Error::LeaseExpired { .. })
+    ));
+    let c = election
+        .campaign(name, "c", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(c.token() > b.token());
+    assert_eq!(election.resign(b).await.unwrap(), Release::Expired);
+    assert_eq!(election.resign(c).await.unwrap(), Release::Released);
+}
+
+/// `tasks` candidates each win `terms` terms of election `name`, write through one
+/// fenced register with the term's token, and resign. Asserts never two leaders at once,
+/// every term's token newer than the last, and no lost write.
+pub async fn one_leader_at_a_time<E: Election + Clone + 'static>(
+    election: E,
+    name: &str,
+    tasks: usize,
+    terms: usize,
+) {
+    let register = Arc::new(FencedRegister::new(0_u64));
+    let inside = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for n in 0..tasks {
+        let (election, register, inside) = (election.clone(), register.clone(), inside.clone());
+        let name = name.to_owned();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..terms {
+                let value = format!("candidate-{n}");
+                let term = election
+                    .campaign(&name, &value, Duration::from_secs(120))
+                    .await
+                    .unwrap();
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two leaders");
+                let v = register.read(term.token()).unwrap();
+                tokio::task::yield_now().await;
+                register.write(term.token(), v + 1).unwrap();
+                inside.fetch_sub(1, Ordering::SeqCst);
+                assert_eq!(election.resign(term).await.unwrap(), Release::Released);
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(register.peek(), (tasks * terms) as u64, "lost write");
 }

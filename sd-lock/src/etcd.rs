@@ -153,12 +153,14 @@ impl EtcdLock {
 
     /// [`crate::Lock::extend`]: one keep-alive, then a check that the key is still ours.
     pub async fn extend(&self, lease: &mut Lease, ttl: Duration) -> Result<()> {
-        extend_key(&self.client, self.key(&lease.resource), lease, ttl).await
+        let mine = holds(self.key(&lease.resource), lease);
+        extend_key(&self.client, mine, lease, ttl).await
     }
 
     /// [`crate::Lock::release`]: delete the key if ours, revoke the lease.
     pub async fn release(&self, lease: Lease) -> Result<Release> {
-        release_key(&self.client, self.key(&lease.resource), &lease).await
+        let key = self.key(&lease.resource);
+        release_key(&self.client, key.clone(), holds(key, &lease), &lease).await
     }
 }
 
@@ -205,7 +207,7 @@ pub(crate) async fn put_new(
     let revision = reply.header().map(|h| h.revision()).unwrap_or(0);
     let (Ok(token), Some(validity)) = (u64::try_from(revision), lease::validity(ttl, elapsed))
     else {
-        let _ = release_key(&client, key, &lease).await;
+        let _ = release_key(&client, key.clone(), holds(key, &lease), &lease).await;
         return Err(Error::ValidityExhausted {
             resource: resource.to_owned(),
             ttl,
@@ -217,11 +219,16 @@ pub(crate) async fn put_new(
     Ok(Some(lease))
 }
 
-/// One keep-alive for `lease`'s etcd lease, then a check that `key` still holds its
-/// value. etcd cannot change a lease's TTL: the granted TTL applies.
+/// The holder's check: `key` still holds `lease`'s holder value.
+pub(crate) fn holds(key: String, lease: &Lease) -> Compare {
+    Compare::value(key, CompareOp::Equal, lease.holder.clone())
+}
+
+/// A check that `mine` still holds, then one keep-alive for `lease`'s etcd lease. etcd
+/// cannot change a lease's TTL: the granted TTL applies.
 pub(crate) async fn extend_key(
     client: &Client,
-    key: String,
+    mine: Compare,
     lease: &mut Lease,
     ttl: Duration,
 ) -> Result<()> {
@@ -236,16 +243,17 @@ pub(crate) async fn extend_key(
     }
     let mut client = client.clone();
     let start = Instant::now();
+    // Our key first: a term or lease given up (its key deleted) is over even while its
+    // etcd lease is kept alive.
+    if !client.txn(Txn::new().when([mine])).await?.succeeded() {
+        return Err(expired());
+    }
     let (mut keeper, mut stream) = client.lease_keep_alive(lease.handle).await?;
     keeper.keep_alive().await?;
     let granted = match stream.message().await? {
         Some(reply) if reply.ttl() > 0 => reply.ttl(),
         _ => return Err(expired()),
     };
-    let mine = Txn::new().when([Compare::value(key, CompareOp::Equal, lease.holder.clone())]);
-    if !client.txn(mine).await?.succeeded() {
-        return Err(expired());
-    }
     let granted = Duration::from_secs(u64::try_from(granted).unwrap_or(0));
     let ttl = lease.ttl.min(granted);
     match lease::validity(ttl, start.elapsed()) {
@@ -258,16 +266,15 @@ pub(crate) async fn extend_key(
     }
 }
 
-/// Deletes `key` if it holds `lease`'s value, then revokes the etcd lease.
-pub(crate) async fn release_key(client: &Client, key: String, lease: &Lease) -> Result<Release> {
+/// Deletes `key` if `mine` holds, then revokes `lease`'s etcd lease.
+pub(crate) async fn release_key(
+    client: &Client,
+    key: String,
+    mine: Compare,
+    lease: &Lease,
+) -> Result<Release> {
     let mut client = client.clone();
-    let txn = Txn::new()
-        .when([Compare::value(
-            key.clone(),
-            CompareOp::Equal,
-            lease.holder.clone(),
-        )])
-        .and_then([TxnOp::delete(key, None)]);
+    let txn = Txn::new().when([mine]).and_then([TxnOp::delete(key, None)]);
     let deleted = client.txn(txn).await?.succeeded();
     // The lease may be gone already (expired): that is not an error here.
     let _ = client.lease_revoke(lease.handle).await;

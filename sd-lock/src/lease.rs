@@ -158,6 +158,18 @@ pub(crate) fn validate_ttl(ttl: Duration, min: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Checks the `timeout` setter's value of a backend: above zero.
+#[allow(dead_code)] // used by the network backends
+pub(crate) fn check_timeout(timeout: Duration) -> Result<Duration> {
+    if timeout.is_zero() {
+        return Err(Error::InvalidConfig {
+            field: "timeout",
+            reason: "must be above zero; give each request time for a round trip".into(),
+        });
+    }
+    Ok(timeout)
+}
+
 /// Whole milliseconds, rounded up: the server keeps the key at least as long as the
 /// holder believes it holds it.
 #[allow(dead_code)] // used by the network backends

@@ -201,6 +201,7 @@ macro_rules! forward_lock {
 mod boxed;
 #[cfg(feature = "test-util")]
 pub mod conformance;
+pub mod election;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -289,7 +290,7 @@ async fn acquire_with_retry<L: Lock + ?Sized>(
 /// Runs `attempt` until it succeeds or fails with something other than contention,
 /// sleeping as `policy` says between attempts, for at most `max_wait` (one attempt at
 /// least; never a sleep after the last attempt): the wait of [`Lock::acquire`]
-/// and [`Semaphore::acquire`].
+/// [`Semaphore::acquire`] and [`election::Election::campaign`].
 pub(crate) async fn retry_contention<T, F, Fut>(
     policy: RetryPolicy,
     resource: &str,

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use sd_lock::Error;
 use sd_lock::conformance;
 use sd_lock::semaphore::memory::MemorySemaphore;
 
@@ -35,13 +34,7 @@ macro_rules! suite {
     };
 }
 
-/// `built` is `InvalidConfig` naming `field`.
-fn refused<T: std::fmt::Debug>(field: &str, built: Result<T, Error>) {
-    match built {
-        Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
-        other => panic!("{field}: expected InvalidConfig, got {other:?}"),
-    }
-}
+use common::refused;
 
 #[tokio::test(start_paused = true)]
 async fn memory_contract() {
@@ -130,11 +123,7 @@ mod on_postgres {
     {
         let db = sd_testkit::database().expect("postgres");
         common::runtime().block_on(async {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(8)
-                .connect(db.url())
-                .await
-                .unwrap();
+            let pool = common::pg_pool(db.url()).await;
             let sem = PostgresSemaphore::builder(pool.clone())
                 .permits(permits)
                 .retry(fast_retry())

@@ -19,7 +19,7 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 
 use crate::error::Result;
-use crate::etcd::{MIN_TTL, extend_key, put_new, release_key};
+use crate::etcd::{MIN_TTL, extend_key, holds, put_new, release_key};
 use crate::lease::{self, Release, RetryPolicy};
 use crate::semaphore::{Permit, check_permits, free_slot, full};
 
@@ -155,7 +155,8 @@ impl EtcdSemaphore {
     /// check that the slot key is still ours.
     pub async fn renew(&self, permit: &mut Permit, ttl: Duration) -> Result<()> {
         let key = self.key(permit.resource(), permit.slot);
-        extend_key(&self.client, key, &mut permit.lease, ttl).await
+        let mine = holds(key, &permit.lease);
+        extend_key(&self.client, mine, &mut permit.lease, ttl).await
     }
 
     /// [`Semaphore::release`](crate::semaphore::Semaphore::release). A permit past its
@@ -164,7 +165,8 @@ impl EtcdSemaphore {
     pub async fn release(&self, permit: Permit) -> Result<Release> {
         let key = self.key(permit.resource(), permit.slot);
         let valid = permit.is_valid();
-        let released = release_key(&self.client, key, &permit.lease).await?;
+        let mine = holds(key.clone(), &permit.lease);
+        let released = release_key(&self.client, key, mine, &permit.lease).await?;
         Ok(if valid { released } else { Release::Expired })
     }
 }

@@ -113,17 +113,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSemaphoreBuilder<C>
 
     /// The semaphore, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<RedisSemaphore<C>> {
-        if self.timeout.is_zero() {
-            return Err(Error::InvalidConfig {
-                field: "timeout",
-                reason: "must be above zero; give each request time for a round trip".into(),
-            });
-        }
         Ok(RedisSemaphore {
             conn: self.conn,
             prefix: KeyPrefix::parse("prefix", &self.prefix)?,
             permits: check_permits(self.permits)?,
-            timeout: self.timeout,
+            timeout: lease::check_timeout(self.timeout)?,
             retry: self.retry,
         })
     }

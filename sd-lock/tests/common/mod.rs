@@ -54,3 +54,21 @@ pub async fn every_section_lands<L: sd_lock::Lock + Clone + 'static>(
     .await;
     assert_eq!(report.final_value, (tasks * sections) as u64);
 }
+
+/// `built` is `InvalidConfig` naming `field`.
+pub fn refused<T: std::fmt::Debug>(field: &str, built: Result<T, sd_lock::Error>) {
+    match built {
+        Err(sd_lock::Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+        other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+    }
+}
+
+/// A pool of 8 connections to the PostgreSQL database at `url`.
+#[cfg(feature = "postgres")]
+pub async fn pg_pool(url: &str) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(url)
+        .await
+        .unwrap()
+}
