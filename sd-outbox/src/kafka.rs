@@ -41,12 +41,16 @@
 //!   `message.timeout.ms`) fails the batch from that record on. An aggregate type whose
 //!   topic is not a valid Kafka topic name (1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or
 //!   `..`) fails to publish and is eventually dead-lettered.
-//! - **Recovery.** When the broker refuses the producer's id, epoch or sequence
-//!   (fenced, unknown producer id, out-of-order sequence: its idempotence state no
-//!   longer matches the producer's, after a timeout or a broker restart) or librdkafka
-//!   declares its producer failed for good, the batch fails and the publisher replaces
-//!   the producer with a new one, under a new producer id, for the next batch. The relay then sends again from the first record not acknowledged, so
-//!   nothing is lost and each aggregate's first copies stay in order.
+//! - **Recovery.** When a delivery times out, when the broker refuses the producer's
+//!   id, epoch or sequence (fenced, unknown producer id, out-of-order sequence: its
+//!   idempotence state no longer matches the producer's, after a broker restart), or
+//!   when librdkafka declares its producer failed for good, the batch fails and the
+//!   publisher replaces the producer with a new one, under a new producer id, for the
+//!   next batch; the old one is dropped (its queued records purged) once the batches
+//!   still using it are over. The relay then sends again from the first record not
+//!   acknowledged, so nothing is lost and each aggregate's first copies stay in order.
+//!   A broker that is down is therefore met, when it comes back, by a producer with no
+//!   history, rather than one retrying under a bumped epoch.
 //!
 //! # Example
 //!
@@ -107,11 +111,13 @@ const OWN_PROPERTIES: [(&str, &str); 3] = [
     ("delivery.timeout.ms", "`delivery_timeout`"),
 ];
 
-/// Broker answers that refuse the producer's id, epoch or sequence: after one, the
-/// producer's idempotence state no longer matches the broker's (librdkafka bumps the
-/// epoch of an idempotent producer itself after a timeout, which not every broker
-/// accepts), so a new producer takes over.
-const IDENTITY_REFUSED: [RDKafkaErrorCode; 5] = [
+/// Delivery errors after which a new producer takes over: broker answers that refuse
+/// the producer's id, epoch or sequence (its idempotence state no longer matches the
+/// broker's), and a delivery that timed out (librdkafka then bumps the epoch of an
+/// idempotent producer itself and sends its requests again, which not every broker
+/// accepts after a restart; a new producer starts from a new id instead).
+const REPLACE_AFTER: [RDKafkaErrorCode; 6] = [
+    RDKafkaErrorCode::MessageTimedOut,
     RDKafkaErrorCode::ProducerFenced,
     RDKafkaErrorCode::InvalidProducerEpoch,
     RDKafkaErrorCode::OutOfOrderSequenceNumber,
@@ -271,7 +277,8 @@ impl Producer {
                 .map(|code| {
                     (
                         code,
-                        "the broker refused the producer id or epoch".to_owned(),
+                        "a delivery timed out, or the broker refused the producer id or epoch"
+                            .to_owned(),
                     )
                 })
                 .or_else(|| retired[0].client().fatal_error());
@@ -409,7 +416,7 @@ impl Publisher for KafkaPublisher {
                     Ok(Err((e, _))) => {
                         refused = e
                             .rdkafka_error_code()
-                            .filter(|c| IDENTITY_REFUSED.contains(c));
+                            .filter(|c| REPLACE_AFTER.contains(c));
                         Error::publish(i, format!("kafka: {e}"))
                     }
                     Err(_) => Error::publish(i, "kafka: the producer was dropped"),

@@ -1,7 +1,7 @@
 //! The Kafka sink on a real Kafka-API broker (tansu, from sd-testkit), read back with an
 //! rdkafka consumer: the Publisher contract, keys and topics, per-aggregate order over
-//! many partitions, and the PostgreSQL relay through a paused broker. (None is killed under
-//! a producer: see sd-testkit's `kafka` docs for the SQLite engine's fault.)
+//! many partitions, and the PostgreSQL relay through a paused broker and through one
+//! killed and started again on its data.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -306,6 +306,42 @@ fn a_paused_broker_marks_nothing_published_and_then_loses_nothing() {
         );
         assert_eq!(stats.backlog, during as u64);
         broker.resume().unwrap();
+        let per_aggregate = (before + during) / 5;
+        drains_in_order(&outbox, relays, per_aggregate, || {
+            as_rows(&bootstrap, ORDERS)
+        })
+        .await;
+    });
+}
+
+/// The PostgreSQL relay through a broker killed (SIGKILL) under load and started again on
+/// its SQLite data: 100 events are published, the broker is killed, 300 more are written
+/// and fail to publish (their deliveries time out, so the publisher replaces its
+/// producer); the broker is started again after the old producer's last delivery timed
+/// out, and every event arrives, each aggregate's in order, none marked before.
+#[test]
+fn a_killed_broker_restarted_on_its_data_loses_nothing() {
+    let (before, during) = (100, 300);
+    let mut broker = KafkaBroker::start_durable().expect("a tansu broker with the libsql feature");
+    broker.create_topic(ORDERS, 4).unwrap();
+    let bootstrap = broker.bootstrap();
+    let timeout = Duration::from_secs(1);
+    let sink = publisher(&broker, timeout);
+    with_outbox(|outbox| async move {
+        let relays = outage_relays(&outbox, &sink);
+        write_round_robin(&outbox, 0..before).await;
+        eventually("the first events", || drained(&outbox)).await;
+        broker.kill().unwrap();
+        write_round_robin(&outbox, before..before + during).await;
+        failures_seen(&relays).await;
+        // Every delivery queued before the kill has timed out by now.
+        tokio::time::sleep(timeout * 2).await;
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            stats.published, before as u64,
+            "nothing marked meanwhile: {stats:?}"
+        );
+        broker.start_again().unwrap();
         let per_aggregate = (before + during) / 5;
         drains_in_order(&outbox, relays, per_aggregate, || {
             as_rows(&bootstrap, ORDERS)

@@ -38,9 +38,10 @@
 //!   producer's sends are timing out, then started again, serves one fresh producer; a
 //!   send from the old producer (whose epoch librdkafka raised after the timeouts) then
 //!   gets an unknown server error, and from there the storage answers no request, not
-//!   even metadata. Killed and restarted with no sends timing out, it works. So the
-//!   sd-outbox tests kill nothing under a Kafka producer; they freeze the broker
-//!   (`SIGSTOP`) instead.
+//!   even metadata. Killed and restarted with no sends timing out, it works. sd-outbox's
+//!   publisher replaces its producer after a delivery times out, so a broker killed and
+//!   started again after the delivery timeout meets only a fresh producer; its test
+//!   kills the broker that way.
 //!
 //! Re-check these facts when the tansu version changes.
 
