@@ -417,11 +417,13 @@ pub async fn a_saga_is_recovered_only_under_its_definition_version<S: SagaStore 
         ..Shape::default()
     };
     let v2 = orchestrator(&saga(&ledger, &v2_shape), store.clone(), "v2");
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
     let refused = loop {
         let report = v2.recover().await.unwrap();
         if let Some((id, e)) = report.errors.into_iter().next() {
             break (id, e);
         }
+        assert!(tokio::time::Instant::now() < until, "v-1 never reached v2");
         tokio::time::sleep(LEASE / 2).await;
     };
     assert!(
