@@ -1,12 +1,15 @@
-//! The semaphore under the history checker, with holders in child processes: four
-//! holders (this test binary run again with `SD_LOCK_SEMAPHORE_HOLDER` set) share two
-//! permits, each taking a permit, writing through its slot's fence every 20 ms and
-//! giving the permit back, every write logged as a raw event. The test SIGSTOPs two of
-//! them past their leases while the others go on, SIGCONTs them so their late writes
-//! reach the fences, then kills the lock's server (SIGKILL) and starts it again while
-//! all four keep going. The whole history must pass the checker: never more than two
-//! holders whose writes were accepted at once (`history::check_at_most`), and each
-//! slot's fence history passes `history::check_fencing`.
+//! The semaphore and the election under the history checker, with holders in child
+//! processes: four holders (this test binary run again with `SD_LOCK_SEMAPHORE_HOLDER`
+//! set) share two permits of a semaphore, or campaign for one election, each writing
+//! through its slot's fence (the election: one fence, with the term's token) every 20 ms
+//! and giving the permit back or resigning, every write logged as a raw event. The test
+//! SIGSTOPs the holders caught mid-permit (two, or the leader) past their leases while
+//! the others go on, SIGCONTs them so their late writes reach the fences, then kills the
+//! lock's server (SIGKILL) and starts it again while all four keep going. The whole
+//! history must pass the checker: never more than two holders (one leader) whose writes
+//! were accepted at once (`history::check_at_most`), never two leaders accepted with one
+//! term's token (`history::check_one_writer_per_token`), and each slot's fence history
+//! passes `history::check_fencing`.
 //!
 //! Backends: Redis (the fence on a second Redis, so the fences outlive the lock
 //! server's restart without persistence) and PostgreSQL (lock and fence in one
@@ -23,7 +26,8 @@ use std::time::Duration;
 use history::child::{Holder, emit, stop_on_stdin_close};
 use history::fence::Fence;
 use history::{Event, Outcome, now_ns, record};
-use sd_lock::semaphore::{BoxSemaphore, Semaphore};
+use sd_lock::election::{Election, Term};
+use sd_lock::semaphore::{BoxSemaphore, Permit, Semaphore};
 
 const CHILD_ENV: &str = "SD_LOCK_SEMAPHORE_HOLDER";
 const RESOURCE: &str = "psp";
@@ -39,13 +43,26 @@ struct Spec {
     prefix: String,
     ttl_ms: u64,
     who: String,
+    /// `semaphore` (two permits) or `election` (one leader).
+    kind: String,
 }
 
 impl Spec {
+    /// How many holders may write at once: the semaphore's permits, or one leader.
+    fn bound(&self) -> u32 {
+        if self.kind == "election" { 1 } else { PERMITS }
+    }
+
     fn encode(&self) -> String {
         format!(
-            "{} {} {} {} {} {}",
-            self.backend, self.lock_url, self.fence_url, self.prefix, self.ttl_ms, self.who
+            "{} {} {} {} {} {} {}",
+            self.backend,
+            self.lock_url,
+            self.fence_url,
+            self.prefix,
+            self.ttl_ms,
+            self.who,
+            self.kind
         )
     }
 
@@ -58,36 +75,119 @@ impl Spec {
             prefix: f[3].to_owned(),
             ttl_ms: f[4].parse().unwrap(),
             who: f[5].to_owned(),
+            kind: f[6].to_owned(),
         }
     }
 }
 
-/// The semaphore of `spec`, chosen at run time.
-async fn open_semaphore(spec: &Spec) -> BoxSemaphore {
-    let retry = common::backoff(Duration::from_millis(2), Duration::from_millis(20));
-    match spec.backend.as_str() {
-        #[cfg(feature = "redis")]
-        "redis" => BoxSemaphore::new(
-            sd_lock::semaphore::redis::RedisSemaphore::builder(
-                common::manager(&spec.lock_url).await,
-            )
-            .permits(PERMITS)
-            .prefix(&spec.prefix)
-            .retry(retry)
-            .build()
-            .unwrap(),
-        ),
-        #[cfg(feature = "postgres")]
-        "postgres" => BoxSemaphore::new(
-            sd_lock::semaphore::postgres::PostgresSemaphore::builder(
-                history::fence::pg_pool(&spec.lock_url).await,
-            )
-            .permits(PERMITS)
-            .retry(retry)
-            .build()
-            .unwrap(),
-        ),
-        other => panic!("no semaphore backend `{other}` in this build"),
+/// What a holder takes: a permit of the semaphore, or a term of the election.
+enum Grantor {
+    Semaphore(BoxSemaphore),
+    #[cfg(feature = "redis")]
+    RedisElection(sd_lock::election::redis::RedisElection<redis::aio::ConnectionManager>),
+    #[cfg(feature = "postgres")]
+    PostgresElection(sd_lock::election::postgres::PostgresElection),
+}
+
+/// A permit or a term held.
+enum Grant {
+    Permit(Permit),
+    Term(Term),
+}
+
+impl Grant {
+    /// The token, the slot (0 for a term) and the fence to write through.
+    fn parts(&self) -> (u64, u32, String) {
+        match self {
+            Grant::Permit(p) => (p.token().0, p.slot(), p.fence_resource()),
+            Grant::Term(t) => (t.token().0, 0, format!("{RESOURCE}#0")),
+        }
+    }
+}
+
+/// Campaigns for a second at most, proclaiming `who`.
+async fn campaign<E: Election>(election: &E, who: &str) -> sd_lock::Result<Grant> {
+    let term = election
+        .campaign(RESOURCE, who, Duration::from_secs(1))
+        .await?;
+    Ok(Grant::Term(term))
+}
+
+impl Grantor {
+    /// The semaphore or election of `spec`, chosen at run time.
+    async fn open(spec: &Spec) -> Grantor {
+        let retry = common::backoff(Duration::from_millis(2), Duration::from_millis(20));
+        let ttl = Duration::from_millis(spec.ttl_ms);
+        match (spec.backend.as_str(), spec.kind.as_str()) {
+            #[cfg(feature = "redis")]
+            ("redis", "semaphore") => Grantor::Semaphore(BoxSemaphore::new(
+                sd_lock::semaphore::redis::RedisSemaphore::builder(
+                    common::manager(&spec.lock_url).await,
+                )
+                .permits(PERMITS)
+                .prefix(&spec.prefix)
+                .retry(retry)
+                .build()
+                .unwrap(),
+            )),
+            #[cfg(feature = "redis")]
+            ("redis", _) => Grantor::RedisElection(
+                sd_lock::election::redis::RedisElection::builder(
+                    common::manager(&spec.lock_url).await,
+                )
+                .prefix(&spec.prefix)
+                .ttl(ttl)
+                .retry(retry)
+                .build()
+                .unwrap(),
+            ),
+            #[cfg(feature = "postgres")]
+            ("postgres", "semaphore") => Grantor::Semaphore(BoxSemaphore::new(
+                sd_lock::semaphore::postgres::PostgresSemaphore::builder(
+                    history::fence::pg_pool(&spec.lock_url).await,
+                )
+                .permits(PERMITS)
+                .retry(retry)
+                .build()
+                .unwrap(),
+            )),
+            #[cfg(feature = "postgres")]
+            ("postgres", _) => Grantor::PostgresElection(
+                sd_lock::election::postgres::PostgresElection::builder(
+                    history::fence::pg_pool(&spec.lock_url).await,
+                )
+                .ttl(ttl)
+                .retry(retry)
+                .build()
+                .unwrap(),
+            ),
+            other => panic!("no backend `{other:?}` in this build"),
+        }
+    }
+
+    /// Takes a permit or wins a term, waiting a second at most.
+    async fn take(&self, who: &str, ttl: Duration) -> sd_lock::Result<Grant> {
+        match self {
+            Grantor::Semaphore(s) => Ok(Grant::Permit(
+                s.acquire(RESOURCE, ttl, Duration::from_secs(1)).await?,
+            )),
+            #[cfg(feature = "redis")]
+            Grantor::RedisElection(e) => campaign(e, who).await,
+            #[cfg(feature = "postgres")]
+            Grantor::PostgresElection(e) => campaign(e, who).await,
+        }
+    }
+
+    /// Gives a permit back or resigns a term (errors ignored: the server may be down).
+    async fn give_back(&self, grant: Grant) {
+        match (self, grant) {
+            (Grantor::Semaphore(s), Grant::Permit(p)) => drop(s.release(p).await),
+            #[cfg(feature = "redis")]
+            (Grantor::RedisElection(e), Grant::Term(t)) => drop(e.resign(t).await),
+            #[cfg(feature = "postgres")]
+            (Grantor::PostgresElection(e), Grant::Term(t)) => drop(e.resign(t).await),
+            _ => unreachable!("a grant goes back where it came from"),
+        }
     }
 }
 
@@ -97,24 +197,20 @@ async fn open_semaphore(spec: &Spec) -> BoxSemaphore {
 fn run_holder(spec: &Spec) {
     let stop = stop_on_stdin_close();
     common::runtime().block_on(async {
-        let semaphore = open_semaphore(spec).await;
+        let grantor = Grantor::open(spec).await;
         let fence = Fence::open(&spec.backend, &spec.fence_url, &spec.prefix).await;
         let ttl = Duration::from_millis(spec.ttl_ms);
         let mut i = 0;
         while !stop.load(Ordering::SeqCst) {
-            let permit = match semaphore
-                .acquire(RESOURCE, ttl, Duration::from_secs(1))
-                .await
-            {
-                Ok(permit) => permit,
+            let grant = match grantor.take(&spec.who, ttl).await {
+                Ok(grant) => grant,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let (token, slot) = (permit.token().0, permit.slot());
+            let (token, slot, fenced) = grant.parts();
             let who = format!("{}@{slot}", spec.who);
-            let fenced = permit.fence_resource();
             for _ in 0..8 {
                 let value = format!("{who}-{i}");
                 i += 1;
@@ -126,7 +222,7 @@ fn run_holder(spec: &Spec) {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let _ = semaphore.release(permit).await;
+            grantor.give_back(grant).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -183,7 +279,13 @@ fn at_most_permits_writers<S: Send + 'static>(
         #[cfg(feature = "postgres")]
         if spec.backend == "postgres" {
             let pool = history::fence::pg_pool(&spec.lock_url).await;
-            sd_lock::semaphore::postgres::PostgresSemaphore::builder(pool)
+            sd_lock::semaphore::postgres::PostgresSemaphore::builder(pool.clone())
+                .build()
+                .unwrap()
+                .migrate()
+                .await
+                .unwrap();
+            sd_lock::election::postgres::PostgresElection::builder(pool)
                 .build()
                 .unwrap()
                 .migrate()
@@ -214,10 +316,11 @@ fn at_most_permits_writers<S: Send + 'static>(
     // Pause two holders in the middle of a permit; keep them stopped until both slots
     // were written by the other two after a full lease went by, so the permits the
     // paused ones held have expired and were taken over.
+    let bound = spec.bound() as usize;
     let paused: Vec<usize> = loop {
         let busy: Vec<usize> = (0..HOLDERS).filter(|&n| holding(&holders[n])).collect();
-        if busy.len() >= 2 {
-            break busy[..2].to_vec();
+        if busy.len() >= bound {
+            break busy[..bound].to_vec();
         }
         std::thread::sleep(Duration::from_millis(2));
     };
@@ -233,7 +336,7 @@ fn at_most_permits_writers<S: Send + 'static>(
     let lease_ns = spec.ttl_ms * 1_000_000;
     sd_testkit::eventually_blocking("the others wrote on both slots after a lease", || {
         let after = stopped_at + lease_ns;
-        (0..PERMITS).all(|slot| {
+        (0..spec.bound()).all(|slot| {
             others.iter().flat_map(|&n| holders[n].events()).any(|e| {
                 e.accepted() && e.start > after && slot_of(&e) == slot.to_string().as_str()
             })
@@ -266,8 +369,9 @@ fn at_most_permits_writers<S: Send + 'static>(
             .collect::<Vec<_>>()
             .join("\n")
     };
-    history::check_at_most(&all, PERMITS as usize);
-    for slot in 0..PERMITS {
+    history::check_at_most(&all, bound);
+    history::check_one_writer_per_token(&all);
+    for slot in 0..spec.bound() {
         let resource = format!("{RESOURCE}#{slot}");
         let ours: Vec<Event> = all
             .iter()
@@ -316,11 +420,12 @@ fn at_most_permits_writers<S: Send + 'static>(
     );
 }
 
+/// The scenario on Redis: the lock on one server, killed and restarted empty (no
+/// persistence: every lease and term is lost); the fences on a second one.
 #[cfg(feature = "redis")]
-#[test]
-fn at_most_permits_writers_on_redis() {
+fn on_redis(test: &str, kind: &str) {
     at_most_permits_writers(
-        "at_most_permits_writers_on_redis",
+        test,
         || {
             let lock = sd_testkit::RedisServer::start().expect("redis-server");
             let fence = sd_testkit::redis().expect("redis-server");
@@ -328,22 +433,23 @@ fn at_most_permits_writers_on_redis() {
                 backend: "redis".into(),
                 lock_url: lock.url(),
                 fence_url: fence.url().to_owned(),
-                prefix: sd_testkit::unique_name("sem-pause"),
+                prefix: sd_testkit::unique_name("pause"),
                 ttl_ms: 1000,
                 who: String::new(),
+                kind: kind.into(),
             };
             (spec, (lock, fence))
         },
-        // No persistence: the restarted server has lost every lease.
         |(lock, _)| lock.restart_clean().expect("restart redis"),
     );
 }
 
+/// The scenario on PostgreSQL: lock and fence in one database, the server killed and
+/// started again on its data directory.
 #[cfg(feature = "postgres")]
-#[test]
-fn at_most_permits_writers_on_postgres() {
+fn on_postgres(test: &str, kind: &str) {
     at_most_permits_writers(
-        "at_most_permits_writers_on_postgres",
+        test,
         || {
             let server = sd_testkit::PostgresServer::start().expect("postgres");
             let db = server.create_database().expect("a database");
@@ -351,9 +457,10 @@ fn at_most_permits_writers_on_postgres() {
                 backend: "postgres".into(),
                 lock_url: db.url().to_owned(),
                 fence_url: db.url().to_owned(),
-                prefix: sd_testkit::unique_name("sem-pause"),
+                prefix: sd_testkit::unique_name("pause"),
                 ttl_ms: 1000,
                 who: String::new(),
+                kind: kind.into(),
             };
             // The database goes first when the test ends, while the server still runs.
             (spec, (db, server))
@@ -363,4 +470,28 @@ fn at_most_permits_writers_on_postgres() {
             server.start_again().expect("start postgres again");
         },
     );
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn at_most_permits_writers_on_redis() {
+    on_redis("at_most_permits_writers_on_redis", "semaphore");
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn at_most_permits_writers_on_postgres() {
+    on_postgres("at_most_permits_writers_on_postgres", "semaphore");
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn one_leader_writes_per_term_on_redis() {
+    on_redis("one_leader_writes_per_term_on_redis", "election");
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn one_leader_writes_per_term_on_postgres() {
+    on_postgres("one_leader_writes_per_term_on_postgres", "election");
 }
