@@ -1,5 +1,6 @@
 //! Distributed leases with fencing tokens on memory, Redis, Redlock over N masters,
-//! PostgreSQL and etcd, with a watchdog and fenced registers for the protected resource.
+//! PostgreSQL and etcd, with a watchdog and fenced registers for the protected resource;
+//! a fenced counting semaphore and leader election on the same footing.
 //!
 //! # What it is
 //!
@@ -94,6 +95,20 @@
 //! renewal fails for good, so the work can `select!` on it. Dropping it stops renewal and
 //! spawns the release; nothing blocks.
 //!
+//! # Semaphore and leader election
+//!
+//! A [`Semaphore`] admits at most N holders of a resource at once: each holds a
+//! [`Permit`] on one of N slots, a lease with a fencing token that grows for the
+//! resource. Fence each slot ([`Permit::fence_resource`]) and at most N holders have
+//! their writes accepted at once, however long one pauses. The rule that picks a slot
+//! is [`semaphore::free_slot`]; backends: [`semaphore::memory`], Redis (one script over
+//! a sorted set of leases), PostgreSQL (a transaction) and etcd.
+//!
+//! An [`election::Election`] runs `campaign`, `observe` and `resign` on named elections;
+//! a leader's [`election::Term`] is a lease with a fencing token, so a deposed leader's
+//! writes are refused by one fence. Backends: Redis, PostgreSQL and etcd (its election
+//! API).
+//!
 //! # How it compares
 //!
 //! `benches/lock.rs` runs acquire + release on every backend beside `rslock` (the
@@ -110,9 +125,10 @@
 //! None is on by default.
 //!
 //! - `redis`: [`redis::RedisLock`], [`redlock::Redlock`], [`fence::redis::RedisFence`]
-//!   (redis-rs, async).
-//! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8).
-//! - `etcd`: [`etcd::EtcdLock`] (etcd-client).
+//!   (redis-rs, async), the Redis semaphore and election.
+//! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8),
+//!   the PostgreSQL semaphore and election.
+//! - `etcd`: [`etcd::EtcdLock`] (etcd-client), the etcd semaphore and election.
 //! - `test-util`: `conformance`, the contract suite every backend runs, for a backend of
 //!   your own or a [`BoxLock`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
