@@ -50,12 +50,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
     RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
 
+mod cluster;
 mod sentinel;
 
 use crate::deadline::Deadline;
@@ -325,20 +325,9 @@ impl FailoverClient {
 
     async fn connect_now(&self) -> Result<FailoverConnection, FailoverError> {
         if let Topology::Cluster(nodes) = &self.topology {
-            let conn = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                .connection_timeout(self.connect_timeout)
-                .response_timeout(self.response_timeout)
-                .retries(12)
-                .max_retry_wait(1_000)
-                .build()?
-                .get_async_connection()
-                .await?;
+            let cluster = cluster::Cluster::connect(self, nodes.clone()).await?;
             return Ok(FailoverConnection {
-                inner: Inner::Cluster(Box::new(Cluster {
-                    conn,
-                    failover_timeout: self.failover_timeout,
-                    retry: self.retry,
-                })),
+                inner: Inner::Cluster(Box::new(cluster)),
             });
         }
         let shared = Arc::new(Shared {
@@ -398,46 +387,7 @@ impl std::fmt::Debug for FailoverConnection {
 #[derive(Clone)]
 enum Inner {
     Direct(Arc<Shared>),
-    Cluster(Box<Cluster>),
-}
-
-/// A cluster connection and the bound on its retries.
-#[derive(Clone)]
-struct Cluster {
-    conn: ClusterConnection,
-    failover_timeout: Duration,
-    retry: RetryPolicy,
-}
-
-impl Cluster {
-    /// Sends `request`; redis-rs follows `MOVED`/`ASK` and refreshes its slot map, and a
-    /// call that still fails while a replica takes over (a dead node's connection, a
-    /// timeout, `CLUSTERDOWN`, `TRYAGAIN`) is retried within `failover_timeout`.
-    async fn call(&mut self, request: Request<'_>) -> RedisResult<Reply> {
-        let deadline = Deadline::after(self.failover_timeout);
-        let mut attempt = 1;
-        loop {
-            let result = match request {
-                Request::One(cmd) => self.conn.req_packed_command(cmd).await.map(Reply::One),
-                Request::Many(pipeline, offset, count) => self
-                    .conn
-                    .req_packed_commands(pipeline, offset, count)
-                    .await
-                    .map(Reply::Many),
-            };
-            match result {
-                Err(e) if follows_failover(&e) || e.is_cluster_error() => {
-                    let wait = self.retry.random_delay(attempt);
-                    if !self.retry.allows_retry_after(attempt) || deadline.remaining() <= wait {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
+    Cluster(Box<cluster::Cluster>),
 }
 
 impl FailoverConnection {
