@@ -162,6 +162,15 @@ impl RedisSentinelGroup {
     /// Sentinel names the replica as master, the replica says `ROLE` master and the old
     /// master says it is a replica in sync, and returns the new master's port.
     pub fn failover(&self) -> Result<u16> {
+        let new = self.start_failover()?;
+        self.wait_settled(new, FAILOVER_TIMEOUT)?;
+        Ok(new)
+    }
+
+    /// Forces a failover and returns as soon as every Sentinel names the new master
+    /// (its port). The old master is still a master then, taking writes its demotion
+    /// (seconds later) discards; [`Self::wait_settled`] waits for that demotion.
+    pub fn start_failover(&self) -> Result<u16> {
         let old = self.master_port()?;
         let reply = self.sentinels[0].command(&["SENTINEL", "FAILOVER", &self.name])?;
         if let Reply::Error(e) = reply {
@@ -170,9 +179,7 @@ impl RedisSentinelGroup {
                 detail: format!("SENTINEL FAILOVER refused: {e}"),
             });
         }
-        let new = self.wait_new_master(old, FAILOVER_TIMEOUT)?;
-        self.wait_settled(new, FAILOVER_TIMEOUT)?;
-        Ok(new)
+        self.wait_new_master(old, FAILOVER_TIMEOUT)
     }
 
     /// Kills the current master (SIGKILL), waits until the Sentinels promoted the
@@ -232,7 +239,7 @@ impl RedisSentinelGroup {
     /// Waits until the node on `master` is master, every other running node is its
     /// replica with the link up, and every running Sentinel names `master`, knows the
     /// replicas and the two other Sentinels.
-    fn wait_settled(&self, master: u16, timeout: Duration) -> Result<()> {
+    pub fn wait_settled(&self, master: u16, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         let replicas = self.nodes.len() - 1;
         loop {
