@@ -18,14 +18,16 @@
 //! - reads prices through sd-cache (single-flight, XFetch early refresh; entries live
 //!   1 s so the burst sees them expire);
 //! - runs the order as an sd-saga: `reserve_stock` (under an sd-lock lease on the SKU;
-//!   the inventory service refuses a stale fencing token) → `charge_card` → `confirm`
+//!   the inventory service refuses a stale fencing token) → `charge_card` (each call to
+//!   the payment provider holds one of 3 permits of an sd-lock `Semaphore`, so the
+//!   provider never sees more than 3 calls at once from every replica) → `confirm`
 //!   (the pivot: the order row and its `OrderPlaced` event through sd-outbox, in one
 //!   transaction); a declined card or missing stock compensates in reverse;
 //! - relays `OrderPlaced` to two consumers (shipping, email) as sd-pool jobs keyed by
 //!   order id; each drops redeliveries by event id.
 //!
-//! With `--redis URL` (repeatable) the rate limits and idempotency keys live on the first
-//! server and sd-hashring shards the cache and lease keys over all of them; with
+//! With `--redis URL` (repeatable) the rate limits, idempotency keys and the payment
+//! provider's permits live on the first server and sd-hashring shards the cache and lease keys over all of them; with
 //! `--postgres URL` the saga log, the orders with their outbox (sd-outbox's relay) and
 //! the consumers' inbox live in PostgreSQL. Nothing given: all on memory (the order row
 //! and its event committed together through sd-outbox's `MemoryOutbox`, published by its

@@ -36,6 +36,9 @@ fn assert_kept(summary: &Summary) {
     // Every duplicate send got the stored answer (each key ran once).
     assert!(summary.duplicates_sent > 0);
     assert_eq!(summary.duplicates_absorbed, summary.duplicates_sent);
+    // The payment provider saw calls, never more at once than the semaphore's permits.
+    assert!(summary.provider_peak >= 1);
+    assert!(summary.provider_peak <= u64::from(app::PROVIDER_CALLS));
     // The cache answered most reads.
     assert!(summary.cache_hits > 0);
 }

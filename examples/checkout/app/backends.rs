@@ -17,6 +17,7 @@ use redis::aio::ConnectionManager;
 use sd_cache::{BoxCache, Cache, CacheBackend, CacheStats, Loader, loader, redis::RedisCache};
 use sd_hashring::{HashRing, Node};
 use sd_idempotency::RunOnce;
+use sd_lock::semaphore::{BoxSemaphore, memory::MemorySemaphore, redis::RedisSemaphore};
 use sd_lock::{BoxLock, Lease, Lock, Release, RetryPolicy, memory::MemoryLock, redis::RedisLock};
 use sd_ratelimit::{BoxLimiter, Limit, memory::MemoryLimiterBuilder, redis::RedisLimiterBuilder};
 use sd_saga::{Orchestrator, Saga};
@@ -397,6 +398,24 @@ pub(crate) fn locks(
     let shards = Shards::new(locks, probe)?;
     let picks = shards.picks();
     Ok((BoxLock::new(shards), picks))
+}
+
+/// The permits of the payment provider's cap: `permits` of them, on the first Redis
+/// server (shared by every replica), else memory.
+pub(crate) fn provider_permits(
+    conns: &[ConnectionManager],
+    run: &str,
+    permits: u32,
+) -> Result<BoxSemaphore, BoxError> {
+    Ok(match conns.first() {
+        Some(c) => BoxSemaphore::new(
+            RedisSemaphore::builder(c.clone())
+                .permits(permits)
+                .prefix(format!("{run}-psp"))
+                .build()?,
+        ),
+        None => BoxSemaphore::new(MemorySemaphore::builder().permits(permits).build()?),
+    })
 }
 
 /// The idempotency keys: on the first Redis server, else PostgreSQL, else memory.

@@ -26,7 +26,8 @@ use backends::{Catalogue, Picks};
 pub(crate) use driver::Load;
 use driver::{Driven, SKUS};
 use events::{CONSUMERS, Dedupe, Fanout, Orders, Relaying};
-use order::{OrderService, Steps};
+pub(crate) use order::PROVIDER_CALLS;
+use order::{OrderService, ProviderCap, Steps};
 use participants::{Inventory, Payments};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -177,6 +178,7 @@ async fn start(config: &Config) -> Result<Checkout, BoxError> {
         orders,
         stall_once: AtomicBool::new(config.stall),
         inventory: inventory.clone(),
+        provider: ProviderCap::new(backends::provider_permits(&conns, &run, PROVIDER_CALLS)?),
     });
     let definition = order::saga(steps.clone())?;
     let owner = format!("checkout-{run}");
@@ -387,6 +389,17 @@ impl Checkout {
                 driven.duplicates_sent, driven.replayed
             ));
         }
+        // The payment provider never had more calls at once than the cap.
+        let provider_peak = self
+            .steps
+            .provider
+            .peak
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if provider_peak > u64::from(PROVIDER_CALLS) {
+            problems.push(format!(
+                "{provider_peak} payment calls at once, over the cap of {PROVIDER_CALLS}"
+            ));
+        }
         let metrics = self.service.sagas.local_metrics();
         let cache = self.service.catalogue.stats();
         let mut shard_keys = self.service.catalogue.picks();
@@ -424,6 +437,7 @@ impl Checkout {
             catalogue_queries: load(&self.service.catalogue.queries),
             stock,
             stale_tokens: load(&self.inventory.stale_tokens),
+            provider_peak,
             shard_keys,
             elapsed: driven.elapsed,
             problems,
@@ -464,6 +478,8 @@ pub(crate) struct Summary {
     /// (sku, at start, held by placed orders, left).
     pub(crate) stock: Vec<(String, u32, u32, u32)>,
     pub(crate) stale_tokens: u64,
+    /// The most calls to the payment provider in flight at once (at most the cap).
+    pub(crate) provider_peak: u64,
     /// Per Redis server: catalogue reads plus stock leases taken (empty on memory).
     pub(crate) shard_keys: Vec<u64>,
     pub(crate) elapsed: Duration,
@@ -531,6 +547,14 @@ impl fmt::Display for Summary {
             format!(
                 "{} of {} calls (RESOURCE_EXHAUSTED, retried)",
                 self.limited, self.requests
+            ),
+        )?;
+        row(
+            f,
+            "payment provider",
+            format!(
+                "at most {} calls at once (a semaphore of {PROVIDER_CALLS} permits)",
+                self.provider_peak
             ),
         )?;
         row(

@@ -8,6 +8,7 @@ use std::time::Duration;
 use prost::Message as _;
 use sd_examples::grpc::run_once_status;
 use sd_idempotency::{Fingerprint, RunError};
+use sd_lock::semaphore::{BoxSemaphore, Semaphore};
 use sd_lock::{BoxLock, Lock};
 use sd_saga::{RetryPolicy, Saga, SagaOutcome, Step, StepContext, StepError};
 use tonic::codegen::BoxFuture;
@@ -34,7 +35,35 @@ pub(crate) struct Steps {
     pub(crate) stall_once: AtomicBool,
     /// Read by the stall only, to know when another holder has written.
     pub(crate) inventory: Arc<Inventory>,
+    /// The cap on concurrent calls to the payment provider.
+    pub(crate) provider: ProviderCap,
 }
+
+/// At most [`PROVIDER_CALLS`] calls to the payment provider at once, over every replica
+/// of the order service: permits of a semaphore (on memory, or the first Redis server),
+/// and the most calls this replica saw in flight.
+#[derive(Debug)]
+pub(crate) struct ProviderCap {
+    pub(crate) permits: BoxSemaphore,
+    in_flight: AtomicU64,
+    pub(crate) peak: AtomicU64,
+}
+
+impl ProviderCap {
+    pub(crate) fn new(permits: BoxSemaphore) -> Self {
+        ProviderCap {
+            permits,
+            in_flight: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How many calls the payment provider takes at once from this shop.
+pub(crate) const PROVIDER_CALLS: u32 = 3;
+/// The semaphore's resource, and how long a permit lasts (longer than a call).
+const PROVIDER: &str = "payment-provider";
+const PROVIDER_TTL: Duration = Duration::from_secs(5);
 
 /// How long a stock lease lasts, and how long a caller waits for one.
 const LEASE_TTL: Duration = Duration::from_secs(1);
@@ -102,10 +131,20 @@ async fn payment(
         card: o.card.clone(),
         idempotency_key: ctx.idempotency_key(),
     };
-    unary(&s.channel, path, Request::new(request))
+    // A permit per call: the provider never sees more than PROVIDER_CALLS at once.
+    let cap = &s.provider;
+    let permit = cap
+        .permits
+        .acquire(PROVIDER, PROVIDER_TTL, LEASE_WAIT)
         .await
-        .map(Response::into_inner)
-        .map_err(step_error)
+        .map_err(|e| StepError::retryable(e.to_string()))?;
+    let now = cap.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    cap.peak.fetch_max(now, Ordering::SeqCst);
+    let answer = unary(&s.channel, path, Request::new(request)).await;
+    cap.in_flight.fetch_sub(1, Ordering::SeqCst);
+    // An expired permit is left to its expiry.
+    let _ = cap.permits.release(permit).await;
+    answer.map(Response::into_inner).map_err(step_error)
 }
 
 /// reserve_stock (undo: release) → charge_card (undo: refund) → confirm (pivot: the order
