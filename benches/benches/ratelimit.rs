@@ -9,6 +9,10 @@
 //!   vs governor's default keyed limiter (DashMap with SipHash) and, as a second peer
 //!   row, governor's DashMap with sd's hasher (foldhash), so the hasher is not the
 //!   difference.
+//! - `memory/metrics`: the same decisions with feature `metrics` compiled in, without a
+//!   recorder (`off`: the handles do nothing) and with one installed when the limiter was
+//!   built (`on`: sd-core's `Capture`, an atomic counter per series, as exporters keep
+//!   them), so the cost of counting every decision comes from one run.
 //! - `redis/64 callers`: 64 tasks on one multiplexed connection, same keys, sd decisions
 //!   (one EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
 //!   each) beside what users would otherwise deploy on the same server: the GCRA script
@@ -90,6 +94,31 @@ fn memory(c: &mut Criterion) {
             gov_foldhash.check_key(&key).is_ok()
         });
     }
+    g.finish();
+}
+
+/// Decisions with metrics off (no recorder) and on (a recorder installed at build).
+fn metrics_cost(c: &mut Criterion) {
+    let (ours, _) = quota();
+    let mut g = c.benchmark_group("ratelimit/memory/metrics");
+    g.throughput(Throughput::Elements(1));
+    let capture = sd_core::observe::Capture::new();
+    let off = MemoryLimiterBuilder::new(ours).direct().unwrap();
+    let on = capture.build(|| MemoryLimiterBuilder::new(ours).direct().unwrap());
+    g.bench_function("direct/off", |b| {
+        b.iter(|| black_box(off.check().unwrap().allowed))
+    });
+    g.bench_function("direct/on", |b| {
+        b.iter(|| black_box(on.check().unwrap().allowed))
+    });
+    let off = MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap();
+    let on = capture.build(|| MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap());
+    keyed_row(&mut g, "keyed/1-thread/off".into(), 1, |key| {
+        off.check(&key).unwrap().allowed
+    });
+    keyed_row(&mut g, "keyed/1-thread/on".into(), 1, |key| {
+        on.check(&key).unwrap().allowed
+    });
     g.finish();
 }
 
@@ -291,5 +320,5 @@ fn redis(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, memory, redis);
+criterion_group!(benches, memory, metrics_cost, redis);
 criterion_main!(benches);
