@@ -141,6 +141,27 @@
 //! on the injected clock; moka only stores and evicts. Values are cloned out on each hit:
 //! wrap large values in `Arc`.
 //!
+//! # Metrics
+//!
+//! With feature `metrics`, every count of [`CacheStats`] is also reported through the
+//! `metrics` facade, on handles registered when the cache is built (install the
+//! exporter's recorder first); a hit pays one add on a handle beside its striped count.
+//! Labels follow `sd_core::observe`: `sd.name` (`default`) and `sd.backend` (`memory`,
+//! `redis`; a two-tier cache reports through both).
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.cache.lookups` | counter | reads | `sd.name`, `sd.backend`, `sd.outcome` (`hit`, `miss`) |
+//! | `sd.cache.loads` | counter | loads | `sd.name`, `sd.backend` |
+//! | `sd.cache.load_errors` | counter | loads | `sd.name`, `sd.backend` |
+//! | `sd.cache.load.duration` | histogram | s | `sd.name`, `sd.backend` |
+//! | `sd.cache.stampede.joins` | counter | callers | `sd.name`, `sd.backend` |
+//! | `sd.cache.early_refreshes` | counter | loads | `sd.name`, `sd.backend` |
+//! | `sd.cache.skipped_refreshes` | counter | refreshes | `sd.name`, `sd.backend` |
+//! | `sd.cache.stale_served` | counter | reads | `sd.name`, `sd.backend` |
+//! | `sd.cache.evictions` | counter | entries | `sd.name`, `sd.backend` |
+//! | `sd.cache.fallback_loads` | counter | reads | `sd.name`, `sd.backend` |
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -148,6 +169,8 @@
 //! - `redis`: the Redis tier (`redis` module: redis-rs async, any `ConnectionLike`
 //!   including a cluster connection; JSON codec through serde) and the two-tier cache
 //!   (`two_tier` module: memory in front of Redis, invalidations acknowledged over pub/sub).
+//! - `metrics`: the counts of [`CacheStats`] and the load time through the `metrics`
+//!   facade (see [Metrics](#metrics)).
 //! - `test-util`: `conformance`, the contract suite every [`CacheBackend`] passes, for
 //!   the tests of a new backend or of a [`BoxCache`] built from configuration.
 //!
@@ -189,6 +212,7 @@ pub mod conformance;
 mod error;
 pub mod expiring;
 pub mod memory;
+mod observe;
 mod policy;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -233,7 +233,10 @@ where
             });
         }
         self.policy.validate()?;
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::observed(
+            sd_core::observe::DEFAULT_NAME,
+            sd_core::observe::backend::MEMORY,
+        ));
         let evictions = Arc::clone(&counters);
         let engine = moka::sync::Cache::builder()
             .max_capacity(self.max_capacity)

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::observe::{Count, HitMetric, Labels, LoadTime, handles};
+
 /// A snapshot of a cache's counters since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -36,39 +38,96 @@ pub struct CacheStats {
     pub fallback_loads: u64,
 }
 
+/// A cache's counts; each (but the load time's sum) is also a metric with feature
+/// `metrics` (see [`crate::observe`]), a no-op when built with `Default`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: Striped,
-    pub(crate) misses: AtomicU64,
-    pub(crate) loads: AtomicU64,
-    pub(crate) load_errors: AtomicU64,
+    pub(crate) hits: Hits,
+    pub(crate) misses: Count,
+    pub(crate) loads: Count,
+    pub(crate) load_errors: Count,
     pub(crate) load_nanos: AtomicU64,
-    pub(crate) early_refreshes: AtomicU64,
-    pub(crate) skipped_refreshes: AtomicU64,
-    pub(crate) coalesced: AtomicU64,
-    pub(crate) evictions: AtomicU64,
-    pub(crate) stale_served: AtomicU64,
-    pub(crate) fallbacks: AtomicU64,
+    pub(crate) load_time: LoadTime,
+    pub(crate) early_refreshes: Count,
+    pub(crate) skipped_refreshes: Count,
+    pub(crate) coalesced: Count,
+    pub(crate) evictions: Count,
+    pub(crate) stale_served: Count,
+    pub(crate) fallbacks: Count,
+}
+
+/// Hits: a [`Striped`] count, and its metric.
+#[derive(Debug, Default)]
+pub(crate) struct Hits {
+    count: Striped,
+    metric: HitMetric,
+}
+
+impl Hits {
+    #[inline]
+    pub(crate) fn bump(&self) {
+        self.count.bump();
+        self.metric.add();
+    }
+
+    pub(crate) fn sum(&self) -> u64 {
+        self.count.sum()
+    }
 }
 
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
+    /// Counts whose metrics are registered with the recorder installed now, labelled
+    /// with the cache's `name` and `backend`.
+    pub(crate) fn observed(name: &str, backend: &'static str) -> Self {
+        let (hit, counts, load_time) = handles(&Labels::new(name, backend));
+        let [
+            misses,
+            loads,
+            load_errors,
+            early_refreshes,
+            skipped_refreshes,
+            coalesced,
+            evictions,
+            stale_served,
+            fallbacks,
+        ] = counts;
+        Counters {
+            hits: Hits {
+                count: Striped::default(),
+                metric: hit,
+            },
+            misses,
+            loads,
+            load_errors,
+            load_nanos: AtomicU64::new(0),
+            load_time,
+            early_refreshes,
+            skipped_refreshes,
+            coalesced,
+            evictions,
+            stale_served,
+            fallbacks,
+        }
+    }
+
+    pub(crate) fn bump(counter: &Count) {
+        counter.add(1);
     }
 
     /// Counts a caller that waited on another caller's load.
     pub(crate) fn note(&self, role: crate::singleflight::Role) {
         if role == crate::singleflight::Role::Waiter {
-            self.coalesced.fetch_add(1, Relaxed);
+            self.coalesced.add(1);
         }
     }
 
     pub(crate) fn record_load(&self, took: Duration, ok: bool) {
-        self.loads.fetch_add(1, Relaxed);
+        self.loads.add(1);
         self.load_nanos
             .fetch_add(crate::clock::saturating_nanos(took), Relaxed);
+        self.load_time.record(took);
         if !ok {
-            self.load_errors.fetch_add(1, Relaxed);
+            self.load_errors.add(1);
         }
     }
 

@@ -175,7 +175,10 @@ where
                 settings: self.settings,
                 flights: SingleFlight::new(),
                 refreshes: SingleFlight::new(),
-                counters: Counters::default(),
+                counters: Counters::observed(
+                    sd_core::observe::DEFAULT_NAME,
+                    sd_core::observe::backend::REDIS,
+                ),
                 waiters,
                 subscribed,
                 server_clock: ServerClock::new(),
