@@ -183,3 +183,47 @@ fn fencing_keeps_stale_writers_out_when_the_etcd_leader_is_killed() {
         .await;
     });
 }
+
+#[test]
+fn fencing_keeps_stale_writers_out_across_cluster_failovers_of_the_locks_shard() {
+    let cluster = sd_testkit::RedisCluster::start_with_replicas().expect("start a cluster");
+    sd_testkit::runtime().block_on(async move {
+        let conn = FailoverConnection::builder()
+            .cluster(cluster.urls())
+            .build()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let lock = RedisLock::builder(conn)
+            .prefix("fo")
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        // The shard that holds the lock: masters 0, 1, 2 hold the slot ranges in order,
+        // node 3 + i replicates master i.
+        let slot = match sd_testkit::resp::command(
+            cluster.nodes()[0].port(),
+            &["CLUSTER", "KEYSLOT", &lock.key("res")],
+        )
+        .unwrap()
+        {
+            sd_testkit::resp::Reply::Integer(slot) => slot,
+            other => panic!("CLUSTER KEYSLOT gave {other:?}"),
+        };
+        let master = match slot {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        };
+        let cluster = Arc::new(Mutex::new(cluster));
+        let _servers = cluster.clone();
+        fenced_run("redis cluster", lock, move || {
+            let mut c = cluster.lock().unwrap();
+            c.failover(master + 3).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            c.kill_master(master + 3).unwrap();
+        })
+        .await;
+    });
+}
