@@ -21,7 +21,10 @@
 //! # Ok(()) }
 //! ```
 
+use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -199,6 +202,114 @@ pub trait Election: Send + Sync {
         crate::retry_contention(self.retry_policy(), name, max_wait, move || {
             self.try_campaign(name, value)
         })
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe twin of [`Election`].
+trait DynElection: Send + Sync {
+    fn try_campaign<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, Result<Term>>;
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Term>>;
+    fn observe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Leader>>>;
+    fn renew<'a>(&'a self, term: &'a mut Term) -> BoxFuture<'a, Result<()>>;
+    fn resign(&self, term: Term) -> BoxFuture<'_, Result<Release>>;
+    fn retry_policy(&self) -> RetryPolicy;
+}
+
+impl<E: Election> DynElection for E {
+    fn try_campaign<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, Result<Term>> {
+        Box::pin(Election::try_campaign(self, name, value))
+    }
+
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Term>> {
+        Box::pin(Election::campaign(self, name, value, max_wait))
+    }
+
+    fn observe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Leader>>> {
+        Box::pin(Election::observe(self, name))
+    }
+
+    fn renew<'a>(&'a self, term: &'a mut Term) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Election::renew(self, term))
+    }
+
+    fn resign(&self, term: Term) -> BoxFuture<'_, Result<Release>> {
+        Box::pin(Election::resign(self, term))
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        Election::retry_policy(self)
+    }
+}
+
+/// Any [`Election`] behind one type, for a backend chosen at run time. Cheap to clone.
+/// It keeps the backend's own `campaign` (etcd waits inside one call).
+#[derive(Clone)]
+pub struct BoxElection {
+    inner: Arc<dyn DynElection>,
+}
+
+impl fmt::Debug for BoxElection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxElection").finish_non_exhaustive()
+    }
+}
+
+impl BoxElection {
+    /// Boxes `election`.
+    pub fn new<E: Election + 'static>(election: E) -> Self {
+        BoxElection {
+            inner: Arc::new(election),
+        }
+    }
+}
+
+impl Election for BoxElection {
+    fn try_campaign<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+    ) -> impl Future<Output = Result<Term>> + Send + 'a {
+        self.inner.try_campaign(name, value)
+    }
+
+    fn observe<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Future<Output = Result<Option<Leader>>> + Send + 'a {
+        self.inner.observe(name)
+    }
+
+    fn renew<'a>(&'a self, term: &'a mut Term) -> impl Future<Output = Result<()>> + Send + 'a {
+        self.inner.renew(term)
+    }
+
+    fn resign(&self, term: Term) -> impl Future<Output = Result<Release>> + Send + '_ {
+        self.inner.resign(term)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.inner.retry_policy()
+    }
+
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Term>> + Send + 'a {
+        self.inner.campaign(name, value, max_wait)
     }
 }
 

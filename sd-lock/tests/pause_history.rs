@@ -12,8 +12,9 @@
 //! passes `history::check_fencing`.
 //!
 //! Backends: Redis (the fence on a second Redis, so the fences outlive the lock
-//! server's restart without persistence) and PostgreSQL (lock and fence in one
-//! database; the server restarts on its data directory).
+//! server's restart without persistence), PostgreSQL (lock and fence in one database;
+//! the server restarts on its data directory) and etcd (the fence on Redis; etcd
+//! restarts on its data directory).
 #![cfg(any(feature = "redis", feature = "postgres"))]
 #![allow(clippy::unwrap_used)]
 
@@ -26,7 +27,7 @@ use std::time::Duration;
 use history::child::{Holder, emit, stop_on_stdin_close};
 use history::fence::Fence;
 use history::{Event, Outcome, now_ns, record};
-use sd_lock::election::{Election, Term};
+use sd_lock::election::{BoxElection, Election, Term};
 use sd_lock::semaphore::{BoxSemaphore, Permit, Semaphore};
 
 const CHILD_ENV: &str = "SD_LOCK_SEMAPHORE_HOLDER";
@@ -83,10 +84,7 @@ impl Spec {
 /// What a holder takes: a permit of the semaphore, or a term of the election.
 enum Grantor {
     Semaphore(BoxSemaphore),
-    #[cfg(feature = "redis")]
-    RedisElection(sd_lock::election::redis::RedisElection<redis::aio::ConnectionManager>),
-    #[cfg(feature = "postgres")]
-    PostgresElection(sd_lock::election::postgres::PostgresElection),
+    Election(BoxElection),
 }
 
 /// A permit or a term held.
@@ -105,87 +103,100 @@ impl Grant {
     }
 }
 
-/// Campaigns for a second at most, proclaiming `who`.
-async fn campaign<E: Election>(election: &E, who: &str) -> sd_lock::Result<Grant> {
-    let term = election
-        .campaign(RESOURCE, who, Duration::from_secs(1))
-        .await?;
-    Ok(Grant::Term(term))
-}
-
 impl Grantor {
     /// The semaphore or election of `spec`, chosen at run time.
     async fn open(spec: &Spec) -> Grantor {
         let retry = common::backoff(Duration::from_millis(2), Duration::from_millis(20));
         let ttl = Duration::from_millis(spec.ttl_ms);
-        match (spec.backend.as_str(), spec.kind.as_str()) {
+        let semaphore = spec.kind == "semaphore";
+        match spec.backend.as_str() {
             #[cfg(feature = "redis")]
-            ("redis", "semaphore") => Grantor::Semaphore(BoxSemaphore::new(
-                sd_lock::semaphore::redis::RedisSemaphore::builder(
-                    common::manager(&spec.lock_url).await,
-                )
-                .permits(PERMITS)
-                .prefix(&spec.prefix)
-                .retry(retry)
-                .build()
-                .unwrap(),
-            )),
-            #[cfg(feature = "redis")]
-            ("redis", _) => Grantor::RedisElection(
-                sd_lock::election::redis::RedisElection::builder(
-                    common::manager(&spec.lock_url).await,
-                )
-                .prefix(&spec.prefix)
-                .ttl(ttl)
-                .retry(retry)
-                .build()
-                .unwrap(),
-            ),
+            "redis" => {
+                let conn = common::manager(&spec.lock_url).await;
+                if semaphore {
+                    Grantor::Semaphore(BoxSemaphore::new(
+                        sd_lock::semaphore::redis::RedisSemaphore::builder(conn)
+                            .permits(PERMITS)
+                            .prefix(&spec.prefix)
+                            .retry(retry)
+                            .build()
+                            .unwrap(),
+                    ))
+                } else {
+                    Grantor::Election(BoxElection::new(
+                        sd_lock::election::redis::RedisElection::builder(conn)
+                            .prefix(&spec.prefix)
+                            .ttl(ttl)
+                            .retry(retry)
+                            .build()
+                            .unwrap(),
+                    ))
+                }
+            }
             #[cfg(feature = "postgres")]
-            ("postgres", "semaphore") => Grantor::Semaphore(BoxSemaphore::new(
-                sd_lock::semaphore::postgres::PostgresSemaphore::builder(
-                    history::fence::pg_pool(&spec.lock_url).await,
-                )
-                .permits(PERMITS)
-                .retry(retry)
-                .build()
-                .unwrap(),
-            )),
-            #[cfg(feature = "postgres")]
-            ("postgres", _) => Grantor::PostgresElection(
-                sd_lock::election::postgres::PostgresElection::builder(
-                    history::fence::pg_pool(&spec.lock_url).await,
-                )
-                .ttl(ttl)
-                .retry(retry)
-                .build()
-                .unwrap(),
-            ),
-            other => panic!("no backend `{other:?}` in this build"),
+            "postgres" => {
+                let pool = history::fence::pg_pool(&spec.lock_url).await;
+                if semaphore {
+                    Grantor::Semaphore(BoxSemaphore::new(
+                        sd_lock::semaphore::postgres::PostgresSemaphore::builder(pool)
+                            .permits(PERMITS)
+                            .retry(retry)
+                            .build()
+                            .unwrap(),
+                    ))
+                } else {
+                    Grantor::Election(BoxElection::new(
+                        sd_lock::election::postgres::PostgresElection::builder(pool)
+                            .ttl(ttl)
+                            .retry(retry)
+                            .build()
+                            .unwrap(),
+                    ))
+                }
+            }
+            #[cfg(feature = "etcd")]
+            "etcd" => {
+                let client = etcd_client::Client::connect([spec.lock_url.as_str()], None)
+                    .await
+                    .unwrap();
+                let prefix = format!("{}/", spec.prefix);
+                if semaphore {
+                    Grantor::Semaphore(BoxSemaphore::new(
+                        sd_lock::semaphore::etcd::EtcdSemaphore::builder(client)
+                            .permits(PERMITS)
+                            .prefix(prefix)
+                            .retry(retry)
+                            .build()
+                            .unwrap(),
+                    ))
+                } else {
+                    Grantor::Election(BoxElection::new(
+                        sd_lock::election::etcd::EtcdElection::builder(client)
+                            .prefix(prefix)
+                            .ttl(ttl)
+                            .build()
+                            .unwrap(),
+                    ))
+                }
+            }
+            other => panic!("no backend `{other}` in this build"),
         }
     }
 
     /// Takes a permit or wins a term, waiting a second at most.
     async fn take(&self, who: &str, ttl: Duration) -> sd_lock::Result<Grant> {
-        match self {
-            Grantor::Semaphore(s) => Ok(Grant::Permit(
-                s.acquire(RESOURCE, ttl, Duration::from_secs(1)).await?,
-            )),
-            #[cfg(feature = "redis")]
-            Grantor::RedisElection(e) => campaign(e, who).await,
-            #[cfg(feature = "postgres")]
-            Grantor::PostgresElection(e) => campaign(e, who).await,
-        }
+        let wait = Duration::from_secs(1);
+        Ok(match self {
+            Grantor::Semaphore(s) => Grant::Permit(s.acquire(RESOURCE, ttl, wait).await?),
+            Grantor::Election(e) => Grant::Term(e.campaign(RESOURCE, who, wait).await?),
+        })
     }
 
     /// Gives a permit back or resigns a term (errors ignored: the server may be down).
     async fn give_back(&self, grant: Grant) {
         match (self, grant) {
             (Grantor::Semaphore(s), Grant::Permit(p)) => drop(s.release(p).await),
-            #[cfg(feature = "redis")]
-            (Grantor::RedisElection(e), Grant::Term(t)) => drop(e.resign(t).await),
-            #[cfg(feature = "postgres")]
-            (Grantor::PostgresElection(e), Grant::Term(t)) => drop(e.resign(t).await),
+            (Grantor::Election(e), Grant::Term(t)) => drop(e.resign(t).await),
             _ => unreachable!("a grant goes back where it came from"),
         }
     }
@@ -494,4 +505,43 @@ fn one_leader_writes_per_term_on_redis() {
 #[test]
 fn one_leader_writes_per_term_on_postgres() {
     on_postgres("one_leader_writes_per_term_on_postgres", "election");
+}
+
+/// The scenario on etcd: the lock on an etcd server, killed and started again on its
+/// data; the fences on a Redis server (etcd has no fence store in sd-lock).
+#[cfg(all(feature = "etcd", feature = "redis"))]
+fn on_etcd(test: &str, kind: &str) {
+    at_most_permits_writers(
+        test,
+        || {
+            let lock = sd_testkit::EtcdServer::start().expect("etcd");
+            let fence = sd_testkit::redis().expect("redis-server");
+            let spec = Spec {
+                backend: "etcd".into(),
+                lock_url: lock.url(),
+                fence_url: fence.url().to_owned(),
+                prefix: sd_testkit::unique_name("pause"),
+                ttl_ms: 2000,
+                who: String::new(),
+                kind: kind.into(),
+            };
+            (spec, (lock, fence))
+        },
+        |(lock, _)| {
+            lock.kill().expect("kill etcd");
+            lock.start_again().expect("start etcd again");
+        },
+    );
+}
+
+#[cfg(all(feature = "etcd", feature = "redis"))]
+#[test]
+fn at_most_permits_writers_on_etcd() {
+    on_etcd("at_most_permits_writers_on_etcd", "semaphore");
+}
+
+#[cfg(all(feature = "etcd", feature = "redis"))]
+#[test]
+fn one_leader_writes_per_term_on_etcd() {
+    on_etcd("one_leader_writes_per_term_on_etcd", "election");
 }
