@@ -166,6 +166,10 @@ pub(crate) fn check_ttl(ttl: Duration, min: Duration) -> Result<Duration> {
 /// - `renew` extends the term by the election's TTL if, and only if, it is still this
 ///   leader's; otherwise [`Error::LeaseExpired`].
 /// - `resign` ends the term only if it is still this leader's.
+///
+/// A campaign dropped while its request is in flight is not cleaned up after: a term it
+/// may have won lasts until its TTL ends (etcd: the candidate's key, until its lease
+/// expires).
 pub trait Election: Send + Sync {
     /// Tries once to become leader of `name`, proclaiming `value`.
     fn try_campaign<'a>(

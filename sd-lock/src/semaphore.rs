@@ -151,6 +151,11 @@ impl Permit {
 /// - `release` frees the permit only if it is still this holder's, and says whether it
 ///   was live ([`Release::Released`]) or had expired.
 /// - Bad input fails before any round trip, as for [`crate::Lock`].
+///
+/// Unlike [`crate::Lock::try_acquire`], a `try_acquire` dropped while its request is in
+/// flight is not cleaned up after: on Redis and etcd the permit it may have been granted
+/// stays held until its TTL ends (PostgreSQL rolls an unfinished grant back). Keep TTLs
+/// short and renew them, or do not cancel acquisitions.
 pub trait Semaphore: Send + Sync {
     /// How many holders a resource may have at once.
     fn permits(&self) -> u32;
