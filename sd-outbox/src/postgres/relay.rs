@@ -164,7 +164,7 @@ impl<P: Publisher> Relay<P> {
         let (tx, rx) = watch::channel(false);
         let counters = self.inner.counters.clone();
         let outbox = self.inner.options.outbox.clone();
-        let span = tracing::info_span!("outbox.relay", table = %outbox.table);
+        let span = tracing::info_span!("outbox.relay", sd.name = %outbox.table);
         let task = tokio::spawn(self.run(rx).instrument(span));
         RelayHandle {
             task: Some(task),

@@ -82,7 +82,7 @@ impl<P: Publisher> Inner<P> {
     async fn bounded<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
         timeout(
             self.options.timeout,
-            tracing::debug_span!("outbox.relay.batch"),
+            tracing::debug_span!("outbox.relay.batch", sd.name = %self.options.outbox.table),
             f,
         )
         .await?
