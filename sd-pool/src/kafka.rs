@@ -252,6 +252,11 @@ impl KafkaConsumerBuilder {
     /// SASL, `session.timeout.ms`, `auto.offset.reset`, ...). They may not set
     /// `bootstrap.servers`, `group.id`, `enable.auto.commit` or
     /// `enable.auto.offset.store`.
+    ///
+    /// librdkafka keeps one fetch request in flight per broker, and a fetch at the end of
+    /// a partition waits up to `fetch.wait.max.ms` (500 ms by default) for new records:
+    /// partitions that become ready meanwhile (after an assignment, say) wait for it. A
+    /// lower value starts them sooner, at the cost of more fetch requests while idle.
     pub fn client_config(mut self, config: ClientConfig) -> Self {
         self.config = config;
         self
