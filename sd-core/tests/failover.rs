@@ -155,7 +155,14 @@ fn sentinel_connection_follows_a_forced_failover_and_a_crash_never_the_stale_mas
 
         let mut check = client.connect().await.unwrap();
         assert_eq!(check.address(), Some(format!("127.0.0.1:{third}")));
-        let (lost_inside, lost_outside) = lost(&writes, &mut check, &windows).await;
+        // A dead master acknowledges nothing: of the crash, only writes begun just
+        // before the kill (not yet replicated) may be lost. A write begun after it and
+        // lost went to the crashed master restarted empty, a stale master.
+        let allowed = [
+            windows[0],
+            (windows[1].0 - Duration::from_millis(100), windows[1].0),
+        ];
+        let (lost_inside, lost_outside) = lost(&writes, &mut check, &allowed).await;
         let failed = writes.iter().filter(|w| !w.acked).count();
         println!(
             "sentinel: {} writes, {failed} failed, {} reconnects, acknowledged and lost: \
@@ -167,7 +174,10 @@ fn sentinel_connection_follows_a_forced_failover_and_a_crash_never_the_stale_mas
             windows[1].1 - windows[1].0,
         );
         assert_eq!(failed, 0, "every write got through within failover_timeout");
-        assert_eq!(lost_outside, 0, "a write outside a failover was lost");
+        assert_eq!(
+            lost_outside, 0,
+            "a write outside the forced failover's window or begun after the crash was lost"
+        );
         assert!(conn.reconnects() >= 2, "the connection moved twice");
         assert_eq!(conn.address(), Some(format!("127.0.0.1:{third}")));
     });
