@@ -477,3 +477,47 @@ pub async fn one_leader_at_a_time<E: Election + Clone + 'static>(
     }
     assert_eq!(register.peek(), (tasks * terms) as u64, "lost write");
 }
+
+/// A one-permit semaphore seen as a [`Lock`], to run the lock's checks on it.
+#[derive(Clone)]
+struct OnePermit<S>(S);
+
+impl<S: Semaphore> Lock for OnePermit<S> {
+    async fn try_acquire(&self, resource: &str, ttl: Duration) -> crate::Result<crate::Lease> {
+        let permit = self.0.try_acquire(resource, ttl).await?;
+        Ok(permit.lease().clone())
+    }
+
+    async fn extend(&self, lease: &mut crate::Lease, ttl: Duration) -> crate::Result<()> {
+        let mut permit = Permit {
+            lease: lease.clone(),
+            slot: 0,
+        };
+        self.0.renew(&mut permit, ttl).await?;
+        *lease = permit.lease;
+        Ok(())
+    }
+
+    async fn release(&self, lease: crate::Lease) -> crate::Result<Release> {
+        self.0.release(Permit { lease, slot: 0 }).await
+    }
+
+    fn retry_policy(&self) -> crate::RetryPolicy {
+        self.0.retry_policy()
+    }
+}
+
+/// Cancelling `acquire` at varied points leaves no permit behind (as
+/// [`cancelled_acquire_leaves_nothing`] for a lock); `semaphore` must have one permit.
+pub async fn cancelled_semaphore_acquire_leaves_nothing<S: Semaphore>(
+    semaphore: S,
+    resource: &str,
+    must_cancel: bool,
+) {
+    assert_eq!(
+        semaphore.permits(),
+        1,
+        "the check needs a one-permit semaphore"
+    );
+    cancelled_acquire_leaves_nothing(&OnePermit(semaphore), resource, must_cancel).await;
+}

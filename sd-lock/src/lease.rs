@@ -244,21 +244,46 @@ where
     }
 }
 
-/// A granted lease nobody has taken yet: released in the background if dropped.
-#[allow(dead_code)] // used by the network backends
-struct Armed<L: crate::Lock + Clone + 'static> {
-    lock: L,
-    lease: Option<Lease>,
+/// A value granted by a task nobody waits for any more: handed to `cleanup` when dropped.
+struct Orphan<T, C: FnOnce(T)> {
+    value: Option<T>,
+    cleanup: Option<C>,
 }
 
-impl<L: crate::Lock + Clone + 'static> Drop for Armed<L> {
+impl<T, C: FnOnce(T)> Drop for Orphan<T, C> {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            let lock = self.lock.clone();
-            spawn_detached(async move {
-                let _ = lock.release(lease).await;
-            });
+        if let (Some(value), Some(cleanup)) = (self.value.take(), self.cleanup.take()) {
+            cleanup(value);
         }
+    }
+}
+
+/// Runs `attempt` in a task of its own and waits for it. If the caller's future is
+/// dropped, the task still finishes and what it was granted goes to `cleanup` (which
+/// spawns the release), so a cancelled grant leaves nothing behind.
+#[allow(dead_code)] // used by the network backends
+pub(crate) async fn grant_in_task<T, Fut, C>(attempt: Fut, cleanup: C) -> Result<T>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    C: FnOnce(T) + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    let task = runtime.spawn(async move {
+        let value = attempt.await?;
+        Ok(Orphan {
+            value: Some(value),
+            cleanup: Some(cleanup),
+        })
+    });
+    match task.await {
+        Ok(Ok(mut granted)) => granted.value.take().ok_or(Error::UnexpectedReply {
+            reason: "the grant task returned nothing",
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::UnexpectedReply {
+            reason: "the grant task was cancelled or panicked",
+        }),
     }
 }
 
@@ -273,25 +298,13 @@ where
     F: FnOnce(L) -> Fut,
     Fut: std::future::Future<Output = Result<Lease>> + Send + 'static,
 {
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-    let this = lock.clone();
-    let attempt = acquire(lock.clone());
-    let task = runtime.spawn(async move {
-        let lease = attempt.await?;
-        Ok(Armed {
-            lock: this,
-            lease: Some(lease),
-        })
-    });
-    match task.await {
-        Ok(Ok(mut armed)) => armed.lease.take().ok_or(Error::UnexpectedReply {
-            reason: "the acquire task returned no lease",
-        }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::UnexpectedReply {
-            reason: "the acquire task was cancelled or panicked",
-        }),
-    }
+    let releaser = lock.clone();
+    grant_in_task(acquire(lock.clone()), move |lease| {
+        spawn_detached(async move {
+            let _ = releaser.release(lease).await;
+        });
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -152,10 +152,9 @@ impl Permit {
 ///   was live ([`Release::Released`]) or had expired.
 /// - Bad input fails before any round trip, as for [`crate::Lock`].
 ///
-/// Unlike [`crate::Lock::try_acquire`], a `try_acquire` dropped while its request is in
-/// flight is not cleaned up after: on Redis and etcd the permit it may have been granted
-/// stays held until its TTL ends (PostgreSQL rolls an unfinished grant back). Keep TTLs
-/// short and renew them, or do not cancel acquisitions.
+/// A cancelled `try_acquire` leaves no permit behind: the network backends grant in a
+/// task of their own and release in the background what was granted after the caller
+/// gave up.
 pub trait Semaphore: Send + Sync {
     /// How many holders a resource may have at once.
     fn permits(&self) -> u32;
@@ -340,6 +339,23 @@ where
             })
         }
     }
+}
+
+/// Runs `attempt` (a grant by `semaphore`) in a task of its own: a permit granted after
+/// the caller gave up is released in the background.
+#[allow(dead_code)] // used by the network backends
+pub(crate) async fn grant_in_task<S, Fut>(semaphore: &S, attempt: Fut) -> Result<Permit>
+where
+    S: Semaphore + Clone + 'static,
+    Fut: Future<Output = Result<Permit>> + Send + 'static,
+{
+    let releaser = semaphore.clone();
+    lease::grant_in_task(attempt, move |permit| {
+        lease::spawn_detached(async move {
+            let _ = releaser.release(permit).await;
+        });
+    })
+    .await
 }
 
 /// Implements [`Semaphore`] for a backend type by handing every method to its inherent

@@ -86,6 +86,13 @@ mod on_redis {
     suite!(Duration::from_secs(1), bound_16_tasks_3_permits, 16, 50);
 
     #[test]
+    fn cancelled_acquire_leaves_nothing() {
+        with_semaphore(1, |sem, _| async move {
+            conformance::cancelled_semaphore_acquire_leaves_nothing(sem, "cancel", true).await;
+        });
+    }
+
+    #[test]
     fn builder_checks_every_field() {
         with_semaphore(1, |_, url| async move {
             let conn = common::manager(&url).await;
@@ -135,6 +142,13 @@ mod on_postgres {
     }
 
     suite!(Duration::from_secs(1), bound_16_tasks_3_permits, 16, 50);
+
+    #[test]
+    fn cancelled_acquire_leaves_nothing() {
+        with_semaphore(1, |sem, _| async move {
+            conformance::cancelled_semaphore_acquire_leaves_nothing(sem, "cancel", true).await;
+        });
+    }
 
     #[test]
     fn builder_checks_every_field_and_migrates_twice() {

@@ -21,7 +21,7 @@ use etcd_client::{Client, GetOptions};
 use crate::error::Result;
 use crate::etcd::{MIN_TTL, extend_key, holds, put_new, release_key};
 use crate::lease::{self, Release, RetryPolicy};
-use crate::semaphore::{Permit, check_permits, free_slot, full};
+use crate::semaphore::{Permit, check_permits, free_slot, full, grant_in_task};
 
 /// Permits in etcd. Cheap to clone (the client is a channel handle).
 ///
@@ -127,6 +127,11 @@ impl EtcdSemaphore {
     /// [`Semaphore::try_acquire`](crate::semaphore::Semaphore::try_acquire).
     pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         lease::validate(resource, ttl, MIN_TTL)?;
+        let (this, owned) = (self.clone(), resource.to_owned());
+        grant_in_task(self, async move { this.acquire_once(&owned, ttl).await }).await
+    }
+
+    async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         let prefix = self.slots_prefix(resource);
         let held = self
             .client

@@ -29,7 +29,9 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::lease::{self, Release, RetryPolicy};
 use crate::postgres::{expiry_after, millis, token};
-use crate::semaphore::{Permit, check_permits, finish_grant, free_slot, full, granted};
+use crate::semaphore::{
+    Permit, check_permits, finish_grant, free_slot, full, grant_in_task, granted,
+};
 
 /// The permits table's migration, written for the default name `sd_lock_permits`.
 pub static MIGRATIONS: &[Migration] = &[Migration {
@@ -182,10 +184,14 @@ impl PostgresSemaphore {
         Ok(())
     }
 
-    /// [`Semaphore::try_acquire`](crate::semaphore::Semaphore::try_acquire). A dropped
-    /// call rolls its transaction back.
+    /// [`Semaphore::try_acquire`](crate::semaphore::Semaphore::try_acquire).
     pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         lease::validate(resource, ttl, Duration::from_millis(1))?;
+        let (this, owned) = (self.clone(), resource.to_owned());
+        grant_in_task(self, async move { this.acquire_once(&owned, ttl).await }).await
+    }
+
+    async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         let holder = lease::new_holder();
         let start = Instant::now();
         let mut tx = self.pool.begin().await?;

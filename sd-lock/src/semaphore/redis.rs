@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Release, RetryPolicy};
-use crate::semaphore::{Permit, check_permits, finish_grant, full, granted};
+use crate::semaphore::{Permit, check_permits, finish_grant, full, grant_in_task, granted};
 
 static ACQUIRE: Script = Script::new(include_str!("redis/acquire.lua"));
 static RENEW: Script = Script::new(include_str!("redis/renew.lua"));
@@ -156,6 +156,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSemaphore<C> {
     /// [`Semaphore::try_acquire`](crate::semaphore::Semaphore::try_acquire).
     pub async fn try_acquire(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         lease::validate(resource, ttl, Duration::from_millis(1))?;
+        let (this, owned) = (self.clone(), resource.to_owned());
+        grant_in_task(self, async move { this.acquire_once(&owned, ttl).await }).await
+    }
+
+    async fn acquire_once(&self, resource: &str, ttl: Duration) -> Result<Permit> {
         let key = self.key(resource);
         let holder = lease::new_holder();
         let mut call = ACQUIRE.call(2);
