@@ -11,6 +11,9 @@
 //!   expiry behind a 50 ms loader: loader calls and p50/p99 read latency, naive cache-aside
 //!   on moka, moka's coalescing `get_with` (its answer to a stampede: one loader per key,
 //!   the other callers wait for it) and sd (the scenario of `examples/stampede.rs`).
+//! - `cache/hit/metrics`: the same `get` hits with feature `metrics` compiled in, without a
+//!   recorder (`off`) and with one installed when the cache was built (`on`), then the two
+//!   interleaved in rounds as above.
 //! - `cache/redis`: one hit read, sd `RedisCache::get` (one `HMGET` round trip) vs raw
 //!   `GET` of the same payload on the same server and connection.
 //! - `cache/two-tier`: a hit in the memory tier of a two-tier cache (`TwoTier::get` and
@@ -367,5 +370,54 @@ fn interleaved(group: &str, reads: [&dyn Fn(usize); 4]) {
     );
 }
 
-criterion_group!(benches, stampede, hit, redis, two_tier);
+/// A memory hit with feature `metrics` compiled in, without a recorder (`off`) and with
+/// one installed when the cache was built (`on`: sd-core's `Capture`, an atomic counter
+/// per series as exporters keep them).
+fn metrics_cost(c: &mut Criterion) {
+    let keys = order();
+    let capture = sd_core::observe::Capture::new();
+    let build = || {
+        let cache: Cache<u64, u64> = Cache::builder().max_capacity(100_000).build().unwrap();
+        for k in 0..KEYS {
+            cache.insert(k, k);
+        }
+        cache.run_pending_tasks();
+        cache
+    };
+    let off = build();
+    let on = capture.build(build);
+    let mut g = c.benchmark_group("cache/hit/metrics");
+    g.throughput(Throughput::Elements(1));
+    for (name, cache) in [("get/off", &off), ("get/on", &on)] {
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(cache.get(&keys[i]))
+            })
+        });
+    }
+    g.finish();
+    let at = |i: usize| keys[i % keys.len()];
+    let best = sd_benches::fastest_interleaved(
+        15,
+        100_000,
+        &[
+            &|i| {
+                black_box(off.get(&at(i)));
+            },
+            &|i| {
+                black_box(on.get(&at(i)));
+            },
+        ],
+    );
+    println!(
+        "cache/hit/metrics interleaved (fastest of 15 rounds of 100k): get off {:.1} ns on {:.1} ns ({:.3}x)",
+        best[0],
+        best[1],
+        best[1] / best[0]
+    );
+}
+
+criterion_group!(benches, stampede, hit, metrics_cost, redis, two_tier);
 criterion_main!(benches);

@@ -13,6 +13,7 @@
 //!   recorder (`off`: the handles do nothing) and with one installed when the limiter was
 //!   built (`on`: sd-core's `Capture`, an atomic counter per series, as exporters keep
 //!   them), so the cost of counting every decision comes from one run.
+//!   Then the four are timed again interleaved in rounds (fastest of 15 rounds each).
 //! - `redis/64 callers`: 64 tasks on one multiplexed connection, same keys, sd decisions
 //!   (one EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
 //!   each) beside what users would otherwise deploy on the same server: the GCRA script
@@ -103,13 +104,15 @@ fn metrics_cost(c: &mut Criterion) {
     let mut g = c.benchmark_group("ratelimit/memory/metrics");
     g.throughput(Throughput::Elements(1));
     let capture = sd_core::observe::Capture::new();
-    let off = MemoryLimiterBuilder::new(ours).direct().unwrap();
-    let on = capture.build(|| MemoryLimiterBuilder::new(ours).direct().unwrap());
+    let directs = (
+        MemoryLimiterBuilder::new(ours).direct().unwrap(),
+        capture.build(|| MemoryLimiterBuilder::new(ours).direct().unwrap()),
+    );
     g.bench_function("direct/off", |b| {
-        b.iter(|| black_box(off.check().unwrap().allowed))
+        b.iter(|| black_box(directs.0.check().unwrap().allowed))
     });
     g.bench_function("direct/on", |b| {
-        b.iter(|| black_box(on.check().unwrap().allowed))
+        b.iter(|| black_box(directs.1.check().unwrap().allowed))
     });
     let off = MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap();
     let on = capture.build(|| MemoryLimiterBuilder::new(ours).keyed::<u64>().unwrap());
@@ -120,6 +123,34 @@ fn metrics_cost(c: &mut Criterion) {
         on.check(&key).unwrap().allowed
     });
     g.finish();
+    let [direct_off, direct_on] = [&directs.0, &directs.1];
+    let best = sd_benches::fastest_interleaved(
+        15,
+        100_000,
+        &[
+            &|_| {
+                black_box(direct_off.check().unwrap().allowed);
+            },
+            &|_| {
+                black_box(direct_on.check().unwrap().allowed);
+            },
+            &|i| {
+                black_box(off.check(&(i as u64 % KEYS)).unwrap().allowed);
+            },
+            &|i| {
+                black_box(on.check(&(i as u64 % KEYS)).unwrap().allowed);
+            },
+        ],
+    );
+    println!(
+        "ratelimit/memory/metrics interleaved (fastest of 15 rounds of 100k): direct off {:.1} ns on {:.1} ns ({:.3}x); keyed off {:.1} ns on {:.1} ns ({:.3}x)",
+        best[0],
+        best[1],
+        best[1] / best[0],
+        best[2],
+        best[3],
+        best[3] / best[2]
+    );
 }
 
 /// Benches `check` on `threads` threads over [`KEYS`] keys round-robin.
