@@ -50,6 +50,9 @@ pub mod label {
     pub const MESSAGING_SYSTEM: &str = "messaging.system";
     /// OpenTelemetry's messaging operation name attribute (`publish`, `process`).
     pub const MESSAGING_OPERATION: &str = "messaging.operation.name";
+    /// A partition of a stream (Kafka, or the pool's `(partition, offset)` positions):
+    /// bounded by the partition count.
+    pub const PARTITION: &str = "sd.partition";
     /// OpenTelemetry's error type attribute, present when a call failed: a fixed word
     /// (`timeout`, `backend`), never an error message.
     pub const ERROR_TYPE: &str = "error.type";

@@ -126,13 +126,17 @@
 //! | `sd.pool.in_flight` | gauge | jobs | `sd.name` |
 //! | `sd.pool.queue.wait_time` | histogram | s | `sd.name` |
 //! | `sd.pool.job.duration` | histogram | s | `sd.name` |
+//! | `sd.pool.watermark.lag` | gauge | jobs | `sd.name`, `sd.partition` |
 //!
 //! `rejected` counts jobs refused because a bound was reached (`try_submit`'s
 //! `Error::Full`, a `submit_timeout` that timed out); `error` counts jobs whose output is
 //! a failure ([`Outcome`]). The gauges are set under the pool's lock whenever a job is
 //! accepted, finishes or is cancelled. The queue wait is shaped as OpenTelemetry's
 //! `db.client.connection.wait_time` (the time before a slot was free), under the pool's
-//! own name since a job is not a database connection. Each job runs in a `pool.job` span
+//! own name since a job is not a database connection. A partition's watermark lag is
+//! its jobs accepted and not yet below its watermark (running, queued, or finished
+//! behind an unfinished one); its gauge is registered when the partition's first job is
+//! accepted. Each job runs in a `pool.job` span
 //! with `sd.name` and the job's id.
 //!
 //! # Crate features

@@ -104,3 +104,34 @@ impl PoolMeters {
         }
     }
 }
+
+/// The gauges `sd.pool.watermark.lag` of a pool's partitions, registered when a
+/// partition's first job is accepted (with the recorder installed then) and set under
+/// the pool's lock.
+#[derive(Debug, Default)]
+pub(crate) struct Lags {
+    #[cfg(feature = "metrics")]
+    gauges: std::collections::HashMap<u32, metrics::Gauge>,
+}
+
+impl Lags {
+    /// Sets the lag of `partition` of the pool `name`: jobs accepted with that partition
+    /// and not yet below its watermark.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn set(&mut self, name: &str, partition: u32, lag: usize) {
+        #[cfg(feature = "metrics")]
+        self.gauges
+            .entry(partition)
+            .or_insert_with(|| {
+                observe::gauge(
+                    "sd.pool.watermark.lag",
+                    None,
+                    "jobs of a partition accepted and not yet below its watermark",
+                    &Labels::new()
+                        .with(label::NAME, name)
+                        .with(label::PARTITION, partition.to_string()),
+                )
+            })
+            .set(lag as f64);
+    }
+}

@@ -1,6 +1,6 @@
 //! Feature `metrics`: a pool counts its jobs by how they ended (a full queue's refusal
 //! included) and keeps its queue depth and jobs in flight, with the documented names and
-//! labels.
+//! labels, and each partition's watermark lag.
 #![cfg(feature = "metrics")]
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_core::observe::{Capture, label, outcome};
-use sd_pool::{Error, Pool};
+use sd_pool::{Error, Job, Pool};
 use tokio::sync::Notify;
 
 #[tokio::test]
@@ -71,4 +71,51 @@ async fn jobs_by_outcome_a_full_queue_and_the_gauges_are_reported() {
     assert_eq!(capture.gauges("sd.pool.in_flight", &mail), [0.0]);
     assert_eq!(capture.samples("sd.pool.queue.wait_time", &mail).len(), 3);
     assert_eq!(capture.samples("sd.pool.job.duration", &mail).len(), 3);
+}
+
+#[tokio::test]
+async fn each_partition_reports_its_watermark_lag() {
+    let capture = Capture::new();
+    let pool = Pool::builder()
+        .name("orders")
+        .workers(2)
+        .queue(8)
+        .build()
+        .unwrap();
+    let lag = |p: &str| {
+        capture.gauges(
+            "sd.pool.watermark.lag",
+            &[(label::NAME, "orders"), (label::PARTITION, p)],
+        )
+    };
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    // Each partition's gauge is registered with its first job.
+    let slow = capture.build(|| {
+        pool.try_submit(Job::new(async move { g.notified().await }).with_offset(0, 10))
+            .unwrap()
+    });
+    let other = capture.build(|| {
+        pool.try_submit(Job::new(async {}).with_offset(1, 5))
+            .unwrap()
+    });
+    other.await.unwrap();
+    let mut done = Vec::new();
+    for offset in 11..14 {
+        done.push(
+            pool.submit(Job::new(async {}).with_offset(0, offset))
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in done {
+        handle.await.unwrap();
+    }
+    // Offsets 11 to 13 finished behind the unfinished 10: four not below the watermark.
+    assert_eq!(lag("0"), [4.0]);
+    assert_eq!(lag("1"), [0.0]);
+    gate.notify_one();
+    slow.await.unwrap();
+    assert_eq!(lag("0"), [0.0]);
+    assert_eq!(pool.watermark(0), Some(13));
 }

@@ -131,6 +131,7 @@ impl PoolBuilder {
                     workers: Vec::new(),
                     free_workers: Vec::new(),
                     metrics: Metrics::default(),
+                    lags: crate::observe::Lags::default(),
                 }),
                 room: Notify::new(),
                 idle: Notify::new(),

@@ -115,6 +115,7 @@ struct State {
     workers: Vec<WorkerSlot>,
     free_workers: Vec<usize>,
     metrics: Metrics,
+    lags: crate::observe::Lags,
 }
 
 impl State {

@@ -64,6 +64,8 @@ impl Shared {
         if let Some((partition, offset)) = job.position {
             // `check` verified the offset increases, so this cannot fail.
             let _ = st.watermarks.track(partition, offset);
+            let lag = st.watermarks.tracked(partition);
+            st.lags.set(&self.name, partition, lag);
         }
         let future = job.future;
         // Two steps in one allocation: run the job (yielding how it ended, while its
@@ -201,6 +203,8 @@ impl Shared {
         release(&mut st, &meta);
         if let Some((partition, offset)) = meta.position {
             st.watermarks.complete(partition, offset);
+            let lag = st.watermarks.tracked(partition);
+            st.lags.set(&self.name, partition, lag);
         }
         let next = if st.shut || st.running > st.limit {
             None
