@@ -414,9 +414,7 @@ impl Publisher for KafkaPublisher {
                 let failed = match delivery.await {
                     Ok(Ok(_)) => continue,
                     Ok(Err((e, _))) => {
-                        refused = e
-                            .rdkafka_error_code()
-                            .filter(|c| REPLACE_AFTER.contains(c));
+                        refused = e.rdkafka_error_code().filter(|c| REPLACE_AFTER.contains(c));
                         Error::publish(i, format!("kafka: {e}"))
                     }
                     Err(_) => Error::publish(i, "kafka: the producer was dropped"),
