@@ -56,6 +56,8 @@ pub mod label {
     /// OpenTelemetry's error type attribute, present when a call failed: a fixed word
     /// (`timeout`, `backend`), never an error message.
     pub const ERROR_TYPE: &str = "error.type";
+    /// A step of a saga, by the name its definition gives it: bounded by the definition.
+    pub const STEP: &str = "sd.step";
 }
 
 /// The values of [`label::BACKEND`] (and of [`label::MESSAGING_SYSTEM`] for sinks and
@@ -71,6 +73,8 @@ pub mod backend {
     pub const NATS: &str = "nats";
     /// Kafka.
     pub const KAFKA: &str = "kafka";
+    /// etcd.
+    pub const ETCD: &str = "etcd";
 }
 
 /// The values of [`label::OUTCOME`].
@@ -109,6 +113,22 @@ pub mod outcome {
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// A backend call that failed.
     pub const BACKEND_ERROR: &str = "backend_error";
+    /// A lock granted a lease.
+    pub const ACQUIRED: &str = "acquired";
+    /// A lock refused a lease another holder has (one attempt).
+    pub const CONTENDED: &str = "contended";
+    /// A wait (for a lease) gave up when its time ran out.
+    pub const TIMEOUT: &str = "timeout";
+    /// An attempt failed and another follows.
+    pub const RETRIED: &str = "retried";
+    /// A unit of work gave up after its last attempt.
+    pub const FAILED: &str = "failed";
+    /// A saga ran every step.
+    pub const COMPLETED: &str = "completed";
+    /// A saga was undone: its completed steps compensated.
+    pub const COMPENSATED: &str = "compensated";
+    /// A saga left for an operator: a compensation (or a step past the pivot) gave up.
+    pub const STUCK: &str = "stuck";
 }
 
 /// The values of [`label::OPERATION`].
@@ -129,6 +149,12 @@ pub mod operation {
     pub const PUBLISH: &str = "publish";
     /// Processing a consumed message (a job).
     pub const PROCESS: &str = "process";
+    /// Taking a lease.
+    pub const ACQUIRE: &str = "acquire";
+    /// Running a saga step's action.
+    pub const STEP: &str = "step";
+    /// Running a saga step's compensation.
+    pub const COMPENSATE: &str = "compensate";
 }
 
 /// The unit of every duration histogram: seconds, as OpenTelemetry asks.

@@ -18,6 +18,12 @@ trait DynLock: Send + Sync {
     fn extend<'a>(&'a self, lease: &'a mut Lease, ttl: Duration) -> BoxFuture<'a, Result<()>>;
     fn release(&self, lease: Lease) -> BoxFuture<'_, Result<Release>>;
     fn retry_policy(&self) -> RetryPolicy;
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Lease>>;
 }
 
 impl<L: Lock> DynLock for L {
@@ -35,6 +41,16 @@ impl<L: Lock> DynLock for L {
 
     fn retry_policy(&self) -> RetryPolicy {
         Lock::retry_policy(self)
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Lease>> {
+        // The backend's own wait, which counts it once (feature `metrics`).
+        Box::pin(Lock::acquire(self, resource, ttl, max_wait))
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
+use crate::observe::Meters;
 
 /// etcd leases are whole seconds.
 pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
@@ -46,6 +47,7 @@ pub struct EtcdLock {
     client: Client,
     prefix: String,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl fmt::Debug for EtcdLock {
@@ -68,6 +70,7 @@ fn whole_seconds(ttl: Duration) -> i64 {
 pub struct EtcdLockBuilder {
     /// The lock with the options so far, unchecked.
     lock: EtcdLock,
+    name: String,
 }
 
 impl fmt::Debug for EtcdLockBuilder {
@@ -93,6 +96,13 @@ impl EtcdLockBuilder {
         self
     }
 
+    /// The lock's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The lock, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<EtcdLock> {
         if self.lock.prefix.is_empty() {
@@ -101,7 +111,10 @@ impl EtcdLockBuilder {
                 reason: "must not be empty: it keeps the lock's keys apart from others".into(),
             });
         }
-        Ok(self.lock)
+        Ok(EtcdLock {
+            meters: Meters::new(&self.name, sd_core::observe::backend::ETCD),
+            ..self.lock
+        })
     }
 }
 
@@ -112,6 +125,7 @@ impl EtcdLock {
             client,
             prefix: "sd-lock/".into(),
             retry: lease::default_retry(),
+            meters: Meters::unnamed(sd_core::observe::backend::ETCD),
         }
     }
 
@@ -125,6 +139,7 @@ impl EtcdLock {
     pub fn builder(client: Client) -> EtcdLockBuilder {
         EtcdLockBuilder {
             lock: EtcdLock::new(client),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
@@ -285,4 +300,4 @@ pub(crate) async fn release_key(
     })
 }
 
-forward_lock!([] EtcdLock, retry: retry);
+forward_lock!([] EtcdLock, retry: retry, meters: meters);

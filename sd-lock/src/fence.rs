@@ -17,13 +17,23 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use sd_core::observe::backend;
+
 use crate::error::{Error, Result};
 use crate::lease::FencingToken;
+use crate::observe::FenceMeters;
 
 /// A value guarded by fencing tokens (in memory).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FencedRegister<T> {
     inner: Mutex<(Option<FencingToken>, T)>,
+    meters: FenceMeters,
+}
+
+impl<T: Default> Default for FencedRegister<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
 }
 
 impl<T> FencedRegister<T> {
@@ -31,7 +41,15 @@ impl<T> FencedRegister<T> {
     pub fn new(value: T) -> Self {
         FencedRegister {
             inner: Mutex::new((None, value)),
+            meters: FenceMeters::new(sd_core::observe::DEFAULT_NAME, backend::MEMORY),
         }
+    }
+
+    /// Names the register (default `"default"`): the `sd.name` label of its refusals
+    /// (feature `metrics`, registered again with the recorder installed now).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.meters = FenceMeters::new(name, backend::MEMORY);
+        self
     }
 
     fn inner(&self) -> MutexGuard<'_, (Option<FencingToken>, T)> {
@@ -50,13 +68,13 @@ impl<T> FencedRegister<T> {
 
     /// Raises the mark to `token` without touching the value, or refuses a stale token.
     pub fn check(&self, token: FencingToken) -> Result<()> {
-        Self::admit(&mut self.inner().0, token)
+        self.meters.checked(Self::admit(&mut self.inner().0, token))
     }
 
     /// Replaces the value if `token` is not stale.
     pub fn write(&self, token: FencingToken, value: T) -> Result<()> {
         let mut inner = self.inner();
-        Self::admit(&mut inner.0, token)?;
+        self.meters.checked(Self::admit(&mut inner.0, token))?;
         inner.1 = value;
         Ok(())
     }
@@ -64,7 +82,7 @@ impl<T> FencedRegister<T> {
     /// Applies `f` to the value if `token` is not stale, and returns what `f` returns.
     pub fn update<R>(&self, token: FencingToken, f: impl FnOnce(&mut T) -> R) -> Result<R> {
         let mut inner = self.inner();
-        Self::admit(&mut inner.0, token)?;
+        self.meters.checked(Self::admit(&mut inner.0, token))?;
         Ok(f(&mut inner.1))
     }
 
@@ -78,7 +96,7 @@ impl<T: Clone> FencedRegister<T> {
     /// Reads the value if `token` is not stale, raising the mark to `token`.
     pub fn read(&self, token: FencingToken) -> Result<T> {
         let mut inner = self.inner();
-        Self::admit(&mut inner.0, token)?;
+        self.meters.checked(Self::admit(&mut inner.0, token))?;
         Ok(inner.1.clone())
     }
 
@@ -118,8 +136,11 @@ pub mod redis {
     use sd_core::KeyPrefix;
     use sd_core::redis::Script;
 
+    use tracing::Instrument as _;
+
     use crate::error::{Error, Result};
     use crate::lease::FencingToken;
+    use crate::observe::FenceMeters;
 
     static FENCE: Script = Script::new(include_str!("redis/fence.lua"));
 
@@ -144,6 +165,7 @@ pub mod redis {
     pub struct RedisFence<C> {
         conn: C,
         prefix: KeyPrefix,
+        meters: FenceMeters,
     }
 
     /// Options of a [`RedisFence`]; [`build`](Self::build) checks them.
@@ -151,6 +173,7 @@ pub mod redis {
     pub struct RedisFenceBuilder<C> {
         conn: C,
         prefix: String,
+        name: String,
     }
 
     impl<C: ConnectionLike + Clone + Send + Sync> RedisFenceBuilder<C> {
@@ -161,11 +184,20 @@ pub mod redis {
             self
         }
 
+        /// The fence's name (default `"default"`): the `sd.name` label of its refusals
+        /// (feature `metrics`, registered by [`build`](Self::build)) and field of its
+        /// spans.
+        pub fn name(mut self, name: impl Into<String>) -> Self {
+            self.name = name.into();
+            self
+        }
+
         /// The fence, or [`Error::InvalidConfig`] naming `prefix`.
         pub fn build(self) -> Result<RedisFence<C>> {
             Ok(RedisFence {
                 prefix: KeyPrefix::parse("prefix", &self.prefix)?,
                 conn: self.conn,
+                meters: FenceMeters::new(&self.name, sd_core::observe::backend::REDIS),
             })
         }
     }
@@ -176,6 +208,10 @@ pub mod redis {
             RedisFence {
                 conn,
                 prefix: KeyPrefix::parse("prefix", "fence").expect("`fence` is a valid prefix"),
+                meters: FenceMeters::new(
+                    sd_core::observe::DEFAULT_NAME,
+                    sd_core::observe::backend::REDIS,
+                ),
             }
         }
 
@@ -184,6 +220,7 @@ pub mod redis {
             RedisFenceBuilder {
                 conn,
                 prefix: "fence".into(),
+                name: sd_core::observe::DEFAULT_NAME.into(),
             }
         }
 
@@ -210,11 +247,12 @@ pub mod redis {
                 .arg(op)
                 .arg(value)
                 .invoke(&mut conn)
+                .instrument(self.meters.span())
                 .await?;
             let bad = Error::UnexpectedReply {
                 reason: "the fence script returned an unknown shape",
             };
-            match reply.as_slice() {
+            self.meters.checked(match reply.as_slice() {
                 [Some(tag), value] if tag == b"ok" => Ok(value.clone()),
                 [Some(tag), Some(newest)] if tag == b"stale" => {
                     let current = std::str::from_utf8(newest)
@@ -228,7 +266,7 @@ pub mod redis {
                 }
                 [Some(tag)] if tag == b"ok" => Ok(None),
                 _ => Err(bad),
-            }
+            })
         }
 
         /// Raises the resource's mark to `token`, or refuses a stale token.
@@ -255,8 +293,11 @@ pub mod postgres {
 
     use sqlx::{PgConnection, PgPool};
 
+    use tracing::Instrument as _;
+
     use crate::error::{Error, Result};
     use crate::lease::FencingToken;
+    use crate::observe::FenceMeters;
     use sd_core::TableName;
     use sd_core::migrate::{Migration, Migrator};
 
@@ -273,6 +314,7 @@ pub mod postgres {
     #[derive(Debug, Clone)]
     pub struct PostgresFenceBuilder {
         table: String,
+        name: String,
     }
 
     impl PostgresFenceBuilder {
@@ -283,12 +325,20 @@ pub mod postgres {
             self
         }
 
+        /// The fence's name (default `"default"`): the `sd.name` label of its refusals
+        /// (feature `metrics`, registered by [`build`](Self::build)) and field of its
+        /// spans.
+        pub fn name(mut self, name: impl Into<String>) -> Self {
+            self.name = name.into();
+            self
+        }
+
         /// The fence, or [`Error::InvalidConfig`] naming `table`.
         pub fn build(self) -> Result<PostgresFence> {
-            Ok(PostgresFence::with_sql(TableName::parse(
-                "table",
-                &self.table,
-            )?))
+            Ok(PostgresFence::with_sql(
+                TableName::parse("table", &self.table)?,
+                &self.name,
+            ))
         }
     }
 
@@ -316,12 +366,14 @@ pub mod postgres {
         table: TableName,
         check_sql: Arc<str>,
         current_sql: Arc<str>,
+        meters: FenceMeters,
     }
 
     impl Default for PostgresFence {
         fn default() -> Self {
             Self::with_sql(
                 TableName::parse("table", DEFAULT_TABLE).expect("the default table name is valid"),
+                sd_core::observe::DEFAULT_NAME,
             )
         }
     }
@@ -332,7 +384,7 @@ pub mod postgres {
             Self::default()
         }
 
-        fn with_sql(t: TableName) -> Self {
+        fn with_sql(t: TableName, name: &str) -> Self {
             PostgresFence {
                 check_sql: format!(
                     "INSERT INTO {t} AS f (resource, token) VALUES ($1, $2) \
@@ -342,6 +394,7 @@ pub mod postgres {
                 .into(),
                 current_sql: format!("SELECT token FROM {t} WHERE resource = $1").into(),
                 table: t,
+                meters: FenceMeters::new(name, sd_core::observe::backend::POSTGRES),
             }
         }
 
@@ -349,6 +402,7 @@ pub mod postgres {
         pub fn builder() -> PostgresFenceBuilder {
             PostgresFenceBuilder {
                 table: DEFAULT_TABLE.into(),
+                name: sd_core::observe::DEFAULT_NAME.into(),
             }
         }
 
@@ -368,6 +422,19 @@ pub mod postgres {
         /// Admits `token` for `resource` in the caller's transaction, or refuses a stale
         /// one. Tokens above `i64::MAX` are refused as invalid.
         pub async fn check(
+            &self,
+            conn: &mut PgConnection,
+            resource: &str,
+            token: FencingToken,
+        ) -> Result<()> {
+            let checked = self
+                .check_token(conn, resource, token)
+                .instrument(self.meters.span())
+                .await;
+            self.meters.checked(checked)
+        }
+
+        async fn check_token(
             &self,
             conn: &mut PgConnection,
             resource: &str,

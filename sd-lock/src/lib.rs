@@ -120,6 +120,35 @@
 //! asked in parallel. Unlike rslock, every lease carries a fencing token. The figures
 //! are in [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Metrics and spans
+//!
+//! With feature `metrics`, every lock and fence reports through the `metrics` facade
+//! (install the exporter's recorder before building it: handles are registered then).
+//! Labels follow `sd_core::observe`; `sd.name` is the instance's name (the builders'
+//! `name`, [`memory::MemoryLock::with_name`], [`fence::FencedRegister::with_name`];
+//! default `"default"`), `sd.backend` one of `memory`, `redis` (one server or Redlock),
+//! `postgres`, `etcd`.
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.lock.acquisitions` | counter | acquisitions | `sd.name`, `sd.backend`, `sd.outcome` (`acquired`, `contended`, `timeout`, `backend_error`) |
+//! | `sd.lock.acquire.duration` | histogram | s | `sd.name`, `sd.backend`, `sd.outcome` |
+//! | `sd.lock.contention.retries` | counter | attempts | `sd.name`, `sd.backend` |
+//! | `sd.lock.leases.lost` | counter | leases | `sd.name`, `sd.backend` |
+//! | `sd.lock.fencing.refusals` | counter | operations | `sd.name`, `sd.backend` (`memory`, `redis`, `postgres`) |
+//!
+//! An acquisition is one call of [`Lock::try_acquire`] or [`Lock::acquire`], counted
+//! once: `contended` when the lease is held (or Redlock missed its quorum), `timeout`
+//! when `acquire` waited `max_wait` out, `backend_error` when the store failed; bad input
+//! is no outcome. Its time is the whole call, waits included. A wait's attempts after
+//! the first are `sd.lock.contention.retries`. A lease is lost when an `extend` (a
+//! [`Watchdog`]'s renewal among them) finds it gone ([`Error::LeaseExpired`]); a fence
+//! refusal is an operation refused with [`Error::StaleToken`]. Every call of the memory,
+//! Redis, Redlock, PostgreSQL and etcd locks runs in a `lock.call` span with `sd.name`,
+//! `sd.backend` and `sd.operation` (`acquire`, `extend`, `release`), and every Redis or
+//! PostgreSQL fence call in a `lock.fence` span with `sd.name` and `sd.backend`. The
+//! semaphores, elections and advisory locks report no metrics yet.
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -129,6 +158,8 @@
 //! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8),
 //!   the PostgreSQL semaphore and election.
 //! - `etcd`: [`etcd::EtcdLock`] (etcd-client), the etcd semaphore and election.
+//! - `metrics`: acquisitions, their time, contention retries, leases lost and fencing
+//!   refusals through the `metrics` facade (see [Metrics and spans](#metrics-and-spans)).
 //! - `test-util`: `conformance`, the contract suite every backend runs, for a backend of
 //!   your own or a [`BoxLock`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
@@ -154,7 +185,7 @@
 //! # Running the tests
 //!
 //! `cargo test -p sd-lock` (or `cargo nextest run -p sd-lock`) runs every suite: the
-//! crate's tests turn on `redis`, `postgres`, `etcd` and `test-util` through a dev-dependency on
+//! crate's tests turn on `redis`, `postgres`, `etcd`, `test-util` and `metrics` through a dev-dependency on
 //! the crate itself, so no suite is left out for want of a feature flag. The backend
 //! suites start real `redis-server`, `postgres` and `etcd` servers through `sd-testkit`; a missing
 //! server binary fails the test, it is never skipped.
@@ -166,49 +197,95 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Implements [`Lock`] for a type by handing every method on. Two forms:
+/// Implements [`Lock`] for a type by handing every method on. Three forms:
 ///
 /// - `forward_lock!([generics] Type => field)`: to its field `field`, which has the same
-///   methods: [`RedisLock`](crate::redis::RedisLock) over its one-master Redlock,
-///   [`BoxLock`] over its boxed backend.
-/// - `forward_lock!([generics] Type, retry: field)`: to the type's own inherent
-///   `try_acquire`, `extend` and `release` (inherent methods come first in method
-///   lookup), the retry policy read from its field `field`: the Redlock, PostgreSQL and
-///   etcd backends.
+///   methods ([`BoxLock`] over its boxed backend, whose own methods count).
+/// - `forward_lock!([generics] Type => Lock field)`: to the [`Lock`] methods of its field
+///   `field`, which count: [`RedisLock`](crate::redis::RedisLock) over its one-master
+///   Redlock.
+/// - `forward_lock!([generics] Type, retry: field, meters: field)`: to the type's own
+///   inherent `try_acquire`, `extend` and `release` (inherent methods come first in
+///   method lookup), each in a span and counted by the meters in its field `meters`,
+///   `acquire` retrying the inherent `try_acquire` under the retry policy read from its
+///   field `retry`: the Redlock, PostgreSQL and etcd backends.
 macro_rules! forward_lock {
+    ([$($generics:tt)*] $ty:ty => Lock $inner:ident) => {
+        forward_lock!(@impl [$($generics)*] $ty,
+            try_acquire(this, resource, ttl) { crate::Lock::try_acquire(&this.$inner, resource, ttl) },
+            extend(this, lease, ttl) { crate::Lock::extend(&this.$inner, lease, ttl) },
+            release(this, lease) { crate::Lock::release(&this.$inner, lease) },
+            acquire(this, resource, ttl, max_wait) { crate::Lock::acquire(&this.$inner, resource, ttl, max_wait) },
+            retry_policy(this) { crate::Lock::retry_policy(&this.$inner) }
+        );
+    };
     ([$($generics:tt)*] $ty:ty => $inner:ident) => {
-        forward_lock!(@impl [$($generics)*] $ty, [.$inner], [$inner.retry_policy()]);
+        forward_lock!(@impl [$($generics)*] $ty,
+            try_acquire(this, resource, ttl) { this.$inner.try_acquire(resource, ttl) },
+            extend(this, lease, ttl) { this.$inner.extend(lease, ttl) },
+            release(this, lease) { this.$inner.release(lease) },
+            acquire(this, resource, ttl, max_wait) { this.$inner.acquire(resource, ttl, max_wait) },
+            retry_policy(this) { this.$inner.retry_policy() }
+        );
     };
-    ([$($generics:tt)*] $ty:ty, retry: $retry:ident) => {
-        forward_lock!(@impl [$($generics)*] $ty, [], [$retry]);
+    ([$($generics:tt)*] $ty:ty, retry: $retry:ident, meters: $meters:ident) => {
+        forward_lock!(@impl [$($generics)*] $ty,
+            try_acquire(this, resource, ttl) { this.$meters.try_acquire(this.try_acquire(resource, ttl)) },
+            extend(this, lease, ttl) { this.$meters.extend(this.extend(lease, ttl)) },
+            release(this, lease) { this.$meters.release(this.release(lease)) },
+            acquire(this, resource, ttl, max_wait) {
+                this.$meters.acquire(this.$retry, resource, max_wait, move || this.try_acquire(resource, ttl))
+            },
+            retry_policy(this) { this.$retry }
+        );
     };
-    (@impl [$($generics:tt)*] $ty:ty, [$($target:tt)*], [$($retry:tt)*]) => {
+    (@impl [$($generics:tt)*] $ty:ty,
+        try_acquire($t1:ident, $r1:ident, $ttl1:ident) $try_acquire:block,
+        extend($t2:ident, $l2:ident, $ttl2:ident) $extend:block,
+        release($t3:ident, $l3:ident) $release:block,
+        acquire($t4:ident, $r4:ident, $ttl4:ident, $w4:ident) $acquire:block,
+        retry_policy($t5:ident) $retry_policy:block
+    ) => {
         impl<$($generics)*> crate::Lock for $ty {
             fn try_acquire<'a>(
                 &'a self,
-                resource: &'a str,
-                ttl: ::std::time::Duration,
+                $r1: &'a str,
+                $ttl1: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Lease>> + Send + 'a {
-                self $($target)* .try_acquire(resource, ttl)
+                let $t1 = self;
+                $try_acquire
             }
 
             fn extend<'a>(
                 &'a self,
-                lease: &'a mut crate::Lease,
-                ttl: ::std::time::Duration,
+                $l2: &'a mut crate::Lease,
+                $ttl2: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<()>> + Send + 'a {
-                self $($target)* .extend(lease, ttl)
+                let $t2 = self;
+                $extend
             }
 
             fn release(
                 &self,
-                lease: crate::Lease,
+                $l3: crate::Lease,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Release>> + Send + '_ {
-                self $($target)* .release(lease)
+                let $t3 = self;
+                $release
             }
 
             fn retry_policy(&self) -> crate::RetryPolicy {
-                self.$($retry)*
+                let $t5 = self;
+                $retry_policy
+            }
+
+            fn acquire<'a>(
+                &'a self,
+                $r4: &'a str,
+                $ttl4: ::std::time::Duration,
+                $w4: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = crate::Result<crate::Lease>> + Send + 'a {
+                let $t4 = self;
+                $acquire
             }
         }
     };
@@ -224,6 +301,7 @@ pub mod etcd;
 pub mod fence;
 pub mod lease;
 pub mod memory;
+mod observe;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
@@ -311,7 +389,22 @@ pub(crate) async fn retry_contention<T, F, Fut>(
     policy: RetryPolicy,
     resource: &str,
     max_wait: Duration,
+    attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    retry_contention_counted(policy, resource, max_wait, attempt, || ()).await
+}
+
+/// [`retry_contention`], calling `retried` before each retry after contention.
+pub(crate) async fn retry_contention_counted<T, F, Fut>(
+    policy: RetryPolicy,
+    resource: &str,
+    max_wait: Duration,
     mut attempt: F,
+    mut retried: impl FnMut(),
 ) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -340,6 +433,7 @@ where
             });
         };
         let delay = policy.random_delay(attempts).min(left);
+        retried();
         sleep_about(delay, rand::random::<f64>()).await;
     }
 }

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
+use crate::observe::Meters;
+use sd_core::observe::backend;
 
 /// Expired entries are swept when the map has grown by this many since the last sweep.
 const SWEEP_EVERY: usize = 1024;
@@ -38,6 +40,7 @@ struct State {
 pub struct MemoryLock {
     state: Arc<Mutex<State>>,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl Default for MemoryLock {
@@ -45,6 +48,7 @@ impl Default for MemoryLock {
         MemoryLock {
             state: Arc::default(),
             retry: lease::default_retry(),
+            meters: Meters::unnamed(backend::MEMORY),
         }
     }
 }
@@ -58,6 +62,14 @@ impl MemoryLock {
     /// The same table with another retry policy for [`crate::Lock::acquire`].
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Names the lock (default `"default"`): the `sd.name` label of its metrics (feature
+    /// `metrics`, registered again with the recorder installed now) and field of its
+    /// spans.
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.meters = Meters::new(name, backend::MEMORY);
         self
     }
 
@@ -158,7 +170,10 @@ impl crate::Lock for MemoryLock {
         resource: &'a str,
         ttl: Duration,
     ) -> impl Future<Output = Result<Lease>> + Send + 'a {
-        ready(self.try_acquire_now(resource, ttl))
+        ready(
+            self.meters
+                .try_acquire_now(|| self.try_acquire_now(resource, ttl)),
+        )
     }
 
     fn extend<'a>(
@@ -166,7 +181,9 @@ impl crate::Lock for MemoryLock {
         lease: &'a mut Lease,
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send + 'a {
-        ready(self.extend_now(lease, ttl))
+        let extended = self.extend_now(lease, ttl);
+        self.meters.extended(&extended);
+        ready(extended)
     }
 
     fn release(&self, lease: Lease) -> impl Future<Output = Result<Release>> + Send + '_ {
@@ -175,6 +192,18 @@ impl crate::Lock for MemoryLock {
 
     fn retry_policy(&self) -> RetryPolicy {
         self.retry
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send + 'a {
+        self.meters
+            .acquire(self.retry, resource, max_wait, move || {
+                ready(self.try_acquire_now(resource, ttl))
+            })
     }
 }
 

@@ -32,6 +32,7 @@ use sd_core::migrate::{Migration, Migrator};
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
+use crate::observe::Meters;
 
 /// The leases table's migration, written for the default name `sd_lock_leases`.
 pub static MIGRATIONS: &[Migration] = &[Migration {
@@ -130,6 +131,7 @@ pub struct PostgresLock {
     table: TableName,
     sql: Arc<Sql>,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl fmt::Debug for PostgresLock {
@@ -148,6 +150,7 @@ pub struct PostgresLockBuilder {
     pool: PgPool,
     table: String,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl PostgresLockBuilder {
@@ -165,6 +168,13 @@ impl PostgresLockBuilder {
         self
     }
 
+    /// The lock's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The lock, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<PostgresLock> {
         let table = TableName::parse("table", &self.table)?;
@@ -173,6 +183,7 @@ impl PostgresLockBuilder {
             sql: Arc::new(Sql::new(&table.to_string())),
             table,
             retry: self.retry,
+            meters: Meters::new(&self.name, sd_core::observe::backend::POSTGRES),
         })
     }
 }
@@ -186,6 +197,7 @@ impl PostgresLock {
                 .expect("the default table name is valid"),
             sql: Arc::new(Sql::new(DEFAULT_TABLE)),
             retry: lease::default_retry(),
+            meters: Meters::unnamed(sd_core::observe::backend::POSTGRES),
         }
     }
 
@@ -195,6 +207,7 @@ impl PostgresLock {
             pool,
             table: DEFAULT_TABLE.into(),
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
@@ -423,4 +436,4 @@ impl SessionLock {
     }
 }
 
-forward_lock!([] PostgresLock, retry: retry);
+forward_lock!([] PostgresLock, retry: retry, meters: meters);

@@ -91,6 +91,14 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLockBuilder<C> {
         }
     }
 
+    /// The lock's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(self, name: impl Into<String>) -> Self {
+        RedisLockBuilder {
+            inner: self.inner.name(name),
+        }
+    }
+
     /// The lock, or [`crate::Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<RedisLock<C>> {
         match self.inner.build() {
@@ -137,4 +145,4 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLock<C> {
     }
 }
 
-forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] RedisLock<C> => inner);
+forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] RedisLock<C> => Lock inner);

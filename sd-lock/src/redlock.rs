@@ -55,6 +55,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, OnCancel, Release, RetryPolicy};
+use crate::observe::Meters;
 
 static ACQUIRE: Script = Script::new(include_str!("redis/acquire.lua"));
 static EXTEND: Script = Script::new(include_str!("redis/extend.lua"));
@@ -206,6 +207,7 @@ pub struct Redlock<C> {
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
     tokens: Tokens,
+    meters: Meters,
 }
 
 /// Where a master's fencing token comes from.
@@ -226,6 +228,7 @@ impl<C> Clone for Redlock<C> {
             node_timeout: self.node_timeout,
             retry: self.retry,
             tokens: self.tokens,
+            meters: self.meters.clone(),
         }
     }
 }
@@ -260,6 +263,7 @@ pub struct RedlockBuilder<C> {
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
     tokens: Tokens,
+    name: String,
 }
 
 impl<C> fmt::Debug for RedlockBuilder<C> {
@@ -300,6 +304,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedlockBuilder<C> {
         self
     }
 
+    /// The lock's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The lock, or [`Error::InvalidConfig`] naming the setter at fault (`masters` when
     /// none was given).
     pub fn build(self) -> Result<Redlock<C>> {
@@ -317,6 +328,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedlockBuilder<C> {
             node_timeout: self.node_timeout,
             retry: self.retry,
             tokens: self.tokens,
+            meters: Meters::new(&self.name, sd_core::observe::backend::REDIS),
         })
     }
 
@@ -370,6 +382,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             node_timeout: NodeTimeout::Factor(0.05),
             retry: lease::default_retry(),
             tokens: Tokens::Clock,
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
@@ -642,4 +655,4 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
     }
 }
 
-forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] Redlock<C>, retry: retry);
+forward_lock!([C: ConnectionLike + Clone + Send + Sync + 'static] Redlock<C>, retry: retry, meters: meters);
