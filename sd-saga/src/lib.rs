@@ -193,18 +193,41 @@
 //! orchestrator's counters (started, completed, compensated, stuck, recovered, attempts,
 //! failures, compensations run, fenced writes) and a step-latency histogram.
 //!
+//! With feature `metrics`, every orchestrator also reports through the `metrics` facade
+//! (install the exporter's recorder before building the orchestrator: handles are
+//! registered then, one set per step). `sd.name` is the saga's name, `sd.step` a step's
+//! (both from the definition, so bounded); labels follow `sd_core::observe`.
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `sd.saga.steps` | counter | calls | `sd.name`, `sd.step`, `sd.outcome` (`ok`, `retried`, `failed`) |
+//! | `sd.saga.compensations` | counter | calls | `sd.name`, `sd.step`, `sd.outcome` (`ok`, `retried`, `failed`) |
+//! | `sd.saga.step.duration` | histogram | s | `sd.name`, `sd.step`, `sd.operation` (`step`, `compensate`) |
+//! | `sd.saga.sagas` | counter | sagas | `sd.name`, `sd.outcome` (`completed`, `compensated`, `stuck`) |
+//!
+//! A step's action (`sd.saga.steps`) or compensation (`sd.saga.compensations`) counts
+//! `ok` or `failed` once when the call ends (`failed`: it gave up, on a permanent error
+//! or its last attempt), and `retried` for every failed attempt that is tried again; a
+//! compensation counted `ok` is a step compensated. Every attempt's time is one sample
+//! of `sd.saga.step.duration`. A saga this orchestrator drove to its end (run, recovered
+//! or resumed) counts once in `sd.saga.sagas`: `stuck` is a saga left for an operator.
+//! Each attempt runs in a `saga.step` span with `sd.name`, `sd.step`, `sd.operation`
+//! and `attempt`; PostgreSQL log statements run in `saga.postgres` with `sd.backend`.
+//!
 //! # Crate features
 //!
 //! None is on by default.
 //!
 //! - `postgres`: the PostgreSQL log (`postgres::PostgresStore`, sqlx 0.8).
+//! - `metrics`: step and compensation calls by outcome, attempt time and sagas by how
+//!   they ended through the `metrics` facade (see [Metrics](#metrics)).
 //! - `test-util`: the `conformance` module, the [`SagaStore`] contract as a suite of
 //!   checks that any log (a new backend, or a [`BoxStore`]) can run.
 //!
 //! # Running the tests
 //!
 //! `cargo test -p sd-saga` (or `cargo nextest run -p sd-saga`) runs every suite: the
-//! crate's tests turn on `postgres` and `test-util` through a dev-dependency on the
+//! crate's tests turn on `postgres`, `test-util` and `metrics` through a dev-dependency on the
 //! crate itself, so no suite is left out for want of a feature flag. The PostgreSQL
 //! suites start real `postgres` servers through `sd-testkit`; a missing server binary
 //! fails the test, it is never skipped.
@@ -218,6 +241,7 @@ mod definition;
 mod error;
 pub mod memory;
 mod metrics;
+mod observe;
 mod orchestrator;
 mod plan;
 #[cfg(feature = "postgres")]

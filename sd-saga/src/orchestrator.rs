@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::definition::Saga;
 use crate::error::{Error, Result};
 use crate::metrics::{Counters, LocalMetrics, Metrics, bump};
+use crate::observe::Meters;
 use crate::plan::Position;
 use crate::run::Run;
 use crate::store::{Claimant, NewSaga, SagaRecord, SagaState, SagaStore, StoredEvent};
@@ -146,6 +147,7 @@ where
         }
         Ok(Orchestrator {
             inner: Arc::new(Inner {
+                meters: Meters::new(&self.saga),
                 saga: self.saga,
                 store: self.store,
                 owner,
@@ -168,6 +170,7 @@ pub(crate) struct Inner<D, S> {
     recover_concurrency: usize,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) counters: Counters,
+    pub(crate) meters: Meters,
 }
 
 impl<D, S> Inner<D, S> {

@@ -399,7 +399,10 @@ impl PostgresStore {
     }
 
     async fn timed<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T> {
-        let span = tracing::debug_span!("saga.postgres");
+        let span = tracing::debug_span!(
+            "saga.postgres",
+            sd.backend = sd_core::observe::backend::POSTGRES
+        );
         Ok(timeout(self.timeout, span, f).await??)
     }
 

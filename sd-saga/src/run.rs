@@ -12,10 +12,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::definition::{BoxFuture, Direction, StepContext, StepDef, StepError};
 use crate::error::{Error, Result};
 use crate::metrics::bump;
+use crate::observe::{Call, operation_of};
 use crate::orchestrator::{Orchestrator, SagaOutcome};
 use crate::plan::{self, Plan, Position, Progress, Stop};
 use crate::store::{Event, EventKind, Lease, SagaRecord, SagaState, SagaStore, Write};
@@ -98,6 +100,7 @@ where
         let c = &self.inner.counters;
         match self.drive_plans(run).await {
             Ok(outcome) => {
+                self.inner.meters.ended(outcome.state());
                 bump(match outcome.state() {
                     SagaState::Completed => &c.completed,
                     SagaState::Compensated => &c.compensated,
@@ -238,6 +241,7 @@ where
                 |ctx, data| (def.action)(ctx, data),
             )
             .await?;
+        self.count(step, Direction::Forward, &ended);
         let mut run = shared.lock().await;
         let layout = &saga.layout;
         match ended {
@@ -293,6 +297,7 @@ where
                 |ctx, data| compensation(ctx, data),
             )
             .await?;
+        self.count(step, Direction::Compensate, &ended);
         let mut run = shared.lock().await;
         match ended {
             Ended::Ok(attempt, ()) => {
@@ -357,7 +362,16 @@ where
                 (ctx, run.data.clone(), run.lease.clone())
             };
             let started = Instant::now();
-            let attempt_run = self.call(&lease, def.timeout, call(ctx, data));
+            let span = tracing::debug_span!(
+                "saga.step",
+                sd.name = %inner.saga.name,
+                sd.step = %def.name,
+                sd.operation = operation_of(direction),
+                attempt,
+            );
+            let attempt_run = self
+                .call(&lease, def.timeout, call(ctx, data))
+                .instrument(span);
             let result = match cancel.as_mut() {
                 None => attempt_run.await?,
                 Some(rx) => tokio::select! {
@@ -368,7 +382,9 @@ where
                     }
                 },
             };
-            inner.counters.observe(started.elapsed());
+            let took = started.elapsed();
+            inner.counters.observe(took);
+            inner.meters.attempted(step, direction, took);
             bump(&inner.counters.attempts);
             let error = match result {
                 Ok(value) => return Ok(Ended::Ok(attempt, value)),
@@ -379,6 +395,7 @@ where
                 let in_doubt = error.is_timeout();
                 return Ok(Ended::Failed(attempt, error, in_doubt));
             }
+            inner.meters.called(step, direction, Call::Retried);
             tracing::debug!(saga = %lease.id, step = %def.name, %direction, attempt, %error, "saga step attempt failed; retrying");
             {
                 let mut run = shared.lock().await;
@@ -390,6 +407,15 @@ where
             tokio::time::sleep(policy.random_delay(attempt)).await;
             attempt += 1;
         }
+    }
+
+    /// Counts how a call of `step` in `direction` ended (feature `metrics`).
+    fn count<T>(&self, step: usize, direction: Direction, ended: &Ended<T>) {
+        let how = match ended {
+            Ended::Ok(..) => Call::Ok,
+            Ended::Failed(..) => Call::Failed,
+        };
+        self.inner.meters.called(step, direction, how);
     }
 
     /// One attempt under its timeout, renewing the lease every third of its length while
