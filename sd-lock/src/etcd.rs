@@ -121,11 +121,15 @@ impl EtcdLockBuilder {
 impl EtcdLock {
     /// Leases under the key prefix `sd-lock/`, with the default retry policy.
     pub fn new(client: Client) -> Self {
+        Self::with_meters(client, Meters::unnamed(sd_core::observe::backend::ETCD))
+    }
+
+    fn with_meters(client: Client, meters: Meters) -> Self {
         EtcdLock {
             client,
             prefix: "sd-lock/".into(),
             retry: lease::default_retry(),
-            meters: Meters::unnamed(sd_core::observe::backend::ETCD),
+            meters,
         }
     }
 
@@ -138,7 +142,8 @@ impl EtcdLock {
     /// Options for leases on `client`.
     pub fn builder(client: Client) -> EtcdLockBuilder {
         EtcdLockBuilder {
-            lock: EtcdLock::new(client),
+            // `build` registers the named handles.
+            lock: Self::with_meters(client, Meters::placeholder(sd_core::observe::backend::ETCD)),
             name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }

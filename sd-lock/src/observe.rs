@@ -78,11 +78,13 @@ struct Handles {
     lost: metrics::Counter,
 }
 
-/// When a timed call started (nothing without the feature).
+/// When a timed call started.
 #[cfg(feature = "metrics")]
 type Start = std::time::Instant;
+/// When a timed call started (nothing without the feature).
 #[cfg(not(feature = "metrics"))]
-type Start = ();
+#[derive(Debug, Clone, Copy)]
+struct Start;
 
 #[cfg(feature = "metrics")]
 #[inline]
@@ -91,7 +93,9 @@ fn start() -> Start {
 }
 #[cfg(not(feature = "metrics"))]
 #[inline]
-fn start() -> Start {}
+fn start() -> Start {
+    Start
+}
 
 /// A lock's name, backend and metric handles. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -144,6 +148,18 @@ impl Meters {
     /// The unnamed lock's handles on `backend`.
     pub(crate) fn unnamed(backend: &'static str) -> Self {
         Self::new(DEFAULT_NAME, backend)
+    }
+
+    /// Handles that report nowhere, for a builder's lock until `build` registers the
+    /// named ones (so no `"default"` series appears for it).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn placeholder(backend: &'static str) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            metrics::with_local_recorder(&metrics::NoopRecorder, || Self::unnamed(backend))
+        }
+        #[cfg(not(feature = "metrics"))]
+        Self::unnamed(backend)
     }
 
     fn span(&self, op: &'static str) -> tracing::Span {

@@ -1,11 +1,12 @@
 //! Feature `metrics`: each acquisition is counted once under its outcome (acquired,
 //! contended, timeout) with its time, each retry of a wait once, a renewal that finds
 //! the lease gone once, and each stale token a fence refuses once, with the documented
-//! names and labels, on memory, Redis and PostgreSQL.
+//! names and labels, on memory, Redis, PostgreSQL and etcd.
 #![cfg(all(
     feature = "metrics",
     feature = "redis",
     feature = "postgres",
+    feature = "etcd",
     feature = "test-util"
 ))]
 #![allow(clippy::unwrap_used)] // Tests may unwrap.
@@ -15,6 +16,7 @@ mod common;
 use std::time::Duration;
 
 use sd_core::observe::{Capture, backend, label, outcome};
+use sd_lock::etcd::EtcdLock;
 use sd_lock::fence::FencedRegister;
 use sd_lock::fence::postgres::PostgresFence;
 use sd_lock::fence::redis::RedisFence;
@@ -33,17 +35,20 @@ fn quick() -> sd_lock::RetryPolicy {
     common::backoff(Duration::from_millis(1), Duration::from_millis(4))
 }
 
-/// One lease taken, one attempt refused, one wait timed out, one lease lost under a
-/// watchdog, one wait that got its lease, one bad name: returns the timed-out wait's
-/// attempts.
-async fn drive<L: Lock + Clone + 'static>(lock: &L) -> u32 {
+/// How long the wait that times out waits.
+const WAIT: Duration = Duration::from_millis(40);
+
+/// One lease taken, one attempt refused, one wait of `wait` timed out, one lease lost
+/// under a watchdog, one wait that got its lease, one bad name: returns the timed-out
+/// wait's attempts.
+async fn drive<L: Lock + Clone + 'static>(lock: &L, wait: Duration) -> u32 {
     let ttl = Duration::from_secs(1);
     let held = lock.try_acquire("job", ttl).await.unwrap();
     assert!(matches!(
         lock.try_acquire("job", ttl).await,
         Err(Error::Held { .. })
     ));
-    let attempts = match lock.acquire("job", ttl, Duration::from_millis(40)).await {
+    let attempts = match lock.acquire("job", ttl, wait).await {
         Err(Error::WaitTimeout { attempts, .. }) => attempts,
         other => panic!("the wait should time out, got {other:?}"),
     };
@@ -71,7 +76,7 @@ async fn drive<L: Lock + Clone + 'static>(lock: &L) -> u32 {
     attempts
 }
 
-fn assert_counted(capture: &Capture, name: &str, backend: &str, attempts: u32) {
+fn assert_counted(capture: &Capture, name: &str, backend: &str, attempts: u32, wait: Duration) {
     let by = |o| {
         [
             (label::NAME, name),
@@ -97,7 +102,7 @@ fn assert_counted(capture: &Capture, name: &str, backend: &str, attempts: u32) {
     );
     let waited = capture.samples(ACQUIRE_DURATION, &by(outcome::TIMEOUT))[0];
     assert!(
-        waited >= 0.04,
+        waited >= wait.as_secs_f64(),
         "{backend}: the timed-out wait took {waited} s"
     );
     // Every attempt of the wait but the first was a retry; its attempts are not
@@ -119,8 +124,8 @@ fn memory_acquisitions_retries_lost_leases_and_refusals_are_counted() {
             FencedRegister::new(0_u64).with_name("account"),
         )
     });
-    let attempts = common::runtime().block_on(drive(&lock));
-    assert_counted(&capture, "jobs", backend::MEMORY, attempts);
+    let attempts = common::runtime().block_on(drive(&lock, WAIT));
+    assert_counted(&capture, "jobs", backend::MEMORY, attempts, WAIT);
     register.write(FencingToken(5), 1).unwrap();
     register.write(FencingToken(5), 2).unwrap();
     assert!(register.write(FencingToken(4), 3).is_err());
@@ -152,8 +157,8 @@ fn redis_and_postgres_acquisitions_retries_lost_leases_and_refusals_are_counted(
                     .unwrap(),
             )
         });
-        let attempts = drive(&on_redis).await;
-        assert_counted(&capture, "jobs", backend::REDIS, attempts);
+        let attempts = drive(&on_redis, WAIT).await;
+        assert_counted(&capture, "jobs", backend::REDIS, attempts, WAIT);
         fence.write("a", FencingToken(5), b"1").await.unwrap();
         assert!(matches!(
             fence.write("a", FencingToken(4), b"2").await,
@@ -179,8 +184,8 @@ fn redis_and_postgres_acquisitions_retries_lost_leases_and_refusals_are_counted(
         });
         on_pg.migrate().await.unwrap();
         pg_fence.migrate(&pool).await.unwrap();
-        let attempts = drive(&on_pg).await;
-        assert_counted(&capture, "jobs", backend::POSTGRES, attempts);
+        let attempts = drive(&on_pg, WAIT).await;
+        assert_counted(&capture, "jobs", backend::POSTGRES, attempts, WAIT);
         let mut tx = pool.begin().await.unwrap();
         pg_fence.check(&mut tx, "a", FencingToken(5)).await.unwrap();
         assert!(matches!(
@@ -193,4 +198,27 @@ fn redis_and_postgres_acquisitions_retries_lost_leases_and_refusals_are_counted(
         let refusals = [(label::NAME, "account"), (label::BACKEND, b)];
         assert_eq!(capture.counter(FENCING_REFUSALS, &refusals), 1, "{b}");
     }
+}
+
+#[test]
+fn etcd_acquisitions_retries_and_lost_leases_are_counted() {
+    let server = sd_testkit::etcd().expect("etcd must be installed");
+    let capture = Capture::new();
+    // An etcd attempt is three round trips: a longer wait still sees several.
+    let wait = Duration::from_millis(300);
+    common::runtime().block_on(async {
+        let client = etcd_client::Client::connect([server.url()], None)
+            .await
+            .unwrap();
+        let lock = capture.build(|| {
+            EtcdLock::builder(client)
+                .name("jobs")
+                .prefix("metrics-lock/")
+                .retry(quick())
+                .build()
+                .unwrap()
+        });
+        let attempts = drive(&lock, wait).await;
+        assert_counted(&capture, "jobs", backend::ETCD, attempts, wait);
+    });
 }
