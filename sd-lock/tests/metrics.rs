@@ -23,7 +23,7 @@ use sd_lock::fence::redis::RedisFence;
 use sd_lock::memory::MemoryLock;
 use sd_lock::postgres::PostgresLock;
 use sd_lock::redis::RedisLock;
-use sd_lock::{Error, FencingToken, Lock, Lost, Release, Watchdog};
+use sd_lock::{BoxLock, Error, FencingToken, Lock, Lost, Release, Watchdog};
 
 const ACQUISITIONS: &str = "sd.lock.acquisitions";
 const ACQUIRE_DURATION: &str = "sd.lock.acquire.duration";
@@ -133,6 +133,34 @@ fn memory_acquisitions_retries_lost_leases_and_refusals_are_counted() {
     assert_eq!(register.read(FencingToken(6)).unwrap(), 2);
     let refusals = [(label::NAME, "account"), (label::BACKEND, backend::MEMORY)];
     assert_eq!(capture.counter(FENCING_REFUSALS, &refusals), 2);
+}
+
+#[test]
+fn a_boxed_lock_is_counted_once_as_its_backend() {
+    let capture = Capture::new();
+    let lock = capture.build(|| MemoryLock::new().with_retry(quick()).with_name("boxed"));
+    let boxed = BoxLock::new(lock);
+    let ttl = Duration::from_secs(1);
+    let attempts = common::runtime().block_on(async {
+        let held = boxed.try_acquire("job", ttl).await.unwrap();
+        let Err(Error::WaitTimeout { attempts, .. }) = boxed.acquire("job", ttl, WAIT).await else {
+            panic!("the wait should time out");
+        };
+        assert_eq!(boxed.release(held).await.unwrap(), Release::Released);
+        attempts
+    });
+    let instance = [(label::NAME, "boxed"), (label::BACKEND, backend::MEMORY)];
+    let count = |o| {
+        capture.counter(
+            ACQUISITIONS,
+            &[instance[0], instance[1], (label::OUTCOME, o)],
+        )
+    };
+    // The wait is the backend's own: one timeout, its attempts retries, not acquisitions.
+    assert_eq!(count(outcome::ACQUIRED), 1);
+    assert_eq!(count(outcome::TIMEOUT), 1);
+    assert_eq!(count(outcome::CONTENDED), 0);
+    assert_eq!(capture.counter(RETRIES, &instance), u64::from(attempts - 1));
 }
 
 #[test]
