@@ -14,7 +14,7 @@
 //! | [`deadline`] | [`timeout`](deadline::timeout) with a span, and [`Deadline`] for work in several steps |
 //! | [`name`] | the one rule for table names ([`TableName`]) and Redis key prefixes ([`KeyPrefix`]) |
 //! | [`error`] | [`ConfigError`] (the field and the reason), [`Elapsed`], [`BoxError`] |
-//! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT` (feature `redis`) |
+//! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT`; `wait_for_replicas`: `WAIT` on the key's master (feature `redis`) |
 //! | `failover` | `FailoverConnection`: one server, a Sentinel group or a Cluster behind one redis-rs `ConnectionLike`, following failover (feature `redis`) |
 //! | [`observe`] | the metric names, label keys and span fields every crate uses; metric handles (feature `metrics`) |
 //! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |

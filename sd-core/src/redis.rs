@@ -6,12 +6,16 @@
 //! loaded ahead and no `SCRIPT LOAD` round trip is spent. Works over any redis-rs
 //! `ConnectionLike`: a `MultiplexedConnection`, a `ConnectionManager`, a cluster
 //! connection.
+//!
+//! [`wait_for_replicas`] asks the master that holds a key to `WAIT` until replicas
+//! acknowledge a write, for the crates' optional durability on claims and leases.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, FromRedisValue, RedisError, RedisResult, ToRedisArgs};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ToRedisArgs, Value};
 
 /// A Lua script: its source and its SHA1, computed once.
 ///
@@ -115,6 +119,87 @@ impl ScriptCall<'_> {
 /// True when the server did not know the script (`NOSCRIPT`).
 pub fn is_noscript(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// What [`wait_for_replicas`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// The write was in place on the master and `WAIT` answered: this many replicas
+    /// acknowledged it (and everything the master took before it).
+    Acked(u32),
+    /// The confirming script found the write gone (it answered 0): the master that
+    /// answered never had it or lost it, so it counts for nothing.
+    Missing,
+}
+
+/// How many replicas hold a write that a script made, with `WAIT replicas timeout`.
+///
+/// `confirm` is a script on the written key that, when the write is still in place,
+/// writes it again unchanged (so it is replicated: a `SET` or `HSET` of the same value)
+/// and answers 1, else answers 0. It is sent with `WAIT` in one pipeline: one request,
+/// so both go over one connection to the key's master (redis-rs routes a cluster
+/// pipeline by its first keyed command; a lone `WAIT` would go to every master), and
+/// `WAIT` then counts the replicas that acknowledged the confirming write, hence the
+/// first write too, however the connection moved in between (a `WAIT` on a new
+/// connection would count replicas that acknowledged nothing of ours).
+///
+/// Errors inside a pipeline come back as replies, not as errors the connection acts
+/// on: on `NOSCRIPT` the pipeline is sent again with `EVAL`; on any other refusal of the
+/// script (`READONLY`, `MOVED`, `CLUSTERDOWN`...) the script is sent alone, so the
+/// connection follows the failover as it does for every call, then the pipeline once
+/// more. A server that refuses `WAIT` (some managed services do) makes this an error.
+pub async fn wait_for_replicas(
+    conn: &mut impl ConnectionLike,
+    confirm: &ScriptCall<'_>,
+    replicas: u32,
+    timeout: Duration,
+) -> RedisResult<Replication> {
+    let wait_ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut eval = false;
+    let mut last = None;
+    for _ in 0..4 {
+        let mut pipe = redis::pipe();
+        pipe.add_command(if eval {
+            confirm.to_eval()
+        } else {
+            confirm.cmd().clone()
+        });
+        pipe.cmd("WAIT").arg(replicas).arg(wait_ms);
+        let mut replies = conn.req_packed_commands(&pipe, 0, 2).await?.into_iter();
+        let (found, acked) = (replies.next(), replies.next());
+        match found {
+            Some(Value::Int(0)) => return Ok(Replication::Missing),
+            Some(Value::Int(_)) => {
+                return match acked {
+                    Some(Value::Int(n)) => Ok(Replication::Acked(
+                        u32::try_from(n.max(0)).unwrap_or(u32::MAX),
+                    )),
+                    Some(Value::ServerError(e)) => Err(e.into()),
+                    _ => Err(unexpected("WAIT did not answer with a number")),
+                };
+            }
+            Some(Value::ServerError(e)) => {
+                let error = RedisError::from(e);
+                if is_noscript(&error) && !eval {
+                    eval = true;
+                    continue;
+                }
+                // Refused before it ran: alone, the call follows the failover.
+                if confirm.invoke::<i64>(conn).await? == 0 {
+                    return Ok(Replication::Missing);
+                }
+                last = Some(error);
+            }
+            _ => return Err(unexpected("the confirming script did not answer 0 or 1")),
+        }
+    }
+    Err(last.unwrap_or_else(|| unexpected("no answer")))
+}
+
+fn unexpected(what: &'static str) -> RedisError {
+    RedisError::from((ErrorKind::UnexpectedReturnType, what))
 }
 
 #[cfg(test)]
