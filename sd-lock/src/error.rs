@@ -95,6 +95,24 @@ sd_core::error_enum! {
             failures: Vec<crate::redlock::NodeFailure>,
         },
 
+        /// The lease was granted (or extended) on the master, but fewer of its replicas
+        /// than [`wait_for_replicas`](crate::redis::RedisLockBuilder::wait_for_replicas)
+        /// asks for acknowledged it within the wait, so it does not count: a granted
+        /// lease was released again (best effort), an extension left the lease's validity
+        /// as it was.
+        #[cfg(feature = "redis")]
+        #[error(
+            "lock `{resource}` reached {acked} of the {wanted} replicas it waits for; check the replicas and their links, or lower `wait_for_replicas`"
+        )]
+        NotReplicated {
+            /// The resource.
+            resource: String,
+            /// Replicas that acknowledged the write within the wait.
+            acked: u32,
+            /// Replicas asked for.
+            wanted: u32,
+        },
+
         /// The lock was granted, but acquiring took so long that no validity is left.
         /// It was released again.
         #[error(

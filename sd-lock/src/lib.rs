@@ -74,6 +74,14 @@
 //!   masters' clocks agree to within the time between the two acquisitions. Use Redlock
 //!   for efficiency, and fence the writes (the antirez/Kleppmann debate: both agree the
 //!   fence is what makes it safe).
+//! - **Replicas (`RedisLock`, optional)**: with
+//!   [`redis::RedisLockBuilder::wait_for_replicas`]`(n, timeout)` a grant (or an
+//!   extension) counts only once `WAIT` says `n` replicas hold it; fewer is
+//!   [`Error::NotReplicated`] and the grant is released. A failover that promotes one of
+//!   those replicas keeps the lease and its token counter. It is not durability on disk,
+//!   a failover may still promote a replica that missed it when `n` is below the number
+//!   of replicas, and `WAIT` does not make Redis a consensus system: fence the writes
+//!   either way. Off by default.
 //! - **Time**: `valid_until` is measured on the caller's monotonic clock from *before*
 //!   the first request, minus the drift margin `ttl / 100 + 2 ms`
 //!   ([`lease::validity`]). Backends expire keys on their own clocks (Redis `PX`,
@@ -168,7 +176,9 @@
     doc = "",
     doc = "[`redis::RedisLock`]: #crate-features",
     doc = "[`redlock::Redlock`]: #crate-features",
-    doc = "[`fence::redis::RedisFence`]: #crate-features"
+    doc = "[`fence::redis::RedisFence`]: #crate-features",
+    doc = "[`redis::RedisLockBuilder::wait_for_replicas`]: #crate-features",
+    doc = "[`Error::NotReplicated`]: #crate-features"
 )]
 #![cfg_attr(
     not(feature = "postgres"),

@@ -13,6 +13,8 @@
 //!   failover to a replica that missed the write, or a restart without persistence,
 //!   frees the lease early; tokens still increase across such a restart (they follow
 //!   the server clock), so the fence refuses the old holder's writes.
+//! - Optional: [`wait_for_replicas`](RedisLockBuilder::wait_for_replicas) makes a
+//!   grant or an extension count only once `WAIT` says that many replicas hold it.
 //!
 //! This is [`crate::redlock::Redlock`] with one master and a fixed 1 s request timeout.
 
@@ -96,6 +98,36 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisLockBuilder<C> {
     pub fn name(self, name: impl Into<String>) -> Self {
         RedisLockBuilder {
             inner: self.inner.name(name),
+        }
+    }
+
+    /// Off by default. When set, a grant (and an extension) counts only once `count`
+    /// replicas acknowledged it: after the acquire script, one more request to the
+    /// lease's master writes the lease again unchanged (if it is still ours) and sends
+    /// `WAIT count timeout` (milliseconds, rounded up) behind it. Fewer acknowledgements
+    /// within `timeout` is [`crate::Error::NotReplicated`] (not contention: `acquire`
+    /// does not retry it), and the grant is released again, best effort; a lease that
+    /// vanished from the master meanwhile counts as 0 replicas. The wait adds to the
+    /// request [`timeout`](Self::timeout), and must stay below the connection's own
+    /// response timeout (2 s for sd-core's `FailoverConnection`).
+    ///
+    /// What it promises: a lease you hold was in the memory of `count` replicas when
+    /// you got it, so a failover that promotes one of them keeps it (and its token
+    /// counter), and no later holder gets the lease or its token while it lasts.
+    ///
+    /// What it does not: it is not durability on disk (a replica that restarts
+    /// without persistence forgets it); a failover may still promote a replica that
+    /// missed it when `count` is below the number of replicas (Sentinel and Cluster
+    /// prefer the most up-to-date replica, but do not know about `WAIT`); writes can
+    /// still be lost in a partition, and `WAIT` does not make Redis a consensus system.
+    /// Fence your writes with the lease's token either way. Some managed services
+    /// refuse or restrict `WAIT` (Huawei Cloud DCS disables it on its Redis 4.0 Proxy
+    /// Cluster instances; a Redis Enterprise database has one replica to wait for);
+    /// where it is refused every grant fails with [`crate::Error::Backend`]. `count` 0 or a zero `timeout` fails
+    /// [`build`](Self::build) with field `wait_for_replicas`.
+    pub fn wait_for_replicas(self, count: u32, timeout: Duration) -> Self {
+        RedisLockBuilder {
+            inner: self.inner.wait_for_replicas(count, timeout),
         }
     }
 

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use sd_core::KeyPrefix;
-use sd_core::redis::{Script, ScriptCall};
+use sd_core::redis::{Replication, Script, ScriptCall};
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
@@ -60,6 +60,7 @@ use crate::observe::Meters;
 static ACQUIRE: Script = Script::new(include_str!("redis/acquire.lua"));
 static EXTEND: Script = Script::new(include_str!("redis/extend.lua"));
 static RELEASE: Script = Script::new(include_str!("redis/release.lua"));
+static CONFIRM: Script = Script::new(include_str!("redis/confirm.lua"));
 
 /// One request, built once and sent as is to every master in one round trip: a script
 /// call (`EVALSHA`; after a `NOSCRIPT` reply, from a master that restarted or was
@@ -123,6 +124,17 @@ pub enum NodeFailure {
         /// The per-node timeout.
         after: Duration,
     },
+    /// The master granted it, but fewer of its replicas than
+    /// [`wait_for_replicas`](crate::redis::RedisLockBuilder::wait_for_replicas) asks for
+    /// acknowledged the write within the wait.
+    NotReplicated {
+        /// The master's name.
+        node: String,
+        /// Replicas that acknowledged it.
+        acked: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// The master answered with an error, or the connection failed.
     Failed {
         /// The master's name.
@@ -138,6 +150,7 @@ impl NodeFailure {
         match self {
             NodeFailure::Held { node }
             | NodeFailure::TimedOut { node, .. }
+            | NodeFailure::NotReplicated { node, .. }
             | NodeFailure::Failed { node, .. } => node,
         }
     }
@@ -149,6 +162,11 @@ impl NodeFailure {
                 resource: resource.to_owned(),
             },
             NodeFailure::TimedOut { after, .. } => Error::Timeout { after },
+            NodeFailure::NotReplicated { acked, wanted, .. } => Error::NotReplicated {
+                resource: resource.to_owned(),
+                acked,
+                wanted,
+            },
             NodeFailure::Failed { source, .. } => Error::from(source),
         }
     }
@@ -161,6 +179,11 @@ impl fmt::Display for NodeFailure {
             NodeFailure::TimedOut { node, after } => {
                 write!(f, "{node}: no answer within {after:?}")
             }
+            NodeFailure::NotReplicated {
+                node,
+                acked,
+                wanted,
+            } => write!(f, "{node}: {acked} of {wanted} replicas acknowledged"),
             NodeFailure::Failed { node, source } => write!(f, "{node}: {source}"),
         }
     }
@@ -170,6 +193,31 @@ impl fmt::Display for NodeFailure {
 struct Node<C> {
     name: String,
     conn: C,
+}
+
+/// `WAIT` for this many replicas, this long, before a grant counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Replicas {
+    pub(crate) count: u32,
+    pub(crate) timeout: Duration,
+}
+
+impl Replicas {
+    pub(crate) fn check(self) -> Result<()> {
+        if self.count == 0 {
+            return Err(Error::InvalidConfig {
+                field: "wait_for_replicas",
+                reason: "wait for at least 1 replica, or leave it unset to not wait".into(),
+            });
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "wait_for_replicas",
+                reason: "the timeout must be above zero (`WAIT` with 0 blocks for ever)".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How the per-node timeout is chosen.
@@ -206,6 +254,7 @@ pub struct Redlock<C> {
     prefix: KeyPrefix,
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
+    replicas: Option<Replicas>,
     tokens: Tokens,
     meters: Meters,
 }
@@ -227,6 +276,7 @@ impl<C> Clone for Redlock<C> {
             prefix: self.prefix.clone(),
             node_timeout: self.node_timeout,
             retry: self.retry,
+            replicas: self.replicas,
             tokens: self.tokens,
             meters: self.meters.clone(),
         }
@@ -262,6 +312,7 @@ pub struct RedlockBuilder<C> {
     prefix: String,
     node_timeout: NodeTimeout,
     retry: RetryPolicy,
+    replicas: Option<Replicas>,
     tokens: Tokens,
     name: String,
 }
@@ -322,14 +373,25 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedlockBuilder<C> {
         }
         let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         self.node_timeout.check()?;
+        if let Some(replicas) = self.replicas {
+            replicas.check()?;
+        }
         Ok(Redlock {
             nodes: self.nodes.into(),
             prefix,
             node_timeout: self.node_timeout,
             retry: self.retry,
+            replicas: self.replicas,
             tokens: self.tokens,
             meters: Meters::new(&self.name, sd_core::observe::backend::REDIS),
         })
+    }
+
+    /// `WAIT` for `count` replicas, up to `timeout`, before a grant or an extension
+    /// counts (the single-node lock's option).
+    pub(crate) fn wait_for_replicas(mut self, count: u32, timeout: Duration) -> Self {
+        self.replicas = Some(Replicas { count, timeout });
+        self
     }
 
     /// Options for one master named `redis` with a fixed request timeout of 1 s and the
@@ -381,6 +443,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             prefix: "lock".into(),
             node_timeout: NodeTimeout::Factor(0.05),
             retry: lease::default_retry(),
+            replicas: None,
             tokens: Tokens::Clock,
             name: sd_core::observe::DEFAULT_NAME.into(),
         }
@@ -493,6 +556,61 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         .await
     }
 
+    /// With `wait_for_replicas`: whether every master holds `holder`'s write on the
+    /// replicas asked for (a `WAIT` after a confirming write of the lease, in one
+    /// request per master), within the per-node timeout plus the wait.
+    async fn replicated(
+        &self,
+        key: &str,
+        holder: &str,
+        timeout: Duration,
+    ) -> std::result::Result<(), NodeFailure> {
+        let Some(replicas) = self.replicas else {
+            return Ok(());
+        };
+        let mut confirm = CONFIRM.call(1);
+        confirm.arg(key).arg(holder);
+        let after = timeout + replicas.timeout;
+        for node in self.nodes.iter() {
+            let mut conn = node.conn.clone();
+            let waited = tokio::time::timeout(
+                after,
+                sd_core::redis::wait_for_replicas(
+                    &mut conn,
+                    &confirm,
+                    replicas.count,
+                    replicas.timeout,
+                ),
+            )
+            .await;
+            let acked = match waited {
+                Err(_) => {
+                    return Err(NodeFailure::TimedOut {
+                        node: node.name.clone(),
+                        after,
+                    });
+                }
+                Ok(Err(source)) => {
+                    return Err(NodeFailure::Failed {
+                        node: node.name.clone(),
+                        source,
+                    });
+                }
+                // The lease is gone from the master (lost in a failover): nobody holds it.
+                Ok(Ok(Replication::Missing)) => 0,
+                Ok(Ok(Replication::Acked(n))) => n,
+            };
+            if acked < replicas.count {
+                return Err(NodeFailure::NotReplicated {
+                    node: node.name.clone(),
+                    acked,
+                    wanted: replicas.count,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn no_quorum(&self, resource: &str, acquired: usize, mut failures: Vec<NodeFailure>) -> Error {
         if self.nodes.len() == 1
             && let Some(f) = failures.pop()
@@ -526,7 +644,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
         // Every master is waited for (up to the deadline), not just a quorum: a lease set
         // on every reachable master survives one of them restarting empty, and requests
         // dropped before they were sent would never reach the others.
-        let round = match self.tokens {
+        let mut round = match self.tokens {
             Tokens::Clock => {
                 let call = Call::acquire(&key, &holder, ttl_ms);
                 self.round(
@@ -549,6 +667,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
                     .await
             }
         };
+        // With `wait_for_replicas`, a grant counts once its replicas hold it; if they do
+        // not, it is released below like any missed attempt.
+        if self.replicas.is_some() && round.ok.len() >= self.quorum() {
+            if let Err(failure) = self.replicated(&key, &holder, timeout).await {
+                round.ok.clear();
+                round.failures.push(failure);
+            }
+            round.elapsed = start.elapsed();
+        }
         let span = tracing::debug_span!("redlock.acquire", resource, granted = round.ok.len());
         let _enter = span.enter();
         // Every master answered that another holder has the key: none set ours, so
@@ -617,8 +744,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Redlock<C> {
             .filter(|f| matches!(f, NodeFailure::Held { .. }))
             .count();
         if round.ok.len() >= self.quorum() {
-            if let Some(validity) = lease::validity(ttl, round.elapsed) {
-                lease.valid_until = start + round.elapsed + validity;
+            // With `wait_for_replicas`, the extension counts once its replicas hold it.
+            if let Err(failure) = self.replicated(&key, &lease.holder, timeout).await {
+                return Err(failure.into_error(&lease.resource));
+            }
+            let elapsed = start.elapsed();
+            if let Some(validity) = lease::validity(ttl, elapsed) {
+                lease.valid_until = start + elapsed + validity;
                 lease.ttl = ttl;
                 return Ok(());
             }
