@@ -75,6 +75,21 @@ sd_core::error_enum! {
             /// The timeout that elapsed.
             after: Duration,
         },
+        /// The Redis store wrote a claim, a completion or an extension, but fewer replicas
+        /// than `RedisStoreBuilder::wait_for_replicas` (feature `redis`) asks for
+        /// acknowledged it within the wait, so it does not count. A claim was
+        /// released again (best effort) and the work must not run; a completion is on the
+        /// master only, so call `complete` again or expect a retry to run the key again
+        /// once its lock expires.
+        #[error(
+            "the idempotency record reached {acked} of the {wanted} redis replicas it waits for; check the replicas and their links, or lower `wait_for_replicas`"
+        )]
+        NotReplicated {
+            /// Replicas that acknowledged the write within the wait.
+            acked: u32,
+            /// Replicas asked for.
+            wanted: u32,
+        },
         /// The store's backend (Redis or PostgreSQL) failed; the source is the client's
         /// error.
         #[error(
@@ -100,11 +115,15 @@ impl Error {
     /// True when the store itself failed rather than the request or the claim: what
     /// the middleware answers with 503 (and [`run_once`](crate::run_once()) returns
     /// without running the work). A store that is down or slow (`Backend`, `Timeout`)
-    /// and a record it cannot read back (`Corrupt`) count; a lost claim, a key in
+    /// a write that did not reach the replicas asked for (`NotReplicated`) and a record
+    /// it cannot read back (`Corrupt`) count; a lost claim, a key in
     /// flight or a mismatch are answers about the request.
     pub fn is_store_failure(&self) -> bool {
         let unreadable = matches!(self, Error::Corrupt { .. });
-        let unreachable = matches!(self, Error::Backend { .. } | Error::Timeout { .. });
+        let unreachable = matches!(
+            self,
+            Error::Backend { .. } | Error::Timeout { .. } | Error::NotReplicated { .. }
+        );
         unreadable || unreachable
     }
 }

@@ -82,6 +82,15 @@
 //! | [`redis::RedisStore`] | 1 `EVALSHA` | 1 `EVALSHA` | 1 round trip | app restarts | a failover or unpersisted restart can forget claims |
 //! | [`postgres::PostgresStore`] | 1 statement | 1 statement (or in your transaction) | 1 round trip | crashes, restarts | a write per claim and per replay |
 //!
+//! On Redis, [`redis::RedisStoreBuilder::wait_for_replicas`] (off by default) makes a
+//! claim, a completion or an extension count only once `WAIT` says that many replicas
+//! hold it ([`Error::NotReplicated`] otherwise, and a claim that did not count is
+//! released): a failover that promotes one of them then forgets none of them, and no key
+//! runs twice across it (the failover tests check this). It is not durability on disk,
+//! a failover may still promote a replica that missed a write when fewer replicas are
+//! waited for than there are, and `WAIT` does not make Redis a consensus system; use
+//! PostgreSQL when a duplicate run is not acceptable.
+//!
 //! Behind the middleware, a handler that completes through its claim, and a duplicate
 //! that waits for the request in flight, get on each backend:
 //!
@@ -155,7 +164,8 @@
 #![cfg_attr(
     not(feature = "redis"),
     doc = "",
-    doc = "[`redis::RedisStore`]: #crate-features"
+    doc = "[`redis::RedisStore`]: #crate-features",
+    doc = "[`redis::RedisStoreBuilder::wait_for_replicas`]: #crate-features"
 )]
 #![cfg_attr(
     not(feature = "postgres"),

@@ -13,6 +13,11 @@
 //! - **Guarantee**: as strong as the Redis primary. A failover to a replica that missed
 //!   the claim, or a restart without persistence, forgets claims and can let a duplicate
 //!   run; use PostgreSQL when that is not acceptable.
+//! - **Optional replication check**: with
+//!   [`wait_for_replicas`](RedisStoreBuilder::wait_for_replicas), a claim, a completion
+//!   or an extension counts only once `WAIT` says that many replicas hold it, so a
+//!   failover that promotes one of them forgets none of them. One more round trip (and
+//!   the replicas' acknowledgement) per state change.
 //!
 //! [`ABANDONED_GRACE`]: crate::store::ABANDONED_GRACE
 
@@ -24,7 +29,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use sd_core::KeyPrefix;
 use sd_core::deadline::timeout;
-use sd_core::redis::Script;
+use sd_core::redis::{Replication, Script};
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -42,6 +47,14 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/cla
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/complete.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/release.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/extend.lua")));
+static CONFIRM: Script = Script::new(include_str!("redis/confirm.lua"));
+
+/// `WAIT` for this many replicas, this long, before a state change counts.
+#[derive(Debug, Clone, Copy)]
+struct Replicas {
+    count: u32,
+    timeout: Duration,
+}
 
 /// Options of a [`RedisStore`].
 #[derive(Debug, Clone)]
@@ -49,6 +62,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     name: String,
+    replicas: Option<Replicas>,
 }
 
 impl Default for RedisStoreBuilder {
@@ -57,6 +71,7 @@ impl Default for RedisStoreBuilder {
             prefix: "idem".into(),
             timeout: Duration::from_secs(1),
             name: sd_core::observe::DEFAULT_NAME.into(),
+            replicas: None,
         }
     }
 }
@@ -83,15 +98,61 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Off by default. When set, a claim, a completion or an extension counts only once
+    /// `count` replicas acknowledged it: after its script, one more request to the
+    /// record's master writes the record's token again unchanged (if the record is still
+    /// the claim's) and sends `WAIT count timeout` (milliseconds, rounded up) behind it.
+    /// Fewer acknowledgements within `timeout` is [`Error::NotReplicated`]: a claim is
+    /// released again (best effort) and must not run, a completion or an extension is on
+    /// the master only; a record that vanished from the master meanwhile counts as 0
+    /// replicas (a claim) or [`Error::ClaimLost`]. The wait adds to the call
+    /// [`timeout`](Self::timeout), and must stay below the connection's own response
+    /// timeout (2 s for sd-core's `FailoverConnection`). Releases are not waited for:
+    /// a lost release only keeps the key locked until its lock expires.
+    ///
+    /// What it promises: a claim you got, and a completion that returned `Ok`, were in
+    /// the memory of `count` replicas, so a failover that promotes one of them keeps
+    /// them, and a retry neither claims the key again nor runs it twice.
+    ///
+    /// What it does not: it is not durability on disk (a replica that restarts without
+    /// persistence forgets them); a failover may still promote a replica that missed a
+    /// write when `count` is below the number of replicas (Sentinel and Cluster prefer
+    /// the most up-to-date replica, but do not know about `WAIT`); writes can still be
+    /// lost in a partition, and `WAIT` does not make Redis a consensus system. Use
+    /// PostgreSQL when a duplicate run is not acceptable. Some managed services refuse
+    /// or restrict `WAIT` (Huawei Cloud DCS disables it on its Redis 4.0 Proxy Cluster
+    /// instances; a Redis Enterprise database has one replica to wait for); where it is
+    /// refused every claim fails with [`Error::Backend`]. `count` 0 or a zero `timeout` fails [`build`](Self::build)
+    /// with field `wait_for_replicas`.
+    pub fn wait_for_replicas(mut self, count: u32, timeout: Duration) -> Self {
+        self.replicas = Some(Replicas { count, timeout });
+        self
+    }
+
     /// A store on `conn`: a `ConnectionManager` or `MultiplexedConnection` for one
     /// server, a `cluster_async::ClusterConnection` for a cluster.
     pub fn build<C: ConnectionLike + Clone + Send + Sync>(self, conn: C) -> Result<RedisStore<C>> {
         let prefix = KeyPrefix::parse("prefix", &self.prefix)?;
         let timeout = call_timeout(self.timeout)?;
+        if let Some(replicas) = self.replicas {
+            if replicas.count == 0 {
+                return Err(Error::config(
+                    "wait_for_replicas",
+                    "wait for at least 1 replica, or leave it unset to not wait",
+                ));
+            }
+            if replicas.timeout.is_zero() {
+                return Err(Error::config(
+                    "wait_for_replicas",
+                    "the timeout must be above zero (`WAIT` with 0 blocks for ever)",
+                ));
+            }
+        }
         Ok(RedisStore {
             conn,
             prefix,
             timeout,
+            replicas: self.replicas,
             meters: Meters::new(&self.name, backend::REDIS),
             name: self.name,
         })
@@ -104,6 +165,7 @@ pub struct RedisStore<C> {
     conn: C,
     prefix: KeyPrefix,
     timeout: Duration,
+    replicas: Option<Replicas>,
     meters: Meters,
     name: String,
 }
@@ -113,6 +175,7 @@ impl<C> std::fmt::Debug for RedisStore<C> {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("replicas", &self.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +219,47 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
         Ok(reply??)
     }
 
+    /// With `wait_for_replicas`: whether `claim`'s record is held by the replicas asked
+    /// for. `Ok(None)` when it is (or nothing is asked); `Ok(Some(acked))` when too few
+    /// acknowledged, or the record is gone (`acked` 0).
+    async fn replicated(&self, op: Op, claim: &Claim) -> Result<Option<(u32, bool)>> {
+        let Some(replicas) = self.replicas else {
+            return Ok(None);
+        };
+        let token = claim.token.to_string();
+        let epoch = claim.epoch.to_string();
+        let mut call = CONFIRM.call(1);
+        call.arg(self.redis_key(&claim.scope, &claim.key))
+            .arg(token)
+            .arg(epoch);
+        let mut conn = self.conn.clone();
+        let span = tracing::debug_span!(
+            "idempotency.redis.wait",
+            sd.name = %self.name,
+            sd.backend = backend::REDIS,
+            sd.operation = op.name(),
+            replicas = replicas.count,
+        );
+        let waited =
+            sd_core::redis::wait_for_replicas(&mut conn, &call, replicas.count, replicas.timeout);
+        match timeout(self.timeout + replicas.timeout, span, waited).await?? {
+            Replication::Acked(n) if n >= replicas.count => Ok(None),
+            Replication::Acked(n) => Ok(Some((n, true))),
+            Replication::Missing => Ok(Some((0, false))),
+        }
+    }
+
+    /// [`replicated`](Self::replicated) as this crate's answer for a holder's change:
+    /// `NotReplicated`, or `ClaimLost` when the record is no longer the claim's.
+    async fn holder_replicated(&self, op: Op, claim: &Claim) -> Result<()> {
+        let wanted = self.replicas.map_or(0, |r| r.count);
+        match self.replicated(op, claim).await? {
+            None => Ok(()),
+            Some((acked, true)) => Err(Error::NotReplicated { acked, wanted }),
+            Some((_, false)) => Err(claim.lost()),
+        }
+    }
+
     async fn as_holder(
         &self,
         op: Op,
@@ -169,10 +273,27 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
         args.extend_from_slice(extra);
         let key = self.redis_key(&claim.scope, &claim.key);
         match self.eval(op, script, &key, &args).await? {
-            redis::Value::Int(1) => Ok(()),
+            redis::Value::Int(1) => self.holder_replicated(op, claim).await,
             redis::Value::Int(0) => Err(claim.lost()),
             other => Err(Error::corrupt(format!("unexpected script reply {other:?}"))),
         }
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
+    /// With `wait_for_replicas`: a new claim counts once its replicas hold it; if they
+    /// do not, it is released again (best effort) and the claim fails.
+    async fn claim_replicated(&self, claim: &Claim) -> Result<()> {
+        let Some((acked, present)) = self.replicated(Op::Claim, claim).await? else {
+            return Ok(());
+        };
+        if present && let Err(error) = self.release(claim).await {
+            tracing::debug!(%error, "releasing a claim its replicas did not acknowledge");
+        }
+        Err(Error::NotReplicated {
+            acked,
+            wanted: self.replicas.map_or(0, |r| r.count),
+        })
     }
 }
 
@@ -218,12 +339,15 @@ impl<C: ConnectionLike + Clone + Send + Sync> Store for RedisStore<C> {
         let reply = self
             .eval(Op::Claim, &CLAIM, &self.redis_key(scope, key), &args)
             .await?;
-        let answer = decode_claim(reply, |epoch| Claim {
+        let mut answer = decode_claim(reply, |epoch| Claim {
             scope: scope.to_owned(),
             key: key.to_owned(),
             epoch,
             token,
         });
+        if let Ok(ClaimOutcome::Claimed(claim)) = &answer {
+            answer = self.claim_replicated(claim).await.and(answer);
+        }
         self.meters.claimed(&answer);
         answer
     }
@@ -246,7 +370,16 @@ impl<C: ConnectionLike + Clone + Send + Sync> Store for RedisStore<C> {
     }
 
     async fn release(&self, claim: &Claim) -> Result<()> {
-        self.as_holder(Op::Release, &RELEASE, claim, &[]).await
+        let token = claim.token.to_string();
+        let epoch = claim.epoch.to_string();
+        let key = self.redis_key(&claim.scope, &claim.key);
+        let args: [&[u8]; 2] = [token.as_bytes(), epoch.as_bytes()];
+        // Not waited for: a lost release only keeps the key locked until its lock ends.
+        match self.eval(Op::Release, &RELEASE, &key, &args).await? {
+            redis::Value::Int(1) => Ok(()),
+            redis::Value::Int(0) => Err(claim.lost()),
+            other => Err(Error::corrupt(format!("unexpected script reply {other:?}"))),
+        }
     }
 
     async fn extend(&self, claim: &Claim, lock_ttl: Duration) -> Result<()> {
