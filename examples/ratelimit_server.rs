@@ -33,8 +33,8 @@ use sd_ratelimit::{Decision, Limit, Quota, RateLimiter};
 /// Memory or Redis, chosen at startup.
 #[derive(Debug)]
 enum Backend {
-    Memory(KeyedLimiter<String>),
-    Redis(RedisLimiter<ConnectionManager>),
+    Memory(Box<KeyedLimiter<String>>),
+    Redis(Box<RedisLimiter<ConnectionManager>>),
 }
 
 impl RateLimiter for Backend {
@@ -149,16 +149,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let limit = Limit::gcra(args.quota);
     let backend = match &args.redis {
-        None => Backend::Memory(sd_ratelimit::memory::MemoryLimiterBuilder::new(limit).keyed()?),
+        None => Backend::Memory(Box::new(
+            sd_ratelimit::memory::MemoryLimiterBuilder::new(limit).keyed()?,
+        )),
         Some(url) => {
             let conn = redis::Client::open(url.as_str())?
                 .get_connection_manager()
                 .await?;
-            Backend::Redis(
+            Backend::Redis(Box::new(
                 sd_ratelimit::redis::RedisLimiterBuilder::new(limit)
                     .on_failure(FailurePolicy::Open)
                     .build(conn)?,
-            )
+            ))
         }
     };
     let client_ip = match args.trusted_hops {
