@@ -174,14 +174,16 @@ async fn cluster_connection(cluster: &RedisCluster) -> FailoverConnection {
         .unwrap()
 }
 
-#[test]
-fn double_runs_without_wait_are_counted_and_come_from_the_failover_windows() {
+/// A Sentinel group under load: a forced promotion, then a crashed master. With `WAIT`,
+/// the crashed master comes back as the new master's replica (with none, no claim could
+/// count). Returns the keys that ran twice.
+fn sentinel_double_runs(wait: Option<(u32, Duration)>) -> usize {
     let group = RedisSentinelGroup::start().expect("start a sentinel group");
     sd_testkit::runtime().block_on(async move {
         let conn = sentinel_connection(&group).await;
         let group = Arc::new(Mutex::new(group));
         let g = group.clone();
-        double_runs("redis sentinel", conn, None, move || {
+        let doubles = double_runs("redis sentinel", conn, wait, move || {
             let mut g = g.lock().unwrap();
             // The old master takes writes until the connection moves, within one
             // check interval (0.5 s) of the Sentinels' switch: the window allows 1 s.
@@ -191,95 +193,75 @@ fn double_runs_without_wait_are_counted_and_come_from_the_failover_windows() {
             g.wait_settled(new, Duration::from_secs(60)).unwrap();
             std::thread::sleep(Duration::from_millis(300));
             let crash = Instant::now();
-            g.kill_master_only().unwrap();
+            if wait.is_some() {
+                g.kill_master().unwrap();
+            } else {
+                g.kill_master_only().unwrap();
+            }
             vec![(forced, forced_end), (crash, Instant::now())]
         })
         .await;
         drop(group);
-    });
+        doubles
+    })
+}
+
+/// A Cluster with replicas under load: a manual failover (loses nothing), then a killed
+/// master (loses what it had not sent to its replica). With `WAIT`, the killed master
+/// comes back as its successor's replica (with none, no claim on that shard could
+/// count). Returns the keys that ran twice.
+fn cluster_double_runs(wait: Option<(u32, Duration)>) -> usize {
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    sd_testkit::runtime().block_on(async move {
+        let conn = cluster_connection(&cluster).await;
+        let cluster = Arc::new(Mutex::new(cluster));
+        let c = cluster.clone();
+        let doubles = double_runs("redis cluster", conn, wait, move || {
+            let mut c = c.lock().unwrap();
+            let manual = Instant::now();
+            c.failover(3).unwrap();
+            let manual_end = Instant::now();
+            std::thread::sleep(Duration::from_millis(300));
+            let crash = Instant::now();
+            let new = c.kill_master(1).unwrap();
+            if wait.is_some() {
+                c.nodes_mut()[1].start_again().unwrap();
+                c.wait_replica_of(1, new).unwrap();
+            }
+            vec![(manual, manual_end), (crash, Instant::now())]
+        })
+        .await;
+        drop(cluster);
+        doubles
+    })
+}
+
+#[test]
+fn double_runs_without_wait_are_counted_and_come_from_the_failover_windows() {
+    sentinel_double_runs(None);
 }
 
 #[test]
 fn double_runs_without_wait_on_a_cluster_come_from_the_failover_windows() {
-    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
-    sd_testkit::runtime().block_on(async move {
-        let conn = cluster_connection(&cluster).await;
-        let cluster = Arc::new(Mutex::new(cluster));
-        let c = cluster.clone();
-        double_runs("redis cluster", conn, None, move || {
-            let mut c = c.lock().unwrap();
-            // A manual failover loses nothing; a killed master loses what it had not
-            // sent to its replica.
-            let manual = Instant::now();
-            c.failover(3).unwrap();
-            let manual_end = Instant::now();
-            std::thread::sleep(Duration::from_millis(300));
-            let crash = Instant::now();
-            c.kill_master(1).unwrap();
-            vec![(manual, manual_end), (crash, Instant::now())]
-        })
-        .await;
-        drop(cluster);
-    });
+    cluster_double_runs(None);
 }
 
 #[test]
 fn no_key_runs_twice_with_wait_across_sentinel_promotions() {
-    let group = RedisSentinelGroup::start().expect("start a sentinel group");
-    sd_testkit::runtime().block_on(async move {
-        let conn = sentinel_connection(&group).await;
-        let group = Arc::new(Mutex::new(group));
-        let g = group.clone();
-        let doubles = double_runs("redis sentinel", conn, Some(WAIT), move || {
-            let mut g = g.lock().unwrap();
-            let forced = Instant::now();
-            let new = g.start_failover().unwrap();
-            let forced_end = Instant::now() + Duration::from_secs(1);
-            g.wait_settled(new, Duration::from_secs(60)).unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-            // The crashed master comes back as the new master's replica: with none,
-            // no claim could count.
-            let crash = Instant::now();
-            g.kill_master().unwrap();
-            vec![(forced, forced_end), (crash, Instant::now())]
-        })
-        .await;
-        assert_eq!(
-            doubles, 0,
-            "a key ran twice although its claim was replicated"
-        );
-        drop(group);
-    });
+    let doubles = sentinel_double_runs(Some(WAIT));
+    assert_eq!(
+        doubles, 0,
+        "a key ran twice although its claim was replicated"
+    );
 }
 
 #[test]
 fn no_key_runs_twice_with_wait_across_cluster_failovers() {
-    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
-    sd_testkit::runtime().block_on(async move {
-        let conn = cluster_connection(&cluster).await;
-        let cluster = Arc::new(Mutex::new(cluster));
-        let c = cluster.clone();
-        let doubles = double_runs("redis cluster", conn, Some(WAIT), move || {
-            let mut c = c.lock().unwrap();
-            let manual = Instant::now();
-            c.failover(3).unwrap();
-            let manual_end = Instant::now();
-            std::thread::sleep(Duration::from_millis(300));
-            // The killed master comes back as its successor's replica: with none, no
-            // claim on that shard could count.
-            let crash = Instant::now();
-            let new = c.kill_master(1).unwrap();
-            c.nodes_mut()[1].start_again().unwrap();
-            c.wait_replica_of(1, new).unwrap();
-            vec![(manual, manual_end), (crash, Instant::now())]
-        })
-        .await;
-        assert_eq!(
-            doubles, 0,
-            "a key ran twice although its claim was replicated"
-        );
-        drop(cluster);
-    });
+    let doubles = cluster_double_runs(Some(WAIT));
+    assert_eq!(
+        doubles, 0,
+        "a key ran twice although its claim was replicated"
+    );
 }
 
 #[test]
