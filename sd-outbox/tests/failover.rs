@@ -1,0 +1,513 @@
+//! The whole pipeline on a Redis Cluster with a replica per master, through sd-core's
+//! `FailoverConnection`: writers enqueue events in PostgreSQL at a steady pace, a relay
+//! publishes them to two streams (`order` and `invoice`, on different shards, so a batch
+//! spans slots), and sd-pool's `StreamConsumer` runs them with per-key order. Mid-run
+//! the shard that holds the `order` stream fails over twice: a `CLUSTER FAILOVER`, then
+//! its new master killed and started again as a replica.
+//!
+//! The oracle reads every delivery the handlers saw, duplicates included: every event
+//! the outbox holds was handled at least once (with `wait_for_replicas`, asserted;
+//! without it, losses are counted), each aggregate's first-time handlings are in its
+//! publish order (asserted), and duplicates are counted, inside and outside the failover
+//! windows. RELIABILITY.md quotes the one-line summary each run prints.
+#![cfg(all(feature = "postgres", feature = "redis"))]
+#![allow(clippy::unwrap_used)] // a failed step is a test failure
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{drained, waits, write};
+use sd_core::failover::FailoverConnection;
+use sd_outbox::Message;
+use sd_outbox::postgres::{Mode, Relay};
+use sd_outbox::redis::RedisStreamsPublisher;
+use sd_pool::redis::{Entry, StreamConsumer};
+use sd_pool::{Order, Pool};
+use sd_testkit::RedisCluster;
+use uuid::Uuid;
+
+/// The replicas `WAIT` asks for, and how long it waits.
+const WAIT: (u32, Duration) = (1, Duration::from_millis(500));
+const TYPES: [&str; 2] = ["order", "invoice"];
+const AGGREGATES: usize = 8;
+/// How long after a fault a duplicate still counts as the fault's: the consumers'
+/// `min_idle` (entries whose acknowledgement the fault lost are claimed after it) and
+/// a claim interval.
+const AFTERMATH: Duration = Duration::from_secs(4);
+
+/// An event as the writer enqueued it: (type, aggregate) and its place in that order.
+#[derive(Debug, Clone)]
+struct Written {
+    key: (String, String),
+    n: usize,
+}
+
+/// One delivery a handler saw.
+#[derive(Debug, Clone)]
+struct Delivery {
+    id: Uuid,
+    key: (String, String),
+    n: usize,
+    at: Instant,
+}
+
+fn delivery(entry: &Entry) -> Delivery {
+    let payload: serde_json::Value = serde_json::from_slice(entry.get("payload").unwrap()).unwrap();
+    Delivery {
+        id: entry.get_str("id").unwrap().parse().unwrap(),
+        key: (
+            entry.get_str("aggregatetype").unwrap().to_owned(),
+            entry.get_str("aggregateid").unwrap().to_owned(),
+        ),
+        n: payload["n"].as_u64().unwrap() as usize,
+        at: Instant::now(),
+    }
+}
+
+/// The index of the master that holds `key`'s slot now.
+fn master_of(cluster: &RedisCluster, key: &str) -> usize {
+    let port = cluster.nodes()[cluster.masters()[0]].port();
+    let sd_testkit::resp::Reply::Integer(slot) =
+        sd_testkit::resp::command(port, &["CLUSTER", "KEYSLOT", key]).unwrap()
+    else {
+        panic!("CLUSTER KEYSLOT gave no number");
+    };
+    // CLUSTER SLOTS: [[start, end, [host, port, id], replicas...], ...]
+    use sd_testkit::resp::Reply;
+    let Reply::Array(Some(ranges)) =
+        sd_testkit::resp::command(port, &["CLUSTER", "SLOTS"]).unwrap()
+    else {
+        panic!("CLUSTER SLOTS gave no array");
+    };
+    for range in ranges {
+        let Reply::Array(Some(parts)) = range else {
+            continue;
+        };
+        if let (
+            Some(Reply::Integer(start)),
+            Some(Reply::Integer(end)),
+            Some(Reply::Array(Some(master))),
+        ) = (parts.first(), parts.get(1), parts.get(2))
+            && (*start..=*end).contains(&slot)
+            && let Some(Reply::Integer(p)) = master.get(1)
+        {
+            return cluster.node_index(*p as u16).unwrap();
+        }
+    }
+    panic!("no master holds slot {slot}");
+}
+
+/// One consumer per stream, each on a connection of its own (`XREADGROUP` blocks), its
+/// `run` called again after an error, recording every delivery into `seen`.
+fn spawn_consumers(
+    conns: Vec<FailoverConnection>,
+    streams: Vec<String>,
+    seen: Arc<Mutex<Vec<Delivery>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    run_errors: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    conns
+        .into_iter()
+        .zip(streams)
+        .map(|(conn, stream)| {
+            let (seen, mut stop, run_errors) = (seen.clone(), stop.clone(), run_errors.clone());
+            tokio::spawn(async move {
+                let pool = Pool::builder()
+                    .workers(4)
+                    .queue(64)
+                    .order(Order::PerKey)
+                    .build()
+                    .unwrap();
+                let consumer = StreamConsumer::builder()
+                    .stream(&stream)
+                    .group("billing")
+                    .consumer("c1")
+                    .key_field("aggregateid")
+                    .block(Duration::from_millis(100))
+                    .min_idle(Duration::from_secs(2))
+                    .claim_every(Duration::from_millis(500))
+                    .build(conn, pool)
+                    .await
+                    .unwrap();
+                let handler = move |entry: Entry| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(delivery(&entry));
+                        Ok::<(), String>(())
+                    }
+                };
+                loop {
+                    let shutdown = {
+                        let mut stop = stop.clone();
+                        async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        }
+                    };
+                    match consumer.run(handler.clone(), shutdown).await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            run_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "consumer run failed; again");
+                            if *stop.borrow_and_update() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// What one run found.
+struct Outcome {
+    lost: usize,
+    out_of_order: usize,
+}
+
+/// The fault sequence on the shard of node `shard`: a `CLUSTER FAILOVER` to its replica,
+/// a second later that new master killed, and once its replica took over, the killed
+/// node started again as that replica's replica. Returns the windows (from the command
+/// until the cluster served the slot again; the restart until the node is in sync).
+fn fail_over_twice(cluster: &mut RedisCluster, shard: usize) -> Vec<(Instant, Instant)> {
+    let manual = Instant::now();
+    let replica = cluster.replica_of(shard).unwrap();
+    cluster.failover(replica).unwrap();
+    let manual_end = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let crash = Instant::now();
+    let new = cluster.kill_master(replica).unwrap();
+    let crash_end = Instant::now();
+    // With `WAIT`, nothing on the shard counts until a replica is back.
+    cluster.nodes_mut()[replica].start_again().unwrap();
+    cluster.wait_replica_of(replica, new).unwrap();
+    vec![
+        (manual, manual_end),
+        (crash, crash_end),
+        (crash_end, Instant::now()),
+    ]
+}
+
+/// Runs the pipeline on a fresh cluster, `wait` or not, through the two failovers of the
+/// `order` stream's shard; prints the summary and returns what the oracle found.
+fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    let cluster = Arc::new(Mutex::new(cluster));
+    let db = sd_testkit::database()
+        .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
+    let outcome = sd_testkit::runtime().block_on(async {
+        let outbox = common::outbox(db.url()).await;
+        let (sink_conn, consumer_conns) = {
+            let urls = cluster.lock().unwrap().urls();
+            let connect = |urls: Vec<String>| async move {
+                FailoverConnection::builder()
+                    .cluster(urls)
+                    .build()
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap()
+            };
+            let sink = connect(urls.clone()).await;
+            let mut consumers = Vec::new();
+            for _ in TYPES {
+                consumers.push(connect(urls.clone()).await);
+            }
+            (sink, consumers)
+        };
+        let mut builder = RedisStreamsPublisher::builder(sink_conn);
+        if let Some((replicas, timeout)) = wait {
+            builder = builder.wait_for_replicas(replicas, timeout);
+        }
+        let publisher = builder.build().unwrap();
+        let streams: Vec<String> = TYPES.iter().map(|t| publisher.stream(t)).collect();
+        let (shard, other) = {
+            let c = cluster.lock().unwrap();
+            (master_of(&c, &streams[0]), master_of(&c, &streams[1]))
+        };
+        let relay = Relay::builder(outbox.clone(), publisher)
+            .mode(Mode::Parallel)
+            .poll_interval(Duration::from_millis(100))
+            .retry(waits(Duration::from_millis(50), Duration::from_millis(400)))
+            .max_attempts(100_000)
+            .build()
+            .unwrap()
+            .spawn();
+
+        let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let run_errors = Arc::new(AtomicU64::new(0));
+        let consumers = spawn_consumers(
+            consumer_conns,
+            streams.clone(),
+            seen.clone(),
+            stop_rx,
+            run_errors.clone(),
+        );
+
+        // Steady load: one event per transaction, round-robin over the two types and
+        // eight aggregates each, a few milliseconds apart.
+        let written: Arc<Mutex<HashMap<Uuid, Written>>> = Arc::default();
+        let writing = Arc::new(AtomicBool::new(true));
+        let writer = {
+            let (outbox, written, writing) = (outbox.clone(), written.clone(), writing.clone());
+            tokio::spawn(async move {
+                let mut next: HashMap<(String, String), usize> = HashMap::new();
+                let mut i = 0usize;
+                while writing.load(Ordering::Relaxed) {
+                    let ty = TYPES[i % TYPES.len()];
+                    let key = (ty.to_owned(), format!("a{}", (i / 2) % AGGREGATES));
+                    let n = *next.entry(key.clone()).and_modify(|n| *n += 1).or_insert(0);
+                    let message =
+                        Message::json(ty, key.1.clone(), "changed", serde_json::json!({ "n": n }));
+                    let id = write(&outbox, message).await;
+                    written.lock().unwrap().insert(id, Written { key, n });
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            })
+        };
+
+        // The faults, on the `order` stream's shard, while the load runs.
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let windows = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                fail_over_twice(&mut cluster.lock().unwrap(), shard)
+            })
+            .await
+            .unwrap()
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        writing.store(false, Ordering::Relaxed);
+        writer.await.unwrap();
+        let load_time = started.elapsed();
+
+        // Recovery: the relay publishes what is left and the consumers catch up; then
+        // the oracle judges whatever was handled.
+        let total = written.lock().unwrap().len();
+        let recovery = Instant::now();
+        while recovery.elapsed() < Duration::from_secs(60) {
+            let handled: HashSet<Uuid> = seen.lock().unwrap().iter().map(|d| d.id).collect();
+            if drained(&outbox).await && handled.len() >= total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Whatever a late claim brings in.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let metrics = relay.metrics().await.unwrap();
+        let _ = stop_tx.send(true);
+        for consumer in consumers {
+            consumer.await.unwrap();
+        }
+        relay.shutdown().await;
+
+        let written = written.lock().unwrap().clone();
+        let seen = seen.lock().unwrap().clone();
+        let found = judge(&written, &seen, &windows);
+        let waits = match wait {
+            Some((replicas, timeout)) => format!("WAIT {replicas} replica, {timeout:?}"),
+            None => "no WAIT".to_owned(),
+        };
+        println!(
+            "outbox+pool redis cluster, {waits}: {total} events ({} types x {AGGREGATES} \
+             aggregates) enqueued over {load_time:.1?}, {} deliveries handled; 2 failovers of \
+             the `{}` stream's shard (CLUSTER FAILOVER {:.1?}, killed master taken over in \
+             {:.1?}, restarted as a replica in {:.1?}; `{}` on {}); {} lost, {} out of \
+             per-key order, {} duplicate deliveries ({} in the failover windows + {AFTERMATH:?}, \
+             {} outside); relay: {} publish failures, {} dead; consumers: {} failed runs \
+             retried",
+            TYPES.len(),
+            seen.len(),
+            TYPES[0],
+            windows[0].1 - windows[0].0,
+            windows[1].1 - windows[1].0,
+            windows[2].1 - windows[2].0,
+            TYPES[1],
+            if other == shard {
+                "the same shard"
+            } else {
+                "another shard"
+            },
+            found.lost,
+            found.out_of_order,
+            found.duplicates,
+            found.duplicates_in_windows,
+            found.duplicates - found.duplicates_in_windows,
+            metrics.failures,
+            metrics.dead,
+            run_errors.load(Ordering::Relaxed),
+        );
+        for line in found.examples.iter().take(10) {
+            println!("  {line}");
+        }
+        Outcome {
+            lost: found.lost,
+            out_of_order: found.out_of_order,
+        }
+    });
+    drop(cluster);
+    outcome
+}
+
+/// What the oracle found in the raw deliveries.
+struct Found {
+    lost: usize,
+    out_of_order: usize,
+    duplicates: usize,
+    duplicates_in_windows: usize,
+    examples: Vec<String>,
+}
+
+/// Judges the raw deliveries against what was written: each written event handled at
+/// least once, each key's first-time handlings in the order written (the `n`s rise by
+/// one, skipping only lost events), duplicates counted by window.
+fn judge(
+    written: &HashMap<Uuid, Written>,
+    seen: &[Delivery],
+    windows: &[(Instant, Instant)],
+) -> Found {
+    let mut examples = Vec::new();
+    let mut first: HashSet<Uuid> = HashSet::new();
+    let mut duplicates = 0;
+    let mut duplicates_in_windows = 0;
+    // Per key, the `n`s in first-handling order.
+    let mut order: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for d in seen {
+        if !first.insert(d.id) {
+            duplicates += 1;
+            if windows
+                .iter()
+                .any(|(a, b)| (*a..=*b + AFTERMATH).contains(&d.at))
+            {
+                duplicates_in_windows += 1;
+            }
+            continue;
+        }
+        match written.get(&d.id) {
+            Some(w) => {
+                assert_eq!((&w.key, w.n), (&d.key, d.n), "an entry's fields changed");
+            }
+            None => panic!("a delivery of an event nobody wrote: {d:?}"),
+        }
+        order.entry(d.key.clone()).or_default().push(d.n);
+    }
+    let lost_ids: Vec<&Uuid> = written.keys().filter(|id| !first.contains(id)).collect();
+    let lost_at: HashSet<((String, String), usize)> = lost_ids
+        .iter()
+        .map(|id| (written[*id].key.clone(), written[*id].n))
+        .collect();
+    for id in &lost_ids {
+        let w = &written[*id];
+        examples.push(format!("lost: {:?} n={} ({id})", w.key, w.n));
+    }
+    let mut out_of_order = 0;
+    for (key, ns) in &order {
+        // The expected order: every n of the key, lost ones left out.
+        let mut expected = 0;
+        for &n in ns {
+            while lost_at.contains(&(key.clone(), expected)) {
+                expected += 1;
+            }
+            if n != expected {
+                out_of_order += 1;
+                examples.push(format!(
+                    "out of order: {key:?} handled n={n} where n={expected} was due"
+                ));
+            }
+            expected = n + 1;
+        }
+    }
+    Found {
+        lost: lost_ids.len(),
+        out_of_order,
+        duplicates,
+        duplicates_in_windows,
+        examples,
+    }
+}
+
+#[test]
+fn with_wait_no_event_is_lost_and_per_key_order_holds_across_cluster_failovers() {
+    let found = pipeline_through_failovers(Some(WAIT));
+    assert_eq!(found.lost, 0, "an event was lost although WAIT counted it");
+    assert_eq!(
+        found.out_of_order, 0,
+        "a key's events were handled out of order"
+    );
+}
+
+#[test]
+fn without_wait_losses_are_counted_and_per_key_order_holds_across_cluster_failovers() {
+    let found = pipeline_through_failovers(None);
+    assert_eq!(
+        found.out_of_order, 0,
+        "a key's events were handled out of order"
+    );
+}
+
+#[test]
+fn a_wait_that_cannot_be_met_publishes_nothing_that_counts() {
+    // One server, no replica: `WAIT 1` can never be met.
+    let server = sd_testkit::RedisServer::start().expect("start redis");
+    sd_testkit::runtime().block_on(async {
+        let conn = FailoverConnection::builder()
+            .server(server.url())
+            .build()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for (replicas, timeout) in [(0, Duration::from_secs(1)), (1, Duration::ZERO)] {
+            let built = RedisStreamsPublisher::builder(conn.clone())
+                .wait_for_replicas(replicas, timeout)
+                .build();
+            assert_eq!(common::invalid_field(built), "wait_for_replicas");
+        }
+        let waiting = RedisStreamsPublisher::builder(conn.clone())
+            .wait_for_replicas(1, Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let events: Vec<sd_outbox::Event> = ["order", "invoice", "order"]
+            .iter()
+            .map(|ty| {
+                sd_outbox::Event::from_message(Message::json(
+                    *ty,
+                    "a0",
+                    "changed",
+                    serde_json::json!({}),
+                ))
+            })
+            .collect();
+        match sd_outbox::Publisher::publish(&waiting, &events).await {
+            Err(sd_outbox::Error::Publish { published, reason }) => {
+                assert_eq!(published, 0, "{reason}");
+                assert!(reason.contains("WAIT"), "{reason}");
+            }
+            other => panic!("published without a replica: {other:?}"),
+        }
+        // Without `WAIT` the same batch is acknowledged, one entry per event.
+        let plain = RedisStreamsPublisher::builder(conn.clone())
+            .build()
+            .unwrap();
+        sd_outbox::Publisher::publish(&plain, &events)
+            .await
+            .unwrap();
+        let order: u64 = redis::cmd("XLEN")
+            .arg(plain.stream("order"))
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            order, 4,
+            "two entries per run: the waiting one landed too, unconfirmed"
+        );
+    });
+}
