@@ -89,9 +89,10 @@ use crate::{Error, Result};
 
 mod builder;
 mod coherence;
+mod shard;
 
 pub use builder::TwoTierBuilder;
-use coherence::{Leave, beat, listen, subscribe};
+use coherence::{Leave, Source, beat, listen, subscribe};
 
 /// Renews an instance's lease and pings it through the invalidation channel.
 static HEARTBEAT: Script = Script::new(include_str!("redis/heartbeat.lua"));
@@ -106,6 +107,9 @@ struct Inner<V, C, K> {
     events: String,
     ack_prefix: String,
     ack_channel: String,
+    /// On a cluster: sharded pub/sub (`SPUBLISH`) and a subscription that is re-made when
+    /// pings stop coming back.
+    cluster: bool,
     id: String,
     lease: Duration,
     clock: MonotonicClock,

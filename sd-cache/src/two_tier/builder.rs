@@ -68,11 +68,47 @@ where
     /// `conn`), registers this instance and starts its heartbeat. Must run inside a tokio
     /// runtime. The instance serves from memory once its first heartbeat came back.
     ///
+    /// For a Redis Cluster use [`build_on_cluster`](Self::build_on_cluster).
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming the field; [`Error::Backend`] when the subscription or
     /// the first heartbeat fails.
     pub async fn build<C>(self, conn: C, pubsub: redis::Client) -> Result<TwoTier<V, C, K>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.build_with(conn, Source::Server(pubsub)).await
+    }
+
+    /// Like [`build`](Self::build) on a Redis Cluster (7.0 or later): `conn` is a cluster
+    /// connection (`sd_core::failover::FailoverConnection` in cluster mode, or redis-rs's
+    /// `ClusterConnection`), and `pubsub` a client of any node, whose credentials are used
+    /// to subscribe on the master that owns the coherence channels' slot (plain TCP).
+    ///
+    /// The registry and the coherence channels share one hash tag
+    /// (`prefix:{prefix:two-tier}`), so they live on one shard; invalidations and pings
+    /// go through sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) there. See the
+    /// [module docs](super#on-a-redis-cluster) for what a failover of that shard costs.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build); [`Error::InvalidConfig`] (field `pubsub`) for a TLS or
+    /// Unix-socket client.
+    pub async fn build_on_cluster<C>(
+        self,
+        conn: C,
+        pubsub: redis::Client,
+    ) -> Result<TwoTier<V, C, K>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let timeout = self.lease.max(Duration::from_secs(1));
+        let shard = shard::ShardClient::new(&pubsub, timeout)?;
+        self.build_with(conn, Source::Cluster(shard)).await
+    }
+
+    async fn build_with<C>(self, conn: C, source: Source) -> Result<TwoTier<V, C, K>>
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
@@ -93,27 +129,32 @@ where
         let remote = self.remote.build_woken_externally(conn)?;
         let prefix = remote.key_prefix().clone();
         let id = format!("{:016x}", rand::random::<u64>());
-        let channel = prefix.key("two-tier");
+        let cluster = matches!(source, Source::Cluster(_));
+        // On a cluster the registry and both channels share a hash tag, so the scripts
+        // that write the one and publish on the other run on one shard.
+        let base = if cluster {
+            prefix.tagged(&prefix.key("two-tier"))
+        } else {
+            prefix.key("two-tier")
+        };
+        let registry = format!("{base}:instances");
         let channels = [
-            channel.clone(),
-            prefix.key(&format!("two-tier:ack:{id}")),
+            base.clone(),
+            format!("{base}:ack:{id}"),
             remote.events_channel().to_owned(),
         ];
-        let subscription = subscribe(&pubsub, &channels).await?;
+        let subscription = subscribe(&source, &remote.connection(), &channels).await?;
         let (closed_tx, closed_rx) = watch::channel(());
-        let leave = Leave::new(
-            remote.connection(),
-            prefix.key("two-tier:instances"),
-            id.clone(),
-        );
+        let leave = Leave::new(remote.connection(), registry.clone(), id.clone());
         let inner = Arc::new(Inner {
             local,
             remote,
-            registry: prefix.key("two-tier:instances"),
-            channel,
+            registry,
+            channel: base.clone(),
             events: channels[2].clone(),
-            ack_prefix: prefix.key("two-tier:ack:"),
+            ack_prefix: format!("{base}:ack:"),
             ack_channel: channels[1].clone(),
+            cluster,
             id,
             lease: self.lease,
             clock,
@@ -128,7 +169,7 @@ where
         inner.heartbeat().await?;
         tokio::spawn(listen(
             Arc::downgrade(&inner),
-            pubsub,
+            source,
             channels,
             subscription,
             closed_rx.clone(),

@@ -82,6 +82,7 @@ where
             .arg(&self.registry)
             .arg(&self.channel)
             .arg(message)
+            .arg(if self.cluster { "1" } else { "0" })
             .invoke(&mut conn)
             .await
             .map_err(|e| {
@@ -126,6 +127,7 @@ where
             .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX))
             .arg(&self.channel)
             .arg(format!("p|{}|{seq}", self.id))
+            .arg(if self.cluster { "1" } else { "0" })
             .invoke::<u64>(&mut conn)
             .await
             .map(|_| ())
@@ -174,8 +176,9 @@ where
         let mut conn = self.remote.connection();
         let channel = format!("{}{writer}", self.ack_prefix);
         let message = format!("{seq}|{}", self.id);
+        let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
         tokio::spawn(async move {
-            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            let sent: redis::RedisResult<i64> = redis::cmd(publish)
                 .arg(channel)
                 .arg(message)
                 .query_async(&mut conn)
@@ -253,42 +256,71 @@ impl Drop for AckCleanup<'_> {
     }
 }
 
-pub(super) async fn subscribe(
-    client: &redis::Client,
+/// Where an instance subscribes.
+pub(super) enum Source {
+    /// One server (or a primary with replicas): `SUBSCRIBE` through a client of it.
+    Server(redis::Client),
+    /// A cluster: `SSUBSCRIBE` on the master that owns the channels' slot.
+    Cluster(shard::ShardClient),
+}
+
+/// Subscribes to the invalidation and acknowledgement channels (`channels[0]`, `[1]`) and
+/// the Redis tier's events (`[2]`).
+pub(super) async fn subscribe<C: ConnectionLike + Clone>(
+    source: &Source,
+    conn: &C,
     channels: &[String; 3],
-) -> Result<redis::aio::PubSub> {
-    let mut pubsub = client
-        .get_async_pubsub()
-        .await
-        .map_err(|e| backend("subscribe", e))?;
-    pubsub
-        .subscribe(channels.as_slice())
-        .await
-        .map_err(|e| backend("subscribe", e))?;
-    Ok(pubsub)
+) -> Result<shard::Messages> {
+    match source {
+        Source::Server(client) => {
+            let mut pubsub = client
+                .get_async_pubsub()
+                .await
+                .map_err(|e| backend("subscribe", e))?;
+            pubsub
+                .subscribe(channels.as_slice())
+                .await
+                .map_err(|e| backend("subscribe", e))?;
+            Ok(Box::pin(pubsub.into_on_message().filter_map(|msg| {
+                let payload = std::str::from_utf8(msg.get_payload_bytes()).ok();
+                let message = payload.map(|p| (msg.get_channel_name().to_owned(), p.to_owned()));
+                std::future::ready(message)
+            })))
+        }
+        Source::Cluster(shard) => shard
+            .subscribe(&mut conn.clone(), &channels[..2], &channels[2..])
+            .await
+            .map_err(|e| backend("subscribe", redis::RedisError::from(e))),
+    }
 }
 
 /// Delivers messages in order; when the subscription drops, stops serving from memory,
-/// re-subscribes with backoff and resyncs.
+/// re-subscribes with backoff and resyncs. On a cluster it also re-subscribes when the
+/// instance's pings stop coming back for a lease (the shard's master was frozen or
+/// partitioned away and another took over without closing this connection).
 pub(super) async fn listen<V, C, K>(
     inner: Weak<Inner<V, C, K>>,
-    client: redis::Client,
+    source: Source,
     channels: [String; 3],
-    first: redis::aio::PubSub,
+    first: shard::Messages,
     mut closed: watch::Receiver<()>,
 ) where
     V: Clone + Send + Sync + 'static,
     C: ConnectionLike + Clone + Send + Sync + 'static,
     K: Codec<V>,
 {
+    let Some((lease, conn)) = inner.upgrade().map(|i| (i.lease, i.remote.connection())) else {
+        return;
+    };
+    let watchdog = matches!(source, Source::Cluster(_));
     let mut subscription = Some(first);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let pubsub = match subscription.take() {
+        let mut stream = match subscription.take() {
             Some(p) => p,
             None => {
                 let attempt = tokio::select! {
-                    r = subscribe(&client, &channels) => r,
+                    r = subscribe(&source, &conn, &channels) => r,
                     _ = closed.changed() => return,
                 };
                 match attempt {
@@ -305,24 +337,30 @@ pub(super) async fn listen<V, C, K>(
                             _ = tokio::time::sleep(backoff) => {}
                             _ = closed.changed() => return,
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 }
             }
         };
-        let mut stream = pubsub.into_on_message();
+        let subscribed = tokio::time::Instant::now();
+        let mut check = tokio::time::interval(lease / 2);
         loop {
             let msg = tokio::select! {
                 m = stream.next() => m,
                 _ = closed.changed() => return,
+                _ = check.tick(), if watchdog => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    if !inner.serving() && subscribed.elapsed() > lease {
+                        tracing::warn!("sd-cache: two-tier pings stopped coming back; subscribing again");
+                        break;
+                    }
+                    continue;
+                }
             };
-            let Some(msg) = msg else { break };
+            let Some((channel, payload)) = msg else { break };
             let Some(inner) = inner.upgrade() else { return };
-            let channel = msg.get_channel_name();
-            if let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) {
-                inner.on_message(channel, payload);
-            }
+            inner.on_message(&channel, &payload);
         }
         let Some(inner) = inner.upgrade() else { return };
         tracing::warn!("sd-cache: two-tier subscription lost; serving from Redis until it is back");

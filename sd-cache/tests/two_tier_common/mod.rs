@@ -8,6 +8,8 @@ use sd_cache::{RedisCache, TwoTier};
 
 use crate::common::{eventually, manager_with_timeout, on_shared_redis};
 
+pub(crate) mod oracle;
+
 /// A two-tier cache of `u64` over a connection manager.
 pub(crate) type Tier = TwoTier<u64, ConnectionManager>;
 
@@ -64,7 +66,10 @@ where
 }
 
 /// Waits until every instance serves from memory (`true`) or none does (`false`).
-pub(crate) async fn until_serving(instances: &[Tier], serving: bool) {
+pub(crate) async fn until_serving<C>(instances: &[TwoTier<u64, C>], serving: bool)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     for i in instances {
         let i = i.clone();
         eventually(

@@ -1,0 +1,189 @@
+//! The two-tier staleness checker on a Redis Cluster with a replica per master: independent
+//! instances (each its own cluster connection, sharded subscription and lease) under
+//! concurrent writes and reads while the shard that holds the coherence channels (the
+//! registry and `SSUBSCRIBE` channels, one hash tag) fails over: its master killed mid-load
+//! and restarted as a replica, then a `CLUSTER FAILOVER` back to it. The oracle judges the raw
+//! events: no read returns a version older than one whose write returned before the read
+//! started. It prints what the failovers cost (reads answered by Redis instead of memory,
+//! failed calls, resyncs, time until every instance served from memory again);
+//! RELIABILITY.md quotes them.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)] // a failed step is a test failure
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sd_cache::{RedisCache, TwoTier};
+use sd_core::failover::FailoverConnection;
+use sd_testkit::RedisCluster;
+
+mod common;
+mod two_tier_common;
+use common::runtime;
+use two_tier_common::oracle::{Probe, check_no_stale_reads};
+use two_tier_common::until_serving;
+
+type ClusterTier = TwoTier<u64, FailoverConnection>;
+
+/// An independent instance on the cluster: its own connection and subscription.
+async fn instance(cluster: &RedisCluster, prefix: &str) -> ClusterTier {
+    let urls = cluster.urls();
+    let conn = FailoverConnection::builder()
+        .cluster(urls.clone())
+        .build()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TwoTier::builder(RedisCache::builder(prefix).ttl(Duration::from_secs(30)))
+        .local_ttl(Duration::from_secs(10))
+        .lease(Duration::from_millis(600))
+        .build_on_cluster(conn, redis::Client::open(urls[0].as_str()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The start-up master (0, 1 or 2) whose slot range holds `key`.
+fn shard_of(cluster: &RedisCluster, key: &str) -> usize {
+    let slot =
+        match sd_testkit::resp::command(cluster.nodes()[0].port(), &["CLUSTER", "KEYSLOT", key])
+            .unwrap()
+        {
+            sd_testkit::resp::Reply::Integer(slot) => slot,
+            other => panic!("CLUSTER KEYSLOT gave {other:?}"),
+        };
+    match slot {
+        0..=5460 => 0,
+        5461..=10922 => 1,
+        _ => 2,
+    }
+}
+
+/// Reads that reached Redis (memory tier not serving, or a miss) and memory hits, summed.
+fn reads(instances: &[ClusterTier]) -> (u64, u64) {
+    instances.iter().fold((0, 0), |(remote, local), i| {
+        let r = i.remote_stats();
+        (remote + r.hits + r.misses, local + i.stats().hits)
+    })
+}
+
+/// Runs `step` on the cluster off the runtime's workers.
+async fn on_cluster<T: Send + 'static>(
+    cluster: &Arc<Mutex<RedisCluster>>,
+    step: impl FnOnce(&mut RedisCluster) -> T + Send + 'static,
+) -> T {
+    let cluster = cluster.clone();
+    tokio::task::spawn_blocking(move || step(&mut cluster.lock().unwrap()))
+        .await
+        .unwrap()
+}
+
+/// One failover of the coherence shard under load: `fault` runs, then the instances must
+/// serve from memory again; prints what it cost.
+async fn measured(
+    what: &str,
+    probe: &Probe,
+    instances: &[ClusterTier],
+    cluster: &Arc<Mutex<RedisCluster>>,
+    fault: impl FnOnce(&mut RedisCluster) + Send + 'static,
+) {
+    let (remote, local) = reads(instances);
+    let (failed_reads, failed_writes) = probe.failures();
+    let before: Vec<u64> = instances.iter().map(|i| i.resyncs()).collect();
+    let started = Instant::now();
+    on_cluster(cluster, fault).await;
+    let failed_over = started.elapsed();
+    until_serving(instances, true).await;
+    let serving = started.elapsed();
+    let (remote_after, local_after) = reads(instances);
+    let (failed_reads_after, failed_writes_after) = probe.failures();
+    let resyncs: Vec<u64> = instances
+        .iter()
+        .zip(&before)
+        .map(|(i, b)| i.resyncs() - b)
+        .collect();
+    eprintln!(
+        "two-tier on cluster, {what}: failover done after {:.1} s, every instance served from \
+         memory again after {:.1} s; meanwhile {} reads answered by Redis and {} from memory, \
+         {} reads and {} writes failed, resyncs per instance {resyncs:?}",
+        failed_over.as_secs_f64(),
+        serving.as_secs_f64(),
+        remote_after - remote,
+        local_after - local,
+        failed_reads_after - failed_reads,
+        failed_writes_after - failed_writes,
+    );
+    // Each instance lost its subscription with the shard's master (closed, or
+    // `sunsubscribe` when the slot moved) and may have missed invalidations meanwhile: it
+    // must have cleared its memory tier before serving from it again.
+    assert!(
+        resyncs.iter().all(|&r| r > 0),
+        "{what}: every instance resynced, got {resyncs:?}"
+    );
+}
+
+#[test]
+fn no_stale_read_while_the_coherence_shard_fails_over() {
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    runtime().block_on(async move {
+        let prefix = sd_testkit::unique_name("two-tier-cluster");
+        let mut instances = Vec::new();
+        for _ in 0..4 {
+            instances.push(instance(&cluster, &prefix).await);
+        }
+        until_serving(&instances, true).await;
+        let master = shard_of(&cluster, &format!("{prefix}:{{{prefix}:two-tier}}"));
+        let data_shards: Vec<usize> = (0..3)
+            .map(|k| shard_of(&cluster, &format!("{prefix}:{{k{k}}}")))
+            .collect();
+        eprintln!(
+            "coherence channels on start-up master {master}; keys k0..k2 on masters {data_shards:?}"
+        );
+        let cluster = Arc::new(Mutex::new(cluster));
+        let load = instances.clone();
+        let (events_before, _) = reads(&instances);
+        check_no_stale_reads(load, 150, {
+            let (cluster, instances) = (cluster.clone(), instances.clone());
+            move |probe| async move {
+                probe.failures_optional();
+                probe.fault_begins();
+                // The shard's master killed mid-load; its replica takes over.
+                let promoted = Arc::new(Mutex::new(None));
+                let p = promoted.clone();
+                measured("master killed", &probe, &instances, &cluster, move |c| {
+                    *p.lock().unwrap() = Some(c.kill_master(master).unwrap());
+                })
+                .await;
+                let promoted = promoted.lock().unwrap().unwrap();
+                // The killed node comes back as the new master's replica.
+                on_cluster(&cluster, move |c| {
+                    c.nodes_mut()[master].start_again().unwrap();
+                    c.wait_replica_of(master, promoted).unwrap();
+                })
+                .await;
+                // A manual failover: the restarted node takes the shard back. (Only one: a
+                // second manual failover right after it timed out in Redis on this machine.)
+                measured("CLUSTER FAILOVER", &probe, &instances, &cluster, move |c| {
+                    c.failover(master).unwrap()
+                })
+                .await;
+                probe.fault_ends();
+            }
+        })
+        .await;
+        let (remote, local) = reads(&instances);
+        let resyncs: Vec<u64> = instances.iter().map(|i| i.resyncs()).collect();
+        eprintln!(
+            "two-tier on cluster: {} reads answered by Redis and {local} from memory over the \
+             run; resyncs per instance {resyncs:?}",
+            remote - events_before
+        );
+        assert!(local > 0, "the memory tiers answered reads");
+        for r in &resyncs {
+            assert!(
+                *r >= 2,
+                "each instance resynced after losing its shard's master"
+            );
+        }
+    });
+}
