@@ -44,6 +44,7 @@ const AFTERMATH: Duration = Duration::from_secs(4);
 struct Written {
     key: (String, String),
     n: usize,
+    at: Instant,
 }
 
 /// One delivery a handler saw.
@@ -102,37 +103,23 @@ fn master_of(cluster: &RedisCluster, key: &str) -> usize {
 }
 
 /// One consumer per stream, each on a connection of its own (`XREADGROUP` blocks), its
-/// `run` called again after an error, recording every delivery into `seen`.
+/// `run` called again after an error, recording every delivery into `seen`; `hold`
+/// stops them (draining what they run) until it is released.
 fn spawn_consumers(
     conns: Vec<FailoverConnection>,
     streams: Vec<String>,
     seen: Arc<Mutex<Vec<Delivery>>>,
     stop: tokio::sync::watch::Receiver<bool>,
+    hold: tokio::sync::watch::Receiver<bool>,
     run_errors: Arc<AtomicU64>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     conns
         .into_iter()
         .zip(streams)
         .map(|(conn, stream)| {
-            let (seen, mut stop, run_errors) = (seen.clone(), stop.clone(), run_errors.clone());
+            let (seen, stop, mut hold, run_errors) =
+                (seen.clone(), stop.clone(), hold.clone(), run_errors.clone());
             tokio::spawn(async move {
-                let pool = Pool::builder()
-                    .workers(4)
-                    .queue(64)
-                    .order(Order::PerKey)
-                    .build()
-                    .unwrap();
-                let consumer = StreamConsumer::builder()
-                    .stream(&stream)
-                    .group("billing")
-                    .consumer("c1")
-                    .key_field("aggregateid")
-                    .block(Duration::from_millis(100))
-                    .min_idle(Duration::from_secs(2))
-                    .claim_every(Duration::from_millis(500))
-                    .build(conn, pool)
-                    .await
-                    .unwrap();
                 let handler = move |entry: Entry| {
                     let seen = seen.clone();
                     async move {
@@ -141,22 +128,63 @@ fn spawn_consumers(
                     }
                 };
                 loop {
-                    let shutdown = {
-                        let mut stop = stop.clone();
-                        async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        }
-                    };
-                    match consumer.run(handler.clone(), shutdown).await {
-                        Ok(_) => return,
+                    // Held: down until released (a consumer down through a failover).
+                    let _ = hold.wait_for(|h| !*h).await;
+                    if *stop.borrow() {
+                        return;
+                    }
+                    // A consumer process: a pool of its own (`run` drains it and a
+                    // drained pool is closed), built again after each hold; under the
+                    // same name it reclaims what it left pending after `min_idle`.
+                    let pool = Pool::builder()
+                        .workers(4)
+                        .queue(64)
+                        .order(Order::PerKey)
+                        .build()
+                        .unwrap();
+                    let built = StreamConsumer::builder()
+                        .stream(&stream)
+                        .group("billing")
+                        .consumer("c1")
+                        .key_field("aggregateid")
+                        .block(Duration::from_millis(100))
+                        .min_idle(Duration::from_secs(2))
+                        .claim_every(Duration::from_millis(500))
+                        .build(conn.clone(), pool)
+                        .await;
+                    let consumer = match built {
+                        Ok(consumer) => consumer,
                         Err(e) => {
                             run_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(error = %e, "consumer run failed; again");
-                            if *stop.borrow_and_update() {
-                                return;
-                            }
+                            tracing::debug!(error = %e, "consumer build failed; again");
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
                         }
+                    };
+                    loop {
+                        let shutdown = {
+                            let (mut stop, mut hold) = (stop.clone(), hold.clone());
+                            async move {
+                                tokio::select! {
+                                    _ = stop.wait_for(|s| *s) => {}
+                                    _ = hold.wait_for(|h| *h) => {}
+                                }
+                            }
+                        };
+                        match consumer.run(handler.clone(), shutdown).await {
+                            Ok(_) => break,
+                            Err(e) => {
+                                run_errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(error = %e, "consumer run failed; again");
+                                if *stop.borrow() {
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    if *stop.borrow() {
+                        return;
                     }
                 }
             })
@@ -170,26 +198,77 @@ struct Outcome {
     out_of_order: usize,
 }
 
-/// The fault sequence on the shard of node `shard`: a `CLUSTER FAILOVER` to its replica,
-/// a second later that new master killed, and once its replica took over, the killed
-/// node started again as that replica's replica. Returns the windows (from the command
-/// until the cluster served the slot again; the restart until the node is in sync).
-fn fail_over_twice(cluster: &mut RedisCluster, shard: usize) -> Vec<(Instant, Instant)> {
+fn role(cluster: &RedisCluster, node: usize) -> Option<String> {
+    match sd_testkit::resp::command(cluster.nodes()[node].port(), &["ROLE"]).ok()? {
+        sd_testkit::resp::Reply::Array(Some(items)) => items.first()?.as_text(),
+        _ => None,
+    }
+}
+
+/// The fault sequence on the shard of node `shard`, each step waiting until the cluster
+/// serves the slot again, and each killed node started again as a replica (with
+/// `WAIT`, nothing on the shard counts while it has none):
+///
+/// 1. `CLUSTER FAILOVER` to its replica (no write lost);
+/// 2. a second later, that new master killed;
+/// 3. a second later, a lagging replica: the consumers held, the replica paused
+///    (SIGSTOP) and 32 MB written to the shard (so the replication stream backs up into
+///    the master's memory), for a second the master takes writes it never passes on, the
+///    master killed, the replica resumed and elected with what it had; then the
+///    consumers released. What the dead master acknowledged in that second and nobody
+///    read is gone from the stream: without `WAIT` the outbox counted it published.
+///
+/// Returns the three windows, from the first command until the slot was served again
+/// and the killed node was back in sync.
+fn fail_over_three_times(
+    cluster: &mut RedisCluster,
+    shard: usize,
+    stream: &str,
+    hold: &tokio::sync::watch::Sender<bool>,
+) -> Vec<(Instant, Instant)> {
+    const TIMEOUT: Duration = Duration::from_secs(45);
     let manual = Instant::now();
     let replica = cluster.replica_of(shard).unwrap();
     cluster.failover(replica).unwrap();
     let manual_end = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
+
     let crash = Instant::now();
-    let new = cluster.kill_master(replica).unwrap();
+    let (killed, master) = (replica, cluster.kill_master(replica).unwrap());
+    cluster.nodes_mut()[killed].start_again().unwrap();
+    cluster.wait_replica_of(killed, master).unwrap();
     let crash_end = Instant::now();
-    // With `WAIT`, nothing on the shard counts until a replica is back.
-    cluster.nodes_mut()[replica].start_again().unwrap();
-    cluster.wait_replica_of(replica, new).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let lagging = Instant::now();
+    let _ = hold.send(true);
+    let replica = cluster.replica_of(master).unwrap();
+    cluster.nodes_mut()[replica].pause().unwrap();
+    // A paused replica still receives: the kernel buffers the replication stream for it.
+    // 32 MB of ballast on the shard fill those buffers, so what the master takes next
+    // waits in its own output buffer to the replica and dies with it.
+    let ballast = "x".repeat(32 << 20);
+    let port = cluster.nodes()[master].port();
+    sd_testkit::resp::command(port, &["SET", &format!("{{{stream}}}:ballast"), &ballast]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.nodes_mut()[master].kill().unwrap();
+    cluster.nodes_mut()[replica].resume().unwrap();
+    let started = Instant::now();
+    while role(cluster, replica).as_deref() != Some("master") {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the lagging replica was not elected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.wait_running_ok(TIMEOUT).unwrap();
+    let _ = hold.send(false);
+    cluster.nodes_mut()[master].start_again().unwrap();
+    cluster.wait_replica_of(master, replica).unwrap();
     vec![
         (manual, manual_end),
         (crash, crash_end),
-        (crash_end, Instant::now()),
+        (lagging, Instant::now()),
     ]
 }
 
@@ -241,12 +320,15 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
 
         let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
+        let hold_tx = Arc::new(hold_tx);
         let run_errors = Arc::new(AtomicU64::new(0));
         let consumers = spawn_consumers(
             consumer_conns,
             streams.clone(),
             seen.clone(),
             stop_rx,
+            hold_rx,
             run_errors.clone(),
         );
 
@@ -266,7 +348,14 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
                     let message =
                         Message::json(ty, key.1.clone(), "changed", serde_json::json!({ "n": n }));
                     let id = write(&outbox, message).await;
-                    written.lock().unwrap().insert(id, Written { key, n });
+                    written.lock().unwrap().insert(
+                        id,
+                        Written {
+                            key,
+                            n,
+                            at: Instant::now(),
+                        },
+                    );
                     i += 1;
                     tokio::time::sleep(Duration::from_millis(3)).await;
                 }
@@ -277,9 +366,10 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let windows = {
-            let cluster = cluster.clone();
+            let (cluster, hold) = (cluster.clone(), hold_tx.clone());
+            let stream = streams[0].clone();
             tokio::task::spawn_blocking(move || {
-                fail_over_twice(&mut cluster.lock().unwrap(), shard)
+                fail_over_three_times(&mut cluster.lock().unwrap(), shard, &stream, &hold)
             })
             .await
             .unwrap()
@@ -293,9 +383,18 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
         // the oracle judges whatever was handled.
         let total = written.lock().unwrap().len();
         let recovery = Instant::now();
+        // Until everything was handled, or nothing new came for 10 s with the outbox
+        // drained (what is lost never comes), or a minute.
+        let (mut last_count, mut last_change) = (0, Instant::now());
         while recovery.elapsed() < Duration::from_secs(60) {
             let handled: HashSet<Uuid> = seen.lock().unwrap().iter().map(|d| d.id).collect();
-            if drained(&outbox).await && handled.len() >= total {
+            if handled.len() != last_count {
+                (last_count, last_change) = (handled.len(), Instant::now());
+            }
+            let drained = drained(&outbox).await;
+            if drained
+                && (handled.len() >= total || last_change.elapsed() > Duration::from_secs(10))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -316,20 +415,22 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
             Some((replicas, timeout)) => format!("WAIT {replicas} replica, {timeout:?}"),
             None => "no WAIT".to_owned(),
         };
+        let span = |w: &(Instant, Instant)| w.1 - w.0;
         println!(
             "outbox+pool redis cluster, {waits}: {total} events ({} types x {AGGREGATES} \
-             aggregates) enqueued over {load_time:.1?}, {} deliveries handled; 2 failovers of \
-             the `{}` stream's shard (CLUSTER FAILOVER {:.1?}, killed master taken over in \
-             {:.1?}, restarted as a replica in {:.1?}; `{}` on {}); {} lost, {} out of \
-             per-key order, {} duplicate deliveries ({} in the failover windows + {AFTERMATH:?}, \
-             {} outside); relay: {} publish failures, {} dead; consumers: {} failed runs \
-             retried",
+             aggregates) enqueued over {load_time:.1?}, {} deliveries handled; 3 failovers of \
+             the `{}` stream's shard, each killed node restarted as a replica (CLUSTER \
+             FAILOVER {:.1?}; master killed, back in sync {:.1?}; lagging replica paused 1 s, \
+             master killed, consumers held, back in sync {:.1?}); `{}` on {}; {} lost ({} \
+             written in the lagging-replica window), {} out of per-key order, {} duplicate \
+             deliveries ({} in the failover windows + {AFTERMATH:?}, {} outside); relay: {} \
+             publish failures, {} dead; consumers: {} failed runs retried",
             TYPES.len(),
             seen.len(),
             TYPES[0],
-            windows[0].1 - windows[0].0,
-            windows[1].1 - windows[1].0,
-            windows[2].1 - windows[2].0,
+            span(&windows[0]),
+            span(&windows[1]),
+            span(&windows[2]),
             TYPES[1],
             if other == shard {
                 "the same shard"
@@ -337,6 +438,7 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
                 "another shard"
             },
             found.lost,
+            found.lost_in_lagging,
             found.out_of_order,
             found.duplicates,
             found.duplicates_in_windows,
@@ -360,6 +462,7 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
 /// What the oracle found in the raw deliveries.
 struct Found {
     lost: usize,
+    lost_in_lagging: usize,
     out_of_order: usize,
     duplicates: usize,
     duplicates_in_windows: usize,
@@ -425,8 +528,16 @@ fn judge(
             expected = n + 1;
         }
     }
+    let lost_in_lagging = lost_ids
+        .iter()
+        .filter(|id| {
+            let (a, b) = windows[2];
+            (a..=b).contains(&written[**id].at)
+        })
+        .count();
     Found {
         lost: lost_ids.len(),
+        lost_in_lagging,
         out_of_order,
         duplicates,
         duplicates_in_windows,
