@@ -58,7 +58,7 @@
 //! | a load that began before a write or invalidation | not stored (per-shard write counter), and calls starting after the invalidation do not join it | not stored (entry version) | not stored in either tier |
 //! | after a write or invalidation returns | every later read sees it | every later read in any process sees it | every later read in any process sees it: the write returns once every instance acknowledged dropping its memory copy or its lease (default 2 s) lapsed |
 //! | backend down | n/a | [`Error::Backend`]; with `fallback_to_loader`, reads run the loader uncached | as Redis; the memory tier stops serving within the lease and is cleared before it serves again |
-//! | cluster | n/a | keys `prefix:{key}` and `prefix:{key}:lock` share a hash slot | one Redis server (the instance registry and channels are not slot-aware) |
+//! | cluster | n/a | keys `prefix:{key}` and `prefix:{key}:lock` share a hash slot | yes, Redis 7+ (`build_on_cluster`): the registry and channels share a hash tag, invalidations go through sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) on that shard; a failover of it is a resync |
 //!
 //! All three implement [`CacheBackend`] (`&str` keys; the memory cache as
 //! `Cache<String, V>`), and [`BoxCache`] holds any of them behind one type, so a service
@@ -168,7 +168,8 @@
 //!
 //! - `redis`: the Redis tier (`redis` module: redis-rs async, any `ConnectionLike`
 //!   including a cluster connection; JSON codec through serde) and the two-tier cache
-//!   (`two_tier` module: memory in front of Redis, invalidations acknowledged over pub/sub).
+//!   (`two_tier` module: memory in front of Redis, invalidations acknowledged over pub/sub,
+//!   sharded pub/sub on a Redis Cluster).
 //! - `metrics`: the counts of [`CacheStats`] and the load time through the `metrics`
 //!   facade (see [Metrics](#metrics)).
 //! - `test-util`: `conformance`, the contract suite every [`CacheBackend`] passes, for

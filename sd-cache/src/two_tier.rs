@@ -59,13 +59,60 @@
 //!   copy until `local_ttl`. Loads and early refreshes do not drop memory copies either (a
 //!   refresh that found a newer value in the store reaches memory tiers within `local_ttl`,
 //!   as with any TTL cache).
-//! - The registry and channels are plain keys and channels: this runs on one Redis server
-//!   (or a primary with replicas), not on Redis Cluster.
+//! - On one Redis server (or a primary with replicas) the registry and channels are plain
+//!   keys and channels ([`build`](TwoTierBuilder::build)); on a Redis Cluster they share a
+//!   hash tag and use sharded pub/sub ([`build_on_cluster`](TwoTierBuilder::build_on_cluster),
+//!   [below](#on-a-redis-cluster)).
 //! - If the announcement fails after the value was written (Redis lost between the two
 //!   round trips), the write returns [`Error::Backend`] with operation `announce`: the value
 //!   is in Redis, but other memory tiers were not told. If Redis is down for them too, their
 //!   leases lapse and they resync; otherwise they may keep the old copy up to `local_ttl`.
 //!   Retry the write (it is idempotent) to restore the guarantee.
+//!
+//! # On a Redis Cluster
+//!
+//! [`TwoTierBuilder::build_on_cluster`] (Redis 7.0 or later) takes a cluster connection
+//! (`sd_core::failover::FailoverConnection` in cluster mode) and a client of any node.
+//!
+//! - **Where things live.** The registry `prefix:{prefix:two-tier}:instances`, the
+//!   invalidation channel `prefix:{prefix:two-tier}` and the acknowledgement channels
+//!   `prefix:{prefix:two-tier}:ack:{id}` share one hash tag, so they live on one shard; the
+//!   heartbeat and announce scripts write the registry and publish with `SPUBLISH` there,
+//!   in one script as on one server. The entries themselves spread over every shard as in
+//!   [`RedisCache`].
+//! - **The subscription.** Each instance opens its own connection to the master that owns
+//!   that slot (asked with `CLUSTER SLOTS` through the cluster connection; `ROLE` must say
+//!   `master` in the same pipeline), `SSUBSCRIBE`s to its two channels and `SUBSCRIBE`s to
+//!   the Redis tier's wake-ups. Sharded messages go only to that shard, so the coherence
+//!   traffic of a prefix costs one shard, not a broadcast to every node (plain `PUBLISH`
+//!   on a cluster reaches every node and is not tied to a slot).
+//! - **A failover of that shard.** The subscription ends when its connection closes (a
+//!   master killed) or when the master gives the slot away (`CLUSTER FAILOVER`: it sends
+//!   `sunsubscribe`), and when the instance's pings stop coming back for a `lease` (a
+//!   master frozen or cut off and replaced without the connection closing). The instance
+//!   then stops serving from memory, subscribes again on the slot's new master, and
+//!   resyncs (clears its memory tier) before it serves from memory again, as after any
+//!   lost subscription. Reads meanwhile go to Redis; writes wait for the new master through
+//!   the cluster connection. `tests/two_tier_cluster.rs` runs the staleness checker
+//!   through both kinds of failover; RELIABILITY.md at the repository root has its figures.
+//! - **What is promised.** The guarantee above holds across a `CLUSTER FAILOVER` (nothing
+//!   is lost) and across a master that crashes or stops, as long as `lease` is shorter
+//!   than the cluster's `cluster-node-timeout` (default 15 s; the default lease is 2 s):
+//!   an instance stops serving from memory at most 90% of a lease after the old master's
+//!   last ping, before a replica can be elected and take a write, and resyncs before
+//!   serving again. Redis replicates asynchronously, so the new master may lack the last
+//!   lease renewals; that matters only where an instance still serves from memory on the
+//!   old master's pings after the new one takes writes, which the timing above rules out
+//!   except in one case: **a network partition** that leaves instances on the minority
+//!   side with the old master, which keeps renewing their leases until it stops taking
+//!   writes (`cluster-node-timeout`). Those instances may serve a value written on the
+//!   new master's side for about a lease after the promotion (90% of a lease after the
+//!   old master's last renewal). Keep `lease` short where that matters.
+//! - **Costs and limits.** One more connection per instance (to the coherence shard's
+//!   master); a memory hit costs the same as on one server. The shard subscription speaks
+//!   plain TCP (`redis://`, with the client's username and password): TLS and Unix-socket
+//!   clients are refused at build with [`Error::InvalidConfig`] (field `pubsub`). Slot
+//!   migration of the coherence slot (resharding) looks like a failover: a resync.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
