@@ -218,6 +218,13 @@ fn invalid_settings_fail_at_build_naming_the_field() {
                 other => panic!("{field}: {other:?}"),
             }
         }
+        // On a cluster the shard subscription speaks plain TCP: a Unix-socket (or TLS)
+        // client is refused before anything connects.
+        let unix = redis::Client::open("redis+unix:///tmp/sd-cache-no-such.sock").unwrap();
+        match b().build_on_cluster(conn.clone(), unix).await {
+            Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "pubsub"),
+            other => panic!("pubsub: {other:?}"),
+        }
     });
 }
 
