@@ -622,3 +622,76 @@ fn a_wait_that_cannot_be_met_publishes_nothing_that_counts() {
         );
     });
 }
+
+#[test]
+fn a_batch_spanning_slots_is_published_in_one_call_on_a_cluster() {
+    let cluster = RedisCluster::start().expect("start a cluster");
+    sd_testkit::runtime().block_on(async {
+        let conn = FailoverConnection::builder()
+            .cluster(cluster.urls())
+            .build()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let publisher = RedisStreamsPublisher::builder(conn.clone())
+            .build()
+            .unwrap();
+        let types = ["order", "invoice", "payment", "shipment"];
+        let slots: HashSet<i64> = types
+            .iter()
+            .map(|ty| {
+                let key = publisher.stream(ty);
+                match sd_testkit::resp::command(
+                    cluster.nodes()[0].port(),
+                    &["CLUSTER", "KEYSLOT", &key],
+                )
+                .unwrap()
+                {
+                    sd_testkit::resp::Reply::Integer(slot) => slot,
+                    other => panic!("CLUSTER KEYSLOT gave {other:?}"),
+                }
+            })
+            .collect();
+        assert!(
+            slots.len() > 1,
+            "the streams share a slot: the test shows nothing"
+        );
+        // Interleaved, as a relay's batch is: each stream gets 0, 1, 2 in order.
+        let events: Vec<sd_outbox::Event> = (0..3)
+            .flat_map(|n| {
+                types.iter().map(move |ty| {
+                    sd_outbox::Event::from_message(Message::json(
+                        *ty,
+                        "a0",
+                        "changed",
+                        serde_json::json!({ "n": n }),
+                    ))
+                })
+            })
+            .collect();
+        sd_outbox::Publisher::publish(&publisher, &events)
+            .await
+            .unwrap();
+        for ty in types {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(publisher.stream(ty))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap();
+            let ns: Vec<u64> = reply
+                .ids
+                .iter()
+                .map(|e| {
+                    let payload: String = e.get("payload").unwrap();
+                    serde_json::from_str::<serde_json::Value>(&payload).unwrap()["n"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(ns, [0, 1, 2], "stream of {ty}");
+        }
+    });
+}
