@@ -103,11 +103,16 @@
 //!   serving again. Redis replicates asynchronously, so the new master may lack the last
 //!   lease renewals; that matters only where an instance still serves from memory on the
 //!   old master's pings after the new one takes writes, which the timing above rules out
-//!   except in one case: **a network partition** that leaves instances on the minority
-//!   side with the old master, which keeps renewing their leases until it stops taking
-//!   writes (`cluster-node-timeout`). Those instances may serve a value written on the
-//!   new master's side for about a lease after the promotion (90% of a lease after the
-//!   old master's last renewal). Keep `lease` short where that matters.
+//!   except where the old master still runs after the promotion: **a network
+//!   partition** that leaves instances on the minority side with the old master, which
+//!   keeps renewing their leases until it stops taking writes (`cluster-node-timeout`),
+//!   or a master stalled past `cluster-node-timeout` that renews leases queued during
+//!   the stall before it learns it was demoted (it then sends `sunsubscribe`). Those
+//!   instances may serve a value written on the new master for about a lease after the
+//!   promotion (90% of a lease after the old master's last renewal). Keep `lease` short
+//!   where that matters; a heartbeat that waits for a replica (`WAIT`) would close this,
+//!   and is not built (a `WAIT` on the shared connection would hold every command behind
+//!   it).
 //! - **Costs and limits.** One more connection per instance (to the coherence shard's
 //!   master); a memory hit costs the same as on one server. The shard subscription speaks
 //!   plain TCP (`redis://`, with the client's username and password): TLS and Unix-socket
