@@ -78,6 +78,14 @@
 //!   (`Nats-Msg-Id` = outbox id, within the stream's duplicate window); Redis Streams
 //!   and Kafka keep both, so consumers dedupe with `postgres::Inbox` (or their own
 //!   `(consumer, message id)` key) in the transaction of their handler.
+//! - **Across a Redis failover** (Sentinel or Cluster, through
+//!   `sd_core::failover::FailoverConnection`): Redis replicates asynchronously, so an
+//!   `XADD` the master acknowledged and lost in a crash before its replica had it is gone
+//!   while its row is marked published. `redis::RedisStreamsPublisherBuilder::wait_for_replicas`
+//!   marks a row only once `WAIT` says a replica holds its entry; the cost is duplicates
+//!   (a batch whose `WAIT` fell short is sent again) and no publishing to a shard while it
+//!   has no replica. RELIABILITY.md at the repository root has the failover test's
+//!   figures, with and without it.
 //! - **Nothing skipped.** Relays find rows by `status = 'pending'`, never by an id
 //!   watermark, so a row whose transaction commits after one with a higher id (the
 //!   sequence-gap trap) is found by the next batch.
@@ -163,7 +171,7 @@
 //! | `postgres::Inbox` | consumer-side dedupe in the handler's transaction |
 //! | [`MemoryPublisher`] | keeps events in memory (tests, demos) |
 //! | [`BoxPublisher`] | any sink behind one type, chosen from configuration at run time |
-//! | `redis::RedisStreamsPublisher` | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry |
+//! | `redis::RedisStreamsPublisher` | pipelined `XADD` to `{prefix}:{aggregatetype}` (`outbox:order`), id in the entry; one pipeline per hash tag, so a batch of several streams runs on Redis Cluster; optional `WAIT` for replicas (`wait_for_replicas`) |
 //! | `nats::JetStreamPublisher` | publish to `outbox.{aggregatetype}` with `Nats-Msg-Id`, acks awaited |
 //! | `kafka::KafkaPublisher` | idempotent producer, `acks=all`, to `outbox.event.{aggregatetype}` keyed by aggregate id, id in the `id` header |
 //!

@@ -38,6 +38,28 @@
 //! crash, a failed handler, or a handler running longer than `min_idle`) and must be
 //! idempotent or deduplicate by [`Entry::id`]. Pick `min_idle` above your slowest
 //! handler.
+//!
+//! **Redis Cluster, Sentinel and failover**: give `build` an
+//! [`sd_core::failover::FailoverConnection`] (one server, a Sentinel group or a Cluster)
+//! and the consumer follows a failover: a call that meets it is retried within the
+//! connection's `failover_timeout`, and a `run` that still fails is called again (see
+//! above). Every command names one key, the stream (`XGROUP`, `XREADGROUP`, `XACK`,
+//! `XPENDING`, `XCLAIM`; the group lives inside it), except the two dead-letter scripts,
+//! which write the stream and the dead-letter stream together: on a Cluster both must sit
+//! in one slot, so the default dead-letter stream shares the stream's hash tag
+//! (`{orders}:dead` for `orders`) and [`build`](StreamConsumerBuilder::build) refuses a
+//! [`dead_letter_stream`](StreamConsumerBuilder::dead_letter_stream) with another tag
+//! ([`Error::InvalidConfig`] naming `dead_letter_stream`). Streams of different names may
+//! live on different shards; each consumer reads one. What a failover costs, since Redis
+//! replicates asynchronously: acknowledgements and group reads the old master had not
+//! passed on are lost, so entries already handled are delivered again (duplicates);
+//! entries whose `XREADGROUP` reply died with the connection wait in the group until
+//! `min_idle` and then run after later entries of their key (the failover test never met
+//! one: its first handlings kept per-key order); entries the old master took and never
+//! passed on are gone from the stream, which the producer prevents by waiting for a
+//! replica (sd-outbox's `wait_for_replicas`). RELIABILITY.md at the repository root has
+//! the figures of the failover test (sd-outbox's `tests/failover.rs`, the outbox relay
+//! into this consumer on a Cluster with replicas).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
