@@ -2,7 +2,9 @@
 //! instances (each its own cluster connection, sharded subscription and lease) under
 //! concurrent writes and reads while the shard that holds the coherence channels (the
 //! registry and `SSUBSCRIBE` channels, one hash tag) fails over: its master killed mid-load
-//! and restarted as a replica, then a `CLUSTER FAILOVER` back to it. The oracle judges the raw
+//! and restarted as a replica, then a `CLUSTER FAILOVER` back to it, then that master
+//! frozen until its replica is elected (the instances' connections stay open: their
+//! watchdog must notice the pings no longer coming back). The oracle judges the raw
 //! events: no read returns a version older than one whose write returned before the read
 //! started. It prints what the failovers cost (reads answered by Redis instead of memory,
 //! failed calls, resyncs, time until every instance served from memory again);
@@ -165,6 +167,25 @@ fn no_stale_read_while_the_coherence_shard_fails_over() {
                 // second manual failover right after it timed out in Redis on this machine.)
                 measured("CLUSTER FAILOVER", &probe, &instances, &cluster, move |c| {
                     c.failover(master).unwrap()
+                })
+                .await;
+                // The master frozen (SIGSTOP) until its replica is elected: the instances'
+                // connections to it stay open and silent, so only their pings not coming
+                // back can tell them to subscribe again; they must serve from memory again
+                // before the frozen node is resumed (it then rejoins as a replica).
+                measured("master frozen", &probe, &instances, &cluster, move |c| {
+                    c.nodes_mut()[master].pause().unwrap();
+                    let started = Instant::now();
+                    while !c.masters().contains(&promoted) {
+                        assert!(started.elapsed() < Duration::from_secs(45), "no election");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    c.wait_running_ok(Duration::from_secs(45)).unwrap();
+                })
+                .await;
+                on_cluster(&cluster, move |c| {
+                    c.nodes_mut()[master].resume().unwrap();
+                    c.wait_replica_of(master, promoted).unwrap();
                 })
                 .await;
                 probe.fault_ends();
