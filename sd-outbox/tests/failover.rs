@@ -1,9 +1,11 @@
-//! The whole pipeline on a Redis Cluster with a replica per master, through sd-core's
-//! `FailoverConnection`: writers enqueue events in PostgreSQL at a steady pace, a relay
-//! publishes them to two streams (`order` and `invoice`, on different shards, so a batch
-//! spans slots), and sd-pool's `StreamConsumer` runs them with per-key order. Mid-run
-//! the shard that holds the `order` stream fails over twice: a `CLUSTER FAILOVER`, then
-//! its new master killed and started again as a replica.
+//! The whole pipeline on a Redis Cluster with a replica per master and on a Sentinel
+//! group, through sd-core's `FailoverConnection`: a writer enqueues events in PostgreSQL
+//! at a steady pace, a relay publishes them to two streams (`order` and `invoice`, on
+//! different shards of the cluster, so a batch spans slots), and sd-pool's
+//! `StreamConsumer` runs them with per-key order. Mid-run the master holding the `order`
+//! stream fails over three times: a manual failover (`CLUSTER FAILOVER`, `SENTINEL
+//! FAILOVER`), a killed master, and a killed master whose replica lagged behind (see
+//! `fail_over_three_times`); each killed node is started again as a replica.
 //!
 //! The oracle reads every delivery the handlers saw, duplicates included: every event
 //! the outbox holds was handled at least once (with `wait_for_replicas`, asserted;
@@ -21,13 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{drained, waits, write};
-use sd_core::failover::FailoverConnection;
+use sd_core::failover::{FailoverClient, FailoverConnection};
 use sd_outbox::Message;
 use sd_outbox::postgres::{Mode, Relay};
 use sd_outbox::redis::RedisStreamsPublisher;
 use sd_pool::redis::{Entry, StreamConsumer};
 use sd_pool::{Order, Pool};
-use sd_testkit::RedisCluster;
+use sd_testkit::{RedisCluster, RedisSentinelGroup};
 use uuid::Uuid;
 
 /// The replicas `WAIT` asks for, and how long it waits.
@@ -272,43 +274,158 @@ fn fail_over_three_times(
     ]
 }
 
-/// Runs the pipeline on a fresh cluster, `wait` or not, through the two failovers of the
-/// `order` stream's shard; prints the summary and returns what the oracle found.
-fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
-    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
-    let cluster = Arc::new(Mutex::new(cluster));
+/// Where the streams live and how they fail over.
+trait Faults: Send + 'static {
+    /// The backend, for the summary.
+    const NAME: &'static str;
+    /// The settings every connection of the test is made from.
+    fn client(&self) -> FailoverClient;
+    /// Where `streams` sit, for the summary.
+    fn placement(&self, streams: &[String]) -> String;
+    /// Runs the failovers (blocking) on the master that holds `stream`, holding the
+    /// consumers with `hold` for the last one (the lagging replica); returns the
+    /// windows, that one last, and what happened, for the summary.
+    fn fail_over(
+        &mut self,
+        stream: &str,
+        hold: &tokio::sync::watch::Sender<bool>,
+    ) -> (Vec<(Instant, Instant)>, String);
+}
+
+impl Faults for RedisCluster {
+    const NAME: &'static str = "redis cluster";
+
+    fn client(&self) -> FailoverClient {
+        FailoverConnection::builder()
+            .cluster(self.urls())
+            .build()
+            .unwrap()
+    }
+
+    fn placement(&self, streams: &[String]) -> String {
+        let same = master_of(self, &streams[0]) == master_of(self, &streams[1]);
+        format!(
+            "`{}` on {}",
+            TYPES[1],
+            if same {
+                "the same shard"
+            } else {
+                "another shard"
+            }
+        )
+    }
+
+    fn fail_over(
+        &mut self,
+        stream: &str,
+        hold: &tokio::sync::watch::Sender<bool>,
+    ) -> (Vec<(Instant, Instant)>, String) {
+        let shard = master_of(self, stream);
+        let windows = fail_over_three_times(self, shard, stream, hold);
+        let what = format!(
+            "3 failovers of the `{}` stream's shard, each killed node restarted as a replica \
+             (CLUSTER FAILOVER {:.1?}; master killed, back in sync {:.1?}; lagging replica \
+             paused 1 s, master killed, consumers held, back in sync {:.1?})",
+            TYPES[0],
+            span(&windows[0]),
+            span(&windows[1]),
+            span(&windows[2]),
+        );
+        (windows, what)
+    }
+}
+
+impl Faults for RedisSentinelGroup {
+    const NAME: &'static str = "redis sentinel";
+
+    fn client(&self) -> FailoverClient {
+        FailoverConnection::builder()
+            .sentinel(self.sentinel_urls(), self.master_name())
+            .build()
+            .unwrap()
+    }
+
+    fn placement(&self, _streams: &[String]) -> String {
+        "both streams on the one master".to_owned()
+    }
+
+    /// A forced promotion (the old master takes writes until the Sentinels demote it,
+    /// discarding them), a crashed master restarted as a replica, then the lagging
+    /// replica as on the cluster.
+    fn fail_over(
+        &mut self,
+        stream: &str,
+        hold: &tokio::sync::watch::Sender<bool>,
+    ) -> (Vec<(Instant, Instant)>, String) {
+        const TIMEOUT: Duration = Duration::from_secs(60);
+        let forced = Instant::now();
+        let new = self.start_failover().unwrap();
+        self.wait_settled(new, TIMEOUT).unwrap();
+        let forced_end = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+
+        let crash = Instant::now();
+        self.kill_master().unwrap();
+        let crash_end = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+
+        let lagging = Instant::now();
+        let _ = hold.send(true);
+        let old = self.master_port().unwrap();
+        let master = self.node_index(old).unwrap();
+        let replica = 1 - master;
+        self.nodes_mut()[replica].pause().unwrap();
+        let ballast = "x".repeat(32 << 20);
+        sd_testkit::resp::command(old, &["SET", &format!("{stream}:ballast"), &ballast]).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        self.nodes_mut()[master].kill().unwrap();
+        self.nodes_mut()[replica].resume().unwrap();
+        self.wait_new_master(old, TIMEOUT).unwrap();
+        let _ = hold.send(false);
+        self.nodes_mut()[master].start_again().unwrap();
+        self.wait_settled_on_any(TIMEOUT).unwrap();
+        let windows = vec![
+            (forced, forced_end),
+            (crash, crash_end),
+            (lagging, Instant::now()),
+        ];
+        let what = format!(
+            "3 failovers, each old master restarted as a replica (SENTINEL FAILOVER, settled \
+             in {:.1?}; master killed, settled in {:.1?}; lagging replica paused 1 s, master \
+             killed, consumers held, settled in {:.1?})",
+            span(&windows[0]),
+            span(&windows[1]),
+            span(&windows[2]),
+        );
+        (windows, what)
+    }
+}
+
+fn span(window: &(Instant, Instant)) -> Duration {
+    window.1 - window.0
+}
+
+/// Runs the pipeline on `backend`, `wait` or not, through its failovers; prints the
+/// summary and returns what the oracle found.
+fn pipeline_through_failovers<F: Faults>(backend: F, wait: Option<(u32, Duration)>) -> Outcome {
+    let client = backend.client();
+    let backend = Arc::new(Mutex::new(backend));
     let db = sd_testkit::database()
         .expect("a postgres server (install postgresql or set SD_DATABASE_URL)");
     let outcome = sd_testkit::runtime().block_on(async {
         let outbox = common::outbox(db.url()).await;
-        let (sink_conn, consumer_conns) = {
-            let urls = cluster.lock().unwrap().urls();
-            let connect = |urls: Vec<String>| async move {
-                FailoverConnection::builder()
-                    .cluster(urls)
-                    .build()
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap()
-            };
-            let sink = connect(urls.clone()).await;
-            let mut consumers = Vec::new();
-            for _ in TYPES {
-                consumers.push(connect(urls.clone()).await);
-            }
-            (sink, consumers)
-        };
+        let sink_conn = client.connect().await.unwrap();
+        let mut consumer_conns = Vec::new();
+        for _ in TYPES {
+            consumer_conns.push(client.connect().await.unwrap());
+        }
         let mut builder = RedisStreamsPublisher::builder(sink_conn);
         if let Some((replicas, timeout)) = wait {
             builder = builder.wait_for_replicas(replicas, timeout);
         }
         let publisher = builder.build().unwrap();
         let streams: Vec<String> = TYPES.iter().map(|t| publisher.stream(t)).collect();
-        let (shard, other) = {
-            let c = cluster.lock().unwrap();
-            (master_of(&c, &streams[0]), master_of(&c, &streams[1]))
-        };
+        let placement = backend.lock().unwrap().placement(&streams);
         let relay = Relay::builder(outbox.clone(), publisher)
             .mode(Mode::Parallel)
             .poll_interval(Duration::from_millis(100))
@@ -365,14 +482,12 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
         // The faults, on the `order` stream's shard, while the load runs.
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let windows = {
-            let (cluster, hold) = (cluster.clone(), hold_tx.clone());
+        let (windows, what) = {
+            let (backend, hold) = (backend.clone(), hold_tx.clone());
             let stream = streams[0].clone();
-            tokio::task::spawn_blocking(move || {
-                fail_over_three_times(&mut cluster.lock().unwrap(), shard, &stream, &hold)
-            })
-            .await
-            .unwrap()
+            tokio::task::spawn_blocking(move || backend.lock().unwrap().fail_over(&stream, &hold))
+                .await
+                .unwrap()
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
         writing.store(false, Ordering::Relaxed);
@@ -415,28 +530,15 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
             Some((replicas, timeout)) => format!("WAIT {replicas} replica, {timeout:?}"),
             None => "no WAIT".to_owned(),
         };
-        let span = |w: &(Instant, Instant)| w.1 - w.0;
         println!(
-            "outbox+pool redis cluster, {waits}: {total} events ({} types x {AGGREGATES} \
-             aggregates) enqueued over {load_time:.1?}, {} deliveries handled; 3 failovers of \
-             the `{}` stream's shard, each killed node restarted as a replica (CLUSTER \
-             FAILOVER {:.1?}; master killed, back in sync {:.1?}; lagging replica paused 1 s, \
-             master killed, consumers held, back in sync {:.1?}); `{}` on {}; {} lost ({} \
-             written in the lagging-replica window), {} out of per-key order, {} duplicate \
-             deliveries ({} in the failover windows + {AFTERMATH:?}, {} outside); relay: {} \
-             publish failures, {} dead; consumers: {} failed runs retried",
+            "outbox+pool {}, {waits}: {total} events ({} types x {AGGREGATES} aggregates) \
+             enqueued over {load_time:.1?}, {} deliveries handled; {what}; {placement}; {} \
+             lost ({} written in the lagging-replica window), {} out of per-key order, {} \
+             duplicate deliveries ({} in the failover windows + {AFTERMATH:?}, {} outside); \
+             relay: {} publish failures, {} dead; consumers: {} failed runs retried",
+            F::NAME,
             TYPES.len(),
             seen.len(),
-            TYPES[0],
-            span(&windows[0]),
-            span(&windows[1]),
-            span(&windows[2]),
-            TYPES[1],
-            if other == shard {
-                "the same shard"
-            } else {
-                "another shard"
-            },
             found.lost,
             found.lost_in_lagging,
             found.out_of_order,
@@ -455,7 +557,7 @@ fn pipeline_through_failovers(wait: Option<(u32, Duration)>) -> Outcome {
             out_of_order: found.out_of_order,
         }
     });
-    drop(cluster);
+    drop(backend);
     outcome
 }
 
@@ -547,7 +649,8 @@ fn judge(
 
 #[test]
 fn with_wait_no_event_is_lost_and_per_key_order_holds_across_cluster_failovers() {
-    let found = pipeline_through_failovers(Some(WAIT));
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    let found = pipeline_through_failovers(cluster, Some(WAIT));
     assert_eq!(found.lost, 0, "an event was lost although WAIT counted it");
     assert_eq!(
         found.out_of_order, 0,
@@ -557,7 +660,29 @@ fn with_wait_no_event_is_lost_and_per_key_order_holds_across_cluster_failovers()
 
 #[test]
 fn without_wait_losses_are_counted_and_per_key_order_holds_across_cluster_failovers() {
-    let found = pipeline_through_failovers(None);
+    let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
+    let found = pipeline_through_failovers(cluster, None);
+    assert_eq!(
+        found.out_of_order, 0,
+        "a key's events were handled out of order"
+    );
+}
+
+#[test]
+fn with_wait_no_event_is_lost_and_per_key_order_holds_across_sentinel_failovers() {
+    let group = RedisSentinelGroup::start().expect("start a sentinel group");
+    let found = pipeline_through_failovers(group, Some(WAIT));
+    assert_eq!(found.lost, 0, "an event was lost although WAIT counted it");
+    assert_eq!(
+        found.out_of_order, 0,
+        "a key's events were handled out of order"
+    );
+}
+
+#[test]
+fn without_wait_losses_are_counted_and_per_key_order_holds_across_sentinel_failovers() {
+    let group = RedisSentinelGroup::start().expect("start a sentinel group");
+    let found = pipeline_through_failovers(group, None);
     assert_eq!(
         found.out_of_order, 0,
         "a key's events were handled out of order"
