@@ -16,13 +16,15 @@
 #![allow(clippy::unwrap_used)] // a failed step is a test failure
 
 mod common;
+mod oracle;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{drained, waits, write};
+use oracle::{AFTERMATH, Delivery, Written, delivery, judge};
 use sd_core::failover::{FailoverClient, FailoverConnection};
 use sd_outbox::Message;
 use sd_outbox::postgres::{Mode, Relay};
@@ -36,40 +38,6 @@ use uuid::Uuid;
 const WAIT: (u32, Duration) = (1, Duration::from_millis(500));
 const TYPES: [&str; 2] = ["order", "invoice"];
 const AGGREGATES: usize = 8;
-/// How long after a fault a duplicate still counts as the fault's: the consumers'
-/// `min_idle` (entries whose acknowledgement the fault lost are claimed after it) and
-/// a claim interval.
-const AFTERMATH: Duration = Duration::from_secs(4);
-
-/// An event as the writer enqueued it: (type, aggregate) and its place in that order.
-#[derive(Debug, Clone)]
-struct Written {
-    key: (String, String),
-    n: usize,
-    at: Instant,
-}
-
-/// One delivery a handler saw.
-#[derive(Debug, Clone)]
-struct Delivery {
-    id: Uuid,
-    key: (String, String),
-    n: usize,
-    at: Instant,
-}
-
-fn delivery(entry: &Entry) -> Delivery {
-    let payload: serde_json::Value = serde_json::from_slice(entry.get("payload").unwrap()).unwrap();
-    Delivery {
-        id: entry.get_str("id").unwrap().parse().unwrap(),
-        key: (
-            entry.get_str("aggregatetype").unwrap().to_owned(),
-            entry.get_str("aggregateid").unwrap().to_owned(),
-        ),
-        n: payload["n"].as_u64().unwrap() as usize,
-        at: Instant::now(),
-    }
-}
 
 /// The index of the master that holds `key`'s slot now.
 fn master_of(cluster: &RedisCluster, key: &str) -> usize {
@@ -559,92 +527,6 @@ fn pipeline_through_failovers<F: Faults>(backend: F, wait: Option<(u32, Duration
     });
     drop(backend);
     outcome
-}
-
-/// What the oracle found in the raw deliveries.
-struct Found {
-    lost: usize,
-    lost_in_lagging: usize,
-    out_of_order: usize,
-    duplicates: usize,
-    duplicates_in_windows: usize,
-    examples: Vec<String>,
-}
-
-/// Judges the raw deliveries against what was written: each written event handled at
-/// least once, each key's first-time handlings in the order written (the `n`s rise by
-/// one, skipping only lost events), duplicates counted by window.
-fn judge(
-    written: &HashMap<Uuid, Written>,
-    seen: &[Delivery],
-    windows: &[(Instant, Instant)],
-) -> Found {
-    let mut examples = Vec::new();
-    let mut first: HashSet<Uuid> = HashSet::new();
-    let mut duplicates = 0;
-    let mut duplicates_in_windows = 0;
-    // Per key, the `n`s in first-handling order.
-    let mut order: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
-    for d in seen {
-        if !first.insert(d.id) {
-            duplicates += 1;
-            if windows
-                .iter()
-                .any(|(a, b)| (*a..=*b + AFTERMATH).contains(&d.at))
-            {
-                duplicates_in_windows += 1;
-            }
-            continue;
-        }
-        match written.get(&d.id) {
-            Some(w) => {
-                assert_eq!((&w.key, w.n), (&d.key, d.n), "an entry's fields changed");
-            }
-            None => panic!("a delivery of an event nobody wrote: {d:?}"),
-        }
-        order.entry(d.key.clone()).or_default().push(d.n);
-    }
-    let lost_ids: Vec<&Uuid> = written.keys().filter(|id| !first.contains(id)).collect();
-    let lost_at: HashSet<((String, String), usize)> = lost_ids
-        .iter()
-        .map(|id| (written[*id].key.clone(), written[*id].n))
-        .collect();
-    for id in &lost_ids {
-        let w = &written[*id];
-        examples.push(format!("lost: {:?} n={} ({id})", w.key, w.n));
-    }
-    let mut out_of_order = 0;
-    for (key, ns) in &order {
-        // The expected order: every n of the key, lost ones left out.
-        let mut expected = 0;
-        for &n in ns {
-            while lost_at.contains(&(key.clone(), expected)) {
-                expected += 1;
-            }
-            if n != expected {
-                out_of_order += 1;
-                examples.push(format!(
-                    "out of order: {key:?} handled n={n} where n={expected} was due"
-                ));
-            }
-            expected = n + 1;
-        }
-    }
-    let lost_in_lagging = lost_ids
-        .iter()
-        .filter(|id| {
-            let (a, b) = windows[2];
-            (a..=b).contains(&written[**id].at)
-        })
-        .count();
-    Found {
-        lost: lost_ids.len(),
-        lost_in_lagging,
-        out_of_order,
-        duplicates,
-        duplicates_in_windows,
-        examples,
-    }
 }
 
 #[test]
