@@ -15,6 +15,10 @@ use crate::resp::{self, Reply};
 /// promotion; a loaded machine stretches each step.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// How long a forced failover may take before it is asked for again: more than twice
+/// `failover-timeout`, after which the Sentinels have given it up.
+const FORCED_FAILOVER_RETRY: Duration = Duration::from_secs(10);
+
 /// The name the Sentinels monitor the master under.
 const MASTER_NAME: &str = "sdmaster";
 
@@ -170,16 +174,27 @@ impl RedisSentinelGroup {
     /// Forces a failover and returns as soon as every Sentinel names the new master
     /// (its port). The old master is still a master then, taking writes its demotion
     /// (seconds later) discards; [`Self::wait_settled`] waits for that demotion.
+    ///
+    /// A forced failover the Sentinels abort (the promotion took longer than
+    /// `failover-timeout`, as on a loaded machine) is asked for again.
     pub fn start_failover(&self) -> Result<u16> {
         let old = self.master_port()?;
-        let reply = self.sentinels[0].command(&["SENTINEL", "FAILOVER", &self.name])?;
-        if let Reply::Error(e) = reply {
-            return Err(Error::Protocol {
-                server: "redis-sentinel",
-                detail: format!("SENTINEL FAILOVER refused: {e}"),
-            });
+        let started = Instant::now();
+        loop {
+            let reply = self.sentinels[0].command(&["SENTINEL", "FAILOVER", &self.name])?;
+            if let Reply::Error(e) = reply
+                && !e.starts_with("INPROG")
+            {
+                return Err(Error::Protocol {
+                    server: "redis-sentinel",
+                    detail: format!("SENTINEL FAILOVER refused: {e}"),
+                });
+            }
+            match self.wait_new_master(old, FORCED_FAILOVER_RETRY) {
+                Err(Error::NotReady { .. }) if started.elapsed() < FAILOVER_TIMEOUT => continue,
+                done => return done,
+            }
         }
-        self.wait_new_master(old, FAILOVER_TIMEOUT)
     }
 
     /// Kills the current master (SIGKILL), waits until the Sentinels promoted the
@@ -252,7 +267,10 @@ impl RedisSentinelGroup {
     }
 
     /// Like [`Self::wait_settled`] on whichever node the Sentinels name; returns its port.
-    fn wait_settled_on_any(&self, timeout: Duration) -> Result<u16> {
+    /// On a loaded machine the Sentinels may fail over again while the group settles
+    /// (a just-promoted master that misses their pings for `down-after-milliseconds`):
+    /// compare the port returned with the one expected to see it.
+    pub fn wait_settled_on_any(&self, timeout: Duration) -> Result<u16> {
         let started = Instant::now();
         loop {
             let named = self
