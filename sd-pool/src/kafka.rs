@@ -503,6 +503,8 @@ impl KafkaConsumer {
             timing: self.timing.clone(),
             topics: Mutex::default(),
             failure: Mutex::new(None),
+            pool: self.pool.clone(),
+            deferred: Mutex::new(self.pool.deferred()),
         });
         let consumer: BaseConsumer<Context> = self
             .config
@@ -523,7 +525,7 @@ impl KafkaConsumer {
             counters: Arc::clone(&counters),
             reports: reports_tx,
         };
-        let (pool, order) = (self.pool.clone(), self.order);
+        let (pool, order, batch) = (self.pool.clone(), self.order, Arc::clone(&shared));
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {
             let (job, live) = parts.job(record.clone(), slot, revoked);
             let job = Job::new(job);
@@ -533,8 +535,9 @@ impl KafkaConsumer {
                 (RecordOrder::Unordered, _) => job,
                 _ => job.with_key(&by_partition),
             };
-            match pool.try_submit(job) {
-                Ok(_) => {
+            let submitted = pool.try_submit_deferred(job, &mut poll::lock(&batch.deferred));
+            match submitted {
+                Ok(()) => {
                     live.set();
                     Dispatched::Taken
                 }

@@ -16,7 +16,9 @@ use rdkafka::{ClientContext, Offset};
 use super::job::Finished;
 use super::record::{Counters, Record, add};
 use super::tracker::{Commit, Held, Offer, RevokedFlag, Tp, Tracker};
+use crate::Pool;
 use crate::error::{Error, Result};
+use crate::pool::Deferred;
 
 /// How the poll thread hands a record (with its slot and revoked flag) to the pool.
 pub(crate) type Dispatch = Box<dyn Fn(Record, u32, RevokedFlag) -> Dispatched + Send>;
@@ -54,9 +56,13 @@ pub(crate) struct Shared {
     pub(crate) topics: Mutex<HashMap<String, Arc<str>>>,
     /// The first commit that failed at a revoke or at the end, returned by `run`.
     pub(crate) failure: Mutex<Option<Error>>,
+    /// The pool, and the jobs it accepted that are started once per batch of polled
+    /// records ([`Shared::launch`]).
+    pub(crate) pool: Pool,
+    pub(crate) deferred: Mutex<Deferred>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -69,6 +75,12 @@ fn kafka_err(operation: &'static str) -> impl FnOnce(rdkafka::error::KafkaError)
 }
 
 impl Shared {
+    /// Starts the jobs dispatched since the last call. Called before anything waits on
+    /// jobs and before every `poll` that may block.
+    fn launch(&self) {
+        self.pool.launch_deferred(&mut lock(&self.deferred));
+    }
+
     fn intern(&self, topic: &str) -> Arc<str> {
         let mut topics = lock(&self.topics);
         match topics.get(topic) {
@@ -166,6 +178,7 @@ impl Shared {
     /// A revoke: stop dispatching, let the jobs already in the pool finish up to the
     /// revoke timeout (those not started by then never start), commit, forget.
     fn revoke<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tps: &[Tp]) {
+        self.launch();
         let owned = lock(&self.tracker).stop(Some(tps));
         let overran = self.wait_outstanding(Some(tps), self.timing.revoke_timeout);
         lock(&self.tracker).revoke(Some(tps));
@@ -254,6 +267,9 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The most records polled before their jobs are started.
+const BATCH: usize = 256;
+
 /// The loop. Returns when `stop` is set (after draining and the last commit) or when
 /// the pool closes.
 pub(crate) fn poll_loop(
@@ -271,27 +287,38 @@ pub(crate) fn poll_loop(
         } else {
             Duration::from_millis(50)
         };
-        match consumer.poll(wait) {
-            Some(Ok(message)) => {
-                add(&shared.counters.received, 1);
-                let topic = shared.intern(rdkafka::Message::topic(&message));
-                let record = Record::from_message(&message, topic);
-                drop(message);
-                closed = offer(&consumer, shared, &dispatch, record).is_err();
+        // One record, waiting for it, then what librdkafka already holds, up to a
+        // batch: the batch's jobs are started together.
+        let mut polled = consumer.poll(wait);
+        let mut taken = 0;
+        while let Some(message) = polled.take() {
+            match message {
+                Ok(message) => {
+                    add(&shared.counters.received, 1);
+                    let topic = shared.intern(rdkafka::Message::topic(&message));
+                    let record = Record::from_message(&message, topic);
+                    drop(message);
+                    closed = offer(&consumer, shared, &dispatch, record).is_err();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "sd-pool: kafka consumer error");
+                    break;
+                }
             }
-            Some(Err(error)) => {
-                tracing::warn!(%error, "sd-pool: kafka consumer error");
+            taken += 1;
+            if closed || taken == BATCH {
+                break;
             }
-            None => {}
+            polled = consumer.poll(Duration::ZERO);
         }
         shared.take_reports(None);
         if !closed {
             closed = redispatch(&consumer, shared, &dispatch).is_err();
         }
+        shared.launch();
         if Instant::now() >= next_commit {
             next_commit = Instant::now() + shared.timing.commit_interval;
-            // Failures are counted and sent again; the async result comes back in the
-            // commit callback.
+            // Synchronous: a failure is counted and the commit sent again next interval.
             let _ = shared.commit(&consumer, None, CommitMode::Sync);
         }
     }

@@ -146,6 +146,20 @@ struct WorkerSlot {
     abort: Option<AbortHandle>,
 }
 
+/// Jobs accepted by [`Pool::try_submit_deferred`] and not started yet. Dropping it
+/// starts them, as [`Pool::launch_deferred`] does: a job the pool accepted always runs
+/// (or is booked as cancelled by a shutdown).
+pub(crate) struct Deferred {
+    shared: Arc<Shared>,
+    launches: Vec<(Launch, Queued)>,
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        self.shared.launch_batch(std::mem::take(&mut self.launches));
+    }
+}
+
 /// A worker slot reserved under the lock; the task is spawned after the lock is released.
 #[derive(Clone, Copy)]
 struct Launch {
@@ -254,16 +268,60 @@ impl Pool {
         J::Future: Send + 'static,
         OutputOf<J>: Outcome + Send + 'static,
     {
-        let job = job.into_job();
+        let (handle, launch) = self.try_insert(job.into_job())?;
+        self.shared.launch(launch);
+        Ok(handle)
+    }
+
+    /// Like [`try_submit`](Self::try_submit), but a job that may start now is started
+    /// by [`launch_deferred`](Self::launch_deferred) later, with the others deferred
+    /// since: a thread outside the runtime (the Kafka poll thread) then wakes a runtime
+    /// thread once per batch of records instead of once per record. The job's output is
+    /// dropped.
+    pub(crate) fn try_submit_deferred<F>(
+        &self,
+        job: Job<F>,
+        deferred: &mut Deferred,
+    ) -> Result<(), Rejected<F>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Outcome + Send + 'static,
+    {
+        debug_assert!(Arc::ptr_eq(&self.shared, &deferred.shared));
+        let (_, launch) = self.try_insert(job)?;
+        deferred.launches.extend(launch);
+        Ok(())
+    }
+
+    /// An empty batch for [`try_submit_deferred`](Self::try_submit_deferred).
+    pub(crate) fn deferred(&self) -> Deferred {
+        Deferred {
+            shared: Arc::clone(&self.shared),
+            launches: Vec::new(),
+        }
+    }
+
+    /// Starts the jobs [`try_submit_deferred`](Self::try_submit_deferred) accepted.
+    pub(crate) fn launch_deferred(&self, deferred: &mut Deferred) {
+        self.shared
+            .launch_batch(std::mem::take(&mut deferred.launches));
+    }
+
+    /// Checks and inserts a job under the lock; the launch (if it may start now) is the
+    /// caller's to do once the lock is released.
+    #[allow(clippy::type_complexity)]
+    fn try_insert<F>(
+        &self,
+        job: Job<F>,
+    ) -> Result<(JobHandle<F::Output>, Option<(Launch, Queued)>), Rejected<F>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Outcome + Send + 'static,
+    {
         let channel = oneshot::channel();
         let mut st = lock(&self.shared.state);
         match self.shared.check(&st, &job) {
-            Ok(slot) => {
-                let (handle, launch) = self.shared.insert(&mut st, job, slot, channel);
-                drop(st);
-                self.shared.launch(launch);
-                Ok(handle)
-            }
+            Ok(slot) => Ok(self.shared.insert(&mut st, job, slot, channel)),
             Err(Blocked::Closed) => Err(Rejected {
                 error: Error::Closed,
                 job,
@@ -374,3 +432,85 @@ impl Pool {
 
 /// The output type of a job.
 pub type OutputOf<J> = <<J as IntoJob>::Future as Future>::Output;
+
+#[cfg(test)]
+mod deferred_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Submits `n` jobs over 7 keys from this thread (outside the runtime); each records
+    /// its number when it runs.
+    fn submit(pool: &Pool, batch: &mut Deferred, n: u64, ran: &Arc<Mutex<Vec<u64>>>) {
+        for i in 0..n {
+            let ran = Arc::clone(ran);
+            let job = Job::new(async move {
+                ran.lock().unwrap().push(i);
+                Ok::<(), String>(())
+            })
+            .with_key(&(i % 7));
+            assert!(pool.try_submit_deferred(job, batch).is_ok());
+        }
+    }
+
+    fn in_key_order(ran: &[u64]) -> bool {
+        (0..7).all(|k| {
+            let of_key: Vec<u64> = ran.iter().copied().filter(|i| i % 7 == k).collect();
+            of_key.windows(2).all(|w| w[0] < w[1])
+        })
+    }
+
+    fn pool(rt: &tokio::runtime::Runtime) -> Pool {
+        let _enter = rt.enter();
+        Pool::builder()
+            .workers(4)
+            .queue(1_000)
+            .order(Order::PerKey)
+            .build()
+            .unwrap()
+    }
+
+    /// Waits until every accepted job finished: true if none was left.
+    fn drained(rt: &tokio::runtime::Runtime, pool: &Pool) -> bool {
+        let drained = rt.block_on(pool.drain(Duration::from_secs(10)));
+        drained.returned.is_empty() && drained.still_running == 0
+    }
+
+    #[test]
+    fn deferred_jobs_start_at_the_launch_or_when_the_batch_is_dropped() {
+        let rt = runtime();
+        let pool = pool(&rt);
+        let ran: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let mut batch = pool.deferred();
+        submit(&pool, &mut batch, 200, &ran);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            ran.lock().unwrap().is_empty(),
+            "nothing starts before the launch"
+        );
+        pool.launch_deferred(&mut batch);
+        assert!(drained(&rt, &pool));
+        let ran_once = std::mem::take(&mut *ran.lock().unwrap());
+        assert_eq!(ran_once.len(), 200, "every job ran once");
+        assert!(in_key_order(&ran_once), "per key, in submission order");
+        let m = pool.metrics();
+        assert_eq!((m.completed, m.cancelled, m.running), (200, 0, 0));
+        assert!(m.running_peak <= 4, "the limit held: {}", m.running_peak);
+
+        // A batch dropped before its launch still starts its jobs.
+        let pool = self::pool(&rt);
+        let mut batch = pool.deferred();
+        submit(&pool, &mut batch, 50, &ran);
+        drop(batch);
+        assert!(drained(&rt, &pool));
+        assert_eq!(ran.lock().unwrap().len(), 50);
+        assert_eq!(pool.metrics().completed, 50);
+    }
+}

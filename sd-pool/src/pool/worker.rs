@@ -136,11 +136,42 @@ impl Shared {
 
     /// Spawns the worker of a job that [`insert`](Self::insert) started, outside the
     /// lock (spawning allocates and may wake a runtime thread), then files its abort
-    /// handle. If `shutdown_now` came in between, the worker is aborted here; if the
-    /// worker already finished, its slot moved to a new generation and nothing is filed.
+    /// handle.
     pub(super) fn launch(self: &Arc<Self>, launch: Option<(Launch, Queued)>) {
         let Some((launch, job)) = launch else { return };
         let abort = self.spawn_task(launch.wid, job);
+        self.file_abort(launch, abort);
+    }
+
+    /// Launches several started jobs. From a thread outside the runtime each spawn
+    /// wakes a runtime thread, which then preempts the spawning thread on a busy
+    /// machine; so several are handed over in one spawned task that spawns them from
+    /// inside the runtime. The workers are built (their guards armed) first: if that
+    /// task never runs, dropping them books their jobs as cancelled.
+    pub(super) fn launch_batch(self: &Arc<Self>, launches: Vec<(Launch, Queued)>) {
+        if launches.len() <= 1 {
+            for launch in launches {
+                self.launch(Some(launch));
+            }
+            return;
+        }
+        let tasks: Vec<_> = launches
+            .into_iter()
+            .map(|(launch, job)| (launch, self.worker_task(launch.wid, job)))
+            .collect();
+        let shared = Arc::clone(self);
+        self.handle.spawn(async move {
+            for (launch, task) in tasks {
+                let abort = shared.handle.spawn(task).abort_handle();
+                shared.file_abort(launch, abort);
+            }
+        });
+    }
+
+    /// Files a spawned worker's abort handle. If `shutdown_now` came in between, the
+    /// worker is aborted here; if the worker already finished, its slot moved to a new
+    /// generation and nothing is filed.
+    fn file_abort(&self, launch: Launch, abort: AbortHandle) {
         let mut st = lock(&self.state);
         let shut = st.shut;
         match st.workers.get_mut(launch.wid) {
@@ -164,8 +195,15 @@ impl Shared {
     }
 
     fn spawn_task(self: &Arc<Self>, wid: usize, job: Queued) -> AbortHandle {
-        let task = CURRENT_POOL.scope(self.id, worker(Arc::clone(self), wid, job));
-        self.handle.spawn(task).abort_handle()
+        self.handle.spawn(self.worker_task(wid, job)).abort_handle()
+    }
+
+    fn worker_task(
+        self: &Arc<Self>,
+        wid: usize,
+        job: Queued,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        CURRENT_POOL.scope(self.id, worker(Arc::clone(self), wid, job))
     }
 
     /// Books a finished job and picks the worker's next one, if it should go on.
@@ -305,7 +343,11 @@ impl Drop for WorkerGuard {
 /// A worker: runs `first`, then queued jobs while there are any and the limit allows.
 /// The guard is built before the task starts, so an abort before the first poll still
 /// books the job as cancelled and the worker as gone.
-fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output = ()> + Send {
+pub(super) fn worker(
+    shared: Arc<Shared>,
+    wid: usize,
+    first: Queued,
+) -> impl Future<Output = ()> + Send {
     let mut guard = WorkerGuard {
         shared,
         wid,
