@@ -343,11 +343,7 @@ impl Drop for WorkerGuard {
 /// A worker: runs `first`, then queued jobs while there are any and the limit allows.
 /// The guard is built before the task starts, so an abort before the first poll still
 /// books the job as cancelled and the worker as gone.
-pub(super) fn worker(
-    shared: Arc<Shared>,
-    wid: usize,
-    first: Queued,
-) -> impl Future<Output = ()> + Send {
+fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output = ()> + Send {
     let mut guard = WorkerGuard {
         shared,
         wid,
