@@ -45,22 +45,6 @@ async fn instance(cluster: &RedisCluster, prefix: &str) -> ClusterTier {
         .unwrap()
 }
 
-/// The start-up master (0, 1 or 2) whose slot range holds `key`.
-fn shard_of(cluster: &RedisCluster, key: &str) -> usize {
-    let slot =
-        match sd_testkit::resp::command(cluster.nodes()[0].port(), &["CLUSTER", "KEYSLOT", key])
-            .unwrap()
-        {
-            sd_testkit::resp::Reply::Integer(slot) => slot,
-            other => panic!("CLUSTER KEYSLOT gave {other:?}"),
-        };
-    match slot {
-        0..=5460 => 0,
-        5461..=10922 => 1,
-        _ => 2,
-    }
-}
-
 /// Reads that reached Redis (memory tier not serving, or a miss) and memory hits, summed.
 fn reads(instances: &[ClusterTier]) -> (u64, u64) {
     instances.iter().fold((0, 0), |(remote, local), i| {
@@ -134,9 +118,11 @@ fn no_stale_read_while_the_coherence_shard_fails_over() {
             instances.push(instance(&cluster, &prefix).await);
         }
         until_serving(&instances, true).await;
-        let master = shard_of(&cluster, &format!("{prefix}:{{{prefix}:two-tier}}"));
+        let master = cluster
+            .master_of(&format!("{prefix}:{{{prefix}:two-tier}}"))
+            .unwrap();
         let data_shards: Vec<usize> = (0..3)
-            .map(|k| shard_of(&cluster, &format!("{prefix}:{{k{k}}}")))
+            .map(|k| cluster.master_of(&format!("{prefix}:{{k{k}}}")).unwrap())
             .collect();
         eprintln!(
             "coherence channels on start-up master {master}; keys k0..k2 on masters {data_shards:?}"

@@ -197,23 +197,6 @@ async fn cluster_connection(cluster: &RedisCluster) -> FailoverConnection {
         .unwrap()
 }
 
-/// The index of the cluster master that holds `key` at start-up: masters 0, 1, 2 hold
-/// the slot ranges in order, node 3 + i replicates master i.
-fn shard_of(cluster: &RedisCluster, key: &str) -> usize {
-    let slot =
-        match sd_testkit::resp::command(cluster.nodes()[0].port(), &["CLUSTER", "KEYSLOT", key])
-            .unwrap()
-        {
-            sd_testkit::resp::Reply::Integer(slot) => slot,
-            other => panic!("CLUSTER KEYSLOT gave {other:?}"),
-        };
-    match slot {
-        0..=5460 => 0,
-        5461..=10922 => 1,
-        _ => 2,
-    }
-}
-
 #[test]
 fn fencing_keeps_stale_writers_out_across_sentinel_promotions() {
     let group = RedisSentinelGroup::start().expect("start a sentinel group");
@@ -254,7 +237,7 @@ fn fencing_keeps_stale_writers_out_across_cluster_failovers_of_the_locks_shard()
     let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
     sd_testkit::runtime().block_on(async move {
         let lock = redis_lock(cluster_connection(&cluster).await, None);
-        let master = shard_of(&cluster, &lock.key("res"));
+        let master = cluster.master_of(&lock.key("res")).unwrap();
         let cluster = Arc::new(Mutex::new(cluster));
         let _servers = cluster.clone();
         fenced_run("redis cluster", lock, move || {
@@ -298,7 +281,7 @@ fn fencing_and_wait_keep_stale_writers_out_across_cluster_failovers_of_the_locks
     let cluster = RedisCluster::start_with_replicas().expect("start a cluster");
     sd_testkit::runtime().block_on(async move {
         let lock = redis_lock(cluster_connection(&cluster).await, Some(WAIT));
-        let master = shard_of(&cluster, &lock.key("res"));
+        let master = cluster.master_of(&lock.key("res")).unwrap();
         let cluster = Arc::new(Mutex::new(cluster));
         let _servers = cluster.clone();
         let (reissued, lost) = fenced_run("redis cluster, WAIT 1 replica", lock, move || {

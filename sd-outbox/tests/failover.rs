@@ -39,39 +39,6 @@ const WAIT: (u32, Duration) = (1, Duration::from_millis(500));
 const TYPES: [&str; 2] = ["order", "invoice"];
 const AGGREGATES: usize = 8;
 
-/// The index of the master that holds `key`'s slot now.
-fn master_of(cluster: &RedisCluster, key: &str) -> usize {
-    let port = cluster.nodes()[cluster.masters()[0]].port();
-    let sd_testkit::resp::Reply::Integer(slot) =
-        sd_testkit::resp::command(port, &["CLUSTER", "KEYSLOT", key]).unwrap()
-    else {
-        panic!("CLUSTER KEYSLOT gave no number");
-    };
-    // CLUSTER SLOTS: [[start, end, [host, port, id], replicas...], ...]
-    use sd_testkit::resp::Reply;
-    let Reply::Array(Some(ranges)) =
-        sd_testkit::resp::command(port, &["CLUSTER", "SLOTS"]).unwrap()
-    else {
-        panic!("CLUSTER SLOTS gave no array");
-    };
-    for range in ranges {
-        let Reply::Array(Some(parts)) = range else {
-            continue;
-        };
-        if let (
-            Some(Reply::Integer(start)),
-            Some(Reply::Integer(end)),
-            Some(Reply::Array(Some(master))),
-        ) = (parts.first(), parts.get(1), parts.get(2))
-            && (*start..=*end).contains(&slot)
-            && let Some(Reply::Integer(p)) = master.get(1)
-        {
-            return cluster.node_index(*p as u16).unwrap();
-        }
-    }
-    panic!("no master holds slot {slot}");
-}
-
 /// One consumer per stream, each on a connection of its own (`XREADGROUP` blocks), its
 /// `run` called again after an error, recording every delivery into `seen`; `hold`
 /// stops them (draining what they run) until it is released.
@@ -271,7 +238,7 @@ impl Faults for RedisCluster {
     }
 
     fn placement(&self, streams: &[String]) -> String {
-        let same = master_of(self, &streams[0]) == master_of(self, &streams[1]);
+        let same = self.master_of(&streams[0]).unwrap() == self.master_of(&streams[1]).unwrap();
         format!(
             "`{}` on {}",
             TYPES[1],
@@ -288,7 +255,7 @@ impl Faults for RedisCluster {
         stream: &str,
         hold: &tokio::sync::watch::Sender<bool>,
     ) -> (Vec<(Instant, Instant)>, String) {
-        let shard = master_of(self, stream);
+        let shard = self.master_of(stream).unwrap();
         let windows = fail_over_three_times(self, shard, stream, hold);
         let what = format!(
             "3 failovers of the `{}` stream's shard, each killed node restarted as a replica \
@@ -645,20 +612,9 @@ fn a_batch_spanning_slots_is_published_in_one_call_on_a_cluster() {
             .build()
             .unwrap();
         let types = ["order", "invoice", "payment", "shipment"];
-        let slots: HashSet<i64> = types
+        let slots: HashSet<u16> = types
             .iter()
-            .map(|ty| {
-                let key = publisher.stream(ty);
-                match sd_testkit::resp::command(
-                    cluster.nodes()[0].port(),
-                    &["CLUSTER", "KEYSLOT", &key],
-                )
-                .unwrap()
-                {
-                    sd_testkit::resp::Reply::Integer(slot) => slot,
-                    other => panic!("CLUSTER KEYSLOT gave {other:?}"),
-                }
-            })
+            .map(|ty| cluster.key_slot(&publisher.stream(ty)).unwrap())
             .collect();
         assert!(
             slots.len() > 1,

@@ -21,8 +21,8 @@ impl EtcdServer {
 
     fn spawn() -> Result<Self> {
         let program = process::find_binary("etcd", "etcd-server", &[])?;
-        let port = process::free_port()?;
-        let peer = process::free_port()?;
+        let port = crate::ports::free_port()?;
+        let peer = crate::ports::free_port()?;
         let dir = process::server_dir("etcd")?;
         let data = dir.join("data");
         let client_url = format!("http://127.0.0.1:{port}");

@@ -53,7 +53,7 @@ impl EtcdCluster {
         let token = format!("sd-{:x}", crate::nonce());
         // Every port is chosen before the first member starts: each must name all peers.
         let ports = (0..3)
-            .map(|_| Ok((process::free_port()?, process::free_port()?)))
+            .map(|_| Ok((crate::ports::free_port()?, crate::ports::free_port()?)))
             .collect::<Result<Vec<(u16, u16)>>>()?;
         let initial = ports
             .iter()

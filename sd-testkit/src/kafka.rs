@@ -95,7 +95,7 @@ impl KafkaBroker {
 
     fn spawn(engine: Engine) -> Result<Self> {
         let program = tansu()?;
-        let port = process::free_port()?;
+        let port = crate::ports::free_port()?;
         let dir = process::server_dir("kafka")?;
         let data = dir.join("data");
         process::empty_dir(&data)?;

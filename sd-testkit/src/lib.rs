@@ -50,6 +50,7 @@ mod etcd_cluster;
 pub mod http;
 pub mod kafka;
 mod nats;
+mod ports;
 mod postgres;
 mod process;
 mod redis;

@@ -23,7 +23,7 @@ impl NatsServer {
 
     fn spawn() -> Result<Self> {
         let program = process::find_binary("nats-server", "nats-server", &[])?;
-        let port = process::free_port()?;
+        let port = crate::ports::free_port()?;
         let dir = process::server_dir("nats")?;
         let data = dir.join("jetstream");
         process::empty_dir(&data)?;

@@ -51,7 +51,7 @@ impl PostgresServer {
         }
 
         let template = template(&postgres, &initdb, run_as)?;
-        let port = process::free_port()?;
+        let port = crate::ports::free_port()?;
         let dir = process::server_dir("postgres")?;
         let data = dir.join("data");
         let socket = dir.join("socket");

@@ -53,7 +53,7 @@ impl RedisServer {
 
     fn spawn(options: &RedisOptions) -> Result<Self> {
         let program = process::find_binary("redis-server", "redis-server", &[])?;
-        let port = process::free_port()?;
+        let port = crate::ports::free_port()?;
         let dir = process::server_dir("redis")?;
         let data = dir.join("data");
         process::empty_dir(&data)?;
@@ -82,7 +82,7 @@ impl RedisServer {
             args.extend(["--appendfsync".into(), "always".into()]);
         }
         if options.cluster {
-            let bus = process::free_port()?;
+            let bus = crate::ports::free_port()?;
             for arg in [
                 "--cluster-enabled",
                 "yes",

@@ -50,6 +50,57 @@ impl RedisCluster {
             })
     }
 
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`, asked of a running master).
+    pub fn key_slot(&self, key: &str) -> Result<u16> {
+        let node = self.masters().first().copied().ok_or(Error::State {
+            action: "find a key's slot",
+            reason: "no node of the cluster runs as a master",
+        })?;
+        match self.nodes[node].command(&["CLUSTER", "KEYSLOT", key])? {
+            Reply::Integer(slot) => u16::try_from(slot).map_err(|_| Error::Protocol {
+                server: "redis",
+                detail: format!("CLUSTER KEYSLOT gave {slot}"),
+            }),
+            other => Err(Error::Protocol {
+                server: "redis",
+                detail: format!("CLUSTER KEYSLOT gave {other:?}"),
+            }),
+        }
+    }
+
+    /// The index of the node that holds `key`'s slot now, as `CLUSTER SLOTS` says.
+    pub fn master_of(&self, key: &str) -> Result<usize> {
+        let slot = i64::from(self.key_slot(key)?);
+        let node = self.masters().first().copied().unwrap_or(0);
+        // CLUSTER SLOTS: [[start, end, [host, port, id], replicas...], ...]
+        let Reply::Array(Some(ranges)) = self.nodes[node].command(&["CLUSTER", "SLOTS"])? else {
+            return Err(Error::Protocol {
+                server: "redis",
+                detail: "CLUSTER SLOTS gave no array".into(),
+            });
+        };
+        for range in ranges {
+            let Reply::Array(Some(parts)) = range else {
+                continue;
+            };
+            if let (
+                Some(Reply::Integer(start)),
+                Some(Reply::Integer(end)),
+                Some(Reply::Array(Some(master))),
+            ) = (parts.first(), parts.get(1), parts.get(2))
+                && (*start..=*end).contains(&slot)
+                && let Some(Reply::Integer(port)) = master.get(1)
+                && let Some(index) = u16::try_from(*port).ok().and_then(|p| self.node_index(p))
+            {
+                return Ok(index);
+            }
+        }
+        Err(Error::Protocol {
+            server: "redis",
+            detail: format!("no node of this cluster holds slot {slot}"),
+        })
+    }
+
     /// Indices of the running nodes that say `ROLE` master.
     pub fn masters(&self) -> Vec<usize> {
         (0..self.nodes.len())

@@ -31,7 +31,7 @@ pub struct SentinelServer {
 impl SentinelServer {
     fn spawn(name: &str, master_port: u16) -> Result<Self> {
         let program = process::find_binary("redis-server", "redis-server", &[])?;
-        let port = process::free_port()?;
+        let port = crate::ports::free_port()?;
         let dir = process::server_dir("sentinel")?;
         let data = dir.join("data");
         process::empty_dir(&data)?;

@@ -149,11 +149,13 @@ struct WorkerSlot {
 /// Jobs accepted by [`Pool::try_submit_deferred`] and not started yet. Dropping it
 /// starts them, as [`Pool::launch_deferred`] does: a job the pool accepted always runs
 /// (or is booked as cancelled by a shutdown).
+#[cfg(feature = "kafka")]
 pub(crate) struct Deferred {
     shared: Arc<Shared>,
     launches: Vec<(Launch, Queued)>,
 }
 
+#[cfg(feature = "kafka")]
 impl Drop for Deferred {
     fn drop(&mut self) {
         self.shared.launch_batch(std::mem::take(&mut self.launches));
@@ -273,6 +275,7 @@ impl Pool {
         Ok(handle)
     }
 
+    #[cfg(feature = "kafka")]
     /// Like [`try_submit`](Self::try_submit), but a job that may start now is started
     /// by [`launch_deferred`](Self::launch_deferred) later, with the others deferred
     /// since: a thread outside the runtime (the Kafka poll thread) then wakes a runtime
@@ -293,6 +296,7 @@ impl Pool {
         Ok(())
     }
 
+    #[cfg(feature = "kafka")]
     /// An empty batch for [`try_submit_deferred`](Self::try_submit_deferred).
     pub(crate) fn deferred(&self) -> Deferred {
         Deferred {
@@ -301,6 +305,7 @@ impl Pool {
         }
     }
 
+    #[cfg(feature = "kafka")]
     /// Starts the jobs [`try_submit_deferred`](Self::try_submit_deferred) accepted.
     pub(crate) fn launch_deferred(&self, deferred: &mut Deferred) {
         self.shared
@@ -433,7 +438,7 @@ impl Pool {
 /// The output type of a job.
 pub type OutputOf<J> = <<J as IntoJob>::Future as Future>::Output;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kafka"))]
 mod deferred_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;

@@ -143,6 +143,7 @@ impl Shared {
         self.file_abort(launch, abort);
     }
 
+    #[cfg(feature = "kafka")]
     /// Launches several started jobs. From a thread outside the runtime each spawn
     /// wakes a runtime thread, which then preempts the spawning thread on a busy
     /// machine; so several are handed over in one spawned task that spawns them from
