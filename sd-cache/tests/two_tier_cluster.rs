@@ -77,10 +77,13 @@ async fn measured(
     let (failed_reads, failed_writes) = probe.failures();
     let before: Vec<u64> = instances.iter().map(|i| i.resyncs()).collect();
     let started = Instant::now();
+    probe.mark(&format!("{what}: begins"));
     on_cluster(cluster, fault).await;
     let failed_over = started.elapsed();
+    probe.mark(&format!("{what}: failed over"));
     until_serving(instances, true).await;
     let serving = started.elapsed();
+    probe.mark(&format!("{what}: every instance serves from memory"));
     let (remote_after, local_after) = reads(instances);
     let (failed_reads_after, failed_writes_after) = probe.failures();
     let resyncs: Vec<u64> = instances

@@ -39,12 +39,16 @@ enum Outcome {
     WriteFailed { key: usize, version: u64 },
 }
 
-/// One operation and the fault phase when it started and when it ended.
+/// One operation, the fault phase when it started and when it ended, and when it ended
+/// (milliseconds since the load began; [`Probe::mark`] prints the disturbance's steps on the
+/// same clock).
 #[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // `at_ms` is printed (Debug) when the oracle fails.
 struct Event {
     outcome: Outcome,
     started: u8,
     ended: u8,
+    at_ms: u128,
 }
 
 /// No fault yet; the fault is on (server killed or frozen, until every instance serves
@@ -55,8 +59,8 @@ const AFTER: u8 = 2;
 
 /// The load's shared state: the oracle's event log, and the fault phase that the
 /// disturbance sets.
-#[derive(Default)]
 pub(crate) struct Probe {
+    began: std::time::Instant,
     phase: AtomicU8,
     events: std::sync::Mutex<Vec<Event>>,
     read_failures: AtomicUsize,
@@ -64,6 +68,19 @@ pub(crate) struct Probe {
     /// The fault may pass without failing any operation (a connection that waits for the
     /// new master instead of failing): the judge does not require failures then.
     failures_optional: AtomicBool,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            began: std::time::Instant::now(),
+            phase: AtomicU8::default(),
+            events: std::sync::Mutex::default(),
+            read_failures: AtomicUsize::default(),
+            write_failures: AtomicUsize::default(),
+            failures_optional: AtomicBool::default(),
+        }
+    }
 }
 
 impl Probe {
@@ -82,7 +99,13 @@ impl Probe {
             outcome,
             started,
             ended,
+            at_ms: self.began.elapsed().as_millis(),
         });
+    }
+
+    /// Prints a step of the disturbance on the events' clock.
+    pub(crate) fn mark(&self, step: &str) {
+        eprintln!("at {} ms: {step}", self.began.elapsed().as_millis());
     }
 
     /// Failures during the fault are allowed but not required (see the field).
