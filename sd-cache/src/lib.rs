@@ -59,6 +59,7 @@
 //! | after a write or invalidation returns | every later read sees it | every later read in any process sees it | every later read in any process sees it: the write returns once every instance acknowledged dropping its memory copy or its lease (default 2 s) lapsed |
 //! | backend down | n/a | [`Error::Backend`]; with `fallback_to_loader`, reads run the loader uncached | as Redis; the memory tier stops serving within the lease and is cleared before it serves again |
 //! | cluster | n/a | keys `prefix:{key}` and `prefix:{key}:lock` share a hash slot | yes, Redis 7+ (`build_on_cluster`): the registry and channels share a hash tag, invalidations go through sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) on that shard; a failover of it is a resync |
+//! | failover (replicas) | n/a | Redis replicates asynchronously: a master that crashes may lose the last writes it acknowledged, an invalidation's tombstone included, and reads then return the value from before them until the key is written again or expires (a `CLUSTER FAILOVER` or a forced Sentinel failover loses nothing) | the Redis tier as Redis; the memory tiers' coherence survives failovers (the `two_tier` module says how) |
 //!
 //! All three implement [`CacheBackend`] (`&str` keys; the memory cache as
 //! `Cache<String, V>`), and [`BoxCache`] holds any of them behind one type, so a service

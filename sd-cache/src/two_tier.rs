@@ -113,6 +113,11 @@
 //!   where that matters; a heartbeat that waits for a replica (`WAIT`) would close this,
 //!   and is not built (a `WAIT` on the shared connection would hold every command behind
 //!   it).
+//! - **The entries themselves** are Redis's: a master that crashes may lose the last
+//!   writes it acknowledged (Redis replicates asynchronously), an invalidation included,
+//!   and every tier then serves the value from before them until the key is written again
+//!   or expires. The promise above is about the memory tiers following Redis, not about
+//!   Redis keeping what it acknowledged.
 //! - **Costs and limits.** One more connection per instance (to the coherence shard's
 //!   master); a memory hit costs the same as on one server. The shard subscription speaks
 //!   plain TCP (`redis://`, with the client's username and password): TLS and Unix-socket

@@ -179,7 +179,24 @@ where
     D: FnOnce(Arc<Probe>) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
+    let keys = std::array::from_fn(|k| format!("k{k}"));
+    check_no_stale_reads_of(keys, instances, writes_per_key, disturb).await
+}
+
+/// [`check_no_stale_reads`] on the keys named (the cache's keys, three of them).
+pub(crate) async fn check_no_stale_reads_of<C, D, Fut, T>(
+    names: [String; 3],
+    instances: Vec<TwoTier<u64, C>>,
+    writes_per_key: u64,
+    disturb: D,
+) -> T
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+    D: FnOnce(Arc<Probe>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     const KEYS: usize = 3;
+    let names = Arc::new(names);
     let db = Arc::new(Db {
         rows: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
         committed: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
@@ -189,11 +206,12 @@ where
     let stop_writing = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
     for r in 0..32 {
-        let (cache, db, done, probe) = (
+        let (cache, db, done, probe, names) = (
             instances[r % instances.len()].clone(),
             db.clone(),
             done.clone(),
             probe.clone(),
+            names.clone(),
         );
         readers.push(tokio::spawn(async move {
             let mut i = r;
@@ -202,14 +220,14 @@ where
                 i += 1;
                 let started = probe.phase();
                 let floor = db.committed[k].load(Ordering::SeqCst);
-                let key = format!("k{k}");
+                let key = &names[k];
                 let seen = if i % 3 == 0 {
-                    cache.get(&key).await
+                    cache.get(key).await
                 } else {
                     let db = db.clone();
                     cache
                         .get_or_load(
-                            &key,
+                            key,
                             move || async move { db.rows[k].load(Ordering::SeqCst) },
                         )
                         .await
@@ -236,8 +254,8 @@ where
             probe.clone(),
             stop_writing.clone(),
         );
+        let key = names[k].clone();
         writers.push(tokio::spawn(async move {
-            let key = format!("k{k}");
             let mut version = 0;
             while !stop.load(Ordering::SeqCst) {
                 version += 1;
