@@ -6,13 +6,15 @@
 //! `Outbox-Type`, `Outbox-Payload-Kind` (`json` or `bytes`), then the event's own
 //! headers. The stream must exist and capture the subjects (e.g. `outbox.>`); see
 //! [`JetStreamPublisher::ensure_stream`]. An aggregate type that is not a valid subject
-//! token (empty, or containing whitespace, `.`, `*` or `>`) fails to publish and is
-//! eventually dead-lettered.
+//! token (empty, or containing whitespace, `.`, `*` or `>`), or an event with a header
+//! name that is not printable ASCII (a space, a non-ASCII letter), fails to publish and
+//! is eventually dead-lettered.
 
 use std::future::Future;
+use std::str::FromStr as _;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Context};
+use async_nats::{HeaderMap, HeaderName};
 
 use crate::error::{Error, Result};
 use crate::message::Event;
@@ -101,17 +103,22 @@ impl JetStreamPublisher {
         Ok(())
     }
 
-    fn headers(event: &Event) -> HeaderMap {
+    /// The message headers, or why one of the event's own header names cannot be sent
+    /// (NATS takes printable ASCII without `:`; async-nats panics on others).
+    fn headers(event: &Event) -> std::result::Result<HeaderMap, String> {
         let mut headers = HeaderMap::new();
         for (name, value) in &event.headers {
-            headers.insert(name.as_str(), value.as_str());
+            let name = HeaderName::from_str(name).map_err(|_| {
+                format!("header name `{name}` is not printable ASCII; NATS cannot send it")
+            })?;
+            headers.insert(name, value.as_str());
         }
         headers.insert("Nats-Msg-Id", event.id.to_string());
         headers.insert("Outbox-Aggregate-Type", event.aggregate_type.as_str());
         headers.insert("Outbox-Aggregate-Id", event.aggregate_id.as_str());
         headers.insert("Outbox-Type", event.event_type.as_str());
         headers.insert("Outbox-Payload-Kind", event.payload.kind());
-        headers
+        Ok(headers)
     }
 }
 
@@ -148,6 +155,13 @@ impl Publisher for JetStreamPublisher {
                     ));
                     break;
                 }
+                let headers = match headers {
+                    Ok(headers) => headers,
+                    Err(reason) => {
+                        failure = Some(Error::publish(i, reason));
+                        break;
+                    }
+                };
                 match context
                     .publish_with_headers(subject, headers, payload)
                     .await
@@ -165,6 +179,44 @@ impl Publisher for JetStreamPublisher {
                 }
             }
             failure.map_or(Ok(()), Err)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    #[test]
+    fn the_events_headers_are_sent_and_a_name_nats_cannot_carry_is_an_error_not_a_panic() {
+        let message = Message::json("order", "o-1", "created", serde_json::json!({}))
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("Nats-Msg-Id", "not the id");
+        let event = Event::from_message(message);
+        let headers = JetStreamPublisher::headers(&event).expect("printable names");
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(
+            get("traceparent").as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(
+            get("Nats-Msg-Id"),
+            Some(event.id.to_string()),
+            "sd's own win"
+        );
+        assert_eq!(get("Outbox-Aggregate-Id").as_deref(), Some("o-1"));
+
+        // `validate` lets these through (Redis and Kafka carry them); NATS cannot.
+        for name in ["trace id", "tracé"] {
+            let message =
+                Message::json("order", "o-1", "created", serde_json::json!({})).header(name, "v");
+            assert!(message.validate().is_ok());
+            let refused = JetStreamPublisher::headers(&Event::from_message(message));
+            assert!(refused.is_err_and(|reason| reason.contains(name)), "{name}");
         }
     }
 }
