@@ -43,9 +43,30 @@
 //! reservation stalls while holding its lease until another order has taken the SKU
 //! with a newer token, so the inventory refuses the stale one and the saga retries. The run fails (exit 1) if a promise broke: stock oversold, an
 //! order charged twice or not refunded, an event lost or handled twice.
+//!
+//! With `--admin-addr ADDR` (`127.0.0.1:0` for any free port) the checkout installs a
+//! Prometheus recorder before it builds anything, prints `admin on http://ADDR: ...`, and
+//! serves on that port, during the load and after it until Ctrl-C:
+//!
+//! - `GET /metrics`: every pattern's metrics (the README's Metrics table) in the
+//!   Prometheus text format; dots become underscores, counters end in `_total` and
+//!   durations in `_seconds` (`sd.ratelimit.decisions` is `sd_ratelimit_decisions_total`);
+//! - `GET /debug/pprof/profile?seconds=N`: a CPU profile of the process over the next N
+//!   seconds (1 to 60), as a flamegraph SVG to open in a browser; one at a time (`409`
+//!   while another runs), `400` for a missing or bad `seconds`.
+//!
+//! `grafana-dashboard.json` beside this file charts those metrics (import it and pick a
+//! Prometheus datasource):
+//!
+//! ```text
+//! cargo run -p sd-examples --example checkout --features checkout -- --admin-addr 127.0.0.1:9464
+//! curl -s 127.0.0.1:9464/metrics | grep sd_saga_sagas_total
+//! curl -so checkout.svg '127.0.0.1:9464/debug/pprof/profile?seconds=5'
+//! ```
 
 mod app;
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 /// The flags.
@@ -68,9 +89,13 @@ struct Args {
     /// No progress line while the load runs.
     #[arg(long)]
     quiet: bool,
+    /// Serve `/metrics` and `/debug/pprof/profile?seconds=N` on this address (port 0:
+    /// any free port), and keep serving after the load until Ctrl-C.
+    #[arg(long, value_name = "ADDR")]
+    admin_addr: Option<SocketAddr>,
 }
 
-fn config() -> app::Config {
+fn config() -> (app::Config, Option<SocketAddr>) {
     let args = <Args as clap::Parser>::parse();
     let mut config = app::Config::memory();
     config.redis = args.redis;
@@ -82,18 +107,40 @@ fn config() -> app::Config {
         config.load.orders_per_client = usize::from(n);
     }
     config.load.progress = !args.quiet;
-    config
+    (config, args.admin_addr)
+}
+
+/// Installs the Prometheus recorder (before any service is built, so every pattern's
+/// handles report to it) and starts the admin port.
+async fn admin(
+    addr: SocketAddr,
+) -> Result<app::admin::Admin, Box<dyn std::error::Error + Send + Sync>> {
+    let metrics = app::admin::install_recorder()?;
+    let admin = app::admin::Admin::start(addr, metrics).await?;
+    let addr = admin.addr();
+    println!("admin on http://{addr}: /metrics, /debug/pprof/profile?seconds=N");
+    Ok(admin)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = config();
+    let (config, admin_addr) = config();
+    let admin = match admin_addr {
+        Some(addr) => match admin(addr).await {
+            Ok(admin) => Some(admin),
+            Err(e) => {
+                eprintln!("checkout failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let orders = config.load.clients * config.load.orders_per_client;
     println!(
         "{} clients send {orders} orders at once to the order service on loopback",
         config.load.clients
     );
-    match app::run(&config).await {
+    let code = match app::run(&config).await {
         Ok(summary) => {
             println!("\n{summary}");
             if summary.problems.is_empty() {
@@ -106,5 +153,12 @@ async fn main() -> ExitCode {
             eprintln!("checkout failed: {e}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(admin) = admin {
+        println!("admin on http://{} until Ctrl-C", admin.addr());
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            eprintln!("checkout: cannot wait for Ctrl-C ({e}); stopping");
+        }
     }
+    code
 }

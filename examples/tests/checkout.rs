@@ -54,9 +54,7 @@ async fn checkout_on_memory() {
 async fn checkout_on_redis_and_postgres() {
     let redis = sd_testkit::RedisServer::start_many(2).expect("redis-server");
     let db = sd_testkit::database().expect("postgres");
-    let mut config = Config::memory();
-    config.redis = redis.iter().map(|r| r.url()).collect();
-    config.postgres = Some(db.url().to_owned());
+    let config = Config::on(redis.iter().map(|r| r.url()).collect(), db.url());
     let summary = app::run(&config).await.unwrap();
     assert_kept(&summary);
     // sd-hashring put cache and lease keys on both servers.
@@ -76,9 +74,7 @@ async fn checkout_on_redis_and_postgres() {
 async fn checkout_with_a_redis_server_paused() {
     let mut redis = sd_testkit::RedisServer::start_many(2).expect("redis-server");
     let db = sd_testkit::database().expect("postgres");
-    let mut config = Config::memory();
-    config.redis = redis.iter().map(|r| r.url()).collect();
-    config.postgres = Some(db.url().to_owned());
+    let config = Config::on(redis.iter().map(|r| r.url()).collect(), db.url());
     let probe = config.probe.clone();
     // When the fault starts is a choice, not a check: the probe says whether it met load.
     let fault = tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! and the summary it ends with. Shared by `examples/checkout/main.rs` and
 //! `examples/tests/checkout.rs`.
 
+pub(crate) mod admin;
 mod backends;
 mod driver;
 mod events;
@@ -68,6 +69,17 @@ impl Config {
             lost_acks: 3,
             stall: true,
             probe: backends::ShardProbe::default(),
+        }
+    }
+
+    /// The default burst on the Redis servers at `redis` and the PostgreSQL database at
+    /// `postgres`.
+    #[cfg_attr(not(test), allow(dead_code))] // used by examples/tests/checkout*.rs
+    pub(crate) fn on(redis: Vec<String>, postgres: &str) -> Self {
+        Config {
+            redis,
+            postgres: Some(postgres.to_owned()),
+            ..Config::memory()
         }
     }
 }
