@@ -18,6 +18,7 @@
 //! | `failover` | `FailoverConnection`: one server, a Sentinel group or a Cluster behind one redis-rs `ConnectionLike`, following failover (feature `redis`) |
 //! | [`observe`] | the metric names, label keys and span fields every crate uses; metric handles (feature `metrics`) |
 //! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |
+//! | `trace` | `TraceParent`: W3C `traceparent` written from the current `tracing` span, read back as a job span's parent (feature `otel`) |
 //!
 //! ```
 //! use std::time::Duration;
@@ -41,6 +42,9 @@
 //! - `postgres`: `migrate::Migrator` (sqlx 0.8).
 //! - `metrics`: `observe::{counter, histogram, gauge}` over the `metrics` facade.
 //! - `test-util`: `observe::Capture`, a test's own metrics recorder (implies `metrics`).
+//! - `otel`: `trace::TraceParent`, W3C trace context across an asynchronous hop
+//!   (opentelemetry 0.33 API, tracing-opentelemetry 0.34); the application installs the
+//!   SDK, its exporter and the tracing-opentelemetry layer.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -57,6 +61,9 @@ pub mod observe;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod retry;
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod trace;
 
 pub use clock::{Clock, ManualClock, MonotonicClock, SystemClock, TokioClock};
 pub use deadline::Deadline;
