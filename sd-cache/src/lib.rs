@@ -130,6 +130,19 @@
 //! from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one Redis server (one shard) sustained in Redis-tier hits (one `HMGET` each) and
+//! loads (a miss, its loader, the write) a second, beside a raw `GET` and a hand-written
+//! `GET` + `SET`, is in the Sizing section of [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing). Size the
+//! Redis tier by the reads that reach it (in a two-tier cache, those its memory tier
+//! misses): `shards = ceil(load / (rate × headroom))`, with a headroom below 1 (the file
+//! works examples at 0.5). What more shards do not spread: an entry and its load lock
+//! share one hash tag, so every read of one hot key lands on one shard (a two-tier
+//! cache's memory tier is what takes them off it); on a cluster, a two-tier cache's
+//! instance registry and invalidation channels share one hash tag, so every write and
+//! invalidation passes through one shard.
+//!
 //! # Engine
 //!
 //! The memory tier stores entries in [moka](https://docs.rs/moka) `sync::Cache` (TinyLFU

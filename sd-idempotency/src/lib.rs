@@ -131,6 +131,19 @@
 //! trips; the figures are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one Redis server (one shard) sustained in first runs a second (claim + complete
+//! on new keys, the middleware left out), beside a hand-written `SET NX PX` then
+//! `SET XX PX`, is in the Sizing section of [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing). For a load in
+//! requests a second that carry an idempotency key,
+//! `shards = ceil(load / (rate × headroom))`, with a headroom below 1 (the file works
+//! examples at 0.5); a replay is one round trip where a first run is two, so a load of
+//! retries costs less. Keys are digests, so they spread evenly over a cluster's slots;
+//! what does not spread is one key, whose retries all go to one shard, and
+//! `wait_for_replicas` adds a round trip and a replica's acknowledgement to each state
+//! change, which these figures leave out.
+//!
 //! # Metrics and spans
 //!
 //! With feature `metrics`, every store reports through the `metrics` facade (install

@@ -128,6 +128,18 @@
 //! asked in parallel. Unlike rslock, every lease carries a fencing token. The figures
 //! are in [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one Redis server (one shard) sustained in acquire + release pairs a second on
+//! distinct resources, beside rslock and a raw `SET NX PX` with a compare-and-delete, is
+//! in the Sizing section of [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing). A `RedisLock` on a cluster
+//! spreads resources over its shards by slot (a resource's keys share a hash tag):
+//! `shards = ceil(load / (rate × headroom))`, with a headroom below 1 (the file works
+//! examples at 0.5). What more shards do not spread: one resource lives on one shard, and
+//! its holders take turns anyway; Redlock writes every lease to each of its N masters, so
+//! N masters sustain what one does. For more, split the resources over several
+//! independent Redlock groups (or `RedisLock`s on a cluster).
+//!
 //! # Metrics and spans
 //!
 //! With feature `metrics`, every lock and fence reports through the `metrics` facade

@@ -189,6 +189,18 @@
 //! The measured figures are in
 //! [benches/RESULTS.md](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one Redis server (one shard) took in events a second from the Redis Streams sink
+//! (batches of 100 through `publish`), beside a raw pipeline of the same `XADD`s, is in
+//! the Sizing section of [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing). For a load in events a second,
+//! `shards = ceil(load / (rate × headroom))`, with a headroom below 1 (the file works
+//! examples at 0.5). But events go to one stream per aggregate type, and a stream lives
+//! on one shard: more shards spread different aggregate types, never one, so the busiest
+//! aggregate type's events a second must fit one shard's rate. The relay (reading and
+//! marking rows in PostgreSQL) usually limits first: compare the relay rows of the same
+//! file.
+//!
 //! # Metrics and spans
 //!
 //! With feature `metrics` (and `postgres`), the outbox table and its relays report

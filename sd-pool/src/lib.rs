@@ -113,6 +113,18 @@
 //! run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one `redis::StreamConsumer` (feature `redis`; batch 100, 64 workers, handlers
+//! that do nothing) handled in entries a second from one stream on one Redis server,
+//! beside a bare `XREADGROUP` + `XACK` loop, is in the Sizing section of
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing): the ceiling of the consumer's own work; real handlers add
+//! their time over the workers. A stream, its group and its dead-letter stream share one
+//! hash tag, so one stream gets one shard's rate however large the cluster: more comes
+//! from more streams (each with its consumers), spread over shards, `shards = ceil(load /
+//! (rate × headroom))` for their total, with a headroom below 1 (the file works examples
+//! at 0.5). More consumers in one group add readers, not shards.
+//!
 //! # Metrics and spans
 //!
 //! With feature `metrics`, a pool reports through the `metrics` facade; install the

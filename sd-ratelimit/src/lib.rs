@@ -93,6 +93,18 @@
 //! The measured figures, with the peers' from the same run, are in
 //! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md).
 //!
+//! # Sizing
+//!
+//! What one Redis server (one shard: a single server, or one master of a cluster)
+//! sustained in decisions a second, with and without `batch`, beside
+//! go-redis/redis_rate's script on the same server, is in the Sizing section of
+//! [`benches/RESULTS.md`](https://github.com/sd-rs/sd/blob/main/benches/RESULTS.md#sizing). For a peak load in decisions a second,
+//! `shards = ceil(load / (rate × headroom))`, with that rate and a headroom below 1 (the
+//! file works examples at 0.5). A cluster spreads keys over its shards by slot, so this
+//! holds for a load spread over many keys: every decision on one key (and on the keys of
+//! one `check_all`, which must share a slot) goes to the same shard, so one hot key gets
+//! one shard's rate however many shards there are.
+//!
 //! # Metrics and spans
 //!
 //! With feature `metrics`, every limiter reports through the `metrics` facade (install
