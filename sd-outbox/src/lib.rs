@@ -223,6 +223,19 @@
 //! each batch in `outbox.relay.batch`, and each call of the sink in `outbox.publish` with
 //! `sd.name`, `messaging.system` and `sd.operation`. The memory outbox reports nothing.
 //!
+//! # Traces
+//!
+//! With feature `otel`, `enqueue` (of `postgres::Outbox` and of [`memory::MemoryTx`])
+//! records the current `tracing` span's W3C trace context in the message's headers:
+//! `traceparent`, and `tracestate` when the span carries vendor state (through the
+//! tracing-opentelemetry layer the application installs; outside a span, or without the
+//! layer, nothing is written). A `traceparent` the message already carries is kept. Every
+//! sink sends the headers: the Redis Streams sink in the entry's `headers` field (a JSON
+//! object), the NATS and Kafka sinks as message headers. sd-pool's consumers (feature
+//! `otel`) make it the parent of the job's span, so the request that wrote the event and
+//! the job that handled it are one trace; `trace::TraceParent::extract` reads it back in
+//! any other consumer.
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -234,17 +247,20 @@
 //!   an idempotent producer, no Kafka transactions).
 //! - `metrics`: the outbox's and relay's metrics through the `metrics` facade (see
 //!   [Metrics and spans](#metrics-and-spans)).
+//! - `otel`: `enqueue` records the current span's W3C trace context in the headers (see
+//!   [Traces](#traces)); re-exports sd-core's `trace` module (opentelemetry 0.33 API,
+//!   tracing-opentelemetry 0.34).
 //! - `test-util`: the `conformance` module, the [`Publisher`] contract as a suite of
 //!   checks that any sink (a new broker, or a [`BoxPublisher`]) can run.
 //!
 //! # Running the tests
 //!
 //! `cargo test -p sd-outbox` (or `cargo nextest run -p sd-outbox`) runs every suite:
-//! the crate's tests turn on `postgres`, `redis`, `nats`, `kafka` and `test-util` through a
-//! dev-dependency on the crate itself, so no suite is left out for want of a feature
-//! flag. The backend suites start real `postgres`, `redis-server` and `nats-server`
-//! processes and a `tansu` Kafka-API broker through `sd-testkit`; a missing server
-//! binary fails the test, it is never skipped.
+//! the crate's tests turn on `postgres`, `redis`, `nats`, `kafka`, `test-util`, `metrics`
+//! and `otel` through a dev-dependency on the crate itself, so no suite is left out for
+//! want of a feature flag. The backend suites start real `postgres`, `redis-server` and
+//! `nats-server` processes and a `tansu` Kafka-API broker through `sd-testkit`; a missing
+//! server binary fails the test, it is never skipped.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -272,5 +288,9 @@ pub mod redis;
 pub use crate::error::{Error, Result};
 pub use crate::message::{Event, Headers, MAX_FIELD_LEN, Message, Payload, new_id};
 pub use crate::publisher::{BoxPublisher, MemoryPublisher, Publisher};
+/// W3C trace context (`traceparent`, `tracestate`) written by `enqueue`: sd-core's.
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub use sd_core::trace;
 /// Retry policies are sd-core's, the same in every sd crate.
 pub use sd_core::{RetryPolicy, RetryPolicyBuilder};

@@ -237,9 +237,13 @@ pub struct MemoryTx {
 impl MemoryTx {
     /// Validates `message` and stages it; returns the event id (the dedupe key
     /// consumers see). A message that fails [`Message::validate`] is refused with
-    /// [`Error::InvalidMessage`] and the transaction stays usable.
+    /// [`Error::InvalidMessage`] and the transaction stays usable. With feature `otel`,
+    /// records the current span's trace context in the headers, as `postgres::Outbox`
+    /// does (see the [crate docs](crate#traces)).
     pub fn enqueue(&mut self, message: Message) -> Result<Uuid> {
         message.validate()?;
+        #[cfg(feature = "otel")]
+        let message = message.with_current_trace();
         let event = Event::from_message(message);
         let id = event.id;
         self.staged.push(event);

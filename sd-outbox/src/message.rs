@@ -115,6 +115,29 @@ impl Message {
         self
     }
 
+    /// With feature `otel`, records the current `tracing` span's W3C trace context in
+    /// the headers (`traceparent`, and `tracestate` when the span has vendor state), as
+    /// `enqueue` does. Nothing is written outside a span or without the
+    /// tracing-opentelemetry layer, and a `traceparent` the message already carries (in
+    /// any letter case) is kept, with whatever `tracestate` it has.
+    #[cfg(feature = "otel")]
+    pub(crate) fn with_current_trace(mut self) -> Self {
+        use sd_core::trace::{TRACEPARENT, TraceParent};
+        if self
+            .headers
+            .keys()
+            .any(|name| name.eq_ignore_ascii_case(TRACEPARENT))
+        {
+            return self;
+        }
+        if let Some(parent) = TraceParent::current() {
+            parent.inject(|name, value| {
+                self.headers.entry(name.to_owned()).or_insert(value);
+            });
+        }
+        self
+    }
+
     /// Checks the message can be stored and sent: the three names are 1 to 255
     /// characters without control characters, header names are non-empty and free of
     /// `:` and control characters, header values free of line breaks.

@@ -225,12 +225,18 @@ impl Outbox {
 
     /// Writes `message` in `tx`, the caller's transaction: it is published if and only
     /// if `tx` commits. Returns the event id (the dedupe key consumers see).
+    ///
+    /// With feature `otel`, the current `tracing` span's W3C trace context goes into the
+    /// headers (`traceparent`, `tracestate`) unless the message carries a `traceparent`
+    /// already; see the [crate docs](crate#traces).
     pub async fn enqueue(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         message: Message,
     ) -> Result<Uuid> {
         message.validate()?;
+        #[cfg(feature = "otel")]
+        let message = message.with_current_trace();
         let id = new_id();
         let (json, bytes) = match message.payload {
             Payload::Json(value) => (Some(value), None),

@@ -529,6 +529,8 @@ impl KafkaConsumer {
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {
             let (job, live) = parts.job(record.clone(), slot, revoked);
             let job = Job::new(job);
+            #[cfg(feature = "otel")]
+            let job = job.with_trace_parent(record.trace_parent());
             let by_partition = (record.topic(), record.partition());
             let job = match (order, record.key()) {
                 (RecordOrder::PerKey, Some(key)) => job.with_key(&(record.topic(), key)),

@@ -151,6 +151,20 @@
 //! accepted. Each job runs in a `pool.job` span
 //! with `sd.name` and the job's id.
 //!
+//! # Traces
+//!
+//! With feature `otel`, a job's `pool.job` span can continue the W3C trace context of the
+//! message it handles: `Job::with_trace_parent` makes it the span's parent, so the job
+//! and every span its handler opens are in the producer's trace (one trace id from the
+//! request that wrote the message to the job; the `trace` module explains why a parent
+//! and not a link). The Redis Streams consumer reads `traceparent` (and `tracestate`) from each
+//! entry's `headers` field (as sd-outbox's sink writes them) or from fields of those
+//! names; the Kafka consumer from the record's headers. Elsewhere (a NATS JetStream
+//! consumer, for one) read it with `trace::TraceParent::extract` over the message's
+//! headers. A malformed `traceparent` is ignored (logged at debug level): the job
+//! starts a trace of its own. Spans and ids come from the tracing-opentelemetry layer the
+//! application installs; without it nothing changes.
+//!
 //! # Crate features
 //!
 //! None is on by default.
@@ -161,6 +175,9 @@
 //!   with a delivery limit and a dead-letter stream.
 //! - `kafka`: `kafka::KafkaConsumer`, a Kafka consumer-group member on top of the pool
 //!   (rdkafka with its bundled librdkafka).
+//! - `otel`: job spans continue the trace context of the message they handle (see
+//!   [Traces](#traces)); re-exports sd-core's `trace` module (opentelemetry 0.33 API,
+//!   tracing-opentelemetry 0.34).
 //!
 //! # Running the tests
 //!
@@ -181,6 +198,10 @@ mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod watermark;
+/// W3C trace context (`traceparent`, `tracestate`) to give a job its parent: sd-core's.
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub use sd_core::trace;
 
 pub use crate::error::{Error, Rejected, Result, UnexpectedReply};
 pub use crate::pool::{

@@ -357,6 +357,33 @@ impl Entry {
     pub fn get_str(&self, field: &str) -> Option<&str> {
         self.get(field).and_then(|v| std::str::from_utf8(v).ok())
     }
+
+    /// The W3C trace context the entry carries: `traceparent` (and `tracestate`) in its
+    /// `headers` field, a JSON object of strings as sd-outbox's Redis Streams sink writes
+    /// it, else in fields of those names. `None` when there is none or it is malformed
+    /// (see [`TraceParent::extract`](sd_core::trace::TraceParent::extract)). The consumer
+    /// makes it the parent of the entry's job span.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn trace_parent(&self) -> Option<sd_core::trace::TraceParent> {
+        use sd_core::trace::{TRACEPARENT, TraceParent};
+        let headers: Option<serde_json::Map<String, serde_json::Value>> = self
+            .get("headers")
+            .and_then(|h| serde_json::from_slice(h).ok());
+        if let Some(headers) = headers
+            && headers.keys().any(|k| k.eq_ignore_ascii_case(TRACEPARENT))
+        {
+            let pairs = headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)));
+            return TraceParent::extract(pairs);
+        }
+        TraceParent::extract(
+            self.fields
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), std::str::from_utf8(v).ok()?))),
+        )
+    }
 }
 
 /// What [`StreamConsumer::run`] did.

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 mod config;
 mod waits;
+#[allow(unused_imports)] // not every test binary checks a configuration error
 pub use config::invalid_field;
 pub use sd_testkit::{eventually, runtime};
 pub use waits::waits;

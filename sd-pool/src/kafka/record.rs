@@ -117,6 +117,19 @@ impl Record {
             .map(|(k, v)| (k.as_str(), v.as_deref()))
     }
 
+    /// The W3C trace context in the record's `traceparent` (and `tracestate`) headers,
+    /// as sd-outbox's Kafka sink writes them; `None` when there is none or it is
+    /// malformed (see [`TraceParent::extract`](sd_core::trace::TraceParent::extract)).
+    /// The consumer makes it the parent of the record's job span.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn trace_parent(&self) -> Option<sd_core::trace::TraceParent> {
+        sd_core::trace::TraceParent::extract(
+            self.headers()
+                .filter_map(|(k, v)| Some((k, std::str::from_utf8(v?).ok()?))),
+        )
+    }
+
     /// The record's timestamp in milliseconds since the epoch, if it has one.
     pub fn timestamp_millis(&self) -> Option<i64> {
         self.data.timestamp

@@ -88,6 +88,9 @@ pub struct Job<F> {
     pub(super) future: F,
     pub(super) key: Option<u64>,
     pub(super) position: Option<(u32, u64)>,
+    /// Boxed: a job without one stays as small as without the feature.
+    #[cfg(feature = "otel")]
+    pub(super) trace_parent: Option<Box<sd_core::trace::TraceParent>>,
 }
 
 impl<F> Job<F> {
@@ -97,7 +100,25 @@ impl<F> Job<F> {
             future,
             key: None,
             position: None,
+            #[cfg(feature = "otel")]
+            trace_parent: None,
         }
+    }
+
+    /// Runs the job's `pool.job` span as a child of `parent`, a trace context read from
+    /// the message the job handles ([`TraceParent::extract`] over its headers): the job,
+    /// and every span it opens, join the producer's trace. `None` leaves the span a root
+    /// of its own, as without this call.
+    ///
+    /// [`TraceParent::extract`]: sd_core::trace::TraceParent::extract
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn with_trace_parent(
+        mut self,
+        parent: impl Into<Option<sd_core::trace::TraceParent>>,
+    ) -> Self {
+        self.trace_parent = parent.into().map(Box::new);
+        self
     }
 
     /// Orders this job after earlier jobs with an equal key (in [`Order::PerKey`]).
@@ -135,10 +156,14 @@ impl<F> Job<F> {
 
 impl<F> fmt::Debug for Job<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Job")
-            .field("key", &self.key)
-            .field("position", &self.position)
-            .finish_non_exhaustive()
+        let mut f = f.debug_struct("Job");
+        f.field("key", &self.key).field("position", &self.position);
+        #[cfg(feature = "otel")]
+        f.field(
+            "trace_parent",
+            &self.trace_parent.as_ref().map(ToString::to_string),
+        );
+        f.finish_non_exhaustive()
     }
 }
 

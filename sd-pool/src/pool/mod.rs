@@ -180,6 +180,9 @@ struct Meta {
 struct Queued {
     meta: Meta,
     run: Run,
+    /// The remote parent of the job's span.
+    #[cfg(feature = "otel")]
+    trace_parent: Option<Box<sd_core::trace::TraceParent>>,
 }
 
 /// A job's run: the first item says how it ended; polling again delivers the output to

@@ -105,6 +105,8 @@ impl Shared {
                 enqueued: Instant::now(),
             },
             run,
+            #[cfg(feature = "otel")]
+            trace_parent: job.trace_parent,
         };
         st.metrics.submitted += 1;
         let mut launch = None;
@@ -364,6 +366,11 @@ fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output 
             // A run always yields once before it ends; the fallback is never taken.
             let span =
                 tracing::debug_span!("pool.job", sd.name = %guard.shared.name, job = meta.id);
+            // Before the span is first entered, while its parent may still change.
+            #[cfg(feature = "otel")]
+            if let Some(parent) = job.trace_parent.take() {
+                parent.set_parent_of(&span);
+            }
             let finished =
                 job.run.next().instrument(span).await.unwrap_or_else(|| {
                     Finished::Panicked("the job ended without a result".to_owned())

@@ -177,6 +177,8 @@ where
                 .cfg
                 .max_deliveries
                 .is_some_and(|m| entry.deliveries >= m);
+            #[cfg(feature = "otel")]
+            let trace_parent = entry.trace_parent();
             let mut job = Job::new(async move {
                 let copy = last.then(|| entry.clone());
                 match handler(entry).await {
@@ -194,6 +196,10 @@ where
                 }
             })
             .with_offset(self.cfg.partition, seq);
+            #[cfg(feature = "otel")]
+            {
+                job = job.with_trace_parent(trace_parent);
+            }
             if let Some(key) = key {
                 job = job.with_key(&key);
             }
