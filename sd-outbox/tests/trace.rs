@@ -104,13 +104,26 @@ fn handle(
     seen: &Seen,
     aggregate: String,
     traceparent: Option<String>,
-) -> impl Future<Output = ()> + Send + use<> {
+) -> impl Future<Output = Result<(), String>> + Send + use<> {
     let seen = Arc::clone(seen);
     async move {
         // Made when the job first polls it: under the job's span.
         let span = tracing::info_span!("handle", aggregate = %aggregate);
         let _entered = span.enter();
         seen.lock().unwrap().push((aggregate, traceparent));
+        Ok(())
+    }
+}
+
+/// Resolves once the handlers saw `n` events: a consumer's shutdown signal.
+fn handled(seen: &Seen, n: usize) -> impl Future<Output = ()> + use<> {
+    let seen = Arc::clone(seen);
+    async move {
+        eventually("every event handled", || {
+            let seen = seen.lock().unwrap().len();
+            async move { seen == n }
+        })
+        .await;
     }
 }
 
@@ -246,25 +259,11 @@ fn a_job_fed_from_redis_streams_is_in_the_trace_of_the_request_that_enqueued_it(
                     .get("headers")
                     .and_then(|h| serde_json::from_slice(h).ok())
                     .unwrap_or_default();
-                let traceparent = headers.get(TRACEPARENT).cloned();
-                let work = handle(&seen, aggregate, traceparent);
-                async move {
-                    work.await;
-                    Ok::<(), String>(())
-                }
+                handle(&seen, aggregate, headers.get(TRACEPARENT).cloned())
             }
         };
-        let all_seen = {
-            let seen = Arc::clone(&seen);
-            async move {
-                eventually("four events handled", || {
-                    let n = seen.lock().unwrap().len();
-                    async move { n == 4 }
-                })
-                .await;
-            }
-        };
-        let report = consumer.run(handler, all_seen).await.unwrap();
+        let all = written.expected.len();
+        let report = consumer.run(handler, handled(&seen, all)).await.unwrap();
         assert_eq!(
             report.acked, 4,
             "every handler succeeded, the malformed one too: {report:?}"
@@ -329,7 +328,7 @@ fn a_job_fed_from_nats_jetstream_is_in_the_trace_of_the_request_that_enqueued_it
             let parent = TraceParent::extract(pairs());
             let job =
                 Job::new(handle(&seen, aggregate, header(TRACEPARENT))).with_trace_parent(parent);
-            pool.submit(job).await.unwrap().await.unwrap();
+            pool.submit(job).await.unwrap().await.unwrap().unwrap();
             message.ack().await.unwrap();
         }
         assert!(pool.drain(Duration::from_secs(5)).await.is_complete());
@@ -368,24 +367,11 @@ fn a_job_fed_from_kafka_is_in_the_trace_of_the_request_that_enqueued_it() {
                     Some(String::from_utf8_lossy(value).into_owned())
                 };
                 let aggregate = header("Outbox-Aggregate-Id").unwrap_or_default();
-                let work = handle(&seen, aggregate, header(TRACEPARENT));
-                async move {
-                    work.await;
-                    Ok::<(), String>(())
-                }
+                handle(&seen, aggregate, header(TRACEPARENT))
             }
         };
-        let all_seen = {
-            let seen = Arc::clone(&seen);
-            async move {
-                eventually("four events handled", || {
-                    let n = seen.lock().unwrap().len();
-                    async move { n == 4 }
-                })
-                .await;
-            }
-        };
-        let report = consumer.run(handler, all_seen).await.unwrap();
+        let all = written.expected.len();
+        let report = consumer.run(handler, handled(&seen, all)).await.unwrap();
         assert_eq!(report.handled, 4, "the malformed one too: {report:?}");
         assert_traces(&name, &written, &seen).await;
         relay.shutdown().await;
