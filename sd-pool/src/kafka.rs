@@ -371,6 +371,10 @@ impl KafkaConsumerBuilder {
         let probe: BaseConsumer = config.create().map_err(config_err)?;
         drop(probe);
         Ok(KafkaConsumer {
+            meters: crate::observe::ConsumerMeters::new(
+                pool.name(),
+                sd_core::observe::backend::KAFKA,
+            ),
             pool,
             topics: self.topics,
             order: self.order,
@@ -426,6 +430,7 @@ pub struct KafkaConsumer {
     retry: RetryPolicy,
     dead_letters: Option<DeadLetters>,
     config: ClientConfig,
+    meters: crate::observe::ConsumerMeters,
     /// Calls to `run` take turns.
     running: tokio::sync::Mutex<()>,
 }
@@ -505,6 +510,7 @@ impl KafkaConsumer {
             failure: Mutex::new(None),
             pool: self.pool.clone(),
             deferred: Mutex::new(self.pool.deferred()),
+            meters: self.meters.clone(),
         });
         let consumer: BaseConsumer<Context> = self
             .config
@@ -524,6 +530,7 @@ impl KafkaConsumer {
             dead_letters: self.dead_letters.clone(),
             counters: Arc::clone(&counters),
             reports: reports_tx,
+            meters: self.meters.clone(),
         };
         let (pool, order, batch) = (self.pool.clone(), self.order, Arc::clone(&shared));
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {

@@ -139,6 +139,15 @@
 //! | `sd.pool.queue.wait_time` | histogram | s | `sd.name` |
 //! | `sd.pool.job.duration` | histogram | s | `sd.name` |
 //! | `sd.pool.watermark.lag` | gauge | jobs | `sd.name`, `sd.partition` |
+//! | `messaging.client.consumed.messages` | counter | messages | `sd.name`, `messaging.system` (`redis`, `kafka`), `messaging.operation.name` (`receive`) |
+//! | `messaging.process.duration` | histogram | s | `sd.name`, `messaging.system`, `messaging.operation.name` (`process`), `error.type` (`error`, `panicked`) when the handler failed |
+//!
+//! The last two are the stream consumers' (`redis::StreamConsumer`, `kafka::KafkaConsumer`),
+//! named after OpenTelemetry's messaging conventions, with their pool's `sd.name`; their
+//! handles are registered when the consumer is built. `consumed` counts entries read with
+//! `XREADGROUP` or taken over with `XCLAIM`, and records polled: a redelivery counts
+//! again. Each handler run is one `process` sample (each attempt, for Kafka); a Redis
+//! handler that panics is not timed (`sd.pool.jobs` counts it as `panicked`).
 //!
 //! `rejected` counts jobs refused because a bound was reached (`try_submit`'s
 //! `Error::Full`, a `submit_timeout` that timed out); `error` counts jobs whose output is

@@ -135,3 +135,86 @@ impl Lags {
             .set(lag as f64);
     }
 }
+
+/// How one handler run ended, for `messaging.process.duration`'s `error.type`.
+#[cfg(any(feature = "redis", feature = "kafka"))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Processed {
+    Ok = 0,
+    Error = 1,
+    #[cfg(feature = "kafka")]
+    Panicked = 2,
+}
+
+/// OpenTelemetry's `messaging.operation.name` of the consumed-messages counter: entries
+/// read from the stream (`XREADGROUP`, or taken over with `XCLAIM`) or records polled.
+#[cfg(all(feature = "metrics", any(feature = "redis", feature = "kafka")))]
+const RECEIVE: &str = "receive";
+
+/// A stream consumer's handles: messages consumed, and the time each handler run took,
+/// by how it ended.
+#[cfg(any(feature = "redis", feature = "kafka"))]
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerMeters {
+    #[cfg(feature = "metrics")]
+    consumed: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    processed: [metrics::Histogram; 3],
+}
+
+#[cfg(any(feature = "redis", feature = "kafka"))]
+impl ConsumerMeters {
+    /// The handles of a consumer feeding the pool `name` from `system` (`redis`,
+    /// `kafka`), registered with the recorder installed now.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: &str, system: &'static str) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            let labels = Labels::new()
+                .with(label::NAME, name)
+                .with(label::MESSAGING_SYSTEM, system);
+            let process = labels
+                .clone()
+                .with(label::MESSAGING_OPERATION, observe::operation::PROCESS);
+            let histogram = |error: Option<&'static str>| {
+                let labels = match error {
+                    Some(error) => process.clone().with(label::ERROR_TYPE, error),
+                    None => process.clone(),
+                };
+                observe::histogram(
+                    "messaging.process.duration",
+                    "time a handler took over one message",
+                    &labels,
+                )
+            };
+            ConsumerMeters {
+                consumed: observe::counter(
+                    "messaging.client.consumed.messages",
+                    "messages read from the stream or polled, redeliveries included",
+                    &labels.with(label::MESSAGING_OPERATION, RECEIVE),
+                ),
+                processed: [
+                    histogram(None),
+                    histogram(Some(outcome::ERROR)),
+                    histogram(Some(outcome::PANICKED)),
+                ],
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        ConsumerMeters {}
+    }
+
+    /// Counts `n` messages consumed.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn consumed(&self, n: u64) {
+        #[cfg(feature = "metrics")]
+        self.consumed.increment(n);
+    }
+
+    /// Records one handler run that began at `started` and ended as `end`.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn processed(&self, end: Processed, started: std::time::Instant) {
+        #[cfg(feature = "metrics")]
+        observe::record_since(&self.processed[end as usize], started);
+    }
+}

@@ -305,6 +305,10 @@ impl StreamConsumerBuilder {
         join_group(&mut conn, &self.settings).await?;
         Ok(StreamConsumer {
             conn,
+            meters: crate::observe::ConsumerMeters::new(
+                pool.name(),
+                sd_core::observe::backend::REDIS,
+            ),
             pool,
             cfg: self.settings,
             state: tokio::sync::Mutex::default(),
@@ -409,6 +413,7 @@ pub struct StreamConsumer<C = ConnectionManager> {
     conn: C,
     pool: Pool,
     cfg: Settings,
+    meters: crate::observe::ConsumerMeters,
     /// What `run` keeps between calls, so that a retried `run` continues the sequence the
     /// pool tracks and acknowledges what earlier calls read. Calls to `run` take turns.
     state: tokio::sync::Mutex<RunState>,
@@ -537,6 +542,7 @@ where
             conn,
             cfg: &self.cfg,
             pool: &self.pool,
+            meters: &self.meters,
             handler: Arc::new(handler),
             state: self.state.lock().await,
             report: ConsumerReport::default(),

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -16,6 +16,7 @@ use sd_core::RetryPolicy;
 
 use super::record::{Counters, Record, add};
 use super::tracker::RevokedFlag;
+use crate::observe::{ConsumerMeters, Processed};
 use crate::pool::panic_message;
 
 /// A job's report: its record's offset may be committed (`done`) or must be delivered
@@ -153,6 +154,7 @@ pub(crate) struct JobParts<H> {
     pub(crate) dead_letters: Option<DeadLetters>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) reports: Sender<Finished>,
+    pub(crate) meters: ConsumerMeters,
 }
 
 impl<H> Clone for JobParts<H> {
@@ -163,6 +165,7 @@ impl<H> Clone for JobParts<H> {
             dead_letters: self.dead_letters.clone(),
             counters: Arc::clone(&self.counters),
             reports: self.reports.clone(),
+            meters: self.meters.clone(),
         }
     }
 }
@@ -211,14 +214,22 @@ where
             if revoked.is_set() {
                 return false;
             }
+            let started = Instant::now();
             let run = (self.handler)(record.with_attempt(attempt));
             let error = match AssertUnwindSafe(run).catch_unwind().await {
                 Ok(Ok(())) => {
+                    self.meters.processed(Processed::Ok, started);
                     add(&self.counters.handled, 1);
                     return true;
                 }
-                Ok(Err(error)) => error.to_string(),
-                Err(panic) => format!("the handler panicked: {}", panic_message(&*panic)),
+                Ok(Err(error)) => {
+                    self.meters.processed(Processed::Error, started);
+                    error.to_string()
+                }
+                Err(panic) => {
+                    self.meters.processed(Processed::Panicked, started);
+                    format!("the handler panicked: {}", panic_message(&*panic))
+                }
             };
             if self.retry.allows_retry_after(attempt) {
                 tracing::debug!(

@@ -60,6 +60,7 @@ pub(crate) struct Shared {
     /// records ([`Shared::launch`]).
     pub(crate) pool: Pool,
     pub(crate) deferred: Mutex<Deferred>,
+    pub(crate) meters: crate::observe::ConsumerMeters,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -295,6 +296,7 @@ pub(crate) fn poll_loop(
             match message {
                 Ok(message) => {
                     add(&shared.counters.received, 1);
+                    shared.meters.consumed(1);
                     let topic = shared.intern(rdkafka::Message::topic(&message));
                     let record = Record::from_message(&message, topic);
                     drop(message);

@@ -414,6 +414,12 @@ impl Pool {
         }
     }
 
+    /// The `sd.name` of the pool's metrics and spans.
+    #[cfg(any(feature = "redis", feature = "kafka"))]
+    pub(crate) fn name(&self) -> &str {
+        &self.shared.name
+    }
+
     /// Changes the concurrency limit at run time. Raising it starts queued jobs at once;
     /// lowering it lets running jobs finish and starts no more until below the limit.
     pub fn set_workers(&self, workers: usize) -> Result<()> {

@@ -14,12 +14,14 @@ use super::dead_letter::{DeadLetter, Moved};
 use super::reply::{parse_entries, parse_pending, parse_read};
 use super::{ConsumerReport, Entry, RunState, Settings, lock, millis, redis_err};
 use crate::error::{Error, Result};
+use crate::observe::{ConsumerMeters, Processed};
 use crate::pool::{Job, Pool};
 
 pub(super) struct Run<'a, H, C> {
     pub(super) conn: C,
     pub(super) cfg: &'a Settings,
     pub(super) pool: &'a Pool,
+    pub(super) meters: &'a ConsumerMeters,
     pub(super) handler: Arc<H>,
     pub(super) state: tokio::sync::MutexGuard<'a, RunState>,
     pub(super) report: ConsumerReport,
@@ -44,6 +46,7 @@ where
             if Instant::now() >= next_claim {
                 let (next, entries) = self.claim(&cursor).await?;
                 self.report.reclaimed += entries.len() as u64;
+                self.meters.consumed(entries.len() as u64);
                 if let Some(end) = self.submit_all(entries, shutdown.as_mut()).await.end() {
                     return Ok(end);
                 }
@@ -58,6 +61,7 @@ where
                 read = self.read() => read?,
             };
             self.report.read += read.len() as u64;
+            self.meters.consumed(read.len() as u64);
             let submitted = self.submit_all(read, shutdown.as_mut()).await;
             self.ack().await?;
             if let Some(end) = submitted.end() {
@@ -179,9 +183,18 @@ where
                 .is_some_and(|m| entry.deliveries >= m);
             #[cfg(feature = "otel")]
             let trace_parent = entry.trace_parent();
+            let meters = self.meters.clone();
             let mut job = Job::new(async move {
                 let copy = last.then(|| entry.clone());
-                match handler(entry).await {
+                let started = std::time::Instant::now();
+                let handled = handler(entry).await;
+                let end = if handled.is_ok() {
+                    Processed::Ok
+                } else {
+                    Processed::Error
+                };
+                meters.processed(end, started);
+                match handled {
                     Ok(()) => {
                         lock(&succeeded).insert(seq);
                         true
