@@ -129,6 +129,8 @@ pub mod outcome {
     pub const COMPENSATED: &str = "compensated";
     /// A saga left for an operator: a compensation (or a step past the pivot) gave up.
     pub const STUCK: &str = "stuck";
+    /// A campaign made its caller leader of an election.
+    pub const ELECTED: &str = "elected";
 }
 
 /// The values of [`label::OPERATION`].
@@ -155,6 +157,12 @@ pub mod operation {
     pub const STEP: &str = "step";
     /// Running a saga step's compensation.
     pub const COMPENSATE: &str = "compensate";
+    /// Running for leader of an election.
+    pub const CAMPAIGN: &str = "campaign";
+    /// Reading who leads an election.
+    pub const OBSERVE: &str = "observe";
+    /// A leader ending its own term.
+    pub const RESIGN: &str = "resign";
 }
 
 /// The unit of every duration histogram: seconds, as OpenTelemetry asks.

@@ -33,8 +33,10 @@ use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, MAX_TTL, Release, RetryPolicy};
 
 /// Implements [`Election`] for a backend type by handing every method to its inherent
-/// `try_campaign`, `observe`, `renew` and `resign`, the retry policy read from its field
-/// `retry`.
+/// `try_campaign`, `observe`, `renew` and `resign`, each in a span and counted by the
+/// [`ElectionMeters`](crate::observe::ElectionMeters) in its field `meters`; `campaign`
+/// retries the inherent `try_campaign` under the retry policy read from its field
+/// `retry`, counted once.
 #[allow(unused_macros)] // used by the network backends
 macro_rules! forward_election {
     ([$($generics:tt)*] $ty:ty) => {
@@ -44,32 +46,47 @@ macro_rules! forward_election {
                 name: &'a str,
                 value: &'a str,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::election::Term>> + Send + 'a {
-                <$ty>::try_campaign(self, name, value)
+                self.meters.try_campaign(<$ty>::try_campaign(self, name, value))
             }
 
             fn observe<'a>(
                 &'a self,
                 name: &'a str,
             ) -> impl ::std::future::Future<Output = crate::Result<Option<crate::election::Leader>>> + Send + 'a {
-                <$ty>::observe(self, name)
+                self.meters.observe(<$ty>::observe(self, name))
             }
 
             fn renew<'a>(
                 &'a self,
                 term: &'a mut crate::election::Term,
             ) -> impl ::std::future::Future<Output = crate::Result<()>> + Send + 'a {
-                <$ty>::renew(self, term)
+                async move {
+                    let result = self.meters.renew(<$ty>::renew(self, &mut *term)).await;
+                    self.meters.renewed(term, &result);
+                    result
+                }
             }
 
             fn resign(
                 &self,
                 term: crate::election::Term,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Release>> + Send + '_ {
-                <$ty>::resign(self, term)
+                self.meters.resign(term, move |term| <$ty>::resign(self, term))
             }
 
             fn retry_policy(&self) -> crate::RetryPolicy {
                 self.retry
+            }
+
+            fn campaign<'a>(
+                &'a self,
+                name: &'a str,
+                value: &'a str,
+                max_wait: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = crate::Result<crate::election::Term>> + Send + 'a {
+                self.meters.campaign(self.retry, name, max_wait, move || {
+                    <$ty>::try_campaign(self, name, value)
+                })
             }
         }
     };

@@ -142,12 +142,13 @@
 //!
 //! # Metrics and spans
 //!
-//! With feature `metrics`, every lock and fence reports through the `metrics` facade
-//! (install the exporter's recorder before building it: handles are registered then).
-//! Labels follow `sd_core::observe`; `sd.name` is the instance's name (the builders'
-//! `name`, [`memory::MemoryLock::with_name`], [`fence::FencedRegister::with_name`];
-//! default `"default"`), `sd.backend` one of `memory`, `redis` (one server or Redlock),
-//! `postgres`, `etcd`.
+//! With feature `metrics`, every lock, fence, semaphore and election reports through
+//! the `metrics` facade (install the exporter's recorder before building it: handles
+//! are registered then). Labels follow `sd_core::observe`; `sd.name` is the instance's
+//! name (the builders' `name`, [`memory::MemoryLock::with_name`],
+//! [`fence::FencedRegister::with_name`]; default `"default"`), `sd.backend` one of
+//! `memory`, `redis` (one server or Redlock), `postgres`, `etcd`. No label carries a
+//! resource or an election's name.
 //!
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
@@ -156,6 +157,16 @@
 //! | `sd.lock.contention.retries` | counter | attempts | `sd.name`, `sd.backend` |
 //! | `sd.lock.leases.lost` | counter | leases | `sd.name`, `sd.backend` |
 //! | `sd.lock.fencing.refusals` | counter | operations | `sd.name`, `sd.backend` (`memory`, `redis`, `postgres`) |
+//! | `sd.lock.semaphore.acquisitions` | counter | acquisitions | `sd.name`, `sd.backend`, `sd.outcome` (`acquired`, `contended`, `timeout`, `backend_error`) |
+//! | `sd.lock.semaphore.acquire.duration` | histogram | s | `sd.name`, `sd.backend`, `sd.outcome` |
+//! | `sd.lock.semaphore.contention.retries` | counter | attempts | `sd.name`, `sd.backend` |
+//! | `sd.lock.semaphore.permits.lost` | counter | permits | `sd.name`, `sd.backend` |
+//! | `sd.lock.election.campaigns` | counter | campaigns | `sd.name`, `sd.backend` (`redis`, `postgres`, `etcd`), `sd.outcome` (`elected`, `contended`, `timeout`, `backend_error`) |
+//! | `sd.lock.election.campaign.duration` | histogram | s | `sd.name`, `sd.backend`, `sd.outcome` |
+//! | `sd.lock.election.contention.retries` | counter | attempts | `sd.name`, `sd.backend` |
+//! | `sd.lock.election.terms.lost` | counter | terms | `sd.name`, `sd.backend` |
+//! | `sd.lock.election.resignations` | counter | terms | `sd.name`, `sd.backend` |
+//! | `sd.lock.election.leader` | gauge | terms | `sd.name`, `sd.backend` |
 //!
 //! An acquisition is one call of [`Lock::try_acquire`] or [`Lock::acquire`], counted
 //! once: `contended` when the lease is held (or Redlock missed its quorum), `timeout`
@@ -166,8 +177,23 @@
 //! refusal is an operation refused with [`Error::StaleToken`]. Every call of the memory,
 //! Redis, Redlock, PostgreSQL and etcd locks runs in a `lock.call` span with `sd.name`,
 //! `sd.backend` and `sd.operation` (`acquire`, `extend`, `release`), and every Redis or
-//! PostgreSQL fence call in a `lock.fence` span with `sd.name` and `sd.backend`. The
-//! semaphores, elections and advisory locks report no metrics yet.
+//! PostgreSQL fence call in a `lock.fence` span with `sd.name` and `sd.backend`.
+//!
+//! PostgreSQL's advisory locks ([`postgres::PostgresLock::try_lock_xact`],
+//! [`postgres::PostgresLock::try_lock_session`]) count as acquisitions of the
+//! `PostgresLock` that took them (`sd.backend` `postgres`; name a separate instance to
+//! tell them from its leases): `acquired` or `contended`, in `lock.call` spans, a
+//! session lock's release too. A semaphore counts its permits the same way under
+//! `sd.lock.semaphore.*` (a permit is lost when a `renew` finds it gone), in
+//! `semaphore.call` spans (`acquire`, `extend` for `renew`, `release`). An election
+//! counts each `try_campaign` or `campaign` once (`elected`, `contended`, `timeout`,
+//! `backend_error`; etcd's `campaign` waits inside one call), a term lost when a `renew`
+//! finds it gone (expired or taken by another leader), a resignation when `resign`
+//! ended a live term; `sd.lock.election.leader` is the number of terms the instance
+//! holds (1 while it leads; 0 again once a renewal or resign ends the term or its
+//! validity runs out unrenewed), so give each election you watch an instance of its
+//! own. Election calls run in `election.call` spans (`campaign`, `observe`, `extend`
+//! for `renew`, `resign`).
 //!
 //! # Crate features
 //!
@@ -178,8 +204,10 @@
 //! - `postgres`: [`postgres::PostgresLock`], advisory locks, [`fence::postgres`] (sqlx 0.8),
 //!   the PostgreSQL semaphore and election.
 //! - `etcd`: [`etcd::EtcdLock`] (etcd-client), the etcd semaphore and election.
-//! - `metrics`: acquisitions, their time, contention retries, leases lost and fencing
-//!   refusals through the `metrics` facade (see [Metrics and spans](#metrics-and-spans)).
+//! - `metrics`: acquisitions (of leases, advisory locks and permits) and campaigns, their
+//!   time, contention retries, leases, permits and terms lost, resignations, the leader
+//!   gauge and fencing refusals through the `metrics` facade (see
+//!   [Metrics and spans](#metrics-and-spans)).
 //! - `test-util`: `conformance`, the contract suite every backend runs, for a backend of
 //!   your own or a [`BoxLock`] built from configuration.
 // Without its feature an item is not there to link to: its links lead to the list above.
@@ -196,6 +224,8 @@
     not(feature = "postgres"),
     doc = "",
     doc = "[`postgres::PostgresLock`]: #crate-features",
+    doc = "[`postgres::PostgresLock::try_lock_xact`]: #crate-features",
+    doc = "[`postgres::PostgresLock::try_lock_session`]: #crate-features",
     doc = "[`fence::postgres::PostgresFence`]: #crate-features",
     doc = "[`fence::postgres`]: #crate-features"
 )]

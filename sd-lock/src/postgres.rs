@@ -322,12 +322,21 @@ impl PostgresLock {
     /// table. The lock is freed when the transaction ends; [`Error::Held`] when another
     /// transaction has it. Keys are `hashtextextended(resource, 0)`: distinct names can
     /// collide (rarely), which only makes them share a lock.
+    ///
+    /// Counted as one acquisition of this lock (feature `metrics`), in a `lock.call`
+    /// span.
     pub async fn try_lock_xact(
         &self,
         conn: &mut PgConnection,
         resource: &str,
     ) -> Result<FencingToken> {
         lease::validate(resource, Duration::from_secs(1), Duration::ZERO)?;
+        self.meters
+            .try_acquire(self.lock_xact(conn, resource))
+            .await
+    }
+
+    async fn lock_xact(&self, conn: &mut PgConnection, resource: &str) -> Result<FencingToken> {
         try_advisory(
             conn,
             "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
@@ -344,8 +353,15 @@ impl PostgresLock {
     /// Takes the session-scoped advisory lock on `resource` on a dedicated pooled
     /// connection, with a fencing token. Hold the [`SessionLock`] as long as the work
     /// runs; [`Error::Held`] when another session has it.
+    ///
+    /// Counted as one acquisition of this lock (feature `metrics`), in a `lock.call`
+    /// span.
     pub async fn try_lock_session(&self, resource: &str) -> Result<SessionLock> {
         lease::validate(resource, Duration::from_secs(1), Duration::ZERO)?;
+        self.meters.try_acquire(self.lock_session(resource)).await
+    }
+
+    async fn lock_session(&self, resource: &str) -> Result<SessionLock> {
         let mut conn = self.pool.acquire().await?;
         // The connection closes if this future is dropped half-way (the lock with it).
         conn.close_on_drop();
@@ -363,6 +379,7 @@ impl PostgresLock {
             conn: Some(conn),
             resource: resource.to_owned(),
             token: token(epoch)?,
+            meters: self.meters.clone(),
         })
     }
 }
@@ -376,6 +393,7 @@ pub struct SessionLock {
     conn: Option<PoolConnection<Postgres>>,
     resource: String,
     token: FencingToken,
+    meters: Meters,
 }
 
 impl fmt::Debug for SessionLock {
@@ -413,6 +431,11 @@ impl SessionLock {
     /// Unlocks. [`Release::Expired`] when the session no longer held it (the connection
     /// dropped in between).
     pub async fn release(mut self) -> Result<Release> {
+        let meters = self.meters.clone();
+        meters.release(self.unlock()).await
+    }
+
+    async fn unlock(&mut self) -> Result<Release> {
         let Some(mut conn) = self.conn.take() else {
             return Ok(Release::Expired);
         };

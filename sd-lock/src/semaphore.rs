@@ -205,6 +205,12 @@ trait DynSemaphore: Send + Sync {
     fn renew<'a>(&'a self, permit: &'a mut Permit, ttl: Duration) -> BoxFuture<'a, Result<()>>;
     fn release(&self, permit: Permit) -> BoxFuture<'_, Result<Release>>;
     fn retry_policy(&self) -> RetryPolicy;
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Permit>>;
 }
 
 impl<S: Semaphore> DynSemaphore for S {
@@ -230,6 +236,16 @@ impl<S: Semaphore> DynSemaphore for S {
 
     fn retry_policy(&self) -> RetryPolicy {
         Semaphore::retry_policy(self)
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<Permit>> {
+        // The backend's own wait, which counts it once (feature `metrics`).
+        Box::pin(Semaphore::acquire(self, resource, ttl, max_wait))
     }
 }
 
@@ -283,6 +299,15 @@ impl Semaphore for BoxSemaphore {
 
     fn retry_policy(&self) -> RetryPolicy {
         self.inner.retry_policy()
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Permit>> + Send + 'a {
+        self.inner.acquire(resource, ttl, max_wait)
     }
 }
 
@@ -359,8 +384,9 @@ where
 }
 
 /// Implements [`Semaphore`] for a backend type by handing every method to its inherent
-/// `try_acquire`, `renew` and `release`, with `permits` and `retry` read from its
-/// fields of those names.
+/// `try_acquire`, `renew` and `release`, each in a span and counted by the meters in its
+/// field `meters`, with `permits` and `retry` read from its fields of those names;
+/// `acquire` retries the inherent `try_acquire`, counted once.
 #[allow(unused_macros)] // used by the network backends
 macro_rules! forward_semaphore {
     ([$($generics:tt)*] $ty:ty) => {
@@ -374,7 +400,7 @@ macro_rules! forward_semaphore {
                 resource: &'a str,
                 ttl: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::semaphore::Permit>> + Send + 'a {
-                <$ty>::try_acquire(self, resource, ttl)
+                self.meters.try_acquire(<$ty>::try_acquire(self, resource, ttl))
             }
 
             fn renew<'a>(
@@ -382,18 +408,29 @@ macro_rules! forward_semaphore {
                 permit: &'a mut crate::semaphore::Permit,
                 ttl: ::std::time::Duration,
             ) -> impl ::std::future::Future<Output = crate::Result<()>> + Send + 'a {
-                <$ty>::renew(self, permit, ttl)
+                self.meters.extend(<$ty>::renew(self, permit, ttl))
             }
 
             fn release(
                 &self,
                 permit: crate::semaphore::Permit,
             ) -> impl ::std::future::Future<Output = crate::Result<crate::Release>> + Send + '_ {
-                <$ty>::release(self, permit)
+                self.meters.release(<$ty>::release(self, permit))
             }
 
             fn retry_policy(&self) -> crate::RetryPolicy {
                 self.retry
+            }
+
+            fn acquire<'a>(
+                &'a self,
+                resource: &'a str,
+                ttl: ::std::time::Duration,
+                max_wait: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = crate::Result<crate::semaphore::Permit>> + Send + 'a {
+                self.meters.acquire(self.retry, resource, max_wait, move || {
+                    <$ty>::try_acquire(self, resource, ttl)
+                })
             }
         }
     };

@@ -22,6 +22,7 @@ use crate::election::{Election, Leader, Term, check_ttl, validate, won};
 use crate::error::{Error, Result};
 use crate::etcd::{MIN_TTL, extend_key, release_key};
 use crate::lease::{self, FencingToken, Release, RetryPolicy};
+use crate::observe::ElectionMeters;
 
 /// Elections on etcd. Cheap to clone (the client is a channel handle).
 #[derive(Clone)]
@@ -31,6 +32,7 @@ pub struct EtcdElection {
     ttl: Duration,
     timeout: Duration,
     retry: RetryPolicy,
+    meters: ElectionMeters,
 }
 
 impl fmt::Debug for EtcdElection {
@@ -47,6 +49,7 @@ impl fmt::Debug for EtcdElection {
 #[derive(Clone)]
 pub struct EtcdElectionBuilder {
     election: EtcdElection,
+    name: String,
 }
 
 impl fmt::Debug for EtcdElectionBuilder {
@@ -81,6 +84,15 @@ impl EtcdElectionBuilder {
         self
     }
 
+    /// The election instance's name (default `"default"`): the `sd.name` label of its
+    /// metrics (feature `metrics`, registered by [`build`](Self::build)) and field of its
+    /// spans. Metrics carry no election name: give each election you watch an instance
+    /// of its own.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The election, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(mut self) -> Result<EtcdElection> {
         if self.election.prefix.is_empty() {
@@ -91,6 +103,7 @@ impl EtcdElectionBuilder {
         }
         self.election.timeout = lease::check_timeout(self.election.timeout)?;
         self.election.ttl = check_ttl(self.election.ttl, MIN_TTL)?;
+        self.election.meters = ElectionMeters::new(&self.name, sd_core::observe::backend::ETCD);
         Ok(self.election)
     }
 }
@@ -105,7 +118,10 @@ impl EtcdElection {
                 ttl: Duration::from_secs(10),
                 timeout: Duration::from_secs(1),
                 retry: lease::default_retry(),
+                // `build` registers the named handles.
+                meters: ElectionMeters::placeholder(sd_core::observe::backend::ETCD),
             },
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
@@ -205,30 +221,51 @@ impl Election for EtcdElection {
         name: &'a str,
         value: &'a str,
     ) -> impl Future<Output = Result<Term>> + Send + 'a {
-        EtcdElection::try_campaign(self, name, value)
+        self.meters
+            .try_campaign(EtcdElection::try_campaign(self, name, value))
     }
 
     fn observe<'a>(
         &'a self,
         name: &'a str,
     ) -> impl Future<Output = Result<Option<Leader>>> + Send + 'a {
-        EtcdElection::observe(self, name)
+        self.meters.observe(EtcdElection::observe(self, name))
     }
 
-    fn renew<'a>(&'a self, term: &'a mut Term) -> impl Future<Output = Result<()>> + Send + 'a {
-        EtcdElection::renew(self, term)
+    async fn renew(&self, term: &mut Term) -> Result<()> {
+        let result = self
+            .meters
+            .renew(EtcdElection::renew(self, &mut *term))
+            .await;
+        self.meters.renewed(term, &result);
+        result
     }
 
     fn resign(&self, term: Term) -> impl Future<Output = Result<Release>> + Send + '_ {
-        EtcdElection::resign(self, term)
+        self.meters
+            .resign(term, move |term| EtcdElection::resign(self, term))
     }
 
     fn retry_policy(&self) -> RetryPolicy {
         self.retry
     }
 
-    /// One `Campaign` call that waits in etcd for up to `max_wait`.
-    async fn campaign(&self, name: &str, value: &str, max_wait: Duration) -> Result<Term> {
+    /// One `Campaign` call that waits in etcd for up to `max_wait`, counted once.
+    fn campaign<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Term>> + Send + 'a {
+        self.meters
+            .try_campaign(self.campaign_waiting(name, value, max_wait))
+    }
+}
+
+impl EtcdElection {
+    /// [`Election::campaign`] uncounted: one `Campaign` call that waits up to `max_wait`,
+    /// [`Error::WaitTimeout`] when it did not win.
+    async fn campaign_waiting(&self, name: &str, value: &str, max_wait: Duration) -> Result<Term> {
         let start = Instant::now();
         match self.campaign_within(name, value, max_wait).await {
             Err(e @ Error::Held { .. }) => Err(Error::WaitTimeout {

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::election::{Leader, Term, check_ttl, validate, won};
 use crate::error::{Error, Result};
 use crate::lease::{self, Release, RetryPolicy};
+use crate::observe::ElectionMeters;
 use crate::postgres::{expiry_after, millis, token};
 
 /// The elections table's migration, written for the default name `sd_lock_leaders`.
@@ -74,6 +75,7 @@ pub struct PostgresElection {
     sql: Arc<Sql>,
     ttl: Duration,
     retry: RetryPolicy,
+    meters: ElectionMeters,
 }
 
 impl fmt::Debug for PostgresElection {
@@ -93,6 +95,7 @@ pub struct PostgresElectionBuilder {
     table: String,
     ttl: Duration,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl PostgresElectionBuilder {
@@ -114,6 +117,15 @@ impl PostgresElectionBuilder {
         self
     }
 
+    /// The election instance's name (default `"default"`): the `sd.name` label of its
+    /// metrics (feature `metrics`, registered by [`build`](Self::build)) and field of its
+    /// spans. Metrics carry no election name: give each election you watch an instance
+    /// of its own.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The election, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<PostgresElection> {
         let table = TableName::parse("table", &self.table)?;
@@ -123,6 +135,7 @@ impl PostgresElectionBuilder {
             table,
             ttl: check_ttl(self.ttl, Duration::from_millis(1))?,
             retry: self.retry,
+            meters: ElectionMeters::new(&self.name, sd_core::observe::backend::POSTGRES),
         })
     }
 }
@@ -135,6 +148,7 @@ impl PostgresElection {
             table: DEFAULT_TABLE.into(),
             ttl: Duration::from_secs(10),
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::election::{Leader, Term, check_ttl, validate, won};
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Release, RetryPolicy};
+use crate::observe::ElectionMeters;
 
 static CAMPAIGN: Script = Script::new(include_str!("redis/campaign.lua"));
 static RENEW: Script = Script::new(include_str!("redis/renew.lua"));
@@ -31,6 +32,7 @@ pub struct RedisElection<C> {
     ttl: Duration,
     timeout: Duration,
     retry: RetryPolicy,
+    meters: ElectionMeters,
 }
 
 impl<C> fmt::Debug for RedisElection<C> {
@@ -50,6 +52,7 @@ pub struct RedisElectionBuilder<C> {
     ttl: Duration,
     timeout: Duration,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl<C> fmt::Debug for RedisElectionBuilder<C> {
@@ -86,6 +89,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisElectionBuilder<C> 
         self
     }
 
+    /// The election instance's name (default `"default"`): the `sd.name` label of its
+    /// metrics (feature `metrics`, registered by [`build`](Self::build)) and field of its
+    /// spans. Metrics carry no election name: give each election you watch an instance
+    /// of its own.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The election, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<RedisElection<C>> {
         Ok(RedisElection {
@@ -94,6 +106,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisElectionBuilder<C> 
             ttl: check_ttl(self.ttl, Duration::from_millis(1))?,
             timeout: lease::check_timeout(self.timeout)?,
             retry: self.retry,
+            meters: ElectionMeters::new(&self.name, sd_core::observe::backend::REDIS),
         })
     }
 }
@@ -107,6 +120,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisElection<C> {
             ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(1),
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 

@@ -21,6 +21,7 @@ use etcd_client::{Client, GetOptions};
 use crate::error::Result;
 use crate::etcd::{MIN_TTL, extend_key, holds, put_new, release_key};
 use crate::lease::{self, Release, RetryPolicy};
+use crate::observe::{Meters, SEMAPHORE};
 use crate::semaphore::{Permit, check_permits, free_slot, full, grant_in_task};
 
 /// Permits in etcd. Cheap to clone (the client is a channel handle).
@@ -43,6 +44,7 @@ pub struct EtcdSemaphore {
     prefix: String,
     permits: u32,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl fmt::Debug for EtcdSemaphore {
@@ -59,6 +61,7 @@ impl fmt::Debug for EtcdSemaphore {
 #[derive(Clone)]
 pub struct EtcdSemaphoreBuilder {
     semaphore: EtcdSemaphore,
+    name: String,
 }
 
 impl fmt::Debug for EtcdSemaphoreBuilder {
@@ -89,6 +92,13 @@ impl EtcdSemaphoreBuilder {
         self
     }
 
+    /// The semaphore's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The semaphore, or [`crate::Error::InvalidConfig`] naming the setter at fault.
     pub fn build(mut self) -> Result<EtcdSemaphore> {
         if self.semaphore.prefix.is_empty() {
@@ -98,6 +108,7 @@ impl EtcdSemaphoreBuilder {
             });
         }
         self.semaphore.permits = check_permits(self.semaphore.permits)?;
+        self.semaphore.meters = Meters::of(&SEMAPHORE, &self.name, sd_core::observe::backend::ETCD);
         Ok(self.semaphore)
     }
 }
@@ -111,7 +122,10 @@ impl EtcdSemaphore {
                 prefix: "sd-sem/".into(),
                 permits: 1,
                 retry: lease::default_retry(),
+                // `build` registers the named handles.
+                meters: Meters::placeholder_of(&SEMAPHORE, sd_core::observe::backend::ETCD),
             },
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 

@@ -9,10 +9,12 @@ use std::future::{Future, ready};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use sd_core::observe::operation;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Lease, Release, RetryPolicy};
+use crate::observe::{Meters, SEMAPHORE};
 use crate::semaphore::{Permit, check_permits, free_slot, full};
 
 #[derive(Debug)]
@@ -35,6 +37,7 @@ pub struct MemorySemaphore {
     state: Arc<Mutex<State>>,
     permits: u32,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 /// Options of a [`MemorySemaphore`]; [`build`](Self::build) checks them.
@@ -42,6 +45,7 @@ pub struct MemorySemaphore {
 pub struct MemorySemaphoreBuilder {
     permits: u32,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl MemorySemaphoreBuilder {
@@ -59,12 +63,20 @@ impl MemorySemaphoreBuilder {
         self
     }
 
+    /// The semaphore's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The semaphore, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<MemorySemaphore> {
         Ok(MemorySemaphore {
             state: Arc::default(),
             permits: check_permits(self.permits)?,
             retry: self.retry,
+            meters: Meters::of(&SEMAPHORE, &self.name, sd_core::observe::backend::MEMORY),
         })
     }
 }
@@ -75,6 +87,7 @@ impl MemorySemaphore {
         MemorySemaphoreBuilder {
             permits: 1,
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
@@ -182,7 +195,10 @@ impl crate::semaphore::Semaphore for MemorySemaphore {
         resource: &'a str,
         ttl: Duration,
     ) -> impl Future<Output = Result<Permit>> + Send + 'a {
-        ready(self.try_acquire_now(resource, ttl))
+        ready(
+            self.meters
+                .try_acquire_now(|| self.try_acquire_now(resource, ttl)),
+        )
     }
 
     fn renew<'a>(
@@ -190,15 +206,36 @@ impl crate::semaphore::Semaphore for MemorySemaphore {
         permit: &'a mut Permit,
         ttl: Duration,
     ) -> impl Future<Output = Result<()>> + Send + 'a {
-        ready(self.renew_now(permit, ttl))
+        let renewed = self
+            .meters
+            .span(operation::EXTEND)
+            .in_scope(|| self.renew_now(permit, ttl));
+        self.meters.extended(&renewed);
+        ready(renewed)
     }
 
     fn release(&self, permit: Permit) -> impl Future<Output = Result<Release>> + Send + '_ {
-        ready(Ok(self.release_now(&permit)))
+        let released = self
+            .meters
+            .span(operation::RELEASE)
+            .in_scope(|| self.release_now(&permit));
+        ready(Ok(released))
     }
 
     fn retry_policy(&self) -> RetryPolicy {
         self.retry
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        ttl: Duration,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<Permit>> + Send + 'a {
+        self.meters
+            .acquire(self.retry, resource, max_wait, move || {
+                ready(self.try_acquire_now(resource, ttl))
+            })
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, Release, RetryPolicy};
+use crate::observe::{Meters, SEMAPHORE};
 use crate::postgres::{expiry_after, millis, token};
 use crate::semaphore::{
     Permit, check_permits, finish_grant, free_slot, full, grant_in_task, granted,
@@ -106,6 +107,7 @@ pub struct PostgresSemaphore {
     sql: Arc<Sql>,
     permits: u32,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl fmt::Debug for PostgresSemaphore {
@@ -125,6 +127,7 @@ pub struct PostgresSemaphoreBuilder {
     table: String,
     permits: u32,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl PostgresSemaphoreBuilder {
@@ -149,6 +152,13 @@ impl PostgresSemaphoreBuilder {
         self
     }
 
+    /// The semaphore's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The semaphore, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<PostgresSemaphore> {
         let table = TableName::parse("table", &self.table)?;
@@ -158,6 +168,7 @@ impl PostgresSemaphoreBuilder {
             table,
             permits: check_permits(self.permits)?,
             retry: self.retry,
+            meters: Meters::of(&SEMAPHORE, &self.name, sd_core::observe::backend::POSTGRES),
         })
     }
 }
@@ -170,6 +181,7 @@ impl PostgresSemaphore {
             table: DEFAULT_TABLE.into(),
             permits: 1,
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 

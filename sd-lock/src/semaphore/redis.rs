@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, FencingToken, Release, RetryPolicy};
+use crate::observe::{Meters, SEMAPHORE};
 use crate::semaphore::{Permit, check_permits, finish_grant, full, grant_in_task, granted};
 
 static ACQUIRE: Script = Script::new(include_str!("redis/acquire.lua"));
@@ -51,6 +52,7 @@ pub struct RedisSemaphore<C> {
     permits: u32,
     timeout: Duration,
     retry: RetryPolicy,
+    meters: Meters,
 }
 
 impl<C> fmt::Debug for RedisSemaphore<C> {
@@ -71,6 +73,7 @@ pub struct RedisSemaphoreBuilder<C> {
     permits: u32,
     timeout: Duration,
     retry: RetryPolicy,
+    name: String,
 }
 
 impl<C> fmt::Debug for RedisSemaphoreBuilder<C> {
@@ -111,6 +114,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSemaphoreBuilder<C>
         self
     }
 
+    /// The semaphore's name (default `"default"`): the `sd.name` label of its metrics
+    /// (feature `metrics`, registered by [`build`](Self::build)) and field of its spans.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The semaphore, or [`Error::InvalidConfig`] naming the setter at fault.
     pub fn build(self) -> Result<RedisSemaphore<C>> {
         Ok(RedisSemaphore {
@@ -119,6 +129,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSemaphoreBuilder<C>
             permits: check_permits(self.permits)?,
             timeout: lease::check_timeout(self.timeout)?,
             retry: self.retry,
+            meters: Meters::of(&SEMAPHORE, &self.name, sd_core::observe::backend::REDIS),
         })
     }
 }
@@ -132,6 +143,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSemaphore<C> {
             permits: 1,
             timeout: Duration::from_secs(1),
             retry: lease::default_retry(),
+            name: sd_core::observe::DEFAULT_NAME.into(),
         }
     }
 
