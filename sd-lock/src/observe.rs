@@ -60,6 +60,16 @@ struct Series {
     lost: (&'static str, &'static str),
 }
 
+/// The outcomes of a lease's or a permit's acquisition, in the order of
+/// [`Handles::acquisitions`].
+#[cfg(feature = "metrics")]
+const GRANTED: [&str; 4] = [
+    outcome::ACQUIRED,
+    outcome::CONTENDED,
+    outcome::TIMEOUT,
+    outcome::BACKEND_ERROR,
+];
+
 /// Leases of a [`crate::Lock`] (and the PostgreSQL advisory locks): `lock.call` spans,
 /// `sd.lock.*` series.
 pub(crate) static LOCK: Kind = Kind {
@@ -73,12 +83,7 @@ pub(crate) static LOCK: Kind = Kind {
             "sd.lock.acquire.duration",
             "time of one lock acquisition, waits included",
         ),
-        outcomes: [
-            outcome::ACQUIRED,
-            outcome::CONTENDED,
-            outcome::TIMEOUT,
-            outcome::BACKEND_ERROR,
-        ],
+        outcomes: GRANTED,
         retries: (
             "sd.lock.contention.retries",
             "lock attempts retried after contention",
@@ -106,12 +111,7 @@ pub(crate) static SEMAPHORE: Kind = Kind {
             "sd.lock.semaphore.acquire.duration",
             "time of one permit acquisition, waits included",
         ),
-        outcomes: [
-            outcome::ACQUIRED,
-            outcome::CONTENDED,
-            outcome::TIMEOUT,
-            outcome::BACKEND_ERROR,
-        ],
+        outcomes: GRANTED,
         retries: (
             "sd.lock.semaphore.contention.retries",
             "permit attempts retried while the resource was full",
