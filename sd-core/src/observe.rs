@@ -151,6 +151,8 @@ pub mod operation {
     pub const PUBLISH: &str = "publish";
     /// Processing a consumed message (a job).
     pub const PROCESS: &str = "process";
+    /// Receiving messages from a broker (a stream read, a poll), before processing.
+    pub const RECEIVE: &str = "receive";
     /// Taking a lease.
     pub const ACQUIRE: &str = "acquire";
     /// Running a saga step's action.

@@ -146,11 +146,6 @@ pub(crate) enum Processed {
     Panicked = 2,
 }
 
-/// OpenTelemetry's `messaging.operation.name` of the consumed-messages counter: entries
-/// read from the stream (`XREADGROUP`, or taken over with `XCLAIM`) or records polled.
-#[cfg(all(feature = "metrics", any(feature = "redis", feature = "kafka")))]
-const RECEIVE: &str = "receive";
-
 /// A stream consumer's handles: messages consumed, and the time each handler run took,
 /// by how it ended.
 #[cfg(any(feature = "redis", feature = "kafka"))]
@@ -191,7 +186,7 @@ impl ConsumerMeters {
                 consumed: observe::counter(
                     "messaging.client.consumed.messages",
                     "messages read from the stream or polled, redeliveries included",
-                    &labels.with(label::MESSAGING_OPERATION, RECEIVE),
+                    &labels.with(label::MESSAGING_OPERATION, observe::operation::RECEIVE),
                 ),
                 processed: [
                     histogram(None),

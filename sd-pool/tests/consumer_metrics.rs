@@ -51,7 +51,7 @@ fn read(capture: &Capture, name: &str, system: &str) -> (u64, usize, usize, usiz
         &[
             (label::NAME, name),
             (label::MESSAGING_SYSTEM, system),
-            (label::MESSAGING_OPERATION, "receive"),
+            (label::MESSAGING_OPERATION, operation::RECEIVE),
         ],
     );
     let process = [
