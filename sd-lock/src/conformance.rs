@@ -441,6 +441,48 @@ pub async fn election_contract<E: Election>(election: &E, name: &str, ttl: Durat
     assert_eq!(election.resign(c).await.unwrap(), Release::Released);
 }
 
+/// A campaign waits in line for longer than the term TTL while the leader keeps renewing,
+/// and wins a live term once the leader resigns. `ttl` as for [`election_contract`].
+pub async fn campaign_outwaits_a_renewing_leader<E: Election + Sync>(
+    election: &E,
+    name: &str,
+    ttl: Duration,
+) {
+    let mut leader = election.try_campaign(name, "leader").await.unwrap();
+    let held = ttl * 5 / 2;
+    let candidate = async {
+        let start = tokio::time::Instant::now();
+        let term = election.campaign(name, "candidate", held * 3).await;
+        (term, start.elapsed())
+    };
+    let keeper = async move {
+        let until = tokio::time::Instant::now() + held;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(ttl / 4).await;
+            election.renew(&mut leader).await.unwrap();
+        }
+        election.resign(leader).await.unwrap()
+    };
+    let ((term, waited), resigned) = tokio::join!(candidate, keeper);
+    assert_eq!(
+        resigned,
+        Release::Released,
+        "the leader held its term throughout"
+    );
+    let mut term = term.unwrap();
+    assert!(
+        waited >= held,
+        "won after {waited:?}, before the leader resigned"
+    );
+    assert!(term.is_valid(), "the term won after a long wait is live");
+    assert_eq!(
+        election.observe(name).await.unwrap().map(|l| l.token),
+        Some(term.token())
+    );
+    election.renew(&mut term).await.unwrap();
+    assert_eq!(election.resign(term).await.unwrap(), Release::Released);
+}
+
 /// `tasks` candidates each win `terms` terms of election `name`, write through one
 /// fenced register with the term's token, and resign. Asserts never two leaders at once,
 /// every term's token newer than the last, and no lost write.

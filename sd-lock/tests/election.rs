@@ -21,6 +21,13 @@ macro_rules! suite {
         }
 
         #[test]
+        fn campaign_outwaits_a_renewing_leader() {
+            with_election($ttl, |election, _| async move {
+                conformance::campaign_outwaits_a_renewing_leader(&election, "patient", $ttl).await;
+            });
+        }
+
+        #[test]
         fn one_leader_at_a_time() {
             with_election(Duration::from_secs(10), |election, _| async move {
                 conformance::one_leader_at_a_time(election, "leader", $tasks, $terms).await;

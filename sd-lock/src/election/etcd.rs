@@ -8,14 +8,17 @@
 //! `resign` deletes our key and revokes the lease.
 //!
 //! [`Election::campaign`] waits inside one `Campaign` call for up to `max_wait`;
-//! [`Election::try_campaign`] waits for at most the request timeout. A candidate that
-//! gives up revokes its lease, which takes its key out of the queue.
+//! [`Election::try_campaign`] waits for at most the request timeout. While it waits the
+//! candidate keeps its lease alive (a third of the TTL apart), so it keeps its place in
+//! line however long the leader holds; its term counts from the last keep-alive before
+//! the win. A candidate that gives up revokes its lease, which takes its key out of the
+//! queue.
 
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp};
+use etcd_client::{CampaignResponse, Client, Compare, CompareOp};
 use tokio::time::Instant;
 
 use crate::election::{Election, Leader, Term, check_ttl, validate, won};
@@ -130,34 +133,31 @@ impl EtcdElection {
     }
 
     /// One `Campaign` call that waits up to `wait`; [`Error::Held`] when it did not win.
+    /// The candidate's lease is kept alive while it waits in line (a third of the TTL
+    /// apart), so a wait longer than the TTL keeps its place; the term counts from the
+    /// last keep-alive sent before the win.
     async fn campaign_within(&self, name: &str, value: &str, wait: Duration) -> Result<Term> {
         validate(name, value, self.ttl, MIN_TTL)?;
         let mut client = self.client.clone();
         let start = Instant::now();
         let secs = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let id = client.lease_grant(secs, None).await?.id();
-        let campaign = client.campaign(self.name(name), value, id);
-        let reply = match tokio::time::timeout(wait, campaign).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => {
-                let _ = client.lease_revoke(id).await;
-                return Err(e.into());
-            }
-            Err(_) => {
+        let waited = self.wait_in_line(name, value, id, start, wait).await;
+        let (reply, renewed) = match waited {
+            Ok(won) => won,
+            Err(e) => {
                 // Our key leaves the queue with the lease.
                 let _ = client.lease_revoke(id).await;
-                return Err(Error::Held {
-                    resource: name.to_owned(),
-                });
+                return Err(e);
             }
         };
-        let elapsed = start.elapsed();
+        let elapsed = renewed.elapsed();
         let key = reply
             .leader()
             .and_then(|l| Some((l.key_str().ok()?.to_owned(), l.rev())));
         let won = key.and_then(|(key, rev)| {
             let token = FencingToken(u64::try_from(rev).ok()?);
-            let mut term = won(name, value, token, self.ttl, key, (start, elapsed))?;
+            let mut term = won(name, value, token, self.ttl, key, (renewed, elapsed))?;
             term.lease.handle = id;
             Some(term)
         });
@@ -170,6 +170,51 @@ impl EtcdElection {
                     ttl: self.ttl,
                     elapsed,
                 })
+            }
+        }
+    }
+
+    /// Waits in etcd's `Campaign` with lease `id` (granted at `granted`) until it wins or
+    /// `wait` passes ([`Error::Held`]), keeping the lease alive meanwhile. Returns the
+    /// answer and when the last keep-alive that the server confirmed was sent.
+    async fn wait_in_line(
+        &self,
+        name: &str,
+        value: &str,
+        id: i64,
+        granted: Instant,
+        wait: Duration,
+    ) -> Result<(CampaignResponse, Instant)> {
+        let mut campaigner = self.client.clone();
+        let (mut keeper, mut alive) = self.client.clone().lease_keep_alive(id).await?;
+        let campaign = campaigner.campaign(self.name(name), value, id);
+        tokio::pin!(campaign);
+        let deadline = granted + wait;
+        let every = self.ttl / 3;
+        let mut beat = tokio::time::interval_at(granted + every, every);
+        let mut renewed = granted;
+        loop {
+            tokio::select! {
+                reply = &mut campaign => return Ok((reply?, renewed)),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::Held { resource: name.to_owned() });
+                }
+                _ = beat.tick() => {
+                    let sent = Instant::now();
+                    keeper.keep_alive().await?;
+                    match alive.message().await? {
+                        Some(reply) if reply.ttl() > 0 => renewed = sent,
+                        // The lease ran out (the process stalled past it): our key left
+                        // the queue.
+                        _ => {
+                            return Err(Error::ValidityExhausted {
+                                resource: name.to_owned(),
+                                ttl: self.ttl,
+                                elapsed: granted.elapsed(),
+                            });
+                        }
+                    }
+                }
             }
         }
     }
