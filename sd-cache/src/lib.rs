@@ -176,6 +176,12 @@
 //! | `sd.cache.evictions` | counter | entries | `sd.name`, `sd.backend` |
 //! | `sd.cache.fallback_loads` | counter | reads | `sd.name`, `sd.backend` |
 //!
+//! With or without the feature, every run of a loader is a `cache.load` span and every
+//! call to Redis a `cache.redis` span, each with `sd.name`, `sd.backend` and
+//! `sd.operation` (`load`; `read`, `write`, `invalidate`, `unlock`, and the two-tier
+//! cache's `announce` and `heartbeat`), the fields every sd crate's spans carry. A hit
+//! opens no span.
+//!
 //! # Crate features
 //!
 //! None is on by default.

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
+use tracing::Instrument;
 
 use crate::clock::{
     CacheClock, Clock, MonotonicClock, RandomSource, ThreadRandom, saturating_nanos,
@@ -628,7 +629,9 @@ where
             Counters::bump(&self.inner.counters.early_refreshes);
         }
         let seq = self.read_shard(&key);
-        let result = load().await;
+        let result = load()
+            .instrument(crate::observe::load_span(sd_core::observe::backend::MEMORY))
+            .await;
         let done = self.inner.clock.now();
         let delta = done.saturating_sub(now);
         self.inner.counters.record_load(delta, result.is_ok());

@@ -34,6 +34,10 @@ use redis::aio::ConnectionLike;
 use sd_core::KeyPrefix;
 use sd_core::redis::Script;
 use tokio::sync::Notify;
+use tracing::Instrument;
+
+use crate::observe::redis_span;
+use sd_core::observe::operation;
 
 use crate::clock::{RandomSource, ThreadRandom};
 use crate::error::short_key;
@@ -300,6 +304,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
+            .instrument(redis_span(operation::INVALIDATE))
             .await
             .map_err(backend("invalidate"))?;
         self.forget(key);
@@ -406,6 +411,7 @@ where
             .arg(mode)
             .arg(seen)
             .invoke(&mut conn)
+            .instrument(redis_span(operation::READ))
             .await
             .map_err(backend("read"))?;
         self.decode_read(
@@ -437,12 +443,19 @@ where
             .arg(self.data_key(key))
             .arg(&["v", "d", "e", "n", "ver"]);
         let entry: Fields = if resync {
-            let ((secs, micros), entry): ((u64, u64), Fields) =
-                pipe.query_async(&mut conn).await.map_err(backend("read"))?;
+            let ((secs, micros), entry): ((u64, u64), Fields) = pipe
+                .query_async(&mut conn)
+                .instrument(redis_span(operation::READ))
+                .await
+                .map_err(backend("read"))?;
             clock.sync(sent, secs.saturating_mul(1_000_000).saturating_add(micros));
             entry
         } else {
-            let (entry,): (Fields,) = pipe.query_async(&mut conn).await.map_err(backend("read"))?;
+            let (entry,): (Fields,) = pipe
+                .query_async(&mut conn)
+                .instrument(redis_span(operation::READ))
+                .await
+                .map_err(backend("read"))?;
             entry
         };
         self.decode_read(key, entry, clock.server_ms(), false)
@@ -534,6 +547,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
+            .instrument(redis_span(operation::WRITE))
             .await
             .map(|version| (version, Some(life)))
             .map_err(backend("write"))
@@ -549,6 +563,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
+            .instrument(redis_span(operation::UNLOCK))
             .await
             .map(|_| ())
             .map_err(backend("unlock"))

@@ -165,6 +165,20 @@ pub mod operation {
     pub const OBSERVE: &str = "observe";
     /// A leader ending its own term.
     pub const RESIGN: &str = "resign";
+    /// Running a cache's loader on a miss or an early refresh.
+    pub const LOAD: &str = "load";
+    /// Reading an entry from a cache's backend.
+    pub const READ: &str = "read";
+    /// Writing an entry (a value, or a load's result) to a cache's backend.
+    pub const WRITE: &str = "write";
+    /// Removing an entry from a cache's backend.
+    pub const INVALIDATE: &str = "invalidate";
+    /// Giving up a cache's load lock.
+    pub const UNLOCK: &str = "unlock";
+    /// Telling the other memory tiers of a two-tier cache about a write.
+    pub const ANNOUNCE: &str = "announce";
+    /// Renewing a two-tier cache instance's lease.
+    pub const HEARTBEAT: &str = "heartbeat";
 }
 
 /// The unit of every duration histogram: seconds, as OpenTelemetry asks.

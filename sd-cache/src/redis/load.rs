@@ -92,7 +92,9 @@ where
         tracing::warn!(error = %cause, "sd-cache: redis failed, reading through the loader");
         Counters::bump(&self.inner.counters.fallbacks);
         let start = tokio::time::Instant::now();
-        let result = load().await;
+        let result = load()
+            .instrument(crate::observe::load_span(sd_core::observe::backend::REDIS))
+            .await;
         self.inner
             .counters
             .record_load(start.elapsed(), result.is_ok());
@@ -255,7 +257,9 @@ where
         Fut: Future<Output = Load<V>>,
     {
         let start = tokio::time::Instant::now();
-        let result = load().await;
+        let result = load()
+            .instrument(crate::observe::load_span(sd_core::observe::backend::REDIS))
+            .await;
         let delta = start.elapsed();
         self.inner.counters.record_load(delta, result.is_ok());
         if read.fresh.is_some() {

@@ -1,6 +1,9 @@
 //! Keeping the memory tiers coherent: leases and heartbeats, announcing writes and
 //! waiting for acknowledgements, the subscription that drops copies, and resyncs.
 
+use sd_core::observe::operation;
+use tracing::Instrument;
+
 use super::*;
 
 impl<V, C, K> Inner<V, C, K>
@@ -84,6 +87,7 @@ where
             .arg(message)
             .arg(if self.cluster { "1" } else { "0" })
             .invoke(&mut conn)
+            .instrument(crate::observe::redis_span(operation::ANNOUNCE))
             .await
             .map_err(|e| {
                 self.lapse();
@@ -129,6 +133,7 @@ where
             .arg(format!("p|{}|{seq}", self.id))
             .arg(if self.cluster { "1" } else { "0" })
             .invoke::<u64>(&mut conn)
+            .instrument(crate::observe::redis_span(operation::HEARTBEAT))
             .await
             .map(|_| ())
             .map_err(|e| backend("heartbeat", e))
