@@ -204,35 +204,6 @@ where
     });
 }
 
-/// go-redis/redis_rate's GCRA, as its users deploy it: one script over one key, time
-/// from the server (`TIME`, seconds as a float from 2017 on), the theoretical arrival
-/// time kept as a float and expiring when back to full. ARGV: burst, rate, period (s),
-/// cost. Returns allowed (the cost or 0), remaining, retry after and reset after.
-const REDIS_RATE_GCRA: &str = r#"
-redis.replicate_commands()
-local key = KEYS[1]
-local burst, rate, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local interval = period / rate
-local increment = interval * cost
-local burst_offset = interval * burst
-local t = redis.call('TIME')
-local now = (t[1] - 1483228800) + (t[2] / 1000000)
-local tat = tonumber(redis.call('GET', key) or now)
-tat = math.max(tat, now)
-local new_tat = tat + increment
-local diff = now - (new_tat - burst_offset)
-local remaining = diff / interval
-if remaining < 0 then
-  return {0, 0, tostring(-diff), tostring(tat - now)}
-end
-local reset_after = new_tat - now
-if reset_after > 0 then
-  redis.call('SET', key, new_tat, 'EX', math.ceil(reset_after))
-end
-return {cost, remaining, tostring(-1), tostring(reset_after)}
-"#;
-
 fn redis(c: &mut Criterion) {
     let server =
         sd_testkit::redis().expect("redis-server must be installed (apt-get install redis-server)");
@@ -265,7 +236,7 @@ fn redis(c: &mut Criterion) {
         )
     };
     let (sd, batched) = (build(1), build(CALLERS as usize));
-    let redis_rate = redis::Script::new(REDIS_RATE_GCRA);
+    let redis_rate = redis::Script::new(sd_benches::REDIS_RATE_GCRA);
     let trivial = redis::Script::new("return 1");
     let sha = rt
         .block_on(trivial.prepare_invoke().load_async(&mut conn.clone()))

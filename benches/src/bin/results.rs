@@ -18,6 +18,17 @@
 //! `scripts/bench.sh` runs the benches and then this. The pairs are listed below by
 //! criterion id (`group/function/parameter`); a pair whose benches did not run in this
 //! run is listed as not measured, never filled from an older run.
+//!
+//! The Sizing section (the `sizing` bench: operations a second on one Redis server, and
+//! the shards a load needs) is written after the table. To run that bench alone and
+//! rewrite only its section, leaving the rest of the file as it is:
+//!
+//! ```text
+//! since=$(date +%s)
+//! CRITERION_HOME="$PWD/target/criterion" cargo bench -p sd-benches --bench sizing
+//! cargo run -p sd-benches --bin results -- --sizing target/criterion benches/RESULTS.md "$since" \
+//!     "cargo bench -p sd-benches --bench sizing"
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -119,10 +130,65 @@ const PAIRS: &[Pair] = &[
     pair("sd-outbox", "relay to Kafka (tansu), batch 100, 1 relay", "outbox/relay_to_kafka/sd/Parallel/1_relays/batch_100", "outbox/relay_to_redis/sd/Parallel/1_relays/batch_100", "sd relay to Redis Streams"),
 ];
 
+/// One row of the Sizing section: an operation of an sd crate on one Redis server beside
+/// the same work done by the peer, both from the `sizing` bench.
+struct Sizing {
+    /// The crate.
+    krate: &'static str,
+    /// What one operation is, and how many callers run them at once.
+    what: &'static str,
+    /// Criterion id of our bench.
+    ours: &'static str,
+    /// Criterion id of the peer's bench.
+    theirs: &'static str,
+    /// Who the peer is.
+    peer: &'static str,
+}
+
+const fn sizing(
+    krate: &'static str,
+    what: &'static str,
+    ours: &'static str,
+    theirs: &'static str,
+    peer: &'static str,
+) -> Sizing {
+    Sizing {
+        krate,
+        what,
+        ours,
+        theirs,
+        peer,
+    }
+}
+
+/// The operations each Redis-backed crate is sized by.
+#[rustfmt::skip]
+const SIZING: &[Sizing] = &[
+    sizing("sd-ratelimit", "decisions, 64 callers", "sizing/ratelimit/sd", "sizing/ratelimit/redis-rate-gcra", "redis_rate GCRA script"),
+    sizing("sd-ratelimit", "decisions, 64 callers, `batch(64)`", "sizing/ratelimit/sd-batched", "sizing/ratelimit/redis-rate-gcra", "redis_rate GCRA script"),
+    sizing("sd-cache", "Redis hits, 64 callers", "sizing/cache/hit/sd", "sizing/cache/hit/raw-get", "raw GET"),
+    sizing("sd-cache", "loads (miss, load, store), 64 callers", "sizing/cache/load/sd", "sizing/cache/load/raw-get-set", "GET + SET PX"),
+    sizing("sd-lock", "acquire + release, 64 callers, a resource each", "sizing/lock/sd", "sizing/lock/rslock", "rslock"),
+    sizing("sd-lock", "acquire + release, 64 callers, a resource each", "sizing/lock/sd", "sizing/lock/raw-set-nx-px", "SET NX PX + compare-and-delete"),
+    sizing("sd-idempotency", "claim + complete, 64 callers, new keys", "sizing/idempotency/sd", "sizing/idempotency/raw-set-nx-then-set-xx", "SET NX PX + SET XX PX"),
+    sizing("sd-outbox", "events published, 8 batches of 100 in flight, one stream", "sizing/outbox/sd", "sizing/outbox/raw-xadd-pipeline", "raw XADD pipeline"),
+    sizing("sd-pool", "stream entries handled (no work), one consumer, batch 100, 64 workers", "sizing/pool/sd", "sizing/pool/raw-xreadgroup-xack", "XREADGROUP + XACK loop"),
+];
+
+/// The share of a shard's measured rate a deployment should plan to use.
+const HEADROOM: f64 = 0.5;
+
+/// Loads the Sizing section works out, in operations a second.
+const EXAMPLE_LOADS: [f64; 3] = [10_000.0, 100_000.0, 1_000_000.0];
+
 fn main() -> ExitCode {
-    let args: Vec<String> = env::args().skip(1).collect();
+    let mut args: Vec<String> = env::args().skip(1).collect();
+    let sizing_only = args.first().is_some_and(|a| a == "--sizing");
+    if sizing_only {
+        args.remove(0);
+    }
     let (criterion, output, since, command) = match args.as_slice() {
-        [criterion, output] => (criterion, output, UNIX_EPOCH, None),
+        [criterion, output] if !sizing_only => (criterion, output, UNIX_EPOCH, None),
         [criterion, output, since, command @ ..] if command.len() <= 1 => {
             match since.parse::<u64>() {
                 Ok(secs) => (
@@ -138,25 +204,43 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: results <criterion dir> <output file> [<since> [<command>]]");
+            eprintln!(
+                "usage: results <criterion dir> <output file> [<since> [<command>]]\n       \
+                 results --sizing <criterion dir> <output file> <since> [<command>]"
+            );
             return ExitCode::from(2);
         }
     };
-    let medians = match read_medians(Path::new(criterion), since) {
-        Ok(medians) => medians,
+    let estimates = match read_estimates(Path::new(criterion), since) {
+        Ok(estimates) => estimates,
         Err(e) => {
             eprintln!("reading {criterion}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut text = render(
-        &medians,
-        command.unwrap_or("unknown (not given to `results`)"),
-    );
-    let output_of_run = Path::new(criterion).join(BENCH_OUTPUT);
-    if let Some(stampede) = written_since(&output_of_run, since).and_then(|o| stampede(&o)) {
-        text.push_str(&stampede);
-    }
+    let command = command.unwrap_or("unknown (not given to `results`)");
+    let text = if sizing_only {
+        let old = match fs::read_to_string(output) {
+            Ok(old) => old,
+            Err(e) => {
+                eprintln!("reading {output}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        replace_section(&old, SIZING_HEADING, &render_sizing(&estimates, command))
+    } else {
+        let medians = estimates
+            .iter()
+            .map(|(id, e)| (id.clone(), e.median))
+            .collect();
+        let mut text = render(&medians, command);
+        let output_of_run = Path::new(criterion).join(BENCH_OUTPUT);
+        if let Some(stampede) = written_since(&output_of_run, since).and_then(|o| stampede(&o)) {
+            text.push_str(&stampede);
+        }
+        text.push_str(&render_sizing(&estimates, command));
+        text
+    };
     if let Err(e) = fs::write(output, &text) {
         eprintln!("writing {output}: {e}");
         return ExitCode::FAILURE;
@@ -202,9 +286,35 @@ fn stampede(output: &str) -> Option<String> {
     Some(out)
 }
 
+/// What `results` takes from one criterion bench: the median time per iteration in
+/// nanoseconds, and the elements one iteration handles when the bench declared them
+/// (`Throughput::Elements`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Estimate {
+    median: f64,
+    elements: Option<u64>,
+}
+
+impl Estimate {
+    /// Elements per second at the median, for a bench that declared its elements.
+    fn rate(&self) -> Option<f64> {
+        self.elements.map(|n| n as f64 * 1e9 / self.median)
+    }
+}
+
 /// Median time per iteration in nanoseconds, by criterion id, for every bench criterion
 /// holds a `new` estimate of written at or after `since`.
+#[cfg(test)]
 fn read_medians(dir: &Path, since: SystemTime) -> Result<BTreeMap<String, f64>, String> {
+    Ok(read_estimates(dir, since)?
+        .into_iter()
+        .map(|(id, e)| (id, e.median))
+        .collect())
+}
+
+/// The [`Estimate`] of every bench criterion holds a `new` estimate of written at or
+/// after `since`, by criterion id.
+fn read_estimates(dir: &Path, since: SystemTime) -> Result<BTreeMap<String, Estimate>, String> {
     let mut found = BTreeMap::new();
     let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -215,8 +325,8 @@ fn read_medians(dir: &Path, since: SystemTime) -> Result<BTreeMap<String, f64>, 
                 continue;
             }
             if path.file_name().is_some_and(|n| n == "new") {
-                if let Some((id, median)) = read_estimate(&path, since) {
-                    found.insert(id, median);
+                if let Some((id, estimate)) = read_estimate(&path, since) {
+                    found.insert(id, estimate);
                 }
             } else if path.file_name().is_none_or(|n| n != "report") {
                 stack.push(path);
@@ -226,7 +336,7 @@ fn read_medians(dir: &Path, since: SystemTime) -> Result<BTreeMap<String, f64>, 
     Ok(found)
 }
 
-fn read_estimate(new: &Path, since: SystemTime) -> Option<(String, f64)> {
+fn read_estimate(new: &Path, since: SystemTime) -> Option<(String, Estimate)> {
     let written = fs::metadata(new.join("estimates.json"))
         .ok()?
         .modified()
@@ -240,7 +350,11 @@ fn read_estimate(new: &Path, since: SystemTime) -> Option<(String, f64)> {
         serde_json::from_str(&fs::read_to_string(new.join("estimates.json")).ok()?).ok()?;
     let id = bench.get("full_id")?.as_str()?.to_owned();
     let median = estimates.get("median")?.get("point_estimate")?.as_f64()?;
-    Some((id, median))
+    let elements = bench
+        .get("throughput")
+        .and_then(|t| t.get("Elements"))
+        .and_then(Value::as_u64);
+    Some((id, Estimate { median, elements }))
 }
 
 fn render(medians: &BTreeMap<String, f64>, command: &str) -> String {
@@ -291,6 +405,146 @@ fn render(medians: &BTreeMap<String, f64>, command: &str) -> String {
             );
         }
     }
+    out
+}
+
+/// The heading of the Sizing section, which `--sizing` replaces alone.
+const SIZING_HEADING: &str = "## Sizing";
+
+/// The Sizing section: each [`SIZING`] row in operations a second on one shard, then the
+/// shards [`EXAMPLE_LOADS`] need at [`HEADROOM`], and what does not spread over shards.
+fn render_sizing(estimates: &BTreeMap<String, Estimate>, command: &str) -> String {
+    let rate = |id: &str| estimates.get(id).and_then(Estimate::rate);
+    let mut out = String::new();
+    let _ = writeln!(out, "\n{SIZING_HEADING}\n");
+    let _ = writeln!(
+        out,
+        "From `{command}` ({}; load average at the end: {}), `benches/benches/sizing.rs`: one \
+         `redis-server` without persistence (one shard) on the machine above, sharing its two \
+         cores with the bench client. Each row is what that shard sustained for one operation \
+         of the crate, beside the peer doing the same work on the same server, connection and \
+         callers (each sample of one runs a block of the other too, in turns, so both meet \
+         the same load): operations a second at criterion's median; the ratio is ours over \
+         the peer's, so above 1 means sd does more.\n",
+        shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        load_average()
+    );
+    let _ = writeln!(
+        out,
+        "| crate | operation, callers | sd per shard | peer | peer per shard | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let mut missing = Vec::new();
+    for row in SIZING {
+        match (rate(row.ours), rate(row.theirs)) {
+            (Some(ours), Some(theirs)) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {:.2}× |",
+                    row.krate,
+                    row.what,
+                    per_second(ours),
+                    row.peer,
+                    per_second(theirs),
+                    ours / theirs
+                );
+            }
+            _ => missing.push(row),
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nShards for a load: `shards = ceil(load / (rate × {HEADROOM}))`, `rate` being sd's \
+         figure above. The headroom of {HEADROOM} is for this machine, where client and server \
+         share two cores, and for what a shard run at its ceiling has no room left for: \
+         bursts, a failover's catch-up, a replica's full sync. Worked for three loads:\n"
+    );
+    let loads: Vec<String> = EXAMPLE_LOADS.iter().map(|&l| per_second(l)).collect();
+    let _ = writeln!(
+        out,
+        "| crate | operation | usable per shard | {} |",
+        loads.join(" | ")
+    );
+    let _ = writeln!(out, "|---|---|---|{}", "---|".repeat(loads.len()));
+    let mut seen = Vec::new();
+    for row in SIZING {
+        let Some(ours) = rate(row.ours) else { continue };
+        if seen.contains(&row.ours) {
+            continue;
+        }
+        seen.push(row.ours);
+        let usable = ours * HEADROOM;
+        let shards: Vec<String> = EXAMPLE_LOADS
+            .iter()
+            .map(|&load| shards_for(load, ours).to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            row.krate,
+            row.what,
+            per_second(usable),
+            shards.join(" | ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhat more shards do not spread: every operation on one key goes to the shard holding \
+         its slot, so one hot key (a limit, a cache entry, a lock, an idempotency key) is held \
+         to one shard's rate; a stream, its consumer group and its dead-letter stream share one \
+         hash tag, so one stream's events and entries are too (more aggregate types, so more \
+         streams, spread); Redlock writes each lease to all of its N masters, so N masters \
+         sustain what one does. The client here is on loopback: across a network each round \
+         trip is longer, and it takes more callers in flight to reach these rates."
+    );
+    if !missing.is_empty() {
+        let _ = writeln!(out, "\nNot measured in this run:\n");
+        for row in missing {
+            let _ = writeln!(
+                out,
+                "- {} {} against {}: `{}` against `{}`",
+                row.krate, row.what, row.peer, row.ours, row.theirs
+            );
+        }
+    }
+    out
+}
+
+/// Shards a `load` needs when one sustains `rate`, used at [`HEADROOM`]; at least one.
+fn shards_for(load: f64, rate: f64) -> u64 {
+    (load / (rate * HEADROOM)).ceil().max(1.0) as u64
+}
+
+/// `old` with the section under `heading` (up to the next `## ` heading, or the end)
+/// replaced by `section`, or with `section` added at the end when it has none.
+fn replace_section(old: &str, heading: &str, section: &str) -> String {
+    let Some(start) = old.find(&format!("\n{heading}\n")) else {
+        let mut text = old.to_owned();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(section);
+        return text;
+    };
+    let body = start + 1 + heading.len();
+    let end = old[body..].find("\n## ").map_or(old.len(), |i| body + i);
+    format!("{}{section}{}", &old[..start], &old[end..])
+}
+
+/// A rate to three significant digits, with thousands separated: `65,800/s`.
+fn per_second(rate: f64) -> String {
+    let magnitude = rate.max(1.0).log10().floor() as i32;
+    let step = 10f64.powi((magnitude - 2).max(0));
+    let rounded = ((rate / step).round() * step) as u64;
+    let digits = rounded.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out.push_str("/s");
     out
 }
 
@@ -408,11 +662,101 @@ mod tests {
             r#"{"median":{"point_estimate":42.5}}"#,
         )
         .unwrap();
+        let rated = dir.join("group").join("rated").join("new");
+        fs::create_dir_all(&rated).unwrap();
+        fs::write(
+            rated.join("benchmark.json"),
+            r#"{"full_id":"group/rated","throughput":{"Elements":100}}"#,
+        )
+        .unwrap();
+        fs::write(
+            rated.join("estimates.json"),
+            r#"{"median":{"point_estimate":2000.0}}"#,
+        )
+        .unwrap();
         let medians = read_medians(&dir, UNIX_EPOCH).unwrap();
+        let estimates = read_estimates(&dir, UNIX_EPOCH).unwrap();
         let later = SystemTime::now() + Duration::from_secs(60);
         let stale = read_medians(&dir, later).unwrap();
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(medians.get("group/bench"), Some(&42.5));
+        assert_eq!(estimates["group/bench"].rate(), None);
+        // 100 elements in 2 µs: 50 million a second.
+        assert_eq!(estimates["group/rated"].rate(), Some(50_000_000.0));
         assert!(stale.is_empty(), "an estimate older than <since> was kept");
+    }
+
+    fn per_op(ns: f64) -> Estimate {
+        Estimate {
+            median: ns,
+            elements: Some(1),
+        }
+    }
+
+    #[test]
+    fn the_sizing_section_gives_rates_and_shards() {
+        let estimates = BTreeMap::from([
+            // 20 µs an operation: 50,000/s, 25,000/s usable.
+            ("sizing/lock/sd".to_owned(), per_op(20_000.0)),
+            ("sizing/lock/rslock".to_owned(), per_op(25_000.0)),
+            ("sizing/lock/raw-set-nx-px".to_owned(), per_op(10_000.0)),
+        ]);
+        let text = render_sizing(&estimates, "cargo bench -p sd-benches --bench sizing");
+        assert!(
+            text.starts_with("\n## Sizing\n\nFrom `cargo bench -p sd-benches --bench sizing` ("),
+            "{text}"
+        );
+        assert!(
+            text.contains("| sd-lock | acquire + release, 64 callers, a resource each | 50,000/s | rslock | 40,000/s | 1.25× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| SET NX PX + compare-and-delete | 100,000/s | 0.50× |"),
+            "{text}"
+        );
+        // One arithmetic row per sd bench, though two peers share it.
+        assert_eq!(
+            text.matches("| 25,000/s | 1 | 4 | 40 |").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("Not measured in this run"), "{text}");
+        assert!(text.contains("`sizing/pool/sd`"), "{text}");
+    }
+
+    #[test]
+    fn shards_round_up_and_never_reach_zero() {
+        assert_eq!(shards_for(100_000.0, 50_000.0), 4);
+        assert_eq!(shards_for(100_001.0, 50_000.0), 5);
+        assert_eq!(shards_for(1.0, 50_000.0), 1);
+    }
+
+    #[test]
+    fn only_the_named_section_is_replaced() {
+        let old =
+            "# Bench results\n\n| a |\n\n## Sizing\n\nold figures\n\n## Cache stampede\n\nrows\n";
+        let new = replace_section(old, SIZING_HEADING, "\n## Sizing\n\nnew figures\n");
+        assert_eq!(
+            new,
+            "# Bench results\n\n| a |\n\n## Sizing\n\nnew figures\n\n## Cache stampede\n\nrows\n"
+        );
+        let last = "# Bench results\n\n## Sizing\n\nold\n";
+        assert_eq!(
+            replace_section(last, SIZING_HEADING, "\n## Sizing\n\nnew\n"),
+            "# Bench results\n\n## Sizing\n\nnew\n"
+        );
+        let none = "# Bench results\n\n| a |\n";
+        assert_eq!(
+            replace_section(none, SIZING_HEADING, "\n## Sizing\n\nnew\n"),
+            "# Bench results\n\n| a |\n\n## Sizing\n\nnew\n"
+        );
+    }
+
+    #[test]
+    fn rates_read_to_three_digits() {
+        assert_eq!(per_second(65_789.3), "65,800/s");
+        assert_eq!(per_second(1_234_567.0), "1,230,000/s");
+        assert_eq!(per_second(850.4), "850/s");
+        assert_eq!(per_second(10_000.0), "10,000/s");
     }
 }
