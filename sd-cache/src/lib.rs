@@ -160,8 +160,8 @@
 //! With feature `metrics`, every count of [`CacheStats`] is also reported through the
 //! `metrics` facade, on handles registered when the cache is built (install the
 //! exporter's recorder first); a hit pays one add on a handle beside its striped count.
-//! Labels follow `sd_core::observe`: `sd.name` (`default`) and `sd.backend` (`memory`,
-//! `redis`; a two-tier cache reports through both).
+//! Labels follow `sd_core::observe`: `sd.name` (the builder's `name(..)`, default
+//! `default`) and `sd.backend` (`memory`, `redis`; a two-tier cache reports through both).
 //!
 //! | name | kind | unit | labels |
 //! |---|---|---|---|

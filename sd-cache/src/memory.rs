@@ -175,6 +175,7 @@ pub(crate) type Load<V> = Result<Loaded<V>>;
 
 /// Builds a [`Cache`]. Every setting has a default; `build` checks them all.
 pub struct CacheBuilder<K, V> {
+    name: String,
     max_capacity: u64,
     policy: Policy,
     clock: CacheClock,
@@ -185,6 +186,7 @@ pub struct CacheBuilder<K, V> {
 impl<K, V> fmt::Debug for CacheBuilder<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheBuilder")
+            .field("name", &self.name)
             .field("max_capacity", &self.max_capacity)
             .field("policy", &self.policy)
             .field("clock", &self.clock)
@@ -196,6 +198,7 @@ impl<K, V> fmt::Debug for CacheBuilder<K, V> {
 impl<K, V> Default for CacheBuilder<K, V> {
     fn default() -> Self {
         Self {
+            name: sd_core::observe::DEFAULT_NAME.to_owned(),
             max_capacity: 10_000,
             policy: Policy::default(),
             clock: CacheClock::new(MonotonicClock::new()),
@@ -218,6 +221,14 @@ where
 
     crate::policy::policy_setters!();
 
+    /// The cache's name (default `"default"`): the `sd.name` of its metrics (feature
+    /// `metrics`) and spans. Name it after what it holds (`"users"`, `"prices"`), never
+    /// after a key: a label's values must stay few.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The clock used for freshness (default [`MonotonicClock`]). The engine's own memory
     /// reclamation keeps using real time.
     pub fn clock(mut self, clock: impl Clock) -> Self {
@@ -235,7 +246,7 @@ where
         }
         self.policy.validate()?;
         let counters = Arc::new(Counters::observed(
-            sd_core::observe::DEFAULT_NAME,
+            &self.name,
             sd_core::observe::backend::MEMORY,
         ));
         let evictions = Arc::clone(&counters);
@@ -630,7 +641,10 @@ where
         }
         let seq = self.read_shard(&key);
         let result = load()
-            .instrument(crate::observe::load_span(sd_core::observe::backend::MEMORY))
+            .instrument(crate::observe::load_span(
+                &self.inner.counters.name,
+                sd_core::observe::backend::MEMORY,
+            ))
             .await;
         let done = self.inner.clock.now();
         let delta = done.saturating_sub(now);

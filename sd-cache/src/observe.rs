@@ -186,10 +186,10 @@ pub(crate) fn handles(labels: &Labels) -> (HitMetric, [Count; 9], LoadTime) {
 
 /// The span of one run of a loader, with the field names every sd crate's spans use.
 #[inline]
-pub(crate) fn load_span(backend: &'static str) -> tracing::Span {
+pub(crate) fn load_span(name: &str, backend: &'static str) -> tracing::Span {
     tracing::debug_span!(
         "cache.load",
-        sd.name = sd_core::observe::DEFAULT_NAME,
+        sd.name = name,
         sd.backend = backend,
         sd.operation = sd_core::observe::operation::LOAD,
     )
@@ -198,10 +198,10 @@ pub(crate) fn load_span(backend: &'static str) -> tracing::Span {
 /// The span of one call to Redis (`operation` from `sd_core::observe::operation`).
 #[cfg(feature = "redis")]
 #[inline]
-pub(crate) fn redis_span(operation: &'static str) -> tracing::Span {
+pub(crate) fn redis_span(name: &str, operation: &'static str) -> tracing::Span {
     tracing::debug_span!(
         "cache.redis",
-        sd.name = sd_core::observe::DEFAULT_NAME,
+        sd.name = name,
         sd.backend = sd_core::observe::backend::REDIS,
         sd.operation = operation,
     )

@@ -65,6 +65,8 @@ static UNLOCK: Script = Script::new(include_str!("redis/unlock.lua"));
 
 /// What a [`RedisCacheBuilder`] sets and the built cache reads, handed over whole.
 struct Settings<K> {
+    /// The `sd.name` of the cache's metrics and spans.
+    name: String,
     policy: Policy,
     lock_ttl: Duration,
     wait_timeout: Duration,
@@ -77,6 +79,7 @@ impl<K> Settings<K> {
     /// The same settings with `codec` in place of the current one.
     fn with_codec<K2>(self, codec: K2) -> Settings<K2> {
         Settings {
+            name: self.name,
             policy: self.policy,
             lock_ttl: self.lock_ttl,
             wait_timeout: self.wait_timeout,
@@ -274,6 +277,11 @@ where
         }
     }
 
+    /// The cache's name (the `sd.name` of its metrics and spans).
+    pub(crate) fn name(&self) -> &str {
+        &self.inner.counters.name
+    }
+
     /// Stores `value` for `key` (cache-aside), fresh for the TTL, and tells every process.
     ///
     /// # Errors
@@ -304,7 +312,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
-            .instrument(redis_span(operation::INVALIDATE))
+            .instrument(redis_span(&self.inner.counters.name, operation::INVALIDATE))
             .await
             .map_err(backend("invalidate"))?;
         self.forget(key);
@@ -411,7 +419,7 @@ where
             .arg(mode)
             .arg(seen)
             .invoke(&mut conn)
-            .instrument(redis_span(operation::READ))
+            .instrument(redis_span(&self.inner.counters.name, operation::READ))
             .await
             .map_err(backend("read"))?;
         self.decode_read(
@@ -445,7 +453,7 @@ where
         let entry: Fields = if resync {
             let ((secs, micros), entry): ((u64, u64), Fields) = pipe
                 .query_async(&mut conn)
-                .instrument(redis_span(operation::READ))
+                .instrument(redis_span(&self.inner.counters.name, operation::READ))
                 .await
                 .map_err(backend("read"))?;
             clock.sync(sent, secs.saturating_mul(1_000_000).saturating_add(micros));
@@ -453,7 +461,7 @@ where
         } else {
             let (entry,): (Fields,) = pipe
                 .query_async(&mut conn)
-                .instrument(redis_span(operation::READ))
+                .instrument(redis_span(&self.inner.counters.name, operation::READ))
                 .await
                 .map_err(backend("read"))?;
             entry
@@ -547,7 +555,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
-            .instrument(redis_span(operation::WRITE))
+            .instrument(redis_span(&self.inner.counters.name, operation::WRITE))
             .await
             .map(|version| (version, Some(life)))
             .map_err(backend("write"))
@@ -563,7 +571,7 @@ where
             .arg(&self.inner.channel)
             .arg(key)
             .invoke::<i64>(&mut conn)
-            .instrument(redis_span(operation::UNLOCK))
+            .instrument(redis_span(&self.inner.counters.name, operation::UNLOCK))
             .await
             .map(|_| ())
             .map_err(backend("unlock"))

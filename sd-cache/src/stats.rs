@@ -2,6 +2,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -42,6 +43,8 @@ pub struct CacheStats {
 /// `metrics` (see [`crate::observe`]), a no-op when built with `Default`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// The cache's name: the `sd.name` of its metrics and spans.
+    pub(crate) name: Arc<str>,
     pub(crate) hits: Hits,
     pub(crate) misses: Count,
     pub(crate) loads: Count,
@@ -92,6 +95,7 @@ impl Counters {
             fallbacks,
         ] = counts;
         Counters {
+            name: name.into(),
             hits: Hits {
                 count: Striped::default(),
                 metric: hit,

@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 #[tokio::test(start_paused = true)]
 async fn a_stampede_counts_one_load_and_its_joins() {
     let capture = Capture::new();
-    let cache: Cache<u32, u32> = capture.build(|| Cache::builder().build().unwrap());
-    let of = [(label::NAME, "default"), (label::BACKEND, backend::MEMORY)];
+    let cache: Cache<u32, u32> = capture.build(|| Cache::builder().name("users").build().unwrap());
+    let of = [(label::NAME, "users"), (label::BACKEND, backend::MEMORY)];
     let with = |o| [of[0], of[1], (label::OUTCOME, o)];
     let gate = Arc::new(Notify::new());
     let tasks: Vec<_> = (0..3)

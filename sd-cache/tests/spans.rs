@@ -78,9 +78,9 @@ fn loads_and_redis_calls_run_in_spans_with_the_shared_fields() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let memory: Cache<u64, u64> = Cache::builder().build().unwrap();
+        let memory: Cache<u64, u64> = Cache::builder().name("users").build().unwrap();
         assert_eq!(memory.get_or_load(1, || async { 7 }).await.unwrap(), 7);
-        assert_eq!(spans.take(), ["cache.load load memory default"]);
+        assert_eq!(spans.take(), ["cache.load load memory users"]);
         assert_eq!(memory.get_or_load(1, || async { 8 }).await.unwrap(), 7);
         assert_eq!(memory.get(&1), Some(7));
         assert_eq!(spans.take(), Vec::<String>::new(), "a hit opens no span");
@@ -90,21 +90,22 @@ fn loads_and_redis_calls_run_in_spans_with_the_shared_fields() {
                 .await;
         let redis: RedisCache<u64, _> =
             RedisCache::builder(sd_testkit::unique_name("spans").as_str())
+                .name("prices")
                 .build(conn)
                 .await
                 .unwrap();
         assert_eq!(redis.get_or_load("k", || async { 7 }).await.unwrap(), 7);
         let miss = spans.take();
         for expected in [
-            "cache.redis read redis default",
-            "cache.load load redis default",
-            "cache.redis write redis default",
+            "cache.redis read redis prices",
+            "cache.load load redis prices",
+            "cache.redis write redis prices",
         ] {
             assert!(miss.iter().any(|s| s == expected), "{expected} in {miss:?}");
         }
         assert_eq!(redis.get("k").await.unwrap(), Some(7));
-        assert_eq!(spans.take(), ["cache.redis read redis default"]);
+        assert_eq!(spans.take(), ["cache.redis read redis prices"]);
         redis.invalidate("k").await.unwrap();
-        assert_eq!(spans.take(), ["cache.redis invalidate redis default"]);
+        assert_eq!(spans.take(), ["cache.redis invalidate redis prices"]);
     });
 }

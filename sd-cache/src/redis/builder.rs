@@ -31,6 +31,19 @@ where
 {
     crate::policy::policy_setters!(settings);
 
+    /// The cache's name (default `"default"`): the `sd.name` of its metrics (feature
+    /// `metrics`) and spans. Name it after what it holds (`"users"`, `"prices"`), never
+    /// after a key: a label's values must stay few.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.settings.name = name.into();
+        self
+    }
+
+    /// The name [`name`](Self::name) set.
+    pub(crate) fn name_ref(&self) -> &str {
+        &self.settings.name
+    }
+
     /// How long the cross-process load lock lives (default 5 s). Set it above the slowest
     /// load: if a load outlives it, another process may load too (its older result is then
     /// refused by the version check, not lost).
@@ -167,6 +180,7 @@ where
         waiters: Arc<DashMap<String, Arc<Notify>>>,
         subscribed: bool,
     ) -> RedisCache<V, C, K> {
+        let counters = Counters::observed(&self.settings.name, sd_core::observe::backend::REDIS);
         RedisCache {
             inner: Arc::new(RedisInner {
                 conn,
@@ -175,10 +189,7 @@ where
                 settings: self.settings,
                 flights: SingleFlight::new(),
                 refreshes: SingleFlight::new(),
-                counters: Counters::observed(
-                    sd_core::observe::DEFAULT_NAME,
-                    sd_core::observe::backend::REDIS,
-                ),
+                counters,
                 waiters,
                 subscribed,
                 server_clock: ServerClock::new(),
@@ -197,6 +208,7 @@ where
         RedisCacheBuilder {
             prefix: prefix.into(),
             settings: Settings {
+                name: sd_core::observe::DEFAULT_NAME.to_owned(),
                 policy: Policy::default(),
                 lock_ttl: Duration::from_secs(5),
                 wait_timeout: Duration::from_secs(10),

@@ -93,7 +93,10 @@ where
         Counters::bump(&self.inner.counters.fallbacks);
         let start = tokio::time::Instant::now();
         let result = load()
-            .instrument(crate::observe::load_span(sd_core::observe::backend::REDIS))
+            .instrument(crate::observe::load_span(
+                &self.inner.counters.name,
+                sd_core::observe::backend::REDIS,
+            ))
             .await;
         self.inner
             .counters
@@ -258,7 +261,10 @@ where
     {
         let start = tokio::time::Instant::now();
         let result = load()
-            .instrument(crate::observe::load_span(sd_core::observe::backend::REDIS))
+            .instrument(crate::observe::load_span(
+                &self.inner.counters.name,
+                sd_core::observe::backend::REDIS,
+            ))
             .await;
         let delta = start.elapsed();
         self.inner.counters.record_load(delta, result.is_ok());

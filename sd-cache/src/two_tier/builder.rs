@@ -27,6 +27,14 @@ where
     V: Clone + Send + Sync + 'static,
     K: Codec<V>,
 {
+    /// The cache's name (default `"default"`): the `sd.name` of both tiers' metrics
+    /// (feature `metrics`, told apart by `sd.backend`) and spans; the same as naming the
+    /// Redis tier's builder.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.remote = self.remote.name(name);
+        self
+    }
+
     /// Most entries in the memory tier (default 10,000).
     pub fn local_capacity(mut self, entries: u64) -> Self {
         self.local_capacity = entries;
@@ -116,6 +124,7 @@ where
         let policy = self.remote.policy().clone();
         let clock = MonotonicClock::new();
         let mut local = Cache::builder()
+            .name(self.remote.name_ref())
             .clock(clock.clone())
             .max_capacity(self.local_capacity)
             .ttl(self.local_ttl)

@@ -87,7 +87,10 @@ where
             .arg(message)
             .arg(if self.cluster { "1" } else { "0" })
             .invoke(&mut conn)
-            .instrument(crate::observe::redis_span(operation::ANNOUNCE))
+            .instrument(crate::observe::redis_span(
+                self.remote.name(),
+                operation::ANNOUNCE,
+            ))
             .await
             .map_err(|e| {
                 self.lapse();
@@ -133,7 +136,10 @@ where
             .arg(format!("p|{}|{seq}", self.id))
             .arg(if self.cluster { "1" } else { "0" })
             .invoke::<u64>(&mut conn)
-            .instrument(crate::observe::redis_span(operation::HEARTBEAT))
+            .instrument(crate::observe::redis_span(
+                self.remote.name(),
+                operation::HEARTBEAT,
+            ))
             .await
             .map(|_| ())
             .map_err(|e| backend("heartbeat", e))
