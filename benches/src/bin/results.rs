@@ -92,6 +92,8 @@ const PAIRS: &[Pair] = &[
     pair("sd-cache", "memory hit", "cache/hit/get/sd", "cache/hit/get/moka", "moka get"),
     pair("sd-cache", "memory hit through the loader API", "cache/hit/get_or_load/sd", "cache/hit/get_with/moka", "moka get_with"),
     pair("sd-cache", "Redis hit", "cache/redis/get/sd", "cache/redis/GET/raw", "raw GET"),
+    pair("sd-cache", "two-tier memory hit (`String` keys)", "cache/two-tier/get/sd-two-tier", "cache/two-tier/get/moka", "moka get"),
+    pair("sd-cache", "two-tier memory hit through the loader API", "cache/two-tier/get_or_load/sd-two-tier", "cache/two-tier/get_with/moka", "moka entry_by_ref or_insert_with"),
     pair("sd-cache", "memory hit, feature metrics with a recorder installed", "cache/hit/metrics/get/on", "cache/hit/metrics/get/off", "the same, no recorder"),
     pair("sd-lock", "Redis, uncontended, paired blocks", "lock/paired/redis/sd", "lock/paired/redis/rslock", "rslock (alternating blocks)"),
     pair("sd-lock", "Redlock 3, uncontended, paired blocks", "lock/paired/redlock3/sd", "lock/paired/redlock3/rslock", "rslock (alternating blocks)"),
