@@ -159,8 +159,10 @@
 //!
 //! With feature `metrics`, every count of [`CacheStats`] is also reported through the
 //! `metrics` facade, on handles registered when the cache is built (install the
-//! exporter's recorder first); a hit pays one add on a handle beside its striped count.
-//! Labels follow `sd_core::observe`: `sd.name` (the builder's `name(..)`, default
+//! exporter's recorder first). Hits are counted without an atomic add (each thread bumps
+//! a stripe of its own), so `hit` lookups reach the recorder in steps of 64 per thread:
+//! call `sd_core::observe::publish()` before rendering a scrape (dropping the cache does
+//! too) and the scrape is exact; every other count is added as it happens. Labels follow `sd_core::observe`: `sd.name` (the builder's `name(..)`, default
 //! `default`) and `sd.backend` (`memory`, `redis`; a two-tier cache reports through both).
 //!
 //! | name | kind | unit | labels |

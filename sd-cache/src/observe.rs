@@ -1,13 +1,15 @@
 //! What a cache reports (feature `metrics`), beside the counters of [`CacheStats`]:
 //! every count that `CacheStats` keeps is also added to a `metrics` handle registered
 //! when the cache is built, under the names and labels of `sd_core::observe`. Without
-//! the feature the handles are zero-sized and cost nothing; with it and no recorder, a
-//! hit pays one branch more.
+//! the feature the handles are zero-sized and cost nothing. Hits are a
+//! `sd_core::tally::Tally`, published to their metric in steps.
 //!
 //! [`CacheStats`]: crate::CacheStats
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use sd_core::tally::Tally;
 
 /// One count: the atomic `CacheStats` reads, and its metric.
 #[derive(Debug, Default)]
@@ -83,21 +85,6 @@ impl Labels {
     }
 }
 
-/// The hit counter's metric (the count itself is striped, see `stats::Striped`).
-#[derive(Debug, Default)]
-pub(crate) struct HitMetric {
-    #[cfg(feature = "metrics")]
-    metric: Metric,
-}
-
-impl HitMetric {
-    #[inline(always)]
-    pub(crate) fn add(&self) {
-        #[cfg(feature = "metrics")]
-        self.metric.0.increment(1);
-    }
-}
-
 /// The load-time histogram.
 #[derive(Debug, Default)]
 pub(crate) struct LoadTime {
@@ -118,7 +105,7 @@ impl LoadTime {
 /// The names of a cache's metrics, and its handles: `(hit, [misses, loads, load errors,
 /// early refreshes, skipped refreshes, stampede joins, evictions, stale served, fallback
 /// loads], load time)`.
-pub(crate) fn handles(labels: &Labels) -> (HitMetric, [Count; 9], LoadTime) {
+pub(crate) fn handles(labels: &Labels) -> (Tally<1>, [Count; 9], LoadTime) {
     const LOOKUPS: &str = "sd.cache.lookups";
     const LOADS: &str = "sd.cache.loads";
     let lookups = "reads by whether a fresh entry answered";
@@ -169,10 +156,10 @@ pub(crate) fn handles(labels: &Labels) -> (HitMetric, [Count; 9], LoadTime) {
             None,
         ),
     ];
-    let hit = HitMetric {
-        #[cfg(feature = "metrics")]
-        metric: Count::new(LOOKUPS, lookups, labels, Some("hit")).metric,
-    };
+    #[cfg(feature = "metrics")]
+    let hit = Tally::metered([Count::new(LOOKUPS, lookups, labels, Some("hit")).metric.0]);
+    #[cfg(not(feature = "metrics"))]
+    let hit = Tally::new();
     let load_time = LoadTime {
         #[cfg(feature = "metrics")]
         histogram: Some(sd_core::observe::histogram(

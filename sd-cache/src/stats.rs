@@ -1,13 +1,11 @@
 //! Counters a user can export.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::observe::{Count, HitMetric, Labels, LoadTime, handles};
+use crate::observe::{Count, Labels, LoadTime, handles};
+use sd_core::tally::Tally;
 
 /// A snapshot of a cache's counters since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,22 +57,18 @@ pub(crate) struct Counters {
     pub(crate) fallbacks: Count,
 }
 
-/// Hits: a [`Striped`] count, and its metric.
+/// Hits: a [`Tally`] (a read pays no atomic add), published to its metric in steps.
 #[derive(Debug, Default)]
-pub(crate) struct Hits {
-    count: Striped,
-    metric: HitMetric,
-}
+pub(crate) struct Hits(pub(crate) Tally<1>);
 
 impl Hits {
     #[inline]
     pub(crate) fn bump(&self) {
-        self.count.bump();
-        self.metric.add();
+        self.0.bump::<0>();
     }
 
     pub(crate) fn sum(&self) -> u64 {
-        self.count.sum()
+        self.0.sum::<0>()
     }
 }
 
@@ -96,10 +90,7 @@ impl Counters {
         ] = counts;
         Counters {
             name: name.into(),
-            hits: Hits {
-                count: Striped::default(),
-                metric: hit,
-            },
+            hits: Hits(hit),
             misses,
             loads,
             load_errors,
@@ -149,116 +140,5 @@ impl Counters {
             stale_served: self.stale_served.load(Relaxed),
             fallback_loads: self.fallbacks.load(Relaxed),
         }
-    }
-}
-
-/// Threads that own a stripe of every [`Striped`] counter (more threads share one atomic).
-const STRIPES: usize = 64;
-
-/// Slots given back by threads that ended, lowest first, for the next threads to own.
-static FREE_SLOTS: Mutex<BinaryHeap<Reverse<usize>>> = Mutex::new(BinaryHeap::new());
-/// The next slot never owned yet.
-static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
-
-/// A thread's slot: while the thread runs, no other thread has it. Given back (through
-/// [`FREE_SLOTS`], whose lock orders the last writes of the thread that ends before the
-/// first writes of the thread that takes it) when the thread ends.
-struct Slot(usize);
-
-impl Slot {
-    fn take() -> Self {
-        let free = FREE_SLOTS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        Slot(free.map_or_else(|| NEXT_SLOT.fetch_add(1, Relaxed), |Reverse(slot)| slot))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        FREE_SLOTS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Reverse(self.0));
-    }
-}
-
-thread_local! {
-    static SLOT: Slot = Slot::take();
-}
-
-/// One stripe on its own cache line, so threads counting do not share a line.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct Line(AtomicU64);
-
-/// A counter bumped on every read (hits), at the cost of a load and a store of a line the
-/// thread owns: each of the first [`STRIPES`] live threads owns one stripe and is its only
-/// writer, so a count needs no atomic read-modify-write and is never lost; other threads
-/// (and a thread whose slot is already gone, while it ends) add to one shared atomic.
-/// Reading sums the stripes.
-#[derive(Debug)]
-pub(crate) struct Striped {
-    stripes: Box<[Line]>,
-    shared: AtomicU64,
-}
-
-impl Default for Striped {
-    fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| Line::default()).collect(),
-            shared: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Striped {
-    #[inline]
-    pub(crate) fn bump(&self) {
-        match SLOT.try_with(|slot| self.stripes.get(slot.0)) {
-            // Only this thread writes this stripe while it holds the slot.
-            Ok(Some(Line(own))) => own.store(own.load(Relaxed).wrapping_add(1), Relaxed),
-            _ => {
-                self.shared.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
-    pub(crate) fn sum(&self) -> u64 {
-        self.stripes
-            .iter()
-            .fold(self.shared.load(Relaxed), |sum, line| {
-                sum.wrapping_add(line.0.load(Relaxed))
-            })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Many threads, more than there are stripes, some ending while others start and take
-    /// their slots: every bump is counted once.
-    #[test]
-    fn striped_counts_every_bump_across_threads_that_come_and_go() {
-        let counter = std::sync::Arc::new(Striped::default());
-        for _wave in 0..3 {
-            let threads: Vec<_> = (0..STRIPES + 16)
-                .map(|t| {
-                    let counter = std::sync::Arc::clone(&counter);
-                    std::thread::spawn(move || {
-                        for _ in 0..1_000 + t {
-                            counter.bump();
-                        }
-                    })
-                })
-                .collect();
-            for t in threads {
-                t.join().expect("counting thread");
-            }
-        }
-        let per_wave: usize = (0..STRIPES + 16).map(|t| 1_000 + t).sum();
-        assert_eq!(counter.sum(), 3 * per_wave as u64);
     }
 }

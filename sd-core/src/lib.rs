@@ -16,6 +16,7 @@
 //! | [`error`] | [`ConfigError`] (the field and the reason), [`Elapsed`], [`BoxError`] |
 //! | `redis` | `Script`: `EVALSHA`, then `EVAL` once on `NOSCRIPT`; `wait_for_replicas`: `WAIT` on the key's master (feature `redis`) |
 //! | `failover` | `FailoverConnection`: one server, a Sentinel group or a Cluster behind one redis-rs `ConnectionLike`, following failover (feature `redis`) |
+//! | [`tally`] | [`Tally`](tally::Tally): counts bumped on hot paths without an atomic add, published to `metrics` counters in steps |
 //! | [`observe`] | the metric names, label keys and span fields every crate uses; metric handles (feature `metrics`) |
 //! | `migrate` | `Migrator`: versioned, checksummed migrations under an advisory lock (feature `postgres`) |
 //! | `trace` | `TraceParent`: W3C `traceparent` written from the current `tracing` span, read back as a job span's parent (feature `otel`) |
@@ -61,6 +62,7 @@ pub mod observe;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod retry;
+pub mod tally;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod trace;

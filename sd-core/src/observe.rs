@@ -33,6 +33,11 @@
 //! moment, and keeps the handles: a hot path pays one add on a handle, never a lookup by
 //! name. Install the exporter's recorder before building the instances it should see.
 //! With no recorder installed the handles do nothing.
+//!
+//! The hottest counts (a cache hit, a memory limiter's decision) are
+//! [`Tally`](crate::tally::Tally) counts instead, which reach their counters in steps of
+//! [`STEP`](crate::tally::STEP) per thread: call [`publish`] before rendering a scrape
+//! for exact figures.
 
 /// Label keys, which are also the span field names.
 pub mod label {
@@ -195,3 +200,18 @@ mod handles;
 pub use capture::Capture;
 #[cfg(feature = "metrics")]
 pub use handles::{Labels, counter, gauge, histogram, record_since};
+
+/// Brings the counters of every metered [`Tally`](crate::tally::Tally) alive (the hottest
+/// counts of the pattern crates) up to date; call it before rendering a scrape, so the
+/// scrape lags by nothing.
+///
+/// ```
+/// let hits = sd_core::tally::Tally::<1>::metered([metrics::Counter::noop()]);
+/// hits.bump::<0>();
+/// sd_core::observe::publish();
+/// assert_eq!(hits.sum::<0>(), 1);
+/// ```
+#[cfg(feature = "metrics")]
+pub fn publish() {
+    crate::tally::registry::publish_all();
+}

@@ -43,6 +43,10 @@ fn memory_decisions_are_counted_by_outcome_on_every_path() {
     // `allow` on a known key takes the fast path, which builds no decision.
     assert!(!keyed.allow("203.0.113.7"));
     let count = |o| decisions(&capture, "login", backend::MEMORY, o);
+    // A memory decision is counted on a stripe of the thread's own and published in steps
+    // of 64 per thread; `publish` brings every count up to date.
+    assert_eq!((count(outcome::ALLOWED), count(outcome::DENIED)), (0, 0));
+    sd_core::observe::publish();
     assert_eq!((count(outcome::ALLOWED), count(outcome::DENIED)), (3, 3));
     assert_eq!(count(outcome::SHADOW_DENIED), 0);
 
@@ -57,6 +61,7 @@ fn memory_decisions_are_counted_by_outcome_on_every_path() {
     for _ in 0..5 {
         assert!(shadow.check().unwrap().allowed);
     }
+    drop(shadow); // Dropping the limiter publishes too.
     let count = |o| decisions(&capture, "dark", backend::MEMORY, o);
     assert_eq!(
         (
@@ -65,6 +70,31 @@ fn memory_decisions_are_counted_by_outcome_on_every_path() {
             count(outcome::DENIED)
         ),
         (3, 2, 0)
+    );
+
+    // Many threads denying at once: each publishes its steps as it goes.
+    let busy = capture.build(|| {
+        MemoryLimiterBuilder::new(quota)
+            .name("busy")
+            .clock(clock.clone())
+            .direct()
+            .unwrap()
+    });
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| (0..1_000).for_each(|_| drop(busy.check())));
+        }
+    });
+    let count = |o| decisions(&capture, "busy", backend::MEMORY, o);
+    let denied = count(outcome::DENIED);
+    assert!(
+        denied <= 3_997 && 3_997 - denied < 4 * 64,
+        "{denied} in steps"
+    );
+    sd_core::observe::publish();
+    assert_eq!(
+        (count(outcome::ALLOWED), count(outcome::DENIED)),
+        (3, 3_997)
     );
 }
 
@@ -115,7 +145,9 @@ fn redis_decisions_and_each_failure_policy_are_counted() {
     assert_eq!(count("open", outcome::FAIL_OPEN), 1);
     assert_eq!(count("closed", outcome::FAIL_CLOSED), 1);
     assert_eq!(count("local", outcome::FALLBACK), 1);
-    // The fallback limiter's own decision is counted on memory under the same name.
+    // The fallback limiter's own decision is counted on memory under the same name (in
+    // steps, so published first).
+    sd_core::observe::publish();
     assert_eq!(
         decisions(&capture, "local", backend::MEMORY, outcome::ALLOWED),
         1

@@ -139,8 +139,10 @@ async fn serve(listener: TcpListener, router: Router) {
     }
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`: the counts sd keeps in per-thread steps published first, so the
+/// scrape is exact.
 async fn render(State(metrics): State<PrometheusHandle>) -> Response {
+    sd_core::observe::publish();
     (
         [(
             header::CONTENT_TYPE,
