@@ -121,6 +121,8 @@ impl PoolBuilder {
                     limit: max_concurrency,
                     running: 0,
                     ready: VecDeque::new(),
+                    claimed: 0,
+                    starting: false,
                     keys: HashMap::new(),
                     backlog: 0,
                     watermarks,

@@ -133,7 +133,10 @@ impl Pool {
 
 /// Takes every queued job out, in submission order, releasing the keys they held.
 fn take_queued(st: &mut State) -> Vec<ReturnedJob> {
-    let mut out: Vec<ReturnedJob> = Vec::with_capacity(st.queued());
+    let mut out: Vec<ReturnedJob> = Vec::with_capacity(st.ready.len() + st.backlog);
+    // Claimed jobs had not started either: they give their places back.
+    st.running -= st.claimed;
+    st.claimed = 0;
     while let Some(q) = st.ready.pop_front() {
         if let Some(key) = q.meta.key
             && let Some(backlog) = st.keys.remove(&key)
