@@ -200,6 +200,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+mod fasthash;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod observe;

@@ -31,14 +31,16 @@
 //! # Ok::<(), sd_pool::Error>(())
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::fasthash::FastMap;
 
 use crate::error::{Error, Result};
 
 /// Watermarks of every partition seen so far.
 #[derive(Debug, Clone)]
 pub struct Watermarks {
-    partitions: HashMap<u32, Partition>,
+    partitions: FastMap<u32, Partition>,
     max_window: usize,
 }
 
@@ -66,7 +68,7 @@ impl Watermarks {
             ));
         }
         Ok(Self {
-            partitions: HashMap::new(),
+            partitions: FastMap::default(),
             max_window,
         })
     }

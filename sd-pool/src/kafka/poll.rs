@@ -2,7 +2,6 @@
 //! partitions, commits, and handles rebalances inside librdkafka's callbacks (which run
 //! on this thread, inside `poll`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +17,7 @@ use super::record::{Counters, Record, add};
 use super::tracker::{Commit, Held, Offer, RevokedFlag, Tp, Tracker};
 use crate::Pool;
 use crate::error::{Error, Result};
+use crate::fasthash::FastMap;
 use crate::pool::Deferred;
 
 /// How the poll thread hands a record (with its slot and revoked flag) to the pool.
@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     pub(crate) timing: Timing,
     /// Topic names interned, so a record carries an `Arc<str>`.
-    pub(crate) topics: Mutex<HashMap<String, Arc<str>>>,
+    pub(crate) topics: Mutex<FastMap<String, Arc<str>>>,
     /// The first commit that failed at a revoke or at the end, returned by `run`.
     pub(crate) failure: Mutex<Option<Error>>,
     /// The pool, and the jobs it accepted that are started once per batch of polled

@@ -6,11 +6,12 @@
 //! report, [`Tracker::commits`] on the interval. Each assignment of a partition gets a new
 //! slot, so a job of an earlier assignment that reports late changes nothing.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::skipset;
+use crate::fasthash::FastMap;
 use crate::watermark::Watermarks;
 
 /// A topic and a partition.
@@ -103,8 +104,8 @@ struct Part<R> {
 
 /// Every partition this member owns.
 pub(crate) struct Tracker<R> {
-    parts: HashMap<Tp, Part<R>>,
-    slots: HashMap<u32, Tp>,
+    parts: FastMap<Tp, Part<R>>,
+    slots: FastMap<u32, Tp>,
     marks: Watermarks,
     next_slot: u32,
     metadata_limit: usize,
@@ -123,8 +124,8 @@ impl<R> Tracker<R> {
         metadata_limit: usize,
     ) -> crate::Result<Self> {
         Ok(Self {
-            parts: HashMap::new(),
-            slots: HashMap::new(),
+            parts: FastMap::default(),
+            slots: FastMap::default(),
             marks: Watermarks::new(max_window)?,
             next_slot: 0,
             metadata_limit,

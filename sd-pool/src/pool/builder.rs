@@ -123,7 +123,7 @@ impl PoolBuilder {
                     ready: VecDeque::new(),
                     claimed: 0,
                     starting: false,
-                    keys: HashMap::new(),
+                    keys: FastMap::default(),
                     backlog: 0,
                     watermarks,
                     closed: false,

@@ -20,7 +20,7 @@ pub use shutdown::{Drained, ReturnedJob, Shutdown};
 use std::collections::hash_map::DefaultHasher;
 
 use crate::observe::JobEnd;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -41,6 +41,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::error::{Error, Rejected, Result};
+use crate::fasthash::FastMap;
 use crate::watermark::Watermarks;
 
 tokio::task_local! {
@@ -110,7 +111,7 @@ struct State {
     /// yet: at most one such start is in flight.
     starting: bool,
     /// Keys with a job in `ready` or running, and the jobs waiting behind it.
-    keys: HashMap<u64, VecDeque<Queued>>,
+    keys: FastMap<u64, VecDeque<Queued>>,
     /// Jobs in all the key backlogs.
     backlog: usize,
     watermarks: Watermarks,
