@@ -343,30 +343,19 @@ fn two_tier(c: &mut Criterion) {
 }
 
 /// The hit ratios again, robust to a loaded machine: sd and moka alternate in rounds of
-/// 100,000 reads and each keeps its fastest round, so both are timed in the same quiet
-/// spells. `reads` are sd `get`, moka `get`, sd `get_or_load`, moka's loading read.
+/// 100,000 reads, each round starting one read further on, and each keeps its fastest
+/// round, so both are timed in the same quiet spells. `reads` are sd `get`, moka `get`,
+/// sd `get_or_load`, moka's loading read.
 fn interleaved(group: &str, reads: [&dyn Fn(usize); 4]) {
-    use std::time::Instant;
-    const N: usize = 100_000;
-    let mut best = [Duration::MAX; 4];
-    for _ in 0..15 {
-        for (read, best) in reads.iter().zip(best.iter_mut()) {
-            let start = Instant::now();
-            for i in 0..N {
-                read(i);
-            }
-            *best = (*best).min(start.elapsed() / N as u32);
-        }
-    }
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let best = sd_benches::fastest_interleaved(20, 100_000, &reads);
     println!(
-        "{group} interleaved (fastest of 15 rounds of 100k): get sd {:?} moka {:?} ({:.2}x); get_or_load sd {:?} moka {:?} ({:.2}x)",
+        "{group} interleaved (fastest of 20 rounds of 100k): get sd {:.1} ns moka {:.1} ns ({:.2}x); get_or_load sd {:.1} ns moka {:.1} ns ({:.2}x)",
         best[0],
         best[1],
-        ratio(best[0], best[1]),
+        best[0] / best[1],
         best[2],
         best[3],
-        ratio(best[2], best[3])
+        best[2] / best[3]
     );
 }
 
@@ -400,7 +389,7 @@ fn metrics_cost(c: &mut Criterion) {
     g.finish();
     let at = |i: usize| keys[i % keys.len()];
     let best = sd_benches::fastest_interleaved(
-        15,
+        20,
         100_000,
         &[
             &|i| {
@@ -412,7 +401,7 @@ fn metrics_cost(c: &mut Criterion) {
         ],
     );
     println!(
-        "cache/hit/metrics interleaved (fastest of 15 rounds of 100k): get off {:.1} ns on {:.1} ns ({:.3}x)",
+        "cache/hit/metrics interleaved (fastest of 20 rounds of 100k): get off {:.1} ns on {:.1} ns ({:.3}x)",
         best[0],
         best[1],
         best[1] / best[0]

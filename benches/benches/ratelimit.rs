@@ -13,7 +13,7 @@
 //!   recorder (`off`: the handles do nothing) and with one installed when the limiter was
 //!   built (`on`: sd-core's `Capture`, an atomic counter per series, as exporters keep
 //!   them), so the cost of counting every decision comes from one run.
-//!   Then the four are timed again interleaved in rounds (fastest of 15 rounds each).
+//!   Then the four are timed again interleaved in rounds (fastest of 20 rounds each).
 //! - `redis/64 callers`: 64 tasks on one multiplexed connection, same keys, sd decisions
 //!   (one EVALSHA each; `batched`: concurrent decisions share an EVALSHA, one round trip
 //!   each) beside what users would otherwise deploy on the same server: the GCRA script
@@ -125,7 +125,7 @@ fn metrics_cost(c: &mut Criterion) {
     g.finish();
     let [direct_off, direct_on] = [&directs.0, &directs.1];
     let best = sd_benches::fastest_interleaved(
-        15,
+        20,
         100_000,
         &[
             &|_| {
@@ -143,7 +143,7 @@ fn metrics_cost(c: &mut Criterion) {
         ],
     );
     println!(
-        "ratelimit/memory/metrics interleaved (fastest of 15 rounds of 100k): direct off {:.1} ns on {:.1} ns ({:.3}x); keyed off {:.1} ns on {:.1} ns ({:.3}x)",
+        "ratelimit/memory/metrics interleaved (fastest of 20 rounds of 100k): direct off {:.1} ns on {:.1} ns ({:.3}x); keyed off {:.1} ns on {:.1} ns ({:.3}x)",
         best[0],
         best[1],
         best[1] / best[0],

@@ -8,12 +8,19 @@ pub fn keys(n: usize) -> Vec<String> {
 
 /// The fastest time per call, in nanoseconds, of each of `reads` over `rounds` rounds of
 /// `calls` calls, the reads alternating round by round, so each is timed in the same quiet
-/// spells of a loaded machine (criterion times one after the other). A read gets the
-/// call's index.
+/// spells of a loaded machine (criterion times one after the other). Each round starts
+/// one read further on, so every read takes every place in the order equally often (what
+/// ran just before a read, warming or evicting the caches it uses, moves its time by
+/// several percent); give a multiple of the number of reads. A read gets the call's
+/// index.
 pub fn fastest_interleaved(rounds: usize, calls: usize, reads: &[&dyn Fn(usize)]) -> Vec<f64> {
     let mut best = vec![f64::MAX; reads.len()];
-    for _ in 0..rounds {
-        for (read, best) in reads.iter().zip(best.iter_mut()) {
+    for round in 0..rounds {
+        for place in 0..reads.len() {
+            let which = (round + place) % reads.len();
+            let (Some(read), Some(best)) = (reads.get(which), best.get_mut(which)) else {
+                continue;
+            };
             let start = std::time::Instant::now();
             for i in 0..calls {
                 read(i);
