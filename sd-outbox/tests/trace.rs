@@ -7,7 +7,8 @@
 //! id from the request to the job, the job's parent being the span `enqueue` recorded.
 //! An event enqueued outside any span gives a job with a trace of its own; a malformed
 //! `traceparent` gives a fresh root and no error; a `traceparent` the producer set itself
-//! is kept and followed.
+//! is kept and followed. A job the pool hands back at shutdown and the caller runs itself
+//! keeps its parent too.
 //!
 //! The subscriber is global (spans are entered on every worker thread of the runtime), so
 //! this file is a test binary of its own, and each test finds its spans by its pool's
@@ -208,6 +209,60 @@ async fn assert_traces(pool: &str, written: &Written, seen: &Seen) {
         4,
         "four traces: request, producer's own, two fresh roots"
     );
+}
+
+/// A job the pool hands back at shutdown, run elsewhere, stays in its producer's trace:
+/// `ReturnedJob::run` opens the job's span under the parent the job was given.
+#[test]
+fn a_job_handed_back_at_shutdown_and_run_elsewhere_keeps_its_trace_parent() {
+    let exporter = exporter();
+    sd_testkit::runtime().block_on(async {
+        let name = sd_testkit::unique_name("returned-jobs");
+        let pool = Pool::builder()
+            .workers(1)
+            .queue(4)
+            .name(&name)
+            .build()
+            .unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let blocker = pool
+            .submit(Job::new(async move { g.notified().await }))
+            .await
+            .unwrap();
+        let parent = TraceParent::parse(USER_SET, None).unwrap();
+        let queued = pool
+            .submit(
+                Job::new(async { tracing::info_span!("handle").in_scope(|| 7) })
+                    .with_trace_parent(parent.clone()),
+            )
+            .await
+            .unwrap();
+        let mut shutdown = pool.shutdown_now();
+        assert_eq!(shutdown.returned.len(), 1, "the queued job is handed back");
+        shutdown.returned.pop().unwrap().run().await;
+        assert_eq!(queued.await.unwrap(), 7);
+        drop((blocker, gate));
+
+        let spans = exporter.get_finished_spans().unwrap();
+        let job = spans
+            .iter()
+            .find(|s| s.name == "pool.job" && attribute(s, "sd.name").as_deref() == Some(&name))
+            .expect("the returned job ran in a pool.job span");
+        let sc = parent.span_context();
+        assert_eq!(
+            job.span_context.trace_id(),
+            sc.trace_id(),
+            "the producer's trace"
+        );
+        assert_eq!(job.parent_span_id, sc.span_id());
+        assert!(job.parent_span_is_remote);
+        let handle = spans
+            .iter()
+            .find(|s| s.name == "handle" && s.parent_span_id == job.span_context.span_id())
+            .expect("the job's own span is under it");
+        assert_eq!(handle.span_context.trace_id(), sc.trace_id());
+    });
 }
 
 fn pool(name: &str) -> Pool {

@@ -8,6 +8,11 @@ use super::*;
 pub struct ReturnedJob {
     meta: Meta,
     run: Run,
+    /// The remote parent of the job's span, as the pool would have used it.
+    #[cfg(feature = "otel")]
+    trace_parent: Option<Box<sd_core::trace::TraceParent>>,
+    /// The pool's name, the `sd.name` of the job's span.
+    pool: Arc<str>,
 }
 
 impl ReturnedJob {
@@ -23,10 +28,20 @@ impl ReturnedJob {
     pub fn position(&self) -> Option<(u32, u64)> {
         self.meta.position
     }
-    /// Runs the job here, catching a panic, and delivers its result to its handle.
+    /// Runs the job here, catching a panic, and delivers its result to its handle. The
+    /// job runs in its `pool.job` span, as on a worker: a child of the trace context given
+    /// with `Job::with_trace_parent` (feature `otel`), so a job handed back and run
+    /// elsewhere stays in its producer's trace.
     pub async fn run(self) {
+        let span = tracing::debug_span!("pool.job", sd.name = %self.pool, job = self.meta.id);
+        #[cfg(feature = "otel")]
+        if let Some(parent) = self.trace_parent {
+            parent.set_parent_of(&span);
+        }
         let mut run = self.run;
-        while run.next().await.is_some() {}
+        async move { while run.next().await.is_some() {} }
+            .instrument(span)
+            .await;
     }
 }
 
@@ -103,7 +118,7 @@ impl Pool {
             }
         }
         let mut st = lock(&self.shared.state);
-        let returned = take_queued(&mut st);
+        let returned = take_queued(&mut st, &self.shared.name);
         Drained {
             returned,
             still_running: st.running,
@@ -119,7 +134,7 @@ impl Pool {
         self.shared
             .shutting_down
             .store(true, AtomicOrdering::Release);
-        let returned = take_queued(&mut st);
+        let returned = take_queued(&mut st, &self.shared.name);
         let aborted = st.running;
         for worker in st.workers.iter().filter_map(|w| w.abort.as_ref()) {
             worker.abort();
@@ -132,7 +147,8 @@ impl Pool {
 }
 
 /// Takes every queued job out, in submission order, releasing the keys they held.
-fn take_queued(st: &mut State) -> Vec<ReturnedJob> {
+fn take_queued(st: &mut State, pool: &str) -> Vec<ReturnedJob> {
+    let pool: Arc<str> = pool.into();
     let mut out: Vec<ReturnedJob> = Vec::with_capacity(st.ready.len() + st.backlog);
     // Claimed jobs had not started either: they give their places back.
     st.running -= st.claimed;
@@ -142,13 +158,13 @@ fn take_queued(st: &mut State) -> Vec<ReturnedJob> {
             && let Some(backlog) = st.keys.remove(&key)
         {
             st.backlog -= backlog.len();
-            out.extend(backlog.into_iter().map(Queued::returned));
+            out.extend(backlog.into_iter().map(|q| q.returned(&pool)));
         }
-        out.push(q.returned());
+        out.push(q.returned(&pool));
     }
     for backlog in st.keys.values_mut() {
         st.backlog -= backlog.len();
-        out.extend(backlog.drain(..).map(Queued::returned));
+        out.extend(backlog.drain(..).map(|q| q.returned(&pool)));
     }
     out.sort_by_key(|j| j.meta.id);
     st.metrics.returned += out.len() as u64;
@@ -156,10 +172,13 @@ fn take_queued(st: &mut State) -> Vec<ReturnedJob> {
 }
 
 impl Queued {
-    fn returned(self) -> ReturnedJob {
+    fn returned(self, pool: &Arc<str>) -> ReturnedJob {
         ReturnedJob {
             meta: self.meta,
             run: self.run,
+            #[cfg(feature = "otel")]
+            trace_parent: self.trace_parent,
+            pool: Arc::clone(pool),
         }
     }
 }
