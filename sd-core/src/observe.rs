@@ -36,7 +36,7 @@
 //!
 //! The hottest counts (a cache hit, a memory limiter's decision) are
 //! [`Tally`](crate::tally::Tally) counts instead, which reach their counters in steps of
-//! [`STEP`](crate::tally::STEP) per thread: call [`publish`] before rendering a scrape
+//! [`STEP`](crate::tally::STEP) per thread: call `publish` (feature `metrics`) before rendering a scrape
 //! for exact figures.
 
 /// Label keys, which are also the span field names.

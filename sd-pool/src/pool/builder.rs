@@ -121,8 +121,6 @@ impl PoolBuilder {
                     limit: max_concurrency,
                     running: 0,
                     ready: VecDeque::new(),
-                    claimed: 0,
-                    starting: false,
                     keys: FastMap::default(),
                     backlog: 0,
                     watermarks,

@@ -95,21 +95,9 @@ struct Shared {
 
 struct State {
     limit: usize,
-    /// Jobs running, and jobs claimed to run (see `claimed`): what `limit` bounds.
     running: usize,
-    /// Jobs free to start, in order. The first `claimed` of them hold a place in
-    /// `running` and wait only for a worker; the others exist only while
-    /// `running >= limit`.
+    /// Jobs free to start, in order. Non-empty only while `running >= limit`.
     ready: VecDeque<Queued>,
-    /// Jobs at the front of `ready` accepted to run now by a deferred submission
-    /// ([`Deferred`]) and not taken by a worker yet. A worker that finishes a job takes
-    /// the first one; a worker started without a job takes one and starts the next
-    /// while claims are left (`starting`), so one batch spawns as many workers as run
-    /// at once, not one per job.
-    claimed: usize,
-    /// A worker without a job was spawned to take a claimed job and has not taken it
-    /// yet: at most one such start is in flight.
-    starting: bool,
     /// Keys with a job in `ready` or running, and the jobs waiting behind it.
     keys: FastMap<u64, VecDeque<Queued>>,
     /// Jobs in all the key backlogs.
@@ -132,9 +120,8 @@ struct State {
 }
 
 impl State {
-    /// Jobs accepted and waiting for a place in `running` (claimed jobs have one).
     fn queued(&self) -> usize {
-        self.ready.len() - self.claimed + self.backlog
+        self.ready.len() + self.backlog
     }
 
     /// Takes a worker slot for a job about to be spawned.
@@ -160,22 +147,19 @@ struct WorkerSlot {
     abort: Option<AbortHandle>,
 }
 
-/// Jobs accepted by [`Pool::try_submit_deferred`] and claimed to run, not started yet.
-/// Dropping it starts them, as [`Pool::launch_deferred`] does: a job the pool accepted
-/// always runs (or is handed back by a shutdown).
+/// Jobs accepted by [`Pool::try_submit_deferred`] and not started yet. Dropping it
+/// starts them, as [`Pool::launch_deferred`] does: a job the pool accepted always runs
+/// (or is booked as cancelled by a shutdown).
 #[cfg(feature = "kafka")]
 pub(crate) struct Deferred {
     shared: Arc<Shared>,
-    /// A job was accepted since the last launch.
-    pending: bool,
+    launches: Vec<(Launch, Queued)>,
 }
 
 #[cfg(feature = "kafka")]
 impl Drop for Deferred {
     fn drop(&mut self) {
-        if self.pending {
-            self.shared.start_claimed();
-        }
+        self.shared.launch_batch(std::mem::take(&mut self.launches));
     }
 }
 
@@ -221,8 +205,6 @@ enum Finished {
 
 enum Slot {
     RunNow,
-    /// May run now, and waits in `ready` for a worker (a deferred submission).
-    Claim,
     Ready,
     Backlog,
 }
@@ -292,19 +274,17 @@ impl Pool {
         J::Future: Send + 'static,
         OutputOf<J>: Outcome + Send + 'static,
     {
-        let (handle, launch) = self.try_insert(job.into_job(), false)?;
+        let (handle, launch) = self.try_insert(job.into_job())?;
         self.shared.launch(launch);
         Ok(handle)
     }
 
     #[cfg(feature = "kafka")]
-    /// Like [`try_submit`](Self::try_submit), but a job that may start now is claimed
-    /// (it counts as running) and waits in the ready queue until
-    /// [`launch_deferred`](Self::launch_deferred) starts one worker for the claims made
-    /// since, or a worker that finishes a job takes it: a thread outside the runtime
-    /// (the Kafka poll thread) then wakes a runtime thread once per batch of records
-    /// instead of once per record, and a batch spawns as many workers as it keeps
-    /// busy, not one per record. The job's output is dropped.
+    /// Like [`try_submit`](Self::try_submit), but a job that may start now is started
+    /// by [`launch_deferred`](Self::launch_deferred) later, with the others deferred
+    /// since: a thread outside the runtime (the Kafka poll thread) then wakes a runtime
+    /// thread once per batch of records instead of once per record. The job's output is
+    /// dropped.
     pub(crate) fn try_submit_deferred<F>(
         &self,
         job: Job<F>,
@@ -315,9 +295,8 @@ impl Pool {
         F::Output: Outcome + Send + 'static,
     {
         debug_assert!(Arc::ptr_eq(&self.shared, &deferred.shared));
-        let (_, launch) = self.try_insert(job, true)?;
-        debug_assert!(launch.is_none(), "a deferred job is claimed, not launched");
-        deferred.pending = true;
+        let (_, launch) = self.try_insert(job)?;
+        deferred.launches.extend(launch);
         Ok(())
     }
 
@@ -326,27 +305,23 @@ impl Pool {
     pub(crate) fn deferred(&self) -> Deferred {
         Deferred {
             shared: Arc::clone(&self.shared),
-            pending: false,
+            launches: Vec::new(),
         }
     }
 
     #[cfg(feature = "kafka")]
-    /// Starts the jobs [`try_submit_deferred`](Self::try_submit_deferred) claimed: one
-    /// worker, which starts the next while claims are left.
+    /// Starts the jobs [`try_submit_deferred`](Self::try_submit_deferred) accepted.
     pub(crate) fn launch_deferred(&self, deferred: &mut Deferred) {
-        if std::mem::take(&mut deferred.pending) {
-            self.shared.start_claimed();
-        }
+        self.shared
+            .launch_batch(std::mem::take(&mut deferred.launches));
     }
 
     /// Checks and inserts a job under the lock; the launch (if it may start now) is the
-    /// caller's to do once the lock is released. `defer`: a job that may start now is
-    /// claimed instead ([`Slot::Claim`]).
+    /// caller's to do once the lock is released.
     #[allow(clippy::type_complexity)]
     fn try_insert<F>(
         &self,
         job: Job<F>,
-        defer: bool,
     ) -> Result<(JobHandle<F::Output>, Option<(Launch, Queued)>), Rejected<F>>
     where
         F: Future + Send + 'static,
@@ -355,7 +330,6 @@ impl Pool {
         let channel = oneshot::channel();
         let mut st = lock(&self.shared.state);
         match self.shared.check(&st, &job) {
-            Ok(Slot::RunNow) if defer => Ok(self.shared.insert(&mut st, job, Slot::Claim, channel)),
             Ok(slot) => Ok(self.shared.insert(&mut st, job, slot, channel)),
             Err(Blocked::Closed) => Err(Rejected {
                 error: Error::Closed,
@@ -455,17 +429,11 @@ impl Pool {
         }
         let mut st = lock(&self.shared.state);
         st.limit = workers;
-        // Claimed jobs first (they hold their place already), then queued ones while
-        // the limit allows.
-        while !st.shut && (st.claimed > 0 || st.running < st.limit) {
+        while st.running < st.limit && !st.shut {
             let Some(job) = st.ready.pop_front() else {
                 break;
             };
-            if st.claimed > 0 {
-                st.claimed -= 1;
-            } else {
-                st.running += 1;
-            }
+            st.running += 1;
             self.shared.spawn_worker(&mut st, job);
         }
         let notify = std::mem::take(&mut st.room_wanted);
@@ -559,68 +527,5 @@ mod deferred_tests {
         assert!(drained(&rt, &pool));
         assert_eq!(ran.lock().unwrap().len(), 50);
         assert_eq!(pool.metrics().completed, 50);
-    }
-
-    /// A worker that finishes a job takes the next claimed one, so its own place in the
-    /// limit is free: a job queued behind the claims must get it, or the batch runs with
-    /// fewer workers than the limit.
-    #[test]
-    fn a_worker_that_takes_a_claimed_job_leaves_its_place_to_a_queued_one() {
-        // One runtime thread: the first worker runs alone until one of its jobs waits.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let pool = self::pool(&rt);
-        let mut batch = pool.deferred();
-        // Four quick jobs take the four places; four that wait until all four of them run
-        // at once queue behind.
-        let together = Arc::new(tokio::sync::Barrier::new(4));
-        for i in 0..8u64 {
-            let together = Arc::clone(&together);
-            let job = Job::new(async move {
-                if i >= 4 {
-                    together.wait().await;
-                }
-                Ok::<(), String>(())
-            })
-            .with_key(&i);
-            assert!(pool.try_submit_deferred(job, &mut batch).is_ok());
-        }
-        let m = pool.metrics();
-        assert_eq!((m.running, m.queued), (4, 4), "four claimed, four queued");
-        pool.launch_deferred(&mut batch);
-        let drained = rt.block_on(pool.drain(Duration::from_secs(2)));
-        assert!(
-            drained.is_complete(),
-            "the last four never ran at once: {} not started",
-            drained.returned.len()
-        );
-        let m = pool.metrics();
-        assert_eq!((m.completed, m.running_peak), (8, 4));
-    }
-
-    /// Claimed jobs have not started: a shutdown before the launch hands them back
-    /// with the queued ones and aborts nothing.
-    #[test]
-    fn a_shutdown_before_the_launch_hands_claimed_jobs_back() {
-        let rt = runtime();
-        let pool = pool(&rt);
-        let ran: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let mut batch = pool.deferred();
-        submit(&pool, &mut batch, 20, &ran);
-        let m = pool.metrics();
-        // Keys 0 to 3 claimed (the limit), keys 4 to 6 queued, the rest behind their keys.
-        assert_eq!((m.running, m.queued), (4, 16));
-        let shut = pool.shutdown_now();
-        assert_eq!((shut.aborted, shut.returned.len()), (0, 20));
-        drop(batch);
-        assert!(drained(&rt, &pool));
-        assert!(ran.lock().unwrap().is_empty());
-        let m = pool.metrics();
-        assert_eq!(
-            (m.running, m.queued, m.cancelled, m.returned),
-            (0, 0, 0, 20)
-        );
     }
 }

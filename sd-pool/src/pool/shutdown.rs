@@ -149,10 +149,7 @@ impl Pool {
 /// Takes every queued job out, in submission order, releasing the keys they held.
 fn take_queued(st: &mut State, pool: &str) -> Vec<ReturnedJob> {
     let pool: Arc<str> = pool.into();
-    let mut out: Vec<ReturnedJob> = Vec::with_capacity(st.ready.len() + st.backlog);
-    // Claimed jobs had not started either: they give their places back.
-    st.running -= st.claimed;
-    st.claimed = 0;
+    let mut out: Vec<ReturnedJob> = Vec::with_capacity(st.queued());
     while let Some(q) = st.ready.pop_front() {
         if let Some(key) = q.meta.key
             && let Some(backlog) = st.keys.remove(&key)

@@ -37,7 +37,7 @@ impl Shared {
             }
             return Ok(Slot::Backlog);
         }
-        if st.running < st.limit && st.ready.len() == st.claimed {
+        if st.running < st.limit && st.ready.is_empty() {
             Ok(Slot::RunNow)
         } else if st.queued() >= self.queue_capacity {
             Err(Blocked::Bound("queue", self.queue_capacity))
@@ -118,16 +118,6 @@ impl Shared {
                 st.running += 1;
                 launch = Some((st.reserve_worker(), queued));
             }
-            Slot::Claim => {
-                if let Some(key) = key {
-                    st.keys.insert(key, VecDeque::new());
-                }
-                debug_assert_eq!(st.ready.len(), st.claimed, "claims lead the ready queue");
-                st.running += 1;
-                st.claimed += 1;
-                st.metrics.running_peak = st.metrics.running_peak.max(st.running);
-                st.ready.push_back(queued);
-            }
             Slot::Ready => {
                 if let Some(key) = key {
                     st.keys.insert(key, VecDeque::new());
@@ -156,39 +146,29 @@ impl Shared {
     }
 
     #[cfg(feature = "kafka")]
-    /// Starts a worker for the claimed jobs, unless one is starting already. From a
-    /// thread outside the runtime a spawn wakes a runtime thread, which then preempts
-    /// the spawning thread on a busy machine: one spawn per batch of jobs, not one per
-    /// job; the worker starts the next (see [`start_one`]).
-    pub(super) fn start_claimed(self: &Arc<Self>) {
-        let start = start_one(&mut lock(&self.state));
-        self.spawn_starter(start);
-    }
-
-    /// Spawns a worker that begins by taking a claimed job (a start booked by
-    /// [`start_one`]), and files its abort handle.
-    fn spawn_starter(self: &Arc<Self>, start: Option<Launch>) {
-        let Some(start) = start else { return };
-        let task = CURRENT_POOL.scope(self.id, worker(Arc::clone(self), start.wid, None));
-        let abort = self.handle.spawn(task).abort_handle();
-        self.file_abort(start, abort);
-    }
-
-    /// A starting worker takes the first claimed job (its place in `running` becomes
-    /// the worker's), and books the next start if claims are left. With no claim left
-    /// (a worker that finished a job took it, or a shutdown handed it back) the worker
-    /// gives its slot back.
-    fn take_claimed(&self, wid: usize) -> (Option<Queued>, Option<Launch>) {
-        let mut st = lock(&self.state);
-        st.starting = false;
-        if st.claimed == 0 || st.shut {
-            free_worker(&mut st, wid);
-            return (None, None);
+    /// Launches several started jobs. From a thread outside the runtime each spawn
+    /// wakes a runtime thread, which then preempts the spawning thread on a busy
+    /// machine; so several are handed over in one spawned task that spawns them from
+    /// inside the runtime. The workers are built (their guards armed) first: if that
+    /// task never runs, dropping them books their jobs as cancelled.
+    pub(super) fn launch_batch(self: &Arc<Self>, launches: Vec<(Launch, Queued)>) {
+        if launches.len() <= 1 {
+            for launch in launches {
+                self.launch(Some(launch));
+            }
+            return;
         }
-        st.claimed -= 1;
-        let job = st.ready.pop_front();
-        let next = start_one(&mut st);
-        (job, next)
+        let tasks: Vec<_> = launches
+            .into_iter()
+            .map(|(launch, job)| (launch, self.worker_task(launch.wid, job)))
+            .collect();
+        let shared = Arc::clone(self);
+        self.handle.spawn(async move {
+            for (launch, task) in tasks {
+                let abort = shared.handle.spawn(task).abort_handle();
+                shared.file_abort(launch, abort);
+            }
+        });
     }
 
     /// Files a spawned worker's abort handle. If `shutdown_now` came in between, the
@@ -218,14 +198,20 @@ impl Shared {
     }
 
     fn spawn_task(self: &Arc<Self>, wid: usize, job: Queued) -> AbortHandle {
-        let task = CURRENT_POOL.scope(self.id, worker(Arc::clone(self), wid, Some(job)));
-        self.handle.spawn(task).abort_handle()
+        self.handle.spawn(self.worker_task(wid, job)).abort_handle()
     }
 
-    /// Books a finished job and picks the worker's next one, if it should go on, and a
-    /// worker to start (see [`take_over`]). `started` is when the job started and `now`
-    /// when it finished: the worker reads the clock once per job, and `now` is the next
-    /// job's start.
+    fn worker_task(
+        self: &Arc<Self>,
+        wid: usize,
+        job: Queued,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        CURRENT_POOL.scope(self.id, worker(Arc::clone(self), wid, job))
+    }
+
+    /// Books a finished job and picks the worker's next one, if it should go on.
+    /// `started` is when the job started and `now` when it finished: the worker reads
+    /// the clock once per job, and `now` is the next job's start.
     fn finish(
         &self,
         wid: usize,
@@ -233,7 +219,7 @@ impl Shared {
         finished: &Finished,
         started: Instant,
         now: Instant,
-    ) -> (Option<Queued>, Option<Launch>) {
+    ) -> Option<Queued> {
         let run_time = now.saturating_duration_since(started);
         let queue_time = started.saturating_duration_since(meta.enqueued);
         let mut st = lock(&self.state);
@@ -266,12 +252,9 @@ impl Shared {
         } else {
             st.ready.pop_front()
         };
-        let mut start = None;
         if next.is_none() {
             st.running -= 1;
             free_worker(&mut st, wid);
-        } else if st.claimed > 0 {
-            start = take_over(&mut st);
         }
         self.meters.state(st.queued(), st.running);
         let notify_room = std::mem::take(&mut st.room_wanted);
@@ -283,7 +266,7 @@ impl Shared {
         if notify_idle {
             self.idle.notify_waiters();
         }
-        (next, start)
+        next
     }
 
     fn report_panic(&self, meta: &Meta, message: String) {
@@ -300,31 +283,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Books a start of a worker for the claimed jobs, if there are any, none is starting
-/// and the pool is not shut; the caller spawns it
-/// ([`spawn_starter`](Shared::spawn_starter)).
-fn start_one(st: &mut State) -> Option<Launch> {
-    if st.claimed == 0 || st.starting || st.shut {
-        return None;
-    }
-    st.starting = true;
-    Some(st.reserve_worker())
-}
-
-/// A worker that finished a job took the first claimed job from `ready`: the claim's
-/// place in `running` is now the worker's, and the finished job's place is free. Queued
-/// jobs behind the claims may take it (they are claimed in turn); then a start is
-/// booked if claims are left and no worker is starting.
-fn take_over(st: &mut State) -> Option<Launch> {
-    st.claimed -= 1;
-    st.running -= 1;
-    let room = st.limit.saturating_sub(st.running);
-    let claim = room.min(st.ready.len() - st.claimed);
-    st.claimed += claim;
-    st.running += claim;
-    start_one(st)
 }
 
 /// Gives a worker's slot back to the slab.
@@ -354,35 +312,17 @@ fn release(st: &mut State, meta: &Meta) {
     }
 }
 
-/// What a worker holds, for its guard to give back if the worker is dropped.
-enum Holding {
-    /// Nothing to give back (between jobs, or gone).
-    Nothing,
-    /// Started to take a claimed job and has not taken it: a slab slot and the start.
-    Start,
-    /// A job in the middle of its run.
-    Job(Meta),
-}
-
-/// Books a worker that was aborted (by `shutdown_now`) in the middle of a job, or
-/// dropped before it took its first.
+/// Books a worker that was aborted (by `shutdown_now`) in the middle of a job.
 struct WorkerGuard {
     shared: Arc<Shared>,
     wid: usize,
-    holding: Holding,
+    current: Option<Meta>,
 }
 
 impl Drop for WorkerGuard {
     fn drop(&mut self) {
-        let meta = match std::mem::replace(&mut self.holding, Holding::Nothing) {
-            Holding::Nothing => return,
-            Holding::Start => {
-                let mut st = lock(&self.shared.state);
-                st.starting = false;
-                free_worker(&mut st, self.wid);
-                return;
-            }
-            Holding::Job(meta) => meta,
+        let Some(meta) = self.current.take() else {
+            return;
         };
         let mut st = lock(&self.shared.state);
         st.metrics.cancelled += 1;
@@ -403,23 +343,14 @@ impl Drop for WorkerGuard {
     }
 }
 
-/// A worker: runs `first` (or, with none, takes a claimed job, see
-/// [`Shared::take_claimed`]), then queued jobs while there are any and the limit
-/// allows. The guard is built before the task starts, so an abort before the first
-/// poll still books the job as cancelled (or the start as over) and the worker as gone.
-fn worker(
-    shared: Arc<Shared>,
-    wid: usize,
-    first: Option<Queued>,
-) -> impl Future<Output = ()> + Send {
-    let holding = match &first {
-        Some(job) => Holding::Job(job.meta),
-        None => Holding::Start,
-    };
+/// A worker: runs `first`, then queued jobs while there are any and the limit allows.
+/// The guard is built before the task starts, so an abort before the first poll still
+/// books the job as cancelled and the worker as gone.
+fn worker(shared: Arc<Shared>, wid: usize, first: Queued) -> impl Future<Output = ()> + Send {
     let mut guard = WorkerGuard {
         shared,
         wid,
-        holding,
+        current: Some(first.meta),
     };
     async move {
         if guard.shared.shutting_down.load(AtomicOrdering::Acquire) {
@@ -427,27 +358,11 @@ fn worker(
             // the job as cancelled, as an abort would.
             return;
         }
-        let mut job = match first {
-            Some(job) => job,
-            None => {
-                let (job, next) = guard.shared.take_claimed(wid);
-                // Booked under the lock: the start is over, the slot is the job's or
-                // given back.
-                guard.holding = match &job {
-                    Some(job) => Holding::Job(job.meta),
-                    None => Holding::Nothing,
-                };
-                guard.shared.spawn_starter(next);
-                match job {
-                    Some(job) => job,
-                    None => return,
-                }
-            }
-        };
+        let mut job = first;
         let mut started = Instant::now();
         loop {
             let meta = job.meta;
-            guard.holding = Holding::Job(meta);
+            guard.current = Some(meta);
             // A run always yields once before it ends; the fallback is never taken.
             let span =
                 tracing::debug_span!("pool.job", sd.name = %guard.shared.name, job = meta.id);
@@ -460,16 +375,15 @@ fn worker(
                 job.run.next().instrument(span).await.unwrap_or_else(|| {
                     Finished::Panicked("the job ended without a result".to_owned())
                 });
-            guard.holding = Holding::Nothing;
+            guard.current = None;
             let now = Instant::now();
             if let Finished::Panicked(message) = &finished {
                 guard.shared.report_panic(&meta, message.clone());
             }
-            let (next, start) = guard.shared.finish(wid, meta, &finished, started, now);
+            let next = guard.shared.finish(wid, meta, &finished, started, now);
             // Synchronous (no await inside), so no abort can fall between booking and
             // delivery.
             let _ = job.run.next().await;
-            guard.shared.spawn_starter(start);
             match next {
                 Some(next) => {
                     job = next;
