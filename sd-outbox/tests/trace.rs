@@ -226,10 +226,17 @@ fn a_job_handed_back_at_shutdown_and_run_elsewhere_keeps_its_trace_parent() {
             .unwrap();
         let gate = Arc::new(tokio::sync::Notify::new());
         let g = gate.clone();
+        let (running, started) = tokio::sync::oneshot::channel();
         let blocker = pool
-            .submit(Job::new(async move { g.notified().await }))
+            .submit(Job::new(async move {
+                let _ = running.send(());
+                g.notified().await
+            }))
             .await
             .unwrap();
+        // The one worker holds the blocker before the job under test is queued, so
+        // shutdown finds exactly that job waiting however slowly the worker started.
+        started.await.unwrap();
         let parent = TraceParent::parse(USER_SET, None).unwrap();
         let queued = pool
             .submit(
