@@ -7,6 +7,7 @@
 mod kafka_support;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,14 +31,23 @@ async fn three_members_keep_per_key_order_and_run_every_record_once() {
     let history = History::default();
     let at = (broker.bootstrap(), group, topic);
     let plan = [0, 2_000, 8_000];
-    let members = staggered_members(
-        (&at.0, &at.1, &at.2),
-        &history,
-        &plan,
-        8,
-        Duration::from_millis(2),
-    )
-    .await;
+    // Jobs take 2 ms, except between the third member's start and its first record, when
+    // the first two slow to 25 ms: on a loaded machine the third member's join and the
+    // rebalance may take seconds, and at full speed the first two would finish the topic
+    // before it got a partition.
+    let third_ran = Arc::new(AtomicBool::new(false));
+    let (h, t) = (history.clone(), Arc::clone(&third_ran));
+    let pace: Pace = Arc::new(move |member| {
+        if member == 2 {
+            t.store(true, Ordering::Relaxed);
+        }
+        if member < 2 && h.len() >= plan[2] && !t.load(Ordering::Relaxed) {
+            Duration::from_millis(25)
+        } else {
+            Duration::from_millis(2)
+        }
+    });
+    let members = staggered_members((&at.0, &at.1, &at.2), &history, &plan, 8, pace).await;
     until_all_ran(&history, keys * per_key, Duration::from_secs(120)).await;
     let reports = stop_all(members).await;
     let runs = history.runs();
@@ -74,7 +84,7 @@ async fn a_rebalance_while_slow_jobs_run_never_runs_a_record_on_two_members_at_o
         &history,
         &[0, 20],
         16,
-        Duration::from_millis(150),
+        steady(Duration::from_millis(150)),
     )
     .await;
     until_all_ran(&history, keys * per_key, Duration::from_secs(120)).await;

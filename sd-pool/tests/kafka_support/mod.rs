@@ -108,6 +108,14 @@ pub fn parse(record: &Record) -> (String, usize) {
     (key.to_owned(), seq.parse().unwrap())
 }
 
+/// How long a job of member `i` sleeps, asked afresh for each record: `pace(i)`.
+pub type Pace = Arc<dyn Fn(usize) -> Duration + Send + Sync>;
+
+/// Every job of every member sleeps `work`.
+pub fn steady(work: Duration) -> Pace {
+    Arc::new(move |_| work)
+}
+
 /// A handler that sleeps `work` and logs its run into `history` as `member`.
 pub fn logging_handler(
     member: usize,
@@ -117,8 +125,21 @@ pub fn logging_handler(
 + Send
 + Sync
 + 'static {
+    paced_handler(member, history, steady(work))
+}
+
+/// A handler that sleeps what `pace` says and logs its run into `history` as `member`.
+pub fn paced_handler(
+    member: usize,
+    history: History,
+    pace: Pace,
+) -> impl Fn(Record) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
++ Send
++ Sync
++ 'static {
     move |record: Record| {
         let history = history.clone();
+        let work = pace(member);
         Box::pin(async move {
             let start = Instant::now();
             if !work.is_zero() {
@@ -298,13 +319,13 @@ where
 }
 
 /// Starts logging members of `group` one after another, member `i` (with `workers`
-/// workers and jobs of `work`) once `start_after[i]` records have run.
+/// workers and jobs as long as `pace` says) once `start_after[i]` records have run.
 pub async fn staggered_members(
     (bootstrap, group, topic): (&str, &str, &str),
     history: &History,
     start_after: &[usize],
     workers: usize,
-    work: Duration,
+    pace: Pace,
 ) -> Vec<Member> {
     let mut members = Vec::new();
     for (i, after) in start_after.iter().enumerate() {
@@ -314,7 +335,7 @@ pub async fn staggered_members(
             .unwrap();
         members.push(spawn_member(
             consumer,
-            logging_handler(i, history.clone(), work),
+            paced_handler(i, history.clone(), Arc::clone(&pace)),
         ));
     }
     members
