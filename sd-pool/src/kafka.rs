@@ -524,14 +524,14 @@ impl KafkaConsumer {
                 operation: "subscribe",
                 source: Box::new(source),
             })?;
-        let parts = JobParts {
-            handler: Arc::new(handler),
+        let parts = Arc::new(JobParts {
+            handler,
             retry: self.retry,
             dead_letters: self.dead_letters.clone(),
             counters: Arc::clone(&counters),
             reports: reports_tx,
             meters: self.meters.clone(),
-        };
+        });
         let (pool, order, batch) = (self.pool.clone(), self.order, Arc::clone(&shared));
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {
             let (job, live) = parts.job(record.clone(), slot, revoked);

@@ -30,9 +30,10 @@ pub(crate) struct Finished {
 
 /// Sends the report when dropped, so a job aborted by the pool still reports (as not
 /// done); but only once the job is live: the pool took it, or it started. A job the pool
-/// refused (full) is dropped without a report, since it was never counted.
-struct Reporter {
-    tx: Sender<Finished>,
+/// refused (full) is dropped without a report, since it was never counted. It holds the
+/// job's parts, so a job costs one reference count on them.
+struct Reporter<H> {
+    parts: Arc<JobParts<H>>,
     finished: Finished,
     live: Live,
 }
@@ -48,18 +49,18 @@ impl Live {
     }
 }
 
-impl Reporter {
+impl<H> Reporter<H> {
     /// Sends the report, `done` or not.
     fn send(mut self, done: bool) {
         self.finished.done = done;
     }
 }
 
-impl Drop for Reporter {
+impl<H> Drop for Reporter<H> {
     fn drop(&mut self) {
         if self.live.0.load(Ordering::Acquire) {
             // The poll thread is gone only when the run is over: nothing to tell.
-            let _ = self.tx.send(self.finished);
+            let _ = self.parts.reports.send(self.finished);
         }
     }
 }
@@ -149,25 +150,12 @@ impl DeadLetters {
 
 /// Everything a job needs besides its record.
 pub(crate) struct JobParts<H> {
-    pub(crate) handler: Arc<H>,
+    pub(crate) handler: H,
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letters: Option<DeadLetters>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) reports: Sender<Finished>,
     pub(crate) meters: ConsumerMeters,
-}
-
-impl<H> Clone for JobParts<H> {
-    fn clone(&self) -> Self {
-        Self {
-            handler: Arc::clone(&self.handler),
-            retry: self.retry,
-            dead_letters: self.dead_letters.clone(),
-            counters: Arc::clone(&self.counters),
-            reports: self.reports.clone(),
-            meters: self.meters.clone(),
-        }
-    }
 }
 
 impl<H, Fut, E> JobParts<H>
@@ -181,15 +169,14 @@ where
     /// before the job starts, or between attempts, leaves the record to its next owner.
     /// The dispatcher sets the returned [`Live`] once the pool took the job.
     pub(crate) fn job(
-        &self,
+        self: &Arc<Self>,
         record: Record,
         slot: u32,
         revoked: RevokedFlag,
     ) -> (impl Future<Output = ()> + Send + 'static, Live) {
-        let parts = self.clone();
         let live = Live::default();
         let reporter = Reporter {
-            tx: parts.reports.clone(),
+            parts: Arc::clone(self),
             finished: Finished {
                 slot,
                 offset: record.offset(),
@@ -199,6 +186,7 @@ where
         };
         let job = async move {
             reporter.live.set();
+            let parts = &reporter.parts;
             let done = parts.attempts(record, &revoked).await;
             if !done {
                 add(&parts.counters.abandoned, 1);
