@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sd_pool::redis::{
     ConsumerReport, DLQ_DELIVERIES, DLQ_ERROR, DLQ_GROUP, DLQ_ID, DLQ_STREAM, Entry,
     StreamConsumer, StreamConsumerBuilder,
@@ -116,7 +116,12 @@ where
     let server = sd_testkit::redis().expect("redis-server for the test");
     runtime().block_on(async {
         let client = redis::Client::open(server.url()).unwrap();
-        test(ConnectionManager::new(client).await.unwrap()).await;
+        // Reading back 10,000 entries on a loaded machine outlasts the default response
+        // timeout.
+        let config =
+            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, config);
+        test(conn.await.unwrap()).await;
     });
 }
 
