@@ -281,6 +281,8 @@ pub(crate) fn poll_loop(
 ) -> Result<()> {
     let mut next_commit = Instant::now() + shared.timing.commit_interval;
     let mut closed = false;
+    // The last topic interned: records mostly come in runs of one topic.
+    let mut last_topic: Option<Arc<str>> = None;
     while !stop.load(Ordering::Acquire) && !closed {
         let holding = lock(&shared.tracker).holding();
         let wait = if holding {
@@ -297,7 +299,11 @@ pub(crate) fn poll_loop(
                 Ok(message) => {
                     add(&shared.counters.received, 1);
                     shared.meters.consumed(1);
-                    let topic = shared.intern(rdkafka::Message::topic(&message));
+                    let name = rdkafka::Message::topic(&message);
+                    let topic = match &last_topic {
+                        Some(topic) if **topic == *name => Arc::clone(topic),
+                        _ => Arc::clone(last_topic.insert(shared.intern(name))),
+                    };
                     let record = Record::from_message(&message, topic);
                     drop(message);
                     closed = offer(&consumer, shared, &dispatch, record).is_err();

@@ -191,12 +191,14 @@ struct Queued {
 /// the metrics and the watermark already count it.
 type Run = BoxStream<'static, Finished>;
 
+/// The steps of a run, with the sender to the job's handle (none when no handle was
+/// made: the output is then dropped).
 enum Step<F: Future> {
-    Run(F, oneshot::Sender<Delivery<F::Output>>),
-    Deliver(Delivery<F::Output>, oneshot::Sender<Delivery<F::Output>>),
+    Run(F, Option<Deliver<F::Output>>),
+    Deliver(Delivery<F::Output>, Option<Deliver<F::Output>>),
 }
 
-type Channel<T> = (oneshot::Sender<Delivery<T>>, oneshot::Receiver<Delivery<T>>);
+type Deliver<T> = oneshot::Sender<Delivery<T>>;
 
 enum Finished {
     Done { failed: bool },
@@ -274,9 +276,10 @@ impl Pool {
         J::Future: Send + 'static,
         OutputOf<J>: Outcome + Send + 'static,
     {
-        let (handle, launch) = self.try_insert(job.into_job())?;
+        let (tx, rx) = oneshot::channel();
+        let (id, launch) = self.try_insert(job.into_job(), Some(tx))?;
         self.shared.launch(launch);
-        Ok(handle)
+        Ok(JobHandle { id, rx })
     }
 
     #[cfg(feature = "kafka")]
@@ -295,7 +298,7 @@ impl Pool {
         F::Output: Outcome + Send + 'static,
     {
         debug_assert!(Arc::ptr_eq(&self.shared, &deferred.shared));
-        let (_, launch) = self.try_insert(job)?;
+        let (_, launch) = self.try_insert(job, None)?;
         deferred.launches.extend(launch);
         Ok(())
     }
@@ -322,15 +325,15 @@ impl Pool {
     fn try_insert<F>(
         &self,
         job: Job<F>,
-    ) -> Result<(JobHandle<F::Output>, Option<(Launch, Queued)>), Rejected<F>>
+        deliver: Option<Deliver<F::Output>>,
+    ) -> Result<(u64, Option<(Launch, Queued)>), Rejected<F>>
     where
         F: Future + Send + 'static,
         F::Output: Outcome + Send + 'static,
     {
-        let channel = oneshot::channel();
         let mut st = lock(&self.shared.state);
         match self.shared.check(&st, &job) {
-            Ok(slot) => Ok(self.shared.insert(&mut st, job, slot, channel)),
+            Ok(slot) => Ok(self.shared.insert(&mut st, job, slot, deliver)),
             Err(Blocked::Closed) => Err(Rejected {
                 error: Error::Closed,
                 job,
@@ -358,17 +361,18 @@ impl Pool {
     {
         let shared = &self.shared;
         // Built once, outside the lock; only the job's own future is boxed under it.
-        let channel = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let mut tx = Some(tx);
         loop {
             let mut notified = pin!(shared.room.notified());
             {
                 let mut st = lock(&shared.state);
                 let (bound, limit) = match shared.check(&st, &job) {
                     Ok(slot) => {
-                        let (handle, launch) = shared.insert(&mut st, job, slot, channel);
+                        let (id, launch) = shared.insert(&mut st, job, slot, tx.take());
                         drop(st);
                         shared.launch(launch);
-                        return Ok(handle);
+                        return Ok(JobHandle { id, rx });
                     }
                     Err(Blocked::Closed) => {
                         return Err(Rejected {

@@ -52,8 +52,8 @@ impl Shared {
         st: &mut State,
         job: Job<F>,
         slot: Slot,
-        (tx, rx): Channel<F::Output>,
-    ) -> (JobHandle<F::Output>, Option<(Launch, Queued)>)
+        tx: Option<Deliver<F::Output>>,
+    ) -> (u64, Option<(Launch, Queued)>)
     where
         F: Future + Send + 'static,
         F::Output: Outcome + Send + 'static,
@@ -91,7 +91,9 @@ impl Shared {
                     Some((finished, Step::Deliver(delivery, tx)))
                 }
                 Step::Deliver(delivery, tx) => {
-                    let _ = tx.send(delivery);
+                    if let Some(tx) = tx {
+                        let _ = tx.send(delivery);
+                    }
                     None
                 }
             }
@@ -133,7 +135,7 @@ impl Shared {
         }
         st.metrics.queued_peak = st.metrics.queued_peak.max(st.queued());
         self.meters.state(st.queued(), st.running);
-        (JobHandle { id, rx }, launch)
+        (id, launch)
     }
 
     /// Spawns the worker of a job that [`insert`](Self::insert) started, outside the
