@@ -94,7 +94,13 @@ async fn lost(
 /// acknowledged before this call; returns when the wait began.
 async fn wait_for_every_replica(port: u16) -> Instant {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // WAIT may block for its whole 30 s: longer than the default response timeout.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(35)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
     let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
     let replicas = match role.get(2) {
         Some(redis::Value::Array(r)) => r.len(),
