@@ -7,7 +7,10 @@
 //!   (parallelism = partitions).
 //! - `pool/kafka_zero_work`: 20,000 records whose handler does nothing, sd per key with
 //!   64 workers beside a bare rdkafka poll loop that commits the same way (each
-//!   partition's next offset, every second): the cost of sd's bookkeeping.
+//!   partition's next offset, every second): the cost of sd's bookkeeping. The two are
+//!   then run again in alternating rounds (`pool/kafka_zero_work interleaved`), so both
+//!   meet the broker in the same state: most of a round is the broker serving the
+//!   records, it uses both cores for it, and it slows as its file grows round by round.
 //!
 //! Each round consumes a fresh topic with a fresh group; the clock runs from the first
 //! record handled to the last (joining the group is left out on both sides), read where
@@ -42,28 +45,28 @@ const PARTITIONS: i32 = 4;
 const KEYS: usize = 1_000;
 
 /// When the first and the `n`th record were handled. Handlers tick it; the round waits on
-/// it without polling, so neither side pays for a watcher waking up while it runs.
-#[derive(Clone)]
+/// it without polling, so neither side pays for a watcher waking up while it runs. Shared
+/// as one `Arc`: a handler's clone is one count.
 struct Clock {
-    first: Arc<OnceLock<Instant>>,
-    last: Arc<OnceLock<Instant>>,
-    done: Arc<AtomicUsize>,
+    first: OnceLock<Instant>,
+    last: OnceLock<Instant>,
+    done: AtomicUsize,
     n: usize,
-    reached: Arc<Notify>,
+    reached: Notify,
     /// When each 1,000th record was handled.
-    marks: Arc<Mutex<Vec<(usize, Instant)>>>,
+    marks: Mutex<Vec<(usize, Instant)>>,
 }
 
 impl Clock {
-    fn new(n: usize) -> Self {
-        Self {
-            first: Arc::default(),
-            last: Arc::default(),
-            done: Arc::default(),
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            first: OnceLock::new(),
+            last: OnceLock::new(),
+            done: AtomicUsize::new(0),
             n,
-            reached: Arc::default(),
-            marks: Arc::default(),
-        }
+            reached: Notify::new(),
+            marks: Mutex::default(),
+        })
     }
 
     fn tick(&self) {
@@ -170,13 +173,13 @@ async fn sd_round(
         .build(pool)
         .unwrap();
     let clock = Clock::new(n);
-    let c = clock.clone();
+    let c = Arc::clone(&clock);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(async move {
         consumer
             .run(
                 move |_record| {
-                    let c = c.clone();
+                    let c = Arc::clone(&c);
                     async move {
                         if !work.is_zero() {
                             tokio::time::sleep(work).await;
@@ -227,7 +230,7 @@ async fn per_partition_round(
     let mut tasks = Vec::new();
     for p in 0..PARTITIONS {
         let queue = consumer.split_partition_queue(&topic, p).unwrap();
-        let (consumer, clock) = (consumer.clone(), clock.clone());
+        let (consumer, clock) = (consumer.clone(), Arc::clone(&clock));
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok(m) = queue.recv().await else { break };
@@ -355,6 +358,36 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The same rounds again, alternating, each pair led by the other side: both meet the
+    // broker in the same state (its serving time sets most of a round, and drifts as its
+    // file grows with every topic).
+    const ROUNDS: usize = 10;
+    let (mut sd, mut bare) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for side in [round % 2, (round + 1) % 2] {
+            if side == 0 {
+                let zero = Duration::ZERO;
+                sd.push(rt.block_on(sd_round(&broker, &producer, n, RecordOrder::PerKey, zero)));
+            } else {
+                let topic = rt.block_on(topic_with(&broker, &producer, n));
+                bare.push(bare_round(&broker, &topic, n));
+            }
+        }
+    }
+    sd.sort_unstable();
+    bare.sort_unstable();
+    // Medians: a round is mostly the broker's wait, and the fastest bare round is one
+    // where the broker happened to serve every partition at once.
+    let median = |d: &[Duration]| d[d.len() / 2];
+    println!(
+        "pool/kafka_zero_work interleaved (medians of {ROUNDS} alternating rounds of 20k records each side): sd per key {:.1?} (fastest {:.1?}), bare loop {:.1?} (fastest {:.1?}); sd's throughput {:.2}x the bare loop's",
+        median(&sd),
+        sd[0],
+        median(&bare),
+        bare[0],
+        median(&bare).as_secs_f64() / median(&sd).as_secs_f64(),
+    );
 }
 
 criterion_group!(benches, bench);
