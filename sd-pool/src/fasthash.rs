@@ -1,7 +1,8 @@
 //! The hasher of the crate's internal maps.
 //!
 //! Their keys are partition numbers, slots, topic names and job keys, and a job key is
-//! already a hash (SipHash, see [`Job::with_key`](crate::Job::with_key)). With the
+//! already a hash (SipHash, see [`Job::with_key`](crate::Job::with_key); the Kafka
+//! consumer's, of a record's topic and key, is this one, see [`hash_one`]). With the
 //! std's keyed SipHash, hashing was over a quarter of the Kafka poll thread's samples
 //! (several lookups per record). This is FxHash (rustc's): one rotate, xor and multiply
 //! per word. It has no key, so it is kept to maps whose size the pool bounds (a pool's
@@ -73,8 +74,20 @@ impl Hasher for FxHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        self.hash
+        // A product's low bits depend only on the low bits of its factors, and the table
+        // takes its bucket from the low bits: rotate the well-mixed high bits down (as
+        // rustc-hash 2 does). Without it, keys that differ only past their first bytes
+        // (`k1`, `k2`, ... hashed after a topic name) shared their low bits.
+        self.hash.rotate_left(26)
     }
+}
+
+/// `value` hashed with [`FxHasher`].
+#[cfg(feature = "kafka")]
+pub(crate) fn hash_one<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    let mut hasher = FxHasher::default();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -97,6 +110,13 @@ mod tests {
         assert_ne!(hash(&("ab", "c")), hash(&("a", "bc")));
         let small: std::collections::HashSet<u64> = (0u32..1_000).map(|p| hash(&p)).collect();
         assert_eq!(small.len(), 1_000);
+        // The low bits, where a table takes its bucket, spread too: keys that differ
+        // only past their first byte, hashed after a common prefix, and hashed again
+        // (a job key is a hash, and the pool's map hashes it).
+        let low: std::collections::HashSet<u64> = (0..1_000)
+            .map(|k| hash(&hash(&("bench-topic", format!("k{k}").as_bytes()))) & 0xff)
+            .collect();
+        assert!(low.len() > 200, "{} of 256 low bytes", low.len());
     }
 
     #[test]

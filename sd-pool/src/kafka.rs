@@ -121,6 +121,7 @@ use self::poll::{Context, Dispatched, Shared, Timing};
 use self::record::Counters;
 use self::tracker::Tracker;
 use crate::error::{Error, Result};
+use crate::fasthash::hash_one;
 use crate::{Job, Order, Pool};
 
 /// Properties the builder sets itself, and the setter to use instead.
@@ -534,26 +535,29 @@ impl KafkaConsumer {
         });
         let (pool, order, batch) = (self.pool.clone(), self.order, Arc::clone(&shared));
         let dispatch: poll::Dispatch = Box::new(move |record, slot, revoked| {
-            let (job, live) = parts.job(record.clone(), slot, revoked);
-            let job = Job::new(job);
+            let job = Job::new(parts.job(record.clone(), slot, revoked));
             #[cfg(feature = "otel")]
             let job = job.with_trace_parent(record.trace_parent());
             let by_partition = (record.topic(), record.partition());
             let job = match (order, record.key()) {
-                (RecordOrder::PerKey, Some(key)) => job.with_key(&(record.topic(), key)),
+                (RecordOrder::PerKey, Some(key)) => {
+                    job.with_key_hash(hash_one(&(record.topic(), key)))
+                }
                 (RecordOrder::Unordered, _) => job,
-                _ => job.with_key(&by_partition),
+                _ => job.with_key_hash(hash_one(&by_partition)),
             };
             let submitted = pool.try_submit_deferred(job, &mut poll::lock(&batch.deferred));
             match submitted {
-                Ok(()) => {
-                    live.set();
-                    Dispatched::Taken
+                Ok(()) => Dispatched::Taken,
+                Err(rejected) => {
+                    let full = matches!(rejected.error, Error::Full { .. });
+                    rejected.job.into_future().disarm();
+                    if full {
+                        Dispatched::Full(record)
+                    } else {
+                        Dispatched::Closed
+                    }
                 }
-                Err(rejected) if matches!(rejected.error, Error::Full { .. }) => {
-                    Dispatched::Full(record)
-                }
-                Err(_) => Dispatched::Closed,
             }
         });
         let stop = Arc::new(AtomicBool::new(false));

@@ -4,9 +4,10 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -29,39 +30,52 @@ pub(crate) struct Finished {
 }
 
 /// Sends the report when dropped, so a job aborted by the pool still reports (as not
-/// done); but only once the job is live: the pool took it, or it started. A job the pool
-/// refused (full) is dropped without a report, since it was never counted. It holds the
-/// job's parts, so a job costs one reference count on them.
+/// done). A job the pool refused (full, or closed) is disarmed before it is dropped, since
+/// it was never counted.
 struct Reporter<H> {
     parts: Arc<JobParts<H>>,
     finished: Finished,
-    live: Live,
-}
-
-/// Set when the pool took a job (by the dispatcher) or when the job starts (by the job),
-/// whichever comes first.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Live(Arc<AtomicBool>);
-
-impl Live {
-    pub(crate) fn set(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-impl<H> Reporter<H> {
-    /// Sends the report, `done` or not.
-    fn send(mut self, done: bool) {
-        self.finished.done = done;
-    }
+    armed: bool,
 }
 
 impl<H> Drop for Reporter<H> {
     fn drop(&mut self) {
-        if self.live.0.load(Ordering::Acquire) {
+        if self.armed {
             // The poll thread is gone only when the run is over: nothing to tell.
             let _ = self.parts.reports.send(self.finished);
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A record's job: its attempts, then the report (sent when the attempts end, or when
+    /// the job is dropped before, as not done).
+    pub(crate) struct RecordJob<H, A> {
+        #[pin]
+        attempts: A,
+        reporter: Option<Reporter<H>>,
+    }
+}
+
+impl<H, A> RecordJob<H, A> {
+    /// The pool refused the job: it was never counted, so it reports nothing.
+    pub(crate) fn disarm(mut self) {
+        if let Some(reporter) = &mut self.reporter {
+            reporter.armed = false;
+        }
+    }
+}
+
+impl<H, A: Future<Output = bool>> Future for RecordJob<H, A> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let done = std::task::ready!(this.attempts.poll(cx));
+        if let Some(mut reporter) = this.reporter.take() {
+            reporter.finished.done = done;
+        }
+        Poll::Ready(())
     }
 }
 
@@ -164,17 +178,16 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display + Send + 'static,
 {
-    /// The job's future: runs the handler until it succeeds or the retry policy gives up,
-    /// then dead-letters (or gives up on) the record, and reports. A partition revoked
+    /// The job of `record`: runs the handler until it succeeds or the retry policy gives
+    /// up, then dead-letters (or gives up on) the record, and reports. A partition revoked
     /// before the job starts, or between attempts, leaves the record to its next owner.
-    /// The dispatcher sets the returned [`Live`] once the pool took the job.
+    /// If the pool refuses the job, [`RecordJob::disarm`] it.
     pub(crate) fn job(
         self: &Arc<Self>,
         record: Record,
         slot: u32,
         revoked: RevokedFlag,
-    ) -> (impl Future<Output = ()> + Send + 'static, Live) {
-        let live = Live::default();
+    ) -> RecordJob<H, impl Future<Output = bool> + Send + 'static + use<H, Fut, E>> {
         let reporter = Reporter {
             parts: Arc::clone(self),
             finished: Finished {
@@ -182,18 +195,20 @@ where
                 offset: record.offset(),
                 done: false,
             },
-            live: live.clone(),
+            armed: true,
         };
-        let job = async move {
-            reporter.live.set();
-            let parts = &reporter.parts;
+        let parts = Arc::clone(self);
+        let attempts = async move {
             let done = parts.attempts(record, &revoked).await;
             if !done {
                 add(&parts.counters.abandoned, 1);
             }
-            reporter.send(done);
+            done
         };
-        (job, live)
+        RecordJob {
+            attempts,
+            reporter: Some(reporter),
+        }
     }
 
     async fn attempts(&self, record: Record, revoked: &RevokedFlag) -> bool {
@@ -228,14 +243,16 @@ where
                     %error,
                     "sd-pool: record failed; retrying"
                 );
-                tokio::time::sleep(self.retry.random_delay(attempt)).await;
+                // Boxed, as is the dead-letter write: rare steps whose futures would
+                // otherwise make every job's future (moved and allocated per record) large.
+                Box::pin(tokio::time::sleep(self.retry.random_delay(attempt))).await;
                 attempt += 1;
                 add(&self.counters.retries, 1);
                 continue;
             }
             return match &self.dead_letters {
                 Some(dlq) => {
-                    let sent = dlq.send(&record, &error, attempt, revoked).await;
+                    let sent = Box::pin(dlq.send(&record, &error, attempt, revoked)).await;
                     if sent {
                         add(&self.counters.dead_lettered, 1);
                     }

@@ -283,6 +283,8 @@ pub(crate) fn poll_loop(
     let mut closed = false;
     // The last topic interned: records mostly come in runs of one topic.
     let mut last_topic: Option<Arc<str>> = None;
+    // Where a record's key and payload are joined before their one copy.
+    let mut scratch = Vec::new();
     while !stop.load(Ordering::Acquire) && !closed {
         let holding = lock(&shared.tracker).holding();
         let wait = if holding {
@@ -304,7 +306,7 @@ pub(crate) fn poll_loop(
                         Some(topic) if **topic == *name => Arc::clone(topic),
                         _ => Arc::clone(last_topic.insert(shared.intern(name))),
                     };
-                    let record = Record::from_message(&message, topic);
+                    let record = Record::from_message(&message, topic, &mut scratch);
                     drop(message);
                     closed = offer(&consumer, shared, &dispatch, record).is_err();
                 }

@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Headers};
 
@@ -28,92 +27,110 @@ pub enum RecordOrder {
     Unordered,
 }
 
+/// A header's name and value.
+type Header = (String, Option<Box<[u8]>>);
+
 /// One record, as the handler gets it: cheap to clone (the bytes are shared).
 #[derive(Clone)]
 pub struct Record {
-    data: Arc<Data>,
+    topic: Arc<str>,
+    /// The key, then the payload: one allocation per record.
+    bytes: Arc<[u8]>,
+    /// `None` when the record has no headers (no allocation).
+    headers: Option<Arc<[Header]>>,
+    offset: i64,
+    timestamp: Option<i64>,
+    /// The key's length, if the record has a key.
+    key_len: Option<usize>,
+    partition: i32,
+    /// Whether the record has a payload (the bytes after the key).
+    has_payload: bool,
     attempt: u32,
 }
 
-struct Data {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    key: Option<Bytes>,
-    payload: Option<Bytes>,
-    headers: Vec<(String, Option<Bytes>)>,
-    timestamp: Option<i64>,
-}
-
 impl Record {
-    pub(crate) fn from_message(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// The record of `message`, its key and payload copied once (through `scratch`, the
+    /// caller's buffer, when it has both).
+    pub(crate) fn from_message(
+        message: &BorrowedMessage<'_>,
+        topic: Arc<str>,
+        scratch: &mut Vec<u8>,
+    ) -> Self {
+        let headers = message.headers().filter(|hs| hs.count() > 0).map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(Box::from)))
+                .collect()
+        });
+        let (key, payload) = (message.key(), message.payload());
+        let bytes: Arc<[u8]> = match (key.unwrap_or_default(), payload.unwrap_or_default()) {
+            ([], only) | (only, []) => Arc::from(only),
+            (key, payload) => {
+                scratch.clear();
+                scratch.extend_from_slice(key);
+                scratch.extend_from_slice(payload);
+                Arc::from(scratch.as_slice())
+            }
+        };
         Record {
-            data: Arc::new(Data {
-                topic,
-                partition: message.partition(),
-                offset: message.offset(),
-                key: message.key().map(Bytes::copy_from_slice),
-                payload: message.payload().map(Bytes::copy_from_slice),
-                headers,
-                timestamp: message.timestamp().to_millis(),
-            }),
+            topic,
+            bytes,
+            headers,
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            key_len: key.map(<[u8]>::len),
+            partition: message.partition(),
+            has_payload: payload.is_some(),
             attempt: 1,
         }
     }
 
     /// The topic it was read from.
     pub fn topic(&self) -> &str {
-        &self.data.topic
+        &self.topic
     }
 
     pub(crate) fn topic_arc(&self) -> &Arc<str> {
-        &self.data.topic
+        &self.topic
     }
 
     /// Its partition.
     pub fn partition(&self) -> i32 {
-        self.data.partition
+        self.partition
     }
 
     /// Its offset in the partition: with the topic and partition, a unique id to
     /// deduplicate by (an inbox row, say).
     pub fn offset(&self) -> i64 {
-        self.data.offset
+        self.offset
     }
 
     /// Its key, if it has one.
     pub fn key(&self) -> Option<&[u8]> {
-        self.data.key.as_deref()
+        self.key_len.and_then(|n| self.bytes.get(..n))
     }
 
     /// Its value, if it has one.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.data.payload.as_deref()
+        self.has_payload
+            .then(|| self.bytes.get(self.key_len.unwrap_or(0)..))
+            .flatten()
     }
 
     /// The value of the first header named `name` (`Some(None)` for a header without a
     /// value).
     pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
-        self.data
-            .headers
+        self.headers
             .iter()
+            .flat_map(|hs| hs.iter())
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_deref())
     }
 
     /// Every header, in the record's order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
-        self.data
-            .headers
+        self.headers
             .iter()
+            .flat_map(|hs| hs.iter())
             .map(|(k, v)| (k.as_str(), v.as_deref()))
     }
 
@@ -132,7 +149,7 @@ impl Record {
 
     /// The record's timestamp in milliseconds since the epoch, if it has one.
     pub fn timestamp_millis(&self) -> Option<i64> {
-        self.data.timestamp
+        self.timestamp
     }
 
     /// Which attempt this is: 1 the first time, 2 after one failure, and so on.
@@ -142,8 +159,8 @@ impl Record {
 
     pub(crate) fn with_attempt(&self, attempt: u32) -> Self {
         Record {
-            data: Arc::clone(&self.data),
             attempt,
+            ..self.clone()
         }
     }
 }
@@ -151,11 +168,11 @@ impl Record {
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Record")
-            .field("topic", &self.data.topic)
-            .field("partition", &self.data.partition)
-            .field("offset", &self.data.offset)
-            .field("key", &self.data.key)
-            .field("payload_len", &self.data.payload.as_ref().map(Bytes::len))
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("key", &self.key().map(|k| k.escape_ascii().to_string()))
+            .field("payload_len", &self.payload().map(<[u8]>::len))
             .field("attempt", &self.attempt)
             .finish_non_exhaustive()
     }

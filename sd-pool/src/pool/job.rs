@@ -131,6 +131,13 @@ impl<F> Job<F> {
         self
     }
 
+    /// Orders this job after earlier jobs with an equal key already hashed to 64 bits.
+    #[cfg(feature = "kafka")]
+    pub(crate) fn with_key_hash(mut self, key: u64) -> Self {
+        self.key = Some(key);
+        self
+    }
+
     /// Tags the job with its stream position, so the pool tracks the partition's
     /// completion watermark. Offsets of a partition must be submitted in increasing order.
     pub fn with_offset(mut self, partition: u32, offset: u64) -> Self {
@@ -204,6 +211,70 @@ pub struct JobHandle<T> {
 pub(super) enum Delivery<T> {
     Output(T),
     Panicked(String),
+}
+
+pin_project_lite::pin_project! {
+    /// A job's run as a stream of two steps, in one allocation the size of the job's
+    /// future: the first item says how the job ended (its output waits inside), and
+    /// polling again delivers the output to the handle's sender (none when no handle was
+    /// made: the output is then dropped).
+    #[project = RunStep]
+    pub(super) enum RunJob<F: Future> {
+        Running {
+            #[pin]
+            future: futures::future::CatchUnwind<AssertUnwindSafe<F>>,
+            tx: Option<Deliver<F::Output>>,
+        },
+        Booked {
+            delivery: Option<Delivery<F::Output>>,
+            tx: Option<Deliver<F::Output>>,
+        },
+        Delivered,
+    }
+}
+
+impl<F> futures::Stream for RunJob<F>
+where
+    F: Future,
+    F::Output: Outcome,
+{
+    type Item = Finished;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Finished>> {
+        match self.as_mut().project() {
+            RunStep::Running { future, tx } => {
+                let (finished, delivery) = match std::task::ready!(future.poll(cx)) {
+                    Ok(out) => (
+                        Finished::Done {
+                            failed: out.is_failure(),
+                        },
+                        Delivery::Output(out),
+                    ),
+                    Err(payload) => {
+                        let message = panic_message(&*payload);
+                        (
+                            Finished::Panicked(message.clone()),
+                            Delivery::Panicked(message),
+                        )
+                    }
+                };
+                let tx = tx.take();
+                self.set(RunJob::Booked {
+                    delivery: Some(delivery),
+                    tx,
+                });
+                Poll::Ready(Some(finished))
+            }
+            RunStep::Booked { delivery, tx } => {
+                if let (Some(tx), Some(delivery)) = (tx.take(), delivery.take()) {
+                    let _ = tx.send(delivery);
+                }
+                self.set(RunJob::Delivered);
+                Poll::Ready(None)
+            }
+            RunStep::Delivered => Poll::Ready(None),
+        }
+    }
 }
 
 impl<T> JobHandle<T> {

@@ -11,8 +11,8 @@ mod shutdown;
 mod worker;
 
 pub use builder::PoolBuilder;
-use job::Delivery;
 pub(crate) use job::PanicHook;
+use job::{Delivery, RunJob};
 pub use job::{IntoJob, Job, JobHandle, Order, Outcome, PanicReport};
 pub use metrics::Metrics;
 pub use shutdown::{Drained, ReturnedJob, Shutdown};
@@ -190,13 +190,6 @@ struct Queued {
 /// its handle. Delivery comes after the pool booked the job, so when a handle resolves,
 /// the metrics and the watermark already count it.
 type Run = BoxStream<'static, Finished>;
-
-/// The steps of a run, with the sender to the job's handle (none when no handle was
-/// made: the output is then dropped).
-enum Step<F: Future> {
-    Run(F, Option<Deliver<F::Output>>),
-    Deliver(Delivery<F::Output>, Option<Deliver<F::Output>>),
-}
 
 type Deliver<T> = oneshot::Sender<Delivery<T>>;
 

@@ -67,38 +67,10 @@ impl Shared {
             let lag = st.watermarks.tracked(partition);
             st.lags.set(&self.name, partition, lag);
         }
-        let future = job.future;
-        // Two steps in one allocation: run the job (yielding how it ended, while its
-        // output waits inside), then, once the pool has booked it, deliver the output.
-        let run: Run = futures::stream::unfold(Step::Run(future, tx), |step| async move {
-            match step {
-                Step::Run(future, tx) => {
-                    let (finished, delivery) = match AssertUnwindSafe(future).catch_unwind().await {
-                        Ok(out) => (
-                            Finished::Done {
-                                failed: out.is_failure(),
-                            },
-                            Delivery::Output(out),
-                        ),
-                        Err(payload) => {
-                            let message = panic_message(&*payload);
-                            (
-                                Finished::Panicked(message.clone()),
-                                Delivery::Panicked(message),
-                            )
-                        }
-                    };
-                    Some((finished, Step::Deliver(delivery, tx)))
-                }
-                Step::Deliver(delivery, tx) => {
-                    if let Some(tx) = tx {
-                        let _ = tx.send(delivery);
-                    }
-                    None
-                }
-            }
-        })
-        .boxed();
+        let run: Run = Box::pin(RunJob::Running {
+            future: AssertUnwindSafe(job.future).catch_unwind(),
+            tx,
+        });
         let queued = Queued {
             meta: Meta {
                 id,
