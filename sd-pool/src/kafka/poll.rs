@@ -268,6 +268,9 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The longest wait for a report while records are held.
+const HELD_WAIT: Duration = Duration::from_millis(2);
+
 /// The most records polled before their jobs are started.
 const BATCH: usize = 256;
 
@@ -287,14 +290,21 @@ pub(crate) fn poll_loop(
     let mut scratch = Vec::new();
     while !stop.load(Ordering::Acquire) && !closed {
         let holding = lock(&shared.tracker).holding();
+        // Holding records until the pool has room: room comes back with the jobs'
+        // reports, which cannot wake a blocked `poll`. So poll without blocking, and if
+        // nothing came, wait for a report instead (a 2 ms wait in `poll` left the pool
+        // idle most of that time once its jobs were quick).
         let wait = if holding {
-            Duration::from_millis(2)
+            Duration::ZERO
         } else {
             Duration::from_millis(50)
         };
         // One record, waiting for it, then what librdkafka already holds, up to a
         // batch: the batch's jobs are started together.
         let mut polled = consumer.poll(wait);
+        if holding && polled.is_none() {
+            shared.take_reports(Some(HELD_WAIT));
+        }
         let mut taken = 0;
         while let Some(message) = polled.take() {
             match message {
