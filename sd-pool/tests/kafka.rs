@@ -53,8 +53,12 @@ async fn three_members_keep_per_key_order_and_run_every_record_once() {
     let runs = history.runs();
     let repeats = check_per_key(&runs, keys, per_key);
     assert_eq!(
-        repeats, 0,
-        "a clean rebalance drains and commits before the partitions move: nothing runs twice"
+        repeats,
+        0,
+        "a clean rebalance drains and commits before the partitions move: nothing runs twice; \
+         repeated (partition, offset): runs as (member, ms after the first run): {:?}; reports: {:?}",
+        repeated_runs(&runs),
+        reports
     );
     let ran_by: BTreeSet<usize> = runs.iter().map(|r| r.member).collect();
     assert_eq!(ran_by.len(), 3, "every member took partitions");
@@ -65,6 +69,30 @@ async fn three_members_keep_per_key_order_and_run_every_record_once() {
     );
     let handled: u64 = reports.iter().map(|r| r.handled).sum();
     assert_eq!(handled, (keys * per_key) as u64);
+}
+
+/// A record's (partition, offset).
+type Position = (i32, i64);
+
+/// The first ten records that ran more than once, each with its runs as (member, ms after
+/// the history's first run), for a failure's message.
+fn repeated_runs(runs: &[Run]) -> Vec<(Position, Vec<(usize, u128)>)> {
+    let Some(origin) = runs.iter().map(|r| r.start).min() else {
+        return Vec::new();
+    };
+    let mut by_record: std::collections::BTreeMap<Position, Vec<(usize, u128)>> =
+        std::collections::BTreeMap::new();
+    for r in runs {
+        by_record
+            .entry((r.partition, r.offset))
+            .or_default()
+            .push((r.member, (r.start - origin).as_millis()));
+    }
+    by_record
+        .into_iter()
+        .filter(|(_, rs)| rs.len() > 1)
+        .take(10)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
